@@ -1,0 +1,91 @@
+"""Where a run's events and logs go: masked, to disk (per stage), and to the live sinks.
+
+Every line that leaves a run passes `RunLog.emit`, which masks secret values first: one masker,
+one place, so a secret cannot reach a log file, the terminal or --json output by another path.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Event = dict[str, Any]
+Sink = Callable[[Event], None]
+
+
+class RunLog:
+    def __init__(self, run_id: str, masker, sinks: list[Sink], log_dir: Path | None):
+        self.run_id = run_id
+        self._masker = masker
+        self._sinks = sinks
+        self._log_dir = log_dir
+        self._files: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.warnings: list[str] = []
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._events = open(log_dir / "events.jsonl", "a", encoding="utf-8")
+        else:
+            self._events = None
+
+    def _mask(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._masker.mask(value)
+        if isinstance(value, dict):
+            return {k: self._mask(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._mask(v) for v in value]
+        return value
+
+    def emit(self, event: str, **fields: Any) -> None:
+        record = self._mask({"event": event, "run_id": self.run_id, "time": time.time(), **fields})
+        with self._lock:
+            if self._events is not None:
+                self._events.write(json.dumps(record, default=str) + "\n")
+                self._events.flush()
+                stage = record.get("stage")
+                if event == "stage.log" and stage:
+                    self._stage_file(stage).write(record["line"] + "\n")
+                    self._stage_file(stage).flush()
+            for sink in self._sinks:
+                sink(record)
+
+    def _stage_file(self, stage: str):
+        f = self._files.get(stage)
+        if f is None:
+            assert self._log_dir is not None
+            f = self._files[stage] = open(self._log_dir / f"{stage}.log", "a", encoding="utf-8")
+        return f
+
+    def for_stage(self, stage: str) -> "StageLogger":
+        return StageLogger(self, stage)
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+            if self._events is not None:
+                self._events.close()
+                self._events = None
+
+
+class StageLogger:
+    """The `StageLog` a stage receives (see pipelines.base)."""
+
+    def __init__(self, runlog: RunLog, stage: str):
+        self._runlog = runlog
+        self.stage = stage
+
+    def line(self, text: str) -> None:
+        self._runlog.emit("stage.log", stage=self.stage, line=text, kind="output")
+
+    def info(self, text: str) -> None:
+        self._runlog.emit("stage.log", stage=self.stage, line=text, kind="info")
+
+    def warn(self, text: str) -> None:
+        self._runlog.warnings.append(f"{self.stage}: {self._runlog._mask(text)}")
+        self._runlog.emit("stage.log", stage=self.stage, line=f"warning: {text}", kind="warning")
