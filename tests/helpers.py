@@ -1,0 +1,58 @@
+"""Small helpers shared by the end-to-end tests: real git repos, the runner CLI as a process."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+def make_repo(path: Path, files: dict[str, str], branch: str = "main") -> Path:
+    """A real git repository with `files` committed on `branch`."""
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q", "-b", branch)
+    commit_files(path, files, "initial")
+    return path
+
+
+def commit_files(repo: Path, files: dict[str, str], message: str) -> str:
+    for name, text in files.items():
+        f = repo / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def copy_example_app(dest: Path) -> Path:
+    shutil.copytree(ROOT / "examples" / "app", dest)
+    make_repo(dest, {})
+    return dest
+
+
+def runner(*args: str, env: dict | None = None, cwd: Path | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def stage_end(evs: list[dict], stage: str) -> dict:
+    ends = [e for e in evs if e["event"] == "stage.end" and e["stage"] == stage]
+    assert ends, f"no stage.end for {stage}: {[e['event'] for e in evs]}"
+    return ends[-1]

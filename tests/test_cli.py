@@ -1,0 +1,79 @@
+"""The CLI's contract on bad input: exit 2, file:line:column, nothing executed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.helpers import events, make_repo, runner
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_validate_accepts_the_example_pipeline():
+    proc = runner("validate", "pipeline.example.yaml", env={"REGISTRY": "127.0.0.1:5000"})
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout
+
+
+def test_bad_yaml_names_file_line_and_column(tmp_path):
+    p = _write(tmp_path, "name: x\nrepository:\n  url: .\n  ref: [unclosed\n")
+    proc = runner("exec", str(p))
+    assert proc.returncode == 2
+    assert f"{p}:" in proc.stderr and ":4:" in proc.stderr or ":5:" in proc.stderr
+
+
+def test_unknown_key_and_undefined_variable_are_both_reported(tmp_path):
+    p = _write(tmp_path, "name: x\nrepository: {url: .}\nimage:\n  name: ${NOPE_NOT_SET}/a\n"
+                         "stages:\n  build:\n    contxt: .\n")
+    proc = runner("validate", str(p), env={"NOPE_NOT_SET": ""} if False else None)
+    assert proc.returncode == 2
+    assert f"{p}:4:" in proc.stderr and "NOPE_NOT_SET" in proc.stderr
+    assert f"{p}:7:5" in proc.stderr and "contxt" in proc.stderr
+
+
+def test_json_output_reports_invalid_input(tmp_path):
+    p = _write(tmp_path, "name: x\n")
+    proc = runner("exec", str(p), "--json")
+    assert proc.returncode == 2
+    (end,) = events(proc.stdout)
+    assert end["status"] == "invalid" and end["problems"]
+
+
+def test_ext_transport_url_is_refused_and_nothing_runs(tmp_path):
+    target = tmp_path / "pwned"
+    p = _write(tmp_path, "name: x\nrepository: {url: .}\nimage: {name: 127.0.0.1:5000/x}\n")
+    proc = runner("exec", str(p), "--repo", f"ext::sh -c touch% {target}",
+                  "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 2, proc.stderr
+    assert not target.exists()
+    assert not (tmp_path / "d").exists()  # refused before any side effect
+
+
+def test_shell_metacharacter_ref_is_refused(tmp_path):
+    repo = make_repo(tmp_path / "r", {"a": "b"})
+    p = _write(tmp_path, f"name: x\nrepository: {{url: {repo}}}\nimage: {{name: 127.0.0.1:5000/x}}\n")
+    proc = runner("exec", str(p), "--ref", 'zzz";echo${IFS}"hello";#', "--data-dir",
+                  str(tmp_path / "d"))
+    assert proc.returncode == 2
+    assert "hello\n" not in proc.stdout
+    assert not (tmp_path / "d").exists()
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
+    repo = make_repo(tmp_path / "r", {"Dockerfile": "FROM scratch\n"})
+    p = _write(tmp_path, f"name: x\nrepository: {{url: {repo}}}\nimage: {{name: 127.0.0.1:5000/x}}\n")
+    proc = runner("exec", str(p), "--dry-run", "--json", "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 0, proc.stderr
+    (plan,) = events(proc.stdout)
+    assert [s["name"] for s in plan["stages"]] == ["checkout", "build", "push"]
+    assert not (tmp_path / "d").exists()
+
+
+def test_only_a_stage_without_its_input_is_invalid(tmp_path):
+    p = _write(tmp_path, "name: x\nrepository: {url: .}\nimage: {name: 127.0.0.1:5000/x}\n")
+    proc = runner("exec", str(p), "--only", "push")
+    assert proc.returncode == 2
+    assert "needs the output of 'build'" in proc.stderr
