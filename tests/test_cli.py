@@ -22,13 +22,13 @@ def test_bad_yaml_names_file_line_and_column(tmp_path):
     p = _write(tmp_path, "name: x\nrepository:\n  url: .\n  ref: [unclosed\n")
     proc = runner("exec", str(p))
     assert proc.returncode == 2
-    assert f"{p}:" in proc.stderr and ":4:" in proc.stderr or ":5:" in proc.stderr
+    assert f"{p}:4:" in proc.stderr or f"{p}:5:" in proc.stderr, proc.stderr
 
 
 def test_unknown_key_and_undefined_variable_are_both_reported(tmp_path):
     p = _write(tmp_path, "name: x\nrepository: {url: .}\nimage:\n  name: ${NOPE_NOT_SET}/a\n"
                          "stages:\n  build:\n    contxt: .\n")
-    proc = runner("validate", str(p), env={"NOPE_NOT_SET": ""} if False else None)
+    proc = runner("validate", str(p))
     assert proc.returncode == 2
     assert f"{p}:4:" in proc.stderr and "NOPE_NOT_SET" in proc.stderr
     assert f"{p}:7:5" in proc.stderr and "contxt" in proc.stderr
