@@ -1,0 +1,260 @@
+"""The push stage: stream reading, error classes and registry addressing are pure; pushes run
+against the lab's engine and registry (the `lab` fixture sets DOCKER_HOST). Tags a test creates
+are removed from the engine at the end."""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipelines.base import StageContext
+from pipelines.push import (
+    MANIFEST_TYPES,
+    PushStage,
+    backoff,
+    is_auth_error,
+    is_transient,
+    read_push_stream,
+    registry_is_insecure,
+    split_name,
+    split_ref,
+)
+from runner.errors import Cancelled, StageFailed
+from runner.model import Image, Pipeline, PushStage as PushSettings, RegistryAuth, Repository, Stages
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+class ListLog:
+    def __init__(self, on_info=None) -> None:
+        self.lines: list[str] = []
+        self.infos: list[str] = []
+        self.warns: list[str] = []
+        self.on_info = on_info
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+    def info(self, text: str) -> None:
+        self.infos.append(text)
+        if self.on_info:
+            self.on_info(text)
+
+    def warn(self, text: str) -> None:
+        self.warns.append(text)
+
+
+class DictSecrets:
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+
+    def value(self, name: str) -> str:
+        return self.values[name]
+
+
+def make_ctx(tmp_path: Path, image: str, tags: list[str], log: ListLog | None = None,
+             secret_values: dict[str, str] | None = None, **push: object) -> StageContext:
+    pipeline = Pipeline(name="t", repository=Repository(url="https://example.invalid/t.git"),
+                        image=Image(name=image), stages=Stages(push=PushSettings(**push)))
+    ctx = StageContext(run_id="r1", pipeline=pipeline, workdir=tmp_path, cache_dir=tmp_path,
+                       log=log or ListLog(), secrets=DictSecrets(secret_values or {}),
+                       cancel=threading.Event())
+    ctx.results["build"] = {"tags": tags}
+    return ctx
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+# Items as the docker SDK decodes them from a real push (engine 20.10, distribution 2.8).
+OK_STREAM = [
+    {"status": "The push refers to repository [10.87.53.1:5000/test/a]"},
+    {"status": "Preparing", "progressDetail": {}, "id": "5f70bf18a086"},
+    {"status": "Pushing", "progressDetail": {"current": 512, "total": 1024},
+     "progress": "[=====>     ]", "id": "5f70bf18a086"},
+    {"status": "Pushed", "progressDetail": {}, "id": "5f70bf18a086"},
+    {"status": f"main: digest: {DIGEST} size: 527"},
+    {"progressDetail": {}, "aux": {"Tag": "main", "Digest": DIGEST, "Size": 527}},
+]
+
+
+def test_read_push_stream_takes_digest_from_aux_and_skips_progress_bars():
+    lines: list[str] = []
+    out = read_push_stream(OK_STREAM, lines.append)
+    assert out.digest == DIGEST and out.error is None
+    assert lines == ["The push refers to repository [10.87.53.1:5000/test/a]",
+                     "5f70bf18a086: Preparing", "5f70bf18a086: Pushed",
+                     f"main: digest: {DIGEST} size: 527"]
+
+
+def test_read_push_stream_error_item_is_a_failure_even_after_progress():
+    items = OK_STREAM[:2] + [{"errorDetail": {"message": "denied: requested access"},
+                              "error": "denied: requested access"}]
+    out = read_push_stream(items)
+    assert out.digest is None and out.error == "denied: requested access"
+    assert read_push_stream(OK_STREAM[:4]).error == "the engine reported no digest for the push"
+
+
+@pytest.mark.parametrize("msg,transient,auth", [
+    ('Get "http://127.0.0.1:5999/v2/": dial tcp 127.0.0.1:5999: connect: connection refused',
+     True, False),
+    ("read tcp 1.2.3.4:5->6.7.8.9:443: read: connection reset by peer", True, False),
+    ("net/http: TLS handshake timeout", True, False),
+    ("dial tcp: i/o timeout", True, False),
+    ("received unexpected HTTP status: 503 Service Unavailable", True, False),
+    ("received unexpected HTTP status: 500 Internal Server Error", True, False),
+    ("unauthorized: authentication required", False, True),
+    ("denied: requested access to the resource is denied", False, True),
+    ("An image does not exist locally with the tag: x/y", False, False),
+])
+def test_error_classes(msg, transient, auth):
+    assert is_transient(msg) is transient
+    assert is_auth_error(msg) is auth
+
+
+def test_backoff_doubles_and_caps():
+    assert [backoff(n, 1.0) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 8, 10]
+    assert backoff(2, 0.1) == pytest.approx(0.2)
+
+
+def test_names():
+    assert split_ref("10.87.53.1:5000/a/b:main") == ("10.87.53.1:5000/a/b", "main")
+    assert split_ref("10.87.53.1:5000/a/b") == ("10.87.53.1:5000/a/b", "latest")
+    assert split_name("10.87.53.1:5000/a/b") == ("10.87.53.1:5000", "a/b")
+    assert split_name("localhost/a") == ("localhost", "a")
+    assert split_name("busybox") == ("registry-1.docker.io", "library/busybox")
+    assert split_name("me/app") == ("registry-1.docker.io", "me/app")
+
+
+def test_registry_is_insecure_follows_the_engine():
+    cfg = {"InsecureRegistryCIDRs": ["127.0.0.0/8"],
+           "IndexConfigs": {"10.87.53.1:5000": {"Name": "10.87.53.1:5000", "Secure": False},
+                            "docker.io": {"Secure": True}}}
+    assert registry_is_insecure("10.87.53.1:5000", cfg)
+    assert registry_is_insecure("127.0.0.1:5999", cfg)
+    assert registry_is_insecure("localhost:5000", cfg)
+    assert not registry_is_insecure("10.87.53.2:5000", cfg)
+    assert not registry_is_insecure("registry.example.com", cfg)
+    assert not registry_is_insecure("127.0.0.1:5000", None)
+
+
+def test_nothing_to_push(tmp_path):
+    with pytest.raises(StageFailed, match="no tags"):
+        PushStage().run(make_ctx(tmp_path, "x/y", []))
+
+
+def test_password_without_username_is_refused(tmp_path):
+    ctx = make_ctx(tmp_path, "x/y", ["x/y:1"], auth=RegistryAuth(password_secret="p"))
+    with pytest.raises(StageFailed, match="username and password"):
+        PushStage().run(ctx)
+
+
+# --- on the lab ---------------------------------------------------------------------------
+
+@pytest.fixture
+def tagged(lab):
+    """tag(ref) tags the lab's busybox base image as `ref` (with a unique label-free config it
+    would need a build; the base is enough to push). Removed afterwards."""
+    import docker
+    client = docker.from_env()
+    made: list[str] = []
+
+    def tag(ref: str, unique: bool = False) -> str:
+        repo, t = split_ref(ref)
+        if unique:
+            # A fresh image (one tiny layer) so that the registry has not seen this digest.
+            c = client.containers.create("local/busybox:1", ["true"])
+            try:
+                import io
+                import tarfile
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as tar:
+                    data = uuid.uuid4().hex.encode()
+                    info = tarfile.TarInfo("nonce.txt")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                c.put_archive("/", buf.getvalue())
+                c.commit(repository=repo, tag=t)
+            finally:
+                c.remove(force=True)
+        else:
+            client.images.get("local/busybox:1").tag(repo, t)
+        made.append(ref)
+        return ref
+
+    yield tag
+    for ref in made:
+        try:
+            client.images.remove(ref)
+        except docker.errors.DockerException:
+            pass
+    client.close()
+
+
+@pytest.mark.lab
+def test_push_all_tags_one_digest_and_registry_serves_it(lab, tmp_path, tagged):
+    image = f"{lab['registry']}/test/push-{uuid.uuid4().hex[:8]}"
+    refs = [tagged(f"{image}:one", unique=True)]
+    import docker
+    client = docker.from_env()
+    client.images.get(refs[0]).tag(image, "two")
+    client.close()
+    refs.append(tagged(f"{image}:two"))
+    ctx = make_ctx(tmp_path, image, refs)
+    out = PushStage().run(ctx)
+    assert out["tags"] == refs
+    assert out["digest"].startswith("sha256:")
+    assert out["ref"] == f"{image}@{out['digest']}"
+    assert any(i.startswith("verified:") for i in ctx.log.infos)
+    # And independently of the stage: the registry serves that manifest by digest.
+    host, path = split_name(image)
+    resp = httpx.get(f"http://{host}/v2/{path}/manifests/{out['digest']}",
+                     headers={"Accept": ", ".join(MANIFEST_TYPES)}, trust_env=False)
+    assert resp.status_code == 200
+    assert "sha256:" + hashlib.sha256(resp.content).hexdigest() == out["digest"]
+
+
+@pytest.mark.lab
+def test_push_to_a_closed_port_fails_after_bounded_retries(lab, tmp_path, tagged):
+    ref = tagged(f"127.0.0.1:5999/test/closed-{uuid.uuid4().hex[:8]}:t1")
+    ctx = make_ctx(tmp_path, split_ref(ref)[0], [ref], retries=2)
+    start = time.monotonic()
+    with pytest.raises(StageFailed) as err:
+        PushStage(backoff_base=0.2).run(ctx)
+    took = time.monotonic() - start
+    msg = str(err.value)
+    assert err.value.stage == "push"
+    assert "connection refused" in msg and "after 3 attempts" in msg
+    assert "127.0.0.1:5999" in msg
+    assert len(ctx.log.warns) == 2  # one per retry
+    assert took < 60
+
+
+@pytest.mark.lab
+def test_cancel_between_tags_reports_what_was_pushed(lab, tmp_path, tagged):
+    image = f"{lab['registry']}/test/push-cancel-{uuid.uuid4().hex[:8]}"
+    refs = [tagged(f"{image}:a"), tagged(f"{image}:b")]
+    cancel_after_first = lambda text: ctx.cancel.set() if text.startswith("pushed ") else None
+    ctx = make_ctx(tmp_path, image, refs, log=ListLog(on_info=cancel_after_first))
+    with pytest.raises(Cancelled) as err:
+        PushStage().run(ctx)
+    msg = str(err.value)
+    assert f"pushed (these stay in the registry): {refs[0]}" in msg
+    assert f"not pushed: {refs[1]}" in msg
+
+
+@pytest.mark.lab
+def test_credentials_never_logged(lab, tmp_path, tagged):
+    # The lab registry needs no auth; credentials are still sent per push and must not leak.
+    password = "pw-" + uuid.uuid4().hex
+    image = f"{lab['registry']}/test/push-auth-{uuid.uuid4().hex[:8]}"
+    refs = [tagged(f"{image}:a")]
+    log = ListLog()
+    ctx = make_ctx(tmp_path, image, refs, log=log, secret_values={"regpw": password},
+                   auth=RegistryAuth(username="ci", password_secret="regpw"))
+    PushStage().run(ctx)
+    assert password not in "\n".join(log.lines + log.infos + log.warns)
