@@ -1,0 +1,125 @@
+"""`runner daemon`, `runner runs`, `runner logs`, `runner cancel`.
+
+The last three talk to a running daemon's HTTP API (--server, or $RUNNER_SERVER, default
+http://127.0.0.1:8080); the token for `cancel` comes from --token or $RUNNER_TOKEN.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+import httpx
+
+from runner.errors import EXIT_FAILED, EXIT_INVALID, InvalidInput
+
+server_option = click.option("--server", envvar="RUNNER_SERVER", default="http://127.0.0.1:8080",
+                             show_default=True, help="The daemon's URL ($RUNNER_SERVER).")
+token_option = click.option("--token", envvar="RUNNER_TOKEN", default=None,
+                            help="API token ($RUNNER_TOKEN).")
+
+
+def _get(server: str, path: str, token: str | None = None, **params) -> dict:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        r = httpx.get(server.rstrip("/") + path, params={k: v for k, v in params.items() if v is not None},
+                      headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach the daemon at {server}: {exc}") from None
+    if r.status_code >= 400:
+        raise click.ClickException(f"{r.status_code}: {r.json().get('error', r.text) if _is_json(r) else r.text}")
+    return r.json()
+
+
+def _is_json(r: httpx.Response) -> bool:
+    return r.headers.get("content-type", "").startswith("application/json")
+
+
+@click.command("daemon")
+@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
+              help="The daemon's YAML config.")
+def daemon(config_file: str) -> None:
+    """Serve webhooks, polls and schedules; run pipelines; keep their history."""
+    from runner.daemon.config import load_config
+    from runner.daemon.service import Daemon, setup_logging
+
+    setup_logging()
+    try:
+        d = Daemon(load_config(config_file))
+        d.serve()
+    except InvalidInput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_INVALID)
+
+
+@click.command("runs")
+@server_option
+@token_option
+@click.option("--pipeline", help="Only this pipeline.")
+@click.option("--status", help="Only runs in this status (queued, running, success, failed, ...).")
+@click.option("--branch", help="Only runs of this branch.")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def runs(server, token, pipeline, status, branch, limit, as_json) -> None:
+    """List runs, newest first."""
+    data = _get(server, "/api/runs", token, pipeline=pipeline, status=status, branch=branch, limit=limit)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{'ID':>6}  {'PIPELINE':<16} {'STATUS':<12} {'TRIGGER':<8} {'REF':<24} {'COMMIT':<10} CREATED")
+    for r in data["runs"]:
+        ref = r.get("branch") or r.get("tag") or r.get("ref") or ""
+        click.echo(f"{r['id']:>6}  {r['pipeline']:<16} {r['status']:<12} {r['trigger']:<8} {ref[:24]:<24} "
+                   f"{(r.get('commit') or '')[:10]:<10} {r['created_at']}")
+        if r["status"] in ("failed", "invalid", "cancelled", "interrupted") and r.get("reason"):
+            click.echo(f"        {r['reason'].splitlines()[0][:110]}")
+
+
+@click.command("logs")
+@click.argument("run_id", type=int)
+@server_option
+@token_option
+@click.option("--stage", help="Only this stage's lines.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing lines until the run ends.")
+def logs(run_id, server, token, stage, follow) -> None:
+    """Print a run's log lines (masked as the run masked them)."""
+    after = 0
+    while True:
+        data = _get(server, f"/api/runs/{run_id}/logs", token, stage=stage, after=after, limit=5000)
+        for line in data["lines"]:
+            click.echo(f"[{line['stage']}] {line['line']}")
+        after = data["next"]
+        if data["lines"]:
+            continue
+        if not follow or data["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.5)
+    if follow:
+        run = _get(server, f"/api/runs/{run_id}", token)
+        click.echo(f"run {run_id}: {run['status']}" + (f" ({run['reason']})" if run.get("reason") else ""),
+                   err=True)
+        if run["status"] != "success":
+            sys.exit(EXIT_FAILED)
+
+
+@click.command("cancel")
+@click.argument("run_id", type=int)
+@server_option
+@token_option
+def cancel(run_id, server, token) -> None:
+    """Cancel a queued or running run."""
+    if not token:
+        raise click.UsageError("cancelling needs the API token: --token or $RUNNER_TOKEN")
+    try:
+        r = httpx.post(f"{server.rstrip('/')}/api/runs/{run_id}/cancel",
+                       headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach the daemon at {server}: {exc}") from None
+    body = r.json() if _is_json(r) else {"error": r.text}
+    if r.status_code >= 400:
+        raise click.ClickException(f"{r.status_code}: {body.get('error')}")
+    if body.get("cancelled"):
+        click.echo(f"run {run_id}: cancel requested (was {body['was']})")
+    else:
+        click.echo(f"run {run_id} already ended ({body['was']}); nothing to cancel")

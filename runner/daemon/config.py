@@ -1,0 +1,234 @@
+"""The daemon's configuration file: where it listens, where it keeps data, which pipelines it serves.
+
+Parsed once into frozen pydantic objects; every problem is reported at once with its field path.
+Secrets (webhook secrets, the API token) are named by where they come from, never written inline
+unless the user insists (`value:`), and are held as `SecretValue` so that they print as `***`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runner.errors import InvalidInput, Problem
+
+PROVIDERS = ("github", "gitea", "gitlab", "generic")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SecretValue(str):
+    """A str that renders as *** in repr/format, so that it never lands in a log by accident."""
+
+    def __repr__(self) -> str:  # pragma: no cover - trivial
+        return "'***'"
+
+
+class SecretRef(_Model):
+    """Where a secret comes from: exactly one of env, file, value."""
+
+    env: str | None = None
+    file: str | None = None
+    value: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_string(cls, data):
+        if isinstance(data, str):
+            return {"value": data}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("env", "file", "value") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of env, file, value")
+        return self
+
+    def resolve(self) -> SecretValue:
+        if self.value is not None:
+            return SecretValue(self.value)
+        if self.env is not None:
+            if self.env not in os.environ:
+                raise InvalidInput(f"environment variable {self.env} is not set (named as a secret)")
+            return SecretValue(os.environ[self.env])
+        try:
+            return SecretValue(Path(self.file).read_text().strip())
+        except OSError as exc:
+            raise InvalidInput(f"cannot read secret file {self.file}: {exc.strerror}") from exc
+
+
+class Listen(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class PushTrigger(_Model):
+    # Glob patterns (fnmatch). A push to a branch starts a run if the branch matches one of
+    # `branches`; a tag push if the tag matches one of `tags`. No tag patterns: tags start nothing.
+    branches: tuple[str, ...] = ("*",)
+    tags: tuple[str, ...] = ()
+
+
+class PollTrigger(_Model):
+    interval: float = Field(default=60.0, ge=0.2)
+    # A ref seen for the first time whose commit never ran: run it (safety net for a missed
+    # webhook) or only remember it.
+    initial: Literal["run", "skip"] = "run"
+
+
+class CronTrigger(_Model):
+    schedule: str  # crontab, five fields, UTC
+    branch: str | None = None  # None: the first literal branch of the push filter, else "main"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_string(cls, data):
+        if isinstance(data, str):
+            return {"schedule": data}
+        return data
+
+    @field_validator("schedule")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger as _Cron
+        try:
+            _Cron.from_crontab(v)
+        except ValueError as exc:
+            raise ValueError(f"not a crontab expression: {exc}") from None
+        return v
+
+
+class Triggers(_Model):
+    push: PushTrigger | None = Field(default_factory=PushTrigger)
+    poll: PollTrigger | None = None
+    cron: tuple[CronTrigger, ...] = ()
+
+
+_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+
+
+class PipelineEntry(_Model):
+    name: str = Field(pattern=_NAME)
+    file: str  # the pipeline YAML handed to `runner exec`
+    # The repository this pipeline builds: webhooks are matched against it and polling reads it.
+    repo: str | None = None
+    triggers: Triggers = Field(default_factory=Triggers)
+    concurrency: int = Field(default=1, ge=1)  # runs of this pipeline at once
+    # Runs whose group key is equal run one at a time, in order; "{branch}" and "{pipeline}"
+    # are replaced. None: no group.
+    concurrency_group: str | None = "{pipeline}/{branch}"
+    # A newer run in the same group cancels the running one (True) or waits for it (False). Older
+    # runs still queued are superseded either way: the newest waiting one wins.
+    cancel_in_progress: bool = True
+    # After a daemon crash, put a run that was running back in the queue instead of marking it
+    # interrupted. Only for pipelines that are safe to run twice.
+    requeue_on_interrupt: bool = False
+    webhook_secret: SecretRef | None = None  # overrides the provider's secret for this pipeline
+    vars: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v):
+        if v is not None and (v.startswith("-") or not v.strip()):
+            raise ValueError("repository must not be empty or start with '-'")
+        return v
+
+
+class Webhook(_Model):
+    secret: SecretRef
+
+
+class Retention(_Model):
+    days: float = Field(default=30.0, gt=0)
+    keep_last: int = Field(default=50, ge=0)  # per pipeline, always kept whatever their age
+    interval: float = Field(default=3600.0, ge=1)
+
+
+class DaemonConfig(_Model):
+    name: str = Field(default="runner", pattern=_NAME)  # this daemon's lease owner name
+    listen: Listen = Field(default_factory=Listen)
+    data_dir: str = "./runner-data"
+    concurrency: int = Field(default=2, ge=0)  # 0: accept and queue, run nothing
+    api_token: SecretRef | None = None
+    read_requires_token: bool = False
+    webhooks: dict[Literal["github", "gitea", "gitlab", "generic"], Webhook] = Field(default_factory=dict)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    exec_command: tuple[str, ...] | None = None  # default: this python -m runner exec
+    lease_seconds: float = Field(default=15.0, gt=0.5)
+    grace_period: float = Field(default=30.0, ge=0)
+    misfire_grace_time: int = Field(default=300, ge=1)
+    git_timeout: float = Field(default=30.0, gt=0)
+    retention: Retention = Field(default_factory=Retention)
+    pipelines: tuple[PipelineEntry, ...] = ()
+    # Where relative paths in this file are resolved; set by load_config.
+    base_dir: str = Field(default=".", exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [p.name for p in self.pipelines]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"pipeline names must be unique: {', '.join(dup)}")
+        return self
+
+    def command(self) -> list[str]:
+        return list(self.exec_command) if self.exec_command else [sys.executable, "-m", "runner", "exec"]
+
+    def path(self, p: str) -> Path:
+        q = Path(os.path.expanduser(p))
+        return q if q.is_absolute() else (Path(self.base_dir) / q).resolve()
+
+    def pipeline(self, name: str) -> PipelineEntry | None:
+        return next((p for p in self.pipelines if p.name == name), None)
+
+
+def _problems(file: str, exc: ValidationError) -> list[Problem]:
+    out = []
+    for err in exc.errors():
+        path = ".".join(str(x) for x in err["loc"])
+        out.append(Problem(file, 1, 1, path, err["msg"]))
+    return out
+
+
+def load_config(path: str | os.PathLike) -> DaemonConfig:
+    """Read and validate a daemon config file. Raises InvalidInput with every problem at once."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except OSError as exc:
+        raise InvalidInput(f"cannot read daemon config {p}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise InvalidInput("daemon config is not valid YAML",
+                           [Problem(str(p), line, col, "", str(getattr(exc, "problem", exc)))]) from exc
+    if not isinstance(data, dict):
+        raise InvalidInput("daemon config must be a mapping", [Problem(str(p), 1, 1, "", "not a mapping")])
+    data = dict(data)
+    data["base_dir"] = str(p.resolve().parent)
+    return config_from_dict(data, source=str(p))
+
+
+def config_from_dict(data: dict, source: str = "<config>") -> DaemonConfig:
+    data = dict(data)
+    data.setdefault("base_dir", os.getcwd())
+    try:
+        return DaemonConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput("daemon config is invalid", _problems(source, exc)) from None
+
+
+_REF_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+\-=@,]{1,255}(?<!\.lock)(?<![/.])$")
+
+
+def valid_ref_name(name: str) -> bool:
+    """A conservative check of a branch or tag name before it goes anywhere near git's argv."""
+    return bool(_REF_RE.match(name))

@@ -1,0 +1,173 @@
+"""Polling and cron, on one APScheduler BackgroundScheduler per daemon (in-memory job store: the
+durable state, which commits each ref was last seen at, lives in the run store instead).
+
+A poll runs `git ls-remote` (argv, no shell; URL and refs checked by runner.gitsafety) and queues
+a run for each branch or tag that moved to a commit this pipeline has never run, exactly as a push
+webhook would have. coalesce=True and max_instances=1: a poll that fell behind runs once, not in a
+burst; misfire_grace_time (config) keeps a busy daemon from silently skipping a schedule.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from datetime import datetime, timezone
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from runner.daemon.config import PipelineEntry
+from runner.daemon.webhooks import new_run, push_filter
+from runner.errors import InvalidInput
+from runner.gitsafety import check_ref, check_repo_url
+
+log = logging.getLogger("runner.daemon.scheduler")
+ZERO = "0" * 40
+
+
+def ls_remote_argv(url: str) -> list[str]:
+    check_repo_url(url)
+    return ["git", "-c", "protocol.ext.allow=never", "ls-remote", url, "refs/heads/*", "refs/tags/*"]
+
+
+def parse_ls_remote(text: str) -> dict[str, str]:
+    """`git ls-remote` output -> {ref: commit}. Annotated tags resolve to the commit they point at
+    (the peeled `^{}` line). Refs git would accept but runner.gitsafety refuses are dropped."""
+    refs: dict[str, str] = {}
+    peeled: dict[str, str] = {}
+    for line in text.splitlines():
+        sha, _, ref = line.strip().partition("\t")
+        if not ref or len(sha) not in (40, 64):
+            continue
+        if ref.endswith("^{}"):
+            peeled[ref[:-3]] = sha
+            continue
+        try:
+            check_ref(ref)
+        except InvalidInput:
+            continue
+        refs[ref] = sha
+    refs.update({k: v for k, v in peeled.items() if k in refs})
+    return refs
+
+
+def ls_remote(url: str, timeout: float) -> dict[str, str]:
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="true", LC_ALL="C")
+    proc = subprocess.run(ls_remote_argv(url), capture_output=True, text=True, timeout=timeout, env=env,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"git ls-remote failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+    return parse_ls_remote(proc.stdout)
+
+
+def split_ref(ref: str) -> tuple[str | None, str | None]:
+    if ref.startswith("refs/heads/"):
+        return ref[len("refs/heads/"):], None
+    if ref.startswith("refs/tags/"):
+        return None, ref[len("refs/tags/"):]
+    return None, None
+
+
+def synthetic_event(url: str, ref: str, before: str | None, after: str, pusher: str) -> dict:
+    """A GitHub-shaped push event for runs that no webhook started (poll, cron, manual), so that
+    `runner exec --event` reads every run's trigger the same way."""
+    return {"provider": "github", "headers": {"x-github-event": "push"},
+            "payload": {"ref": ref, "before": before or ZERO, "after": after, "created": before is None,
+                        "deleted": False, "forced": False,
+                        "repository": {"clone_url": url, "html_url": url, "url": url, "name": url.rstrip("/").rsplit("/", 1)[-1]},
+                        "pusher": {"name": pusher}, "sender": {"login": pusher},
+                        "head_commit": {"id": after}}}
+
+
+def poll_decisions(p: PipelineEntry, seen: dict[str, str], first_time: bool, current: dict[str, str]):
+    """Which refs a poll should start runs for. Pure. Returns [(ref, branch, tag, before, commit)]."""
+    out = []
+    for ref, sha in sorted(current.items()):
+        branch, tag = split_ref(ref)
+        if push_filter(p, branch, tag) is not None:
+            continue
+        before = seen.get(ref)
+        if before == sha:
+            continue
+        if before is None and first_time and p.triggers.poll and p.triggers.poll.initial == "skip":
+            continue
+        out.append((ref, branch, tag, before, sha))
+    return out
+
+
+class Schedules:
+    def __init__(self, core):
+        self.core = core
+        cfg = core.config
+        self.scheduler = BackgroundScheduler(
+            timezone=timezone.utc,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": cfg.misfire_grace_time})
+
+    def start(self) -> None:
+        now = datetime.now(timezone.utc)
+        for p in self.core.config.pipelines:
+            if p.triggers.poll is not None and p.repo:
+                self.scheduler.add_job(self.poll, IntervalTrigger(seconds=p.triggers.poll.interval),
+                                       args=[p.name], id=f"poll:{p.name}", next_run_time=now)
+            for i, c in enumerate(p.triggers.cron):
+                self.scheduler.add_job(self.cron, CronTrigger.from_crontab(c.schedule, timezone=timezone.utc),
+                                       args=[p.name, i], id=f"cron:{p.name}:{i}")
+        self.scheduler.add_job(self.core.prune, IntervalTrigger(seconds=self.core.config.retention.interval),
+                               id="retention", next_run_time=now)
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    def poll(self, name: str) -> list[int]:
+        core = self.core
+        p = core.config.pipeline(name)
+        if p is None or not p.repo:
+            return []
+        url = str(core.config.path(p.repo)) if _is_local(p.repo) else p.repo
+        try:
+            current = ls_remote(url, core.config.git_timeout)
+        except (RuntimeError, InvalidInput, subprocess.TimeoutExpired, OSError) as exc:
+            log.warning("poll failed", extra={"pipeline": name, "error": str(exc)})
+            core.store.set_poll_state(name, {}, error=str(exc))
+            return []
+        first = not core.store.has_poll_state(name) or not core.store.poll_state(name)
+        seen = core.store.poll_state(name)
+        runs = [new_run(p, "poll", None, ref, branch, tag, sha, synthetic_event(url, ref, before, sha, "runner-poll"))
+                for ref, branch, tag, before, sha in poll_decisions(p, seen, first, current)]
+        ids, cancel = core.store.enqueue(runs, unless_commit_seen=True) if runs else ([], [])
+        core.store.set_poll_state(name, current)
+        if ids:
+            log.info("poll queued runs", extra={"pipeline": name, "runs": ids})
+            core.after_accept(cancel)
+        return ids
+
+    def cron(self, name: str, index: int) -> list[int]:
+        core = self.core
+        p = core.config.pipeline(name)
+        if p is None:
+            return []
+        spec = p.triggers.cron[index]
+        branch = spec.branch or next((b for b in (p.triggers.push.branches if p.triggers.push else ())
+                                      if not any(c in b for c in "*?[")), "main")
+        ref = f"refs/heads/{branch}"
+        sha = None
+        url = ""
+        if p.repo:
+            url = str(core.config.path(p.repo)) if _is_local(p.repo) else p.repo
+            try:
+                sha = ls_remote(url, core.config.git_timeout).get(ref)
+            except (RuntimeError, InvalidInput, subprocess.TimeoutExpired, OSError) as exc:
+                log.warning("cron: cannot resolve the branch head; queued on the ref",
+                            extra={"pipeline": name, "error": str(exc)})
+        event = synthetic_event(url, ref, None, sha or "", "runner-cron")
+        ids, cancel = core.store.enqueue([new_run(p, "cron", None, ref, branch, None, sha, event)])
+        log.info("cron queued run", extra={"pipeline": name, "runs": ids, "schedule": spec.schedule})
+        core.after_accept(cancel)
+        return ids
+
+
+def _is_local(repo: str) -> bool:
+    return "://" not in repo and not (":" in repo.split("/", 1)[0] and not repo.startswith("/"))

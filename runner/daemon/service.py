@@ -1,0 +1,226 @@
+"""The daemon: one data directory, one store, one scheduler, one worker pool, one HTTP server.
+
+`Daemon.start()` returns once the server listens (tests start it in-process on port 0);
+`Daemon.stop()` shuts down gracefully: no new runs are taken, running ones get the grace period,
+then are cancelled cleanly, then the server stops. `serve()` is what `runner daemon` calls: start,
+wait for SIGTERM/SIGINT, stop.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from runner.daemon.api import build_app
+from runner.daemon.config import DaemonConfig
+from runner.daemon.scheduler import Schedules, _is_local, ls_remote, synthetic_event
+from runner.daemon.store import SqliteStore, Store
+from runner.daemon.webhooks import new_run
+from runner.daemon.worker import WorkerPool
+from runner.errors import InvalidInput
+
+log = logging.getLogger("runner.daemon")
+
+_STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, msg and whatever `extra=` carried."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) +
+               f".{int(record.msecs):03d}Z", "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        for k, v in vars(record).items():
+            if k not in _STD_ATTRS and not k.startswith("_"):
+                out[k] = v
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(stream=None, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("runner")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, store: Store | None = None):
+        self.config = config
+        self.data_dir = config.path(config.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir = self.data_dir / "work"
+        self.work_dir.mkdir(exist_ok=True)
+        self._lockfile = open(self.data_dir / "daemon.lock", "a+")
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lockfile.close()
+            raise InvalidInput(f"another daemon is already using {self.data_dir} (daemon.lock is held)") from None
+        # The lease owner: stable across restarts of this daemon, so that a restart knows that
+        # runs leased to it before are orphans (the flock above guarantees no twin is alive).
+        self.owner = f"{config.name}@{socket.gethostname()}:{self.data_dir}"
+        self.store: Store = store or SqliteStore(self.data_dir / "runner.db")
+        self.api_token = config.api_token.resolve() if config.api_token else None
+        self._secrets = self._resolve_secrets()
+        self.pool = WorkerPool(self)
+        self.schedules = Schedules(self)
+        self.app = build_app(self)
+        self.server: uvicorn.Server | None = None
+        self._server_thread: threading.Thread | None = None
+        self.port: int | None = None
+        self._stopped = False
+
+    def _resolve_secrets(self) -> dict[str, list[tuple[str, list[str] | None]]]:
+        """provider -> [(secret, pipelines it may start, or None for all)]."""
+        out: dict[str, list[tuple[str, list[str] | None]]] = {}
+        for provider, hook in self.config.webhooks.items():
+            out.setdefault(provider, []).append((hook.secret.resolve(), None))
+        for p in self.config.pipelines:
+            if p.webhook_secret is not None:
+                secret = p.webhook_secret.resolve()
+                for provider in ("github", "gitea", "gitlab", "generic"):
+                    out.setdefault(provider, []).append((secret, [p.name]))
+        return out
+
+    # -- what the app, the scheduler and the pool call -----------------------------------------
+
+    def secrets_for(self, provider: str):
+        return self._secrets.get(provider, [])
+
+    def requeue_set(self) -> set[str]:
+        return {p.name for p in self.config.pipelines if p.requeue_on_interrupt}
+
+    def after_accept(self, cancel_running) -> None:
+        for run_id in cancel_running:
+            run = self.store.get_run(run_id) or {}
+            self.pool.cancel_local(run_id, run.get("reason") or "superseded")
+        self.pool.wake()
+
+    def cancel(self, run_id: int, reason: str) -> str | None:
+        before = self.store.request_cancel(run_id, reason)
+        if before == "running":
+            self.pool.cancel_local(run_id, reason)
+        return before
+
+    def trigger_manual(self, name: str, branch: str | None, tag: str | None, commit: str | None,
+                       variables: dict[str, str]) -> int:
+        p = self.config.pipeline(name)
+        assert p is not None
+        if tag:
+            ref = f"refs/tags/{tag}"
+        else:
+            branch = branch or next((b for b in (p.triggers.push.branches if p.triggers.push else ())
+                                     if not any(c in b for c in "*?[")), "main")
+            ref = f"refs/heads/{branch}"
+        url = ""
+        if p.repo:
+            url = str(self.config.path(p.repo)) if _is_local(p.repo) else p.repo
+            if not commit:
+                try:
+                    commit = ls_remote(url, self.config.git_timeout).get(ref)
+                except Exception as exc:  # noqa: BLE001 - the run's checkout will say it again
+                    log.warning("manual trigger: cannot resolve the ref", extra={"pipeline": name, "error": str(exc)})
+        event = synthetic_event(url, ref, None, commit or "", "runner-api")
+        ids, cancel = self.store.enqueue([new_run(p, "manual", None, ref, branch if not tag else None, tag,
+                                                  commit, event, extra_vars=variables)])
+        self.after_accept(cancel)
+        return ids[0]
+
+    def prune(self) -> int:
+        r = self.config.retention
+        try:
+            n = self.store.prune(time.time() - r.days * 86400, r.keep_last)
+        except Exception:  # noqa: BLE001
+            log.exception("retention pruning failed")
+            return 0
+        if n:
+            log.info("pruned old runs", extra={"removed": n})
+        return n
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for run_id, status in self.store.recover(self.owner, self.requeue_set()):
+            log.warning("run left running by a previous daemon", extra={"run": run_id, "now": status})
+        cfg = self.config
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.listen.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.listen.host, cfg.listen.port))
+        except OSError as exc:
+            sock.close()
+            raise InvalidInput(f"cannot listen on {cfg.listen.host}:{cfg.listen.port}: {exc.strerror}") from None
+        sock.listen(1024)
+        self.port = sock.getsockname()[1]
+        ucfg = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                              http="h11", loop="asyncio", timeout_graceful_shutdown=5,
+                              backlog=1024)
+        self.server = uvicorn.Server(ucfg)
+        self._server_thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[sock])),
+                                               name="http", daemon=True)
+        self._server_thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            if not self._server_thread.is_alive():
+                raise RuntimeError("the HTTP server stopped while starting")
+            time.sleep(0.01)
+        self.pool.start()
+        self.schedules.start()
+        self.pool.wake()
+        log.info("daemon listening", extra={"host": cfg.listen.host, "port": self.port, "owner": self.owner,
+                                            "data_dir": str(self.data_dir), "concurrency": cfg.concurrency,
+                                            "pipelines": [p.name for p in cfg.pipelines]})
+
+    @property
+    def url(self) -> str:
+        host = self.config.listen.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_period if grace is None else grace
+        log.info("daemon stopping", extra={"grace_period": grace, "active_runs": len(self.pool.active)})
+        self.schedules.stop()
+        self.pool.drain(grace)
+        if self.server is not None:
+            self.server.should_exit = True
+        if self._server_thread is not None:
+            self._server_thread.join(timeout=10)
+        self.store.close()
+        fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+        self._lockfile.close()
+        log.info("daemon stopped")
+
+    def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        stop = threading.Event()
+
+        def on_signal(signum, frame):
+            log.info("signal received", extra={"signal": signal.Signals(signum).name})
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()

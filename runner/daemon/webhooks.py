@@ -1,0 +1,355 @@
+"""Webhook deliveries: signature checks, event classification, filters, and the ASGI handlers.
+
+The pure half (verify_*, classify, match_pipelines, decide) takes bytes and dicts and returns
+values; the handler half reads the request, records the outcome in the store and answers. The
+run row is committed before the response is sent; no work happens here.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from runner.daemon.config import DaemonConfig, PipelineEntry
+from runner.daemon.store import NewRun
+
+log = logging.getLogger("runner.daemon.webhooks")
+
+# Headers kept with a run's event (for `runner exec --event`): never signatures or tokens.
+_KEEP_HEADERS = ("x-github-event", "x-github-delivery", "x-gitea-event", "x-gitea-delivery",
+                 "x-forgejo-event", "x-gitlab-event", "x-gitlab-event-uuid", "idempotency-key",
+                 "x-runner-event", "x-runner-delivery", "content-type", "user-agent")
+
+
+# -- signatures (pure) ------------------------------------------------------------------------
+
+def _b(text: str | bytes | None) -> bytes:
+    if text is None:
+        return b""
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+
+
+def hmac_sha256_hex(secret: str | bytes, body: bytes) -> str:
+    return hmac.new(_b(secret), body, hashlib.sha256).hexdigest()
+
+
+def verify_github(secret: str | bytes, body: bytes, header: str | None) -> bool:
+    """X-Hub-Signature-256: "sha256=" + hex HMAC-SHA256 of the raw body."""
+    if not header or not secret:
+        return False
+    return hmac.compare_digest(_b("sha256=" + hmac_sha256_hex(secret, body)), _b(header.strip()))
+
+
+def verify_gitea(secret: str | bytes, body: bytes, header: str | None) -> bool:
+    """X-Gitea-Signature (and Forgejo's X-Forgejo-Signature): bare hex HMAC-SHA256."""
+    if not header or not secret:
+        return False
+    return hmac.compare_digest(_b(hmac_sha256_hex(secret, body)), _b(header.strip().lower()))
+
+
+def verify_gitlab(secret: str | bytes, header: str | None) -> bool:
+    """X-Gitlab-Token: the secret itself, compared in constant time."""
+    if not header or not secret:
+        return False
+    return hmac.compare_digest(_b(secret), _b(header))
+
+
+def verify_generic(secret: str | bytes, body: bytes, header: str | None) -> bool:
+    """X-Runner-Signature: "sha256=<hex>" (GitHub's form) or bare hex, HMAC-SHA256 of the body."""
+    if not header or not secret:
+        return False
+    value = header.strip()
+    if value.startswith("sha256="):
+        value = value[len("sha256="):]
+    return hmac.compare_digest(_b(hmac_sha256_hex(secret, body)), _b(value.lower()))
+
+
+def verify(provider: str, secret: str, body: bytes, headers: Mapping[str, str]) -> bool:
+    if provider == "github":
+        return verify_github(secret, body, headers.get("x-hub-signature-256"))
+    if provider == "gitea":
+        return verify_gitea(secret, body, headers.get("x-gitea-signature") or headers.get("x-forgejo-signature"))
+    if provider == "gitlab":
+        return verify_gitlab(secret, headers.get("x-gitlab-token"))
+    if provider == "generic":
+        return verify_generic(secret, body, headers.get("x-runner-signature") or headers.get("x-hub-signature-256"))
+    return False
+
+
+def signature_header_present(provider: str, headers: Mapping[str, str]) -> bool:
+    names = {"github": ("x-hub-signature-256",), "gitea": ("x-gitea-signature", "x-forgejo-signature"),
+             "gitlab": ("x-gitlab-token",), "generic": ("x-runner-signature", "x-hub-signature-256")}
+    return any(headers.get(n) for n in names.get(provider, ()))
+
+
+# -- what kind of delivery (pure) -------------------------------------------------------------
+
+def delivery_id(provider: str, headers: Mapping[str, str]) -> str | None:
+    names = {"github": ("x-github-delivery",), "gitea": ("x-gitea-delivery", "x-forgejo-delivery"),
+             "gitlab": ("idempotency-key", "x-gitlab-event-uuid"),
+             "generic": ("x-runner-delivery", "idempotency-key")}
+    for n in names.get(provider, ()):
+        v = headers.get(n)
+        if v:
+            return v.strip()[:200]
+    return None
+
+
+def event_name(provider: str, headers: Mapping[str, str]) -> str:
+    if provider == "github":
+        return headers.get("x-github-event", "")
+    if provider == "gitea":
+        return headers.get("x-gitea-event") or headers.get("x-forgejo-event", "")
+    if provider == "gitlab":
+        return headers.get("x-gitlab-event", "")
+    return headers.get("x-runner-event", "push")
+
+
+def classify(provider: str, event: str) -> str:
+    """"push", "ping" or "other"."""
+    e = event.strip().lower()
+    if provider == "github":
+        return {"push": "push", "ping": "ping"}.get(e, "other")
+    if provider == "gitea":
+        return "push" if e == "push" else "other"
+    if provider == "gitlab":
+        return "push" if e in ("push hook", "tag push hook") else "other"
+    return {"push": "push", "ping": "ping", "": "push"}.get(e, "other")
+
+
+# -- which pipelines a push starts (pure) -----------------------------------------------------
+
+_SCP = re.compile(r"^(?:[^@/:]+@)?([^@/:\[\]]+):(.*)$")
+
+
+def normalize_repo(url: str | None) -> str:
+    """A comparable form of a repository URL: host/path for remote ones (scheme, user, port and
+    .git dropped, host lowercased), the absolute path for local ones."""
+    if not url:
+        return ""
+    u = url.strip()
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", u)
+    if m:
+        scheme, rest = m.group(1).lower(), m.group(2)
+        if scheme == "file":
+            return normalize_repo(rest)
+        host, _, path = rest.partition("/")
+        host = host.rsplit("@", 1)[-1].split(":")[0].lower()
+        return f"{host}/{path.strip('/').removesuffix('.git')}"
+    if not u.startswith("/") and _SCP.match(u):
+        host, path = _SCP.match(u).groups()
+        return f"{host.lower()}/{path.strip('/').removesuffix('.git')}"
+    return os.path.abspath(u).rstrip("/").removesuffix(".git") if u else ""
+
+
+def _payload_urls(payload: Mapping[str, Any]) -> set[str]:
+    repo = payload.get("repository") or payload.get("project") or {}
+    urls = set()
+    if isinstance(repo, dict):
+        for k in ("clone_url", "html_url", "ssh_url", "git_url", "url", "git_http_url", "git_ssh_url",
+                  "http_url", "web_url", "homepage"):
+            v = repo.get(k)
+            if isinstance(v, str) and v:
+                urls.add(v)
+    for k in ("repo_url", "clone_url"):
+        v = payload.get(k)
+        if isinstance(v, str) and v:
+            urls.add(v)
+    return urls
+
+
+def match_pipelines(config: DaemonConfig, trigger: Any, payload: Mapping[str, Any],
+                    names: list[str] | None) -> tuple[list[PipelineEntry], str]:
+    """The pipelines a push is for: the ones named (?pipeline=a,b) or whose repo matches one of the
+    payload's repository URLs. Returns (pipelines, why none) ."""
+    if names:
+        found = [p for p in config.pipelines if p.name in names]
+        missing = [n for n in names if config.pipeline(n) is None]
+        return found, (f"no such pipeline: {', '.join(missing)}" if missing and not found else "")
+    urls = {normalize_repo(u) for u in _payload_urls(payload)}
+    urls |= {normalize_repo(getattr(trigger, k, None)) for k in ("repo_url", "clone_url")}
+    urls.discard("")
+    found = [p for p in config.pipelines if p.repo and normalize_repo(p.repo) in urls]
+    return found, ("" if found else f"no pipeline serves repository {sorted(urls)[:3]}")
+
+
+def push_filter(p: PipelineEntry, branch: str | None, tag: str | None) -> str | None:
+    """None if the push should start a run of p; else the reason it does not."""
+    push = p.triggers.push
+    if push is None:
+        return f"{p.name}: push trigger disabled"
+    if tag is not None:
+        if not any(fnmatch.fnmatchcase(tag, pat) for pat in push.tags):
+            return f"{p.name}: tag {tag!r} matches none of triggers.push.tags {list(push.tags)}"
+        return None
+    if branch is not None:
+        if not any(fnmatch.fnmatchcase(branch, pat) for pat in push.branches):
+            return f"{p.name}: branch {branch!r} matches none of triggers.push.branches {list(push.branches)}"
+        return None
+    return f"{p.name}: the push names neither a branch nor a tag"
+
+
+def group_key(p: PipelineEntry, branch: str | None, tag: str | None, ref: str | None) -> str | None:
+    if p.concurrency_group is None:
+        return None
+    return p.concurrency_group.replace("{pipeline}", p.name).replace("{branch}", branch or tag or ref or "")
+
+
+def new_run(p: PipelineEntry, kind: str, provider: str | None, ref: str | None, branch: str | None,
+            tag: str | None, commit: str | None, event: dict, delivery: str | None = None,
+            extra_vars: Mapping[str, str] | None = None) -> NewRun:
+    return NewRun(pipeline=p.name, trigger=kind, provider=provider, ref=ref, branch=branch, tag=tag,
+                  commit=commit, event=event, vars={**p.vars, **(extra_vars or {})},
+                  group=group_key(p, branch, tag, ref), cancel_in_progress=p.cancel_in_progress,
+                  delivery=delivery)
+
+
+def parse_push(provider: str, payload: dict, headers: Mapping[str, str]):
+    """The shared parser (runner.trigger) turns a push payload into a Trigger. Until that module
+    exists, a minimal stand-in reads the fields the daemon needs (ref, commit, deletion)."""
+    try:
+        from runner.trigger import parse_event
+    except ImportError:
+        return _minimal_push(provider, payload)
+    return parse_event(payload, headers=dict(headers), provider=provider)
+
+
+@dataclass(frozen=True)
+class _MinimalPush:
+    ref: str
+    branch: str | None
+    tag: str | None
+    commit: str | None
+    deleted: bool
+    repo_url: str | None = None
+    clone_url: str | None = None
+
+
+def _minimal_push(provider: str, payload: dict) -> _MinimalPush:
+    ref = payload.get("ref")
+    if not isinstance(ref, str) or not ref.startswith("refs/"):
+        raise ValueError("no ref in the payload")
+    after = payload.get("after") or payload.get("checkout_sha") or payload.get("commit")
+    deleted = bool(payload.get("deleted")) or (isinstance(after, str) and set(after) == {"0"})
+    branch = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else None
+    tag = ref[len("refs/tags/"):] if ref.startswith("refs/tags/") else None
+    return _MinimalPush(ref, branch, tag, None if deleted else after, deleted)
+
+
+# -- the handler ------------------------------------------------------------------------------
+
+def _reply(status: int, **body) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The raw body, or None when it is over `limit` bytes (stops reading there)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                return None
+        except ValueError:
+            pass
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def make_hook_handler(core, provider: str):
+    """An ASGI endpoint for one provider. `core` has .config, .store, .secrets, .after_accept()."""
+
+    async def handler(request: Request) -> JSONResponse:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        remote = request.client.host if request.client else ""
+        did = delivery_id(provider, headers)
+        event = event_name(provider, headers)
+        store = core.store
+
+        def reject(status: int, why: str) -> JSONResponse:
+            store.record_delivery(provider, did, event, "rejected", why, status, remote)
+            log.info("delivery rejected", extra={"provider": provider, "delivery": did, "why": why})
+            return _reply(status, outcome="rejected", reason=why)
+
+        secrets = core.secrets_for(provider)
+        if not secrets:
+            return reject(404, f"the {provider} webhook is not enabled in this daemon (no secret configured)")
+        body = await _read_body(request, core.config.max_body_bytes)
+        if body is None:
+            return reject(413, f"payload over {core.config.max_body_bytes} bytes")
+        if not signature_header_present(provider, headers):
+            return reject(401, "signature missing")
+        matched_secret_pipelines = [names for secret, names in secrets if verify(provider, secret, body, headers)]
+        if not matched_secret_pipelines:
+            return reject(401, "signature does not match")
+        allowed: set[str] | None = set()
+        for names in matched_secret_pipelines:
+            if names is None:
+                allowed = None
+                break
+            allowed |= set(names)
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return reject(400, f"body is not JSON: {exc}")
+        if not isinstance(payload, dict):
+            return reject(400, "body is not a JSON object")
+
+        kind = classify(provider, event)
+        if kind == "ping":
+            store.record_delivery(provider, did, event or "ping", "ping", "pong", 200, remote)
+            return _reply(200, outcome="ping", reason="pong")
+        runs: list[NewRun] = []
+        reasons: list[str] = []
+        if kind != "push":
+            reasons.append(f"event {event!r} is not handled (only pushes start runs)")
+        else:
+            try:
+                trig = parse_push(provider, payload, headers)
+            except Exception as exc:  # noqa: BLE001 - any parse failure is the sender's problem
+                return reject(400, f"not a {provider} push payload: {exc}")
+            names = [n for n in request.query_params.get("pipeline", "").split(",") if n] or None
+            pipelines, why = match_pipelines(core.config, trig, payload, names)
+            if why:
+                reasons.append(why)
+            kept = {k: v for k, v in headers.items() if k in _KEEP_HEADERS}
+            stored_event = {"provider": provider, "headers": kept, "payload": payload}
+            for p in pipelines:
+                if allowed is not None and p.name not in allowed:
+                    reasons.append(f"{p.name}: signed with another pipeline's secret")
+                    continue
+                if trig.deleted:
+                    reasons.append(f"{p.name}: the push deletes {trig.ref}")
+                    continue
+                no = push_filter(p, trig.branch, trig.tag)
+                if no:
+                    reasons.append(no)
+                    continue
+                runs.append(new_run(p, "tag" if trig.tag else "push", provider, trig.ref, trig.branch,
+                                    trig.tag, trig.commit, stored_event, delivery=did))
+        outcome = "queued" if runs else "ignored"
+        status = 202 if runs else 200
+        acc = store.accept_delivery(provider, did, event, runs, outcome, "; ".join(reasons), status, remote)
+        if acc.duplicate:
+            return _reply(200, outcome="duplicate", reason="this delivery was already received",
+                          runs=list(acc.run_ids), delivery=acc.delivery_row)
+        if acc.run_ids or acc.cancel_running:
+            core.after_accept(acc.cancel_running)
+        log.info("delivery %s", outcome, extra={"provider": provider, "delivery": did, "runs": list(acc.run_ids)})
+        return _reply(status, outcome=outcome, reason="; ".join(reasons), runs=list(acc.run_ids),
+                      delivery=acc.delivery_row)
+
+    return handler

@@ -1,0 +1,333 @@
+"""The worker pool: takes queued runs from the store and runs each as a `runner exec` subprocess.
+
+One dispatcher thread claims runs while a slot is free (global limit here, per-pipeline limit and
+concurrency groups in the store's claim). Each run has a thread that starts the child in its own
+process group, reads its JSON events line by line into the store, and maps its exit code to the
+run's status. One heartbeat thread extends this daemon's leases and picks up cancellations asked
+for elsewhere; it also hands runs whose lease expired (another daemon died) to recovery.
+
+Cancelling a run sends SIGINT to the child's process group (the engine stops the running stage
+cleanly and exits 130), then SIGTERM and SIGKILL if it does not stop in time.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
+from runner.daemon.store import Claimed
+
+log = logging.getLogger("runner.daemon.worker")
+
+_STATUS_BY_EXIT = {EXIT_OK: "success", EXIT_FAILED: "failed", EXIT_INVALID: "invalid",
+                   EXIT_INTERRUPTED: "cancelled"}
+CANCEL_ESCALATION = ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+
+
+def _die_with_parent() -> None:
+    # If the daemon is killed (even SIGKILL), the kernel sends the child SIGINT: it cancels its
+    # stage cleanly instead of building on, orphaned, while the restarted daemon marks it
+    # interrupted. Linux only; elsewhere the lease expiry still marks the run.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGINT))  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Path, event_file: Path,
+              variables: dict[str, str]) -> list[str]:
+    """The argv of one run. Pure; tested by equality."""
+    argv = [*command, pipeline_file, "--json", "--run-id", str(run_id), "--data-dir", str(data_dir),
+            "--event", str(event_file)]
+    for k, v in sorted(variables.items()):
+        argv += ["--var", f"{k}={v}"]
+    return argv
+
+
+def status_from_exit(returncode: int, cancel_requested: bool, reported: str | None) -> str:
+    """The run's final status from the child's exit code (and what it said in run.end)."""
+    if cancel_requested and (returncode == EXIT_INTERRUPTED or returncode < 0):
+        return "cancelled"
+    if returncode in _STATUS_BY_EXIT:
+        return _STATUS_BY_EXIT[returncode]
+    if reported in ("success", "failed", "invalid", "cancelled") and returncode == 0:
+        return reported
+    return "failed"
+
+
+class RunHandle:
+    """One run in progress: the child process and the thread that reads it."""
+
+    def __init__(self, pool: "WorkerPool", claimed: Claimed):
+        self.pool = pool
+        self.run = claimed
+        self.id = claimed.id
+        self.proc: subprocess.Popen | None = None
+        self.cancel_reason: str | None = None
+        self._cancel_lock = threading.Lock()
+        self._started = threading.Event()
+        self.thread = threading.Thread(target=self._main, name=f"run-{self.id}", daemon=True)
+
+    # -- cancellation -------------------------------------------------------------------------
+
+    def cancel(self, reason: str) -> None:
+        with self._cancel_lock:
+            if self.cancel_reason is not None:
+                return
+            self.cancel_reason = reason
+        log.info("cancelling run", extra={"run": self.id, "reason": reason})
+        threading.Thread(target=self._escalate, name=f"cancel-{self.id}", daemon=True).start()
+
+    def _escalate(self) -> None:
+        self._started.wait()
+        proc = self.proc
+        if proc is None:
+            return
+        for sig, wait in CANCEL_ESCALATION:
+            if proc.poll() is not None:
+                return
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._execute()
+        except Exception as exc:  # noqa: BLE001 - a bug here must not kill the pool
+            log.exception("run crashed in the daemon", extra={"run": self.id})
+            self._finish("failed", None, f"the daemon failed while running it (a bug): {exc!r}")
+        finally:
+            self._started.set()
+            self.pool._done(self)
+
+    def _execute(self) -> None:
+        core = self.pool.core
+        entry = core.config.pipeline(self.run.pipeline)
+        if entry is None:
+            self._finish("failed", None, f"pipeline {self.run.pipeline!r} is no longer configured")
+            return
+        events_dir = core.data_dir / "events"
+        events_dir.mkdir(parents=True, exist_ok=True)
+        event_file = events_dir / f"run-{self.id}.json"
+        event_file.write_text(json.dumps(self.run.event))
+        argv = exec_argv(core.config.command(), str(core.config.path(entry.file)), self.id,
+                         core.work_dir, event_file, self.run.vars)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                         preexec_fn=_die_with_parent, cwd=str(core.data_dir))
+        except OSError as exc:
+            self._started.set()
+            self._finish("failed", None, f"cannot start {argv[0]}: {exc.strerror}")
+            return
+        finally:
+            self._started.set()
+        log.info("run started", extra={"run": self.id, "pipeline": self.run.pipeline, "pid": self.proc.pid})
+        self.seq = core.store.max_log_seq(self.id)
+        self.log_error: str | None = None
+        stderr_tail: deque[str] = deque(maxlen=20)
+        err_thread = threading.Thread(target=self._pump_stderr, args=(stderr_tail,), daemon=True)
+        err_thread.start()
+        reported: dict = {}
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not text:
+                continue
+            try:
+                ev = json.loads(text)
+                kind = ev.get("event") if isinstance(ev, dict) else None
+            except json.JSONDecodeError:
+                ev, kind = None, None
+            if kind is None:
+                self._log("-", text)
+                continue
+            self._on_event(kind, ev, reported)
+        returncode = self.proc.wait()
+        err_thread.join(timeout=5)
+        status = status_from_exit(returncode, self.cancel_reason is not None, reported.get("status"))
+        if status == "cancelled":
+            reason = self.cancel_reason or "cancelled"
+        elif status == "success":
+            reason = ""
+        else:
+            reason = reported.get("error") or ""
+            if not reason:
+                tail = " | ".join(list(stderr_tail)[-3:])
+                reason = f"runner exec exited with code {returncode}" + (f": {tail}" if tail else "")
+        if self.log_error:
+            reason = (reason + "; " if reason else "") + f"log incomplete: {self.log_error}"
+        self._finish(status, returncode, reason)
+        try:
+            event_file.unlink()
+        except OSError:
+            pass
+
+    def _pump_stderr(self, tail: deque) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if text:
+                tail.append(text)
+                self._log("runner", text)
+
+    def _on_event(self, kind: str, ev: dict, reported: dict) -> None:
+        store = self.pool.core.store
+        try:
+            if kind == "stage.start":
+                store.stage_event(self.id, str(ev.get("stage")), "running")
+            elif kind == "stage.log":
+                self._log(str(ev.get("stage") or "-"), str(ev.get("line", "")), ev.get("time"))
+            elif kind == "stage.end":
+                store.stage_event(self.id, str(ev.get("stage")), str(ev.get("status") or "failed"),
+                                  duration=ev.get("duration"), error=ev.get("error"), outputs=ev.get("outputs"))
+            elif kind == "run.end":
+                reported["status"] = ev.get("status")
+                err = ev.get("error")
+                problems = ev.get("problems")
+                if problems:
+                    err = (err or "invalid") + "\n" + "\n".join(str(p) for p in problems)
+                reported["error"] = err
+        except Exception as exc:  # noqa: BLE001 - disk full, locked db: recorded, the run goes on
+            self.log_error = self.log_error or str(exc)
+
+    _log_lock = threading.Lock()
+
+    def _log(self, stage: str, line: str, when=None) -> None:
+        if self.log_error:
+            return
+        with self._log_lock:
+            self.seq += 1
+            seq = self.seq
+        t = when if isinstance(when, (int, float)) else time.time()
+        try:
+            self.pool.core.store.append_logs(self.id, [(seq, stage, t, line)])
+        except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
+            self.log_error = str(exc)
+            log.error("cannot store log lines", extra={"run": self.id, "error": str(exc)})
+
+    def _finish(self, status: str, code: int | None, reason: str) -> None:
+        core = self.pool.core
+        for attempt in range(5):
+            try:
+                ok = core.store.finish(self.id, core.owner, status, code, reason)
+                if not ok:
+                    log.warning("lease lost before the run ended", extra={"run": self.id})
+                log.info("run finished", extra={"run": self.id, "status": status, "exit_code": code})
+                return
+            except Exception as exc:  # noqa: BLE001
+                log.error("cannot record the end of a run, retrying", extra={"run": self.id, "error": str(exc)})
+                time.sleep(0.5 * (attempt + 1))
+
+
+class WorkerPool:
+    def __init__(self, core):
+        self.core = core
+        self.active: dict[int, RunHandle] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.draining = False
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for target, name in ((self._dispatch, "dispatcher"), (self._heartbeat, "heartbeat")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel_local(self, run_id: int, reason: str) -> bool:
+        with self._lock:
+            h = self.active.get(run_id)
+        if h is None:
+            return False
+        h.cancel(reason)
+        return True
+
+    def _limits(self) -> dict[str, int]:
+        return {p.name: p.concurrency for p in self.core.config.pipelines}
+
+    def _dispatch(self) -> None:
+        cfg = self.core.config
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            while not self.draining and not self._stop.is_set():
+                with self._lock:
+                    if len(self.active) >= cfg.concurrency:
+                        break
+                try:
+                    claimed = self.core.store.claim(self.core.owner, self._limits(), cfg.lease_seconds)
+                except Exception:  # noqa: BLE001
+                    log.exception("claim failed")
+                    break
+                if claimed is None:
+                    break
+                h = RunHandle(self, claimed)
+                with self._lock:
+                    self.active[h.id] = h
+                h.thread.start()
+
+    def _heartbeat(self) -> None:
+        cfg = self.core.config
+        every = max(0.2, cfg.lease_seconds / 3)
+        last_recover = 0.0
+        while not self._stop.wait(every):
+            with self._lock:
+                ids = list(self.active)
+            try:
+                for run_id in self.core.store.heartbeat(self.core.owner, ids, cfg.lease_seconds):
+                    run = self.core.store.get_run(run_id) or {}
+                    self.cancel_local(run_id, run.get("reason") or "cancelled")
+                if time.monotonic() - last_recover > cfg.lease_seconds:
+                    last_recover = time.monotonic()
+                    for run_id, st in self.core.store.recover(None, self.core.requeue_set()):
+                        log.warning("run recovered from an expired lease", extra={"run": run_id, "status": st})
+                        self.wake()
+            except Exception:  # noqa: BLE001
+                log.exception("heartbeat failed")
+
+    def _done(self, h: RunHandle) -> None:
+        with self._lock:
+            self.active.pop(h.id, None)
+        self.wake()
+
+    def drain(self, grace: float) -> None:
+        """Stop taking runs; let running ones finish for `grace` seconds; then cancel them."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self.active:
+                    break
+            time.sleep(0.1)
+        with self._lock:
+            left = list(self.active.values())
+        for h in left:
+            h.cancel("the daemon is shutting down")
+        for h in left:
+            h.thread.join(timeout=sum(w for _, w in CANCEL_ESCALATION) + 5)
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=5)
