@@ -1,0 +1,107 @@
+"""`runner lab up|down|status|env`: the lab's command line. Progress goes to stderr, results to
+stdout (JSON with --json)."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+
+import click
+
+from runner.errors import RunnerError
+from runner.lab import host, layout
+from runner.lab.errors import LabError
+
+
+def _exits(fn):
+    """Our own errors: one clear line and their exit code. Anything else is a bug: traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RunnerError as exc:
+            click.echo(f"runner lab: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("runner lab: interrupted", err=True)
+            sys.exit(130)
+        except Exception:
+            click.echo("runner lab: internal error (a bug in runner):\n" + traceback.format_exc(),
+                       err=True)
+            sys.exit(1)
+    return wrapper
+
+
+def _lab():
+    from runner.lab.lab import Lab  # after the machine check: nothing else is needed before it
+    return Lab()
+
+
+def _print_human(info: dict) -> None:
+    click.echo(f"registry     {info['registry']}")
+    click.echo(f"build engine {info['docker_host']}")
+    for s in info["servers"]:
+        click.echo(f"{s['name']:<12} ssh {s['user']}@{s['host']}:{s['port']}  engine {s['docker_host']}")
+    if info["servers"]:
+        first = info["servers"][0]
+        click.echo(f"ssh key      {first['key_file']}\nknown_hosts  {first['known_hosts']}")
+    click.echo("use it from a shell with: eval \"$(runner lab env)\"")
+
+
+@click.group()
+def lab() -> None:
+    """A local lab: build engine, registry, and SSH servers with their own Docker engines."""
+
+
+@lab.command()
+@click.option("--servers", "count", type=int, default=3, show_default=True,
+              help="How many SSH servers (more are added if fewer run; none are removed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the lab's description as JSON.")
+@_exits
+def up(count: int, as_json: bool) -> None:
+    """Start the lab (idempotent: only what is missing or dead is started)."""
+    host.require_supported()
+    info = _lab().up(count)
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        _print_human(info)
+
+
+@lab.command()
+@_exits
+def down() -> None:
+    """Stop everything `up` started (by pid) and remove the lab's network. Idempotent."""
+    host.require_supported()
+    _lab().down()
+
+
+@lab.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_exits
+def status(as_json: bool) -> None:
+    """Is the lab up? Exit 0 either way; the problems say what is missing."""
+    host.require_supported()
+    info = _lab().status()
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo("the lab is up" if info["up"] else "the lab is NOT up")
+    for problem in info["problems"]:
+        click.echo(f"  - {problem}")
+    if info["servers"]:
+        _print_human(info)
+
+
+@lab.command()
+@_exits
+def env() -> None:
+    """Print `export NAME=value` lines for REGISTRY, DOCKER_HOST, DEPLOY_HOSTS, SSH_KEY_FILE,
+    KNOWN_HOSTS_FILE. Use: eval "$(runner lab env)"."""
+    lab_ = _lab()
+    lab_.load()
+    info = lab_.describe()
+    if not info["servers"]:
+        raise LabError("the lab is not up: run `runner lab up` first")
+    click.echo("\n".join(layout.env_lines(info)))

@@ -1,0 +1,342 @@
+"""What the lab does to this machine: checks, packages, commands, long-lived processes, probes.
+
+Every process is started from an argv list, recorded as (pid, start time) and stopped by that pid
+only; the start time guards against a pid reused by an unrelated process.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+from runner.lab import layout
+from runner.lab.errors import LabError, Unsupported
+
+Log = Callable[[str], None]
+
+
+def stderr_log(msg: str) -> None:
+    print(f"lab: {msg}", file=sys.stderr, flush=True)
+
+
+# ---- machine checks and packages -----------------------------------------------------------
+
+def require_supported() -> None:
+    if not sys.platform.startswith("linux"):
+        raise Unsupported(f"the lab needs Linux (network namespaces, dockerd); this is {sys.platform}")
+    if os.geteuid() != 0:
+        raise Unsupported("the lab needs root (network namespaces, bridges, dockerd): "
+                          "run it as root, e.g. `sudo python -m runner lab up`")
+    if not Path("/etc/debian_version").exists() or shutil.which("apt-get") is None:
+        raise Unsupported("the lab installs its parts with apt-get: it needs Debian 12 (bookworm) "
+                          "or a compatible system")
+
+
+def missing_packages(packages: Sequence[str] = layout.SYSTEM_PACKAGES) -> list[str]:
+    proc = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\n", *packages],
+        capture_output=True, text=True,
+    )
+    installed = {line.split()[0] for line in proc.stdout.splitlines()
+                 if line.endswith(" installed")}
+    return [p for p in packages if p not in installed]
+
+
+def ensure_packages(log: Log) -> None:
+    """Install the Debian packages the lab runs (same list as scripts/install-system)."""
+    missing = missing_packages()
+    if not missing:
+        return
+    log(f"installing Debian packages: {' '.join(missing)} (apt-get)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for argv in (["apt-get", "update"],
+                 ["apt-get", "install", "-y", "--no-install-recommends", *missing]):
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise LabError(f"{' '.join(argv)} failed (exit {proc.returncode}):\n"
+                           f"{_tail(proc.stdout + proc.stderr)}")
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+def run(argv: Sequence[str], *, check: bool = True, timeout: float = 120,
+        stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, timeout=timeout,
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise LabError(f"{' '.join(argv)} timed out after {timeout:.0f}s") from exc
+    if check and proc.returncode != 0:
+        out = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+        raise LabError(f"{' '.join(argv)} failed (exit {proc.returncode}): {_tail(out)}")
+    return proc
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return _tail(path.read_text(errors="replace"), lines)
+    except OSError:
+        return "(no log)"
+
+
+# ---- processes -----------------------------------------------------------------------------
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot, or None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def alive(rec: dict | None) -> bool:
+    return bool(rec) and start_time(rec["pid"]) == rec["start"]
+
+
+def spawn(argv: Sequence[str], log_path: Path) -> dict:
+    """Start a long-lived process in its own session (it outlives this command), output to
+    log_path. Returns its record for state.json."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True, close_fds=True)
+    # Popen.__del__ would otherwise warn; the process is meant to outlive us.
+    proc.returncode = 0
+    st = start_time(proc.pid)
+    return {"pid": proc.pid, "start": st if st is not None else -1, "argv": list(argv),
+            "log": str(log_path)}
+
+
+def stop(rec: dict | None, timeout: float = 20.0) -> None:
+    """SIGTERM, wait, then SIGKILL: only the recorded process, only if it is still that one."""
+    if not alive(rec):
+        return
+    pid = rec["pid"]
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not alive(rec):
+                return
+            _reap(pid)
+            time.sleep(0.1)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _cmdlines() -> Iterator[tuple[int, list[str]]]:
+    own = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == own:
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if raw:
+            yield int(entry.name), raw.rstrip(b"\0").decode(errors="replace").split("\0")
+
+
+def _record_of(pid: int, argv: list[str]) -> dict | None:
+    st = start_time(pid)
+    return None if st is None else {"pid": pid, "start": st, "argv": argv}
+
+
+def pids_using(prefixes: Sequence[str]) -> list[dict]:
+    """Processes with an argument naming a path under one of `prefixes` (the lab's own exec-root
+    dirs): containerd and shims left behind by a dockerd that was killed."""
+    found = []
+    for pid, argv in _cmdlines():
+        args = [a.split("=", 1)[1] if a.startswith("-") and "=" in a else a for a in argv]
+        if any(a.startswith(p) for a in args for p in prefixes):
+            rec = _record_of(pid, argv)
+            if rec:
+                found.append(rec)
+    return found
+
+
+def pids_with_arg(marker: str, exe: str) -> list[dict]:
+    """Processes of program `exe` with the lab's own path `marker` as an argument: one of ours
+    whose record was lost."""
+    found = []
+    for pid, argv in _cmdlines():
+        if os.path.basename(argv[0]) != exe:
+            continue
+        if marker in argv or any(a.endswith(f"={marker}") for a in argv):
+            rec = _record_of(pid, argv)
+            if rec:
+                found.append(rec)
+    return found
+
+
+def stop_all(recs: Sequence[dict], timeout: float = 10.0) -> None:
+    threads = [threading.Thread(target=stop, args=(r, timeout)) for r in recs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def unmount_under(prefixes: Sequence[Path]) -> None:
+    """Lazily unmount whatever a killed dockerd left mounted under the lab's own dirs."""
+    points = []
+    try:
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4].replace("\\040", " ")
+            if any(point == str(p) or point.startswith(str(p) + "/") for p in prefixes):
+                points.append(point)
+    except OSError:
+        return
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+# ---- probes --------------------------------------------------------------------------------
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def docker_api(sock: Path, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
+    """GET path from the engine at unix socket `sock`; (0, b"") if it does not answer."""
+    conn = _UnixHTTPConnection(str(sock), timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except OSError:
+        return 0, b""
+    finally:
+        conn.close()
+
+
+def docker_ready(sock: Path) -> bool:
+    status, body = docker_api(sock, "/_ping", timeout=2.0)
+    return status == 200 and body.strip() == b"OK"
+
+
+def image_exists(sock: Path, ref: str) -> bool:
+    status, _ = docker_api(sock, f"/images/{quote(ref, safe='')}/json")
+    return status == 200
+
+
+def docker_info(sock: Path) -> dict:
+    status, body = docker_api(sock, "/info", timeout=5.0)
+    return json.loads(body) if status == 200 else {}
+
+
+def registry_ready(timeout: float = 2.0) -> bool:
+    conn = http.client.HTTPConnection(layout.BRIDGE_IP, layout.REGISTRY_PORT, timeout=timeout)
+    try:
+        conn.request("GET", "/v2/")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def ssh_banner(host: str, port: int = 22, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            return sock.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def wait_for(probe: Callable[[], bool], what: str, timeout: float, rec: dict | None = None,
+             log_path: Path | None = None) -> None:
+    """Poll probe until it passes; fail early if the process that should answer has died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if probe():
+            return
+        if rec is not None and not alive(rec):
+            _reap(rec["pid"])
+            raise LabError(f"{what} exited while starting; its log ({log_path}):\n"
+                           f"{log_tail(log_path) if log_path else ''}")
+        if time.monotonic() > deadline:
+            raise LabError(f"{what} not ready after {timeout:.0f}s; its log ({log_path}):\n"
+                           f"{log_tail(log_path) if log_path else ''}")
+        time.sleep(0.2)
+
+
+# ---- network state -------------------------------------------------------------------------
+
+def link_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+def link_master(name: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(f"/sys/class/net/{name}/master"))
+    except OSError:
+        return None
+
+
+def link_up(name: str) -> bool:
+    try:
+        flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
+    except OSError:
+        return False
+    return bool(flags & 0x1)
+
+
+def link_has_addr(name: str, cidr: str) -> bool:
+    proc = subprocess.run(["ip", "-j", "-4", "addr", "show", "dev", name],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return False
+    ip, prefix = cidr.split("/")
+    for link in json.loads(proc.stdout or "[]"):
+        for a in link.get("addr_info", []):
+            if a.get("local") == ip and str(a.get("prefixlen")) == prefix:
+                return True
+    return False
+
+
+def netns_exists(name: str) -> bool:
+    return Path(f"/var/run/netns/{name}").exists()
+
+
+def fw_chain_present() -> bool:
+    proc = subprocess.run(["iptables", "-w", "-C", "FORWARD", "-j", layout.FW_CHAIN],
+                          capture_output=True)
+    return proc.returncode == 0

@@ -1,0 +1,401 @@
+"""Bringing the lab up, checking it, and taking it down.
+
+state.json (in the state dir) records every process `up` started (pid + start time) and the
+network pieces it made, so that `down` stops exactly those, by pid. `up` is a health check first:
+a part that answers is left alone, a dead one is restarted, a missing server is added.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from runner.lab import host, images, layout
+from runner.lab.errors import LabError
+from runner.lab.layout import Server
+
+STATE_VERSION = 1
+
+
+def _empty_state() -> dict:
+    return {"version": STATE_VERSION, "servers": [], "procs": {}, "created": {}}
+
+
+class Lab:
+    def __init__(self, state: Path | None = None, log: host.Log = host.stderr_log):
+        self.state = state or layout.state_dir()
+        self.log = log
+        self.file = self.state / "state.json"
+        self._mutex = threading.Lock()
+        self.data = _empty_state()
+
+    # ---- state file ------------------------------------------------------------------------
+
+    def load(self) -> dict:
+        try:
+            data = json.loads(self.file.read_text())
+        except FileNotFoundError:
+            data = _empty_state()
+        except (OSError, ValueError) as exc:
+            raise LabError(f"cannot read {self.file}: {exc}") from exc
+        for key, value in _empty_state().items():
+            data.setdefault(key, value)
+        self.data = data
+        return data
+
+    def save(self) -> None:
+        with self._mutex:
+            tmp = self.file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.file)
+
+    def _record(self, key: str, rec: dict | None) -> None:
+        with self._mutex:
+            if rec is None:
+                self.data["procs"].pop(key, None)
+            else:
+                self.data["procs"][key] = rec
+        self.save()
+
+    def _created(self, key: str, value) -> None:
+        with self._mutex:
+            created = self.data["created"]
+            if isinstance(value, str):
+                items = created.setdefault(key, [])
+                if value not in items:
+                    items.append(value)
+            else:
+                created[key] = value
+        self.save()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One `up` or `down` at a time (test sessions of several engineers call `up`)."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        with open(self.state / "lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def servers(self) -> list[Server]:
+        return sorted((layout.server_from_name(n, self.state) for n in self.data["servers"]),
+                      key=lambda s: s.index)
+
+    def describe(self) -> dict:
+        return layout.describe(self.state, self.servers())
+
+    # ---- status ----------------------------------------------------------------------------
+
+    def problems(self) -> list[str]:
+        """Every part that is missing or not answering, each as one line. Empty: the lab is up."""
+        if not self.data["servers"]:
+            return ["the lab is not up: run `runner lab up`"]
+        found = []
+        procs = self.data["procs"]
+        if not host.link_exists(layout.BRIDGE) or not host.link_up(layout.BRIDGE):
+            found.append(f"bridge {layout.BRIDGE} is missing or down")
+        if not host.fw_chain_present():
+            found.append(f"iptables chain {layout.FW_CHAIN} is not linked from FORWARD")
+        if not host.alive(procs.get("registry")) or not host.registry_ready():
+            found.append(f"registry {layout.REGISTRY} does not answer")
+        if not host.alive(procs.get("build-dockerd")) or not host.docker_ready(layout.BUILD_SOCK):
+            found.append(f"build engine {layout.BUILD_DOCKER_HOST} does not answer")
+        else:
+            for image in (layout.BUSYBOX_IMAGE, layout.PYTHON_IMAGE):
+                if not host.image_exists(layout.BUILD_SOCK, image):
+                    found.append(f"image {image} is missing from the build engine")
+        for s in self.servers():
+            found += self._server_problems(s)
+        return found
+
+    def _server_problems(self, s: Server) -> list[str]:
+        procs = self.data["procs"]
+        if not self._server_net_ok(s):
+            return [f"{s.name}: network namespace {s.netns} or veth {s.veth} is missing"]
+        found = []
+        if not host.alive(procs.get(f"{s.name}-dockerd")) or not host.docker_ready(s.sock):
+            found.append(f"{s.name}: engine {s.docker_host} does not answer")
+        if not host.alive(procs.get(f"{s.name}-sshd")) or not host.ssh_banner(s.ip):
+            found.append(f"{s.name}: sshd {s.ip}:{layout.SSH_PORT} does not answer")
+        return found
+
+    def status(self) -> dict:
+        self.load()
+        problems = self.problems()
+        return {"up": not problems, **self.describe(), "problems": problems}
+
+    # ---- up --------------------------------------------------------------------------------
+
+    def up(self, count: int) -> dict:
+        if not 1 <= count <= layout.MAX_SERVERS:
+            raise LabError(f"--servers must be between 1 and {layout.MAX_SERVERS}")
+        with self.locked():
+            self.load()
+            wanted = sorted({int(n[3:]) for n in self.data["servers"]} | set(range(1, count + 1)))
+            if set(wanted) == {s.index for s in self.servers()} and not self.problems():
+                return self.describe()  # everything answers: the fast path
+            started = time.monotonic()
+            host.ensure_packages(self.log)
+            layout.RUN_DIR.mkdir(parents=True, exist_ok=True)
+            Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation dir
+            self._ensure_base_network()
+            self._ensure_client_key()
+            self._ensure_registry()
+            build_rec = self._start_build_engine()
+            servers = [Server(i, self.state) for i in wanted]
+            with ThreadPoolExecutor(max_workers=len(servers) + 1) as pool:
+                futures = {"build engine": pool.submit(self._finish_build_engine, build_rec)}
+                for s in servers:
+                    futures[s.name] = pool.submit(self._ensure_server, s)
+                errors = []
+                for what, fut in futures.items():
+                    try:
+                        fut.result()
+                    except Exception as exc:  # collect every failure, not just the first
+                        errors.append(f"{what}: {exc}")
+            ok = [s.name for s in servers if not any(e.startswith(f"{s.name}:") for e in errors)]
+            with self._mutex:
+                self.data["servers"] = sorted(set(self.data["servers"]) | set(ok),
+                                              key=lambda n: int(n[3:]))
+            self.save()
+            self._write_known_hosts()
+            if errors:
+                raise LabError("the lab is not fully up:\n" + "\n".join(errors))
+            problems = self.problems()
+            if problems:
+                raise LabError("the lab started but does not answer:\n" + "\n".join(problems))
+            self.log(f"up in {time.monotonic() - started:.1f}s: registry {layout.REGISTRY}, "
+                     f"build engine {layout.BUILD_DOCKER_HOST}, servers "
+                     + ", ".join(f"{s.name}={s.ip}" for s in self.servers()))
+            return self.describe()
+
+    def _ensure_base_network(self) -> None:
+        for name, cidr, cmds in ((layout.BRIDGE, f"{layout.BRIDGE_IP}/{layout.PREFIX}",
+                                  layout.bridge_cmds()),
+                                 (layout.BUILD_BRIDGE, layout.BUILD_BRIDGE_CIDR,
+                                  layout.build_bridge_cmds())):
+            if not host.link_exists(name):
+                self.log(f"creating bridge {name} {cidr}")
+                host.run(cmds[0])
+                self._created("bridges", name)
+            if not host.link_has_addr(name, cidr):
+                host.run(cmds[1])
+            if not host.link_up(name):
+                host.run(cmds[2])
+        if not host.fw_chain_present():
+            for argv in layout.firewall_down_cmds():  # a chain left without its jump
+                host.run(argv, check=False)
+            for argv in layout.firewall_cmds():
+                host.run(argv)
+            self._created("firewall", True)
+
+    def _ensure_client_key(self) -> None:
+        key = layout.client_key(self.state)
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True)
+            host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "runner-lab",
+                      "-f", str(key)])
+
+    def _adopt_or_stop(self, key: str, marker: str, exe: str) -> dict | None:
+        """The recorded process if it is alive; else a process of ours that lost its record
+        (found by its own config/pidfile path in argv, never by name alone)."""
+        rec = self.data["procs"].get(key)
+        if host.alive(rec):
+            return rec
+        for found in host.pids_with_arg(marker, exe):
+            self.log(f"adopting {key} (pid {found['pid']}) left without a record")
+            self._record(key, found)
+            return found
+        return None
+
+    def _ensure_registry(self) -> None:
+        key = "registry"
+        config = self.state / "registry.yml"
+        rec = self._adopt_or_stop(key, str(config), "docker-registry")
+        if rec and host.registry_ready():
+            return
+        if rec:
+            host.wait_for(host.registry_ready, "registry", 5, rec, Path(rec.get("log", "")))
+            return
+        (self.state / "registry").mkdir(parents=True, exist_ok=True)
+        _write_if_changed(config, layout.registry_config(self.state))
+        self.log(f"starting registry on {layout.REGISTRY}")
+        log_path = self.state / "logs" / "registry.log"
+        rec = host.spawn(layout.registry_argv(self.state), log_path)
+        self._record(key, rec)
+        host.wait_for(host.registry_ready, "registry", 20, rec, log_path)
+
+    def _start_build_engine(self) -> dict | None:
+        """Start the build engine's dockerd if it is not running; None when it already was."""
+        key = "build-dockerd"
+        rec = self._adopt_or_stop(key, str(layout.RUN_DIR / "docker.pid"), "dockerd")
+        if rec:
+            return None
+        host.stop_all(host.pids_using([f"{layout.RUN_DIR / 'exec'}/"]))
+        (self.state / "docker").mkdir(parents=True, exist_ok=True)
+        _write_if_changed(self.state / "daemon.json",
+                          json.dumps({"features": {"buildkit": True}}) + "\n")
+        self.log(f"starting build engine on {layout.BUILD_DOCKER_HOST}")
+        log_path = self.state / "logs" / "build-dockerd.log"
+        rec = host.spawn(layout.build_dockerd_argv(self.state), log_path)
+        self._record(key, rec)
+        return rec
+
+    def _finish_build_engine(self, rec: dict | None) -> None:
+        rec = rec or self.data["procs"].get("build-dockerd")
+        host.wait_for(lambda: host.docker_ready(layout.BUILD_SOCK), "build engine dockerd", 60,
+                      rec, Path(rec["log"]) if rec and rec.get("log") else None)
+        images.ensure_busybox(self.log)
+        images.ensure_python(self.state, self.log)
+
+    def _server_net_ok(self, s: Server) -> bool:
+        return (host.netns_exists(s.netns) and host.link_exists(s.veth)
+                and host.link_master(s.veth) == layout.BRIDGE and host.link_up(s.veth))
+
+    def _ensure_server(self, s: Server) -> None:
+        procs = self.data["procs"]
+        if not self._server_net_ok(s):
+            self.log(f"{s.name}: creating network namespace {s.netns} ({s.ip})")
+            for key in (f"{s.name}-sshd", f"{s.name}-dockerd"):
+                host.stop(procs.get(key))
+            host.stop_all(host.pids_using([f"{s.run_dir / 'exec'}/"]))
+            _remove_server_net(s)
+            for argv in layout.server_net_cmds(s):
+                host.run(argv)
+            self._created("netns", s.netns)
+            self._created("veths", s.veth)
+        s.dir.mkdir(parents=True, exist_ok=True)
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        if not s.host_key.exists():
+            host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", s.name,
+                      "-f", str(s.host_key)])
+        client_pub = layout.client_key(self.state).with_suffix(".pub").read_text()
+        _write_if_changed(s.authorized_keys, client_pub)
+        _write_if_changed(s.sshd_config, layout.sshd_config(s))
+        _write_if_changed(s.daemon_json, "{}\n")
+
+        waits = []
+        dkey = f"{s.name}-dockerd"
+        drec = self._adopt_or_stop(dkey, str(s.run_dir / "docker.pid"), "dockerd")
+        if drec and not _answers(lambda: host.docker_ready(s.sock), 10):
+            self.log(f"{s.name}: engine alive but not answering; restarting it")
+            host.stop(drec)
+            drec = None
+        if not drec:
+            host.stop_all(host.pids_using([f"{s.run_dir / 'exec'}/"]))
+            self.log(f"{s.name}: starting dockerd ({s.docker_host})")
+            log_path = s.dir / "dockerd.log"
+            drec = host.spawn(layout.server_dockerd_argv(s), log_path)
+            self._record(dkey, drec)
+            waits.append((lambda: host.docker_ready(s.sock), f"{s.name} dockerd", 60, drec, log_path))
+
+        skey = f"{s.name}-sshd"
+        srec = self._adopt_or_stop(skey, str(s.sshd_config), "sshd")
+        if srec and not _answers(lambda: host.ssh_banner(s.ip), 5):
+            host.stop(srec)
+            srec = None
+        if not srec:
+            log_path = s.dir / "sshd.log"
+            self.log(f"{s.name}: starting sshd ({s.ip}:{layout.SSH_PORT})")
+            srec = host.spawn(layout.server_sshd_argv(s), log_path)
+            self._record(skey, srec)
+            waits.append((lambda: host.ssh_banner(s.ip), f"{s.name} sshd", 15, srec, log_path))
+        for probe, what, timeout, rec, log_path in waits:
+            host.wait_for(probe, what, timeout, rec, log_path)
+
+    def _write_known_hosts(self) -> None:
+        lines = []
+        for s in self.servers():
+            pub = s.host_key.with_name(s.host_key.name + ".pub")
+            if pub.exists():
+                lines.append(layout.known_hosts_line(s, pub.read_text()))
+        _write_if_changed(layout.known_hosts(self.state), "".join(f"{ln}\n" for ln in lines))
+
+    # ---- down ------------------------------------------------------------------------------
+
+    def down(self) -> None:
+        with self.locked():
+            self.load()
+            procs = dict(self.data["procs"])
+            # Processes of ours that lost their record (an interrupted `up`) are found by the
+            # lab's own config and pid file paths in their argv.
+            markers = [("registry", str(self.state / "registry.yml"), "docker-registry"),
+                       ("build-dockerd", str(layout.RUN_DIR / "docker.pid"), "dockerd")]
+            names = set(self.data["servers"]) | {f"srv{i}" for i in _netns_indexes()}
+            for name in names:
+                s = layout.server_from_name(name, self.state)
+                markers += [(f"{name}-dockerd", str(s.run_dir / "docker.pid"), "dockerd"),
+                            (f"{name}-sshd", str(s.sshd_config), "sshd")]
+            for key, marker, exe in markers:
+                if not host.alive(procs.get(key)):
+                    for found in host.pids_with_arg(marker, exe):
+                        procs[f"{key}:{found['pid']}"] = found
+            live = {k: r for k, r in procs.items() if host.alive(r)}
+            if live:
+                self.log(f"stopping {len(live)} processes: "
+                         + ", ".join(f"{k} (pid {r['pid']})" for k, r in sorted(live.items())))
+            with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
+                list(pool.map(host.stop, live.values()))
+            # containerd and shims a killed dockerd may have left, found by our exec-root paths
+            host.stop_all(host.pids_using(
+                [f"{layout.RUN_DIR / 'exec'}/"]
+                + [f"{layout.server_from_name(n, self.state).run_dir / 'exec'}/" for n in names]))
+            host.unmount_under([layout.RUN_DIR, self.state])
+            for name in sorted(names):
+                _remove_server_net(layout.server_from_name(name, self.state))
+            for bridge in (layout.BRIDGE, layout.BUILD_BRIDGE):
+                if host.link_exists(bridge):
+                    host.run(["ip", "link", "del", bridge], check=False)
+            for argv in layout.firewall_down_cmds():
+                host.run(argv, check=False)
+            shutil.rmtree(layout.RUN_DIR, ignore_errors=True)
+            self.data = _empty_state()
+            self.save()
+            self.log("down: everything the lab started is stopped")
+
+
+def _answers(probe, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if probe():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _netns_indexes() -> list[int]:
+    try:
+        names = os.listdir("/var/run/netns")
+    except OSError:
+        return []
+    return [int(n[len("rlab-srv"):]) for n in names
+            if n.startswith("rlab-srv") and n[len("rlab-srv"):].isdigit()]
+
+
+def _remove_server_net(s: Server) -> None:
+    if host.link_exists(s.veth):
+        host.run(["ip", "link", "del", s.veth], check=False)
+    if host.netns_exists(s.netns):
+        host.run(["ip", "netns", "del", s.netns], check=False)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

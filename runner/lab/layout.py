@@ -1,0 +1,341 @@
+"""The lab's fixed layout: names, addresses, paths, and the exact commands and config files that
+make each part. Pure: nothing here touches the machine, so all of it is checked by equality.
+
+Other engineers code against these names and paths; they are a contract, keep them stable.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+SUBNET = "10.87.53.0/24"
+BRIDGE = "rlab0"
+BRIDGE_IP = "10.87.53.1"
+PREFIX = 24
+REGISTRY_PORT = 5000
+REGISTRY = f"{BRIDGE_IP}:{REGISTRY_PORT}"
+RUN_DIR = Path("/run/runner-lab")
+BUILD_SOCK = RUN_DIR / "docker.sock"
+BUILD_DOCKER_HOST = f"unix://{BUILD_SOCK}"
+# The build engine's own container bridge (RUN steps of builds go through it, NAT to the outside
+# for package registries). Kept apart from rlab0 so the servers' network only holds servers.
+BUILD_BRIDGE = "rlabb0"
+BUILD_BRIDGE_CIDR = "10.87.54.1/24"
+# The chain holding the lab's forwarding rules; one jump from FORWARD, removed by `down`.
+FW_CHAIN = "RLAB-FORWARD"
+MAX_SERVERS = 200
+SSH_USER = "root"
+SSH_PORT = 22
+BUSYBOX_IMAGE = "local/busybox:1"
+PYTHON_IMAGE = "local/python:3.11"
+DEBIAN_SUITE = "bookworm"
+DEBIAN_PACKAGES = ("python3", "python3-pip", "python3-venv", "ca-certificates")
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SYSTEM_PACKAGES = ("docker.io", "docker-registry", "openssh-server", "busybox-static",
+                   "debootstrap", "iproute2", "git", "ca-certificates")
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("RUNNER_LAB_DIR") or "/var/lib/runner-lab")
+
+
+@dataclass(frozen=True)
+class Server:
+    """Server number `index` (1-based) of the lab, and every name and path that belongs to it."""
+
+    index: int
+    state: Path  # the lab's state dir
+
+    @property
+    def name(self) -> str:
+        return f"srv{self.index}"
+
+    @property
+    def ip(self) -> str:
+        return f"10.87.53.{10 + self.index}"
+
+    @property
+    def netns(self) -> str:
+        return f"rlab-{self.name}"
+
+    @property
+    def netns_path(self) -> str:
+        return f"/var/run/netns/{self.netns}"
+
+    @property
+    def veth(self) -> str:
+        return f"rlab-v{self.index}"
+
+    @property
+    def run_dir(self) -> Path:
+        return RUN_DIR / self.name
+
+    @property
+    def sock(self) -> Path:
+        return self.run_dir / "docker.sock"
+
+    @property
+    def docker_host(self) -> str:
+        return f"unix://{self.sock}"
+
+    @property
+    def dir(self) -> Path:
+        return self.state / self.name
+
+    @property
+    def host_key(self) -> Path:
+        return self.dir / "ssh_host_ed25519_key"
+
+    @property
+    def sshd_config(self) -> Path:
+        return self.dir / "sshd_config"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.dir / "authorized_keys"
+
+    @property
+    def daemon_json(self) -> Path:
+        return self.dir / "daemon.json"
+
+
+def server_from_name(name: str, state: Path) -> Server:
+    if not name.startswith("srv") or not name[3:].isdigit():
+        raise ValueError(f"not a lab server name: {name!r}")
+    return Server(int(name[3:]), state)
+
+
+def client_key(state: Path) -> Path:
+    return state / "ssh" / "id_ed25519"
+
+
+def known_hosts(state: Path) -> Path:
+    return state / "ssh" / "known_hosts"
+
+
+def python_rootfs_cache(state: Path) -> Path:
+    return state / "cache" / f"python-{DEBIAN_SUITE}-rootfs.tar"
+
+
+def describe(state: Path, servers: list[Server]) -> dict:
+    """The JSON `runner lab up --json` prints: everything a client needs to use the lab."""
+    return {
+        "registry": REGISTRY,
+        "docker_host": BUILD_DOCKER_HOST,
+        "servers": [
+            {
+                "name": s.name,
+                "host": s.ip,
+                "port": SSH_PORT,
+                "user": SSH_USER,
+                "key_file": str(client_key(state)),
+                "known_hosts": str(known_hosts(state)),
+                "docker_host": s.docker_host,
+            }
+            for s in servers
+        ],
+    }
+
+
+def env_lines(info: dict) -> list[str]:
+    """`export NAME=value` lines for a shell, every value quoted in this one place."""
+    servers = info["servers"]
+    hosts = ",".join(f"{s['user']}@{s['host']}:{s['port']}" for s in servers)
+    values = {
+        "REGISTRY": info["registry"],
+        "DOCKER_HOST": info["docker_host"],
+        "DEPLOY_HOSTS": hosts,
+        "SSH_KEY_FILE": servers[0]["key_file"] if servers else "",
+        "KNOWN_HOSTS_FILE": servers[0]["known_hosts"] if servers else "",
+    }
+    return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
+
+
+# ---- commands (argv lists) ------------------------------------------------------------------
+
+def bridge_cmds() -> list[list[str]]:
+    return [
+        ["ip", "link", "add", BRIDGE, "type", "bridge"],
+        ["ip", "addr", "add", f"{BRIDGE_IP}/{PREFIX}", "dev", BRIDGE],
+        ["ip", "link", "set", BRIDGE, "up"],
+    ]
+
+
+def build_bridge_cmds() -> list[list[str]]:
+    return [
+        ["ip", "link", "add", BUILD_BRIDGE, "type", "bridge"],
+        ["ip", "addr", "add", BUILD_BRIDGE_CIDR, "dev", BUILD_BRIDGE],
+        ["ip", "link", "set", BUILD_BRIDGE, "up"],
+    ]
+
+
+def server_net_cmds(s: Server) -> list[list[str]]:
+    ns = ["ip", "-n", s.netns]
+    return [
+        ["ip", "netns", "add", s.netns],
+        ["ip", "link", "add", s.veth, "type", "veth", "peer", "name", "eth0", "netns", s.netns],
+        ns + ["link", "set", "lo", "up"],
+        ns + ["addr", "add", f"{s.ip}/{PREFIX}", "dev", "eth0"],
+        ns + ["link", "set", "eth0", "up"],
+        ns + ["route", "add", "default", "via", BRIDGE_IP],
+        ["ip", "link", "set", s.veth, "master", BRIDGE],
+        ["ip", "link", "set", s.veth, "up"],
+    ]
+
+
+def firewall_cmds() -> list[list[str]]:
+    """Traffic between the servers and the host's rlab0 address is allowed even when a dockerd
+    has set the FORWARD policy to DROP (bridged frames pass FORWARD with br_netfilter); traffic
+    from the servers to anywhere else is dropped, so the lab stays inside its own subnet."""
+    return [
+        ["iptables", "-w", "-N", FW_CHAIN],
+        ["iptables", "-w", "-A", FW_CHAIN, "-i", BRIDGE, "-o", BRIDGE, "-j", "ACCEPT"],
+        ["iptables", "-w", "-A", FW_CHAIN, "-i", BRIDGE, "-j", "DROP"],
+        ["iptables", "-w", "-I", "FORWARD", "1", "-j", FW_CHAIN],
+    ]
+
+
+def firewall_down_cmds() -> list[list[str]]:
+    return [
+        ["iptables", "-w", "-D", "FORWARD", "-j", FW_CHAIN],
+        ["iptables", "-w", "-F", FW_CHAIN],
+        ["iptables", "-w", "-X", FW_CHAIN],
+    ]
+
+
+def build_dockerd_argv(state: Path) -> list[str]:
+    return [
+        "dockerd",
+        "--config-file", str(state / "daemon.json"),
+        "-H", BUILD_DOCKER_HOST,
+        "--data-root", str(state / "docker"),
+        "--exec-root", str(RUN_DIR / "exec"),
+        "--pidfile", str(RUN_DIR / "docker.pid"),
+        "--insecure-registry", REGISTRY,
+        "--bridge", BUILD_BRIDGE,
+        "--mtu", "1400",
+        "--containerd-namespace", "rlab-build",
+        "--containerd-plugins-namespace", "rlab-build-plugins",
+    ]
+
+
+def server_dockerd_argv(s: Server) -> list[str]:
+    return [
+        "nsenter", f"--net={s.netns_path}",
+        "dockerd",
+        "--config-file", str(s.daemon_json),
+        "-H", s.docker_host,
+        "--data-root", str(s.dir / "docker"),
+        "--exec-root", str(s.run_dir / "exec"),
+        "--pidfile", str(s.run_dir / "docker.pid"),
+        "--insecure-registry", REGISTRY,
+        "--bip", "172.30.0.1/24",
+        "--containerd-namespace", f"rlab-{s.name}",
+        "--containerd-plugins-namespace", f"rlab-{s.name}-plugins",
+    ]
+
+
+def server_sshd_argv(s: Server) -> list[str]:
+    return ["nsenter", f"--net={s.netns_path}", "/usr/sbin/sshd", "-D", "-e", "-f", str(s.sshd_config)]
+
+
+def registry_argv(state: Path) -> list[str]:
+    return ["docker-registry", "serve", str(state / "registry.yml")]
+
+
+def registry_config(state: Path) -> str:
+    return (
+        "version: 0.1\n"
+        "log:\n  level: info\n"
+        "storage:\n"
+        f"  filesystem:\n    rootdirectory: {state / 'registry'}\n"
+        "  delete:\n    enabled: true\n"
+        "http:\n"
+        f"  addr: {REGISTRY}\n"
+    )
+
+
+def sshd_config(s: Server) -> str:
+    return "\n".join([
+        f"ListenAddress {s.ip}:{SSH_PORT}",
+        f"HostKey {s.host_key}",
+        f"PidFile {s.run_dir / 'sshd.pid'}",
+        f"AuthorizedKeysFile {s.authorized_keys}",
+        "PermitRootLogin prohibit-password",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "UsePAM no",
+        # the state dir may live under a world-writable parent (tests use a tmp dir)
+        "StrictModes no",
+        "PrintMotd no",
+        "MaxStartups 100:30:200",
+        "MaxSessions 100",
+        f"SetEnv DOCKER_HOST={s.docker_host}",
+        "Subsystem sftp /usr/lib/openssh/sftp-server",
+        "",
+    ])
+
+
+def known_hosts_line(s: Server, host_pub: str) -> str:
+    """A known_hosts line from the server's host public key file ("type base64 comment")."""
+    kind, key = host_pub.split()[:2]
+    host = s.ip if SSH_PORT == 22 else f"[{s.ip}]:{SSH_PORT}"
+    return f"{host} {kind} {key}"
+
+
+def import_changes(image: str) -> list[str]:
+    if image == BUSYBOX_IMAGE:
+        return [f"ENV PATH={CONTAINER_PATH}", 'CMD ["sh"]']
+    return [
+        f"ENV PATH={CONTAINER_PATH}",
+        "ENV LANG=C.UTF-8",
+        f"ENV PIP_CERT={HOST_CA_BUNDLE}",
+        'CMD ["python3"]',
+    ]
+
+
+def docker_import_argv(docker: str, image: str, source: str) -> list[str]:
+    argv = [docker, "-H", BUILD_DOCKER_HOST, "import"]
+    for change in import_changes(image):
+        argv += ["--change", change]
+    return argv + [source, image]
+
+
+def debootstrap_argv(target: Path, mirror: str) -> list[str]:
+    return ["debootstrap", "--variant=minbase", f"--include={','.join(DEBIAN_PACKAGES)}",
+            DEBIAN_SUITE, str(target), mirror]
+
+
+def apt_mirror(sources: dict[str, str]) -> str | None:
+    """The Debian mirror apt on this host uses, from the text of its sources files
+    (both deb822 `URIs:` and one-line `deb URI suite` forms). Pure: file name -> text in."""
+    for _name, text in sorted(sources.items()):
+        lines = [ln.strip() for ln in text.splitlines()]
+        stanza_suites: list[str] = []
+        uris: list[str] = []
+        for ln in lines + [""]:
+            if not ln:
+                if uris and any(s.split("-")[0] == DEBIAN_SUITE for s in stanza_suites):
+                    for uri in uris:
+                        if "security" not in uri:
+                            return uri
+                uris, stanza_suites = [], []
+                continue
+            if ln.startswith("#"):
+                continue
+            if ln.startswith("URIs:"):
+                uris = ln.split(":", 1)[1].split()
+            elif ln.startswith("Suites:"):
+                stanza_suites = ln.split(":", 1)[1].split()
+            elif ln.startswith("deb "):
+                parts = re.sub(r"\[[^\]]*\]", " ", ln).split()
+                # deb [opts] URI suite components
+                if len(parts) >= 3 and "security" not in parts[1]:
+                    if parts[2].split("-")[0] == DEBIAN_SUITE or parts[2] in ("stable",):
+                        return parts[1]
+    return None
