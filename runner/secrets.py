@@ -1,0 +1,212 @@
+"""Secrets as a type, the masker every output stream passes through, and the run's secret store.
+
+A pipeline refers to secrets by name only (`secrets:` says where each value comes from). The
+values are read once, before any side effect (`SecretStore.from_pipeline`), registered with a
+`Masker`, and handed to stages through `Secrets.value(name)`.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping
+from urllib.parse import quote, quote_plus
+
+from runner.errors import InvalidInput, Problem
+from runner.model import Pipeline
+
+MASK = "***"
+MIN_MASK_LENGTH = 4  # shorter values would mask ordinary words in every log line
+
+
+class Secret:
+    """A secret value that does not show itself: str() and repr() are '***'."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        """The value itself. Call it at the last moment, where the value is used."""
+        return self._value
+
+    def __str__(self) -> str:
+        return MASK
+
+    def __repr__(self) -> str:
+        return f"Secret({MASK})"
+
+    def __format__(self, spec: str) -> str:
+        return MASK
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __reduce__(self):  # pickling would write the value out
+        raise TypeError("a Secret cannot be pickled")
+
+
+def _forms(value: str) -> set[str]:
+    """The value as it may show up in output: itself, each of its lines, URL-quoted, base64."""
+    forms = {value}
+    if "\n" in value or "\r" in value:
+        forms.update(line.strip() for line in re.split(r"\r?\n|\r", value))
+        forms.add(json.dumps(value)[1:-1])  # "\n" escaped, as in JSON output
+    raw = value.encode()
+    b64 = base64.b64encode(raw).decode()
+    forms.update({
+        quote(value, safe=""), quote_plus(value), quote(value),
+        b64, b64.rstrip("="), base64.urlsafe_b64encode(raw).decode().rstrip("="),
+    })
+    return forms
+
+
+class Masker:
+    """Replaces every registered secret value in text by '***'. Thread-safe.
+
+    `on_warning(message)` is called (without the value) for values too short to mask."""
+
+    def __init__(self, on_warning: Callable[[str], None] | None = None):
+        self._lock = threading.Lock()
+        self._values: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        self.on_warning = on_warning
+
+    def add(self, value: str | Secret, name: str | None = None) -> None:
+        """Register a value (and its per-line, URL-quoted and base64 forms)."""
+        if isinstance(value, Secret):
+            value = value.reveal()
+        if not value:
+            return
+        label = f"secret '{name}'" if name else "a secret value"
+        if len(value) < MIN_MASK_LENGTH:
+            if self.on_warning is not None:
+                self.on_warning(f"{label} is shorter than {MIN_MASK_LENGTH} characters and is "
+                                f"not masked in logs")
+            return
+        forms = {f for f in _forms(value) if len(f) >= MIN_MASK_LENGTH}
+        with self._lock:
+            if forms <= self._values:
+                return
+            self._values |= forms
+            ordered = sorted(self._values, key=lambda v: (-len(v), v))  # longest first
+            self._pattern = re.compile("|".join(map(re.escape, ordered)))
+
+    def mask(self, text: str) -> str:
+        """`text` with every occurrence of a registered value replaced by '***'."""
+        pattern = self._pattern  # one read: add() swaps the compiled pattern atomically
+        if pattern is None or not text:
+            return text
+        return pattern.sub(MASK, text)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+_GLOBAL: Masker | None = None
+_GLOBAL_LOCK = threading.Lock()
+
+
+def global_masker() -> Masker:
+    """The process-wide masker (created on first use)."""
+    global _GLOBAL
+    with _GLOBAL_LOCK:
+        if _GLOBAL is None:
+            _GLOBAL = Masker()
+        return _GLOBAL
+
+
+def _problem(pipeline: Pipeline, name: str, message: str) -> Problem:
+    from runner.loader import problem_at  # the loader sits above the model, as we do
+
+    return problem_at(pipeline, ("secrets", name), message, key=True)
+
+
+def read_secret_file(path: str) -> str:
+    """A secret file's content, trailing newlines removed (`echo token > file` works).
+    Raises OSError / UnicodeDecodeError."""
+    with open(path, encoding="utf-8") as f:
+        return f.read().rstrip("\r\n")
+
+
+class SecretStore:
+    """The secret values of one run, by name. Implements pipelines.base.Secrets."""
+
+    def __init__(self, values: Mapping[str, str | Secret] | None = None,
+                 masker: Masker | None = None):
+        self._secrets: dict[str, Secret] = {
+            k: v if isinstance(v, Secret) else Secret(v) for k, v in (values or {}).items()}
+        self.masker = masker if masker is not None else global_masker()
+        for name, secret in self._secrets.items():
+            self.masker.add(secret, name)
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Pipeline, environ: Mapping[str, str] | None = None,
+                      masker: Masker | None = None) -> SecretStore:
+        """Read every `secrets:` entry of the pipeline (from `env:` or `file:`), register each
+        value with `masker` (default: the global one). Raises InvalidInput naming every secret
+        that cannot be read."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        problems: list[Problem] = []
+        for name, src in pipeline.secrets.items():
+            if (src.env is None) == (src.file is None):
+                problems.append(_problem(pipeline, name, f"secret '{name}' needs exactly one of "
+                                         "'env:' or 'file:'"))
+            elif src.env is not None:
+                value = environ.get(src.env)
+                if value is None:
+                    problems.append(_problem(pipeline, name, f"secret '{name}': environment "
+                                             f"variable {src.env} is not set"))
+                elif value == "":
+                    problems.append(_problem(pipeline, name, f"secret '{name}': environment "
+                                             f"variable {src.env} is empty"))
+                else:
+                    values[name] = value
+            else:
+                assert src.file is not None
+                try:
+                    value = read_secret_file(src.file)
+                except OSError as exc:
+                    problems.append(_problem(pipeline, name, f"secret '{name}': cannot read "
+                                             f"{src.file}: {exc.strerror or exc}"))
+                    continue
+                except UnicodeDecodeError:
+                    problems.append(_problem(pipeline, name, f"secret '{name}': {src.file} is "
+                                             "not UTF-8 text"))
+                    continue
+                if not value:
+                    problems.append(_problem(pipeline, name, f"secret '{name}': {src.file} is "
+                                             "empty"))
+                else:
+                    values[name] = value
+        if problems:
+            where = pipeline.source_file or "pipeline"
+            raise InvalidInput(f"{where}: secrets cannot be read", problems)
+        return cls(values, masker)
+
+    def value(self, name: str) -> str:
+        """The value of secret `name`. KeyError (a runner bug: the loader checks references)
+        when the pipeline has no such secret."""
+        try:
+            return self._secrets[name].reveal()
+        except KeyError:
+            raise KeyError(f"no secret named {name!r} in this pipeline") from None
+
+    def secret(self, name: str) -> Secret:
+        return self._secrets[name]
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._secrets)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._secrets
+
+    def __repr__(self) -> str:
+        return f"SecretStore(names={list(self._secrets)})"

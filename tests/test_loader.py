@@ -1,0 +1,482 @@
+"""The loader: YAML -> Pipeline, every problem located at file:line:column."""
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+
+from runner.errors import InvalidInput
+from runner.loader import (
+    SourceMap, format_path, is_local_path, load_pipeline, load_pipeline_text, problem_at,
+    secret_references, source_map,
+)
+from runner.model import Pipeline
+
+GOOD = """\
+name: demo
+repository:
+  url: https://git.example.com/team/app.git
+  token: git_token
+image:
+  name: 10.87.53.1:5000/team/app
+secrets:
+  git_token: {env: GIT_TOKEN}
+  registry_password: {file: ./secrets/registry}
+stages:
+  build:
+    secrets:
+      - {id: npm, secret: git_token}
+  push:
+    auth: {username: ci, password: registry_password}
+"""
+
+
+def load(text: str, **kw) -> Pipeline:
+    kw.setdefault("environ", {})
+    return load_pipeline_text(textwrap.dedent(text), "/work/p/pipeline.yml", **kw)
+
+
+def problems(text: str, **kw) -> list[tuple[int, int, str, str]]:
+    with pytest.raises(InvalidInput) as info:
+        load(text, **kw)
+    assert str(info.value).startswith("/work/p/pipeline.yml: ")
+    return [(p.line, p.column, p.path, p.message) for p in info.value.problems]
+
+
+def test_good_pipeline_loads():
+    p = load(GOOD)
+    assert p.name == "demo"
+    assert p.repository.token_secret == "git_token"
+    assert p.stages.push.auth.password_secret == "registry_password"
+    assert p.secrets["registry_password"].file == "/work/p/secrets/registry"
+    assert p.source_file == "/work/p/pipeline.yml"
+
+
+BAD = [
+    # (description, yaml, expected (line, column, path, message fragment))
+    ("yaml syntax", """\
+        name: demo
+        repository: {url: x
+        image: {name: a}
+        """, (3, 6, "", "YAML syntax error")),
+    ("bad indentation", """\
+        name: demo
+          repository: x
+        """, (2, 13, "", "YAML syntax error")),
+    ("unknown top key", """\
+        nmae: demo
+        repository: {url: x}
+        image: {name: a}
+        """, (1, 1, "nmae", "unknown key 'nmae' (did you mean 'name'?)")),
+    ("unknown key at depth", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        stages:
+          build:
+            dockerfil: Dockerfile.prod
+        """, (6, 5, "stages.build.dockerfil", "unknown key 'dockerfil' (did you mean 'dockerfile'?)")),
+    ("unknown key in list item", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        secrets: {s: {env: S}}
+        stages:
+          build:
+            secrets:
+              - id: a
+                secret: s
+                sekret: s
+        """, (10, 9, "stages.build.secrets[0].sekret", "unknown key 'sekret' (did you mean 'secret'?)")),
+    ("unknown key without suggestion", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        zzzz: 1
+        """, (4, 1, "zzzz", "unknown key 'zzzz'")),
+    ("wrong type", """\
+        name: demo
+        repository:
+          url: x
+          depth: lots
+        image: {name: a}
+        """, (4, 10, "repository.depth", "valid integer")),
+    ("wrong type: mapping expected", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        stages: 5
+        """, (4, 9, "stages", "valid dictionary")),
+    ("constraint", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        stages:
+          push: {retries: 99}
+        """, (5, 19, "stages.push.retries", "less than or equal to 10")),
+    ("name pattern", """\
+        name: Demo App
+        repository: {url: x}
+        image: {name: a}
+        """, (1, 7, "name", "should match pattern")),
+    ("missing top-level field", """\
+        name: demo
+        image: {name: a}
+        """, (1, 1, "repository", "missing required field 'repository'")),
+    ("missing nested field", """\
+        name: demo
+        repository:
+          ref: main
+        image: {name: a}
+        """, (2, 1, "repository.url", "missing required field 'url'")),
+    ("undefined variable", """\
+        name: demo
+        repository: {url: x}
+        image:
+          name: "${REGISTRY}/app"
+        """, (4, 9, "image.name", "undefined variable 'REGISTRY' (set it in the environment, with --var REGISTRY=..., or under variables:)")),
+    ("required variable with message", """\
+        name: demo
+        repository: {url: "${REPO:?give the repository URL}"}
+        image: {name: a}
+        """, (2, 19, "repository.url", "variable 'REPO' is not set: give the repository URL")),
+    ("malformed interpolation", """\
+        name: demo
+        repository: {url: "x${"}
+        image: {name: a}
+        """, (2, 19, "repository.url", "unterminated")),
+    ("duplicate key", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        repository: {url: y}
+        """, (4, 1, "repository", "duplicate key 'repository' (first given at line 2, column 1)")),
+    ("duplicate key at depth", """\
+        name: demo
+        repository:
+          url: x
+          ref: main
+          ref: dev
+        image: {name: a}
+        """, (5, 3, "repository.ref", "duplicate key 'ref'")),
+    ("bad secret reference", """\
+        name: demo
+        repository: {url: x, token: git_tokn}
+        image: {name: a}
+        secrets:
+          git_token: {env: T}
+        """, (2, 29, "repository.token", "unknown secret 'git_tokn' (did you mean 'git_token'?)")),
+    ("bad secret reference in list", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        stages:
+          build:
+            secrets:
+              - {id: npm, secret: npmrc}
+        """, (7, 27, "stages.build.secrets[0].secret", "unknown secret 'npmrc'")),
+    ("secret with neither source", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        secrets:
+          tok: {}
+        """, (5, 3, "secrets.tok", "exactly one of 'env:'")),
+    ("secret with both sources", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        secrets:
+          tok: {env: A, file: b}
+        """, (5, 3, "secrets.tok", "both given")),
+    ("bad image name: uppercase", """\
+        name: demo
+        repository: {url: x}
+        image:
+          name: registry.local/Team/app
+        """, (4, 9, "image.name", "must be lowercase")),
+    ("bad image name: tag", """\
+        name: demo
+        repository: {url: x}
+        image: {name: "registry.local:5000/app:1.0"}
+        """, (3, 15, "image.name", "must not include a tag")),
+    ("bad tag template", """\
+        name: demo
+        repository: {url: x}
+        image:
+          name: app
+          tags: ["{short_sha}", "{brnch}"]
+        """, (5, 25, "image.tags[1]", "unknown placeholder '{brnch}'")),
+    ("secret interpolated", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        secrets: {tok: {env: TOKEN}}
+        env: {T: "${TOKEN}"}
+        """, (5, 10, "env.T", "would copy the value of secret 'tok'")),
+    ("top level is a list", """\
+        - name: demo
+        """, (1, 1, "", "must be a mapping")),
+    ("top level is a scalar", """\
+        hello
+        """, (1, 1, "", "must be a mapping")),
+    ("empty file", "", (1, 1, "", "the file is empty")),
+    ("unsupported version", """\
+        version: 2
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        """, (1, 10, "version", "unsupported version 2")),
+    ("source_file is not a key", """\
+        name: demo
+        source_file: /etc/passwd
+        repository: {url: x}
+        image: {name: a}
+        """, (2, 1, "source_file", "unknown key 'source_file'")),
+    ("unknown yaml tag", """\
+        name: !!python/object:os.system demo
+        repository: {url: x}
+        image: {name: a}
+        """, (1, 7, "name", "cannot read this value")),
+    ("complex key", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        ? [a, b]
+        : c
+        """, (4, 3, "", "a key must be a plain string")),
+    ("recursive alias", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        env: &e {a: *e}
+        """, (4, 6, "env.a", "an alias refers to itself")),
+]
+
+
+@pytest.mark.parametrize("text,expected", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_problem_is_located(text, expected):
+    found = problems(text)
+    line, column, path, fragment = expected
+    matching = [p for p in found if fragment in p[3]]
+    assert matching, f"no problem mentions {fragment!r}: {found}"
+    assert matching[0][:3] == (line, column, path), found
+
+
+def test_all_problems_reported_at_once():
+    found = problems("""\
+        nmae: demo
+        repository:
+          url: x
+          depth: zero
+          token: nope
+        image:
+          name: "${NOPE}"
+        stages:
+          build: {timeout: -1}
+          push: {auth: {password: nope2}}
+        repository: {url: y}
+        """)
+    assert [(p[0], p[1]) for p in found] == [
+        (1, 1), (1, 1), (4, 10), (5, 10), (7, 9), (9, 20), (10, 27), (11, 1)]
+    messages = " | ".join(p[3] for p in found)
+    for fragment in ("unknown key 'nmae'", "missing required field 'name'", "valid integer",
+                     "unknown secret 'nope'", "undefined variable 'NOPE'", "greater than 0",
+                     "unknown secret 'nope2'", "duplicate key 'repository'"):
+        assert fragment in messages
+
+
+def test_problems_print_as_file_line_column():
+    with pytest.raises(InvalidInput) as info:
+        load("name: demo\nrepository: {url: x}\nimage: {name: a}\nzz: 1\n")
+    assert "/work/p/pipeline.yml:4:1: error: zz: unknown key 'zz'" in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_yaml_numbers_and_booleans_in_string_fields_are_taken_as_written():
+    p = load("""\
+        name: demo
+        repository: {url: x, ref: 0123456}
+        image: {name: a, tags: [1.0, "{short_sha}", on, 2024-01-02]}
+        variables: {PORT: 8080}
+        stages: {build: {args: {N: 1.10}}}
+        """)
+    assert p.repository.ref == "0123456"
+    assert p.image.tags == ("1.0", "{short_sha}", "on", "2024-01-02")
+    assert p.variables == {"PORT": "8080"}
+    assert p.stages.build.args == {"N": "1.10"}
+
+
+def test_interpolation_everywhere_but_keys():
+    p = load("""\
+        name: demo
+        repository: {url: "https://${HOST}/app.git", depth: "${DEPTH}"}
+        image: {name: "${HOST}/app"}
+        env:
+          ${KEY}: "$$HOME is literal, ${HOST} is not"
+        """, environ={"HOST": "git.example.com", "DEPTH": "5", "KEY": "no"})
+    assert p.repository.url == "https://git.example.com/app.git"
+    assert p.repository.depth == 5
+    assert p.env == {"${KEY}": "$HOME is literal, git.example.com is not"}
+
+
+def test_interpolation_precedence():
+    text = """\
+        name: demo
+        repository: {url: x}
+        image: {name: "${REGISTRY}/${NAME}"}
+        variables:
+          REGISTRY: ${REGISTRY_HOST:-localhost:5000}
+          NAME: app
+        """
+    assert load(text).image.name == "localhost:5000/app"
+    assert load(text, environ={"REGISTRY_HOST": "reg:1"}).image.name == "reg:1/app"
+    assert load(text, environ={"REGISTRY": "env.local"}).image.name == "env.local/app"
+    p = load(text, environ={"REGISTRY": "env.local", "NAME": "envname"},
+             variables={"REGISTRY": "cli.local"})
+    assert p.image.name == "cli.local/envname"
+    assert p.variables == {"REGISTRY": "cli.local", "NAME": "envname"}
+
+
+def test_variables_may_refer_to_each_other():
+    p = load("""\
+        name: demo
+        repository: {url: x}
+        image: {name: "${IMAGE}"}
+        variables:
+          IMAGE: ${REGISTRY}/app
+          REGISTRY: ${REGISTRY:-reg.local}
+        """)
+    assert p.image.name == "reg.local/app"
+
+
+def test_broken_variable_reported_once_at_its_definition():
+    found = problems("""\
+        name: demo
+        repository: {url: x}
+        image: {name: "${IMAGE}"}
+        variables:
+          IMAGE: ${MISSING}/app
+        """)
+    assert [(p[0], p[1], p[2]) for p in found] == [(5, 10, "variables.IMAGE")]
+    assert "undefined variable 'MISSING'" in found[0][3]
+
+
+def test_anchors_and_merge_keys():
+    p = load("""\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        variables: &v {A: "1"}
+        env:
+          <<: *v
+          B: "2"
+        stages: {build: {args: {<<: *v, A: "3"}, cache_from: &c [x], cache_to: *c}}
+        """)
+    assert p.env == {"A": "1", "B": "2"}
+    assert p.stages.build.args == {"A": "3"}
+    assert p.stages.build.cache_to == ("x",)
+
+
+def test_merge_keys_explicit_wins():
+    p = load("""\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        variables: &v {A: "1", B: "x"}
+        env:
+          <<: *v
+          B: "2"
+        """)
+    assert p.env == {"A": "1", "B": "2"}
+    assert source_map(p).locate(("env", "B")) == (7, 6)
+
+
+def test_relative_paths_resolved_against_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    f = tmp_path / "sub" / "pipeline.yml"
+    f.write_text("name: demo\nrepository: {url: ../app}\nimage: {name: a}\n"
+                 "secrets: {k: {file: keys/id}}\n")
+    p = load_pipeline(f, environ={})
+    assert p.repository.url == str(tmp_path / "app")
+    assert p.secrets["k"].file == str(tmp_path / "sub" / "keys" / "id")
+    assert p.source_file == str(f)
+
+
+@pytest.mark.parametrize("url,local", [
+    ("../app", True), ("/srv/git/app.git", True), ("app", True), ("./a:b", True),
+    ("https://github.com/a/b.git", False), ("ssh://git@host/a.git", False),
+    ("file:///srv/git/app", False), ("git@github.com:a/b.git", False),
+    ("github.com:a/b.git", False),
+])
+def test_is_local_path(url, local):
+    assert is_local_path(url) is local
+
+
+def test_remote_urls_untouched():
+    p = load(GOOD.replace("https://git.example.com/team/app.git", "git@host:team/app.git"))
+    assert p.repository.url == "git@host:team/app.git"
+
+
+def test_missing_file():
+    with pytest.raises(InvalidInput, match="no such pipeline file"):
+        load_pipeline("/nonexistent/pipeline.yml")
+
+
+def test_directory_and_unreadable(tmp_path):
+    with pytest.raises(InvalidInput, match="is a directory"):
+        load_pipeline(tmp_path)
+    f = tmp_path / "p.yml"
+    f.write_bytes(b"name: demo\nrepository: {url: \xff}\n")
+    with pytest.raises(InvalidInput) as info:
+        load_pipeline(f)
+    assert (info.value.problems[0].line, info.value.problems[0].column) == (2, 19)
+    if os.geteuid() != 0:  # root reads anything
+        f.write_text("name: x\n")
+        f.chmod(0)
+        with pytest.raises(InvalidInput, match="cannot read"):
+            load_pipeline(f)
+
+
+def test_alias_bomb_refused():
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 8):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    found = problems("\n".join(lines) + "\n")
+    assert any("expands to more than" in p[3] for p in found)
+
+
+def test_secret_references_walks_the_model():
+    p = load(GOOD)
+    assert secret_references(p) == [
+        (("repository", "token"), "git_token"),
+        (("stages", "build", "secrets", 0, "secret"), "git_token"),
+        (("stages", "push", "auth", "password"), "registry_password"),
+    ]
+
+
+def test_source_map_and_problem_at():
+    p = load(GOOD)
+    smap = source_map(p)
+    assert isinstance(smap, SourceMap)
+    assert smap.locate(("repository", "token")) == (4, 10)
+    assert smap.locate(("repository", "token"), key=True) == (4, 3)
+    assert smap.locate(("stages", "build", "secrets", 0, "secret")) == (13, 27)
+    prob = problem_at(p, ("secrets", "git_token"), "boom", key=True)
+    assert (prob.line, prob.column, prob.path) == (8, 3, "secrets.git_token")
+    other = p.model_copy()
+    assert problem_at(other, ("name",), "x").line == 0
+
+
+def test_format_path():
+    assert format_path(("stages", "build", "secrets", 0, "id")) == "stages.build.secrets[0].id"
+    assert format_path(("env", "a.b")) == "env['a.b']"
+    assert format_path(()) == ""
+
+
+def test_default_environ_is_process_environment(monkeypatch):
+    monkeypatch.setenv("RUNNER_TEST_REGISTRY", "from-env.local")
+    p = load_pipeline_text("name: demo\nrepository: {url: x}\n"
+                           "image: {name: '${RUNNER_TEST_REGISTRY}/app'}\n", "p.yml")
+    assert p.image.name == "from-env.local/app"

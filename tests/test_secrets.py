@@ -1,0 +1,150 @@
+"""Secrets as a type, the masker, and resolving a pipeline's secrets."""
+from __future__ import annotations
+
+import base64
+import pickle
+import threading
+from urllib.parse import quote, quote_plus
+
+import pytest
+
+from pipelines.base import Secrets
+from runner.errors import InvalidInput
+from runner.loader import load_pipeline_text
+from runner.secrets import Masker, Secret, SecretStore, global_masker
+
+
+def test_secret_never_shows_itself():
+    s = Secret("hunter22")
+    assert str(s) == "***"
+    assert repr(s) == "Secret(***)"
+    assert f"{s}" == "***" and f"{s:>20}" == "***"
+    assert "hunter22" not in repr([s, {"k": s}])
+    assert s.reveal() == "hunter22"
+    assert s == Secret("hunter22") and s != Secret("other")
+    with pytest.raises(TypeError):
+        pickle.dumps(s)
+
+
+VALUE = "p@ss w/rd+1="
+
+
+@pytest.mark.parametrize("shown", [
+    VALUE,
+    quote(VALUE, safe=""),
+    quote_plus(VALUE),
+    base64.b64encode(VALUE.encode()).decode(),
+    base64.urlsafe_b64encode(VALUE.encode()).decode().rstrip("="),
+])
+def test_masker_masks_value_and_encoded_forms(shown):
+    m = Masker()
+    m.add(VALUE)
+    assert m.mask(f"login with {shown} now") == "login with *** now"
+
+
+def test_masker_masks_each_line_of_a_multiline_value():
+    key = "-----BEGIN KEY-----\nAAAAB3NzaC1yc2EAAAADAQAB\r\nqwertyuiopasdf\n-----END KEY-----\n"
+    m = Masker()
+    m.add(key)
+    assert m.mask(key) == "***"
+    assert m.mask("line: qwertyuiopasdf!") == "line: ***!"
+    assert m.mask("got AAAAB3NzaC1yc2EAAAADAQAB") == "got ***"
+    assert m.mask('{"key": "' + key.replace("\r\n", "\n").replace("\n", "\\n")[:30]) \
+        .count("***") >= 1
+
+
+def test_masker_longest_first_and_overlaps():
+    m = Masker()
+    m.add("abcd")
+    m.add("abcdefgh")
+    assert m.mask("xxabcdefghxx abcd") == "xx***xx ***"
+
+
+def test_masker_ignores_short_values_with_a_warning():
+    warnings: list[str] = []
+    m = Masker(on_warning=warnings.append)
+    m.add("abc", name="pin")
+    m.add("")
+    assert m.mask("abc abc") == "abc abc"
+    assert warnings == ["secret 'pin' is shorter than 4 characters and is not masked in logs"]
+    assert "abc" not in warnings[0].replace("characters", "")
+
+
+def test_masker_regex_characters_are_literal():
+    m = Masker()
+    m.add("a.b*c(d)")
+    assert m.mask("a.b*c(d) axbbbc(d)") == "*** axbbbc(d)"
+
+
+def test_masker_accepts_secret_objects_and_is_thread_safe():
+    m = Masker()
+    values = [f"secret-value-{i:03d}" for i in range(200)]
+
+    def add(chunk):
+        for v in chunk:
+            m.add(Secret(v))
+
+    threads = [threading.Thread(target=add, args=(values[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert m.mask(" ".join(values)) == " ".join(["***"] * 200)
+
+
+def test_global_masker_is_one_object():
+    assert global_masker() is global_masker()
+
+
+PIPELINE = """\
+name: demo
+repository: {url: x, token: git_token}
+image: {name: a}
+secrets:
+  git_token: {env: GIT_TOKEN}
+  key: {file: key.pem}
+"""
+
+
+def test_store_resolves_env_and_file(tmp_path):
+    (tmp_path / "key.pem").write_text("-----BEGIN-----\nabcdefgh\n-----END-----\n")
+    p = load_pipeline_text(PIPELINE, str(tmp_path / "p.yml"), environ={})
+    m = Masker()
+    store = SecretStore.from_pipeline(p, {"GIT_TOKEN": "ghp_123456"}, m)
+    check: Secrets = store  # structural: SecretStore implements the protocol
+    assert callable(check.value)
+    assert store.names() == ("git_token", "key")
+    assert store.value("git_token") == "ghp_123456"
+    assert store.value("key") == "-----BEGIN-----\nabcdefgh\n-----END-----"
+    assert "key" in store and "nope" not in store
+    assert "ghp_123456" not in repr(store)
+    assert m.mask("token ghp_123456, key line abcdefgh") == "token ***, key line ***"
+    with pytest.raises(KeyError, match="no secret named 'nope'"):
+        store.value("nope")
+
+
+def test_store_reports_every_unreadable_secret_with_location(tmp_path):
+    p = load_pipeline_text(PIPELINE, str(tmp_path / "p.yml"), environ={})
+    with pytest.raises(InvalidInput) as info:
+        SecretStore.from_pipeline(p, {}, Masker())
+    found = [(q.line, q.column, q.path, q.message) for q in info.value.problems]
+    assert found[0][:3] == (5, 3, "secrets.git_token")
+    assert "environment variable GIT_TOKEN is not set" in found[0][3]
+    assert found[1][:3] == (6, 3, "secrets.key")
+    assert "cannot read" in found[1][3] and "key.pem" in found[1][3]
+
+
+def test_store_refuses_empty_values(tmp_path):
+    (tmp_path / "key.pem").write_text("\n")
+    p = load_pipeline_text(PIPELINE, str(tmp_path / "p.yml"), environ={})
+    with pytest.raises(InvalidInput) as info:
+        SecretStore.from_pipeline(p, {"GIT_TOKEN": ""}, Masker())
+    messages = [q.message for q in info.value.problems]
+    assert "GIT_TOKEN is empty" in messages[0] and "is empty" in messages[1]
+
+
+def test_store_from_values_registers_with_masker():
+    m = Masker()
+    store = SecretStore({"a": "value-one", "b": Secret("value-two")}, masker=m)
+    assert store.value("b") == "value-two"
+    assert m.mask("value-one value-two") == "*** ***"
