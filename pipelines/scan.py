@@ -83,7 +83,15 @@ def trivy_argv(trivy: str, kind: str, subject: str, *, scanners: tuple[str, ...]
         argv.append("--skip-db-update")
     if db_repository:
         argv += ["--db-repository", db_repository]
-    argv += ["--input", subject] if kind == "image" else [subject]
+    if kind == "image":
+        # The image's own config (history, ENV, USER) is only checked when asked: that is where
+        # DS002 "runs as root" and secrets passed in ENV show up for an image.
+        config = [s for s in scanners if s in ("misconfig", "secret")]
+        if config:
+            argv += ["--image-config-scanners", ",".join(config)]
+        argv += ["--input", subject]
+    else:
+        argv.append(subject)
     return argv
 
 

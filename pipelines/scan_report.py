@@ -15,6 +15,8 @@ SEVERITIES = ("UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL")
 RANK = {name: i for i, name in enumerate(SEVERITIES)}
 
 # hadolint levels onto Trivy's severities (the mapping code-scanning tools commonly use).
+IMAGE_CONFIG = "<image config>"
+
 HADOLINT_SEVERITY = {"error": "HIGH", "warning": "MEDIUM", "info": "LOW", "style": "LOW"}
 
 
@@ -63,8 +65,11 @@ def _misconfig_aliases(item: dict[str, Any]) -> tuple[str, ...]:
 def parse_trivy(report: dict[str, Any], target: str) -> list[Finding]:
     """Every finding in one Trivy JSON report. Misconfigurations that passed are skipped."""
     findings: list[Finding] = []
+    artifact = str(report.get("ArtifactName") or "")
     for result in report.get("Results") or []:
         where = str(result.get("Target") or "")
+        if report.get("ArtifactType") == "container_image" and where == artifact:
+            where = IMAGE_CONFIG  # findings in the image's config (history, ENV, USER)
         for v in result.get("Vulnerabilities") or []:
             findings.append(Finding(
                 scanner="vuln", id=str(v.get("VulnerabilityID") or "?"),

@@ -213,9 +213,30 @@ def test_trivy_argv_is_offline_and_unfiltered():
         "/c", "--scanners", "secret,misconfig", "--no-progress", "--ignorefile", "",
         "--timeout", "600s", "--skip-check-update", "--skip-version-check",
         "--disable-telemetry", "--skip-java-db-update", "--skip-vex-repo-update",
-        "--offline-scan", "--skip-db-update", "--input", "/run/x/image.tar",
+        "--offline-scan", "--skip-db-update", "--image-config-scanners", "secret,misconfig",
+        "--input", "/run/x/image.tar",
     ]
     online = trivy_argv("/bin/trivy", "fs", "/src", scanners=("vuln",), cache_dir="/c",
                         output="/o", skip_db_update=False, db_repository="10.0.0.1:5000/trivy-db")
     assert "--skip-db-update" not in online
     assert online[-3:] == ["--db-repository", "10.0.0.1:5000/trivy-db", "/src"]
+
+
+def test_image_report_names_the_secret_and_the_image_config():
+    findings = load("image-leaky.json", target="image")
+    r = evaluate(findings, fail_on="HIGH", today=TODAY, scanners=["secret", "misconfig"])
+    assert not r.passed
+    where = {(f.id, f.where) for f in r.failing}
+    assert ("private-key", "/app/id_ed25519:2") in where
+    assert ("DS-0002", "<image config>") in where  # from --image-config-scanners misconfig
+    assert "private-key [secret] HIGH in /app/id_ed25519:2 (image)" in failure_message(r, top=9)
+    # An ignore limited to the copied Dockerfile leaves the image's own root user counted.
+    only_file = IgnoreRule("DS002", "copied file only", paths=("app/Dockerfile",))
+    r2 = evaluate([f for f in findings if f.scanner == "misconfig"], fail_on="HIGH",
+                  ignores=[only_file], today=TODAY)
+    assert [(f.id, f.where) for f in r2.failing] == [("DS-0002", "<image config>")]
+
+
+def test_clean_image_report_passes_at_every_threshold():
+    assert load("image-clean.json", target="image") == []
+    assert evaluate(load("image-clean.json", "image"), fail_on="UNKNOWN", today=TODAY).passed

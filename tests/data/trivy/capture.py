@@ -66,11 +66,9 @@ def trivy(kind: str, subject: str, scanners: str, out: Path, cache: Path) -> Non
     argv = trivy_argv(exe, kind, subject, scanners=tuple(scanners.split(",")),
                       cache_dir=str(cache), output=str(out))
     subprocess.run(argv, check=True, capture_output=True)
-    data = json.loads(out.read_text())
-    # Paths of the temporary folder would change on every capture: keep reports stable.
-    data["ArtifactName"] = Path(str(data.get("ArtifactName", ""))).name
-    data.pop("ReportID", None)
-    out.write_text(json.dumps(data, indent=2) + "\n")
+    # The temporary folder's name changes on every capture: one fixed name instead.
+    text = out.read_text().replace(str(cache.parent), "/tmp/capture")
+    out.write_text(json.dumps(json.loads(text), indent=2) + "\n")
     print("wrote", out.relative_to(ROOT))
 
 
@@ -101,6 +99,7 @@ def main() -> None:
         out = HERE / "hadolint-lint.json"
         subprocess.run(hadolint_argv(find_tool("hadolint", None), str(lint / "Dockerfile"),
                                      str(out)), check=True)
+        out.write_text(out.read_text().replace(str(t), "/tmp/capture"))
         print("wrote", out.relative_to(ROOT))
         if args.images:
             docker_build(leaky, "runner-test/scan-leaky:capture")
