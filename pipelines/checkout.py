@@ -1,0 +1,511 @@
+"""The checkout stage: a cached mirror per repository, then this run's work tree at one commit.
+
+Layout: <cache_dir>/git/<sha256 of the normalised URL> is a bare mirror (refspec +refs/*:refs/*),
+guarded by <that>.lock (fcntl.flock) while it is fetched and read; the first run of a repository
+creates it (cloned: True), later runs only fetch. The work tree is <workdir>/src, a `--shared`
+clone of the mirror (objects borrowed, not copied) checked out detached at the exact commit.
+
+Safety, in order: the URL and every ref pass runner.gitsafety before git runs at all; refs reach
+git only after `--end-of-options`, as fully qualified names or as resolved hex shas; every git
+process gets an environment that allows only the https/http/ssh/git transports (plus file for a
+local repository), never prompts (GIT_TERMINAL_PROMPT=0) and stores no credential
+(credential.helper reset). Credentials never reach argv, the stored remote URL or a log line:
+an HTTPS token is answered to git's prompt by a 0700 askpass script that reads it from the
+environment and only for the repository's own host; an SSH key goes to a 0600 file deleted in
+`finally`.
+
+Network commands run through runner.proc.run_command (argv, streaming, cancellation); GitPython
+drives the local reads of the mirror (init, config, rev-parse, for-each-ref). GitPython's own
+clone/fetch are not used because they cannot be cancelled mid-transfer; nothing here enables its
+unsafe protocols or options.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import secrets as _random
+import shlex
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import git
+
+from pipelines.base import Stage, StageContext
+from runner.errors import Cancelled, InvalidInput, StageFailed
+from runner.gitsafety import (
+    check_ref, check_repo_url, is_sha, redact_url, split_credentials, url_kind,
+)
+from runner.model import Pipeline
+from runner.proc import Result, run_command
+
+STAGE = "checkout"
+_FULL_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+
+# Answers git's "Username for 'https://host': " / "Password for 'https://user@host': " prompts
+# from the environment, and only when the prompt names the expected host: a redirect or a
+# submodule on another host gets nothing. It holds no secret itself.
+_ASKPASS = """#!/bin/sh
+case "$1" in
+  *"://$RUNNER_GIT_HOST'"*|*"@$RUNNER_GIT_HOST'"*) ;;
+  *) exit 1 ;;
+esac
+case "$1" in
+  Username*) printf '%s\\n' "$RUNNER_GIT_USERNAME" ;;
+  *) printf '%s\\n' "$RUNNER_GIT_PASSWORD" ;;
+esac
+"""
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+def normalize_url(url: str) -> str:
+    """The identity of a repository for the mirror cache: no credentials, scheme and host in
+    lower case, no trailing '/'; a local path and its file:// URL are the same repository."""
+    kind = url_kind(url)
+    if kind == "local":
+        return "local:" + os.path.normpath(os.path.abspath(url))
+    if kind == "file":
+        return "local:" + os.path.normpath(unquote(url[len("file://"):]))
+    clean = redact_url(url).rstrip("/")
+    if kind == "scp":
+        return clean
+    scheme, _, rest = clean.partition("://")
+    authority, slash, path = rest.partition("/")
+    return f"{scheme.lower()}://{authority.lower()}{slash}{path}"
+
+
+def mirror_key(url: str) -> str:
+    return hashlib.sha256(normalize_url(url).encode()).hexdigest()
+
+
+def parse_symref(ls_remote_output: str) -> str | None:
+    """The ref HEAD points to, from `git ls-remote --symref <remote> HEAD` output."""
+    for line in ls_remote_output.splitlines():
+        m = re.match(r"^ref: (refs/\S+)\tHEAD$", line)
+        if m:
+            return m.group(1)
+    return None
+
+
+def progress_text(line: str) -> str:
+    """Git redraws progress with '\\r': keep only the last state of a line."""
+    parts = [p for p in line.split("\r") if p.strip()]
+    return parts[-1].rstrip() if parts else ""
+
+
+def git_env(base: dict[str, str], *, allow_file: bool,
+            config: list[tuple[str, str]] | None = None) -> dict[str, str]:
+    """The environment of every git process here: inherited GIT_* variables dropped (they could
+    point git at another repository or config), transports restricted, no prompt, no stored
+    credential; extra config through GIT_CONFIG_* (environment, not argv)."""
+    env = {k: v for k, v in base.items() if not k.startswith("GIT_") and k != "SSH_ASKPASS"}
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env["GIT_ASKPASS"] = ""
+    env["LC_ALL"] = "C"
+    env["GIT_ALLOW_PROTOCOL"] = "https:http:ssh:git" + (":file" if allow_file else "")
+    pairs = [("credential.helper", ""), ("gc.autoDetach", "false"), *(config or [])]
+    env["GIT_CONFIG_COUNT"] = str(len(pairs))
+    for i, (key, value) in enumerate(pairs):
+        env[f"GIT_CONFIG_KEY_{i}"] = key
+        env[f"GIT_CONFIG_VALUE_{i}"] = value
+    return env
+
+
+# --- what one run asks for ------------------------------------------------------------------
+
+@dataclass
+class _Request:
+    url: str  # as written, validated
+    redacted: str
+    kind: str
+    fetch_url: str  # what git is given and the mirror stores: no credentials, local paths absolute
+    host: str  # host[:port] as git's credential prompt names it ("" when not http/https)
+    url_user: str | None
+    url_password: str | None
+    commit: str | None  # exact commit from the trigger
+    ref: str | None  # branch/tag/ref/sha from the trigger or the pipeline
+    ref_from_trigger: bool
+    branch_hint: str | None
+
+
+@dataclass
+class _Access:
+    allow_file: bool  # the repository itself is local: its submodules may be too
+    extra: dict[str, str] = field(default_factory=dict)  # askpass / ssh variables
+    masked: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """For commands that reach the repository (fetch, ls-remote, submodule update)."""
+        return {**git_env(dict(os.environ), allow_file=self.allow_file), **self.extra}
+
+    @property
+    def local_env(self) -> dict[str, str]:
+        """For commands on the cache and the work tree only (no credentials)."""
+        return git_env(dict(os.environ), allow_file=True)
+
+    def mask(self, text: str) -> str:
+        for value in self.masked:
+            text = text.replace(value, "***")
+        return text
+
+    def cleanup(self) -> None:
+        for path in self.files:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _request(pipeline: Pipeline, trigger: dict[str, Any]) -> _Request:
+    repo = pipeline.repository
+    url = check_repo_url(repo.url)
+    commit = trigger.get("commit") or None
+    if commit is not None:
+        commit = check_ref(str(commit))
+        if not is_sha(commit):
+            raise InvalidInput(f"trigger commit {commit!r} is not a hex commit sha")
+    t_ref = trigger.get("ref") or None
+    ref = check_ref(str(t_ref)) if t_ref else (check_ref(repo.ref) if repo.ref else None)
+    branch_hint = trigger.get("branch") or None
+    if branch_hint is not None:
+        branch_hint = check_ref(str(branch_hint))
+    kind = url_kind(url)
+    stripped, user, password = split_credentials(url)
+    if kind == "local":
+        fetch_url = os.path.normpath(os.path.abspath(url))
+    elif kind in ("http", "https"):
+        fetch_url = stripped
+    else:
+        fetch_url = redact_url(url)
+    host = ""
+    if kind in ("http", "https"):
+        host = re.split(r"[/?#]", fetch_url.split("://", 1)[1], maxsplit=1)[0]
+    return _Request(url=url, redacted=redact_url(url), kind=kind, fetch_url=fetch_url, host=host,
+                    url_user=user, url_password=password, commit=commit, ref=ref,
+                    ref_from_trigger=bool(t_ref), branch_hint=branch_hint)
+
+
+class CheckoutStage(Stage):
+    name = STAGE
+
+    def plan(self, pipeline: Pipeline) -> dict[str, Any]:
+        repo = pipeline.repository
+        check_repo_url(repo.url)
+        if repo.ref:
+            check_ref(repo.ref)
+        return {"url": redact_url(repo.url), "ref": repo.ref, "depth": repo.depth,
+                "submodules": repo.submodules}
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        try:
+            req = _request(ctx.pipeline, ctx.trigger or {})
+        except InvalidInput as exc:
+            raise StageFailed(STAGE, str(exc)) from None
+        repo = ctx.pipeline.repository
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        root = ctx.cache_dir / "git"
+        root.mkdir(parents=True, exist_ok=True)
+        key = mirror_key(req.url)
+        mirror = root / key
+        access = self._access(ctx, req)
+        try:
+            with _flock(root / f"{key}.lock", ctx):
+                cloned = self._update_mirror(ctx, req, access, mirror, repo.depth)
+                _check_cancel(ctx)
+                commit, branch, tag = self._resolve(ctx, req, access, mirror, repo.depth)
+            _check_cancel(ctx)
+            dest = self._work_tree(ctx, req, access, mirror, commit)
+            if repo.submodules:
+                _check_cancel(ctx)
+                ctx.log.info("updating submodules")
+                self._git(ctx, access, ["-C", str(dest), "submodule", "update", "--init",
+                                        "--recursive", "--progress"], what="submodule update")
+        finally:
+            access.cleanup()
+        ctx.log.info(f"checked out {commit[:12]}"
+                     + (f" (branch {branch})" if branch else "")
+                     + (f" (tag {tag})" if tag else "") + f" into {dest}")
+        return {"commit": commit, "short_sha": commit[:7], "branch": branch, "tag": tag,
+                "path": str(dest), "url": req.redacted, "mirror": str(mirror), "cloned": cloned}
+
+    # --- credentials --------------------------------------------------------------------------
+
+    def _access(self, ctx: StageContext, req: _Request) -> _Access:
+        repo = ctx.pipeline.repository
+        access = _Access(allow_file=req.kind in ("local", "file"))
+        network = access.extra
+        try:
+            username = req.url_user or repo.token_user
+            password = req.url_password
+            if repo.token_secret:
+                password = _secret(ctx, repo.token_secret, "repository.token")
+            if password and req.kind in ("http", "https"):
+                access.masked.append(password)
+                if req.kind == "http":
+                    ctx.log.warn(f"sending a token over plain http to {req.redacted}")
+                script = _private_file(ctx.workdir, ".git-askpass", _ASKPASS, 0o700)
+                access.files.append(script)
+                network.update(GIT_ASKPASS=str(script), RUNNER_GIT_HOST=req.host,
+                               RUNNER_GIT_USERNAME=username, RUNNER_GIT_PASSWORD=password)
+            ssh = ["ssh", "-o", "BatchMode=yes"]
+            if repo.ssh_key_secret:
+                key = _secret(ctx, repo.ssh_key_secret, "repository.ssh_key")
+                access.masked.extend(line for line in key.splitlines() if len(line) >= 16)
+                path = _private_file(ctx.workdir, ".git-ssh-key",
+                                     key if key.endswith("\n") else key + "\n", 0o600)
+                access.files.append(path)
+                ssh += ["-i", str(path), "-o", "IdentitiesOnly=yes"]
+            network["GIT_SSH_COMMAND"] = " ".join(shlex.quote(a) for a in ssh)
+        except BaseException:
+            access.cleanup()
+            raise
+        return access
+
+    # --- mirror ---------------------------------------------------------------------------
+
+    def _update_mirror(self, ctx: StageContext, req: _Request, access: _Access, mirror: Path,
+                       depth: int | None) -> bool:
+        cloned = not _is_repo(mirror)
+        if cloned:
+            if mirror.exists():
+                ctx.log.warn(f"removing a broken mirror at {mirror}")
+                shutil.rmtree(mirror)
+            target = mirror.with_name(f"{mirror.name}.tmp-{_random.token_hex(4)}")
+            ctx.log.info(f"cloning {req.redacted} into the cache ({mirror})")
+        else:
+            target = mirror
+            ctx.log.info(f"fetching {req.redacted} into the cached mirror ({mirror})")
+        try:
+            if cloned:
+                r = git.Repo.init(target, bare=True, mkdir=True)
+                r.close()
+            _set_config(target, req.fetch_url)
+            args = ["-C", str(target), "fetch", "--progress", "--prune", "--no-recurse-submodules"]
+            if depth:
+                args.append(f"--depth={depth}")
+            elif (target / "shallow").exists():
+                args.append("--unshallow")
+            self._git(ctx, access, [*args, "origin"], what=f"fetch from {req.redacted}")
+            if cloned:
+                os.rename(target, mirror)
+        except BaseException:
+            if cloned:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        return cloned
+
+    def _resolve(self, ctx: StageContext, req: _Request, access: _Access, mirror: Path,
+                 depth: int | None) -> tuple[str, str | None, str | None]:
+        repo = git.Repo(mirror)
+        try:
+            g = repo.git
+            g.update_environment(**access.local_env)
+
+            def rev(name: str) -> str | None:
+                try:
+                    out = g.rev_parse("--verify", "--quiet", "--end-of-options", f"{name}^{{commit}}")
+                except git.GitCommandError:
+                    return None
+                out = out.strip()
+                return out if _FULL_SHA.match(out) else None
+
+            def has(full_ref: str) -> bool:
+                return rev(full_ref) is not None
+
+            def fetch_sha(sha: str) -> str | None:
+                if not _FULL_SHA.match(sha.lower()):
+                    return None
+                ctx.log.info(f"commit {sha[:12]} is not on a fetched ref; fetching it by id")
+                args = ["-C", str(mirror), "fetch", "--progress", "--no-recurse-submodules"]
+                if depth:
+                    args.append(f"--depth={depth}")
+                res = self._git(ctx, access, [*args, "--end-of-options", "origin", sha.lower()],
+                                what=f"fetch of commit {sha}", check=False)
+                return rev(sha.lower()) if res.returncode == 0 else None
+
+            branch = tag = None
+            if req.commit is not None:
+                commit = rev(req.commit) or fetch_sha(req.commit)
+                if commit is None:
+                    raise StageFailed(STAGE, f"commit {req.commit!r} not found in {req.redacted}")
+                if req.ref:
+                    branch, tag = _names(req.ref, has)
+                branch = req.branch_hint or branch
+            elif req.ref is not None:
+                ref = req.ref
+                commit = None
+                if ref.startswith("refs/"):
+                    commit = rev(ref)
+                    branch, tag = _names(ref, lambda _: True)
+                else:
+                    for prefix in ("refs/heads/", "refs/tags/"):
+                        commit = rev(prefix + ref)
+                        if commit:
+                            branch, tag = _names(prefix + ref, lambda _: True)
+                            break
+                    if commit is None and is_sha(ref):
+                        commit = rev(ref) or fetch_sha(ref)
+                if commit is None:
+                    raise StageFailed(STAGE, f"ref {ref!r} not found in {req.redacted}: "
+                                      "no branch, tag or commit of that name")
+                if req.branch_hint and not tag:
+                    branch = req.branch_hint
+            else:
+                res = self._git(ctx, access, ["-C", str(mirror), "ls-remote", "--symref",
+                                              "origin", "HEAD"],
+                                what=f"reading the default branch of {req.redacted}")
+                head = parse_symref(res.output)
+                if head is None or not head.startswith("refs/heads/"):
+                    raise StageFailed(STAGE, f"{req.redacted} has no default branch (empty "
+                                      "repository or detached HEAD); set repository.ref")
+                check_ref(head)
+                commit = rev(head)
+                if commit is None:
+                    raise StageFailed(STAGE, f"default branch {head!r} of {req.redacted} "
+                                      "was not fetched")
+                g.symbolic_ref("HEAD", head)
+                branch = head[len("refs/heads/"):]
+            if tag is None:
+                out = g.for_each_ref(f"--points-at={commit}", "--sort=-version:refname",
+                                     "--format=%(refname:strip=2)", "refs/tags")
+                names = [n for n in out.splitlines() if n.strip()]
+                tag = names[0] if names else None
+            return commit, branch, tag
+        finally:
+            repo.close()
+
+    # --- work tree -------------------------------------------------------------------------
+
+    def _work_tree(self, ctx: StageContext, req: _Request, access: _Access, mirror: Path,
+                   commit: str) -> Path:
+        dest = (ctx.workdir / "src").absolute()
+        if dest.exists():
+            shutil.rmtree(dest)
+        env = access.local_env
+        self._git(ctx, access, ["clone", "--shared", "--no-checkout", "--quiet",
+                                "--end-of-options", str(mirror), str(dest)],
+                  env=env, what="creating the work tree")
+        # Submodules with relative URLs resolve against origin: the repository, not the cache.
+        self._git(ctx, access, ["-C", str(dest), "config", "remote.origin.url", req.fetch_url],
+                  env=env, what="setting the work tree's origin")
+        self._git(ctx, access, ["-C", str(dest), "-c", "advice.detachedHead=false", "checkout",
+                                "--progress", "--detach", commit],
+                  env=env, what=f"checking out {commit[:12]}")
+        return dest
+
+    # --- running git ----------------------------------------------------------------------
+
+    def _git(self, ctx: StageContext, access: _Access, args: list[str], *, what: str,
+             env: dict[str, str] | None = None, check: bool = True) -> Result:
+        def on_line(text: str) -> None:
+            text = progress_text(text)
+            if text:
+                ctx.log.line(access.mask(text))
+
+        res = run_command(["git", *args], on_line=on_line, cancel=ctx.cancel,
+                          env=env if env is not None else access.env)
+        if check and res.returncode != 0:
+            raise StageFailed(STAGE, access.mask(_failure(what, res.output)))
+        return res
+
+
+def _names(full_ref: str, exists) -> tuple[str | None, str | None]:
+    """(branch, tag) named by a ref; a short name is looked up as a branch, then a tag."""
+    if full_ref.startswith("refs/heads/"):
+        return full_ref[len("refs/heads/"):], None
+    if full_ref.startswith("refs/tags/"):
+        return None, full_ref[len("refs/tags/"):]
+    if full_ref.startswith("refs/"):
+        return None, None
+    if exists("refs/heads/" + full_ref):
+        return full_ref, None
+    if exists("refs/tags/" + full_ref):
+        return None, full_ref
+    return None, None
+
+
+def _failure(what: str, output: str) -> str:
+    lines = [progress_text(x) for x in output.splitlines()]
+    lines = [x for x in lines if x and not re.match(r"^(remote: )?(Counting|Compressing|"
+                                                    r"Receiving|Resolving|Enumerating)", x)]
+    tail = "; ".join(lines[-3:]) or "no output"
+    hint = ""
+    low = output.lower()
+    if ("could not read username" in low or "authentication failed" in low
+            or "terminal prompts disabled" in low or "permission denied (publickey" in low):
+        hint = " (the repository needs credentials: set repository.token or repository.ssh_key)"
+    elif "host key verification failed" in low:
+        hint = " (the server's SSH host key is not in known_hosts)"
+    return f"{what} failed: {tail}{hint}"
+
+
+def _check_cancel(ctx: StageContext) -> None:
+    if ctx.cancel.is_set():
+        raise Cancelled("checkout cancelled")
+
+
+def _secret(ctx: StageContext, name: str, field_name: str) -> str:
+    try:
+        value = ctx.secrets.value(name)
+    except Exception as exc:  # the store's own error type is not this stage's business
+        raise StageFailed(STAGE, f"{field_name}: secret {name!r} is not available "
+                          f"({type(exc).__name__})") from None
+    if not value:
+        raise StageFailed(STAGE, f"{field_name}: secret {name!r} is empty")
+    return value
+
+
+def _private_file(directory: Path, prefix: str, content: str, mode: int) -> Path:
+    path = directory / f"{prefix}-{_random.token_hex(6)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(content)
+    os.chmod(path, mode)  # the umask may have removed bits from the open() mode
+    return path
+
+
+def _is_repo(path: Path) -> bool:
+    return (path / "HEAD").is_file() and (path / "objects").is_dir() and (path / "config").is_file()
+
+
+def _set_config(mirror: Path, fetch_url: str) -> None:
+    # `git config` rather than GitPython's writer: it escapes values (a path may hold '#').
+    r = git.Repo(mirror)
+    try:
+        g = r.git
+        g.update_environment(**git_env(dict(os.environ), allow_file=True))
+        g.config("remote.origin.url", fetch_url)
+        g.config("remote.origin.fetch", "+refs/*:refs/*")
+        g.config("remote.origin.mirror", "true")
+        g.config("gc.autoDetach", "false")
+    finally:
+        r.close()
+
+
+@contextlib.contextmanager
+def _flock(path: Path, ctx: StageContext) -> Iterator[None]:
+    """Exclusive lock on the mirror while it is fetched and read; waiting honours cancel."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    ctx.log.info("waiting for another run using the same mirror")
+                    told = True
+                _check_cancel(ctx)
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
