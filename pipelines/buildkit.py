@@ -212,7 +212,9 @@ class Progress:
     steps; "[internal] ..." and "exporting ..." vertices are not counted."""
 
     steps: dict[int, Step] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)  # "error: ..." / "ERROR: ..." summary lines
+    # Lines outside any vertex (the CLI's own summary, e.g. "error: failed to solve: ..." or
+    # "executor failed running [...]: exit code: 3"), the last few only.
+    messages: list[str] = field(default_factory=list)
 
     @property
     def total_steps(self) -> int:
@@ -231,8 +233,9 @@ class Progress:
         m = _VERTEX.match(line)
         if m is None:
             stripped = line.strip()
-            if stripped.lower().startswith(("error:", "error ")) or stripped.startswith("ERROR"):
-                self.errors.append(stripped)
+            if stripped and not stripped.startswith(("---", "> ")) and not stripped.isdigit():
+                self.messages.append(stripped)
+                del self.messages[:-20]
             return
         vertex, rest = int(m.group(1)), m.group(2)
         step = self.steps.get(vertex)

@@ -157,13 +157,13 @@ def test_password_without_username_is_refused(tmp_path):
 
 @pytest.fixture
 def tagged(lab):
-    """tag(ref) tags the lab's busybox base image as `ref` (with a unique label-free config it
-    would need a build; the base is enough to push). Removed afterwards."""
+    """tag(ref) tags `source` (the lab's busybox base by default) as `ref`; with unique=True it
+    commits a fresh one-layer image instead. Every ref is removed afterwards."""
     import docker
     client = docker.from_env()
     made: list[str] = []
 
-    def tag(ref: str, unique: bool = False) -> str:
+    def tag(ref: str, unique: bool = False, source: str = "local/busybox:1") -> str:
         repo, t = split_ref(ref)
         if unique:
             # A fresh image (one tiny layer) so that the registry has not seen this digest.
@@ -182,7 +182,7 @@ def tagged(lab):
             finally:
                 c.remove(force=True)
         else:
-            client.images.get("local/busybox:1").tag(repo, t)
+            client.images.get(source).tag(repo, t)
         made.append(ref)
         return ref
 
@@ -198,12 +198,8 @@ def tagged(lab):
 @pytest.mark.lab
 def test_push_all_tags_one_digest_and_registry_serves_it(lab, tmp_path, tagged):
     image = f"{lab['registry']}/test/push-{uuid.uuid4().hex[:8]}"
-    refs = [tagged(f"{image}:one", unique=True)]
-    import docker
-    client = docker.from_env()
-    client.images.get(refs[0]).tag(image, "two")
-    client.close()
-    refs.append(tagged(f"{image}:two"))
+    first = tagged(f"{image}:one", unique=True)
+    refs = [first, tagged(f"{image}:two", source=first)]
     ctx = make_ctx(tmp_path, image, refs)
     out = PushStage().run(ctx)
     assert out["tags"] == refs

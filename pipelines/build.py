@@ -1,0 +1,202 @@
+"""The build stage: the checked-out code -> a local image, built by BuildKit through a docker CLI.
+
+Outputs (ctx.results["build"]): image_id, tags (full "name:tag" refs), builder
+("buildx"|"docker-buildkit"), cached_steps, total_steps.
+
+The build engine's cache lives in the engine: on the lab it is one long-lived dockerd, so a
+second build of the same code reuses its layers and cache mounts. A fresh machine has no cache;
+there `stages.build.cache_from` (a registry image pushed with inline cache, `cache_to:
+[type=inline]`) is the fallback. See pipelines/buildkit.py.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipelines.base import Stage, StageContext
+from pipelines.buildkit import (
+    BuildSecretRef,
+    BuildSpec,
+    NoBuilder,
+    Progress,
+    build_argv,
+    build_warnings,
+    check_secret_id,
+    detect_builder,
+    secret_env_var,
+)
+from runner.errors import RunnerError, StageFailed
+from runner.model import Pipeline
+from runner.proc import run_command
+from runner.tags import GitInfo, compute_tags, oci_labels
+
+_TAIL = 8  # output lines quoted in a failure message
+
+
+def resolve_inside(root: Path, relative: str, what: str) -> Path:
+    """`root/relative`, refused (ValueError) when it is absolute or leaves `root`, lexically
+    (`..`) or through a symlink."""
+    if os.path.isabs(relative):
+        raise ValueError(f"{what} {relative!r} must be relative to the repository")
+    root = root.resolve()
+    lexical = os.path.normpath(os.path.join(str(root), relative))
+    candidate = Path(lexical).resolve()
+    for path in (Path(lexical), candidate):
+        if path != root and root not in path.parents:
+            raise ValueError(f"{what} {relative!r} leaves the checked-out repository")
+    return candidate
+
+
+def failure_message(progress: Progress, output: str, returncode: int) -> str:
+    """Why the build failed, naming the failing Dockerfile step and its last error lines."""
+    step = progress.failed_step
+    parts: list[str] = []
+    if step is not None:
+        parts.append(f"step {step.name} failed: {step.error}")
+        if step.log:
+            parts.append("last output of that step:\n" + "\n".join(
+                f"  {line}" for line in step.log[-_TAIL:]))
+    summary = [m for m in progress.messages if step is None or m not in parts[0]]
+    if summary:
+        parts.append("\n".join(summary[-3:]))
+    if not parts:
+        tail = [line for line in output.splitlines() if line.strip()][-_TAIL:]
+        parts.append(f"docker build exited with code {returncode}:\n"
+                     + "\n".join(f"  {line}" for line in tail))
+    return "\n".join(parts)
+
+
+class BuildStage(Stage):
+    name = "build"
+
+    def plan(self, pipeline: Pipeline) -> dict[str, Any]:
+        s = pipeline.stages.build
+        return {
+            "image": pipeline.image.name,
+            "tag_templates": list(pipeline.image.tags),
+            "context": s.context,
+            "dockerfile": s.dockerfile,
+            "target": s.target,
+            "args": dict(s.args),
+            "secrets": [b.id for b in s.secrets],
+            "labels": dict(s.labels),
+            "cache_from": list(s.cache_from),
+            "cache_to": list(s.cache_to),
+            "pull": s.pull,
+            "platform": s.platform,
+        }
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        settings = ctx.pipeline.stages.build
+        checkout = ctx.results.get("checkout")
+        if not checkout or not checkout.get("path"):
+            raise StageFailed(self.name, "no checked-out work tree (the checkout stage did not run)")
+        root = Path(checkout["path"])
+        try:
+            context = resolve_inside(root, settings.context, "stages.build.context")
+            dockerfile = resolve_inside(
+                root, os.path.join(os.path.relpath(context, root.resolve()), settings.dockerfile),
+                "stages.build.dockerfile")
+        except ValueError as exc:
+            raise StageFailed(self.name, str(exc)) from None
+        if not context.is_dir():
+            raise StageFailed(self.name, f"build context {settings.context!r} is not a directory "
+                                         "in the repository")
+        if not dockerfile.is_file():
+            raise StageFailed(self.name, f"no Dockerfile at {settings.dockerfile!r} in context "
+                                         f"{settings.context!r}")
+
+        try:
+            builder = detect_builder()
+        except NoBuilder as exc:
+            raise StageFailed(self.name, str(exc)) from None
+        ctx.log.info(f"builder: {builder.describe()}")
+
+        sha = checkout["commit"]
+        git = GitInfo(sha, checkout.get("branch"), checkout.get("tag"),
+                      checkout.get("default_branch"))
+        tags = compute_tags(list(ctx.pipeline.image.tags), git, ctx.run_id)
+        refs = [f"{ctx.pipeline.image.name}:{t}" for t in dict.fromkeys(tags)]
+        if not refs:
+            raise StageFailed(self.name, "no image tag: every template in image.tags was empty "
+                                         "for this commit")
+
+        created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        labels = {**oci_labels(checkout.get("url") or "", sha, created), **settings.labels}
+
+        secret_refs: list[BuildSecretRef] = []
+        secret_env: dict[str, str] = {}
+        for item in settings.secrets:
+            problem = check_secret_id(builder, item.id)
+            if problem:
+                raise StageFailed(self.name, problem)
+            try:
+                value = ctx.secrets.value(item.secret)
+            except (KeyError, RunnerError) as exc:
+                raise StageFailed(self.name, f"build secret {item.id!r}: pipeline secret "
+                                             f"{item.secret!r} is not available ({exc})") from None
+            var = secret_env_var(builder, item.id)
+            secret_refs.append(BuildSecretRef(item.id, var))
+            secret_env[var] = value
+
+        spec = BuildSpec(
+            context=str(context), dockerfile=str(dockerfile), tags=tuple(refs),
+            target=settings.target, args=dict(settings.args), secrets=tuple(secret_refs),
+            labels=labels, cache_from=settings.cache_from, cache_to=settings.cache_to,
+            pull=settings.pull, platform=settings.platform)
+        for warning in build_warnings(builder, spec):
+            ctx.log.warn(warning)
+        argv = build_argv(builder, spec)
+        ctx.log.info("running: " + shlex.join(argv))
+
+        env = dict(os.environ)
+        env.update(builder.env())
+        env.update(secret_env)
+        progress = Progress()
+
+        def on_line(text: str) -> None:
+            ctx.log.line(text)
+            progress.feed(text)
+
+        result = run_command(argv, on_line=on_line, cancel=ctx.cancel, env=env, cwd=str(context),
+                             timeout=settings.timeout)
+        if result.returncode != 0:
+            if result.returncode == -1 and \
+                    result.output.rsplit("\n", 1)[-1].startswith("timed out after"):
+                raise StageFailed(self.name, f"build timed out after {settings.timeout:.0f}s")
+            raise StageFailed(self.name, failure_message(progress, result.output,
+                                                         result.returncode))
+
+        image_id = _image_id(refs[0])
+        ctx.log.info(f"built {image_id} as {', '.join(refs)}: {progress.cached_steps} of "
+                     f"{progress.total_steps} steps cached")
+        return {
+            "image_id": image_id,
+            "tags": refs,
+            "builder": builder.kind,
+            "cached_steps": progress.cached_steps,
+            "total_steps": progress.total_steps,
+        }
+
+
+def _image_id(ref: str) -> str:
+    import docker  # the SDK is only needed once something was built
+    from docker.errors import DockerException, ImageNotFound
+
+    try:
+        client = docker.from_env()
+    except DockerException as exc:
+        raise StageFailed("build", f"cannot reach the build engine to inspect {ref}: {exc}") \
+            from None
+    try:
+        return client.images.get(ref).id
+    except ImageNotFound:
+        raise StageFailed("build", f"the build succeeded but the engine has no image {ref}; "
+                                   "is DOCKER_HOST the engine the docker CLI built on?") from None
+    except DockerException as exc:
+        raise StageFailed("build", f"cannot inspect {ref}: {exc}") from None
+    finally:
+        client.close()

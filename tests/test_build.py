@@ -1,0 +1,220 @@
+"""The build stage: pure path checks and failure messages here; real builds on the lab's engine
+(the `lab` fixture sets DOCKER_HOST) for cache mounts, cached steps, failing RUNs, build secrets
+and cancellation. Every image a test creates is removed at the end."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipelines.base import StageContext
+from pipelines.build import BuildStage, failure_message, resolve_inside
+from pipelines.buildkit import detect_builder, parse_progress
+from runner.errors import Cancelled, StageFailed
+from runner.model import BuildSecret, Image, Pipeline, Repository, Stages
+from runner.model import BuildStage as BuildSettings
+
+DATA = Path(__file__).parent / "data" / "build"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+class ListLog:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.infos: list[str] = []
+        self.warns: list[str] = []
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+    def info(self, text: str) -> None:
+        self.infos.append(text)
+
+    def warn(self, text: str) -> None:
+        self.warns.append(text)
+
+    def everything(self) -> str:
+        return "\n".join(self.lines + self.infos + self.warns)
+
+
+class DictSecrets:
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+
+    def value(self, name: str) -> str:
+        return self.values[name]
+
+
+def make_ctx(tmp_path: Path, src: Path, image: str, secret_values: dict[str, str] | None = None,
+             **build: object) -> StageContext:
+    pipeline = Pipeline(
+        name="t", repository=Repository(url="https://example.invalid/t.git"),
+        image=Image(name=image, tags=("{short_sha}", "{branch}", "{run_id}")),
+        stages=Stages(build=BuildSettings(**build)))
+    ctx = StageContext(
+        run_id="r" + uuid.uuid4().hex[:8], pipeline=pipeline, workdir=tmp_path,
+        cache_dir=tmp_path / "cache", log=ListLog(), secrets=DictSecrets(secret_values or {}),
+        cancel=threading.Event())
+    ctx.results["checkout"] = {"commit": SHA, "short_sha": SHA[:7], "branch": "main",
+                               "tag": None, "path": str(src),
+                               "url": "https://example.invalid/t.git"}
+    return ctx
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+def test_resolve_inside(tmp_path):
+    (tmp_path / "a").mkdir()
+    assert resolve_inside(tmp_path, "a", "ctx") == (tmp_path / "a").resolve()
+    assert resolve_inside(tmp_path, ".", "ctx") == tmp_path.resolve()
+    assert resolve_inside(tmp_path, "a/../a", "ctx") == (tmp_path / "a").resolve()
+    for bad in ("..", "../x", "a/../../x", "/etc"):
+        with pytest.raises(ValueError):
+            resolve_inside(tmp_path, bad, "ctx")
+    (tmp_path / "link").symlink_to("/etc")
+    with pytest.raises(ValueError, match="leaves the checked-out repository"):
+        resolve_inside(tmp_path, "link", "ctx")
+
+
+@pytest.mark.parametrize("field,value", [("context", "../outside"),
+                                         ("dockerfile", "../../etc/passwd"),
+                                         ("context", "/etc")])
+def test_paths_escaping_the_checkout_fail_the_stage(tmp_path, field, value):
+    src = tmp_path / "src"
+    shutil.copytree(DATA / "app", src)
+    ctx = make_ctx(tmp_path, src, "127.0.0.1:5000/test/x", **{field: value})
+    with pytest.raises(StageFailed) as err:
+        BuildStage().run(ctx)
+    assert err.value.stage == "build"
+    assert value in str(err.value)
+
+
+def test_missing_dockerfile_fails_clearly(tmp_path):
+    ctx = make_ctx(tmp_path, tmp_path, "127.0.0.1:5000/test/x")
+    with pytest.raises(StageFailed, match="no Dockerfile"):
+        BuildStage().run(ctx)
+
+
+def test_failure_message_falls_back_to_output_tail():
+    out = "ERROR: something odd\nmore"
+    msg = failure_message(parse_progress([]), out, 1)
+    assert "exited with code 1" in msg and "something odd" in msg
+
+
+def test_plan_is_plain_data(tmp_path):
+    ctx = make_ctx(tmp_path, tmp_path, "127.0.0.1:5000/test/x", args={"A": "1"},
+                   secrets=(BuildSecret(id="tok", secret="token"),))
+    plan = BuildStage().plan(ctx.pipeline)
+    assert plan["image"] == "127.0.0.1:5000/test/x"
+    assert plan["args"] == {"A": "1"} and plan["secrets"] == ["tok"]
+
+
+# --- on the lab ---------------------------------------------------------------------------
+
+@pytest.fixture
+def images(lab):
+    """Refs and ids the test created; removed afterwards."""
+    import docker
+    created: list[str] = []
+    yield created
+    client = docker.from_env()
+    for ref in reversed(created):
+        try:
+            client.images.remove(ref, force=True)
+        except docker.errors.DockerException:
+            pass
+    client.close()
+
+
+def _src(tmp_path: Path, name: str) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(DATA / name, src)
+    return src
+
+
+@pytest.mark.lab
+def test_build_with_cache_mount_then_code_only_change_is_cached(lab, tmp_path, images):
+    src = _src(tmp_path, "app")
+    # A unique dependency list, so that the first build really runs the dependency step.
+    (src / "deps.txt").write_text(f"dep-a==1\nnonce=={uuid.uuid4().hex}\n")
+    image = f"{lab['registry']}/test/build-app"
+    ctx = make_ctx(tmp_path, src, image)
+    first = BuildStage().run(ctx)
+    images.extend(first["tags"])
+    assert first["builder"] in ("buildx", "docker-buildkit")
+    assert first["image_id"].startswith("sha256:")
+    assert first["tags"] == [f"{image}:{SHA[:7]}", f"{image}:main", f"{image}:{ctx.run_id}"]
+    assert first["total_steps"] == 5
+    assert any(i.startswith("builder: ") for i in ctx.log.infos)
+    assert any("RUN --mount=type=cache" in line for line in ctx.log.lines)
+
+    (src / "app.sh").write_text("echo changed code\n")
+    ctx2 = make_ctx(tmp_path, src, image)
+    second = BuildStage().run(ctx2)
+    images.extend(second["tags"])
+    assert second["image_id"] != first["image_id"]
+    assert second["total_steps"] == 5
+    # The dependency COPY and the RUN with the cache mount come from the cache now.
+    assert second["cached_steps"] >= first["cached_steps"] + 2
+    assert any(line.endswith("CACHED") for line in ctx2.log.lines)
+
+
+@pytest.mark.lab
+def test_failing_run_names_the_step_and_exit_code(lab, tmp_path, images):
+    src = _src(tmp_path, "failing")
+    ctx = make_ctx(tmp_path, src, f"{lab['registry']}/test/build-failing")
+    with pytest.raises(StageFailed) as err:
+        BuildStage().run(ctx)
+    msg = str(err.value)
+    assert err.value.stage == "build"
+    assert "RUN echo about to fail && exit 3" in msg
+    assert "exit code: 3" in msg
+    assert "about to fail" in msg  # the step's own last output
+
+
+@pytest.mark.lab
+def test_build_secret_is_used_and_appears_nowhere(lab, tmp_path, images):
+    value = "s3cr3t-" + uuid.uuid4().hex
+    src = _src(tmp_path, "secret")
+    ctx = make_ctx(tmp_path, src, f"{lab['registry']}/test/build-secret",
+                   secret_values={"token": value}, args={"NONCE": uuid.uuid4().hex},
+                   secrets=(BuildSecret(id="tok", secret="token"),))
+    out = BuildStage().run(ctx)
+    images.extend(out["tags"])
+    assert value not in ctx.log.everything()
+    cli = detect_builder().docker_cli
+    for argv in ([cli, "history", "--no-trunc", out["image_id"]],
+                 [cli, "inspect", out["image_id"]]):
+        proc = subprocess.run(argv, capture_output=True, text=True, check=True)
+        assert value not in proc.stdout + proc.stderr
+
+
+@pytest.mark.lab
+def test_missing_build_secret_fails_the_run_step(lab, tmp_path, images):
+    # The Dockerfile checks the secret is non-empty: an empty value must fail, proving the
+    # mount is really fed from the stage's secret.
+    src = _src(tmp_path, "secret")
+    ctx = make_ctx(tmp_path, src, f"{lab['registry']}/test/build-secret",
+                   secret_values={"token": ""}, args={"NONCE": uuid.uuid4().hex},
+                   secrets=(BuildSecret(id="tok", secret="token"),))
+    with pytest.raises(StageFailed, match="test -s /run/secrets/tok"):
+        BuildStage().run(ctx)
+
+
+@pytest.mark.lab
+def test_cancel_stops_the_build(lab, tmp_path, images):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "Dockerfile").write_text(
+        f"FROM local/busybox:1\nRUN echo {uuid.uuid4().hex} && sleep 60\n")
+    ctx = make_ctx(tmp_path, src, f"{lab['registry']}/test/build-cancel")
+    threading.Timer(3.0, ctx.cancel.set).start()
+    start = time.monotonic()
+    with pytest.raises(Cancelled):
+        BuildStage().run(ctx)
+    assert time.monotonic() - start < 20
