@@ -1,0 +1,218 @@
+"""The lab: its fixed layout checked by equality (runs anywhere), then the real lab (the session
+`lab` fixture runs `runner lab up --servers 3 --json`): SSH with pinned host keys to each server's
+own engine, a registry round trip to a server that serves HTTP to the host, `env`, and `up` again
+as a no-op. Whatever a test creates on the servers it removes."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from runner.lab import host, layout
+from runner.lab.layout import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = Path("/var/lib/runner-lab")
+
+
+def _runner(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner", "lab", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+# ---- pure layout -------------------------------------------------------------------------------
+
+def test_server_layout_names_and_addresses():
+    s = Server(2, STATE)
+    assert (s.name, s.ip, s.netns, s.veth) == ("srv2", "10.87.53.12", "rlab-srv2", "rlab-v2")
+    assert s.docker_host == "unix:///run/runner-lab/srv2/docker.sock"
+    assert layout.server_net_cmds(s) == [
+        ["ip", "netns", "add", "rlab-srv2"],
+        ["ip", "link", "add", "rlab-v2", "type", "veth", "peer", "name", "eth0", "netns", "rlab-srv2"],
+        ["ip", "-n", "rlab-srv2", "link", "set", "lo", "up"],
+        ["ip", "-n", "rlab-srv2", "addr", "add", "10.87.53.12/24", "dev", "eth0"],
+        ["ip", "-n", "rlab-srv2", "link", "set", "eth0", "up"],
+        ["ip", "-n", "rlab-srv2", "route", "add", "default", "via", "10.87.53.1"],
+        ["ip", "link", "set", "rlab-v2", "master", "rlab0"],
+        ["ip", "link", "set", "rlab-v2", "up"],
+    ]
+    argv = layout.server_dockerd_argv(s)
+    assert argv[:3] == ["nsenter", "--net=/var/run/netns/rlab-srv2", "dockerd"]
+    assert ["-H", "unix:///run/runner-lab/srv2/docker.sock"] == argv[argv.index("-H"):argv.index("-H") + 2]
+    assert "10.87.53.1:5000" in argv
+
+
+def test_sshd_config_points_sessions_at_the_servers_engine():
+    text = layout.sshd_config(Server(1, STATE))
+    assert "ListenAddress 10.87.53.11:22" in text.splitlines()
+    assert "SetEnv DOCKER_HOST=unix:///run/runner-lab/srv1/docker.sock" in text.splitlines()
+    assert "PasswordAuthentication no" in text.splitlines()
+    assert "PermitRootLogin prohibit-password" in text.splitlines()
+
+
+def test_describe_and_env_lines_quote_values():
+    state = Path("/tmp/lab dir")
+    info = layout.describe(state, [Server(1, state), Server(2, state)])
+    assert info["registry"] == "10.87.53.1:5000"
+    assert info["docker_host"] == "unix:///run/runner-lab/docker.sock"
+    assert info["servers"][1] == {
+        "name": "srv2", "host": "10.87.53.12", "port": 22, "user": "root",
+        "key_file": "/tmp/lab dir/ssh/id_ed25519", "known_hosts": "/tmp/lab dir/ssh/known_hosts",
+        "docker_host": "unix:///run/runner-lab/srv2/docker.sock",
+    }
+    lines = layout.env_lines(info)
+    assert lines == [
+        "export REGISTRY=10.87.53.1:5000",
+        "export DOCKER_HOST=unix:///run/runner-lab/docker.sock",
+        "export DEPLOY_HOSTS=root@10.87.53.11:22,root@10.87.53.12:22",
+        "export SSH_KEY_FILE='/tmp/lab dir/ssh/id_ed25519'",
+        "export KNOWN_HOSTS_FILE='/tmp/lab dir/ssh/known_hosts'",
+    ]
+
+
+def test_known_hosts_line_from_host_public_key():
+    pub = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFEX srv1\n"
+    assert layout.known_hosts_line(Server(1, STATE), pub) == "10.87.53.11 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFEX"
+
+
+@pytest.mark.parametrize("sources, mirror", [
+    ({"debian.sources": "Types: deb\n# http://snapshot.debian.org/x\nURIs: http://deb.debian.org/debian\n"
+                        "Suites: bookworm bookworm-updates\nComponents: main\n\n"
+                        "Types: deb\nURIs: http://deb.debian.org/debian-security\n"
+                        "Suites: bookworm-security\nComponents: main\n"},
+     "http://deb.debian.org/debian"),
+    ({"sources.list": "deb http://security.debian.org/debian-security bookworm-security main\n"
+                      "deb [arch=amd64 signed-by=/k.gpg] http://mirror.example/debian bookworm main\n"},
+     "http://mirror.example/debian"),
+    ({"sources.list": "deb http://archive.ubuntu.com/ubuntu jammy main\n"}, None),
+])
+def test_apt_mirror_is_read_from_apt_sources(sources, mirror):
+    assert layout.apt_mirror(sources) == mirror
+
+
+def test_not_root_is_a_clear_error_with_exit_2(monkeypatch):
+    from click.testing import CliRunner
+
+    from runner.lab.cli import lab as lab_group
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    for args in (["up", "--servers", "1"], ["down"], ["status", "--json"]):
+        result = CliRunner().invoke(lab_group, args)
+        assert result.exit_code == 2, result.output
+        assert "needs root" in result.output
+
+
+# ---- the real lab ----------------------------------------------------------------------------
+
+def _ssh(server: dict) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    client.load_host_keys(server["known_hosts"])
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(server["host"], port=server["port"], username=server["user"],
+                   key_filename=server["key_file"], look_for_keys=False, allow_agent=False,
+                   timeout=10)
+    return client
+
+
+def _run(client: paramiko.SSHClient, argv: list[str], timeout: float = 60) -> tuple[int, str]:
+    # the one place a remote shell line is made: every argument quoted
+    _in, out, err = client.exec_command(shlex.join(argv), timeout=timeout)
+    code = out.channel.recv_exit_status()
+    return code, out.read().decode() + err.read().decode()
+
+
+def test_up_json_describes_three_servers(lab):
+    assert lab["registry"] == "10.87.53.1:5000"
+    assert lab["docker_host"] == "unix:///run/runner-lab/docker.sock"
+    names = [s["name"] for s in lab["servers"]]
+    assert names[:3] == ["srv1", "srv2", "srv3"]
+    for s in lab["servers"]:
+        assert Path(s["key_file"]).is_file() and Path(s["known_hosts"]).is_file()
+
+
+def test_ssh_reaches_each_servers_own_engine(lab):
+    ids = set()
+    for server in lab["servers"]:
+        own_id = host.docker_info(Path(server["docker_host"][len("unix://"):]))["DockerRootDir"]
+        with _ssh(server) as client:
+            code, out = _run(client, ["docker", "info", "--format", "{{.DockerRootDir}}"])
+        assert code == 0, out
+        assert out.strip() == own_id, f"{server['name']} ssh session used another engine"
+        ids.add(own_id)
+    assert len(ids) == len(lab["servers"])
+
+
+def test_a_server_pulls_from_the_registry_and_serves_the_host(lab):
+    docker = [os.environ.get("RUNNER_TEST_DOCKER", "docker"), "-H", lab["docker_host"]]
+    ref = f"{lab['registry']}/labtest/busybox:{uuid.uuid4().hex[:10]}"
+    subprocess.run(docker + ["tag", layout.BUSYBOX_IMAGE, ref], check=True, capture_output=True)
+    try:
+        push = subprocess.run(docker + ["push", ref], capture_output=True, text=True, timeout=120)
+        assert push.returncode == 0, push.stdout + push.stderr
+    finally:
+        subprocess.run(docker + ["rmi", ref], capture_output=True)
+    server = lab["servers"][-1]
+    name = f"labtest-{uuid.uuid4().hex[:8]}"
+    with _ssh(server) as client:
+        try:
+            code, out = _run(client, ["docker", "pull", ref])
+            assert code == 0, out
+            code, out = _run(client, ["docker", "run", "-d", "--name", name, "-p", "18080:8080",
+                                      ref, "sh", "-c",
+                                      "echo lab-ok > /tmp/index.html && exec httpd -f -p 8080 -h /tmp"])
+            assert code == 0, out
+            body, deadline = "", time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://{server['host']}:18080/index.html",
+                                                timeout=2) as resp:
+                        body = resp.read().decode()
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            assert body.strip() == "lab-ok"
+        finally:
+            _run(client, ["docker", "rm", "-f", name])
+            _run(client, ["docker", "rmi", ref])
+
+
+def test_env_output_is_shell_parseable(lab):
+    proc = _runner("env")
+    assert proc.returncode == 0, proc.stderr
+    values = {}
+    for line in proc.stdout.splitlines():
+        words = shlex.split(line)
+        assert words[0] == "export"
+        name, value = words[1].split("=", 1)
+        values[name] = value
+    assert values["REGISTRY"] == lab["registry"]
+    assert values["DOCKER_HOST"] == lab["docker_host"]
+    hosts = values["DEPLOY_HOSTS"].split(",")
+    assert hosts[:3] == ["root@10.87.53.11:22", "root@10.87.53.12:22", "root@10.87.53.13:22"]
+    assert values["SSH_KEY_FILE"] == lab["servers"][0]["key_file"]
+    assert values["KNOWN_HOSTS_FILE"] == lab["servers"][0]["known_hosts"]
+
+
+def test_up_again_is_a_fast_no_op(lab):
+    state_file = Path(lab["servers"][0]["key_file"]).parent.parent / "state.json"
+    before = json.loads(state_file.read_text())["procs"]
+    started = time.monotonic()
+    proc = _runner("up", "--servers", str(len(lab["servers"])), "--json")
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == lab
+    assert elapsed < 5, f"up on a running lab took {elapsed:.1f}s"
+    after = json.loads(state_file.read_text())["procs"]
+    assert {k: v["pid"] for k, v in after.items()} == {k: v["pid"] for k, v in before.items()}
+    status = _runner("status", "--json")
+    assert status.returncode == 0
+    assert json.loads(status.stdout)["up"] is True
