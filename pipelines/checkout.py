@@ -209,6 +209,12 @@ class CheckoutStage(Stage):
             req = _request(ctx.pipeline, ctx.trigger or {})
         except InvalidInput as exc:
             raise StageFailed(STAGE, str(exc)) from None
+        if req.kind in ("local", "file"):
+            path = req.fetch_url if req.kind == "local" else unquote(req.fetch_url[7:])
+            if not os.path.isdir(path):
+                raise StageFailed(STAGE, f"repository {req.redacted!r} does not exist "
+                                  "(repository.url is a local path that is not a directory)")
+        _check_cancel(ctx)
         repo = ctx.pipeline.repository
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         root = ctx.cache_dir / "git"
@@ -361,7 +367,7 @@ class CheckoutStage(Stage):
             else:
                 res = self._git(ctx, access, ["-C", str(mirror), "ls-remote", "--symref",
                                               "origin", "HEAD"],
-                                what=f"reading the default branch of {req.redacted}")
+                                what=f"reading the default branch of {req.redacted}", quiet=True)
                 head = parse_symref(res.output)
                 if head is None or not head.startswith("refs/heads/"):
                     raise StageFailed(STAGE, f"{req.redacted} has no default branch (empty "
@@ -404,13 +410,13 @@ class CheckoutStage(Stage):
     # --- running git ----------------------------------------------------------------------
 
     def _git(self, ctx: StageContext, access: _Access, args: list[str], *, what: str,
-             env: dict[str, str] | None = None, check: bool = True) -> Result:
+             env: dict[str, str] | None = None, check: bool = True, quiet: bool = False) -> Result:
         def on_line(text: str) -> None:
             text = progress_text(text)
             if text:
                 ctx.log.line(access.mask(text))
 
-        res = run_command(["git", *args], on_line=on_line, cancel=ctx.cancel,
+        res = run_command(["git", *args], on_line=None if quiet else on_line, cancel=ctx.cancel,
                           env=env if env is not None else access.env)
         if check and res.returncode != 0:
             raise StageFailed(STAGE, access.mask(_failure(what, res.output)))
@@ -436,7 +442,8 @@ def _failure(what: str, output: str) -> str:
     lines = [progress_text(x) for x in output.splitlines()]
     lines = [x for x in lines if x and not re.match(r"^(remote: )?(Counting|Compressing|"
                                                     r"Receiving|Resolving|Enumerating)", x)]
-    tail = "; ".join(lines[-3:]) or "no output"
+    errors = [x for x in lines if re.match(r"^(fatal|error): ", x)]
+    tail = "; ".join((errors or lines)[:3] if errors else lines[-3:]) or "no output"
     hint = ""
     low = output.lower()
     if ("could not read username" in low or "authentication failed" in low

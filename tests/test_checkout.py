@@ -217,12 +217,45 @@ def test_unknown_commit_fails(tmp_path, origin):
     assert "0" * 40 in exc.value.reason
 
 
-def test_missing_repository_fails_clearly_and_leaves_no_mirror(tmp_path):
+def test_missing_repository_fails_clearly(tmp_path):
     with pytest.raises(StageFailed) as exc:
         run(tmp_path, str(tmp_path / "nope.git"))
-    assert "fetch from" in exc.value.reason and "nope.git" in exc.value.reason
+    assert "nope.git" in exc.value.reason and "does not exist" in exc.value.reason
+
+
+def test_not_a_repository_fails_clearly_and_leaves_no_mirror(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StageFailed) as exc:
+        run(tmp_path, str(tmp_path / "plain"))
+    assert "fetch from" in exc.value.reason
+    assert "does not appear to be a git repository" in exc.value.reason
     assert list((tmp_path / "cache" / "git").iterdir()) == [
-        tmp_path / "cache" / "git" / f"{mirror_key(str(tmp_path / 'nope.git'))}.lock"]
+        tmp_path / "cache" / "git" / f"{mirror_key(str(tmp_path / 'plain'))}.lock"]
+
+
+def test_unreachable_remote_fails_clearly(tmp_path):
+    with pytest.raises(StageFailed) as exc:
+        run(tmp_path, "http://127.0.0.1:9/repo.git")  # discard port: nothing listens
+    assert "fetch from http://127.0.0.1:9/repo.git failed" in exc.value.reason
+
+
+def test_concurrent_runs_share_the_mirror_safely(tmp_path, origin):
+    results, errors = {}, []
+
+    def one(name):
+        try:
+            results[name] = run(tmp_path, str(origin.bare), run=name)[0]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(f"r{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(r["cloned"] for r in results.values()) == [False, False, True]
+    assert {r["commit"] for r in results.values()} == {origin.second}
 
 
 # --- refused before anything runs -------------------------------------------------------------
@@ -381,7 +414,8 @@ def http_origin(tmp_path):
     o.first = o.commit("a.txt")
     handler = type("Handler", (_GitHTTP,), {"root": served, "seen_auth": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     o.url = f"http://127.0.0.1:{server.server_address[1]}/repo.git"
     o.handler = handler
