@@ -1,0 +1,289 @@
+"""The daemon's queue over real HTTP, real git repositories and real sqlite: superseding runs,
+crash recovery after SIGKILL, polling, the API's token, graceful SIGTERM, the CLI.
+
+Runs are executed by tests/data/daemon/fake_exec.py (a test fixture speaking `runner exec
+--json`'s events), so these tests are about queue semantics, not builds; tests/test_daemon_exec.py
+drives the real `runner exec`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent / "data" / "daemon"))
+from harness import (TOKEN, bare_repo, commit, config, daemon_in_process, daemon_subprocess,  # noqa: E402
+                     fake_pipeline, push_payload, send_github, wait_for)
+
+from runner.daemon.store import NewRun, SqliteStore  # noqa: E402
+
+REPO = "https://git.example.com/me/app.git"
+FINAL = ("success", "failed", "invalid", "cancelled", "interrupted")
+
+
+def _final(get, run_id, timeout=20):
+    return wait_for(lambda: (r := get(run_id)) and r["status"] in FINAL and r, timeout, f"run {run_id} to end")
+
+
+def _api_run(url, run_id):
+    r = httpx.get(f"{url}/api/runs/{run_id}", timeout=5)
+    return r.json() if r.status_code == 200 else None
+
+
+# -- the store, directly ------------------------------------------------------------------------
+
+def test_store_claim_limits_groups_and_supersede(tmp_path):
+    s = SqliteStore(tmp_path / "db.sqlite")
+    a1, a2 = s.enqueue([NewRun("a", "push", group="a/main"), NewRun("a", "push", group="a/dev")])[0]
+    (b1,), _ = s.enqueue([NewRun("b", "push", group=None)])
+    limits = {"a": 1, "b": 5}
+    c1 = s.claim("me", limits, 10)
+    assert c1.id == a1
+    # a is at its limit of 1: the next claim skips a2 and takes b1.
+    assert s.claim("me", limits, 10).id == b1
+    assert s.claim("me", limits, 10) is None
+    # A newer run in a1's group cancels the queued older ones and flags the running one.
+    (a3,), cancel = s.enqueue([NewRun("a", "push", group="a/main")])
+    assert cancel == [a1]
+    assert s.heartbeat("me", [a1, b1], 10) == {a1}
+    assert s.get_run(a1)["reason"] == f"superseded by run {a3}"
+    assert s.claim("me", {"a": 5, "b": 5}, 10).id == a2  # a3's group is still busy with a1
+    assert s.finish(a1, "me", "cancelled", 130)
+    assert s.get_run(a1)["reason"] == f"superseded by run {a3}"
+    assert s.claim("me", {"a": 5, "b": 5}, 10).id == a3
+    assert not s.finish(a3, "someone-else", "success", 0)  # not their lease
+    # A queued run of a pipeline the daemon no longer has fails with that reason.
+    (z,), _ = s.enqueue([NewRun("gone", "push")])
+    assert s.claim("me", {"a": 5, "b": 5}, 10) is None
+    assert "not configured" in s.get_run(z)["reason"] and s.get_run(z)["status"] == "failed"
+
+
+def test_store_recover_and_prune(tmp_path):
+    s = SqliteStore(tmp_path / "db.sqlite")
+    ids, _ = s.enqueue([NewRun("a", "push"), NewRun("safe", "push"), NewRun("a", "push")])
+    for _ in ids:
+        s.claim("old-daemon", {"a": 5, "safe": 5}, 0.01)
+    s.finish(ids[2], "old-daemon", "success", 0)
+    time.sleep(0.05)
+    got = dict(s.recover(None, requeue={"safe"}))
+    assert got == {ids[0]: "interrupted", ids[1]: "queued"}
+    assert "lease held by old-daemon expired" in s.get_run(ids[0])["reason"]
+    assert s.get_run(ids[1])["attempt"] == 2
+    # Pruning keeps the newest keep_last per pipeline and everything still active.
+    assert s.prune(time.time() + 1, keep_last=0) == 2  # ids[0] (interrupted), ids[2] (success)
+    assert s.get_run(ids[1])["status"] == "queued"
+
+
+# -- the daemon over HTTP -----------------------------------------------------------------------
+
+def test_newer_push_cancels_the_running_one(tmp_path):
+    pf = fake_pipeline(tmp_path, sleep=1.0)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}])
+    with daemon_in_process(cfg) as d:
+        r1 = send_github(d.url, push_payload(REPO, after="1" * 40), "p-1").json()["runs"][0]
+        wait_for(lambda: d.store.get_run(r1)["status"] == "running" and d.store.stages(r1), 10, "run 1 to start")
+        t0 = time.monotonic()
+        r2 = send_github(d.url, push_payload(REPO, after="2" * 40, before="1" * 40), "p-2").json()["runs"][0]
+        first = _final(d.store.get_run, r1)
+        assert time.monotonic() - t0 < 3, "the superseded run was not stopped promptly"
+        second = _final(d.store.get_run, r2)
+        assert first["status"] == "cancelled" and first["reason"] == f"superseded by run {r2}"
+        assert first["exit_code"] == 130
+        assert second["status"] == "success", second
+        stages = {s["name"]: s["status"] for s in d.store.stages(r1)}
+        assert "cancelled" in stages.values()
+        # The second run's first stage started well under a second after the first one ended.
+        assert d.store.stages(r2)[0]["started_at"] - first["finished_at"] < 1.0
+
+
+def test_queue_waits_without_cancelling_when_configured(tmp_path):
+    pf = fake_pipeline(tmp_path, sleep=0.3)
+    cfg = config(tmp_path, [{"name": "deploy", "file": str(pf), "repo": REPO, "cancel_in_progress": False}])
+    with daemon_in_process(cfg) as d:
+        ids = [send_github(d.url, push_payload(REPO, after=str(i) * 40), f"q-{i}").json()["runs"][0]
+               for i in range(1, 4)]
+        runs = [_final(d.store.get_run, i) for i in ids]
+        # The running one finished, the middle one was superseded while waiting, the newest ran.
+        assert [r["status"] for r in runs] == ["success", "cancelled", "success"], runs
+        assert runs[1]["reason"] == f"superseded by run {ids[2]}"
+
+
+def test_invalid_pipeline_file_fails_the_run_and_the_daemon_keeps_serving(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    good = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "bad", "file": str(bad), "repo": REPO},
+                            {"name": "good", "file": str(good), "repo": REPO, "concurrency_group": None}])
+    with daemon_in_process(cfg) as d:
+        runs = send_github(d.url, push_payload(REPO), "inv-1").json()["runs"]
+        got = {d.store.get_run(i)["pipeline"]: _final(d.store.get_run, i) for i in runs}
+        assert got["bad"]["status"] == "invalid" and "bad.json" in got["bad"]["reason"]
+        assert got["good"]["status"] == "success"
+        assert httpx.get(d.url + "/healthz").status_code == 200
+
+
+def test_api_requires_the_token(tmp_path):
+    bare, work = bare_repo(tmp_path)
+    head = commit(work, "second")
+    pf = fake_pipeline(tmp_path, sleep=2)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": str(bare)}], concurrency=0)
+    with daemon_in_process(cfg) as d:
+        url = d.url
+        assert httpx.post(f"{url}/api/pipelines/app/trigger", json={}).status_code == 401
+        assert httpx.post(f"{url}/api/pipelines/app/trigger", json={},
+                          headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert d.store.list_runs() == []
+        r = httpx.post(f"{url}/api/pipelines/app/trigger", json={"branch": "main", "vars": {"X": "1"}},
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 201, r.text
+        run = r.json()["run"]
+        assert run["trigger"] == "manual" and run["commit"] == head and run["status"] == "queued"
+        bad = httpx.post(f"{url}/api/pipelines/app/trigger", json={"branch": "--upload-pack=x"},
+                         headers={"Authorization": f"Bearer {TOKEN}"})
+        assert bad.status_code == 400
+        assert httpx.post(f"{url}/api/runs/{run['id']}/cancel").status_code == 401
+        assert d.store.get_run(run["id"])["status"] == "queued"
+        c = httpx.post(f"{url}/api/runs/{run['id']}/cancel", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert c.status_code == 200 and c.json()["cancelled"] is True
+        assert d.store.get_run(run["id"])["status"] == "cancelled"
+        # Reading needs no token by default.
+        listed = httpx.get(f"{url}/api/runs", params={"pipeline": "app", "status": "cancelled"}).json()["runs"]
+        assert [x["id"] for x in listed] == [run["id"]]
+        assert httpx.get(f"{url}/api/runs/999").status_code == 404
+
+
+def test_no_token_configured_means_no_state_changes(tmp_path):
+    pf = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}], api_token=None)
+    with daemon_in_process(cfg) as d:
+        r = httpx.post(f"{d.url}/api/pipelines/app/trigger", json={}, headers={"Authorization": "Bearer x"})
+        assert r.status_code == 403
+
+
+def test_polling_notices_a_new_commit_and_skips_commits_already_run(tmp_path):
+    bare, work = bare_repo(tmp_path)
+    pf = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": str(bare),
+                             "triggers": {"poll": {"interval": 0.3, "initial": "skip"}}}])
+    with daemon_in_process(cfg) as d:
+        wait_for(lambda: d.store.poll_state("app"), 10, "the first poll")
+        assert d.store.list_runs() == []  # initial: skip -> the existing head is only remembered
+        c2 = commit(work, "second")
+        run = wait_for(lambda: d.store.list_runs(trigger="poll"), 10, "a poll run")[0]
+        assert run["commit"] == c2 and run["branch"] == "main"
+        assert _final(d.store.get_run, run["id"])["status"] == "success"
+        # A commit that a webhook already ran is not run again by the poll.
+        c3 = commit(work, "third", branch="feature")
+        r = send_github(d.url, push_payload(str(bare), ref="refs/heads/feature", after=c3), "poll-hook-1")
+        assert r.status_code == 202
+        wait_for(lambda: "refs/heads/feature" in d.store.poll_state("app"), 10, "the poll to see the branch")
+        time.sleep(0.5)
+        assert [x["commit"] for x in d.store.list_runs(limit=10)].count(c3) == 1
+        # The event handed to runner exec reads like a GitHub push.
+        ev = d.store.run_event(run["id"])
+        assert ev["payload"]["after"] == c2 and ev["payload"]["ref"] == "refs/heads/main"
+
+
+def test_polling_an_unreachable_repository_is_recorded(tmp_path):
+    pf = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": str(tmp_path / "missing.git"),
+                             "triggers": {"poll": {"interval": 0.3}}}])
+    with daemon_in_process(cfg) as d:
+        def err():
+            rows = d.store._read("SELECT error FROM poll_state WHERE pipeline='app'")
+            return rows and rows[0]["error"]
+        assert "ls-remote failed" in wait_for(err, 10, "a poll error")
+        assert httpx.get(d.url + "/healthz").status_code == 200
+
+
+def test_sigkill_during_a_run_then_restart(tmp_path):
+    pf = fake_pipeline(tmp_path, sleep=1.5)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO, "concurrency_group": None}],
+                 concurrency=1, lease_seconds=30)
+    with daemon_subprocess(tmp_path, cfg, "first") as (proc, url):
+        r1 = send_github(url, push_payload(REPO, after="1" * 40), "k-1").json()["runs"][0]
+        r2 = send_github(url, push_payload(REPO, after="2" * 40), "k-2").json()["runs"][0]
+        wait_for(lambda: _api_run(url, r1)["status"] == "running" and _api_run(url, r1)["stages"], 10)
+        assert _api_run(url, r2)["status"] == "queued"  # concurrency 1
+        ran = tmp_path / "data" / "work" / "fake-runs.jsonl"
+        child = wait_for(lambda: ran.exists() and json.loads(ran.read_text().splitlines()[0])["pid"], 5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        # The child was told (PR_SET_PDEATHSIG) and stops instead of running on, orphaned.
+        wait_for(lambda: not _alive(child), 10, "the orphaned child to stop")
+    # Restarted well within the 30 s lease: the daemon knows the lease was its own.
+    with daemon_subprocess(tmp_path, cfg, "second") as (proc, url):
+        first = _final(lambda i: _api_run(url, i), r1, 10)
+        assert first["status"] == "interrupted", first
+        assert "interrupted" in first["reason"] and "stopped without finishing" in first["reason"]
+        assert _final(lambda i: _api_run(url, i), r2, 20)["status"] == "success"
+        lines = [json.loads(x)["run_id"] for x in ran.read_text().splitlines()]
+        assert lines.count(str(r1)) == 1 and lines.count(str(r2)) == 1  # nothing ran twice
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its (dead) parent's reaper counts as stopped
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_requeue_on_interrupt_runs_it_again_after_restart(tmp_path):
+    pf = fake_pipeline(tmp_path, sleep=1.0)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO, "requeue_on_interrupt": True}],
+                 lease_seconds=30)
+    with daemon_subprocess(tmp_path, cfg, "first") as (proc, url):
+        r1 = send_github(url, push_payload(REPO), "rq-1").json()["runs"][0]
+        wait_for(lambda: _api_run(url, r1)["stages"], 10)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    with daemon_subprocess(tmp_path, cfg, "second") as (proc, url):
+        run = _final(lambda i: _api_run(url, i), r1, 20)
+        assert run["status"] == "success" and run["attempt"] == 2
+
+
+def test_sigterm_is_graceful(tmp_path):
+    pf = fake_pipeline(tmp_path, sleep=5)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}], grace_period=0.5)
+    with daemon_subprocess(tmp_path, cfg, "term") as (proc, url):
+        r1 = send_github(url, push_payload(REPO), "t-1").json()["runs"][0]
+        wait_for(lambda: _api_run(url, r1)["stages"], 10)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    logs = [json.loads(x) for x in (tmp_path / "term.log").read_text().splitlines() if x.startswith("{")]
+    assert any(x["msg"] == "daemon stopped" for x in logs)
+    s = SqliteStore(tmp_path / "data" / "runner.db")
+    run = s.get_run(r1)
+    assert run["status"] == "cancelled" and run["reason"] == "the daemon is shutting down"
+
+
+def test_cli_runs_logs_cancel(tmp_path):
+    from runner.daemon.cli import cancel, logs, runs
+
+    pf = fake_pipeline(tmp_path, sleep=0.1)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}])
+    with daemon_in_process(cfg) as d:
+        rid = send_github(d.url, push_payload(REPO), "cli-1").json()["runs"][0]
+        cli = CliRunner()
+        res = cli.invoke(logs, [str(rid), "--server", d.url, "--follow"])
+        assert res.exit_code == 0, res.output
+        assert "[checkout] checkout: working" in res.output and f"run {rid}: success" in res.output
+        res = cli.invoke(runs, ["--server", d.url])
+        assert res.exit_code == 0 and "success" in res.output and "app" in res.output
+        res = cli.invoke(runs, ["--server", d.url, "--json", "--status", "success"])
+        assert json.loads(res.output)["runs"][0]["id"] == rid
+        res = cli.invoke(cancel, [str(rid), "--server", d.url], env={"RUNNER_TOKEN": ""})
+        assert res.exit_code != 0 and "token" in res.output
+        res = cli.invoke(cancel, [str(rid), "--server", d.url, "--token", TOKEN])
+        assert res.exit_code == 0 and "already ended" in res.output
