@@ -188,7 +188,10 @@ def pids_with_arg(marker: str, exe: str) -> list[dict]:
     whose record was lost."""
     found = []
     for pid, argv in _cmdlines():
-        if os.path.basename(argv[0]) != exe:
+        if len(argv) == 1:
+            # a process title such as "sshd: /usr/sbin/sshd -D -e -f CONFIG [listener] ..."
+            argv = argv[0].split()
+        if os.path.basename(argv[0]).rstrip(":") != exe:
             continue
         if marker in argv or any(a.endswith(f"={marker}") for a in argv):
             rec = _record_of(pid, argv)

@@ -139,12 +139,12 @@ class Lab:
         if not 1 <= count <= layout.MAX_SERVERS:
             raise LabError(f"--servers must be between 1 and {layout.MAX_SERVERS}")
         with self.locked():
+            host.ensure_packages(self.log)  # ~30 ms when everything is installed
             self.load()
             wanted = sorted({int(n[3:]) for n in self.data["servers"]} | set(range(1, count + 1)))
             if set(wanted) == {s.index for s in self.servers()} and not self.problems():
                 return self.describe()  # everything answers: the fast path
             started = time.monotonic()
-            host.ensure_packages(self.log)
             layout.RUN_DIR.mkdir(parents=True, exist_ok=True)
             Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation dir
             self._ensure_base_network()
