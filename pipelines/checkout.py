@@ -442,7 +442,7 @@ def _failure(what: str, output: str) -> str:
     lines = [progress_text(x) for x in output.splitlines()]
     lines = [x for x in lines if x and not re.match(r"^(remote: )?(Counting|Compressing|"
                                                     r"Receiving|Resolving|Enumerating)", x)]
-    errors = [x for x in lines if re.match(r"^(fatal|error): ", x)]
+    errors = list(dict.fromkeys(x for x in lines if re.match(r"^(fatal|error): ", x)))
     tail = "; ".join((errors or lines)[:3] if errors else lines[-3:]) or "no output"
     hint = ""
     low = output.lower()

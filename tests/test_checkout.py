@@ -496,3 +496,70 @@ def test_ssh_key_file_is_private_and_removed(tmp_path, origin, monkeypatch):
     assert "IdentitiesOnly=yes" in seen["cmd"] and seen["mode"] == 0o600
     assert not Path(seen["path"]).exists()
     assert out["commit"] == origin.second
+
+
+def test_askpass_answers_only_for_the_repository_host(tmp_path):
+    from pipelines.checkout import _ASKPASS
+
+    script = tmp_path / "askpass"
+    script.write_text(_ASKPASS)
+    script.chmod(0o700)
+    env = {"PATH": os.environ["PATH"], "RUNNER_GIT_HOST": "git.example:8443",
+           "RUNNER_GIT_USERNAME": "bot", "RUNNER_GIT_PASSWORD": TOKEN}
+
+    def ask(prompt):
+        return subprocess.run([str(script), prompt], env=env, capture_output=True, text=True)
+
+    assert ask("Username for 'https://git.example:8443': ").stdout == "bot\n"
+    assert ask("Password for 'https://bot@git.example:8443': ").stdout == TOKEN + "\n"
+    for other in ("Password for 'https://bot@evil.example': ",
+                  "Password for 'https://git.example': ",
+                  "Password for 'https://git.example:8443.evil.example': "):
+        res = ask(other)
+        assert res.returncode != 0 and TOKEN not in res.stdout
+
+
+def test_remote_repository_cannot_pull_local_submodules(tmp_path, http_origin):
+    """A .gitmodules in a remote repository pointing at a local path is refused (the file
+    transport is allowed only when the repository itself is local: CVE-2022-39253)."""
+    secret = Origin(tmp_path, "private")
+    secret.commit("secret.txt", "do not leak")
+    git("submodule", "add", "-q", str(secret.bare), "leak", cwd=http_origin.work)
+    git("commit", "-q", "-m", "add submodule", cwd=http_origin.work)
+    git("push", "-q", "origin", "HEAD:refs/heads/main", cwd=http_origin.work)
+    with pytest.raises(StageFailed) as exc:
+        run(tmp_path, http_origin.url, token="t", secrets={"t": TOKEN}, submodules=True)
+    assert "submodule update failed" in exc.value.reason
+    assert "transport 'file' not allowed" in exc.value.reason
+    assert not (tmp_path / "runs" / "r1" / "src" / "leak" / "secret.txt").exists()
+
+
+def test_waiting_for_the_mirror_lock_honours_cancel(tmp_path, origin):
+    import fcntl
+
+    ctx = make_ctx(tmp_path, str(origin.bare))
+    lock = tmp_path / "cache" / "git" / f"{mirror_key(str(origin.bare))}.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        threading.Timer(0.3, ctx.cancel.set).start()
+        with pytest.raises(Cancelled):
+            CheckoutStage().run(ctx)
+    assert any("waiting for another run" in line for line in ctx.log.lines)
+
+
+def test_broken_mirror_is_replaced(tmp_path, origin):
+    mirror = tmp_path / "cache" / "git" / mirror_key(str(origin.bare))
+    mirror.mkdir(parents=True)
+    (mirror / "junk").write_text("half a clone")
+    out, ctx = run(tmp_path, str(origin.bare))
+    assert out["cloned"] is True and out["commit"] == origin.second
+    assert not (mirror / "junk").exists()
+
+
+def test_rerun_in_the_same_run_dir_replaces_the_work_tree(tmp_path, origin):
+    out, _ = run(tmp_path, str(origin.bare), ref=origin.first)
+    (Path(out["path"]) / "stale.txt").write_text("x")
+    out2, _ = run(tmp_path, str(origin.bare), ref="main")
+    assert out2["path"] == out["path"] and out2["commit"] == origin.second
+    assert not (Path(out2["path"]) / "stale.txt").exists()
