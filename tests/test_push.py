@@ -254,3 +254,121 @@ def test_credentials_never_logged(lab, tmp_path, tagged):
                    auth=RegistryAuth(username="ci", password_secret="regpw"))
     PushStage().run(ctx)
     assert password not in "\n".join(log.lines + log.infos + log.warns)
+
+
+@pytest.fixture
+def auth_registry(lab, tmp_path_factory):
+    """A second, throw-away registry on loopback that requires a password (htpasswd), started
+    and stopped by this fixture (by pid). Yields (host:port, username, password)."""
+    import socket
+    import subprocess
+
+    import bcrypt
+
+    root = tmp_path_factory.mktemp("authreg")
+    password = "pw-" + uuid.uuid4().hex
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()
+    (root / "htpasswd").write_text(f"ci:{hashed}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"127.0.0.1:{port}"
+    (root / "config.yml").write_text(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {root / 'data'}\n"
+        f"auth:\n  htpasswd:\n    realm: test\n    path: {root / 'htpasswd'}\n"
+        f"http:\n  addr: {addr}\n")
+    log = open(root / "registry.log", "wb")
+    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if httpx.get(f"http://{addr}/v2/", trust_env=False).status_code == 401:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the test registry did not start:\n"
+                            + (root / "registry.log").read_text())
+            time.sleep(0.1)
+        yield addr, "ci", password
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.lab
+def test_wrong_password_is_refused_without_retry(lab, tmp_path, tagged, auth_registry):
+    addr, user, password = auth_registry
+    image = f"{addr}/test/auth"
+    ref = tagged(f"{image}:a")
+    ctx = make_ctx(tmp_path, image, [ref], secret_values={"regpw": "wrong-" + password},
+                   retries=3, auth=RegistryAuth(username=user, password_secret="regpw"))
+    with pytest.raises(StageFailed) as err:
+        PushStage(backoff_base=0.2).run(ctx)
+    msg = str(err.value)
+    assert "not retried" in msg and "check stages.push.auth" in msg
+    assert ctx.log.warns == []
+    assert password not in msg
+
+
+@pytest.mark.lab
+def test_push_with_credentials_and_verify_with_them(lab, tmp_path, tagged, auth_registry):
+    addr, user, password = auth_registry
+    image = f"{addr}/test/auth"
+    ref = tagged(f"{image}:b", unique=True)
+    log = ListLog()
+    ctx = make_ctx(tmp_path, image, [ref], log=log, secret_values={"regpw": password},
+                   auth=RegistryAuth(username=user, password_secret="regpw"))
+    out = PushStage().run(ctx)
+    assert out["ref"] == f"{image}@{out['digest']}"
+    assert any(i.startswith("verified:") for i in log.infos)
+    assert password not in "\n".join(log.lines + log.infos + log.warns)
+    # Without credentials the registry refuses to serve it: the verification really used them.
+    resp = httpx.get(f"http://{addr}/v2/test/auth/manifests/{out['digest']}", trust_env=False)
+    assert resp.status_code == 401
+
+
+@pytest.mark.lab
+def test_built_image_pushed_and_served_by_digest(lab, tmp_path):
+    """The two stages together, as the engine runs them: build from a context, then push."""
+    import shutil
+
+    import docker
+
+    from pipelines.build import BuildStage
+
+    src = tmp_path / "src"
+    shutil.copytree(Path(__file__).parent / "data" / "build" / "app", src)
+    (src / "app.sh").write_text(f"echo {uuid.uuid4().hex}\n")
+    image = f"{lab['registry']}/test/build-push"
+    ctx = make_ctx(tmp_path, image, [])
+    ctx.results["checkout"] = {"commit": "f" * 40, "branch": "main", "tag": None,
+                               "path": str(src), "url": "https://example.invalid/t.git"}
+    built = BuildStage().run(ctx)
+    try:
+        ctx.results["build"] = built
+        out = PushStage().run(ctx)
+        assert out["tags"] == built["tags"]
+        host, path = split_name(image)
+        resp = httpx.get(f"http://{host}/v2/{path}/manifests/{out['digest']}",
+                         headers={"Accept": ", ".join(MANIFEST_TYPES)}, trust_env=False)
+        assert resp.status_code == 200
+        # The registry's manifest points at the image the build produced.
+        config = resp.json()["config"]["digest"]
+        assert config == built["image_id"]
+    finally:
+        client = docker.from_env()
+        for ref in built["tags"]:
+            try:
+                client.images.remove(ref)
+            except docker.errors.DockerException:
+                pass
+        client.close()
