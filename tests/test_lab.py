@@ -216,3 +216,18 @@ def test_up_again_is_a_fast_no_op(lab):
     status = _runner("status", "--json")
     assert status.returncode == 0
     assert json.loads(status.stdout)["up"] is True
+
+
+def test_down_deletes_only_the_build_bridges_iptables_rules():
+    captured = (  # `iptables -t nat -S` after the build engine ran (plus a foreign rule)
+        "-P PREROUTING ACCEPT\n"
+        "-N DOCKER\n"
+        "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n"
+        "-A POSTROUTING -s 10.87.54.0/24 ! -o rlabb0 -j MASQUERADE\n"
+        "-A DOCKER -i rlabb0 -j RETURN\n"
+    )
+    assert layout.build_bridge_rule_deletions("nat", captured) == [
+        ["iptables", "-w", "-t", "nat", "-D", "POSTROUTING", "-s", "10.87.54.0/24", "!", "-o",
+         "rlabb0", "-j", "MASQUERADE"],
+        ["iptables", "-w", "-t", "nat", "-D", "DOCKER", "-i", "rlabb0", "-j", "RETURN"],
+    ]

@@ -214,7 +214,7 @@ def unmount_under(prefixes: Sequence[Path]) -> None:
     try:
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             point = line.split()[4].replace("\\040", " ")
-            if any(point == str(p) or point.startswith(str(p) + "/") for p in prefixes):
+            if any(point.startswith(str(p) + "/") for p in prefixes):
                 points.append(point)
     except OSError:
         return

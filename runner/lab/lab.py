@@ -357,6 +357,10 @@ class Lab:
                     host.run(["ip", "link", "del", bridge], check=False)
             for argv in layout.firewall_down_cmds():
                 host.run(argv, check=False)
+            for table in ("filter", "nat"):
+                rules = host.run(["iptables", "-w", "-t", table, "-S"], check=False)
+                for argv in layout.build_bridge_rule_deletions(table, rules.stdout.decode()):
+                    host.run(argv, check=False)
             shutil.rmtree(layout.RUN_DIR, ignore_errors=True)
             self.data = _empty_state()
             self.save()

@@ -207,6 +207,20 @@ def firewall_down_cmds() -> list[list[str]]:
     ]
 
 
+def build_bridge_rule_deletions(table: str, rules_text: str) -> list[list[str]]:
+    """`iptables -D` commands for the rules the build engine's dockerd added for its bridge
+    (dockerd leaves them behind when it stops). Pure: `iptables -t TABLE -S` output in."""
+    subnet = BUILD_BRIDGE_CIDR.rsplit(".", 1)[0] + ".0/" + BUILD_BRIDGE_CIDR.split("/")[1]
+    cmds = []
+    for line in rules_text.splitlines():
+        words = shlex.split(line)
+        if not words or words[0] != "-A":
+            continue
+        if BUILD_BRIDGE in words or subnet in words:
+            cmds.append(["iptables", "-w", "-t", table, "-D", *words[1:]])
+    return cmds
+
+
 def build_dockerd_argv(state: Path) -> list[str]:
     return [
         "dockerd",
