@@ -132,7 +132,6 @@ class _Request:
     url_password: str | None
     commit: str | None  # exact commit from the trigger
     ref: str | None  # branch/tag/ref/sha from the trigger or the pipeline
-    ref_from_trigger: bool
     branch_hint: str | None
 
 
@@ -190,10 +189,16 @@ def _request(pipeline: Pipeline, trigger: dict[str, Any]) -> _Request:
         host = re.split(r"[/?#]", fetch_url.split("://", 1)[1], maxsplit=1)[0]
     return _Request(url=url, redacted=redact_url(url), kind=kind, fetch_url=fetch_url, host=host,
                     url_user=user, url_password=password, commit=commit, ref=ref,
-                    ref_from_trigger=bool(t_ref), branch_hint=branch_hint)
+                    branch_hint=branch_hint)
 
 
 class CheckoutStage(Stage):
+    """Outputs: commit, short_sha, branch, tag, path, url (redacted), mirror, cloned.
+
+    Raises StageFailed for a refused URL or ref, an unreachable repository, missing or wrong
+    credentials and an unknown ref; Cancelled when ctx.cancel is set (checked between steps,
+    while waiting for the mirror lock and inside every git command)."""
+
     name = STAGE
 
     def plan(self, pipeline: Pipeline) -> dict[str, Any]:
@@ -252,7 +257,11 @@ class CheckoutStage(Stage):
             username = req.url_user or repo.token_user
             password = req.url_password
             if repo.token_secret:
-                password = _secret(ctx, repo.token_secret, "repository.token")
+                # A secret read from a file often ends with a newline; a token never does.
+                password = _secret(ctx, repo.token_secret, "repository.token").strip()
+                if req.kind not in ("http", "https"):
+                    ctx.log.warn("repository.token is only used with http(s) URLs; "
+                                 f"{req.redacted} does not use it")
             if password and req.kind in ("http", "https"):
                 access.masked.append(password)
                 if req.kind == "http":
