@@ -408,6 +408,16 @@ class CheckoutStage(Stage):
         self._git(ctx, access, ["clone", "--shared", "--no-checkout", "--quiet",
                                 "--end-of-options", str(mirror), str(dest)],
                   env=env, what="creating the work tree")
+        # A shallow mirror is cloned over the transport, which carries branches and tags only:
+        # a commit fetched by id (an older trigger commit) has to be fetched from the mirror.
+        present = run_command(["git", "-C", str(dest), "cat-file", "-e", f"{commit}^{{commit}}"],
+                              env=env, cancel=ctx.cancel)
+        if present.returncode != 0:
+            depth = ctx.pipeline.repository.depth
+            self._git(ctx, access, ["-C", str(dest), "fetch", "--no-tags", "--quiet",
+                                    *([f"--depth={depth}"] if depth else []),
+                                    "--end-of-options", str(mirror), commit],
+                      env=env, what=f"copying commit {commit[:12]} into the work tree")
         # Submodules with relative URLs resolve against origin: the repository, not the cache.
         self._git(ctx, access, ["-C", str(dest), "config", "remote.origin.url", req.fetch_url],
                   env=env, what="setting the work tree's origin")

@@ -563,3 +563,12 @@ def test_rerun_in_the_same_run_dir_replaces_the_work_tree(tmp_path, origin):
     out2, _ = run(tmp_path, str(origin.bare), ref="main")
     assert out2["path"] == out["path"] and out2["commit"] == origin.second
     assert not (Path(out2["path"]) / "stale.txt").exists()
+
+
+def test_shallow_mirror_fetches_an_older_trigger_commit_by_id(tmp_path, origin):
+    run(tmp_path, f"file://{origin.bare}", run="r1", depth=1)
+    out, ctx = run(tmp_path, f"file://{origin.bare}", run="r2", depth=1,
+                   trigger={"kind": "github", "ref": "refs/heads/main", "commit": origin.first})
+    assert out["commit"] == origin.first and out["branch"] == "main"
+    assert any("fetching it by id" in line for line in ctx.log.lines)
+    assert git("rev-list", "--count", "HEAD", cwd=Path(out["path"])) == "1"
