@@ -31,7 +31,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from runner import tags as _tags
 from runner.errors import InvalidInput, Problem
-from runner.interpolate import BrokenVariable, InterpolationError, Resolver
+from runner.interpolate import NAME_RE, BrokenVariable, InterpolationError, Resolver
 from runner.model import Pipeline
 
 FieldPath = tuple[str | int, ...]
@@ -90,18 +90,24 @@ class SourceMap:
 
 
 _MAPS: dict[int, SourceMap] = {}
+_MAPS_BY_FILE: dict[str, SourceMap] = {}
 
 
 def _remember(pipeline: Pipeline, smap: SourceMap) -> None:
     # Pipelines are frozen and unhashable (dict fields): keep the map beside them, by identity,
-    # for as long as the pipeline lives.
+    # for as long as the pipeline lives; and by file, for copies made with model_copy().
     _MAPS[id(pipeline)] = smap
     weakref.finalize(pipeline, _MAPS.pop, id(pipeline), None)
+    _MAPS_BY_FILE[pipeline.source_file] = smap
 
 
 def source_map(pipeline: Pipeline) -> SourceMap | None:
-    """The source map of a pipeline returned by the loader (None for one built otherwise)."""
-    return _MAPS.get(id(pipeline))
+    """The source map of a pipeline returned by the loader, or of the last file loaded from
+    the same path (for copies); None for a pipeline built otherwise."""
+    found = _MAPS.get(id(pipeline))
+    if found is None and pipeline.source_file:
+        found = _MAPS_BY_FILE.get(pipeline.source_file)
+    return found
 
 
 def problem_at(pipeline: Pipeline, path: FieldPath, message: str, *, key: bool = False,
@@ -410,6 +416,11 @@ def _interpolate(data: dict[str, Any], smap: SourceMap, conv: _Converter,
                 definitions[k] = v
             elif v is not None and not isinstance(v, (dict, list)):
                 definitions[k] = conv.scalars[("variables", k)].text  # 8080, true: as written
+    for name in definitions:
+        if not NAME_RE.fullmatch(name):
+            problems.append(smap.problem(("variables", name), f"variable name '{name}' cannot be "
+                                         f"used as ${{...}}: use letters, digits and '_', not "
+                                         f"starting with a digit", key=True))
     resolver = Resolver(overrides=overrides, environ=environ, variables=definitions,
                         protected=_protected_env(data))
     values, errors = resolver.effective_variables()
@@ -518,9 +529,31 @@ def _error_problem(err: Mapping[str, Any], smap: SourceMap) -> Problem:
     elif message.startswith("Assertion failed, "):
         message = message[len("Assertion failed, "):]
     value = err.get("input")
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if (isinstance(value, (str, int, float, bool)) or value is None) \
+            and repr(value) not in message:
         message += f" (got {_short(value)})"
     return smap.problem(where, message)
+
+
+def _merge_union_problems(problems: list[Problem]) -> list[Problem]:
+    """A value that matches no alternative of a union gives one error per alternative, at the
+    same place: say it once, listing the alternatives."""
+    merged: dict[tuple[int, int, str], Problem] = {}
+    for p in problems:
+        key = (p.line, p.column, p.path)
+        first = merged.get(key)
+        if first is None:
+            merged[key] = p
+            continue
+        got = re.search(r" \(got .*\)$", first.message)
+        head = first.message[:got.start()] if got else first.message
+        tail = re.sub(r" \(got .*\)$", "", p.message)
+        if tail in head:
+            continue
+        tail = tail[:1].lower() + tail[1:]
+        merged[key] = Problem(p.file, p.line, p.column, p.path,
+                              f"{head}; or {tail}{got.group(0) if got else ''}", p.severity)
+    return list(merged.values())
 
 
 def _validate(data: dict[str, Any], smap: SourceMap,
@@ -544,7 +577,7 @@ def _validate(data: dict[str, Any], smap: SourceMap,
                     retry = True
         if not retry:
             break
-    return None, [_error_problem(err, smap) for err in errors]
+    return None, _merge_union_problems([_error_problem(err, smap) for err in errors])
 
 
 def _cross_checks(data: dict[str, Any], smap: SourceMap) -> list[Problem]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import threading
@@ -16,6 +17,8 @@ from urllib.parse import quote, quote_plus
 
 from runner.errors import InvalidInput, Problem
 from runner.model import Pipeline
+
+log = logging.getLogger(__name__)
 
 MASK = "***"
 MIN_MASK_LENGTH = 4  # shorter values would mask ordinary words in every log line
@@ -70,7 +73,8 @@ def _forms(value: str) -> set[str]:
 class Masker:
     """Replaces every registered secret value in text by '***'. Thread-safe.
 
-    `on_warning(message)` is called (without the value) for values too short to mask."""
+    `on_warning(message)` is called (never with the value) for values too short to mask; by
+    default the message goes to the `runner.secrets` logger."""
 
     def __init__(self, on_warning: Callable[[str], None] | None = None):
         self._lock = threading.Lock()
@@ -86,9 +90,12 @@ class Masker:
             return
         label = f"secret '{name}'" if name else "a secret value"
         if len(value) < MIN_MASK_LENGTH:
+            message = (f"{label} is shorter than {MIN_MASK_LENGTH} characters and is not "
+                       f"masked in logs")
             if self.on_warning is not None:
-                self.on_warning(f"{label} is shorter than {MIN_MASK_LENGTH} characters and is "
-                                f"not masked in logs")
+                self.on_warning(message)
+            else:
+                log.warning(message)
             return
         forms = {f for f in _forms(value) if len(f) >= MIN_MASK_LENGTH}
         with self._lock:

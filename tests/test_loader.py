@@ -246,6 +246,13 @@ BAD = [
         ? [a, b]
         : c
         """, (4, 3, "", "a key must be a plain string")),
+    ("variable name not usable", """\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        variables:
+          my-var: x
+        """, (5, 3, "variables.my-var", "cannot be used as ${...}")),
     ("recursive alias", """\
         name: demo
         repository: {url: x}
@@ -465,8 +472,25 @@ def test_source_map_and_problem_at():
     assert smap.locate(("stages", "build", "secrets", 0, "secret")) == (13, 27)
     prob = problem_at(p, ("secrets", "git_token"), "boom", key=True)
     assert (prob.line, prob.column, prob.path) == (8, 3, "secrets.git_token")
-    other = p.model_copy()
-    assert problem_at(other, ("name",), "x").line == 0
+    copied = p.model_copy(update={"name": "other"})  # e.g. the engine applying --repo
+    assert problem_at(copied, ("secrets", "git_token"), "x", key=True).line == 8
+    built = Pipeline.model_validate({"name": "x", "repository": {"url": "x"},
+                                     "image": {"name": "a"}})
+    prob = problem_at(built, ("name",), "x")
+    assert (prob.file, prob.line, prob.column) == ("<pipeline>", 0, 0)
+
+
+def test_union_alternatives_reported_once():
+    from runner.errors import Problem
+    from runner.loader import _merge_union_problems
+
+    merged = _merge_union_problems([
+        Problem("f", 5, 19, "x.y", "Input should be 'LOW' or 'HIGH' (got 'BAD')"),
+        Problem("f", 5, 19, "x.y", "Input should be 'NONE' (got 'BAD')"),
+        Problem("f", 6, 1, "x.z", "other"),
+    ])
+    assert [p.message for p in merged] == [
+        "Input should be 'LOW' or 'HIGH'; or input should be 'NONE' (got 'BAD')", "other"]
 
 
 def test_format_path():

@@ -70,6 +70,11 @@ def test_masker_ignores_short_values_with_a_warning():
     assert "abc" not in warnings[0].replace("characters", "")
 
 
+def test_masker_short_value_warning_goes_to_log_by_default(caplog):
+    Masker().add("ab", name="pin")
+    assert "secret 'pin' is shorter than 4 characters" in caplog.text
+
+
 def test_masker_regex_characters_are_literal():
     m = Masker()
     m.add("a.b*c(d)")
