@@ -171,6 +171,8 @@ class BuildStage(Stage):
                                                          result.returncode))
 
         image_id = _image_id(refs[0])
+        for step in progress.steps.values():
+            ctx.log.info(f"{'CACHED' if step.cached else 'ran   '} {step.name}")
         ctx.log.info(f"built {image_id} as {', '.join(refs)}: {progress.cached_steps} of "
                      f"{progress.total_steps} steps cached")
         return {

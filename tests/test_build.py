@@ -162,6 +162,11 @@ def test_build_with_cache_mount_then_code_only_change_is_cached(lab, tmp_path, i
     # The dependency COPY and the RUN with the cache mount come from the cache now.
     assert second["cached_steps"] >= first["cached_steps"] + 2
     assert any(line.endswith("CACHED") for line in ctx2.log.lines)
+    # A per-step summary says which steps came from the cache.
+    summary = [i for i in ctx2.log.infos if i.startswith(("CACHED ", "ran "))]
+    assert len(summary) == 5
+    assert any(i.startswith("CACHED ") and "RUN --mount=type=cache" in i for i in summary)
+    assert any(i.startswith("ran ") and "COPY app.sh" in i for i in summary)
 
 
 @pytest.mark.lab
