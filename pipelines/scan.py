@@ -72,10 +72,12 @@ def find_tool(name: str, configured: str | None) -> str | None:
 
 def trivy_argv(trivy: str, kind: str, subject: str, *, scanners: tuple[str, ...],
                cache_dir: str, output: str, skip_db_update: bool = True,
-               db_repository: str | None = None, timeout: float = 600) -> list[str]:
-    """The Trivy command for one target. kind: "image" (subject: a `docker save` tarball) or
-    "fs" (subject: a directory). Every finding is reported (no --severity, no ignore file):
-    the gate decides, so that the kept report shows what was ignored and why."""
+               db_repository: str | None = None, timeout: float = 600,
+               docker_host: str | None = None) -> list[str]:
+    """The Trivy command for one target. kind: "image" (subject: an image id in the engine at
+    docker_host, or with docker_host None a `docker save` tarball) or "fs" (subject: a
+    directory). Every finding is reported (no --severity, no ignore file): the gate decides, so
+    that the kept report shows what was ignored and why."""
     argv = [trivy, kind, "--format", "json", "--output", output, "--cache-dir", cache_dir,
             "--scanners", ",".join(scanners), "--no-progress", "--ignorefile", "",
             "--timeout", f"{int(timeout)}s", *OFFLINE_FLAGS]
@@ -89,10 +91,30 @@ def trivy_argv(trivy: str, kind: str, subject: str, *, scanners: tuple[str, ...]
         config = [s for s in scanners if s in ("misconfig", "secret")]
         if config:
             argv += ["--image-config-scanners", ",".join(config)]
-        argv += ["--input", subject]
+        if docker_host is None:
+            argv += ["--input", subject]
+        else:
+            # Only the local engine: never "remote", which would pull from a registry.
+            argv += ["--image-src", "docker"]
+            if docker_host:
+                argv += ["--docker-host", docker_host]
+            argv.append(subject)
     else:
         argv.append(subject)
     return argv
+
+
+def image_source(setting: str, docker_host_env: str | None) -> str | None:
+    """The --docker-host value for Trivy ("" for Trivy's default socket), or None to scan a
+    `docker save` archive instead. Measured on the example app image (229 MB): with a warm
+    layer cache the engine source took 1.1 s against 3.4 s for the export alone; cold, 11.5 s
+    against 22.7 s."""
+    if setting == "archive":
+        return None
+    host = docker_host_env or ""
+    if setting == "auto" and host.startswith("ssh://"):
+        return None  # Trivy's docker source cannot dial over ssh; the docker SDK can
+    return host
 
 
 def hadolint_argv(hadolint: str, dockerfile: str, output: str) -> list[str]:
@@ -152,6 +174,7 @@ class ScanStage(Stage):
             "ignore_unfixed": cfg.ignore_unfixed, "ignores": [i.id for i in cfg.ignore],
             "ignore_file": cfg.ignore_file, "db": cfg.db.model_dump(),
             "offline": cfg.db.skip_update, "sarif": cfg.sarif, "required": cfg.required,
+            "image_source": cfg.image_source,
         }
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -324,15 +347,20 @@ class ScanStage(Stage):
                 if not image_id:
                     raise StageFailed("scan", "the scan needs the image from the build stage, "
                                               "but the build stage gave no image_id")
-                tarball = ctx.workdir / "scan" / "image.tar"
-                started = time.monotonic()
-                self._save_image(ctx, image_id, tarball)
-                ctx.log.info(f"exported {image_id[:19]} for scanning in "
-                             f"{time.monotonic() - started:.1f}s")
-                argv = trivy_argv(trivy, "image", str(tarball), scanners=scanners,
+                docker_host = image_source(cfg.image_source, os.environ.get("DOCKER_HOST"))
+                subject = image_id
+                if docker_host is None:
+                    tarball = ctx.workdir / "scan" / "image.tar"
+                    started = time.monotonic()
+                    self._save_image(ctx, image_id, tarball)
+                    ctx.log.info(f"exported {image_id[:19]} for scanning in "
+                                 f"{time.monotonic() - started:.1f}s")
+                    subject = str(tarball)
+                argv = trivy_argv(trivy, "image", subject, scanners=scanners,
                                   cache_dir=str(cache_dir), output=str(report),
                                   skip_db_update=cfg.db.skip_update,
-                                  db_repository=cfg.db.db_repository, timeout=cfg.timeout)
+                                  db_repository=cfg.db.db_repository, timeout=cfg.timeout,
+                                  docker_host=docker_host)
             else:
                 build = ctx.pipeline.stages.build
                 argv = trivy_argv(trivy, "fs", str(self._repo(ctx) / build.context),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.scan import trivy_argv
+from pipelines.scan import image_source, trivy_argv
 from pipelines.scan_gate import (
     IgnoreRule, describe, evaluate, failure_message, parse_ignore_plain, parse_ignore_yaml, table,
 )
@@ -240,3 +240,20 @@ def test_image_report_names_the_secret_and_the_image_config():
 def test_clean_image_report_passes_at_every_threshold():
     assert load("image-clean.json", target="image") == []
     assert evaluate(load("image-clean.json", "image"), fail_on="UNKNOWN", today=TODAY).passed
+
+
+def test_trivy_argv_engine_source_never_pulls():
+    argv = trivy_argv("/bin/trivy", "image", "sha256:abc", scanners=("secret",), cache_dir="/c",
+                      output="/o", docker_host="unix:///run/x.sock")
+    assert argv[-7:] == ["--image-config-scanners", "secret", "--image-src", "docker",
+                         "--docker-host", "unix:///run/x.sock", "sha256:abc"]
+    assert "remote" not in argv and "--input" not in argv
+
+
+def test_image_source_choice():
+    assert image_source("auto", None) == ""
+    assert image_source("auto", "unix:///run/runner-lab/docker.sock") == \
+        "unix:///run/runner-lab/docker.sock"
+    assert image_source("auto", "ssh://root@host") is None
+    assert image_source("archive", "unix:///x") is None
+    assert image_source("engine", "tcp://127.0.0.1:2375") == "tcp://127.0.0.1:2375"

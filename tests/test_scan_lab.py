@@ -29,8 +29,14 @@ KEY_IN_IMAGE = ("FROM local/busybox:1\nCOPY deploy_key /home/app/.ssh/id_ed25519
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("scan-data")
+def data_dir(tmp_path_factory, lab) -> Path:
+    yield tmp_path_factory.mktemp("scan-data")
+    # The images these tests built in the lab's engine (the registry keeps what was pushed).
+    out = subprocess.run(["/usr/bin/docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+                         capture_output=True, text=True).stdout.split()
+    mine = [ref for ref in out if "/scantest/" in ref]
+    if mine:
+        subprocess.run(["/usr/bin/docker", "rmi", "-f", *mine], capture_output=True)
 
 
 def _repo(tmp: Path, dockerfile: str, key: bool = False) -> Path:
@@ -132,29 +138,33 @@ def _ctx(tmp: Path, image_id: str, scan: dict) -> StageContext:
                                  "build": {"image_id": image_id, "tags": []}})
 
 
-def test_image_running_as_root_fails_at_high_and_passes_at_critical(lab, tmp_path):
-    image = _build(tmp_path, ROOT_USER, "runner-test/scan-root:1")
+@pytest.mark.parametrize("source", ["engine", "archive"])
+def test_image_running_as_root_fails_at_high_and_passes_at_critical(lab, tmp_path, source):
+    image = _build(tmp_path, ROOT_USER, f"runner-test/scan-root:{source}")
+    base = {"scanners": ["misconfig"], "image_source": source}
     try:
         stage = ScanStage(today=lambda: dt.date(2026, 6, 1))
         with pytest.raises(ScanGateFailed) as info:
-            stage.run(_ctx(tmp_path, image, {"scanners": ["misconfig"], "fail_on": "HIGH"}))
+            stage.run(_ctx(tmp_path, image, {**base, "fail_on": "HIGH"}))
         assert "DS-0002 [misconfig] HIGH in <image config> (image)" in info.value.reason
-        out = stage.run(_ctx(tmp_path, image, {"scanners": ["misconfig"],
-                                               "fail_on": "CRITICAL"}))
+        out = stage.run(_ctx(tmp_path, image, {**base, "fail_on": "CRITICAL"}))
         assert out["passed"] and out["counts"]["HIGH"] == 1
-        ignored = stage.run(_ctx(tmp_path, image, {"scanners": ["misconfig"], "ignore": [
+        ignored = stage.run(_ctx(tmp_path, image, {**base, "ignore": [
             {"id": "DS002", "statement": "needs port 80"}]}))
         assert ignored["passed"] and ignored["ignored"] == 1
         with pytest.raises(ScanGateFailed):
-            stage.run(_ctx(tmp_path, image, {"scanners": ["misconfig"], "ignore": [
+            stage.run(_ctx(tmp_path, image, {**base, "ignore": [
                 {"id": "DS002", "statement": "needs port 80", "expired_at": "2026-01-01"}]}))
         assert not (tmp_path / "run" / "scan" / "image.tar").exists()  # export cleaned up
     finally:
-        subprocess.run(["/usr/bin/docker", "rmi", "-f", "runner-test/scan-root:1"],
+        subprocess.run(["/usr/bin/docker", "rmi", "-f", f"runner-test/scan-root:{source}"],
                        capture_output=True)
 
 
-def test_unknown_image_fails_as_a_stage_failure(lab, tmp_path):
+@pytest.mark.parametrize("source", ["engine", "archive"])
+def test_unknown_image_fails_as_a_stage_failure(lab, tmp_path, source):
     (tmp_path / "ctx").mkdir()
-    with pytest.raises(StageFailed, match="cannot export image"):
-        ScanStage().run(_ctx(tmp_path, "sha256:" + "0" * 64, {"scanners": ["secret"]}))
+    with pytest.raises(StageFailed, match="image") as info:
+        ScanStage().run(_ctx(tmp_path, "sha256:" + "0" * 64,
+                             {"scanners": ["secret"], "image_source": source}))
+    assert not isinstance(info.value, ScanGateFailed)

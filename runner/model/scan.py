@@ -54,6 +54,10 @@ class ScanStage(Model):
     db: ScanDb = Field(default_factory=ScanDb)
     sarif: bool = False  # also write scan/report.sarif in the run directory
     hadolint: bool = False  # lint the Dockerfile too (same threshold and ignore list)
+    # How Trivy reads the image: "engine" asks the build engine (DOCKER_HOST) directly, and with
+    # a warm layer cache exports nothing; "archive" exports it with `docker save` first (works
+    # with any engine the docker SDK reaches). "auto": engine unless DOCKER_HOST is ssh://.
+    image_source: Literal["auto", "engine", "archive"] = "auto"
     trivy: str | None = None  # path to the trivy binary; default: beside python, then PATH
     hadolint_path: str | None = None
     timeout: float = Field(default=600, gt=0)  # seconds, for each scanner run
