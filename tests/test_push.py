@@ -372,3 +372,60 @@ def test_built_image_pushed_and_served_by_digest(lab, tmp_path):
             except docker.errors.DockerException:
                 pass
         client.close()
+
+
+@pytest.mark.lab
+def test_inline_cache_is_pushed_for_fresh_machines(lab, tmp_path):
+    """cache_to: [type=inline] puts BuildKit's cache metadata into the pushed image, which a
+    machine without local cache reads back through cache_from (the fallback documented in
+    pipelines/buildkit.py); a build with that cache_from is accepted by the real CLI."""
+    import shutil
+
+    import docker
+
+    from pipelines.build import BuildStage
+    from runner.model import BuildStage as BuildSettings
+
+    src = tmp_path / "src"
+    shutil.copytree(Path(__file__).parent / "data" / "build" / "app", src)
+    (src / "app.sh").write_text(f"echo {uuid.uuid4().hex}\n")
+    image = f"{lab['registry']}/test/inline-cache"
+    checkout = {"commit": "e" * 40, "branch": "cache", "tag": None, "path": str(src),
+                "url": "https://example.invalid/t.git"}
+    made: list[str] = []
+    try:
+        ctx = make_ctx(tmp_path, image, [])
+        ctx = StageContext(**{**ctx.__dict__, "pipeline": ctx.pipeline.model_copy(update={
+            "stages": Stages(build=BuildSettings(
+                cache_to=("type=inline", "type=registry,ref=x/y:cache")))})})
+        ctx.results["checkout"] = checkout
+        built = BuildStage().run(ctx)
+        made += built["tags"]
+        if built["builder"] == "docker-buildkit":
+            assert any("type=registry,ref=x/y:cache" in w and "ignored" in w
+                       for w in ctx.log.warns)
+        ctx.results["build"] = built
+        out = PushStage().run(ctx)
+        host, path = split_name(image)
+        manifest = httpx.get(f"http://{host}/v2/{path}/manifests/{out['digest']}",
+                             headers={"Accept": ", ".join(MANIFEST_TYPES)},
+                             trust_env=False).json()
+        config = httpx.get(f"http://{host}/v2/{path}/blobs/{manifest['config']['digest']}",
+                           trust_env=False).json()
+        assert "moby.buildkit.cache.v0" in config
+
+        ctx2 = make_ctx(tmp_path, image, [])
+        ctx2 = StageContext(**{**ctx2.__dict__, "pipeline": ctx2.pipeline.model_copy(update={
+            "stages": Stages(build=BuildSettings(cache_from=(built["tags"][0],)))})})
+        ctx2.results["checkout"] = checkout
+        again = BuildStage().run(ctx2)
+        made += again["tags"]
+        assert again["cached_steps"] >= 3
+    finally:
+        client = docker.from_env()
+        for ref in made:
+            try:
+                client.images.remove(ref)
+            except docker.errors.DockerException:
+                pass
+        client.close()
