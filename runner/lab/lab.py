@@ -241,6 +241,7 @@ class Lab:
         if rec:
             return None
         host.stop_all(host.pids_using([f"{layout.RUN_DIR / 'exec'}/"]))
+        _remove_stale_pidfiles(layout.RUN_DIR / "docker.pid", layout.RUN_DIR / "exec")
         (self.state / "docker").mkdir(parents=True, exist_ok=True)
         _write_if_changed(self.state / "daemon.json",
                           json.dumps({"features": {"buildkit": True}}) + "\n")
@@ -292,6 +293,7 @@ class Lab:
             drec = None
         if not drec:
             host.stop_all(host.pids_using([f"{s.run_dir / 'exec'}/"]))
+            _remove_stale_pidfiles(s.run_dir / "docker.pid", s.run_dir / "exec")
             self.log(f"{s.name}: starting dockerd ({s.docker_host})")
             log_path = s.dir / "dockerd.log"
             drec = host.spawn(layout.server_dockerd_argv(s), log_path)
@@ -375,6 +377,14 @@ def _answers(probe, timeout: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
+
+
+def _remove_stale_pidfiles(pidfile: Path, exec_root: Path) -> None:
+    """dockerd refuses to start while its pid file names an existing pid, and waits for "still
+    running" containerd named in exec-root; a killed one stays a zombie until init reaps it (slow
+    here). Called once no process of ours is left (checked by the caller): both files are stale."""
+    pidfile.unlink(missing_ok=True)
+    (exec_root / "containerd" / "containerd.pid").unlink(missing_ok=True)
 
 
 def _netns_indexes() -> list[int]:
