@@ -326,7 +326,8 @@ class CheckoutStage(Stage):
 
             def rev(name: str) -> str | None:
                 try:
-                    out = g.rev_parse("--verify", "--quiet", "--end-of-options", f"{name}^{{commit}}")
+                    out = g.rev_parse("--verify", "--quiet", "--end-of-options",
+                                      f"{name}^{{commit}}")
                 except git.GitCommandError:
                     return None
                 out = out.strip()

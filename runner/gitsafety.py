@@ -48,7 +48,8 @@ def check_repo_url(url: str) -> str:
     if url != url.strip():
         raise _refuse("repository URL", url, "it starts or ends with whitespace")
     if url.startswith("-"):
-        raise _refuse("repository URL", url, "it starts with '-', which git would read as an option")
+        raise _refuse("repository URL", url,
+                      "it starts with '-', which git would read as an option")
     if _HELPER.match(url):
         raise _refuse("repository URL", url,
                       "'<transport>::' remote helpers (such as ext::) can run commands; "
@@ -58,7 +59,8 @@ def check_repo_url(url: str) -> str:
         scheme, rest = m.group(1).lower(), m.group(2)
         if scheme not in ALLOWED_SCHEMES:
             raise _refuse("repository URL", url,
-                          f"scheme {scheme!r} is not allowed (allowed: {', '.join(ALLOWED_SCHEMES)})")
+                          f"scheme {scheme!r} is not allowed "
+                          f"(allowed: {', '.join(ALLOWED_SCHEMES)})")
         if scheme == "file":
             if not rest.startswith("/"):
                 raise _refuse("repository URL", url, "a file:// URL needs an absolute path")

@@ -30,8 +30,8 @@ GIT_ENV = {
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
-    return subprocess.run(["git", "-c", "protocol.file.allow=always", "-c", "init.defaultBranch=main",
-                           *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True,
+    argv = ["git", "-c", "protocol.file.allow=always", "-c", "init.defaultBranch=main", *args]
+    return subprocess.run(argv, cwd=cwd, env=GIT_ENV, check=True, capture_output=True,
                           text=True).stdout.strip()
 
 
@@ -68,7 +68,8 @@ class Origin:
         git("remote", "add", "origin", str(self.bare), cwd=self.work)
 
     def commit(self, name: str, content: str = "", branch: str = "main") -> str:
-        git("checkout", "-q", "-B", branch, cwd=self.work) if branch != self.branch() else None
+        if branch != self.branch():
+            git("checkout", "-q", "-B", branch, cwd=self.work)
         (self.work / name).write_text(content or name)
         git("add", name, cwd=self.work)
         git("commit", "-q", "-m", f"add {name}", cwd=self.work)
