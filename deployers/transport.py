@@ -1,0 +1,452 @@
+"""SSH to a server with paramiko: strict host keys, bounded connects, one connection reused.
+
+- Host keys: a pinned key or a known_hosts file. Every key listed for the host counts (all types,
+  hashed entries too); key exchange prefers the known types, and whatever key the server then
+  presents must be one of them. An unknown key or a changed key (same type or another type) is
+  refused with a message saying which. `insecure_ignore_host_key` accepts anything and says so.
+- Connect: a timeout per attempt (TCP, banner, key exchange, auth) and a bounded number of
+  retries with backoff, only for network failures: a refused key or host key is final.
+- One SSH connection per server for the whole deploy; each command is a new channel on it.
+- Commands are argv lists. SSH exec carries one string, so the words are quoted here with
+  shlex.join, the only place in the project where a remote command line is made.
+- stdout and stderr are read while the command runs (waiting for the exit status first
+  deadlocks paramiko once the output fills the channel window).
+"""
+from __future__ import annotations
+
+import io
+import select
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+from runner.errors import Cancelled
+
+from deployers.spec import Target
+
+_RSA_ALGS = ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
+
+
+class TransportError(Exception):
+    """Talking to a server failed. `server` names it; the message says why and what to do."""
+
+    def __init__(self, server: str, message: str):
+        self.server = server
+        self.reason = message
+        super().__init__(f"{server}: {message}")
+
+
+class HostKeyError(TransportError):
+    pass
+
+
+class ConnectError(TransportError):
+    pass
+
+
+class AuthError(TransportError):
+    pass
+
+
+class CommandTimeout(TransportError):
+    pass
+
+
+def remote_command(argv: Sequence[str]) -> str:
+    """The single place where argv becomes a remote command line."""
+    return shlex.join([str(a) for a in argv])
+
+
+def host_key_name(host: str, port: int) -> str:
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def load_private_key(path: str | None = None, text: str | None = None,
+                     passphrase: str | None = None) -> paramiko.PKey:
+    """A private key from a file or from a secret's text (OpenSSH or PEM; ed25519, ecdsa, rsa)."""
+    if path:
+        try:
+            return paramiko.PKey.from_path(Path(path).expanduser(), passphrase)
+        except FileNotFoundError:
+            raise ValueError(f"ssh key file not found: {path}") from None
+        except (paramiko.SSHException, ValueError) as exc:
+            raise ValueError(f"cannot read ssh key file {path}: {exc}") from None
+    if text:
+        errors = []
+        for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+            try:
+                return cls.from_private_key(io.StringIO(text.strip() + "\n"),
+                                            password=passphrase)
+            except (paramiko.SSHException, ValueError) as exc:
+                errors.append(f"{cls.__name__}: {exc}")
+        raise ValueError("the ssh key secret is not a private key this runner can read")
+    raise ValueError("no ssh key: set ssh.key_file or ssh.key (a secret name)")
+
+
+def parse_public_key(line: str) -> paramiko.PKey:
+    """'ssh-ed25519 AAAA... [comment]' -> key."""
+    parts = line.split()
+    if len(parts) < 2:
+        raise ValueError(f"not a public key line: {line!r}")
+    import base64
+    try:
+        return paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1]))
+    except Exception as exc:  # paramiko raises several types here
+        raise ValueError(f"not a public key ({parts[0]}): {exc}") from None
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.fingerprint}"
+
+
+class HostKeyPolicy:
+    """Which host keys are acceptable for a server. Pure apart from reading known_hosts once."""
+
+    def __init__(self, known_hosts: str | None = None, pinned: str | None = None,
+                 insecure: bool = False):
+        self.known_hosts_path = str(Path(known_hosts).expanduser()) if known_hosts else None
+        self.pinned = pinned
+        self.insecure = insecure
+        self._entries: list[paramiko.hostkeys.HostKeyEntry] = []
+        if self.known_hosts_path:
+            try:
+                text = Path(self.known_hosts_path).read_text()
+            except FileNotFoundError:
+                raise ValueError(f"known_hosts file not found: {known_hosts}") from None
+            for line in text.splitlines():
+                line = line.strip()
+                if not line or line.startswith(("#", "@")):
+                    continue  # markers (@cert-authority, @revoked) are not supported
+                try:
+                    entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+                except (paramiko.SSHException, ValueError, Exception):
+                    continue  # a key type paramiko cannot read
+                if entry is not None and entry.key is not None:
+                    self._entries.append(entry)
+        if not (known_hosts or pinned or insecure):
+            raise ValueError("no way to check host keys: set ssh.known_hosts or ssh.host_key "
+                             "(ssh.insecure_ignore_host_key exists but is unsafe)")
+
+    def expected(self, host: str, port: int, pinned: str | None = None) -> list[paramiko.PKey]:
+        """Every key this host may present (all types)."""
+        pin = pinned or self.pinned
+        if pin:  # one "type base64" per line
+            return [parse_public_key(line) for line in pin.splitlines() if line.strip()]
+        names = {host_key_name(host, port)}
+        keys: list[paramiko.PKey] = []
+        for entry in self._entries:
+            if any(_matches(name, h) for name in names for h in entry.hostnames):
+                if all(k.asbytes() != entry.key.asbytes() for k in keys):
+                    keys.append(entry.key)
+        return keys
+
+    def order_key_types(self, available: Sequence[str], expected: list[paramiko.PKey]) -> list[str]:
+        """Host key algorithms to offer: those of the known keys first."""
+        first: list[str] = []
+        for key in expected:
+            algs = _RSA_ALGS if key.get_name() == "ssh-rsa" else (key.get_name(),)
+            first += [a for a in algs if a in available and a not in first]
+        return first + [a for a in available if a not in first]
+
+    def check(self, label: str, host: str, port: int, key: paramiko.PKey,
+              pinned: str | None = None) -> None:
+        """Raise HostKeyError unless `key` is one of the host's known keys."""
+        if self.insecure:
+            return
+        expected = self.expected(host, port, pinned)
+        if any(k.asbytes() == key.asbytes() for k in expected):
+            return
+        where = "the pinned host_key" if (pinned or self.pinned) else \
+            f"known_hosts ({self.known_hosts_path})"
+        if not expected:
+            raise HostKeyError(label, (
+                f"unknown host key {fingerprint(key)}: {host_key_name(host, port)} is not in "
+                f"{where}. Refusing to connect; add the server's real key after checking it."))
+        known = ", ".join(fingerprint(k) for k in expected)
+        raise HostKeyError(label, (
+            f"HOST KEY CHANGED: the server presented {fingerprint(key)} but {where} has "
+            f"{known}. Refusing to connect: the server was reinstalled or someone is "
+            f"intercepting the connection. Check, then update the key."))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """known_hosts host field: plain name or hashed |1|salt|hash (wildcards unsupported)."""
+    if pattern.startswith("|1|"):
+        return paramiko.HostKeys.hash_host(name, pattern) == pattern
+    return pattern == name
+
+
+@dataclass(frozen=True)
+class SSHOptions:
+    key: paramiko.PKey
+    host_keys: HostKeyPolicy
+    connect_timeout: float = 10
+    command_timeout: float = 600
+    retries: int = 2
+    jump: Target | None = None
+    keepalive: int = 15
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    argv: tuple[str, ...]
+    status: int
+    stdout: str
+    stderr: str
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    @property
+    def output(self) -> str:
+        return (self.stdout + ("\n" if self.stdout and self.stderr else "") + self.stderr).strip()
+
+
+class CommandFailed(TransportError):
+    def __init__(self, server: str, result: RemoteResult):
+        self.result = result
+        tail = "\n".join(result.output.splitlines()[-15:])
+        super().__init__(server, f"`{' '.join(result.argv[:3])} ...` exited with "
+                                 f"{result.status}: {tail}")
+
+
+@dataclass
+class Connection:
+    """One SSH connection to one server. Thread-safe: commands may run from several threads."""
+
+    target: Target
+    transport: paramiko.Transport
+    options: SSHOptions
+    jump: Connection | None = None
+    _sftp: paramiko.SFTPClient | None = field(default=None, repr=False)
+    _sftp_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.target.label
+
+    @property
+    def alive(self) -> bool:
+        return self.transport.is_active()
+
+    def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
+            timeout: float | None = None, cancel: threading.Event | None = None,
+            check: bool = False) -> RemoteResult:
+        """Run argv on the server; return its exit status and output.
+        Raises CommandTimeout, TransportError (connection lost), Cancelled; with check=True
+        also CommandFailed for a non-zero exit."""
+        argv = tuple(str(a) for a in argv)
+        timeout = timeout or self.options.command_timeout
+        start = time.monotonic()
+        try:
+            chan = self.transport.open_session(timeout=self.options.connect_timeout)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise TransportError(self.label, f"the SSH connection was lost: {exc}") from None
+        out, err = bytearray(), bytearray()
+        try:
+            chan.exec_command(remote_command(argv))
+            if stdin:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            while True:
+                got = False
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                    got = True
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                    got = True
+                drained = not chan.recv_ready() and not chan.recv_stderr_ready()
+                # sshd may send the exit status before the last output: wait for EOF too.
+                if drained and (chan.closed or (chan.eof_received and chan.exit_status_ready())):
+                    break
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"cancelled while running {argv[0]} on {self.label}")
+                if time.monotonic() - start > timeout:
+                    raise CommandTimeout(self.label, f"`{' '.join(argv[:3])}` did not finish "
+                                                     f"within {timeout:g}s")
+                if not got:
+                    if not self.transport.is_active():
+                        raise TransportError(self.label, "the SSH connection dropped")
+                    select.select([chan], [], [], 0.05)
+            status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise TransportError(self.label, f"the SSH connection failed: {exc}") from None
+        finally:
+            chan.close()
+        result = RemoteResult(argv, status, out.decode("utf-8", "replace"),
+                              err.decode("utf-8", "replace"), time.monotonic() - start)
+        if check and not result.ok:
+            raise CommandFailed(self.label, result)
+        return result
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        with self._sftp_lock:
+            if self._sftp is None:
+                try:
+                    self._sftp = self.transport.open_sftp_client()
+                except (paramiko.SSHException, EOFError, OSError) as exc:
+                    raise TransportError(self.label, f"cannot open SFTP: {exc}") from None
+            return self._sftp
+
+    def sftp_do(self, fn: Callable[[paramiko.SFTPClient], object]):
+        """Run fn(sftp) holding the SFTP lock (one SFTP session per connection, many threads)."""
+        sftp = self.sftp
+        try:
+            with self._sftp_lock:
+                return fn(sftp)
+        except (paramiko.SSHException, EOFError) as exc:
+            raise TransportError(self.label, f"SFTP failed: {exc}") from None
+
+    def write_private_file(self, path: str, data: bytes) -> None:
+        """Create `path` (must not exist), mode 0600 before any byte is written."""
+        sftp = self.sftp
+        with self._sftp_lock:
+            f = sftp.open(path, "wx")
+            try:
+                sftp.chmod(path, 0o600)
+                f.write(data)
+            finally:
+                f.close()
+
+    def ensure_private_dir(self, path: str) -> None:
+        sftp = self.sftp
+        with self._sftp_lock:
+            parts = [p for p in path.split("/") if p]
+            cur = "/" if path.startswith("/") else ""
+            for p in parts:
+                cur = f"{cur}{p}" if cur in ("", "/") else f"{cur}/{p}"
+                try:
+                    sftp.stat(cur)
+                except FileNotFoundError:
+                    sftp.mkdir(cur, 0o700)
+
+    def remove_file(self, path: str) -> None:
+        sftp = self.sftp
+        with self._sftp_lock:
+            try:
+                sftp.remove(path)
+            except FileNotFoundError:
+                pass
+
+    def open_tcp(self, host: str, port: int, timeout: float) -> paramiko.Channel:
+        """A TCP connection made by the server to host:port (SSH direct-tcpip)."""
+        return self.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
+                                           timeout=timeout)
+
+    def close(self) -> None:
+        try:
+            if self._sftp is not None:
+                self._sftp.close()
+        except Exception:
+            pass
+        self.transport.close()
+        if self.jump is not None:
+            self.jump.close()
+
+
+def http_get(conn: Connection, host: str, port: int, path: str, timeout: float) -> bytes:
+    """GET http://host:port/path from the server; the raw response head and start of body."""
+    chan = conn.open_tcp(host, port, timeout)
+    try:
+        chan.settimeout(timeout)
+        chan.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+        data = bytearray()
+        while len(data) < 65536:
+            chunk = chan.recv(8192)
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
+    finally:
+        chan.close()
+
+
+def _handshake(target: Target, sock, opts: SSHOptions) -> paramiko.Transport:
+    t = paramiko.Transport(sock)
+    t.banner_timeout = opts.connect_timeout
+    t.handshake_timeout = opts.connect_timeout
+    t.auth_timeout = opts.connect_timeout
+    sec = t.get_security_options()
+    if not opts.host_keys.insecure:
+        expected = opts.host_keys.expected(target.host, target.port, target.host_key)
+        sec.key_types = opts.host_keys.order_key_types(list(sec.key_types), expected)
+    try:
+        t.start_client(timeout=opts.connect_timeout)
+        key = t.get_remote_server_key()
+        opts.host_keys.check(target.label, target.host, target.port, key, target.host_key)
+        try:
+            t.auth_publickey(target.user, opts.key)
+        except paramiko.AuthenticationException:
+            raise AuthError(target.label, f"the server refused the SSH key for user "
+                                          f"{target.user!r}") from None
+        t.set_keepalive(opts.keepalive)
+        return t
+    except BaseException:
+        t.close()
+        raise
+
+
+def _open(target: Target, opts: SSHOptions, via: Connection | None) -> paramiko.Transport:
+    try:
+        if via is not None:
+            sock = via.open_tcp(target.host, target.port, opts.connect_timeout)
+        else:
+            sock = socket.create_connection((target.host, target.port),
+                                            timeout=opts.connect_timeout)
+    except (OSError, paramiko.SSHException) as exc:
+        hop = f" via {via.label}" if via else ""
+        raise ConnectError(target.label, f"cannot reach {target.host}:{target.port}{hop}: "
+                                         f"{exc or type(exc).__name__}") from None
+    try:
+        return _handshake(target, sock, opts)
+    except (HostKeyError, AuthError):
+        raise
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise ConnectError(target.label, f"SSH handshake with {target.host}:{target.port} "
+                                         f"failed: {exc or type(exc).__name__}") from None
+
+
+def connect(target: Target, opts: SSHOptions, *, cancel: threading.Event | None = None,
+            log: Callable[[str], None] | None = None,
+            sleep: Callable[[float], None] = time.sleep) -> Connection:
+    """Open the connection (through the jump host if any) with bounded retries.
+    Raises HostKeyError / AuthError at once, ConnectError after the last attempt."""
+    attempts = opts.retries + 1
+    for attempt in range(1, attempts + 1):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled while connecting to {target.label}")
+        jump_conn = None
+        try:
+            if opts.jump is not None:
+                jump_conn = Connection(opts.jump, _open(opts.jump, opts, None), opts)
+            t = _open(target, opts, jump_conn)
+            return Connection(target, t, opts, jump=jump_conn)
+        except ConnectError as exc:
+            if jump_conn is not None:
+                jump_conn.close()
+            if attempt == attempts:
+                if attempts > 1:
+                    raise ConnectError(exc.server, f"{exc.reason} (after {attempts} attempts)") \
+                        from None
+                raise
+            delay = min(0.5 * 2 ** (attempt - 1), 4.0)
+            if log:
+                log(f"{target.label}: {exc.reason}; retrying in {delay:g}s "
+                    f"({attempt}/{attempts - 1})")
+            sleep(delay)
+        except BaseException:
+            if jump_conn is not None:
+                jump_conn.close()
+            raise
+    raise AssertionError("unreachable")

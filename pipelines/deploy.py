@@ -1,0 +1,65 @@
+"""The deploy stage: the exact digest pushed in this run -> every server, health-gated.
+
+Reads ctx.results["push"]["ref"] ("name@sha256:...", what the registry acknowledged in this run),
+never a tag, so what runs on the servers is what was built, scanned and pushed.
+Outputs (ctx.results["deploy"]): app, servers: [{name, status, digest, rolled_back, reason, ...}].
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.base import Stage, StageContext
+from runner.errors import Cancelled, StageFailed
+from runner.model import Pipeline
+
+from deployers.base import DeployFailed
+from deployers.spec import Release, split_ref
+from deployers.ssh_docker import ConfigError, SSHDockerDeployer
+from deployers.transport import TransportError
+
+
+def make_deployer(pipeline: Pipeline, *, run_id: str, release: Release | None = None,
+                  secret=None, log=None, cancel=None) -> SSHDockerDeployer:
+    return SSHDockerDeployer(pipeline.stages.deploy, pipeline=pipeline.name,
+                             image_name=pipeline.image.name, run_id=run_id, release=release,
+                             secret=secret, log=log, cancel=cancel)
+
+
+class DeployStage(Stage):
+    name = "deploy"
+
+    def plan(self, pipeline: Pipeline) -> dict[str, Any]:
+        return make_deployer(pipeline, run_id="<run id>").plan().to_dict()
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        push = ctx.results.get("push") or {}
+        ref = push.get("ref")
+        if not ref:
+            raise StageFailed(self.name, "no pushed image in this run: the deploy needs the "
+                                         "push stage's digest (enable stages.push)")
+        try:
+            split_ref(ref)
+        except ValueError as exc:
+            raise StageFailed(self.name, str(exc)) from None
+        commit = (ctx.results.get("checkout") or {}).get("commit", "") or ""
+        release = Release(ref=ref, pipeline=ctx.pipeline.name, run_id=ctx.run_id, commit=commit)
+        deployer = make_deployer(ctx.pipeline, run_id=ctx.run_id, release=release,
+                                 secret=ctx.secrets.value, log=ctx.log.info, cancel=ctx.cancel)
+        servers = ", ".join(t.label for t in deployer.targets)
+        ctx.log.info(f"deploying {ref} as {deployer.app} to {servers} "
+                     f"(strategy {ctx.pipeline.stages.deploy.strategy.type})")
+        try:
+            report = deployer.apply(deployer.plan())
+        except DeployFailed as exc:
+            for line in str(exc).splitlines():
+                ctx.log.warn(line)
+            raise StageFailed(self.name, str(exc)) from None
+        except (ConfigError, TransportError) as exc:
+            raise StageFailed(self.name, str(exc)) from None
+        except Cancelled:
+            raise
+        finally:
+            deployer.close()
+        for s in report.servers:
+            ctx.log.info(f"{s.server}: {s.status} {s.digest} in {s.duration:.1f}s")
+        return report.to_dict()
