@@ -93,7 +93,8 @@ class BuildStage(Stage):
         settings = ctx.pipeline.stages.build
         checkout = ctx.results.get("checkout")
         if not checkout or not checkout.get("path"):
-            raise StageFailed(self.name, "no checked-out work tree (the checkout stage did not run)")
+            raise StageFailed(self.name,
+                              "no checked-out work tree (the checkout stage did not run)")
         root = Path(checkout["path"])
         try:
             context = resolve_inside(root, settings.context, "stages.build.context")
@@ -118,7 +119,10 @@ class BuildStage(Stage):
         sha = checkout["commit"]
         git = GitInfo(sha, checkout.get("branch"), checkout.get("tag"),
                       checkout.get("default_branch"))
-        tags = compute_tags(list(ctx.pipeline.image.tags), git, ctx.run_id)
+        try:
+            tags = compute_tags(list(ctx.pipeline.image.tags), git, ctx.run_id)
+        except ValueError as exc:  # the loader checks templates; a hand-built Pipeline may not
+            raise StageFailed(self.name, f"image.tags: {exc}") from None
         refs = [f"{ctx.pipeline.image.name}:{t}" for t in dict.fromkeys(tags)]
         if not refs:
             raise StageFailed(self.name, "no image tag: every template in image.tags was empty "

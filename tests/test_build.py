@@ -223,3 +223,16 @@ def test_cancel_stops_the_build(lab, tmp_path, images):
     with pytest.raises(Cancelled):
         BuildStage().run(ctx)
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.lab
+def test_timeout_stops_the_build(lab, tmp_path, images):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "Dockerfile").write_text(
+        f"FROM local/busybox:1\nRUN echo {uuid.uuid4().hex} && sleep 60\n")
+    ctx = make_ctx(tmp_path, src, f"{lab['registry']}/test/build-timeout", timeout=2)
+    start = time.monotonic()
+    with pytest.raises(StageFailed, match="timed out after 2s"):
+        BuildStage().run(ctx)
+    assert time.monotonic() - start < 20

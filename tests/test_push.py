@@ -25,7 +25,8 @@ from pipelines.push import (
     split_ref,
 )
 from runner.errors import Cancelled, StageFailed
-from runner.model import Image, Pipeline, PushStage as PushSettings, RegistryAuth, Repository, Stages
+from runner.model import Image, Pipeline, RegistryAuth, Repository, Stages
+from runner.model import PushStage as PushSettings
 
 DIGEST = "sha256:" + "ab" * 32
 
