@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -273,6 +274,13 @@ def make_hook_handler(core, provider: str):
     """An ASGI endpoint for one provider. `core` has .config, .store, .secrets, .after_accept()."""
 
     async def handler(request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        response = await _handle(request)
+        # How long the daemon itself took, for the benchmark and for anyone debugging slow hooks.
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
+        return response
+
+    async def _handle(request: Request) -> JSONResponse:
         headers = {k.lower(): v for k, v in request.headers.items()}
         remote = request.client.host if request.client else ""
         did = delivery_id(provider, headers)
