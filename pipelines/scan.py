@@ -246,7 +246,7 @@ class ScanStage(Stage):
             report = outdir / "hadolint.json"
             findings += self._hadolint(ctx, cfg, hadolint, dockerfile, shown, report)
             reports["hadolint"] = str(report)
-            versions["hadolint"] = "unknown"
+            versions["hadolint"] = self._version(hadolint) if cfg.sarif else "unknown"
             checked.append("hadolint")
 
         result = evaluate(findings, fail_on=cfg.fail_on, ignores=ignores,
@@ -282,7 +282,7 @@ class ScanStage(Stage):
                      "NOT known to be clean")
         if not result.passed:
             raise ScanGateFailed(
-                failure_message(result) + f"\n  report: {gate_path}; nothing was pushed", outputs)
+                failure_message(result) + f"\n  report: {gate_path}", outputs)
         return outputs
 
     # -- pieces of run() --
@@ -368,15 +368,26 @@ class ScanStage(Stage):
                                   output=str(report), skip_db_update=cfg.db.skip_update,
                                   db_repository=cfg.db.db_repository, timeout=cfg.timeout)
             ctx.log.info(f"trivy {target}: {', '.join(scanners)}")
-            res = run_command(argv, on_line=ctx.log.line, cancel=ctx.cancel, env=_trivy_env(),
+            explained: list[bool] = []
+
+            def on_line(text: str) -> None:
+                ctx.log.line(text)
+                if "Falling back to embedded checks" in text and not explained:
+                    explained.append(True)
+                    ctx.log.info("(expected offline: Trivy uses the misconfiguration checks "
+                                 "built into its binary instead of downloading newer ones)")
+
+            res = run_command(argv, on_line=on_line, cancel=ctx.cancel, env=_trivy_env(),
                               cwd=ctx.workdir, timeout=cfg.timeout + 30)
         finally:
             if tarball is not None:
                 tarball.unlink(missing_ok=True)
         if res.returncode != 0:
             tail = "\n".join(res.output.splitlines()[-8:])
-            raise StageFailed("scan", f"trivy failed on the {target} (exit {res.returncode}); "
-                                      f"nothing was checked. Its last lines:\n{tail}")
+            why = (f"timed out after {cfg.timeout + 30:.0f}s" if res.returncode == -1
+                   else f"exit {res.returncode}")
+            raise StageFailed("scan", f"trivy failed on the {target} ({why}); nothing was "
+                                      f"checked. Its last lines:\n{tail}")
         try:
             return json.loads(report.read_text())
         except (OSError, ValueError) as exc:
@@ -420,6 +431,15 @@ class ScanStage(Stage):
             return parse_hadolint(json.loads(report.read_text() or "[]"), shown)
         except (OSError, ValueError) as exc:
             raise StageFailed("scan", f"hadolint wrote no readable report: {exc}") from None
+
+    @staticmethod
+    def _version(tool: str) -> str:
+        try:
+            out = run_command([tool, "--version"], timeout=10).output
+        except OSError:
+            return "unknown"
+        words = [w for w in out.split() if w[:1].isdigit()]
+        return words[0] if words else "unknown"
 
     def _summary(self, ctx: StageContext, result: GateResult, checked: list[str],
                  skipped: dict[str, str]) -> None:

@@ -101,6 +101,14 @@ def test_private_key_in_context_fails_naming_the_secret(tmp_path):
     assert Path(out["reports"]["gate"]).is_file()
 
 
+def test_offline_fallback_is_explained(tmp_path):
+    ctx = make_ctx(tmp_path, repo(tmp_path, CLEAN_DOCKERFILE),
+                   {**CONTEXT, "scanners": ["misconfig"]})
+    run(ctx)
+    assert any("Falling back to embedded checks" in line for line in ctx.log.lines)
+    assert any(i.startswith("(expected offline") for i in ctx.log.infos)
+
+
 def test_root_dockerfile_fails_at_high_passes_at_critical(tmp_path):
     # Trivy 0.76 reports DS-0002 ("Image user should not be 'root'") as HIGH.
     r = repo(tmp_path, ROOT_DOCKERFILE)
@@ -195,9 +203,15 @@ def test_hadolint_shares_threshold_and_ignores(tmp_path):
     with pytest.raises(ScanGateFailed) as info:
         run(make_ctx(tmp_path, r, {"scanners": [], "hadolint": True}))
     assert "DL3020 [hadolint] HIGH in Dockerfile:2" in info.value.reason
-    out = run(make_ctx(tmp_path, r, {"scanners": [], "hadolint": True, "ignore": [
-        {"id": "DL3020", "statement": "ADD of a local file"}]}))
+    out = run(make_ctx(tmp_path, r, {"scanners": [], "hadolint": True, "sarif": True,
+                                     "ignore": [{"id": "DL3020",
+                                                 "statement": "ADD of a local file"}]}))
     assert out["passed"] and out["checked"] == ["hadolint"]
+    sarif = json.loads(Path(out["sarif"]).read_text())
+    driver = sarif["runs"][0]["tool"]["driver"]
+    assert driver["name"] == "hadolint" and driver["version"][0].isdigit()
+    assert sarif["runs"][0]["results"][0]["suppressions"][0]["justification"] == \
+        "ADD of a local file"
 
 
 def test_plan_is_plain_data():
