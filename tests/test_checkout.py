@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import stat
 import subprocess
 import threading
@@ -84,11 +85,23 @@ class Origin:
         git("push", "-q", "origin", f"refs/tags/{name}", cwd=self.work)
 
 
-@pytest.fixture
-def origin(tmp_path: Path) -> Origin:
-    o = Origin(tmp_path)
+@pytest.fixture(scope="module")
+def _origin_template(tmp_path_factory) -> Origin:
+    o = Origin(tmp_path_factory.mktemp("template"))
     o.first = o.commit("a.txt")
     o.second = o.commit("b.txt")
+    return o
+
+
+@pytest.fixture
+def origin(tmp_path: Path, _origin_template: Origin) -> Origin:
+    """A bare repository with two commits on main (a copy of one made per module: faster)."""
+    o = Origin.__new__(Origin)
+    o.bare, o.work = tmp_path / "origin.git", tmp_path / "origin-work"
+    shutil.copytree(_origin_template.bare, o.bare, symlinks=True)
+    shutil.copytree(_origin_template.work, o.work, symlinks=True)
+    git("remote", "set-url", "origin", str(o.bare), cwd=o.work)
+    o.first, o.second = _origin_template.first, _origin_template.second
     return o
 
 
