@@ -31,6 +31,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from runner import tags as _tags
 from runner.errors import InvalidInput, Problem
+from runner.gitsafety import check_ref, check_repo_url
 from runner.interpolate import NAME_RE, BrokenVariable, InterpolationError, Resolver
 from runner.model import Pipeline
 
@@ -606,6 +607,14 @@ def _cross_checks(data: dict[str, Any], smap: SourceMap) -> list[Problem]:
             known = f"; defined: {', '.join(sorted(names))}" if names and not hint else ""
             problems.append(smap.problem(path, f"unknown secret '{name}'{hint} (add it under "
                                          f"secrets:{known})"))
+    repo = data.get("repository")
+    if isinstance(repo, dict):
+        for key, check in (("url", check_repo_url), ("ref", check_ref)):
+            if isinstance(repo.get(key), str):
+                try:
+                    check(repo[key])
+                except InvalidInput as exc:
+                    problems.append(smap.problem(("repository", key), str(exc)))
     image = data.get("image")
     if isinstance(image, dict):
         if isinstance(image.get("name"), str):

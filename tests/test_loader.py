@@ -253,6 +253,22 @@ BAD = [
         variables:
           my-var: x
         """, (5, 3, "variables.my-var", "cannot be used as ${...}")),
+    ("remote helper url refused", """\
+        name: demo
+        repository:
+          url: "ext::sh -c touch% /tmp/pwned"
+        image: {name: a}
+        """, (3, 8, "repository.url", "remote helpers")),
+    ("option-like url refused", """\
+        name: demo
+        repository: {url: "-oProxyCommand=touch:x"}
+        image: {name: a}
+        """, (2, 19, "repository.url", "git would read as an option")),
+    ("unsafe ref refused", """\
+        name: demo
+        repository: {url: x, ref: 'main";echo$${IFS}hi;#'}
+        image: {name: a}
+        """, (2, 27, "repository.ref", "refused")),
     ("recursive alias", """\
         name: demo
         repository: {url: x}
