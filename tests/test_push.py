@@ -196,11 +196,33 @@ def tagged(lab):
     client.close()
 
 
+@pytest.fixture
+def registry_cleanup(lab):
+    """track(ref) -> the manifest that ref points at is deleted from the registry afterwards
+    (the lab's registry has deletes enabled)."""
+    refs: list[str] = []
+    yield refs.append
+    for ref in refs:
+        name, tag = split_ref(ref)
+        host, path = split_name(name)
+        base = f"http://{host}/v2/{path}/manifests"
+        try:
+            head = httpx.head(f"{base}/{tag}", headers={"Accept": ", ".join(MANIFEST_TYPES)},
+                              trust_env=False)
+            digest = head.headers.get("docker-content-digest")
+            if head.status_code == 200 and digest:
+                httpx.delete(f"{base}/{digest}", trust_env=False)
+        except httpx.HTTPError:
+            pass
+
+
 @pytest.mark.lab
-def test_push_all_tags_one_digest_and_registry_serves_it(lab, tmp_path, tagged):
+def test_push_all_tags_one_digest_and_registry_serves_it(lab, tmp_path, tagged,
+                                                         registry_cleanup):
     image = f"{lab['registry']}/test/push-{uuid.uuid4().hex[:8]}"
     first = tagged(f"{image}:one", unique=True)
     refs = [first, tagged(f"{image}:two", source=first)]
+    registry_cleanup(first)
     ctx = make_ctx(tmp_path, image, refs)
     out = PushStage().run(ctx)
     assert out["tags"] == refs
@@ -232,9 +254,10 @@ def test_push_to_a_closed_port_fails_after_bounded_retries(lab, tmp_path, tagged
 
 
 @pytest.mark.lab
-def test_cancel_between_tags_reports_what_was_pushed(lab, tmp_path, tagged):
+def test_cancel_between_tags_reports_what_was_pushed(lab, tmp_path, tagged, registry_cleanup):
     image = f"{lab['registry']}/test/push-cancel-{uuid.uuid4().hex[:8]}"
     refs = [tagged(f"{image}:a"), tagged(f"{image}:b")]
+    registry_cleanup(refs[0])
     cancel_after_first = lambda text: ctx.cancel.set() if text.startswith("pushed ") else None
     ctx = make_ctx(tmp_path, image, refs, log=ListLog(on_info=cancel_after_first))
     with pytest.raises(Cancelled) as err:
@@ -245,11 +268,12 @@ def test_cancel_between_tags_reports_what_was_pushed(lab, tmp_path, tagged):
 
 
 @pytest.mark.lab
-def test_credentials_never_logged(lab, tmp_path, tagged):
+def test_credentials_never_logged(lab, tmp_path, tagged, registry_cleanup):
     # The lab registry needs no auth; credentials are still sent per push and must not leak.
     password = "pw-" + uuid.uuid4().hex
     image = f"{lab['registry']}/test/push-auth-{uuid.uuid4().hex[:8]}"
     refs = [tagged(f"{image}:a")]
+    registry_cleanup(refs[0])
     log = ListLog()
     ctx = make_ctx(tmp_path, image, refs, log=log, secret_values={"regpw": password},
                    auth=RegistryAuth(username="ci", password_secret="regpw"))
@@ -338,7 +362,7 @@ def test_push_with_credentials_and_verify_with_them(lab, tmp_path, tagged, auth_
 
 
 @pytest.mark.lab
-def test_built_image_pushed_and_served_by_digest(lab, tmp_path):
+def test_built_image_pushed_and_served_by_digest(lab, tmp_path, registry_cleanup):
     """The two stages together, as the engine runs them: build from a context, then push."""
     import shutil
 
@@ -356,6 +380,7 @@ def test_built_image_pushed_and_served_by_digest(lab, tmp_path):
     built = BuildStage().run(ctx)
     try:
         ctx.results["build"] = built
+        registry_cleanup(built["tags"][0])
         out = PushStage().run(ctx)
         assert out["tags"] == built["tags"]
         host, path = split_name(image)
@@ -376,7 +401,7 @@ def test_built_image_pushed_and_served_by_digest(lab, tmp_path):
 
 
 @pytest.mark.lab
-def test_inline_cache_is_pushed_for_fresh_machines(lab, tmp_path):
+def test_inline_cache_is_pushed_for_fresh_machines(lab, tmp_path, registry_cleanup):
     """cache_to: [type=inline] puts BuildKit's cache metadata into the pushed image, which a
     machine without local cache reads back through cache_from (the fallback documented in
     pipelines/buildkit.py); a build with that cache_from is accepted by the real CLI."""
@@ -406,6 +431,7 @@ def test_inline_cache_is_pushed_for_fresh_machines(lab, tmp_path):
             assert any("type=registry,ref=x/y:cache" in w and "ignored" in w
                        for w in ctx.log.warns)
         ctx.results["build"] = built
+        registry_cleanup(built["tags"][0])
         out = PushStage().run(ctx)
         host, path = split_name(image)
         manifest = httpx.get(f"http://{host}/v2/{path}/manifests/{out['digest']}",
