@@ -257,3 +257,35 @@ def test_image_source_choice():
     assert image_source("auto", "ssh://root@host") is None
     assert image_source("archive", "unix:///x") is None
     assert image_source("engine", "tcp://127.0.0.1:2375") == "tcp://127.0.0.1:2375"
+
+
+def test_db_status_reads_age_from_metadata(tmp_path):
+    from pipelines.scan import db_status
+    now = dt.datetime(2026, 6, 3, 12, 0, tzinfo=dt.timezone.utc)
+    assert db_status(tmp_path, now)["summary"] == "missing"
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "trivy.db").write_bytes(b"x")
+    assert db_status(tmp_path, now)["summary"] == "present, age unknown"
+    # The fields Trivy writes into db/metadata.json next to trivy.db.
+    (tmp_path / "db" / "metadata.json").write_text(json.dumps({
+        "Version": 2, "NextUpdate": "2026-06-01T12:00:00.123456789Z",
+        "UpdatedAt": "2026-06-01T06:00:00.123456789Z",
+        "DownloadedAt": "2026-06-01T07:00:00Z"}))
+    status = db_status(tmp_path, now)
+    assert status["present"] and status["age_hours"] == 54.0
+    assert status["summary"] == "2.2 days old (updated 2026-06-01 06:00Z)"
+
+
+def test_model_refuses_a_scan_that_checks_nothing():
+    from pydantic import ValidationError
+
+    from runner.model import ScanStage as Config
+    with pytest.raises(ValidationError, match="nothing would be checked"):
+        Config(enabled=True, scanners=[], hadolint=False)
+    with pytest.raises(ValidationError, match="only once"):
+        Config(scanners=["secret", "secret"])
+    with pytest.raises(ValidationError):
+        Config(fail_on="SEVERE")
+    with pytest.raises(ValidationError, match="statement"):
+        Config(ignore=[{"id": "DS002"}])  # an inline ignore needs its reason
+    assert Config(ignore=[{"id": "DS002", "reason": "r"}]).ignore[0].statement == "r"
