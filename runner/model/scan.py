@@ -62,6 +62,11 @@ class ScanStage(Model):
     hadolint_path: str | None = None
     timeout: float = Field(default=600, gt=0)  # seconds, for each scanner run
 
+    @field_validator("fail_on", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("scanners", "targets")
     @classmethod
     def _unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
