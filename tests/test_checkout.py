@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -380,7 +381,10 @@ class _GitHTTP(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep test output quiet
         pass
 
+    delay = 0.0
+
     def _serve(self) -> None:
+        time.sleep(self.delay)
         auth = self.headers.get("Authorization", "")
         self.seen_auth.append(auth)
         want = "Basic " + base64.b64encode(f"{self.user}:{TOKEN}".encode()).decode()
@@ -586,3 +590,16 @@ def test_shallow_mirror_fetches_an_older_trigger_commit_by_id(tmp_path, origin):
     assert out["commit"] == origin.first and out["branch"] == "main"
     assert any("fetching it by id" in line for line in ctx.log.lines)
     assert git("rev-list", "--count", "HEAD", cwd=Path(out["path"])) == "1"
+
+
+def test_cancel_during_fetch_stops_git_and_cleans_up(tmp_path, http_origin):
+    http_origin.handler.delay = 3.0
+    ctx = make_ctx(tmp_path, http_origin.url, token="t", secrets={"t": TOKEN})
+    threading.Timer(0.3, ctx.cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        CheckoutStage().run(ctx)
+    assert time.monotonic() - started < 2.5
+    assert [p.name for p in (tmp_path / "cache" / "git").iterdir()] == [
+        f"{mirror_key(http_origin.url)}.lock"]  # no half-made mirror left behind
+    assert not list(ctx.workdir.glob(".git-askpass*"))
