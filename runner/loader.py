@@ -665,7 +665,8 @@ def load_pipeline_text(
     if problems or pipeline is None:
         problems.sort(key=lambda p: (p.line, p.column))
         raise InvalidInput(f"{filename}: pipeline is invalid", _unique(problems))
-    pipeline = pipeline.model_copy(update={"source_file": os.path.abspath(filename)})
+    source = filename if filename.startswith("<") else os.path.abspath(filename)
+    pipeline = pipeline.model_copy(update={"source_file": source})
     _remember(pipeline, smap)
     return pipeline
 

@@ -7,6 +7,7 @@ values are read once, before any side effect (`SecretStore.from_pipeline`), regi
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import logging
 import os
@@ -46,7 +47,8 @@ class Secret:
         return MASK
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        return isinstance(other, Secret) and hmac.compare_digest(
+            other._value.encode(), self._value.encode())
 
     def __hash__(self) -> int:
         return hash((Secret, self._value))
@@ -57,10 +59,9 @@ class Secret:
 
 def _forms(value: str) -> set[str]:
     """The value as it may show up in output: itself, each of its lines, URL-quoted, base64."""
-    forms = {value}
+    forms = {value, json.dumps(value)[1:-1]}  # as it shows in JSON output ("\n", "\"")
     if "\n" in value or "\r" in value:
         forms.update(line.strip() for line in re.split(r"\r?\n|\r", value))
-        forms.add(json.dumps(value)[1:-1])  # "\n" escaped, as in JSON output
     raw = value.encode()
     b64 = base64.b64encode(raw).decode()
     forms.update({

@@ -269,6 +269,12 @@ BAD = [
         repository: {url: x, ref: 'main";echo$${IFS}hi;#'}
         image: {name: a}
         """, (2, 27, "repository.ref", "refused")),
+    ("two documents", """\
+        name: demo
+        ---
+        name: other
+        """, (2, 1, "", "expected a single document")),
+    ("tab indentation", "name: demo\nrepository:\n\turl: x\n", (3, 1, "", "YAML syntax error")),
     ("recursive alias", """\
         name: demo
         repository: {url: x}
@@ -460,6 +466,14 @@ def test_directory_and_unreadable(tmp_path):
         f.chmod(0)
         with pytest.raises(InvalidInput, match="cannot read"):
             load_pipeline(f)
+
+
+def test_byte_order_mark_and_text_source(tmp_path):
+    f = tmp_path / "p.yml"
+    f.write_bytes("\ufeffname: demo\nrepository: {url: x}\nimage: {name: a}\n".encode())
+    assert load_pipeline(f, environ={}).name == "demo"
+    p = load_pipeline_text("name: demo\nrepository: {url: x}\nimage: {name: a}\n", environ={})
+    assert p.source_file == "<pipeline>"
 
 
 def test_alias_bomb_refused():

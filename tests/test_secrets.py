@@ -53,6 +53,12 @@ def test_masker_masks_each_line_of_a_multiline_value():
         .count("***") >= 1
 
 
+def test_masker_masks_json_escaped_form():
+    m = Masker()
+    m.add('pa"ss\\word')
+    assert m.mask('{"password": "pa\\"ss\\\\word"}') == '{"password": "***"}'
+
+
 def test_masker_longest_first_and_overlaps():
     m = Masker()
     m.add("abcd")
