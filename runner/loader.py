@@ -325,8 +325,8 @@ _SECRET_REF_FIELDS: set[tuple[type, str]] = set()
 def register_secret_reference(model: type[BaseModel], field_name: str) -> None:
     """Declare that `model.field_name` holds the name(s) of `secrets:` entries.
 
-    Usually not needed: a field is already taken as a secret reference when its name is `secret`,
-    ends in `_secret` / `_secrets`, starts with `secret_`, or it is declared with
+    Usually not needed: a field is already taken as a secret reference when its name is `secret`
+    or `secret_env`, ends in `_secret` / `_secrets`, or it is declared with
     `Field(json_schema_extra={"secret_ref": True})`. The value may be a name, a list of names,
     or a mapping whose values are names (`secret_env: {VAR: name}`)."""
     if field_name not in model.model_fields:
@@ -340,8 +340,7 @@ def _is_secret_ref(model: type[BaseModel], name: str, info: Any) -> bool:
     extra = info.json_schema_extra
     if isinstance(extra, dict) and extra.get("secret_ref"):
         return True
-    return (name == "secret" or name.endswith("_secret") or name.endswith("_secrets")
-            or name.startswith("secret_"))
+    return name in ("secret", "secret_env") or name.endswith(("_secret", "_secrets"))
 
 
 def _refs_in(ann: Any, data: Any, path: FieldPath) -> Iterator[tuple[FieldPath, str]]:

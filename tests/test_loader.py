@@ -493,6 +493,29 @@ def test_secret_references_walks_the_model():
     ]
 
 
+def test_secret_reference_hooks():
+    from pydantic import Field
+
+    from runner.loader import _refs_in, register_secret_reference
+    from runner.model.base import Model
+
+    class Extra(Model):
+        api_secret: str | None = Field(default=None, alias="api")  # by name
+        marked: str | None = Field(default=None, json_schema_extra={"secret_ref": True})
+        registered: tuple[str, ...] = ()
+        secret_env: dict[str, str] = Field(default_factory=dict)
+        plain: str | None = None
+
+    register_secret_reference(Extra, "registered")
+    data = {"api": "a", "marked": "b", "registered": ["c", "d"], "secret_env": {"E": "e"},
+            "plain": "not a secret"}
+    assert list(_refs_in(Extra, data, ("x",))) == [
+        (("x", "api"), "a"), (("x", "marked"), "b"), (("x", "registered", 0), "c"),
+        (("x", "registered", 1), "d"), (("x", "secret_env", "E"), "e")]
+    with pytest.raises(ValueError):
+        register_secret_reference(Extra, "nope")
+
+
 def test_source_map_and_problem_at():
     p = load(GOOD)
     smap = source_map(p)
