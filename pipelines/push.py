@@ -28,6 +28,7 @@ import httpx
 from pipelines.base import Stage, StageContext
 from runner.errors import Cancelled, RunnerError, StageFailed
 from runner.model import Pipeline
+from runner.tags import split_image_name
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -74,11 +75,10 @@ def split_ref(ref: str) -> tuple[str, str]:
 
 def split_name(name: str) -> tuple[str, str]:
     """Repository name -> (registry host, path in that registry), as docker reads names."""
-    first, _, rest = name.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost"):
-        return first, rest
-    path = name if "/" in name else f"library/{name}"
-    return "registry-1.docker.io", path
+    registry, path = split_image_name(name)
+    if registry is not None:
+        return registry, path
+    return "registry-1.docker.io", path if "/" in path else f"library/{path}"
 
 
 def registry_is_insecure(host: str, registry_config: Mapping[str, Any] | None) -> bool:
@@ -178,8 +178,8 @@ class PushStage(Stage):
             for ref in refs:
                 if ctx.cancel.is_set():
                     raise Cancelled(_cancel_message(pushed, refs))
-                digests[ref] = self._push_one(client, ref, auth_config, settings.retries, ctx,
-                                              pushed, refs)
+                digests[ref] = self._push_one(client, ref, build.get("image_id"), auth_config,
+                                              settings.retries, ctx, pushed, refs)
                 pushed.append(ref)
                 ctx.log.info(f"pushed {ref} ({digests[ref]})")
             distinct = sorted(set(digests.values()))
@@ -195,7 +195,7 @@ class PushStage(Stage):
             client.close()
 
         name = split_ref(refs[0])[0]
-        self._verify(ctx, name, digest, auth_config, registry_config)
+        self._verify(ctx, name, digest, build.get("image_id"), auth_config, registry_config)
         return {"digest": digest, "ref": f"{name}@{digest}", "tags": pushed}
 
     # -----------------------------------------------------------------------------------------
@@ -213,12 +213,23 @@ class PushStage(Stage):
                                          f"not available ({exc})") from None
         return {"username": auth.username, "password": password}
 
-    def _push_one(self, client: Any, ref: str, auth_config: dict[str, str] | None, retries: int,
-                  ctx: StageContext, pushed: list[str], refs: list[str]) -> str:
+    def _push_one(self, client: Any, ref: str, image_id: str | None,
+                  auth_config: dict[str, str] | None, retries: int, ctx: StageContext,
+                  pushed: list[str], refs: list[str]) -> str:
         from docker.errors import APIError, DockerException
         from requests.exceptions import RequestException
 
         repo, tag = split_ref(ref)
+        if image_id:
+            try:
+                local = client.images.get(ref).id
+            except DockerException as exc:
+                raise StageFailed(self.name, f"cannot push {ref}: {exc}") from None
+            if local != image_id:
+                raise StageFailed(self.name, (
+                    f"{ref} no longer points at the image this run built ({image_id}) but at "
+                    f"{local}: another build re-tagged it; not pushing someone else's image"
+                ) + _pushed_note(pushed))
         attempts = retries + 1
         error = ""
         for attempt in range(1, attempts + 1):
@@ -255,12 +266,9 @@ class PushStage(Stage):
             message += "\nthe registry refused the credentials or access; check stages.push.auth"
         elif "connection refused" in error.lower():
             message += f"\nis a registry listening at {split_name(repo)[0]}?"
-        if pushed:
-            message += ("\nalready pushed (these tags stay in the registry): "
-                        + ", ".join(pushed))
-        raise StageFailed(self.name, message)
+        raise StageFailed(self.name, message + _pushed_note(pushed))
 
-    def _verify(self, ctx: StageContext, name: str, digest: str,
+    def _verify(self, ctx: StageContext, name: str, digest: str, image_id: str | None,
                 auth_config: dict[str, str] | None, registry_config: Any) -> None:
         host, path = split_name(name)
         scheme = "http" if registry_is_insecure(host, registry_config) else "https"
@@ -288,6 +296,13 @@ class PushStage(Stage):
                                              and body_digest != digest):
             raise StageFailed(self.name, f"the registry serves a different manifest for {digest} "
                                          f"(header {served}, body {body_digest})")
+        try:
+            config = (resp.json().get("config") or {}).get("digest")
+        except ValueError:
+            config = None
+        if image_id and config and config != image_id:
+            raise StageFailed(self.name, f"the registry's {name}@{digest} is image {config}, not "
+                                         f"the image this run built ({image_id})")
         ctx.log.info(f"verified: the registry serves {name}@{digest} "
                      f"({resp.headers.get('content-type', '?')})")
 
@@ -305,6 +320,12 @@ def _bearer_token(http: httpx.Client, challenge: str, basic: tuple[str, str]) ->
         return None
     data = resp.json()
     return data.get("token") or data.get("access_token")
+
+
+def _pushed_note(pushed: list[str]) -> str:
+    if not pushed:
+        return ""
+    return "\nalready pushed (these tags stay in the registry): " + ", ".join(pushed)
 
 
 def _cancel_message(pushed: list[str], refs: list[str]) -> str:

@@ -456,3 +456,15 @@ def test_inline_cache_is_pushed_for_fresh_machines(lab, tmp_path, registry_clean
             except docker.errors.DockerException:
                 pass
         client.close()
+
+
+@pytest.mark.lab
+def test_a_tag_moved_by_another_build_is_not_pushed(lab, tmp_path, tagged):
+    image = f"{lab['registry']}/test/push-moved-{uuid.uuid4().hex[:8]}"
+    ref = tagged(f"{image}:main")
+    ctx = make_ctx(tmp_path, image, [ref])
+    ctx.results["build"]["image_id"] = "sha256:" + "0" * 64  # what "this run" built
+    with pytest.raises(StageFailed, match="no longer points at the image this run built"):
+        PushStage().run(ctx)
+    host, path = split_name(image)
+    assert httpx.get(f"http://{host}/v2/{path}/tags/list", trust_env=False).status_code == 404
