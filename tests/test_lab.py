@@ -44,6 +44,7 @@ def test_server_layout_names_and_addresses():
         ["ip", "-n", "rlab-srv2", "route", "add", "default", "via", "10.87.53.1"],
         ["ip", "link", "set", "rlab-v2", "master", "rlab0"],
         ["ip", "link", "set", "rlab-v2", "up"],
+        ["ip", "neigh", "flush", "to", "10.87.53.12", "dev", "rlab0"],
     ]
     argv = layout.server_dockerd_argv(s)
     assert argv[:3] == ["nsenter", "--net=/var/run/netns/rlab-srv2", "dockerd"]

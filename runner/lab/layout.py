@@ -184,6 +184,8 @@ def server_net_cmds(s: Server) -> list[list[str]]:
         ns + ["route", "add", "default", "via", BRIDGE_IP],
         ["ip", "link", "set", s.veth, "master", BRIDGE],
         ["ip", "link", "set", s.veth, "up"],
+        # a server made again gets a new MAC: forget the old one, or the host waits for ARP
+        ["ip", "neigh", "flush", "to", s.ip, "dev", BRIDGE],
     ]
 
 
