@@ -131,8 +131,9 @@ class _Request:
     url_user: str | None
     url_password: str | None
     commit: str | None  # exact commit from the trigger
-    ref: str | None  # branch/tag/ref/sha from the trigger or the pipeline
-    branch_hint: str | None
+    ref: str | None  # branch/tag/ref/sha to check out (or, with `commit`, to name it by)
+    branch_hint: str | None  # the trigger's own branch / tag names, when `ref` is the trigger's
+    tag_hint: str | None
 
 
 @dataclass
@@ -171,11 +172,18 @@ def _request(pipeline: Pipeline, trigger: dict[str, Any]) -> _Request:
         commit = check_ref(str(commit))
         if not is_sha(commit):
             raise InvalidInput(f"trigger commit {commit!r} is not a hex commit sha")
-    t_ref = trigger.get("ref") or None
-    ref = check_ref(str(t_ref)) if t_ref else (check_ref(repo.ref) if repo.ref else None)
-    branch_hint = trigger.get("branch") or None
-    if branch_hint is not None:
-        branch_hint = check_ref(str(branch_hint))
+    t_ref, t_branch, t_tag = (check_ref(str(trigger[k])) if trigger.get(k) else None
+                              for k in ("ref", "branch", "tag"))
+    p_ref = check_ref(repo.ref) if repo.ref else None
+    # A trigger's commit wins (the exact commit pushed; its ref only names it). Without one, the
+    # pipeline's ref wins: `runner exec --event e.json --ref x` drops the event's commit and
+    # puts x into repository.ref, so the event's ref must not override it.
+    if commit is not None:
+        ref, branch_hint, tag_hint = t_ref or p_ref, t_branch, t_tag
+    elif p_ref is not None:
+        ref, branch_hint, tag_hint = p_ref, None, None
+    else:
+        ref, branch_hint, tag_hint = t_ref, t_branch, t_tag
     kind = url_kind(url)
     stripped, user, password = split_credentials(url)
     if kind == "local":
@@ -189,7 +197,7 @@ def _request(pipeline: Pipeline, trigger: dict[str, Any]) -> _Request:
         host = re.split(r"[/?#]", fetch_url.split("://", 1)[1], maxsplit=1)[0]
     return _Request(url=url, redacted=redact_url(url), kind=kind, fetch_url=fetch_url, host=host,
                     url_user=user, url_password=password, commit=commit, ref=ref,
-                    branch_hint=branch_hint)
+                    branch_hint=branch_hint, tag_hint=tag_hint)
 
 
 class CheckoutStage(Stage):
@@ -354,7 +362,6 @@ class CheckoutStage(Stage):
                     raise StageFailed(STAGE, f"commit {req.commit!r} not found in {req.redacted}")
                 if req.ref:
                     branch, tag = _names(req.ref, has)
-                branch = req.branch_hint or branch
             elif req.ref is not None:
                 ref = req.ref
                 commit = None
@@ -372,8 +379,6 @@ class CheckoutStage(Stage):
                 if commit is None:
                     raise StageFailed(STAGE, f"ref {ref!r} not found in {req.redacted}: "
                                       "no branch, tag or commit of that name")
-                if req.branch_hint and not tag:
-                    branch = req.branch_hint
             else:
                 res = self._git(ctx, access, ["-C", str(mirror), "ls-remote", "--symref",
                                               "origin", "HEAD"],
@@ -389,6 +394,8 @@ class CheckoutStage(Stage):
                                       "was not fetched")
                 g.symbolic_ref("HEAD", head)
                 branch = head[len("refs/heads/"):]
+            branch = req.branch_hint or branch
+            tag = req.tag_hint or tag
             if tag is None:
                 out = g.for_each_ref(f"--points-at={commit}", "--sort=-version:refname",
                                      "--format=%(refname:strip=2)", "refs/tags")

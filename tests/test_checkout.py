@@ -205,11 +205,29 @@ def test_trigger_commit_wins_over_pipeline_ref(tmp_path, origin):
     assert out["commit"] == origin.first and out["branch"] == "main"
 
 
-def test_trigger_ref_wins_over_pipeline_ref(tmp_path, origin):
+def test_trigger_ref_used_when_the_pipeline_has_none(tmp_path, origin):
     feature = origin.commit("f.txt", branch="feature")
-    out, _ = run(tmp_path, str(origin.bare), ref="main",
-                 trigger={"kind": "gitea", "ref": "refs/heads/feature"})
+    out, _ = run(tmp_path, str(origin.bare),
+                 trigger={"kind": "manual", "ref": "refs/heads/feature", "branch": "feature"})
     assert out["commit"] == feature and out["branch"] == "feature"
+
+
+def test_pipeline_ref_beats_a_trigger_ref_without_commit(tmp_path, origin):
+    """`runner exec --event e.json --ref main`: the engine drops the event's commit and sets
+    repository.ref; the event's ref must not win then."""
+    origin.commit("f.txt", branch="feature")
+    out, _ = run(tmp_path, str(origin.bare), ref="main",
+                 trigger={"kind": "webhook", "ref": "refs/heads/feature", "branch": "feature"})
+    assert out["commit"] == origin.second and out["branch"] == "main"
+
+
+def test_webhook_trigger_shape(tmp_path, origin):
+    """The dict runner.engine makes from runner.trigger.Trigger (None for absent names)."""
+    origin.tag("v3")
+    out, _ = run(tmp_path, str(origin.bare), trigger={
+        "kind": "webhook", "provider": "github", "ref": "refs/tags/v3", "branch": None,
+        "tag": "v3", "commit": origin.second, "before": None, "deleted": False})
+    assert out["commit"] == origin.second and out["tag"] == "v3" and out["branch"] is None
 
 
 def test_default_branch_is_the_remotes_head(tmp_path, origin):
