@@ -152,7 +152,8 @@ def test_failure_message_names_top_findings():
     msg = failure_message(r, top=2)
     assert msg.splitlines() == [
         "4 findings at or above HIGH:",
-        "  - aws-access-key-id [secret] CRITICAL in .aws/credentials:2 (context): AWS Access Key ID",
+        "  - aws-access-key-id [secret] CRITICAL in .aws/credentials:2 (context): "
+        "AWS Access Key ID",
         "  - aws-secret-access-key [secret] CRITICAL in .aws/credentials:3 (context): "
         "AWS Secret Access Key",
         "  ... and 2 more",

@@ -62,7 +62,8 @@ def make_ctx(tmp: Path, repo: Path, scan: dict[str, Any], image_id: str | None =
                         cancel=threading.Event(), results=results)
 
 
-def repo(tmp: Path, dockerfile: str, key: bool = False, extra: dict[str, str] | None = None) -> Path:
+def repo(tmp: Path, dockerfile: str, key: bool = False,
+         extra: dict[str, str] | None = None) -> Path:
     path = tmp / "repo"
     path.mkdir()
     (path / "Dockerfile").write_text(dockerfile)
