@@ -200,6 +200,23 @@ def pids_with_arg(marker: str, exe: str) -> list[dict]:
     return found
 
 
+def children(pid: int) -> list[dict]:
+    """Records of pid's direct children (an sshd listener's per-connection processes)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            rec = _record_of(int(entry.name), [])
+            if rec:
+                found.append(rec)
+    return found
+
+
 def stop_all(recs: Sequence[dict], timeout: float = 10.0) -> None:
     threads = [threading.Thread(target=stop, args=(r, timeout)) for r in recs]
     for t in threads:

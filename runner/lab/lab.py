@@ -342,6 +342,10 @@ class Lab:
                     for found in host.pids_with_arg(marker, exe):
                         procs[f"{key}:{found['pid']}"] = found
             live = {k: r for k, r in procs.items() if host.alive(r)}
+            for key, rec in list(live.items()):
+                if "sshd" in key:  # open ssh sessions would live on in a deleted namespace
+                    for child in host.children(rec["pid"]):
+                        live[f"{key}-session:{child['pid']}"] = child
             if live:
                 self.log(f"stopping {len(live)} processes: "
                          + ", ".join(f"{k} (pid {r['pid']})" for k, r in sorted(live.items())))

@@ -40,7 +40,7 @@ SYSTEM_PACKAGES = ("docker.io", "docker-registry", "openssh-server", "busybox-st
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("RUNNER_LAB_DIR") or "/var/lib/runner-lab")
+    return Path(os.environ.get("RUNNER_LAB_DIR") or "/var/lib/runner-lab").absolute()
 
 
 @dataclass(frozen=True)
