@@ -136,6 +136,10 @@ def test_same_delivery_twice_gives_one_run(daemon):
     assert first.status_code == 202 and second.status_code == 200
     assert second.json()["outcome"] == "duplicate" and second.json()["runs"] == first.json()["runs"]
     assert len([r for r in _runs(daemon) if r["delivery"] == "dup-1"]) == 1
+    # Another delivery of the same push (new id, same ref and commit) runs nothing either.
+    third = send_github(daemon.url, p, "dup-2")
+    assert third.status_code == 200 and third.json()["outcome"] == "ignored"
+    assert f"already ran as run {first.json()['runs'][0]}" in third.json()["reason"]
 
 
 def test_oversized_malformed_ping_unknown(daemon):

@@ -137,7 +137,7 @@ class Schedules:
         seen = core.store.poll_state(name)
         runs = [new_run(p, "poll", None, ref, branch, tag, sha, synthetic_event(url, ref, before, sha, "runner-poll"))
                 for ref, branch, tag, before, sha in poll_decisions(p, seen, first, current)]
-        ids, cancel = core.store.enqueue(runs, unless_commit_seen=True) if runs else ([], [])
+        ids, cancel = core.store.enqueue(runs) if runs else ([], [])
         core.store.set_poll_state(name, current)
         if ids:
             log.info("poll queued runs", extra={"pipeline": name, "runs": ids})
@@ -162,7 +162,7 @@ class Schedules:
             except (RuntimeError, InvalidInput, subprocess.TimeoutExpired, OSError) as exc:
                 log.warning("cron: cannot resolve the branch head; queued on the ref",
                             extra={"pipeline": name, "error": str(exc)})
-        event = synthetic_event(url, ref, None, sha or "", "runner-cron")
+        event = synthetic_event(url, ref, None, sha, "runner-cron") if sha else {}
         ids, cancel = core.store.enqueue([new_run(p, "cron", None, ref, branch, None, sha, event)])
         log.info("cron queued run", extra={"pipeline": name, "runs": ids, "schedule": spec.schedule})
         core.after_accept(cancel)

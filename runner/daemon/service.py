@@ -135,7 +135,7 @@ class Daemon:
                     commit = ls_remote(url, self.config.git_timeout).get(ref)
                 except Exception as exc:  # noqa: BLE001 - the run's checkout will say it again
                     log.warning("manual trigger: cannot resolve the ref", extra={"pipeline": name, "error": str(exc)})
-        event = synthetic_event(url, ref, None, commit or "", "runner-api")
+        event = synthetic_event(url, ref, None, commit, "runner-api") if commit else {}
         ids, cancel = self.store.enqueue([new_run(p, "manual", None, ref, branch if not tag else None, tag,
                                                   commit, event, extra_vars=variables)])
         self.after_accept(cancel)

@@ -41,6 +41,9 @@ class NewRun:
     group: str | None = None
     cancel_in_progress: bool = True
     delivery: str | None = None
+    # Skip it if this pipeline already has a run of this commit on this ref (webhook and poll:
+    # a push seen both ways runs once). Manual and cron runs always run.
+    once: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class Accepted:
     run_ids: tuple[int, ...]
     # Runs still running that a new run supersedes: the caller asks their workers to stop.
     cancel_running: tuple[int, ...] = ()
+    outcome: str = ""
+    reason: str = ""
+    status_code: int = 200
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,9 @@ class Claimed:
     event: dict
     vars: dict
     attempt: int
+    ref: str | None = None
+    branch: str | None = None
+    tag: str | None = None
 
 
 class Store(abc.ABC):
@@ -68,8 +77,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def accept_delivery(self, provider: str, delivery_id: str | None, event: str, runs: Sequence[NewRun],
-                        outcome: str, reason: str, status_code: int, remote: str = "") -> Accepted:
+                        reasons: Sequence[str], remote: str = "") -> Accepted:
         """Record a delivery whose signature was verified, and queue `runs` in the same transaction.
+        Its outcome is "queued" (202) if a run was queued, else "ignored" (200) with `reasons`.
         If the same (provider, delivery_id) was accepted before, queue nothing and return
         duplicate=True with the runs the first delivery queued."""
 
@@ -79,9 +89,8 @@ class Store(abc.ABC):
         """Record a delivery that queues nothing (rejected, ping, ...). Does not claim the id."""
 
     @abc.abstractmethod
-    def enqueue(self, runs: Sequence[NewRun], *, unless_commit_seen: bool = False) -> tuple[list[int], list[int]]:
-        """Queue runs (poll, cron, manual). With unless_commit_seen, a run whose (pipeline, commit)
-        already has a run is skipped. Returns (new run ids, running runs to cancel)."""
+    def enqueue(self, runs: Sequence[NewRun]) -> tuple[list[int], list[int]]:
+        """Queue runs (poll, cron, manual). Returns (new run ids, running runs to cancel)."""
 
     @abc.abstractmethod
     def claim(self, owner: str, limits: dict[str, int], lease_seconds: float) -> Claimed | None:
@@ -170,7 +179,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status, id);
 CREATE INDEX IF NOT EXISTS runs_pipeline ON runs(pipeline, id);
-CREATE INDEX IF NOT EXISTS runs_commit ON runs(pipeline, commit_sha);
+CREATE INDEX IF NOT EXISTS runs_commit ON runs(pipeline, commit_sha, ref);
 CREATE INDEX IF NOT EXISTS runs_group ON runs(grp, status);
 CREATE TABLE IF NOT EXISTS leases (
     run_id INTEGER PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
@@ -297,10 +306,19 @@ class SqliteStore(Store):
 
     # -- queueing -----------------------------------------------------------------------------
 
-    def _insert_runs(self, db: sqlite3.Connection, runs: Sequence[NewRun], now: float) -> tuple[list[int], list[int]]:
+    def _insert_runs(self, db: sqlite3.Connection, runs: Sequence[NewRun], now: float,
+                     skipped: list[str] | None = None) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         cancel_running: list[int] = []
         for r in runs:
+            if r.once and r.commit:
+                seen = db.execute("SELECT id FROM runs WHERE pipeline=? AND commit_sha=? AND ref IS ? "
+                                  "ORDER BY id LIMIT 1", (r.pipeline, r.commit, r.ref)).fetchone()
+                if seen:
+                    if skipped is not None:
+                        skipped.append(f"{r.pipeline}: commit {r.commit[:12]} of {r.ref} already ran as "
+                                       f"run {seen['id']}")
+                    continue
             cur = db.execute(
                 "INSERT INTO runs (pipeline, status, trigger, provider, ref, branch, tag, commit_sha, delivery,"
                 " grp, cancel_in_progress, event, vars, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -321,7 +339,7 @@ class SqliteStore(Store):
                     cancel_running.append(int(row["id"]))
         return ids, cancel_running
 
-    def accept_delivery(self, provider, delivery_id, event, runs, outcome, reason, status_code, remote=""):
+    def accept_delivery(self, provider, delivery_id, event, runs, reasons, remote=""):
         now = time.time()
         key = f"{provider}:{delivery_id}" if delivery_id else None
         with self._tx() as db:
@@ -335,14 +353,18 @@ class SqliteStore(Store):
                         (provider, delivery_id, event, now, 200, "duplicate",
                          f"delivery already received as #{first['id']}", json.dumps(list(original)), remote))
                     return Accepted(int(cur.lastrowid), True, original)
-            ids, cancel_running = self._insert_runs(db, runs, now)
+            why = list(reasons)
+            ids, cancel_running = self._insert_runs(db, runs, now, why)
+            outcome, status_code = ("queued", 202) if ids else ("ignored", 200)
             if ids:
-                reason = (reason + "; " if reason else "") + "queued as run " + ", ".join(map(str, ids))
+                why.append("queued as run " + ", ".join(map(str, ids)))
+            reason = "; ".join(why)
             cur = db.execute(
                 "INSERT INTO deliveries (provider, delivery_id, event, received_at, status_code, outcome, reason,"
                 " run_ids, remote, dedup_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (provider, delivery_id, event, now, status_code, outcome, reason, json.dumps(ids), remote, key))
-            return Accepted(int(cur.lastrowid), False, tuple(ids), tuple(cancel_running))
+            return Accepted(int(cur.lastrowid), False, tuple(ids), tuple(cancel_running), outcome, reason,
+                            status_code)
 
     def record_delivery(self, provider, delivery_id, event, outcome, reason, status_code, remote=""):
         with self._tx() as db:
@@ -352,18 +374,10 @@ class SqliteStore(Store):
                 (provider, delivery_id, event, time.time(), status_code, outcome, reason, remote))
             return int(cur.lastrowid)
 
-    def enqueue(self, runs, *, unless_commit_seen=False):
+    def enqueue(self, runs):
         now = time.time()
         with self._tx() as db:
-            todo = []
-            for r in runs:
-                if unless_commit_seen and r.commit:
-                    seen = db.execute("SELECT 1 FROM runs WHERE pipeline=? AND commit_sha=? LIMIT 1",
-                                      (r.pipeline, r.commit)).fetchone()
-                    if seen:
-                        continue
-                todo.append(r)
-            return self._insert_runs(db, todo, now)
+            return self._insert_runs(db, runs, now)
 
     def claim(self, owner, limits, lease_seconds):
         now = time.time()
@@ -375,7 +389,7 @@ class SqliteStore(Store):
                 per_pipeline[row["pipeline"]] = per_pipeline.get(row["pipeline"], 0) + 1
                 if row["grp"] is not None:
                     busy_groups.add(row["grp"])
-            for row in db.execute("SELECT id, pipeline, grp, event, vars, attempt FROM runs "
+            for row in db.execute("SELECT id, pipeline, grp, event, vars, attempt, ref, branch, tag FROM runs "
                                   "WHERE status='queued' ORDER BY id LIMIT 500").fetchall():
                 name = row["pipeline"]
                 if name not in limits:
@@ -391,7 +405,7 @@ class SqliteStore(Store):
                 db.execute("INSERT OR REPLACE INTO leases (run_id, owner, expires_at, heartbeat_at) VALUES (?,?,?,?)",
                            (row["id"], owner, now + lease_seconds, now))
                 return Claimed(int(row["id"]), name, json.loads(row["event"]), json.loads(row["vars"]),
-                               int(row["attempt"]))
+                               int(row["attempt"]), row["ref"], row["branch"], row["tag"])
         return None
 
     def heartbeat(self, owner, run_ids, lease_seconds):

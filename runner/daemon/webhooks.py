@@ -22,6 +22,8 @@ from starlette.responses import JSONResponse
 
 from runner.daemon.config import DaemonConfig, PipelineEntry
 from runner.daemon.store import NewRun
+from runner.errors import InvalidInput
+from runner.trigger import Trigger, UnsupportedEvent, parse_event
 
 log = logging.getLogger("runner.daemon.webhooks")
 
@@ -118,10 +120,10 @@ def event_name(provider: str, headers: Mapping[str, str]) -> str:
 def classify(provider: str, event: str) -> str:
     """"push", "ping" or "other"."""
     e = event.strip().lower()
-    if provider == "github":
-        return {"push": "push", "ping": "ping"}.get(e, "other")
+    if provider == "github":  # "delete" is parsed too, so that it is recorded as a deletion
+        return {"push": "push", "delete": "push", "ping": "ping"}.get(e, "other")
     if provider == "gitea":
-        return "push" if e == "push" else "other"
+        return "push" if e in ("push", "delete") else "other"
     if provider == "gitlab":
         return "push" if e in ("push hook", "tag push hook") else "other"
     return {"push": "push", "ping": "ping", "": "push"}.get(e, "other")
@@ -211,39 +213,12 @@ def new_run(p: PipelineEntry, kind: str, provider: str | None, ref: str | None, 
     return NewRun(pipeline=p.name, trigger=kind, provider=provider, ref=ref, branch=branch, tag=tag,
                   commit=commit, event=event, vars={**p.vars, **(extra_vars or {})},
                   group=group_key(p, branch, tag, ref), cancel_in_progress=p.cancel_in_progress,
-                  delivery=delivery)
+                  delivery=delivery, once=kind in ("push", "tag", "poll"))
 
 
-def parse_push(provider: str, payload: dict, headers: Mapping[str, str]):
-    """The shared parser (runner.trigger) turns a push payload into a Trigger. Until that module
-    exists, a minimal stand-in reads the fields the daemon needs (ref, commit, deletion)."""
-    try:
-        from runner.trigger import parse_event
-    except ImportError:
-        return _minimal_push(provider, payload)
+def parse_push(provider: str, payload: dict, headers: Mapping[str, str]) -> Trigger:
+    """The shared parser (runner.trigger) turns a push payload into a Trigger."""
     return parse_event(payload, headers=dict(headers), provider=provider)
-
-
-@dataclass(frozen=True)
-class _MinimalPush:
-    ref: str
-    branch: str | None
-    tag: str | None
-    commit: str | None
-    deleted: bool
-    repo_url: str | None = None
-    clone_url: str | None = None
-
-
-def _minimal_push(provider: str, payload: dict) -> _MinimalPush:
-    ref = payload.get("ref")
-    if not isinstance(ref, str) or not ref.startswith("refs/"):
-        raise ValueError("no ref in the payload")
-    after = payload.get("after") or payload.get("checkout_sha") or payload.get("commit")
-    deleted = bool(payload.get("deleted")) or (isinstance(after, str) and set(after) == {"0"})
-    branch = ref[len("refs/heads/"):] if ref.startswith("refs/heads/") else None
-    tag = ref[len("refs/tags/"):] if ref.startswith("refs/tags/") else None
-    return _MinimalPush(ref, branch, tag, None if deleted else after, deleted)
 
 
 # -- the handler ------------------------------------------------------------------------------
@@ -327,8 +302,12 @@ def make_hook_handler(core, provider: str):
         else:
             try:
                 trig = parse_push(provider, payload, headers)
-            except Exception as exc:  # noqa: BLE001 - any parse failure is the sender's problem
-                return reject(400, f"not a {provider} push payload: {exc}")
+            except UnsupportedEvent as exc:
+                trig = None
+                reasons.append(str(exc))
+            except InvalidInput as exc:
+                return reject(400, str(exc))
+        if kind == "push" and trig is not None:
             names = [n for n in request.query_params.get("pipeline", "").split(",") if n] or None
             pipelines, why = match_pipelines(core.config, trig, payload, names)
             if why:
@@ -348,16 +327,14 @@ def make_hook_handler(core, provider: str):
                     continue
                 runs.append(new_run(p, "tag" if trig.tag else "push", provider, trig.ref, trig.branch,
                                     trig.tag, trig.commit, stored_event, delivery=did))
-        outcome = "queued" if runs else "ignored"
-        status = 202 if runs else 200
-        acc = store.accept_delivery(provider, did, event, runs, outcome, "; ".join(reasons), status, remote)
+        acc = store.accept_delivery(provider, did, event, runs, reasons, remote)
         if acc.duplicate:
             return _reply(200, outcome="duplicate", reason="this delivery was already received",
                           runs=list(acc.run_ids), delivery=acc.delivery_row)
         if acc.run_ids or acc.cancel_running:
             core.after_accept(acc.cancel_running)
-        log.info("delivery %s", outcome, extra={"provider": provider, "delivery": did, "runs": list(acc.run_ids)})
-        return _reply(status, outcome=outcome, reason="; ".join(reasons), runs=list(acc.run_ids),
+        log.info("delivery %s", acc.outcome, extra={"provider": provider, "delivery": did, "runs": list(acc.run_ids)})
+        return _reply(acc.status_code, outcome=acc.outcome, reason=acc.reason, runs=list(acc.run_ids),
                       delivery=acc.delivery_row)
 
     return handler

@@ -42,11 +42,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Path, event_file: Path,
-              variables: dict[str, str]) -> list[str]:
-    """The argv of one run. Pure; tested by equality."""
-    argv = [*command, pipeline_file, "--json", "--run-id", str(run_id), "--data-dir", str(data_dir),
-            "--event", str(event_file)]
+def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Path, event_file: Path | None,
+              variables: dict[str, str], ref: str | None = None) -> list[str]:
+    """The argv of one run. Pure; tested by equality. A run with a stored event (webhook, poll,
+    or a manual run whose commit was resolved) replays it; one without names only its ref."""
+    argv = [*command, pipeline_file, "--json", "--run-id", str(run_id), "--data-dir", str(data_dir)]
+    if event_file is not None:
+        argv += ["--event", str(event_file)]
+    elif ref:
+        argv += ["--ref", ref]
     for k, v in sorted(variables.items()):
         argv += ["--var", f"{k}={v}"]
     return argv
@@ -124,10 +128,13 @@ class RunHandle:
             return
         events_dir = core.data_dir / "events"
         events_dir.mkdir(parents=True, exist_ok=True)
-        event_file = events_dir / f"run-{self.id}.json"
-        event_file.write_text(json.dumps(self.run.event))
+        event_file: Path | None = None
+        if self.run.event:
+            event_file = events_dir / f"run-{self.id}.json"
+            event_file.write_text(json.dumps(self.run.event))
         argv = exec_argv(core.config.command(), str(core.config.path(entry.file)), self.id,
-                         core.work_dir, event_file, self.run.vars)
+                         core.work_dir, event_file, self.run.vars,
+                         ref=self.run.branch or self.run.tag)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -175,10 +182,11 @@ class RunHandle:
         if self.log_error:
             reason = (reason + "; " if reason else "") + f"log incomplete: {self.log_error}"
         self._finish(status, returncode, reason)
-        try:
-            event_file.unlink()
-        except OSError:
-            pass
+        if event_file is not None:
+            try:
+                event_file.unlink()
+            except OSError:
+                pass
 
     def _pump_stderr(self, tail: deque) -> None:
         assert self.proc is not None and self.proc.stderr is not None
