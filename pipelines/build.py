@@ -146,8 +146,14 @@ class BuildStage(Stage):
             secret_refs.append(BuildSecretRef(item.id, var))
             secret_env[var] = value
 
+        # The id comes from the build itself, not from looking up a tag afterwards: another
+        # build may re-tag the same name in between.
+        iidfile = Path(ctx.workdir) / "build" / "image-id"
+        iidfile.parent.mkdir(parents=True, exist_ok=True)
+        iidfile.unlink(missing_ok=True)
         spec = BuildSpec(
             context=str(context), dockerfile=str(dockerfile), tags=tuple(refs),
+            iidfile=str(iidfile),
             target=settings.target, args=dict(settings.args), secrets=tuple(secret_refs),
             labels=labels, cache_from=settings.cache_from, cache_to=settings.cache_to,
             pull=settings.pull, platform=settings.platform)
@@ -174,7 +180,8 @@ class BuildStage(Stage):
             raise StageFailed(self.name, failure_message(progress, result.output,
                                                          result.returncode))
 
-        image_id = _image_id(refs[0])
+        built_id = iidfile.read_text().strip() if iidfile.is_file() else ""
+        image_id = _image_id(built_id or refs[0])
         for step in progress.steps.values():
             ctx.log.info(f"{'CACHED' if step.cached else 'ran   '} {step.name}")
         ctx.log.info(f"built {image_id} as {', '.join(refs)}: {progress.cached_steps} of "
@@ -189,6 +196,7 @@ class BuildStage(Stage):
 
 
 def _image_id(ref: str) -> str:
+    """The engine's id for `ref` (an image id or a tag): the build engine really has it."""
     import docker  # the SDK is only needed once something was built
     from docker.errors import DockerException, ImageNotFound
 

@@ -77,6 +77,7 @@ class BuildSpec:
     pull: bool = False
     platform: str | None = None
     push: bool = False  # buildx only: --push instead of --load
+    iidfile: str | None = None  # where the CLI writes the id of the image it built
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +182,8 @@ def build_argv(builder: Builder, spec: BuildSpec) -> list[str]:
     if builder.kind == BUILDX:
         for entry in spec.cache_to:
             argv += ["--cache-to", entry]
+    if spec.iidfile:
+        argv += ["--iidfile", spec.iidfile]
     for tag in spec.tags:
         argv += ["-t", tag]
     argv.append(spec.context)

@@ -148,6 +148,8 @@ def test_build_with_cache_mount_then_code_only_change_is_cached(lab, tmp_path, i
     images.extend(first["tags"])
     assert first["builder"] in ("buildx", "docker-buildkit")
     assert first["image_id"].startswith("sha256:")
+    # The id is the one the build wrote, not a later lookup of a tag another build could move.
+    assert (tmp_path / "build" / "image-id").read_text().strip() == first["image_id"]
     assert first["tags"] == [f"{image}:{SHA[:7]}", f"{image}:main", f"{image}:{ctx.run_id}"]
     assert first["total_steps"] == 5
     assert any(i.startswith("builder: ") for i in ctx.log.infos)

@@ -114,6 +114,13 @@ def test_full_argv_buildx():
     assert build_warnings(BX, spec) == []
 
 
+def test_iidfile_before_tags():
+    spec = BuildSpec(context="/c", tags=("a:1",), iidfile="/w/build/image-id")
+    assert build_argv(CLASSIC, spec) == [
+        "/usr/bin/docker", "build", "--progress=plain", "--iidfile", "/w/build/image-id",
+        "-t", "a:1", "/c"]
+
+
 def test_secret_values_never_in_argv():
     # The spec only carries ids and variable names; nothing else can reach the argv.
     spec = BuildSpec(context="/c", secrets=(BuildSecretRef("npm-token", "RUNNER_X"),))
