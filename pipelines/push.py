@@ -195,7 +195,10 @@ class PushStage(Stage):
             client.close()
 
         name = split_ref(refs[0])[0]
-        self._verify(ctx, name, digest, build.get("image_id"), auth_config, registry_config)
+        try:
+            self._verify(ctx, name, digest, build.get("image_id"), auth_config, registry_config)
+        except StageFailed as exc:
+            raise StageFailed(self.name, exc.reason + _pushed_note(pushed)) from None
         return {"digest": digest, "ref": f"{name}@{digest}", "tags": pushed}
 
     # -----------------------------------------------------------------------------------------
