@@ -161,14 +161,26 @@ def test_build_with_cache_mount_then_code_only_change_is_cached(lab, tmp_path, i
     images.extend(second["tags"])
     assert second["image_id"] != first["image_id"]
     assert second["total_steps"] == 5
-    # The dependency COPY and the RUN with the cache mount come from the cache now.
-    assert second["cached_steps"] >= first["cached_steps"] + 2
+    # The dependency COPY and the RUN with the cache mount ran the first time and come from
+    # the cache now (BuildKit reports FROM as CACHED or not from one build to the next, so the
+    # counts are compared loosely and the steps exactly). The per-step summary says which.
+    assert second["cached_steps"] >= 3 and second["cached_steps"] > first["cached_steps"]
     assert any(line.endswith("CACHED") for line in ctx2.log.lines)
-    # A per-step summary says which steps came from the cache.
-    summary = [i for i in ctx2.log.infos if i.startswith(("CACHED ", "ran "))]
-    assert len(summary) == 5
-    assert any(i.startswith("CACHED ") and "RUN --mount=type=cache" in i for i in summary)
-    assert any(i.startswith("ran ") and "COPY app.sh" in i for i in summary)
+
+    def summary(c: StageContext) -> dict[str, str]:
+        out = {}
+        for i in c.log.infos:
+            if i.startswith(("CACHED ", "ran ")):
+                status, name = i.split(None, 1)
+                out[name.split("] ", 1)[1]] = status
+        return out
+
+    before, after = summary(ctx), summary(ctx2)
+    assert len(after) == 5
+    dep_steps = [n for n in after if n.startswith(("COPY deps.txt", "RUN --mount=type=cache"))]
+    assert len(dep_steps) == 2
+    assert all(before[n] == "ran" and after[n] == "CACHED" for n in dep_steps)
+    assert after["COPY app.sh ./"] == "ran"
 
 
 @pytest.mark.lab
