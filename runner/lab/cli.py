@@ -55,7 +55,8 @@ def lab() -> None:
 
 
 @lab.command()
-@click.option("--servers", "count", type=int, default=3, show_default=True,
+@click.option("--servers", "count", type=click.IntRange(1, layout.MAX_SERVERS), default=3,
+              show_default=True,
               help="How many SSH servers (more are added if fewer run; none are removed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the lab's description as JSON.")
 @_exits
