@@ -115,6 +115,17 @@ class Triggers(_Model):
 _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
 
+class CommitStatus(_Model):
+    """Report each run's state to the forge as a commit status."""
+
+    provider: Literal["github", "gitea"] = "github"
+    api_url: str = "https://api.github.com"  # Gitea/Forgejo: https://HOST/api/v1
+    repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")  # owner/name
+    token: SecretRef
+    context: str = "runner/{pipeline}"
+    target_url: str | None = None  # "{run_id}" and "{pipeline}" are replaced
+
+
 class PipelineEntry(_Model):
     name: str = Field(pattern=_NAME)
     file: str  # the pipeline YAML handed to `runner exec`
@@ -132,6 +143,7 @@ class PipelineEntry(_Model):
     # interrupted. Only for pipelines that are safe to run twice.
     requeue_on_interrupt: bool = False
     webhook_secret: SecretRef | None = None  # overrides the provider's secret for this pipeline
+    commit_status: CommitStatus | None = None
     vars: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("repo")

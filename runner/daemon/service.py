@@ -24,10 +24,12 @@ import uvicorn
 from runner.daemon.api import build_app
 from runner.daemon.config import DaemonConfig
 from runner.daemon.scheduler import Schedules, _is_local, ls_remote, synthetic_event
+from runner.daemon.status import StatusReporter
 from runner.daemon.store import SqliteStore, Store
 from runner.daemon.webhooks import new_run
 from runner.daemon.worker import WorkerPool
 from runner.errors import InvalidInput
+from runner.secrets import Masker
 
 log = logging.getLogger("runner.daemon")
 
@@ -77,6 +79,21 @@ class Daemon:
         self.store: Store = store or SqliteStore(self.data_dir / "runner.db")
         self.api_token = config.api_token.resolve() if config.api_token else None
         self._secrets = self._resolve_secrets()
+        # Every line the daemon stores passes this masker too: the engine masks the pipeline's
+        # secrets; the daemon's own (webhook secrets, API token, status tokens) are added here.
+        self.masker = Masker()
+        for values in self._secrets.values():
+            for secret, _ in values:
+                self.masker.add(secret, "webhook secret")
+        if self.api_token:
+            self.masker.add(self.api_token, "api_token")
+        for p in config.pipelines:
+            if p.commit_status is not None:
+                try:
+                    self.masker.add(p.commit_status.token.resolve(), f"{p.name} commit_status.token")
+                except InvalidInput as exc:
+                    log.warning("commit status token unavailable", extra={"pipeline": p.name, "error": str(exc)})
+        self.status = StatusReporter(self)
         self.pool = WorkerPool(self)
         self.schedules = Schedules(self)
         self.app = build_app(self)
@@ -207,6 +224,7 @@ class Daemon:
             self.server.should_exit = True
         if self._server_thread is not None:
             self._server_thread.join(timeout=10)
+        self.status.close()
         self.store.close()
         fcntl.flock(self._lockfile, fcntl.LOCK_UN)
         self._lockfile.close()

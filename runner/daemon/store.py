@@ -36,6 +36,7 @@ class NewRun:
     branch: str | None = None
     tag: str | None = None
     commit: str | None = None
+    commit: str | None = None
     event: dict = field(default_factory=dict)
     vars: dict = field(default_factory=dict)
     group: str | None = None
@@ -70,6 +71,7 @@ class Claimed:
     ref: str | None = None
     branch: str | None = None
     tag: str | None = None
+    commit: str | None = None
 
 
 class Store(abc.ABC):
@@ -389,7 +391,7 @@ class SqliteStore(Store):
                 per_pipeline[row["pipeline"]] = per_pipeline.get(row["pipeline"], 0) + 1
                 if row["grp"] is not None:
                     busy_groups.add(row["grp"])
-            for row in db.execute("SELECT id, pipeline, grp, event, vars, attempt, ref, branch, tag FROM runs "
+            for row in db.execute("SELECT id, pipeline, grp, event, vars, attempt, ref, branch, tag, commit_sha FROM runs "
                                   "WHERE status='queued' ORDER BY id LIMIT 500").fetchall():
                 name = row["pipeline"]
                 if name not in limits:
@@ -405,7 +407,7 @@ class SqliteStore(Store):
                 db.execute("INSERT OR REPLACE INTO leases (run_id, owner, expires_at, heartbeat_at) VALUES (?,?,?,?)",
                            (row["id"], owner, now + lease_seconds, now))
                 return Claimed(int(row["id"]), name, json.loads(row["event"]), json.loads(row["vars"]),
-                               int(row["attempt"]), row["ref"], row["branch"], row["tag"])
+                               int(row["attempt"]), row["ref"], row["branch"], row["tag"], row["commit_sha"])
         return None
 
     def heartbeat(self, owner, run_ids, lease_seconds):

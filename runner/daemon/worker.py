@@ -147,6 +147,7 @@ class RunHandle:
         finally:
             self._started.set()
         log.info("run started", extra={"run": self.id, "pipeline": self.run.pipeline, "pid": self.proc.pid})
+        core.status.report(self.run.pipeline, self.id, self.run.commit, "running")
         self.seq = core.store.max_log_seq(self.id)
         self.log_error: str | None = None
         stderr_tail: deque[str] = deque(maxlen=20)
@@ -204,15 +205,18 @@ class RunHandle:
             elif kind == "stage.log":
                 self._log(str(ev.get("stage") or "-"), str(ev.get("line", "")), ev.get("time"))
             elif kind == "stage.end":
+                err = ev.get("error")
                 store.stage_event(self.id, str(ev.get("stage")), str(ev.get("status") or "failed"),
-                                  duration=ev.get("duration"), error=ev.get("error"), outputs=ev.get("outputs"))
+                                  duration=ev.get("duration"),
+                                  error=self.pool.core.masker.mask(str(err)) if err else None,
+                                  outputs=ev.get("outputs"))
             elif kind == "run.end":
                 reported["status"] = ev.get("status")
                 err = ev.get("error")
                 problems = ev.get("problems")
                 if problems:
                     err = (err or "invalid") + "\n" + "\n".join(str(p) for p in problems)
-                reported["error"] = err
+                reported["error"] = self.pool.core.masker.mask(str(err)) if err else err
         except Exception as exc:  # noqa: BLE001 - disk full, locked db: recorded, the run goes on
             self.log_error = self.log_error or str(exc)
 
@@ -226,7 +230,7 @@ class RunHandle:
             seq = self.seq
         t = when if isinstance(when, (int, float)) else time.time()
         try:
-            self.pool.core.store.append_logs(self.id, [(seq, stage, t, line)])
+            self.pool.core.store.append_logs(self.id, [(seq, stage, t, self.pool.core.masker.mask(line))])
         except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
             self.log_error = str(exc)
             log.error("cannot store log lines", extra={"run": self.id, "error": str(exc)})
@@ -239,6 +243,7 @@ class RunHandle:
                 if not ok:
                     log.warning("lease lost before the run ended", extra={"run": self.id})
                 log.info("run finished", extra={"run": self.id, "status": status, "exit_code": code})
+                core.status.report(self.run.pipeline, self.id, self.run.commit, status, reason)
                 return
             except Exception as exc:  # noqa: BLE001
                 log.error("cannot record the end of a run, retrying", extra={"run": self.id, "error": str(exc)})

@@ -1,0 +1,139 @@
+"""Pure parts of the daemon, by equality: argv, exit codes, ls-remote parsing, config problems,
+commit status requests; plus commit status and masking through a running daemon."""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "data" / "daemon"))
+from harness import (HERE, SECRET, TOKEN, config, daemon_in_process, fake_pipeline,  # noqa: E402
+                     push_payload, send_github, wait_for)
+
+from runner.daemon.config import config_from_dict, load_config  # noqa: E402
+from runner.daemon.scheduler import ls_remote_argv, parse_ls_remote, poll_decisions  # noqa: E402
+from runner.daemon.status import status_request  # noqa: E402
+from runner.daemon.worker import exec_argv, status_from_exit  # noqa: E402
+from runner.errors import InvalidInput  # noqa: E402
+
+REPO = "https://git.example.com/me/app.git"
+
+
+def test_exec_argv():
+    assert exec_argv(["python", "-m", "runner", "exec"], "/p.yaml", 7, Path("/d"), Path("/e.json"),
+                     {"B": "2", "A": "1"}) == [
+        "python", "-m", "runner", "exec", "/p.yaml", "--json", "--run-id", "7", "--data-dir", "/d",
+        "--event", "/e.json", "--var", "A=1", "--var", "B=2"]
+    assert exec_argv(["x"], "/p.yaml", 8, Path("/d"), None, {}, ref="main") == [
+        "x", "/p.yaml", "--json", "--run-id", "8", "--data-dir", "/d", "--ref", "main"]
+
+
+@pytest.mark.parametrize("code,cancel,reported,status", [
+    (0, False, "success", "success"), (1, False, "failed", "failed"), (2, False, "invalid", "invalid"),
+    (130, False, "cancelled", "cancelled"), (130, True, None, "cancelled"), (-9, True, None, "cancelled"),
+    (-9, False, None, "failed"), (3, False, None, "failed"),
+])
+def test_status_from_exit(code, cancel, reported, status):
+    assert status_from_exit(code, cancel, reported) == status
+
+
+def test_ls_remote_parsing_and_argv():
+    text = ("1111111111111111111111111111111111111111\trefs/heads/main\n"
+            "2222222222222222222222222222222222222222\trefs/tags/v1\n"
+            "3333333333333333333333333333333333333333\trefs/tags/v1^{}\n"
+            "4444444444444444444444444444444444444444\trefs/heads/zzz\";echo${IFS}hi;#\n")
+    assert parse_ls_remote(text) == {"refs/heads/main": "1" * 40, "refs/tags/v1": "3" * 40}
+    assert ls_remote_argv("/srv/app.git")[-3:] == ["/srv/app.git", "refs/heads/*", "refs/tags/*"]
+    with pytest.raises(InvalidInput):
+        ls_remote_argv("--upload-pack=touch /tmp/x")
+    with pytest.raises(InvalidInput):
+        ls_remote_argv("ext::sh -c touch% /tmp/pwned")
+
+
+def test_poll_decisions():
+    p = config_from_dict({"pipelines": [{"name": "a", "file": "f", "triggers": {
+        "push": {"branches": ["main"], "tags": ["v*"]}, "poll": {"initial": "skip"}}}]}).pipelines[0]
+    current = {"refs/heads/main": "2" * 40, "refs/heads/dev": "3" * 40, "refs/tags/v1": "4" * 40}
+    assert poll_decisions(p, {}, True, current) == []  # initial: skip
+    assert poll_decisions(p, {"refs/heads/main": "1" * 40}, False, current) == [
+        ("refs/heads/main", "main", None, "1" * 40, "2" * 40), ("refs/tags/v1", None, "v1", None, "4" * 40)]
+
+
+def test_config_reports_every_problem_at_once(tmp_path):
+    f = tmp_path / "daemon.yaml"
+    f.write_text("concurrency: -1\nlisten: {port: 99999}\npipelines:\n"
+                 "  - {name: A!, file: x}\n  - {name: b, file: y, triggers: {cron: ['not cron']}}\n")
+    with pytest.raises(InvalidInput) as e:
+        load_config(f)
+    text = str(e.value)
+    for field in ("concurrency", "listen.port", "pipelines.0.name", "pipelines.1.triggers.cron.0"):
+        assert field in text, text
+    f.write_text("pipelines: [{name: a, file: x}, {name: a, file: y}]\n")
+    with pytest.raises(InvalidInput, match="unique"):
+        load_config(f)
+
+
+def test_example_config_is_valid(monkeypatch):
+    monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", "x" * 20)
+    monkeypatch.setenv("RUNNER_TOKEN", "y" * 20)
+    cfg = load_config(HERE / "daemon.example.yaml")
+    assert [p.name for p in cfg.pipelines] == ["example"]
+    assert cfg.pipelines[0].triggers.poll is not None
+
+
+def test_status_request():
+    cfg = config_from_dict({"pipelines": [{"name": "a", "file": "f", "commit_status": {
+        "provider": "gitea", "api_url": "https://git.example/api/v1/", "repo": "me/app",
+        "token": {"value": "t0ken-value"}, "target_url": "https://ci.example/runs/{run_id}"}}]}).pipelines[0]
+    url, headers, body = status_request(cfg.commit_status, "t0ken-value", "a", 5, "a" * 40, "failed",
+                                        "stage 'build' failed: exit 3\nmore")
+    assert url == "https://git.example/api/v1/repos/me/app/statuses/" + "a" * 40
+    assert headers["Authorization"] == "token t0ken-value"
+    assert body == {"state": "failure", "context": "runner/a", "description": "failed: stage 'build' failed: exit 3",
+                    "target_url": "https://ci.example/runs/5"}
+
+
+class _Forge(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append((self.path, self.headers["Authorization"], body))
+        self.send_response(201)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *a):
+        pass
+
+
+def test_commit_status_and_masking_through_the_daemon(tmp_path):
+    forge = ThreadingHTTPServer(("127.0.0.1", 0), _Forge)
+    threading.Thread(target=forge.serve_forever, daemon=True).start()
+    try:
+        pf = fake_pipeline(tmp_path, fail="build")
+        cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO,
+                                 "vars": {"FAKE_ECHO": f"token={TOKEN} secret={SECRET}"},
+                                 "commit_status": {"api_url": f"http://127.0.0.1:{forge.server_port}",
+                                                   "repo": "me/app", "token": {"value": "forge-token-123"}}}])
+        with daemon_in_process(cfg) as d:
+            rid = send_github(d.url, push_payload(REPO, after="c" * 40), "st-1").json()["runs"][0]
+            wait_for(lambda: len(_Forge.seen) >= 2, 15, "two status reports")
+            run = d.store.get_run(rid)
+            assert run["status"] == "failed"
+            lines = [x["line"] for x in d.store.logs(rid)]
+        (p1, auth, pending), (p2, _, final) = _Forge.seen[:2]
+        assert p1 == p2 == "/repos/me/app/statuses/" + "c" * 40
+        assert auth == "Bearer forge-token-123"
+        assert pending["state"] == "pending" and final["state"] == "failure"
+        assert final["context"] == "runner/app"
+        echoed = [x for x in lines if "echo:" in x]
+        assert len(echoed) == 4  # a stage.log line and a stderr line, in two stages
+        assert all(TOKEN not in x and SECRET not in x and "***" in x for x in echoed), echoed
+    finally:
+        forge.shutdown()
