@@ -4,11 +4,13 @@ optionally on the build context, hadolint on the Dockerfile, then the gate (pipe
 It runs after build and before push; a failed gate raises StageFailed, so nothing is pushed.
 
 Trivy always runs offline unless the pipeline says `db.skip_update: false`: no DB download, no
-check-bundle download, no version check, no telemetry. The image is exported with `docker save`
-into the run directory and scanned with `trivy image --input`, so Trivy never needs to find the
-build engine's socket itself. When vulnerabilities are asked for and no database is present, the
-stage fails (or, with `allow_missing_db`, skips only that scanner and says so): a scan that
-checked nothing is never reported as clean.
+check-bundle download, no version check, no telemetry. It reads the image by id from the build
+engine (DOCKER_HOST, `--image-src docker` only, so it never pulls from a registry); with a warm
+layer cache that exports nothing. `image_source: archive` (and an ssh:// DOCKER_HOST) exports it
+with `docker save` into the run directory instead and scans that with `--input`. When
+vulnerabilities are asked for and no database is present, the stage fails (or, with
+`allow_missing_db`, skips only that scanner and says so): a scan that checked nothing is never
+reported as clean.
 """
 from __future__ import annotations
 

@@ -34,7 +34,9 @@ class ScanDb(Model):
     """Where Trivy's vulnerability database lives. Nothing is downloaded unless
     `skip_update: false` is given (build machines are often air-gapped)."""
 
-    cache_dir: str | None = None  # Trivy's --cache-dir; default: <runner cache>/trivy
+    # Trivy's --cache-dir (holds db/trivy.db and the layer cache); a relative path is taken
+    # under the runner's cache directory. Default: <runner cache>/trivy.
+    cache_dir: str | None = None
     db_repository: str | None = None  # Trivy's --db-repository (an OCI mirror of trivy-db)
     skip_update: bool = True  # Trivy's --skip-db-update
 
