@@ -329,8 +329,9 @@ class SSHDockerDeployer(Deployer):
                 results[s.target.label] = self._done_result(s)
             return self._report(results, ok=True)
         finally:
-            for lease in list(self._leases.values()):
+            for label, lease in list(self._leases.items()):
                 lease.release()
+                self.log(f"{label}: deploy lock released (run {self.run_id})")
             self._leases.clear()
 
     def _report(self, results: dict[str, ServerResult], ok: bool) -> DeployReport:
@@ -676,6 +677,29 @@ class SSHDockerDeployer(Deployer):
         return [r if isinstance(r, ServerStatus) else
                 ServerStatus(t.label, self.app, error=f"{type(r).__name__}: {r}")
                 for t, r in zip(self.targets, out)]
+
+
+    # ---------------------------------------------------------------- locks, on purpose
+
+    def lock_status(self) -> list[tuple[str, locks.LockInfo | None, str]]:
+        """(server, holder or None, error) for this app's deploy lock on every server."""
+        def one(t: Target):
+            conn = self._conn(t)
+            return locks.inspect(conn, f"{self._dir(conn)}/locks", self.app)
+        out = self._parallel(one, list(self.targets))
+        return [(t.label, None, f"{r}") if isinstance(r, BaseException) else (t.label, r, "")
+                for t, r in zip(self.targets, out)]
+
+    def break_lock(self, server: str | None = None) -> list[tuple[str, bool, str]]:
+        """Break this app's lock (on one server or all): (server, broken, error)."""
+        chosen = [t for t in self.targets if server in (None, t.label, t.host)]
+
+        def one(t: Target):
+            conn = self._conn(t)
+            return locks.break_lock(conn, f"{self._dir(conn)}/locks", self.app)
+        out = self._parallel(one, chosen)
+        return [(t.label, False, f"{r}") if isinstance(r, BaseException) else (t.label, r, "")
+                for t, r in zip(chosen, out)]
 
 
 def deployer_for(stage: DeployStage, **kwargs) -> SSHDockerDeployer:

@@ -1,0 +1,394 @@
+"""The deploy against the lab's servers, for real: tiny busybox httpd images built in the lab's
+engine, pushed to its registry, deployed over SSH to the servers' own engines.
+
+Every test uses its own app name and host port, and removes its containers and state at the end.
+"""
+from __future__ import annotations
+
+import os
+import secrets as _random
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from deployers import lock as locks
+from deployers.base import DeployFailed
+from deployers.spec import Release, Target
+from deployers.ssh_docker import SSHDockerDeployer
+from deployers.transport import HostKeyError, connect
+from pipelines.base import StageContext
+from pipelines.deploy import DeployStage as DeployStageImpl
+from runner.errors import StageFailed
+from runner.model import Pipeline
+from runner.model.deploy import DeployStage
+
+pytestmark = pytest.mark.lab
+
+UID = _random.token_hex(3)
+DOCKER = "/usr/bin/docker"  # Debian's CLI: built-in BuildKit
+
+DOCKERFILE = """FROM local/busybox:1
+ARG VERSION
+ARG HEALTH=ok
+RUN mkdir -p /www && echo "$VERSION" > /www/index.html && \\
+    if [ "$HEALTH" = ok ]; then echo ok > /www/health; fi
+EXPOSE 8080
+CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
+"""
+
+
+def _docker(*args: str, cwd: Path | None = None) -> str:
+    env = dict(os.environ, DOCKER_BUILDKIT="1")
+    p = subprocess.run([DOCKER, *args], capture_output=True, text=True, env=env, cwd=cwd,
+                       timeout=120)
+    assert p.returncode == 0, f"docker {' '.join(args)}: {p.stdout}\n{p.stderr}"
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def images(lab, tmp_path_factory):
+    """v1, v2 (healthy: /health exists) and v3 (no /health): name@digest refs."""
+    ctx = tmp_path_factory.mktemp("img")
+    (ctx / "Dockerfile").write_text(DOCKERFILE)
+    repo = f"{lab['registry']}/deploytest-{UID}/app"
+    refs = {}
+    for version, health in (("v1", "ok"), ("v2", "ok"), ("v3", "missing")):
+        tag = f"{repo}:{version}"
+        _docker("build", "-q", "--build-arg", f"VERSION={version}", "--build-arg",
+                f"HEALTH={health}", "-t", tag, ".", cwd=ctx)
+        _docker("push", tag)
+        digest = _docker("inspect", "--format", "{{index .RepoDigests 0}}", tag).strip()
+        refs[version] = digest
+        assert "@sha256:" in digest
+    refs["repo"] = repo
+    return refs
+
+
+def _servers(lab, n):
+    return lab["servers"][:n] if n > 0 else lab["servers"][n:]
+
+
+def _stage(lab, servers, app, port, **over) -> DeployStage:
+    s0 = lab["servers"][0]
+    data = {
+        "enabled": True,
+        "servers": [f"{s['user']}@{s['host']}:{s['port']}" for s in servers],
+        "ssh": {"key_file": s0["key_file"], "known_hosts": s0["known_hosts"],
+                "connect_timeout": 5, "retries": 1},
+        "container": {"name": app, "ports": [f"{port}:8080"], "stop_timeout": 2},
+        "healthcheck": {"http": {"port": 8080, "path": "/health"}, "timeout": 10,
+                        "probe_interval": 0.2},
+        "lock": {"ttl": 10, "wait": 60},
+    }
+    for k, v in over.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
+    return DeployStage.model_validate(data)
+
+
+class Log:
+    def __init__(self):
+        self.lines: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self._lock:
+            self.lines.append((time.monotonic(), line))
+
+    info = line = warn = __call__
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+
+class NoSecrets:
+    def value(self, name: str) -> str:
+        raise KeyError(name)
+
+
+def _deployer(stage, images, version, app, log=None, run_id=None, secret=None):
+    run_id = run_id or f"t{_random.token_hex(3)}"
+    rel = Release(ref=images[version], pipeline=app, run_id=run_id, commit=version * 10)
+    return SSHDockerDeployer(stage, pipeline=app, image_name=images["repo"], run_id=run_id,
+                             release=rel, secret=secret, log=log)
+
+
+def _get(host: str, port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=3) as r:
+            return r.read().decode().strip()
+    except OSError as exc:
+        return f"error: {exc}"
+
+
+def _cleanup(lab, app: str, servers) -> None:
+    stage = _stage(lab, servers, app, 1)
+    d = SSHDockerDeployer(stage, pipeline=app, image_name="x", run_id="cleanup")
+    for t in d.targets:
+        try:
+            conn = d._conn(t)
+            names = conn.run(["docker", "container", "ls", "--all", "--format", "{{.Names}}",
+                              "--filter", f"label=runner.app={app}"]).stdout.split()
+            for n in names:
+                conn.run(["docker", "container", "rm", "--force", n])
+            root = d._dir(conn)
+            conn.run(["rm", "-rf", f"{root}/apps/{app}", f"{root}/locks/{app}"])
+        except Exception:
+            pass
+    d.close()
+
+
+@pytest.fixture
+def app(lab):
+    name = f"dt{UID}{_random.token_hex(2)}"
+    created = []
+    yield name, created
+    _cleanup(lab, name, lab["servers"])
+
+
+def _port() -> int:
+    return 20000 + int.from_bytes(os.urandom(2), "big") % 9000
+
+
+# --------------------------------------------------------------------------------------------
+
+def test_deploy_upgrade_failed_upgrade_then_rollback(lab, images, app, tmp_path):
+    name, _ = app
+    port = _port()
+    servers = _servers(lab, 2)
+    hosts = [s["host"] for s in servers]
+    stage = _stage(lab, servers, name, port)
+
+    # v1 to two servers: both answer from the host.
+    log = Log()
+    d = _deployer(stage, images, "v1", name, log)
+    report = d.apply(d.plan())
+    d.close()
+    assert report.ok and [s.status for s in report.servers] == ["deployed", "deployed"]
+    assert [_get(h, port) for h in hosts] == ["v1", "v1"]
+
+    # v2: both answer v2.
+    t0 = time.monotonic()
+    d = _deployer(stage, images, "v2", name, Log())
+    assert d.apply(d.plan()).ok
+    d.close()
+    v2_time = time.monotonic() - t0
+    assert [_get(h, port) for h in hosts] == ["v2", "v2"]
+
+    # Same digest again: nothing to do.
+    d = _deployer(stage, images, "v2", name, Log())
+    assert [s.status for s in d.apply(d.plan()).servers] == ["unchanged", "unchanged"]
+    d.close()
+
+    # v3 fails its health check, through the pipeline stage: the stage fails naming the
+    # servers, the reason and the rollback; v2 still answers on both.
+    fast = stage.model_copy(update={"healthcheck": stage.healthcheck.model_copy(
+        update={"timeout": 3})})
+    pipeline = Pipeline.model_validate({
+        "name": name, "repository": {"url": "."}, "image": {"name": images["repo"]},
+        "stages": {"deploy": fast.model_dump(by_alias=True)}})
+    slog = Log()
+    ctx = StageContext(run_id=f"r{UID}v3", pipeline=pipeline, workdir=tmp_path,
+                       cache_dir=tmp_path, log=slog, secrets=NoSecrets(), cancel=threading.Event(),
+                       results={"push": {"ref": images["v3"], "digest": images["v3"][-71:]},
+                                "checkout": {"commit": "3" * 40}})
+    with pytest.raises(StageFailed) as err:
+        DeployStageImpl().run(ctx)
+    msg = str(err.value)
+    for h in hosts:
+        assert h in msg
+    assert "404" in msg and "rolled back" in msg and "health check failed" in msg
+    assert [_get(h, port) for h in hosts] == ["v2", "v2"]
+
+    # `runner rollback PIPELINE.yaml` goes back to v1 (the version before v2).
+    from deployers.cli import make_commands
+    rollback, status, _ = make_commands(lambda path, variables: pipeline)
+    res = CliRunner().invoke(rollback, [str(tmp_path / "unused.yaml")])
+    assert res.exit_code == 0, res.output
+    assert [_get(h, port) for h in hosts] == ["v1", "v1"]
+    res = CliRunner().invoke(status, [str(tmp_path / "unused.yaml"), "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+    rows = json.loads(res.output.strip().splitlines()[-1])
+    assert [r["digest"] for r in rows] == [images["v1"].split("@")[1]] * 2
+    assert all(r["running"] and r["commit"] == "v1" * 10 for r in rows)
+
+    # And --to a digest goes anywhere kept on the servers.
+    res = CliRunner().invoke(rollback, ["x.yaml", "--to", images["v2"].split("@")[1]])
+    assert res.exit_code == 0, res.output
+    assert [_get(h, port) for h in hosts] == ["v2", "v2"]
+    print(f"v2 upgrade of 2 servers took {v2_time:.2f}s")
+
+
+def test_secret_env_not_in_ps_nor_logs(lab, images, app):
+    name, _ = app
+    port = _port()
+    server = _servers(lab, 1)[0]
+    secret = f"s3cr3t-{_random.token_hex(12)}"
+    stage = _stage(lab, [server], name, port, container={"secret_env": {"APP_TOKEN": "tok"},
+                                                          "env": {"PLAIN": "visible"}})
+    # Sample the server's process list as fast as a shell loop can while the deploy runs.
+    d0 = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="sampler")
+    conn = d0._conn(d0.targets[0])
+    samples: list[str] = []
+
+    stop = f"/tmp/runner-test-stop-{name}"
+
+    def sample():
+        r = conn.run(["sh", "-c", 'while [ ! -e "$1" ]; do ps -eo args; echo ====; sleep 0.01; '
+                      'done; rm -f "$1"', "sh", stop], timeout=60)
+        samples.append(r.stdout)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    time.sleep(0.5)
+    log = Log()
+    d = _deployer(stage, images, "v1", name, log, secret=lambda n: {"tok": secret}[n])
+    assert d.apply(d.plan()).ok
+    d.close()
+    conn.run(["touch", stop])
+    sampler.join(timeout=60)
+    ps = samples[0]
+    assert ps.count("====") > 20
+    assert "--env-file" in ps  # the sampler did see the deploy's `docker run`
+    assert secret not in ps
+    assert secret not in log.text
+    # The container got it; the env file is gone.
+    r = conn.run(["docker", "exec", name, "sh", "-c", 'echo "$APP_TOKEN $PLAIN"'])
+    assert r.stdout.strip() == f"{secret} visible"
+    env_dir = f"{d0._dir(conn)}/env"
+    assert conn.sftp_do(lambda sftp: sftp.listdir(env_dir)) == []
+    d0.close()
+
+
+def _keygen(tmp_path, kind: str) -> str:
+    path = tmp_path / f"k_{kind}"
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path)], check=True)
+    return (tmp_path / f"k_{kind}.pub").read_text().split()[:2]
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "ecdsa"])
+def test_changed_host_key_is_refused(lab, images, app, tmp_path, kind):
+    name, _ = app
+    server = _servers(lab, 1)[0]
+    ktype, b64 = _keygen(tmp_path, kind)
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"{server['host']} {ktype} {b64}\n")
+    stage = _stage(lab, [server], name, _port(), ssh={"known_hosts": str(kh)})
+    d = _deployer(stage, images, "v1", name, Log())
+    t0 = time.monotonic()
+    with pytest.raises(DeployFailed) as err:
+        d.apply(d.plan())
+    d.close()
+    assert time.monotonic() - t0 < 5  # refused at once, not retried
+    msg = str(err.value)
+    assert "HOST KEY CHANGED" in msg and server["host"] in msg
+    assert "nothing was changed" in msg
+
+
+def test_pinned_host_key_mismatch_is_refused(lab):
+    server = _servers(lab, 1)[0]
+    stage = _stage(lab, [server], "x", 1)
+    opts = SSHDockerDeployer(stage, pipeline="x", image_name="x", run_id="x").options()
+    from dataclasses import replace
+
+    from deployers.transport import HostKeyPolicy
+    import base64
+
+    import paramiko
+    other = paramiko.ECDSAKey.generate()
+    policy = HostKeyPolicy(pinned=f"{other.get_name()} {base64.b64encode(other.asbytes()).decode()}")
+    with pytest.raises(HostKeyError, match="HOST KEY CHANGED"):
+        connect(Target("s", server["host"], server["port"], "root"), replace(opts,
+                                                                            host_keys=policy))
+
+
+def test_unreachable_server_fails_fast(lab, images, app):
+    name, _ = app
+    stage = _stage(lab, [{"user": "root", "host": "10.87.53.99", "port": 22}], name, _port(),
+                   ssh={"connect_timeout": 1, "retries": 1})
+    d = _deployer(stage, images, "v1", name, Log())
+    t0 = time.monotonic()
+    with pytest.raises(DeployFailed) as err:
+        d.apply(d.plan())
+    elapsed = time.monotonic() - t0
+    d.close()
+    assert elapsed < 5, elapsed
+    assert "10.87.53.99" in str(err.value) and "after 2 attempts" in str(err.value)
+
+
+def test_concurrent_deploys_do_not_interleave(lab, images, app):
+    name, _ = app
+    server = _servers(lab, -1)[0]
+    port = _port()
+    stage = _stage(lab, [server], name, port)
+    logs = {"a": Log(), "b": Log()}
+    deployers = {"a": _deployer(stage, images, "v1", name, logs["a"], run_id="runa"),
+                  "b": _deployer(stage, images, "v2", name, logs["b"], run_id="runb")}
+    results = {}
+
+    def go(k):
+        try:
+            results[k] = deployers[k].apply()
+        except Exception as exc:  # reported by the assertion below
+            results[k] = exc
+    threads = [threading.Thread(target=go, args=(k,)) for k in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for d in deployers.values():
+        d.close()
+    assert all(getattr(r, "ok", False) for r in results.values()), results
+
+    def window(log):
+        taken = next(t for t, line in log.lines if "deploy lock taken" in line)
+        released = next(t for t, line in log.lines if "deploy lock released" in line)
+        return taken, released
+    (a0, a1), (b0, b1) = window(logs["a"]), window(logs["b"])
+    print(f"lock windows: a={a0:.2f}-{a1:.2f} b={b0:.2f}-{b1:.2f}")
+    assert a1 <= b0 or b1 <= a0, f"lock windows overlap: a={a0:.2f}-{a1:.2f} b={b0:.2f}-{b1:.2f}"
+    waited = logs["a"] if a0 > b0 else logs["b"]
+    assert "waiting up to" in waited.text
+    # Whichever ran last is what runs now.
+    last = "v1" if a0 > b0 else "v2"
+    assert _get(server["host"], port) == last
+
+
+def test_lock_held_stale_inspect_and_break(lab, images, app):
+    name, _ = app
+    server = _servers(lab, -1)[0]
+    port = _port()
+    stage = _stage(lab, [server], name, port, lock={"wait": 1, "ttl": 3})
+    holder_d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="holder")
+    conn = holder_d._conn(holder_d.targets[0])
+    root = f"{holder_d._dir(conn)}/locks"
+    lease = locks.acquire(conn, root, name, locks.holder_info("held-by-test", name), ttl=3,
+                          wait=0)
+    try:
+        d = _deployer(stage, images, "v1", name, Log())
+        with pytest.raises(DeployFailed) as err:
+            d.apply()
+        d.close()
+        assert "held by run held-by-test" in str(err.value)
+        [(label, info, error)] = holder_d.lock_status()
+        assert info is not None and info.holder["run_id"] == "held-by-test" and not info.stale
+        # The holder "crashes": its heartbeat stops, the lease goes stale after ttl, and the
+        # next deploy breaks it and proceeds.
+        lease._stop.set()
+        time.sleep(4.2)
+        log = Log()
+        d = _deployer(stage, images, "v1", name, log)
+        assert d.apply().ok
+        d.close()
+        assert "broke a stale deploy lock held by run held-by-test" in log.text
+        # Breaking on purpose.
+        locks.acquire(conn, root, name, locks.holder_info("again", name), ttl=30, wait=0)
+        assert holder_d.break_lock() == [(label, True, "")]
+        assert holder_d.lock_status()[0][1] is None
+    finally:
+        holder_d.close()
