@@ -157,9 +157,10 @@ def wait_healthy(
                 why += f": {state.error}"
             return Verdict(False, why, last_probe, state, waited)
         if state.status == "restarting" or state.restart_count > 0:
-            return Verdict(False, f"the container crashed and was restarted "
-                                  f"({state.restart_count} restart(s), last exit code "
-                                  f"{state.exit_code})", last_probe, state, waited)
+            code = f", last exit code {state.exit_code}" if not state.running else ""
+            return Verdict(False, f"the container exited and docker restarted it "
+                                  f"({state.restart_count} restart(s){code})",
+                           last_probe, state, waited)
         if state.health == "unhealthy":
             out = state.last_health_output or last_probe
             return Verdict(False, f"docker reports it unhealthy after {state.failing_streak} "

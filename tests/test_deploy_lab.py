@@ -392,3 +392,54 @@ def test_lock_held_stale_inspect_and_break(lab, images, app):
         assert holder_d.lock_status()[0][1] is None
     finally:
         holder_d.close()
+
+
+def test_canary_failure_stops_rollout_and_crash_and_port_taken(lab, images, app):
+    name, _ = app
+    port = _port()
+    servers = lab["servers"][:3]
+    hosts = [s["host"] for s in servers]
+    stage = _stage(lab, servers, name, port, strategy={"type": "canary"},
+                   healthcheck={"timeout": 3})
+    d = _deployer(stage, images, "v1", name, Log())
+    assert d.apply().ok
+    d.close()
+    assert [_get(h, port) for h in hosts] == ["v1"] * 3
+
+    # The canary fails: the other servers are never touched.
+    d = _deployer(stage, images, "v3", name, Log())
+    with pytest.raises(DeployFailed) as err:
+        d.apply()
+    d.close()
+    statuses = [(s.server, s.status, s.rolled_back) for s in err.value.report.servers]
+    assert statuses == [(hosts[0], "failed", True), (hosts[1], "skipped", False),
+                        (hosts[2], "skipped", False)]
+    assert [_get(h, port) for h in hosts] == ["v1"] * 3
+
+    # A container that crashes at start fails at once (no need to wait for the timeout).
+    crash = _stage(lab, servers[:1], name, port, container={"command": ["sh", "-c", "exit 3"]},
+                   healthcheck={"timeout": 30})
+    d = _deployer(crash, images, "v2", name, Log())
+    t0 = time.monotonic()
+    with pytest.raises(DeployFailed) as err:
+        d.apply()
+    d.close()
+    assert time.monotonic() - t0 < 15
+    msg = str(err.value)
+    assert ("exited with code 3" in msg or "docker restarted it" in msg) and "rolled back" in msg
+    assert _get(hosts[0], port) == "v1"
+
+    # The host port is taken by something else: docker run fails, v1 comes back.
+    conn_d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="x")
+    conn = conn_d._conn(conn_d.targets[1])
+    other = port + 1 if port < 29000 else port - 1
+    conn.run(["docker", "run", "-d", "--name", f"{name}-squatter", "--label",
+              f"runner.app={name}", "-p", f"{other}:8080", images["v1"]], check=True)
+    moved = _stage(lab, servers[1:2], name, other)
+    d = _deployer(moved, images, "v2", name, Log())
+    with pytest.raises(DeployFailed) as err:
+        d.apply()
+    d.close()
+    assert "docker run failed" in str(err.value) and "rolled back" in str(err.value)
+    assert _get(hosts[1], port) == "v1"
+    conn_d.close()

@@ -284,9 +284,9 @@ def test_poller_fails_on_exit_and_on_restart():
     v, _ = poll([st(status="exited", exit_code=3)], [ProbeResult(True)])
     assert not v.healthy and "exited with code 3" in v.reason
     v, _ = poll([st(restarts=1)], [ProbeResult(True)])
-    assert not v.healthy and "restarted" in v.reason
+    assert not v.healthy and "restarted it" in v.reason
     v, _ = poll([st(status="restarting")], [ProbeResult(True)])
-    assert not v.healthy and "restarted" in v.reason
+    assert not v.healthy and "restarted it" in v.reason
 
 
 def test_poller_times_out_with_last_probe_output():
