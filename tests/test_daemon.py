@@ -77,7 +77,7 @@ def test_store_recover_and_prune(tmp_path):
     assert "lease held by old-daemon expired" in s.get_run(ids[0])["reason"]
     assert s.get_run(ids[1])["attempt"] == 2
     # Pruning keeps the newest keep_last per pipeline and everything still active.
-    assert s.prune(time.time() + 1, keep_last=0) == 2  # ids[0] (interrupted), ids[2] (success)
+    assert sorted(s.prune(time.time() + 1, keep_last=0)) == [ids[0], ids[2]]  # ids[0] (interrupted), ids[2] (success)
     assert s.get_run(ids[1])["status"] == "queued"
 
 
@@ -289,3 +289,53 @@ def test_cli_runs_logs_cancel(tmp_path):
         assert res.exit_code != 0 and "token" in res.output
         res = cli.invoke(cancel, [str(rid), "--server", d.url, "--token", TOKEN])
         assert res.exit_code == 0 and "already ended" in res.output
+
+
+def test_cron_job_and_its_run(tmp_path):
+    bare, work = bare_repo(tmp_path)
+    head = commit(work, "second")
+    pf = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": str(bare),
+                             "triggers": {"cron": ["0 0 1 1 *"]}}], misfire_grace_time=120)
+    with daemon_in_process(cfg) as d:
+        job = d.schedules.scheduler.get_job("cron:app:0")
+        assert job.misfire_grace_time == 120 and job.coalesce is True and job.max_instances == 1
+        (rid,) = d.schedules.cron("app", 0)  # what the scheduler calls when the time comes
+        run = _final(d.store.get_run, rid)
+        assert run["trigger"] == "cron" and run["commit"] == head and run["status"] == "success"
+        (again,) = d.schedules.cron("app", 0)  # a schedule runs even if the commit already ran
+        assert _final(d.store.get_run, again)["status"] == "success"
+
+
+def test_retention_prunes_runs_and_their_work_dirs(tmp_path):
+    pf = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}],
+                 retention={"days": 0.00001, "keep_last": 1})  # about a second
+    with daemon_in_process(cfg) as d:
+        ids = [send_github(d.url, push_payload(REPO, after=c * 40), f"ret-{c}").json()["runs"][0] for c in "ab"]
+        for i in ids:
+            _final(d.store.get_run, i)
+        workdir = d.work_dir / "runs" / str(ids[0])
+        workdir.mkdir(parents=True)
+        time.sleep(1.2)
+        assert d.prune() == [ids[0]]  # the newest one is kept (keep_last: 1)
+        assert d.store.get_run(ids[0]) is None and not workdir.exists()
+        assert d.store.get_run(ids[1])["status"] == "success"
+
+
+def test_two_daemons_share_one_queue_without_running_anything_twice(tmp_path):
+    pf = fake_pipeline(tmp_path, sleep=0.2)
+    shared = str(tmp_path / "shared.db")
+    pipelines = [{"name": "app", "file": str(pf), "repo": REPO, "concurrency": 4, "concurrency_group": None}]
+    cfg_a = config(tmp_path / "a", pipelines, name="a", database=shared, concurrency=1)
+    cfg_b = config(tmp_path / "b", pipelines, name="b", database=shared, concurrency=1)
+    with daemon_in_process(cfg_a) as a, daemon_in_process(cfg_b) as b:
+        ids = [send_github(a.url, push_payload(REPO, after=f"{i + 1:040d}"), f"two-{i}").json()["runs"][0]
+               for i in range(6)]
+        assert all(_final(a.store.get_run, i)["status"] == "success" for i in ids)
+        ran = []
+        for d in (a, b):
+            f = d.work_dir / "fake-runs.jsonl"
+            ran.append([int(json.loads(x)["run_id"]) for x in f.read_text().splitlines()] if f.exists() else [])
+        assert sorted(ran[0] + ran[1]) == sorted(ids)  # each run ran exactly once
+        assert ran[0] and ran[1], ran  # and both daemons took work

@@ -168,6 +168,9 @@ class DaemonConfig(_Model):
     name: str = Field(default="runner", pattern=_NAME)  # this daemon's lease owner name
     listen: Listen = Field(default_factory=Listen)
     data_dir: str = "./runner-data"
+    # The run store: default data_dir/runner.db. Several daemons (each with its own data_dir) may
+    # name one sqlite file here to share a queue on one host; leases keep a run on one of them.
+    database: str | None = None
     concurrency: int = Field(default=2, ge=0)  # 0: accept and queue, run nothing
     api_token: SecretRef | None = None
     read_requires_token: bool = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import shutil
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from runner.daemon.api import build_app
 from runner.daemon.config import DaemonConfig
 from runner.daemon.scheduler import Schedules, _is_local, ls_remote, synthetic_event
 from runner.daemon.status import StatusReporter
-from runner.daemon.store import SqliteStore, Store
+from runner.daemon.store import Store, open_store
 from runner.daemon.webhooks import new_run
 from runner.daemon.worker import WorkerPool
 from runner.errors import InvalidInput
@@ -76,7 +77,10 @@ class Daemon:
         # The lease owner: stable across restarts of this daemon, so that a restart knows that
         # runs leased to it before are orphans (the flock above guarantees no twin is alive).
         self.owner = f"{config.name}@{socket.gethostname()}:{self.data_dir}"
-        self.store: Store = store or SqliteStore(self.data_dir / "runner.db")
+        db = config.database
+        if db and "://" not in db:
+            db = str(config.path(db))
+        self.store: Store = store or open_store(db or self.data_dir / "runner.db")
         self.api_token = config.api_token.resolve() if config.api_token else None
         self._secrets = self._resolve_secrets()
         # Every line the daemon stores passes this masker too: the engine masks the pipeline's
@@ -158,16 +162,19 @@ class Daemon:
         self.after_accept(cancel)
         return ids[0]
 
-    def prune(self) -> int:
+    def prune(self) -> list[int]:
+        """Retention: old runs leave the database, and their work directories the disk."""
         r = self.config.retention
         try:
-            n = self.store.prune(time.time() - r.days * 86400, r.keep_last)
+            ids = self.store.prune(time.time() - r.days * 86400, r.keep_last)
         except Exception:  # noqa: BLE001
             log.exception("retention pruning failed")
-            return 0
-        if n:
-            log.info("pruned old runs", extra={"removed": n})
-        return n
+            return []
+        for run_id in ids:
+            shutil.rmtree(self.work_dir / "runs" / str(run_id), ignore_errors=True)
+        if ids:
+            log.info("pruned old runs", extra={"removed": len(ids)})
+        return ids
 
     # -- lifecycle ---------------------------------------------------------------------------
 

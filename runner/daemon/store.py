@@ -150,9 +150,9 @@ class Store(abc.ABC):
     def set_poll_state(self, pipeline: str, refs: dict[str, str], error: str = "") -> None: ...
 
     @abc.abstractmethod
-    def prune(self, older_than: float, keep_last: int) -> int:
+    def prune(self, older_than: float, keep_last: int) -> list[int]:
         """Delete final runs (with stages and logs) and deliveries older than the cutoff, keeping
-        the newest `keep_last` runs of each pipeline. Returns the number of runs removed."""
+        the newest `keep_last` runs of each pipeline. Returns the ids of the runs removed."""
 
     def close(self) -> None:  # pragma: no cover - default
         pass
@@ -594,7 +594,7 @@ class SqliteStore(Store):
                            " error=''", (pipeline, json.dumps(refs), time.time()))
 
     def prune(self, older_than, keep_last):
-        removed = 0
+        removed: list[int] = []
         marks = ",".join("?" * len(FINAL))
         with self._tx() as db:
             for (name,) in db.execute("SELECT DISTINCT pipeline FROM runs").fetchall():
@@ -612,7 +612,7 @@ class SqliteStore(Store):
                     db.execute(f"DELETE FROM log_lines WHERE run_id IN ({m})", chunk)
                     db.execute(f"DELETE FROM stages WHERE run_id IN ({m})", chunk)
                     db.execute(f"DELETE FROM runs WHERE id IN ({m})", chunk)
-                removed += len(victims)
+                removed += victims
             db.execute("DELETE FROM deliveries WHERE received_at<?", (older_than,))
         return removed
 
