@@ -341,8 +341,10 @@ def detect_builder_in(candidates: Sequence[str]) -> Builder:
     raise NoBuilder(
         "no BuildKit-capable docker CLI found. Tried:\n"
         + "\n".join(f"  - {t}" for t in tried)
-        + "\nFix: install the buildx plugin (Debian: apt-get install docker-buildx) or a docker "
-        "CLI with built-in BuildKit (Debian 12: apt-get install docker.io, /usr/bin/docker).")
+        + "\nFix: install the buildx plugin (package docker-buildx on Debian 13 and later, or "
+        "docker-buildx-plugin from Docker's apt repository), or a docker CLI with BuildKit built "
+        "in (Debian 12: apt-get install docker.io, which provides /usr/bin/docker 20.10), and "
+        "make sure it is on PATH or at /usr/bin/docker.")
 
 
 _lock = threading.Lock()
