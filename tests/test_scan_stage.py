@@ -223,3 +223,21 @@ def test_plan_is_plain_data():
     assert plan["scanners"] == ["secret"] and plan["fail_on"] == "CRITICAL"
     assert plan["offline"] is True
     json.dumps(plan)
+
+
+def test_cancel_while_trivy_runs_stops_it(tmp_path):
+    from runner.errors import Cancelled
+
+    ctx = make_ctx(tmp_path, repo(tmp_path, CLEAN_DOCKERFILE),
+                   {**CONTEXT, "scanners": ["secret", "misconfig"]})
+
+    class CancellingLog(Log):
+        def line(self, text: str) -> None:
+            super().line(text)
+            ctx.cancel.set()  # the first line Trivy prints: it is running
+
+    ctx.log = CancellingLog()
+    with pytest.raises(Cancelled):
+        run(ctx)
+    assert ctx.log.lines  # Trivy had started
+    assert not (ctx.workdir / "scan" / "gate.json").exists()  # no verdict from a partial scan
