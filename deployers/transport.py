@@ -20,6 +20,7 @@ import shlex
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,7 @@ class SSHOptions:
     retries: int = 2
     jump: Target | None = None
     keepalive: int = 15
+    reuse_shell: bool = True  # run commands through a kept remote `sh` (see _Shell)
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,8 @@ class Connection:
     jump: Connection | None = None
     _sftp: paramiko.SFTPClient | None = field(default=None, repr=False)
     _sftp_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _shells: list = field(default_factory=list, repr=False)
+    _shells_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def label(self) -> str:
@@ -242,9 +246,37 @@ class Connection:
             check: bool = False) -> RemoteResult:
         """Run argv on the server; return its exit status and output.
         Raises CommandTimeout, TransportError (connection lost), Cancelled; with check=True
-        also CommandFailed for a non-zero exit."""
+        also CommandFailed for a non-zero exit.
+
+        Commands without stdin go through a reused remote `sh` (see _Shell): a new SSH session
+        costs the server a login (shell startup files, environment) of 50-300 ms each time."""
         argv = tuple(str(a) for a in argv)
         timeout = timeout or self.options.command_timeout
+        start = time.monotonic()
+        if stdin is None and self.options.reuse_shell:
+            status, out, err = self._run_in_shell(argv, timeout, cancel)
+        else:
+            status, out, err = self._run_exec(argv, stdin, timeout, cancel)
+        result = RemoteResult(argv, status, out.decode("utf-8", "replace"),
+                              err.decode("utf-8", "replace"), time.monotonic() - start)
+        if check and not result.ok:
+            raise CommandFailed(self.label, result)
+        return result
+
+    def _wait_io(self, chan: paramiko.Channel, argv: tuple[str, ...], start: float,
+                 timeout: float, cancel: threading.Event | None) -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled while running {argv[0]} on {self.label}")
+        if time.monotonic() - start > timeout:
+            raise CommandTimeout(self.label, f"`{' '.join(argv[:3])}` did not finish "
+                                             f"within {timeout:g}s")
+        if not self.transport.is_active():
+            raise TransportError(self.label, "the SSH connection dropped")
+        select.select([chan], [], [], 0.05)
+
+    def _run_exec(self, argv: tuple[str, ...], stdin: bytes | None, timeout: float,
+                  cancel: threading.Event | None) -> tuple[int, bytes, bytes]:
+        """One SSH session (exec channel) for one command."""
         start = time.monotonic()
         try:
             chan = self.transport.open_session(timeout=self.options.connect_timeout)
@@ -268,24 +300,29 @@ class Connection:
                 # sshd may send the exit status before the last output: wait for EOF too.
                 if drained and (chan.closed or (chan.eof_received and chan.exit_status_ready())):
                     break
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"cancelled while running {argv[0]} on {self.label}")
-                if time.monotonic() - start > timeout:
-                    raise CommandTimeout(self.label, f"`{' '.join(argv[:3])}` did not finish "
-                                                     f"within {timeout:g}s")
                 if not got:
-                    if not self.transport.is_active():
-                        raise TransportError(self.label, "the SSH connection dropped")
-                    select.select([chan], [], [], 0.05)
+                    self._wait_io(chan, argv, start, timeout, cancel)
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise TransportError(self.label, f"the SSH connection failed: {exc}") from None
         finally:
             chan.close()
-        result = RemoteResult(argv, status, out.decode("utf-8", "replace"),
-                              err.decode("utf-8", "replace"), time.monotonic() - start)
-        if check and not result.ok:
-            raise CommandFailed(self.label, result)
+        return status, bytes(out), bytes(err)
+
+    def _run_in_shell(self, argv: tuple[str, ...], timeout: float,
+                      cancel: threading.Event | None) -> tuple[int, bytes, bytes]:
+        with self._shells_lock:
+            sh = self._shells.pop() if self._shells else None
+        try:
+            if sh is None:
+                sh = _Shell.open(self)
+            result = sh.run(argv, timeout, cancel)
+        except BaseException:
+            if sh is not None:
+                sh.close()  # a shell interrupted mid-command is never reused
+            raise
+        with self._shells_lock:
+            self._shells.append(sh)
         return result
 
     @property
@@ -344,6 +381,10 @@ class Connection:
                                            timeout=timeout)
 
     def close(self) -> None:
+        with self._shells_lock:
+            shells, self._shells = self._shells, []
+        for sh in shells:
+            sh.close()
         try:
             if self._sftp is not None:
                 self._sftp.close()
@@ -352,6 +393,83 @@ class Connection:
         self.transport.close()
         if self.jump is not None:
             self.jump.close()
+
+
+class _Shell:
+    """A remote `sh` kept open on one channel; commands are written to its stdin one at a time.
+
+    Each command line is `remote_command(argv)` (the same quoting as an exec channel) followed
+    by fixed marker lines that carry its exit status, on stdout and stderr, with a fresh random
+    token each time. Its stdin is /dev/null so it cannot eat the next command. A command that
+    times out or is cancelled closes the whole shell; it is never reused."""
+
+    def __init__(self, conn: Connection, chan: paramiko.Channel):
+        self.conn = conn
+        self.chan = chan
+        self.out = bytearray()
+        self.err = bytearray()
+
+    @classmethod
+    def open(cls, conn: Connection) -> _Shell:
+        try:
+            chan = conn.transport.open_session(timeout=conn.options.connect_timeout)
+            chan.exec_command("sh")
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise TransportError(conn.label, f"the SSH connection was lost: {exc}") from None
+        sh = cls(conn, chan)
+        # Whatever the login prints before `sh` reads its first line is not ours to return.
+        sh.run(("true",), conn.options.connect_timeout + 10, None)
+        return sh
+
+    def run(self, argv: tuple[str, ...], timeout: float,
+            cancel: threading.Event | None) -> tuple[int, bytes, bytes]:
+        token = uuid.uuid4().hex
+        end = f"RUNNER_END_{token}"
+        line = (f"{remote_command(argv)} </dev/null; s=$?; printf '\\n%s %d\\n' {end} \"$s\"; "
+                f"printf '\\n%s\\n' {end} >&2\n")
+        out_mark = f"\n{end} ".encode()
+        err_mark = f"\n{end}\n".encode()
+        start = time.monotonic()
+        chan = self.chan
+        try:
+            chan.sendall(line.encode())
+            status = None
+            out = err = None
+            while out is None or err is None:
+                got = False
+                while chan.recv_ready():
+                    self.out += chan.recv(65536)
+                    got = True
+                while chan.recv_stderr_ready():
+                    self.err += chan.recv_stderr(65536)
+                    got = True
+                if out is None:
+                    i = self.out.find(out_mark)
+                    j = self.out.find(b"\n", i + len(out_mark)) if i >= 0 else -1
+                    if j >= 0:
+                        out = bytes(self.out[:i])
+                        status = int(self.out[i + len(out_mark):j])
+                        del self.out[:j + 1]
+                if err is None:
+                    i = self.err.find(err_mark)
+                    if i >= 0:
+                        err = bytes(self.err[:i])
+                        del self.err[:i + len(err_mark)]
+                if out is not None and err is not None:
+                    break
+                if chan.closed or chan.exit_status_ready():
+                    raise TransportError(self.conn.label, "the remote shell ended unexpectedly")
+                if not got:
+                    self.conn._wait_io(chan, argv, start, timeout, cancel)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise TransportError(self.conn.label, f"the SSH connection failed: {exc}") from None
+        return int(status if status is not None else -1), out, err
+
+    def close(self) -> None:
+        try:
+            self.chan.close()
+        except Exception:
+            pass
 
 
 def http_get(conn: Connection, host: str, port: int, path: str, timeout: float) -> bytes:
