@@ -67,6 +67,7 @@ class Prepared:
     secrets: Any
     run_id: str
     data_dir: Path
+    warnings: list[str] = field(default_factory=list)  # found while preparing (short secrets)
 
 
 @dataclass
@@ -151,10 +152,11 @@ def prepare(path: str | os.PathLike, options: RunOptions,
             environ: Mapping[str, str] | None = None) -> Prepared:
     """Load and check everything; raises InvalidInput before any side effect."""
     from runner.gitsafety import check_ref, check_repo_url
-    from runner.loader import load_pipeline
+    from runner.loader import is_local_path, load_pipeline
     from runner.secrets import Masker, SecretStore
 
     environ = dict(os.environ if environ is None else environ)
+    early_warnings: list[str] = []
     pipeline = load_pipeline(path, variables=dict(options.variables), environ=environ)
     trigger: dict[str, Any] = {"kind": "manual"}
     if options.event is not None:
@@ -162,7 +164,7 @@ def prepare(path: str | os.PathLike, options: RunOptions,
     repo_update: dict[str, Any] = {}
     if options.repo:
         url = options.repo
-        if "://" not in url and not _scp_like(url):
+        if is_local_path(url):
             url = str(Path(url).resolve())
         repo_update["url"] = check_repo_url(url)
     if options.ref:
@@ -178,16 +180,11 @@ def prepare(path: str | os.PathLike, options: RunOptions,
         pipeline = pipeline.model_copy(
             update={"repository": pipeline.repository.model_copy(update=repo_update)})
     stages = select_stages(pipeline, options.only, options.skip)
-    masker = Masker()
+    masker = Masker(on_warning=early_warnings.append)
     store = SecretStore.from_pipeline(pipeline, environ, masker)
     return Prepared(pipeline=pipeline, stages=stages, trigger=trigger, masker=masker,
-                    secrets=store, run_id=options.run_id or new_run_id(),
+                    secrets=store, warnings=early_warnings, run_id=options.run_id or new_run_id(),
                     data_dir=Path(options.data_dir or default_data_dir()))
-
-
-def _scp_like(url: str) -> bool:
-    head = url.split("/", 1)[0]
-    return ":" in head and "@" in head
 
 
 def _stage(name: str):
@@ -220,6 +217,7 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
     cache_dir = prep.data_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(prep.run_id, prep.masker, sinks, workdir / "logs")
+    log.warnings.extend(prep.warnings)
     from pipelines.base import StageContext
 
     results: dict[str, dict[str, Any]] = {}
@@ -232,8 +230,9 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
             if name not in prep.stages:
                 continue
             if status != "success":
-                stage_results.append(StageResult(name, "skipped"))
-                log.emit("stage.end", stage=name, status="skipped", duration=0.0)
+                why = f"not run: stage {stage_results[-1].name!r} {stage_results[-1].status}"
+                stage_results.append(StageResult(name, "skipped", error=why))
+                log.emit("stage.end", stage=name, status="skipped", duration=0.0, error=why)
                 continue
             ctx = StageContext(run_id=prep.run_id, pipeline=prep.pipeline, workdir=workdir,
                                cache_dir=cache_dir, log=log.for_stage(name), secrets=prep.secrets,
@@ -247,7 +246,9 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
                 results[name] = outputs
                 res = StageResult(name, "success", time.monotonic() - t0, outputs)
             except StageFailed as exc:
-                res = StageResult(name, "failed", time.monotonic() - t0, error=exc.reason)
+                # A failed gate still has outputs worth keeping (report paths, counts).
+                res = StageResult(name, "failed", time.monotonic() - t0,
+                                  dict(getattr(exc, "outputs", None) or {}), error=exc.reason)
                 status, exit_code, error = "failed", EXIT_FAILED, f"stage {name!r} failed: {exc.reason}"
             except (Cancelled, KeyboardInterrupt) as exc:
                 cancel.set()

@@ -64,7 +64,6 @@ def run_command(
         start_new_session=True,
     )
     lines: list[str] = []
-    done = threading.Event()
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -73,10 +72,13 @@ def run_command(
             lines.append(text)
             if on_line is not None:
                 on_line(text)
-        done.set()
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    exited = threading.Event()
+    # Waiting in a thread lets the loop below wake the moment the child exits; Popen.wait with
+    # a timeout polls with sleeps of up to 50 ms instead.
+    threading.Thread(target=lambda: (proc.wait(), exited.set()), daemon=True).start()
     try:
         if stdin is not None:
             assert proc.stdin is not None
@@ -90,11 +92,8 @@ def run_command(
                 reader.join(timeout=2)
                 return Result(argv, -1, "\n".join(lines + [f"timed out after {timeout:.0f}s"]),
                               time.monotonic() - start)
-            try:
-                proc.wait(timeout=0.1)
+            if exited.wait(timeout=0.1):
                 break
-            except subprocess.TimeoutExpired:
-                continue
     except (KeyboardInterrupt, Cancelled) as exc:
         _stop(proc)
         reader.join(timeout=2)
