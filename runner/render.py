@@ -29,7 +29,7 @@ class TerminalSink:
     finished stage with its duration, and a summary table at the end."""
 
     def __init__(self, console: Console | None = None, verbose: bool = True):
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.verbose = verbose
         self._status = None
 
