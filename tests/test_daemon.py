@@ -339,3 +339,37 @@ def test_two_daemons_share_one_queue_without_running_anything_twice(tmp_path):
             ran.append([int(json.loads(x)["run_id"]) for x in f.read_text().splitlines()] if f.exists() else [])
         assert sorted(ran[0] + ran[1]) == sorted(ids)  # each run ran exactly once
         assert ran[0] and ran[1], ran  # and both daemons took work
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 3 MB filesystem (tmpfs) to fill up; needs root (mount)."""
+    import subprocess
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_while_writing_logs(tmp_path, small_disk):
+    pf = fake_pipeline(tmp_path, sleep=0.01)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO, "vars": {"FAKE_LINES": "3000"}}],
+                 data_dir=str(small_disk / "data"), disk_reserve_bytes=512 * 1024)
+    with daemon_in_process(cfg) as d:
+        assert (small_disk / "data" / "disk-reserve").exists()
+        rid = send_github(d.url, push_payload(REPO), "full-1").json()["runs"][0]
+        run = _final(d.store.get_run, rid, timeout=60)
+        # The run's own outcome is kept; the reason says the log is incomplete and why.
+        assert run["status"] == "success", run
+        assert "log incomplete" in run["reason"] and "full" in run["reason"], run["reason"]
+        assert not (small_disk / "data" / "disk-reserve").exists()  # given back to record that
+        assert httpx.get(d.url + "/healthz").status_code == 200
+        # A delivery that cannot be recorded is answered 503 with the reason (or, if sqlite still
+        # found room, accepted): never a crash, never a run without its row.
+        r = send_github(d.url, push_payload(REPO, after="f" * 40), "full-2")
+        assert r.status_code in (202, 503), r.text
+        if r.status_code == 503:
+            assert "cannot record" in r.json()["reason"]

@@ -177,6 +177,9 @@ class DaemonConfig(_Model):
     webhooks: dict[Literal["github", "gitea", "gitlab", "generic"], Webhook] = Field(default_factory=dict)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     exec_command: tuple[str, ...] | None = None  # default: this python -m runner exec
+    # Space set aside in data_dir at start and given back when the disk fills up, so that the
+    # daemon can still record how runs ended (their logs stop being stored).
+    disk_reserve_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
     lease_seconds: float = Field(default=15.0, gt=0.5)
     grace_period: float = Field(default=30.0, ge=0)
     misfire_grace_time: int = Field(default=300, ge=1)

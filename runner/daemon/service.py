@@ -98,6 +98,9 @@ class Daemon:
                 except InvalidInput as exc:
                     log.warning("commit status token unavailable", extra={"pipeline": p.name, "error": str(exc)})
         self.status = StatusReporter(self)
+        self._reserve = self.data_dir / "disk-reserve"
+        self._reserve_lock = threading.Lock()
+        self._make_reserve()
         self.pool = WorkerPool(self)
         self.schedules = Schedules(self)
         self.app = build_app(self)
@@ -117,6 +120,32 @@ class Daemon:
                 for provider in ("github", "gitea", "gitlab", "generic"):
                     out.setdefault(provider, []).append((secret, [p.name]))
         return out
+
+    def _make_reserve(self) -> None:
+        size = self.config.disk_reserve_bytes
+        if not size:
+            return
+        try:
+            if self._reserve.exists() and self._reserve.stat().st_size >= size:
+                return
+            with open(self._reserve, "wb") as f:
+                f.write(b"\0" * size)  # written, not sparse: the blocks are really taken
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            self._reserve.unlink(missing_ok=True)
+            log.warning("cannot set disk space aside", extra={"bytes": size, "error": str(exc)})
+
+    def disk_full(self, where: str) -> None:
+        """Called when a write failed for lack of space: give the reserve back, once."""
+        with self._reserve_lock:
+            if self._reserve.exists():
+                self._reserve.unlink()
+                log.error("disk full: released the reserved space so that run outcomes can still be "
+                          "recorded; free some space and restart the daemon",
+                          extra={"where": where, "data_dir": str(self.data_dir)})
+            else:
+                log.error("disk full", extra={"where": where, "data_dir": str(self.data_dir)})
 
     # -- what the app, the scheduler and the pool call -----------------------------------------
 

@@ -25,6 +25,10 @@ FINAL = ("success", "failed", "invalid", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
 
 
+class StoreError(Exception):
+    """The store cannot do this now (disk full, database locked or gone). Nothing was changed."""
+
+
 @dataclass(frozen=True)
 class NewRun:
     """A run to queue. `group` is the concurrency group key (None: no group)."""
@@ -282,14 +286,21 @@ class SqliteStore(Store):
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreError(str(exc)) from exc
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
                 self._db.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # already rolled back by sqlite itself (e.g. SQLITE_FULL)
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise StoreError(str(exc)) from exc
+                raise
 
     def _read(self, sql: str, args: Sequence = ()) -> list[sqlite3.Row]:
         with self._lock:

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from runner.daemon.config import DaemonConfig, PipelineEntry
-from runner.daemon.store import NewRun
+from runner.daemon.store import NewRun, StoreError
 from runner.errors import InvalidInput
 from runner.trigger import Trigger, UnsupportedEvent, parse_event
 
@@ -250,7 +250,14 @@ def make_hook_handler(core, provider: str):
 
     async def handler(request: Request) -> JSONResponse:
         started = time.perf_counter()
-        response = await _handle(request)
+        try:
+            response = await _handle(request)
+        except StoreError as exc:
+            # Nothing could be recorded (disk full, database locked): say so; the sender may retry.
+            log.error("cannot record a delivery", extra={"provider": provider, "error": str(exc)})
+            if "full" in str(exc):
+                core.disk_full("webhook delivery")
+            response = _reply(503, outcome="error", reason=f"the daemon cannot record deliveries now: {exc}")
         # How long the daemon itself took, for the benchmark and for anyone debugging slow hooks.
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
         return response

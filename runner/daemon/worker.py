@@ -218,7 +218,9 @@ class RunHandle:
                     err = (err or "invalid") + "\n" + "\n".join(str(p) for p in problems)
                 reported["error"] = self.pool.core.masker.mask(str(err)) if err else err
         except Exception as exc:  # noqa: BLE001 - disk full, locked db: recorded, the run goes on
-            self.log_error = self.log_error or str(exc)
+            self.log_error = self.log_error or f"a {kind} event was not stored: {exc}"
+            if "full" in str(exc):
+                self.pool.core.disk_full(f"run {self.id}")
 
     _log_lock = threading.Lock()
 
@@ -232,12 +234,18 @@ class RunHandle:
         try:
             self.pool.core.store.append_logs(self.id, [(seq, stage, t, self.pool.core.masker.mask(line))])
         except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
-            self.log_error = str(exc)
+            self.log_error = f"log lines after #{seq - 1} were not stored: {exc}"
             log.error("cannot store log lines", extra={"run": self.id, "error": str(exc)})
+            if "full" in str(exc):
+                self.pool.core.disk_full(f"log of run {self.id}")
 
     def _finish(self, status: str, code: int | None, reason: str) -> None:
         core = self.pool.core
-        for attempt in range(5):
+        # Keeps trying (the disk may be full until someone frees space): giving up would leave
+        # the run looking like it is still running.
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 ok = core.store.finish(self.id, core.owner, status, code, reason)
                 if not ok:
@@ -246,8 +254,16 @@ class RunHandle:
                 core.status.report(self.run.pipeline, self.id, self.run.commit, status, reason)
                 return
             except Exception as exc:  # noqa: BLE001
+                if self.pool.stopping.is_set():
+                    # The daemon is going away: the lease stays, and the next start marks the run
+                    # interrupted with that reason.
+                    log.error("cannot record the end of a run; left to recovery",
+                              extra={"run": self.id, "status": status, "error": str(exc)})
+                    return
                 log.error("cannot record the end of a run, retrying", extra={"run": self.id, "error": str(exc)})
-                time.sleep(0.5 * (attempt + 1))
+                if "full" in str(exc):
+                    core.disk_full(f"end of run {self.id}")
+                self.pool.stopping.wait(min(5.0, 0.5 * attempt))
 
 
 class WorkerPool:
@@ -257,6 +273,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self.stopping = threading.Event()  # set once the grace period is over
         self.draining = False
         self._threads: list[threading.Thread] = []
 
@@ -336,6 +353,7 @@ class WorkerPool:
             time.sleep(0.1)
         with self._lock:
             left = list(self.active.values())
+        self.stopping.set()
         for h in left:
             h.cancel("the daemon is shutting down")
         for h in left:

@@ -5,7 +5,8 @@ real build. Takes the same argv (PIPELINE --json --run-id ID --data-dir DIR --ev
 
 PIPELINE is a JSON file: {"stages": [...], "sleep": seconds per stage, "fail": stage or null,
 "exit": code to exit with instead}. --var FAKE_SLEEP=s / FAKE_FAIL=stage override it;
---var FAKE_ECHO=text prints text in a log line and on stderr (masking tests). SIGINT or
+--var FAKE_ECHO=text prints text in a log line and on stderr (masking tests); FAKE_LINES=n
+prints n lines of 1 KB per stage (disk-full tests). SIGINT or
 SIGTERM cancels like the engine does (stage.end cancelled, run.end cancelled, exit 130). Each run
 appends one line {"run_id", "event"} to DIR/fake-runs.jsonl so tests can see what ran.
 """
@@ -63,6 +64,8 @@ def main() -> int:
             emit(event="stage.start", stage=stage)
             emit(event="stage.log", stage=stage, line=f"{stage}: working for {sleep}s")
             print(f"stderr line from {stage}", file=sys.stderr, flush=True)
+            for n in range(int(variables.get("FAKE_LINES", 0))):  # for disk-full tests: a lot of log
+                emit(event="stage.log", stage=stage, line=f"{n:06d} " + "x" * 1000)
             if "FAKE_ECHO" in variables:  # for masking tests: print a value the daemon must mask
                 emit(event="stage.log", stage=stage, line=f"echo: {variables['FAKE_ECHO']}")
                 print(f"stderr echo: {variables['FAKE_ECHO']}", file=sys.stderr, flush=True)
