@@ -285,6 +285,8 @@ def test_cli_runs_logs_cancel(tmp_path):
         assert res.exit_code == 0 and "success" in res.output and "app" in res.output
         res = cli.invoke(runs, ["--server", d.url, "--json", "--status", "success"])
         assert json.loads(res.output)["runs"][0]["id"] == rid
+        res = cli.invoke(runs, ["--server", d.url, "--deliveries"])
+        assert res.exit_code == 0 and "queued" in res.output and "queued as run" in res.output, res.output
         res = cli.invoke(cancel, [str(rid), "--server", d.url], env={"RUNNER_TOKEN": ""})
         assert res.exit_code != 0 and "token" in res.output
         res = cli.invoke(cancel, [str(rid), "--server", d.url, "--token", TOKEN])

@@ -6,6 +6,7 @@ needs the API token: `Authorization: Bearer TOKEN`, compared in constant time.
 from __future__ import annotations
 
 import hmac
+import json
 from datetime import datetime, timezone
 
 from starlette.applications import Starlette
@@ -131,8 +132,13 @@ def build_app(core) -> Starlette:
         name = request.path_params["name"]
         if core.config.pipeline(name) is None:
             return JSONResponse({"error": f"no pipeline {name!r}"}, status_code=404)
+        if int(request.headers.get("content-length") or 0) > 64 * 1024:
+            return JSONResponse({"error": "body over 64 KiB"}, status_code=413)
         try:
-            body = await request.json() if await request.body() else {}
+            raw = await request.body()
+            if len(raw) > 64 * 1024:
+                return JSONResponse({"error": "body over 64 KiB"}, status_code=413)
+            body = json.loads(raw) if raw else {}
         except ValueError:
             return JSONResponse({"error": "body is not JSON"}, status_code=400)
         if not isinstance(body, dict):

@@ -60,9 +60,22 @@ def daemon(config_file: str) -> None:
 @click.option("--status", help="Only runs in this status (queued, running, success, failed, ...).")
 @click.option("--branch", help="Only runs of this branch.")
 @click.option("--limit", default=20, show_default=True)
+@click.option("--deliveries", is_flag=True,
+              help="List webhook deliveries instead, with what each one did and why.")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
-def runs(server, token, pipeline, status, branch, limit, as_json) -> None:
-    """List runs, newest first."""
+def runs(server, token, pipeline, status, branch, limit, deliveries, as_json) -> None:
+    """List runs, newest first (or, with --deliveries, the webhook deliveries)."""
+    if deliveries:
+        data = _get(server, "/api/deliveries", token, limit=limit)
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+            return
+        click.echo(f"{'#':>6}  {'PROVIDER':<8} {'EVENT':<14} {'HTTP':<4} {'OUTCOME':<9} {'RUNS':<10} REASON")
+        for d in data["deliveries"]:
+            runs_ = ",".join(map(str, d["run_ids"]))
+            click.echo(f"{d['id']:>6}  {d['provider']:<8} {(d['event'] or '')[:14]:<14} {d['status_code']:<4} "
+                       f"{d['outcome']:<9} {runs_[:10]:<10} {d['reason'][:100]}")
+        return
     data = _get(server, "/api/runs", token, pipeline=pipeline, status=status, branch=branch, limit=limit)
     if as_json:
         click.echo(json.dumps(data, indent=2))

@@ -402,8 +402,19 @@ class SqliteStore(Store):
                 per_pipeline[row["pipeline"]] = per_pipeline.get(row["pipeline"], 0) + 1
                 if row["grp"] is not None:
                     busy_groups.add(row["grp"])
-            for row in db.execute("SELECT id, pipeline, grp, event, vars, attempt, ref, branch, tag, commit_sha FROM runs "
-                                  "WHERE status='queued' ORDER BY id LIMIT 500").fetchall():
+            # Skip, in SQL, the pipelines at their limit and the busy groups: a long queue of one
+            # pipeline must not hide another pipeline's runnable run.
+            full = [n for n, c in per_pipeline.items() if c >= limits.get(n, 0) and n in limits]
+            sql = ("SELECT id, pipeline, grp, event, vars, attempt, ref, branch, tag, commit_sha FROM runs "
+                   "WHERE status='queued'")
+            args: list = []
+            if full:
+                sql += f" AND pipeline NOT IN ({','.join('?' * len(full))})"
+                args += full
+            if busy_groups:
+                sql += f" AND (grp IS NULL OR grp NOT IN ({','.join('?' * len(busy_groups))}))"
+                args += sorted(busy_groups)
+            for row in db.execute(sql + " ORDER BY id LIMIT 200", args).fetchall():
                 name = row["pipeline"]
                 if name not in limits:
                     db.execute("UPDATE runs SET status='failed', reason=?, finished_at=? WHERE id=?",
