@@ -25,11 +25,22 @@ def login(registry: str, username: str) -> list[str]:
 
 
 def engine_id() -> list[str]:
+    """Something unique and stable per docker engine: its `host` network's id."""
+    return [DOCKER, "network", "inspect", "--format", "{{.Id}}", "host"]
+
+
+def engine_info() -> list[str]:
+    """The fallback identity where there is no `host` network."""
     return [DOCKER, "info", "--format", "{{.ID}} {{.DockerRootDir}}"]
 
 
 def pull(ref: str) -> list[str]:
     return [DOCKER, "pull", "--quiet", ref]
+
+
+def image_present(ref: str) -> list[str]:
+    """Exits 0 when the image is already on the server."""
+    return [DOCKER, "image", "inspect", "--format", "{{.Id}}", ref]
 
 
 def inspect_container(name: str) -> list[str]:

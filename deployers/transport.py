@@ -335,6 +335,12 @@ class Connection:
                     raise TransportError(self.label, f"cannot open SFTP: {exc}") from None
             return self._sftp
 
+    def warm_sftp(self) -> None:
+        try:
+            self.sftp
+        except Exception:
+            pass
+
     def sftp_do(self, fn: Callable[[paramiko.SFTPClient], object]):
         """Run fn(sftp) holding the SFTP lock (one SFTP session per connection, many threads)."""
         sftp = self.sftp

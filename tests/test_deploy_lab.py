@@ -443,3 +443,33 @@ def test_canary_failure_stops_rollout_and_crash_and_port_taken(lab, images, app)
     assert "docker run failed" in str(err.value) and "rolled back" in str(err.value)
     assert _get(hosts[1], port) == "v1"
     conn_d.close()
+
+
+def test_jump_host_key_from_secret_and_insecure_warning(lab, tmp_path):
+    """Through srv1 as a bastion to srv2, with the key given as a secret's text."""
+    s1, s2 = lab["servers"][:2]
+    key_text = Path(s1["key_file"]).read_text()
+    stage = DeployStage.model_validate({
+        "enabled": True, "servers": [f"root@{s2['host']}:22"],
+        "ssh": {"key": "deploy_key", "known_hosts": s1["known_hosts"],
+                "jump": f"root@{s1['host']}:22", "connect_timeout": 5}})
+    log = Log()
+    d = SSHDockerDeployer(stage, pipeline="jumpcheck", image_name="x", run_id="j",
+                          secret=lambda n: {"deploy_key": key_text}[n], log=log)
+    [row] = d.verify()
+    assert row.error == "" and row.status == "absent"
+    conn = d._conn(d.targets[0])
+    assert conn.jump is not None and conn.jump.target.host == s1["host"]
+    # The command really ran on srv2's engine.
+    assert conn.run(["sh", "-c", "echo $DOCKER_HOST"]).stdout.strip().endswith("srv2/docker.sock")
+    d.close()
+    assert key_text.strip().splitlines()[1] not in log.text
+
+    insecure = DeployStage.model_validate({
+        "enabled": True, "servers": [f"root@{s2['host']}:22"],
+        "ssh": {"key_file": s1["key_file"], "insecure_ignore_host_key": True}})
+    log = Log()
+    d = SSHDockerDeployer(insecure, pipeline="jumpcheck", image_name="x", run_id="j", log=log)
+    assert d.verify()[0].error == ""
+    d.close()
+    assert "insecure_ignore_host_key is on" in log.text

@@ -154,6 +154,8 @@ def test_run_argv_minimal_no_init_other_name():
 
 def test_small_commands_exact():
     assert cmd.pull(REF) == ["docker", "pull", "--quiet", REF]
+    assert cmd.engine_id() == ["docker", "network", "inspect", "--format", "{{.Id}}", "host"]
+    assert cmd.image_present(REF) == ["docker", "image", "inspect", "--format", "{{.Id}}", REF]
     assert cmd.login("10.87.53.1:5000", "bob") == [
         "docker", "login", "--username", "bob", "--password-stdin", "10.87.53.1:5000"]
     assert cmd.rename("web", "web_prev_r1") == ["docker", "container", "rename", "web",
