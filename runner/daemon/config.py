@@ -7,7 +7,6 @@ unless the user insists (`value:`), and are held as `SecretValue` so that they p
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -16,9 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runner.errors import InvalidInput, Problem
-
-PROVIDERS = ("github", "gitea", "gitlab", "generic")
-
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -242,11 +238,3 @@ def config_from_dict(data: dict, source: str = "<config>") -> DaemonConfig:
         return DaemonConfig.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput("daemon config is invalid", _problems(source, exc)) from None
-
-
-_REF_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[A-Za-z0-9._/+\-=@,]{1,255}(?<!\.lock)(?<![/.])$")
-
-
-def valid_ref_name(name: str) -> bool:
-    """A conservative check of a branch or tag name before it goes anywhere near git's argv."""
-    return bool(_REF_RE.match(name))

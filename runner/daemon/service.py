@@ -18,7 +18,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 import uvicorn
 

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 from starlette.requests import Request

@@ -32,14 +32,18 @@ _STATUS_BY_EXIT = {EXIT_OK: "success", EXIT_FAILED: "failed", EXIT_INVALID: "inv
 CANCEL_ESCALATION = ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
 
 
+try:  # loaded here, not in the forked child: dlopen after fork in a threaded process can hang
+    _PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux/glibc
+    _PRCTL = None
+
+
 def _die_with_parent() -> None:
     # If the daemon is killed (even SIGKILL), the kernel sends the child SIGINT: it cancels its
     # stage cleanly instead of building on, orphaned, while the restarted daemon marks it
     # interrupted. Linux only; elsewhere the lease expiry still marks the run.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGINT))  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGINT))  # PR_SET_PDEATHSIG
 
 
 def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Path, event_file: Path | None,
