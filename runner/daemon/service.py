@@ -209,6 +209,9 @@ class Daemon:
     def start(self) -> None:
         for run_id, status in self.store.recover(self.owner, self.requeue_set()):
             log.warning("run left running by a previous daemon", extra={"run": run_id, "now": status})
+            run = self.store.get_run(run_id) or {}
+            if status == "interrupted":
+                self.status.report(run.get("pipeline", ""), run_id, run.get("commit"), status, run.get("reason", ""))
         cfg = self.config
         # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto
         # says TCP, and without it Nagle + delayed ACK add 40 ms to every response.

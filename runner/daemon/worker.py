@@ -337,6 +337,10 @@ class WorkerPool:
                     last_recover = time.monotonic()
                     for run_id, st in self.core.store.recover(None, self.core.requeue_set()):
                         log.warning("run recovered from an expired lease", extra={"run": run_id, "status": st})
+                        run = self.core.store.get_run(run_id) or {}
+                        if st == "interrupted":
+                            self.core.status.report(run.get("pipeline", ""), run_id, run.get("commit"), st,
+                                                    run.get("reason", ""))
                         self.wake()
             except Exception:  # noqa: BLE001
                 log.exception("heartbeat failed")
