@@ -218,10 +218,10 @@ class Lease:
                     self.lost.set()
                     return
                 self._write()
-            except Exception:  # connection trouble: the deploy itself will notice and report
-                if not self.conn.alive:
-                    self.lost.set()
-                    return
+            except Exception:
+                # Connection trouble: the deploy notices and reconnects, and sets `conn` to the
+                # new connection; keep beating through it.
+                continue
 
     def start(self) -> Lease:
         self._thread.start()

@@ -70,6 +70,8 @@ class _Switch:
     spec: ContainerSpec
     status: str = "deployed"  # deployed | unchanged
     old_name: str | None = None
+    old_id: str = ""
+    new_id: str = ""
     old_digest: str = ""
     old_was_running: bool = False
     old_stopped: bool = False
@@ -109,6 +111,7 @@ class SSHDockerDeployer(Deployer):
         self._conns_lock = threading.Lock()
         self._leases: dict[str, locks.Lease] = {}
         self._homes: dict[str, str] = {}
+        self._shield = threading.local()
 
     # ---------------------------------------------------------------- helpers
 
@@ -158,17 +161,25 @@ class SSHDockerDeployer(Deployer):
             return c
         if c is not None:
             c.close()
-        c = connect(t, self.options(), cancel=self.cancel, log=self.log)
+        c = connect(t, self.options(), cancel=self._cancel_event(), log=self.log)
         with self._conns_lock:
             self._conns[t.label] = c
+        lease = self._leases.get(t.label)
+        if lease is not None:
+            lease.conn = c  # heartbeat and release go through the new connection
         # Starting the SFTP subsystem costs a server-side login too: do it while the first
         # commands run (errors surface when SFTP is first really used).
         threading.Thread(target=c.warm_sftp, daemon=True).start()
         return c
 
+    def _cancel_event(self) -> threading.Event | None:
+        # Undoing a change (restore, cleanup) must not be cut short by the cancel it answers.
+        return None if getattr(self._shield, "on", False) else self.cancel
+
     def _run(self, conn: Connection, argv: list[str], *, check: bool = True,
              stdin: bytes | None = None, timeout: float | None = None):
-        return conn.run(argv, stdin=stdin, check=check, timeout=timeout, cancel=self.cancel)
+        return conn.run(argv, stdin=stdin, check=check, timeout=timeout,
+                        cancel=self._cancel_event())
 
     def _inspect(self, conn: Connection, name: str) -> ContainerState | None:
         r = self._run(conn, cmd.inspect_container(name), check=False)
@@ -224,7 +235,7 @@ class SSHDockerDeployer(Deployer):
                                           pipeline=self.pipeline, run_id=self.run_id)
         spec = container_spec(self.stage, release)
         prev = f"{spec.name}_prev_{_safe(self.run_id)}"
-        env_file = f"~/{locks.BASE_DIR}/engines/<engine id>/env/{spec.name}-<random>.env" if spec.has_env else None
+        env_file = f"~/{locks.BASE_DIR}/engines/<engine id>/env/{spec.name}--<random>.env" if spec.has_env else None
         steps = []
         if self.stage.registry.username:
             steps.append(cmd.login(self.image_name.split("/")[0], self.stage.registry.username))
@@ -398,6 +409,17 @@ class SSHDockerDeployer(Deployer):
     def _recover(self, conn: Connection) -> None:
         """A deploy interrupted mid-way (connection lost) may have left the previous container
         renamed aside: put it back before anything else."""
+        env_dir = f"{self._dir(conn)}/env"
+
+        def stale_env_files(sftp):
+            try:
+                names = sftp.listdir(env_dir)
+            except FileNotFoundError:
+                return
+            for n in names:  # left by a run that died between writing and removing them
+                if re.fullmatch(rf"{re.escape(self.app)}--[0-9a-f]{{32}}\.env", n):
+                    sftp.remove(f"{env_dir}/{n}")
+        conn.sftp_do(stale_env_files)
         r = self._run(conn, cmd.list_app_containers(self.app))
         names = set(r.stdout.split())
         leftovers = sorted(n for n in names if n.startswith(f"{self.app}_prev_"))
@@ -425,6 +447,7 @@ class SSHDockerDeployer(Deployer):
                 sw.status = "unchanged"
                 return sw
             sw.old_name = f"{spec.name}_prev_{_safe(self.run_id)}"
+            sw.old_id = cur.id
             sw.old_was_running = cur.running
             self._run(conn, cmd.rename(spec.name, sw.old_name))
         try:
@@ -432,7 +455,7 @@ class SSHDockerDeployer(Deployer):
                 self._run(conn, cmd.stop(sw.old_name, spec.stop_timeout),
                           timeout=spec.stop_timeout + 30)
                 sw.old_stopped = True
-            self._start(conn, spec)
+            sw.new_id = self._start(conn, spec)
             verdict = self._wait(conn, spec)
             if not verdict.healthy:
                 raise ServerFailed(t.label, self._unhealthy_reason(conn, spec, verdict),
@@ -452,7 +475,7 @@ class SSHDockerDeployer(Deployer):
             failure.digest = sw.old_digest if failure.rolled_back else ""
             raise failure from None
 
-    def _start(self, conn: Connection, spec: ContainerSpec) -> None:
+    def _start(self, conn: Connection, spec: ContainerSpec) -> str:
         env_path = None
         if spec.has_env:
             values = dict(spec.env)
@@ -460,7 +483,7 @@ class SSHDockerDeployer(Deployer):
                 values[var] = self._secret_value(secret_name)
             env_dir = f"{self._dir(conn)}/env"
             conn.ensure_private_dir(env_dir)
-            env_path = f"{env_dir}/{spec.name}-{uuid.uuid4().hex}.env"
+            env_path = f"{env_dir}/{spec.name}--{uuid.uuid4().hex}.env"
             conn.write_private_file(env_path, env_file_content(values))
         try:
             r = self._run(conn, cmd.run(spec, env_file=env_path), check=False,
@@ -473,6 +496,7 @@ class SSHDockerDeployer(Deployer):
                                rolled_back=False)
         self.log(f"{conn.label}: started {spec.name} ({spec.image.split('@')[1][:19]}); "
                  f"waiting for health ({spec.health.kind}, up to {spec.health.timeout:g}s)")
+        return r.stdout.strip()
 
     def _probe(self, conn: Connection, spec: ContainerSpec) -> Callable[[ContainerState],
                                                                          ProbeResult] | None:
@@ -544,32 +568,44 @@ class SSHDockerDeployer(Deployer):
 
     def _restore(self, sw: _Switch) -> str:
         """Remove the new container and put the previous one back exactly as it was.
-        Returns a note for the report; never raises."""
+        Idempotent (each step checks what is there first), so a second attempt over a new
+        connection after the first one dropped is safe. Returns a note; never raises."""
         t, name = sw.target, sw.spec.name
-        for attempt in (1, 2):
-            try:
-                conn = self._conn(t, fresh=attempt == 2)
-                if sw.status == "unchanged":
-                    return "unchanged"
-                self._run(conn, cmd.remove(name), check=False)
-                if not sw.old_name:
-                    return "rolled back: new container removed (there was no previous one)"
-                self._run(conn, cmd.rename(sw.old_name, name))
-                if sw.old_was_running:
-                    self._run(conn, cmd.start(name))
-                    st = self._inspect(conn, name)
-                    if st is None or not st.running:
-                        return (f"ROLLBACK FAILED: the previous container {name} did not "
-                                f"start again ({st.status if st else 'gone'})")
-                self.log(f"{t.label}: rolled back to the previous container "
-                         f"({sw.old_digest[:19] or 'unlabelled'})")
-                return (f"rolled back: previous version {sw.old_digest[:19] or name} "
-                        f"{'running' if sw.old_was_running else 'restored'} again")
-            except (TransportError, OSError, EOFError, paramiko.SSHException) as exc:
-                if attempt == 2:
-                    return (f"ROLLBACK FAILED: {exc}; the previous container is kept as "
-                            f"{sw.old_name}, the next deploy restores it")
-        return "ROLLBACK FAILED"
+        if sw.status == "unchanged":
+            return "unchanged"
+        self._shield.on = True
+        try:
+            for attempt in (1, 2):
+                try:
+                    return self._restore_once(sw, self._conn(t, fresh=attempt == 2))
+                except (TransportError, OSError, EOFError, paramiko.SSHException) as exc:
+                    if attempt == 2:
+                        return (f"ROLLBACK FAILED: {exc}; the previous container is kept as "
+                                f"{sw.old_name or name}, the next deploy restores it")
+            return "ROLLBACK FAILED"
+        finally:
+            self._shield.on = False
+
+    def _restore_once(self, sw: _Switch, conn: Connection) -> str:
+        t, name = sw.target, sw.spec.name
+        current = self._inspect(conn, name)
+        if current is not None and (not sw.old_id or current.id != sw.old_id):
+            self._run(conn, cmd.remove(name), check=False)  # the new one (or its remains)
+            current = None
+        if not sw.old_name:
+            return "rolled back: new container removed (there was no previous one)"
+        if current is None:
+            self._run(conn, cmd.rename(sw.old_name, name))
+        if sw.old_was_running:
+            self._run(conn, cmd.start(name))
+            st = self._inspect(conn, name)
+            if st is None or not st.running:
+                return (f"ROLLBACK FAILED: the previous container {name} did not "
+                        f"start again ({st.status if st else 'gone'})")
+        self.log(f"{t.label}: rolled back to the previous container "
+                 f"({sw.old_digest[:19] or 'unlabelled'})")
+        return (f"rolled back: previous version {sw.old_digest[:19] or name} "
+                f"{'running' if sw.old_was_running else 'restored'} again")
 
     # ---------------------------------------------------------------- commit
 
@@ -580,7 +616,13 @@ class SSHDockerDeployer(Deployer):
                 self.log(f"{s.target.label}: warning: cleanup after the deploy failed: {r}")
 
     def _commit(self, sw: _Switch) -> None:
-        conn = self._conn(sw.target)
+        self._shield.on = True
+        try:
+            self._commit_once(sw, self._conn(sw.target))
+        finally:
+            self._shield.on = False
+
+    def _commit_once(self, sw: _Switch, conn: Connection) -> None:
         if sw.old_name:
             self._run(conn, cmd.remove(sw.old_name), check=False)
         history = self._history(conn)

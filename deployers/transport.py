@@ -464,6 +464,8 @@ class _Shell:
                 if out is not None and err is not None:
                     break
                 if chan.closed or chan.exit_status_ready():
+                    if not self.conn.transport.is_active():
+                        raise TransportError(self.conn.label, "the SSH connection dropped")
                     raise TransportError(self.conn.label, "the remote shell ended unexpectedly")
                 if not got:
                     self.conn._wait_io(chan, argv, start, timeout, cancel)

@@ -473,3 +473,68 @@ def test_jump_host_key_from_secret_and_insecure_warning(lab, tmp_path):
     assert d.verify()[0].error == ""
     d.close()
     assert "insecure_ignore_host_key is on" in log.text
+
+
+def _run_until(log: Log, needle: str, target, timeout: float = 30) -> threading.Thread:
+    """Start target() in a thread and return once `needle` has been logged."""
+    th = threading.Thread(target=target)
+    th.start()
+    deadline = time.monotonic() + timeout
+    while needle not in log.text:
+        assert time.monotonic() < deadline, f"never logged {needle!r}:\n{log.text}"
+        time.sleep(0.02)
+    return th
+
+
+def test_cancel_and_dropped_connection_mid_deploy_restore_previous(lab, images, app):
+    """Interrupting the deploy while the new container is on probation (cancel, or the SSH
+    connection dropping) puts the previous version back."""
+    from runner.errors import Cancelled
+    name, _ = app
+    port = _port()
+    server = _servers(lab, 1)[0]
+    stage = _stage(lab, [server], name, port, healthcheck={"timeout": 30})
+    d = _deployer(stage, images, "v1", name, Log())
+    assert d.apply().ok
+    d.close()
+
+    # Cancel while v3 (never healthy) is being probed.
+    cancel = threading.Event()
+    log = Log()
+    d = _deployer(stage, images, "v3", name, log)
+    d.cancel = cancel
+    out = {}
+
+    def go():
+        try:
+            out["r"] = d.apply()
+        except BaseException as exc:  # collected for the assertion
+            out["r"] = exc
+    th = _run_until(log, "waiting for health", go)
+    t0 = time.monotonic()
+    cancel.set()
+    th.join(timeout=30)
+    d.close()
+    assert isinstance(out["r"], Cancelled), out
+    assert time.monotonic() - t0 < 5
+    assert "rolled back to the previous container" in log.text
+    assert _get(server["host"], port) == "v1"
+
+    # The SSH connection drops while v3 is on probation: reconnect, restore, report.
+    log = Log()
+    d = _deployer(stage, images, "v3", name, log)
+    th = _run_until(log, "waiting for health", go)
+    d._conns[d.targets[0].label].transport.close()
+    th.join(timeout=60)
+    d.close()
+    assert isinstance(out["r"], DeployFailed), out
+    msg = str(out["r"])
+    assert "connection" in msg and "rolled back" in msg, msg
+    assert _get(server["host"], port) == "v1"
+    # Its lock was released through the new connection: the next deploy does not wait.
+    log = Log()
+    d = _deployer(stage, images, "v2", name, log)
+    assert d.apply().ok
+    d.close()
+    assert "waiting up to" not in log.text and "stale" not in log.text
+    assert _get(server["host"], port) == "v2"
