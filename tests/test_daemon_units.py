@@ -70,8 +70,9 @@ def test_config_reports_every_problem_at_once(tmp_path):
     with pytest.raises(InvalidInput) as e:
         load_config(f)
     text = str(e.value)
-    for field in ("concurrency", "listen.port", "pipelines.0.name", "pipelines.1.triggers.cron.0"):
-        assert field in text, text
+    for where in (f"{f}:1:1: error: concurrency:", f"{f}:2:10: error: listen.port:",
+                  f"{f}:4:6: error: pipelines.0.name:", f"{f}:5:42: error: pipelines.1.triggers.cron.0.schedule:"):
+        assert where in text, text
     f.write_text("pipelines: [{name: a, file: x}, {name: a, file: y}]\n")
     with pytest.raises(InvalidInput, match="unique"):
         load_config(f)

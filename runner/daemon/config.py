@@ -204,11 +204,33 @@ class DaemonConfig(_Model):
         return next((p for p in self.pipelines if p.name == name), None)
 
 
-def _problems(file: str, exc: ValidationError) -> list[Problem]:
+def _locate(root, loc: tuple) -> tuple[int, int]:
+    """Line and column (1-based) of the deepest YAML node on the path `loc`."""
+    node = root
+    best = (node.start_mark.line + 1, node.start_mark.column + 1) if node is not None else (1, 1)
+    for key in loc:
+        nxt = None
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(key):
+                    nxt = v
+                    best = (k.start_mark.line + 1, k.start_mark.column + 1)
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            nxt = node.value[key]
+            best = (nxt.start_mark.line + 1, nxt.start_mark.column + 1)
+        if nxt is None:
+            break
+        node = nxt
+    return best
+
+
+def _problems(file: str, exc: ValidationError, root=None) -> list[Problem]:
     out = []
     for err in exc.errors():
-        path = ".".join(str(x) for x in err["loc"])
-        out.append(Problem(file, 1, 1, path, err["msg"]))
+        loc = tuple(err["loc"])
+        line, col = _locate(root, loc) if root is not None else (1, 1)
+        out.append(Problem(file, line, col, ".".join(str(x) for x in loc), err["msg"]))
     return out
 
 
@@ -216,7 +238,9 @@ def load_config(path: str | os.PathLike) -> DaemonConfig:
     """Read and validate a daemon config file. Raises InvalidInput with every problem at once."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text()
+        data = yaml.safe_load(text) or {}
+        root = yaml.compose(text)
     except OSError as exc:
         raise InvalidInput(f"cannot read daemon config {p}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
@@ -228,13 +252,13 @@ def load_config(path: str | os.PathLike) -> DaemonConfig:
         raise InvalidInput("daemon config must be a mapping", [Problem(str(p), 1, 1, "", "not a mapping")])
     data = dict(data)
     data["base_dir"] = str(p.resolve().parent)
-    return config_from_dict(data, source=str(p))
+    return config_from_dict(data, source=str(p), root=root)
 
 
-def config_from_dict(data: dict, source: str = "<config>") -> DaemonConfig:
+def config_from_dict(data: dict, source: str = "<config>", root=None) -> DaemonConfig:
     data = dict(data)
     data.setdefault("base_dir", os.getcwd())
     try:
         return DaemonConfig.model_validate(data)
     except ValidationError as exc:
-        raise InvalidInput("daemon config is invalid", _problems(source, exc)) from None
+        raise InvalidInput("daemon config is invalid", _problems(source, exc, root)) from None

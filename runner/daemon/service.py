@@ -80,7 +80,10 @@ class Daemon:
         if db and "://" not in db:
             db = str(config.path(db))
         self.store: Store = store or open_store(db or self.data_dir / "runner.db")
-        self.api_token = config.api_token.resolve() if config.api_token else None
+        try:
+            self.api_token = config.api_token.resolve() if config.api_token else None
+        except InvalidInput as exc:
+            raise InvalidInput(f"api_token: {exc}") from None
         self._secrets = self._resolve_secrets()
         # Every line the daemon stores passes this masker too: the engine masks the pipeline's
         # secrets; the daemon's own (webhook secrets, API token, status tokens) are added here.
@@ -111,11 +114,18 @@ class Daemon:
     def _resolve_secrets(self) -> dict[str, list[tuple[str, list[str] | None]]]:
         """provider -> [(secret, pipelines it may start, or None for all)]."""
         out: dict[str, list[tuple[str, list[str] | None]]] = {}
+
+        def resolve(ref, where: str) -> str:
+            try:
+                return ref.resolve()
+            except InvalidInput as exc:
+                raise InvalidInput(f"{where}: {exc}") from None
+
         for provider, hook in self.config.webhooks.items():
-            out.setdefault(provider, []).append((hook.secret.resolve(), None))
-        for p in self.config.pipelines:
+            out.setdefault(provider, []).append((resolve(hook.secret, f"webhooks.{provider}.secret"), None))
+        for i, p in enumerate(self.config.pipelines):
             if p.webhook_secret is not None:
-                secret = p.webhook_secret.resolve()
+                secret = resolve(p.webhook_secret, f"pipelines.{i}.webhook_secret")
                 for provider in ("github", "gitea", "gitlab", "generic"):
                     out.setdefault(provider, []).append((secret, [p.name]))
         return out
