@@ -76,6 +76,7 @@ class _Switch:
     old_was_running: bool = False
     old_stopped: bool = False
     started: float = field(default_factory=time.monotonic)
+    finished: float = 0.0
 
 
 def _safe(text: str, limit: int = 24) -> str:
@@ -359,7 +360,7 @@ class SSHDockerDeployer(Deployer):
     def _done_result(self, s: _Switch) -> ServerResult:
         return ServerResult(s.target.label, s.status, digest=s.release.digest,
                             previous_digest=s.old_digest,
-                            duration=time.monotonic() - s.started)
+                            duration=(s.finished or time.monotonic()) - s.started)
 
     def _as_failure(self, t: Target, exc: BaseException, touched: bool) -> ServerFailed:
         if isinstance(exc, ServerFailed):
@@ -445,6 +446,7 @@ class SSHDockerDeployer(Deployer):
                     and cur.labels.get(LABEL_SPEC) == spec.label_map[LABEL_SPEC]
                     and cur.health != "unhealthy" and cur.restart_count == 0):
                 sw.status = "unchanged"
+                sw.finished = time.monotonic()
                 return sw
             sw.old_name = f"{spec.name}_prev_{_safe(self.run_id)}"
             sw.old_id = cur.id
@@ -464,6 +466,7 @@ class SSHDockerDeployer(Deployer):
                 self._run(conn, cmd.stop(sw.old_name, spec.stop_timeout),
                           timeout=spec.stop_timeout + 30)
                 sw.old_stopped = True
+            sw.finished = time.monotonic()
             return sw
         except BaseException as exc:
             note = self._restore(sw)
