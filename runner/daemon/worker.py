@@ -83,6 +83,12 @@ class RunHandle:
         self._cancel_lock = threading.Lock()
         self._started = threading.Event()
         self.thread = threading.Thread(target=self._main, name=f"run-{self.id}", daemon=True)
+        self.seq = pool.core.store.max_log_seq(self.id)  # a re-queued run appends to its log
+        self.log_error: str | None = None
+        self._buf: list[tuple[int, str, float, str]] = []
+        self._buf_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._reading_done = threading.Event()
 
     # -- cancellation -------------------------------------------------------------------------
 
@@ -152,11 +158,11 @@ class RunHandle:
             self._started.set()
         log.info("run started", extra={"run": self.id, "pipeline": self.run.pipeline, "pid": self.proc.pid})
         core.status.report(self.run.pipeline, self.id, self.run.commit, "running")
-        self.seq = core.store.max_log_seq(self.id)
-        self.log_error: str | None = None
         stderr_tail: deque[str] = deque(maxlen=20)
         err_thread = threading.Thread(target=self._pump_stderr, args=(stderr_tail,), daemon=True)
         err_thread.start()
+        flusher = threading.Thread(target=self._flusher, name=f"log-{self.id}", daemon=True)
+        flusher.start()
         reported: dict = {}
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
@@ -174,6 +180,9 @@ class RunHandle:
             self._on_event(kind, ev, reported)
         returncode = self.proc.wait()
         err_thread.join(timeout=5)
+        self._reading_done.set()
+        flusher.join(timeout=5)
+        self._flush()
         status = status_from_exit(returncode, self.cancel_reason is not None, reported.get("status"))
         if status == "cancelled":
             reason = self.cancel_reason or "cancelled"
@@ -203,6 +212,8 @@ class RunHandle:
 
     def _on_event(self, kind: str, ev: dict, reported: dict) -> None:
         store = self.pool.core.store
+        if kind != "stage.log":
+            self._flush()
         try:
             if kind == "stage.start":
                 store.stage_event(self.id, str(ev.get("stage")), "running")
@@ -226,22 +237,38 @@ class RunHandle:
             if "full" in str(exc):
                 self.pool.core.disk_full(f"run {self.id}")
 
-    _log_lock = threading.Lock()
+    FLUSH_EVERY = 0.2  # seconds a log line may wait before it is readable through the API
+    FLUSH_LINES = 200  # or this many lines, whichever comes first
 
     def _log(self, stage: str, line: str, when=None) -> None:
-        if self.log_error:
-            return
-        with self._log_lock:
-            self.seq += 1
-            seq = self.seq
+        """Buffer one line (masked); lines are written in batches, one transaction each."""
         t = when if isinstance(when, (int, float)) else time.time()
-        try:
-            self.pool.core.store.append_logs(self.id, [(seq, stage, t, self.pool.core.masker.mask(line))])
-        except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
-            self.log_error = f"log lines after #{seq - 1} were not stored: {exc}"
-            log.error("cannot store log lines", extra={"run": self.id, "error": str(exc)})
-            if "full" in str(exc):
-                self.pool.core.disk_full(f"log of run {self.id}")
+        with self._buf_lock:
+            if self.log_error:
+                return
+            self.seq += 1
+            self._buf.append((self.seq, stage, t, self.pool.core.masker.mask(line)))
+            full = len(self._buf) >= self.FLUSH_LINES
+        if full:
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._flush_lock:  # one writer at a time keeps batches in seq order
+            with self._buf_lock:
+                batch, self._buf = self._buf, []
+            if not batch or self.log_error:
+                return
+            try:
+                self.pool.core.store.append_logs(self.id, batch)
+            except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
+                self.log_error = f"log lines from #{batch[0][0]} on were not stored: {exc}"
+                log.error("cannot store log lines", extra={"run": self.id, "error": str(exc)})
+                if "full" in str(exc):
+                    self.pool.core.disk_full(f"log of run {self.id}")
+
+    def _flusher(self) -> None:
+        while not self._reading_done.wait(self.FLUSH_EVERY):
+            self._flush()
 
     def _finish(self, status: str, code: int | None, reason: str) -> None:
         core = self.pool.core
