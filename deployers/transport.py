@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import select
 import shlex
 import socket
@@ -32,6 +33,11 @@ from runner.errors import Cancelled
 from deployers.spec import Target
 
 _RSA_ALGS = ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
+
+# paramiko logs expected events (a refused health-probe connection while the app starts) as
+# errors; without a handler Python would print them on stderr. Failures reach the user through
+# the exceptions and the deploy report instead.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 class TransportError(Exception):
