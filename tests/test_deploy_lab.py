@@ -538,3 +538,31 @@ def test_cancel_and_dropped_connection_mid_deploy_restore_previous(lab, images, 
     d.close()
     assert "waiting up to" not in log.text and "stale" not in log.text
     assert _get(server["host"], port) == "v2"
+
+
+def test_missing_image_and_keep_versions(lab, images, app):
+    name, _ = app
+    port = _port()
+    server = _servers(lab, -1)[0]
+    stage = _stage(lab, [server], name, port, keep_versions=1)
+    for v in ("v1", "v2"):
+        d = _deployer(stage, images, v, name, Log())
+        assert d.apply().ok
+        d.close()
+    # keep_versions=1: v1's image is pruned, and there is nothing to roll back to.
+    d = SSHDockerDeployer(stage, pipeline=name, image_name=images["repo"], run_id="chk")
+    conn = d._conn(d.targets[0])
+    assert not conn.run(["docker", "image", "inspect", images["v1"]]).ok
+    assert conn.run(["docker", "image", "inspect", images["v2"]]).ok
+    with pytest.raises(DeployFailed, match="no previous version is recorded"):
+        d.rollback()
+    d.close()
+    # An image the registry does not have: the pull fails, nothing on the server changes.
+    missing = images["repo"] + "@sha256:" + "0" * 64
+    d = SSHDockerDeployer(stage, pipeline=name, image_name=images["repo"], run_id="miss",
+                          release=Release(ref=missing, pipeline=name, run_id="miss"))
+    with pytest.raises(DeployFailed) as err:
+        d.apply()
+    d.close()
+    assert "pulling" in str(err.value) and "nothing was changed" in str(err.value)
+    assert _get(server["host"], port) == "v2"

@@ -52,6 +52,7 @@ def test_servers_from_comma_string_and_list():
     {"servers": ""},  # enabled without servers
     {"servers": "a,a"},
     {"ssh": {"key_file": "/k", "key": "sshkey"}},
+    {"ssh": {"jump": "root@bad host:22"}},
     {"container": {"ports": ["80:99999"]}},
     {"container": {"env": {"1BAD": "x"}}},
     {"container": {"env": {"OK": "line1\nline2"}}},

@@ -108,6 +108,13 @@ class SSH(Model):
     command_timeout: float = Field(default=600, gt=0)  # seconds, per remote command
     retries: int = Field(default=2, ge=0, le=10)  # extra connect attempts
 
+    @field_validator("jump")
+    @classmethod
+    def _jump(cls, v: str | None) -> str | None:
+        if v is not None:
+            Server.model_validate(parse_server(v))  # same rules as a server
+        return v
+
     @model_validator(mode="after")
     def _one_key(self) -> SSH:
         if self.key_file and self.key_secret:
