@@ -74,36 +74,37 @@ def build_app(core) -> Starlette:
 
     async def list_runs(request: Request):
         q = request.query_params
-        runs = core.store.list_runs(pipeline=q.get("pipeline"), status=q.get("status"), branch=q.get("branch"),
+        runs = await run_in_threadpool(core.store.list_runs, pipeline=q.get("pipeline"), status=q.get("status"),
+                                    branch=q.get("branch"),
                                     trigger=q.get("trigger"), limit=_int(q.get("limit"), 50) or 50,
                                     before_id=_int(q.get("before"), None))
         return JSONResponse({"runs": [run_view(r) for r in runs]})
 
     async def get_run(request: Request):
         run_id = _int(request.path_params["run_id"], 0)
-        run = core.store.get_run(run_id)
+        run = await run_in_threadpool(core.store.get_run, run_id)
         if run is None:
             return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
-        stages = core.store.stages(run_id)
+        stages = await run_in_threadpool(core.store.stages, run_id)
         for s in stages:
             s["started_at"], s["finished_at"] = _iso(s["started_at"]), _iso(s["finished_at"])
         return JSONResponse({**run_view(run), "stages": stages})
 
     async def run_logs(request: Request):
         run_id = _int(request.path_params["run_id"], 0)
-        run = core.store.get_run(run_id)
+        run = await run_in_threadpool(core.store.get_run, run_id)
         if run is None:
             return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
         q = request.query_params
         stage = request.path_params.get("stage") or q.get("stage")
-        lines = core.store.logs(run_id, stage=stage, after=_int(q.get("after"), 0) or 0,
+        lines = await run_in_threadpool(core.store.logs, run_id, stage=stage, after=_int(q.get("after"), 0) or 0,
                                 limit=_int(q.get("limit"), 1000) or 1000)
         return JSONResponse({"run_id": run_id, "status": run["status"], "lines": lines,
                              "next": lines[-1]["seq"] if lines else _int(q.get("after"), 0) or 0})
 
     async def deliveries(request: Request):
         q = request.query_params
-        rows = core.store.deliveries(limit=_int(q.get("limit"), 50) or 50, provider=q.get("provider"))
+        rows = await run_in_threadpool(core.store.deliveries, limit=_int(q.get("limit"), 50) or 50, provider=q.get("provider"))
         for r in rows:
             r["received_at"] = _iso(r["received_at"])
         return JSONResponse({"deliveries": rows})
@@ -118,10 +119,10 @@ def build_app(core) -> Starlette:
         if not _token_ok(core, request):
             return _deny(core)
         run_id = _int(request.path_params["run_id"], 0)
-        before = core.cancel(run_id, "cancelled through the API")
+        before = await run_in_threadpool(core.cancel, run_id, "cancelled through the API")
         if before is None:
             return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
-        run = core.store.get_run(run_id)
+        run = await run_in_threadpool(core.store.get_run, run_id)
         return JSONResponse({"run": run_view(run), "was": before,
                              "cancelled": before in ("queued", "running")},
                             status_code=202 if before == "running" else 200)
@@ -154,7 +155,8 @@ def build_app(core) -> Starlette:
         except InvalidInput as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         run_id = await run_in_threadpool(core.trigger_manual, name, branch, tag, body.get("commit"), variables)
-        return JSONResponse({"run": run_view(core.store.get_run(run_id))}, status_code=201)
+        return JSONResponse({"run": run_view(await run_in_threadpool(core.store.get_run, run_id))},
+                            status_code=201)
 
     routes = [
         Route("/healthz", healthz),

@@ -16,6 +16,7 @@ import re
 import time
 from typing import Any, Mapping
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -268,22 +269,24 @@ def make_hook_handler(core, provider: str):
         event = event_name(provider, headers)
         store = core.store
 
-        def reject(status: int, why: str) -> JSONResponse:
-            store.record_delivery(provider, did, event, "rejected", why, status, remote)
+        # The store is called from a worker thread: a write that waits on the database (another
+        # daemon holding it, a slow disk) must not stall every other request on the event loop.
+        async def reject(status: int, why: str) -> JSONResponse:
+            await run_in_threadpool(store.record_delivery, provider, did, event, "rejected", why, status, remote)
             log.info("delivery rejected", extra={"provider": provider, "delivery": did, "why": why})
             return _reply(status, outcome="rejected", reason=why)
 
         secrets = core.secrets_for(provider)
         if not secrets:
-            return reject(404, f"the {provider} webhook is not enabled in this daemon (no secret configured)")
+            return await reject(404, f"the {provider} webhook is not enabled in this daemon (no secret configured)")
         body = await _read_body(request, core.config.max_body_bytes)
         if body is None:
-            return reject(413, f"payload over {core.config.max_body_bytes} bytes")
+            return await reject(413, f"payload over {core.config.max_body_bytes} bytes")
         if not signature_header_present(provider, headers):
-            return reject(401, "signature missing")
+            return await reject(401, "signature missing")
         matched_secret_pipelines = [names for secret, names in secrets if verify(provider, secret, body, headers)]
         if not matched_secret_pipelines:
-            return reject(401, "signature does not match")
+            return await reject(401, "signature does not match")
         allowed: set[str] | None = set()
         for names in matched_secret_pipelines:
             if names is None:
@@ -293,13 +296,13 @@ def make_hook_handler(core, provider: str):
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return reject(400, f"body is not JSON: {exc}")
+            return await reject(400, f"body is not JSON: {exc}")
         if not isinstance(payload, dict):
-            return reject(400, "body is not a JSON object")
+            return await reject(400, "body is not a JSON object")
 
         kind = classify(provider, event)
         if kind == "ping":
-            store.record_delivery(provider, did, event or "ping", "ping", "pong", 200, remote)
+            await run_in_threadpool(store.record_delivery, provider, did, event or "ping", "ping", "pong", 200, remote)
             return _reply(200, outcome="ping", reason="pong")
         runs: list[NewRun] = []
         reasons: list[str] = []
@@ -312,7 +315,7 @@ def make_hook_handler(core, provider: str):
                 trig = None
                 reasons.append(str(exc))
             except InvalidInput as exc:
-                return reject(400, str(exc))
+                return await reject(400, str(exc))
         if kind == "push" and trig is not None:
             names = [n for n in request.query_params.get("pipeline", "").split(",") if n] or None
             pipelines, why = match_pipelines(core.config, trig, payload, names)
@@ -333,7 +336,7 @@ def make_hook_handler(core, provider: str):
                     continue
                 runs.append(new_run(p, "tag" if trig.tag else "push", provider, trig.ref, trig.branch,
                                     trig.tag, trig.commit, stored_event, delivery=did))
-        acc = store.accept_delivery(provider, did, event, runs, reasons, remote)
+        acc = await run_in_threadpool(store.accept_delivery, provider, did, event, runs, reasons, remote)
         if acc.duplicate:
             return _reply(200, outcome="duplicate", reason="this delivery was already received",
                           runs=list(acc.run_ids), delivery=acc.delivery_row)
