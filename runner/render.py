@@ -60,7 +60,8 @@ class TerminalSink:
             line = f"<< {ev['stage']}: [{STATUS_STYLE.get(st, '')}]{st}[/] ({ev.get('duration', 0):.1f}s)"
             c.print(line, markup=True)
             if ev.get("error"):
-                c.print(f"   {ev['error']}", style="red", markup=False)
+                c.print(f"   {ev['error']}", style="dim" if st == "skipped" else "red",
+                        markup=False)
         elif kind == "run.end":
             self._spin(None)
             self.summary(ev)

@@ -56,3 +56,11 @@ def stage_end(evs: list[dict], stage: str) -> dict:
     ends = [e for e in evs if e["event"] == "stage.end" and e["stage"] == stage]
     assert ends, f"no stage.end for {stage}: {[e['event'] for e in evs]}"
     return ends[-1]
+
+
+def lab_env(lab: dict) -> dict[str, str]:
+    """The variables `runner lab env` exports, from the lab fixture's description."""
+    s0 = lab["servers"][0]
+    return {"REGISTRY": lab["registry"], "DOCKER_HOST": lab["docker_host"],
+            "DEPLOY_HOSTS": ",".join(f"{s['user']}@{s['host']}:{s['port']}" for s in lab["servers"]),
+            "SSH_KEY_FILE": s0["key_file"], "KNOWN_HOSTS_FILE": s0["known_hosts"]}

@@ -13,7 +13,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_validate_accepts_the_example_pipeline():
-    proc = runner("validate", "pipeline.example.yaml", env={"REGISTRY": "127.0.0.1:5000"})
+    proc = runner("validate", "pipeline.example.yaml", env={
+        "REGISTRY": "127.0.0.1:5000", "DEPLOY_HOSTS": "root@10.0.0.1:22,deploy@10.0.0.2",
+        "SSH_KEY_FILE": "/nonexistent/key", "KNOWN_HOSTS_FILE": "/nonexistent/known_hosts"})
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ROOT, commit_files, copy_example_app, events, make_repo, runner, stage_end
+from tests.helpers import (ROOT, commit_files, copy_example_app, events, lab_env, make_repo, runner,
+                           stage_end)
 
 pytestmark = pytest.mark.lab
 
@@ -33,15 +34,27 @@ def registry_digest(registry: str, repo: str, ref: str) -> str:
     return r.headers["Docker-Content-Digest"]
 
 
-def test_example_pipeline_pushes_an_image_the_registry_serves(lab, data_dir):
-    proc = runner("exec", "pipeline.example.yaml", "--json", "--skip", "deploy",
-                  "--data-dir", str(data_dir), env={"REGISTRY": lab["registry"]})
+def test_example_pipeline_end_to_end(lab, data_dir):
+    """The README's main job: the example app built, scanned, pushed, and answering on every
+    lab server with the digest that was pushed."""
+    proc = runner("exec", "pipeline.example.yaml", "--json", "--data-dir", str(data_dir),
+                  env=lab_env(lab))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     evs = events(proc.stdout)
+    assert [e["stage"] for e in evs if e["event"] == "stage.end" and e["status"] == "success"] \
+        == ["checkout", "build", "scan", "push", "deploy"]
     push = stage_end(evs, "push")["outputs"]
     assert push["ref"].startswith(f"{lab['registry']}/example/app@sha256:")
     short = stage_end(evs, "checkout")["outputs"]["short_sha"]
     assert registry_digest(lab["registry"], "example/app", short) == push["digest"]
+    for server in lab["servers"]:
+        r = httpx.get(f"http://{server['host']}:8000/", timeout=10)
+        assert r.status_code == 200 and r.json()["message"] == "hello from runner"
+        running = subprocess.run(
+            ["docker", "-H", server["docker_host"], "inspect", "example-app", "--format",
+             "{{.Config.Image}} {{.State.Health.Status}} {{.HostConfig.RestartPolicy.Name}}"],
+            capture_output=True, text=True, check=True).stdout.split()
+        assert running == [push["ref"], "healthy", "always"]
 
 
 def test_code_only_change_reuses_the_dependency_layers(lab, tmp_path, data_dir):
