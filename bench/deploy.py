@@ -1,0 +1,281 @@
+"""Deploy: the runner's deploy stage against the plain ssh loop (sequential and parallel) and
+against an Ansible playbook, to 1, 2, 4 (8) lab servers. Same image, same servers, same
+container (`bench-app`, --restart=always, --init, -p 18080:8080, the image's HEALTHCHECK).
+
+Each timed run is a real version change: the two image versions alternate, and after every
+run (untimed) the version not running is removed from the servers, so the next run really
+pulls it. Each run is checked (untimed) to have left the expected digest running.
+
+- runner:     `python -m bench.rundeploy` (the deploy stage the engine runs, own process)
+- plain-seq:  for each server in turn: ssh host 'docker pull … && docker stop … && docker rm …
+              && docker run -d --restart=always --init … && until healthy; do sleep 0.1; done'
+- plain-par:  the same ssh commands to every server at once, then wait for all
+- ansible:    ansible-playbook, community.docker docker_image_pull + docker_container
+              (state: healthy), gather_facts off, pipelining on, forks = servers, OpenSSH with
+              ControlPersist (Ansible's defaults otherwise)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.common import (APP_PORT, CONTAINER, HOST_PORT, ROOT, Timer, cleanup_servers, log,
+                          on_servers,
+                          pair_range, ratio, ssh_argv, summary)
+
+VARIANTS = ("runner", "plain-seq", "plain-par", "ansible")
+HEALTH_POLL = 0.1  # the plain loop polls docker's health status this often
+
+
+def ansible_available() -> tuple[bool, str]:
+    try:
+        import ansible  # noqa: F401
+        import ansible_collections.community.docker  # noqa: F401
+    except ImportError as exc:
+        return False, f"ansible is not importable ({exc}); `pip install ansible` brings " \
+                      f"ansible-core and the community.docker collection"
+    if shutil.which("ansible-playbook") is None:
+        return False, "ansible-playbook is not on PATH"
+    return True, ""
+
+
+# ------------------------------------------------------------------ the plain loop
+
+def plain_remote(ref: str) -> str:
+    """The shell a user would type for one server (values are the harness's own, quoted)."""
+    r, n = shlex.quote(ref), CONTAINER
+    return (
+        f"docker pull -q {r} >/dev/null"
+        f" && {{ docker stop -t 10 {n} >/dev/null 2>&1; docker rm {n} >/dev/null 2>&1; true; }}"
+        f" && docker run -d --name {n} --restart=always --init -p {HOST_PORT}:{APP_PORT} {r}"
+        f" >/dev/null"
+        f" && i=0 && until [ \"$(docker inspect -f '{{{{.State.Health.Status}}}}' {n})\""
+        f" = healthy ];"
+        f" do i=$((i+1)); [ $i -lt 600 ] || exit 1; sleep {HEALTH_POLL}; done"
+    )
+
+
+def run_plain_seq(servers: list[dict], ref: str) -> float:
+    t0 = time.monotonic()
+    for s in servers:
+        p = subprocess.run(ssh_argv(s, plain_remote(ref)), capture_output=True, text=True,
+                           timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"plain loop failed on {s['name']}: {p.stderr[-500:]}")
+    return time.monotonic() - t0
+
+
+def run_plain_par(servers: list[dict], ref: str) -> float:
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(ssh_argv(s, plain_remote(ref)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for s in servers]
+    errors = []
+    for s, p in zip(servers, procs):
+        _, err = p.communicate(timeout=300)
+        if p.returncode != 0:
+            errors.append(f"{s['name']}: {err[-300:]}")
+    elapsed = time.monotonic() - t0
+    if errors:
+        raise RuntimeError("plain parallel loop failed: " + "; ".join(errors))
+    return elapsed
+
+
+# ------------------------------------------------------------------ the runner
+
+def runner_pipeline(workdir: Path, servers: list[dict], image_name: str) -> Path:
+    s0 = servers[0]
+    doc = {
+        "version": 1, "name": "bench",
+        "repository": {"url": str(ROOT)},
+        "image": {"name": image_name},
+        "stages": {
+            "scan": {"enabled": False},
+            "deploy": {
+                "enabled": True,
+                "servers": [f"{s['user']}@{s['host']}:{s['port']}" for s in servers],
+                "ssh": {"key_file": s0["key_file"], "known_hosts": s0["known_hosts"]},
+                "container": {"name": CONTAINER, "ports": [f"{HOST_PORT}:{APP_PORT}"]},
+                "healthcheck": {"timeout": 60},  # the image's own HEALTHCHECK decides
+                "strategy": {"type": "all"},
+                "lock": {"wait": 30},
+            },
+        },
+    }
+    path = workdir / f"deploy-{len(servers)}.yaml"
+    path.write_text(json.dumps(doc, indent=1))  # JSON is YAML
+    return path
+
+
+def run_runner(pipeline: Path, ref: str, profile: str | None = None) -> tuple[float, dict]:
+    argv = [sys.executable, "-m", "bench.rundeploy", str(pipeline), ref]
+    if profile:
+        argv += ["--profile", profile]
+    t = Timer(argv, cwd=str(ROOT), timeout=300).run()
+    out = (t.result.stdout or "").strip().splitlines()
+    info = json.loads(out[-1]) if out else {}
+    if t.result.returncode != 0:
+        raise RuntimeError(f"runner deploy failed: {info.get('error') or t.result.stderr[-2000:]}")
+    statuses = {s["name"]: s["status"] for s in (info.get("outputs") or {}).get("servers", [])}
+    if not statuses or set(statuses.values()) != {"deployed"}:
+        raise RuntimeError(f"runner deploy did not change every server: {statuses}")
+    return t.wall, phases(info, t.started_epoch, t.wall)
+
+
+def phases(info: dict, spawned: float, wall: float) -> dict:
+    """Split one runner deploy into where its time went, from its own milestones and events."""
+    ev = info.get("events") or []
+    start = next((e["time"] for e in ev if e["event"] == "stage.start"), None)
+    end = next((e["time"] for e in ev if e["event"] == "stage.end"), None)
+    if start is None or end is None:
+        return {}
+
+    def last(word: str) -> float | None:
+        ts = [e["time"] for e in ev if e["event"] == "stage.log" and word in (e.get("line") or "")]
+        return max(ts) if ts else None
+    out = {
+        "python_start_imports": round(info["imported"] - spawned, 3),
+        "load_pipeline": round(info["loaded"] - info["imported"], 3),
+        "stage_total": round(end - start, 3),
+        "exit": round(spawned + wall - info["end"], 3),
+    }
+    # When the last server reached each milestone, counted from the stage's start.
+    for key, word in (("connected_at", ": connected"), ("pulled_at", ": pulled "),
+                      ("locked_at", ": deploy lock taken"), ("started_at", ": started "),
+                      ("healthy_at", "(healthy)")):
+        t = last(word)
+        if t is not None:
+            out[key] = round(t - start, 3)
+    return out
+
+
+# ------------------------------------------------------------------ ansible
+
+def ansible_files(workdir: Path, servers: list[dict]) -> tuple[Path, dict[str, str]]:
+    d = workdir / f"ansible-{len(servers)}"
+    d.mkdir(parents=True, exist_ok=True)
+    s0 = servers[0]
+    python = os.path.realpath(sys.executable)  # has the docker SDK community.docker needs
+    (d / "inventory.ini").write_text(
+        "[servers]\n" + "".join(
+            f"{s['name']} ansible_host={s['host']} ansible_port={s['port']} "
+            f"ansible_user={s['user']}\n" for s in servers)
+        + f"\n[servers:vars]\nansible_ssh_private_key_file={s0['key_file']}\n"
+          f"ansible_python_interpreter={python}\n")
+    (d / "ansible.cfg").write_text(
+        "[defaults]\n"
+        f"inventory = {d / 'inventory.ini'}\n"
+        "host_key_checking = True\n"
+        f"forks = {max(5, len(servers))}\n"
+        "gathering = explicit\n"
+        "retry_files_enabled = False\n"
+        "interpreter_python_fallback = []\n"
+        "[ssh_connection]\n"
+        "pipelining = True\n"
+        f"ssh_args = -o ControlMaster=auto -o ControlPersist=60s "
+        f"-o UserKnownHostsFile={s0['known_hosts']} -o StrictHostKeyChecking=yes\n")
+    (d / "deploy.yml").write_text(f"""\
+- hosts: servers
+  gather_facts: false
+  tasks:
+    - name: pull the image by digest
+      community.docker.docker_image_pull:
+        name: "{{{{ ref }}}}"
+    - name: run it, wait until healthy
+      community.docker.docker_container:
+        name: {CONTAINER}
+        image: "{{{{ ref }}}}"
+        state: healthy
+        healthy_wait_timeout: 60
+        restart_policy: always
+        init: true
+        published_ports: ["{HOST_PORT}:{APP_PORT}"]
+        stop_timeout: 10
+""")
+    env = dict(os.environ, ANSIBLE_CONFIG=str(d / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_LOCALHOST_WARNING="False")
+    return d / "deploy.yml", env
+
+
+def run_ansible(playbook: Path, env: dict[str, str], ref: str) -> float:
+    argv = ["ansible-playbook", str(playbook), "-e", f"ref={ref}"]
+    t = Timer(argv, env=env, cwd=str(playbook.parent), timeout=300).run()
+    if t.result.returncode != 0:
+        raise RuntimeError(f"ansible-playbook failed:\n{t.result.stdout[-3000:]}\n"
+                           f"{t.result.stderr[-1000:]}")
+    return t.wall
+
+
+# ------------------------------------------------------------------ the bench
+
+def check_and_prune(servers: list[dict], ref: str, other: str) -> None:
+    """Untimed: every server runs `ref` now; remove `other` so the next run must pull it."""
+    remote = (f"docker inspect -f '{{{{.Config.Image}}}}' {CONTAINER}; "
+              f"docker image rm {shlex.quote(other)} >/dev/null 2>&1; true")
+    for s, p in zip(servers, on_servers(servers, remote)):
+        running = (p.stdout or "").strip()
+        if running != ref:
+            raise RuntimeError(f"{s['name']}: expected {ref} to run, found {running!r}")
+
+
+def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, warmup: int,
+                 workdir: Path, variants: tuple[str, ...] = VARIANTS,
+                 profile_dir: Path | None = None) -> dict:
+    ok, why = ansible_available()
+    skipped = {}
+    if "ansible" in variants and not ok:
+        skipped["ansible"] = why
+        log(f"ansible skipped: {why}")
+        variants = tuple(v for v in variants if v != "ansible")
+    image_name = refs[0].split("@")[0]
+    out: dict = {"variants": list(variants), "skipped": skipped, "rounds": rounds,
+                 "warmup": warmup, "container": CONTAINER, "host_port": HOST_PORT,
+                 "refs": refs, "by_servers": {}}
+    for n in counts:
+        servers = lab["servers"][:n]
+        cleanup_servers(lab["servers"][:max(counts)], refs)  # every block starts from nothing
+        if len(servers) < n:
+            out["by_servers"][str(n)] = {"error": f"the lab has only {len(servers)} servers"}
+            continue
+        pipeline = runner_pipeline(workdir, servers, image_name)
+        playbook, aenv = ansible_files(workdir, servers) if "ansible" in variants else (None, None)
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        runner_phases: list[dict] = []
+        k = 0  # which version goes next: they alternate run by run
+        for r in range(warmup + rounds):
+            counted = r >= warmup
+            for v in variants:
+                ref, other = refs[k % 2], refs[(k + 1) % 2]
+                k += 1
+                prof = None
+                if profile_dir and v == "runner" and counted and r == warmup:
+                    prof = str(profile_dir / f"runner-deploy-{n}.prof")
+                if v == "runner":
+                    wall, ph = run_runner(pipeline, ref, prof)
+                    if counted:
+                        runner_phases.append(ph)
+                elif v == "plain-seq":
+                    wall = run_plain_seq(servers, ref)
+                elif v == "plain-par":
+                    wall = run_plain_par(servers, ref)
+                else:
+                    wall = run_ansible(playbook, aenv, ref)
+                check_and_prune(servers, ref, other)
+                log(f"deploy {n} server(s) {'' if counted else '(warm-up) '}{v}: {wall:.2f}s")
+                if counted:
+                    times[v].append(wall)
+        block = {v: summary(times[v]) for v in variants}
+        block["runner_phases"] = {key: summary([p[key] for p in runner_phases if key in p])
+                                  for key in sorted({k for p in runner_phases for k in p})}
+        for base in ("plain-seq", "plain-par", "ansible"):
+            if base in times and "runner" in times:
+                block[f"runner/{base}"] = {"ratio": ratio(block["runner"], block[base]),
+                                           "pairs": pair_range(times["runner"], times[base])}
+        out["by_servers"][str(n)] = block
+    return out
