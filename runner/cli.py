@@ -125,7 +125,7 @@ def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, 
 def _attach_optional() -> None:
     # Subcommands live beside the code they drive; each registers here.
     for module, names in (("runner.lab.cli", ("lab",)),
-                          ("deployers.cli", ("rollback", "status")),
+                          ("deployers.cli", ("rollback", "status", "deploy_lock")),
                           ("runner.daemon.cli", ("daemon", "runs", "logs", "cancel"))):
         if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None or \
                 importlib.util.find_spec(module) is None:
@@ -134,7 +134,7 @@ def _attach_optional() -> None:
         for name in names:
             cmd = getattr(mod, name, None)
             if cmd is not None:
-                cli.add_command(cmd, name)
+                cli.add_command(cmd, cmd.name)
 
 
 _attach_optional()
