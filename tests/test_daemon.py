@@ -375,3 +375,20 @@ def test_disk_full_while_writing_logs(tmp_path, small_disk):
         assert r.status_code in (202, 503), r.text
         if r.status_code == 503:
             assert "cannot record" in r.json()["reason"]
+
+
+def test_polling_an_empty_repository_then_the_first_push_runs(tmp_path):
+    from harness import git
+    bare = tmp_path / "empty.git"
+    git("init", "--bare", "-b", "main", str(bare))
+    work = tmp_path / "w"
+    git("init", "-b", "main", str(work))
+    git("remote", "add", "origin", str(bare), cwd=work)
+    pf = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": str(bare),
+                             "triggers": {"poll": {"interval": 0.3}}}])  # initial: skip (default)
+    with daemon_in_process(cfg) as d:
+        wait_for(lambda: d.store.has_poll_state("app"), 10, "a first successful poll")
+        sha = commit(work, "first ever")
+        run = wait_for(lambda: d.store.list_runs(trigger="poll"), 10, "the first push to be run")[0]
+        assert run["commit"] == sha

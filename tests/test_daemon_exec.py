@@ -108,3 +108,33 @@ def test_push_webhook_builds_and_pushes_on_the_lab(lab, tmp_path):
                       "application/vnd.docker.distribution.manifest.v2+json, "
                       "application/vnd.docker.distribution.manifest.list.v2+json"})
         assert m.status_code == 200 and m.headers["Docker-Content-Digest"] == digest
+
+
+@pytest.mark.lab
+def test_newer_push_cancels_a_running_build_on_the_lab(lab, tmp_path):
+    import time
+
+    from harness import git
+    from tests.helpers import commit_files, make_repo
+
+    repo = make_repo(tmp_path / "repo", {"Dockerfile": "FROM local/busybox:1\nRUN sleep 27.183\n"})
+    slow = git("rev-parse", "HEAD", cwd=repo)
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(f"name: daemon-cancel\nrepository: {{url: {repo}}}\n"
+                 f"image: {{name: \"{lab['registry']}/test/daemon-cancel\"}}\n")
+    cfg = _real(config(tmp_path, [{"name": "app", "file": str(p), "repo": str(repo)}]))
+    with daemon_in_process(cfg) as d:
+        first = send_github(d.url, push_payload(str(repo), after=slow), "lab-c1").json()["runs"][0]
+        wait_for(lambda: any(s["name"] == "build" and s["status"] == "running" for s in d.store.stages(first)),
+                 120, "the slow build to start", every=0.2)
+        fast = commit_files(repo, {"Dockerfile": "FROM local/busybox:1\nRUN echo fast\n"}, "fast")
+        t0 = time.monotonic()
+        second = send_github(d.url, push_payload(str(repo), after=fast, before=slow), "lab-c2").json()["runs"][0]
+        r1 = _final(d, first, timeout=60)
+        stopped_in = time.monotonic() - t0
+        r2 = _final(d, second, timeout=300)
+        assert r1["status"] == "cancelled" and r1["reason"] == f"superseded by run {second}", r1
+        assert stopped_in < 20, f"the superseded build took {stopped_in:.1f}s to stop"
+        assert {s["name"]: s["status"] for s in d.store.stages(first)}["build"] == "cancelled"
+        assert r2["status"] == "success", (r2, d.store.logs(second)[-20:])
+        assert {s["name"]: s for s in d.store.stages(second)}["checkout"]["outputs"]["commit"] == fast

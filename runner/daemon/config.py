@@ -75,9 +75,10 @@ class PushTrigger(_Model):
 
 class PollTrigger(_Model):
     interval: float = Field(default=60.0, ge=0.2)
-    # A ref seen for the first time whose commit never ran: run it (safety net for a missed
-    # webhook) or only remember it.
-    initial: Literal["run", "skip"] = "run"
+    # The very first poll of a pipeline (no poll state in the store yet): only remember the heads
+    # ("skip"), or also run those whose commit never ran ("run"; every matching branch at once).
+    # After that, poll state persists, so commits pushed while the daemon was down still run.
+    initial: Literal["run", "skip"] = "skip"
 
 
 class CronTrigger(_Model):

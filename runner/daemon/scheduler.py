@@ -133,7 +133,7 @@ class Schedules:
             log.warning("poll failed", extra={"pipeline": name, "error": str(exc)})
             core.store.set_poll_state(name, {}, error=str(exc))
             return []
-        first = not core.store.has_poll_state(name) or not core.store.poll_state(name)
+        first = not core.store.has_poll_state(name)
         seen = core.store.poll_state(name)
         runs = [new_run(p, "poll", None, ref, branch, tag, sha, synthetic_event(url, ref, before, sha, "runner-poll"))
                 for ref, branch, tag, before, sha in poll_decisions(p, seen, first, current)]

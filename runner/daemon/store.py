@@ -148,7 +148,20 @@ class Store(abc.ABC):
     def deliveries(self, limit: int = 50, provider: str | None = None) -> list[dict]: ...
 
     @abc.abstractmethod
-    def poll_state(self, pipeline: str) -> dict[str, str]: ...
+    def poll_state(self, pipeline: str) -> dict[str, str]:
+        """{ref: commit} as the last successful poll saw them ({} if none)."""
+
+    @abc.abstractmethod
+    def has_poll_state(self, pipeline: str) -> bool:
+        """True once a poll of this pipeline has succeeded (even if it found no refs)."""
+
+    @abc.abstractmethod
+    def max_log_seq(self, run_id: int) -> int:
+        """The highest log line number stored for a run (0 if none)."""
+
+    @abc.abstractmethod
+    def run_event(self, run_id: int) -> dict:
+        """The event a run was queued with (what `runner exec --event` gets)."""
 
     @abc.abstractmethod
     def set_poll_state(self, pipeline: str, refs: dict[str, str], error: str = "") -> None: ...
@@ -599,17 +612,18 @@ class SqliteStore(Store):
 
     def poll_state(self, pipeline):
         rows = self._read("SELECT refs FROM poll_state WHERE pipeline=?", (pipeline,))
-        return json.loads(rows[0]["refs"]) if rows else {}
+        return (json.loads(rows[0]["refs"]) or {}) if rows else {}
 
     def has_poll_state(self, pipeline: str) -> bool:
-        return bool(self._read("SELECT 1 FROM poll_state WHERE pipeline=?", (pipeline,)))
+        """True once a poll of this pipeline has succeeded (even if it found no refs)."""
+        return bool(self._read("SELECT 1 FROM poll_state WHERE pipeline=? AND refs != 'null'", (pipeline,)))
 
     def set_poll_state(self, pipeline, refs, error=""):
         with self._tx() as db:
             if error:
                 db.execute("INSERT INTO poll_state (pipeline, refs, checked_at, error) VALUES (?,?,?,?) "
                            "ON CONFLICT(pipeline) DO UPDATE SET checked_at=excluded.checked_at, error=excluded.error",
-                           (pipeline, "{}", time.time(), error))
+                           (pipeline, "null", time.time(), error))
             else:
                 db.execute("INSERT INTO poll_state (pipeline, refs, checked_at, error) VALUES (?,?,?,'') "
                            "ON CONFLICT(pipeline) DO UPDATE SET refs=excluded.refs, checked_at=excluded.checked_at,"
