@@ -129,17 +129,15 @@ def _get(host: str, port: int) -> str:
 def _cleanup(lab, app: str, servers) -> None:
     stage = _stage(lab, servers, app, 1)
     d = SSHDockerDeployer(stage, pipeline=app, image_name="x", run_id="cleanup")
-    for t in d.targets:
-        try:
-            conn = d._conn(t)
-            names = conn.run(["docker", "container", "ls", "--all", "--format", "{{.Names}}",
-                              "--filter", f"label=runner.app={app}"]).stdout.split()
-            for n in names:
-                conn.run(["docker", "container", "rm", "--force", n])
-            root = d._dir(conn)
-            conn.run(["rm", "-rf", f"{root}/apps/{app}", f"{root}/locks/{app}"])
-        except Exception:
-            pass
+    def one(t):
+        conn = d._conn(t)
+        names = conn.run(["docker", "container", "ls", "--all", "--format", "{{.Names}}",
+                          "--filter", f"label=runner.app={app}"]).stdout.split()
+        if names:
+            conn.run(["docker", "container", "rm", "--force", *names])
+        root = d._dir(conn)
+        conn.run(["rm", "-rf", f"{root}/apps/{app}", f"{root}/locks/{app}"])
+    d._parallel(one, list(d.targets))  # errors ignored: best effort
     d.close()
 
 
@@ -566,3 +564,33 @@ def test_missing_image_and_keep_versions(lab, images, app):
     d.close()
     assert "pulling" in str(err.value) and "nothing was changed" in str(err.value)
     assert _get(server["host"], port) == "v2"
+
+
+def test_worker_without_ports_uses_command_probe(lab, images, app):
+    name, _ = app
+    server = _servers(lab, -1)[0]
+    stage = _stage(lab, [server], name, 1, container={"ports": []},
+                   healthcheck={"http": None, "cmd": "test -f /www/health", "timeout": 4})
+    d = _deployer(stage, images, "v1", name, Log())
+    assert d.apply().ok
+    d.close()
+    d = _deployer(stage, images, "v3", name, Log())  # v3 has no /www/health
+    with pytest.raises(DeployFailed) as err:
+        d.apply()
+    d.close()
+    assert "health check failed" in str(err.value) and "rolled back" in str(err.value)
+    [row] = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="s").verify()
+    assert row.running and row.digest == images["v1"].split("@")[1]
+    assert row.health == "healthy"  # docker runs the same command (--health-cmd)
+
+
+def test_refused_key(lab, images, app, tmp_path):
+    name, _ = app
+    server = _servers(lab, 1)[0]
+    key = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    stage = _stage(lab, [server], name, _port(), ssh={"key_file": str(key)})
+    d = _deployer(stage, images, "v1", name, Log())
+    with pytest.raises(DeployFailed, match="refused the SSH key for user 'root'"):
+        d.apply()
+    d.close()
