@@ -368,3 +368,82 @@ def test_plan_is_pure_data():
     run = next(c for c in first["commands"] if c[:2] == ["docker", "run"])
     assert "--env-file" in run and not any("tok" == w for w in run)
     json.dumps(plan)  # plain data
+
+
+# --------------------------------------------------------------------------- rollout order
+
+class Scripted:
+    """The rollout's orchestration with the per-server steps replaced by a script: which
+    batches run, what is undone and what is kept, for each strategy. (The steps themselves
+    run against real servers in test_deploy_lab.py.)"""
+
+    @staticmethod
+    def make(strategy: dict, fail: set[str], n: int = 5):
+        from deployers.ssh_docker import SSHDockerDeployer, ServerFailed, _Switch
+        s = stage(servers=[f"10.0.0.{i}" for i in range(1, n + 1)], strategy=strategy)
+        events: list[tuple[str, str]] = []
+
+        class D(SSHDockerDeployer):
+            def options(self):
+                return None
+
+            def _prepare(self, t, release):
+                events.append(("prepare", t.label))
+
+            def _switch(self, t, release):
+                events.append(("switch", t.label))
+                if t.label in fail:
+                    raise ServerFailed(t.label, "unhealthy", rolled_back=True, note="rolled back")
+                return _Switch(t, release, container_spec(s, release), old_digest=D2)
+
+            def _restore(self, sw):
+                events.append(("restore", sw.target.label))
+                return "rolled back: previous version running again"
+
+            def _commit_all(self, switches):
+                events.extend(("commit", sw.target.label) for sw in switches)
+
+        d = D(s, pipeline="demo", image_name="reg/demo", run_id="r1",
+              release=Release(ref=REF, pipeline="demo", run_id="r1"))
+        return d, events
+
+
+def test_rollout_rolling_rollback_all():
+    from deployers.base import DeployFailed
+    d, ev = Scripted.make({"type": "rolling", "batch_size": 2}, fail={"10.0.0.3"})
+    with pytest.raises(DeployFailed) as err:
+        d.apply()
+    switched = [x for k, x in ev if k == "switch"]
+    assert switched[:2] == ["10.0.0.1", "10.0.0.2"] or set(switched[:2]) == {"10.0.0.1",
+                                                                              "10.0.0.2"}
+    assert set(switched) == {"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"}  # batch 3 never
+    assert {x for k, x in ev if k == "restore"} == {"10.0.0.1", "10.0.0.2", "10.0.0.4"}
+    assert not [x for k, x in ev if k == "commit"]
+    st = {s.server: s.status for s in err.value.report.servers}
+    assert st == {"10.0.0.1": "rolled_back", "10.0.0.2": "rolled_back", "10.0.0.3": "failed",
+                  "10.0.0.4": "rolled_back", "10.0.0.5": "skipped"}
+    assert "10.0.0.3" in str(err.value) and "unhealthy" in str(err.value)
+
+
+def test_rollout_keep_done_and_canary_and_all():
+    from deployers.base import DeployFailed
+    d, ev = Scripted.make({"type": "rolling", "batch_size": 2, "on_failure": "keep_done"},
+                          fail={"10.0.0.3"})
+    with pytest.raises(DeployFailed) as err:
+        d.apply()
+    assert {x for k, x in ev if k == "restore"} == {"10.0.0.4"}
+    assert {x for k, x in ev if k == "commit"} == {"10.0.0.1", "10.0.0.2"}
+    st = {s.server: s.status for s in err.value.report.servers}
+    assert st["10.0.0.1"] == "deployed" and st["10.0.0.5"] == "skipped"
+
+    d, ev = Scripted.make({"type": "canary"}, fail={"10.0.0.1"})
+    with pytest.raises(DeployFailed):
+        d.apply()
+    assert [x for k, x in ev if k in ("switch", "prepare")] == ["10.0.0.1", "10.0.0.1"]
+
+    d, ev = Scripted.make({"type": "all"}, fail=set())
+    report = d.apply()
+    assert report.ok and [s.status for s in report.servers] == ["deployed"] * 5
+    # All prepared (pulled) before any switch.
+    kinds = [k for k, _ in ev]
+    assert kinds.index("switch") == 5 and kinds[:5] == ["prepare"] * 5
