@@ -34,7 +34,7 @@ class ContainerState:
     error: str
     started_at: str
     restart_count: int
-    health: str | None  # None when the container has no healthcheck; else starting|healthy|unhealthy
+    health: str | None  # None: no healthcheck; else starting | healthy | unhealthy
     failing_streak: int = 0
     last_health_output: str = ""
     healthcheck_test: tuple[str, ...] = ()

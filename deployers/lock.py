@@ -66,7 +66,8 @@ class LockInfo:
         if h.get("who"):
             parts.append(f"by {h['who']}")
         state = "STALE" if self.stale else "alive"
-        return f"{', '.join(parts)} (last heartbeat {self.age:.0f}s ago, ttl {self.ttl:g}s, {state})"
+        return (f"{', '.join(parts)} (last heartbeat {self.age:.0f}s ago, ttl {self.ttl:g}s, "
+                f"{state})")
 
 
 def _lock_path(root: str, app: str) -> str:

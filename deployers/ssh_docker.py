@@ -236,7 +236,8 @@ class SSHDockerDeployer(Deployer):
                                           pipeline=self.pipeline, run_id=self.run_id)
         spec = container_spec(self.stage, release)
         prev = f"{spec.name}_prev_{_safe(self.run_id)}"
-        env_file = f"~/{locks.BASE_DIR}/engines/<engine id>/env/{spec.name}--<random>.env" if spec.has_env else None
+        env_file = (f"~/{locks.BASE_DIR}/engines/<engine id>/env/{spec.name}--<random>.env"
+                    if spec.has_env else None)
         steps = []
         if self.stage.registry.username:
             steps.append(cmd.login(self.image_name.split("/")[0], self.stage.registry.username))

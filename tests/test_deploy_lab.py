@@ -299,7 +299,8 @@ def test_pinned_host_key_mismatch_is_refused(lab):
 
     import paramiko
     other = paramiko.ECDSAKey.generate()
-    policy = HostKeyPolicy(pinned=f"{other.get_name()} {base64.b64encode(other.asbytes()).decode()}")
+    pin = f"{other.get_name()} {base64.b64encode(other.asbytes()).decode()}"
+    policy = HostKeyPolicy(pinned=pin)
     with pytest.raises(HostKeyError, match="HOST KEY CHANGED"):
         connect(Target("s", server["host"], server["port"], "root"), replace(opts,
                                                                             host_keys=policy))
