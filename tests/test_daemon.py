@@ -255,6 +255,25 @@ def test_requeue_on_interrupt_runs_it_again_after_restart(tmp_path):
         assert run["status"] == "success" and run["attempt"] == 2
 
 
+def test_restart_stops_an_orphan_before_running_the_run_again(tmp_path):
+    pf = fake_pipeline(tmp_path, sleep=1.5)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO, "requeue_on_interrupt": True,
+                             "vars": {"FAKE_IGNORE_INT": "1"}}], lease_seconds=30, grace_period=1)
+    ran = tmp_path / "data" / "work" / "fake-runs.jsonl"
+    with daemon_subprocess(tmp_path, cfg, "first") as (proc, url):
+        r1 = send_github(url, push_payload(REPO), "orphan-1").json()["runs"][0]
+        wait_for(lambda: _api_run(url, r1)["stages"], 10)
+        child = json.loads(ran.read_text().splitlines()[0])["pid"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    time.sleep(0.3)
+    assert _alive(child)  # it ignored the SIGINT its parent's death sent
+    with daemon_subprocess(tmp_path, cfg, "second") as (proc, url):
+        assert not _alive(child)  # stopped before the daemon served anything
+        run = _final(lambda i: _api_run(url, i), r1, 20)
+        assert run["status"] == "success" and run["attempt"] == 2
+
+
 def test_sigterm_is_graceful(tmp_path):
     pf = fake_pipeline(tmp_path, sleep=5)
     cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}], grace_period=0.5)

@@ -27,7 +27,7 @@ from runner.daemon.scheduler import Schedules, _is_local, ls_remote, synthetic_e
 from runner.daemon.status import StatusReporter
 from runner.daemon.store import Store, open_store
 from runner.daemon.webhooks import new_run
-from runner.daemon.worker import WorkerPool
+from runner.daemon.worker import WorkerPool, stop_orphan
 from runner.errors import InvalidInput
 from runner.secrets import Masker
 
@@ -217,6 +217,11 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        # Runs this daemon held before it died: their `runner exec` children were told to stop
+        # (PR_SET_PDEATHSIG); make sure they did before anything runs again.
+        for lease in self.store.leases_of(self.owner):
+            if stop_orphan(lease["run_id"], lease.get("pid"), wait=min(10.0, self.config.grace_period)):
+                log.warning("stopped the orphaned process of a run", extra=lease)
         for run_id, status in self.store.recover(self.owner, self.requeue_set()):
             log.warning("run left running by a previous daemon", extra={"run": run_id, "now": status})
             run = self.store.get_run(run_id) or {}

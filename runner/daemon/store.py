@@ -108,6 +108,14 @@ class Store(abc.ABC):
         """Extend the leases; return the ids among them whose cancellation was requested."""
 
     @abc.abstractmethod
+    def set_lease_pid(self, run_id: int, owner: str, pid: int) -> None:
+        """Remember which process runs it, so that a restarted daemon can stop an orphan."""
+
+    @abc.abstractmethod
+    def leases_of(self, owner: str) -> list[dict]:
+        """[{run_id, pid}] of the runs `owner` holds."""
+
+    @abc.abstractmethod
     def finish(self, run_id: int, owner: str, status: str, exit_code: int | None, reason: str = "") -> bool:
         """Mark a run final and drop its lease. False if the lease was no longer ours."""
 
@@ -204,7 +212,8 @@ CREATE TABLE IF NOT EXISTS leases (
     run_id INTEGER PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
     owner TEXT NOT NULL,
     expires_at REAL NOT NULL,
-    heartbeat_at REAL NOT NULL
+    heartbeat_at REAL NOT NULL,
+    pid INTEGER  -- the runner exec child, on the owner's host
 );
 CREATE TABLE IF NOT EXISTS stages (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -275,6 +284,9 @@ class SqliteStore(Store):
         # executescript commits implicitly; it runs outside any transaction of ours.
         with self._lock:
             self._db.executescript(SCHEMA)
+            cols = {r["name"] for r in self._db.execute("PRAGMA table_info(leases)")}
+            if "pid" not in cols:  # a database made before leases had pids
+                self._db.execute("ALTER TABLE leases ADD COLUMN pid INTEGER")
         # Checkpoints (the only fsyncs with synchronous=NORMAL) run on their own connection and
         # thread, not inside a webhook's commit: that keeps the acceptance latency flat.
         self._checkpoint_stop = threading.Event()
@@ -456,6 +468,13 @@ class SqliteStore(Store):
             rows = db.execute(f"SELECT id FROM runs WHERE cancel_requested=1 AND id IN ({marks})",
                               tuple(run_ids)).fetchall()
         return {int(r["id"]) for r in rows}
+
+    def set_lease_pid(self, run_id, owner, pid):
+        with self._tx() as db:
+            db.execute("UPDATE leases SET pid=? WHERE run_id=? AND owner=?", (pid, run_id, owner))
+
+    def leases_of(self, owner):
+        return [dict(r) for r in self._read("SELECT run_id, pid FROM leases WHERE owner=?", (owner,))]
 
     def finish(self, run_id, owner, status, exit_code, reason=""):
         assert status in FINAL, status

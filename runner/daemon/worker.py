@@ -71,6 +71,35 @@ def status_from_exit(returncode: int, cancel_requested: bool, reported: str | No
     return "failed"
 
 
+def stop_orphan(run_id: int, pid: int | None, wait: float = 10.0) -> bool:
+    """After a crash: if `pid` is still this run's `runner exec` (checked by its command line),
+    stop its process group (SIGINT, then SIGKILL after `wait`). True if one was found."""
+    if not pid:
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"--run-id" not in argv or argv[argv.index(b"--run-id") + 1:][:1] != [str(run_id).encode()]:
+        return False  # the pid was reused by something else
+    for sig, grace in ((signal.SIGINT, wait), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return True
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+                if state == "Z":
+                    return True
+            except (ProcessLookupError, OSError):
+                return True
+            time.sleep(0.05)
+    return True
+
+
 class RunHandle:
     """One run in progress: the child process and the thread that reads it."""
 
@@ -158,6 +187,10 @@ class RunHandle:
             self._started.set()
         log.info("run started", extra={"run": self.id, "pipeline": self.run.pipeline, "pid": self.proc.pid})
         core.status.report(self.run.pipeline, self.id, self.run.commit, "running")
+        try:
+            core.store.set_lease_pid(self.id, core.owner, self.proc.pid)
+        except Exception as exc:  # noqa: BLE001 - only orphan cleanup after a crash needs it
+            log.warning("cannot record the run's pid", extra={"run": self.id, "error": str(exc)})
         stderr_tail: deque[str] = deque(maxlen=20)
         err_thread = threading.Thread(target=self._pump_stderr, args=(stderr_tail,), daemon=True)
         err_thread.start()

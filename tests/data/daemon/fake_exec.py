@@ -6,7 +6,8 @@ real build. Takes the same argv (PIPELINE --json --run-id ID --data-dir DIR --ev
 PIPELINE is a JSON file: {"stages": [...], "sleep": seconds per stage, "fail": stage or null,
 "exit": code to exit with instead}. --var FAKE_SLEEP=s / FAKE_FAIL=stage override it;
 --var FAKE_ECHO=text prints text in a log line and on stderr (masking tests); FAKE_LINES=n
-prints n lines of 1 KB per stage (disk-full tests). SIGINT or
+prints n lines of 1 KB per stage (disk-full tests); FAKE_IGNORE_INT=1 ignores SIGINT (orphan
+tests). SIGINT or
 SIGTERM cancels like the engine does (stage.end cancelled, run.end cancelled, exit 130). Each run
 appends one line {"run_id", "event"} to DIR/fake-runs.jsonl so tests can see what ran.
 """
@@ -43,6 +44,8 @@ def main() -> int:
     a = ap.parse_args()
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if any(v == "FAKE_IGNORE_INT=1" for v in a.var):  # a child that will not stop when asked
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         spec = json.load(open(a.pipeline))
     except (OSError, ValueError) as exc:
