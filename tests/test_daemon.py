@@ -52,7 +52,7 @@ def test_store_claim_limits_groups_and_supersede(tmp_path):
     # A newer run in a1's group cancels the queued older ones and flags the running one.
     (a3,), cancel = s.enqueue([NewRun("a", "push", group="a/main")])
     assert cancel == [a1]
-    assert s.heartbeat("me", [a1, b1], 10) == {a1}
+    assert s.heartbeat("me", [a1, b1], 10) == {a1: f"superseded by run {a3}"}
     assert s.get_run(a1)["reason"] == f"superseded by run {a3}"
     assert s.claim("me", {"a": 5, "b": 5}, 10).id == a2  # a3's group is still busy with a1
     assert s.finish(a1, "me", "cancelled", 130)
@@ -72,10 +72,14 @@ def test_store_recover_and_prune(tmp_path):
         s.claim("old-daemon", {"a": 5, "safe": 5}, 0.01)
     s.finish(ids[2], "old-daemon", "success", 0)
     time.sleep(0.05)
+    assert s.heartbeat("old-daemon", [ids[0]], 0.01) == {}
+    time.sleep(0.05)
     got = dict(s.recover(None, requeue={"safe"}))
     assert got == {ids[0]: "interrupted", ids[1]: "queued"}
     assert "lease held by old-daemon expired" in s.get_run(ids[0])["reason"]
     assert s.get_run(ids[1])["attempt"] == 2
+    # The old owner, if it was only slow, learns at its next heartbeat that it must stop.
+    assert "lease was lost" in s.heartbeat("old-daemon", [ids[0]], 10)[ids[0]]
     # Pruning keeps the newest keep_last per pipeline and everything still active.
     assert sorted(s.prune(time.time() + 1, keep_last=0)) == [ids[0], ids[2]]  # ids[0] (interrupted), ids[2] (success)
     assert s.get_run(ids[1])["status"] == "queued"

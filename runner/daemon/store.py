@@ -104,8 +104,10 @@ class Store(abc.ABC):
         Marks it running with a lease held by `owner`."""
 
     @abc.abstractmethod
-    def heartbeat(self, owner: str, run_ids: Sequence[int], lease_seconds: float) -> set[int]:
-        """Extend the leases; return the ids among them whose cancellation was requested."""
+    def heartbeat(self, owner: str, run_ids: Sequence[int], lease_seconds: float) -> dict[int, str]:
+        """Extend the leases. Returns {run id: why} for the runs among them that must stop: their
+        cancellation was requested, or the lease is no longer `owner`'s (it expired and the run
+        was recovered elsewhere)."""
 
     @abc.abstractmethod
     def set_lease_pid(self, run_id: int, owner: str, pid: int) -> None:
@@ -465,9 +467,14 @@ class SqliteStore(Store):
         with self._tx() as db:
             db.execute(f"UPDATE leases SET expires_at=?, heartbeat_at=? WHERE owner=? AND run_id IN ({marks})",
                        (now + lease_seconds, now, owner, *run_ids))
-            rows = db.execute(f"SELECT id FROM runs WHERE cancel_requested=1 AND id IN ({marks})",
+            held = {int(r["run_id"]) for r in db.execute(
+                f"SELECT run_id FROM leases WHERE owner=? AND run_id IN ({marks})", (owner, *run_ids))}
+            rows = db.execute(f"SELECT id, reason FROM runs WHERE cancel_requested=1 AND id IN ({marks})",
                               tuple(run_ids)).fetchall()
-        return {int(r["id"]) for r in rows}
+        out = {int(r["id"]): r["reason"] or "cancelled" for r in rows}
+        for run_id in set(run_ids) - held:
+            out[run_id] = "the lease was lost (no heartbeat in time); the run was recovered elsewhere"
+        return out
 
     def set_lease_pid(self, run_id, owner, pid):
         with self._tx() as db:

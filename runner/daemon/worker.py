@@ -390,9 +390,8 @@ class WorkerPool:
             with self._lock:
                 ids = list(self.active)
             try:
-                for run_id in self.core.store.heartbeat(self.core.owner, ids, cfg.lease_seconds):
-                    run = self.core.store.get_run(run_id) or {}
-                    self.cancel_local(run_id, run.get("reason") or "cancelled")
+                for run_id, why in self.core.store.heartbeat(self.core.owner, ids, cfg.lease_seconds).items():
+                    self.cancel_local(run_id, why)
                 if time.monotonic() - last_recover > cfg.lease_seconds:
                     last_recover = time.monotonic()
                     for run_id, st in self.core.store.recover(None, self.core.requeue_set()):
