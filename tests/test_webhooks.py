@@ -203,3 +203,13 @@ def test_gitea_gitlab_generic(daemon):
 def test_healthz(daemon):
     r = httpx.get(daemon.url + "/healthz")
     assert r.status_code == 200 and r.json()["ok"] is True
+
+
+def test_github_form_encoded_delivery(daemon):
+    from urllib.parse import urlencode
+    body = urlencode({"payload": json.dumps(push_payload(REPO, after="9" * 40))}).encode()
+    r = httpx.post(daemon.url + "/hooks/github", content=body,
+                   headers={"Content-Type": "application/x-www-form-urlencoded", "X-GitHub-Event": "push",
+                            "X-GitHub-Delivery": "form-1", "X-Hub-Signature-256": github_signature(SECRET, body)})
+    assert r.status_code == 202, r.text
+    assert daemon.store.get_run(r.json()["runs"][0])["commit"] == "9" * 40

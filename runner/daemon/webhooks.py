@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+import urllib.parse
 from typing import Any, Mapping
 
 from starlette.concurrency import run_in_threadpool
@@ -294,7 +295,12 @@ def make_hook_handler(core, provider: str):
                 break
             allowed |= set(names)
         try:
-            payload = json.loads(body)
+            if headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+                # GitHub's other content type: payload=<url-encoded JSON>; signed over the raw body.
+                form = urllib.parse.parse_qs(body.decode("utf-8"), strict_parsing=False)
+                payload = json.loads(form.get("payload", [""])[0])
+            else:
+                payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return await reject(400, f"body is not JSON: {exc}")
         if not isinstance(payload, dict):
