@@ -50,11 +50,9 @@ class DeployStage(Stage):
                      f"(strategy {ctx.pipeline.stages.deploy.strategy.type})")
         try:
             report = deployer.apply(deployer.plan())
-        except DeployFailed as exc:
-            for line in str(exc).splitlines():
-                ctx.log.warn(line)
-            raise StageFailed(self.name, str(exc)) from None
-        except (ConfigError, TransportError) as exc:
+        except (DeployFailed, ConfigError, TransportError) as exc:
+            # The reason (which server, why, what was rolled back) is the stage's error: shown
+            # once at the stage's end and in the summary, not repeated as warnings.
             raise StageFailed(self.name, str(exc)) from None
         except Cancelled:
             raise
