@@ -18,36 +18,10 @@ from pipelines.buildkit import detect_builder, parse_progress
 from runner.errors import Cancelled, StageFailed
 from runner.model import BuildSecret, Image, Pipeline, Repository, Stages
 from runner.model import BuildStage as BuildSettings
+from tests.doubles import ListLog, DictSecrets
 
 DATA = Path(__file__).parent / "data" / "build"
 SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-class ListLog:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.infos: list[str] = []
-        self.warns: list[str] = []
-
-    def line(self, text: str) -> None:
-        self.lines.append(text)
-
-    def info(self, text: str) -> None:
-        self.infos.append(text)
-
-    def warn(self, text: str) -> None:
-        self.warns.append(text)
-
-    def everything(self) -> str:
-        return "\n".join(self.lines + self.infos + self.warns)
-
-
-class DictSecrets:
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values = values
-
-    def value(self, name: str) -> str:
-        return self.values[name]
 
 
 def make_ctx(tmp_path: Path, src: Path, image: str, secret_values: dict[str, str] | None = None,

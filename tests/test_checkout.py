@@ -22,6 +22,7 @@ from pipelines.base import StageContext
 from pipelines.checkout import CheckoutStage, mirror_key, normalize_url, parse_symref
 from runner.errors import Cancelled, InvalidInput, StageFailed
 from runner.model import Image, Pipeline, Repository
+from tests.doubles import DictSecrets
 
 GIT_ENV = {
     **{k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
@@ -49,14 +50,6 @@ class Log:
 
     def warn(self, text: str) -> None:
         self.lines.append("WARN " + text)
-
-
-class Secrets:
-    def __init__(self, values: dict[str, str] | None = None) -> None:
-        self.values = dict(values or {})
-
-    def value(self, name: str) -> str:
-        return self.values[name]
 
 
 class Origin:
@@ -111,7 +104,7 @@ def make_ctx(tmp_path: Path, url: str, run: str = "r1", trigger: dict | None = N
     pipeline = Pipeline(name="app", repository=Repository(url=url, **repo),
                         image=Image(name="registry.example/app"))
     return StageContext(run_id=run, pipeline=pipeline, workdir=tmp_path / "runs" / run,
-                        cache_dir=tmp_path / "cache", log=Log(), secrets=Secrets(secrets),
+                        cache_dir=tmp_path / "cache", log=Log(), secrets=DictSecrets(secrets),
                         cancel=threading.Event(), trigger=dict(trigger or {}))
 
 

@@ -27,35 +27,9 @@ from pipelines.push import (
 from runner.errors import Cancelled, StageFailed
 from runner.model import Image, Pipeline, RegistryAuth, Repository, Stages
 from runner.model import PushStage as PushSettings
+from tests.doubles import ListLog, DictSecrets
 
 DIGEST = "sha256:" + "ab" * 32
-
-
-class ListLog:
-    def __init__(self, on_info=None) -> None:
-        self.lines: list[str] = []
-        self.infos: list[str] = []
-        self.warns: list[str] = []
-        self.on_info = on_info
-
-    def line(self, text: str) -> None:
-        self.lines.append(text)
-
-    def info(self, text: str) -> None:
-        self.infos.append(text)
-        if self.on_info:
-            self.on_info(text)
-
-    def warn(self, text: str) -> None:
-        self.warns.append(text)
-
-
-class DictSecrets:
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values = values
-
-    def value(self, name: str) -> str:
-        return self.values[name]
 
 
 def make_ctx(tmp_path: Path, image: str, tags: list[str], log: ListLog | None = None,

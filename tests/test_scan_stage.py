@@ -15,6 +15,7 @@ from pipelines.base import StageContext
 from pipelines.scan import ScanGateFailed, ScanStage, find_tool
 from runner.errors import StageFailed
 from runner.model import Pipeline
+from tests.doubles import ListLog, DictSecrets
 
 pytestmark = pytest.mark.skipif(find_tool("trivy", None) is None,
                                 reason="trivy is not installed (pip install -e '.[scan]')")
@@ -22,27 +23,6 @@ pytestmark = pytest.mark.skipif(find_tool("trivy", None) is None,
 ROOT_DOCKERFILE = 'FROM local/busybox:1\nCOPY app.sh /app/app.sh\nCMD ["/bin/sh", "/app/app.sh"]\n'
 CLEAN_DOCKERFILE = ("FROM local/busybox:1\nCOPY app.sh /app/app.sh\nUSER 1000:1000\n"
                     'HEALTHCHECK CMD ["/bin/true"]\nCMD ["/bin/sh", "/app/app.sh"]\n')
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.infos: list[str] = []
-        self.warns: list[str] = []
-
-    def line(self, text: str) -> None:
-        self.lines.append(text)
-
-    def info(self, text: str) -> None:
-        self.infos.append(text)
-
-    def warn(self, text: str) -> None:
-        self.warns.append(text)
-
-
-class NoSecrets:
-    def value(self, name: str) -> str:
-        raise KeyError(name)
 
 
 def make_ctx(tmp: Path, repo: Path, scan: dict[str, Any], image_id: str | None = None,
@@ -58,7 +38,7 @@ def make_ctx(tmp: Path, repo: Path, scan: dict[str, Any], image_id: str | None =
     if image_id:
         results["build"] = {"image_id": image_id, "tags": []}
     return StageContext(run_id="t", pipeline=pipeline, workdir=workdir,
-                        cache_dir=cache or tmp / "cache", log=Log(), secrets=NoSecrets(),
+                        cache_dir=cache or tmp / "cache", log=ListLog(), secrets=DictSecrets(),
                         cancel=threading.Event(), results=results)
 
 
@@ -231,7 +211,7 @@ def test_cancel_while_trivy_runs_stops_it(tmp_path):
     ctx = make_ctx(tmp_path, repo(tmp_path, CLEAN_DOCKERFILE),
                    {**CONTEXT, "scanners": ["secret", "misconfig"]})
 
-    class CancellingLog(Log):
+    class CancellingLog(ListLog):
         def line(self, text: str) -> None:
             super().line(text)
             ctx.cancel.set()  # the first line Trivy prints: it is running
