@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.helpers import events, make_repo, runner
+from tests.helpers import events, make_repo, runner, stage_end
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -79,3 +79,35 @@ def test_only_a_stage_without_its_input_is_invalid(tmp_path):
     proc = runner("exec", str(p), "--only", "push")
     assert proc.returncode == 2
     assert "needs the output of 'build'" in proc.stderr
+
+
+def test_event_replay_checks_out_the_pushed_commit(tmp_path):
+    """A stored GitHub push payload drives the same engine: the exact commit pushed is built,
+    even when the branch has moved on since."""
+    import json
+
+    from tests.helpers import commit_files
+
+    repo = make_repo(tmp_path / "r", {"a": "1"}, branch="feature")
+    pushed = commit_files(repo, {"a": "2"}, "pushed")
+    commit_files(repo, {"a": "3"}, "later")
+    event = json.loads((Path(__file__).parent / "data/events/github_push.json").read_text())
+    event.update(ref="refs/heads/feature", after=pushed)
+    (tmp_path / "event.json").write_text(json.dumps(event))
+    p = _write(tmp_path, f"name: x\nrepository: {{url: {repo}}}\nimage: {{name: 127.0.0.1:5000/x}}\n")
+    proc = runner("exec", str(p), "--only", "checkout", "--json", "--event",
+                  str(tmp_path / "event.json"), "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    evs = events(proc.stdout)
+    assert evs[0]["trigger"]["provider"] == "github"
+    out = stage_end(evs, "checkout")["outputs"]
+    assert (out["commit"], out["branch"]) == (pushed, "feature")
+    assert (Path(out["path"]) / "a").read_text() == "2"
+
+
+def test_event_that_deletes_a_branch_is_invalid(tmp_path):
+    p = _write(tmp_path, "name: x\nrepository: {url: .}\nimage: {name: 127.0.0.1:5000/x}\n")
+    proc = runner("exec", str(p), "--event",
+                  str(Path(__file__).parent / "data/events/github_delete.json"))
+    assert proc.returncode == 2
+    assert "nothing to build" in proc.stderr
