@@ -4,6 +4,7 @@ pushes an image the registry serves."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -45,6 +46,8 @@ def test_webhook_runs_the_real_runner_exec_on_the_pushed_commit(tmp_path):
         {"name": "broken", "file": str(broken), "repo": str(bare), "concurrency_group": None},
     ]))
     with daemon_in_process(cfg) as d:
+        wait_for(lambda: d.pool._spare[0] is not None, 10, "a warm spare")
+        time.sleep(1.5)  # let it finish importing, as it would have long before a real push
         first = commit(work, "second")
         second = commit(work, "third")  # the branch moved on: the webhook's commit is the one built
         r = send_github(d.url, push_payload(str(bare), after=first), "real-1")
@@ -67,6 +70,16 @@ def test_webhook_runs_the_real_runner_exec_on_the_pushed_commit(tmp_path):
         assert manual["status"] == "success"
         out = {s["name"]: s for s in d.store.stages(manual["id"])}["checkout"]["outputs"]
         assert out["commit"] == second and out["branch"] == "main"
+        assert d.pool.spares_used >= 1  # at least one run started in a warm `runner` process
+
+
+def test_launcher_runs_the_command_it_is_given(tmp_path):
+    import subprocess
+    argv = [sys.executable, "-m", "runner.daemon.launcher"]
+    p = subprocess.run(argv, input='["--version"]\n', capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "version" in p.stdout.lower(), p
+    p = subprocess.run(argv, input="", capture_output=True, text=True, timeout=60)  # not needed: quiet
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == ""
 
 
 def test_poll_run_with_the_real_runner_exec(tmp_path):
@@ -112,7 +125,6 @@ def test_push_webhook_builds_and_pushes_on_the_lab(lab, tmp_path):
 
 @pytest.mark.lab
 def test_newer_push_cancels_a_running_build_on_the_lab(lab, tmp_path):
-    import time
 
     from harness import git
     from tests.helpers import commit_files, make_repo

@@ -174,6 +174,9 @@ class DaemonConfig(_Model):
     webhooks: dict[Literal["github", "gitea", "gitlab", "generic"], Webhook] = Field(default_factory=dict)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     exec_command: tuple[str, ...] | None = None  # default: this python -m runner exec
+    # With the default command: keep one `runner` process started and imported ahead of time,
+    # so that a run's first stage starts without paying the import time (~0.5 s).
+    warm_spare: bool = True
     # Space set aside in data_dir at start and given back when the disk fills up, so that the
     # daemon can still record how runs ended (their logs stop being stored).
     disk_reserve_bytes: int = Field(default=4 * 1024 * 1024, ge=0)

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -69,6 +70,14 @@ def status_from_exit(returncode: int, cancel_requested: bool, reported: str | No
     if reported in ("success", "failed", "invalid", "cancelled") and returncode == 0:
         return reported
     return "failed"
+
+
+def spawn(argv: list[str], cwd: Path, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    """A run's process: its own process group (cancelled as a group), told to stop if the daemon
+    dies, stdout (JSON events) and stderr piped."""
+    return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True,
+                            preexec_fn=_die_with_parent, cwd=str(cwd))
 
 
 def stop_orphan(run_id: int, pid: int | None, wait: float = 10.0) -> bool:
@@ -174,11 +183,17 @@ class RunHandle:
         argv = exec_argv(core.config.command(), str(core.config.path(entry.file)), self.id,
                          core.work_dir, event_file, self.run.vars,
                          ref=self.run.branch or self.run.tag)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        spare = self.pool.take_spare() if core.config.exec_command is None else None
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, env=env, start_new_session=True,
-                                         preexec_fn=_die_with_parent, cwd=str(core.data_dir))
+            if spare is not None:
+                # A warm `runner` (runner.daemon.launcher) that already imported everything:
+                # it runs the same arguments as the cold command line would.
+                assert spare.stdin is not None
+                spare.stdin.write((json.dumps(argv[len(core.config.command()) - 1:]) + "\n").encode())
+                spare.stdin.close()
+                self.proc = spare
+            else:
+                self.proc = spawn(argv, core.data_dir, stdin=subprocess.DEVNULL)
         except OSError as exc:
             self._started.set()
             self._finish("failed", None, f"cannot start {argv[0]}: {exc.strerror}")
@@ -340,6 +355,54 @@ class WorkerPool:
         self.stopping = threading.Event()  # set once the grace period is over
         self.draining = False
         self._threads: list[threading.Thread] = []
+        self._spare: tuple[subprocess.Popen | None, float] = (None, 0.0)
+        self.spares_used = 0
+
+    # -- the warm spare ------------------------------------------------------------------------
+    SPARE_MAX_AGE = 600.0  # seconds; then it is replaced, so that updated code is picked up
+
+    def _ensure_spare(self) -> None:
+        """Called from the dispatcher thread only: PR_SET_PDEATHSIG is tied to the thread that
+        forks, and this one lives as long as the pool."""
+        cfg = self.core.config
+        if cfg.exec_command is not None or not cfg.warm_spare or cfg.concurrency == 0 or self.draining:
+            return
+        with self._lock:
+            spare, born = self._spare
+        if spare is not None and spare.poll() is None and time.monotonic() - born < self.SPARE_MAX_AGE:
+            return
+        if spare is not None:
+            self._discard(spare)
+        try:
+            proc = spawn([sys.executable, "-m", "runner.daemon.launcher"], self.core.data_dir, stdin=subprocess.PIPE)
+        except OSError as exc:
+            log.warning("cannot start a warm spare", extra={"error": str(exc)})
+            return
+        with self._lock:
+            self._spare = (proc, time.monotonic())
+
+    def take_spare(self) -> subprocess.Popen | None:
+        with self._lock:
+            spare, _ = self._spare
+            self._spare = (None, 0.0)
+        self._wake.set()  # the dispatcher makes the next one
+        if spare is None or spare.poll() is not None:
+            return None  # never started, or died (e.g. an import error): start cold
+        self.spares_used += 1
+        return spare
+
+    @staticmethod
+    def _discard(proc: subprocess.Popen) -> None:
+        try:
+            if proc.stdin:
+                proc.stdin.close()  # EOF: the launcher exits by itself
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
 
     def start(self) -> None:
         for target, name in ((self._dispatch, "dispatcher"), (self._heartbeat, "heartbeat")):
@@ -381,6 +444,15 @@ class WorkerPool:
                 with self._lock:
                     self.active[h.id] = h
                 h.thread.start()
+            try:
+                self._ensure_spare()
+            except Exception:  # noqa: BLE001 - a spare is an optimisation; runs start cold without
+                log.exception("warm spare failed")
+        with self._lock:
+            spare, _ = self._spare
+            self._spare = (None, 0.0)
+        if spare is not None:
+            self._discard(spare)
 
     def _heartbeat(self) -> None:
         cfg = self.core.config
