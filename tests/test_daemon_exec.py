@@ -125,7 +125,6 @@ def test_push_webhook_builds_and_pushes_on_the_lab(lab, tmp_path):
 
 @pytest.mark.lab
 def test_newer_push_cancels_a_running_build_on_the_lab(lab, tmp_path):
-
     from harness import git
     from tests.helpers import commit_files, make_repo
 
