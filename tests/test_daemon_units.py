@@ -138,3 +138,22 @@ def test_commit_status_and_masking_through_the_daemon(tmp_path):
         assert all(TOKEN not in x and SECRET not in x and "***" in x for x in echoed), echoed
     finally:
         forge.shutdown()
+
+
+def test_stop_orphan_leaves_a_reused_pid_alone():
+    import os
+    import subprocess as sp
+
+    from runner.daemon.worker import proc_start, stop_orphan
+    child = sp.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        started = proc_start(child.pid)
+        assert started and started.isdigit()
+        assert stop_orphan(child.pid, str(int(started) + 1), wait=0.1) is False  # not the same process
+        assert child.poll() is None
+        assert stop_orphan(child.pid, started, wait=2) is True
+        assert child.wait(timeout=5) != 0
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, 9)
+            child.wait()

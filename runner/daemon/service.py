@@ -220,7 +220,7 @@ class Daemon:
         # Runs this daemon held before it died: their `runner exec` children were told to stop
         # (PR_SET_PDEATHSIG); make sure they did before anything runs again.
         for lease in self.store.leases_of(self.owner):
-            if stop_orphan(lease["run_id"], lease.get("pid"), wait=min(10.0, self.config.grace_period)):
+            if stop_orphan(lease.get("pid"), lease.get("pid_start"), wait=min(10.0, self.config.grace_period)):
                 log.warning("stopped the orphaned process of a run", extra=lease)
         for run_id, status in self.store.recover(self.owner, self.requeue_set()):
             log.warning("run left running by a previous daemon", extra={"run": run_id, "now": status})

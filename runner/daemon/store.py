@@ -110,12 +110,12 @@ class Store(abc.ABC):
         was recovered elsewhere)."""
 
     @abc.abstractmethod
-    def set_lease_pid(self, run_id: int, owner: str, pid: int) -> None:
+    def set_lease_pid(self, run_id: int, owner: str, pid: int, pid_start: str | None) -> None:
         """Remember which process runs it, so that a restarted daemon can stop an orphan."""
 
     @abc.abstractmethod
     def leases_of(self, owner: str) -> list[dict]:
-        """[{run_id, pid}] of the runs `owner` holds."""
+        """[{run_id, pid, pid_start}] of the runs `owner` holds."""
 
     @abc.abstractmethod
     def finish(self, run_id: int, owner: str, status: str, exit_code: int | None, reason: str = "") -> bool:
@@ -215,7 +215,8 @@ CREATE TABLE IF NOT EXISTS leases (
     owner TEXT NOT NULL,
     expires_at REAL NOT NULL,
     heartbeat_at REAL NOT NULL,
-    pid INTEGER  -- the runner exec child, on the owner's host
+    pid INTEGER,  -- the runner exec child, on the owner's host
+    pid_start TEXT  -- its start time (/proc/PID/stat), so that a reused pid is not mistaken for it
 );
 CREATE TABLE IF NOT EXISTS stages (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -287,8 +288,9 @@ class SqliteStore(Store):
         with self._lock:
             self._db.executescript(SCHEMA)
             cols = {r["name"] for r in self._db.execute("PRAGMA table_info(leases)")}
-            if "pid" not in cols:  # a database made before leases had pids
-                self._db.execute("ALTER TABLE leases ADD COLUMN pid INTEGER")
+            for col, kind in (("pid", "INTEGER"), ("pid_start", "TEXT")):
+                if col not in cols:  # a database made before leases had them
+                    self._db.execute(f"ALTER TABLE leases ADD COLUMN {col} {kind}")
         # Checkpoints (the only fsyncs with synchronous=NORMAL) run on their own connection and
         # thread, not inside a webhook's commit: that keeps the acceptance latency flat.
         self._checkpoint_stop = threading.Event()
@@ -476,12 +478,13 @@ class SqliteStore(Store):
             out[run_id] = "the lease was lost (no heartbeat in time); the run was recovered elsewhere"
         return out
 
-    def set_lease_pid(self, run_id, owner, pid):
+    def set_lease_pid(self, run_id, owner, pid, pid_start):
         with self._tx() as db:
-            db.execute("UPDATE leases SET pid=? WHERE run_id=? AND owner=?", (pid, run_id, owner))
+            db.execute("UPDATE leases SET pid=?, pid_start=? WHERE run_id=? AND owner=?",
+                       (pid, pid_start, run_id, owner))
 
     def leases_of(self, owner):
-        return [dict(r) for r in self._read("SELECT run_id, pid FROM leases WHERE owner=?", (owner,))]
+        return [dict(r) for r in self._read("SELECT run_id, pid, pid_start FROM leases WHERE owner=?", (owner,))]
 
     def finish(self, run_id, owner, status, exit_code, reason=""):
         assert status in FINAL, status

@@ -80,17 +80,26 @@ def spawn(argv: list[str], cwd: Path, stdin=subprocess.DEVNULL) -> subprocess.Po
                             preexec_fn=_die_with_parent, cwd=str(cwd))
 
 
-def stop_orphan(run_id: int, pid: int | None, wait: float = 10.0) -> bool:
-    """After a crash: if `pid` is still this run's `runner exec` (checked by its command line),
-    stop its process group (SIGINT, then SIGKILL after `wait`). True if one was found."""
-    if not pid:
-        return False
+def proc_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (/proc/PID/stat field 22), or None."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stop_orphan(pid: int | None, started: str | None, wait: float = 10.0) -> bool:
+    """After a crash: if `pid` is still the process that ran the run (same start time, so not a
+    reused pid), stop its process group: SIGINT, then SIGKILL after `wait`. True if it was there."""
+    if not pid or not started or proc_start(pid) != started:
         return False
-    if b"--run-id" not in argv or argv[argv.index(b"--run-id") + 1:][:1] != [str(run_id).encode()]:
-        return False  # the pid was reused by something else
     for sig, grace in ((signal.SIGINT, wait), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
@@ -98,12 +107,7 @@ def stop_orphan(run_id: int, pid: int | None, wait: float = 10.0) -> bool:
             return True
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-                if state == "Z":
-                    return True
-            except (ProcessLookupError, OSError):
+            if _gone(pid):
                 return True
             time.sleep(0.05)
     return True
@@ -203,7 +207,7 @@ class RunHandle:
         log.info("run started", extra={"run": self.id, "pipeline": self.run.pipeline, "pid": self.proc.pid})
         core.status.report(self.run.pipeline, self.id, self.run.commit, "running")
         try:
-            core.store.set_lease_pid(self.id, core.owner, self.proc.pid)
+            core.store.set_lease_pid(self.id, core.owner, self.proc.pid, proc_start(self.proc.pid))
         except Exception as exc:  # noqa: BLE001 - only orphan cleanup after a crash needs it
             log.warning("cannot record the run's pid", extra={"run": self.id, "error": str(exc)})
         stderr_tail: deque[str] = deque(maxlen=20)
