@@ -12,6 +12,7 @@ cleanly and exits 130), then SIGTERM and SIGKILL if it does not stop in time.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -183,7 +184,13 @@ class RunHandle:
         event_file: Path | None = None
         if self.run.event:
             event_file = events_dir / f"run-{self.id}.json"
-            event_file.write_text(json.dumps(self.run.event))
+            try:
+                event_file.write_text(json.dumps(self.run.event))
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    core.disk_full(f"event file of run {self.id}")
+                self._finish("failed", None, f"cannot write the run's event file {event_file}: {exc.strerror}")
+                return
         argv = exec_argv(core.config.command(), str(core.config.path(entry.file)), self.id,
                          core.work_dir, event_file, self.run.vars,
                          ref=self.run.branch or self.run.tag)
@@ -192,11 +199,15 @@ class RunHandle:
             if spare is not None:
                 # A warm `runner` (runner.daemon.launcher) that already imported everything:
                 # it runs the same arguments as the cold command line would.
-                assert spare.stdin is not None
-                spare.stdin.write((json.dumps(argv[len(core.config.command()) - 1:]) + "\n").encode())
-                spare.stdin.close()
-                self.proc = spare
-            else:
+                try:
+                    assert spare.stdin is not None
+                    spare.stdin.write((json.dumps(argv[len(core.config.command()) - 1:]) + "\n").encode())
+                    spare.stdin.close()
+                    self.proc = spare
+                except OSError:  # it died meanwhile: start cold
+                    self.pool._discard(spare)
+                    spare = None
+            if spare is None:
                 self.proc = spawn(argv, core.data_dir, stdin=subprocess.DEVNULL)
         except OSError as exc:
             self._started.set()
