@@ -293,6 +293,27 @@ def test_sigterm_is_graceful(tmp_path):
     assert run["status"] == "cancelled" and run["reason"] == "the daemon is shutting down"
 
 
+def test_sigterm_lets_a_short_run_finish_within_the_grace_period(tmp_path):
+    pf = fake_pipeline(tmp_path, sleep=0.7)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}], grace_period=10)
+    with daemon_subprocess(tmp_path, cfg, "grace") as (proc, url):
+        r1 = send_github(url, push_payload(REPO), "g-1").json()["runs"][0]
+        wait_for(lambda: _api_run(url, r1)["stages"], 10)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    s = SqliteStore(tmp_path / "data" / "runner.db")
+    assert s.get_run(r1)["status"] == "success"
+
+
+def test_reading_can_require_the_token(tmp_path):
+    pf = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}], read_requires_token=True)
+    with daemon_in_process(cfg) as d:
+        assert httpx.get(f"{d.url}/api/runs").status_code == 401
+        assert httpx.get(f"{d.url}/api/runs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert httpx.get(f"{d.url}/healthz").status_code == 200  # health stays open
+
+
 def test_cli_runs_logs_cancel(tmp_path):
     from runner.daemon.cli import cancel, logs, runs
 
