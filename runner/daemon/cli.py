@@ -40,7 +40,10 @@ def _is_json(r: httpx.Response) -> bool:
 @click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
               help="The daemon's YAML config.")
 def daemon(config_file: str) -> None:
-    """Serve webhooks, polls and schedules; run pipelines; keep their history."""
+    """Serve webhooks, polls and schedules; run pipelines; keep their history.
+
+    A commented example config: tests/data/daemon/daemon.example.yaml. SIGTERM stops it
+    gracefully (running stages get grace_period seconds, then are cancelled)."""
     from runner.daemon.config import load_config
     from runner.daemon.service import Daemon, setup_logging
 
