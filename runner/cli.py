@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import signal
 import sys
@@ -14,7 +13,32 @@ import yaml
 from runner.errors import EXIT_INTERRUPTED, EXIT_INVALID, InvalidInput
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Subcommands that live beside the code they drive, imported only when used: `runner exec`
+# must not pay for paramiko, uvicorn and friends at every start (the daemon starts one per run).
+LAZY_COMMANDS = {
+    "lab": "runner.lab.cli:lab",
+    "rollback": "deployers.cli:rollback",
+    "status": "deployers.cli:status",
+    "deploy-lock": "deployers.cli:deploy_lock",
+    "daemon": "runner.daemon.cli:daemon",
+    "runs": "runner.daemon.cli:runs",
+    "logs": "runner.daemon.cli:logs",
+    "cancel": "runner.daemon.cli:cancel",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="runner")
 def cli() -> None:
     """git push -> image -> deploy, on your own servers."""
@@ -120,24 +144,6 @@ def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, 
         click.echo(f"interrupted: the running stage was stopped; logs in {result.workdir}/logs",
                    err=True)
     sys.exit(result.exit_code)
-
-
-def _attach_optional() -> None:
-    # Subcommands live beside the code they drive; each registers here.
-    for module, names in (("runner.lab.cli", ("lab",)),
-                          ("deployers.cli", ("rollback", "status", "deploy_lock")),
-                          ("runner.daemon.cli", ("daemon", "runs", "logs", "cancel"))):
-        if importlib.util.find_spec(module.rsplit(".", 1)[0]) is None or \
-                importlib.util.find_spec(module) is None:
-            continue  # that part of the project is not installed
-        mod = importlib.import_module(module)
-        for name in names:
-            cmd = getattr(mod, name, None)
-            if cmd is not None:
-                cli.add_command(cmd, cmd.name)
-
-
-_attach_optional()
 
 
 def main() -> None:
