@@ -23,15 +23,19 @@ class Result:
     duration: float
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    # The child runs in its own process group, so that a terminal's Ctrl-C reaches us first and
-    # we decide how to stop it: SIGINT (lets docker/buildkit cancel cleanly), then SIGTERM, SIGKILL.
-    for sig, wait in ((signal.SIGINT, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
+# SIGINT first (lets docker/BuildKit cancel cleanly), then SIGTERM, then SIGKILL.
+STOP_ESCALATION = ((signal.SIGINT, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0))
+
+
+def stop_process_group(proc: subprocess.Popen, escalation=STOP_ESCALATION) -> None:
+    """Stop a child started with start_new_session=True, with its whole process group: each
+    signal in turn, waiting its time for the child to exit before the next."""
+    for sig, wait in escalation:
         if proc.poll() is not None:
             return
         try:
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             return
         try:
             proc.wait(timeout=wait)
@@ -88,14 +92,14 @@ def run_command(
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled while running {argv[0]}")
             if timeout is not None and time.monotonic() - start > timeout:
-                _stop(proc)
+                stop_process_group(proc)
                 reader.join(timeout=2)
                 return Result(argv, -1, "\n".join(lines + [f"timed out after {timeout:.0f}s"]),
                               time.monotonic() - start)
             if exited.wait(timeout=0.1):
                 break
     except (KeyboardInterrupt, Cancelled) as exc:
-        _stop(proc)
+        stop_process_group(proc)
         reader.join(timeout=2)
         if isinstance(exc, KeyboardInterrupt):
             raise Cancelled(f"interrupted while running {argv[0]}") from exc

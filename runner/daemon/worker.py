@@ -26,6 +26,7 @@ from pathlib import Path
 
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
 from runner.daemon.store import Claimed
+from runner.proc import stop_process_group
 
 log = logging.getLogger("runner.daemon.worker")
 
@@ -148,18 +149,7 @@ class RunHandle:
         proc = self.proc
         if proc is None:
             return
-        for sig, wait in CANCEL_ESCALATION:
-            if proc.poll() is not None:
-                return
-            try:
-                os.killpg(proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                return
-            try:
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(proc, CANCEL_ESCALATION)
 
     # -- running ------------------------------------------------------------------------------
 
