@@ -93,6 +93,12 @@ def report(res: dict) -> str:
             ph = block.get("runner_phases") or {}
             if ph:
                 rows.append([n] + [fmt((ph.get(k) or {}).get("median")) for k in PHASES])
+        for n, block in dep["by_servers"].items():
+            st = block.get("runner_remote_steps") or {}
+            if st:
+                rows_st = sorted(st.items(), key=lambda kv: -(kv[1]["median"] or 0))
+                out.append(f"runner deploy to {n} server(s), remote steps (s, slowest server, "
+                           "median): " + ", ".join(f"{k} {fmt(v['median'])}" for k, v in rows_st))
         if rows:
             out.append("\nrunner deploy, where the time goes (medians, s; *_at: when the last "
                        "server got there, from the deploy stage's start):")

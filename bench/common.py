@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import statistics
@@ -191,9 +192,10 @@ def two_versions(lab: dict, kind: str, workdir: Path) -> list[str]:
     """Two versions of the app (a code-only difference) pushed to the lab's registry, by digest."""
     name = f"{lab['registry']}/bench/{kind}"
     refs = []
+    nonce = secrets.token_hex(4)  # new digests each bench run
     for v in ("1", "2"):
         ctx = workdir / f"image-v{v}"
-        args = write_app(kind, ctx, f"v{v}")
+        args = write_app(kind, ctx, f"{nonce}-v{v}")
         refs.append(build_push(lab, ctx, name, f"v{v}", args))
     return refs
 

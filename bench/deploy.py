@@ -125,7 +125,23 @@ def run_runner(pipeline: Path, ref: str, profile: str | None = None) -> tuple[fl
     statuses = {s["name"]: s["status"] for s in (info.get("outputs") or {}).get("servers", [])}
     if not statuses or set(statuses.values()) != {"deployed"}:
         raise RuntimeError(f"runner deploy did not change every server: {statuses}")
-    return t.wall, phases(info, t.started_epoch, t.wall)
+    ph = phases(info, t.started_epoch, t.wall)
+    ph["_trace"] = info.get("trace") or []
+    return t.wall, ph
+
+
+def steps(trace: list[dict]) -> dict[str, float]:
+    """Per kind of remote step, the time the slowest server spent in it (one run)."""
+    per: dict[str, dict[str, float]] = {}
+    for r in trace:
+        what = r["what"]
+        if what.startswith("exec "):
+            what = "exec (health probes)"
+        elif what.startswith("sftp"):
+            what = "sftp (lock, history)"
+        per.setdefault(what, {}).setdefault(r["server"], 0.0)
+        per[what][r["server"]] += r["took"]
+    return {w: round(max(v.values()), 3) for w, v in per.items()}
 
 
 def phases(info: dict, spawned: float, wall: float) -> dict:
@@ -178,6 +194,7 @@ def ansible_files(workdir: Path, servers: list[dict]) -> tuple[Path, dict[str, s
         "interpreter_python_fallback = []\n"
         "[ssh_connection]\n"
         "pipelining = True\n"
+        f"control_path_dir = {d / 'cp'}\n"
         f"ssh_args = -o ControlMaster=auto -o ControlPersist=60s "
         f"-o UserKnownHostsFile={s0['known_hosts']} -o StrictHostKeyChecking=yes\n")
     (d / "deploy.yml").write_text(f"""\
@@ -201,6 +218,13 @@ def ansible_files(workdir: Path, servers: list[dict]) -> tuple[Path, dict[str, s
     env = dict(os.environ, ANSIBLE_CONFIG=str(d / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                ANSIBLE_LOCALHOST_WARNING="False")
     return d / "deploy.yml", env
+
+
+def stop_ansible_masters(workdir: Path) -> None:
+    """Close the OpenSSH control masters Ansible left behind (ControlPersist), ours only."""
+    for sock in workdir.glob("ansible-*/cp/*"):
+        subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "bench"],
+                       capture_output=True, timeout=10)
 
 
 def run_ansible(playbook: Path, env: dict[str, str], ref: str) -> float:
@@ -234,12 +258,14 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
         log(f"ansible skipped: {why}")
         variants = tuple(v for v in variants if v != "ansible")
     image_name = refs[0].split("@")[0]
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
     out: dict = {"variants": list(variants), "skipped": skipped, "rounds": rounds,
                  "warmup": warmup, "container": CONTAINER, "host_port": HOST_PORT,
                  "refs": refs, "by_servers": {}}
     for n in counts:
         servers = lab["servers"][:n]
-        cleanup_servers(lab["servers"][:max(counts)], refs)  # every block starts from nothing
+        cleanup_servers(servers, refs)  # every block starts from nothing
         if len(servers) < n:
             out["by_servers"][str(n)] = {"error": f"the lab has only {len(servers)} servers"}
             continue
@@ -271,11 +297,17 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
                 if counted:
                     times[v].append(wall)
         block = {v: summary(times[v]) for v in variants}
+        traces = [p.pop("_trace", []) for p in runner_phases]
         block["runner_phases"] = {key: summary([p[key] for p in runner_phases if key in p])
                                   for key in sorted({k for p in runner_phases for k in p})}
+        per_run = [steps(t) for t in traces if t]
+        block["runner_remote_steps"] = {w: summary([r.get(w, 0.0) for r in per_run])
+                                        for w in sorted({w for r in per_run for w in r})}
+        block["runner_traces"] = traces
         for base in ("plain-seq", "plain-par", "ansible"):
             if base in times and "runner" in times:
                 block[f"runner/{base}"] = {"ratio": ratio(block["runner"], block[base]),
                                            "pairs": pair_range(times["runner"], times[base])}
         out["by_servers"][str(n)] = block
+    stop_ansible_masters(workdir)
     return out

@@ -33,7 +33,10 @@ class Repo:
 
     def __init__(self, kind: str, path: Path):
         self.kind, self.path, self.n = kind, path, 0
-        self.args = write_app(kind, path, "c0")
+        # A nonce per bench run: contents never repeat an earlier run's, so BuildKit cannot
+        # hand back a layer a previous bench already built for the same text.
+        self.nonce = secrets.token_hex(4)
+        self.args = write_app(kind, path, f"{self.nonce}-c0")
         self.git("init", "-q", "-b", "main")
         self.git("add", "-A")
         self.git("commit", "-q", "-m", "c0")
@@ -45,7 +48,7 @@ class Repo:
 
     def change(self) -> None:
         self.n += 1
-        set_version(self.kind, self.path, f"c{self.n}")
+        set_version(self.kind, self.path, f"{self.nonce}-c{self.n}")
         self.git("commit", "-q", "-am", f"c{self.n}")
 
 

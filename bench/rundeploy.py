@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from runner.loader import load_pipeline
     from runner.runlog import RunLog
     from runner.secrets import Masker, SecretStore
+
+    from bench import trace
     t_imported = time.time()
 
     pipeline = load_pipeline(args.pipeline, environ=dict(os.environ))
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         prof = cProfile.Profile()
         prof.enable()
     log.emit("stage.start", stage="deploy")
+    trace.install()
     t0 = time.monotonic()
     try:
         outputs = DeployStage().run(ctx)
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"status": status, "error": error, "outputs": outputs,
                       "process_start": T_START, "imported": t_imported, "loaded": t_loaded,
                       "stage_duration": duration, "end": time.time(),
+                      "trace": trace.records(),
                       "events": [{k: e.get(k) for k in ("event", "stage", "line", "time")}
                                  for e in events]}, default=str))
     sys.stdout.flush()
