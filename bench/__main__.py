@@ -2,7 +2,7 @@
 
     python -m bench [deploy] [pipeline] [rebuild] [overhead]   # default: all four
         [--rounds 5] [--warmup 1] [--quick] [--servers 1,2,4] [--pipeline-servers 2]
-        [--image example|tiny] [--variants runner,plain-seq,plain-par,ansible]
+        [--image example|tiny] [--variants runner,runner-http,plain-seq,plain-par,ansible]
         [--out FILE] [--profile] [--keep]
 
 Brings the lab up (adding servers if --servers needs more), pushes two versions of the app to
@@ -34,7 +34,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pipeline-servers", type=int, default=2)
     ap.add_argument("--image", choices=("example", "tiny"), default="example",
                     help="example: the Flask app of examples/app; tiny: busybox httpd")
-    ap.add_argument("--variants", default="runner,plain-seq,plain-par,ansible")
+    ap.add_argument("--variants", default="runner,runner-http,plain-seq,plain-par,ansible")
     ap.add_argument("--out", help="write the JSON here instead of bench/results/")
     ap.add_argument("--profile", action="store_true",
                     help="also write a cProfile of one runner deploy per server count")
@@ -145,6 +145,11 @@ def ratio_rows(res: dict) -> list[list[str]]:
                                                   else None)
                     rows.append(goal_row(f"deploy {n} srv: runner ÷ {base}", b[key]["ratio"],
                                          goal, b[key]["pairs"]))
+            for base in ("plain-par", "ansible"):
+                key = f"runner-http/{base}"
+                if key in b:
+                    rows.append(goal_row(f"deploy {n} srv: runner-http ÷ {base}",
+                                         b[key]["ratio"], None, b[key]["pairs"]))
         one = blocks.get(1, {}).get("runner")
         for n, goal in ((4, 1.5), (8, 2.0)):
             if n in blocks and one:

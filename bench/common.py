@@ -113,7 +113,7 @@ def cleanup_servers(servers: list[dict], refs: list[str] = ()) -> None:
 TINY_DOCKERFILE = """\
 FROM local/busybox:1
 ARG CACHE_BUST=warm
-RUN mkdir -p /www && echo "$CACHE_BUST" > /www/.build
+RUN mkdir -p /www && echo "$CACHE_BUST" > /www/.build && echo ok > /www/healthz
 COPY index.html /www/index.html
 EXPOSE 8080
 HEALTHCHECK --interval=1s --timeout=2s --start-period=10s --retries=3 \\

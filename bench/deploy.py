@@ -6,7 +6,10 @@ Each timed run is a real version change: the two image versions alternate, and a
 run (untimed) the version not running is removed from the servers, so the next run really
 pulls it. Each run is checked (untimed) to have left the expected digest running.
 
-- runner:     `python -m bench.rundeploy` (the deploy stage the engine runs, own process)
+- runner:     `python -m bench.rundeploy` (the deploy stage the engine runs, own process), the
+              image's own HEALTHCHECK command probed with `docker exec` (as pipeline.example.yaml)
+- runner-http: the same with the pipeline's HTTP probe (`healthcheck.http`, GET /healthz made
+              from the server over the SSH connection) instead of a process per probe
 - plain-seq:  for each server in turn: ssh host 'docker pull … && docker stop … && docker rm …
               && docker run -d --restart=always --init … && until healthy; do sleep 0.1; done'
 - plain-par:  the same ssh commands to every server at once, then wait for all
@@ -30,8 +33,9 @@ from bench.common import (APP_PORT, CONTAINER, HOST_PORT, ROOT, Timer, cleanup_s
                           on_servers,
                           pair_range, ratio, ssh_argv, summary)
 
-VARIANTS = ("runner", "plain-seq", "plain-par", "ansible")
+VARIANTS = ("runner", "runner-http", "plain-seq", "plain-par", "ansible")
 HEALTH_POLL = 0.1  # the plain loop polls docker's health status this often
+HTTP_PATH = "/healthz"  # answered by both images (the example app, and busybox httpd)
 
 
 def ansible_available() -> tuple[bool, str]:
@@ -89,8 +93,12 @@ def run_plain_par(servers: list[dict], ref: str) -> float:
 
 # ------------------------------------------------------------------ the runner
 
-def runner_pipeline(workdir: Path, servers: list[dict], image_name: str) -> Path:
+def runner_pipeline(workdir: Path, servers: list[dict], image_name: str,
+                    http: bool = False) -> Path:
     s0 = servers[0]
+    health = {"timeout": 60}  # the image's own HEALTHCHECK decides
+    if http:
+        health["http"] = {"port": APP_PORT, "path": HTTP_PATH}
     doc = {
         "version": 1, "name": "bench",
         "repository": {"url": str(ROOT)},
@@ -102,13 +110,13 @@ def runner_pipeline(workdir: Path, servers: list[dict], image_name: str) -> Path
                 "servers": [f"{s['user']}@{s['host']}:{s['port']}" for s in servers],
                 "ssh": {"key_file": s0["key_file"], "known_hosts": s0["known_hosts"]},
                 "container": {"name": CONTAINER, "ports": [f"{HOST_PORT}:{APP_PORT}"]},
-                "healthcheck": {"timeout": 60},  # the image's own HEALTHCHECK decides
+                "healthcheck": health,
                 "strategy": {"type": "all"},
                 "lock": {"wait": 30},
             },
         },
     }
-    path = workdir / f"deploy-{len(servers)}.yaml"
+    path = workdir / f"deploy-{len(servers)}{'-http' if http else ''}.yaml"
     path.write_text(json.dumps(doc, indent=1))  # JSON is YAML
     return path
 
@@ -270,9 +278,11 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
             out["by_servers"][str(n)] = {"error": f"the lab has only {len(servers)} servers"}
             continue
         pipeline = runner_pipeline(workdir, servers, image_name)
+        pipeline_http = runner_pipeline(workdir, servers, image_name, http=True)
         playbook, aenv = ansible_files(workdir, servers) if "ansible" in variants else (None, None)
         times: dict[str, list[float]] = {v: [] for v in variants}
         runner_phases: list[dict] = []
+        http_phases: list[dict] = []
         k = 0  # which version goes next: they alternate run by run
         for r in range(warmup + rounds):
             counted = r >= warmup
@@ -286,6 +296,10 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
                     wall, ph = run_runner(pipeline, ref, prof)
                     if counted:
                         runner_phases.append(ph)
+                elif v == "runner-http":
+                    wall, ph = run_runner(pipeline_http, ref)
+                    if counted:
+                        http_phases.append(ph)
                 elif v == "plain-seq":
                     wall = run_plain_seq(servers, ref)
                 elif v == "plain-par":
@@ -304,10 +318,17 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
         block["runner_remote_steps"] = {w: summary([r.get(w, 0.0) for r in per_run])
                                         for w in sorted({w for r in per_run for w in r})}
         block["runner_traces"] = traces
-        for base in ("plain-seq", "plain-par", "ansible"):
-            if base in times and "runner" in times:
-                block[f"runner/{base}"] = {"ratio": ratio(block["runner"], block[base]),
-                                           "pairs": pair_range(times["runner"], times[base])}
+        for p in http_phases:
+            p.pop("_trace", None)
+        if http_phases:
+            block["runner_http_phases"] = {
+                key: summary([p[key] for p in http_phases if key in p])
+                for key in sorted({k for p in http_phases for k in p})}
+        for ours in ("runner", "runner-http"):
+            for base in ("plain-seq", "plain-par", "ansible"):
+                if base in times and ours in times:
+                    block[f"{ours}/{base}"] = {"ratio": ratio(block[ours], block[base]),
+                                               "pairs": pair_range(times[ours], times[base])}
         out["by_servers"][str(n)] = block
     stop_ansible_masters(workdir)
     return out

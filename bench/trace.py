@@ -52,6 +52,17 @@ def install() -> None:
             _note(target.label, "ssh connect", t)
     sd.connect = connect
 
+    real_http = getattr(sd, "http_get", None)
+    if real_http is not None:
+        @functools.wraps(real_http)
+        def http_get(conn, *a, **kw):
+            t = time.monotonic()
+            try:
+                return real_http(conn, *a, **kw)
+            finally:
+                _note(conn.label, "http probe", t)
+        sd.http_get = http_get
+
     def wrap(name: str, what):
         real = getattr(tr.Connection, name)
 
