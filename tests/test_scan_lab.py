@@ -15,7 +15,7 @@ from pipelines.scan import ScanGateFailed, ScanStage, find_tool
 from runner.errors import StageFailed
 from runner.model import Pipeline
 from tests.helpers import events, make_repo, runner, stage_end
-from tests.test_scan_stage import Log, NoSecrets
+from tests.doubles import DictSecrets, ListLog
 
 pytestmark = [pytest.mark.lab,
               pytest.mark.skipif(find_tool("trivy", None) is None, reason="trivy not installed")]
@@ -132,7 +132,7 @@ def _ctx(tmp: Path, image_id: str, scan: dict) -> StageContext:
         "stages": {"scan": {"enabled": True, **scan}}})
     (tmp / "run").mkdir(exist_ok=True)
     return StageContext(run_id="t", pipeline=pipeline, workdir=tmp / "run",
-                        cache_dir=tmp / "cache", log=Log(), secrets=NoSecrets(),
+                        cache_dir=tmp / "cache", log=ListLog(), secrets=DictSecrets(),
                         cancel=threading.Event(),
                         results={"checkout": {"path": str(tmp / "ctx")},
                                  "build": {"image_id": image_id, "tags": []}})
