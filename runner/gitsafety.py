@@ -69,12 +69,7 @@ def check_repo_url(url: str) -> str:
             raise _refuse("repository URL", url, "it contains whitespace")
         authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
         hostport = authority.rpartition("@")[2]
-        if hostport.startswith("["):
-            host, _, port = hostport.partition("]")
-            host += "]"
-            port = port[1:] if port.startswith(":") else port
-        else:
-            host, _, port = hostport.partition(":")
+        host, port = _split_hostport(hostport)
         if not host:
             raise _refuse("repository URL", url, "it has no host")
         if not _HOST.match(host):
@@ -142,13 +137,17 @@ def is_sha(ref: str) -> bool:
     return bool(_SHA.match(ref))
 
 
-def _valid_hostport(text: str) -> bool:
+def _split_hostport(text: str) -> tuple[str, str]:
+    """"host:port" or "[v6]:port" -> (host, port); port is "" when absent."""
     if text.startswith("["):
         host, _, port = text.partition("]")
-        host += "]"
-        port = port[1:] if port.startswith(":") else port
-    else:
-        host, _, port = text.partition(":")
+        return host + "]", port[1:] if port.startswith(":") else port
+    host, _, port = text.partition(":")
+    return host, port
+
+
+def _valid_hostport(text: str) -> bool:
+    host, port = _split_hostport(text)
     return bool(_HOST.match(host)) and (not port or bool(_PORT.match(port)))
 
 
