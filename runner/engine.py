@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from runner.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, Cancelled,
+from runner.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Cancelled,
                            InvalidInput, StageFailed)
 from runner.model import STAGE_ORDER, Pipeline
 from runner.runlog import RunLog, Sink
@@ -287,6 +287,3 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
         log.close()
     return result
 
-
-EXIT_CODES = {"success": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_INTERRUPTED,
-              "invalid": EXIT_INVALID}
