@@ -1,7 +1,6 @@
 """`runner exec` end to end on the lab: real git, BuildKit, registry."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
