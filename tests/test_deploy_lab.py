@@ -580,7 +580,12 @@ def test_worker_without_ports_uses_command_probe(lab, images, app):
         d.apply()
     d.close()
     assert "health check failed" in str(err.value) and "rolled back" in str(err.value)
-    [row] = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="s").verify()
+    deadline = time.monotonic() + 30
+    while True:  # the rollback waited for our probe; docker's own status follows at its tick
+        [row] = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="s").verify()
+        if row.health != "starting" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert row.running and row.digest == images["v1"].split("@")[1]
     assert row.health == "healthy"  # docker runs the same command (--health-cmd)
 

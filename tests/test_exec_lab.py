@@ -49,11 +49,23 @@ def test_example_pipeline_end_to_end(lab, data_dir):
     for server in lab["servers"]:
         r = httpx.get(f"http://{server['host']}:8000/", timeout=10)
         assert r.status_code == 200 and r.json()["message"] == "hello from runner"
-        running = subprocess.run(
-            ["docker", "-H", server["docker_host"], "inspect", "example-app", "--format",
+        # The deploy counts a server done on the first success of its own probe (the image's
+        # health command run at once), before docker's next HEALTHCHECK tick: docker may still
+        # say `starting` here, and must reach `healthy` by itself within a few intervals.
+        running = _inspect_after_start_period(server["docker_host"], "example-app")
+        assert running == [push["ref"], "healthy", "always"]
+
+
+def _inspect_after_start_period(docker_host: str, name: str, limit: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + limit
+    while True:
+        words = subprocess.run(
+            ["docker", "-H", docker_host, "inspect", name, "--format",
              "{{.Config.Image}} {{.State.Health.Status}} {{.HostConfig.RestartPolicy.Name}}"],
             capture_output=True, text=True, check=True).stdout.split()
-        assert running == [push["ref"], "healthy", "always"]
+        if words[1] != "starting" or time.monotonic() > deadline:
+            return words
+        time.sleep(0.5)
 
 
 def test_code_only_change_reuses_the_dependency_layers(lab, tmp_path, data_dir):
