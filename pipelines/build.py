@@ -111,7 +111,7 @@ class BuildStage(Stage):
                                          f"{settings.context!r}")
 
         try:
-            builder = detect_builder()
+            builder = detect_builder(cache_file=Path(ctx.cache_dir) / "builder.json")
         except NoBuilder as exc:
             raise StageFailed(self.name, str(exc)) from None
         ctx.log.info(f"builder: {builder.describe()}")
@@ -181,7 +181,9 @@ class BuildStage(Stage):
                                                          result.returncode))
 
         built_id = iidfile.read_text().strip() if iidfile.is_file() else ""
-        image_id = _image_id(built_id or refs[0])
+        # The CLI writes the id the engine gave the image it just stored; asking the engine again
+        # would only cost the docker SDK's import (~0.25 s of a 0.6 s code-only rebuild).
+        image_id = built_id if built_id.startswith("sha256:") else _image_id(refs[0])
         for step in progress.steps.values():
             ctx.log.info(f"{'CACHED' if step.cached else 'ran   '} {step.name}")
         ctx.log.info(f"built {image_id} as {', '.join(refs)}: {progress.cached_steps} of "

@@ -6,7 +6,8 @@ The docker SDK cannot drive BuildKit (docker/docker-py#2230), so builds go throu
   "docker-buildkit", e.g. Debian's docker.io 20.10 CLI). A newer CLI without the buildx plugin
   refuses with "buildx component is missing"; such a CLI is skipped.
 
-Detection runs a few `--help`/`version` probes that need no daemon, once per process.
+Detection runs a few `--help`/`version` probes that need no daemon, once per process, and its
+answer can be kept on disk until a CLI or the buildx plugin changes (`detect_builder`).
 `build_argv` and `build_warnings` are pure and tested by exact equality.
 
 About the build cache: the lab's build engine is one long-lived dockerd, so its BuildKit cache
@@ -16,12 +17,14 @@ local cache; there `cache_from` with a registry image built with `cache_to: [typ
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 BUILDX = "buildx"
 DOCKER_BUILDKIT = "docker-buildkit"
@@ -347,21 +350,84 @@ def detect_builder_in(candidates: Sequence[str]) -> Builder:
         "make sure it is on PATH or at /usr/bin/docker.")
 
 
+def _plugin_dirs() -> list[str]:
+    """Where a docker CLI looks for the buildx plugin (docker/cli's cli-plugins/manager)."""
+    config = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+    return [os.path.join(config, "cli-plugins"), "/usr/local/lib/docker/cli-plugins",
+            "/usr/local/libexec/docker/cli-plugins", "/usr/lib/docker/cli-plugins",
+            "/usr/libexec/docker/cli-plugins"]
+
+
+def _stat_key(path: str) -> list:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, os.path.realpath(path), st.st_size, st.st_mtime_ns]
+
+
+def detection_fingerprint(candidates: Sequence[str]) -> list:
+    """What the detection's answer depends on: the CLIs themselves, the buildx plugin in every
+    place a CLI looks for it, and the CLI's config file (which can name plugin dirs). Any
+    install, upgrade or removal of one of them changes this."""
+    config = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+    key: list = [1]  # bump when the detection logic changes
+    key += [_stat_key(c) for c in candidates]
+    for d in _plugin_dirs():
+        key += [_stat_key(d), _stat_key(os.path.join(d, "docker-buildx"))]
+    key.append(_stat_key(os.path.join(config, "config.json")))
+    return key
+
+
+def _load_cached(cache_file: Path, fingerprint: list) -> Builder | None:
+    try:
+        data = json.loads(cache_file.read_text())
+        if data.get("fingerprint") == fingerprint:
+            b = data["builder"]
+            return Builder(str(b["kind"]), str(b["docker_cli"]), str(b["version"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # absent or unreadable: detect again and rewrite it
+    return None
+
+
+def _store_cached(cache_file: Path, fingerprint: list, builder: Builder) -> None:
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "builder": {
+            "kind": builder.kind, "docker_cli": builder.docker_cli,
+            "version": builder.version}}))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a cache that cannot be written only costs the next run the probes again
+
+
 _lock = threading.Lock()
 _cached: Builder | None = None
 
 
-def detect_builder(*, refresh: bool = False) -> Builder:
-    """The builder for this process (detected once, then cached)."""
+def detect_builder(*, refresh: bool = False, cache_file: Path | None = None) -> Builder:
+    """The builder for this process (detected once, then cached). With `cache_file`, the answer
+    is also kept on disk between processes, keyed by `detection_fingerprint`: the probes cost
+    each `runner exec` ~0.1 s, a large part of a code-only rebuild."""
     global _cached
     with _lock:
-        if _cached is None or refresh:
-            _cached = detect_builder_in(candidate_clis())
+        if _cached is not None and not refresh:
+            return _cached
+        candidates = candidate_clis()
+        fingerprint = detection_fingerprint(candidates) if cache_file else []
+        if cache_file is not None and not refresh:
+            _cached = _load_cached(cache_file, fingerprint)
+            if _cached is not None:
+                return _cached
+        _cached = detect_builder_in(candidates)
+        if cache_file is not None:
+            _store_cached(cache_file, fingerprint, _cached)
         return _cached
 
 
 __all__ = [
     "BUILDX", "DOCKER_BUILDKIT", "BuildSecretRef", "BuildSpec", "Builder", "NoBuilder",
     "build_argv", "build_warnings", "candidate_clis", "check_secret_id", "detect_builder",
-    "detect_builder_in", "parse_progress", "Progress", "Step", "secret_env_var",
+    "detect_builder_in", "detection_fingerprint", "parse_progress", "Progress", "Step", "secret_env_var",
 ]

@@ -2,11 +2,13 @@
 against the docker CLIs really installed on this machine."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from pipelines import buildkit
 from pipelines.buildkit import (
     BUILDX,
     DOCKER_BUILDKIT,
@@ -206,3 +208,32 @@ def test_detects_a_buildkit_capable_cli_and_caches_it():
         assert builder.version[:2].isdigit()
     assert detect_builder() is builder
     assert builder.kind in builder.describe() or "buildx" in builder.describe()
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/docker"), reason="needs Debian's docker.io")
+def test_detection_is_kept_on_disk_until_a_cli_or_plugin_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+    cache = tmp_path / "cache" / "builder.json"
+    real = detect_builder(refresh=True, cache_file=cache)
+    stored = json.loads(cache.read_text())
+    assert stored["builder"] == {"kind": real.kind, "docker_cli": real.docker_cli,
+                                 "version": real.version}
+
+    # A new process (no in-memory answer) takes the file's answer without probing: the file is
+    # edited to a version no CLI reports, to tell the two apart.
+    stored["builder"]["version"] = "from-the-cache-file"
+    cache.write_text(json.dumps(stored))
+    monkeypatch.setattr(buildkit, "_cached", None)
+    assert detect_builder(cache_file=cache).version == "from-the-cache-file"
+
+    # Installing a plugin dir (as installing buildx would) changes the fingerprint: probed again.
+    (tmp_path / "docker-config" / "cli-plugins").mkdir(parents=True)
+    monkeypatch.setattr(buildkit, "_cached", None)
+    again = detect_builder(cache_file=cache)
+    assert again == real
+    assert json.loads(cache.read_text())["builder"]["version"] == real.version
+
+    # An unreadable cache file is detected over, never an error.
+    cache.write_text("{not json")
+    monkeypatch.setattr(buildkit, "_cached", None)
+    assert detect_builder(cache_file=cache) == real
