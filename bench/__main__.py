@@ -3,6 +3,7 @@
     python -m bench [deploy] [pipeline] [rebuild] [overhead]   # default: all four
         [--rounds 5] [--warmup 1] [--quick] [--servers 1,2,4] [--pipeline-servers 2]
         [--image example|tiny] [--variants runner,runner-http,plain-seq,plain-par,ansible]
+        (add plain-nowait to --variants for the plain loop without its health wait, the floor)
         [--out FILE] [--profile] [--keep]
 
 Brings the lab up (adding servers if --servers needs more), pushes two versions of the app to
@@ -20,6 +21,7 @@ import time
 
 from bench import common
 from bench.common import log
+from bench.deploy import OPTIONAL, VARIANTS
 
 PARTS = ("deploy", "pipeline", "rebuild", "overhead")
 
@@ -34,7 +36,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pipeline-servers", type=int, default=2)
     ap.add_argument("--image", choices=("example", "tiny"), default="example",
                     help="example: the Flask app of examples/app; tiny: busybox httpd")
-    ap.add_argument("--variants", default="runner,runner-http,plain-seq,plain-par,ansible")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"deploy variants ({','.join(VARIANTS)}; also {','.join(OPTIONAL)})")
     ap.add_argument("--out", help="write the JSON here instead of bench/results/")
     ap.add_argument("--profile", action="store_true",
                     help="also write a cProfile of one runner deploy per server count")
@@ -47,6 +50,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     args.parts = [p for p in PARTS if p in args.parts] or list(PARTS)
     args.counts = [int(c) for c in args.servers.split(",") if c.strip()]
+    bad = [v for v in args.variants.split(",") if v and v not in VARIANTS + OPTIONAL]
+    if bad:
+        ap.error(f"unknown variant(s) {', '.join(bad)}; choose from "
+                 f"{', '.join(VARIANTS + OPTIONAL)}")
     if not 1 <= args.rounds <= 50 or not 0 <= args.warmup <= 10:
         ap.error("--rounds is 1..50, --warmup 0..10")
     if any(not 1 <= c <= 16 for c in args.counts):
@@ -138,7 +145,8 @@ def ratio_rows(res: dict) -> list[list[str]]:
     if dep:
         blocks = {int(n): b for n, b in dep["by_servers"].items() if "error" not in b}
         for n, b in sorted(blocks.items()):
-            for base, goal_2 in (("plain-par", 1.0), ("ansible", 0.30), ("plain-seq", None)):
+            for base, goal_2 in (("plain-par", 1.0), ("ansible", 0.30), ("plain-seq", None),
+                                 ("plain-nowait", None)):
                 key = f"runner/{base}"
                 if key in b:
                     goal = goal_2 if n == 2 else (1.10 if (n == 1 and base == "plain-seq")

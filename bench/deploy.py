@@ -13,6 +13,9 @@ pulls it. Each run is checked (untimed) to have left the expected digest running
 - plain-seq:  for each server in turn: ssh host 'docker pull … && docker stop … && docker rm …
               && docker run -d --restart=always --init … && until healthy; do sleep 0.1; done'
 - plain-par:  the same ssh commands to every server at once, then wait for all
+- plain-nowait: (only when asked for, in --variants) plain-seq without the health wait: done
+              when `docker run` returns. The floor, not an equivalent: it never learns whether
+              the app came up
 - ansible:    ansible-playbook, community.docker docker_image_pull + docker_container
               (state: healthy), gather_facts off, pipelining on, forks = servers, OpenSSH with
               ControlPersist (Ansible's defaults otherwise)
@@ -33,7 +36,8 @@ from bench.common import (APP_PORT, CONTAINER, HOST_PORT, ROOT, Timer, cleanup_s
                           on_servers,
                           pair_range, ratio, ssh_argv, summary)
 
-VARIANTS = ("runner", "runner-http", "plain-seq", "plain-par", "ansible")
+VARIANTS = ("runner", "runner-http", "plain-seq", "plain-par", "ansible")  # the default set
+OPTIONAL = ("plain-nowait",)  # run only when named in --variants
 HEALTH_POLL = 0.1  # the plain loop polls docker's health status this often
 HTTP_PATH = "/healthz"  # answered by both images (the example app, and busybox httpd)
 
@@ -52,24 +56,30 @@ def ansible_available() -> tuple[bool, str]:
 
 # ------------------------------------------------------------------ the plain loop
 
-def plain_remote(ref: str) -> str:
-    """The shell a user would type for one server (values are the harness's own, quoted)."""
+def plain_remote(ref: str, wait: bool = True) -> str:
+    """The shell a user would type for one server (values are the harness's own, quoted).
+    wait=False leaves out the wait for healthy (the plain-nowait floor)."""
     r, n = shlex.quote(ref), CONTAINER
-    return (
+    run = (
         f"docker pull -q {r} >/dev/null"
         f" && {{ docker stop -t 10 {n} >/dev/null 2>&1; docker rm {n} >/dev/null 2>&1; true; }}"
         f" && docker run -d --name {n} --restart=always --init -p {HOST_PORT}:{APP_PORT} {r}"
         f" >/dev/null"
-        f" && i=0 && until [ \"$(docker inspect -f '{{{{.State.Health.Status}}}}' {n})\""
+    )
+    if not wait:
+        return run
+    return (
+        run
+        + f" && i=0 && until [ \"$(docker inspect -f '{{{{.State.Health.Status}}}}' {n})\""
         f" = healthy ];"
         f" do i=$((i+1)); [ $i -lt 600 ] || exit 1; sleep {HEALTH_POLL}; done"
     )
 
 
-def run_plain_seq(servers: list[dict], ref: str) -> float:
+def run_plain_seq(servers: list[dict], ref: str, wait: bool = True) -> float:
     t0 = time.monotonic()
     for s in servers:
-        p = subprocess.run(ssh_argv(s, plain_remote(ref)), capture_output=True, text=True,
+        p = subprocess.run(ssh_argv(s, plain_remote(ref, wait)), capture_output=True, text=True,
                            timeout=300)
         if p.returncode != 0:
             raise RuntimeError(f"plain loop failed on {s['name']}: {p.stderr[-500:]}")
@@ -304,6 +314,8 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
                     wall = run_plain_seq(servers, ref)
                 elif v == "plain-par":
                     wall = run_plain_par(servers, ref)
+                elif v == "plain-nowait":
+                    wall = run_plain_seq(servers, ref, wait=False)
                 else:
                     wall = run_ansible(playbook, aenv, ref)
                 check_and_prune(servers, ref, other)
@@ -325,7 +337,7 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
                 key: summary([p[key] for p in http_phases if key in p])
                 for key in sorted({k for p in http_phases for k in p})}
         for ours in ("runner", "runner-http"):
-            for base in ("plain-seq", "plain-par", "ansible"):
+            for base in ("plain-seq", "plain-par", "ansible", "plain-nowait"):
                 if base in times and ours in times:
                     block[f"{ours}/{base}"] = {"ratio": ratio(block[ours], block[base]),
                                                "pairs": pair_range(times[ours], times[base])}

@@ -28,7 +28,8 @@ def quick(lab, tmp_path_factory):
     """One `python -m bench --quick` on the tiny image: (process, JSON, ansible skip reason)."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     no_ansible = _ansible()
-    variants = "runner,runner-http,plain-seq,plain-par" + ("" if no_ansible else ",ansible")
+    variants = "runner,runner-http,plain-seq,plain-par,plain-nowait" + \
+        ("" if no_ansible else ",ansible")
     p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--image", "tiny",
                         "--servers", "1,2,4", "--variants", variants, "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=230,
@@ -41,7 +42,7 @@ def quick(lab, tmp_path_factory):
 @pytest.mark.timeout(240)
 def test_bench_quick_writes_every_figure(quick):
     p, data, no_ansible = quick
-    variants = "runner,runner-http,plain-seq,plain-par"
+    variants = "runner,runner-http,plain-seq,plain-par,plain-nowait"
 
     dep = data["deploy"]
     for n in ("1", "2", "4"):
@@ -51,6 +52,7 @@ def test_bench_quick_writes_every_figure(quick):
         assert block["runner/plain-par"]["ratio"] > 0
         assert block["runner/plain-seq"]["ratio"] > 0
         assert block["runner-http/plain-par"]["ratio"] > 0
+        assert block["runner/plain-nowait"]["ratio"] > 0
         phases = block["runner_phases"]
         for key in ("python_start_imports", "stage_total", "healthy_at"):
             assert phases[key]["median"] is not None, (n, key, phases)
@@ -75,6 +77,7 @@ def test_bench_quick_writes_every_figure(quick):
 
     names = {r["ratio"] for r in data["ratios"]}
     assert "deploy 2 srv: runner ÷ plain-par" in names
+    assert "deploy 1 srv: runner ÷ plain-nowait" in names
     assert "deploy runner: 4 srv ÷ 1 srv" in names
     assert "full pipeline: runner exec ÷ shell script" in names
     assert "rebuild: code-only ÷ cold (build stage)" in names
