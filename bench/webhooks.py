@@ -26,8 +26,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -40,50 +38,13 @@ from pathlib import Path
 import httpx
 import yaml
 
+from runner.daemon.spawn import DaemonStartError, daemon_subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret"
 REPO = "https://bench.invalid/me/app.git"
 HARD_LIMIT = 180.0  # seconds: the whole benchmark stops by itself after this
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def start_daemon(tmp: Path, cfg: dict, name: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cfg = dict(cfg, listen={"host": "127.0.0.1", "port": port})
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    log = open(tmp / f"{name}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "daemon", "--config", str(path)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"daemon exited: {(tmp / f'{name}.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("daemon did not start listening within 20 s")
-
-
-def stop_daemon(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+STOP_TIMEOUT = 30.0  # seconds for a daemon to stop after SIGTERM before it is killed
 
 
 def delivery(i: int, repo: str = REPO, branch: str = "main", after: str | None = None) -> tuple[bytes, dict]:
@@ -163,13 +124,10 @@ def load_phase(tmp: Path, count: int, rate: float, duplicates: int, deadline: fl
            "webhooks": {"github": {"secret": {"value": SECRET}}},
            "pipelines": [{"name": "app", "file": str(tmp / "unused.yaml"), "repo": REPO,
                           "concurrency_group": None}]}
-    proc, url = start_daemon(tmp, cfg, "load")
-    try:
+    with daemon_subprocess(tmp, cfg, "load", stop_timeout=STOP_TIMEOUT) as (_, url):
         items = [delivery(i) for i in range(count)]
         results = send_all(url, items, rate, deadline)
         replay = send_all(url, items[:duplicates], rate, deadline) if duplicates else []
-    finally:
-        stop_daemon(proc)
     lat = [r["latency"] * 1000 for r in results if r["status"] == 202]
     lag = [r["lag"] * 1000 for r in results]
     server = [r["server_ms"] for r in results if r["server_ms"] is not None]
@@ -236,9 +194,8 @@ def start_phase(tmp: Path, samples: int, fixture: bool, deadline: float, gap: fl
            "pipelines": [{"name": "app", "file": str(pipeline), "repo": str(bare)}]}
     if command:
         cfg["exec_command"] = command
-    proc, url = start_daemon(tmp, cfg, "start")
     ids = []
-    try:
+    with daemon_subprocess(tmp, cfg, "start", stop_timeout=STOP_TIMEOUT) as (_, url):
         time.sleep(gap)
         for i in range(samples):
             if time.monotonic() > deadline:
@@ -259,8 +216,6 @@ def start_phase(tmp: Path, samples: int, fixture: bool, deadline: float, gap: fl
                 if run["status"] not in ("queued", "running"):
                     break
                 time.sleep(0.05)
-    finally:
-        stop_daemon(proc)
     db = sqlite3.connect(f"file:{tmp / 'start-data' / 'runner.db'}?mode=ro", uri=True)
     waits, statuses = [], []
     for rid in ids:
@@ -297,6 +252,8 @@ def main() -> int:
         report = {"load": load_phase(tmp, a.count, a.rate, min(a.duplicates, a.count), deadline)}
         if not a.no_start_latency:
             report["start"] = start_phase(tmp, a.start_samples, a.fixture_exec, deadline, a.start_gap)
+    except DaemonStartError as exc:
+        raise SystemExit(str(exc)) from None
     finally:
         if not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,9 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent / "data" / "daemon"))
-from harness import (TOKEN, bare_repo, commit, config, daemon_in_process, daemon_subprocess,  # noqa: E402
-                     fake_pipeline, push_payload, send_github, wait_for)
+from harness import (TOKEN, bare_repo, commit, config, daemon_in_process, fake_pipeline,  # noqa: E402
+                     push_payload, send_github, wait_for)
 
+from runner.daemon.spawn import daemon_subprocess  # noqa: E402
 from runner.daemon.store import NewRun, SqliteStore  # noqa: E402
 
 REPO = "https://git.example.com/me/app.git"

@@ -16,6 +16,8 @@ Layout (one way: nothing here is imported by the engine or the stages):
   service.py    Daemon: wires the above, crash recovery on start, graceful SIGTERM
   cli.py        `runner daemon`, `runner runs [--deliveries]`, `runner logs [--follow]`,
                 `runner cancel`
+  spawn.py      `runner daemon` as a child process on a free loopback port, waited for until
+                /healthz answers, stopped by its pid (the daemon tests, bench/webhooks.py)
 
 HTTP API (reads are open unless read_requires_token; writes need `Authorization: Bearer TOKEN`):
   GET  /healthz

@@ -1,5 +1,6 @@
 """Helpers shared by tests/test_daemon*.py and tests/test_webhooks*.py: a daemon on 127.0.0.1 with
-an ephemeral port (in-process or as a subprocess), signing, real git repositories."""
+an ephemeral port (in-process here; as a subprocess with runner.daemon.spawn.daemon_subprocess),
+signing, real git repositories."""
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +14,8 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent.parent
 FAKE_EXEC = [sys.executable, str(HERE / "fake_exec.py")]
 SECRET = "s3cret-for-tests"
 TOKEN = "api-token-for-tests"
@@ -57,45 +56,6 @@ def daemon_in_process(cfg: dict):
         yield d
     finally:
         d.stop(grace=2)
-
-
-@contextlib.contextmanager
-def daemon_subprocess(tmp: Path, cfg: dict, name: str = "daemon"):
-    """`python -m runner daemon --config FILE` on a fixed free port; yields (proc, url)."""
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    cfg = json.loads(json.dumps(cfg))
-    cfg["listen"] = {"host": "127.0.0.1", "port": port}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    out = open(tmp / f"{name}.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "daemon", "--config", str(path)],
-                            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _healthy(url) or proc.poll() is not None, 20, "daemon to listen")
-        if proc.poll() is not None:
-            raise RuntimeError((tmp / f"{name}.log").read_text())
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        out.close()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def wait_for(pred, timeout: float, what: str = "condition", every: float = 0.05):
