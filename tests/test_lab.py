@@ -52,6 +52,92 @@ def test_server_layout_names_and_addresses():
     assert "10.87.53.1:5000" in argv
 
 
+def test_every_lab_engine_treats_both_registries_as_insecure():
+    for argv in (layout.build_dockerd_argv(STATE), layout.server_dockerd_argv(Server(3, STATE))):
+        flags = [argv[i + 1] for i, a in enumerate(argv) if a == "--insecure-registry"]
+        assert flags == ["10.87.53.1:5000", "10.87.53.1:5001"]
+
+
+def test_running_engine_is_compared_with_what_up_would_start_now():
+    s = Server(2, STATE)
+    wanted = layout.server_dockerd_argv(s)
+    # nsenter execs dockerd in place: /proc/PID/cmdline shows only dockerd's own argv
+    running = wanted[2:]
+    assert running[0] == "dockerd"
+    assert layout.runs_as_started(running, wanted)
+    assert layout.runs_as_started(["/usr/sbin/dockerd", *running[1:]], wanted)
+    # a lab brought up before the second registry existed
+    i = running.index("10.87.53.1:5001")
+    older = running[:i - 1] + running[i + 1:]
+    assert not layout.runs_as_started(older, wanted)
+    assert not layout.runs_as_started(running, layout.server_dockerd_argv(Server(3, STATE)))
+    build = layout.build_dockerd_argv(STATE)
+    assert layout.runs_as_started(list(build), build)
+    assert not layout.runs_as_started(build[:-2], build)
+    assert not layout.runs_as_started(["containerd", *build[1:]], build)
+
+
+def test_cmdline_of_a_recorded_process_is_what_it_runs(tmp_path):
+    argv = [sys.executable, "-c", "import sys; sys.stdin.read()", "--marker", str(tmp_path)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
+    try:
+        rec = {"pid": proc.pid, "start": host.start_time(proc.pid)}
+        deadline = time.monotonic() + 10
+        while host.cmdline(rec) != argv and time.monotonic() < deadline:
+            time.sleep(0.05)  # between fork and exec it still shows pytest's argv
+        assert host.cmdline(rec) == argv
+        assert layout.runs_as_started(host.cmdline(rec), argv)
+        assert host.cmdline({**rec, "start": rec["start"] + 1}) is None  # a reused pid
+    finally:
+        proc.stdin.close()
+        proc.wait()
+    assert host.cmdline(rec) is None
+
+
+def test_auth_registry_config_requires_htpasswd_login():
+    state = Path("/tmp/lab")
+    text = layout.auth_registry_config(state)
+    assert "  addr: 10.87.53.1:5001\n" in text
+    assert "    rootdirectory: /tmp/lab/auth-registry\n" in text
+    assert ("auth:\n  htpasswd:\n    realm: runner-lab\n"
+            "    path: /tmp/lab/auth-registry.htpasswd\n") in text
+    assert "rootdirectory: /tmp/lab/registry\n" in layout.registry_config(state)  # apart
+    assert layout.auth_registry_argv(state) == ["docker-registry", "serve",
+                                                "/tmp/lab/auth-registry.yml"]
+    assert layout.htpasswd_entry("x:1\nlab:$2b$06$abc\n", "lab") == "$2b$06$abc"
+    assert layout.htpasswd_entry("labx:$2b$\n", "lab") is None
+
+
+def test_auth_registry_password_is_made_once_and_kept_private(tmp_path):
+    import bcrypt
+
+    from runner.lab.lab import Lab
+
+    lab_ = Lab(state=tmp_path, log=lambda msg: None)
+    assert lab_._ensure_auth_credentials() is True
+    pw_file = tmp_path / "auth-registry.password"
+    password = pw_file.read_text().strip()
+    assert len(password) == 32
+    assert pw_file.stat().st_mode & 0o777 == 0o600
+    htpasswd = tmp_path / "auth-registry.htpasswd"
+    assert htpasswd.stat().st_mode & 0o777 == 0o600
+    user, hashed = htpasswd.read_text().strip().split(":", 1)
+    assert user == "lab" and hashed.startswith("$2")
+    assert bcrypt.checkpw(password.encode(), hashed.encode())
+    # reused, not made again; the htpasswd is left alone while it matches
+    assert lab_._ensure_auth_credentials() is False
+    assert pw_file.read_text().strip() == password
+    assert htpasswd.read_text().strip() == f"lab:{hashed}"
+    # an htpasswd that does not match the password file is written again
+    htpasswd.write_text("lab:$2b$06$" + "x" * 53 + "\n")
+    assert lab_._ensure_auth_credentials() is True
+    assert bcrypt.checkpw(password.encode(),
+                          htpasswd.read_text().strip().split(":", 1)[1].encode())
+    pw_file.chmod(0o644)
+    assert lab_._ensure_auth_credentials() is False
+    assert pw_file.stat().st_mode & 0o777 == 0o600
+
+
 def test_sshd_config_points_sessions_at_the_servers_engine():
     text = layout.sshd_config(Server(1, STATE))
     assert "ListenAddress 10.87.53.11:22" in text.splitlines()
@@ -64,6 +150,8 @@ def test_describe_and_env_lines_quote_values():
     state = Path("/tmp/lab dir")
     info = layout.describe(state, [Server(1, state), Server(2, state)])
     assert info["registry"] == "10.87.53.1:5000"
+    assert info["auth_registry"] == {"address": "10.87.53.1:5001", "username": "lab",
+                                     "password_file": "/tmp/lab dir/auth-registry.password"}
     assert info["docker_host"] == "unix:///run/runner-lab/docker.sock"
     assert info["servers"][1] == {
         "name": "srv2", "host": "10.87.53.12", "port": 22, "user": "root",
@@ -77,6 +165,9 @@ def test_describe_and_env_lines_quote_values():
         "export DEPLOY_HOSTS=root@10.87.53.11:22,root@10.87.53.12:22",
         "export SSH_KEY_FILE='/tmp/lab dir/ssh/id_ed25519'",
         "export KNOWN_HOSTS_FILE='/tmp/lab dir/ssh/known_hosts'",
+        "export AUTH_REGISTRY=10.87.53.1:5001",
+        "export AUTH_REGISTRY_USER=lab",
+        "export AUTH_REGISTRY_PASSWORD_FILE='/tmp/lab dir/auth-registry.password'",
     ]
 
 
@@ -133,6 +224,9 @@ def _run(client: paramiko.SSHClient, argv: list[str], timeout: float = 60) -> tu
 
 def test_up_json_describes_three_servers(lab):
     assert lab["registry"] == "10.87.53.1:5000"
+    assert lab["auth_registry"]["address"] == "10.87.53.1:5001"
+    assert lab["auth_registry"]["username"] == "lab"
+    assert Path(lab["auth_registry"]["password_file"]).is_file()
     assert lab["docker_host"] == "unix:///run/runner-lab/docker.sock"
     names = [s["name"] for s in lab["servers"]]
     assert names[:3] == ["srv1", "srv2", "srv3"]
@@ -201,6 +295,9 @@ def test_env_output_is_shell_parseable(lab):
     assert hosts[:3] == ["root@10.87.53.11:22", "root@10.87.53.12:22", "root@10.87.53.13:22"]
     assert values["SSH_KEY_FILE"] == lab["servers"][0]["key_file"]
     assert values["KNOWN_HOSTS_FILE"] == lab["servers"][0]["known_hosts"]
+    assert values["AUTH_REGISTRY"] == lab["auth_registry"]["address"]
+    assert values["AUTH_REGISTRY_USER"] == lab["auth_registry"]["username"]
+    assert values["AUTH_REGISTRY_PASSWORD_FILE"] == lab["auth_registry"]["password_file"]
 
 
 def test_up_again_is_a_no_op(lab):

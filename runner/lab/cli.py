@@ -40,6 +40,9 @@ def _lab():
 
 def _print_human(info: dict) -> None:
     click.echo(f"registry     {info['registry']}")
+    auth = info["auth_registry"]
+    click.echo(f"registry     {auth['address']} (login {auth['username']}, password in "
+               f"{auth['password_file']})")
     click.echo(f"build engine {info['docker_host']}")
     for s in info["servers"]:
         click.echo(f"{s['name']:<12} ssh {s['user']}@{s['host']}:{s['port']}  engine {s['docker_host']}")
@@ -99,7 +102,8 @@ def status(as_json: bool) -> None:
 @_exits
 def env() -> None:
     """Print `export NAME=value` lines for REGISTRY, DOCKER_HOST, DEPLOY_HOSTS, SSH_KEY_FILE,
-    KNOWN_HOSTS_FILE. Use: eval "$(runner lab env)"."""
+    KNOWN_HOSTS_FILE, AUTH_REGISTRY, AUTH_REGISTRY_USER, AUTH_REGISTRY_PASSWORD_FILE.
+    Use: eval "$(runner lab env)"."""
     lab_ = _lab()
     lab_.load()
     info = lab_.describe()

@@ -5,6 +5,7 @@ only; the start time guards against a pid reused by an unrelated process.
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -165,6 +166,17 @@ def _cmdlines() -> Iterator[tuple[int, list[str]]]:
             yield int(entry.name), raw.rstrip(b"\0").decode(errors="replace").split("\0")
 
 
+def cmdline(rec: dict | None) -> list[str] | None:
+    """The argv the recorded process runs now (after any exec), or None if it is gone."""
+    if not alive(rec):
+        return None
+    try:
+        raw = Path(f"/proc/{rec['pid']}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.rstrip(b"\0").decode(errors="replace").split("\0") if raw else []
+
+
 def _record_of(pid: int, argv: list[str]) -> dict | None:
     st = start_time(pid)
     return None if st is None else {"pid": pid, "start": st, "argv": argv}
@@ -281,10 +293,17 @@ def docker_info(sock: Path) -> dict:
     return json.loads(body) if status == 200 else {}
 
 
-def registry_ready(timeout: float = 2.0) -> bool:
-    conn = http.client.HTTPConnection(layout.BRIDGE_IP, layout.REGISTRY_PORT, timeout=timeout)
+def registry_ready(port: int = layout.REGISTRY_PORT, auth: tuple[str, str] | None = None,
+                   timeout: float = 2.0) -> bool:
+    """The registry on the bridge address answers /v2/ with 200 (with `auth`: accepts that
+    login, which also proves its htpasswd matches the password file)."""
+    headers = {}
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    conn = http.client.HTTPConnection(layout.BRIDGE_IP, port, timeout=timeout)
     try:
-        conn.request("GET", "/v2/")
+        conn.request("GET", "/v2/", headers=headers)
         return conn.getresponse().status == 200
     except OSError:
         return False

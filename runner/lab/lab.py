@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -107,8 +108,15 @@ class Lab:
             found.append(f"iptables chain {layout.FW_CHAIN} is not linked from FORWARD")
         if not host.alive(procs.get("registry")) or not host.registry_ready():
             found.append(f"registry {layout.REGISTRY} does not answer")
+        if not host.alive(procs.get("auth-registry")) or not self._auth_registry_ready():
+            found.append(f"registry {layout.AUTH_REGISTRY} does not answer or refuses the "
+                         f"login {layout.AUTH_REGISTRY_USER} with the password in "
+                         f"{layout.auth_registry_password_file(self.state)}")
         if not host.alive(procs.get("build-dockerd")) or not host.docker_ready(layout.BUILD_SOCK):
             found.append(f"build engine {layout.BUILD_DOCKER_HOST} does not answer")
+        elif self._outdated(procs.get("build-dockerd"), layout.build_dockerd_argv(self.state)):
+            found.append(f"build engine {layout.BUILD_DOCKER_HOST} runs with other flags than "
+                         "`runner lab up` starts it with now: `up` restarts it")
         else:
             for image in (layout.BUSYBOX_IMAGE, layout.PYTHON_IMAGE):
                 if not host.image_exists(layout.BUILD_SOCK, image):
@@ -124,9 +132,30 @@ class Lab:
         found = []
         if not host.alive(procs.get(f"{s.name}-dockerd")) or not host.docker_ready(s.sock):
             found.append(f"{s.name}: engine {s.docker_host} does not answer")
+        elif self._outdated(procs.get(f"{s.name}-dockerd"), layout.server_dockerd_argv(s)):
+            found.append(f"{s.name}: engine {s.docker_host} runs with other flags than "
+                         "`runner lab up` starts it with now: `up` restarts it")
         if not host.alive(procs.get(f"{s.name}-sshd")) or not host.ssh_banner(s.ip):
             found.append(f"{s.name}: sshd {s.ip}:{layout.SSH_PORT} does not answer")
         return found
+
+    @staticmethod
+    def _outdated(rec: dict | None, wanted: list[str]) -> bool:
+        """A live process that runs another command line than `up` would start now (a lab
+        brought up by an older version, e.g. without a registry that is insecure now)."""
+        running = host.cmdline(rec)
+        return running is not None and not layout.runs_as_started(running, wanted)
+
+    def _auth_password(self) -> str | None:
+        try:
+            return layout.auth_registry_password_file(self.state).read_text().strip() or None
+        except OSError:
+            return None
+
+    def _auth_registry_ready(self) -> bool:
+        password = self._auth_password()
+        return password is not None and host.registry_ready(
+            layout.AUTH_REGISTRY_PORT, (layout.AUTH_REGISTRY_USER, password))
 
     def status(self) -> dict:
         self.load()
@@ -150,6 +179,7 @@ class Lab:
             self._ensure_base_network()
             self._ensure_client_key()
             self._ensure_registry()
+            self._ensure_auth_registry()
             build_rec = self._start_build_engine()
             servers = [Server(i, self.state) for i in wanted]
             with ThreadPoolExecutor(max_workers=len(servers) + 1) as pool:
@@ -174,6 +204,7 @@ class Lab:
             if problems:
                 raise LabError("the lab started but does not answer:\n" + "\n".join(problems))
             self.log(f"up in {time.monotonic() - started:.1f}s: registry {layout.REGISTRY}, "
+                     f"registry with login {layout.AUTH_REGISTRY}, "
                      f"build engine {layout.BUILD_DOCKER_HOST}, servers "
                      + ", ".join(f"{s.name}={s.ip}" for s in self.servers()))
             return self.describe()
@@ -218,26 +249,82 @@ class Lab:
         return None
 
     def _ensure_registry(self) -> None:
-        key = "registry"
-        config = self.state / "registry.yml"
+        self._ensure_registry_process("registry", layout.REGISTRY, self.state / "registry.yml",
+                                      layout.registry_config(self.state),
+                                      self.state / "registry", layout.registry_argv(self.state),
+                                      host.registry_ready)
+
+    def _ensure_auth_registry(self) -> None:
+        rewritten = self._ensure_auth_credentials()
+        self._ensure_registry_process("auth-registry", layout.AUTH_REGISTRY,
+                                      self.state / "auth-registry.yml",
+                                      layout.auth_registry_config(self.state),
+                                      self.state / "auth-registry",
+                                      layout.auth_registry_argv(self.state),
+                                      self._auth_registry_ready, restart=rewritten)
+
+    def _ensure_registry_process(self, key: str, address: str, config: Path, config_text: str,
+                                 storage: Path, argv: list[str], ready, *,
+                                 restart: bool = False) -> None:
         rec = self._adopt_or_stop(key, str(config), "docker-registry")
-        if rec and host.registry_ready():
+        if rec and restart:
+            # distribution 2.8 reads its htpasswd file only when it starts
+            self.log(f"restarting {key} (pid {rec['pid']}): its htpasswd changed")
+            host.stop(rec)
+            rec = None
+        if rec and ready():
             return
         if rec:
-            host.wait_for(host.registry_ready, "registry", 5, rec, Path(rec.get("log", "")))
+            host.wait_for(ready, key, 5, rec, Path(rec.get("log", "")))
             return
-        (self.state / "registry").mkdir(parents=True, exist_ok=True)
-        _write_if_changed(config, layout.registry_config(self.state))
-        self.log(f"starting registry on {layout.REGISTRY}")
-        log_path = self.state / "logs" / "registry.log"
-        rec = host.spawn(layout.registry_argv(self.state), log_path)
+        storage.mkdir(parents=True, exist_ok=True)
+        _write_if_changed(config, config_text)
+        self.log(f"starting {key} on {address}")
+        log_path = self.state / "logs" / f"{key}.log"
+        rec = host.spawn(argv, log_path)
         self._record(key, rec)
-        host.wait_for(host.registry_ready, "registry", 20, rec, log_path)
+        host.wait_for(ready, key, 20, rec, log_path)
+
+    def _ensure_auth_credentials(self) -> bool:
+        """The auth registry's password, made once and kept in a 0600 file, and its htpasswd
+        entry. True when the htpasswd file had to be (re)written."""
+        import bcrypt  # a paramiko dependency; only `up` needs it
+
+        pw_file = layout.auth_registry_password_file(self.state)
+        password = self._auth_password()
+        if password is None:
+            password = secrets.token_hex(16)
+            _write_private(pw_file, password + "\n")
+            self.log(f"made the password of {layout.AUTH_REGISTRY}'s user "
+                     f"{layout.AUTH_REGISTRY_USER}: {pw_file}")
+        elif pw_file.stat().st_mode & 0o077:
+            pw_file.chmod(0o600)
+        htpasswd = layout.auth_registry_htpasswd(self.state)
+        try:
+            hashed = layout.htpasswd_entry(htpasswd.read_text(), layout.AUTH_REGISTRY_USER)
+        except OSError:
+            hashed = None
+        if hashed:
+            try:
+                if bcrypt.checkpw(password.encode(), hashed.encode()):
+                    return False
+            except ValueError:  # not a bcrypt hash: written again below
+                pass
+        # The password is 128 random bits: a low bcrypt cost does not weaken it, and the
+        # registry checks the hash on every request of a push or pull.
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=6)).decode()
+        _write_private(htpasswd, f"{layout.AUTH_REGISTRY_USER}:{hashed}\n")
+        return True
 
     def _start_build_engine(self) -> dict | None:
         """Start the build engine's dockerd if it is not running; None when it already was."""
         key = "build-dockerd"
         rec = self._adopt_or_stop(key, str(layout.RUN_DIR / "docker.pid"), "dockerd")
+        if rec and self._outdated(rec, layout.build_dockerd_argv(self.state)):
+            self.log(f"build engine (pid {rec['pid']}) runs with other flags than this version "
+                     "starts it with; restarting it (a build running on it now fails)")
+            host.stop(rec)
+            rec = None
         if rec:
             return None
         host.stop_all(host.pids_using([f"{layout.RUN_DIR / 'exec'}/"]))
@@ -287,6 +374,12 @@ class Lab:
         waits = []
         dkey = f"{s.name}-dockerd"
         drec = self._adopt_or_stop(dkey, str(s.run_dir / "docker.pid"), "dockerd")
+        if drec and self._outdated(drec, layout.server_dockerd_argv(s)):
+            self.log(f"{s.name}: engine (pid {drec['pid']}) runs with other flags than this "
+                     "version starts it with; restarting it: its containers stop (those with a "
+                     "restart policy start again with the new engine)")
+            host.stop(drec)
+            drec = None
         if drec and not _answers(lambda: host.docker_ready(s.sock), 10):
             self.log(f"{s.name}: engine alive but not answering; restarting it")
             host.stop(drec)
@@ -331,6 +424,7 @@ class Lab:
             # Processes of ours that lost their record (an interrupted `up`) are found by the
             # lab's own config and pid file paths in their argv.
             markers = [("registry", str(self.state / "registry.yml"), "docker-registry"),
+                       ("auth-registry", str(self.state / "auth-registry.yml"), "docker-registry"),
                        ("build-dockerd", str(layout.RUN_DIR / "docker.pid"), "dockerd")]
             names = set(self.data["servers"]) | {f"srv{i}" for i in _netns_indexes()}
             for name in names:
@@ -405,6 +499,17 @@ def _remove_server_net(s: Server) -> None:
         host.run(["ip", "link", "del", s.veth], check=False)
     if host.netns_exists(s.netns):
         host.run(["ip", "netns", "del", s.netns], check=False)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only, from its first byte on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def _write_if_changed(path: Path, text: str) -> None:

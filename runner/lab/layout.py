@@ -17,6 +17,13 @@ BRIDGE_IP = "10.87.53.1"
 PREFIX = 24
 REGISTRY_PORT = 5000
 REGISTRY = f"{BRIDGE_IP}:{REGISTRY_PORT}"
+# A second registry that requires a login (htpasswd), for the push and deploy paths with
+# credentials. Its password is made once per state dir and kept in a 0600 file.
+AUTH_REGISTRY_PORT = 5001
+AUTH_REGISTRY = f"{BRIDGE_IP}:{AUTH_REGISTRY_PORT}"
+AUTH_REGISTRY_USER = "lab"
+# Every lab engine talks plain HTTP to these.
+INSECURE_REGISTRIES = (REGISTRY, AUTH_REGISTRY)
 RUN_DIR = Path("/run/runner-lab")
 BUILD_SOCK = RUN_DIR / "docker.sock"
 BUILD_DOCKER_HOST = f"unix://{BUILD_SOCK}"
@@ -117,6 +124,14 @@ def known_hosts(state: Path) -> Path:
     return state / "ssh" / "known_hosts"
 
 
+def auth_registry_password_file(state: Path) -> Path:
+    return state / "auth-registry.password"
+
+
+def auth_registry_htpasswd(state: Path) -> Path:
+    return state / "auth-registry.htpasswd"
+
+
 def python_rootfs_cache(state: Path) -> Path:
     return state / "cache" / f"python-{DEBIAN_SUITE}-rootfs.tar"
 
@@ -125,6 +140,11 @@ def describe(state: Path, servers: list[Server]) -> dict:
     """The JSON `runner lab up --json` prints: everything a client needs to use the lab."""
     return {
         "registry": REGISTRY,
+        "auth_registry": {
+            "address": AUTH_REGISTRY,
+            "username": AUTH_REGISTRY_USER,
+            "password_file": str(auth_registry_password_file(state)),
+        },
         "docker_host": BUILD_DOCKER_HOST,
         "servers": [
             {
@@ -151,6 +171,9 @@ def env_lines(info: dict) -> list[str]:
         "DEPLOY_HOSTS": hosts,
         "SSH_KEY_FILE": servers[0]["key_file"] if servers else "",
         "KNOWN_HOSTS_FILE": servers[0]["known_hosts"] if servers else "",
+        "AUTH_REGISTRY": info["auth_registry"]["address"],
+        "AUTH_REGISTRY_USER": info["auth_registry"]["username"],
+        "AUTH_REGISTRY_PASSWORD_FILE": info["auth_registry"]["password_file"],
     }
     return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
 
@@ -223,6 +246,10 @@ def build_bridge_rule_deletions(table: str, rules_text: str) -> list[list[str]]:
     return cmds
 
 
+def _insecure_registry_args() -> list[str]:
+    return [arg for reg in INSECURE_REGISTRIES for arg in ("--insecure-registry", reg)]
+
+
 def build_dockerd_argv(state: Path) -> list[str]:
     return [
         "dockerd",
@@ -231,7 +258,7 @@ def build_dockerd_argv(state: Path) -> list[str]:
         "--data-root", str(state / "docker"),
         "--exec-root", str(RUN_DIR / "exec"),
         "--pidfile", str(RUN_DIR / "docker.pid"),
-        "--insecure-registry", REGISTRY,
+        *_insecure_registry_args(),
         "--bridge", BUILD_BRIDGE,
         "--mtu", "1400",
         "--containerd-namespace", "rlab-build",
@@ -248,11 +275,24 @@ def server_dockerd_argv(s: Server) -> list[str]:
         "--data-root", str(s.dir / "docker"),
         "--exec-root", str(s.run_dir / "exec"),
         "--pidfile", str(s.run_dir / "docker.pid"),
-        "--insecure-registry", REGISTRY,
+        *_insecure_registry_args(),
         "--bip", "172.30.0.1/24",
         "--containerd-namespace", f"rlab-{s.name}",
         "--containerd-plugins-namespace", f"rlab-{s.name}-plugins",
     ]
+
+
+def runs_as_started(running: list[str], wanted: list[str]) -> bool:
+    """Whether a running process (its /proc/PID/cmdline) is the command `wanted` would start now.
+    `nsenter ... PROG ARGS` execs PROG in place, so the process shows only `PROG ARGS`; PROG may
+    show as a full path."""
+    if wanted and os.path.basename(wanted[0]) == "nsenter":
+        progs = [i for i, a in enumerate(wanted) if i > 0 and not a.startswith("-")]
+        wanted = wanted[progs[0]:] if progs else wanted
+    if not running or not wanted:
+        return running == wanted
+    return (os.path.basename(running[0]) == os.path.basename(wanted[0])
+            and running[1:] == wanted[1:])
 
 
 def server_sshd_argv(s: Server) -> list[str]:
@@ -273,6 +313,35 @@ def registry_config(state: Path) -> str:
         "http:\n"
         f"  addr: {REGISTRY}\n"
     )
+
+
+def auth_registry_argv(state: Path) -> list[str]:
+    return ["docker-registry", "serve", str(state / "auth-registry.yml")]
+
+
+def auth_registry_config(state: Path) -> str:
+    """Like registry_config, with its own storage and port, and a login required: htpasswd
+    (distribution reads only bcrypt entries)."""
+    return (
+        "version: 0.1\n"
+        "log:\n  level: info\n"
+        "storage:\n"
+        f"  filesystem:\n    rootdirectory: {state / 'auth-registry'}\n"
+        "  delete:\n    enabled: true\n"
+        "auth:\n"
+        f"  htpasswd:\n    realm: runner-lab\n    path: {auth_registry_htpasswd(state)}\n"
+        "http:\n"
+        f"  addr: {AUTH_REGISTRY}\n"
+    )
+
+
+def htpasswd_entry(text: str, user: str) -> str | None:
+    """The password hash of `user` in htpasswd file text, or None."""
+    for line in text.splitlines():
+        name, sep, hashed = line.strip().partition(":")
+        if sep and name == user and hashed:
+            return hashed
+    return None
 
 
 def sshd_config(s: Server) -> str:
