@@ -266,7 +266,14 @@ class PushStage(Stage):
             how = "(not retried: not a transient error)"
         message = f"pushing {ref} failed {how}: {error}"
         if is_auth_error(error):
-            message += "\nthe registry refused the credentials or access; check stages.push.auth"
+            registry = split_name(repo)[0]
+            if auth_config:
+                message += (f"\nauthentication failed: registry {registry} refused user "
+                            f"{auth_config['username']!r} (or its access to {repo}); check "
+                            "stages.push.auth")
+            else:
+                message += (f"\nauthentication failed: registry {registry} wants a login; "
+                            "check stages.push.auth (username, password)")
         elif "connection refused" in error.lower():
             message += f"\nis a registry listening at {split_name(repo)[0]}?"
         raise StageFailed(self.name, message + _pushed_note(pushed))
