@@ -46,6 +46,9 @@ from deployers.transport import (CommandFailed, Connection, HostKeyPolicy, SSHOp
                                  TransportError, connect, http_get, load_private_key)
 
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
+# How docker says that a registry wants a login it did not get (or refused).
+_REGISTRY_AUTH = re.compile(r"no basic auth credentials|unauthori[sz]ed|authentication required|"
+                            r"denied", re.I)
 
 
 class ConfigError(ValueError):
@@ -392,11 +395,16 @@ class SSHDockerDeployer(Deployer):
         self._recover(conn)
 
     def _pull(self, conn: Connection, release: Release) -> None:
-        if self.stage.registry.username:
-            registry = release.name.split("/")[0]
+        registry = release.name.split("/")[0]
+        user = self.stage.registry.username
+        if user:
             password = self._secret_value(self.stage.registry.password_secret or "")
-            self._run(conn, cmd.login(registry, self.stage.registry.username),
-                      stdin=password.encode())
+            r = self._run(conn, cmd.login(registry, user), stdin=password.encode(), check=False)
+            if not r.ok:
+                tail = " ".join(r.output.splitlines()[-3:])
+                raise ServerFailed(conn.label, f"docker login to {registry} as {user!r} failed: "
+                                   f"{tail}; check stages.deploy.registry", rolled_back=False,
+                                   note="nothing was changed on this server")
         present = self._run(conn, cmd.image_present(release.ref), check=False)
         if present.ok:
             return
@@ -404,8 +412,14 @@ class SSHDockerDeployer(Deployer):
         r = self._run(conn, cmd.pull(release.ref), check=False)
         if not r.ok:
             tail = " ".join(r.output.splitlines()[-3:])
-            raise ServerFailed(conn.label, f"pulling {release.ref} failed: {tail}",
-                               rolled_back=False, note="nothing was changed on this server")
+            reason = f"pulling {release.ref} failed: {tail}"
+            if _REGISTRY_AUTH.search(tail):
+                reason += (f"; registry {registry} refused the server's login as {user!r}"
+                           if user else
+                           f"; registry {registry} wants a login: set "
+                           "stages.deploy.registry.username and password")
+            raise ServerFailed(conn.label, reason, rolled_back=False,
+                               note="nothing was changed on this server")
         self.log(f"{conn.label}: pulled {release.digest[:19]} in {time.monotonic() - t0:.1f}s")
 
     def _recover(self, conn: Connection) -> None:
