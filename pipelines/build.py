@@ -128,7 +128,10 @@ class BuildStage(Stage):
             raise StageFailed(self.name, "no image tag: every template in image.tags was empty "
                                          "for this commit")
 
-        created = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+        # The commit's time, not the build's: a rebuild of the same commit from cache is then
+        # the same image, so its digest and the deploy's "unchanged" check hold.
+        created = checkout.get("committed_at") or \
+            datetime.now(timezone.utc).replace(microsecond=0).isoformat()
         labels = {**oci_labels(checkout.get("url") or "", sha, created), **settings.labels}
 
         secret_refs: list[BuildSecretRef] = []

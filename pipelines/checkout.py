@@ -30,6 +30,7 @@ import secrets as _random
 import shlex
 import shutil
 import time
+from datetime import datetime, timezone
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,13 +248,23 @@ class CheckoutStage(Stage):
                 ctx.log.info("updating submodules")
                 self._git(ctx, access, ["-C", str(dest), "submodule", "update", "--init",
                                         "--recursive", "--progress"], what="submodule update")
+            committed_at = self._committed_at(ctx, access, dest, commit)
         finally:
             access.cleanup()
         ctx.log.info(f"checked out {commit[:12]}"
                      + (f" (branch {branch})" if branch else "")
                      + (f" (tag {tag})" if tag else "") + f" into {dest}")
         return {"commit": commit, "short_sha": commit[:7], "branch": branch, "tag": tag,
-                "path": str(dest), "url": req.redacted, "mirror": str(mirror), "cloned": cloned}
+                "path": str(dest), "url": req.redacted, "mirror": str(mirror), "cloned": cloned,
+                "committed_at": committed_at}
+
+    def _committed_at(self, ctx: StageContext, access: _Access, dest: Path, commit: str) -> str:
+        """The commit's committer time, UTC ISO 8601: the build dates the image by it, so that
+        rebuilding a commit gives the same image (and digest) instead of a new one per run."""
+        res = self._git(ctx, access, ["-C", str(dest), "show", "-s", "--format=%ct", commit],
+                        what="reading the commit time", quiet=True)
+        stamp = int(res.output.strip().splitlines()[-1])
+        return datetime.fromtimestamp(stamp, timezone.utc).isoformat().replace("+00:00", "Z")
 
     # --- credentials --------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -112,6 +113,33 @@ def test_cache_mount_dockerfile_builds(lab, tmp_path, data_dir):
     proc = runner("exec", str(_pipeline(tmp_path, repo, lab["registry"])), "--json",
                   "--only", "checkout,build", "--data-dir", str(data_dir))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_rebuilding_a_commit_gives_the_same_image(lab, tmp_path, data_dir):
+    """The image is dated by the commit, not by the build: a re-run of the same commit (a retry,
+    a redelivered webhook) yields the same image, so its digest and the deploy's "unchanged"
+    check hold instead of a new image per run."""
+    repo = _busybox_repo(tmp_path, "FROM local/busybox:1\nRUN echo built > /built\n")
+    pipeline = _pipeline(tmp_path, repo, lab["registry"])
+    outs = []
+    for _ in range(2):
+        proc = runner("exec", str(pipeline), "--json", "--only", "checkout,build",
+                      "--data-dir", str(data_dir))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        evs = events(proc.stdout)
+        outs.append((stage_end(evs, "checkout")["outputs"], stage_end(evs, "build")["outputs"]))
+        time.sleep(1.1)  # the build's own clock moves on between the two runs
+    (co1, b1), (co2, b2) = outs
+    assert co1["commit"] == co2["commit"] and b1["image_id"] == b2["image_id"]
+    created = subprocess.run(
+        ["docker", "-H", lab["docker_host"], "image", "inspect", b1["image_id"], "--format",
+         '{{index .Config.Labels "org.opencontainers.image.created"}}'],
+        capture_output=True, text=True, check=True).stdout.strip()
+    committed = subprocess.run(["git", "-C", str(repo), "show", "-s", "--format=%cI", "HEAD"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    assert created == co1["committed_at"]
+    assert datetime.fromisoformat(created.replace("Z", "+00:00")) == \
+        datetime.fromisoformat(committed)
 
 
 def test_failing_run_fails_the_build_stage_with_exit_1(lab, tmp_path, data_dir):
