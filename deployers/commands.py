@@ -20,8 +20,15 @@ def _seconds(value: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
-def login(registry: str, username: str) -> list[str]:
-    return [DOCKER, "login", "--username", username, "--password-stdin", registry]
+def _config(config: str | None) -> list[str]:
+    return ["--config", config] if config else []
+
+
+def login(registry: str, username: str, config: str | None = None) -> list[str]:
+    """The password goes on stdin. With `config`, the credentials land in that directory (one
+    deploy's, removed after its pull) instead of the server's ~/.docker/config.json."""
+    return [DOCKER, *_config(config), "login", "--username", username, "--password-stdin",
+            registry]
 
 
 def engine_id() -> list[str]:
@@ -34,8 +41,8 @@ def engine_info() -> list[str]:
     return [DOCKER, "info", "--format", "{{.ID}} {{.DockerRootDir}}"]
 
 
-def pull(ref: str) -> list[str]:
-    return [DOCKER, "pull", "--quiet", ref]
+def pull(ref: str, config: str | None = None) -> list[str]:
+    return [DOCKER, *_config(config), "pull", "--quiet", ref]
 
 
 def image_present(ref: str) -> list[str]:

@@ -82,6 +82,21 @@ class _Switch:
     finished: float = 0.0
 
 
+UNTOUCHED = "nothing was changed on this server"
+STALE_LOGIN_AGE = 3600.0  # seconds; far longer than any pull
+
+
+def _remove_tree(sftp, path: str) -> None:
+    """A login dir: docker writes only files into it."""
+    try:
+        names = sftp.listdir(path)
+    except FileNotFoundError:
+        return
+    for n in names:
+        sftp.remove(f"{path}/{n}")
+    sftp.rmdir(path)
+
+
 def _safe(text: str, limit: int = 24) -> str:
     return (re.sub(r"[^A-Za-z0-9_.-]", "-", text) or "x")[:limit]
 
@@ -344,9 +359,12 @@ class SSHDockerDeployer(Deployer):
                     raise cancelled
                 report = self._report(results, ok=False)
                 names = ", ".join(failed)
+                changed = any(s.status != "unchanged" for s in undo) or any(
+                    not f.note.startswith(UNTOUCHED) for f in failed.values())
                 raise DeployFailed(report, f"{what} of {self.app} failed on {names}; "
-                                           + ("servers already done were kept"
-                                              if keep else "every changed server was rolled back"))
+                                           + ("servers already done were kept" if keep
+                                              else "every changed server was rolled back"
+                                              if changed else "nothing was changed on any server"))
             self._commit_all(done)
             for s in done:
                 results[s.target.label] = self._done_result(s)
@@ -375,7 +393,7 @@ class SSHDockerDeployer(Deployer):
             reason = str(exc)
         else:
             reason = f"{type(exc).__name__}: {exc}"
-        note = "nothing was changed on this server" if not touched else ""
+        note = UNTOUCHED if not touched else ""
         return ServerFailed(t.label, reason, rolled_back=False, note=note)
 
     # ---------------------------------------------------------------- per server
@@ -395,21 +413,20 @@ class SSHDockerDeployer(Deployer):
         self._recover(conn)
 
     def _pull(self, conn: Connection, release: Release) -> None:
-        registry = release.name.split("/")[0]
-        user = self.stage.registry.username
-        if user:
-            password = self._secret_value(self.stage.registry.password_secret or "")
-            r = self._run(conn, cmd.login(registry, user), stdin=password.encode(), check=False)
-            if not r.ok:
-                tail = " ".join(r.output.splitlines()[-3:])
-                raise ServerFailed(conn.label, f"docker login to {registry} as {user!r} failed: "
-                                   f"{tail}; check stages.deploy.registry", rolled_back=False,
-                                   note="nothing was changed on this server")
         present = self._run(conn, cmd.image_present(release.ref), check=False)
         if present.ok:
             return
-        t0 = time.monotonic()
-        r = self._run(conn, cmd.pull(release.ref), check=False)
+        registry = release.name.split("/")[0]
+        user = self.stage.registry.username
+        auth_dir = None
+        try:
+            if user:
+                auth_dir = self._login(conn, registry, user)
+            t0 = time.monotonic()
+            r = self._run(conn, cmd.pull(release.ref, config=auth_dir), check=False)
+        finally:
+            if auth_dir:
+                self._forget_login(conn, auth_dir)
         if not r.ok:
             tail = " ".join(r.output.splitlines()[-3:])
             reason = f"pulling {release.ref} failed: {tail}"
@@ -419,8 +436,33 @@ class SSHDockerDeployer(Deployer):
                            f"; registry {registry} wants a login: set "
                            "stages.deploy.registry.username and password")
             raise ServerFailed(conn.label, reason, rolled_back=False,
-                               note="nothing was changed on this server")
+                               note=UNTOUCHED)
         self.log(f"{conn.label}: pulled {release.digest[:19]} in {time.monotonic() - t0:.1f}s")
+
+    def _login(self, conn: Connection, registry: str, user: str) -> str:
+        """`docker login` into a docker config dir of this deploy's own (0700), so that the
+        registry password is not left behind in the server's ~/.docker/config.json."""
+        password = self._secret_value(self.stage.registry.password_secret or "")
+        auth_root = f"{self._dir(conn)}/auth"
+        conn.ensure_private_dir(auth_root)
+        auth_dir = f"{auth_root}/{self.app}--{uuid.uuid4().hex}"
+        conn.sftp_do(lambda sftp: sftp.mkdir(auth_dir, 0o700))
+        r = self._run(conn, cmd.login(registry, user, config=auth_dir),
+                      stdin=password.encode(), check=False)
+        if not r.ok:
+            self._forget_login(conn, auth_dir)
+            tail = " ".join(r.output.splitlines()[-3:])
+            raise ServerFailed(conn.label, f"docker login to {registry} as {user!r} failed: "
+                               f"{tail}; check stages.deploy.registry", rolled_back=False,
+                               note=UNTOUCHED)
+        return auth_dir
+
+    def _forget_login(self, conn: Connection, auth_dir: str) -> None:
+        try:
+            conn.sftp_do(lambda sftp: _remove_tree(sftp, auth_dir))
+        except (OSError, TransportError) as exc:
+            self.log(f"{conn.label}: WARNING: could not remove the login in {auth_dir} "
+                     f"({exc}); the next deploy of {self.app} removes it")
 
     def _recover(self, conn: Connection) -> None:
         """A deploy interrupted mid-way (connection lost) may have left the previous container
@@ -436,6 +478,19 @@ class SSHDockerDeployer(Deployer):
                 if re.fullmatch(rf"{re.escape(self.app)}--[0-9a-f]{{32}}\.env", n):
                     sftp.remove(f"{env_dir}/{n}")
         conn.sftp_do(stale_env_files)
+        auth_root = f"{self._dir(conn)}/auth"
+
+        def stale_logins(sftp):
+            try:
+                entries = sftp.listdir_attr(auth_root)
+            except FileNotFoundError:
+                return
+            for e in entries:  # a run died between its login and its pull's end
+                # Only old ones: pulls run before the lock, another run may be pulling now.
+                if (re.fullmatch(rf"{re.escape(self.app)}--[0-9a-f]{{32}}", e.filename)
+                        and time.time() - (e.st_mtime or 0) > STALE_LOGIN_AGE):
+                    _remove_tree(sftp, f"{auth_root}/{e.filename}")
+        conn.sftp_do(stale_logins)
         r = self._run(conn, cmd.list_app_containers(self.app))
         names = set(r.stdout.split())
         leftovers = sorted(n for n in names if n.startswith(f"{self.app}_prev_"))

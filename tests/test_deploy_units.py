@@ -159,6 +159,11 @@ def test_small_commands_exact():
     assert cmd.image_present(REF) == ["docker", "image", "inspect", "--format", "{{.Id}}", REF]
     assert cmd.login("10.87.53.1:5000", "bob") == [
         "docker", "login", "--username", "bob", "--password-stdin", "10.87.53.1:5000"]
+    assert cmd.login("10.87.53.1:5000", "bob", config="/r/auth/web--1") == [
+        "docker", "--config", "/r/auth/web--1", "login", "--username", "bob",
+        "--password-stdin", "10.87.53.1:5000"]
+    assert cmd.pull(REF, config="/r/auth/web--1") == [
+        "docker", "--config", "/r/auth/web--1", "pull", "--quiet", REF]
     assert cmd.rename("web", "web_prev_r1") == ["docker", "container", "rename", "web",
                                                 "web_prev_r1"]
     assert cmd.stop("web_prev_r1", 5) == ["docker", "container", "stop", "--time", "5",

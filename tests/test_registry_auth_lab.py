@@ -241,9 +241,42 @@ def _on_server(lab, server: dict, fn) -> None:
 
 
 def _logout(lab, server: dict, registry: str) -> None:
-    # `docker login` keeps the credentials in the server's ~/.docker/config.json; on the lab
-    # every server (and the host) share /root, so one login would let every later pull through.
+    # On the lab every server (and the host) share /root: a login stored by anything else
+    # would let every later pull through.
     _on_server(lab, server, lambda d, conn: conn.run(["docker", "logout", registry], check=True))
+
+
+def _stored_logins(lab, server: dict) -> list[str]:
+    """The registries in the server's own docker config (~/.docker/config.json of the SSH
+    user; the SFTP session starts in its home)."""
+    found: list[str] = []
+
+    def read(d, conn):
+        def load(sftp):
+            try:
+                with sftp.open(".docker/config.json") as f:
+                    return json.loads(f.read() or b"{}")
+            except FileNotFoundError:
+                return {}
+        found.extend(conn.sftp_do(load).get("auths", {}))
+    _on_server(lab, server, read)
+    return found
+
+
+def _logins_left(lab, server: dict, app: str) -> list[str]:
+    found: list[str] = []
+
+    def look(d, conn):
+        auth_dir = f"{d._dir(conn)}/auth"  # outside sftp_do: _dir takes the SFTP lock too
+
+        def ls(sftp):
+            try:
+                return sftp.listdir(auth_dir)
+            except FileNotFoundError:
+                return []
+        found.extend(n for n in conn.sftp_do(ls) if n.startswith(f"{app}--"))
+    _on_server(lab, server, look)
+    return found
 
 
 def _remove_app(lab, server: dict, app: str) -> None:
@@ -284,6 +317,7 @@ def test_deploy_from_the_auth_registry_logs_each_server_in(lab, auth, repo, tmp_
         assert f"{server['host']}: failed: pulling {ref} failed" in error, error
         assert "nothing was changed on this server" in error
         assert "stages.deploy.registry" in error  # says what is missing
+        assert "nothing was changed on any server" in error  # not "rolled back"
         assert _server_docker(server, "container", "inspect", app).returncode != 0
         assert _server_docker(server, "image", "inspect", ref).returncode != 0
         _assert_never_shown(auth.password, proc, data_dir, run_id)
@@ -316,7 +350,7 @@ def test_deploy_from_the_auth_registry_logs_each_server_in(lab, auth, repo, tmp_
         cleanup(evs)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         push = stage_end(evs, "push")["outputs"]
-        ref = push["ref"]  # a new image: the build labels it with its time
+        assert push["ref"] == ref  # the same commit builds the same image as in 1.
         pulled.append(ref)
         deployed = stage_end(evs, "deploy")["outputs"]["servers"]
         assert [(s["status"], s["digest"]) for s in deployed] == [("deployed", push["digest"])]
@@ -330,6 +364,10 @@ def test_deploy_from_the_auth_registry_logs_each_server_in(lab, auth, repo, tmp_
         with urllib.request.urlopen(f"http://{server['host']}:{port}/", timeout=10) as resp:
             assert resp.read().decode().strip() == f"authtest {UID}"
         _assert_never_shown(auth.password, proc, data_dir, run_id)
+        # The login lived in a docker config dir of that deploy's own, removed after the pull:
+        # nothing is left in the server's own config, nor in the runner's dir.
+        assert auth.address not in _stored_logins(lab, server)
+        assert _logins_left(lab, server, app) == []
     finally:
         _remove_app(lab, server, app)
         for ref in pulled:
