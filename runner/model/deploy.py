@@ -213,7 +213,8 @@ class Lock(Model):
 
 
 class DeployRegistry(Model):
-    """Credentials the servers use to pull (`docker login` on each server, password on stdin)."""
+    """Credentials the servers use to pull: `docker login` on each server into a config dir of
+    that deploy alone (password on stdin), removed once the image is pulled."""
 
     username: str | None = None
     password_secret: str | None = Field(default=None, alias="password")  # a `secrets:` name
