@@ -12,7 +12,7 @@ local repository), never prompts (GIT_TERMINAL_PROMPT=0) and stores no credentia
 (credential.helper reset). Credentials never reach argv, the stored remote URL or a log line:
 an HTTPS token is answered to git's prompt by a 0700 askpass script that reads it from the
 environment and only for the repository's own host; an SSH key goes to a 0600 file deleted in
-`finally`.
+`finally` (runner.gitaccess, which the daemon's poll uses too).
 
 Network commands run through runner.proc.run_command (argv, streaming, cancellation); GitPython
 drives the local reads of the mirror (init, config, rev-parse, for-each-ref). GitPython's own
@@ -27,12 +27,11 @@ import hashlib
 import os
 import re
 import secrets as _random
-import shlex
 import shutil
 import time
 from datetime import datetime, timezone
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -42,7 +41,10 @@ import git
 from pipelines.base import Stage, StageContext
 from runner.errors import Cancelled, InvalidInput, StageFailed
 from runner.gitsafety import (
-    check_ref, check_repo_url, is_sha, redact_url, split_credentials, url_kind,
+    check_ref, check_repo_url, is_sha, redact_url, url_kind,
+)
+from runner.gitaccess import (
+    ASKPASS, Access, Remote, git_env, remote, repository_access,
 )
 from runner.model import Pipeline
 from runner.proc import Result, run_command
@@ -50,19 +52,7 @@ from runner.proc import Result, run_command
 STAGE = "checkout"
 _FULL_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
-# Answers git's "Username for 'https://host': " / "Password for 'https://user@host': " prompts
-# from the environment, and only when the prompt names the expected host: a redirect or a
-# submodule on another host gets nothing. It holds no secret itself.
-_ASKPASS = """#!/bin/sh
-case "$1" in
-  *"://$RUNNER_GIT_HOST'"*|*"@$RUNNER_GIT_HOST'"*) ;;
-  *) exit 1 ;;
-esac
-case "$1" in
-  Username*) printf '%s\\n' "$RUNNER_GIT_USERNAME" ;;
-  *) printf '%s\\n' "$RUNNER_GIT_PASSWORD" ;;
-esac
-"""
+_ASKPASS = ASKPASS  # kept under its old name for the tests that run it
 
 
 # --- pure helpers ---------------------------------------------------------------------------
@@ -102,67 +92,35 @@ def progress_text(line: str) -> str:
     return parts[-1].rstrip() if parts else ""
 
 
-def git_env(base: dict[str, str], *, allow_file: bool,
-            config: list[tuple[str, str]] | None = None) -> dict[str, str]:
-    """The environment of every git process here: inherited GIT_* variables dropped (they could
-    point git at another repository or config), transports restricted, no prompt, no stored
-    credential; extra config through GIT_CONFIG_* (environment, not argv)."""
-    env = {k: v for k, v in base.items() if not k.startswith("GIT_") and k != "SSH_ASKPASS"}
-    env["GIT_TERMINAL_PROMPT"] = "0"
-    env["GIT_ASKPASS"] = ""
-    env["LC_ALL"] = "C"
-    env["GIT_ALLOW_PROTOCOL"] = "https:http:ssh:git" + (":file" if allow_file else "")
-    pairs = [("credential.helper", ""), ("gc.autoDetach", "false"), *(config or [])]
-    env["GIT_CONFIG_COUNT"] = str(len(pairs))
-    for i, (key, value) in enumerate(pairs):
-        env[f"GIT_CONFIG_KEY_{i}"] = key
-        env[f"GIT_CONFIG_VALUE_{i}"] = value
-    return env
-
-
 # --- what one run asks for ------------------------------------------------------------------
 
 @dataclass
 class _Request:
-    url: str  # as written, validated
-    redacted: str
-    kind: str
-    fetch_url: str  # what git is given and the mirror stores: no credentials, local paths absolute
-    host: str  # host[:port] as git's credential prompt names it ("" when not http/https)
-    url_user: str | None
-    url_password: str | None
+    remote: Remote  # the repository URL, validated, taken apart
     commit: str | None  # exact commit from the trigger
     ref: str | None  # branch/tag/ref/sha to check out (or, with `commit`, to name it by)
     branch_hint: str | None  # the trigger's own branch / tag names, when `ref` is the trigger's
     tag_hint: str | None
 
-
-@dataclass
-class _Access:
-    allow_file: bool  # the repository itself is local: its submodules may be too
-    extra: dict[str, str] = field(default_factory=dict)  # askpass / ssh variables
-    masked: list[str] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)
+    @property
+    def url(self) -> str:
+        return self.remote.url
 
     @property
-    def env(self) -> dict[str, str]:
-        """For commands that reach the repository (fetch, ls-remote, submodule update)."""
-        return {**git_env(dict(os.environ), allow_file=self.allow_file), **self.extra}
+    def redacted(self) -> str:
+        return self.remote.redacted
 
     @property
-    def local_env(self) -> dict[str, str]:
-        """For commands on the cache and the work tree only (no credentials)."""
-        return git_env(dict(os.environ), allow_file=True)
+    def kind(self) -> str:
+        return self.remote.kind
 
-    def mask(self, text: str) -> str:
-        for value in self.masked:
-            text = text.replace(value, "***")
-        return text
+    @property
+    def fetch_url(self) -> str:
+        """What git is given and the mirror stores: no credentials, local paths absolute."""
+        return self.remote.fetch_url
 
-    def cleanup(self) -> None:
-        for path in self.files:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+
+_Access = Access
 
 
 def _request(pipeline: Pipeline, trigger: dict[str, Any]) -> _Request:
@@ -185,19 +143,7 @@ def _request(pipeline: Pipeline, trigger: dict[str, Any]) -> _Request:
         ref, branch_hint, tag_hint = p_ref, None, None
     else:
         ref, branch_hint, tag_hint = t_ref, t_branch, t_tag
-    kind = url_kind(url)
-    stripped, user, password = split_credentials(url)
-    if kind == "local":
-        fetch_url = os.path.normpath(os.path.abspath(url))
-    elif kind in ("http", "https"):
-        fetch_url = stripped
-    else:
-        fetch_url = redact_url(url)
-    host = ""
-    if kind in ("http", "https"):
-        host = re.split(r"[/?#]", fetch_url.split("://", 1)[1], maxsplit=1)[0]
-    return _Request(url=url, redacted=redact_url(url), kind=kind, fetch_url=fetch_url, host=host,
-                    url_user=user, url_password=password, commit=commit, ref=ref,
+    return _Request(remote=remote(url), commit=commit, ref=ref,
                     branch_hint=branch_hint, tag_hint=tag_hint)
 
 
@@ -269,39 +215,9 @@ class CheckoutStage(Stage):
     # --- credentials --------------------------------------------------------------------------
 
     def _access(self, ctx: StageContext, req: _Request) -> _Access:
-        repo = ctx.pipeline.repository
-        access = _Access(allow_file=req.kind in ("local", "file"))
-        network = access.extra
-        try:
-            username = req.url_user or repo.token_user
-            password = req.url_password
-            if repo.token_secret:
-                # A secret read from a file often ends with a newline; a token never does.
-                password = _secret(ctx, repo.token_secret, "repository.token").strip()
-                if req.kind not in ("http", "https"):
-                    ctx.log.warn("repository.token is only used with http(s) URLs; "
-                                 f"{req.redacted} does not use it")
-            if password and req.kind in ("http", "https"):
-                access.masked.append(password)
-                if req.kind == "http":
-                    ctx.log.warn(f"sending a token over plain http to {req.redacted}")
-                script = _private_file(ctx.workdir, ".git-askpass", _ASKPASS, 0o700)
-                access.files.append(script)
-                network.update(GIT_ASKPASS=str(script), RUNNER_GIT_HOST=req.host,
-                               RUNNER_GIT_USERNAME=username, RUNNER_GIT_PASSWORD=password)
-            ssh = ["ssh", "-o", "BatchMode=yes"]
-            if repo.ssh_key_secret:
-                key = _secret(ctx, repo.ssh_key_secret, "repository.ssh_key")
-                access.masked.extend(line for line in key.splitlines() if len(line) >= 16)
-                path = _private_file(ctx.workdir, ".git-ssh-key",
-                                     key if key.endswith("\n") else key + "\n", 0o600)
-                access.files.append(path)
-                ssh += ["-i", str(path), "-o", "IdentitiesOnly=yes"]
-            network["GIT_SSH_COMMAND"] = " ".join(shlex.quote(a) for a in ssh)
-        except BaseException:
-            access.cleanup()
-            raise
-        return access
+        return repository_access(ctx.pipeline.repository, req.remote,
+                                 lambda name, field_name: _secret(ctx, name, field_name),
+                                 ctx.workdir, ctx.log.warn)
 
     # --- mirror ---------------------------------------------------------------------------
 
@@ -506,15 +422,6 @@ def _secret(ctx: StageContext, name: str, field_name: str) -> str:
     if not value:
         raise StageFailed(STAGE, f"{field_name}: secret {name!r} is empty")
     return value
-
-
-def _private_file(directory: Path, prefix: str, content: str, mode: int) -> Path:
-    path = directory / f"{prefix}-{_random.token_hex(6)}"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(content)
-    os.chmod(path, mode)  # the umask may have removed bits from the open() mode
-    return path
 
 
 def _is_repo(path: Path) -> bool:
