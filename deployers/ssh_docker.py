@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import stat
 import threading
 import time
 import uuid
@@ -84,6 +85,22 @@ class _Switch:
 
 UNTOUCHED = "nothing was changed on this server"
 STALE_LOGIN_AGE = 3600.0  # seconds; far longer than any pull
+
+
+def _sweep(sftp, directory: str, pattern: str, min_age: float = 0.0) -> None:
+    """Remove the entries of `directory` whose whole name matches `pattern` and that are at
+    least `min_age` seconds old."""
+    try:
+        entries = sftp.listdir_attr(directory)
+    except FileNotFoundError:
+        return
+    for e in entries:
+        if re.fullmatch(pattern, e.filename) and time.time() - (e.st_mtime or 0) >= min_age:
+            path = f"{directory}/{e.filename}"
+            if stat.S_ISDIR(e.st_mode or 0):
+                _remove_tree(sftp, path)
+            else:
+                sftp.remove(path)
 
 
 def _remove_tree(sftp, path: str) -> None:
@@ -467,30 +484,13 @@ class SSHDockerDeployer(Deployer):
     def _recover(self, conn: Connection) -> None:
         """A deploy interrupted mid-way (connection lost) may have left the previous container
         renamed aside: put it back before anything else."""
-        env_dir = f"{self._dir(conn)}/env"
-
-        def stale_env_files(sftp):
-            try:
-                names = sftp.listdir(env_dir)
-            except FileNotFoundError:
-                return
-            for n in names:  # left by a run that died between writing and removing them
-                if re.fullmatch(rf"{re.escape(self.app)}--[0-9a-f]{{32}}\.env", n):
-                    sftp.remove(f"{env_dir}/{n}")
-        conn.sftp_do(stale_env_files)
-        auth_root = f"{self._dir(conn)}/auth"
-
-        def stale_logins(sftp):
-            try:
-                entries = sftp.listdir_attr(auth_root)
-            except FileNotFoundError:
-                return
-            for e in entries:  # a run died between its login and its pull's end
-                # Only old ones: pulls run before the lock, another run may be pulling now.
-                if (re.fullmatch(rf"{re.escape(self.app)}--[0-9a-f]{{32}}", e.filename)
-                        and time.time() - (e.st_mtime or 0) > STALE_LOGIN_AGE):
-                    _remove_tree(sftp, f"{auth_root}/{e.filename}")
-        conn.sftp_do(stale_logins)
+        root = self._dir(conn)
+        own = re.escape(self.app) + "--[0-9a-f]{32}"
+        # Env files left by a run that died between writing and removing them; logins left by
+        # one that died before its pull ended: only old ones, as pulls run before the lock and
+        # another run may be pulling right now.
+        conn.sftp_do(lambda sftp: _sweep(sftp, f"{root}/env", own + r"\.env"))
+        conn.sftp_do(lambda sftp: _sweep(sftp, f"{root}/auth", own, STALE_LOGIN_AGE))
         r = self._run(conn, cmd.list_app_containers(self.app))
         names = set(r.stdout.split())
         leftovers = sorted(n for n in names if n.startswith(f"{self.app}_prev_"))

@@ -67,3 +67,14 @@ def lab_env(lab: dict) -> dict[str, str]:
             "AUTH_REGISTRY": lab["auth_registry"]["address"],
             "AUTH_REGISTRY_USER": lab["auth_registry"]["username"],
             "AUTH_REGISTRY_PASSWORD_FILE": lab["auth_registry"]["password_file"]}
+
+
+def remove_app_on_server(deployer, conn, app: str) -> None:
+    """Everything a test deploy of `app` left on one server: its containers (by the runner's
+    label), its release history and its lock."""
+    names = conn.run(["docker", "container", "ls", "--all", "--format", "{{.Names}}",
+                      "--filter", f"label=runner.app={app}"]).stdout.split()
+    if names:
+        conn.run(["docker", "container", "rm", "--force", *names])
+    root = deployer._dir(conn)
+    conn.run(["rm", "-rf", f"{root}/apps/{app}", f"{root}/locks/{app}"])

@@ -26,6 +26,7 @@ from pipelines.deploy import DeployStage as DeployStageImpl
 from runner.errors import StageFailed
 from runner.model import Pipeline
 from runner.model.deploy import DeployStage
+from tests.helpers import remove_app_on_server
 
 pytestmark = pytest.mark.lab
 
@@ -129,15 +130,7 @@ def _get(host: str, port: int) -> str:
 def _cleanup(lab, app: str, servers) -> None:
     stage = _stage(lab, servers, app, 1)
     d = SSHDockerDeployer(stage, pipeline=app, image_name="x", run_id="cleanup")
-    def one(t):
-        conn = d._conn(t)
-        names = conn.run(["docker", "container", "ls", "--all", "--format", "{{.Names}}",
-                          "--filter", f"label=runner.app={app}"]).stdout.split()
-        if names:
-            conn.run(["docker", "container", "rm", "--force", *names])
-        root = d._dir(conn)
-        conn.run(["rm", "-rf", f"{root}/apps/{app}", f"{root}/locks/{app}"])
-    d._parallel(one, list(d.targets))  # errors ignored: best effort
+    d._parallel(lambda t: remove_app_on_server(d, d._conn(t), app), list(d.targets))  # errors ignored: best effort
     d.close()
 
 
@@ -261,6 +254,39 @@ def test_secret_env_not_in_ps_nor_logs(lab, images, app):
     env_dir = f"{d0._dir(conn)}/env"
     assert conn.sftp_do(lambda sftp: sftp.listdir(env_dir)) == []
     d0.close()
+
+
+def test_leftovers_of_a_dead_run_are_swept(lab, images, app):
+    """A run killed between writing an env file (or logging a server in) and removing it leaves
+    a secret on the server: the next deploy of that app removes it. Logins only once old (a
+    concurrent run may be pulling with its own), and never another app's files."""
+    name, _ = app
+    server = _servers(lab, 1)[0]
+    stage = _stage(lab, [server], name, _port())
+    d0 = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="sweep")
+    conn = d0._conn(d0.targets[0])
+    root = d0._dir(conn)
+    tok = lambda: _random.token_hex(16)  # noqa: E731
+    dead_env = f"{root}/env/{name}--{tok()}.env"
+    other_env = f"{root}/env/other{name}--{tok()}.env"
+    old_login = f"{root}/auth/{name}--{tok()}"
+    new_login = f"{root}/auth/{name}--{tok()}"
+    conn.run(["mkdir", "-p", f"{root}/env", old_login, new_login], check=True)
+    conn.run(["touch", dead_env, other_env, f"{old_login}/config.json",
+              f"{new_login}/config.json"], check=True)
+    conn.run(["touch", "-d", "2 hours ago", old_login], check=True)
+    try:
+        d = _deployer(stage, images, "v1", name, Log())
+        assert d.apply().ok
+        d.close()
+        left = conn.run(["ls", "-a", f"{root}/env", f"{root}/auth"], check=True).stdout
+        assert dead_env.rsplit("/", 1)[1] not in left
+        assert old_login.rsplit("/", 1)[1] not in left
+        assert other_env.rsplit("/", 1)[1] in left
+        assert new_login.rsplit("/", 1)[1] in left
+    finally:
+        conn.run(["rm", "-rf", other_env, new_login, old_login, dead_env])
+        d0.close()
 
 
 def _keygen(tmp_path, kind: str) -> str:

@@ -21,7 +21,7 @@ import pytest
 
 from deployers.ssh_docker import SSHDockerDeployer
 from runner.model.deploy import DeployStage
-from tests.helpers import events, make_repo, runner, stage_end
+from tests.helpers import events, make_repo, remove_app_on_server, runner, stage_end
 
 pytestmark = pytest.mark.lab
 
@@ -280,14 +280,7 @@ def _logins_left(lab, server: dict, app: str) -> list[str]:
 
 
 def _remove_app(lab, server: dict, app: str) -> None:
-    def clean(d, conn):
-        names = conn.run(["docker", "container", "ls", "--all", "--format", "{{.Names}}",
-                          "--filter", f"label=runner.app={app}"]).stdout.split()
-        if names:
-            conn.run(["docker", "container", "rm", "--force", *names])
-        root = d._dir(conn)
-        conn.run(["rm", "-rf", f"{root}/apps/{app}", f"{root}/locks/{app}"])
-    _on_server(lab, server, clean)
+    _on_server(lab, server, lambda d, conn: remove_app_on_server(d, conn, app))
 
 
 def test_deploy_from_the_auth_registry_logs_each_server_in(lab, auth, repo, tmp_path, data_dir,
