@@ -3,24 +3,38 @@ durable state, which commits each ref was last seen at, lives in the run store i
 
 A poll runs `git ls-remote` (argv, no shell; URL and refs checked by runner.gitsafety) and queues
 a run for each branch or tag that moved to a commit this pipeline has never run, exactly as a push
-webhook would have. coalesce=True and max_instances=1: a poll that fell behind runs once, not in a
+webhook would have. It reaches the repository as the checkout stage does (runner.gitaccess): the
+same git environment and the credentials the pipeline file names (repository.token /
+repository.ssh_key), read from `secrets:` as `runner exec` reads them, in a private temporary
+directory removed when ls-remote is done. A pipeline whose repository secret cannot be read polls
+nothing and says which secret; one whose file cannot be loaded is polled without credentials (its
+runs will report the file's problems). coalesce=True and max_instances=1: a poll that fell behind runs once, not in a
 burst; misfire_grace_time (config) keeps a busy daemon from silently skipping a schedule.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from runner.daemon.config import PipelineEntry
+from runner.daemon.config import DaemonConfig, PipelineEntry
 from runner.daemon.webhooks import new_run, push_filter
 from runner.errors import InvalidInput
+from runner.gitaccess import remote, repository_access
 from runner.gitsafety import check_ref, check_repo_url
+from runner.loader import load_pipeline
+from runner.model import Repository
+from runner.secrets import Masker, SecretStore
 
 log = logging.getLogger("runner.daemon.scheduler")
 ZERO = "0" * 40
@@ -52,12 +66,84 @@ def parse_ls_remote(text: str) -> dict[str, str]:
     return refs
 
 
-def ls_remote(url: str, timeout: float) -> dict[str, str]:
-    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="true", LC_ALL="C")
-    proc = subprocess.run(ls_remote_argv(url), capture_output=True, text=True, timeout=timeout, env=env,
-                          stdin=subprocess.DEVNULL)
+@dataclass(frozen=True)
+class Credentials:
+    """The repository section of a pipeline file and the values of the secrets it names."""
+
+    repository: Repository
+    secrets: SecretStore
+
+
+class CredentialsUnavailable(Exception):
+    """A secret the pipeline's repository needs cannot be read. The message names the pipeline
+    and the secret, never a value."""
+
+
+def pipeline_credentials(p: PipelineEntry, config: DaemonConfig, masker: Masker,
+                         environ: Mapping[str, str] | None = None,
+                         warn: Callable[[str], None] = log.warning) -> Credentials | None:
+    """What `runner exec` would use to reach the repository of pipeline `p`: its file loaded
+    with the entry's vars and `environ` (default: this process's environment, which the runs
+    inherit), and only the secrets repository.token / repository.ssh_key name, registered with
+    `masker`. None when it names none, or when the file cannot be loaded (`warn` is told).
+    Raises CredentialsUnavailable."""
+    environ = os.environ if environ is None else environ
+    try:
+        pipeline = load_pipeline(config.path(p.file), variables=dict(p.vars), environ=environ)
+    except InvalidInput as exc:
+        warn(f"pipeline {p.name!r}: polling without the repository's credentials: "
+             f"{str(exc).splitlines()[0]}")
+        return None
+    repo = pipeline.repository
+    names = [n for n in (repo.token_secret, repo.ssh_key_secret) if n]
+    if not names:
+        return None
+    wanted = pipeline.model_copy(update={"secrets": {n: pipeline.secrets[n] for n in names
+                                                     if n in pipeline.secrets}})
+    try:
+        store = SecretStore.from_pipeline(wanted, environ, masker)
+    except InvalidInput as exc:
+        why = "; ".join(pr.message for pr in exc.problems) or str(exc)
+        raise CredentialsUnavailable(f"pipeline {p.name!r}: the repository's credentials cannot "
+                                     f"be read, nothing polled: {why}") from None
+    return Credentials(repo, store)
+
+
+def ls_remote(url: str, timeout: float, credentials: Credentials | None = None,
+              masker: Masker | None = None,
+              warn: Callable[[str], None] = log.warning) -> dict[str, str]:
+    """{ref: commit} of the repository at `url`, reached as the checkout stage reaches it.
+    Errors hold git's stderr with every credential masked."""
+    where = remote(check_repo_url(url))
+    repo = credentials.repository if credentials else Repository(url=url)
+    if credentials and credentials.repository.token_secret and where.kind in ("http", "https"):
+        own = remote(credentials.repository.url)
+        if own.kind in ("http", "https") and own.host.lower() != where.host.lower():
+            raise CredentialsUnavailable(
+                f"repository.token is for {own.host}, not for {where.host} ({where.redacted}): "
+                "not sending it there")
+
+    def secret(name: str, field_name: str) -> str:
+        assert credentials is not None  # repository_access asks only for secrets `repo` names
+        return credentials.secrets.value(name)
+
+    # mkdtemp makes the directory 0700: the askpass script and the key file are ours alone.
+    private = Path(tempfile.mkdtemp(prefix="runner-poll-"))
+    try:
+        access = repository_access(repo, where, secret, private, warn)
+        try:
+            proc = subprocess.run(ls_remote_argv(where.fetch_url), capture_output=True, text=True,
+                                  timeout=timeout, env=access.env, stdin=subprocess.DEVNULL,
+                                  check=False)
+        finally:
+            access.cleanup()
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"git ls-remote failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+        err = access.mask(proc.stderr.strip())
+        if masker is not None:
+            err = masker.mask(err)
+        raise RuntimeError(f"git ls-remote failed ({proc.returncode}): {err[-300:]}")
     return parse_ls_remote(proc.stdout)
 
 
@@ -121,6 +207,16 @@ class Schedules:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
 
+    def refs(self, p: PipelineEntry, url: str) -> dict[str, str]:
+        """`ls_remote` of `url` with the credentials pipeline `p` names (poll, cron, manual)."""
+        core = self.core
+
+        def warn(message: str) -> None:
+            log.warning(message, extra={"pipeline": p.name})
+
+        creds = pipeline_credentials(p, core.config, core.masker, warn=warn)
+        return ls_remote(url, core.config.git_timeout, creds, core.masker, warn=warn)
+
     def poll(self, name: str) -> list[int]:
         core = self.core
         p = core.config.pipeline(name)
@@ -128,7 +224,12 @@ class Schedules:
             return []
         url = str(core.config.path(p.repo)) if _is_local(p.repo) else p.repo
         try:
-            current = ls_remote(url, core.config.git_timeout)
+            current = self.refs(p, url)
+        except CredentialsUnavailable as exc:
+            log.error("poll: the repository's credentials are unavailable",
+                      extra={"pipeline": name, "error": str(exc)})
+            core.store.set_poll_state(name, {}, error=str(exc))
+            return []
         except (RuntimeError, InvalidInput, subprocess.TimeoutExpired, OSError) as exc:
             log.warning("poll failed", extra={"pipeline": name, "error": str(exc)})
             core.store.set_poll_state(name, {}, error=str(exc))
@@ -158,8 +259,9 @@ class Schedules:
         if p.repo:
             url = str(core.config.path(p.repo)) if _is_local(p.repo) else p.repo
             try:
-                sha = ls_remote(url, core.config.git_timeout).get(ref)
-            except (RuntimeError, InvalidInput, subprocess.TimeoutExpired, OSError) as exc:
+                sha = self.refs(p, url).get(ref)
+            except (CredentialsUnavailable, RuntimeError, InvalidInput, subprocess.TimeoutExpired,
+                    OSError) as exc:
                 log.warning("cron: cannot resolve the branch head; queued on the ref",
                             extra={"pipeline": name, "error": str(exc)})
         event = synthetic_event(url, ref, None, sha, "runner-cron") if sha else {}

@@ -23,7 +23,7 @@ import uvicorn
 
 from runner.daemon.api import build_app
 from runner.daemon.config import DaemonConfig
-from runner.daemon.scheduler import Schedules, _is_local, ls_remote, synthetic_event
+from runner.daemon.scheduler import Schedules, _is_local, synthetic_event
 from runner.daemon.status import StatusReporter
 from runner.daemon.store import Store, open_store
 from runner.daemon.webhooks import new_run
@@ -191,7 +191,7 @@ class Daemon:
             url = str(self.config.path(p.repo)) if _is_local(p.repo) else p.repo
             if not commit:
                 try:
-                    commit = ls_remote(url, self.config.git_timeout).get(ref)
+                    commit = self.schedules.refs(p, url).get(ref)
                 except Exception as exc:  # noqa: BLE001 - the run's checkout will say it again
                     log.warning("manual trigger: cannot resolve the ref", extra={"pipeline": name, "error": str(exc)})
         event = synthetic_event(url, ref, None, commit, "runner-api") if commit else {}
