@@ -8,8 +8,11 @@ same git environment and the credentials the pipeline file names (repository.tok
 repository.ssh_key), read from `secrets:` as `runner exec` reads them, in a private temporary
 directory removed when ls-remote is done. A pipeline whose repository secret cannot be read polls
 nothing and says which secret; one whose file cannot be loaded is polled without credentials (its
-runs will report the file's problems). coalesce=True and max_instances=1: a poll that fell behind runs once, not in a
-burst; misfire_grace_time (config) keeps a busy daemon from silently skipping a schedule.
+runs will report the file's problems). An HTTPS token goes only to the host of the pipeline's own
+repository.url, even if the daemon's `repo:` names another.
+
+coalesce=True and max_instances=1: a poll that fell behind runs once, not in a burst;
+misfire_grace_time (config) keeps a busy daemon from silently skipping a schedule.
 """
 from __future__ import annotations
 
@@ -118,10 +121,10 @@ def ls_remote(url: str, timeout: float, credentials: Credentials | None = None,
     repo = credentials.repository if credentials else Repository(url=url)
     if credentials and credentials.repository.token_secret and where.kind in ("http", "https"):
         own = remote(credentials.repository.url)
-        if own.kind in ("http", "https") and own.host.lower() != where.host.lower():
+        if own.kind not in ("http", "https") or own.host.lower() != where.host.lower():
             raise CredentialsUnavailable(
-                f"repository.token is for {own.host}, not for {where.host} ({where.redacted}): "
-                "not sending it there")
+                f"repository.token is for {own.redacted}, not for {where.host} "
+                f"({where.redacted}): not sending it there")
 
     def secret(name: str, field_name: str) -> str:
         assert credentials is not None  # repository_access asks only for secrets `repo` names
