@@ -8,7 +8,12 @@ Layout (one way: nothing here is imported by the engine or the stages):
                 deliveries, leases, poll_state. A PostgreSQL store would implement Store.
   webhooks.py   signature checks (GitHub sha256=, Gitea bare hex, GitLab token, generic HMAC),
                 filters, and the /hooks/{github,gitea,gitlab,generic} handlers
-  scheduler.py  APScheduler: git ls-remote polling, cron, retention
+  scheduler.py  APScheduler: git ls-remote polling, cron, retention. A poll (and the ref lookup of
+                cron and manual triggers) loads the entry's pipeline file and reaches the
+                repository with the credentials it names (repository.token / ssh_key, read
+                from `secrets:` as `runner exec` reads them), exactly as the checkout stage
+                does (runner/gitaccess.py); a repository secret that cannot be read is logged
+                by pipeline and secret name and nothing is polled
   worker.py     the pool: claims runs, runs `runner exec --json` per run in its own process
                 group, stores its events, leases with heartbeat, cancellation by SIGINT
   status.py     commit status back to GitHub / Gitea
