@@ -130,7 +130,8 @@ def _get(host: str, port: int) -> str:
 def _cleanup(lab, app: str, servers) -> None:
     stage = _stage(lab, servers, app, 1)
     d = SSHDockerDeployer(stage, pipeline=app, image_name="x", run_id="cleanup")
-    d._parallel(lambda t: remove_app_on_server(d, d._conn(t), app), list(d.targets))  # errors ignored: best effort
+    # errors ignored: best effort
+    d._parallel(lambda t: remove_app_on_server(d, d._conn(t), app), list(d.targets))
     d.close()
 
 
