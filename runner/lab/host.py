@@ -153,28 +153,28 @@ def _reap(pid: int) -> None:
         pass
 
 
+def _read_cmdline(pid: int | str) -> list[str] | None:
+    """/proc/PID/cmdline as argv ([] for a kernel thread or zombie), None if it cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.rstrip(b"\0").decode(errors="replace").split("\0") if raw else []
+
+
 def _cmdlines() -> Iterator[tuple[int, list[str]]]:
     own = os.getpid()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == own:
             continue
-        try:
-            raw = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if raw:
-            yield int(entry.name), raw.rstrip(b"\0").decode(errors="replace").split("\0")
+        argv = _read_cmdline(entry.name)
+        if argv:
+            yield int(entry.name), argv
 
 
 def cmdline(rec: dict | None) -> list[str] | None:
     """The argv the recorded process runs now (after any exec), or None if it is gone."""
-    if not alive(rec):
-        return None
-    try:
-        raw = Path(f"/proc/{rec['pid']}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return raw.rstrip(b"\0").decode(errors="replace").split("\0") if raw else []
+    return _read_cmdline(rec["pid"]) if alive(rec) else None
 
 
 def _record_of(pid: int, argv: list[str]) -> dict | None:
