@@ -84,6 +84,7 @@ class _Switch:
 
 
 UNTOUCHED = "nothing was changed on this server"
+_SCRATCH_TAIL = "--[0-9a-f]{32}"  # after the app name, in `_scratch_path` names
 STALE_LOGIN_AGE = 3600.0  # seconds; far longer than any pull
 
 
@@ -460,9 +461,7 @@ class SSHDockerDeployer(Deployer):
         """`docker login` into a docker config dir of this deploy's own (0700), so that the
         registry password is not left behind in the server's ~/.docker/config.json."""
         password = self._secret_value(self.stage.registry.password_secret or "")
-        auth_root = f"{self._dir(conn)}/auth"
-        conn.ensure_private_dir(auth_root)
-        auth_dir = f"{auth_root}/{self.app}--{uuid.uuid4().hex}"
+        auth_dir = self._scratch_path(conn, "auth")
         conn.sftp_do(lambda sftp: sftp.mkdir(auth_dir, 0o700))
         r = self._run(conn, cmd.login(registry, user, config=auth_dir),
                       stdin=password.encode(), check=False)
@@ -481,11 +480,19 @@ class SSHDockerDeployer(Deployer):
             self.log(f"{conn.label}: WARNING: could not remove the login in {auth_dir} "
                      f"({exc}); the next deploy of {self.app} removes it")
 
+    def _scratch_path(self, conn: Connection, kind: str, suffix: str = "") -> str:
+        """A fresh name `<app>--<random><suffix>` in the runner's 0700 dir `<root>/<kind>` on the
+        server, for a secret that lives only as long as one command: if a run dies before removing
+        it, `_recover` of the next deploy of this app finds it by that form."""
+        directory = f"{self._dir(conn)}/{kind}"
+        conn.ensure_private_dir(directory)
+        return f"{directory}/{self.app}--{uuid.uuid4().hex}{suffix}"
+
     def _recover(self, conn: Connection) -> None:
         """A deploy interrupted mid-way (connection lost) may have left the previous container
         renamed aside: put it back before anything else."""
         root = self._dir(conn)
-        own = re.escape(self.app) + "--[0-9a-f]{32}"
+        own = re.escape(self.app) + _SCRATCH_TAIL
         # Env files left by a run that died between writing and removing them; logins left by
         # one that died before its pull ended: only old ones, as pulls run before the lock and
         # another run may be pulling right now.
@@ -554,9 +561,7 @@ class SSHDockerDeployer(Deployer):
             values = dict(spec.env)
             for var, secret_name in spec.secret_env:
                 values[var] = self._secret_value(secret_name)
-            env_dir = f"{self._dir(conn)}/env"
-            conn.ensure_private_dir(env_dir)
-            env_path = f"{env_dir}/{spec.name}--{uuid.uuid4().hex}.env"
+            env_path = self._scratch_path(conn, "env", ".env")
             conn.write_private_file(env_path, env_file_content(values))
         try:
             r = self._run(conn, cmd.run(spec, env_file=env_path), check=False,
