@@ -350,10 +350,13 @@ def detect_builder_in(candidates: Sequence[str]) -> Builder:
         "make sure it is on PATH or at /usr/bin/docker.")
 
 
+def _docker_config_dir() -> str:
+    return os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+
+
 def _plugin_dirs() -> list[str]:
     """Where a docker CLI looks for the buildx plugin (docker/cli's cli-plugins/manager)."""
-    config = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-    return [os.path.join(config, "cli-plugins"), "/usr/local/lib/docker/cli-plugins",
+    return [os.path.join(_docker_config_dir(), "cli-plugins"), "/usr/local/lib/docker/cli-plugins",
             "/usr/local/libexec/docker/cli-plugins", "/usr/lib/docker/cli-plugins",
             "/usr/libexec/docker/cli-plugins"]
 
@@ -370,12 +373,11 @@ def detection_fingerprint(candidates: Sequence[str]) -> list:
     """What the detection's answer depends on: the CLIs themselves, the buildx plugin in every
     place a CLI looks for it, and the CLI's config file (which can name plugin dirs). Any
     install, upgrade or removal of one of them changes this."""
-    config = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
     key: list = [1]  # bump when the detection logic changes
     key += [_stat_key(c) for c in candidates]
     for d in _plugin_dirs():
         key += [_stat_key(d), _stat_key(os.path.join(d, "docker-buildx"))]
-    key.append(_stat_key(os.path.join(config, "config.json")))
+    key.append(_stat_key(os.path.join(_docker_config_dir(), "config.json")))
     return key
 
 
@@ -429,5 +431,6 @@ def detect_builder(*, refresh: bool = False, cache_file: Path | None = None) -> 
 __all__ = [
     "BUILDX", "DOCKER_BUILDKIT", "BuildSecretRef", "BuildSpec", "Builder", "NoBuilder",
     "build_argv", "build_warnings", "candidate_clis", "check_secret_id", "detect_builder",
-    "detect_builder_in", "detection_fingerprint", "parse_progress", "Progress", "Step", "secret_env_var",
+    "detect_builder_in", "detection_fingerprint", "parse_progress", "Progress", "Step",
+    "secret_env_var",
 ]

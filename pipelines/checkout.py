@@ -29,8 +29,8 @@ import re
 import secrets as _random
 import shutil
 import time
-from datetime import datetime, timezone
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,16 +44,13 @@ from runner.gitsafety import (
     check_ref, check_repo_url, is_sha, redact_url, url_kind,
 )
 from runner.gitaccess import (
-    ASKPASS, Access, Remote, git_env, remote, repository_access,
+    Access, Remote, git_env, remote, repository_access,
 )
 from runner.model import Pipeline
 from runner.proc import Result, run_command
 
 STAGE = "checkout"
 _FULL_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
-
-_ASKPASS = ASKPASS  # kept under its old name for the tests that run it
-
 
 # --- pure helpers ---------------------------------------------------------------------------
 
@@ -118,9 +115,6 @@ class _Request:
     def fetch_url(self) -> str:
         """What git is given and the mirror stores: no credentials, local paths absolute."""
         return self.remote.fetch_url
-
-
-_Access = Access
 
 
 def _request(pipeline: Pipeline, trigger: dict[str, Any]) -> _Request:
@@ -204,24 +198,24 @@ class CheckoutStage(Stage):
                 "path": str(dest), "url": req.redacted, "mirror": str(mirror), "cloned": cloned,
                 "committed_at": committed_at}
 
-    def _committed_at(self, ctx: StageContext, access: _Access, dest: Path, commit: str) -> str:
+    def _committed_at(self, ctx: StageContext, access: Access, dest: Path, commit: str) -> str:
         """The commit's committer time, UTC ISO 8601: the build dates the image by it, so that
         rebuilding a commit gives the same image (and digest) instead of a new one per run."""
         res = self._git(ctx, access, ["-C", str(dest), "show", "-s", "--format=%ct", commit],
-                        what="reading the commit time", quiet=True)
+                        env=access.local_env, what="reading the commit time", quiet=True)
         stamp = int(res.output.strip().splitlines()[-1])
         return datetime.fromtimestamp(stamp, timezone.utc).isoformat().replace("+00:00", "Z")
 
     # --- credentials --------------------------------------------------------------------------
 
-    def _access(self, ctx: StageContext, req: _Request) -> _Access:
+    def _access(self, ctx: StageContext, req: _Request) -> Access:
         return repository_access(ctx.pipeline.repository, req.remote,
                                  lambda name, field_name: _secret(ctx, name, field_name),
                                  ctx.workdir, ctx.log.warn)
 
     # --- mirror ---------------------------------------------------------------------------
 
-    def _update_mirror(self, ctx: StageContext, req: _Request, access: _Access, mirror: Path,
+    def _update_mirror(self, ctx: StageContext, req: _Request, access: Access, mirror: Path,
                        depth: int | None) -> bool:
         cloned = not _is_repo(mirror)
         if cloned:
@@ -252,7 +246,7 @@ class CheckoutStage(Stage):
             raise
         return cloned
 
-    def _resolve(self, ctx: StageContext, req: _Request, access: _Access, mirror: Path,
+    def _resolve(self, ctx: StageContext, req: _Request, access: Access, mirror: Path,
                  depth: int | None) -> tuple[str, str | None, str | None]:
         repo = git.Repo(mirror)
         try:
@@ -334,7 +328,7 @@ class CheckoutStage(Stage):
 
     # --- work tree -------------------------------------------------------------------------
 
-    def _work_tree(self, ctx: StageContext, req: _Request, access: _Access, mirror: Path,
+    def _work_tree(self, ctx: StageContext, req: _Request, access: Access, mirror: Path,
                    commit: str) -> Path:
         dest = (ctx.workdir / "src").absolute()
         if dest.exists():
@@ -363,7 +357,7 @@ class CheckoutStage(Stage):
 
     # --- running git ----------------------------------------------------------------------
 
-    def _git(self, ctx: StageContext, access: _Access, args: list[str], *, what: str,
+    def _git(self, ctx: StageContext, access: Access, args: list[str], *, what: str,
              env: dict[str, str] | None = None, check: bool = True, quiet: bool = False) -> Result:
         def on_line(text: str) -> None:
             text = progress_text(text)

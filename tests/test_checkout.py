@@ -528,10 +528,10 @@ def test_ssh_key_file_is_private_and_removed(tmp_path, origin, monkeypatch):
 
 
 def test_askpass_answers_only_for_the_repository_host(tmp_path):
-    from pipelines.checkout import _ASKPASS
+    from runner.gitaccess import ASKPASS
 
     script = tmp_path / "askpass"
-    script.write_text(_ASKPASS)
+    script.write_text(ASKPASS)
     script.chmod(0o700)
     env = {"PATH": os.environ["PATH"], "RUNNER_GIT_HOST": "git.example:8443",
            "RUNNER_GIT_USERNAME": "bot", "RUNNER_GIT_PASSWORD": TOKEN}
