@@ -41,39 +41,25 @@ def install() -> None:
     import deployers.ssh_docker as sd
     import deployers.transport as tr
 
-    real_connect = sd.connect
-
-    @functools.wraps(real_connect)
-    def connect(target, *a, **kw):
-        t = time.monotonic()
-        try:
-            return real_connect(target, *a, **kw)
-        finally:
-            _note(target.label, "ssh connect", t)
-    sd.connect = connect
-
-    real_http = getattr(sd, "http_get", None)
-    if real_http is not None:
-        @functools.wraps(real_http)
-        def http_get(conn, *a, **kw):
+    def timed(real, where, what):
+        """`real`, noting how long each call took under (where(args), what(args))."""
+        @functools.wraps(real)
+        def call(*a, **kw):
             t = time.monotonic()
             try:
-                return real_http(conn, *a, **kw)
+                return real(*a, **kw)
             finally:
-                _note(conn.label, "http probe", t)
-        sd.http_get = http_get
+                _note(where(a), what(a), t)
+        return call
+
+    first_label = lambda a: a[0].label  # noqa: E731  (a target, a connection, or self)
+    sd.connect = timed(sd.connect, first_label, lambda a: "ssh connect")
+    if getattr(sd, "http_get", None) is not None:
+        sd.http_get = timed(sd.http_get, first_label, lambda a: "http probe")
 
     def wrap(name: str, what):
-        real = getattr(tr.Connection, name)
-
-        @functools.wraps(real)
-        def method(self, *a, **kw):
-            t = time.monotonic()
-            try:
-                return real(self, *a, **kw)
-            finally:
-                _note(self.label, what(a), t)
-        setattr(tr.Connection, name, method)
+        setattr(tr.Connection, name,
+                timed(getattr(tr.Connection, name), first_label, lambda a: what(a[1:])))
 
     wrap("run", lambda a: _describe(a[0]) if a else "run")
     for name in ("sftp_do", "write_private_file", "ensure_private_dir", "remove_file"):
