@@ -11,6 +11,11 @@
   shlex.join, the only place in the project where a remote command line is made.
 - stdout and stderr are read while the command runs (waiting for the exit status first
   deadlocks paramiko once the output fills the channel window).
+- Nothing waits on the server without a bound: channel opens and channel requests (exec, the
+  sftp subsystem) take connect_timeout at most, each SFTP read or write io_timeout, a command
+  command_timeout. paramiko itself waits for the reply to a channel request forever, so a timer
+  closes the channel when the reply is late (see Connection._channel_request). A stalled server
+  raises RemoteTimeout (CommandTimeout for commands) naming it.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +67,11 @@ class AuthError(TransportError):
     pass
 
 
-class CommandTimeout(TransportError):
+class RemoteTimeout(TransportError):
+    """The server did not answer in time (it may be stalled, or the network path is)."""
+
+
+class CommandTimeout(RemoteTimeout):
     pass
 
 
@@ -199,6 +209,9 @@ class SSHOptions:
     jump: Target | None = None
     keepalive: int = 15
     reuse_shell: bool = True  # run commands through a kept remote `sh` (see _Shell)
+    # Seconds a single SFTP operation (each read or write of its channel) or a wait for the
+    # SFTP session may take; also bounds writing a command's input.
+    io_timeout: float = 30
 
 
 @dataclass(frozen=True)
@@ -284,13 +297,13 @@ class Connection:
                   cancel: threading.Event | None) -> tuple[int, bytes, bytes]:
         """One SSH session (exec channel) for one command."""
         start = time.monotonic()
-        try:
-            chan = self.transport.open_session(timeout=self.options.connect_timeout)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise TransportError(self.label, f"the SSH connection was lost: {exc}") from None
+        what = f"`{' '.join(argv[:3])}`"
+        chan = self._open_session(what, CommandTimeout)
         out, err = bytearray(), bytearray()
         try:
-            chan.exec_command(remote_command(argv))
+            chan.settimeout(self.options.io_timeout)  # bounds sendall on a full window
+            self._channel_request(chan, lambda: chan.exec_command(remote_command(argv)),
+                                  f"starting {what}", CommandTimeout)
             if stdin:
                 chan.sendall(stdin)
             chan.shutdown_write()
@@ -309,11 +322,130 @@ class Connection:
                 if not got:
                     self._wait_io(chan, argv, start, timeout, cancel)
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        except TimeoutError:
+            raise CommandTimeout(self.label, f"{what}: the server did not take its input "
+                                             f"within {self.options.io_timeout:g}s") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise TransportError(self.label, f"the SSH connection failed: {exc}") from None
         finally:
             chan.close()
         return status, bytes(out), bytes(err)
+
+    def stream(self, argv: Sequence[str], on_line: Callable[[str, bool], None], *,
+               timeout: float | None = None, cancel: threading.Event | None = None,
+               pty: bool = False) -> int:
+        """Run argv on an exec channel of its own and hand each line of its output to
+        on_line(line, is_stderr) as it arrives (without the line end; a last line without one
+        too, at the end). Returns the exit status (-1 if the server sent none).
+
+        For output without an end (`docker logs --follow`): no time limit unless `timeout`
+        (then CommandTimeout). `cancel` set closes the channel and raises Cancelled. With
+        `pty` the command gets a terminal (its stderr then comes as stdout), so that closing
+        the channel hangs it up at once; without, it ends only when it next writes. Raises
+        TransportError when the connection drops; what on_line raises passes through."""
+        argv = tuple(str(a) for a in argv)
+        what = f"`{' '.join(argv[:3])}`"
+        limit = float("inf") if timeout is None else timeout
+        bufs = {False: bytearray(), True: bytearray()}
+        in_callback = False
+
+        def deliver(err: bool, final: bool) -> None:
+            nonlocal in_callback
+            buf = bufs[err]
+            while buf:
+                i = buf.find(b"\n")
+                if i < 0 and not final:
+                    return
+                line = bytes(buf[:i] if i >= 0 else buf)
+                del buf[:i + 1 if i >= 0 else len(buf)]
+                in_callback = True
+                on_line(line.rstrip(b"\r").decode("utf-8", "replace"), err)
+                in_callback = False
+
+        start = time.monotonic()
+        chan = self._open_session(what, CommandTimeout)
+        try:
+            chan.settimeout(self.options.io_timeout)
+            if pty:
+                self._channel_request(chan, chan.get_pty, f"a terminal for {what}",
+                                      CommandTimeout)
+            self._channel_request(chan, lambda: chan.exec_command(remote_command(argv)),
+                                  f"starting {what}", CommandTimeout)
+            if not pty:  # a terminal's end of input would be a ^D, not an EOF
+                chan.shutdown_write()
+            while True:
+                got = False
+                while chan.recv_ready():
+                    bufs[False] += chan.recv(65536)
+                    got = True
+                while chan.recv_stderr_ready():
+                    bufs[True] += chan.recv_stderr(65536)
+                    got = True
+                deliver(False, False)
+                deliver(True, False)
+                drained = not chan.recv_ready() and not chan.recv_stderr_ready()
+                if drained and (chan.closed or (chan.eof_received and chan.exit_status_ready())):
+                    break
+                if not got:
+                    self._wait_io(chan, argv, start, limit, cancel)
+            deliver(False, True)
+            deliver(True, True)
+            return chan.recv_exit_status() if chan.exit_status_ready() else -1
+        except TimeoutError:
+            if in_callback:
+                raise
+            raise CommandTimeout(self.label, f"{what}: the server did not answer within "
+                                             f"{self.options.io_timeout:g}s") from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            if in_callback:
+                raise
+            raise TransportError(self.label, f"the SSH connection failed: {exc}") from None
+        finally:
+            chan.close()
+
+    def _open_session(self, what: str,
+                      timeout_cls: type[TransportError] = RemoteTimeout) -> paramiko.Channel:
+        """A new session channel, or timeout_cls after connect_timeout."""
+        limit = self.options.connect_timeout
+        start = time.monotonic()
+        try:
+            return self.transport.open_session(timeout=limit)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            if self.transport.is_active() and time.monotonic() - start >= limit:
+                raise timeout_cls(self.label, f"the server did not open a channel for {what} "
+                                              f"within {limit:g}s") from None
+            raise TransportError(self.label, f"the SSH connection was lost: {exc}") from None
+
+    def _channel_request(self, chan: paramiko.Channel, request: Callable[[], None], what: str,
+                         timeout_cls: type[TransportError] = RemoteTimeout) -> None:
+        """Run a channel request (exec_command, invoke_subsystem) with a bound.
+
+        paramiko waits for the server's reply to a channel request without a timeout. A timer
+        closes the channel when the reply is late; closing wakes that wait (SSHException)."""
+        limit = self.options.connect_timeout
+        fired = threading.Event()
+
+        def expire() -> None:
+            fired.set()
+            try:
+                chan.close()
+            except Exception:
+                pass
+
+        timer = threading.Timer(limit, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            request()
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            if fired.is_set():
+                raise timeout_cls(self.label, f"{what}: the server did not answer within "
+                                              f"{limit:g}s") from None
+            raise TransportError(self.label, f"{what} failed: {exc}") from None
+        finally:
+            timer.cancel()
+        if fired.is_set():  # the reply came just as the timer closed the channel
+            raise timeout_cls(self.label, f"{what}: the server did not answer within {limit:g}s")
 
     def _run_in_shell(self, argv: tuple[str, ...], timeout: float,
                       cancel: threading.Event | None) -> tuple[int, bytes, bytes]:
@@ -331,15 +463,76 @@ class Connection:
             self._shells.append(sh)
         return result
 
+    # ---- SFTP: one session per connection, used by one thread at a time ------------------
+
+    def _open_sftp(self) -> _SFTP:
+        chan = self._open_session("SFTP")
+        try:
+            chan.settimeout(self.options.io_timeout)  # each read and write of the session
+            self._channel_request(chan, lambda: chan.invoke_subsystem("sftp"),
+                                  "starting SFTP")
+            try:
+                return _SFTP(chan)
+            except TimeoutError:
+                raise RemoteTimeout(self.label, f"SFTP did not answer within "
+                                                f"{self.options.io_timeout:g}s") from None
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                raise TransportError(self.label, f"cannot open SFTP: {exc}") from None
+        except BaseException:
+            chan.close()
+            raise
+
+    def _drop_sftp(self, sftp: paramiko.SFTPClient) -> None:
+        """Forget a broken SFTP session: the next use opens a new one."""
+        if self._sftp is sftp:
+            self._sftp = None
+        try:
+            sftp.close()
+        except Exception:
+            pass
+
+    @contextmanager
+    def _sftp_session(self, what: str) -> Iterator[paramiko.SFTPClient]:
+        """The SFTP session, held by this thread for the `with` block.
+
+        Waiting for it takes io_timeout at most. A read or write of the session that takes
+        longer raises RemoteTimeout and drops the session, as does a lost connection
+        (TransportError); errors the server reports (FileNotFoundError, PermissionError, ...)
+        pass through unchanged and keep the session."""
+        limit = self.options.io_timeout
+        if not self._sftp_lock.acquire(timeout=limit):
+            raise RemoteTimeout(self.label, f"SFTP {what}: the SFTP session stayed busy with "
+                                            f"another operation for {limit:g}s")
+        try:
+            if self._sftp is None:
+                self._sftp = self._open_sftp()
+            sftp = self._sftp
+            try:
+                yield sftp
+            except Exception as exc:
+                if getattr(sftp, "timed_out", False):
+                    self._drop_sftp(sftp)
+                    raise RemoteTimeout(self.label, f"SFTP {what} did not answer within "
+                                                    f"{limit:g}s") from None
+                broken = (isinstance(exc, (paramiko.SSHException, EOFError, TimeoutError))
+                          or sftp.sock.closed or not self.transport.is_active())
+                if broken:
+                    self._drop_sftp(sftp)
+                    raise TransportError(self.label, f"SFTP {what} failed: "
+                                                     f"{exc or type(exc).__name__}") from None
+                raise
+            if getattr(sftp, "timed_out", False):  # fn caught the timeout (an `except OSError`)
+                self._drop_sftp(sftp)
+                raise RemoteTimeout(self.label, f"SFTP {what} did not answer within "
+                                                f"{limit:g}s")
+        finally:
+            self._sftp_lock.release()
+
     @property
     def sftp(self) -> paramiko.SFTPClient:
-        with self._sftp_lock:
-            if self._sftp is None:
-                try:
-                    self._sftp = self.transport.open_sftp_client()
-                except (paramiko.SSHException, EOFError, OSError) as exc:
-                    raise TransportError(self.label, f"cannot open SFTP: {exc}") from None
-            return self._sftp
+        """The SFTP session (opened if need be). Use it through sftp_do: that holds the lock."""
+        with self._sftp_session("open") as sftp:
+            return sftp
 
     def warm_sftp(self) -> None:
         try:
@@ -348,28 +541,26 @@ class Connection:
             pass
 
     def sftp_do(self, fn: Callable[[paramiko.SFTPClient], object]):
-        """Run fn(sftp) holding the SFTP lock (one SFTP session per connection, many threads)."""
-        sftp = self.sftp
-        try:
-            with self._sftp_lock:
-                return fn(sftp)
-        except (paramiko.SSHException, EOFError) as exc:
-            raise TransportError(self.label, f"SFTP failed: {exc}") from None
+        """Run fn(sftp) holding the SFTP lock (one SFTP session per connection, many threads).
+        Raises RemoteTimeout / TransportError as _sftp_session says."""
+        with self._sftp_session("request") as sftp:
+            return fn(sftp)
 
     def write_private_file(self, path: str, data: bytes) -> None:
         """Create `path` (must not exist), mode 0600 before any byte is written."""
-        sftp = self.sftp
-        with self._sftp_lock:
+        with self._sftp_session(f"write of {path}") as sftp:
             f = sftp.open(path, "wx")
             try:
                 sftp.chmod(path, 0o600)
                 f.write(data)
-            finally:
-                f.close()
+            except BaseException:
+                if not getattr(sftp, "timed_out", False):  # a dead session cannot close it
+                    f.close()
+                raise
+            f.close()
 
     def ensure_private_dir(self, path: str) -> None:
-        sftp = self.sftp
-        with self._sftp_lock:
+        with self._sftp_session(f"mkdir of {path}") as sftp:
             parts = [p for p in path.split("/") if p]
             cur = "/" if path.startswith("/") else ""
             for p in parts:
@@ -380,8 +571,7 @@ class Connection:
                     sftp.mkdir(cur, 0o700)
 
     def remove_file(self, path: str) -> None:
-        sftp = self.sftp
-        with self._sftp_lock:
+        with self._sftp_session(f"remove of {path}") as sftp:
             try:
                 sftp.remove(path)
             except FileNotFoundError:
@@ -423,11 +613,14 @@ class _Shell:
 
     @classmethod
     def open(cls, conn: Connection) -> _Shell:
+        chan = conn._open_session("a remote shell", CommandTimeout)
         try:
-            chan = conn.transport.open_session(timeout=conn.options.connect_timeout)
-            chan.exec_command("sh")
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise TransportError(conn.label, f"the SSH connection was lost: {exc}") from None
+            chan.settimeout(conn.options.io_timeout)  # bounds sendall on a full window
+            conn._channel_request(chan, lambda: chan.exec_command("sh"),
+                                  "starting a remote shell", CommandTimeout)
+        except BaseException:
+            chan.close()
+            raise
         sh = cls(conn, chan)
         # Whatever the login prints before `sh` reads its first line is not ours to return.
         sh.run(("true",), conn.options.connect_timeout + 10, None)
@@ -475,6 +668,10 @@ class _Shell:
                     raise TransportError(self.conn.label, "the remote shell ended unexpectedly")
                 if not got:
                     self.conn._wait_io(chan, argv, start, timeout, cancel)
+        except TimeoutError:
+            raise CommandTimeout(self.conn.label, f"`{' '.join(argv[:3])}`: the server did not "
+                                                  f"take the command within "
+                                                  f"{self.conn.options.io_timeout:g}s") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise TransportError(self.conn.label, f"the SSH connection failed: {exc}") from None
         return int(status if status is not None else -1), out, err
@@ -484,6 +681,36 @@ class _Shell:
             self.chan.close()
         except Exception:
             pass
+
+
+class _SFTP(paramiko.SFTPClient):
+    """An SFTP client on a channel with a timeout (Channel.settimeout): a read or write that
+    takes longer raises TimeoutError. The first timeout closes the channel: requests and
+    replies are then out of step, and every later call on this client (the close() of a file
+    in a `with` block, say) fails at once instead of waiting once more."""
+
+    timed_out = False
+
+    def _give_up(self) -> None:
+        self.timed_out = True
+        try:
+            self.sock.close()
+        except Exception:
+            pass
+
+    def _read_all(self, n):
+        try:
+            return super()._read_all(n)
+        except TimeoutError:
+            self._give_up()
+            raise
+
+    def _write_all(self, out):
+        try:
+            return super()._write_all(out)
+        except TimeoutError:
+            self._give_up()
+            raise
 
 
 def http_get(conn: Connection, host: str, port: int, path: str, timeout: float) -> bytes:

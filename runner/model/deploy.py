@@ -107,6 +107,9 @@ class SSH(Model):
     connect_timeout: float = Field(default=10, gt=0, le=300)  # seconds, per attempt
     command_timeout: float = Field(default=600, gt=0)  # seconds, per remote command
     retries: int = Field(default=2, ge=0, le=10)  # extra connect attempts
+    # seconds a single SFTP operation, or a wait for a server's SFTP session, may take; a
+    # stalled server fails after this long, naming it
+    io_timeout: float = Field(default=30, gt=0, le=600)
 
     @field_validator("jump")
     @classmethod
