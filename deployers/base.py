@@ -1,25 +1,14 @@
-"""The one interface every deploy target implements, and the plain data it exchanges.
+"""The deploy's plain data (plan, per-server results, report) and the two interfaces it runs on.
 
-Contract for a `Deployer`:
-- `plan()` is pure: no I/O. It returns a `DeployPlan` that says which servers are touched in
-  which batches and which commands would run there; `plan().to_dict()` is what `--dry-run` prints.
-- `apply(plan)` carries a plan out. It returns a `DeployReport` when every server is done (the
-  new version healthy). When a server fails, it stops the rollout, puts back the previous
-  version on every server the failed batch changed (and on the earlier batches unless the
-  strategy says keep_done), and raises `DeployFailed`, whose report names each server, why it
-  failed (last probe output, logs tail) and whether it was rolled back. It never leaves a server
-  without the version that ran before, unless the server itself became unreachable mid-way: the
-  report says so, and the next apply restores it before doing anything else.
-  Calling apply again with the same plan is safe: servers already running the release are left
-  as they are ("unchanged").
-- `verify()` only reads: what runs on each server now (digest, commit, health, since when).
-  Servers that cannot be reached are reported with an error, not raised.
-- `rollback(to)` returns every server to the previous version it ran (or to digest `to`),
-  with the same health gate and guarantees as apply; raises `DeployFailed` likewise.
-- All methods honour cancellation (raise `runner.errors.Cancelled` after restoring what they
-  changed) and are safe to call after an earlier call failed half-way. `close()` releases
-  connections; it is idempotent.
-- Nothing a deployer logs or raises contains a secret's value.
+A deploy is planned (deployers.plan: pure, settings + image -> `DeployPlan`), then one generic
+rollout (deployers.rollout) carries the plan out by driving a `ServerSteps` implementation
+server by server: batches, canary, rolling, on_failure, cancellation and the report live there
+once, not in each deploy target. deployers.ssh_docker.SSHDockerSteps is the first
+implementation; a proxy cutover or another target is a second one.
+
+The `Deployer` facade (plan / apply / verify / rollback / close) is what the stage and the CLI
+use; `apply(plan)` runs exactly the plan it is given, and `plan().to_dict()` is what
+`--dry-run` prints.
 """
 from __future__ import annotations
 
@@ -27,38 +16,133 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from deployers.commands import Argv, Slot, bind, show
+from deployers.spec import Release, Target
+
+
+# ----------------------------------------------------------------------------------- plan
+
+@dataclass(frozen=True)
+class PlannedCommand:
+    """One command of a server's plan: `key` is how the steps find it, `phase` when it runs,
+    `when` the condition under which it runs ("" = always)."""
+
+    key: str
+    phase: str  # prepare | switch | verify | restore | commit
+    argv: Argv
+    when: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"phase": self.phase, "argv": show(self.argv)}
+        if self.when:
+            out["when"] = self.when
+        return out
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    """Everything one server gets: the complete release and the commands that make it run."""
+
+    target: Target
+    release: Release
+    commands: tuple[PlannedCommand, ...]
+
+    @property
+    def server(self) -> str:
+        return self.target.label
+
+    def command(self, key: str) -> PlannedCommand:
+        for c in self.commands:
+            if c.key == key:
+                return c
+        raise KeyError(f"the plan for {self.server} has no {key!r} command")
+
+    def has(self, key: str) -> bool:
+        return any(c.key == key for c in self.commands)
+
+    def argv(self, key: str, values: dict[Slot, str] | None = None) -> list[str]:
+        """The planned argv `key`, its slots filled in: what the steps run."""
+        return bind(self.command(key).argv, values or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        t, r = self.target, self.release
+        return {"name": t.label, "address": f"{t.user}@{t.host}:{t.port}",
+                "release": {"image": str(r.image), "commit": r.commit, "run_id": r.run_id,
+                            "container": r.spec.name,
+                            "secrets": "fingerprint computed on the server"
+                            if r.spec.secret_env else "none"},
+                "commands": [c.to_dict() for c in self.commands]}
+
+
+@dataclass(frozen=True)
+class DeployPlan:
+    app: str
+    what: str  # deploy | rollback
+    strategy: str
+    on_failure: str
+    batches: tuple[tuple[str, ...], ...]  # server labels, in rollout order
+    servers: tuple[ServerPlan, ...]
+    parallel: int = 16
+    notes: tuple[str, ...] = ()
+    placeholder: bool = False  # the image's digest is not known yet (a dry run before a push)
+
+    def server(self, label: str) -> ServerPlan:
+        return next(s for s in self.servers if s.server == label)
+
+    def to_dict(self) -> dict[str, Any]:
+        images = sorted({str(s.release.image) for s in self.servers})
+        return {
+            "app": self.app, "what": self.what,
+            "image": images[0] if len(images) == 1 else images,
+            "strategy": self.strategy, "on_failure": self.on_failure,
+            "batches": [list(b) for b in self.batches],
+            "servers": [s.to_dict() for s in self.servers],
+            "notes": list(self.notes),
+        }
+
+
+# --------------------------------------------------------------------------------- results
 
 @dataclass(frozen=True)
 class ServerResult:
     server: str
-    status: str  # deployed | unchanged | failed | rolled_back | skipped | unreachable
-    digest: str = ""  # what runs there now ("" if unknown)
-    previous_digest: str = ""
-    rolled_back: bool = False
+    # deployed | unchanged | failed | rolled_back | skipped | lock_lost
+    status: str
+    digest: str = ""  # what runs there now, as far as this run knows ("" if unknown)
+    previous_digest: str = ""  # what ran there before this run
+    rolled_back: bool = False  # the server was put back on previous_digest
+    verified: bool = True  # what runs there now is a verified release
+    kept: str = ""  # where the previous verified release is kept, when it is not running
     reason: str = ""
     duration: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.server, "status": self.status, "digest": self.digest,
                 "previous_digest": self.previous_digest, "rolled_back": self.rolled_back,
-                "reason": self.reason, "duration": round(self.duration, 3)}
+                "verified": self.verified, "kept": self.kept, "reason": self.reason,
+                "duration": round(self.duration, 3),
+                "phases": {k: round(v, 3) for k, v in self.phases.items()}}
 
 
 @dataclass(frozen=True)
 class DeployReport:
     app: str
+    what: str
     servers: tuple[ServerResult, ...]
     ok: bool
+    headline: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"app": self.app, "ok": self.ok, "servers": [s.to_dict() for s in self.servers]}
+        return {"app": self.app, "what": self.what, "ok": self.ok, "headline": self.headline,
+                "servers": [s.to_dict() for s in self.servers]}
 
     def summary(self) -> str:
         lines = []
         for s in self.servers:
             line = f"{s.server}: {s.status}"
             if s.digest:
-                line += f" ({s.digest[:19]})"
+                line += f" ({s.digest[:19]}{'' if s.verified else ', UNVERIFIED'})"
             if s.reason:
                 line += f": {s.reason}"
             lines.append(line)
@@ -68,9 +152,11 @@ class DeployReport:
 class DeployFailed(Exception):
     """The deploy failed on at least one server; `report` says where, why and what was undone."""
 
-    def __init__(self, report: DeployReport, headline: str):
+    invalid_input = False  # the request itself named nothing that exists (exit 2, not 1)
+
+    def __init__(self, report: DeployReport):
         self.report = report
-        super().__init__(f"{headline}\n{report.summary()}")
+        super().__init__(f"{report.headline}\n{report.summary()}")
 
 
 @dataclass(frozen=True)
@@ -84,41 +170,109 @@ class ServerStatus:
     commit: str = ""
     run_id: str = ""
     started_at: str = ""
+    verified: bool = False  # what runs is the newest release in the server's history
+    previous_verified: str = ""  # the newest verified digest, when what runs is not it
     error: str = ""  # could not ask the server
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class ServerPlan:
+# ---------------------------------------------------------------------- per-server steps
+
+class StepFailed(Exception):
+    """A step failed on one server. `touched`: whether anything running there was changed
+    before the failure (the rollout then asks the steps to restore it)."""
+
+    def __init__(self, server: str, reason: str, *, touched: bool = True):
+        self.server = server
+        self.reason = reason
+        self.touched = touched
+        super().__init__(f"{server}: {reason}")
+
+
+class LockLostStep(StepFailed):
+    """Another run took this server's deploy lock: this run must not change it any more."""
+
+    def __init__(self, server: str, reason: str):
+        super().__init__(server, reason, touched=True)
+
+
+@dataclass
+class Switch:
+    """A server between switch and commit. The rollout reads the public fields; `detail`
+    belongs to the steps implementation."""
+
     server: str
-    address: str  # user@host:port
-    commands: tuple[tuple[str, ...], ...]  # the main docker commands, in order
+    release: Release  # what this run put there
+    unchanged: bool = False  # the release already ran there, verified: nothing was switched
+    previous_digest: str = ""
+    detail: Any = None
 
 
 @dataclass(frozen=True)
-class DeployPlan:
-    app: str
-    image: str  # name@digest (or a placeholder before the push)
-    strategy: str
-    on_failure: str
-    batches: tuple[tuple[str, ...], ...]  # server labels
-    servers: tuple[ServerPlan, ...]
-    notes: tuple[str, ...] = field(default=())
+class Restored:
+    """What restore achieved. ok: the previous verified release runs again (or there was none,
+    and the new container is gone)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "app": self.app, "image": self.image, "strategy": self.strategy,
-            "on_failure": self.on_failure, "batches": [list(b) for b in self.batches],
-            "servers": [{"name": s.server, "address": s.address,
-                         "commands": [list(c) for c in s.commands]} for s in self.servers],
-            "notes": list(self.notes),
-        }
+    ok: bool
+    running: str = ""  # digest running now, "" if unknown or nothing
+    kept: str = ""  # where the previous verified release is kept when it is not running
+    note: str = ""
+
+
+class ServerSteps(ABC):
+    """The per-server half of a rollout, driven by deployers.rollout for each server of a plan.
+
+    Order on one server: prepare -> switch -> verify -> commit, or, when switch or verify (or a
+    later server) fails: restore. Every method is safe to call after an earlier call on that
+    server failed half-way, and idempotent where it changes something. Threads: the rollout calls
+    the methods of different servers at once, never two of one server at once.
+
+    - prepare(plan): connect, make the image present (pull), take the server's deploy lock,
+      and return the server to its last verified release if an earlier run left it mid-switch.
+      Nothing that serves traffic changes, apart from that recovery. Returns the `Switch` to
+      pass on. Raises StepFailed(touched=False).
+    - switch(sw): start the new release (the previous one kept for restore); sets
+      sw.unchanged when the same release already runs there verified. Raises StepFailed.
+    - verify(sw): the health gate on the container this run started (by id, never by name);
+      when it passes, the new release takes over (the previous stops). Raises StepFailed.
+    - restore(sw): put the previous verified release back and remove what this run started.
+      Never raises; says what it achieved. Must not touch a server whose lock was lost.
+    - commit(sw): record the release as verified in the server's history, then drop the
+      previous one. Checks the lock is still held first (raises LockLostStep before writing).
+    - timings(server): seconds per phase so far, for the report.
+    - finish(): release every lock this run holds. Idempotent; never raises.
+
+    All methods raise runner.errors.Cancelled when the rollout's cancel event is set (restore
+    and commit excepted: they finish what they started). Nothing they log or raise contains a
+    secret's value.
+    """
+
+    @abstractmethod
+    def prepare(self, plan: ServerPlan) -> Switch: ...
+
+    @abstractmethod
+    def switch(self, sw: Switch) -> None: ...
+
+    @abstractmethod
+    def verify(self, sw: Switch) -> None: ...
+
+    @abstractmethod
+    def restore(self, sw: Switch) -> Restored: ...
+
+    @abstractmethod
+    def commit(self, sw: Switch) -> None: ...
+
+    def timings(self, server: str) -> dict[str, float]:
+        return {}
+
+    def finish(self) -> None:
+        """Release locks. Idempotent."""
 
 
 class Deployer(ABC):
-    """See the module docstring for the contract."""
+    """What the deploy stage and the CLI use. See the module docstring."""
 
     @abstractmethod
     def plan(self) -> DeployPlan:
@@ -126,15 +280,15 @@ class Deployer(ABC):
 
     @abstractmethod
     def apply(self, plan: DeployPlan) -> DeployReport:
-        """Roll the release out. Raises DeployFailed after rolling back."""
+        """Carry out exactly `plan`. Raises DeployFailed (with the report) when a server fails."""
 
     @abstractmethod
     def verify(self) -> list[ServerStatus]:
-        """What runs on each server now. Read-only."""
+        """What runs on each server now. Read-only; unreachable servers get an error row."""
 
     @abstractmethod
     def rollback(self, to: str | None = None) -> DeployReport:
-        """Back to the previous version (or digest `to`) everywhere. Raises DeployFailed."""
+        """Back to the previous verified release (or `to`) everywhere. Raises DeployFailed."""
 
     def close(self) -> None:
         """Release connections. Idempotent."""

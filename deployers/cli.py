@@ -1,6 +1,6 @@
-"""`runner rollback`, `runner status` and `runner deploy-lock`: the deploy's own commands.
+"""`runner rollback`, `runner status`, `runner releases` and `runner deploy-lock`: the deploy's
+own commands, registered in runner/cli.py.
 
-The lead registers them in runner/cli.py (`cli.add_command(rollback)`, `status`, `deploy_lock`).
 Each loads the pipeline with runner.loader.load_pipeline (or a `load(path, vars)` passed to
 `make_commands`), reads its secrets like `runner exec` does, and drives the deployer.
 Exit codes: 0 done, 1 the deploy/rollback failed (the message says where and why), 2 bad input.
@@ -67,14 +67,17 @@ def make_commands(load: Loader = _default_load) -> tuple[click.Command, click.Co
                                                         click.Group]:
     @click.command("rollback")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))
-    @click.option("--to", "to", metavar="DIGEST",
-                  help="sha256:... to return to (default: the version before the current one)")
+    @click.option("--to", "to", metavar="RELEASE",
+                  help="a position in `runner releases` (0 newest, 1 the one before, ...), a "
+                       "digest (sha256:...) or a git commit (full or short); default: the "
+                       "newest verified release other than what runs now")
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
     @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
     def rollback(pipeline_file: str, to: str | None, var: tuple[str, ...],
                  as_json: bool) -> None:
-        """Return every server to the previous version (or to --to DIGEST), health-gated."""
-        run_id = f"rollback-{time.strftime('%Y%m%d%H%M%S')}"
+        """Return every server to an earlier verified release, exactly as it ran then (its
+        recorded command, env, ports, ...: not the file's current settings), health-gated."""
+        run_id = f"rollback-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
         _, deployer, masker = _open(pipeline_file, var, load, run_id,
                                     lambda s: click.echo(s, err=True))
         try:
@@ -83,7 +86,7 @@ def make_commands(load: Loader = _default_load) -> tuple[click.Command, click.Co
             if as_json:
                 click.echo(json.dumps(exc.report.to_dict()))
             click.echo(masker.mask(f"rollback failed: {exc}"), err=True)
-            sys.exit(EXIT_FAILED)
+            sys.exit(EXIT_INVALID if exc.invalid_input else EXIT_FAILED)
         except (ConfigError, TransportError) as exc:
             click.echo(masker.mask(f"rollback failed: {exc}"), err=True)
             sys.exit(EXIT_FAILED)
@@ -93,6 +96,38 @@ def make_commands(load: Loader = _default_load) -> tuple[click.Command, click.Co
             click.echo(json.dumps(report.to_dict()))
         else:
             click.echo(report.summary())
+
+    @click.command("releases")
+    @click.argument("pipeline_file", type=click.Path(dir_okay=False))
+    @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @click.option("--json", "as_json", is_flag=True, help="print JSON")
+    def releases(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
+        """The verified releases recorded on each server, newest first, with the positions
+        `runner rollback --to` takes."""
+        _, deployer, masker = _open(pipeline_file, var, load, "releases",
+                                    lambda s: click.echo(s, err=True))
+        try:
+            rows = deployer.releases()
+        finally:
+            deployer.close()
+        if as_json:
+            click.echo(json.dumps([{"server": s, "error": e,
+                                    "releases": [{k: h.get(k) for k in
+                                                  ("digest", "commit", "run_id", "time")}
+                                                 for h in reversed(hs)]}
+                                   for s, hs, e in rows]))
+        else:
+            for server, hs, error in rows:
+                click.echo(f"{server}:" + (f" error: {masker.mask(error)}" if error else
+                                           "" if hs else " no verified release recorded"))
+                for pos, h in enumerate(reversed(hs)):
+                    when = time.strftime("%Y-%m-%d %H:%M:%S",
+                                         time.localtime(float(h.get("time") or 0)))
+                    click.echo(f"  {pos:>3}  {h['digest'][:19]}  "
+                               f"{str(h.get('commit') or '-')[:12]:<12}  {when}  "
+                               f"run {h.get('run_id', '?')}")
+        if any(e for _, _, e in rows):
+            sys.exit(EXIT_FAILED)
 
     @click.command("status")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))
@@ -118,43 +153,101 @@ def make_commands(load: Loader = _default_load) -> tuple[click.Command, click.Co
                 if r.error:
                     click.echo(f"{r.server:<22} {'error':<10} {masker.mask(r.error)}")
                     continue
-                click.echo(f"{r.server:<22} {r.status:<10} {r.health or '-':<10} "
-                           f"{r.digest[:19] or '-':<19} {r.commit[:12] or '-':<12} "
-                           f"{r.started_at[:19] or '-'}")
-        if any(r.error or not r.running for r in rows):
+                line = (f"{r.server:<22} {r.status:<10} {r.health or '-':<10} "
+                        f"{r.digest[:19] or '-':<19} {r.commit[:12] or '-':<12} "
+                        f"{r.started_at[:19] or '-'}")
+                if r.digest and not r.verified:
+                    line += (f"  unverified: {r.digest[:19]}; previous verified: "
+                             f"{r.previous_verified[:19] or 'none'}")
+                click.echo(line)
+        if any(r.error or not r.running or not r.verified for r in rows):
             sys.exit(EXIT_FAILED)
 
     @click.group("deploy-lock")
     def deploy_lock() -> None:
-        """Inspect or break the per-app deploy lock on the servers."""
+        """Inspect or break the per-app deploy lock on the servers.
+
+        Every deploy, rollback and `runner app remove` of an app holds its lock on each server
+        while it changes that server; a lock whose holder stopped renewing it for its ttl is
+        stale, and the next deploy breaks it by itself. Exit codes: 0 done, 1 a server could
+        not be asked (its row says why), 2 bad input."""
+
+    def _lock_error(server: str, error: str, masker) -> str:
+        prefix = f"{server}: "  # the transport's messages start with the server already
+        return masker.mask(error[len(prefix):] if error.startswith(prefix) else error)
 
     @deploy_lock.command("show")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))
-    @click.option("--var", multiple=True, metavar="K=V")
-    def show(pipeline_file: str, var: tuple[str, ...]) -> None:
-        _, deployer, _ = _open(pipeline_file, var, load, "lock-show",
-                               lambda s: click.echo(s, err=True))
+    @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @click.option("--json", "as_json", is_flag=True, help="print JSON: one object per server")
+    def show(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
+        """Who holds the app's deploy lock on each server: free, or the holder's run, pipeline,
+        commit, user@host and pid, with its last heartbeat and whether it is stale. Exits 1 when
+        a server could not be asked."""
+        _, deployer, masker = _open(pipeline_file, var, load, "lock-show",
+                                    lambda s: click.echo(s, err=True))
         try:
-            for server, info, error in deployer.lock_status():
-                text = error or (info.describe() if info else "free")
-                click.echo(f"{server}: {text}")
+            rows = deployer.lock_status()
         finally:
             deployer.close()
+        out = []
+        for server, info, error in rows:
+            if error:
+                out.append({"server": server, "state": "error", "holder": None,
+                            "error": _lock_error(server, error, masker)})
+            elif info is None:
+                out.append({"server": server, "state": "free", "holder": None, "error": ""})
+            else:
+                holder = {k: v for k, v in info.holder.items() if k != "token"}
+                out.append({"server": server, "state": "stale" if info.stale else "held",
+                            "holder": holder, "age": round(info.age, 1), "ttl": info.ttl,
+                            "description": info.describe(), "error": ""})
+        if as_json:
+            click.echo(masker.mask(json.dumps(out)))
+        else:
+            for row in out:
+                text = (f"error: {row['error']}" if row["state"] == "error" else
+                        row.get("description") or "free")
+                click.echo(masker.mask(f"{row['server']}: {text}"))
+        if any(row["state"] == "error" for row in out):
+            sys.exit(EXIT_FAILED)
 
     @deploy_lock.command("break")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))
     @click.option("--server", default=None, help="only this server (name or host)")
-    @click.option("--var", multiple=True, metavar="K=V")
-    def break_(pipeline_file: str, server: str | None, var: tuple[str, ...]) -> None:
-        _, deployer, _ = _open(pipeline_file, var, load, "lock-break",
-                               lambda s: click.echo(s, err=True))
+    @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @click.option("--json", "as_json", is_flag=True, help="print JSON: one object per server")
+    def break_(pipeline_file: str, server: str | None, var: tuple[str, ...],
+               as_json: bool) -> None:
+        """Remove the app's deploy lock on every server (or one), whoever holds it. Only for a
+        holder that is gone: a deploy still running loses its lock and stops on that server.
+        Exits 1 when a server could not be asked, 2 for an unknown --server."""
+        _, deployer, masker = _open(pipeline_file, var, load, "lock-break",
+                                    lambda s: click.echo(s, err=True))
+        if server is not None and not any(server in (t.label, t.host)
+                                          for t in deployer.targets):
+            deployer.close()
+            click.echo(f"unknown server {server!r}: this pipeline deploys to "
+                       f"{', '.join(t.label for t in deployer.targets)}", err=True)
+            sys.exit(EXIT_INVALID)
         try:
-            for label, broken, error in deployer.break_lock(server):
-                click.echo(f"{label}: {error or ('lock broken' if broken else 'was free')}")
+            rows = deployer.break_lock(server)
         finally:
             deployer.close()
+        out = [{"server": label, "broken": bool(broken),
+                "error": _lock_error(label, error, masker) if error else ""}
+               for label, broken, error in rows]
+        if as_json:
+            click.echo(json.dumps(out))
+        else:
+            for row in out:
+                text = (f"error: {row['error']}" if row["error"] else
+                        "lock broken" if row["broken"] else "was free")
+                click.echo(f"{row['server']}: {text}")
+        if any(row["error"] for row in out):
+            sys.exit(EXIT_FAILED)
 
-    return rollback, status, deploy_lock
+    return rollback, status, deploy_lock, releases
 
 
-rollback, status, deploy_lock = make_commands()
+rollback, status, deploy_lock, releases = make_commands()

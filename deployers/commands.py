@@ -4,14 +4,61 @@ Every builder returns `list[str]`; values from the pipeline are separate words, 
 into a shell line. The transport quotes each word (shlex.join, in one place) because SSH exec
 carries a single string. Secrets never appear here: env values travel in a file (`--env-file`),
 registry passwords on stdin (`--password-stdin`).
+
+What only the server can tell (the name the previous container is kept under, the path of the
+env file, the new container's id, the fingerprint of the secret values) is a `Slot` in the argv:
+the plan prints it as `<name>`, and the deployer fills it in (`bind`) right before running the
+very same argv. A slot is not a string, so no pipeline value can be mistaken for one.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from deployers.spec import ContainerSpec, HealthSpec
+from deployers.spec import LABEL_APP, LABEL_SECRETS, ContainerSpec, HealthSpec
 
 DOCKER = "docker"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A word of an argv that is known only on the server. `prefix` stays in front of the value
+    (e.g. "runner.secrets=")."""
+
+    key: str
+    prefix: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.prefix}<{self.key}>"
+
+
+Word = str | Slot
+Argv = tuple[Word, ...]
+
+PREVIOUS = Slot("previous container")
+NEW = Slot("new container")
+ENV_FILE = Slot("env file")
+LOGIN_DIR = Slot("login dir")
+SECRETS = Slot("secret fingerprint", prefix=f"{LABEL_SECRETS}=")
+PRUNED = Slot("pruned image")
+
+
+def bind(argv: Sequence[Word], values: Mapping[Slot, str]) -> list[str]:
+    """argv with every slot filled in. Raises KeyError naming a slot left without a value."""
+    out = []
+    for w in argv:
+        if isinstance(w, Slot):
+            if w not in values:
+                raise KeyError(f"no value for {w} in {' '.join(map(str, argv[:3]))}")
+            out.append(w.prefix + values[w])
+        else:
+            out.append(w)
+    return out
+
+
+def show(argv: Sequence[Word]) -> list[str]:
+    """argv as the plan prints it: slots as <name>."""
+    return [str(w) for w in argv]
 
 
 def _seconds(value: float) -> str:
@@ -20,11 +67,11 @@ def _seconds(value: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
-def _config(config: str | None) -> list[str]:
+def _config(config: Word | None) -> list[Word]:
     return ["--config", config] if config else []
 
 
-def login(registry: str, username: str, config: str | None = None) -> list[str]:
+def login(registry: str, username: str, config: Word | None = None) -> list[Word]:
     """The password goes on stdin. With `config`, the credentials land in that directory (one
     deploy's, removed after its pull) instead of the server's ~/.docker/config.json."""
     return [DOCKER, *_config(config), "login", "--username", username, "--password-stdin",
@@ -41,7 +88,7 @@ def engine_info() -> list[str]:
     return [DOCKER, "info", "--format", "{{.ID}} {{.DockerRootDir}}"]
 
 
-def pull(ref: str, config: str | None = None) -> list[str]:
+def pull(ref: str, config: Word | None = None) -> list[Word]:
     return [DOCKER, *_config(config), "pull", "--quiet", ref]
 
 
@@ -50,13 +97,14 @@ def image_present(ref: str) -> list[str]:
     return [DOCKER, "image", "inspect", "--format", "{{.Id}}", ref]
 
 
-def inspect_container(name: str) -> list[str]:
-    return [DOCKER, "container", "inspect", name]
+def inspect_container(*names: Word) -> list[Word]:
+    return [DOCKER, "container", "inspect", *names]
 
 
-def list_app_containers(app: str) -> list[str]:
-    return [DOCKER, "container", "ls", "--all", "--no-trunc", "--filter",
-            f"label=runner.app={app}", "--format", "{{.Names}}"]
+def list_app_ids(app: str) -> list[str]:
+    """The ids of every container of `app`, running or not."""
+    return [DOCKER, "container", "ls", "--all", "--quiet", "--no-trunc", "--filter",
+            f"label={LABEL_APP}={app}"]
 
 
 def health_args(h: HealthSpec) -> list[str]:
@@ -71,15 +119,18 @@ def health_args(h: HealthSpec) -> list[str]:
             "--health-start-period", _seconds(h.start_period)]
 
 
-def run(spec: ContainerSpec, name: str | None = None, env_file: str | None = None) -> list[str]:
-    """`docker run --detach` for spec. `name` overrides spec.name (used while the previous
-    container still holds it); env_file is the path of a file already on the server."""
-    argv = [DOCKER, "run", "--detach", "--name", name or spec.name,
-            "--restart", spec.restart]
+def run(spec: ContainerSpec, name: str | None = None, env_file: Word | None = None,
+        secrets: Word | None = None) -> list[Word]:
+    """`docker run --detach` for spec. `name` overrides spec.name; env_file is the path of a
+    file already on the server; secrets the `runner.secrets=<fingerprint>` label word."""
+    argv: list[Word] = [DOCKER, "run", "--detach", "--name", name or spec.name,
+                        "--restart", spec.restart]
     if spec.init:
         argv.append("--init")
     for key, value in spec.labels:
         argv += ["--label", f"{key}={value}"]
+    if secrets is not None:
+        argv += ["--label", secrets]
     for p in spec.ports:
         argv += ["--publish", p]
     for v in spec.volumes:
@@ -100,31 +151,31 @@ def run(spec: ContainerSpec, name: str | None = None, env_file: str | None = Non
     return argv
 
 
-def rename(old: str, new: str) -> list[str]:
+def rename(old: Word, new: Word) -> list[Word]:
     return [DOCKER, "container", "rename", old, new]
 
 
-def stop(name: str, timeout: int = 10) -> list[str]:
+def stop(name: Word, timeout: int = 10) -> list[Word]:
     return [DOCKER, "container", "stop", "--time", str(timeout), name]
 
 
-def start(name: str) -> list[str]:
+def start(name: Word) -> list[Word]:
     return [DOCKER, "container", "start", name]
 
 
-def remove(name: str) -> list[str]:
+def remove(name: Word) -> list[Word]:
     return [DOCKER, "container", "rm", "--force", name]
 
 
-def logs(name: str, tail: int = 30) -> list[str]:
+def logs(name: Word, tail: int = 30) -> list[Word]:
     return [DOCKER, "container", "logs", "--tail", str(tail), name]
 
 
-def exec_(name: str, argv: Sequence[str]) -> list[str]:
+def exec_(name: Word, argv: Sequence[Word]) -> list[Word]:
     return [DOCKER, "exec", name, *argv]
 
 
-def probe(name: str, test: Sequence[str]) -> list[str]:
+def probe(name: Word, test: Sequence[str]) -> list[Word]:
     """Run a healthcheck test inside the container, the way docker would:
     ["CMD-SHELL", s] -> /bin/sh -c s; ["CMD", a, b] -> a b."""
     if not test or test[0] == "NONE":
@@ -136,14 +187,14 @@ def probe(name: str, test: Sequence[str]) -> list[str]:
     raise ValueError(f"unknown healthcheck test form {test[0]!r}")
 
 
-def http_probe(name: str, port: int, path: str, timeout: float) -> list[str]:
+def http_probe(name: Word, port: int, path: str, timeout: float) -> list[Word]:
     """Fallback HTTP probe from inside the container (busybox/alpine wget) when the server
     forbids SSH TCP forwarding."""
     return exec_(name, ["wget", "-q", "-O", "-", "-T", str(max(1, round(timeout))),
                         f"http://127.0.0.1:{port}{path}"])
 
 
-def remove_image(ref: str) -> list[str]:
+def remove_image(ref: Word) -> list[Word]:
     return [DOCKER, "image", "rm", ref]
 
 

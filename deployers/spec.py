@@ -10,11 +10,12 @@ zero-downtime cutover only needs a spec without host `ports` plus a proxy step, 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
-import re
 from dataclasses import asdict, dataclass, field, replace
 
 from runner.model.deploy import DeployStage, Healthcheck, Server
+from runner.model.image import ImageRef
 
 LABEL_PREFIX = "runner."
 LABEL_APP = "runner.app"
@@ -24,8 +25,7 @@ LABEL_COMMIT = "runner.commit"
 LABEL_DIGEST = "runner.digest"
 LABEL_IMAGE = "runner.image"
 LABEL_SPEC = "runner.spec"  # fingerprint of the settings, to tell "unchanged" from "changed"
-
-DIGEST_REF_RE = re.compile(r"^(?P<name>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
+LABEL_SECRETS = "runner.secrets"  # keyed fingerprint of the secret values (see secret_fingerprint)
 
 
 @dataclass(frozen=True)
@@ -37,24 +37,6 @@ class Target:
     port: int
     user: str
     host_key: str | None = None  # pinned key for this server, if any
-
-
-@dataclass(frozen=True)
-class Release:
-    """The version being deployed: an image by digest plus where it came from."""
-
-    ref: str  # "name@sha256:..."
-    pipeline: str
-    run_id: str
-    commit: str = ""
-
-    @property
-    def name(self) -> str:
-        return split_ref(self.ref)[0]
-
-    @property
-    def digest(self) -> str:
-        return split_ref(self.ref)[1]
 
 
 @dataclass(frozen=True)
@@ -103,15 +85,6 @@ class ContainerSpec:
         return dict(self.labels)
 
 
-def split_ref(ref: str) -> tuple[str, str]:
-    """'reg/app@sha256:...' -> ('reg/app', 'sha256:...'). Raises ValueError on anything else:
-    a deploy only ever runs an image by digest."""
-    m = DIGEST_REF_RE.match(ref)
-    if not m:
-        raise ValueError(f"not an image reference by digest (name@sha256:<64 hex>): {ref!r}")
-    return m.group("name"), m.group("digest")
-
-
 def targets(stage: DeployStage) -> tuple[Target, ...]:
     return tuple(target(s, stage) for s in stage.servers)
 
@@ -142,24 +115,24 @@ def app_name(stage: DeployStage, pipeline_name: str) -> str:
     return stage.container.name or pipeline_name
 
 
-def container_spec(stage: DeployStage, release: Release) -> ContainerSpec:
-    """The container to run for `release`, from the pipeline's deploy settings."""
-    split_ref(release.ref)  # validates
+def container_spec(stage: DeployStage, image: ImageRef, *, pipeline: str, run_id: str,
+                   commit: str = "") -> ContainerSpec:
+    """The container to run `image` as, from the pipeline's deploy settings."""
     c = stage.container
-    name = app_name(stage, release.pipeline)
+    name = app_name(stage, pipeline)
     labels = dict(c.labels)
     # Ours last: a user label cannot disguise which version a container runs.
     labels.update({
         LABEL_APP: name,
-        LABEL_PIPELINE: release.pipeline,
-        LABEL_RUN: release.run_id,
-        LABEL_COMMIT: release.commit,
-        LABEL_DIGEST: release.digest,
-        LABEL_IMAGE: release.name,
+        LABEL_PIPELINE: pipeline,
+        LABEL_RUN: run_id,
+        LABEL_COMMIT: commit,
+        LABEL_DIGEST: image.digest,
+        LABEL_IMAGE: image.name,
     })
     spec = ContainerSpec(
         name=name,
-        image=release.ref,
+        image=str(image),
         ports=tuple(c.ports),
         env=tuple(sorted(c.env.items())),
         secret_env=tuple(sorted(c.secret_env.items())),
@@ -178,10 +151,11 @@ def container_spec(stage: DeployStage, release: Release) -> ContainerSpec:
 
 
 def fingerprint(spec: ContainerSpec) -> str:
-    """A short hash of what defines the container apart from run metadata. Secret values are
-    not in it (only their names): a changed secret alone does not make a server "changed"."""
+    """A short hash of what defines the container apart from run metadata and secret values
+    (only their names are in it; their values count through `Release.secrets`)."""
     data = asdict(spec)
     data["labels"] = [kv for kv in spec.labels if not kv[0].startswith(LABEL_PREFIX)]
+    data.pop("image")  # the digest is part of a release's identity on its own
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -208,3 +182,102 @@ def batches(items: tuple, strategy: str, batch_size: int = 1) -> list[tuple]:
     if strategy == "rolling":
         return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     raise ValueError(f"unknown strategy {strategy!r}")
+
+
+# ------------------------------------------------------------------------- releases
+
+def spec_record(spec: ContainerSpec) -> dict:
+    """The spec as plain JSON data, for a server's release history. Holds no secret value."""
+    return asdict(spec)
+
+
+def spec_from_record(data: dict) -> ContainerSpec:
+    """The inverse of spec_record. Raises ValueError for a record this runner cannot restore."""
+    try:
+        health = HealthSpec(**{**data["health"],
+                               "http_status": tuple(data["health"].get("http_status") or (200,))})
+        pairs = {k: tuple(tuple(kv) for kv in data.get(k) or ())
+                 for k in ("env", "secret_env", "labels")}
+        return ContainerSpec(**{
+            **data, **pairs, "health": health,
+            "ports": tuple(data.get("ports") or ()), "volumes": tuple(data.get("volumes") or ()),
+            "command": tuple(data["command"]) if data.get("command") is not None else None})
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a container spec this runner can restore: {exc}") from None
+
+
+def secret_fingerprint(key: bytes, spec: ContainerSpec, values: dict[str, str]) -> str:
+    """A keyed fingerprint of the secret values a container gets (HMAC-SHA256 with a per-app
+    key that never leaves the server): it changes when a value changes, and reveals nothing
+    about a value, not even a guessable one, to whoever reads labels or history without the
+    key. "" when the container has no secret env."""
+    if not spec.secret_env:
+        return ""
+    data = json.dumps(sorted((var, values[var]) for var, _ in spec.secret_env)).encode()
+    return hmac.new(key, data, hashlib.sha256).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Release:
+    """One complete release of an app: the image by digest, the whole container spec it runs
+    with, where it came from, and (once known on a server) the fingerprint of its secret values.
+    Two releases are the same release when digest, spec and secrets are the same."""
+
+    image: ImageRef
+    spec: ContainerSpec
+    pipeline: str
+    run_id: str
+    commit: str = ""
+    secrets: str = ""  # secret_fingerprint on the server ("" without secret env)
+
+    @property
+    def digest(self) -> str:
+        return self.image.digest
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        return (self.image.digest, self.spec.label_map.get(LABEL_SPEC, ""), self.secrets)
+
+    def with_secrets(self, fp: str) -> Release:
+        return replace(self, secrets=fp)
+
+    def record(self, when: float) -> dict:
+        return {"digest": self.image.digest, "ref": str(self.image), "commit": self.commit,
+                "run_id": self.run_id, "pipeline": self.pipeline, "time": when,
+                "secrets": self.secrets, "spec": spec_record(self.spec)}
+
+    @classmethod
+    def from_record(cls, data: dict) -> Release:
+        """A history entry back into the release it recorded. Raises ValueError when the entry
+        lacks the spec (recorded by an older runner) or is damaged."""
+        if not isinstance(data.get("spec"), dict):
+            raise ValueError("the entry has no container spec (recorded by an older runner)")
+        spec = spec_from_record(data["spec"])
+        image = ImageRef.parse(str(data.get("ref", "")))
+        if image.digest != data.get("digest") or spec.image != str(image):
+            raise ValueError("the entry's digest and spec disagree")
+        return cls(image=image, spec=spec, pipeline=str(data.get("pipeline", "")),
+                   run_id=str(data.get("run_id", "")), commit=str(data.get("commit", "")),
+                   secrets=str(data.get("secrets", "")))
+
+
+def release_for(stage: DeployStage, image: ImageRef, *, pipeline: str, run_id: str,
+                commit: str = "") -> Release:
+    """The release a deploy of `image` makes, from the pipeline's current settings."""
+    return Release(image=image, spec=container_spec(stage, image, pipeline=pipeline,
+                                                    run_id=run_id, commit=commit),
+                   pipeline=pipeline, run_id=run_id, commit=commit)
+
+
+def identity_of(labels: dict[str, str]) -> tuple[str, str, str]:
+    """A running container's release identity, from the labels the runner put on it."""
+    return (labels.get(LABEL_DIGEST, ""), labels.get(LABEL_SPEC, ""),
+            labels.get(LABEL_SECRETS, ""))
+
+
+def record_identity(entry: dict) -> tuple[str, str, str]:
+    """A history entry's release identity (the same tuple as Release.identity)."""
+    spec = entry.get("spec") if isinstance(entry.get("spec"), dict) else {}
+    labels = dict(tuple(kv) for kv in spec.get("labels") or ())
+    return (str(entry.get("digest", "")), labels.get(LABEL_SPEC, ""),
+            str(entry.get("secrets", "")))

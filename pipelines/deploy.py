@@ -12,17 +12,18 @@ from pipelines.base import Stage, StageContext
 from runner.errors import Cancelled, StageFailed
 from runner.model import Pipeline
 
+from runner.model.image import ImageRef
+
 from deployers.base import DeployFailed
-from deployers.spec import Release, split_ref
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 from deployers.transport import TransportError
 
 
-def make_deployer(pipeline: Pipeline, *, run_id: str, release: Release | None = None,
-                  secret=None, log=None, cancel=None) -> SSHDockerDeployer:
+def make_deployer(pipeline: Pipeline, *, run_id: str, image: ImageRef | None = None,
+                  commit: str = "", secret=None, log=None, cancel=None) -> SSHDockerDeployer:
     return SSHDockerDeployer(pipeline.stages.deploy, pipeline=pipeline.name,
-                             image_name=pipeline.image.name, run_id=run_id, release=release,
-                             secret=secret, log=log, cancel=cancel)
+                             image_name=pipeline.image.name, run_id=run_id, image=image,
+                             commit=commit, secret=secret, log=log, cancel=cancel)
 
 
 class DeployStage(Stage):
@@ -38,18 +39,18 @@ class DeployStage(Stage):
             raise StageFailed(self.name, "no pushed image in this run: the deploy needs the "
                                          "push stage's digest (enable stages.push)")
         try:
-            split_ref(ref)
+            image = ImageRef.parse(ref)
         except ValueError as exc:
             raise StageFailed(self.name, str(exc)) from None
         commit = (ctx.results.get("checkout") or {}).get("commit", "") or ""
-        release = Release(ref=ref, pipeline=ctx.pipeline.name, run_id=ctx.run_id, commit=commit)
-        deployer = make_deployer(ctx.pipeline, run_id=ctx.run_id, release=release,
+        deployer = make_deployer(ctx.pipeline, run_id=ctx.run_id, image=image, commit=commit,
                                  secret=ctx.secrets.value, log=ctx.log.info, cancel=ctx.cancel)
         servers = ", ".join(t.label for t in deployer.targets)
         ctx.log.info(f"deploying {ref} as {deployer.app} to {servers} "
                      f"(strategy {ctx.pipeline.stages.deploy.strategy.type})")
+        plan = deployer.plan()
         try:
-            report = deployer.apply(deployer.plan())
+            report = deployer.apply(plan)
         except (DeployFailed, ConfigError, TransportError) as exc:
             # The reason (which server, why, what was rolled back) is the stage's error: shown
             # once at the stage's end and in the summary, not repeated as warnings.
@@ -59,5 +60,6 @@ class DeployStage(Stage):
         finally:
             deployer.close()
         for s in report.servers:
-            ctx.log.info(f"{s.server}: {s.status} {s.digest} in {s.duration:.1f}s")
+            phases = ", ".join(f"{k} {v:.2f}s" for k, v in s.phases.items())
+            ctx.log.info(f"{s.server}: {s.status} {s.digest} in {s.duration:.1f}s ({phases})")
         return report.to_dict()

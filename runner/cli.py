@@ -20,6 +20,8 @@ LAZY_COMMANDS = {
     "rollback": "deployers.cli:rollback",
     "status": "deployers.cli:status",
     "deploy-lock": "deployers.cli:deploy_lock",
+    "releases": "deployers.cli:releases",
+    "app": "deployers.app_cli:app",
     "daemon": "runner.daemon.cli:daemon",
     "runs": "runner.daemon.cli:runs",
     "logs": "runner.daemon.cli:logs",

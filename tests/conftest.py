@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# The deploy tests' fixtures (`images`, `app`), shared by every deploy test module.
+pytest_plugins = ["tests.deploy_fixtures"]
+
 ROOT = Path(__file__).resolve().parent.parent
 LAB_SERVERS = int(os.environ.get("RUNNER_TEST_SERVERS", "3"))
 

@@ -5,12 +5,10 @@ Every test uses its own app name and host port, and removes its containers and s
 """
 from __future__ import annotations
 
-import os
 import secrets as _random
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from click.testing import CliRunner
 
 from deployers import lock as locks
 from deployers.base import DeployFailed
-from deployers.spec import Release, Target
+from deployers.spec import Target
 from deployers.ssh_docker import SSHDockerDeployer
 from deployers.transport import HostKeyError, connect
 from pipelines.base import StageContext
@@ -26,126 +24,12 @@ from pipelines.deploy import DeployStage as DeployStageImpl
 from runner.errors import StageFailed
 from runner.model import Pipeline
 from runner.model.deploy import DeployStage
-from tests.helpers import remove_app_on_server
+from runner.model.image import ImageRef
 
 pytestmark = pytest.mark.lab
 
-UID = _random.token_hex(3)
-DOCKER = "/usr/bin/docker"  # Debian's CLI: built-in BuildKit
-
-DOCKERFILE = """FROM local/busybox:1
-ARG VERSION
-ARG HEALTH=ok
-RUN mkdir -p /www && echo "$VERSION" > /www/index.html && \\
-    if [ "$HEALTH" = ok ]; then echo ok > /www/health; fi
-EXPOSE 8080
-CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
-"""
-
-
-def _docker(*args: str, cwd: Path | None = None) -> str:
-    env = dict(os.environ, DOCKER_BUILDKIT="1")
-    p = subprocess.run([DOCKER, *args], capture_output=True, text=True, env=env, cwd=cwd,
-                       timeout=120)
-    assert p.returncode == 0, f"docker {' '.join(args)}: {p.stdout}\n{p.stderr}"
-    return p.stdout
-
-
-@pytest.fixture(scope="module")
-def images(lab, tmp_path_factory):
-    """v1, v2 (healthy: /health exists) and v3 (no /health): name@digest refs."""
-    ctx = tmp_path_factory.mktemp("img")
-    (ctx / "Dockerfile").write_text(DOCKERFILE)
-    repo = f"{lab['registry']}/deploytest-{UID}/app"
-    refs = {}
-    for version, health in (("v1", "ok"), ("v2", "ok"), ("v3", "missing")):
-        tag = f"{repo}:{version}"
-        _docker("build", "-q", "--build-arg", f"VERSION={version}", "--build-arg",
-                f"HEALTH={health}", "-t", tag, ".", cwd=ctx)
-        _docker("push", tag)
-        digest = _docker("inspect", "--format", "{{index .RepoDigests 0}}", tag).strip()
-        refs[version] = digest
-        assert "@sha256:" in digest
-    refs["repo"] = repo
-    return refs
-
-
-def _servers(lab, n):
-    return lab["servers"][:n] if n > 0 else lab["servers"][n:]
-
-
-def _stage(lab, servers, app, port, **over) -> DeployStage:
-    s0 = lab["servers"][0]
-    data = {
-        "enabled": True,
-        "servers": [f"{s['user']}@{s['host']}:{s['port']}" for s in servers],
-        "ssh": {"key_file": s0["key_file"], "known_hosts": s0["known_hosts"],
-                "connect_timeout": 5, "retries": 1},
-        "container": {"name": app, "ports": [f"{port}:8080"], "stop_timeout": 2},
-        "healthcheck": {"http": {"port": 8080, "path": "/health"}, "timeout": 10,
-                        "probe_interval": 0.2},
-        "lock": {"ttl": 10, "wait": 60},
-    }
-    for k, v in over.items():
-        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
-    return DeployStage.model_validate(data)
-
-
-class Log:
-    def __init__(self):
-        self.lines: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, line: str) -> None:
-        with self._lock:
-            self.lines.append((time.monotonic(), line))
-
-    info = line = warn = __call__
-
-    @property
-    def text(self) -> str:
-        return "\n".join(line for _, line in self.lines)
-
-
-class NoSecrets:
-    def value(self, name: str) -> str:
-        raise KeyError(name)
-
-
-def _deployer(stage, images, version, app, log=None, run_id=None, secret=None):
-    run_id = run_id or f"t{_random.token_hex(3)}"
-    rel = Release(ref=images[version], pipeline=app, run_id=run_id, commit=version * 10)
-    return SSHDockerDeployer(stage, pipeline=app, image_name=images["repo"], run_id=run_id,
-                             release=rel, secret=secret, log=log)
-
-
-def _get(host: str, port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=3) as r:
-            return r.read().decode().strip()
-    except OSError as exc:
-        return f"error: {exc}"
-
-
-def _cleanup(lab, app: str, servers) -> None:
-    stage = _stage(lab, servers, app, 1)
-    d = SSHDockerDeployer(stage, pipeline=app, image_name="x", run_id="cleanup")
-    # errors ignored: best effort
-    d._parallel(lambda t: remove_app_on_server(d, d._conn(t), app), list(d.targets))
-    d.close()
-
-
-@pytest.fixture
-def app(lab):
-    name = f"dt{UID}{_random.token_hex(2)}"
-    created = []
-    yield name, created
-    _cleanup(lab, name, lab["servers"])
-
-
-def _port() -> int:
-    return 20000 + int.from_bytes(os.urandom(2), "big") % 9000
-
+from tests.deploy_fixtures import (UID, Log, NoSecrets, _deployer, _get, _port, _run_until,
+                                   _servers, _stage)
 
 # --------------------------------------------------------------------------------------------
 
@@ -199,7 +83,7 @@ def test_deploy_upgrade_failed_upgrade_then_rollback(lab, images, app, tmp_path)
 
     # `runner rollback PIPELINE.yaml` goes back to v1 (the version before v2).
     from deployers.cli import make_commands
-    rollback, status, _ = make_commands(lambda path, variables: pipeline)
+    rollback, status, _, _ = make_commands(lambda path, variables: pipeline)
     res = CliRunner().invoke(rollback, [str(tmp_path / "unused.yaml")])
     assert res.exit_code == 0, res.output
     assert [_get(h, port) for h in hosts] == ["v1", "v1"]
@@ -353,7 +237,10 @@ def test_concurrent_deploys_do_not_interleave(lab, images, app):
     port = _port()
     stage = _stage(lab, [server], name, port)
     logs = {"a": Log(), "b": Log()}
-    deployers = {"a": _deployer(stage, images, "v1", name, logs["a"], run_id="runa"),
+    # a's health gate takes 3 s, so b surely asks while a holds the lock.
+    slow = _stage(lab, [server], name, port, healthcheck={"http": None, "timeout": 20,
+                                                          "cmd": "sleep 3; test -f /www/health"})
+    deployers = {"a": _deployer(slow, images, "v1", name, logs["a"], run_id="runa"),
                   "b": _deployer(stage, images, "v2", name, logs["b"], run_id="runb")}
     results = {}
 
@@ -362,9 +249,11 @@ def test_concurrent_deploys_do_not_interleave(lab, images, app):
             results[k] = deployers[k].apply()
         except Exception as exc:  # reported by the assertion below
             results[k] = exc
-    threads = [threading.Thread(target=go, args=(k,)) for k in "ab"]
-    for t in threads:
-        t.start()
+    # b starts once a holds the lock (both pull first, so starting them together would let
+    # one finish before the other even asks for the lock).
+    threads = [_run_until(logs["a"], "deploy lock taken", lambda: go("a"), timeout=60),
+               threading.Thread(target=go, args=("b",))]
+    threads[1].start()
     for t in threads:
         t.join(timeout=120)
     for d in deployers.values():
@@ -378,11 +267,8 @@ def test_concurrent_deploys_do_not_interleave(lab, images, app):
     (a0, a1), (b0, b1) = window(logs["a"]), window(logs["b"])
     print(f"lock windows: a={a0:.2f}-{a1:.2f} b={b0:.2f}-{b1:.2f}")
     assert a1 <= b0 or b1 <= a0, f"lock windows overlap: a={a0:.2f}-{a1:.2f} b={b0:.2f}-{b1:.2f}"
-    waited = logs["a"] if a0 > b0 else logs["b"]
-    assert "waiting up to" in waited.text
-    # Whichever ran last is what runs now.
-    last = "v1" if a0 > b0 else "v2"
-    assert _get(server["host"], port) == last
+    assert a1 <= b0 and "waiting up to" in logs["b"].text
+    assert _get(server["host"], port) == "v2"  # b ran last
 
 
 def test_lock_held_stale_inspect_and_break(lab, images, app):
@@ -501,17 +387,6 @@ def test_jump_host_key_from_secret_and_insecure_warning(lab, tmp_path):
     assert "insecure_ignore_host_key is on" in log.text
 
 
-def _run_until(log: Log, needle: str, target, timeout: float = 30) -> threading.Thread:
-    """Start target() in a thread and return once `needle` has been logged."""
-    th = threading.Thread(target=target)
-    th.start()
-    deadline = time.monotonic() + timeout
-    while needle not in log.text:
-        assert time.monotonic() < deadline, f"never logged {needle!r}:\n{log.text}"
-        time.sleep(0.02)
-    return th
-
-
 def test_cancel_and_dropped_connection_mid_deploy_restore_previous(lab, images, app):
     """Interrupting the deploy while the new container is on probation (cancel, or the SSH
     connection dropping) puts the previous version back."""
@@ -586,7 +461,7 @@ def test_missing_image_and_keep_versions(lab, images, app):
     # An image the registry does not have: the pull fails, nothing on the server changes.
     missing = images["repo"] + "@sha256:" + "0" * 64
     d = SSHDockerDeployer(stage, pipeline=name, image_name=images["repo"], run_id="miss",
-                          release=Release(ref=missing, pipeline=name, run_id="miss"))
+                          image=ImageRef.parse(missing))
     with pytest.raises(DeployFailed) as err:
         d.apply()
     d.close()

@@ -13,15 +13,17 @@ from pydantic import ValidationError
 from deployers import commands as cmd
 from deployers.health import (ContainerState, ProbeResult, parse_http_status, parse_inspect,
                               parse_state, wait_healthy)
-from deployers.spec import (HealthSpec, Release, batches, container_spec, env_file_content,
-                            fingerprint, split_ref, targets)
+from deployers.spec import (HealthSpec, batches, container_spec, env_file_content,
+                            fingerprint, targets)
 from deployers.transport import HostKeyError, HostKeyPolicy, remote_command
 from runner.errors import Cancelled
 from runner.model.deploy import DeployStage, parse_server
+from runner.model.image import ImageRef
 
 D1 = "sha256:" + "a" * 64
 D2 = "sha256:" + "b" * 64
 REF = f"10.87.53.1:5000/demo/app@{D1}"
+IMG = ImageRef.parse(REF)
 
 
 def stage(**kw) -> DeployStage:
@@ -78,27 +80,30 @@ def test_model_defaults_and_shorthands():
 
 # --------------------------------------------------------------------------- spec
 
-def test_split_ref_only_accepts_digests():
-    assert split_ref(REF) == ("10.87.53.1:5000/demo/app", D1)
+def test_image_ref_only_accepts_digests():
+    assert (IMG.name, IMG.digest, IMG.registry) == ("10.87.53.1:5000/demo/app", D1,
+                                                    "10.87.53.1:5000")
+    assert str(IMG) == REF
     for bad in ("10.87.53.1:5000/demo/app:v1", "app@sha256:abc", f"app:v1@{D1} x"):
         with pytest.raises(ValueError):
-            split_ref(bad)
+            ImageRef.parse(bad)
+    with pytest.raises(ValueError):
+        ImageRef("app", "sha256:short")
 
 
 def test_container_spec_labels_and_fingerprint():
     s = stage(container={"name": "web", "ports": ["8080:80"], "labels": {"runner.digest": "lie",
                                                                           "team": "a"}})
-    r = Release(ref=REF, pipeline="demo", run_id="r1", commit="c" * 40)
-    spec = container_spec(s, r)
+    spec = container_spec(s, IMG, pipeline="demo", run_id="r1", commit="c" * 40)
     labels = dict(spec.labels)
     assert labels["runner.digest"] == D1  # a user label cannot disguise the version
     assert labels["runner.app"] == "web" and labels["runner.commit"] == "c" * 40
     assert labels["runner.run_id"] == "r1" and labels["team"] == "a"
     # Run metadata does not change the fingerprint; settings do.
-    r2 = Release(ref=REF, pipeline="demo", run_id="r2", commit="d" * 40)
-    assert labels["runner.spec"] == dict(container_spec(s, r2).labels)["runner.spec"]
+    spec2 = container_spec(s, IMG, pipeline="demo", run_id="r2", commit="d" * 40)
+    assert labels["runner.spec"] == dict(spec2.labels)["runner.spec"]
     s3 = stage(container={"name": "web", "ports": ["8081:80"]})
-    assert fingerprint(container_spec(s3, r)) != fingerprint(spec)
+    assert fingerprint(container_spec(s3, IMG, pipeline="demo", run_id="r1")) != fingerprint(spec)
 
 
 def test_batches():
@@ -125,7 +130,7 @@ def test_run_argv_exact():
         "labels": {"team": "a"}},
         healthcheck={"cmd": "wget -q -O- http://127.0.0.1:80/ || exit 1", "interval": 0.5,
                      "probe_timeout": 2, "retries": 2})
-    spec = container_spec(s, Release(ref=REF, pipeline="demo", run_id="r1", commit="abc"))
+    spec = container_spec(s, IMG, pipeline="demo", run_id="r1", commit="abc")
     fp = dict(spec.labels)["runner.spec"]
     assert cmd.run(spec, env_file="/root/.runner/env/web-1.env") == [
         "docker", "run", "--detach", "--name", "web", "--restart", "always", "--init",
@@ -145,7 +150,7 @@ def test_run_argv_exact():
 
 def test_run_argv_minimal_no_init_other_name():
     s = stage(container={"init": False, "restart": "unless-stopped"})
-    spec = container_spec(s, Release(ref=REF, pipeline="demo", run_id="r1"))
+    spec = container_spec(s, IMG, pipeline="demo", run_id="r1")
     argv = cmd.run(spec, name="demo_new")
     assert argv[:7] == ["docker", "run", "--detach", "--name", "demo_new", "--restart",
                         "unless-stopped"]
@@ -180,9 +185,10 @@ def test_small_commands_exact():
     assert cmd.http_probe("web", 8080, "/health", 2) == [
         "docker", "exec", "web", "wget", "-q", "-O", "-", "-T", "2",
         "http://127.0.0.1:8080/health"]
-    assert cmd.list_app_containers("web") == [
-        "docker", "container", "ls", "--all", "--no-trunc", "--filter", "label=runner.app=web",
-        "--format", "{{.Names}}"]
+    assert cmd.list_app_ids("web") == [
+        "docker", "container", "ls", "--all", "--quiet", "--no-trunc", "--filter",
+        "label=runner.app=web"]
+    assert cmd.inspect_container("a", "b") == ["docker", "container", "inspect", "a", "b"]
 
 
 def test_remote_command_quotes_every_word():
@@ -354,101 +360,3 @@ def test_host_key_policy(tmp_path):
     HostKeyPolicy(insecure=True).check("s", "x", 22, other_type)
     with pytest.raises(ValueError, match="no way to check host keys"):
         HostKeyPolicy()
-
-
-# --------------------------------------------------------------------------- plan
-
-def test_plan_is_pure_data():
-    from deployers.ssh_docker import SSHDockerDeployer
-    s = stage(strategy={"type": "rolling", "batch_size": 2},
-              container={"ports": ["8080:80"], "secret_env": {"TOKEN": "tok"}})
-    d = SSHDockerDeployer(s, pipeline="demo", image_name="reg/demo", run_id="r1")
-    plan = d.plan().to_dict()
-    assert plan["batches"] == [["10.0.0.1", "10.0.0.2:2222"], ["10.0.0.3"]]
-    assert plan["image"] == "reg/demo@<digest pushed by this run>"
-    first = plan["servers"][0]
-    assert first["address"] == "root@10.0.0.1:22"
-    assert first["commands"][0] == ["docker", "pull", "--quiet",
-                                    "reg/demo@<digest pushed by this run>"]
-    run = next(c for c in first["commands"] if c[:2] == ["docker", "run"])
-    assert "--env-file" in run and not any("tok" == w for w in run)
-    json.dumps(plan)  # plain data
-
-
-# --------------------------------------------------------------------------- rollout order
-
-class Scripted:
-    """The rollout's orchestration with the per-server steps replaced by a script: which
-    batches run, what is undone and what is kept, for each strategy. (The steps themselves
-    run against real servers in test_deploy_lab.py.)"""
-
-    @staticmethod
-    def make(strategy: dict, fail: set[str], n: int = 5):
-        from deployers.ssh_docker import SSHDockerDeployer, ServerFailed, _Switch
-        s = stage(servers=[f"10.0.0.{i}" for i in range(1, n + 1)], strategy=strategy)
-        events: list[tuple[str, str]] = []
-
-        class D(SSHDockerDeployer):
-            def options(self):
-                return None
-
-            def _prepare(self, t, release):
-                events.append(("prepare", t.label))
-
-            def _switch(self, t, release):
-                events.append(("switch", t.label))
-                if t.label in fail:
-                    raise ServerFailed(t.label, "unhealthy", rolled_back=True, note="rolled back")
-                return _Switch(t, release, container_spec(s, release), old_digest=D2)
-
-            def _restore(self, sw):
-                events.append(("restore", sw.target.label))
-                return "rolled back: previous version running again"
-
-            def _commit_all(self, switches):
-                events.extend(("commit", sw.target.label) for sw in switches)
-
-        d = D(s, pipeline="demo", image_name="reg/demo", run_id="r1",
-              release=Release(ref=REF, pipeline="demo", run_id="r1"))
-        return d, events
-
-
-def test_rollout_rolling_rollback_all():
-    from deployers.base import DeployFailed
-    d, ev = Scripted.make({"type": "rolling", "batch_size": 2}, fail={"10.0.0.3"})
-    with pytest.raises(DeployFailed) as err:
-        d.apply()
-    switched = [x for k, x in ev if k == "switch"]
-    assert switched[:2] == ["10.0.0.1", "10.0.0.2"] or set(switched[:2]) == {"10.0.0.1",
-                                                                              "10.0.0.2"}
-    assert set(switched) == {"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"}  # batch 3 never
-    assert {x for k, x in ev if k == "restore"} == {"10.0.0.1", "10.0.0.2", "10.0.0.4"}
-    assert not [x for k, x in ev if k == "commit"]
-    st = {s.server: s.status for s in err.value.report.servers}
-    assert st == {"10.0.0.1": "rolled_back", "10.0.0.2": "rolled_back", "10.0.0.3": "failed",
-                  "10.0.0.4": "rolled_back", "10.0.0.5": "skipped"}
-    assert "10.0.0.3" in str(err.value) and "unhealthy" in str(err.value)
-
-
-def test_rollout_keep_done_and_canary_and_all():
-    from deployers.base import DeployFailed
-    d, ev = Scripted.make({"type": "rolling", "batch_size": 2, "on_failure": "keep_done"},
-                          fail={"10.0.0.3"})
-    with pytest.raises(DeployFailed) as err:
-        d.apply()
-    assert {x for k, x in ev if k == "restore"} == {"10.0.0.4"}
-    assert {x for k, x in ev if k == "commit"} == {"10.0.0.1", "10.0.0.2"}
-    st = {s.server: s.status for s in err.value.report.servers}
-    assert st["10.0.0.1"] == "deployed" and st["10.0.0.5"] == "skipped"
-
-    d, ev = Scripted.make({"type": "canary"}, fail={"10.0.0.1"})
-    with pytest.raises(DeployFailed):
-        d.apply()
-    assert [x for k, x in ev if k in ("switch", "prepare")] == ["10.0.0.1", "10.0.0.1"]
-
-    d, ev = Scripted.make({"type": "all"}, fail=set())
-    report = d.apply()
-    assert report.ok and [s.status for s in report.servers] == ["deployed"] * 5
-    # All prepared (pulled) before any switch.
-    kinds = [k for k, _ in ev]
-    assert kinds.index("switch") == 5 and kinds[:5] == ["prepare"] * 5

@@ -1,0 +1,130 @@
+"""The deploy planner: deploy settings + releases -> `DeployPlan`. Pure: no I/O.
+
+The plan holds, for every server, the complete release and every docker command the SSH steps
+will run, as argv lists whose server-side unknowns are `Slot`s (deployers.commands). The steps
+take their commands from the plan (`ServerPlan.argv(key, values)`), so `--dry-run` prints what
+really runs.
+"""
+from __future__ import annotations
+
+import re
+
+from runner.model.deploy import DeployStage
+from runner.model.image import ImageRef
+
+from deployers import commands as cmd
+from deployers.base import DeployPlan, PlannedCommand, ServerPlan
+from deployers.commands import Slot
+from deployers.spec import Release, Target, app_name, batches, release_for, targets
+
+# A dry run before the push knows no digest yet.
+PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
+UNVERIFIED = Slot("unverified container")
+VERIFIED = Slot("verified container")
+
+
+def safe_name(text: str, limit: int = 24) -> str:
+    return (re.sub(r"[^A-Za-z0-9_.-]", "-", text) or "x")[:limit]
+
+
+def previous_name(app: str, run_id: str) -> str:
+    """Where a run keeps the container it replaces until it commits (or restores it)."""
+    return f"{app}_prev_{safe_name(run_id)}"
+
+
+def server_commands(stage: DeployStage, release: Release, run_id: str) -> tuple[PlannedCommand,
+                                                                                ...]:
+    spec, image = release.spec, release.image
+    prev = previous_name(spec.name, run_id)
+    missing = "the image is not on the server yet"
+    runs = "a container of the app exists"
+    user = stage.registry.username
+    out = []
+    if user:
+        out.append(PlannedCommand("login", "prepare",
+                                  tuple(cmd.login(image.registry, user, config=cmd.LOGIN_DIR)),
+                                  missing))
+    out += [
+        PlannedCommand("pull", "prepare",
+                       tuple(cmd.pull(str(image), config=cmd.LOGIN_DIR if user else None)),
+                       missing),
+        PlannedCommand("recover_remove", "prepare", tuple(cmd.remove(UNVERIFIED)),
+                       "an earlier run left an unverified release running"),
+        PlannedCommand("recover_rename", "prepare", tuple(cmd.rename(VERIFIED, spec.name)),
+                       "an earlier run left the last verified release aside"),
+        PlannedCommand("recover_start", "prepare", tuple(cmd.start(spec.name)),
+                       "an earlier run left the last verified release aside"),
+        PlannedCommand("rename_previous", "switch", tuple(cmd.rename(spec.name, prev)), runs),
+    ]
+    stop = tuple(cmd.stop(prev, spec.stop_timeout))
+    if spec.ports:  # two containers cannot publish one host port
+        out.append(PlannedCommand("stop_previous", "switch", stop,
+                                  f"{runs} (it publishes host ports)"))
+    out.append(PlannedCommand(
+        "run", "switch",
+        tuple(cmd.run(spec, env_file=cmd.ENV_FILE if spec.has_env else None,
+                      secrets=cmd.SECRETS if spec.secret_env else None))))
+    h = spec.health
+    if h.kind == "cmd":
+        out.append(PlannedCommand("probe", "verify",
+                                  tuple(cmd.probe(cmd.NEW, ["CMD-SHELL", h.cmd or ""])),
+                                  f"every {h.probe_interval:g}s until healthy"))
+    elif h.kind == "http":
+        out.append(PlannedCommand(
+            "probe_fallback", "verify",
+            tuple(cmd.http_probe(cmd.NEW, h.http_port or 80, h.http_path, h.probe_timeout)),
+            "the server forbids SSH TCP forwarding (else GET over the SSH connection)"))
+    if not spec.ports:
+        out.append(PlannedCommand("stop_previous", "verify", stop,
+                                  f"{runs}, once the new one is healthy"))
+    out += [
+        PlannedCommand("logs", "verify", tuple(cmd.logs(cmd.NEW, 10)), "the health gate fails"),
+        PlannedCommand("remove_new", "restore", tuple(cmd.remove(cmd.NEW)), "restoring"),
+        PlannedCommand("rename_back", "restore", tuple(cmd.rename(prev, spec.name)),
+                       f"restoring, {runs}"),
+        PlannedCommand("start_previous", "restore", tuple(cmd.start(spec.name)),
+                       "restoring, the previous container was running"),
+        PlannedCommand("remove_previous", "commit", tuple(cmd.remove(prev)), runs),
+        PlannedCommand("prune", "commit", tuple(cmd.remove_image(cmd.PRUNED)),
+                       f"an image falls out of the last {stage.keep_versions} releases"),
+    ]
+    return tuple(out)
+
+
+def _plan(stage: DeployStage, app: str, what: str, run_id: str,
+          releases: dict[str, Release], all_targets: tuple[Target, ...],
+          placeholder: bool = False) -> DeployPlan:
+    chosen = tuple(t for t in all_targets if t.label in releases)
+    servers = tuple(ServerPlan(t, releases[t.label],
+                               server_commands(stage, releases[t.label], run_id))
+                    for t in chosen)
+    h = stage.healthcheck
+    notes = (
+        "commands with a `when` run only then; <slots> are filled in on the server",
+        f"health: {next(iter(releases.values())).spec.health.kind if releases else '-'}, "
+        f"up to {h.timeout:g}s per server",
+        f"keeps the last {stage.keep_versions} verified releases on each server",
+    )
+    return DeployPlan(
+        app=app, what=what, strategy=stage.strategy.type, on_failure=stage.strategy.on_failure,
+        batches=tuple(tuple(t.label for t in b)
+                      for b in batches(chosen, stage.strategy.type, stage.strategy.batch_size)),
+        servers=servers, parallel=stage.parallel, notes=notes, placeholder=placeholder)
+
+
+def plan_deploy(stage: DeployStage, *, pipeline: str, image_name: str, run_id: str,
+                image: ImageRef | None = None, commit: str = "") -> DeployPlan:
+    """The deploy of `image` (None: a dry run before the push; the digest is a placeholder)."""
+    placeholder = image is None
+    image = image or ImageRef(image_name, PLACEHOLDER_DIGEST)
+    release = release_for(stage, image, pipeline=pipeline, run_id=run_id, commit=commit)
+    ts = targets(stage)
+    return _plan(stage, app_name(stage, pipeline), "deploy", run_id,
+                 {t.label: release for t in ts}, ts, placeholder)
+
+
+def plan_rollback(stage: DeployStage, *, pipeline: str, run_id: str,
+                  releases: dict[str, Release]) -> DeployPlan:
+    """Each server back to the release chosen for it (from its own history), exactly as that
+    release ran: its recorded spec, not the pipeline file's current settings."""
+    return _plan(stage, app_name(stage, pipeline), "rollback", run_id, releases, targets(stage))
