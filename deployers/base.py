@@ -206,7 +206,8 @@ class Switch:
     server: str
     release: Release  # what this run put there
     unchanged: bool = False  # the release already ran there, verified: nothing was switched
-    previous_digest: str = ""
+    previous_digest: str = ""  # what ran there when this run came
+    recovered: str = ""  # what prepare did to return the server to its last verified release
     detail: Any = None
 
 

@@ -143,6 +143,8 @@ def run(spec: ContainerSpec, name: str | None = None, env_file: Word | None = No
         argv += ["--cpus", f"{spec.cpus:g}"]
     if spec.network:
         argv += ["--network", spec.network]
+    if spec.entrypoint is not None:
+        argv.append(f"--entrypoint={spec.entrypoint}")  # one word, also when it is ""
     argv += ["--stop-timeout", str(spec.stop_timeout)]
     argv += health_args(spec.health)
     argv.append(spec.image)

@@ -103,11 +103,17 @@ class Rollout:
                             phases=self.steps.timings(server), **kw)
 
     def _done(self, sw: Switch) -> ServerResult:
-        if self.plan.what == "rollback" and not sw.unchanged:
+        # Unchanged only if nothing changed at all: not when prepare first had to return the
+        # server from an unverified release to this one.
+        unchanged = sw.unchanged and not sw.recovered
+        note = sw.recovered
+        if self.plan.what == "rollback" and not unchanged:
             return self._result(sw, sw.server, "rolled_back", digest=sw.release.digest,
-                                previous_digest=sw.previous_digest, rolled_back=True)
-        return self._result(sw, sw.server, "unchanged" if sw.unchanged else "deployed",
-                            digest=sw.release.digest, previous_digest=sw.previous_digest)
+                                previous_digest=sw.previous_digest, rolled_back=True,
+                                reason=note)
+        return self._result(sw, sw.server, "unchanged" if unchanged else "deployed",
+                            digest=sw.release.digest, previous_digest=sw.previous_digest,
+                            reason=note)
 
     def _restored(self, sw: Switch, r: Restored, why: str) -> ServerResult:
         undo = "rolled_back" if self.plan.what == "deploy" else "restored"

@@ -2,7 +2,9 @@
 
 `ContainerSpec` is everything `docker run` needs except the values of secrets: secret
 environment variables are carried by name only and resolved at apply time, straight into an env
-file on the server. `Target` is one server with its SSH settings resolved.
+file on the server. `Release` is one complete release (image by digest, the whole spec, where
+it came from, the keyed fingerprint of its secret values), as a server's history records it.
+`Target` is one server with its SSH settings resolved.
 
 The spec is deliberately independent of how traffic reaches the container: a later proxy-based
 zero-downtime cutover only needs a spec without host `ports` plus a proxy step, not a new spec.
@@ -72,6 +74,7 @@ class ContainerSpec:
     memory: str | None = None
     cpus: float | None = None
     command: tuple[str, ...] | None = None
+    entrypoint: str | None = None
     network: str | None = None
     stop_timeout: int = 10
     health: HealthSpec = field(default_factory=lambda: HealthSpec(kind="image"))
@@ -143,6 +146,7 @@ def container_spec(stage: DeployStage, image: ImageRef, *, pipeline: str, run_id
         memory=c.memory,
         cpus=c.cpus,
         command=tuple(c.command) if c.command is not None else None,
+        entrypoint=c.entrypoint,
         network=c.network,
         stop_timeout=c.stop_timeout,
         health=health_spec(stage.healthcheck),

@@ -473,14 +473,15 @@ class SSHDockerSteps(ServerSteps):
                                   wait=d.stage.lock.wait, cancel=d.cancel, log=d.log)
             self._leases[t.label] = lease
             d.log(f"{t.label}: deploy lock taken (run {d.run_id})")
+        with self._as_step(t.label, touched=False):
+            before = d.inspect(conn, plan.release.spec.name, self._runner(conn))
         with self._as_step(t.label, touched=True):
             history = d.history(conn)
-            self._recover(conn, plan, history)
-        with self._as_step(t.label, touched=False):
+            recovered = self._recover(conn, plan, history)
+        with self._as_step(t.label, touched=bool(recovered)):
             release, values = self._with_secrets(conn, plan.release)
-            cur = d.inspect(conn, release.spec.name, self._runner(conn))
-        return Switch(t.label, release,
-                      previous_digest=cur.labels.get(LABEL_DIGEST, "") if cur else "",
+        return Switch(t.label, release, recovered=recovered,
+                      previous_digest=before.labels.get(LABEL_DIGEST, "") if before else "",
                       detail=_OnServer(plan, history, values))
 
     def _pull(self, conn: Connection, plan: ServerPlan) -> None:
@@ -580,10 +581,11 @@ class SSHDockerSteps(ServerSteps):
             raise TransportError(conn.label, f"the app's fingerprint key {path} is unreadable")
         return bytes(key)
 
-    def _recover(self, conn: Connection, plan: ServerPlan, history: list[dict]) -> None:
+    def _recover(self, conn: Connection, plan: ServerPlan, history: list[dict]) -> str:
         """Return the server to its last verified release when an earlier run left it
         mid-switch, deciding by the history (verified releases only), never by which
-        containers happen to exist. Also sweeps a dead run's env files and old logins."""
+        containers happen to exist. Also sweeps a dead run's env files and old logins.
+        Returns what it did to what runs ("" when nothing)."""
         root, app = self.d._dir(conn), self.d.app
         own = re.escape(app) + _SCRATCH_TAIL
         # Env files left by a run that died between writing and removing them; logins left by
@@ -601,14 +603,15 @@ class SSHDockerSteps(ServerSteps):
                 identity_of(current.labels) == verified:
             for c in aside:  # older versions a dead run never removed
                 run(cmd.remove(c.id), check=False)
-            return
+            return ""
         if verified is None:
             if current is None and aside:  # an older runner's interrupted deploy
                 self.d.log(f"{conn.label}: an interrupted deploy left {aside[0].name} aside; "
                            f"restoring it")
                 run(plan.argv("recover_rename", {VERIFIED: aside[0].id}), check=True)
                 run(plan.argv("recover_start"), check=False)
-            return
+                return f"restored {aside[0].name}, left aside by an interrupted deploy"
+            return ""
         good = next((c for c in aside if identity_of(c.labels) == verified), None)
         if good is None:
             if current is not None:
@@ -616,7 +619,7 @@ class SSHDockerSteps(ServerSteps):
                            f"{current.labels.get(LABEL_DIGEST, '?')[:19]}, which was never "
                            f"verified, and no container of the last verified release "
                            f"{history[-1]['digest'][:19]} is left; this run replaces it")
-            return
+            return ""
         if current is not None:
             self.d.log(f"{conn.label}: {app} runs an unverified release "
                        f"({current.labels.get(LABEL_DIGEST, '?')[:19]}, left by an interrupted "
@@ -631,6 +634,7 @@ class SSHDockerSteps(ServerSteps):
         for c in aside:
             if c.id != good.id:
                 run(cmd.remove(c.id), check=False)
+        return f"returned to the last verified release {history[-1]['digest'][:19]} first"
 
     # ---------------------------------------------------------------- switch / verify
 

@@ -2,7 +2,9 @@
 
 Reads ctx.results["push"]["ref"] ("name@sha256:...", what the registry acknowledged in this run),
 never a tag, so what runs on the servers is what was built, scanned and pushed.
-Outputs (ctx.results["deploy"]): app, servers: [{name, status, digest, rolled_back, reason, ...}].
+Outputs (ctx.results["deploy"], also when it fails): deployers.base.DeployReport.to_dict():
+app, ok, headline, servers: [{name, status, digest, previous_digest, rolled_back, verified,
+kept, reason, duration, phases: {connect, pull, switch, start, health, commit}}].
 """
 from __future__ import annotations
 
@@ -53,8 +55,12 @@ class DeployStage(Stage):
             report = deployer.apply(plan)
         except (DeployFailed, ConfigError, TransportError) as exc:
             # The reason (which server, why, what was rolled back) is the stage's error: shown
-            # once at the stage's end and in the summary, not repeated as warnings.
-            raise StageFailed(self.name, str(exc)) from None
+            # once at the stage's end and in the summary, not repeated as warnings. The
+            # per-server report goes into run.json as the stage's outputs all the same.
+            failed = StageFailed(self.name, str(exc))
+            if isinstance(exc, DeployFailed):
+                failed.outputs = exc.report.to_dict()
+            raise failed from None
         except Cancelled:
             raise
         finally:

@@ -148,6 +148,16 @@ def test_run_argv_exact():
     ]
 
 
+def test_run_argv_entrypoint_is_one_word():
+    s = stage(container={"entrypoint": "/bin/sh", "command": ["-c", "echo hi"]})
+    argv = cmd.run(container_spec(s, IMG, pipeline="demo", run_id="r1"))
+    assert argv.index("--entrypoint=/bin/sh") < argv.index(REF)
+    assert argv[-3:] == [REF, "-c", "echo hi"]
+    cleared = cmd.run(container_spec(stage(container={"entrypoint": ""}), IMG, pipeline="demo",
+                                     run_id="r1"))
+    assert "--entrypoint=" in cleared
+
+
 def test_run_argv_minimal_no_init_other_name():
     s = stage(container={"init": False, "restart": "unless-stopped"})
     spec = container_spec(s, IMG, pipeline="demo", run_id="r1")

@@ -348,3 +348,17 @@ def test_rollback_report_says_rolled_back_with_both_digests():
     assert (row.status, row.rolled_back, row.digest, row.previous_digest) == (
         "rolled_back", True, D2, D1)
     assert plan.servers[0].argv("rename_previous")[-1] == "demo_prev_rb1"
+
+
+def test_a_recovered_server_is_not_reported_unchanged():
+    """prepare returned the server from an unverified release to the one this run wants: the
+    switch has nothing left to do, but the server did change."""
+    class Steps(FakeSteps):
+        def prepare(self, plan):
+            return Switch(plan.server, plan.release, previous_digest=D3,
+                          recovered="returned to the last verified release first")
+    steps = Steps(unchanged={"10.0.0.1"})
+    report = _run({"type": "all"}, steps, n=1)
+    [row] = report.servers
+    assert (row.status, row.previous_digest, row.digest) == ("deployed", D3, D1)
+    assert "returned to the last verified release" in row.reason

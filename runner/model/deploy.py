@@ -138,6 +138,9 @@ class Container(Model):
     memory: str | None = Field(default=None, pattern=r"^\d+[bkmgBKMG]?$")
     cpus: float | None = Field(default=None, gt=0)
     command: tuple[str, ...] | None = None  # argv; a string is split like a shell would
+    # The image's ENTRYPOINT replaced by this executable (docker run --entrypoint); its
+    # arguments are `command`. "" clears the image's entrypoint.
+    entrypoint: str | None = None
     network: str | None = Field(default=None, pattern=_NAME_RE)
     stop_timeout: int = Field(default=10, ge=0, le=600)  # seconds for `docker stop`
 
