@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 import threading
 import time
 import uuid
@@ -53,6 +52,7 @@ from deployers.base import (DeployFailed, Deployer, DeployPlan, DeployReport, Lo
 from deployers.health import ContainerState, ProbeResult, Verdict, parse_http_status, \
     parse_inspect, wait_healthy
 from deployers.plan import UNVERIFIED, VERIFIED, plan_deploy, plan_rollback
+from deployers.remote_files import remove_tree, sweep
 from deployers.rollout import UNTOUCHED, headline, parallel, rollout
 from deployers.spec import (LABEL_COMMIT, LABEL_DIGEST, LABEL_RUN, Release, Target, app_name,
                             env_file_content, identity_of, record_identity, secret_fingerprint,
@@ -70,33 +70,6 @@ _NET_ERRORS = (TransportError, OSError, EOFError, paramiko.SSHException)
 
 class ConfigError(ValueError):
     """The deploy settings cannot work (missing key, bad known_hosts, unknown secret)."""
-
-
-def _sweep(sftp, directory: str, pattern: str, min_age: float = 0.0) -> None:
-    """Remove the entries of `directory` whose whole name matches `pattern` and that are at
-    least `min_age` seconds old."""
-    try:
-        entries = sftp.listdir_attr(directory)
-    except FileNotFoundError:
-        return
-    for e in entries:
-        if re.fullmatch(pattern, e.filename) and time.time() - (e.st_mtime or 0) >= min_age:
-            path = f"{directory}/{e.filename}"
-            if stat.S_ISDIR(e.st_mode or 0):
-                _remove_tree(sftp, path)
-            else:
-                sftp.remove(path)
-
-
-def _remove_tree(sftp, path: str) -> None:
-    """A login dir: docker writes only files into it."""
-    try:
-        names = sftp.listdir(path)
-    except FileNotFoundError:
-        return
-    for n in names:
-        sftp.remove(f"{path}/{n}")
-    sftp.rmdir(path)
 
 
 @dataclass
@@ -530,7 +503,7 @@ class SSHDockerSteps(ServerSteps):
 
     def _forget_login(self, conn: Connection, auth_dir: str) -> None:
         try:
-            conn.sftp_do(lambda sftp: _remove_tree(sftp, auth_dir))
+            conn.sftp_do(lambda sftp: remove_tree(sftp, auth_dir))
         except (OSError, TransportError) as exc:
             self.d.log(f"{conn.label}: WARNING: could not remove the login in {auth_dir} "
                        f"({exc}); the next deploy of {self.d.app} removes it")
@@ -591,8 +564,8 @@ class SSHDockerSteps(ServerSteps):
         # Env files left by a run that died between writing and removing them; logins left by
         # one that died before its pull ended: only old ones, as pulls run before the lock and
         # another run may be pulling right now.
-        conn.sftp_do(lambda sftp: _sweep(sftp, f"{root}/env", own + r"\.env"))
-        conn.sftp_do(lambda sftp: _sweep(sftp, f"{root}/auth", own, STALE_LOGIN_AGE))
+        conn.sftp_do(lambda sftp: sweep(sftp, f"{root}/env", own + r"\.env"))
+        conn.sftp_do(lambda sftp: sweep(sftp, f"{root}/auth", own, STALE_LOGIN_AGE))
         run = self._runner(conn)
         found = self.d.app_containers(conn, run)
         current = next((c for c in found if c.name == app), None)

@@ -1,0 +1,388 @@
+"""`runner app logs|exec|remove PIPELINE`: the deployed app itself, on its servers.
+
+- logs: `docker container logs --tail N [--follow] <app>` on each server (or one), every line
+  masked, prefixed with the server when there are several.
+- exec: `docker exec <app> CMD...` on one server (or --all), its output as it comes, the
+  command's exit status as ours.
+- remove: on every server, under the app's deploy lock (so never in the middle of a deploy):
+  every container labelled runner.app=<app> (kept previous versions too), the images of its
+  release history and of those containers, the history dir (apps/<app>: history and
+  fingerprint key), a dead run's leftover env files and logins, and then the lock itself.
+
+The pipeline is loaded, and its secrets read, as `runner exec` does; output passes the masker.
+Commands are argv lists (deployers.commands), never shell lines.
+Exit codes: 0 done; 1 a server failed or could not be reached (the message names it and says
+why), or the removal was not confirmed; 2 bad input (unknown --server, no command, bad settings);
+130 interrupted.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import click
+
+from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
+
+from deployers import commands as cmd
+from deployers import lock as locks
+from deployers.cli import Loader, _default_load, _open
+from deployers.remote_files import remove_tree, sweep
+from deployers.spec import Target
+from deployers.ssh_docker import ConfigError, SSHDockerDeployer
+from deployers.transport import TransportError
+
+SERVER_HELP = "only this server (its name or host)"
+_SCRATCH = "--[0-9a-f]{32}"  # after the app name: a deploy's env file or login dir
+_OLD_LOGIN = 3600.0  # seconds; a younger login dir may belong to a pull running right now
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TransportError):
+        return exc.reason
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _Out:
+    """Whole lines to the terminal from several threads, masked, with an optional prefix."""
+
+    def __init__(self, masker, prefixed: bool, width: int):
+        self.masker = masker
+        self.prefixed = prefixed
+        self.width = width
+        self._lock = threading.Lock()
+
+    def line(self, server: str, text: str, err: bool = False) -> None:
+        text = self.masker.mask(text)
+        if self.prefixed:
+            text = f"{server:<{self.width}} | {text}"
+        with self._lock:
+            click.echo(text, err=err)
+
+
+def _session(path: str, var: tuple[str, ...], load: Loader, run_id: str
+             ) -> tuple[object, SSHDockerDeployer, object]:
+    """(pipeline, deployer, masker); exit 2 when the settings cannot work (no key, ...)."""
+    pipeline, d, masker = _open(path, var, load, run_id, lambda s: click.echo(s, err=True))
+    try:
+        d.options()
+    except ConfigError as exc:
+        d.close()
+        click.echo(masker.mask(f"{path}: {exc}"), err=True)
+        sys.exit(EXIT_INVALID)
+    return pipeline, d, masker
+
+
+def _choose(d: SSHDockerDeployer, server: str | None) -> list[Target]:
+    """The servers a command runs on: all, or those named `server` (label or host); exit 2
+    naming the pipeline's servers when none is."""
+    if server is None:
+        return list(d.targets)
+    chosen = [t for t in d.targets if server in (t.label, t.host)]
+    if not chosen:
+        d.close()
+        known = ", ".join(t.label for t in d.targets)
+        click.echo(f"unknown server {server!r}: this pipeline deploys to {known}", err=True)
+        sys.exit(EXIT_INVALID)
+    return chosen
+
+
+def _each(d: SSHDockerDeployer, fn: Callable[[Target], object], items: list[Target],
+          limit: int | None = None) -> tuple[list, bool]:
+    """fn(item) for each item in threads (at most `limit` at once; None: all at once): the
+    results or the exceptions raised, and whether Ctrl-C was pressed. Ctrl-C sets the
+    deployer's cancel (every remote command here watches it) and waits a little for the
+    threads; one still running then counts as Cancelled."""
+    results: list = [Cancelled("interrupted")] * len(items)
+    gate = threading.Semaphore(limit or len(items) or 1)
+    # Events, not Thread.join: on Python 3.11 a join that Ctrl-C interrupts leaves the thread
+    # looking finished while it still runs.
+    done = [threading.Event() for _ in items]
+
+    def work(i: int, item: Target) -> None:
+        try:
+            with gate:
+                results[i] = fn(item)
+        except BaseException as exc:  # handed to the caller
+            results[i] = exc
+        finally:
+            done[i].set()
+    for i, t in enumerate(items):
+        threading.Thread(target=work, args=(i, t), daemon=True, name=f"app-{t.label}").start()
+    try:
+        for ev in done:
+            while not ev.wait(0.2):
+                pass
+    except KeyboardInterrupt:
+        d.cancel.set()
+        end = time.monotonic() + 10
+        for ev in done:
+            ev.wait(max(0.0, end - time.monotonic()))
+        return list(results), True
+    return results, False
+
+
+def _interrupted(d: SSHDockerDeployer) -> None:
+    d.close()
+    click.echo("interrupted", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _fail(server: str, exc: BaseException, masker) -> None:
+    click.echo(masker.mask(f"{server}: FAILED: {_why(exc)}"), err=True)
+
+
+def _logs_failed(server: str, app: str, status: int) -> None:
+    click.echo(f"{server}: FAILED: `docker container logs {app}` exited with {status}",
+               err=True)
+
+
+# -------------------------------------------------------------------------------- remove
+
+@dataclass
+class _Removal:
+    server: str
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> None:
+    conn = d._conn(t)
+    root = d._dir(conn)
+    app = d.app
+    lock_root = f"{root}/locks"
+    before = locks.inspect(conn, lock_root, app)
+    ttl = d.stage.lock.ttl
+    lease = locks.acquire(conn, lock_root, app, locks.holder_info(run_id, d.pipeline, ttl=ttl),
+                          ttl=ttl, wait=d.stage.lock.wait, cancel=d.cancel, log=d.log)
+    if before is not None and before.stale:
+        res.removed.append(f"stale deploy lock of {locks.describe_holder(before.holder)}")
+    try:  # lease.check(): stop at once if the lock was lost (another run may deploy now)
+        history = d.history(conn)
+        containers = d.app_containers(conn)
+        lease.check()
+        if containers:
+            conn.run([cmd.DOCKER, "container", "rm", "--force", *[c.id for c in containers]],
+                     check=True, cancel=d.cancel)
+            res.removed += [f"container {c.name} ({c.id[:12]}, {c.status})" for c in containers]
+        refs: list[str] = []
+        for ref in [h.get("ref") for h in history] + [c.image for c in containers]:
+            if isinstance(ref, str) and "@sha256:" in ref and ref not in refs:
+                refs.append(ref)
+        for ref in refs:
+            lease.check()
+            r = conn.run(cmd.remove_image(ref), check=False, cancel=d.cancel)
+            if r.ok:
+                res.removed.append(f"image {ref}")
+            elif "no such image" not in r.output.lower():  # errors ignored, but said
+                first = (r.output.splitlines() or ["?"])[0]
+                res.kept.append(f"image {ref}: {first}")
+        app_dir = f"{root}/apps/{app}"
+        lease.check()
+        if conn.sftp_do(lambda sftp: remove_tree(sftp, app_dir)):
+            res.removed.append(f"release history and fingerprint key ({app_dir})")
+        own = re.escape(app) + _SCRATCH
+        for p in conn.sftp_do(lambda sftp: sweep(sftp, f"{root}/env", own + r"\.env")):
+            res.removed.append(f"env file a dead run left ({p})")
+        for p in conn.sftp_do(lambda sftp: sweep(sftp, f"{root}/auth", own, _OLD_LOGIN)):
+            res.removed.append(f"registry login a dead run left ({p})")
+    finally:
+        lease.release()
+    if locks.inspect(conn, lock_root, app) is not None:
+        raise TransportError(t.label, f"the deploy lock {lock_root}/{app} could not be "
+                                      f"removed; see `runner deploy-lock show`")
+
+
+# -------------------------------------------------------------------------------- commands
+
+def make_app(load: Loader = _default_load) -> click.Group:
+    @click.group("app")
+    def app() -> None:
+        """The deployed app on its servers: its logs, a command inside it, removing it.
+
+        Exit codes: 0 done, 1 a server failed or could not be reached (named, with why),
+        2 bad input, 130 interrupted."""
+
+    @app.command("logs")
+    @click.argument("pipeline_file", type=click.Path(dir_okay=False))
+    @click.option("--server", default=None, metavar="S", help=SERVER_HELP)
+    @click.option("--lines", "-n", type=click.IntRange(min=0), default=100, show_default=True,
+                  help="how many of the last lines to show, per server")
+    @click.option("--follow", "-f", is_flag=True,
+                  help="keep streaming new lines until Ctrl-C")
+    @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    def logs(pipeline_file: str, server: str | None, lines: int, follow: bool,
+             var: tuple[str, ...]) -> None:
+        """The app container's own output (stdout and stderr), from each server or one.
+
+        Lines are prefixed with the server when there are several; secret values show as ***.
+        With --follow, new lines show as they come (stderr's on stdout too) until Ctrl-C.
+        """
+        _, d, masker = _session(pipeline_file, var, load, "app-logs")
+        chosen = _choose(d, server)
+        out = _Out(masker, len(chosen) > 1, max(len(t.label) for t in chosen))
+        argv = [cmd.DOCKER, "container", "logs", "--tail", str(lines),
+                *(["--follow"] if follow else []), d.app]
+
+        limit = None if follow else d.stage.ssh.command_timeout
+        said: set[str] = set()  # failures already shown (while following)
+
+        def one(t: Target) -> tuple[int, list[tuple[str, bool]]]:
+            got: list[tuple[str, bool]] = []
+
+            def on_line(text: str, err: bool) -> None:
+                if follow:  # live, as it comes; otherwise in server order at the end
+                    out.line(t.label, text, err)
+                else:
+                    got.append((text, err))
+            try:
+                status = d._conn(t).stream(argv, on_line, cancel=d.cancel, timeout=limit,
+                                           pty=follow)  # follow: hung up on Ctrl-C
+            except Exception as exc:
+                if follow and not d.cancel.is_set():  # at once: the others go on streaming
+                    _fail(t.label, exc, masker)
+                    said.add(t.label)
+                raise
+            if follow and status != 0:
+                _logs_failed(t.label, d.app, status)
+                said.add(t.label)
+            return status, got
+
+        results, interrupted = _each(d, one, chosen, None if follow else d.stage.parallel)
+        if interrupted:
+            _interrupted(d)
+        d.close()
+        failed = False
+        for t, r in zip(chosen, results):
+            if isinstance(r, BaseException):
+                failed = True
+                if t.label not in said:
+                    _fail(t.label, r, masker)
+                continue
+            status, got = r
+            for text, err in got:
+                out.line(t.label, text, err)
+            if status != 0:
+                failed = True
+                if t.label not in said:
+                    _logs_failed(t.label, d.app, status)
+        if failed:
+            sys.exit(EXIT_FAILED)
+
+    @app.command("exec")
+    @click.argument("pipeline_file", type=click.Path(dir_okay=False))
+    @click.argument("command", nargs=-1, type=click.UNPROCESSED)
+    @click.option("--server", default=None, metavar="S", help=SERVER_HELP)
+    @click.option("--all", "all_", is_flag=True, help="on every server, each line prefixed "
+                  "with the server's name")
+    @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    def exec_(pipeline_file: str, command: tuple[str, ...], server: str | None, all_: bool,
+              var: tuple[str, ...]) -> None:
+        """Run a command in the app's running container: `docker exec <app> CMD...`.
+
+        Give the command after `--`: runner app exec pipeline.yaml --server web1 -- ls -la /app.
+        With several servers, say which (--server) or --all. Its output shows as it comes
+        (secret values as ***); the exit status is the command's (with --all, the first
+        server's that failed), 1 if a server could not be reached."""
+        if not command:
+            click.echo("no command: give it after `--`, e.g. runner app exec PIPELINE -- ls",
+                       err=True)
+            sys.exit(EXIT_INVALID)
+        if all_ and server is not None:
+            click.echo("give --server or --all, not both", err=True)
+            sys.exit(EXIT_INVALID)
+        _, d, masker = _session(pipeline_file, var, load, "app-exec")
+        chosen = _choose(d, server)
+        if len(chosen) > 1 and not all_:
+            d.close()
+            click.echo(f"this pipeline deploys to {len(chosen)} servers "
+                       f"({', '.join(t.label for t in chosen)}): say which with --server, "
+                       f"or --all", err=True)
+            sys.exit(EXIT_INVALID)
+        out = _Out(masker, len(chosen) > 1, max(len(t.label) for t in chosen))
+        argv = cmd.exec_(d.app, list(command))
+
+        def one(t: Target) -> int:
+            return d._conn(t).stream(argv, lambda text, err: out.line(t.label, text, err),
+                                     cancel=d.cancel, timeout=d.stage.ssh.command_timeout)
+
+        results, interrupted = _each(d, one, chosen, d.stage.parallel)
+        if interrupted:
+            _interrupted(d)
+        d.close()
+        code = 0
+        unreachable = False
+        for t, r in zip(chosen, results):
+            if isinstance(r, BaseException):
+                _fail(t.label, r, masker)
+                unreachable = True
+            elif r != 0:
+                if len(chosen) > 1:
+                    click.echo(f"{t.label}: exited with {r}", err=True)
+                code = code or (r if 0 < r < 256 else EXIT_FAILED)
+        sys.exit(EXIT_FAILED if unreachable else code)
+
+    @app.command("remove")
+    @click.argument("pipeline_file", type=click.Path(dir_okay=False))
+    @click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
+    @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    def remove(pipeline_file: str, yes: bool, var: tuple[str, ...]) -> None:
+        """Remove the app from every server: all its containers (kept previous versions too),
+        the images of its releases, its release history and its deploy lock.
+
+        Asks first unless --yes (an answer other than yes removes nothing and exits 1). Waits
+        for a deploy in progress to end (stages.deploy.lock.wait). Says what it removed on each
+        server; exits 1 naming every server it could not reach or finish on."""
+        _, d, masker = _session(pipeline_file, var, load, "app-remove")
+        servers = ", ".join(t.label for t in d.targets)
+        if not yes:
+            try:
+                ok = click.confirm(f"Remove {d.app} from {servers}: its containers, images, "
+                                   f"release history and deploy lock?", default=False)
+            except click.Abort:  # no answer (end of input, Ctrl-C)
+                click.echo()
+                ok = False
+            if not ok:
+                d.close()
+                click.echo("nothing removed", err=True)
+                sys.exit(EXIT_FAILED)
+        run_id = f"app-remove-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
+        rows = {t.label: _Removal(t.label) for t in d.targets}
+        results, interrupted = _each(d, lambda t: _remove_on(d, t, rows[t.label], run_id),
+                                     list(d.targets), d.stage.parallel)
+        d.close()
+        failed = []
+        for t, r in zip(d.targets, results):
+            row = rows[t.label]
+            if isinstance(r, BaseException):
+                row.error = _why(r)
+                if isinstance(r, Cancelled):
+                    row.error = "interrupted"
+            head = f"{t.label}:"
+            if not row.removed and not row.kept and not row.error:
+                head += f" nothing of {d.app} was there"
+            click.echo(masker.mask(head))
+            for what in row.removed:
+                click.echo(masker.mask(f"  removed {what}"))
+            for what in row.kept:
+                click.echo(masker.mask(f"  kept {what}"))
+            if row.error:
+                click.echo(masker.mask(f"  FAILED: {row.error}"))
+                failed.append(t.label)
+        if interrupted:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        if failed:
+            click.echo(f"remove of {d.app} failed on {', '.join(failed)}", err=True)
+            sys.exit(EXIT_FAILED)
+
+    return app
+
+
+app = make_app()
