@@ -153,6 +153,7 @@ def test_describe_and_env_lines_quote_values():
     assert info["auth_registry"] == {"address": "10.87.53.1:5001", "username": "lab",
                                      "password_file": "/tmp/lab dir/auth-registry.password"}
     assert info["docker_host"] == "unix:///run/runner-lab/docker.sock"
+    assert info["proxy_image"] == "10.87.53.1:5000/runner/caddy:2"
     assert info["servers"][1] == {
         "name": "srv2", "host": "10.87.53.12", "port": 22, "user": "root",
         "key_file": "/tmp/lab dir/ssh/id_ed25519", "known_hosts": "/tmp/lab dir/ssh/known_hosts",
@@ -168,7 +169,52 @@ def test_describe_and_env_lines_quote_values():
         "export AUTH_REGISTRY=10.87.53.1:5001",
         "export AUTH_REGISTRY_USER=lab",
         "export AUTH_REGISTRY_PASSWORD_FILE='/tmp/lab dir/auth-registry.password'",
+        "export PROXY_IMAGE=10.87.53.1:5000/runner/caddy:2",
     ]
+
+
+def test_proxy_image_is_built_from_debians_caddy_on_the_python_image():
+    state = Path("/tmp/lab")
+    assert layout.PROXY_IMAGE == "10.87.53.1:5000/runner/caddy:2"
+    assert layout.proxy_cache(state) == Path("/tmp/lab/cache/caddy")
+    assert layout.apt_download_argv() == ["apt-get", "download", "caddy"]
+    assert layout.apt_update_argv() == ["apt-get", "update"]
+    assert layout.dpkg_extract_argv(Path("/c/caddy_2.6.2-5_amd64.deb"), Path("/c/root")) == \
+        ["dpkg-deb", "-x", "/c/caddy_2.6.2-5_amd64.deb", "/c/root"]
+    assert layout.proxy_build_argv(Path("/tmp/lab/cache/caddy")) == [
+        "/usr/bin/docker", "-H", "unix:///run/runner-lab/docker.sock", "build",
+        "--progress=plain", "-t", "10.87.53.1:5000/runner/caddy:2", "/tmp/lab/cache/caddy"]
+    assert layout.proxy_build_env() == {"DOCKER_BUILDKIT": "1"}
+    assert layout.proxy_check_argv() == [
+        "/usr/bin/docker", "-H", "unix:///run/runner-lab/docker.sock", "run", "--rm",
+        "--network", "none", "10.87.53.1:5000/runner/caddy:2", "caddy", "version"]
+    assert layout.proxy_push_argv() == [
+        "/usr/bin/docker", "-H", "unix:///run/runner-lab/docker.sock", "push",
+        "10.87.53.1:5000/runner/caddy:2"]
+    recipe = layout.proxy_recipe()
+    assert len(recipe) == 16 and recipe == layout.proxy_recipe()
+    assert layout.proxy_dockerfile("2.6.2") == (
+        "FROM local/python:3.11\n"
+        "COPY caddy /usr/bin/caddy\n"
+        "COPY init.json /etc/caddy/init.json\n"
+        "RUN mkdir -p /etc/caddy /data /config /srv\n"
+        "ENV XDG_CONFIG_HOME=/config XDG_DATA_HOME=/data\n"
+        "LABEL org.opencontainers.image.title=caddy org.opencontainers.image.version=2.6.2\n"
+        "EXPOSE 80 443\n"
+        "WORKDIR /srv\n"
+        'CMD ["caddy", "run", "--config", "/etc/caddy/init.json"]\n'
+        f"LABEL runner.lab.recipe={recipe}\n")
+    assert json.loads(layout.proxy_init_config()) == {"admin": {"listen": "localhost:2019"}}
+
+
+@pytest.mark.parametrize("filename, version", [
+    ("caddy_2.6.2-5_amd64.deb", "2.6.2"),
+    ("caddy_1%3a2.7.0-1+b1_amd64.deb", "2.7.0"),
+    ("caddy_2.6.2_all.deb", "2.6.2"),
+    ("caddy.deb", None),
+])
+def test_deb_version_is_read_from_the_file_name(filename, version):
+    assert layout.deb_version(filename) == version
 
 
 def test_known_hosts_line_from_host_public_key():
@@ -228,6 +274,7 @@ def test_up_json_describes_three_servers(lab):
     assert lab["auth_registry"]["username"] == "lab"
     assert Path(lab["auth_registry"]["password_file"]).is_file()
     assert lab["docker_host"] == "unix:///run/runner-lab/docker.sock"
+    assert lab["proxy_image"] == "10.87.53.1:5000/runner/caddy:2"
     names = [s["name"] for s in lab["servers"]]
     assert names[:3] == ["srv1", "srv2", "srv3"]
     for s in lab["servers"]:
@@ -261,14 +308,18 @@ def test_a_server_pulls_from_the_registry_and_serves_the_host(lab):
         try:
             code, out = _run(client, ["docker", "pull", ref])
             assert code == 0, out
-            code, out = _run(client, ["docker", "run", "-d", "--name", name, "-p", "18080:8080",
+            # a random host port: other sessions (the bench) publish fixed ones on the servers
+            code, out = _run(client, ["docker", "run", "-d", "--name", name, "-p", "8080",
                                       ref, "sh", "-c",
                                       "echo lab-ok > /tmp/index.html && exec httpd -f -p 8080 -h /tmp"])
             assert code == 0, out
+            code, out = _run(client, ["docker", "port", name, "8080/tcp"])
+            assert code == 0, out
+            port = out.splitlines()[0].rsplit(":", 1)[1]
             body, deadline = "", time.monotonic() + 15
             while time.monotonic() < deadline:
                 try:
-                    with urllib.request.urlopen(f"http://{server['host']}:18080/index.html",
+                    with urllib.request.urlopen(f"http://{server['host']}:{port}/index.html",
                                                 timeout=2) as resp:
                         body = resp.read().decode()
                     break
@@ -298,6 +349,7 @@ def test_env_output_is_shell_parseable(lab):
     assert values["AUTH_REGISTRY"] == lab["auth_registry"]["address"]
     assert values["AUTH_REGISTRY_USER"] == lab["auth_registry"]["username"]
     assert values["AUTH_REGISTRY_PASSWORD_FILE"] == lab["auth_registry"]["password_file"]
+    assert values["PROXY_IMAGE"] == lab["proxy_image"] == "10.87.53.1:5000/runner/caddy:2"
 
 
 def test_up_again_is_a_no_op(lab):

@@ -44,6 +44,7 @@ def _print_human(info: dict) -> None:
     click.echo(f"registry     {auth['address']} (login {auth['username']}, password in "
                f"{auth['password_file']})")
     click.echo(f"build engine {info['docker_host']}")
+    click.echo(f"proxy image  {info['proxy_image']} (Caddy 2, pulled by the servers)")
     for s in info["servers"]:
         click.echo(f"{s['name']:<12} ssh {s['user']}@{s['host']}:{s['port']}  engine {s['docker_host']}")
     if info["servers"]:
@@ -102,7 +103,8 @@ def status(as_json: bool) -> None:
 @_exits
 def env() -> None:
     """Print `export NAME=value` lines for REGISTRY, DOCKER_HOST, DEPLOY_HOSTS, SSH_KEY_FILE,
-    KNOWN_HOSTS_FILE, AUTH_REGISTRY, AUTH_REGISTRY_USER, AUTH_REGISTRY_PASSWORD_FILE.
+    KNOWN_HOSTS_FILE, AUTH_REGISTRY, AUTH_REGISTRY_USER, AUTH_REGISTRY_PASSWORD_FILE,
+    PROXY_IMAGE.
     Use: eval "$(runner lab env)"."""
     lab_ = _lab()
     lab_.load()

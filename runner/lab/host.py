@@ -71,10 +71,13 @@ def ensure_packages(log: Log) -> None:
 # ---- commands ------------------------------------------------------------------------------
 
 def run(argv: Sequence[str], *, check: bool = True, timeout: float = 120,
-        stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        stdin: bytes | None = None, cwd: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run argv to its end; `env` is added to this process's environment."""
     try:
         proc = subprocess.run(list(argv), capture_output=True, timeout=timeout,
-                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                              cwd=cwd, env=dict(os.environ, **env) if env else None)
     except subprocess.TimeoutExpired as exc:
         raise LabError(f"{' '.join(argv)} timed out after {timeout:.0f}s") from exc
     if check and proc.returncode != 0:
@@ -309,6 +312,58 @@ def registry_ready(port: int = layout.REGISTRY_PORT, auth: tuple[str, str] | Non
         return False
     finally:
         conn.close()
+
+
+MANIFEST_TYPES = ", ".join([
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+])
+
+
+def _registry_get(path: str, port: int, timeout: float) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(layout.BRIDGE_IP, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Accept": MANIFEST_TYPES})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except OSError:
+        return 0, b""
+    finally:
+        conn.close()
+
+
+def registry_image_labels(repo: str, tag: str, port: int = layout.REGISTRY_PORT,
+                          timeout: float = 3.0) -> dict | None:
+    """The labels of image repo:tag in the registry on the bridge address (its manifest, then its
+    config blob); None when the registry does not have it. A multi-platform index has no labels
+    of its own: {}."""
+    status, body = _registry_get(f"/v2/{repo}/manifests/{quote(tag, safe='')}", port, timeout)
+    if status != 200:
+        return None
+    try:
+        digest = json.loads(body)["config"]["digest"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    status, body = _registry_get(f"/v2/{repo}/blobs/{digest}", port, timeout)
+    if status != 200:
+        return None
+    try:
+        return (json.loads(body).get("config") or {}).get("Labels") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def image_labels(sock: Path, ref: str) -> dict | None:
+    """The labels of image `ref` on the engine at `sock`; None when it does not have it."""
+    status, body = docker_api(sock, f"/images/{quote(ref, safe='')}/json")
+    if status != 200:
+        return None
+    try:
+        return (json.loads(body).get("Config") or {}).get("Labels") or {}
+    except (ValueError, AttributeError):
+        return {}
 
 
 def ssh_banner(host: str, port: int = 22, timeout: float = 2.0) -> bool:

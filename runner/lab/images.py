@@ -1,6 +1,7 @@
 """Base images made locally (nothing can be pulled here): local/busybox:1 from the host's
 busybox-static, local/python:3.11 from a debootstrapped bookworm rootfs (cached as a tarball in
-the state dir, so it is made once per machine)."""
+the state dir, so it is made once per machine), and the servers' reverse proxy image
+<registry>/runner/caddy:2 (Debian's caddy binary on local/python:3.11, pushed to the registry)."""
 from __future__ import annotations
 
 import io
@@ -133,3 +134,107 @@ def ensure_python(state: Path, log: host.Log) -> None:
         host.run([docker, "-H", layout.BUILD_DOCKER_HOST, "rmi", layout.PYTHON_IMAGE], check=False)
         raise LabError(f"{layout.PYTHON_IMAGE} does not run python3 with ssl: "
                        f"{(check.stdout + check.stderr).decode(errors='replace')}")
+
+
+# ---- the reverse proxy image (caddy) ----------------------------------------------------------
+
+def buildkit_docker_cli() -> str:
+    cli = layout.BUILDKIT_DOCKER_CLI
+    if not Path(cli).exists():
+        raise LabError(f"{cli} is missing: the proxy image is built with Debian's docker CLI "
+                       "(package docker.io), whose built-in BuildKit works with DOCKER_BUILDKIT=1")
+    return cli
+
+
+def _download_deb(cache: Path, package: str, log: host.Log) -> Path:
+    """`apt-get download PACKAGE` into `cache`; when it fails (e.g. no package lists yet on a
+    fresh machine), `apt-get update` once and try again."""
+    for old in cache.glob(f"{package}_*.deb"):
+        old.unlink()
+    log(f"apt-get download {package} (not installed: only its binary is used)")
+    first = host.run(layout.apt_download_argv(package), cwd=cache, check=False, timeout=300)
+    if first.returncode != 0:
+        lines = (first.stdout + first.stderr).decode(errors="replace").strip().splitlines()
+        log(f"apt-get download {package} failed ({lines[-1] if lines else 'no output'}); "
+            "running apt-get update and retrying")
+        host.run(layout.apt_update_argv(), timeout=600)
+        host.run(layout.apt_download_argv(package), cwd=cache, timeout=300)
+    debs = sorted(cache.glob(f"{package}_*.deb"))
+    if not debs:
+        raise LabError(f"apt-get download {package} left no {package}_*.deb in {cache}")
+    return debs[-1]
+
+
+def ensure_caddy_binary(state: Path, log: host.Log) -> tuple[Path, str]:
+    """The proxy image's build context (<state>/cache/caddy) holding the caddy binary extracted
+    from Debian's package, and caddy's version. The binary is kept: made once per state dir."""
+    cache = layout.proxy_cache(state)
+    binary, version_file = cache / "caddy", cache / "version"
+    if binary.is_file() and version_file.is_file():
+        return cache, version_file.read_text().strip()
+    cache.mkdir(parents=True, exist_ok=True)
+    deb = _download_deb(cache, layout.PROXY_PACKAGE, log)
+    root = cache / "root"
+    if root.exists():
+        shutil.rmtree(root)  # left by an interrupted run
+    host.run(layout.dpkg_extract_argv(deb, root), timeout=120)
+    extracted = root / "usr" / "bin" / "caddy"
+    if not extracted.is_file():
+        raise LabError(f"{deb.name} has no usr/bin/caddy")
+    version = layout.deb_version(deb.name) or "unknown"
+    partial = cache / "caddy.partial"
+    shutil.copyfile(extracted, partial)
+    partial.chmod(0o755)
+    version_file.write_text(version + "\n")
+    partial.rename(binary)  # last: a binary in place means the cache is complete
+    shutil.rmtree(root)
+    deb.unlink()
+    return cache, version
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    path.write_text(text)
+
+
+def _made_here(labels: dict | None) -> bool:
+    return labels is not None and labels.get(layout.PROXY_RECIPE_LABEL) == layout.proxy_recipe()
+
+
+def proxy_in_registry() -> bool:
+    """The registry has the proxy image, made by this version's recipe (two small GETs)."""
+    return _made_here(host.registry_image_labels(layout.PROXY_IMAGE_REPO, layout.PROXY_IMAGE_TAG))
+
+
+def ensure_caddy(state: Path, log: host.Log) -> None:
+    """<registry>/runner/caddy:2 in the lab registry, where the servers pull it. Nothing to do
+    when the registry has it (made by this recipe: its label); pushed from the build engine when
+    only the engine has it; else built there (FROM local/python:3.11, so that image must exist)
+    and pushed. An image of that name made another way is replaced."""
+    image = layout.PROXY_IMAGE
+    if proxy_in_registry():
+        return
+    started = time.monotonic()
+    docker = buildkit_docker_cli()
+    if not _made_here(host.image_labels(layout.BUILD_SOCK, image)):
+        context, version = ensure_caddy_binary(state, log)
+        _write_if_changed(context / "Dockerfile", layout.proxy_dockerfile(version))
+        _write_if_changed(context / "init.json", layout.proxy_init_config())
+        _write_if_changed(context / ".dockerignore", "version\nroot\n*.deb\n*.partial\n")
+        log(f"building {image} (caddy {version} on {layout.PYTHON_IMAGE}) with BuildKit "
+            f"({docker}, DOCKER_BUILDKIT=1)")
+        host.run(layout.proxy_build_argv(context, docker), env=layout.proxy_build_env(),
+                 timeout=600)
+        check = host.run(layout.proxy_check_argv(docker), check=False, timeout=120)
+        out = (check.stdout + check.stderr).decode(errors="replace").strip()
+        if check.returncode != 0 or not out.lstrip("v").startswith("2."):
+            host.run([docker, "-H", layout.BUILD_DOCKER_HOST, "rmi", image], check=False)
+            (context / "caddy").unlink(missing_ok=True)  # made again next time
+            raise LabError(f"{image} does not run `caddy version` (exit {check.returncode}): {out}")
+    log(f"pushing {image}")
+    host.run(layout.proxy_push_argv(docker), timeout=600)
+    log(f"{image} is in the registry ({time.monotonic() - started:.1f}s)")

@@ -121,6 +121,9 @@ class Lab:
             for image in (layout.BUSYBOX_IMAGE, layout.PYTHON_IMAGE):
                 if not host.image_exists(layout.BUILD_SOCK, image):
                     found.append(f"image {image} is missing from the build engine")
+        if host.registry_ready() and not images.proxy_in_registry():
+            found.append(f"proxy image {layout.PROXY_IMAGE} is missing from the registry or was "
+                         "made another way than `runner lab up` makes it: `up` builds it")
         for s in self.servers():
             found += self._server_problems(s)
         return found
@@ -204,7 +207,7 @@ class Lab:
             if problems:
                 raise LabError("the lab started but does not answer:\n" + "\n".join(problems))
             self.log(f"up in {time.monotonic() - started:.1f}s: registry {layout.REGISTRY}, "
-                     f"registry with login {layout.AUTH_REGISTRY}, "
+                     f"registry with login {layout.AUTH_REGISTRY}, proxy image {layout.PROXY_IMAGE}, "
                      f"build engine {layout.BUILD_DOCKER_HOST}, servers "
                      + ", ".join(f"{s.name}={s.ip}" for s in self.servers()))
             return self.describe()
@@ -344,6 +347,7 @@ class Lab:
                       rec, Path(rec["log"]) if rec and rec.get("log") else None)
         images.ensure_busybox(self.log)
         images.ensure_python(self.state, self.log)
+        images.ensure_caddy(self.state, self.log)  # FROM the python image
 
     def _server_net_ok(self, s: Server) -> bool:
         return (host.netns_exists(s.netns) and host.link_exists(s.veth)

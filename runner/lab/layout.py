@@ -5,6 +5,7 @@ Other engineers code against these names and paths; they are a contract, keep th
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shlex
@@ -42,6 +43,17 @@ DEBIAN_SUITE = "bookworm"
 DEBIAN_PACKAGES = ("python3", "python3-pip", "python3-venv", "ca-certificates")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The reverse proxy the servers run (issue 10): Debian's caddy binary (glibc, so on the python
+# base image) in an image pushed to the lab registry, pulled by the servers like any image.
+PROXY_PACKAGE = "caddy"
+PROXY_IMAGE_REPO = "runner/caddy"
+PROXY_IMAGE_TAG = "2"
+PROXY_IMAGE = f"{REGISTRY}/{PROXY_IMAGE_REPO}:{PROXY_IMAGE_TAG}"
+PROXY_INIT_CONFIG = "/etc/caddy/init.json"
+PROXY_RECIPE_LABEL = "runner.lab.recipe"
+# Debian's 20.10 CLI: its built-in BuildKit works with DOCKER_BUILDKIT=1 (the newer CLI in
+# /usr/local/bin has no buildx plugin).
+BUILDKIT_DOCKER_CLI = "/usr/bin/docker"
 SYSTEM_PACKAGES = ("docker.io", "docker-registry", "openssh-server", "busybox-static",
                    "debootstrap", "iproute2", "git", "ca-certificates")
 
@@ -136,6 +148,11 @@ def python_rootfs_cache(state: Path) -> Path:
     return state / "cache" / f"python-{DEBIAN_SUITE}-rootfs.tar"
 
 
+def proxy_cache(state: Path) -> Path:
+    """Where the caddy .deb is downloaded and its binary kept (the image's build context)."""
+    return state / "cache" / "caddy"
+
+
 def describe(state: Path, servers: list[Server]) -> dict:
     """The JSON `runner lab up --json` prints: everything a client needs to use the lab."""
     return {
@@ -146,6 +163,7 @@ def describe(state: Path, servers: list[Server]) -> dict:
             "password_file": str(auth_registry_password_file(state)),
         },
         "docker_host": BUILD_DOCKER_HOST,
+        "proxy_image": PROXY_IMAGE,
         "servers": [
             {
                 "name": s.name,
@@ -174,6 +192,7 @@ def env_lines(info: dict) -> list[str]:
         "AUTH_REGISTRY": info["auth_registry"]["address"],
         "AUTH_REGISTRY_USER": info["auth_registry"]["username"],
         "AUTH_REGISTRY_PASSWORD_FILE": info["auth_registry"]["password_file"],
+        "PROXY_IMAGE": info["proxy_image"],
     }
     return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
 
@@ -389,6 +408,85 @@ def docker_import_argv(docker: str, image: str, source: str) -> list[str]:
     for change in import_changes(image):
         argv += ["--change", change]
     return argv + [source, image]
+
+
+def apt_download_argv(package: str = PROXY_PACKAGE) -> list[str]:
+    """Download a package's .deb into the current directory without installing it (installing
+    caddy would start its service)."""
+    return ["apt-get", "download", package]
+
+
+def apt_update_argv() -> list[str]:
+    return ["apt-get", "update"]
+
+
+def dpkg_extract_argv(deb: Path, target: Path) -> list[str]:
+    return ["dpkg-deb", "-x", str(deb), str(target)]
+
+
+def proxy_init_config() -> str:
+    """The config the image starts with: the admin API on the container's own loopback only, no
+    site yet. The deployer loads whole configs through it (`docker exec -i C caddy reload
+    --config /dev/stdin`), or mounts its own file at PROXY_INIT_CONFIG."""
+    return '{"admin": {"listen": "localhost:2019"}}\n'
+
+
+def _proxy_dockerfile_lines(version: str) -> list[str]:
+    return [
+        f"FROM {PYTHON_IMAGE}",
+        "COPY caddy /usr/bin/caddy",
+        f"COPY init.json {PROXY_INIT_CONFIG}",
+        "RUN mkdir -p /etc/caddy /data /config /srv",
+        "ENV XDG_CONFIG_HOME=/config XDG_DATA_HOME=/data",
+        f"LABEL org.opencontainers.image.title=caddy org.opencontainers.image.version={version}",
+        "EXPOSE 80 443",
+        "WORKDIR /srv",
+        f'CMD ["caddy", "run", "--config", "{PROXY_INIT_CONFIG}"]',
+    ]
+
+
+def proxy_recipe() -> str:
+    """A digest of how the proxy image is made (Dockerfile and init config, whatever caddy
+    version): the image carries it as label PROXY_RECIPE_LABEL, so an image made another way
+    (by hand, or by an older version of this code) is made again by `up`."""
+    text = "\n".join(_proxy_dockerfile_lines("")) + "\n" + proxy_init_config()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def proxy_dockerfile(version: str) -> str:
+    """The proxy image: Debian's caddy binary (linked against glibc) on the lab's python image.
+    XDG dirs as in the official caddy image (certificates in /data, autosave in /config: the
+    volumes a deployer mounts there are used)."""
+    return "\n".join([*_proxy_dockerfile_lines(version),
+                      f"LABEL {PROXY_RECIPE_LABEL}={proxy_recipe()}", ""])
+
+
+def proxy_build_argv(context: Path, docker: str = BUILDKIT_DOCKER_CLI) -> list[str]:
+    """Run with DOCKER_BUILDKIT=1 (proxy_build_env)."""
+    return [docker, "-H", BUILD_DOCKER_HOST, "build", "--progress=plain", "-t", PROXY_IMAGE,
+            str(context)]
+
+
+def proxy_build_env() -> dict[str, str]:
+    return {"DOCKER_BUILDKIT": "1"}
+
+
+def proxy_check_argv(docker: str = BUILDKIT_DOCKER_CLI) -> list[str]:
+    return [docker, "-H", BUILD_DOCKER_HOST, "run", "--rm", "--network", "none", PROXY_IMAGE,
+            "caddy", "version"]
+
+
+def proxy_push_argv(docker: str = BUILDKIT_DOCKER_CLI) -> list[str]:
+    return [docker, "-H", BUILD_DOCKER_HOST, "push", PROXY_IMAGE]
+
+
+def deb_version(filename: str) -> str | None:
+    """The upstream version in a .deb's file name: caddy_2.6.2-5_amd64.deb -> 2.6.2."""
+    parts = filename.removesuffix(".deb").split("_")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    version = parts[1].replace("%3a", ":").split(":", 1)[-1]  # without an epoch
+    return version.rsplit("-", 1)[0]  # without the Debian revision
 
 
 def debootstrap_argv(target: Path, mirror: str) -> list[str]:
