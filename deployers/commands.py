@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from deployers.proxy import (CONFIG_DIR, LABEL_ALIAS, LABEL_PROXY, NETWORK, PROXY_CONTAINER,
+                             published)
 from deployers.spec import LABEL_APP, LABEL_SECRETS, ContainerSpec, HealthSpec
 
 DOCKER = "docker"
@@ -27,9 +29,10 @@ class Slot:
 
     key: str
     prefix: str = ""
+    suffix: str = ""
 
     def __str__(self) -> str:
-        return f"{self.prefix}<{self.key}>"
+        return f"{self.prefix}<{self.key}>{self.suffix}"
 
 
 Word = str | Slot
@@ -41,6 +44,9 @@ ENV_FILE = Slot("env file")
 LOGIN_DIR = Slot("login dir")
 SECRETS = Slot("secret fingerprint", prefix=f"{LABEL_SECRETS}=")
 PRUNED = Slot("pruned image")
+CONFIG = Slot("proxy config file")
+PROXY_DIR = Slot("runner dir", suffix=f"/proxy:{CONFIG_DIR}:ro")
+KEPT = Slot("kept container")
 
 
 def bind(argv: Sequence[Word], values: Mapping[Slot, str]) -> list[str]:
@@ -50,7 +56,7 @@ def bind(argv: Sequence[Word], values: Mapping[Slot, str]) -> list[str]:
         if isinstance(w, Slot):
             if w not in values:
                 raise KeyError(f"no value for {w} in {' '.join(map(str, argv[:3]))}")
-            out.append(w.prefix + values[w])
+            out.append(w.prefix + values[w] + w.suffix)
         else:
             out.append(w)
     return out
@@ -120,9 +126,10 @@ def health_args(h: HealthSpec) -> list[str]:
 
 
 def run(spec: ContainerSpec, name: str | None = None, env_file: Word | None = None,
-        secrets: Word | None = None) -> list[Word]:
+        secrets: Word | None = None, alias: str | None = None) -> list[Word]:
     """`docker run --detach` for spec. `name` overrides spec.name; env_file is the path of a
-    file already on the server; secrets the `runner.secrets=<fingerprint>` label word."""
+    file already on the server; secrets the `runner.secrets=<fingerprint>` label word; alias
+    the container's name on its network (recorded in a label too)."""
     argv: list[Word] = [DOCKER, "run", "--detach", "--name", name or spec.name,
                         "--restart", spec.restart]
     if spec.init:
@@ -131,6 +138,8 @@ def run(spec: ContainerSpec, name: str | None = None, env_file: Word | None = No
         argv += ["--label", f"{key}={value}"]
     if secrets is not None:
         argv += ["--label", secrets]
+    if alias is not None:
+        argv += ["--label", f"{LABEL_ALIAS}={alias}"]
     for p in spec.ports:
         argv += ["--publish", p]
     for v in spec.volumes:
@@ -143,6 +152,8 @@ def run(spec: ContainerSpec, name: str | None = None, env_file: Word | None = No
         argv += ["--cpus", f"{spec.cpus:g}"]
     if spec.network:
         argv += ["--network", spec.network]
+    if alias is not None:
+        argv += ["--network-alias", alias]
     if spec.entrypoint is not None:
         argv.append(f"--entrypoint={spec.entrypoint}")  # one word, also when it is ""
     argv += ["--stop-timeout", str(spec.stop_timeout)]
@@ -204,3 +215,32 @@ def image_digests(name: str) -> list[str]:
     """Digests of `name` present on the server, one per line."""
     return [DOCKER, "image", "ls", "--digests", "--no-trunc", "--format",
             "{{.Digest}}", name]
+
+
+# ------------------------------------------------------------------------- the proxy
+
+def network_inspect() -> list[str]:
+    return [DOCKER, "network", "inspect", "--format", "{{.Id}}", NETWORK]
+
+
+def network_create() -> list[str]:
+    return [DOCKER, "network", "create", "--driver", "bridge", "--label", f"{LABEL_PROXY}=1",
+            NETWORK]
+
+
+def proxy_run(proxy, volume: Word = PROXY_DIR) -> list[Word]:
+    """The proxy container (settings `proxy`, a runner.model.deploy.Proxy). `volume` mounts
+    the runner's proxy directory on the server (its config.json) at CONFIG_DIR, read-only."""
+    argv: list[Word] = [DOCKER, "run", "--detach", "--name", PROXY_CONTAINER, "--restart", "always",
+            "--network", NETWORK, "--label", f"{LABEL_PROXY}=1"]
+    for p in published(proxy):
+        argv += ["--publish", p]
+    argv += ["--volume", volume, "--volume", "runner-proxy-data:/data", "--volume", "runner-proxy-config:/config",
+             proxy.image, "caddy", "run", "--config", f"{CONFIG_DIR}/config.json"]
+    return argv
+
+
+def proxy_reload(config: Word) -> list[Word]:
+    """Load a config file of the proxy's dir through Caddy's admin API (`/load`, atomic)."""
+    return [DOCKER, "exec", PROXY_CONTAINER, "caddy", "reload", "--config", config,
+            "--address", "localhost:2019", "--force"]

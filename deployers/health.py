@@ -43,6 +43,7 @@ class ContainerState:
     labels: dict[str, str] = field(default_factory=dict)
     ip: str = ""  # first network address, "" if none
     restart_policy: str = ""
+    published: tuple[str, ...] = ()  # "HOSTPORT:CONTAINERPORT", as docker -p took them
 
 
 def _ip(settings: dict) -> str:
@@ -84,7 +85,17 @@ def parse_state(obj: dict) -> ContainerState:
         labels=dict(cfg.get("Labels") or {}),
         ip=_ip(obj.get("NetworkSettings") or {}),
         restart_policy=((obj.get("HostConfig") or {}).get("RestartPolicy") or {}).get("Name", ""),
+        published=_published((obj.get("HostConfig") or {}).get("PortBindings") or {}),
     )
+
+
+def _published(bindings: dict) -> tuple[str, ...]:
+    out = []
+    for port, hosts in sorted(bindings.items()):
+        for h in hosts or ():
+            if h.get("HostPort"):
+                out.append(f"{h['HostPort']}:{port.split('/')[0]}")
+    return tuple(out)
 
 
 def parse_inspect(text: str) -> ContainerState | None:
@@ -182,3 +193,60 @@ def wait_healthy(
             return Verdict(False, f"not healthy after {health.timeout:g}s (status: {status})",
                            last_probe or state.last_health_output, state, clock() - start)
         sleep(health.probe_interval)
+
+
+# ---------------------------------------------------------------- an HTTP probe, explained
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int | None  # None: not an HTTP response
+    status_line: str
+    location: str = ""
+    body: str = ""  # its first line
+
+
+def parse_http_answer(raw: bytes) -> HttpAnswer:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("iso-8859-1").split("\r\n")
+    location = next((line.split(":", 1)[1].strip() for line in lines[1:]
+                     if line.lower().startswith("location:")), "")
+    first = body.decode("utf-8", "replace").strip().splitlines()
+    return HttpAnswer(parse_http_status(raw), lines[0] if lines else "", location,
+                      first[0][:160] if first else "")
+
+
+def explain_http(path: str, host: str, port: int, answer: HttpAnswer | None,
+                 error: str = "") -> str:
+    """What a health probe (GET `path` with Host `host` on the container's `port`) saw, said
+    in the pipeline's terms, with the setting to change. Pure."""
+    where = f"GET {path} (Host: {host}) on the container's port {port}"
+    if answer is None:
+        low = error.lower()
+        if "refused" in low or "connect failed" in low or "code 2" in low:
+            return (f"{where}: connection refused: nothing listens on port {port} in the "
+                    f"container; set proxy.app_port to the port the app listens on (and make it "
+                    f"listen on 0.0.0.0, not 127.0.0.1)")
+        if "timed out" in low or "timeout" in low:
+            return (f"{where}: no answer in time; the app is slow or stuck: raise "
+                    f"proxy.health.timeout, or see the log tail")
+        return f"{where} failed: {error}"
+    s = answer.status
+    said = f" ({answer.body})" if answer.body else ""
+    if s is None:
+        return (f"{where}: the answer is not HTTP ({answer.status_line[:60]!r}): is port "
+                f"{port} the app's HTTP port? (proxy.app_port)")
+    if 200 <= s < 300:
+        return f"{where}: {answer.status_line}"
+    if 300 <= s < 400:
+        return (f"{where}: redirected ({s}) to {answer.location or '?'}: a health path must "
+                f"answer 200 itself; if the app forces HTTPS or a canonical host, exempt "
+                f"{path}, or set proxy.health.path to a path that does not redirect")
+    if s == 404:
+        return (f"{where}: 404 not found{said}: the app has no {path}; set proxy.health.path "
+                f"to a path it answers with 200")
+    if s == 421 or (s in (400, 403) and "host" in answer.body.lower()):
+        return (f"{where}: the app rejected the Host header {host!r} ({s}{said}): allow that "
+                f"host in the app (e.g. ALLOWED_HOSTS), or change proxy.hosts")
+    if s >= 500:
+        return f"{where}: {s}, the app failed{said}; see the log tail"
+    return f"{where}: {answer.status_line}{said}; a healthy app answers 2xx"

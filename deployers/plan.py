@@ -13,6 +13,7 @@ from runner.model.deploy import DeployStage
 from runner.model.image import ImageRef
 
 from deployers import commands as cmd
+from deployers import proxy
 from deployers.base import DeployPlan, PlannedCommand, ServerPlan
 from deployers.commands import Slot
 from deployers.spec import Release, Target, app_name, batches, release_for, targets
@@ -32,12 +33,21 @@ def previous_name(app: str, run_id: str) -> str:
     return f"{app}_prev_{safe_name(run_id)}"
 
 
+def kept_name(app: str, run_id: str) -> str:
+    """Where the proxy cutover keeps a replaced container (stopped) for an instant rollback."""
+    return f"{app}_kept_{safe_name(run_id)}"
+
+
 def server_commands(stage: DeployStage, release: Release, run_id: str) -> tuple[PlannedCommand,
                                                                                 ...]:
+    if stage.proxy is not None:
+        return _proxy_commands(stage, release, run_id)
+    return _stop_start_commands(stage, release, run_id)
+
+
+def _prepare_commands(stage: DeployStage, release: Release) -> list[PlannedCommand]:
     spec, image = release.spec, release.image
-    prev = previous_name(spec.name, run_id)
     missing = "the image is not on the server yet"
-    runs = "a container of the app exists"
     user = stage.registry.username
     out = []
     if user:
@@ -54,8 +64,82 @@ def server_commands(stage: DeployStage, release: Release, run_id: str) -> tuple[
                        "an earlier run left the last verified release aside"),
         PlannedCommand("recover_start", "prepare", tuple(cmd.start(spec.name)),
                        "an earlier run left the last verified release aside"),
-        PlannedCommand("rename_previous", "switch", tuple(cmd.rename(spec.name, prev)), runs),
     ]
+    return out
+
+
+def _probe_commands(release: Release) -> list[PlannedCommand]:
+    h = release.spec.health
+    if h.kind == "cmd":
+        return [PlannedCommand("probe", "verify",
+                               tuple(cmd.probe(cmd.NEW, ["CMD-SHELL", h.cmd or ""])),
+                               f"every {h.probe_interval:g}s until healthy")]
+    if h.kind == "http":
+        return [PlannedCommand(
+            "probe_fallback", "verify",
+            tuple(cmd.http_probe(cmd.NEW, h.http_port or 80, h.http_path, h.probe_timeout)),
+            "the server forbids SSH TCP forwarding (else GET over the SSH connection)")]
+    return []
+
+
+def _proxy_commands(stage: DeployStage, release: Release, run_id: str
+                    ) -> tuple[PlannedCommand, ...]:
+    """The proxy cutover: the new container starts beside the old one, on the runner's
+    network, publishing no port; traffic moves by a route switch once it is healthy."""
+    spec, p = release.spec, stage.proxy
+    prev = previous_name(spec.name, run_id)
+    runs = "a container of the app exists"
+    out = _prepare_commands(stage, release)
+    out += [
+        PlannedCommand("network", "prepare", tuple(cmd.network_create()),
+                       f"the server has no `{proxy.NETWORK}` network yet"),
+        PlannedCommand("proxy_boot", "prepare",
+                       tuple(cmd.proxy_run(p)),
+                       "no proxy runs on the server yet (its config: every app's route)"),
+        PlannedCommand("rename_previous", "switch", tuple(cmd.rename(spec.name, prev)), runs),
+        PlannedCommand("reuse", "switch", tuple(cmd.rename(cmd.KEPT, spec.name)),
+                       "a kept stopped container is this very release (a rollback)"),
+        PlannedCommand("start_reused", "switch", tuple(cmd.start(spec.name)),
+                       "a kept stopped container is this very release (a rollback)"),
+        PlannedCommand(
+            "run", "switch",
+            tuple(cmd.run(spec, env_file=cmd.ENV_FILE if spec.has_env else None,
+                          secrets=cmd.SECRETS if spec.secret_env else None,
+                          alias=proxy.alias(spec.name, run_id))),
+            "no kept container is this release"),
+    ]
+    if p.health is None:
+        out += _probe_commands(release)
+    out += [
+        PlannedCommand("logs", "verify", tuple(cmd.logs(cmd.NEW, 10)), "the health gate fails"),
+        PlannedCommand("route", "verify", tuple(cmd.proxy_reload(cmd.CONFIG)),
+                       "the health gate passed: the route moves to the new container"),
+        PlannedCommand("stop_previous", "verify", tuple(cmd.stop(prev, p.drain_timeout)),
+                       f"{runs}, after {p.watch:g}s of watching the new one"),
+        PlannedCommand("route_back", "restore", tuple(cmd.proxy_reload(cmd.CONFIG)),
+                       "restoring, the route had moved"),
+        PlannedCommand("remove_new", "restore", tuple(cmd.remove(cmd.NEW)), "restoring"),
+        PlannedCommand("rename_back", "restore", tuple(cmd.rename(prev, spec.name)),
+                       f"restoring, {runs}"),
+        PlannedCommand("start_previous", "restore", tuple(cmd.start(spec.name)),
+                       "restoring, the previous container was stopped"),
+        PlannedCommand("keep_previous", "commit", tuple(cmd.rename(prev, cmd.KEPT)), runs),
+        PlannedCommand("prune_kept", "commit", tuple(cmd.remove(cmd.KEPT)),
+                       f"a kept container falls out of the last {stage.keep_versions} releases"),
+        PlannedCommand("prune", "commit", tuple(cmd.remove_image(cmd.PRUNED)),
+                       f"an image falls out of the last {stage.keep_versions} releases"),
+    ]
+    return tuple(out)
+
+
+def _stop_start_commands(stage: DeployStage, release: Release, run_id: str
+                         ) -> tuple[PlannedCommand, ...]:
+    spec = release.spec
+    prev = previous_name(spec.name, run_id)
+    runs = "a container of the app exists"
+    out = _prepare_commands(stage, release)
+    out.append(PlannedCommand("rename_previous", "switch", tuple(cmd.rename(spec.name, prev)),
+                              runs))
     stop = tuple(cmd.stop(prev, spec.stop_timeout))
     if spec.ports:  # two containers cannot publish one host port
         out.append(PlannedCommand("stop_previous", "switch", stop,
@@ -64,16 +148,7 @@ def server_commands(stage: DeployStage, release: Release, run_id: str) -> tuple[
         "run", "switch",
         tuple(cmd.run(spec, env_file=cmd.ENV_FILE if spec.has_env else None,
                       secrets=cmd.SECRETS if spec.secret_env else None))))
-    h = spec.health
-    if h.kind == "cmd":
-        out.append(PlannedCommand("probe", "verify",
-                                  tuple(cmd.probe(cmd.NEW, ["CMD-SHELL", h.cmd or ""])),
-                                  f"every {h.probe_interval:g}s until healthy"))
-    elif h.kind == "http":
-        out.append(PlannedCommand(
-            "probe_fallback", "verify",
-            tuple(cmd.http_probe(cmd.NEW, h.http_port or 80, h.http_path, h.probe_timeout)),
-            "the server forbids SSH TCP forwarding (else GET over the SSH connection)"))
+    out += _probe_commands(release)
     if not spec.ports:
         out.append(PlannedCommand("stop_previous", "verify", stop,
                                   f"{runs}, once the new one is healthy"))

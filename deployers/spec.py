@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, replace
 from runner.model.deploy import DeployStage, Healthcheck, Server
 from runner.model.image import ImageRef
 
+from deployers.proxy import NETWORK
+
 LABEL_PREFIX = "runner."
 LABEL_APP = "runner.app"
 LABEL_PIPELINE = "runner.pipeline"
@@ -147,7 +149,8 @@ def container_spec(stage: DeployStage, image: ImageRef, *, pipeline: str, run_id
         cpus=c.cpus,
         command=tuple(c.command) if c.command is not None else None,
         entrypoint=c.entrypoint,
-        network=c.network,
+        # With the proxy cutover, the app is reached over the runner's network on the server.
+        network=NETWORK if stage.proxy is not None else c.network,
         stop_timeout=c.stop_timeout,
         health=health_spec(stage.healthcheck),
     )

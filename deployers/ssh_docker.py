@@ -81,9 +81,12 @@ class _OnServer:
     secret_values: dict[str, str] = field(default_factory=dict, repr=False)
     prev_name: str = ""  # set once the previous container was renamed aside
     prev_id: str = ""
+    prev_labels: dict[str, str] = field(default_factory=dict)
     prev_was_running: bool = False
     prev_stopped: bool = False
     new_id: str = ""
+    reused: str = ""  # the proxy cutover: the kept container's name, when it is started again
+    routed: bool = False  # the proxy cutover: the route points at the new container
 
 
 class SSHDockerDeployer(Deployer):
@@ -257,7 +260,14 @@ class SSHDockerDeployer(Deployer):
         if plan.placeholder:
             raise ConfigError("no release to deploy: the push stage did not produce a digest")
         self.options()  # configuration errors before touching anything
-        return rollout(plan, SSHDockerSteps(self), log=self.log, cancel=self.cancel)
+        return rollout(plan, self.steps(), log=self.log, cancel=self.cancel)
+
+    def steps(self) -> SSHDockerSteps:
+        """The per-server steps of this deploy's cutover."""
+        if self.stage.cutover == "proxy":
+            from deployers.ssh_proxy import ProxySteps
+            return ProxySteps(self)
+        return SSHDockerSteps(self)
 
     def _refused(self, what: str, problems: dict[str, str]) -> DeployFailed:
         rows = tuple(ServerResult(t.label, "failed", reason=f"{problems[t.label]}; {UNTOUCHED}")
@@ -624,6 +634,7 @@ class SSHDockerSteps(ServerSteps):
             with self._phase(sw.server, "switch"):
                 if cur is not None:
                     st.prev_id, st.prev_was_running = cur.id, cur.running
+                    st.prev_labels = dict(cur.labels)
                     run(plan.argv("rename_previous"), check=True)
                     st.prev_name = plan.command("rename_previous").argv[-1]
                 if st.prev_name and st.prev_was_running and spec.ports:
@@ -662,7 +673,8 @@ class SSHDockerSteps(ServerSteps):
         with self._as_step(sw.server, touched=True):
             with self._phase(sw.server, "health"):
                 verdict = wait_healthy(inspect=lambda: self.d.inspect(conn, st.new_id, run),
-                                       probe=self._probe(conn, run, st), health=spec.health,
+                                       probe=self._probe(conn, run, st, st.new_id),
+                                       health=spec.health,
                                        cancel=self.d.cancel)
             if not verdict.healthy:
                 raise StepFailed(sw.server, self._unhealthy_reason(run, st, verdict))
@@ -672,9 +684,11 @@ class SSHDockerSteps(ServerSteps):
                         timeout=spec.stop_timeout + 30)
                 st.prev_stopped = True
 
-    def _probe(self, conn: Connection, run: Callable, st: _OnServer
+    def _probe(self, conn: Connection, run: Callable, st: _OnServer, cid: str
                ) -> Callable[[ContainerState], ProbeResult] | None:
-        plan, new = st.plan, {cmd.NEW: st.new_id}
+        """One readiness probe of container `cid` (the planned probe command, an HTTP GET
+        from the server, or the image's own HEALTHCHECK test)."""
+        plan, new = st.plan, {cmd.NEW: cid}
         h = plan.release.spec.health
         timeout = h.probe_timeout
         if h.kind == "http":
@@ -716,10 +730,10 @@ class SSHDockerSteps(ServerSteps):
             return lambda state: run_test(argv)
         # The image's own HEALTHCHECK: known only once the container exists. Without one
         # there is nothing to probe: the poller falls back to "stays up for min_uptime".
-        first = self.d.inspect(conn, st.new_id, run)
+        first = self.d.inspect(conn, cid, run)
         if first is None or not first.healthcheck_test:
             return None
-        test = [str(w) for w in cmd.probe(st.new_id, list(first.healthcheck_test))]
+        test = [str(w) for w in cmd.probe(cid, list(first.healthcheck_test))]
         return lambda state: run_test(test)
 
     def _unhealthy_reason(self, run: Callable, st: _OnServer, v: Verdict) -> str:
@@ -758,14 +772,17 @@ class SSHDockerSteps(ServerSteps):
                     return self._restore_once(sw, conn, self._runner(conn))
                 except locks.LockLost as exc:
                     return Restored(False, kept=kept, note=f"not restored: {exc.reason}")
-                except _NET_ERRORS as exc:
-                    if attempt == 2:
+                except (*_NET_ERRORS, StepFailed) as exc:
+                    if attempt == 2 or isinstance(exc, StepFailed):
                         reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
                         return Restored(
                             False, kept=kept,
                             note=f"{reason}; the previous verified release is kept as "
                                  f"{kept or 'nothing'}; the next deploy or `runner rollback` "
                                  f"returns the server to it first")
+                except Exception as exc:  # restore never raises: say what stopped it
+                    return Restored(False, kept=kept,
+                                    note=f"{type(exc).__name__}: {exc} (a bug in runner)")
         return Restored(False, kept=kept, note="not restored")
 
     def _restore_once(self, sw: Switch, conn: Connection, run: Callable) -> Restored:
@@ -814,8 +831,7 @@ class SSHDockerSteps(ServerSteps):
                 dropped, history = history[:-keep], history[-keep:]
                 self._write_history(conn, history)
             # Only now, with its successor recorded as verified, is the previous one not needed.
-            if st.prev_name:
-                run(st.plan.argv("remove_previous"), check=False)
+            self._retire_previous(run, st, history)
             kept_refs = {h.get("ref") for h in history}
             for h in dropped:
                 if h.get("ref") in kept_refs:
@@ -823,6 +839,11 @@ class SSHDockerSteps(ServerSteps):
                 r = run(st.plan.argv("prune", {cmd.PRUNED: h["ref"]}), check=False)
                 if r.ok:
                     d.log(f"{conn.label}: pruned {h['digest'][:19]}")
+
+    def _retire_previous(self, run: Callable, st: _OnServer, history: list[dict]) -> None:
+        """After the commit: the stop-start cutover removes the previous container."""
+        if st.prev_name:
+            run(st.plan.argv("remove_previous"), check=False)
 
     def _write_history(self, conn: Connection, history: list[dict]) -> None:
         conn.ensure_private_dir(f"{self.d._dir(conn)}/apps/{self.d.app}")

@@ -713,13 +713,15 @@ class _SFTP(paramiko.SFTPClient):
             raise
 
 
-def http_get(conn: Connection, host: str, port: int, path: str, timeout: float) -> bytes:
-    """GET http://host:port/path from the server; the raw response head and start of body."""
+def http_get(conn: Connection, host: str, port: int, path: str, timeout: float,
+             host_header: str | None = None) -> bytes:
+    """GET http://host:port/path from the server; the raw response head and start of body.
+    `host_header`: the Host to send (default host:port), as a proxy route would."""
     chan = conn.open_tcp(host, port, timeout)
     try:
         chan.settimeout(timeout)
-        chan.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n"
-                     f"Connection: close\r\n\r\n".encode())
+        chan.sendall(f"GET {path} HTTP/1.0\r\nHost: {host_header or f'{host}:{port}'}\r\n"
+                     f"User-Agent: runner-health\r\nConnection: close\r\n\r\n".encode())
         data = bytearray()
         while len(data) < 65536:
             chunk = chan.recv(8192)

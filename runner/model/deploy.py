@@ -226,6 +226,56 @@ class DeployRegistry(Model):
     password_secret: str | None = Field(default=None, alias="password")  # a `secrets:` name
 
 
+_HOSTNAME_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")
+
+
+class ProxyHealth(Model):
+    """The health gate as the proxy will reach the app: GET `path` on the container's
+    `app_port` over the runner's docker network, with the route's Host header."""
+
+    path: str = Field(default="/up", pattern=r"^/[A-Za-z0-9._~/%?=&+-]*$")
+    interval: float = Field(default=0.5, gt=0)  # between probes
+    timeout: float = Field(default=30, gt=0)  # the whole gate
+
+
+class Proxy(Model):
+    """Zero-downtime cutover: one Caddy proxy per server, shared by every app deployed there;
+    the app publishes no host port, the proxy switches its route to a new container only once
+    that one is healthy."""
+
+    hosts: tuple[str, ...] = ()  # route by Host header; none: every host
+    path_prefix: str = Field(default="/", pattern=r"^/[A-Za-z0-9._~/%-]*$")
+    app_port: int = Field(default=80, ge=1, le=65535)  # the port the app listens on
+    tls: bool = False  # automatic HTTPS (Caddy's ACME) for `hosts`; needs real DNS and 80/443
+    http_port: int = Field(default=80, ge=1, le=65535)  # what the proxy publishes on the server
+    https_port: int = Field(default=443, ge=1, le=65535)
+    image: str = "caddy:2"
+    # None: the deploy's `healthcheck` (the image's HEALTHCHECK unless it says otherwise).
+    health: ProxyHealth | None = None
+    watch: float = Field(default=3, ge=0)  # seconds of probing after the switch
+    drain_timeout: int = Field(default=10, ge=0, le=600)  # `docker stop` of the old container
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _hosts(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for h in v:
+            if not _HOSTNAME_RE.match(h):
+                raise ValueError(f"not a host name: {h!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> Proxy:
+        if self.tls and not self.hosts:
+            raise ValueError("tls: true needs hosts (the names certificates are issued for)")
+        return self
+
+
 class DeployStage(Model):
     enabled: bool = False
     servers: tuple[Server, ...] = ()
@@ -237,6 +287,13 @@ class DeployStage(Model):
     keep_versions: int = Field(default=3, ge=1, le=100)
     lock: Lock = Field(default_factory=Lock)
     parallel: int = Field(default=16, ge=1, le=256)  # at most this many servers at once
+    # With a proxy: zero-downtime cutover through it. Without: stop-start (the old container
+    # stops before the new one takes its host ports).
+    proxy: Proxy | None = None
+
+    @property
+    def cutover(self) -> str:
+        return "proxy" if self.proxy is not None else "stop-start"
 
     @field_validator("servers", mode="before")
     @classmethod
@@ -256,6 +313,13 @@ class DeployStage(Model):
     def _check(self) -> DeployStage:
         if self.enabled and not self.servers:
             raise ValueError("servers: at least one server is needed when deploy is enabled")
+        if self.proxy is not None and self.container.ports:
+            raise ValueError("container.ports: with proxy, the app publishes no host port (the "
+                             "proxy does, proxy.http_port); remove container.ports, or remove "
+                             "proxy for a stop-start cutover")
+        if self.proxy is not None and self.container.network:
+            raise ValueError("container.network: with proxy, the app joins the runner's network "
+                             "on each server; remove container.network")
         labels = [s.label for s in self.servers]
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:

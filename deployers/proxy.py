@@ -1,0 +1,120 @@
+"""The reverse proxy of the zero-downtime cutover, as data. Pure: no I/O.
+
+One Caddy 2 container per server (`runner-proxy`, `--restart=always`) serves every app deployed
+there through the runner's docker network (`runner`). Each app has one route (its hosts, its
+path prefix, the upstream `<alias>:<app_port>` of the container that serves it now), kept by
+the deployer in `<runner dir>/proxy/routes/<app>.json` on the server. The whole Caddy config is
+composed from all routes (`caddy_config`), written as a new file in `<runner dir>/proxy/`
+(mounted read-only at /etc/runner-proxy), and loaded with `caddy reload` inside the container:
+Caddy's admin API `/load`, which swaps the config atomically and lets in-flight requests finish.
+The admin API listens on the container's own loopback only, out of reach of the apps sharing
+its network. `config.json` is the last config that loaded: what a restarted proxy starts with.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+PROXY_CONTAINER = "runner-proxy"
+NETWORK = "runner"
+CONFIG_DIR = "/etc/runner-proxy"  # inside the proxy container
+CONFIG_FILE = "config.json"  # the last config that loaded
+LABEL_PROXY = "runner.proxy"
+LABEL_ALIAS = "runner.alias"  # an app container's name on the runner network
+ADMIN = "localhost:2019"
+HTTP_INSIDE, HTTPS_INSIDE = 80, 443
+
+
+def alias(app: str, run_id: str) -> str:
+    """The network alias of the container a run starts: unique per run, so a route names
+    exactly one container (renaming containers never moves traffic)."""
+    from deployers.plan import safe_name
+    return f"{app}--{safe_name(run_id, 40)}".lower()
+
+
+@dataclass(frozen=True)
+class Route:
+    app: str
+    hosts: tuple[str, ...]
+    path_prefix: str
+    upstream: str  # "<alias>:<port>"
+    digest: str = ""  # what it serves, for `runner status`
+    container: str = ""  # the id of the container behind the alias
+    tls: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Route:
+        return cls(app=str(data["app"]), hosts=tuple(data.get("hosts") or ()),
+                   path_prefix=str(data.get("path_prefix") or "/"),
+                   upstream=str(data["upstream"]), digest=str(data.get("digest", "")),
+                   container=str(data.get("container", "")), tls=bool(data.get("tls")))
+
+
+def _match(r: Route) -> dict:
+    m: dict = {}
+    if r.hosts:
+        m["host"] = list(r.hosts)
+    prefix = r.path_prefix.rstrip("/")
+    if prefix:
+        m["path"] = [prefix, f"{prefix}/*"]
+    return m
+
+
+def _order(r: Route) -> tuple:
+    """Caddy tries routes in order: the more specific first (a host before none, a longer
+    path prefix before a shorter one), then by app name for a stable config."""
+    return (not r.hosts, -len(r.path_prefix.rstrip("/")), r.app)
+
+
+def _routes(routes: list[Route]) -> list[dict]:
+    out = []
+    for r in sorted(routes, key=_order):
+        route: dict = {"@id": f"runner-app-{r.app}",
+                       "handle": [{"handler": "reverse_proxy",
+                                   "upstreams": [{"dial": r.upstream}]}],
+                       "terminal": True}
+        m = _match(r)
+        if m:
+            route["match"] = [m]
+        out.append(route)
+    # Nothing matched: say so, instead of Caddy's empty 200.
+    out.append({"handle": [{"handler": "static_response", "status_code": 404,
+                            "body": "runner-proxy: no app is routed for this host and path\n"}]})
+    return out
+
+
+def caddy_config(routes: list[Route]) -> dict:
+    """The whole Caddy JSON config for these routes. Routes with tls go to a server on the
+    HTTPS port with Caddy's automatic HTTPS (certificates by ACME for their hosts, HTTP
+    redirected); the others to a plain HTTP server."""
+    plain = [r for r in routes if not r.tls]
+    secure = [r for r in routes if r.tls]
+    servers: dict = {"http": {"listen": [f":{HTTP_INSIDE}"], "routes": _routes(plain),
+                              "automatic_https": {"disable": True}}}
+    if secure:
+        servers["http"].pop("automatic_https")
+        servers["https"] = {"listen": [f":{HTTPS_INSIDE}"], "routes": _routes(secure)}
+    return {"admin": {"listen": ADMIN}, "apps": {"http": {"servers": servers}}}
+
+
+def config_bytes(routes: list[Route]) -> bytes:
+    return json.dumps(caddy_config(routes), indent=1, sort_keys=True).encode()
+
+
+def route_for(app: str, proxy, upstream_alias: str, digest: str = "",
+              container: str = "") -> Route:
+    """The route of `app` (settings `proxy`, a runner.model.deploy.Proxy) to one container."""
+    return Route(app=app, hosts=tuple(proxy.hosts), path_prefix=proxy.path_prefix,
+                 upstream=f"{upstream_alias}:{proxy.app_port}", digest=digest,
+                 container=container, tls=proxy.tls)
+
+
+def published(proxy) -> tuple[str, ...]:
+    """The host ports the proxy container publishes, docker -p syntax."""
+    ports = [f"{proxy.http_port}:{HTTP_INSIDE}"]
+    if proxy.tls:
+        ports.append(f"{proxy.https_port}:{HTTPS_INSIDE}")
+    return tuple(ports)

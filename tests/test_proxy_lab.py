@@ -1,0 +1,255 @@
+"""The zero-downtime cutover through a real Caddy proxy on the lab's servers, under a steady
+request loop: a deploy, a deploy that fails its gate, a rollback, a release that fails within
+the watch window, two apps behind one proxy, a crash-looping proxy, a taken port."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from bench.load import Load
+from deployers.base import DeployFailed
+from deployers.proxy import PROXY_CONTAINER
+from deployers.ssh_docker import SSHDockerDeployer
+from runner.model.deploy import DeployStage
+from tests.deploy_fixtures import Log, _deployer, _run_until, _servers
+from tests.helpers import remove_app_on_server
+
+pytestmark = pytest.mark.lab
+
+HTTP_PORT = 8000  # what the lab's proxy publishes (as the example pipeline)
+
+
+def _proxy_stage(lab, servers, app, **proxy) -> DeployStage:
+    s0 = lab["servers"][0]
+    return DeployStage.model_validate({
+        "enabled": True,
+        "servers": [f"{s['user']}@{s['host']}:{s['port']}" for s in servers],
+        "ssh": {"key_file": s0["key_file"], "known_hosts": s0["known_hosts"],
+                "connect_timeout": 5, "retries": 1},
+        "container": {"name": app, "stop_timeout": 2},
+        "lock": {"ttl": 10, "wait": 60},
+        "proxy": {"app_port": 8080, "http_port": HTTP_PORT, "image": lab["proxy_image"],
+                  "health": {"path": "/health", "interval": 0.2, "timeout": 10},
+                  "watch": 1, "drain_timeout": 2, **proxy},
+    })
+
+
+def _load(servers, host: str | None) -> Load:
+    return Load([(s["host"], HTTP_PORT, host) for s in servers], rate=40, max_seconds=120)
+
+
+def _assert_no_drop(load: Load, allowed: set[str]) -> None:
+    rep = load.report()
+    assert rep["requests"] > 20, rep
+    assert rep["failed"] == 0, rep["failures"]
+    assert set(rep["bodies"]) <= allowed, rep["bodies"]
+    print(f"{rep['requests']} requests, longest gap {rep['longest_gap']:.3f}s, "
+          f"p50 {rep['p50'] * 1000:.1f} ms, bodies {rep['bodies']}")
+
+
+@pytest.fixture
+def proxy_app(lab):
+    """An app name routed by a host name of its own; its containers, history, lock and route
+    are removed at the end (the proxy itself stays, shared)."""
+    name = f"px{_random_suffix()}"
+    yield name, f"{name}.test"
+    stage = _proxy_stage(lab, lab["servers"], name)
+    d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="cleanup")
+
+    def clean(t):
+        conn = d._conn(t)
+        remove_app_on_server(d, conn, name)
+        conn.run(["rm", "-f", f"{d._dir(conn)}/proxy/routes/{name}.json"])
+    d._parallel(clean, list(d.targets))
+    d.close()
+
+
+def _random_suffix() -> str:
+    return os.urandom(3).hex()
+
+
+def _via(server, host: str) -> str:
+    import http.client
+    c = http.client.HTTPConnection(server["host"], HTTP_PORT, timeout=3)
+    try:
+        c.request("GET", "/", headers={"Host": host})
+        return c.getresponse().read().decode().strip()
+    finally:
+        c.close()
+
+
+def test_deploy_failed_deploy_rollback_and_watch_failure_drop_nothing(lab, images, proxy_app):
+    name, host = proxy_app
+    servers = _servers(lab, 3)
+    stage = _proxy_stage(lab, servers, name, hosts=[host])
+    d = _deployer(stage, images, "v1", name, Log())
+    assert d.apply().ok  # the first deploy boots the proxy where it is missing
+    d.close()
+    assert [_via(s, host) for s in servers] == ["v1"] * 3
+
+    # A deploy to 3 servers under load.
+    with _load(servers, host) as load:
+        time.sleep(0.5)
+        d = _deployer(stage, images, "v2", name, Log())
+        report = d.apply()
+        d.close()
+        time.sleep(0.5)
+    assert report.ok and [s.status for s in report.servers] == ["deployed"] * 3
+    assert {"switch", "health", "watch", "drain"} <= set(report.servers[0].phases)
+    _assert_no_drop(load, {"v1", "v2"})
+    assert [_via(s, host) for s in servers] == ["v2"] * 3
+
+    # A version that never becomes healthy: the route never moves.
+    with _load(servers, host) as load:
+        d = _deployer(stage.model_copy(update={"proxy": stage.proxy.model_copy(update={
+            "health": stage.proxy.health.model_copy(update={"timeout": 2})})}),
+            images, "v3", name, Log())
+        with pytest.raises(DeployFailed) as err:
+            d.apply()
+        d.close()
+    _assert_no_drop(load, {"v2"})
+    assert "404 not found" in str(err.value) and "proxy.health.path" in str(err.value)
+
+    # Rollback: back to v1, its kept container started again.
+    log = Log()
+    with _load(servers, host) as load:
+        d = SSHDockerDeployer(stage, pipeline=name, image_name=images["repo"],
+                              run_id="rb", log=log)
+        report = d.rollback()
+        d.close()
+    _assert_no_drop(load, {"v1", "v2"})
+    assert [s.status for s in report.servers] == ["rolled_back"] * 3
+    assert "started the kept container" in log.text
+    assert [_via(s, host) for s in servers] == ["v1"] * 3
+
+    # Passes the gate, then fails within the watch window: traffic goes straight back.
+    flaky = _proxy_stage(lab, servers[:1], name, hosts=[host], watch=4)
+    flaky = flaky.model_copy(update={"container": flaky.container.model_copy(update={
+        "command": ("sh", "-c", "(sleep 1.5; rm -f /www/health) & "
+                                "exec httpd -f -p 8080 -h /www")})})
+    with _load(servers[:1], host) as load:
+        d = _deployer(flaky, images, "v2", name, Log())
+        with pytest.raises(DeployFailed) as err:
+            d.apply()
+        d.close()
+    _assert_no_drop(load, {"v1", "v2"})
+    assert "within the watch window" in str(err.value)
+    assert _via(servers[0], host) == "v1"
+
+
+def test_two_apps_behind_one_proxy_by_host_name(lab, images, proxy_app):
+    name_a, host_a = proxy_app
+    name_b = f"{name_a}b"
+    server = _servers(lab, -1)[0]
+    try:
+        for name, host, version in ((name_a, host_a, "v1"), (name_b, f"{name_b}.test", "v2")):
+            d = _deployer(_proxy_stage(lab, [server], name, hosts=[host]), images, version,
+                          name, Log())
+            assert d.apply().ok
+            d.close()
+        assert _via(server, host_a) == "v1"
+        assert _via(server, f"{name_b}.test") == "v2"
+        # Another host name reaches neither (the proxy's own 404, or an app routed for every
+        # host, like the example pipeline's).
+        assert _via(server, "nobody.test") not in ("v1", "v2")
+    finally:
+        stage = _proxy_stage(lab, [server], name_b)
+        d = SSHDockerDeployer(stage, pipeline=name_b, image_name="x", run_id="cleanup")
+        conn = d._conn(d.targets[0])
+        remove_app_on_server(d, conn, name_b)
+        conn.run(["rm", "-f", f"{d._dir(conn)}/proxy/routes/{name_b}.json"])
+        d.close()
+
+
+def _proxy_pid(d: SSHDockerDeployer) -> int:
+    conn = d._conn(d.targets[0])
+    r = conn.run(["docker", "inspect", "--format", "{{.State.Pid}}", PROXY_CONTAINER])
+    return int(r.stdout.strip() or 0)
+
+
+def test_a_crashing_proxy_fails_the_deploy_and_the_previous_release_is_served(lab, images,
+                                                                                proxy_app):
+    """The proxy's process is killed by pid, again each time docker restarts it, while the new
+    version is on probation: the deploy fails naming the server, and once the proxy stays up
+    it serves the previous release."""
+    name, host = proxy_app
+    server = _servers(lab, 1)[0]
+    stage = _proxy_stage(lab, [server], name, hosts=[host])
+    d = _deployer(stage, images, "v1", name, Log())
+    assert d.apply().ok
+    d.close()
+    slow = stage.model_copy(update={"container": stage.container.model_copy(update={
+        "command": ("sh", "-c", "mv /www/health /www/h; (sleep 2; mv /www/h /www/health) & "
+                                "exec httpd -f -p 8080 -h /www")})})
+    log = Log()
+    d = _deployer(slow, images, "v2", name, log)
+    out: dict = {}
+
+    def go():
+        try:
+            out["r"] = d.apply()
+        except BaseException as exc:  # collected for the assertions
+            out["r"] = exc
+    killer = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="killer")
+    th = _run_until(log, "waiting for health", go)
+    killed = 0
+    while th.is_alive():
+        pid = _proxy_pid(killer)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        time.sleep(0.05)
+    d.close()
+    assert killed >= 1
+    err = out["r"]
+    assert isinstance(err, DeployFailed), err
+    msg = str(err)
+    assert server["host"] in msg and "proxy" in msg, msg
+    [row] = err.report.servers
+    assert row.rolled_back and row.verified, row
+    deadline, seen = time.monotonic() + 60, ""
+    while seen != "v1":  # docker brings the proxy back (with backoff) and its last config
+        assert time.monotonic() < deadline, seen
+        try:
+            seen = _via(server, host)
+        except OSError as exc:
+            seen = str(exc)
+            time.sleep(0.2)
+    killer.close()
+
+
+def test_a_taken_proxy_port_is_refused_before_anything_changes(lab, images, proxy_app):
+    """The server has no proxy yet and something else holds the port the proxy must publish:
+    a clear error before anything changes. (The server's proxy is removed first; the next
+    deploy there boots it again with every app's routes.)"""
+    name, host = proxy_app
+    server = _servers(lab, 1)[0]
+    stage = _proxy_stage(lab, [server], name, hosts=[host])
+    d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="squat")
+    conn = d._conn(d.targets[0])
+    squatter = f"{name}-squatter"
+    conn.run(["docker", "rm", "-f", PROXY_CONTAINER], check=True)
+    conn.run(["docker", "run", "-d", "--name", squatter, "-p", f"{HTTP_PORT}:8080",
+              images["v1"]], check=True)
+    try:
+        d2 = _deployer(stage, images, "v1", name, Log())
+        with pytest.raises(DeployFailed) as err:
+            d2.apply()
+        d2.close()
+        msg = str(err.value)
+        assert "taken by something else" in msg and server["host"] in msg, msg
+        assert "proxy.http_port" in msg and "nothing was changed" in msg
+        assert conn.run(["docker", "container", "ls", "-a", "-q", "--filter",
+                         f"label=runner.app={name}"]).stdout.strip() == ""
+        assert not conn.run(["docker", "container", "inspect", PROXY_CONTAINER]).ok
+    finally:
+        conn.run(["docker", "rm", "-f", squatter])
+        d.close()
+    # With the port free, the next deploy boots the proxy and serves.
+    d2 = _deployer(stage, images, "v1", name, Log())
+    assert d2.apply().ok
+    d2.close()
+    assert _via(server, host) == "v1"
