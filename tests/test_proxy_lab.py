@@ -253,3 +253,82 @@ def test_a_taken_proxy_port_is_refused_before_anything_changes(lab, images, prox
     assert d2.apply().ok
     d2.close()
     assert _via(server, host) == "v1"
+
+
+# An app in the lab's python image (the proxy image is one: it has python3): health, an echo
+# of the request body with a header of its own, and a websocket that echoes one message.
+ECHO_APP = r'''
+import base64, hashlib, http.server
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        if self.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+            accept = base64.b64encode(hashlib.sha1((self.headers["Sec-WebSocket-Key"] +
+                "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket"); self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", accept); self.end_headers()
+            self.wfile.flush()
+            b1, b2 = self.rfile.read(2)
+            n, mask = b2 & 127, self.rfile.read(4)
+            data = bytes(c ^ mask[i % 4] for i, c in enumerate(self.rfile.read(n)))
+            self.wfile.write(bytes([0x81, len(data)]) + data); self.wfile.flush()
+            return
+        body = b"ok\n"
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200); self.send_header("X-App", "echo")
+        self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+'''
+
+
+def test_bodies_headers_and_websockets_pass_through(lab, proxy_app):
+    import base64
+    import socket
+    import subprocess
+    name, host = proxy_app
+    server = _servers(lab, 1)[0]
+    docker = ["/usr/bin/docker", "-H", lab["docker_host"]]
+    subprocess.run([*docker, "pull", "-q", lab["proxy_image"]], check=True, capture_output=True)
+    ref = subprocess.run([*docker, "inspect", "--format", "{{index .RepoDigests 0}}",
+                          lab["proxy_image"]], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    stage = _proxy_stage(lab, [server], name, hosts=[host], health={"path": "/health"})
+    stage = stage.model_copy(update={"container": stage.container.model_copy(update={
+        "command": ("python3", "-c", ECHO_APP)})})
+    from runner.model.image import ImageRef
+    d = SSHDockerDeployer(stage, pipeline=name, image_name=ref.split("@")[0], run_id="echo",
+                          image=ImageRef.parse(ref), log=Log())
+    assert d.apply().ok
+    d.close()
+
+    import http.client
+    c = http.client.HTTPConnection(server["host"], HTTP_PORT, timeout=5)
+    payload = os.urandom(3000).hex()
+    c.request("POST", "/echo", body=payload, headers={"Host": host})
+    r = c.getresponse()
+    assert r.read().decode() == payload and r.getheader("X-App") == "echo"
+    assert r.getheader("Via") is None or "runner" not in r.getheader("Via")
+    c.close()
+
+    with socket.create_connection((server["host"], HTTP_PORT), timeout=5) as s:
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall(f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.split(b"\r\n")[0].split()[1] == b"101", head
+        mask, msg = os.urandom(4), b"hello through the proxy"
+        s.sendall(bytes([0x81, 0x80 | len(msg)]) + mask +
+                  bytes(c ^ mask[i % 4] for i, c in enumerate(msg)))
+        frame = b""
+        while len(frame) < 2 + len(msg):
+            frame += s.recv(64)
+        assert frame[2:] == msg
