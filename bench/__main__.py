@@ -1,29 +1,35 @@
 """The runner against the plain command sequence and against Ansible, side by side, in one run.
 
-    python -m bench [deploy] [pipeline] [rebuild] [overhead]   # default: all four
+    python -m bench [deploy] [pipeline] [rebuild] [overhead] [zero-downtime]   # default: all
         [--rounds 5] [--warmup 1] [--quick] [--servers 1,2,4] [--pipeline-servers 2]
         [--image example|tiny] [--variants runner,runner-http,plain-seq,plain-par,ansible]
         (add plain-nowait to --variants for the plain loop without its health wait, the floor)
-        [--out FILE] [--profile] [--keep]
+        [--out FILE] [--profile] [--keep] [--before REV [--after REV]]
 
 Brings the lab up (adding servers if --servers needs more), pushes two versions of the app to
 the lab's registry, then runs the variants alternately (A B A B …, --rounds counted runs each
 after --warmup uncounted ones). Prints the medians, min–max and one table of ratios with the
-goals of issues 3 and 6, and writes every raw number to bench/results/<UTC time>.json (or
+goals of issues 3, 6 and 9, and writes every raw number to bench/results/<UTC time>.json (or
 --out). `--quick` is one run of each, no warm-up (the smoke test). Run as root.
+`--before REV` adds the deploy variant runner-before: the runner of REV (a temporary
+`git worktree` of this repository, removed at the end), in the same rounds as the others, so
+that before and after a change are measured in one run under the same load. `--after REV`
+runs the runner variants from a worktree of REV too, instead of this tree as it is (whose
+uncommitted edits would otherwise be measured, even ones made during the run).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
 
 from bench import common
 from bench.common import log
-from bench.deploy import OPTIONAL, VARIANTS
+from bench.deploy import BEFORE, OPTIONAL, SERVER_PHASES, VARIANTS
 
-PARTS = ("deploy", "pipeline", "rebuild", "overhead")
+PARTS = ("deploy", "pipeline", "rebuild", "overhead", "zero-downtime")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +48,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="also write a cProfile of one runner deploy per server count")
     ap.add_argument("--keep", action="store_true", help="leave the bench containers running")
+    ap.add_argument("--before", metavar="REV",
+                    help=f"also deploy with the runner of git revision REV ({BEFORE}, from a "
+                         "temporary worktree), interleaved with the other variants")
+    ap.add_argument("--after", metavar="REV",
+                    help="run the runner variants from a temporary worktree of REV too "
+                         "(default: this tree, uncommitted edits included)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup = 1, 0
@@ -50,6 +62,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     args.parts = [p for p in PARTS if p in args.parts] or list(PARTS)
     args.counts = [int(c) for c in args.servers.split(",") if c.strip()]
+    if args.before and "runner" not in args.variants.split(","):
+        ap.error("--before compares with the runner variant: keep runner in --variants")
     bad = [v for v in args.variants.split(",") if v and v not in VARIANTS + OPTIONAL]
     if bad:
         ap.error(f"unknown variant(s) {', '.join(bad)}; choose from "
@@ -95,21 +109,47 @@ def report(res: dict) -> str:
         out.append(table(rows, ["servers", "variant", "median", "min–max"]))
         for why in dep["skipped"].values():
             out.append(f"ansible column skipped: {why}")
-        rows = []
+        if dep.get("before"):
+            b = dep["before"]
+            a = dep.get("after") or {}
+            edits = sorted(set(a.get("dirty", [])) | set(a.get("dirty_at_end", [])))
+            here = (f"{a['rev']} ({a['commit'][:12]}, a worktree)" if a.get("rev") else
+                    f"this tree ({a.get('commit', '?')[:12]}"
+                    + (f", with uncommitted {'; '.join(edits)}" if edits else "") + ")")
+            out.append(f"{BEFORE}: the runner of {b['rev']} ({b['commit'][:12]}, a worktree); "
+                       f"runner: {here}. Order in each round: {', '.join(b['order'])}")
+        rows, srows = [], []
         for n, block in dep["by_servers"].items():
-            ph = block.get("runner_phases") or {}
-            if ph:
-                rows.append([n] + [fmt((ph.get(k) or {}).get("median")) for k in PHASES])
+            for name, key in (("runner", "runner_phases"), (BEFORE, "runner_before_phases")):
+                ph = block.get(key) or {}
+                if ph:
+                    rows.append([n, name] + [fmt((ph.get(k) or {}).get("median")) for k in PHASES])
+            for name, key in (("runner", "runner_server_phases"),
+                              (BEFORE, "runner_before_server_phases")):
+                ph = block.get(key) or {}
+                if ph:
+                    srows.append([n, name] + [fmt((ph.get(k) or {}).get("median"))
+                                              for k in SERVER_PHASES + ("rest", "server_total")])
         for n, block in dep["by_servers"].items():
-            st = block.get("runner_remote_steps") or {}
-            if st:
-                rows_st = sorted(st.items(), key=lambda kv: -(kv[1]["median"] or 0))
-                out.append(f"runner deploy to {n} server(s), remote steps (s, slowest server, "
-                           "median): " + ", ".join(f"{k} {fmt(v['median'])}" for k, v in rows_st))
+            for name, key in (("runner", "runner_remote_steps"),
+                              (BEFORE, "runner_before_remote_steps")):
+                st = block.get(key) or {}
+                if st:
+                    rows_st = sorted(st.items(), key=lambda kv: -(kv[1]["median"] or 0))
+                    out.append(f"{name} deploy to {n} server(s), remote steps (s, slowest "
+                               "server, median): " + ", ".join(f"{k} {fmt(v['median'])}"
+                                                               for k, v in rows_st))
         if rows:
             out.append("\nrunner deploy, where the time goes (medians, s; *_at: when the last "
                        "server got there, from the deploy stage's start):")
-            out.append(table(rows, ["servers"] + list(PHASES)))
+            out.append(table(rows, ["servers", "variant"] + list(PHASES)))
+        if srows:
+            out.append("\nrunner deploy, per-server phases from the deploy's report (s; each "
+                       "phase: the slowest server of a round, median over rounds; rest: outside "
+                       "the phases (lock, history, recovery check, waits for the other servers); "
+                       "server_total: the slowest server's whole time):")
+            out.append(table(srows, ["servers", "variant"] + list(SERVER_PHASES)
+                             + ["rest", "server_total"]))
     pipe = res.get("pipeline")
     if pipe:
         out.append(f"\nfull pipeline to {pipe['servers']} servers (s): runner exec "
@@ -131,6 +171,10 @@ def report(res: dict) -> str:
     if ov:
         out.append("\nrunner overhead in the full pipeline (medians, s): " + ", ".join(
             f"{k} {fmt(v)}" for k, v in ov.items()))
+    zd = res.get("zero-downtime")
+    if zd:
+        from bench import zero_downtime
+        out.append("\n" + "\n".join(zero_downtime.rows(zd)))
     out.append("\n" + table(ratio_rows(res), ["ratio", "median", "pairs min–max", "goal", "met"]))
     return "\n".join(out)
 
@@ -158,11 +202,28 @@ def ratio_rows(res: dict) -> list[list[str]]:
                 if key in b:
                     rows.append(goal_row(f"deploy {n} srv: runner-http ÷ {base}",
                                          b[key]["ratio"], None, b[key]["pairs"]))
+            # Issue 9: the restructured deploy must not be slower (after, and before with
+            # --before); and after ÷ before itself, without a goal.
+            base, goal = {2: ("plain-par", 0.65), 1: ("plain-seq", 0.55)}.get(n, (None, None))
+            if base:
+                for ours, when in (("runner", "after"), (BEFORE, "before")):
+                    key = f"{ours}/{base}"
+                    if key in b:
+                        rows.append(goal_row(f"deploy {n} srv: {ours} ÷ {base} (issue 9, {when})",
+                                             b[key]["ratio"], goal, b[key]["pairs"]))
+            key = f"runner/{BEFORE}"
+            if key in b:
+                rows.append(goal_row(f"deploy {n} srv: runner ÷ {BEFORE} (after ÷ before)",
+                                     b[key]["ratio"], None, b[key]["pairs"]))
         one = blocks.get(1, {}).get("runner")
         for n, goal in ((4, 1.5), (8, 2.0)):
             if n in blocks and one:
                 rows.append(goal_row(f"deploy runner: {n} srv ÷ 1 srv",
                                      common.ratio(blocks[n]["runner"], one), goal))
+        bone = blocks.get(1, {}).get(BEFORE)
+        if 4 in blocks and bone and BEFORE in blocks[4]:
+            rows.append(goal_row(f"deploy {BEFORE}: 4 srv ÷ 1 srv (reference)",
+                                 common.ratio(blocks[4][BEFORE], bone), None))
         pone = blocks.get(1, {}).get("plain-par")
         if 4 in blocks and pone and "plain-par" in blocks[4]:
             rows.append(goal_row("deploy plain-par: 4 srv ÷ 1 srv (reference)",
@@ -178,6 +239,10 @@ def ratio_rows(res: dict) -> list[list[str]]:
                              r["pairs"]))
         rows.append(goal_row("rebuild: code-only ÷ cold (whole runner exec)",
                              r["whole_exec_ratio"], None))
+    zd = res.get("zero-downtime")
+    if zd:
+        rows.append(goal_row("zero-downtime: deploy proxy ÷ stop-start", zd["deploy_ratio"],
+                             1.2))
     return rows
 
 
@@ -198,12 +263,28 @@ def main(argv: list[str] | None = None) -> int:
     used = lab["servers"][:need]
     try:
         if "deploy" in args.parts:
-            refs = common.two_versions(lab, args.image, workdir)
-            log(f"images: {refs}")
-            res["deploy"] = deploy_mod.bench_deploy(
-                lab, refs, args.counts, args.rounds, args.warmup, workdir,
-                variants=tuple(v for v in args.variants.split(",") if v),
-                profile_dir=common.RESULTS_DIR if args.profile else None)
+            with contextlib.ExitStack() as stack:
+                before = after = None
+                if args.before:
+                    tree, commit = stack.enter_context(deploy_mod.before_tree(args.before))
+                    before = (tree, commit, args.before)
+                if args.after:
+                    tree, commit = stack.enter_context(
+                        deploy_mod.before_tree(args.after, "runner"))
+                    after = (tree, commit, args.after)
+                refs = common.two_versions(lab, args.image, workdir)
+                log(f"images: {refs}")
+                res["deploy"] = deploy_mod.bench_deploy(
+                    lab, refs, args.counts, args.rounds, args.warmup, workdir,
+                    variants=tuple(v for v in args.variants.split(",") if v),
+                    profile_dir=common.RESULTS_DIR if args.profile else None, before=before,
+                    after=after)
+        if "zero-downtime" in args.parts:
+            from bench import zero_downtime
+            if not refs:
+                refs = common.two_versions(lab, args.image, workdir)
+            res["zero-downtime"] = zero_downtime.bench_zero_downtime(
+                lab, refs, lab["servers"][:args.pipeline_servers], args.rounds, workdir)
         pipe = None
         if {"pipeline", "rebuild", "overhead"} & set(args.parts):
             pipe = pipeline_mod.bench_pipeline(lab, args.image,

@@ -16,21 +16,29 @@ pulls it. Each run is checked (untimed) to have left the expected digest running
 - plain-nowait: (only when asked for, in --variants) plain-seq without the health wait: done
               when `docker run` returns. The floor, not an equivalent: it never learns whether
               the app came up
+- runner-before: (only with --before REV) the runner variant run from a `git worktree` of REV
+              (cwd and PYTHONPATH = that tree, same interpreter, pipeline file and ref),
+              interleaved with the others in the same rounds: the deploy before a change and
+              after it, measured under the same load
 - ansible:    ansible-playbook, community.docker docker_image_pull + docker_container
               (state: healthy), gather_facts off, pipelining on, forks = servers, OpenSSH with
               ControlPersist (Ansible's defaults otherwise)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 from bench.common import (APP_PORT, CONTAINER, HOST_PORT, ROOT, Timer, cleanup_servers, log,
                           on_servers,
@@ -38,6 +46,9 @@ from bench.common import (APP_PORT, CONTAINER, HOST_PORT, ROOT, Timer, cleanup_s
 
 VARIANTS = ("runner", "runner-http", "plain-seq", "plain-par", "ansible")  # the default set
 OPTIONAL = ("plain-nowait",)  # run only when named in --variants
+BEFORE = "runner-before"  # the runner of another revision (--before REV), in its own worktree
+# The per-server phases of the deploy stage's report (deployers.base.ServerResult.phases).
+SERVER_PHASES = ("connect", "pull", "switch", "start", "health", "commit")
 HEALTH_POLL = 0.1  # the plain loop polls docker's health status this often
 HTTP_PATH = "/healthz"  # answered by both images (the example app, and busybox httpd)
 
@@ -131,21 +142,49 @@ def runner_pipeline(workdir: Path, servers: list[dict], image_name: str,
     return path
 
 
-def run_runner(pipeline: Path, ref: str, profile: str | None = None) -> tuple[float, dict]:
+def run_runner(pipeline: Path, ref: str, profile: str | None = None,
+               tree: Path | None = None) -> tuple[float, dict]:
+    """One runner deploy in its own process; tree: run that checkout's code (--before)
+    instead of this one's, with the same interpreter, pipeline file and ref."""
     argv = [sys.executable, "-m", "bench.rundeploy", str(pipeline), ref]
     if profile:
         argv += ["--profile", profile]
-    t = Timer(argv, cwd=str(ROOT), timeout=300).run()
+    env = None
+    if tree is not None:
+        env = dict(os.environ, PYTHONPATH=str(tree))  # before the editable install's finder
+    t = Timer(argv, env=env, cwd=str(tree or ROOT), timeout=300).run()
     out = (t.result.stdout or "").strip().splitlines()
-    info = json.loads(out[-1]) if out else {}
-    if t.result.returncode != 0:
-        raise RuntimeError(f"runner deploy failed: {info.get('error') or t.result.stderr[-2000:]}")
+    try:
+        info = json.loads(out[-1]) if out else {}
+    except json.JSONDecodeError:
+        info = {}
+    what = "runner deploy" if tree is None else f"runner deploy ({tree})"
+    if t.result.returncode != 0 or not info:
+        raise RuntimeError(f"{what} failed: {info.get('error') or t.result.stderr[-2000:]}")
     statuses = {s["name"]: s["status"] for s in (info.get("outputs") or {}).get("servers", [])}
     if not statuses or set(statuses.values()) != {"deployed"}:
-        raise RuntimeError(f"runner deploy did not change every server: {statuses}")
+        raise RuntimeError(f"{what} did not change every server: {statuses}")
     ph = phases(info, t.started_epoch, t.wall)
     ph["_trace"] = info.get("trace") or []
+    ph["_servers"] = server_phases(info)
     return t.wall, ph
+
+
+def server_phases(info: dict) -> dict[str, float]:
+    """One run's per-server phases from the stage's outputs (ServerResult.phases): for each
+    phase, the slowest server's time in it; `server_total` the slowest server's whole time
+    (ServerResult.duration) and `rest` the most any server spent outside the named phases
+    (the lock, history, recovery check, waits for the other servers). {} when the deploy's
+    report has no phases (revisions before they were added)."""
+    rows = [s for s in (info.get("outputs") or {}).get("servers", []) if s.get("phases")]
+    if not rows:
+        return {}
+    out = {k: round(max((s["phases"].get(k) or 0.0) for s in rows), 3)
+           for k in sorted({k for s in rows for k in s["phases"]})}
+    out["server_total"] = round(max(s.get("duration") or 0.0 for s in rows), 3)
+    out["rest"] = round(max((s.get("duration") or 0.0) - sum(s["phases"].values())
+                            for s in rows), 3)
+    return out
 
 
 def steps(trace: list[dict]) -> dict[str, float]:
@@ -170,8 +209,9 @@ def phases(info: dict, spawned: float, wall: float) -> dict:
     if start is None or end is None:
         return {}
 
-    def last(word: str) -> float | None:
-        ts = [e["time"] for e in ev if e["event"] == "stage.log" and word in (e.get("line") or "")]
+    def last(*words: str) -> float | None:
+        ts = [e["time"] for e in ev if e["event"] == "stage.log"
+              and any(w in (e.get("line") or "") for w in words)]
         return max(ts) if ts else None
     out = {
         "python_start_imports": round(info["imported"] - spawned, 3),
@@ -180,10 +220,11 @@ def phases(info: dict, spawned: float, wall: float) -> dict:
         "exit": round(spawned + wall - info["end"], 3),
     }
     # When the last server reached each milestone, counted from the stage's start.
-    for key, word in (("connected_at", ": connected"), ("pulled_at", ": pulled "),
-                      ("locked_at", ": deploy lock taken"), ("started_at", ": started "),
-                      ("healthy_at", "(healthy)")):
-        t = last(word)
+    # ("<server>: deployed <digest> (healthy)" until bba7fdd, "<server>: healthy <digest>" since)
+    for key, words in (("connected_at", (": connected",)), ("pulled_at", (": pulled ",)),
+                       ("locked_at", (": deploy lock taken",)), ("started_at", (": started ",)),
+                       ("healthy_at", ("(healthy)", ": healthy sha256:"))):
+        t = last(*words)
         if t is not None:
             out[key] = round(t - start, 3)
     return out
@@ -254,6 +295,68 @@ def run_ansible(playbook: Path, env: dict[str, str], ref: str) -> float:
     return t.wall
 
 
+# ------------------------------------------------------------------ another revision
+
+def _git(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                       timeout=120)
+    if check and p.returncode != 0:
+        raise SystemExit(f"git {' '.join(args)} failed: {p.stderr.strip()}")
+    return p
+
+
+@contextlib.contextmanager
+def before_tree(rev: str, what: str = BEFORE) -> Iterator[tuple[Path, str]]:
+    """`git worktree add --detach <tmp> REV` of this repository: (its path, the full commit).
+    Removed again at the end, also on an error, Ctrl-C or SIGTERM (raised as SystemExit while
+    it exists, so that this cleanup runs)."""
+    commit = _git("rev-parse", "--verify", f"{rev}^{{commit}}").stdout.strip()
+    parent = Path(tempfile.mkdtemp(prefix="runner-bench-before-"))
+    tree = parent / "tree"
+    main = threading.current_thread() is threading.main_thread()
+    old_term = signal.getsignal(signal.SIGTERM) if main else None
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+    try:
+        if main:
+            signal.signal(signal.SIGTERM, on_term)
+        _git("worktree", "add", "--detach", str(tree), commit)
+        log(f"{what}: {rev} = {commit[:12]}, worktree {tree}")
+        yield tree, commit
+    finally:
+        if tree.exists():
+            _git("worktree", "remove", "--force", str(tree), check=False)
+        shutil.rmtree(parent, ignore_errors=True)
+        _git("worktree", "prune", check=False)
+        if main:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def tree_state() -> dict:
+    """This checkout's commit and its uncommitted changes to the code a deploy runs."""
+    head = _git("rev-parse", "HEAD", check=False).stdout.strip()
+    dirty = _git("status", "--porcelain", "--", "deployers", "pipelines", "runner",
+                 check=False).stdout.splitlines()
+    return {"commit": head, "dirty": [line.strip() for line in dirty]}
+
+
+def round_order(variants: tuple[str, ...]) -> tuple[str, ...]:
+    """The order of the variants within a round. With runner-before, it and the runner each
+    come right after a variant that is not a runner (runner-before first, after the previous
+    round's last one; the runner after the first plain or ansible variant), so that both start
+    from the same state: a container the runner did not start, and history written by the
+    other revision. Without it, the order given."""
+    if BEFORE not in variants:
+        return variants
+    rest = [v for v in variants if v != BEFORE]
+    others = [v for v in rest if not v.startswith("runner")]
+    if not others or "runner" not in rest:
+        return (BEFORE,) + tuple(rest)
+    ours = ["runner"] + [v for v in rest if v.startswith("runner") and v != "runner"]
+    return (BEFORE, others[0], *ours, *others[1:])
+
+
 # ------------------------------------------------------------------ the bench
 
 def check_and_prune(servers: list[dict], ref: str, other: str) -> None:
@@ -268,19 +371,33 @@ def check_and_prune(servers: list[dict], ref: str, other: str) -> None:
 
 def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, warmup: int,
                  workdir: Path, variants: tuple[str, ...] = VARIANTS,
-                 profile_dir: Path | None = None) -> dict:
+                 profile_dir: Path | None = None,
+                 before: tuple[Path, str, str] | None = None,
+                 after: tuple[Path, str, str] | None = None) -> dict:
+    """before: (worktree, commit, rev as given) of another revision, run as runner-before.
+    after: the same for the runner and runner-http variants (default: this tree as it is,
+    uncommitted edits included)."""
+    here = after[0] if after else None
     ok, why = ansible_available()
     skipped = {}
     if "ansible" in variants and not ok:
         skipped["ansible"] = why
         log(f"ansible skipped: {why}")
         variants = tuple(v for v in variants if v != "ansible")
+    variants = tuple(v for v in variants if v != BEFORE)
+    if before is not None:
+        variants = round_order(variants + (BEFORE,))
     image_name = refs[0].split("@")[0]
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
     out: dict = {"variants": list(variants), "skipped": skipped, "rounds": rounds,
                  "warmup": warmup, "container": CONTAINER, "host_port": HOST_PORT,
                  "refs": refs, "by_servers": {}}
+    # What the runner variants ran: this tree as it is (edits included), or --after's commit.
+    out["after"] = {"rev": after[2], "commit": after[1], "dirty": []} if after else tree_state()
+    if before is not None:
+        out["before"] = {"rev": before[2], "commit": before[1], "variant": BEFORE,
+                         "order": list(variants)}
     for n in counts:
         servers = lab["servers"][:n]
         cleanup_servers(servers, refs)  # every block starts from nothing
@@ -293,6 +410,7 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
         times: dict[str, list[float]] = {v: [] for v in variants}
         runner_phases: list[dict] = []
         http_phases: list[dict] = []
+        before_phases: list[dict] = []
         k = 0  # which version goes next: they alternate run by run
         for r in range(warmup + rounds):
             counted = r >= warmup
@@ -303,13 +421,18 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
                 if profile_dir and v == "runner" and counted and r == warmup:
                     prof = str(profile_dir / f"runner-deploy-{n}.prof")
                 if v == "runner":
-                    wall, ph = run_runner(pipeline, ref, prof)
+                    wall, ph = run_runner(pipeline, ref, prof, tree=here)
                     if counted:
                         runner_phases.append(ph)
                 elif v == "runner-http":
-                    wall, ph = run_runner(pipeline_http, ref)
+                    wall, ph = run_runner(pipeline_http, ref, tree=here)
                     if counted:
                         http_phases.append(ph)
+                elif v == BEFORE:
+                    assert before is not None
+                    wall, ph = run_runner(pipeline, ref, tree=before[0])
+                    if counted:
+                        before_phases.append(ph)
                 elif v == "plain-seq":
                     wall = run_plain_seq(servers, ref)
                 elif v == "plain-par":
@@ -323,24 +446,35 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
                 if counted:
                     times[v].append(wall)
         block = {v: summary(times[v]) for v in variants}
-        traces = [p.pop("_trace", []) for p in runner_phases]
-        block["runner_phases"] = {key: summary([p[key] for p in runner_phases if key in p])
-                                  for key in sorted({k for p in runner_phases for k in p})}
-        per_run = [steps(t) for t in traces if t]
-        block["runner_remote_steps"] = {w: summary([r.get(w, 0.0) for r in per_run])
-                                        for w in sorted({w for r in per_run for w in r})}
-        block["runner_traces"] = traces
-        for p in http_phases:
-            p.pop("_trace", None)
-        if http_phases:
-            block["runner_http_phases"] = {
-                key: summary([p[key] for p in http_phases if key in p])
-                for key in sorted({k for p in http_phases for k in p})}
-        for ours in ("runner", "runner-http"):
+        for name, runs in (("runner", runner_phases), ("runner_http", http_phases),
+                           ("runner_before", before_phases)):
+            if not runs and name != "runner":
+                continue
+            traces = [p.pop("_trace", []) for p in runs]
+            per_server = [p.pop("_servers", {}) for p in runs]
+            block[f"{name}_phases"] = {key: summary([p[key] for p in runs if key in p])
+                                       for key in sorted({k for p in runs for k in p})}
+            # Per phase: the slowest server of each round, median (min-max) over the rounds.
+            block[f"{name}_server_phases"] = {
+                key: summary([p[key] for p in per_server if key in p])
+                for key in sorted({k for p in per_server for k in p})}
+            if name == "runner_http":
+                continue
+            per_run = [steps(t) for t in traces if t]
+            block[f"{name}_remote_steps"] = {w: summary([r.get(w, 0.0) for r in per_run])
+                                             for w in sorted({w for r in per_run for w in r})}
+            block[f"{name}_traces"] = traces
+        if BEFORE in times:
+            block[f"runner/{BEFORE}"] = {"ratio": ratio(block["runner"], block[BEFORE])
+                                         if "runner" in block else None,
+                                         "pairs": pair_range(times.get("runner", []),
+                                                             times[BEFORE])}
+        for ours in ("runner", "runner-http", BEFORE):
             for base in ("plain-seq", "plain-par", "ansible", "plain-nowait"):
                 if base in times and ours in times:
                     block[f"{ours}/{base}"] = {"ratio": ratio(block[ours], block[base]),
                                                "pairs": pair_range(times[ours], times[base])}
         out["by_servers"][str(n)] = block
     stop_ansible_masters(workdir)
+    out["after"]["dirty_at_end"] = [] if after else tree_state()["dirty"]
     return out

@@ -32,14 +32,14 @@ def quick(lab, tmp_path_factory):
         ("" if no_ansible else ",ansible")
     p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--image", "tiny",
                         "--servers", "1,2,4", "--variants", variants, "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=230,
+                       cwd=ROOT, capture_output=True, text=True, timeout=330,
                        env=dict(os.environ, DOCKER_HOST=lab["docker_host"]))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "ratio" in p.stdout and str(out) in p.stdout
     return p, json.loads(out.read_text()), no_ansible
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(340)
 def test_bench_quick_writes_every_figure(quick):
     p, data, no_ansible = quick
     variants = "runner,runner-http,plain-seq,plain-par,plain-nowait"
@@ -56,6 +56,9 @@ def test_bench_quick_writes_every_figure(quick):
         phases = block["runner_phases"]
         for key in ("python_start_imports", "stage_total", "healthy_at"):
             assert phases[key]["median"] is not None, (n, key, phases)
+        server_phases = block["runner_server_phases"]  # from the deploy report's phases
+        for key in ("connect", "pull", "switch", "start", "health", "commit", "server_total"):
+            assert server_phases[key]["median"] is not None, (n, key, server_phases)
     assert dep["refs"][0] != dep["refs"][1]
 
     pipe = data["pipeline"]
@@ -75,12 +78,20 @@ def test_bench_quick_writes_every_figure(quick):
                 "deploy_stage_minus_shell_step"):
         assert ov[key] is not None, key
 
+    zd = data["zero-downtime"]
+    for v in ("stop-start", "proxy"):
+        assert zd["variants"][v]["requests"] > 0 and zd["variants"][v]["deploy"]["median"] > 0
+    assert zd["variants"]["proxy"]["failed"] == 0, zd["variants"]["proxy"]["failures"]
+    assert zd["latency"]["proxy"]["n"] > 0 and zd["latency"]["added_p50_ms"] is not None
+    assert "zero-downtime" in p.stdout and "failed requests" in p.stdout
+
     names = {r["ratio"] for r in data["ratios"]}
     assert "deploy 2 srv: runner ÷ plain-par" in names
     assert "deploy 1 srv: runner ÷ plain-nowait" in names
     assert "deploy runner: 4 srv ÷ 1 srv" in names
     assert "full pipeline: runner exec ÷ shell script" in names
     assert "rebuild: code-only ÷ cold (build stage)" in names
+    assert "zero-downtime: deploy proxy ÷ stop-start" in names
 
     # Nothing left running on the servers.
     from bench.common import lab_status
