@@ -447,9 +447,11 @@ class SSHDockerSteps(ServerSteps):
         with self._as_step(t.label, touched=False):
             with self._phase(t.label, "connect"):
                 conn = self._conn(t)
-                root = d._dir(conn)
+            # The pull first: its first command pays the server's login while the SFTP
+            # session (which the runner's directory needs) opens beside it.
             with self._phase(t.label, "pull"):
                 self._pull(conn, plan)
+            root = d._dir(conn)
             holder = locks.holder_info(d.run_id, d.pipeline, plan.release.commit,
                                        d.stage.lock.ttl)
             lease = locks.acquire(conn, f"{root}/locks", d.app, holder, ttl=d.stage.lock.ttl,
@@ -457,10 +459,11 @@ class SSHDockerSteps(ServerSteps):
             self._leases[t.label] = lease
             d.log(f"{t.label}: deploy lock taken (run {d.run_id})")
         with self._as_step(t.label, touched=False):
-            before = d.inspect(conn, plan.release.spec.name, self._runner(conn))
+            found = d.app_containers(conn, self._runner(conn))
+            before = next((c for c in found if c.name == plan.release.spec.name), None)
         with self._as_step(t.label, touched=True):
             history = d.history(conn)
-            recovered = self._recover(conn, plan, history)
+            recovered = self._recover(conn, plan, history, found)
         with self._as_step(t.label, touched=bool(recovered)):
             release, values = self._with_secrets(conn, plan.release)
         return Switch(t.label, release, recovered=recovered,
@@ -564,7 +567,8 @@ class SSHDockerSteps(ServerSteps):
             raise TransportError(conn.label, f"the app's fingerprint key {path} is unreadable")
         return bytes(key)
 
-    def _recover(self, conn: Connection, plan: ServerPlan, history: list[dict]) -> str:
+    def _recover(self, conn: Connection, plan: ServerPlan, history: list[dict],
+                 found: list[ContainerState]) -> str:
         """Return the server to its last verified release when an earlier run left it
         mid-switch, deciding by the history (verified releases only), never by which
         containers happen to exist. Also sweeps a dead run's env files and old logins.
@@ -574,10 +578,9 @@ class SSHDockerSteps(ServerSteps):
         # Env files left by a run that died between writing and removing them; logins left by
         # one that died before its pull ended: only old ones, as pulls run before the lock and
         # another run may be pulling right now.
-        conn.sftp_do(lambda sftp: sweep(sftp, f"{root}/env", own + r"\.env"))
-        conn.sftp_do(lambda sftp: sweep(sftp, f"{root}/auth", own, STALE_LOGIN_AGE))
+        conn.sftp_do(lambda sftp: (sweep(sftp, f"{root}/env", own + r"\.env"),
+                                   sweep(sftp, f"{root}/auth", own, STALE_LOGIN_AGE)))
         run = self._runner(conn)
-        found = self.d.app_containers(conn, run)
         current = next((c for c in found if c.name == app), None)
         aside = sorted((c for c in found if c.name.startswith(f"{app}_prev_")),
                        key=lambda c: c.started_at, reverse=True)
