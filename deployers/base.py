@@ -173,6 +173,7 @@ class ServerStatus:
     verified: bool = False  # what runs is the newest release in the server's history
     previous_verified: str = ""  # the newest verified digest, when what runs is not it
     error: str = ""  # could not ask the server
+    route: str = ""  # the proxy cutover: the digest the app's route on the server serves
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,13 +12,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import click
 
 from runner.errors import EXIT_FAILED, EXIT_INVALID, RunnerError
 
-from deployers.base import DeployFailed
+from deployers.base import DeployFailed, ServerStatus
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 from deployers.transport import TransportError
 
@@ -61,6 +62,43 @@ def _open(path: str, var: tuple[str, ...], load: Loader, run_id: str,
                                  image_name=pipeline.image.name, run_id=run_id,
                                  secret=store.value, log=log)
     return pipeline, deployer, masker
+
+
+def _with_routes(deployer: SSHDockerDeployer, rows: list[ServerStatus]
+                 ) -> tuple[list[ServerStatus], dict[str, str]]:
+    """For the proxy cutover: each row with the digest the app's route serves on its server
+    (`route`), and per server what is wrong with that route ("" when it sends the traffic to
+    the running container)."""
+    from deployers.ssh_proxy import route_status
+    by_label = {t.label: t for t in deployer.targets}
+
+    def one(r: ServerStatus) -> tuple[ServerStatus, str]:
+        if r.error:
+            return r, ""
+        conn = deployer._conn(by_label[r.server])
+        route = route_status(deployer, conn)
+        if route is None:
+            return r, ("no route: the proxy sends it no traffic" if r.running else "")
+        r = replace(r, route=route.digest)
+        cur = deployer.inspect(conn, deployer.app)
+        if cur is None or not cur.running:
+            return r, f"route -> {route.digest[:19] or '?'}, whose container does not run"
+        if route.container:
+            same = cur.id.startswith(route.container) or route.container.startswith(cur.id)
+        else:  # a route written without the container's id: the digest must match
+            same = route.digest == r.digest
+        return r, "" if same else (f"route -> {route.digest[:19] or '?'}: not the running "
+                                   f"container")
+
+    out, wrong = [], {}
+    for row, got in zip(rows, deployer._parallel(one, list(rows))):
+        if isinstance(got, BaseException):
+            out.append(row)
+            wrong[row.server] = f"route: cannot read it ({got})"
+        else:
+            out.append(got[0])
+            wrong[row.server] = got[1]
+    return out, wrong
 
 
 def make_commands(load: Loader = _default_load) -> tuple[click.Command, click.Command,
@@ -137,8 +175,12 @@ def make_commands(load: Loader = _default_load) -> tuple[click.Command, click.Co
         """Per server: which digest/commit runs, its health and since when."""
         _, deployer, masker = _open(pipeline_file, var, load, "status",
                                     lambda s: click.echo(s, err=True))
+        proxied = deployer.stage.proxy is not None
+        wrong: dict[str, str] = {}
         try:
             rows = deployer.verify()
+            if proxied:
+                rows, wrong = _with_routes(deployer, rows)
         except ConfigError as exc:
             click.echo(str(exc), err=True)
             sys.exit(EXIT_INVALID)
@@ -148,19 +190,25 @@ def make_commands(load: Loader = _default_load) -> tuple[click.Command, click.Co
             click.echo(json.dumps([r.to_dict() for r in rows]))
         else:
             click.echo(f"{'SERVER':<22} {'STATE':<10} {'HEALTH':<10} {'DIGEST':<19} "
-                       f"{'COMMIT':<12} SINCE")
+                       f"{'COMMIT':<12} " + (f"{'SINCE':<19} ROUTE" if proxied else "SINCE"))
             for r in rows:
                 if r.error:
                     click.echo(f"{r.server:<22} {'error':<10} {masker.mask(r.error)}")
                     continue
                 line = (f"{r.server:<22} {r.status:<10} {r.health or '-':<10} "
                         f"{r.digest[:19] or '-':<19} {r.commit[:12] or '-':<12} "
-                        f"{r.started_at[:19] or '-'}")
+                        f"{r.started_at[:19] or '-':<19}")
+                if proxied:
+                    line += f" {r.route[:19] or '-'}"
+                line = line.rstrip()
                 if r.digest and not r.verified:
                     line += (f"  unverified: {r.digest[:19]}; previous verified: "
                              f"{r.previous_verified[:19] or 'none'}")
+                if wrong.get(r.server):
+                    line += f"  {masker.mask(wrong[r.server])}"
                 click.echo(line)
-        if any(r.error or not r.running or not r.verified for r in rows):
+        if any(r.error or not r.running or not r.verified or wrong.get(r.server)
+               for r in rows):
             sys.exit(EXIT_FAILED)
 
     @click.group("deploy-lock")

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from deployers.proxy import (CONFIG_DIR, LABEL_ALIAS, LABEL_PROXY, NETWORK, PROXY_CONTAINER,
-                             published)
+                             PROXY_RECIPE, published)
 from deployers.spec import LABEL_APP, LABEL_SECRETS, ContainerSpec, HealthSpec
 
 DOCKER = "docker"
@@ -231,8 +231,12 @@ def network_create() -> list[str]:
 def proxy_run(proxy, volume: Word = PROXY_DIR) -> list[Word]:
     """The proxy container (settings `proxy`, a runner.model.deploy.Proxy). `volume` mounts
     the runner's proxy directory on the server (its config.json) at CONFIG_DIR, read-only."""
-    argv: list[Word] = [DOCKER, "run", "--detach", "--name", PROXY_CONTAINER, "--restart", "always",
-            "--network", NETWORK, "--label", f"{LABEL_PROXY}=1"]
+    argv: list[Word] = [DOCKER, "run", "--detach", "--name", PROXY_CONTAINER, "--restart",
+                        "always", "--network", NETWORK, "--label", f"{LABEL_PROXY}={PROXY_RECIPE}",
+                        # Caddy opens a new SO_REUSEPORT listener at every config load and
+                        # closes the old one: without this, connections still queued on the
+                        # old one are reset. The kernel moves them to the new one instead.
+                        "--sysctl", "net.ipv4.tcp_migrate_req=1"]
     for p in published(proxy):
         argv += ["--publish", p]
     argv += ["--volume", volume, "--volume", "runner-proxy-data:/data", "--volume", "runner-proxy-config:/config",

@@ -32,8 +32,8 @@ from deployers.base import Restored, StepFailed, Switch
 from deployers.health import (ContainerState, ProbeResult, explain_http, parse_http_answer,
                               wait_healthy)
 from deployers.plan import kept_name
-from deployers.proxy import (CONFIG_DIR, CONFIG_FILE, LABEL_ALIAS, PROXY_CONTAINER, Route,
-                             config_bytes, published, route_for)
+from deployers.proxy import (CONFIG_DIR, CONFIG_FILE, LABEL_ALIAS, LABEL_PROXY, PROXY_CONTAINER,
+                             PROXY_RECIPE, Route, config_bytes, published, route_for)
 from deployers.remote_files import sweep
 from deployers.spec import LABEL_RUN, identity_of, record_identity
 from deployers.ssh_docker import SSHDockerDeployer, SSHDockerSteps, _OnServer
@@ -131,6 +131,13 @@ class ProxyOps:
                                              f"{r.output[-300:]}", touched=False)
             did.append("network created")
         st = self.d.inspect(conn, PROXY_CONTAINER, run)
+        if st is not None and st.labels.get(LABEL_PROXY) != PROXY_RECIPE:
+            self.d.log(f"{conn.label}: the proxy was made by an older runner (recipe "
+                       f"{st.labels.get(LABEL_PROXY, '?')}, now {PROXY_RECIPE}): replacing it, "
+                       f"a short gap this once")
+            run(cmd.remove(PROXY_CONTAINER), check=True)
+            did.append("outdated proxy removed")
+            st = None
         want = set(published(self.proxy))
         if st is not None and not want <= set(st.published):
             raise StepFailed(conn.label, (

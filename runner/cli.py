@@ -22,6 +22,7 @@ LAZY_COMMANDS = {
     "deploy-lock": "deployers.cli:deploy_lock",
     "releases": "deployers.cli:releases",
     "app": "deployers.app_cli:app",
+    "proxy": "deployers.proxy_cli:proxy",
     "daemon": "runner.daemon.cli:daemon",
     "runs": "runner.daemon.cli:runs",
     "logs": "runner.daemon.cli:logs",

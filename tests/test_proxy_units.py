@@ -62,7 +62,8 @@ def test_proxy_argv_and_reload_exact():
     assert published(p) == ("8000:80",)
     assert cmd.bind(cmd.proxy_run(p), {cmd.PROXY_DIR: "/r"}) == [
         "docker", "run", "--detach", "--name", "runner-proxy", "--restart", "always",
-        "--network", "runner", "--label", "runner.proxy=1", "--publish", "8000:80",
+        "--network", "runner", "--label", "runner.proxy=2",
+        "--sysctl", "net.ipv4.tcp_migrate_req=1", "--publish", "8000:80",
         "--volume", "/r/proxy:/etc/runner-proxy:ro", "--volume", "runner-proxy-data:/data",
         "--volume", "runner-proxy-config:/config", "reg/caddy:2",
         "caddy", "run", "--config", "/etc/runner-proxy/config.json"]
