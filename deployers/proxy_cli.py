@@ -38,11 +38,12 @@ from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from deployers import commands as cmd
 from deployers import lock as locks
 from deployers.app_cli import SERVER_HELP, _choose, _each, _Out
+from deployers.app_cli import _session as app_session
 from deployers.base import StepFailed
-from deployers.cli import Loader, _default_load, _open
+from deployers.cli import Loader, _default_load
 from deployers.proxy import PROXY_CONTAINER, published
 from deployers.spec import Target
-from deployers.ssh_docker import ConfigError, SSHDockerDeployer
+from deployers.ssh_docker import SSHDockerDeployer
 from deployers.ssh_proxy import PROXY_LOCK, ProxyOps
 from deployers.transport import Connection, TransportError, http_get
 
@@ -65,18 +66,12 @@ def _session(path: str, var: tuple[str, ...], load: Loader, what: str
     """(deployer, masker); exit 2 for a pipeline without `proxy:` or settings that cannot
     work."""
     run_id = f"proxy-{what}-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
-    _, d, masker = _open(path, var, load, run_id, lambda s: click.echo(s, err=True))
+    _, d, masker = app_session(path, var, load, run_id)
     if d.stage.proxy is None:
         d.close()
         click.echo(f"{path}: stages.deploy has no `proxy:` section (this pipeline deploys "
                    f"stop-start, without a proxy): `runner proxy {what}` is only for the "
                    f"proxy cutover", err=True)
-        sys.exit(EXIT_INVALID)
-    try:
-        d.options()
-    except ConfigError as exc:
-        d.close()
-        click.echo(masker.mask(f"{path}: {exc}"), err=True)
         sys.exit(EXIT_INVALID)
     return d, masker
 

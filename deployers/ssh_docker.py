@@ -629,9 +629,7 @@ class SSHDockerSteps(ServerSteps):
         spec, plan = sw.release.spec, st.plan
         with self._as_step(sw.server, touched=True):
             cur = self.d.inspect(conn, spec.name, run)
-            verified = record_identity(st.history[-1]) if st.history else None
-            if cur is not None and identity_of(cur.labels) == sw.release.identity == verified \
-                    and cur.running and cur.health != "unhealthy" and cur.restart_count == 0:
+            if cur is not None and self._already_running(conn, sw, st, cur):
                 sw.unchanged = True
                 return
             with self._phase(sw.server, "switch"):
@@ -646,6 +644,13 @@ class SSHDockerSteps(ServerSteps):
                     st.prev_stopped = True
             with self._phase(sw.server, "start"):
                 st.new_id = self._start(conn, run, sw, st)
+
+    def _already_running(self, conn: Connection, sw: Switch, st: _OnServer,
+                         cur: ContainerState) -> bool:
+        """`cur` is this very release, verified, running well: nothing to switch."""
+        verified = record_identity(st.history[-1]) if st.history else None
+        return (identity_of(cur.labels) == sw.release.identity == verified and cur.running
+                and cur.health != "unhealthy" and cur.restart_count == 0)
 
     def _start(self, conn: Connection, run: Callable, sw: Switch, st: _OnServer) -> str:
         spec = sw.release.spec

@@ -244,33 +244,22 @@ class ProxySteps(SSHDockerSteps):
 
     # ------------------------------------------------------------------ switch
 
-    def switch(self, sw: Switch) -> None:
-        conn, run, st = self._on(sw)
-        spec, plan = sw.release.spec, st.plan
-        with self._as_step(sw.server, touched=True):
-            cur = self.d.inspect(conn, spec.name, run)
-            verified = record_identity(st.history[-1]) if st.history else None
-            if cur is not None and identity_of(cur.labels) == sw.release.identity == verified \
-                    and cur.running and cur.health != "unhealthy" and cur.restart_count == 0 \
-                    and self._routed_to(conn, cur):
-                sw.unchanged = True
-                return
-            kept = self._kept_of(conn, run, sw)
-            with self._phase(sw.server, "switch"):
-                if cur is not None:
-                    st.prev_id, st.prev_was_running = cur.id, cur.running
-                    st.prev_labels = dict(cur.labels)
-                    run(plan.argv("rename_previous"), check=True)
-                    st.prev_name = plan.command("rename_previous").argv[-1]
-            with self._phase(sw.server, "start"):
-                if kept is not None:  # a rollback to a kept release: that very container
-                    run(plan.argv("reuse", {cmd.KEPT: kept.id}), check=True)
-                    st.reused, st.new_id = kept.name, kept.id
-                    run(plan.argv("start_reused"), check=True)
-                    self.d.log(f"{sw.server}: started the kept container of "
-                               f"{sw.release.digest[:19]} again ({kept.name})")
-                else:
-                    st.new_id = self._start(conn, run, sw, st)
+    def _already_running(self, conn: Connection, sw: Switch, st: _OnServer,
+                         cur: ContainerState) -> bool:
+        return super()._already_running(conn, sw, st, cur) and self._routed_to(conn, cur)
+
+    def _start(self, conn: Connection, run: Callable, sw: Switch, st: _OnServer) -> str:
+        """A rollback to a kept release starts that very container again; else a new one."""
+        kept = self._kept_of(conn, run, sw)
+        if kept is None:
+            return super()._start(conn, run, sw, st)
+        plan = st.plan
+        run(plan.argv("reuse", {cmd.KEPT: kept.id}), check=True)
+        st.reused = kept.name
+        run(plan.argv("start_reused"), check=True)
+        self.d.log(f"{sw.server}: started the kept container of {sw.release.digest[:19]} "
+                   f"again ({kept.name})")
+        return kept.id
 
     def _kept_of(self, conn: Connection, run: Callable, sw: Switch) -> ContainerState | None:
         """A kept, stopped container that is exactly this release (secret values included)."""
