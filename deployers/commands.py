@@ -168,6 +168,12 @@ def rename(old: Word, new: Word) -> list[Word]:
     return [DOCKER, "container", "rename", old, new]
 
 
+def set_restart(name: Word, policy: str) -> list[Word]:
+    """A container's restart policy, changed in place (a kept copy must not come back by
+    itself when the engine restarts)."""
+    return [DOCKER, "container", "update", "--restart", policy, name]
+
+
 def stop(name: Word, timeout: int = 10) -> list[Word]:
     return [DOCKER, "container", "stop", "--time", str(timeout), name]
 

@@ -99,6 +99,9 @@ def _proxy_commands(stage: DeployStage, release: Release, run_id: str
         PlannedCommand("rename_previous", "switch", tuple(cmd.rename(spec.name, prev)), runs),
         PlannedCommand("reuse", "switch", tuple(cmd.rename(cmd.KEPT, spec.name)),
                        "a kept stopped container is this very release (a rollback)"),
+        PlannedCommand("restart_reused", "switch", tuple(cmd.set_restart(spec.name,
+                                                                         spec.restart)),
+                       "a kept stopped container is this very release (a rollback)"),
         PlannedCommand("start_reused", "switch", tuple(cmd.start(spec.name)),
                        "a kept stopped container is this very release (a rollback)"),
         PlannedCommand(
@@ -124,6 +127,9 @@ def _proxy_commands(stage: DeployStage, release: Release, run_id: str
         PlannedCommand("start_previous", "restore", tuple(cmd.start(spec.name)),
                        "restoring, the previous container was stopped"),
         PlannedCommand("keep_previous", "commit", tuple(cmd.rename(prev, cmd.KEPT)), runs),
+        # `--restart always` brings even a stopped container back when the engine restarts.
+        PlannedCommand("unrestart_kept", "commit", tuple(cmd.set_restart(cmd.KEPT, "no")),
+                       runs),
         PlannedCommand("prune_kept", "commit", tuple(cmd.remove(cmd.KEPT)),
                        f"a kept container falls out of the last {stage.keep_versions} releases"),
         PlannedCommand("prune", "commit", tuple(cmd.remove_image(cmd.PRUNED)),

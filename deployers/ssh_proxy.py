@@ -145,6 +145,7 @@ class ProxyOps:
                 f"this pipeline wants {', '.join(sorted(want))} (proxy.http_port/https_port); "
                 f"`runner proxy reboot` replaces it (traffic stops for a moment)"), touched=False)
         if st is None:
+            self._free_ports_from_kept(conn, run, want)
             root = self.dir(conn)
             conn.ensure_private_dir(f"{root}/routes")
             # What it serves from its first second: every app's route as last loaded.
@@ -163,10 +164,25 @@ class ProxyOps:
                                  touched=False)
             did.append(f"proxy started ({self.proxy.image})")
         elif not st.running:
+            self._free_ports_from_kept(conn, run, want)
             run(cmd.start(PROXY_CONTAINER), check=True)
             did.append("proxy started again")
         self.wait_ready(conn)
         return ", ".join(did)
+
+    def _free_ports_from_kept(self, conn: Connection, run: Callable, want: set[str]) -> None:
+        """A kept copy of a release (the runner's own, stopped on purpose) that an engine
+        restart brought back must not hold the proxy's ports: it is stopped again, for good."""
+        ports = {p.split(":")[0] for p in want}
+        ids = run([cmd.DOCKER, "container", "ls", "--quiet", "--no-trunc", "--filter",
+                   "label=runner.app", "--filter", "name=_kept_"], check=False).stdout.split()
+        for cid in ids:
+            c = self.d.inspect(conn, cid, run)
+            if c is not None and c.running and ports & {p.split(":")[0] for p in c.published}:
+                self.d.log(f"{conn.label}: {c.name}, a kept copy, was started again by the "
+                           f"engine and holds {', '.join(c.published)}: stopping it")
+                run(cmd.set_restart(cid, "no"), check=False)
+                run(cmd.stop(cid, 10), check=False, timeout=60)
 
     def wait_ready(self, conn: Connection, timeout: float = 20) -> None:
         """Until the proxy answers HTTP on the server (any answer will do)."""
@@ -256,6 +272,7 @@ class ProxySteps(SSHDockerSteps):
         plan = st.plan
         run(plan.argv("reuse", {cmd.KEPT: kept.id}), check=True)
         st.reused = kept.name
+        run(plan.argv("restart_reused"), check=True)
         run(plan.argv("start_reused"), check=True)
         self.d.log(f"{sw.server}: started the kept container of {sw.release.digest[:19]} "
                    f"again ({kept.name})")
@@ -426,6 +443,7 @@ class ProxySteps(SSHDockerSteps):
             st.routed = False
         if st.reused:
             # A kept container goes back to being kept (stopped), not removed.
+            run(cmd.set_restart(st.new_id, "no"), check=False)
             run(cmd.stop(st.new_id, self.p.drain_timeout), check=False,
                 timeout=self.p.drain_timeout + 30)
             if self.d.inspect(conn, st.reused, run) is None:
@@ -444,6 +462,7 @@ class ProxySteps(SSHDockerSteps):
             if self.d.inspect(conn, kept, run) is not None:  # the same release kept before
                 run(st.plan.argv("prune_kept", {cmd.KEPT: kept}), check=False)
             run(st.plan.argv("keep_previous", {cmd.KEPT: kept}), check=False)
+            run(st.plan.argv("unrestart_kept", {cmd.KEPT: kept}), check=False)
         wanted = {record_identity(h) for h in history}
         for c in self.d.app_containers(conn, run):
             if c.name.startswith(f"{app}_kept_") and identity_of(c.labels) not in wanted:

@@ -124,6 +124,17 @@ def test_deploy_failed_deploy_rollback_and_watch_failure_drop_nothing(lab, image
     assert [s.status for s in report.servers] == ["rolled_back"] * 3
     assert "started the kept container" in log.text
     assert [_via(s, host) for s in servers] == ["v1"] * 3
+    # A kept copy does not come back by itself when the engine restarts (`always` would bring
+    # even a stopped container back); the one started again runs with its own policy.
+    d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="look")
+    conn = d._conn(d.targets[0])
+    policies = dict(line.split() for line in conn.run(
+        ["sh", "-c", f"docker inspect -f '{{{{.Name}}}} {{{{.HostConfig.RestartPolicy.Name}}}}' "
+                     f"$(docker ps -aq --filter label=runner.app={name})"],
+        check=True).stdout.split("\n") if line.strip())
+    d.close()
+    assert policies.pop(f"/{name}") == "always"
+    assert policies and set(policies.values()) == {"no"}, policies
 
     # Passes the gate, then fails within the watch window: traffic goes straight back.
     flaky = _proxy_stage(lab, servers[:1], name, hosts=[host], watch=4)
