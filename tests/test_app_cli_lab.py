@@ -23,6 +23,7 @@ from runner.model import Pipeline
 from runner.model.deploy import DeployStage
 from runner.model.image import ImageRef
 from tests.deploy_fixtures import _port
+from tests.deploy_fixtures import _stage as deploy_stage
 from tests.helpers import remove_app_on_server
 
 pytestmark = pytest.mark.lab
@@ -37,21 +38,12 @@ COMMAND = ["sh", "-c", 'echo "app-marker token=$APP_TOKEN"; echo "app-err-marker
 
 
 def _stage(lab, servers, app, port, **over) -> DeployStage:
-    s0 = lab["servers"][0]
-    data = {
-        "enabled": True,
-        "servers": [f"{s['user']}@{s['host']}:{s['port']}" for s in servers],
-        "ssh": {"key_file": s0["key_file"], "known_hosts": s0["known_hosts"],
-                "connect_timeout": 5, "retries": 1},
-        "container": {"name": app, "ports": [f"{port}:8080"], "stop_timeout": 2,
-                      "command": COMMAND, "secret_env": {"APP_TOKEN": "tok"}},
-        "healthcheck": {"http": {"port": 8080, "path": "/health"}, "timeout": 15,
-                        "probe_interval": 0.2},
-        "lock": {"ttl": 10, "wait": 30},
-    }
+    """The deploy tests' settings, with this module's app: it prints a marker and its secret."""
+    settings = {"container": {"command": COMMAND, "secret_env": {"APP_TOKEN": "tok"}},
+                "healthcheck": {"timeout": 15}, "lock": {"ttl": 10, "wait": 30}}
     for k, v in over.items():
-        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
-    return DeployStage.model_validate(data)
+        settings[k] = {**settings.get(k, {}), **v} if isinstance(v, dict) else v
+    return deploy_stage(lab, servers, app, port, **settings)
 
 
 def _pipeline(stage: DeployStage, app: str, images) -> Pipeline:

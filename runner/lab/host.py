@@ -434,3 +434,16 @@ def fw_chain_present() -> bool:
     proc = subprocess.run(["iptables", "-w", "-C", "FORWARD", "-j", layout.FW_CHAIN],
                           capture_output=True)
     return proc.returncode == 0
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Write `text` to `path` (atomically) unless it already holds exactly that."""
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -192,15 +192,6 @@ def ensure_caddy_binary(state: Path, log: host.Log) -> tuple[Path, str]:
     return cache, version
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    try:
-        if path.read_text() == text:
-            return
-    except OSError:
-        pass
-    path.write_text(text)
-
-
 def _made_here(labels: dict | None) -> bool:
     return labels is not None and labels.get(layout.PROXY_RECIPE_LABEL) == layout.proxy_recipe()
 
@@ -222,9 +213,9 @@ def ensure_caddy(state: Path, log: host.Log) -> None:
     docker = buildkit_docker_cli()
     if not _made_here(host.image_labels(layout.BUILD_SOCK, image)):
         context, version = ensure_caddy_binary(state, log)
-        _write_if_changed(context / "Dockerfile", layout.proxy_dockerfile(version))
-        _write_if_changed(context / "init.json", layout.proxy_init_config())
-        _write_if_changed(context / ".dockerignore", "version\nroot\n*.deb\n*.partial\n")
+        host.write_if_changed(context / "Dockerfile", layout.proxy_dockerfile(version))
+        host.write_if_changed(context / "init.json", layout.proxy_init_config())
+        host.write_if_changed(context / ".dockerignore", "version\nroot\n*.deb\n*.partial\n")
         log(f"building {image} (caddy {version} on {layout.PYTHON_IMAGE}) with BuildKit "
             f"({docker}, DOCKER_BUILDKIT=1)")
         host.run(layout.proxy_build_argv(context, docker), env=layout.proxy_build_env(),

@@ -281,7 +281,7 @@ class Lab:
             host.wait_for(ready, key, 5, rec, Path(rec.get("log", "")))
             return
         storage.mkdir(parents=True, exist_ok=True)
-        _write_if_changed(config, config_text)
+        host.write_if_changed(config, config_text)
         self.log(f"starting {key} on {address}")
         log_path = self.state / "logs" / f"{key}.log"
         rec = host.spawn(argv, log_path)
@@ -333,7 +333,7 @@ class Lab:
         host.stop_all(host.pids_using([f"{layout.RUN_DIR / 'exec'}/"]))
         _remove_stale_pidfiles(layout.RUN_DIR / "docker.pid", layout.RUN_DIR / "exec")
         (self.state / "docker").mkdir(parents=True, exist_ok=True)
-        _write_if_changed(self.state / "daemon.json",
+        host.write_if_changed(self.state / "daemon.json",
                           json.dumps({"features": {"buildkit": True}}) + "\n")
         self.log(f"starting build engine on {layout.BUILD_DOCKER_HOST}")
         log_path = self.state / "logs" / "build-dockerd.log"
@@ -371,9 +371,9 @@ class Lab:
             host.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", s.name,
                       "-f", str(s.host_key)])
         client_pub = layout.client_key(self.state).with_suffix(".pub").read_text()
-        _write_if_changed(s.authorized_keys, client_pub)
-        _write_if_changed(s.sshd_config, layout.sshd_config(s))
-        _write_if_changed(s.daemon_json, "{}\n")
+        host.write_if_changed(s.authorized_keys, client_pub)
+        host.write_if_changed(s.sshd_config, layout.sshd_config(s))
+        host.write_if_changed(s.daemon_json, "{}\n")
 
         waits = []
         dkey = f"{s.name}-dockerd"
@@ -417,7 +417,7 @@ class Lab:
             pub = s.host_key.with_name(s.host_key.name + ".pub")
             if pub.exists():
                 lines.append(layout.known_hosts_line(s, pub.read_text()))
-        _write_if_changed(layout.known_hosts(self.state), "".join(f"{ln}\n" for ln in lines))
+        host.write_if_changed(layout.known_hosts(self.state), "".join(f"{ln}\n" for ln in lines))
 
     # ---- down ------------------------------------------------------------------------------
 
@@ -513,16 +513,4 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-    os.replace(tmp, path)
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    try:
-        if path.read_text() == text:
-            return
-    except OSError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
