@@ -147,3 +147,16 @@ def _run_until(log: Log, needle: str, target, timeout: float = 30) -> threading.
         assert time.monotonic() < deadline, f"never logged {needle!r}:\n{log.text}"
         time.sleep(0.02)
     return th
+
+
+def _apply_until(d, log: Log, needle: str, timeout: float = 30) -> tuple[threading.Thread, dict]:
+    """d.apply() in a thread, returned once `needle` has been logged; out["r"] is then the
+    report or the exception apply raised."""
+    out: dict = {}
+
+    def go():
+        try:
+            out["r"] = d.apply()
+        except BaseException as exc:  # collected for the caller's assertions
+            out["r"] = exc
+    return _run_until(log, needle, go, timeout), out

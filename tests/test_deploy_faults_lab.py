@@ -21,7 +21,7 @@ from deployers.cli import make_commands
 from deployers.ssh_docker import SSHDockerDeployer
 from runner.lab.host import children
 from runner.model import Pipeline
-from tests.deploy_fixtures import Log, _deployer, _get, _port, _run_until, _servers, _stage
+from tests.deploy_fixtures import Log, _apply_until, _deployer, _get, _port, _servers, _stage
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.lab
@@ -180,14 +180,7 @@ def test_sshd_killed_mid_switch_ends_on_the_last_verified_release(lab, images, a
 
     log = Log()
     d = _deployer(stage, images, "v3", name, log)  # v3 never becomes healthy
-    out: dict = {}
-
-    def go():
-        try:
-            out["r"] = d.apply()
-        except BaseException as exc:  # collected for the assertions
-            out["r"] = exc
-    th = _run_until(log, f"{servers[0]['host']}: started", go)
+    th, out = _apply_until(d, log, f"{servers[0]['host']}: started")
     listener = _lab_sshd_pid(servers[0]["name"])
     pids = [listener, *_descendants(listener)]
     try:

@@ -27,8 +27,7 @@ from deployers.ssh_proxy import PROXY_LOCK
 from runner.model import Pipeline
 from runner.model.deploy import DeployStage
 from tests.deploy_fixtures import Log, _deployer, _servers, _stage
-from tests.helpers import remove_app_on_server
-from tests.test_proxy_lab import _proxy_stage, _via
+from tests.test_proxy_lab import _proxy_stage, _via, remove_proxied_app
 
 pytestmark = pytest.mark.lab
 
@@ -61,15 +60,7 @@ def routed(lab, images):
     yield {"name": name, "host": host, "servers": servers, "stage": stage,
            "pipeline": pipeline, "digest": images["v1"].split("@", 1)[1],
            "proxy": make_proxy(lambda path, variables: pipeline)}
-    c = SSHDockerDeployer(_proxy_stage(lab, servers, name), pipeline=name, image_name="x",
-                          run_id="cleanup")
-
-    def clean(t):
-        conn = c._conn(t)
-        remove_app_on_server(c, conn, name)
-        conn.run(["rm", "-f", f"{c._dir(conn)}/proxy/routes/{name}.json"])
-    c._parallel(clean, list(c.targets))
-    c.close()
+    remove_proxied_app(lab, servers, name)
 
 
 def _on(lab, server, app: str):

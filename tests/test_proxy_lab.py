@@ -14,7 +14,7 @@ from deployers.base import DeployFailed
 from deployers.proxy import PROXY_CONTAINER
 from deployers.ssh_docker import SSHDockerDeployer
 from runner.model.deploy import DeployStage
-from tests.deploy_fixtures import Log, _deployer, _run_until, _servers
+from tests.deploy_fixtures import Log, _apply_until, _deployer, _servers
 from tests.helpers import remove_app_on_server
 
 pytestmark = pytest.mark.lab
@@ -56,8 +56,14 @@ def proxy_app(lab):
     are removed at the end (the proxy itself stays, shared)."""
     name = f"px{_random_suffix()}"
     yield name, f"{name}.test"
-    stage = _proxy_stage(lab, lab["servers"], name)
-    d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="cleanup")
+    remove_proxied_app(lab, lab["servers"], name)
+
+
+def remove_proxied_app(lab, servers, name: str) -> None:
+    """What a test app behind the proxy left on the servers: containers, history, lock and its
+    route file (the proxy itself stays, shared)."""
+    d = SSHDockerDeployer(_proxy_stage(lab, servers, name), pipeline=name, image_name="x",
+                          run_id="cleanup")
 
     def clean(t):
         conn = d._conn(t)
@@ -167,12 +173,7 @@ def test_two_apps_behind_one_proxy_by_host_name(lab, images, proxy_app):
         # host, like the example pipeline's).
         assert _via(server, "nobody.test") not in ("v1", "v2")
     finally:
-        stage = _proxy_stage(lab, [server], name_b)
-        d = SSHDockerDeployer(stage, pipeline=name_b, image_name="x", run_id="cleanup")
-        conn = d._conn(d.targets[0])
-        remove_app_on_server(d, conn, name_b)
-        conn.run(["rm", "-f", f"{d._dir(conn)}/proxy/routes/{name_b}.json"])
-        d.close()
+        remove_proxied_app(lab, [server], name_b)
 
 
 def _proxy_pid(d: SSHDockerDeployer) -> int:
@@ -197,15 +198,8 @@ def test_a_crashing_proxy_fails_the_deploy_and_the_previous_release_is_served(la
                                 "exec httpd -f -p 8080 -h /www")})})
     log = Log()
     d = _deployer(slow, images, "v2", name, log)
-    out: dict = {}
-
-    def go():
-        try:
-            out["r"] = d.apply()
-        except BaseException as exc:  # collected for the assertions
-            out["r"] = exc
     killer = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="killer")
-    th = _run_until(log, "waiting for health", go)
+    th, out = _apply_until(d, log, "waiting for health")
     killed = 0
     while th.is_alive():
         pid = _proxy_pid(killer)
