@@ -13,6 +13,13 @@ repository.url, even if the daemon's `repo:` names another.
 
 coalesce=True and max_instances=1: a poll that fell behind runs once, not in a burst;
 misfire_grace_time (config) keeps a busy daemon from silently skipping a schedule.
+
+Several daemons sharing one store: only the leader (Store.try_lead: an advisory lock on
+PostgreSQL, a lock file on SQLite) polls, fires cron and prunes the store. Every daemon tries
+for the leadership every `lease_seconds / 3`; when the leader dies, the next try elsewhere takes
+it and schedules from then on. Each cron tick is also recorded as a delivery keyed by
+pipeline, schedule and minute, so that two daemons that both believe they lead (a leader
+that lost its connection but has not noticed yet) still queue one run per tick.
 """
 from __future__ import annotations
 
@@ -21,11 +28,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -192,23 +201,66 @@ class Schedules:
         self.scheduler = BackgroundScheduler(
             timezone=timezone.utc,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": cfg.misfire_grace_time})
+        self.leading = False
+        self._leader_jobs: list[str] = []
+        self._lead_mutex = threading.Lock()
 
     def start(self) -> None:
         now = datetime.now(timezone.utc)
+        every = max(0.2, self.core.config.lease_seconds / 3)
+        self.lead()  # before the scheduler starts: a lone daemon schedules at once
+        self.scheduler.add_job(self.lead, IntervalTrigger(seconds=every), id="leadership")
+        # Every daemon removes the work directories of runs the leader pruned from the store.
+        self.scheduler.add_job(self.core.clean_work_dirs,
+                               IntervalTrigger(seconds=self.core.config.retention.interval),
+                               id="work-dirs", next_run_time=now)
+        self.scheduler.start()
+
+    def lead(self) -> bool:
+        """Try for the leadership; start or stop the leader's jobs when it changed."""
+        with self._lead_mutex:
+            try:
+                leading = self.core.store.try_lead(self.core.owner)
+            except Exception as exc:  # noqa: BLE001 - the store is unreachable: not the leader now
+                log.warning("cannot try for the leadership", extra={"error": str(exc)})
+                leading = False
+            if leading != self.leading:
+                self.leading = leading
+                (self._add_leader_jobs if leading else self._remove_leader_jobs)()
+                log.info("leader now" if leading else "no longer the leader", extra={"owner": self.core.owner})
+                self.core.metrics.leader_changed(leading)
+            return leading
+
+    def _add_leader_jobs(self) -> None:
+        now = datetime.now(timezone.utc)
+        jobs = []
         for p in self.core.config.pipelines:
             if p.triggers.poll is not None and p.repo:
-                self.scheduler.add_job(self.poll, IntervalTrigger(seconds=p.triggers.poll.interval),
-                                       args=[p.name], id=f"poll:{p.name}", next_run_time=now)
+                jobs.append(self.scheduler.add_job(self.poll, IntervalTrigger(seconds=p.triggers.poll.interval),
+                                                   args=[p.name], id=f"poll:{p.name}", next_run_time=now))
             for i, c in enumerate(p.triggers.cron):
-                self.scheduler.add_job(self.cron, CronTrigger.from_crontab(c.schedule, timezone=timezone.utc),
-                                       args=[p.name, i], id=f"cron:{p.name}:{i}")
-        self.scheduler.add_job(self.core.prune, IntervalTrigger(seconds=self.core.config.retention.interval),
-                               id="retention", next_run_time=now)
-        self.scheduler.start()
+                jobs.append(self.scheduler.add_job(self.cron_tick,
+                                                   CronTrigger.from_crontab(c.schedule, timezone=timezone.utc),
+                                                   args=[p.name, i], id=f"cron:{p.name}:{i}"))
+        jobs.append(self.scheduler.add_job(self.core.prune, IntervalTrigger(seconds=self.core.config.retention.interval),
+                                           id="retention", next_run_time=now))
+        self._leader_jobs = [j.id for j in jobs]
+
+    def _remove_leader_jobs(self) -> None:
+        for job_id in self._leader_jobs:
+            try:
+                self.scheduler.remove_job(job_id)
+            except JobLookupError:
+                pass
+        self._leader_jobs = []
 
     def stop(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        with self._lead_mutex:
+            if self.leading:
+                self.core.store.release_lead()
+                self.leading = False
 
     def refs(self, p: PipelineEntry, url: str) -> dict[str, str]:
         """`ls_remote` of `url` with the credentials pipeline `p` names (poll, cron, manual)."""
@@ -248,7 +300,12 @@ class Schedules:
             core.after_accept(cancel)
         return ids
 
-    def cron(self, name: str, index: int) -> list[int]:
+    def cron_tick(self, name: str, index: int) -> list[int]:
+        """What the scheduler calls: the tick is the minute it fired for (crontab's resolution)."""
+        return self.cron(name, index, tick=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"))
+
+    def cron(self, name: str, index: int, tick: str | None = None) -> list[int]:
+        """Queue a cron run. With `tick`, once per (pipeline, schedule, tick) over the cluster."""
         core = self.core
         p = core.config.pipeline(name)
         if p is None:
@@ -268,7 +325,16 @@ class Schedules:
                 log.warning("cron: cannot resolve the branch head; queued on the ref",
                             extra={"pipeline": name, "error": str(exc)})
         event = synthetic_event(url, ref, None, sha, "runner-cron") if sha else {}
-        ids, cancel = core.store.enqueue([new_run(p, "cron", None, ref, branch, None, sha, event)])
+        run = new_run(p, "cron", None, ref, branch, None, sha, event)
+        if tick is None:
+            ids, cancel = core.store.enqueue([run])
+        else:
+            acc = core.store.accept_delivery("cron", f"{name}:{index}:{tick}", spec.schedule, [run], [],
+                                             remote=core.owner)
+            if acc.duplicate:
+                log.info("cron tick already queued by another daemon", extra={"pipeline": name, "tick": tick})
+                return []
+            ids, cancel = list(acc.run_ids), list(acc.cancel_running)
         log.info("cron queued run", extra={"pipeline": name, "runs": ids, "schedule": spec.schedule})
         core.after_accept(cancel)
         return ids

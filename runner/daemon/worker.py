@@ -50,14 +50,20 @@ def _die_with_parent() -> None:
 
 
 def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Path, event_file: Path | None,
-              variables: dict[str, str], ref: str | None = None) -> list[str]:
+              variables: dict[str, str], ref: str | None = None, withhold_secrets: bool = False,
+              skip_stages: tuple[str, ...] = ()) -> list[str]:
     """The argv of one run. Pure; tested by equality. A run with a stored event (webhook, poll,
-    or a manual run whose commit was resolved) replays it; one without names only its ref."""
+    or a manual run whose commit was resolved) replays it; one without names only its ref. What
+    the run may not do (a pull request's limits) travels as flags, so `runner exec` enforces it."""
     argv = [*command, pipeline_file, "--json", "--run-id", str(run_id), "--data-dir", str(data_dir)]
     if event_file is not None:
         argv += ["--event", str(event_file)]
     elif ref:
         argv += ["--ref", ref]
+    if withhold_secrets:
+        argv.append("--withhold-secrets")
+    for stage in skip_stages:
+        argv += ["--skip", stage]
     for k, v in sorted(variables.items()):
         argv += ["--var", f"{k}={v}"]
     return argv
@@ -72,6 +78,12 @@ def status_from_exit(returncode: int, cancel_requested: bool, reported: str | No
     if reported in ("success", "failed", "invalid", "cancelled") and returncode == 0:
         return reported
     return "failed"
+
+
+def server_duration(server: dict) -> float | None:
+    """A deploy stage's per-server duration from its outputs (DeployReport.to_dict)."""
+    d = server.get("duration")
+    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else None
 
 
 def spawn(argv: list[str], cwd: Path, stdin=subprocess.DEVNULL) -> subprocess.Popen:
@@ -133,6 +145,7 @@ class RunHandle:
         self._buf_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._reading_done = threading.Event()
+        self.began = time.monotonic()
 
     # -- cancellation -------------------------------------------------------------------------
 
@@ -183,7 +196,8 @@ class RunHandle:
                 return
         argv = exec_argv(core.config.command(), str(core.config.path(entry.file)), self.id,
                          core.work_dir, event_file, self.run.vars,
-                         ref=self.run.branch or self.run.tag)
+                         ref=self.run.branch or self.run.tag, withhold_secrets=self.run.withhold_secrets,
+                         skip_stages=self.run.skip_stages)
         spare = self.pool.take_spare() if core.config.exec_command is None else None
         try:
             if spare is not None:
@@ -274,8 +288,10 @@ class RunHandle:
                 self._log(str(ev.get("stage") or "-"), str(ev.get("line", "")), ev.get("time"))
             elif kind == "stage.end":
                 err = ev.get("error")
-                store.stage_event(self.id, str(ev.get("stage")), str(ev.get("status") or "failed"),
-                                  duration=ev.get("duration"),
+                stage, status = str(ev.get("stage")), str(ev.get("status") or "failed")
+                duration = ev.get("duration") if isinstance(ev.get("duration"), (int, float)) else None
+                self._measure_stage(stage, status, duration, ev.get("outputs"))
+                store.stage_event(self.id, stage, status, duration=duration,
                                   error=self.pool.core.masker.mask(str(err)) if err else None,
                                   outputs=ev.get("outputs"))
             elif kind == "run.end":
@@ -289,6 +305,15 @@ class RunHandle:
             self.log_error = self.log_error or f"a {kind} event was not stored: {exc}"
             if "full" in str(exc):
                 self.pool.core.disk_full(f"run {self.id}")
+
+    def _measure_stage(self, stage: str, status: str, duration: float | None, outputs) -> None:
+        metrics = self.pool.core.metrics
+        metrics.stage_finished(self.run.pipeline, stage, status, duration)
+        if stage == "deploy" and isinstance(outputs, dict):
+            for server in outputs.get("servers") or ():
+                if isinstance(server, dict) and server.get("name"):
+                    metrics.deploy_server(self.run.pipeline, str(server["name"]), str(server.get("status", "")),
+                                          server_duration(server))
 
     FLUSH_EVERY = 0.2  # seconds a log line may wait before it is readable through the API
     FLUSH_LINES = 200  # or this many lines, whichever comes first
@@ -335,6 +360,8 @@ class RunHandle:
                 if not ok:
                     log.warning("lease lost before the run ended", extra={"run": self.id})
                 log.info("run finished", extra={"run": self.id, "status": status, "exit_code": code})
+                if ok:
+                    core.metrics.run_finished(self.run.pipeline, status, time.monotonic() - self.began)
                 core.status.report(self.run.pipeline, self.id, self.run.commit, status, reason)
                 return
             except Exception as exc:  # noqa: BLE001
@@ -445,6 +472,7 @@ class WorkerPool:
                     break
                 if claimed is None:
                     break
+                self.core.metrics.run_claimed(claimed.pipeline, claimed.waited)
                 h = RunHandle(self, claimed)
                 with self._lock:
                     self.active[h.id] = h
@@ -473,6 +501,7 @@ class WorkerPool:
                     last_recover = time.monotonic()
                     for run_id, st in self.core.store.recover(None, self.core.requeue_set()):
                         log.warning("run recovered from an expired lease", extra={"run": run_id, "status": st})
+                        self.core.metrics.lease_recovered(st)
                         run = self.core.store.get_run(run_id) or {}
                         if st == "interrupted":
                             self.core.status.report(run.get("pipeline", ""), run_id, run.get("commit"), st,

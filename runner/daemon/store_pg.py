@@ -1,0 +1,177 @@
+"""The run store in PostgreSQL (psycopg 3): several daemons, on several hosts, share one queue.
+
+- Claims are serialised cluster-wide by an advisory transaction lock (per-pipeline limits and
+  concurrency groups are counted over every daemon) and take the row with FOR UPDATE SKIP LOCKED.
+- A delivery is deduplicated by the unique index on its key; the same delivery reaching two daemons
+  at once waits on that index and becomes one run.
+- Lease times are the database server's clock, so that daemons whose clocks differ agree on when
+  a lease expired.
+- Whenever a run is queued or a slot is freed, NOTIFY runner_queue; every daemon LISTENs on its own
+  connection and wakes its dispatcher at once.
+- The leader (the daemon that runs poll and cron) holds a session advisory lock on its own
+  connection: when that daemon dies, PostgreSQL drops the connection and the lock with it, and
+  another daemon's next try takes it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from runner.daemon import migrations
+from runner.daemon.store import StoreError
+from runner.daemon.store_sql import SqlStore, Tx
+
+log = logging.getLogger("runner.daemon.store")
+
+CHANNEL = "runner_queue"
+# The session advisory lock of the leader: one bigint, "runner" in ASCII, so that it does not
+# collide with other applications' locks in a shared database by accident.
+LEADER_KEY = 0x72756E6E6572
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, for messages."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://…"
+    host, port, db, user = info.get("host", ""), info.get("port", ""), info.get("dbname", ""), info.get("user", "")
+    return f"postgresql://{user + '@' if user else ''}{host}{':' + port if port else ''}/{db}"
+
+
+class PostgresStore(SqlStore):
+    dialect = "postgres"
+
+    def __init__(self, url: str, min_connections: int = 2, max_connections: int = 8, connect_timeout: float = 10.0):
+        self.url = url
+        self.where = redact(url)
+        self._closed = threading.Event()
+        kwargs = {"row_factory": dict_row, "autocommit": True, "connect_timeout": max(1, int(connect_timeout))}
+        self._pool = ConnectionPool(url, min_size=min_connections, max_size=max_connections, kwargs=kwargs,
+                                    open=False, timeout=connect_timeout, name="runner-store")
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+        except PoolTimeout:
+            self._pool.close()
+            raise StoreError(f"cannot connect to {self.where} within {connect_timeout:.0f} s") from None
+        self._kwargs = kwargs
+        self._leader_conn: psycopg.Connection | None = None
+        self._leader_mutex = threading.Lock()
+        self._listener: threading.Thread | None = None
+        self._migrate(migrations.POSTGRES, real="DOUBLE PRECISION")
+
+    # -- connections and transactions ------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[Tx]:
+        try:
+            with self._pool.connection() as conn:
+                with conn.transaction():
+                    yield Tx(conn, "%s")
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreError(f"{self.where}: {str(exc).strip()}") from exc
+
+    def _read(self, sql: str, args: Sequence = ()) -> list[dict]:
+        try:
+            with self._pool.connection() as conn:
+                return conn.execute(sql.replace("?", "%s"), tuple(args)).fetchall()
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreError(f"{self.where}: {str(exc).strip()}") from exc
+
+    def _now(self, db: Tx) -> float:
+        return float(db.one("SELECT extract(epoch FROM clock_timestamp())::float8 AS now")["now"])
+
+    def _lock(self, db: Tx, *keys: str) -> None:
+        for key in sorted(keys):  # one order everywhere: two writers never wait on each other in a cycle
+            db.q("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("runner:" + key,))
+
+    def _skip_locked(self) -> str:
+        return " FOR UPDATE SKIP LOCKED"
+
+    def _notify(self, db: Tx) -> None:
+        db.q(f"NOTIFY {CHANNEL}")
+
+    # -- LISTEN/NOTIFY ---------------------------------------------------------------------------
+
+    def listen(self, wake) -> None:
+        if self._listener is not None:
+            return
+        self._listener = threading.Thread(target=self._listen_loop, args=(wake,), name="pg-listen", daemon=True)
+        self._listener.start()
+
+    def _listen_loop(self, wake) -> None:
+        backoff = 0.5
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self.url, **self._kwargs) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    backoff = 0.5
+                    wake()  # anything queued while we were not listening
+                    while not self._closed.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            wake()
+            except psycopg.Error as exc:
+                if self._closed.is_set():
+                    return
+                log.warning("queue notifications lost; reconnecting", extra={"database": self.where,
+                                                                             "error": str(exc).strip()})
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    # -- leadership --------------------------------------------------------------------------------
+
+    def try_lead(self, owner: str) -> bool:
+        with self._leader_mutex:
+            conn = self._leader_conn
+            if conn is not None:
+                try:
+                    conn.execute("SELECT 1")
+                    return True
+                except psycopg.Error:
+                    # The connection, and the lock with it, is gone: another daemon may lead now.
+                    self._drop_leader_conn()
+                    return False
+            try:
+                conn = psycopg.connect(self.url, **self._kwargs)
+                conn.execute("SELECT set_config('application_name', %s, false)", (f"runner leader {owner}"[:63],))
+                got = conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (LEADER_KEY,)).fetchone()["ok"]
+            except psycopg.Error as exc:
+                log.warning("cannot try for leadership", extra={"database": self.where, "error": str(exc).strip()})
+                return False
+            if got:
+                self._leader_conn = conn
+                return True
+            conn.close()
+            return False
+
+    def _drop_leader_conn(self) -> None:
+        conn, self._leader_conn = self._leader_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+    def release_lead(self) -> None:
+        with self._leader_mutex:
+            self._drop_leader_conn()
+
+    def leader(self) -> str | None:
+        """The application name of the connection holding the leader lock (who leads), if any."""
+        rows = self._read("SELECT a.application_name AS who FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                          "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND "
+                          "(l.classid::bigint << 32 | l.objid::bigint) = ?", (LEADER_KEY,))
+        return rows[0]["who"].removeprefix("runner leader ") if rows else None
+
+    def close(self) -> None:
+        self._closed.set()
+        self.release_lead()
+        if self._listener is not None:
+            self._listener.join(timeout=3)
+        self._pool.close()

@@ -1,0 +1,521 @@
+"""The queries of the run store, shared by SQLite and PostgreSQL.
+
+A backend gives `_tx()` (one transaction, yielding a `Tx`), `_read()` and four dialect points:
+`_now` (the clock leases are measured by: the database server's, for PostgreSQL, so that daemons
+on several hosts agree), `_lock` (serialise writers that touch one key: an advisory transaction
+lock on PostgreSQL; a no-op on SQLite, whose BEGIN IMMEDIATE already lets one writer in at a
+time), `_skip_locked` (FOR UPDATE SKIP LOCKED) and `_notify` (wake every daemon's dispatcher).
+SQL is written once, with `?` placeholders and constructs both backends know (ON CONFLICT,
+RETURNING, IS NOT DISTINCT FROM).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+
+from runner.daemon import migrations
+from runner.daemon.store import FINAL, Accepted, Claimed, NewRun, Store, StoreError
+
+_RUN_COLS = ("id, pipeline, status, reason, trigger, provider, ref, branch, tag, commit_sha, delivery, "
+             "grp, attempt, cancel_requested, exit_code, created_at, started_at, finished_at, daemon, "
+             "retry_of, withhold_secrets, skip_stages")
+
+# A run's commit already ran (and is not run again for a new delivery) while one of its runs is
+# in one of these; a poll, which sees each commit once, counts every run.
+_RAN = ("queued", "running", "success")
+
+# Lock keys. Claims and recoveries share one: the per-pipeline limits and the concurrency groups
+# are counted over every daemon, so two claims must not count at once.
+QUEUE_LOCK = "queue"
+
+
+def run_dict(row) -> dict:
+    d = dict(row)
+    d["commit"] = d.pop("commit_sha")
+    d["group"] = d.pop("grp")
+    d["cancel_requested"] = bool(d["cancel_requested"])
+    d["withhold_secrets"] = bool(d.get("withhold_secrets"))
+    d["skip_stages"] = json.loads(d.get("skip_stages") or "[]")
+    return d
+
+
+class Tx:
+    """One open transaction: `?` placeholders, rows readable by column name."""
+
+    def __init__(self, conn, placeholder: str = "?"):
+        self.conn = conn
+        self._ph = placeholder
+
+    def _sql(self, sql: str) -> str:
+        return sql if self._ph == "?" else sql.replace("?", self._ph)
+
+    def q(self, sql: str, args: Sequence = ()):
+        return self.conn.execute(self._sql(sql), tuple(args))
+
+    def one(self, sql: str, args: Sequence = ()):
+        return self.q(sql, args).fetchone()
+
+    def all(self, sql: str, args: Sequence = ()) -> list:
+        return self.q(sql, args).fetchall()
+
+    def many(self, sql: str, rows: Sequence[Sequence]) -> None:
+        if self._ph == "?":
+            self.conn.executemany(sql, rows)
+        else:
+            with self.conn.cursor() as cur:
+                cur.executemany(self._sql(sql), rows)
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SqlStore(Store):
+    """Everything but the connection. Subclasses: SqliteStore, PostgresStore."""
+
+    dialect = "sqlite"
+
+    # -- what a backend provides ---------------------------------------------------------------
+
+    def _tx(self) -> AbstractContextManager[Tx]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self, sql: str, args: Sequence = ()) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _now(self, db: Tx) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _lock(self, db: Tx, *keys: str) -> None:
+        """Hold these keys until the transaction ends (always taken in sorted order)."""
+
+    def _skip_locked(self) -> str:
+        return ""
+
+    def _notify(self, db: Tx) -> None:
+        """Tell every daemon's dispatcher, at commit, that the queue changed."""
+
+    # -- schema --------------------------------------------------------------------------------
+
+    def _migrate(self, steps: Sequence[migrations.Migration], real: str) -> None:
+        with self._tx() as db:
+            db.q(migrations.TABLE.format(real=real))
+        with self._tx() as db:
+            self._lock(db, "migrations")
+            row = db.one("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")
+            have = int(row["v"])
+            if have > migrations.LATEST:
+                raise StoreError(f"the database's schema is version {have}, newer than this runner knows "
+                                 f"({migrations.LATEST}): upgrade runner on this machine")
+            for step in steps:
+                if step.version <= have:
+                    continue
+                for statement in step.statements:
+                    db.q(statement)
+                db.q("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?,?,?)",
+                     (step.version, step.name, self._now(db)))
+
+    def schema_version(self) -> int:
+        return int(self._read("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")[0]["v"])
+
+    # -- queueing -----------------------------------------------------------------------------
+
+    def _insert_runs(self, db: Tx, runs: Sequence[NewRun], now: float,
+                     skipped: list[str] | None = None) -> tuple[list[int], list[int]]:
+        keys = {f"pipeline:{r.pipeline}" for r in runs} | {f"group:{r.group}" for r in runs if r.group}
+        self._lock(db, *keys)
+        ids: list[int] = []
+        cancel_running: list[int] = []
+        for r in runs:
+            if r.once and r.commit:
+                sql = "SELECT id, status FROM runs WHERE pipeline=? AND commit_sha=? AND ref IS NOT DISTINCT FROM ?"
+                args: list = [r.pipeline, r.commit, r.ref]
+                if r.trigger != "poll":
+                    sql += f" AND status IN ({_marks(len(_RAN))})"
+                    args += _RAN
+                seen = db.one(sql + " ORDER BY id LIMIT 1", args)
+                if seen:
+                    if skipped is not None:
+                        skipped.append(f"{r.pipeline}: commit {r.commit[:12]} of {r.ref} already ran as "
+                                       f"run {seen['id']} ({seen['status']})")
+                    continue
+            row = db.one(
+                "INSERT INTO runs (pipeline, status, trigger, provider, ref, branch, tag, commit_sha, delivery,"
+                " grp, cancel_in_progress, event, vars, created_at, withhold_secrets, skip_stages, retry_of)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                (r.pipeline, "queued", r.trigger, r.provider, r.ref, r.branch, r.tag, r.commit, r.delivery,
+                 r.group, int(r.cancel_in_progress), json.dumps(r.event), json.dumps(r.vars), now,
+                 int(r.withhold_secrets), json.dumps(list(r.skip_stages)), r.retry_of))
+            new_id = int(row["id"])
+            ids.append(new_id)
+            if r.group is None:
+                continue
+            why = f"superseded by run {new_id}"
+            db.q("UPDATE runs SET status='cancelled', reason=?, finished_at=? "
+                 "WHERE grp=? AND status='queued' AND id<?", (why, now, r.group, new_id))
+            if r.cancel_in_progress:
+                for old in db.all("SELECT id FROM runs WHERE grp=? AND status='running' AND id<? "
+                                  "AND cancel_requested=0", (r.group, new_id)):
+                    db.q("UPDATE runs SET cancel_requested=1, reason=? WHERE id=?", (why, old["id"]))
+                    cancel_running.append(int(old["id"]))
+        if ids:
+            self._notify(db)
+        return ids, cancel_running
+
+    def _again(self, db: Tx, run_id: int) -> NewRun | None:
+        """A final run as a new one: what `retry` and a redelivery queue."""
+        row = db.one("SELECT pipeline, status, trigger, provider, ref, branch, tag, commit_sha, grp, "
+                     "cancel_in_progress, event, vars, withhold_secrets, skip_stages FROM runs WHERE id=?", (run_id,))
+        if row is None:
+            return None
+        if row["status"] not in FINAL:
+            raise StoreError(f"run {run_id} is {row['status']}: only a run that ended can be run again")
+        return NewRun(pipeline=row["pipeline"], trigger="retry", provider=row["provider"], ref=row["ref"],
+                      branch=row["branch"], tag=row["tag"], commit=row["commit_sha"],
+                      event=json.loads(row["event"]), vars=json.loads(row["vars"]), group=row["grp"],
+                      cancel_in_progress=bool(row["cancel_in_progress"]),
+                      withhold_secrets=bool(row["withhold_secrets"]),
+                      skip_stages=tuple(json.loads(row["skip_stages"] or "[]")), retry_of=run_id)
+
+    def retry(self, run_id):
+        with self._tx() as db:
+            again = self._again(db, run_id)
+            if again is None:
+                return None
+            ids, _ = self._insert_runs(db, [again], self._now(db))
+            return ids[0]
+
+    def accept_delivery(self, provider, delivery_id, event, runs, reasons, remote=""):
+        key = f"{provider}:{delivery_id}" if delivery_id else None
+        with self._tx() as db:
+            now = self._now(db)
+            # The delivery's row is written first: when the same delivery reaches two daemons at
+            # once, the unique dedup key makes the second insert wait for the first transaction
+            # and then find the row, so one of them queues the runs and the other says duplicate.
+            row = db.one(
+                "INSERT INTO deliveries (provider, delivery_id, event, received_at, status_code, outcome, reason,"
+                " remote, dedup_key) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+                (provider, delivery_id, event, now, 0, "pending", "", remote, key))
+            if row is None:
+                return self._duplicate(db, provider, delivery_id, event, key, remote, now)
+            row_id = int(row["id"])
+            why = list(reasons)
+            ids, cancel_running = self._insert_runs(db, runs, now, why)
+            outcome, status_code = ("queued", 202) if ids else ("ignored", 200)
+            if ids:
+                why.append("queued as run " + ", ".join(map(str, ids)))
+            reason = "; ".join(why)
+            db.q("UPDATE deliveries SET status_code=?, outcome=?, reason=?, run_ids=? WHERE id=?",
+                 (status_code, outcome, reason, json.dumps(ids), row_id))
+            return Accepted(row_id, False, tuple(ids), tuple(cancel_running), outcome, reason, status_code)
+
+    def _duplicate(self, db: Tx, provider, delivery_id, event, key, remote, now) -> Accepted:
+        first = db.one("SELECT id, run_ids FROM deliveries WHERE dedup_key=?", (key,))
+        original = tuple(json.loads(first["run_ids"]))
+        ended = db.all(f"SELECT id, status FROM runs WHERE id IN ({_marks(len(original))})", original) \
+            if original else []
+        # GitHub's and Gitea's "Redeliver" sends the same delivery id again: once every run the
+        # first delivery queued ended without success, that is a request to run them again.
+        if ended and len(ended) == len(original) and all(r["status"] in FINAL and r["status"] != "success"
+                                                         for r in ended):
+            again = [a for a in (self._again(db, int(r["id"])) for r in ended) if a is not None]
+            ids, cancel_running = self._insert_runs(db, again, now)
+            reason = (f"redelivery of #{first['id']}, whose runs ended without success "
+                      "(" + ", ".join(f"{r['id']} {r['status']}" for r in ended) + "): queued again as run "
+                      + ", ".join(map(str, ids)))
+            row = db.one("INSERT INTO deliveries (provider, delivery_id, event, received_at, status_code, outcome,"
+                         " reason, run_ids, remote) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
+                         (provider, delivery_id, event, now, 202, "queued", reason, json.dumps(ids), remote))
+            return Accepted(int(row["id"]), False, tuple(ids), tuple(cancel_running), "queued", reason, 202)
+        row = db.one("INSERT INTO deliveries (provider, delivery_id, event, received_at, status_code, outcome,"
+                     " reason, run_ids, remote) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
+                     (provider, delivery_id, event, now, 200, "duplicate", f"duplicate of delivery #{first['id']}",
+                      json.dumps(list(original)), remote))
+        return Accepted(int(row["id"]), True, original, (), "duplicate", f"duplicate of delivery #{first['id']}")
+
+    def record_delivery(self, provider, delivery_id, event, outcome, reason, status_code, remote=""):
+        with self._tx() as db:
+            row = db.one(
+                "INSERT INTO deliveries (provider, delivery_id, event, received_at, status_code, outcome, reason,"
+                " remote) VALUES (?,?,?,?,?,?,?,?) RETURNING id",
+                (provider, delivery_id, event, self._now(db), status_code, outcome, reason, remote))
+            return int(row["id"])
+
+    def enqueue(self, runs):
+        with self._tx() as db:
+            return self._insert_runs(db, runs, self._now(db))
+
+    def claim(self, owner, limits, lease_seconds):
+        if not limits:
+            return None
+        with self._tx() as db:
+            self._lock(db, QUEUE_LOCK)
+            now = self._now(db)
+            per_pipeline: dict[str, int] = {}
+            busy_groups = set()
+            for row in db.all("SELECT pipeline, grp FROM runs WHERE status='running'"):
+                per_pipeline[row["pipeline"]] = per_pipeline.get(row["pipeline"], 0) + 1
+                if row["grp"] is not None:
+                    busy_groups.add(row["grp"])
+            # Only pipelines this daemon serves and that are under their limit, and idle groups,
+            # filtered in SQL: a long queue of one pipeline must not hide another's runnable run.
+            # A pipeline this daemon does not serve stays queued for one that does.
+            ready = sorted(n for n, limit in limits.items() if per_pipeline.get(n, 0) < limit)
+            if not ready:
+                return None
+            sql = ("SELECT id, pipeline, grp, event, vars, attempt, ref, branch, tag, commit_sha, withhold_secrets, "
+                   f"skip_stages, created_at FROM runs WHERE status='queued' AND pipeline IN ({_marks(len(ready))})")
+            args: list = list(ready)
+            if busy_groups:
+                sql += f" AND (grp IS NULL OR grp NOT IN ({_marks(len(busy_groups))}))"
+                args += sorted(busy_groups)
+            for row in db.all(sql + " ORDER BY id LIMIT 200" + self._skip_locked(), args):
+                name = row["pipeline"]
+                if per_pipeline.get(name, 0) >= limits[name]:
+                    continue
+                if row["grp"] is not None and row["grp"] in busy_groups:
+                    continue
+                db.q("UPDATE runs SET status='running', started_at=?, daemon=? WHERE id=? AND status='queued'",
+                     (now, owner, row["id"]))
+                db.q("INSERT INTO leases (run_id, owner, expires_at, heartbeat_at) VALUES (?,?,?,?) "
+                     "ON CONFLICT (run_id) DO UPDATE SET owner=excluded.owner, expires_at=excluded.expires_at, "
+                     "heartbeat_at=excluded.heartbeat_at, pid=NULL, pid_start=NULL",
+                     (row["id"], owner, now + lease_seconds, now))
+                return Claimed(int(row["id"]), name, json.loads(row["event"]), json.loads(row["vars"]),
+                               int(row["attempt"]), row["ref"], row["branch"], row["tag"], row["commit_sha"],
+                               bool(row["withhold_secrets"]), tuple(json.loads(row["skip_stages"] or "[]")),
+                               max(0.0, now - float(row["created_at"])))
+        return None
+
+    def heartbeat(self, owner, run_ids, lease_seconds):
+        if not run_ids:
+            return {}
+        marks = _marks(len(run_ids))
+        with self._tx() as db:
+            now = self._now(db)
+            db.q(f"UPDATE leases SET expires_at=?, heartbeat_at=? WHERE owner=? AND run_id IN ({marks})",
+                 (now + lease_seconds, now, owner, *run_ids))
+            held = {int(r["run_id"]) for r in db.all(
+                f"SELECT run_id FROM leases WHERE owner=? AND run_id IN ({marks})", (owner, *run_ids))}
+            rows = db.all(f"SELECT id, reason FROM runs WHERE cancel_requested=1 AND id IN ({marks})", tuple(run_ids))
+        out = {int(r["id"]): r["reason"] or "cancelled" for r in rows}
+        for run_id in set(run_ids) - held:
+            out[run_id] = "the lease was lost (no heartbeat in time); the run was recovered elsewhere"
+        return out
+
+    def set_lease_pid(self, run_id, owner, pid, pid_start):
+        with self._tx() as db:
+            db.q("UPDATE leases SET pid=?, pid_start=? WHERE run_id=? AND owner=?", (pid, pid_start, run_id, owner))
+
+    def leases_of(self, owner):
+        return [dict(r) for r in self._read("SELECT run_id, pid, pid_start FROM leases WHERE owner=?", (owner,))]
+
+    def running_leases(self) -> list[dict]:
+        return [dict(r) for r in self._read("SELECT run_id, owner, expires_at, heartbeat_at FROM leases")]
+
+    def finish(self, run_id, owner, status, exit_code, reason=""):
+        assert status in FINAL, status
+        with self._tx() as db:
+            now = self._now(db)
+            if db.one("SELECT 1 AS held FROM leases WHERE run_id=? AND owner=?", (run_id, owner)) is None:
+                return False
+            db.q("DELETE FROM leases WHERE run_id=?", (run_id,))
+            # A superseded run keeps its "superseded by" reason when nothing more precise is given.
+            db.q("UPDATE runs SET status=?, exit_code=?, finished_at=?, "
+                 "reason=CASE WHEN ?='' THEN reason ELSE ? END WHERE id=? AND status='running'",
+                 (status, exit_code, now, reason, reason, run_id))
+            # Stages the run never ended (killed mid-stage) are closed with the run's status.
+            db.q("UPDATE stages SET status=?, finished_at=? WHERE run_id=? AND status='running'",
+                 ("cancelled" if status == "cancelled" else "failed" if status != "success" else "success",
+                  now, run_id))
+            self._notify(db)  # a slot and maybe a group are free: another daemon may claim
+            return True
+
+    def request_cancel(self, run_id, reason):
+        with self._tx() as db:
+            now = self._now(db)
+            row = db.one("SELECT status FROM runs WHERE id=?", (run_id,))
+            if row is None:
+                return None
+            if row["status"] == "queued":
+                db.q("UPDATE runs SET status='cancelled', reason=?, finished_at=? WHERE id=?", (reason, now, run_id))
+            elif row["status"] == "running":
+                db.q("UPDATE runs SET cancel_requested=1, reason=? WHERE id=?", (reason, run_id))
+            return str(row["status"])
+
+    def recover(self, owner, requeue, now=None):
+        out: list[tuple[int, str]] = []
+        with self._tx() as db:
+            self._lock(db, QUEUE_LOCK)  # two daemons recovering one run would count its attempt twice
+            now = self._now(db) if now is None else now
+            rows = db.all(
+                "SELECT r.id, r.pipeline, r.attempt, r.cancel_requested, l.owner, l.expires_at FROM runs r "
+                "LEFT JOIN leases l ON l.run_id = r.id WHERE r.status='running'")
+            for row in rows:
+                mine = owner is not None and row["owner"] == owner
+                expired = row["expires_at"] is None or row["expires_at"] < now
+                if not (mine or expired):
+                    continue
+                who = row["owner"] or "unknown"
+                why = ("the daemon that ran it stopped without finishing it (restarted: " + who + ")"
+                       if mine else f"lease held by {who} expired (no heartbeat)")
+                db.q("DELETE FROM leases WHERE run_id=?", (row["id"],))
+                db.q("UPDATE stages SET status='interrupted', finished_at=? WHERE run_id=? AND status='running'",
+                     (now, row["id"]))
+                if row["pipeline"] in requeue and not row["cancel_requested"] and row["attempt"] < 3:
+                    db.q("UPDATE runs SET status='queued', started_at=NULL, daemon=NULL, attempt=attempt+1, "
+                         "reason=? WHERE id=?", ("re-queued: " + why, row["id"]))
+                    out.append((int(row["id"]), "queued"))
+                else:
+                    db.q("UPDATE runs SET status='interrupted', reason=?, finished_at=? WHERE id=?",
+                         ("interrupted: " + why, now, row["id"]))
+                    out.append((int(row["id"]), "interrupted"))
+            if out:
+                self._notify(db)
+        return out
+
+    # -- what a run reports ------------------------------------------------------------------
+
+    def stage_event(self, run_id, stage, status, *, duration=None, error=None, outputs=None):
+        with self._tx() as db:
+            now = self._now(db)
+            if status == "running":
+                db.q("INSERT INTO stages (run_id, name, status, started_at) VALUES (?,?,?,?) "
+                     "ON CONFLICT (run_id, name) DO UPDATE SET status=excluded.status, started_at=excluded.started_at,"
+                     " finished_at=NULL, duration=NULL, error=NULL, outputs=NULL", (run_id, stage, status, now))
+            else:
+                db.q("INSERT INTO stages (run_id, name, status, started_at) VALUES (?,?,?,?) "
+                     "ON CONFLICT (run_id, name) DO NOTHING", (run_id, stage, status, now))
+                db.q("UPDATE stages SET status=?, finished_at=?, duration=?, error=?, outputs=? "
+                     "WHERE run_id=? AND name=?",
+                     (status, now, duration, error, json.dumps(outputs) if outputs is not None else None,
+                      run_id, stage))
+
+    def append_logs(self, run_id, lines):
+        if not lines:
+            return
+        with self._tx() as db:
+            db.many("INSERT INTO log_lines (run_id, seq, stage, time, line) VALUES (?,?,?,?,?) "
+                    "ON CONFLICT (run_id, seq) DO UPDATE SET stage=excluded.stage, time=excluded.time, "
+                    "line=excluded.line",
+                    [(run_id, seq, stage, t, text) for seq, stage, t, text in lines])
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get_run(self, run_id):
+        rows = self._read(f"SELECT {_RUN_COLS} FROM runs WHERE id=?", (run_id,))
+        return run_dict(rows[0]) if rows else None
+
+    def run_event(self, run_id: int) -> dict:
+        rows = self._read("SELECT event FROM runs WHERE id=?", (run_id,))
+        return json.loads(rows[0]["event"]) if rows else {}
+
+    def list_runs(self, *, pipeline=None, status=None, branch=None, trigger=None, limit=50, before_id=None):
+        where, args = [], []
+        for col, val in (("pipeline", pipeline), ("status", status), ("branch", branch), ("trigger", trigger)):
+            if val is not None:
+                where.append(f"{col}=?")
+                args.append(val)
+        if before_id is not None:
+            where.append("id<?")
+            args.append(before_id)
+        sql = f"SELECT {_RUN_COLS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(max(1, min(int(limit), 1000)))
+        return [run_dict(r) for r in self._read(sql, args)]
+
+    def count_runs(self) -> dict[str, int]:
+        return {r["status"]: int(r["n"]) for r in self._read("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")}
+
+    def queue_stats(self):
+        with self._tx() as db:
+            now = self._now(db)
+            by_status = {r["status"]: int(r["n"]) for r in db.all("SELECT status, COUNT(*) AS n FROM runs "
+                                                                   "GROUP BY status")}
+            oldest = db.one("SELECT MIN(created_at) AS t FROM runs WHERE status='queued'")["t"]
+        return {"by_status": by_status, "oldest_queued_age": None if oldest is None else max(0.0, now - oldest)}
+
+    def stages(self, run_id):
+        out = []
+        for r in self._read("SELECT name, status, started_at, finished_at, duration, error, outputs FROM stages "
+                            "WHERE run_id=? ORDER BY started_at, name", (run_id,)):
+            d = dict(r)
+            d["outputs"] = json.loads(d["outputs"]) if d["outputs"] else None
+            out.append(d)
+        return out
+
+    def logs(self, run_id, stage=None, after=0, limit=1000):
+        sql = "SELECT seq, stage, time, line FROM log_lines WHERE run_id=? AND seq>?"
+        args: list = [run_id, after]
+        if stage is not None:
+            sql += " AND stage=?"
+            args.append(stage)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(max(1, min(int(limit), 10000)))
+        return [dict(r) for r in self._read(sql, args)]
+
+    def max_log_seq(self, run_id: int) -> int:
+        rows = self._read("SELECT COALESCE(MAX(seq), 0) AS m FROM log_lines WHERE run_id=?", (run_id,))
+        return int(rows[0]["m"])
+
+    def deliveries(self, limit=50, provider=None):
+        sql = ("SELECT id, provider, delivery_id, event, received_at, status_code, outcome, reason, run_ids, remote "
+               "FROM deliveries")
+        args: list = []
+        if provider:
+            sql += " WHERE provider=?"
+            args.append(provider)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(max(1, min(int(limit), 5000)))
+        out = []
+        for r in self._read(sql, args):
+            d = dict(r)
+            d["run_ids"] = json.loads(d["run_ids"])
+            out.append(d)
+        return out
+
+    def poll_state(self, pipeline):
+        rows = self._read("SELECT refs FROM poll_state WHERE pipeline=?", (pipeline,))
+        return (json.loads(rows[0]["refs"]) or {}) if rows else {}
+
+    def has_poll_state(self, pipeline: str) -> bool:
+        return bool(self._read("SELECT 1 AS ok FROM poll_state WHERE pipeline=? AND refs != 'null'", (pipeline,)))
+
+    def set_poll_state(self, pipeline, refs, error=""):
+        with self._tx() as db:
+            now = self._now(db)
+            if error:
+                db.q("INSERT INTO poll_state (pipeline, refs, checked_at, error) VALUES (?,?,?,?) "
+                     "ON CONFLICT (pipeline) DO UPDATE SET checked_at=excluded.checked_at, error=excluded.error",
+                     (pipeline, "null", now, error))
+            else:
+                db.q("INSERT INTO poll_state (pipeline, refs, checked_at, error) VALUES (?,?,?,'') "
+                     "ON CONFLICT (pipeline) DO UPDATE SET refs=excluded.refs, checked_at=excluded.checked_at,"
+                     " error=''", (pipeline, json.dumps(refs), now))
+
+    def prune(self, older_than, keep_last):
+        removed: list[int] = []
+        with self._tx() as db:
+            for p in db.all("SELECT DISTINCT pipeline FROM runs"):
+                name = p["pipeline"]
+                keep = [int(r["id"]) for r in db.all("SELECT id FROM runs WHERE pipeline=? ORDER BY id DESC LIMIT ?",
+                                                     (name, keep_last))]
+                if keep_last and len(keep) < keep_last:
+                    continue  # fewer runs than keep_last: all are kept
+                floor = min(keep) if keep_last else 1 << 62
+                victims = [int(r["id"]) for r in db.all(
+                    f"SELECT id FROM runs WHERE pipeline=? AND status IN ({_marks(len(FINAL))}) AND created_at<? "
+                    "AND id<? LIMIT 5000", (name, *FINAL, older_than, floor))]
+                for i in range(0, len(victims), 500):
+                    chunk = victims[i:i + 500]
+                    m = _marks(len(chunk))
+                    db.q(f"DELETE FROM log_lines WHERE run_id IN ({m})", chunk)
+                    db.q(f"DELETE FROM stages WHERE run_id IN ({m})", chunk)
+                    db.q(f"DELETE FROM leases WHERE run_id IN ({m})", chunk)
+                    db.q(f"DELETE FROM runs WHERE id IN ({m})", chunk)
+                removed += victims
+            db.q("DELETE FROM deliveries WHERE received_at<?", (older_than,))
+        return removed

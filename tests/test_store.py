@@ -1,0 +1,268 @@
+"""The run store's contract, run against both backends: SQLite (a file in tmp_path) and the lab's
+PostgreSQL 15 (a fresh database per test). Concurrency is real: several stores (connections) on one
+database, threads claiming and accepting at once."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from runner.daemon import migrations
+from runner.daemon.store import NewRun, StoreError, open_store
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "runner.db")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(url):
+    s = open_store(url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def second(url, store):
+    """Another daemon's connection to the same database."""
+    s = open_store(url)
+    yield s
+    s.close()
+
+
+def test_claim_limits_groups_and_supersede(store):
+    s = store
+    a1, a2 = s.enqueue([NewRun("a", "push", group="a/main"), NewRun("a", "push", group="a/dev")])[0]
+    (b1,), _ = s.enqueue([NewRun("b", "push", group=None)])
+    limits = {"a": 1, "b": 5}
+    c1 = s.claim("me", limits, 10)
+    assert c1.id == a1
+    assert s.get_run(a1)["daemon"] == "me"
+    # a is at its limit of 1: the next claim skips a2 and takes b1.
+    assert s.claim("me", limits, 10).id == b1
+    assert s.claim("me", limits, 10) is None
+    # A newer run in a1's group cancels the queued older ones and flags the running one.
+    (a3,), cancel = s.enqueue([NewRun("a", "push", group="a/main")])
+    assert cancel == [a1]
+    assert s.heartbeat("me", [a1, b1], 10) == {a1: f"superseded by run {a3}"}
+    assert s.claim("me", {"a": 5, "b": 5}, 10).id == a2  # a3's group is still busy with a1
+    assert s.finish(a1, "me", "cancelled", 130)
+    assert s.get_run(a1)["reason"] == f"superseded by run {a3}"
+    assert s.claim("me", {"a": 5, "b": 5}, 10).id == a3
+    assert not s.finish(a3, "someone-else", "success", 0)  # not their lease
+    # A pipeline this daemon does not serve stays queued for a daemon that does.
+    (z,), _ = s.enqueue([NewRun("other", "push")])
+    assert s.claim("me", {"a": 5, "b": 5}, 10) is None
+    assert s.get_run(z)["status"] == "queued"
+    assert s.claim("them", {"other": 1}, 10).id == z
+
+
+def test_heartbeat_with_nothing_running_is_empty_and_recovery_still_runs(store):
+    # The idle worker's heartbeat got set() and crashed on .items(): expired leases were never
+    # recovered while a daemon was idle.
+    assert store.heartbeat("idle", [], 10) == {}
+    (rid,), _ = store.enqueue([NewRun("a", "push")])
+    store.claim("dead", {"a": 1}, 0.05)
+    time.sleep(0.2)
+    assert store.recover(None, set()) == [(rid, "interrupted")]
+
+
+def test_recover_and_prune(store):
+    s = store
+    ids, _ = s.enqueue([NewRun("a", "push"), NewRun("safe", "push"), NewRun("a", "push")])
+    for _ in ids:
+        s.claim("old-daemon", {"a": 5, "safe": 5}, 0.05)
+    s.finish(ids[2], "old-daemon", "success", 0)
+    time.sleep(0.2)
+    assert s.heartbeat("old-daemon", [ids[0]], 0.05) == {}
+    time.sleep(0.2)
+    got = dict(s.recover(None, requeue={"safe"}))
+    assert got == {ids[0]: "interrupted", ids[1]: "queued"}
+    assert "lease held by old-daemon expired" in s.get_run(ids[0])["reason"]
+    assert s.get_run(ids[1])["attempt"] == 2 and s.get_run(ids[1])["daemon"] is None
+    # The old owner, if it was only slow, learns at its next heartbeat that it must stop.
+    assert "lease was lost" in s.heartbeat("old-daemon", [ids[0]], 10)[ids[0]]
+    assert sorted(s.prune(time.time() + 1, keep_last=0)) == [ids[0], ids[2]]
+    assert s.get_run(ids[1])["status"] == "queued"
+
+
+def _push(sha: str, pipeline: str = "app", delivery: str | None = None) -> NewRun:
+    return NewRun(pipeline, "push", provider="github", ref="refs/heads/main", branch="main", commit=sha,
+                  group=f"{pipeline}/main", delivery=delivery, once=True, event={"sha": sha})
+
+
+def test_a_delivery_is_one_run_even_when_two_daemons_get_it_at_once(store, second):
+    barrier = threading.Barrier(8)
+    results = []
+
+    def send(s):
+        barrier.wait()
+        results.append(s.accept_delivery("github", "d-1", "push", [_push("a" * 40, delivery="d-1")], []))
+
+    threads = [threading.Thread(target=send, args=(s,)) for s in (store, second) * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queued = [r for r in results if not r.duplicate]
+    assert len(queued) == 1 and len(queued[0].run_ids) == 1
+    assert all(r.run_ids == queued[0].run_ids for r in results)
+    assert len(store.list_runs()) == 1
+    outcomes = sorted(d["outcome"] for d in store.deliveries())
+    assert outcomes == ["duplicate"] * 7 + ["queued"]
+
+
+def test_redelivery_and_a_new_delivery_run_a_failed_commit_again(store):
+    s = store
+    first = s.accept_delivery("github", "d-1", "push", [_push("b" * 40, delivery="d-1")], [])
+    (rid,) = first.run_ids
+    # While it is queued, a redelivery is a duplicate.
+    assert s.accept_delivery("github", "d-1", "push", [_push("b" * 40, delivery="d-1")], []).duplicate
+    s.claim("me", {"app": 1}, 10)
+    s.finish(rid, "me", "failed", 1, "boom")
+    # GitHub's Redeliver (same id) after a failure queues it again, linked to the failed run.
+    again = s.accept_delivery("github", "d-1", "push", [_push("b" * 40, delivery="d-1")], [])
+    assert not again.duplicate and len(again.run_ids) == 1
+    retry = s.get_run(again.run_ids[0])
+    assert retry["retry_of"] == rid and retry["trigger"] == "retry" and retry["commit"] == "b" * 40
+    assert s.run_event(retry["id"]) == {"sha": "b" * 40}
+    assert "redelivery" in again.reason
+    # A new delivery of a commit whose runs all failed runs it again too...
+    s.claim("me", {"app": 1}, 10)
+    s.finish(retry["id"], "me", "failed", 1)
+    newer = s.accept_delivery("github", "d-2", "push", [_push("b" * 40, delivery="d-2")], [])
+    assert len(newer.run_ids) == 1
+    s.claim("me", {"app": 1}, 10)
+    s.finish(newer.run_ids[0], "me", "success", 0)
+    # ...but once it succeeded, a new delivery of it is skipped, and says why.
+    done = s.accept_delivery("github", "d-3", "push", [_push("b" * 40, delivery="d-3")], [])
+    assert done.run_ids == () and done.outcome == "ignored" and "already ran" in done.reason
+    # A poll, which sees each commit once, never runs a commit that any run had.
+    (c,), _ = s.enqueue([_push("c" * 40)])
+    s.claim("me", {"app": 1}, 10)
+    s.finish(c, "me", "failed", 1)
+    poll = NewRun("app", "poll", ref="refs/heads/main", branch="main", commit="c" * 40, once=True)
+    assert s.enqueue([poll]) == ([], [])
+
+
+def test_retry(store):
+    s = store
+    (rid,), _ = s.enqueue([NewRun("app", "push", ref="refs/heads/main", branch="main", commit="d" * 40,
+                                  group="app/main", vars={"K": "v"}, withhold_secrets=True,
+                                  skip_stages=("push", "deploy"), event={"e": 1})])
+    with pytest.raises(StoreError, match="only a run that ended"):
+        s.retry(rid)
+    s.claim("me", {"app": 1}, 10)
+    s.finish(rid, "me", "failed", 1)
+    new = s.retry(rid)
+    run = s.get_run(new)
+    assert (run["retry_of"], run["status"], run["commit"], run["group"]) == (rid, "queued", "d" * 40, "app/main")
+    assert run["withhold_secrets"] is True and run["skip_stages"] == ["push", "deploy"]
+    claimed = s.claim("me", {"app": 1}, 10)
+    assert claimed.vars == {"K": "v"} and claimed.event == {"e": 1}
+    assert claimed.withhold_secrets and claimed.skip_stages == ("push", "deploy")
+    assert s.retry(10 ** 9) is None
+
+
+def test_concurrency_limit_and_groups_hold_across_daemons(store, second):
+    s = store
+    s.enqueue([NewRun("app", "push", group=None) for _ in range(30)])
+    s.enqueue([NewRun("grouped", "push", group="g", cancel_in_progress=False) for _ in range(1)])
+    running: dict[str, set[int]] = {"app": set(), "grouped": set()}
+    lock = threading.Lock()
+    worst = {"app": 0, "grouped": 0}
+    done = []
+
+    def worker(st, owner):
+        while True:
+            c = st.claim(owner, {"app": 2, "grouped": 1}, 30)
+            if c is None:
+                if len(done) >= 31:
+                    return
+                time.sleep(0.005)
+                continue
+            with lock:
+                running[c.pipeline].add(c.id)
+                worst[c.pipeline] = max(worst[c.pipeline], len(running[c.pipeline]))
+            time.sleep(0.01)
+            with lock:
+                running[c.pipeline].discard(c.id)
+            assert st.finish(c.id, owner, "success", 0)
+            done.append(c.id)
+
+    threads = [threading.Thread(target=worker, args=(st, f"d{i}")) for i, st in enumerate((s, second, s, second))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(done) == sorted(set(done)) and len(done) == 31  # each run claimed exactly once
+    assert worst["app"] <= 2 and worst["grouped"] == 1
+    assert len({r["daemon"] for r in s.list_runs(limit=100)}) >= 2  # the work was shared
+
+
+def test_queue_stats(store):
+    s = store
+    assert s.queue_stats() == {"by_status": {}, "oldest_queued_age": None}
+    s.enqueue([NewRun("a", "push"), NewRun("a", "push")])
+    s.claim("me", {"a": 1}, 10)
+    time.sleep(0.05)
+    stats = s.queue_stats()
+    assert stats["by_status"] == {"queued": 1, "running": 1}
+    assert stats["oldest_queued_age"] >= 0.04
+
+
+def test_one_leader_and_failover(store, second, url):
+    assert store.try_lead("a")
+    assert store.try_lead("a")  # it stays the leader
+    assert not second.try_lead("b")
+    store.release_lead()
+    assert second.try_lead("b")
+    assert not store.try_lead("a")
+    second.close()  # the leader's connection goes away: the lock with it
+    assert store.try_lead("a")
+
+
+def test_listen_wakes_another_daemon_when_a_run_is_queued(store, second):
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite has no notifications: each dispatcher also looks every 0.5 s")
+    woke = threading.Event()
+    second.listen(woke.set)
+    time.sleep(0.5)  # the listener is connected
+    woke.clear()
+    store.enqueue([NewRun("a", "push")])
+    assert woke.wait(5), "no NOTIFY reached the other daemon"
+    woke.clear()
+    (c,) = [store.claim("me", {"a": 1}, 10)]
+    store.finish(c.id, "me", "success", 0)  # a freed slot wakes the others too
+    assert woke.wait(5)
+
+
+def test_schema_is_versioned_and_a_newer_database_is_refused(store, url):
+    assert store.schema_version() == migrations.LATEST
+    again = open_store(url)  # opening it again applies nothing
+    assert again.schema_version() == migrations.LATEST
+    with again._tx() as db:
+        db.q("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?,?,?)",
+             (migrations.LATEST + 1, "from the future", 0.0))
+    again.close()
+    with pytest.raises(StoreError, match="newer than this runner knows"):
+        open_store(url)
+
+
+def test_an_old_sqlite_database_is_migrated(tmp_path):
+    import sqlite3
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(";\n".join(migrations.SQLITE[0].statements))
+    db.execute("INSERT INTO runs (pipeline, status, trigger, created_at) VALUES ('a', 'success', 'push', 1.0)")
+    db.commit()
+    db.close()
+    s = open_store(path)
+    run = s.list_runs()[0]
+    assert run["pipeline"] == "a" and run["daemon"] is None and run["skip_stages"] == []
+    assert s.schema_version() == migrations.LATEST
+    s.close()
