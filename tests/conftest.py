@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-# The deploy tests' fixtures (`images`, `app`), shared by every deploy test module.
-pytest_plugins = ["tests.deploy_fixtures"]
+# Shared fixtures: the deploy tests' (`images`, `app`) and a fresh PostgreSQL database per test (`pg_url`).
+pytest_plugins = ["tests.deploy_fixtures", "tests.db_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB_SERVERS = int(os.environ.get("RUNNER_TEST_SERVERS", "3"))

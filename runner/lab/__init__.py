@@ -1,5 +1,6 @@
-"""The lab: a build engine, a registry and SSH servers with their own engines, all real, on one
-Linux machine (network namespaces on a bridge). `runner lab up|down|status|env`.
+"""The lab: a build engine, registries, a PostgreSQL cluster and SSH servers with their own
+engines, all real, on one Linux machine (network namespaces on a bridge).
+`runner lab up|down|status|env`.
 
 layout (pure names, paths, commands) <- host (processes, probes, packages) <- images, lab
 (orchestration) <- cli.

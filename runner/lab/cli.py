@@ -45,6 +45,11 @@ def _print_human(info: dict) -> None:
                f"{auth['password_file']})")
     click.echo(f"build engine {info['docker_host']}")
     click.echo(f"proxy image  {info['proxy_image']} (Caddy 2, pulled by the servers)")
+    db = info["database"]
+    # the URL carries the password: shown masked, the file named instead
+    click.echo(f"database     {layout.masked_database_url()} (PostgreSQL "
+               f"{layout.POSTGRES_VERSION}; password in {db['password_file']}; "
+               "RUNNER_DATABASE_URL in `runner lab env`)")
     for s in info["servers"]:
         click.echo(f"{s['name']:<12} ssh {s['user']}@{s['host']}:{s['port']}  engine {s['docker_host']}")
     if info["servers"]:
@@ -55,7 +60,8 @@ def _print_human(info: dict) -> None:
 
 @click.group()
 def lab() -> None:
-    """A local lab: build engine, registry, and SSH servers with their own Docker engines."""
+    """A local lab: build engine, registries, PostgreSQL, and SSH servers with their own Docker
+    engines."""
 
 
 @lab.command()
@@ -104,7 +110,7 @@ def status(as_json: bool) -> None:
 def env() -> None:
     """Print `export NAME=value` lines for REGISTRY, DOCKER_HOST, DEPLOY_HOSTS, SSH_KEY_FILE,
     KNOWN_HOSTS_FILE, AUTH_REGISTRY, AUTH_REGISTRY_USER, AUTH_REGISTRY_PASSWORD_FILE,
-    PROXY_IMAGE.
+    PROXY_IMAGE, RUNNER_DATABASE_URL (with the password of the lab's PostgreSQL role).
     Use: eval "$(runner lab env)"."""
     lab_ = _lab()
     lab_.load()

@@ -9,6 +9,7 @@ import base64
 import http.client
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -115,15 +116,27 @@ def alive(rec: dict | None) -> bool:
     return bool(rec) and start_time(rec["pid"]) == rec["start"]
 
 
-def spawn(argv: Sequence[str], log_path: Path) -> dict:
+def spawn(argv: Sequence[str], log_path: Path, user: str | None = None) -> dict:
     """Start a long-lived process in its own session (it outlives this command), output to
-    log_path. Returns its record for state.json."""
+    log_path. Returns its record for state.json.
+
+    With `user`, the process runs as that user (its uid, gid and groups, set between fork and
+    exec), so the record is the program's own pid: `runuser` would stay in between as the parent
+    that a stop by pid reaches instead. The log file is opened here, as root."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    as_user = {}
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        as_user = {"user": entry.pw_uid, "group": entry.pw_gid,
+                   "extra_groups": os.getgrouplist(user, entry.pw_gid),
+                   "cwd": "/",  # not root's own cwd, which that user may not be able to read
+                   "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                           "HOME": entry.pw_dir, "USER": user, "LOGNAME": user}}
     with open(log_path, "ab") as out:
         out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
         out.flush()
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, **as_user)
     # Popen.__del__ would otherwise warn; the process is meant to outlive us.
     proc.returncode = 0
     st = start_time(proc.pid)
@@ -131,12 +144,13 @@ def spawn(argv: Sequence[str], log_path: Path) -> dict:
             "log": str(log_path)}
 
 
-def stop(rec: dict | None, timeout: float = 20.0) -> None:
-    """SIGTERM, wait, then SIGKILL: only the recorded process, only if it is still that one."""
+def stop(rec: dict | None, timeout: float = 20.0, first: int = signal.SIGTERM) -> None:
+    """`first` (SIGTERM), wait, then SIGKILL: only the recorded process, only if it is still
+    that one."""
     if not alive(rec):
         return
     pid = rec["pid"]
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((first, timeout), (signal.SIGKILL, 5.0)):
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -210,6 +224,25 @@ def pids_with_arg(marker: str, exe: str) -> list[dict]:
             continue
         if marker in argv or any(a.endswith(f"={marker}") for a in argv):
             rec = _record_of(pid, argv)
+            if rec:
+                found.append(rec)
+    return found
+
+
+def pids_in_dir(directory: Path) -> list[dict]:
+    """Processes whose working directory is `directory`: every process of a PostgreSQL cluster
+    works in its data dir, so these are the backends a killed postmaster left behind (they end by
+    themselves once they notice, but hold the cluster until then)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd == str(directory):
+            rec = _record_of(int(entry.name), _read_cmdline(entry.name) or [])
             if rec:
                 found.append(rec)
     return found
@@ -366,6 +399,56 @@ def image_labels(sock: Path, ref: str) -> dict | None:
         return {}
 
 
+def psycopg():
+    """psycopg 3, imported only where the lab talks to its PostgreSQL."""
+    try:
+        import psycopg as module
+    except ImportError as exc:
+        raise LabError("the lab's PostgreSQL is checked and set up with psycopg 3, which is not "
+                       "installed in this Python: pip install 'psycopg[binary]'") from exc
+    return module
+
+
+def postgres_login(password: str | None, timeout: float = 2.0) -> bool:
+    """The lab's role logs in to its database over 127.0.0.1 with `password` (which proves
+    the server answers, its pg_hba.conf lets the role in over TCP, and the role's stored password
+    matches the password file) and runs a query."""
+    if not password:
+        return False
+    pg = psycopg()
+    try:
+        with pg.connect(host=layout.POSTGRES_HOST, port=layout.POSTGRES_PORT,
+                        user=layout.POSTGRES_USER, password=password, dbname=layout.POSTGRES_DB,
+                        connect_timeout=max(2, int(timeout)), application_name="runner-lab") as conn:
+            return conn.execute("SELECT 1").fetchone() == (1,)
+    except (pg.Error, OSError):
+        return False
+
+
+def postgres_superuser(timeout: int = 5):
+    """A connection as the cluster's superuser over the lab's own socket (peer login; pg_ident.conf
+    maps root to postgres), autocommit: for CREATE ROLE and CREATE DATABASE."""
+    pg = psycopg()
+    try:
+        return pg.connect(host=str(layout.POSTGRES_SOCKET_DIR), port=layout.POSTGRES_PORT,
+                          user=layout.POSTGRES_OS_USER, dbname="postgres",
+                          connect_timeout=max(2, timeout), autocommit=True,
+                          application_name="runner-lab")
+    except (pg.Error, OSError) as exc:
+        raise LabError(f"cannot log in to the lab's PostgreSQL as {layout.POSTGRES_OS_USER} over "
+                       f"{layout.POSTGRES_SOCKET_DIR}: {exc}") from exc
+
+
+def postgres_answers() -> bool:
+    """The postmaster accepts a session and runs a query (also before the lab's role exists)."""
+    pg = psycopg()
+    try:
+        with postgres_superuser(timeout=2) as conn:
+            return conn.execute("SELECT 1").fetchone() == (1,)
+    except (LabError, pg.Error, OSError):
+        return False
+
+
 def ssh_banner(host: str, port: int = 22, timeout: float = 2.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
@@ -436,14 +519,16 @@ def fw_chain_present() -> bool:
     return proc.returncode == 0
 
 
-def write_if_changed(path: Path, text: str) -> None:
-    """Write `text` to `path` (atomically) unless it already holds exactly that."""
+def write_if_changed(path: Path, text: str) -> bool:
+    """Write `text` to `path` (atomically) unless it already holds exactly that. True when it
+    was written."""
     try:
         if path.read_text() == text:
-            return
+            return False
     except OSError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+    return True

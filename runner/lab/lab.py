@@ -10,8 +10,10 @@ import contextlib
 import fcntl
 import json
 import os
+import pwd
 import secrets
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -92,7 +94,7 @@ class Lab:
                       key=lambda s: s.index)
 
     def describe(self) -> dict:
-        return layout.describe(self.state, self.servers())
+        return layout.describe(self.state, self.servers(), self._postgres_password())
 
     # ---- status ----------------------------------------------------------------------------
 
@@ -112,6 +114,7 @@ class Lab:
             found.append(f"registry {layout.AUTH_REGISTRY} does not answer or refuses the "
                          f"login {layout.AUTH_REGISTRY_USER} with the password in "
                          f"{layout.auth_registry_password_file(self.state)}")
+        found += self._postgres_problems()
         if not host.alive(procs.get("build-dockerd")) or not host.docker_ready(layout.BUILD_SOCK):
             found.append(f"build engine {layout.BUILD_DOCKER_HOST} does not answer")
         elif self._outdated(procs.get("build-dockerd"), layout.build_dockerd_argv(self.state)):
@@ -127,6 +130,17 @@ class Lab:
         for s in self.servers():
             found += self._server_problems(s)
         return found
+
+    def _postgres_problems(self) -> list[str]:
+        rec = self.data["procs"].get("postgres")
+        if not host.alive(rec) or not host.postgres_login(self._postgres_password()):
+            return [f"postgres {layout.POSTGRES_HOST}:{layout.POSTGRES_PORT} does not answer or "
+                    f"refuses the login {layout.POSTGRES_USER} with the password in "
+                    f"{layout.postgres_password_file(self.state)}"]
+        if self._outdated(rec, layout.postgres_argv(self.state)):
+            return [f"postgres {layout.POSTGRES_HOST}:{layout.POSTGRES_PORT} runs with other "
+                    "settings than `runner lab up` starts it with now: `up` restarts it"]
+        return []
 
     def _server_problems(self, s: Server) -> list[str]:
         procs = self.data["procs"]
@@ -152,6 +166,12 @@ class Lab:
     def _auth_password(self) -> str | None:
         try:
             return layout.auth_registry_password_file(self.state).read_text().strip() or None
+        except OSError:
+            return None
+
+    def _postgres_password(self) -> str | None:
+        try:
+            return layout.postgres_password_file(self.state).read_text().strip() or None
         except OSError:
             return None
 
@@ -185,8 +205,9 @@ class Lab:
             self._ensure_auth_registry()
             build_rec = self._start_build_engine()
             servers = [Server(i, self.state) for i in wanted]
-            with ThreadPoolExecutor(max_workers=len(servers) + 1) as pool:
-                futures = {"build engine": pool.submit(self._finish_build_engine, build_rec)}
+            with ThreadPoolExecutor(max_workers=len(servers) + 2) as pool:
+                futures = {"build engine": pool.submit(self._finish_build_engine, build_rec),
+                           "postgres": pool.submit(self._ensure_postgres)}
                 for s in servers:
                     futures[s.name] = pool.submit(self._ensure_server, s)
                 errors = []
@@ -208,6 +229,7 @@ class Lab:
                 raise LabError("the lab started but does not answer:\n" + "\n".join(problems))
             self.log(f"up in {time.monotonic() - started:.1f}s: registry {layout.REGISTRY}, "
                      f"registry with login {layout.AUTH_REGISTRY}, proxy image {layout.PROXY_IMAGE}, "
+                     f"postgres {layout.POSTGRES_HOST}:{layout.POSTGRES_PORT}, "
                      f"build engine {layout.BUILD_DOCKER_HOST}, servers "
                      + ", ".join(f"{s.name}={s.ip}" for s in self.servers()))
             return self.describe()
@@ -319,6 +341,131 @@ class Lab:
         _write_private(htpasswd, f"{layout.AUTH_REGISTRY_USER}:{hashed}\n")
         return True
 
+    # ---- postgres ------------------------------------------------------------------------
+
+    def _ensure_postgres(self) -> None:
+        """The lab's own cluster: made once (initdb), started as the postgres user, its role and
+        database made or mended. A live postmaster that answers is left alone."""
+        key = "postgres"
+        data = layout.postgres_data(self.state)
+        password = self._ensure_postgres_password()
+        confs_changed = self._write_postgres_confs()
+        rec = self._adopt_or_stop(key, str(data), "postgres")
+        if rec and self._outdated(rec, layout.postgres_argv(self.state)):
+            self.log(f"postgres (pid {rec['pid']}) runs with other settings than this version "
+                     "starts it with; restarting it (its clients lose their connections)")
+            _stop_postgres(rec)
+            rec = None
+        elif rec and confs_changed:
+            # the postmaster reads pg_hba.conf and pg_ident.conf again on SIGHUP
+            os.kill(rec["pid"], signal.SIGHUP)
+        if rec and not _answers(host.postgres_answers, 10):
+            self.log(f"postgres (pid {rec['pid']}) alive but not answering; restarting it")
+            _stop_postgres(rec)
+            rec = None
+        if not rec:
+            self._start_postgres()
+        self._ensure_postgres_role(password)
+
+    def _ensure_postgres_password(self) -> str:
+        pw_file = layout.postgres_password_file(self.state)
+        password = self._postgres_password()
+        if password is None:
+            password = secrets.token_hex(16)
+            _write_private(pw_file, password + "\n")
+            self.log(f"made the password of the lab's PostgreSQL role {layout.POSTGRES_USER}: "
+                     f"{pw_file}")
+        elif pw_file.stat().st_mode & 0o077:
+            pw_file.chmod(0o600)
+        return password
+
+    def _write_postgres_confs(self) -> bool:
+        """The lab's own pg_hba.conf and pg_ident.conf (outside the data dir: root's files, which
+        the postmaster only reads). True when one of them was rewritten."""
+        pgdir = layout.postgres_dir(self.state)
+        changed = host.write_if_changed(pgdir / "pg_hba.conf", layout.pg_hba_conf())
+        return host.write_if_changed(pgdir / "pg_ident.conf", layout.pg_ident_conf()) or changed
+
+    def _start_postgres(self) -> None:
+        data = layout.postgres_data(self.state)
+        if not (layout.POSTGRES_BIN / "postgres").exists():
+            raise LabError(f"{layout.POSTGRES_BIN / 'postgres'} is missing: install Debian's "
+                           f"{layout.POSTGRES_PACKAGE} (PostgreSQL {layout.POSTGRES_VERSION}) "
+                           "with scripts/install-system")
+        # A postmaster killed with SIGKILL leaves its backends, which end by themselves once they
+        # notice; while they run, a new postmaster refuses the cluster.
+        if host.pids_in_dir(data) and not _answers(lambda: not host.pids_in_dir(data), 5):
+            host.stop_all(host.pids_in_dir(data), timeout=5)
+        if not data.exists():
+            self._initdb()
+        # No process of the cluster is left (above): its lock files are stale. The postmaster
+        # takes the pid in them for a running postmaster while that pid exists, and a killed one
+        # stays a zombie until init reaps it (slow here), or the pid is reused.
+        (data / "postmaster.pid").unlink(missing_ok=True)
+        for name in layout.postgres_socket_files():
+            (layout.POSTGRES_SOCKET_DIR / name).unlink(missing_ok=True)
+        owner = pwd.getpwnam(layout.POSTGRES_OS_USER)
+        layout.POSTGRES_SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+        os.chown(layout.POSTGRES_SOCKET_DIR, owner.pw_uid, owner.pw_gid)
+        self.log(f"starting postgres on {layout.POSTGRES_HOST}:{layout.POSTGRES_PORT} ({data})")
+        log_path = self.state / "logs" / "postgres.log"
+        rec = host.spawn(layout.postgres_argv(self.state), log_path, user=layout.POSTGRES_OS_USER)
+        self._record("postgres", rec)
+        host.wait_for(host.postgres_answers, "postgres", 60, rec, log_path)
+
+    def _initdb(self) -> None:
+        """initdb into a dir beside the data dir, renamed when it is done: the data dir exists
+        only as a whole cluster, and an interrupted initdb's leftovers are removed next time."""
+        data = layout.postgres_data(self.state)
+        tmp = data.with_name(data.name + ".initdb")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700, parents=True)
+        owner = pwd.getpwnam(layout.POSTGRES_OS_USER)
+        os.chown(tmp, owner.pw_uid, owner.pw_gid)
+        reach = host.run(layout.runuser_argv(["test", "-w", str(tmp)]), check=False)
+        if reach.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise LabError(f"the {layout.POSTGRES_OS_USER} user cannot reach {tmp}: every parent "
+                           f"dir of the lab's state dir {self.state} must be searchable by it")
+        self.log(f"creating the lab's PostgreSQL cluster in {data} (initdb)")
+        host.run(layout.runuser_argv(layout.initdb_argv(tmp)), cwd=tmp.parent, timeout=120)
+        os.rename(tmp, data)
+
+    def _ensure_postgres_role(self, password: str) -> None:
+        """Role POSTGRES_USER (login, CREATEDB: tests make a database each) with the password of
+        the file, and its database. The server gets a SCRAM verifier, never the password."""
+        pg = host.psycopg()
+        ident, literal = pg.sql.Identifier, pg.sql.Literal
+
+        def verifier():
+            return literal(layout.scram_verifier(password, secrets.token_bytes(16)))
+
+        user = ident(layout.POSTGRES_USER)
+        with host.postgres_superuser() as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                                  (layout.POSTGRES_USER,)).fetchone() is not None
+            if not exists:
+                conn.execute(pg.sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}")
+                             .format(user, verifier()))
+                self.log(f"created PostgreSQL role {layout.POSTGRES_USER}")
+            else:
+                conn.execute(pg.sql.SQL("ALTER ROLE {} LOGIN CREATEDB NOSUPERUSER").format(user))
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                            (layout.POSTGRES_DB,)).fetchone() is None:
+                conn.execute(pg.sql.SQL("CREATE DATABASE {} OWNER {}")
+                             .format(ident(layout.POSTGRES_DB), user))
+                self.log(f"created PostgreSQL database {layout.POSTGRES_DB}")
+            if exists and not host.postgres_login(password):
+                # a password file made again (removed by hand) while the cluster was kept
+                conn.execute(pg.sql.SQL("ALTER ROLE {} PASSWORD {}").format(user, verifier()))
+                self.log(f"set the password of PostgreSQL role {layout.POSTGRES_USER} to the "
+                         f"one in {layout.postgres_password_file(self.state)}")
+        if not host.postgres_login(password):
+            raise LabError(f"role {layout.POSTGRES_USER} cannot log in to "
+                           f"{layout.POSTGRES_HOST}:{layout.POSTGRES_PORT}/{layout.POSTGRES_DB} "
+                           "with its password; the server's log: "
+                           f"{self.state / 'logs' / 'postgres.log'}")
+
     def _start_build_engine(self) -> dict | None:
         """Start the build engine's dockerd if it is not running; None when it already was."""
         key = "build-dockerd"
@@ -429,7 +576,8 @@ class Lab:
             # lab's own config and pid file paths in their argv.
             markers = [("registry", str(self.state / "registry.yml"), "docker-registry"),
                        ("auth-registry", str(self.state / "auth-registry.yml"), "docker-registry"),
-                       ("build-dockerd", str(layout.RUN_DIR / "docker.pid"), "dockerd")]
+                       ("build-dockerd", str(layout.RUN_DIR / "docker.pid"), "dockerd"),
+                       ("postgres", str(layout.postgres_data(self.state)), "postgres")]
             names = set(self.data["servers"]) | {f"srv{i}" for i in _netns_indexes()}
             for name in names:
                 s = layout.server_from_name(name, self.state)
@@ -448,7 +596,9 @@ class Lab:
                 self.log(f"stopping {len(live)} processes: "
                          + ", ".join(f"{k} (pid {r['pid']})" for k, r in sorted(live.items())))
             with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
-                list(pool.map(host.stop, live.values()))
+                list(pool.map(_stop_part, live.keys(), live.values()))
+            # backends a postmaster killed before (or just now, after its timeout) left behind
+            host.stop_all(host.pids_in_dir(layout.postgres_data(self.state)))
             # containerd and shims a killed dockerd may have left, found by our exec-root paths
             host.stop_all(host.pids_using(
                 [f"{layout.RUN_DIR / 'exec'}/"]
@@ -469,6 +619,19 @@ class Lab:
             self.data = _empty_state()
             self.save()
             self.log("down: everything the lab started is stopped")
+
+
+def _stop_postgres(rec: dict | None) -> None:
+    """Fast shutdown (SIGINT): open sessions are ended, not waited for as SIGTERM (smart
+    shutdown) would; SIGKILL after the timeout."""
+    host.stop(rec, timeout=20, first=signal.SIGINT)
+
+
+def _stop_part(key: str, rec: dict) -> None:
+    if key == "postgres" or key.startswith("postgres:"):
+        _stop_postgres(rec)
+    else:
+        host.stop(rec)
 
 
 def _answers(probe, timeout: float) -> bool:

@@ -5,12 +5,15 @@ Other engineers code against these names and paths; they are a contract, keep th
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import os
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 SUBNET = "10.87.53.0/24"
 BRIDGE = "rlab0"
@@ -54,8 +57,20 @@ PROXY_RECIPE_LABEL = "runner.lab.recipe"
 # Debian's 20.10 CLI: its built-in BuildKit works with DOCKER_BUILDKIT=1 (the newer CLI in
 # /usr/local/bin has no buildx plugin).
 BUILDKIT_DOCKER_CLI = "/usr/bin/docker"
+# PostgreSQL (issue 11): a cluster of the lab's own (initdb under the state dir), not Debian's
+# packaged "15 main" on 5432, which the lab neither uses nor touches. initdb and postgres refuse
+# to run as root: they run as the packaged OS user.
+POSTGRES_PACKAGE = "postgresql"
+POSTGRES_VERSION = "15"
+POSTGRES_BIN = Path(f"/usr/lib/postgresql/{POSTGRES_VERSION}/bin")
+POSTGRES_OS_USER = "postgres"
+POSTGRES_HOST = "127.0.0.1"
+POSTGRES_PORT = 55432
+POSTGRES_USER = "runner"
+POSTGRES_DB = "runner"
+POSTGRES_SOCKET_DIR = RUN_DIR / "postgres"
 SYSTEM_PACKAGES = ("docker.io", "docker-registry", "openssh-server", "busybox-static",
-                   "debootstrap", "iproute2", "git", "ca-certificates")
+                   "debootstrap", "iproute2", "git", "ca-certificates", POSTGRES_PACKAGE)
 
 
 def state_dir() -> Path:
@@ -144,6 +159,30 @@ def auth_registry_htpasswd(state: Path) -> Path:
     return state / "auth-registry.htpasswd"
 
 
+def postgres_dir(state: Path) -> Path:
+    """The lab's own files of its cluster (pg_hba.conf, pg_ident.conf; root's, world-readable)."""
+    return state / "postgres"
+
+
+def postgres_data(state: Path) -> Path:
+    """The cluster's data dir (the postgres user's, 0700)."""
+    return postgres_dir(state) / "data"
+
+
+def postgres_password_file(state: Path) -> Path:
+    return state / "postgres.password"
+
+
+def database_url(password: str) -> str:
+    return (f"postgresql://{POSTGRES_USER}:{quote(password, safe='')}@{POSTGRES_HOST}:"
+            f"{POSTGRES_PORT}/{POSTGRES_DB}")
+
+
+def masked_database_url() -> str:
+    """The URL for a human line: the password never printed."""
+    return f"postgresql://{POSTGRES_USER}:****@{POSTGRES_HOST}:{POSTGRES_PORT}/{POSTGRES_DB}"
+
+
 def python_rootfs_cache(state: Path) -> Path:
     return state / "cache" / f"python-{DEBIAN_SUITE}-rootfs.tar"
 
@@ -153,8 +192,9 @@ def proxy_cache(state: Path) -> Path:
     return state / "cache" / "caddy"
 
 
-def describe(state: Path, servers: list[Server]) -> dict:
-    """The JSON `runner lab up --json` prints: everything a client needs to use the lab."""
+def describe(state: Path, servers: list[Server], db_password: str | None = None) -> dict:
+    """The JSON `runner lab up --json` prints: everything a client needs to use the lab.
+    `database_url` carries the password (None until `up` made it); `database` names its file."""
     return {
         "registry": REGISTRY,
         "auth_registry": {
@@ -164,6 +204,14 @@ def describe(state: Path, servers: list[Server]) -> dict:
         },
         "docker_host": BUILD_DOCKER_HOST,
         "proxy_image": PROXY_IMAGE,
+        "database_url": database_url(db_password) if db_password else None,
+        "database": {
+            "host": POSTGRES_HOST,
+            "port": POSTGRES_PORT,
+            "user": POSTGRES_USER,
+            "name": POSTGRES_DB,
+            "password_file": str(postgres_password_file(state)),
+        },
         "servers": [
             {
                 "name": s.name,
@@ -193,6 +241,7 @@ def env_lines(info: dict) -> list[str]:
         "AUTH_REGISTRY_USER": info["auth_registry"]["username"],
         "AUTH_REGISTRY_PASSWORD_FILE": info["auth_registry"]["password_file"],
         "PROXY_IMAGE": info["proxy_image"],
+        "RUNNER_DATABASE_URL": info["database_url"] or "",
     }
     return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
 
@@ -390,6 +439,79 @@ def known_hosts_line(s: Server, host_pub: str) -> str:
     kind, key = host_pub.split()[:2]
     host = s.ip if SSH_PORT == 22 else f"[{s.ip}]:{SSH_PORT}"
     return f"{host} {kind} {key}"
+
+
+def initdb_argv(data: Path) -> list[str]:
+    """Run as POSTGRES_OS_USER (runuser_argv). Peer login on the socket, SCRAM over TCP; the lab
+    replaces both with its own pg_hba.conf. --no-locale: C collation whatever this host's LANG."""
+    return [str(POSTGRES_BIN / "initdb"), "-D", str(data), "-U", POSTGRES_OS_USER,
+            "--auth-local=peer", "--auth-host=scram-sha-256", "--encoding=UTF8", "--no-locale",
+            "--no-instructions"]
+
+
+def runuser_argv(argv: list[str]) -> list[str]:
+    return ["runuser", "-u", POSTGRES_OS_USER, "--", *argv]
+
+
+def postgres_settings(state: Path) -> dict[str, str]:
+    """Given on the postmaster's command line, so that `up` sees a cluster started with other
+    settings (its /proc/PID/cmdline) and restarts it, as it does for the engines. Sized for tests
+    on 2 cores: several daemons with a few connections each; fsync stays on (the default)."""
+    return {
+        "port": str(POSTGRES_PORT),
+        "listen_addresses": POSTGRES_HOST,
+        "unix_socket_directories": str(POSTGRES_SOCKET_DIR),
+        "hba_file": str(postgres_dir(state) / "pg_hba.conf"),
+        "ident_file": str(postgres_dir(state) / "pg_ident.conf"),
+        "cluster_name": "runner-lab",  # in every backend's process title
+        "max_connections": "200",
+        "shared_buffers": "32MB",
+        "password_encryption": "scram-sha-256",
+        "logging_collector": "off",  # stderr: the log file `up` opened for it
+    }
+
+
+def postgres_socket_files() -> tuple[str, str]:
+    """The socket and its lock file the postmaster makes in POSTGRES_SOCKET_DIR."""
+    return f".s.PGSQL.{POSTGRES_PORT}", f".s.PGSQL.{POSTGRES_PORT}.lock"
+
+
+def postgres_argv(state: Path) -> list[str]:
+    argv = [str(POSTGRES_BIN / "postgres"), "-D", str(postgres_data(state))]
+    for name, value in postgres_settings(state).items():
+        argv += ["-c", f"{name}={value}"]
+    return argv
+
+
+def pg_hba_conf() -> str:
+    """Only two ways in: the superuser over the lab's own socket, for root (`up`, mapped in
+    pg_ident.conf) and the postgres user; every role over 127.0.0.1 with its SCRAM password
+    (postgres has none, so not it)."""
+    return ("# the lab's own (runner lab up writes it)\n"
+            "# TYPE  DATABASE  USER      ADDRESS       METHOD\n"
+            f"local   all       {POSTGRES_OS_USER}  peer map=lab\n"
+            f"host    all       all       {POSTGRES_HOST}/32  scram-sha-256\n")
+
+
+def pg_ident_conf() -> str:
+    return ("# the lab's own (runner lab up writes it)\n"
+            "# MAPNAME  SYSTEM-USER  PG-USER\n"
+            f"lab        root         {POSTGRES_OS_USER}\n"
+            f"lab        {POSTGRES_OS_USER}     {POSTGRES_OS_USER}\n")
+
+
+def scram_verifier(password: str, salt: bytes, iterations: int = 4096) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802/7677, its
+    `SCRAM-SHA-256$iter:salt$StoredKey:ServerKey` form). `up` sends this instead of the password,
+    so the password itself never reaches the server, not even a logged statement of a failed
+    CREATE ROLE. The lab's passwords are hex: SASLprep leaves them as they are."""
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    salt64, stored64, server64 = (base64.b64encode(raw).decode()
+                                  for raw in (salt, stored_key, server_key))
+    return f"SCRAM-SHA-256${iterations}:{salt64}${stored64}:{server64}"
 
 
 def import_changes(image: str) -> list[str]:
