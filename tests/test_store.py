@@ -266,3 +266,27 @@ def test_an_old_sqlite_database_is_migrated(tmp_path):
     assert run["pipeline"] == "a" and run["daemon"] is None and run["skip_stages"] == []
     assert s.schema_version() == migrations.LATEST
     s.close()
+
+
+def test_daemons_opening_a_new_database_at_once_migrate_it_once(url):
+    stores, errors = [], []
+    barrier = threading.Barrier(4)
+
+    def open_it():
+        barrier.wait()
+        try:
+            stores.append(open_store(url))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with stores[0]._tx() as db:
+        assert [r["version"] for r in db.all("SELECT version FROM schema_migrations ORDER BY version")] == \
+            list(range(1, migrations.LATEST + 1))
+    for s in stores:
+        s.close()

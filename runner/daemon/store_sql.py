@@ -100,9 +100,10 @@ class SqlStore(Store):
 
     def _migrate(self, steps: Sequence[migrations.Migration], real: str) -> None:
         with self._tx() as db:
-            db.q(migrations.TABLE.format(real=real))
-        with self._tx() as db:
+            # Locked before the table is made: two daemons starting at once would otherwise race
+            # even on CREATE TABLE IF NOT EXISTS (PostgreSQL's catalog has its own unique keys).
             self._lock(db, "migrations")
+            db.q(migrations.TABLE.format(real=real))
             row = db.one("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")
             have = int(row["v"])
             if have > migrations.LATEST:
