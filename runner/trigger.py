@@ -1,7 +1,8 @@
 """A stored webhook delivery -> `Trigger`: what was pushed, where, by whom. Pure.
 
 Handled: push events of GitHub, GitLab (object_kind push / tag_push) and Gitea / Forgejo / Gogs,
-GitHub's and Gitea's `delete` events, and a "generic" shape for scripts:
+GitHub's and Gitea's `delete` events, pull / merge requests (GitHub and Gitea `pull_request`,
+GitLab `Merge Request Hook`), and a "generic" shape for scripts:
     {"ref": "refs/heads/main", "commit": "<sha>", "repo_url": ..., "clone_url": ...}
 The provider comes from the caller, else from the event headers (X-Gitea-Event, X-Forgejo-Event
 and X-Gogs-Event first, since Gitea also sends X-GitHub-Event; then X-Gitlab-Event,
@@ -9,6 +10,12 @@ X-GitHub-Event), else from the payload's shape.
 
 A deleted branch or tag (after = 40 zeros, `deleted: true`, or a `delete` event) gives
 deleted=True and commit=None: there is nothing to build.
+
+A pull request gives kind="pull_request", commit = its head commit, and ref = the ref the BASE
+repository keeps for it (refs/pull/N/head on GitHub and Gitea, refs/merge-requests/N/head on
+GitLab): a fork's branch is not in the base repository, that ref is. Only the actions that bring
+code to build start anything (opened, synchronize(d), reopened; GitLab open, reopen, and update
+with new commits); the others are UnsupportedEvent, with the reason.
 """
 from __future__ import annotations
 
@@ -32,21 +39,27 @@ _DELIVERY_HEADERS = ("x-github-delivery", "x-gitea-delivery", "x-forgejo-deliver
                      "x-runner-delivery", "idempotency-key")
 _PUSH_EVENTS = {"push", "push hook", "tag push hook", "tag_push"}
 _DELETE_EVENTS = {"delete"}
+_PULL_EVENTS = {"pull_request", "merge request hook"}
+# GitHub says "synchronize", Gitea and Gogs "synchronized": both mean new commits on the head.
+_PULL_ACTIONS = ("opened", "synchronize", "synchronized", "reopened")
+_MERGE_ACTIONS = ("open", "reopen", "update")
 
 
 class UnsupportedEvent(InvalidInput):
-    """A well-formed delivery this runner does not act on (ping, pull_request, a push to
-    refs/notes/...). A daemon answers it with 2xx and starts nothing."""
+    """A well-formed delivery this runner does not act on (ping, a closed or labelled pull
+    request, a push to refs/notes/...). A daemon answers it with 2xx and starts nothing."""
 
 
 @dataclass(frozen=True)
 class Trigger:
-    kind: str  # "push" (a branch) or "tag"
+    kind: str  # "push" (a branch), "tag" or "pull_request"
     provider: str  # "github" | "gitlab" | "gitea" | "generic"
-    repo_url: str | None  # the repository's web page
+    repo_url: str | None  # the repository's web page (a pull request's: the base repository's)
     clone_url: str | None  # https clone URL (as the provider gives it)
-    ref: str  # full ref: refs/heads/main, refs/tags/v1.0
-    branch: str | None  # short name, for a branch push
+    # full ref: refs/heads/main, refs/tags/v1.0; a pull request's head in the base repository:
+    # refs/pull/3/head, refs/merge-requests/3/head
+    ref: str
+    branch: str | None  # short name, for a branch push (None for a pull request: see head_branch)
     tag: str | None  # short name, for a tag push
     commit: str | None  # the pushed commit (full sha); None when the ref was deleted
     before: str | None  # the previous commit; None when the ref is new
@@ -54,6 +67,16 @@ class Trigger:
     pusher: str | None  # user name of who pushed
     delivery: str | None  # the provider's delivery id, from the headers
     default_branch: str | None = None  # the repository's default branch, when the payload says
+    # A pull / merge request's facts (None / False for pushes):
+    number: int | None = None  # its number (GitLab: the iid, the !N of the project)
+    action: str | None = None  # as the provider says it: opened, synchronize, update, ...
+    head_branch: str | None = None  # the branch it brings, in the head repository
+    base_branch: str | None = None  # the branch it targets, in this (the base) repository
+    head_repo_url: str | None = None  # the head repository's clone URL (a fork's, for a fork)
+    # The head repository is not the base repository: its author may have no write access to
+    # the base, so its code must not see the base's secrets. True also when the payload cannot
+    # tell (GitHub's head.repo is null once the fork is deleted).
+    fork: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,9 +123,12 @@ def _looks_gitea(payload: Mapping[str, Any]) -> bool:
 
 
 def provider_from_payload(payload: Mapping[str, Any]) -> str | None:
-    """Guess the provider from the payload's keys; None when it looks like no push at all."""
-    if payload.get("object_kind") in ("push", "tag_push"):
+    """Guess the provider from the payload's keys; None when it looks like no push or pull
+    request at all."""
+    if payload.get("object_kind") in ("push", "tag_push", "merge_request"):
         return "gitlab"
+    if isinstance(payload.get("pull_request"), dict) and "action" in payload:
+        return "gitea" if _looks_gitea(payload) else "github"
     if isinstance(payload.get("repository"), dict) and "ref" in payload \
             and ("after" in payload or "ref_type" in payload):
         return "gitea" if _looks_gitea(payload) else "github"
@@ -132,13 +158,37 @@ def _sha(data: Mapping[str, Any], key: str, where: str = "") -> str | None:
     return value
 
 
-def _mapping(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+def _mapping(data: Mapping[str, Any], key: str, where: str = "") -> Mapping[str, Any]:
     value = data.get(key)
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _fail(f"'{key}' should be an object, got {type(value).__name__}")
+        raise _fail(f"'{where}{key}' should be an object, got {type(value).__name__}")
     return value
+
+
+def _number(data: Mapping[str, Any], key: str, where: str = "") -> int:
+    value = data.get(key)
+    if value is None:
+        raise _fail(f"'{where}{key}' is missing")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(f"'{where}{key}' should be a pull request number, got {str(value)[:80]!r}")
+    return value
+
+
+def _other_repository(head_id: Any, base_id: Any, head_name: str | None,
+                      base_name: str | None) -> bool:
+    """Whether a pull request's head repository is not its base repository: by id when both are
+    known, else by full name; when neither tells, it counts as another one (the safe answer)."""
+    if head_id is not None and base_id is not None:
+        return head_id != base_id
+    if head_name and base_name:
+        return head_name.lower() != base_name.lower()
+    return True
+
+
+def _short_branch(ref: str | None) -> str | None:
+    return ref[len("refs/heads/"):] if ref and ref.startswith("refs/heads/") else ref
 
 
 def _split_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -193,8 +243,104 @@ def _github_like(payload: Mapping[str, Any], provider: str, delivery: str | None
                    deleted=deleted, pusher=who, delivery=delivery, default_branch=default)
 
 
-def _gitlab(payload: Mapping[str, Any], delivery: str | None) -> Trigger:
+def _pull_request(payload: Mapping[str, Any], provider: str, delivery: str | None) -> Trigger:
+    """GitHub's and Gitea's (Forgejo's, Gogs') `pull_request` event. `repository` is the base
+    repository (the one the webhook belongs to); pull_request.head.repo is where the code is."""
+    action = _str(payload, "action", required=True)
+    pr = _mapping(payload, "pull_request")
+    if not pr:
+        raise _fail("'pull_request' is missing")
+    number = _number(payload, "number") if payload.get("number") is not None else \
+        _number(pr, "number", "pull_request.")
+    if action not in _PULL_ACTIONS:
+        raise UnsupportedEvent(f"webhook payload: pull request #{number} {action!r} starts "
+                               f"nothing (only opened, synchronize and reopened do)")
+    head = _mapping(pr, "head", "pull_request.")
+    base = _mapping(pr, "base", "pull_request.")
+    commit = _sha(head, "sha", "pull_request.head.")
+    if commit is None:
+        raise _fail("'pull_request.head.sha' is missing")
+    # Gogs names the branches at the top of pull_request; GitHub and Gitea in head / base.
+    base_branch = _short_branch(_str(base, "ref", "pull_request.base.")
+                                or _str(pr, "base_branch", "pull_request."))
+    if base_branch is None:
+        raise _fail("'pull_request.base.ref' is missing")
+    head_branch = _short_branch(_str(head, "ref", "pull_request.head.")
+                                or _str(pr, "head_branch", "pull_request."))
+    repo = _mapping(payload, "repository")
+    base_repo = _mapping(base, "repo", "pull_request.base.") or repo
+    head_repo = _mapping(head, "repo", "pull_request.head.")
+    # Gitea gives head.repo_id / base.repo_id (-1 once the head repository is deleted).
+    fork = _other_repository(
+        head.get("repo_id", head_repo.get("id")), base.get("repo_id", base_repo.get("id")),
+        _str(head_repo, "full_name", "pull_request.head.repo."),
+        _str(base_repo, "full_name", "pull_request.base.repo."))
+    sender = _mapping(payload, "sender")
+    return Trigger(
+        kind="pull_request", provider=provider,
+        repo_url=_str(repo, "html_url", "repository.") or _str(base_repo, "html_url"),
+        clone_url=_str(repo, "clone_url", "repository.") or _str(base_repo, "clone_url"),
+        ref=f"refs/pull/{number}/head", branch=None, tag=None, commit=commit,
+        before=_sha(payload, "before"), deleted=False,
+        pusher=_str(sender, "login", "sender.") or _str(sender, "username", "sender."),
+        delivery=delivery,
+        default_branch=_str(repo, "default_branch", "repository.")
+        or _str(base_repo, "default_branch"),
+        number=number, action=action, head_branch=head_branch, base_branch=base_branch,
+        head_repo_url=_str(head_repo, "clone_url", "pull_request.head.repo."), fork=fork)
+
+
+def _gitlab_merge_request(payload: Mapping[str, Any], delivery: str | None) -> Trigger:
+    """GitLab's Merge Request Hook. `project` is the target project (the webhook's own);
+    object_attributes.source is where the code is."""
+    attrs = _mapping(payload, "object_attributes")
+    if not attrs:
+        raise _fail("'object_attributes' is missing")
+    where = "object_attributes."
+    number = _number(attrs, "iid", where)
+    action = _str(attrs, "action", where, required=True)
+    # oldrev is only there when the update pushed commits (not for a new title or label).
+    before = _sha(attrs, "oldrev", where)
+    if action not in _MERGE_ACTIONS:
+        raise UnsupportedEvent(f"webhook payload: merge request !{number} {action!r} starts "
+                               f"nothing (only open, reopen and update with new commits do)")
+    if action == "update" and before is None:
+        raise UnsupportedEvent(f"webhook payload: merge request !{number} 'update' brings no "
+                               f"new commits (no oldrev): nothing to build")
+    commit = _sha(_mapping(attrs, "last_commit", where), "id", f"{where}last_commit.")
+    if commit is None:
+        raise _fail(f"'{where}last_commit.id' is missing")
+    base_branch = _str(attrs, "target_branch", where, required=True)
+    source = _mapping(attrs, "source", where)
+    target = _mapping(attrs, "target", where)
+    project = _mapping(payload, "project")
+    fork = _other_repository(
+        attrs.get("source_project_id"), attrs.get("target_project_id"),
+        _str(source, "path_with_namespace", f"{where}source."),
+        _str(target, "path_with_namespace", f"{where}target."))
+    user = _mapping(payload, "user")
+    return Trigger(
+        kind="pull_request", provider="gitlab",
+        repo_url=_str(project, "web_url", "project.") or _str(target, "web_url"),
+        clone_url=_str(project, "git_http_url", "project.") or _str(target, "git_http_url"),
+        ref=f"refs/merge-requests/{number}/head", branch=None, tag=None, commit=commit,
+        before=before, deleted=False,
+        pusher=_str(user, "username", "user.") or _str(user, "name", "user."),
+        delivery=delivery,
+        default_branch=_str(project, "default_branch", "project.")
+        or _str(target, "default_branch"),
+        number=number, action=action, head_branch=_str(attrs, "source_branch", where),
+        base_branch=base_branch,
+        head_repo_url=_str(source, "git_http_url", f"{where}source."), fork=fork)
+
+
+def _gitlab(payload: Mapping[str, Any], event: str | None, delivery: str | None) -> Trigger:
     kind_field = payload.get("object_kind")
+    if event == "merge request hook" or (event is None and kind_field == "merge_request"):
+        if kind_field != "merge_request":
+            raise UnsupportedEvent(f"webhook payload: GitLab event {event!r} carries "
+                                   f"object_kind {kind_field!r}, not merge_request")
+        return _gitlab_merge_request(payload, delivery)
     if kind_field not in ("push", "tag_push"):
         raise UnsupportedEvent(f"webhook payload: GitLab object_kind {kind_field!r} is not a "
                                f"push")
@@ -241,8 +387,9 @@ def parse_event(
 ) -> Trigger:
     """Parse a webhook delivery (a JSON object, or its text) into a Trigger.
 
-    Raises UnsupportedEvent (an InvalidInput) for a valid event that starts nothing (ping,
-    pull_request, a non-branch ref) and InvalidInput for a payload that is not understood."""
+    Raises UnsupportedEvent (an InvalidInput) for a valid event that starts nothing (ping, a
+    closed pull request, a non-branch ref) and InvalidInput for a payload that is not
+    understood."""
     if isinstance(payload, (str, bytes)):
         try:
             payload = json.loads(payload)
@@ -257,16 +404,20 @@ def parse_event(
         provider = provider_from_headers(h) or provider_from_payload(payload)
     if provider is None:
         keys = ", ".join(sorted(map(str, payload))[:12]) or "none"
-        raise _fail(f"not a push event of GitHub, GitLab or Gitea/Forgejo (keys: {keys})")
+        raise _fail(f"not a push or pull request event of GitHub, GitLab or Gitea/Forgejo "
+                    f"(keys: {keys})")
     delivery = next((h[n] for n in _DELIVERY_HEADERS if h.get(n)), None)
     event = _event_name(h, provider)
-    if event is not None and event not in _PUSH_EVENTS | _DELETE_EVENTS:
+    if event is not None and event not in _PUSH_EVENTS | _DELETE_EVENTS | _PULL_EVENTS:
         raise UnsupportedEvent(f"webhook payload: {provider} event {event!r} is not handled "
-                               f"(only push and delete events are)")
+                               f"(only push, delete and pull request events are)")
     if provider == "gitlab":
-        return _gitlab(payload, delivery)
+        return _gitlab(payload, event, delivery)
     if provider == "generic":
         return _generic(payload, delivery)
+    if event == "pull_request" or (event is None and isinstance(payload.get("pull_request"), dict)
+                                   and "action" in payload):
+        return _pull_request(payload, provider, delivery)
     if event in _DELETE_EVENTS or ("ref_type" in payload and "after" not in payload):
         return _delete_event(payload, provider, delivery)
     return _github_like(payload, provider, delivery)

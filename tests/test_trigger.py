@@ -141,10 +141,11 @@ def mutate(name: str, **changes) -> dict:
     ("not json", None, InvalidInput, "not JSON"),
     (b"\xff", None, InvalidInput, "not JSON"),
     ("[1, 2]", None, InvalidInput, "expected a JSON object"),
-    ({}, None, InvalidInput, "not a push event"),
+    ({}, None, InvalidInput, "not a push or pull request event"),
     ({"zen": "Keep it logically awesome.", "hook_id": 1}, {"X-GitHub-Event": "ping"},
      UnsupportedEvent, "github event 'ping' is not handled"),
-    (event("github_push"), {"X-GitHub-Event": "pull_request"}, UnsupportedEvent, "pull_request"),
+    # A pull_request header on a push payload: not a pull request this parser understands.
+    (event("github_push"), {"X-GitHub-Event": "pull_request"}, InvalidInput, "'action' is missing"),
     (event("gitlab_push"), {"X-Gitlab-Event": "Merge Request Hook"}, UnsupportedEvent,
      "merge request hook"),
     ({"object_kind": "merge_request"}, {"X-Gitlab-Event": "Push Hook"}, UnsupportedEvent,
@@ -187,3 +188,158 @@ def test_trigger_is_frozen_and_serialisable():
     with pytest.raises(AttributeError):
         t.commit = "x"  # type: ignore[misc]
     assert json.loads(json.dumps(t.as_dict()))["branch"] == "main"
+
+
+# -- pull / merge requests -----------------------------------------------------------------------
+
+GH_PR = Trigger(kind="pull_request", provider="github", repo_url="https://github.com/octo-org/app",
+                clone_url="https://github.com/octo-org/app.git", ref="refs/pull/3/head", branch=None,
+                tag=None, commit="8e2b6f3a1c9d4e5f60718293a4b5c6d7e8f90a1b", before=None,
+                deleted=False, pusher="contributor", delivery=None, default_branch="main",
+                number=3, action="opened", head_branch="fix-login", base_branch="main",
+                head_repo_url="https://github.com/contributor/app.git", fork=True)
+GT_PR = Trigger(kind="pull_request", provider="gitea", repo_url="http://localhost:3000/gitea/webhooks",
+                clone_url="http://localhost:3000/gitea/webhooks.git", ref="refs/pull/7/head",
+                branch=None, tag=None, commit="c3f1e2d4b5a69788796a5b4c3d2e1f0a9b8c7d6e",
+                before=None, deleted=False, pusher="gitea", delivery=None, default_branch="master",
+                number=7, action="synchronized", head_branch="feature/login",
+                base_branch="master", head_repo_url="http://localhost:3000/gitea/webhooks.git",
+                fork=False)
+GL_MR = Trigger(kind="pull_request", provider="gitlab", repo_url="http://example.com/mike/diaspora",
+                clone_url="http://example.com/mike/diaspora.git",
+                ref="refs/merge-requests/5/head", branch=None, tag=None,
+                commit="4d6c2a1f0e9b8d7c6a5b4c3d2e1f0a9b8c7d6e5f",
+                before="da1560886d4f094c3e6c9ef40349f7d38b5d27d7", deleted=False, pusher="jsmith",
+                delivery=None, default_branch="master", number=5, action="update",
+                head_branch="ms-viewport", base_branch="master",
+                head_repo_url="http://example.com/mike/diaspora.git", fork=False)
+
+PR_CASES = [
+    ("github_pull_request", {"X-GitHub-Event": "pull_request", "X-GitHub-Delivery": "d-1"}, GH_PR),
+    # Gitea sends X-GitHub-Event too; X-Gitea-Event decides the provider.
+    ("gitea_pull_request", {"X-Gitea-Event": "pull_request", "X-GitHub-Event": "pull_request",
+                            "X-Gitea-Delivery": "d-1"}, GT_PR),
+    ("gitlab_merge_request", {"X-Gitlab-Event": "Merge Request Hook", "X-Gitlab-Event-UUID": "d-1"},
+     GL_MR),
+]
+
+
+@pytest.mark.parametrize("name,headers,expected", PR_CASES, ids=[c[0] for c in PR_CASES])
+def test_pull_request_payloads(name, headers, expected):
+    assert parse_event(json.dumps(event(name)), headers=headers) == \
+        Trigger(**{**expected.as_dict(), "delivery": "d-1"})
+    assert parse_event(event(name)) == expected  # by shape, without headers
+
+
+def nested(name: str, path: str, value) -> dict:
+    """The sample with the value at a dotted path replaced (... removes it)."""
+    payload = copy.deepcopy(event(name))
+    *parents, last = path.split(".")
+    node = payload
+    for key in parents:
+        node = node[key]
+    if value is ...:
+        node.pop(last)
+    else:
+        node[last] = value
+    return payload
+
+
+GH_HDR = {"X-GitHub-Event": "pull_request"}
+GT_HDR = {"X-Gitea-Event": "pull_request", "X-GitHub-Event": "pull_request"}
+GL_HDR = {"X-Gitlab-Event": "Merge Request Hook"}
+
+
+@pytest.mark.parametrize("payload,headers,fragment", [
+    (nested("github_pull_request", "action", "closed"), GH_HDR,
+     "pull request #3 'closed' starts nothing (only opened, synchronize and reopened do)"),
+    (nested("github_pull_request", "action", "labeled"), GH_HDR, "'labeled' starts nothing"),
+    (nested("github_pull_request", "action", "edited"), GH_HDR, "'edited' starts nothing"),
+    (nested("gitea_pull_request", "action", "closed"), GT_HDR, "#7 'closed' starts nothing"),
+    (nested("gitea_pull_request", "action", "label_updated"), GT_HDR, "'label_updated' starts"),
+    (nested("gitlab_merge_request", "object_attributes.action", "close"), GL_HDR,
+     "merge request !5 'close' starts nothing"),
+    (nested("gitlab_merge_request", "object_attributes.action", "merge"), GL_HDR, "'merge' starts"),
+    (nested("gitlab_merge_request", "object_attributes.action", "approved"), GL_HDR, "'approved'"),
+    (nested("gitlab_merge_request", "object_attributes.oldrev", ...), GL_HDR,
+     "merge request !5 'update' brings no new commits (no oldrev)"),
+])
+def test_pull_request_actions_that_start_nothing(payload, headers, fragment):
+    with pytest.raises(UnsupportedEvent) as info:
+        parse_event(payload, headers=headers)
+    assert fragment in str(info.value)
+
+
+def test_pull_request_actions_that_run():
+    for action in ("opened", "synchronize", "reopened"):
+        got = parse_event(nested("github_pull_request", "action", action), headers=GH_HDR)
+        assert (got.kind, got.action) == ("pull_request", action)
+    assert parse_event(nested("gitea_pull_request", "action", "opened"), headers=GT_HDR).number == 7
+    for action in ("open", "reopen"):  # no oldrev needed: the whole merge request is new
+        payload = nested("gitlab_merge_request", "object_attributes.action", action)
+        del payload["object_attributes"]["oldrev"]
+        got = parse_event(payload, headers=GL_HDR)
+        assert (got.commit, got.before) == (GL_MR.commit, None)
+
+
+def test_github_synchronize_names_the_previous_head():
+    payload = nested("github_pull_request", "action", "synchronize")
+    payload["before"], payload["after"] = "1" * 40, GH_PR.commit
+    got = parse_event(payload, headers=GH_HDR)
+    assert (got.before, got.commit) == ("1" * 40, GH_PR.commit)
+
+
+def test_fork_or_not():
+    gh = event("github_pull_request")
+    same = nested("github_pull_request", "pull_request.head.repo", gh["pull_request"]["base"]["repo"])
+    assert parse_event(same, headers=GH_HDR).fork is False
+    # The fork was deleted: GitHub says head.repo null. Whose code it is cannot be told.
+    gone = nested("github_pull_request", "pull_request.head.repo", None)
+    got = parse_event(gone, headers=GH_HDR)
+    assert (got.fork, got.head_repo_url) == (True, None)
+    # Same name, other id (a repository deleted and created again): another repository.
+    renamed = copy.deepcopy(same)
+    renamed["pull_request"]["head"]["repo"] = {**gh["pull_request"]["base"]["repo"], "id": 1}
+    assert parse_event(renamed, headers=GH_HDR).fork is True
+    gitea_fork = nested("gitea_pull_request", "pull_request.head.repo_id", 12)
+    assert parse_event(gitea_fork, headers=GT_HDR).fork is True
+    gitea_gone = nested("gitea_pull_request", "pull_request.head.repo_id", -1)
+    assert parse_event(gitea_gone, headers=GT_HDR).fork is True
+    gl_fork = nested("gitlab_merge_request", "object_attributes.source_project_id", 31)
+    assert parse_event(gl_fork, headers=GL_HDR).fork is True
+    gl_unknown = nested("gitlab_merge_request", "object_attributes.source_project_id", ...)
+    del gl_unknown["object_attributes"]["source"]
+    assert parse_event(gl_unknown, headers=GL_HDR).fork is True
+
+
+@pytest.mark.parametrize("payload,headers,fragment", [
+    (nested("github_pull_request", "pull_request", ...), GH_HDR, "'pull_request' is missing"),
+    (nested("github_pull_request", "number", "3"), GH_HDR, "'number' should be a pull request number"),
+    (nested("github_pull_request", "pull_request.head.sha", ...), GH_HDR,
+     "'pull_request.head.sha' is missing"),
+    (nested("github_pull_request", "pull_request.head.sha", "main"), GH_HDR,
+     "'pull_request.head.sha' is not a commit sha"),
+    (nested("github_pull_request", "pull_request.base.ref", ...), GH_HDR,
+     "'pull_request.base.ref' is missing"),
+    (nested("github_pull_request", "pull_request.head", []), GH_HDR,
+     "'pull_request.head' should be an object"),
+    (nested("gitlab_merge_request", "object_attributes.iid", ...), GL_HDR,
+     "'object_attributes.iid' is missing"),
+    (nested("gitlab_merge_request", "object_attributes.last_commit", ...), GL_HDR,
+     "'object_attributes.last_commit.id' is missing"),
+    (nested("gitlab_merge_request", "object_attributes.target_branch", ...), GL_HDR,
+     "'object_attributes.target_branch' is missing"),
+])
+def test_bad_pull_request_payloads(payload, headers, fragment):
+    with pytest.raises(InvalidInput) as info:
+        parse_event(payload, headers=headers)
+    assert not isinstance(info.value, UnsupportedEvent)
+    assert fragment in str(info.value)
+
+
+def test_pull_request_detection_and_serialisation():
+    assert provider_from_payload(event("github_pull_request")) == "github"
+    assert provider_from_payload(event("gitea_pull_request")) == "gitea"
+    assert provider_from_payload(event("gitlab_merge_request")) == "gitlab"
+    data = json.loads(json.dumps(parse_event(event("github_pull_request")).as_dict()))
+    assert (data["kind"], data["number"], data["fork"]) == ("pull_request", 3, True)

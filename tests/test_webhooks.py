@@ -76,6 +76,32 @@ def test_push_filter_and_groups():
     assert wh.classify("gitlab", "Tag Push Hook") == "push"
     assert wh.classify("github", "issues") == "other"
     assert wh.classify("github", "ping") == "ping"
+    assert wh.classify("github", "pull_request") == "pull_request"
+    assert wh.classify("gitea", "pull_request") == "pull_request"
+    assert wh.classify("gitlab", "Merge Request Hook") == "pull_request"
+    assert wh.classify("gitlab", "Note Hook") == "other"
+    assert wh.classify("generic", "pull_request") == "other"
+
+
+def test_named_pipelines_still_match_the_payloads_repository():
+    cfg = config_from_dict({"pipelines": [
+        {"name": "a", "file": "p.yaml", "repo": "https://git.example.com/me/a.git"},
+        {"name": "b", "file": "p.yaml", "repo": "git@git.example.com:me/b.git"},
+        {"name": "script", "file": "p.yaml"}]})
+    payload_a = push_payload("https://git.example.com/me/a.git")
+    trig = wh.parse_push("github", payload_a, {"x-github-event": "push"})
+    found, why = wh.match_pipelines(cfg, trig, payload_a, ["b"])
+    assert found == [] and why == ("b: the payload's repository git.example.com/me/a is not this "
+                                   "pipeline's repository git.example.com/me/b")
+    found, why = wh.match_pipelines(cfg, trig, payload_a, ["a", "b", "script", "nope"])
+    assert [p.name for p in found] == ["a", "script"]  # no repo: started by name, as before
+    assert why == ("no such pipeline: nope; b: the payload's repository git.example.com/me/a is "
+                   "not this pipeline's repository git.example.com/me/b")
+    bare = {"ref": "refs/heads/main", "commit": "a" * 40}  # a script's payload, no repository
+    trig = wh.parse_push("generic", bare, {})
+    found, why = wh.match_pipelines(cfg, trig, bare, ["b", "script"])
+    assert [p.name for p in found] == ["script"]
+    assert why == "b: the payload names no repository; this pipeline builds git.example.com/me/b"
 
 
 # -- over HTTP ----------------------------------------------------------------------------------
@@ -88,6 +114,7 @@ def daemon(tmp_path_factory):
         {"name": "app", "file": str(pf), "repo": REPO,
          "triggers": {"push": {"branches": ["main", "release/*"], "tags": ["v*"]}}},
         {"name": "other", "file": str(pf), "repo": "https://git.example.com/me/other.git"},
+        {"name": "script", "file": str(pf)},  # no repo: started by name only
     ], concurrency=0, max_body_bytes=64 * 1024)  # concurrency 0: accept and queue, run nothing
     with daemon_in_process(cfg) as d:
         yield d
@@ -213,3 +240,18 @@ def test_github_form_encoded_delivery(daemon):
                             "X-GitHub-Delivery": "form-1", "X-Hub-Signature-256": github_signature(SECRET, body)})
     assert r.status_code == 202, r.text
     assert daemon.store.get_run(r.json()["runs"][0])["commit"] == "9" * 40
+
+
+def test_provider_secret_and_another_pipelines_name_start_nothing(daemon):
+    # The provider-wide secret signs every repository's hooks: a hook of repository `app` that
+    # names ?pipeline=other must not build app's commit as `other`.
+    before = len(_runs(daemon))
+    r = send_github(daemon.url, push_payload(REPO, after="d" * 40), "named-1", query="?pipeline=other")
+    assert r.status_code == 200 and r.json()["outcome"] == "ignored", r.text
+    assert r.json()["reason"] == ("other: the payload's repository git.example.com/me/app is not this "
+                                  "pipeline's repository git.example.com/me/other")
+    assert len(_runs(daemon)) == before
+    # Its own name, and a pipeline without repo, still start by name.
+    r = send_github(daemon.url, push_payload(REPO, after="d" * 40), "named-2", query="?pipeline=app,script")
+    assert r.status_code == 202, r.text
+    assert sorted(daemon.store.get_run(i)["pipeline"] for i in r.json()["runs"]) == ["app", "script"]

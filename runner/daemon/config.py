@@ -64,6 +64,12 @@ class SecretRef(_Model):
 class Listen(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # A kept-alive connection with no new request is closed after this many seconds.
+    idle_timeout: float = Field(default=5.0, gt=0, le=3600)
+    # A request must arrive whole (request line, headers and body) within this many seconds of
+    # the connection opening or the previous response ending, or the connection is closed:
+    # silent and trickling clients cannot hold connections open.
+    read_timeout: float = Field(default=10.0, gt=0, le=3600)
 
 
 class PushTrigger(_Model):
@@ -81,8 +87,22 @@ class PollTrigger(_Model):
     initial: Literal["run", "skip"] = "skip"
 
 
+def cron_schedule(expr: str, tz=None):
+    """An APScheduler trigger from a crontab line: five fields (minute hour day month weekday),
+    or six with seconds first (as robfig/cron, which Woodpecker's cron uses, accepts)."""
+    from apscheduler.triggers.cron import CronTrigger as _Cron
+    fields = expr.split()
+    if len(fields) == 6:
+        second, minute, hour, day, month, weekday = fields
+        return _Cron(second=second, minute=minute, hour=hour, day=day, month=month, day_of_week=weekday,
+                     timezone=tz)
+    if len(fields) != 5:
+        raise ValueError(f"wrong number of fields; got {len(fields)}, expected 5 (or 6 with seconds first)")
+    return _Cron.from_crontab(expr, timezone=tz)
+
+
 class CronTrigger(_Model):
-    schedule: str  # crontab, five fields, UTC
+    schedule: str  # crontab, five fields (or six, seconds first), UTC
     branch: str | None = None  # None: the first literal branch of the push filter, else "main"
 
     @model_validator(mode="before")
@@ -94,17 +114,43 @@ class CronTrigger(_Model):
 
     @field_validator("schedule")
     @classmethod
-    def _five_fields(cls, v: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger as _Cron
+    def _crontab(cls, v: str) -> str:
         try:
-            _Cron.from_crontab(v)
+            cron_schedule(v)
         except ValueError as exc:
             raise ValueError(f"not a crontab expression: {exc}") from None
         return v
 
 
+class PullRequestTrigger(_Model):
+    """Pull / merge requests (GitHub, Gitea/Forgejo, GitLab) start runs of their head commit.
+
+    Such a run builds code nobody with write access has reviewed yet, so by default it is a
+    test run: it never pushes or deploys, and a fork's never sees secrets (the rule of GitHub
+    Actions and Woodpecker). The daemon passes that to `runner exec` as --withhold-secrets and
+    --skip push --skip deploy.
+
+    Its concurrency group fills "{branch}" with "pr:<number>": a new push to the pull request
+    supersedes the runs of its older commits, while the base branch's own runs (group
+    "app/main") are left alone. No branch or tag name can contain ":" (git check-ref-format),
+    so a pull request's group never meets a branch's.
+    """
+
+    # Glob patterns (fnmatch) on the TARGET branch, the one the pull request would merge into.
+    branches: tuple[str, ...] = ("*",)
+    # Same-repository pull requests (their author can push to the repository anyway) may run
+    # the push / deploy stages.
+    push: bool = False
+    deploy: bool = False
+    # "trusted": a fork's pull request is treated like a same-repository one (secrets, and
+    # push / deploy as above). "restricted": secrets withheld, push and deploy skipped.
+    forks: Literal["restricted", "trusted"] = "restricted"
+
+
 class Triggers(_Model):
     push: PushTrigger | None = Field(default_factory=PushTrigger)
+    # None (the default): pull requests start nothing.
+    pull_request: PullRequestTrigger | None = None
     poll: PollTrigger | None = None
     cron: tuple[CronTrigger, ...] = ()
 
@@ -170,7 +216,9 @@ class DaemonConfig(_Model):
     database: str | None = None
     concurrency: int = Field(default=2, ge=0)  # 0: accept and queue, run nothing
     api_token: SecretRef | None = None
-    read_requires_token: bool = False
+    # Runs, full logs and deliveries (with senders' addresses) are not for anyone who reaches the
+    # listener: reading needs the token too unless this is turned off.
+    read_requires_token: bool = True
     webhooks: dict[Literal["github", "gitea", "gitlab", "generic"], Webhook] = Field(default_factory=dict)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     exec_command: tuple[str, ...] | None = None  # default: this python -m runner exec

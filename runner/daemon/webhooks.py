@@ -1,8 +1,9 @@
 """Webhook deliveries: signature checks, event classification, filters, and the ASGI handlers.
 
-The pure half (verify_*, classify, match_pipelines, decide) takes bytes and dicts and returns
-values; the handler half reads the request, records the outcome in the store and answers. The
-run row is committed before the response is sent; no work happens here.
+The pure half (verify_*, classify, match_pipelines, push_filter, pull_request_filter,
+pull_request_policy, new_run, new_pull_request_run) takes bytes and dicts and returns values; the
+handler half reads the request, records the outcome in the store and answers. The run row is
+committed before the response is sent; no work happens here.
 """
 from __future__ import annotations
 
@@ -119,14 +120,16 @@ def event_name(provider: str, headers: Mapping[str, str]) -> str:
 
 
 def classify(provider: str, event: str) -> str:
-    """"push", "ping" or "other"."""
+    """"push", "pull_request", "ping" or "other"."""
     e = event.strip().lower()
     if provider == "github":  # "delete" is parsed too, so that it is recorded as a deletion
-        return {"push": "push", "delete": "push", "ping": "ping"}.get(e, "other")
+        return {"push": "push", "delete": "push", "ping": "ping",
+                "pull_request": "pull_request"}.get(e, "other")
     if provider == "gitea":
-        return "push" if e in ("push", "delete") else "other"
+        return {"push": "push", "delete": "push", "pull_request": "pull_request"}.get(e, "other")
     if provider == "gitlab":
-        return "push" if e in ("push hook", "tag push hook") else "other"
+        return {"push hook": "push", "tag push hook": "push",
+                "merge request hook": "pull_request"}.get(e, "other")
     return {"push": "push", "ping": "ping", "": "push"}.get(e, "other")
 
 
@@ -171,17 +174,47 @@ def _payload_urls(payload: Mapping[str, Any]) -> set[str]:
     return urls
 
 
-def match_pipelines(config: DaemonConfig, trigger: Any, payload: Mapping[str, Any],
-                    names: list[str] | None) -> tuple[list[PipelineEntry], str]:
-    """The pipelines a push is for: the ones named (?pipeline=a,b) or whose repo matches one of the
-    payload's repository URLs. Returns (pipelines, why none) ."""
-    if names:
-        found = [p for p in config.pipelines if p.name in names]
-        missing = [n for n in names if config.pipeline(n) is None]
-        return found, (f"no such pipeline: {', '.join(missing)}" if missing and not found else "")
+def _payload_repos(trigger: Any, payload: Mapping[str, Any]) -> set[str]:
+    """The normalized URLs the payload gives for its repository (a pull request's: the base
+    repository, never the head's: a fork must not pass for the repository it targets)."""
     urls = {normalize_repo(u) for u in _payload_urls(payload)}
     urls |= {normalize_repo(getattr(trigger, k, None)) for k in ("repo_url", "clone_url")}
     urls.discard("")
+    return urls
+
+
+def match_pipelines(config: DaemonConfig, trigger: Any, payload: Mapping[str, Any],
+                    names: list[str] | None) -> tuple[list[PipelineEntry], str]:
+    """The pipelines a delivery is for: the ones named (?pipeline=a,b) or whose repo matches one of
+    the payload's repository URLs. Returns (pipelines, why not: for none, or for those left out).
+
+    A named pipeline that has a `repo` is still only started by a payload of that repository:
+    the provider-wide secret is shared by every repository's webhook, and a hook of repository
+    A that names pipeline B must not build A's commit as B. One without `repo` (started by
+    scripts, the generic hook) is started by name alone."""
+    urls = _payload_repos(trigger, payload)
+    if names:
+        found: list[PipelineEntry] = []
+        why: list[str] = []
+        missing = [n for n in names if config.pipeline(n) is None]
+        if missing:
+            why.append(f"no such pipeline: {', '.join(missing)}")
+        for p in config.pipelines:
+            if p.name not in names:
+                continue
+            if p.repo and normalize_repo(p.repo) not in urls:
+                mine = normalize_repo(p.repo)
+                if urls:
+                    shown = normalize_repo(getattr(trigger, "clone_url", None)
+                                           or getattr(trigger, "repo_url", None)) or sorted(urls)[0]
+                    why.append(f"{p.name}: the payload's repository {shown} is not this "
+                               f"pipeline's repository {mine}")
+                else:
+                    why.append(f"{p.name}: the payload names no repository; this pipeline "
+                               f"builds {mine}")
+                continue
+            found.append(p)
+        return found, "; ".join(why)
     found = [p for p in config.pipelines if p.repo and normalize_repo(p.repo) in urls]
     return found, ("" if found else f"no pipeline serves repository {sorted(urls)[:3]}")
 
@@ -208,6 +241,12 @@ def group_key(p: PipelineEntry, branch: str | None, tag: str | None, ref: str | 
     return p.concurrency_group.replace("{pipeline}", p.name).replace("{branch}", branch or tag or ref or "")
 
 
+def pull_request_group(number: int) -> str:
+    """What "{branch}" becomes in a pull request run's group: the runs of one pull request
+    supersede each other, not the base branch's (config.PullRequestTrigger says why ":")."""
+    return f"pr:{number}"
+
+
 def new_run(p: PipelineEntry, kind: str, provider: str | None, ref: str | None, branch: str | None,
             tag: str | None, commit: str | None, event: dict, delivery: str | None = None,
             extra_vars: Mapping[str, str] | None = None) -> NewRun:
@@ -217,8 +256,75 @@ def new_run(p: PipelineEntry, kind: str, provider: str | None, ref: str | None, 
                   delivery=delivery, once=kind in ("push", "tag", "poll"))
 
 
+# -- pull / merge requests (pure) -------------------------------------------------------------
+
+# The stages a pull request run leaves out unless the pipeline entry allows them.
+PRIVILEGED_STAGES = ("push", "deploy")
+
+
+def pull_request_name(trigger: Trigger) -> str:
+    """"pull request #3", or GitLab's own "merge request !3"."""
+    return f"merge request !{trigger.number}" if trigger.provider == "gitlab" \
+        else f"pull request #{trigger.number}"
+
+
+def pull_request_filter(p: PipelineEntry, trigger: Trigger) -> str | None:
+    """None if the pull request should start a run of p; else the reason it does not."""
+    pr = p.triggers.pull_request
+    if pr is None:
+        return f"{p.name}: pull requests start nothing (no triggers.pull_request)"
+    base = trigger.base_branch or ""
+    if not any(fnmatch.fnmatchcase(base, pat) for pat in pr.branches):
+        return (f"{p.name}: {pull_request_name(trigger)} targets {base!r}, which matches none of "
+                f"triggers.pull_request.branches {list(pr.branches)}")
+    return None
+
+
+def pull_request_policy(p: PipelineEntry, trigger: Trigger) -> tuple[bool, tuple[str, ...]]:
+    """(withhold_secrets, skip_stages) of a pull request run of p.
+
+    A pull request runs code that nobody with write access has merged. A same-repository one
+    gets the secrets (its author could push that branch and run it anyway) but skips push and
+    deploy unless triggers.pull_request allows each. A fork's gets neither secrets nor push nor
+    deploy, unless `forks: trusted`; then it is treated like a same-repository one. A pipeline
+    without triggers.pull_request gets the strictest answer (it should not be asked)."""
+    pr = p.triggers.pull_request
+    if pr is None:
+        return True, PRIVILEGED_STAGES
+    trusted = not trigger.fork or pr.forks == "trusted"
+    allowed = {"push": pr.push, "deploy": pr.deploy}
+    skip = tuple(s for s in PRIVILEGED_STAGES if not (trusted and allowed[s]))
+    return not trusted, skip
+
+
+def describe_policy(trigger: Trigger, withhold_secrets: bool, skip_stages: tuple[str, ...]) -> str:
+    """What a pull request run may do, for the delivery's reason:
+    "pull request #3 from a fork: secrets withheld, push and deploy skipped"."""
+    origin = "from a fork" if trigger.fork else \
+        (f"from branch {trigger.head_branch!r}" if trigger.head_branch else "from this repository")
+    secrets = "secrets withheld" if withhold_secrets else "secrets given"
+    if skip_stages:
+        stages = f"{' and '.join(skip_stages)} skipped"
+    else:
+        stages = f"{' and '.join(PRIVILEGED_STAGES)} allowed"
+    return f"{pull_request_name(trigger)} {origin}: {secrets}, {stages}"
+
+
+def new_pull_request_run(p: PipelineEntry, trigger: Trigger, event: dict,
+                         delivery: str | None = None) -> NewRun:
+    """The run of a pull request: its head commit on the base repository's ref for it, in the
+    pull request's own concurrency group, with what pull_request_policy takes away."""
+    assert trigger.kind == "pull_request" and trigger.number is not None, trigger
+    withhold, skip = pull_request_policy(p, trigger)
+    return NewRun(pipeline=p.name, trigger="pull_request", provider=trigger.provider,
+                  ref=trigger.ref, branch=None, tag=None, commit=trigger.commit, event=event,
+                  vars=dict(p.vars), group=group_key(p, pull_request_group(trigger.number), None, None),
+                  cancel_in_progress=p.cancel_in_progress, delivery=delivery, once=True,
+                  withhold_secrets=withhold, skip_stages=skip)
+
+
 def parse_push(provider: str, payload: dict, headers: Mapping[str, str]) -> Trigger:
-    """The shared parser (runner.trigger) turns a push payload into a Trigger."""
+    """The shared parser (runner.trigger) turns a push or pull request payload into a Trigger."""
     return parse_event(payload, headers=dict(headers), provider=provider)
 
 
@@ -312,17 +418,17 @@ def make_hook_handler(core, provider: str):
             return _reply(200, outcome="ping", reason="pong")
         runs: list[NewRun] = []
         reasons: list[str] = []
-        if kind != "push":
-            reasons.append(f"event {event!r} is not handled (only pushes start runs)")
+        trig: Trigger | None = None
+        if kind not in ("push", "pull_request"):
+            reasons.append(f"event {event!r} is not handled (only pushes and pull requests start runs)")
         else:
             try:
                 trig = parse_push(provider, payload, headers)
             except UnsupportedEvent as exc:
-                trig = None
                 reasons.append(str(exc))
             except InvalidInput as exc:
                 return await reject(400, str(exc))
-        if kind == "push" and trig is not None:
+        if trig is not None:
             names = [n for n in request.query_params.get("pipeline", "").split(",") if n] or None
             pipelines, why = match_pipelines(core.config, trig, payload, names)
             if why:
@@ -332,6 +438,16 @@ def make_hook_handler(core, provider: str):
             for p in pipelines:
                 if allowed is not None and p.name not in allowed:
                     reasons.append(f"{p.name}: signed with another pipeline's secret")
+                    continue
+                if trig.kind == "pull_request":
+                    no = pull_request_filter(p, trig)
+                    if no:
+                        reasons.append(no)
+                        continue
+                    run = new_pull_request_run(p, trig, stored_event, delivery=did)
+                    runs.append(run)
+                    # Said with the outcome, so that who reads the delivery knows what the run may do.
+                    reasons.append(f"{p.name}: {describe_policy(trig, run.withhold_secrets, run.skip_stages)}")
                     continue
                 if trig.deleted:
                     reasons.append(f"{p.name}: the push deletes {trig.ref}")

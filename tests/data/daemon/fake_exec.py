@@ -5,7 +5,7 @@ real build. Takes the same argv (PIPELINE --json --run-id ID --data-dir DIR --ev
 
 PIPELINE is a JSON file: {"stages": [...], "sleep": seconds per stage, "fail": stage or null,
 "exit": code to exit with instead}. --var FAKE_SLEEP=s / FAKE_FAIL=stage override it;
---var FAKE_ECHO=text prints text in a log line and on stderr (masking tests); FAKE_LINES=n
+--var FAKE_ECHO=text prints text in a log line and on stderr (masking tests); --skip STAGE and --withhold-secrets are recorded; FAKE_LINES=n
 prints n lines of 1 KB per stage (disk-full tests); FAKE_IGNORE_INT=1 ignores SIGINT (orphan
 tests). SIGINT or
 SIGTERM cancels like the engine does (stage.end cancelled, run.end cancelled, exit 130). Each run
@@ -41,6 +41,8 @@ def main() -> int:
     ap.add_argument("--data-dir")
     ap.add_argument("--event")
     ap.add_argument("--var", action="append", default=[])
+    ap.add_argument("--skip", action="append", default=[])
+    ap.add_argument("--withhold-secrets", action="store_true")
     a = ap.parse_args()
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -57,7 +59,8 @@ def main() -> int:
     event = json.load(open(a.event)) if a.event else None
     os.makedirs(a.data_dir, exist_ok=True)
     with open(os.path.join(a.data_dir, "fake-runs.jsonl"), "a") as f:
-        f.write(json.dumps({"run_id": a.run_id, "pid": os.getpid(), "event": event}) + "\n")
+        f.write(json.dumps({"run_id": a.run_id, "pid": os.getpid(), "event": event, "skip": a.skip,
+                            "withhold_secrets": a.withhold_secrets}) + "\n")
     start = time.time()
     emit(event="run.start", run_id=a.run_id, pipeline=spec.get("name", "fake"))
     stage = None
