@@ -36,10 +36,9 @@ from pathlib import Path
 
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from runner.daemon.config import DaemonConfig, PipelineEntry
+from runner.daemon.config import DaemonConfig, PipelineEntry, cron_schedule
 from runner.daemon.webhooks import new_run, push_filter
 from runner.errors import InvalidInput
 from runner.gitaccess import remote, repository_access
@@ -239,8 +238,7 @@ class Schedules:
                 jobs.append(self.scheduler.add_job(self.poll, IntervalTrigger(seconds=p.triggers.poll.interval),
                                                    args=[p.name], id=f"poll:{p.name}", next_run_time=now))
             for i, c in enumerate(p.triggers.cron):
-                jobs.append(self.scheduler.add_job(self.cron_tick,
-                                                   CronTrigger.from_crontab(c.schedule, timezone=timezone.utc),
+                jobs.append(self.scheduler.add_job(self.cron_tick, cron_schedule(c.schedule, timezone.utc),
                                                    args=[p.name, i], id=f"cron:{p.name}:{i}"))
         jobs.append(self.scheduler.add_job(self.core.prune, IntervalTrigger(seconds=self.core.config.retention.interval),
                                            id="retention", next_run_time=now))
@@ -301,8 +299,8 @@ class Schedules:
         return ids
 
     def cron_tick(self, name: str, index: int) -> list[int]:
-        """What the scheduler calls: the tick is the minute it fired for (crontab's resolution)."""
-        return self.cron(name, index, tick=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"))
+        """What the scheduler calls: the tick is the second it fired in (a schedule's resolution)."""
+        return self.cron(name, index, tick=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
     def cron(self, name: str, index: int, tick: str | None = None) -> list[int]:
         """Queue a cron run. With `tick`, once per (pipeline, schedule, tick) over the cluster."""
