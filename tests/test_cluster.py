@@ -166,3 +166,20 @@ def test_the_leader_killed_another_takes_over_the_schedules(cluster, store, tmp_
     wait_for(lambda: [d for d in store.deliveries(limit=1000) if d["provider"] == "cron" and d["outcome"] == "queued"
                       and d["remote"].split("@")[0] == new.split("@")[0] and d["received_at"] > killed], 10,
              "a tick fired by the new leader")
+
+
+def test_a_database_the_daemon_cannot_reach_is_a_clear_error(tmp_path, lab_database_url):
+    import subprocess
+
+    import yaml
+    from urllib.parse import urlsplit
+    wrong = urlsplit(lab_database_url)._replace(netloc="runner:not-the-password-x9@127.0.0.1:55432").geturl()
+    cfg = config(tmp_path, [], database=wrong)
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "runner", "daemon", "--config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "database: cannot connect to postgresql://runner@127.0.0.1:55432/runner" in proc.stderr, proc.stderr
+    assert "password authentication failed" in proc.stderr
+    assert "not-the-password-x9" not in proc.stderr + proc.stdout

@@ -211,9 +211,11 @@ class DaemonConfig(_Model):
     name: str = Field(default="runner", pattern=_NAME)  # this daemon's lease owner name
     listen: Listen = Field(default_factory=Listen)
     data_dir: str = "./runner-data"
-    # The run store: default data_dir/runner.db. Several daemons (each with its own data_dir) may
-    # name one sqlite file here to share a queue on one host; leases keep a run on one of them.
-    database: str | None = None
+    # The run store: default data_dir/runner.db. Several daemons (each with its own data_dir)
+    # share a queue by naming one database: a postgresql://user:password@host/db URL (hosts
+    # anywhere), or one sqlite file (one host). A secret reference like api_token, so that the
+    # password can come from the environment or a file: {env: RUNNER_DATABASE_URL}.
+    database: SecretRef | None = None
     concurrency: int = Field(default=2, ge=0)  # 0: accept and queue, run nothing
     api_token: SecretRef | None = None
     # Runs, full logs and deliveries (with senders' addresses) are not for anyone who reaches the

@@ -53,6 +53,10 @@ class PostgresStore(SqlStore):
         self.where = redact(url)
         self._closed = threading.Event()
         kwargs = {"row_factory": dict_row, "autocommit": True, "connect_timeout": max(1, int(connect_timeout))}
+        try:  # one plain connection first: a wrong URL or password fails at once, with the server's reason
+            psycopg.connect(url, **kwargs).close()
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to {self.where}: {str(exc).strip()}") from None
         self._pool = ConnectionPool(url, min_size=min_connections, max_size=max_connections, kwargs=kwargs,
                                     open=False, timeout=connect_timeout, name="runner-store")
         try:
