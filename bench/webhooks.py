@@ -42,6 +42,7 @@ from runner.daemon.spawn import DaemonStartError, daemon_subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret"
+API_TOKEN = "bench-api-token"  # reading a run's status through the API needs it
 REPO = "https://bench.invalid/me/app.git"
 HARD_LIMIT = 180.0  # seconds: the whole benchmark stops by itself after this
 STOP_TIMEOUT = 30.0  # seconds for a daemon to stop after SIGTERM before it is killed
@@ -190,7 +191,7 @@ def start_phase(tmp: Path, samples: int, fixture: bool, deadline: float, gap: fl
             "stages": {"build": {"enabled": False}, "push": {"enabled": False}}}))
         command = None
     cfg = {"name": "bench-start", "data_dir": str(tmp / "start-data"), "concurrency": 2,
-           "webhooks": {"github": {"secret": {"value": SECRET}}},
+           "api_token": {"value": API_TOKEN}, "webhooks": {"github": {"secret": {"value": SECRET}}},
            "pipelines": [{"name": "app", "file": str(pipeline), "repo": str(bare)}]}
     if command:
         cfg["exec_command"] = command
@@ -212,7 +213,8 @@ def start_phase(tmp: Path, samples: int, fixture: bool, deadline: float, gap: fl
             ids.append(r.json()["runs"][0])
             # Wait for it to end, so that the next one finds a free worker.
             while time.monotonic() < deadline:
-                run = httpx.get(f"{url}/api/runs/{ids[-1]}", timeout=5).json()
+                run = httpx.get(f"{url}/api/runs/{ids[-1]}", timeout=5,
+                                headers={"Authorization": f"Bearer {API_TOKEN}"}).json()
                 if run["status"] not in ("queued", "running"):
                     break
                 time.sleep(0.05)

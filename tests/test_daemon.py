@@ -7,7 +7,9 @@ drives the real `runner exec`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,11 +21,11 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent / "data" / "daemon"))
-from harness import (TOKEN, bare_repo, commit, config, daemon_in_process, fake_pipeline,  # noqa: E402
-                     push_payload, send_github, wait_for)
+from harness import (AUTH, TOKEN, api_get, bare_repo, commit, config, daemon_in_process,  # noqa: E402
+                     fake_pipeline, push_payload, send_github, wait_for)
 
 from runner.daemon.spawn import daemon_subprocess  # noqa: E402
-from runner.daemon.store import NewRun, SqliteStore  # noqa: E402
+from runner.daemon.store_sqlite import SqliteStore  # noqa: E402
 
 REPO = "https://git.example.com/me/app.git"
 FINAL = ("success", "failed", "invalid", "cancelled", "interrupted")
@@ -34,56 +36,11 @@ def _final(get, run_id, timeout=20):
 
 
 def _api_run(url, run_id):
-    r = httpx.get(f"{url}/api/runs/{run_id}", timeout=5)
+    r = api_get(url, f"/api/runs/{run_id}")
     return r.json() if r.status_code == 200 else None
 
 
-# -- the store, directly ------------------------------------------------------------------------
-
-def test_store_claim_limits_groups_and_supersede(tmp_path):
-    s = SqliteStore(tmp_path / "db.sqlite")
-    a1, a2 = s.enqueue([NewRun("a", "push", group="a/main"), NewRun("a", "push", group="a/dev")])[0]
-    (b1,), _ = s.enqueue([NewRun("b", "push", group=None)])
-    limits = {"a": 1, "b": 5}
-    c1 = s.claim("me", limits, 10)
-    assert c1.id == a1
-    # a is at its limit of 1: the next claim skips a2 and takes b1.
-    assert s.claim("me", limits, 10).id == b1
-    assert s.claim("me", limits, 10) is None
-    # A newer run in a1's group cancels the queued older ones and flags the running one.
-    (a3,), cancel = s.enqueue([NewRun("a", "push", group="a/main")])
-    assert cancel == [a1]
-    assert s.heartbeat("me", [a1, b1], 10) == {a1: f"superseded by run {a3}"}
-    assert s.get_run(a1)["reason"] == f"superseded by run {a3}"
-    assert s.claim("me", {"a": 5, "b": 5}, 10).id == a2  # a3's group is still busy with a1
-    assert s.finish(a1, "me", "cancelled", 130)
-    assert s.get_run(a1)["reason"] == f"superseded by run {a3}"
-    assert s.claim("me", {"a": 5, "b": 5}, 10).id == a3
-    assert not s.finish(a3, "someone-else", "success", 0)  # not their lease
-    # A queued run of a pipeline the daemon no longer has fails with that reason.
-    (z,), _ = s.enqueue([NewRun("gone", "push")])
-    assert s.claim("me", {"a": 5, "b": 5}, 10) is None
-    assert "not configured" in s.get_run(z)["reason"] and s.get_run(z)["status"] == "failed"
-
-
-def test_store_recover_and_prune(tmp_path):
-    s = SqliteStore(tmp_path / "db.sqlite")
-    ids, _ = s.enqueue([NewRun("a", "push"), NewRun("safe", "push"), NewRun("a", "push")])
-    for _ in ids:
-        s.claim("old-daemon", {"a": 5, "safe": 5}, 0.01)
-    s.finish(ids[2], "old-daemon", "success", 0)
-    time.sleep(0.05)
-    assert s.heartbeat("old-daemon", [ids[0]], 0.01) == {}
-    time.sleep(0.05)
-    got = dict(s.recover(None, requeue={"safe"}))
-    assert got == {ids[0]: "interrupted", ids[1]: "queued"}
-    assert "lease held by old-daemon expired" in s.get_run(ids[0])["reason"]
-    assert s.get_run(ids[1])["attempt"] == 2
-    # The old owner, if it was only slow, learns at its next heartbeat that it must stop.
-    assert "lease was lost" in s.heartbeat("old-daemon", [ids[0]], 10)[ids[0]]
-    # Pruning keeps the newest keep_last per pipeline and everything still active.
-    assert sorted(s.prune(time.time() + 1, keep_last=0)) == [ids[0], ids[2]]  # ids[0] (interrupted), ids[2] (success)
-    assert s.get_run(ids[1])["status"] == "queued"
+# The store's own contract is tests/test_store.py (both backends).
 
 
 # -- the daemon over HTTP -----------------------------------------------------------------------
@@ -157,10 +114,9 @@ def test_api_requires_the_token(tmp_path):
         c = httpx.post(f"{url}/api/runs/{run['id']}/cancel", headers={"Authorization": f"Bearer {TOKEN}"})
         assert c.status_code == 200 and c.json()["cancelled"] is True
         assert d.store.get_run(run["id"])["status"] == "cancelled"
-        # Reading needs no token by default.
-        listed = httpx.get(f"{url}/api/runs", params={"pipeline": "app", "status": "cancelled"}).json()["runs"]
+        listed = api_get(url, "/api/runs", pipeline="app", status="cancelled").json()["runs"]
         assert [x["id"] for x in listed] == [run["id"]]
-        assert httpx.get(f"{url}/api/runs/999").status_code == 404
+        assert api_get(url, "/api/runs/999").status_code == 404
 
 
 def test_no_token_configured_means_no_state_changes(tmp_path):
@@ -305,13 +261,57 @@ def test_sigterm_lets_a_short_run_finish_within_the_grace_period(tmp_path):
     assert s.get_run(r1)["status"] == "success"
 
 
-def test_reading_can_require_the_token(tmp_path):
+READ_PATHS = ("/api/runs", "/api/runs/1", "/api/runs/1/logs", "/api/runs/1/stages/build/log",
+              "/api/deliveries", "/api/pipelines", "/metrics")
+
+
+@contextlib.contextmanager
+def _daemon_log():
+    """The records of the daemon's logger, whatever setup_logging() did to propagation before."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger("runner.daemon")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_reading_requires_the_token_by_default(tmp_path):
     pf = fake_pipeline(tmp_path)
-    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}], read_requires_token=True)
-    with daemon_in_process(cfg) as d:
-        assert httpx.get(f"{d.url}/api/runs").status_code == 401
-        assert httpx.get(f"{d.url}/api/runs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}])
+    with _daemon_log() as records, daemon_in_process(cfg) as d:
+        send_github(d.url, push_payload(REPO), "read-1")
+        for path in READ_PATHS:
+            assert httpx.get(d.url + path).status_code == 401, path
+            assert httpx.get(d.url + path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
+            assert httpx.get(d.url + path, headers=AUTH).status_code in (200, 404), path
         assert httpx.get(f"{d.url}/healthz").status_code == 200  # health stays open
+    assert not [r for r in records if "READ API OPEN" in r.getMessage()]
+
+
+def test_no_token_configured_closes_the_read_api(tmp_path):
+    pf = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}], api_token=None)
+    with daemon_in_process(cfg) as d:
+        r = httpx.get(f"{d.url}/api/runs")
+        assert r.status_code == 403 and "read_requires_token: false" in r.json()["error"]
+        assert httpx.get(f"{d.url}/healthz").status_code == 200
+
+
+def test_an_open_read_api_is_a_loud_warning(tmp_path):
+    pf = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}], read_requires_token=False)
+    with _daemon_log() as records, daemon_in_process(cfg) as d:
+        for path in READ_PATHS:
+            assert httpx.get(d.url + path).status_code in (200, 404), path
+        # Writing still needs the token.
+        assert httpx.post(f"{d.url}/api/pipelines/app/trigger", json={}).status_code == 401
+    warned = [r for r in records if "READ API OPEN" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    assert "anyone who reaches the listener" in warned[0].getMessage()
 
 
 def test_cli_runs_logs_cancel(tmp_path):
@@ -322,14 +322,17 @@ def test_cli_runs_logs_cancel(tmp_path):
     with daemon_in_process(cfg) as d:
         rid = send_github(d.url, push_payload(REPO), "cli-1").json()["runs"][0]
         cli = CliRunner()
-        res = cli.invoke(logs, [str(rid), "--server", d.url, "--follow"])
+        res = cli.invoke(logs, [str(rid), "--server", d.url, "--follow"], env={"RUNNER_TOKEN": ""})
+        assert res.exit_code != 0 and "401" in res.output  # reading needs the token
+        res = cli.invoke(logs, [str(rid), "--server", d.url, "--follow", "--token", TOKEN])
         assert res.exit_code == 0, res.output
         assert "[checkout] checkout: working" in res.output and f"run {rid}: success" in res.output
-        res = cli.invoke(runs, ["--server", d.url])
+        res = cli.invoke(runs, ["--server", d.url], env={"RUNNER_TOKEN": TOKEN})
         assert res.exit_code == 0 and "success" in res.output and "app" in res.output
-        res = cli.invoke(runs, ["--server", d.url, "--json", "--status", "success"])
+        assert "DAEMON" in res.output and " test " in res.output  # the name of the daemon that ran it
+        res = cli.invoke(runs, ["--server", d.url, "--json", "--status", "success", "--token", TOKEN])
         assert json.loads(res.output)["runs"][0]["id"] == rid
-        res = cli.invoke(runs, ["--server", d.url, "--deliveries"])
+        res = cli.invoke(runs, ["--server", d.url, "--deliveries", "--token", TOKEN])
         assert res.exit_code == 0 and "queued" in res.output and "queued as run" in res.output, res.output
         res = cli.invoke(cancel, [str(rid), "--server", d.url], env={"RUNNER_TOKEN": ""})
         assert res.exit_code != 0 and "token" in res.output

@@ -1,23 +1,31 @@
-"""The JSON HTTP API and the ASGI app (webhooks + API + health).
+"""The JSON HTTP API and the ASGI app (webhooks + API + health + metrics), and the HTTP
+connection protocol the daemon serves them with.
 
-Reading is open unless `read_requires_token`; anything that changes state (cancel, trigger)
-needs the API token: `Authorization: Bearer TOKEN`, compared in constant time.
+Reading (runs, logs, deliveries, /metrics) needs the API token unless `read_requires_token` is
+off; anything that changes state (cancel, trigger, retry) always needs it:
+`Authorization: Bearer TOKEN`, compared in constant time. /healthz is open.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import re
 from datetime import datetime, timezone
 
+import h11
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from runner.daemon.store import FINAL, StoreError
 from runner.daemon.webhooks import make_hook_handler
-from runner.gitsafety import check_ref
 from runner.errors import InvalidInput
+from runner.gitsafety import check_ref
+from runner.interpolate import NAME_RE
 
 
 def _iso(t: float | None) -> str | None:
@@ -45,10 +53,11 @@ def _token_ok(core, request: Request) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
 
 
-def _deny(core) -> JSONResponse:
+def _deny(core, reading: bool = False) -> JSONResponse:
     if not core.api_token:
-        return JSONResponse({"error": "no api_token is configured in this daemon: state-changing calls are off"},
-                            status_code=403)
+        what = ("the read API is closed (configure api_token, or set read_requires_token: false to open it "
+                "to anyone who reaches the listener)") if reading else "state-changing calls are off"
+        return JSONResponse({"error": f"no api_token is configured in this daemon: {what}"}, status_code=403)
     return JSONResponse({"error": "a valid API token is required (Authorization: Bearer TOKEN)"},
                         status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
@@ -60,12 +69,162 @@ def _int(value: str | None, default: int | None) -> int | None:
         return default
 
 
+class BadBody(InvalidInput):
+    """A request body refused, with every bad field: [(field path, why)]."""
+
+    def __init__(self, what: str, fields: list[tuple[str, str]]):
+        self.fields = fields
+        super().__init__(f"invalid {what}: " + "; ".join(f"{f}: {m}" if f else m for f, m in fields))
+
+
+_TRIGGER_FIELDS = ("branch", "tag", "ref", "commit", "vars")
+_COMMIT = re.compile(r"(?:[0-9a-f]{40}|[0-9a-f]{64})")  # sha-1 or sha-256, in full
+
+
+def trigger_request(body) -> tuple[str | None, str | None, str | None, dict[str, str]]:
+    """Check a trigger body once, before anything is queued: (branch, tag, commit, vars).
+
+    `ref` may stand for branch or tag: refs/heads/X, refs/tags/X, or a short name (a branch).
+    Raises BadBody naming every bad field at once."""
+    problems: list[tuple[str, str]] = []
+
+    def bad(where: str, why: str) -> None:
+        problems.append((where, why))
+
+    if not isinstance(body, dict):
+        raise BadBody("trigger request", [("", "the body must be a JSON object")])
+    for key in body:
+        if key not in _TRIGGER_FIELDS:
+            bad(str(key), f"unknown field (known: {', '.join(_TRIGGER_FIELDS)})")
+    names: dict[str, str] = {}
+    for key in ("branch", "tag", "ref"):
+        v = body.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, str) or not v:
+            bad(key, "must be a non-empty string")
+            continue
+        try:
+            check_ref(v)
+        except InvalidInput as exc:
+            bad(key, str(exc))
+            continue
+        names[key] = v
+    given = [k for k in ("branch", "tag", "ref") if body.get(k) is not None]
+    if len(given) > 1:
+        bad(given[1], f"give one of branch, tag, ref (got {', '.join(given)})")
+    branch, tag = names.get("branch"), names.get("tag")
+    ref = names.get("ref")
+    if ref is not None:
+        if ref.startswith("refs/heads/"):
+            branch = ref[len("refs/heads/"):]
+        elif ref.startswith("refs/tags/"):
+            tag = ref[len("refs/tags/"):]
+        elif ref.startswith("refs/"):
+            bad("ref", f"{ref!r}: only refs/heads/... and refs/tags/... can be triggered")
+        else:
+            branch = ref
+    commit = body.get("commit")
+    if commit is not None:
+        if not isinstance(commit, str) or not _COMMIT.fullmatch(commit.lower()):
+            bad("commit", "must be a full commit sha as a string (40 or 64 hex digits)")
+            commit = None
+        else:
+            commit = commit.lower()
+    variables = body.get("vars")
+    out_vars: dict[str, str] = {}
+    if variables is not None:
+        if not isinstance(variables, dict):
+            bad("vars", "must be an object of strings")
+        else:
+            for k, v in variables.items():
+                if not NAME_RE.fullmatch(k):
+                    bad(f"vars.{k}", "not a variable name (letters, digits, '_'; not starting with a digit)")
+                elif not isinstance(v, str):
+                    bad(f"vars.{k}", "must be a string")
+                elif "\0" in v:  # argv cannot carry it: the run's `runner exec` would not start
+                    bad(f"vars.{k}", "must not contain a NUL character")
+                else:
+                    out_vars[k] = v
+    if problems:
+        raise BadBody("trigger request", problems)
+    return branch, tag, commit, out_vars
+
+
+def timed_h11_protocol(read_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, with a read timeout uvicorn lacks: its keep-alive timer only starts
+    after a response, so a connection that never sends a whole request (nothing at all, half a
+    request line, headers or a body trickling in) would be held open forever.
+
+    Here a request must have arrived whole within `read_timeout` seconds of the connection
+    opening or the previous response ending; otherwise the connection is closed. Once a request
+    is in, the timer stops: how long the app takes to answer is not the client's doing."""
+
+    class TimedH11Protocol(H11Protocol):
+        _read_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_read_timer()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+                self._cancel_read_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # may start the next (pipelined) request
+            self._arm_read_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_read_timer()
+            super().connection_lost(exc)
+
+        def _arm_read_timer(self) -> None:
+            self._cancel_read_timer()
+            if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+                self._read_timer = self.loop.call_later(read_timeout, self._read_timed_out)
+
+        def _cancel_read_timer(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+                # An app still reading the body sees a disconnect (starlette's ClientDisconnect).
+                self.transport.close()
+
+    return TimedH11Protocol
+
+
 def build_app(core) -> Starlette:
     def reader(fn):
         async def endpoint(request: Request):
             if core.config.read_requires_token and not _token_ok(core, request):
-                return _deny(core)
+                return _deny(core, reading=True)
             return await fn(request)
+        return endpoint
+
+    def counted(provider: str, handler):
+        """The webhook handler, counting each answer by its outcome in runner_deliveries_total."""
+        async def endpoint(request: Request):
+            try:
+                response = await handler(request)
+            except ClientDisconnect:
+                # The sender went away, or the read timeout closed a body that stopped coming.
+                core.metrics.delivery(provider, "disconnected")
+                return Response(status_code=400)  # nobody is left to read it
+            except Exception:
+                core.metrics.delivery(provider, "error")  # answered 500 by starlette
+                raise
+            try:
+                outcome = json.loads(response.body).get("outcome") or "unknown"
+            except (ValueError, AttributeError):
+                outcome = "unknown"
+            core.metrics.delivery(provider, str(outcome))
+            return response
         return endpoint
 
     async def healthz(request: Request):
@@ -142,33 +301,54 @@ def build_app(core) -> Starlette:
             body = json.loads(raw) if raw else {}
         except ValueError:
             return JSONResponse({"error": "body is not JSON"}, status_code=400)
-        if not isinstance(body, dict):
-            return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
-        branch, tag = body.get("branch"), body.get("tag")
-        variables = body.get("vars") or {}
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is left to read it
         try:
-            for v in (branch, tag):
-                if v is not None:
-                    check_ref(str(v))
-            if not isinstance(variables, dict) or not all(isinstance(v, str) for v in variables.values()):
-                raise InvalidInput("vars must be an object of strings")
-        except InvalidInput as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        run_id = await run_in_threadpool(core.trigger_manual, name, branch, tag, body.get("commit"), variables)
+            branch, tag, commit, variables = trigger_request(body)
+        except BadBody as exc:
+            return JSONResponse({"error": str(exc), "problems": [{"field": f, "message": m} for f, m in exc.fields]},
+                                status_code=400)
+        run_id = await run_in_threadpool(core.trigger_manual, name, branch, tag, commit, variables)
         return JSONResponse({"run": run_view(await run_in_threadpool(core.store.get_run, run_id))},
                             status_code=201)
 
+    async def retry(request: Request):
+        if not _token_ok(core, request):
+            return _deny(core)
+        run_id = _int(request.path_params["run_id"], 0)
+        run = await run_in_threadpool(core.store.get_run, run_id)
+        if run is None:
+            return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
+        if run["status"] not in FINAL:
+            return JSONResponse({"error": f"run {run_id} is {run['status']}: only a run that ended can be retried"},
+                                status_code=409)
+        try:
+            new_id = await run_in_threadpool(core.store.retry, run_id)
+        except StoreError as exc:
+            # It had ended (checked above) and ended runs stay ended: the store cannot write now.
+            return JSONResponse({"error": f"cannot queue a retry of run {run_id} now: {exc}"}, status_code=503)
+        if new_id is None:  # pruned since it was read
+            return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
+        await run_in_threadpool(core.after_accept, [])
+        return JSONResponse({"run": run_view(await run_in_threadpool(core.store.get_run, new_id))},
+                            status_code=201)
+
+    async def metrics(request: Request):
+        # The queue gauges read the store: off the event loop.
+        body, content_type = await run_in_threadpool(core.metrics.exposition, request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
+
     routes = [
         Route("/healthz", healthz),
-        Route("/hooks/github", make_hook_handler(core, "github"), methods=["POST"]),
-        Route("/hooks/gitea", make_hook_handler(core, "gitea"), methods=["POST"]),
-        Route("/hooks/gitlab", make_hook_handler(core, "gitlab"), methods=["POST"]),
-        Route("/hooks/generic", make_hook_handler(core, "generic"), methods=["POST"]),
+        *(Route(f"/hooks/{provider}", counted(provider, make_hook_handler(core, provider)), methods=["POST"])
+          for provider in ("github", "gitea", "gitlab", "generic")),
+        Route("/metrics", reader(metrics)),
         Route("/api/runs", reader(list_runs)),
         Route("/api/runs/{run_id}", reader(get_run)),
         Route("/api/runs/{run_id}/logs", reader(run_logs)),
         Route("/api/runs/{run_id}/stages/{stage}/log", reader(run_logs)),
         Route("/api/runs/{run_id}/cancel", cancel, methods=["POST"]),
+        Route("/api/runs/{run_id}/retry", retry, methods=["POST"]),
         Route("/api/deliveries", reader(deliveries)),
         Route("/api/pipelines", reader(pipelines)),
         Route("/api/pipelines/{name}/trigger", trigger, methods=["POST"]),

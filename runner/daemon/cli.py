@@ -1,13 +1,15 @@
-"""`runner daemon`, `runner runs`, `runner logs`, `runner cancel`.
+"""`runner daemon`, `runner runs`, `runner logs`, `runner cancel`, `runner trigger`, `runner retry`.
 
-The last three talk to a running daemon's HTTP API (--server, or $RUNNER_SERVER, default
-http://127.0.0.1:8080); the token for `cancel` comes from --token or $RUNNER_TOKEN.
+All but the first talk to a running daemon's HTTP API (--server, or $RUNNER_SERVER, default
+http://127.0.0.1:8080) with the API token from --token or $RUNNER_TOKEN: reading needs it unless
+the daemon has read_requires_token off; cancel, trigger and retry always do.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+import urllib.parse
 
 import click
 import httpx
@@ -34,6 +36,25 @@ def _get(server: str, path: str, token: str | None = None, **params) -> dict:
 
 def _is_json(r: httpx.Response) -> bool:
     return r.headers.get("content-type", "").startswith("application/json")
+
+
+def _post(server: str, path: str, token: str | None, what: str, body: dict | None = None) -> httpx.Response:
+    """POST with the token; a ClickException for a daemon out of reach or an error answer."""
+    if not token:
+        raise click.UsageError(f"{what} needs the API token: --token or $RUNNER_TOKEN")
+    try:
+        r = httpx.post(server.rstrip("/") + path, json=body, headers={"Authorization": f"Bearer {token}"},
+                       timeout=10)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach the daemon at {server}: {exc}") from None
+    if r.status_code >= 400:
+        raise click.ClickException(f"{r.status_code}: {r.json().get('error', r.text) if _is_json(r) else r.text}")
+    return r
+
+
+def _daemon_name(owner: str | None) -> str:
+    """The configured name of the daemon that claimed a run: "a" of "a@host:/data"."""
+    return (owner or "").partition("@")[0] or "-"
 
 
 @click.command("daemon")
@@ -83,11 +104,13 @@ def runs(server, token, pipeline, status, branch, limit, deliveries, as_json) ->
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(f"{'ID':>6}  {'PIPELINE':<16} {'STATUS':<12} {'TRIGGER':<8} {'REF':<24} {'COMMIT':<10} CREATED")
+    click.echo(f"{'ID':>6}  {'PIPELINE':<16} {'STATUS':<12} {'DAEMON':<12} {'TRIGGER':<8} {'REF':<24} "
+               f"{'COMMIT':<10} CREATED")
     for r in data["runs"]:
         ref = r.get("branch") or r.get("tag") or r.get("ref") or ""
-        click.echo(f"{r['id']:>6}  {r['pipeline']:<16} {r['status']:<12} {r['trigger']:<8} {ref[:24]:<24} "
-                   f"{(r.get('commit') or '')[:10]:<10} {r['created_at']}")
+        note = f"  retry of #{r['retry_of']}" if r.get("retry_of") else ""
+        click.echo(f"{r['id']:>6}  {r['pipeline']:<16} {r['status']:<12} {_daemon_name(r.get('daemon'))[:12]:<12} "
+                   f"{r['trigger']:<8} {ref[:24]:<24} {(r.get('commit') or '')[:10]:<10} {r['created_at']}{note}")
         if r["status"] in ("failed", "invalid", "cancelled", "interrupted") and r.get("reason"):
             click.echo(f"        {r['reason'].splitlines()[0][:110]}")
 
@@ -125,17 +148,54 @@ def logs(run_id, server, token, stage, follow) -> None:
 @token_option
 def cancel(run_id, server, token) -> None:
     """Cancel a queued or running run."""
-    if not token:
-        raise click.UsageError("cancelling needs the API token: --token or $RUNNER_TOKEN")
-    try:
-        r = httpx.post(f"{server.rstrip('/')}/api/runs/{run_id}/cancel",
-                       headers={"Authorization": f"Bearer {token}"}, timeout=10)
-    except httpx.HTTPError as exc:
-        raise click.ClickException(f"cannot reach the daemon at {server}: {exc}") from None
-    body = r.json() if _is_json(r) else {"error": r.text}
-    if r.status_code >= 400:
-        raise click.ClickException(f"{r.status_code}: {body.get('error')}")
+    body = _post(server, f"/api/runs/{run_id}/cancel", token, "cancelling").json()
     if body.get("cancelled"):
         click.echo(f"run {run_id}: cancel requested (was {body['was']})")
     else:
         click.echo(f"run {run_id} already ended ({body['was']}); nothing to cancel")
+
+
+def _queued(run: dict, as_json: bool, data: dict) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    ref = run.get("branch") or run.get("tag") or run.get("ref") or ""
+    commit = f" at {run['commit'][:12]}" if run.get("commit") else ""
+    again = f", retry of #{run['retry_of']}" if run.get("retry_of") else ""
+    click.echo(f"queued run {run['id']} ({run['pipeline']} {ref}{commit}{again})")
+
+
+@click.command("trigger")
+@click.argument("pipeline")
+@server_option
+@token_option
+@click.option("--ref", help="Branch (a short name or refs/heads/X) or tag (refs/tags/X). "
+                            "Default: the pipeline's first literal push branch, else main.")
+@click.option("--commit", help="The full commit sha to build (default: the ref's head, looked up as the run "
+                               "is queued).")
+@click.option("--var", "variables", multiple=True, metavar="K=V", help="A variable for the run (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def trigger(pipeline, server, token, ref, commit, variables, as_json) -> None:
+    """Queue a run of PIPELINE by hand; prints the new run's id."""
+    from runner.cli import parse_vars
+
+    try:
+        vars_ = parse_vars(variables)
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc), param_hint="--var") from None
+    body = {"ref": ref, "commit": commit, "vars": vars_ or None}
+    # Quoted whole: a name with '/' or '?' must not reach another endpoint.
+    data = _post(server, f"/api/pipelines/{urllib.parse.quote(pipeline, safe='')}/trigger", token, "triggering",
+                 {k: v for k, v in body.items() if v is not None}).json()
+    _queued(data["run"], as_json, data)
+
+
+@click.command("retry")
+@click.argument("run_id", type=int)
+@server_option
+@token_option
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def retry(run_id, server, token, as_json) -> None:
+    """Queue a run that ended again (same pipeline, ref, commit and vars); prints the new run's id."""
+    data = _post(server, f"/api/runs/{run_id}/retry", token, "retrying").json()
+    _queued(data["run"], as_json, data)

@@ -18,14 +18,16 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 
 import uvicorn
 
-from runner.daemon.api import build_app
+from runner.daemon.api import build_app, timed_h11_protocol
 from runner.daemon.config import DaemonConfig
+from runner.daemon.metrics import Metrics
 from runner.daemon.scheduler import Schedules, _is_local, synthetic_event
 from runner.daemon.status import StatusReporter
-from runner.daemon.store import Store, open_store
+from runner.daemon.store import Store, StoreError, open_store
 from runner.daemon.webhooks import new_run
 from runner.daemon.worker import WorkerPool, stop_orphan
 from runner.errors import InvalidInput
@@ -76,10 +78,16 @@ class Daemon:
         # The lease owner: stable across restarts of this daemon, so that a restart knows that
         # runs leased to it before are orphans (the flock above guarantees no twin is alive).
         self.owner = f"{config.name}@{socket.gethostname()}:{self.data_dir}"
-        db = config.database
+        try:
+            db = config.database.resolve() if config.database else None
+        except InvalidInput as exc:
+            raise InvalidInput(f"database: {exc}") from None
         if db and "://" not in db:
             db = str(config.path(db))
-        self.store: Store = store or open_store(db or self.data_dir / "runner.db")
+        try:
+            self.store: Store = store or open_store(db or self.data_dir / "runner.db")
+        except StoreError as exc:
+            raise InvalidInput(f"database: {exc}") from None
         try:
             self.api_token = config.api_token.resolve() if config.api_token else None
         except InvalidInput as exc:
@@ -93,6 +101,8 @@ class Daemon:
                 self.masker.add(secret, "webhook secret")
         if self.api_token:
             self.masker.add(self.api_token, "api_token")
+        if db and "://" in db and urllib.parse.urlsplit(db).password:
+            self.masker.add(urllib.parse.unquote(urllib.parse.urlsplit(db).password), "database password")
         for p in config.pipelines:
             if p.commit_status is not None:
                 try:
@@ -100,6 +110,7 @@ class Daemon:
                 except InvalidInput as exc:
                     log.warning("commit status token unavailable", extra={"pipeline": p.name, "error": str(exc)})
         self.status = StatusReporter(self)
+        self.metrics = Metrics(self)
         self._reserve = self.data_dir / "disk-reserve"
         self._reserve_lock = threading.Lock()
         self._make_reserve()
@@ -201,7 +212,8 @@ class Daemon:
         return ids[0]
 
     def prune(self) -> list[int]:
-        """Retention: old runs leave the database, and their work directories the disk."""
+        """Retention (the leader's job): old runs leave the database, and their work directories
+        this host's disk (other daemons remove theirs in clean_work_dirs)."""
         r = self.config.retention
         try:
             ids = self.store.prune(time.time() - r.days * 86400, r.keep_last)
@@ -213,6 +225,25 @@ class Daemon:
         if ids:
             log.info("pruned old runs", extra={"removed": len(ids)})
         return ids
+
+    def clean_work_dirs(self) -> list[int]:
+        """Remove this host's work directories of runs no longer in the store (pruned by the
+        leader, which may be another daemon)."""
+        removed = []
+        runs_dir = self.work_dir / "runs"
+        try:
+            names = [p.name for p in runs_dir.iterdir() if p.name.isdigit()]
+        except OSError:
+            return []
+        for name in names:
+            try:
+                gone = self.store.get_run(int(name)) is None
+            except Exception:  # noqa: BLE001 - the store is unreachable: keep everything
+                return removed
+            if gone:
+                shutil.rmtree(runs_dir / name, ignore_errors=True)
+                removed.append(int(name))
+        return removed
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -241,8 +272,11 @@ class Daemon:
             raise InvalidInput(f"cannot listen on {cfg.listen.host}:{cfg.listen.port}: {exc.strerror}") from None
         sock.listen(1024)
         self.port = sock.getsockname()[1]
+        # uvicorn times out only kept-alive connections, after a response: the protocol adds a read
+        # timeout for connections that never send a whole request. No websockets are served.
         ucfg = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                              http="h11", loop="asyncio", timeout_graceful_shutdown=5,
+                              http=timed_h11_protocol(cfg.listen.read_timeout), ws="none", loop="asyncio",
+                              timeout_keep_alive=cfg.listen.idle_timeout, timeout_graceful_shutdown=5,
                               backlog=1024)
         self.server = uvicorn.Server(ucfg)
         self._server_thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[sock])),
@@ -253,7 +287,12 @@ class Daemon:
             if not self._server_thread.is_alive():
                 raise RuntimeError("the HTTP server stopped while starting")
             time.sleep(0.01)
+        if not cfg.read_requires_token:
+            log.warning("READ API OPEN: read_requires_token is off, so runs, full logs and deliveries are open to "
+                        "anyone who reaches the listener", extra={"host": cfg.listen.host, "port": self.port})
         self.pool.start()
+        # Another daemon's queued run or freed slot wakes this one's dispatcher at once.
+        self.store.listen(self.pool.wake)
         self.schedules.start()
         self.pool.wake()
         log.info("daemon listening", extra={"host": cfg.listen.host, "port": self.port, "owner": self.owner,

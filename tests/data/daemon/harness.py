@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 FAKE_EXEC = [sys.executable, str(HERE / "fake_exec.py")]
 SECRET = "s3cret-for-tests"
 TOKEN = "api-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}  # reading the API needs it too (read_requires_token)
 
 
 def fake_pipeline(tmp: Path, name: str = "fake", sleep: float = 0.05, fail: str | None = None,
@@ -56,6 +57,11 @@ def daemon_in_process(cfg: dict):
         yield d
     finally:
         d.stop(grace=2)
+
+
+def api_get(url: str, path: str, **params) -> httpx.Response:
+    """GET the daemon's API with the token."""
+    return httpx.get(f"{url}{path}", params=params, headers=AUTH, timeout=5)
 
 
 def wait_for(pred, timeout: float, what: str = "condition", every: float = 0.05):
