@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -65,6 +66,8 @@ class PostgresStore(SqlStore):
             self._pool.close()
             raise StoreError(f"cannot connect to {self.where} within {connect_timeout:.0f} s") from None
         self._kwargs = kwargs
+        self._clock_offset = 0.0
+        self._clock_checked = -1e9
         self._leader_conn: psycopg.Connection | None = None
         self._leader_mutex = threading.Lock()
         self._listener: threading.Thread | None = None
@@ -74,9 +77,13 @@ class PostgresStore(SqlStore):
 
     @contextmanager
     def _tx(self) -> Iterator[Tx]:
+        # Pipeline mode: statements whose result is not read (BEGIN, locks, updates, NOTIFY) go
+        # out without waiting for the server, so a transaction costs a round trip per result read
+        # plus the COMMIT, not one per statement. On a busy host every round trip waits for the
+        # server's process to get a CPU; a webhook's acceptance is mostly those waits.
         try:
             with self._pool.connection() as conn:
-                with conn.transaction():
+                with conn.pipeline(), conn.transaction():
                     yield Tx(conn, "%s")
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise StoreError(f"{self.where}: {str(exc).strip()}") from exc
@@ -88,12 +95,24 @@ class PostgresStore(SqlStore):
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise StoreError(f"{self.where}: {str(exc).strip()}") from exc
 
+    CLOCK_CHECK_EVERY = 60.0  # seconds between two readings of the server's clock
+
     def _now(self, db: Tx) -> float:
-        return float(db.one("SELECT extract(epoch FROM clock_timestamp())::float8 AS now")["now"])
+        """The database server's clock, as this host's clock plus the offset last measured (read
+        again every minute): leases compare times written by daemons on several hosts."""
+        if time.monotonic() - self._clock_checked > self.CLOCK_CHECK_EVERY:
+            before = time.time()
+            server = float(db.one("SELECT extract(epoch FROM clock_timestamp())::float8 AS now")["now"])
+            self._clock_offset = server - (before + time.time()) / 2
+            self._clock_checked = time.monotonic()
+        return time.time() + self._clock_offset
 
     def _lock(self, db: Tx, *keys: str) -> None:
-        for key in sorted(keys):  # one order everywhere: two writers never wait on each other in a cycle
-            db.q("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", ("runner:" + key,))
+        # One statement for all keys, taken in one order everywhere (sorted): two writers never
+        # wait on each other in a cycle.
+        if keys:
+            db.q("SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM "
+                 "(SELECT unnest(?::text[]) AS k ORDER BY 1) AS keys", (["runner:" + k for k in sorted(keys)],))
 
     def _skip_locked(self) -> str:
         return " FOR UPDATE SKIP LOCKED"

@@ -124,7 +124,11 @@ class SqlStore(Store):
 
     def _insert_runs(self, db: Tx, runs: Sequence[NewRun], now: float,
                      skipped: list[str] | None = None) -> tuple[list[int], list[int]]:
-        keys = {f"pipeline:{r.pipeline}" for r in runs} | {f"group:{r.group}" for r in runs if r.group}
+        # Two writers of the same commit (a webhook and a poll, two deliveries of one push) must not
+        # both see "not run yet"; two runs queued in one group must each see the other to
+        # supersede it. Only those collide: distinct commits outside a group are queued in parallel.
+        keys = {f"commit:{r.pipeline}:{r.ref}:{r.commit}" for r in runs if r.once and r.commit}
+        keys |= {f"group:{r.group}" for r in runs if r.group}
         self._lock(db, *keys)
         ids: list[int] = []
         cancel_running: list[int] = []
