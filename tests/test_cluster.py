@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "data" / "daemon"))
-from harness import FAKE_EXEC, config, fake_pipeline, push_payload, send_github, wait_for  # noqa: E402
+from harness import FAKE_EXEC, TOKEN, config, fake_pipeline, push_payload, send_github, wait_for  # noqa: E402
 
 from runner.daemon.spawn import start_daemon, stop_daemon  # noqa: E402
 from runner.daemon.store import FINAL, open_store  # noqa: E402
@@ -103,6 +103,16 @@ def test_500_deliveries_over_three_daemons_become_one_run_each_executed_once(clu
     assert sorted(ran) == sorted(r["id"] for r in runs)  # each run executed exactly once
     by_daemon = {r["daemon"].split("@")[0] for r in runs}
     assert by_daemon == {"a", "b", "c"}, by_daemon
+    # `runner runs --daemons` on any of them lists the three; exactly one leads.
+    from click.testing import CliRunner
+
+    from runner.daemon.cli import runs as runs_cli
+    out = CliRunner().invoke(runs_cli, ["--server", daemons[1][1], "--daemons", "--token", TOKEN])
+    assert out.exit_code == 0, out.output
+    assert {line.split("@")[0] for line in out.output.splitlines()[1:]} == {"a", "b", "c"}, out.output
+    assert "(this one)" in next(line for line in out.output.splitlines() if line.startswith("b@"))
+    leaders = [httpx.get(url + "/healthz").json()["leader"] for _, url, _ in daemons]
+    assert leaders.count(True) == 1, leaders
     for c in clients:
         c.close()
 

@@ -290,3 +290,17 @@ def test_daemons_opening_a_new_database_at_once_migrate_it_once(url):
             list(range(1, migrations.LATEST + 1))
     for s in stores:
         s.close()
+
+
+def test_a_pipeline_no_live_daemon_serves_fails_its_queued_runs(store, second):
+    (gone, kept), _ = store.enqueue([NewRun("removed", "push"), NewRun("app", "push")])
+    assert store.fail_unserved(alive_within=10) == []  # no daemon is alive: nobody decides
+    store.daemon_seen("a@h:/d", ["app"], 2)
+    second.daemon_seen("b@h:/d", ["app", "other"], 1)
+    assert {d["owner"] for d in store.daemons()} == {"a@h:/d", "b@h:/d"}
+    assert store.fail_unserved(alive_within=10) == [gone]
+    run = store.get_run(gone)
+    assert run["status"] == "failed" and "configured in none of the daemons running (a, b)" in run["reason"]
+    assert store.get_run(kept)["status"] == "queued"
+    store.daemon_gone("a@h:/d")
+    assert [d["owner"] for d in store.daemons()] == ["b@h:/d"]

@@ -229,7 +229,7 @@ def build_app(core) -> Starlette:
 
     async def healthz(request: Request):
         return JSONResponse({"ok": True, "daemon": core.owner, "active_runs": len(core.pool.active),
-                             "draining": core.pool.draining})
+                             "draining": core.pool.draining, "leader": core.schedules.leading})
 
     async def list_runs(request: Request):
         q = request.query_params
@@ -267,6 +267,13 @@ def build_app(core) -> Starlette:
         for r in rows:
             r["received_at"] = _iso(r["received_at"])
         return JSONResponse({"deliveries": rows})
+
+    async def daemons(request: Request):
+        rows = await run_in_threadpool(core.store.daemons)
+        for r in rows:
+            r["started_at"], r["seen_at"] = _iso(r["started_at"]), _iso(r["seen_at"])
+        return JSONResponse({"daemons": rows, "leader": core.schedules.leading and core.owner or None,
+                             "this": core.owner})
 
     async def pipelines(request: Request):
         return JSONResponse({"pipelines": [
@@ -350,6 +357,7 @@ def build_app(core) -> Starlette:
         Route("/api/runs/{run_id}/cancel", cancel, methods=["POST"]),
         Route("/api/runs/{run_id}/retry", retry, methods=["POST"]),
         Route("/api/deliveries", reader(deliveries)),
+        Route("/api/daemons", reader(daemons)),
         Route("/api/pipelines", reader(pipelines)),
         Route("/api/pipelines/{name}/trigger", trigger, methods=["POST"]),
     ]

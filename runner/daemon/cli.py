@@ -86,9 +86,23 @@ def daemon(config_file: str) -> None:
 @click.option("--limit", default=20, show_default=True)
 @click.option("--deliveries", is_flag=True,
               help="List webhook deliveries instead, with what each one did and why.")
+@click.option("--daemons", "daemons_", is_flag=True,
+              help="List the daemons sharing the store instead: what each serves, when it was last seen.")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
-def runs(server, token, pipeline, status, branch, limit, deliveries, as_json) -> None:
-    """List runs, newest first (or, with --deliveries, the webhook deliveries)."""
+def runs(server, token, pipeline, status, branch, limit, deliveries, daemons_, as_json) -> None:
+    """List runs, newest first (or, with --deliveries, the webhook deliveries; with --daemons,
+    the daemons sharing the queue)."""
+    if daemons_:
+        data = _get(server, "/api/daemons", token)
+        if as_json:
+            click.echo(json.dumps(data, indent=2))
+            return
+        click.echo(f"{'DAEMON':<40} {'SLOTS':>5}  {'SEEN':<24} PIPELINES")
+        for d in data["daemons"]:
+            mark = " (this one)" if d["owner"] == data["this"] else ""
+            click.echo(f"{d['owner'][:40]:<40} {d['concurrency']:>5}  {d['seen_at']:<24} "
+                       f"{', '.join(d['pipelines'])}{mark}")
+        return
     if deliveries:
         data = _get(server, "/api/deliveries", token, limit=limit)
         if as_json:

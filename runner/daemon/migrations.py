@@ -173,14 +173,28 @@ ALTER TABLE runs ADD COLUMN withhold_secrets INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN skip_stages TEXT NOT NULL DEFAULT '[]'
 """
 
+# v3: the daemons sharing the store, each with the pipelines it serves and when it was last seen,
+# so that a queued run of a pipeline no live daemon serves is failed instead of waiting forever.
+_V3 = """
+CREATE TABLE IF NOT EXISTS daemons (
+    owner TEXT PRIMARY KEY,
+    pipelines TEXT NOT NULL DEFAULT '[]',
+    concurrency INTEGER NOT NULL DEFAULT 0,
+    started_at {real} NOT NULL,
+    seen_at {real} NOT NULL
+)
+"""
+
 SQLITE: tuple[Migration, ...] = (
     Migration(1, "runs, leases, stages, log lines, deliveries, poll state", _split(_SQLITE_V1)),
     Migration(2, "runs: daemon, retry_of, withhold_secrets, skip_stages", _split(_V2.format(id_type="INTEGER"))),
+    Migration(3, "daemons", _split(_V3.format(real="REAL"))),
 )
 
 POSTGRES: tuple[Migration, ...] = (
     Migration(1, "runs, leases, stages, log lines, deliveries, poll state", _split(_POSTGRES_V1)),
     Migration(2, "runs: daemon, retry_of, withhold_secrets, skip_stages", _split(_V2.format(id_type="BIGINT"))),
+    Migration(3, "daemons", _split(_V3.format(real="DOUBLE PRECISION"))),
 )
 
 LATEST = SQLITE[-1].version

@@ -15,7 +15,8 @@ coalesce=True and max_instances=1: a poll that fell behind runs once, not in a b
 misfire_grace_time (config) keeps a busy daemon from silently skipping a schedule.
 
 Several daemons sharing one store: only the leader (Store.try_lead: an advisory lock on
-PostgreSQL, a lock file on SQLite) polls, fires cron and prunes the store. Every daemon tries
+PostgreSQL, a lock file on SQLite) polls, fires cron, prunes the store and fails queued runs
+that no live daemon serves. Every daemon tries
 for the leadership every `lease_seconds / 3`; when the leader dies, the next try elsewhere takes
 it and schedules from then on. Each cron tick is also recorded as a delivery keyed by
 pipeline, schedule and minute, so that two daemons that both believe they lead (a leader
@@ -242,6 +243,8 @@ class Schedules:
                                                    args=[p.name, i], id=f"cron:{p.name}:{i}"))
         jobs.append(self.scheduler.add_job(self.core.prune, IntervalTrigger(seconds=self.core.config.retention.interval),
                                            id="retention", next_run_time=now))
+        jobs.append(self.scheduler.add_job(self.core.fail_unserved, IntervalTrigger(seconds=self.core.config.lease_seconds),
+                                           id="unserved", next_run_time=now))
         self._leader_jobs = [j.id for j in jobs]
 
     def _remove_leader_jobs(self) -> None:

@@ -226,6 +226,20 @@ class Daemon:
             log.info("pruned old runs", extra={"removed": len(ids)})
         return ids
 
+    def fail_unserved(self) -> list[int]:
+        """The leader's job: queued runs of a pipeline that no live daemon serves fail with the
+        reason, instead of waiting forever."""
+        try:
+            ids = self.store.fail_unserved(alive_within=3 * self.config.lease_seconds)
+        except Exception:  # noqa: BLE001
+            log.exception("cannot check for runs no daemon serves")
+            return []
+        for run_id in ids:
+            run = self.store.get_run(run_id) or {}
+            log.warning("run failed: no daemon serves its pipeline", extra={"run": run_id, "reason": run.get("reason")})
+            self.status.report(run.get("pipeline", ""), run_id, run.get("commit"), "failed", run.get("reason", ""))
+        return ids
+
     def clean_work_dirs(self) -> list[int]:
         """Remove this host's work directories of runs no longer in the store (pruned by the
         leader, which may be another daemon)."""
@@ -259,6 +273,7 @@ class Daemon:
             if status == "interrupted":
                 self.status.report(run.get("pipeline", ""), run_id, run.get("commit"), status, run.get("reason", ""))
         cfg = self.config
+        self.store.daemon_seen(self.owner, [p.name for p in cfg.pipelines], cfg.concurrency)
         # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto
         # says TCP, and without it Nagle + delayed ACK add 40 ms to every response.
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.listen.host else socket.AF_INET, socket.SOCK_STREAM,
@@ -317,6 +332,10 @@ class Daemon:
         if self._server_thread is not None:
             self._server_thread.join(timeout=10)
         self.status.close()
+        try:
+            self.store.daemon_gone(self.owner)
+        except Exception:  # noqa: BLE001 - the store is gone too: its row ages out
+            log.warning("cannot sign off from the store", exc_info=True)
         self.store.close()
         fcntl.flock(self._lockfile, fcntl.LOCK_UN)
         self._lockfile.close()

@@ -195,6 +195,23 @@ class Store(abc.ABC):
         linked to it (retry_of). None if there is no such run; StoreError if it is not final."""
 
     @abc.abstractmethod
+    def daemon_seen(self, owner: str, pipelines: Sequence[str], concurrency: int) -> None:
+        """Record that this daemon is alive now and serves these pipelines (its heartbeat)."""
+
+    @abc.abstractmethod
+    def daemon_gone(self, owner: str) -> None:
+        """This daemon stops (a graceful shutdown): it serves nothing from now on."""
+
+    @abc.abstractmethod
+    def daemons(self) -> list[dict]:
+        """[{owner, pipelines, concurrency, started_at, seen_at}], the most recently seen first."""
+
+    @abc.abstractmethod
+    def fail_unserved(self, alive_within: float) -> list[int]:
+        """Fail the queued runs of pipelines that no daemon seen within `alive_within` seconds
+        serves (a pipeline removed from every config): they would wait forever. Returns their ids."""
+
+    @abc.abstractmethod
     def queue_stats(self) -> dict:
         """{"by_status": {status: count}, "oldest_queued_age": seconds or None} over all daemons."""
 

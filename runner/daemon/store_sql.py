@@ -435,6 +435,46 @@ class SqlStore(Store):
     def count_runs(self) -> dict[str, int]:
         return {r["status"]: int(r["n"]) for r in self._read("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")}
 
+    def daemon_seen(self, owner, pipelines, concurrency):
+        with self._tx() as db:
+            now = self._now(db)
+            db.q("INSERT INTO daemons (owner, pipelines, concurrency, started_at, seen_at) VALUES (?,?,?,?,?) "
+                 "ON CONFLICT (owner) DO UPDATE SET pipelines=excluded.pipelines, concurrency=excluded.concurrency,"
+                 " seen_at=excluded.seen_at", (owner, json.dumps(sorted(pipelines)), concurrency, now, now))
+
+    def daemon_gone(self, owner):
+        with self._tx() as db:
+            db.q("DELETE FROM daemons WHERE owner=?", (owner,))
+
+    def daemons(self):
+        out = []
+        for r in self._read("SELECT owner, pipelines, concurrency, started_at, seen_at FROM daemons "
+                            "ORDER BY seen_at DESC"):
+            d = dict(r)
+            d["pipelines"] = json.loads(d["pipelines"])
+            out.append(d)
+        return out
+
+    def fail_unserved(self, alive_within):
+        with self._tx() as db:
+            self._lock(db, QUEUE_LOCK)
+            now = self._now(db)
+            alive = db.all("SELECT owner, pipelines FROM daemons WHERE seen_at >= ?", (now - alive_within,))
+            if not alive:
+                return []  # nobody is looking: the next daemon to start decides
+            served = {name for d in alive for name in json.loads(d["pipelines"])}
+            names = sorted(served)
+            sql = "SELECT id, pipeline FROM runs WHERE status='queued'"
+            if names:
+                sql += f" AND pipeline NOT IN ({_marks(len(names))})"
+            rows = db.all(sql, names)
+            who = ", ".join(sorted(d["owner"].split("@")[0] for d in alive))
+            for row in rows:
+                db.q("UPDATE runs SET status='failed', reason=?, finished_at=? WHERE id=? AND status='queued'",
+                     (f"pipeline {row['pipeline']!r} is configured in none of the daemons running ({who})",
+                      now, row["id"]))
+            return [int(r["id"]) for r in rows]
+
     def queue_stats(self):
         with self._tx() as db:
             now = self._now(db)

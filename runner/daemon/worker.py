@@ -495,6 +495,7 @@ class WorkerPool:
             with self._lock:
                 ids = list(self.active)
             try:
+                self.core.store.daemon_seen(self.core.owner, [p.name for p in cfg.pipelines], cfg.concurrency)
                 for run_id, why in self.core.store.heartbeat(self.core.owner, ids, cfg.lease_seconds).items():
                     self.cancel_local(run_id, why)
                 if time.monotonic() - last_recover > cfg.lease_seconds:
