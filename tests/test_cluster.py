@@ -141,6 +141,14 @@ def test_a_sigkilled_daemon_s_runs_are_recovered_by_another(cluster, store, tmp_
     done = wait_for(lambda: (r := store.get_run(safe))["status"] in FINAL and r, 20, "the re-queued run to end")
     assert done["status"] == "success" and done["attempt"] == 2 and done["daemon"].startswith("b@"), done
     assert recovered_after < 2 * 2 + 2, recovered_after  # the lease, one heartbeat round, and slack
+    # b counts what it recovered, and the leadership it took over from a.
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(url_b + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("runner_lease_recoveries_total", (("status", "interrupted"),))] == 1
+    assert samples[("runner_lease_recoveries_total", (("status", "queued"),))] == 1
+    assert samples[("runner_runs_total", (("pipeline", "safe"), ("status", "success")))] == 1
 
 
 def test_cron_fires_once_per_tick_across_three_daemons(cluster, store, tmp_path):
