@@ -14,6 +14,14 @@ an HTTPS token is answered to git's prompt by a 0700 askpass script that reads i
 environment and only for the repository's own host; an SSH key goes to a 0600 file deleted in
 `finally` (runner.gitaccess, which the daemon's poll uses too).
 
+A trigger's commit must be on the ref the trigger names (whoever holds the webhook secret could
+otherwise build any commit the repository has, an unmerged one for instance, as if it were on
+main): after the fetch, the commit is the head of the named branch or pull/merge request ref
+(refs/heads/*, refs/pull/N/head, refs/merge-requests/N/head, any refs/*) or an ancestor of it
+(`git merge-base --is-ancestor`), and a named tag points at it. The mirror's fetch already
+brings every ref (+refs/*:refs/*), so this costs no further fetch, except on a shallow mirror,
+whose history of that ref is deepened back to the commit's date when the answer is not yet known.
+
 Network commands run through runner.proc.run_command (argv, streaming, cancellation); GitPython
 drives the local reads of the mirror (init, config, rev-parse, for-each-ref). GitPython's own
 clone/fetch are not used because they cannot be cancelled mid-transfer; nothing here enables its
@@ -39,7 +47,7 @@ from urllib.parse import unquote
 import git
 
 from pipelines.base import Stage, StageContext
-from runner.errors import Cancelled, InvalidInput, StageFailed
+from runner.errors import Cancelled, InvalidInput, SecretWithheld, StageFailed
 from runner.gitsafety import (
     check_ref, check_repo_url, is_sha, redact_url, url_kind,
 )
@@ -98,6 +106,7 @@ class _Request:
     ref: str | None  # branch/tag/ref/sha to check out (or, with `commit`, to name it by)
     branch_hint: str | None  # the trigger's own branch / tag names, when `ref` is the trigger's
     tag_hint: str | None
+    claim: str | None = None  # the ref the trigger says `commit` is on (checked after the fetch)
 
     @property
     def url(self) -> str:
@@ -138,14 +147,36 @@ def _request(pipeline: Pipeline, trigger: dict[str, Any]) -> _Request:
     else:
         ref, branch_hint, tag_hint = t_ref, t_branch, t_tag
     return _Request(remote=remote(url), commit=commit, ref=ref,
-                    branch_hint=branch_hint, tag_hint=tag_hint)
+                    branch_hint=branch_hint, tag_hint=tag_hint,
+                    claim=claimed_ref(t_ref, t_branch, t_tag) if commit is not None else None)
+
+
+def claimed_ref(ref: str | None, branch: str | None, tag: str | None) -> str | None:
+    """The ref a trigger says its commit is on: its full `ref` (refs/heads/main,
+    refs/pull/7/head, refs/merge-requests/7/head, refs/tags/v1), else its branch or tag name;
+    a short `ref` stays short (looked up as a branch, then a tag). Pure."""
+    if ref:
+        return ref
+    if branch:
+        return f"refs/heads/{branch}"
+    if tag:
+        return f"refs/tags/{tag}"
+    return None
+
+
+def describe_ref(full_ref: str) -> str:
+    """'branch main', 'tag v1', or the full name of any other ref. Pure."""
+    for prefix, kind in (("refs/heads/", "branch"), ("refs/tags/", "tag")):
+        if full_ref.startswith(prefix):
+            return f"{kind} {full_ref[len(prefix):]}"
+    return full_ref
 
 
 class CheckoutStage(Stage):
     """Outputs: commit, short_sha, branch, tag, path, url (redacted), mirror, cloned.
 
     Raises StageFailed for a refused URL or ref, an unreachable repository, missing or wrong
-    credentials and an unknown ref; Cancelled when ctx.cancel is set (checked between steps,
+    credentials, an unknown ref and a trigger commit that is not on the ref the trigger names; Cancelled when ctx.cancel is set (checked between steps,
     while waiting for the mirror lock and inside every git command)."""
 
     name = STAGE
@@ -281,6 +312,8 @@ class CheckoutStage(Stage):
                 commit = rev(req.commit) or fetch_sha(req.commit)
                 if commit is None:
                     raise StageFailed(STAGE, f"commit {req.commit!r} not found in {req.redacted}")
+                if req.claim:
+                    self._check_claim(ctx, req, access, mirror, g, rev, commit)
                 if req.ref:
                     branch, tag = _names(req.ref, has)
             elif req.ref is not None:
@@ -325,6 +358,65 @@ class CheckoutStage(Stage):
             return commit, branch, tag
         finally:
             repo.close()
+
+    def _check_claim(self, ctx: StageContext, req: _Request, access: Access, mirror: Path, g,
+                     rev, commit: str) -> None:
+        """Raise StageFailed unless `commit` is on the ref the trigger names: that branch's (or
+        pull/merge request ref's) head or an ancestor of it; for a tag, what the tag points at."""
+        assert req.claim is not None
+        full = req.claim
+        if is_sha(full) and commit.startswith(full.lower()):
+            return  # the "ref" is the commit itself
+        if not full.startswith("refs/"):
+            full = next((f"{p}{full}" for p in ("refs/heads/", "refs/tags/")
+                         if rev(f"{p}{full}") is not None), f"refs/heads/{full}")
+        what, short = describe_ref(full), commit[:12]
+        head = rev(full)
+        if head is None:
+            raise StageFailed(STAGE, f"commit {short} is not on {what} of {req.redacted}: "
+                              f"{req.redacted} has no {what}")
+        if full.startswith("refs/tags/"):
+            if head != commit:
+                raise StageFailed(STAGE, f"commit {short} is not what {what} of {req.redacted} "
+                                  f"points at (it points at {head[:12]})")
+            return
+        if head == commit or self._is_ancestor(g, commit, head):
+            return
+        shallow = (mirror / "shallow").exists()
+        if shallow and self._deepen_to(ctx, access, mirror, g, full, commit):
+            head = rev(full) or head
+            if head == commit or self._is_ancestor(g, commit, head):
+                return
+        note = (f"; the mirror is shallow (repository.depth), its history of {what} was "
+                "deepened back to the commit's date") if shallow else ""
+        raise StageFailed(STAGE, f"commit {short} is not on {what} of {req.redacted} "
+                          f"(its head is {head[:12]}){note}")
+
+    @staticmethod
+    def _is_ancestor(g, commit: str, head: str) -> bool:
+        """`git merge-base --is-ancestor`: exit 0 yes, 1 no, anything else an error. Both are
+        full hex shas from rev-parse, never names from outside."""
+        status, _, err = g.merge_base("--is-ancestor", commit, head, with_exceptions=False,
+                                      with_extended_output=True)
+        if status not in (0, 1):
+            raise StageFailed(STAGE, f"checking that {commit[:12]} is an ancestor of "
+                              f"{head[:12]} failed: {err.strip() or f'exit {status}'}")
+        return status == 0
+
+    def _deepen_to(self, ctx: StageContext, access: Access, mirror: Path, g, full_ref: str,
+                   commit: str) -> bool:
+        """On a shallow mirror, fetch the history of `full_ref` back to a day before `commit`'s
+        committer date (the commits between them are its descendants, dated after it but for
+        clock skew). True when the fetch worked."""
+        stamp = int(g.show("-s", "--format=%ct", commit).strip().splitlines()[-1]) - 86400
+        since = datetime.fromtimestamp(max(stamp, 0), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        ctx.log.info(f"the mirror is shallow: fetching {describe_ref(full_ref)} since {since} to "
+                     f"see whether {commit[:12]} is on it")
+        res = self._git(ctx, access, ["-C", str(mirror), "fetch", "--no-recurse-submodules",
+                                      f"--shallow-since={since}", "--end-of-options", "origin",
+                                      f"+{full_ref}:{full_ref}"],
+                        what=f"deepening {describe_ref(full_ref)}", check=False, quiet=True)
+        return res.returncode == 0
 
     # --- work tree -------------------------------------------------------------------------
 
@@ -410,6 +502,8 @@ def _check_cancel(ctx: StageContext) -> None:
 def _secret(ctx: StageContext, name: str, field_name: str) -> str:
     try:
         value = ctx.secrets.value(name)
+    except SecretWithheld as exc:
+        raise StageFailed(STAGE, f"{field_name}: {exc.reason}") from None
     except Exception as exc:  # the store's own error type is not this stage's business
         raise StageFailed(STAGE, f"{field_name}: secret {name!r} is not available "
                           f"({type(exc).__name__})") from None

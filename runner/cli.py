@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -27,6 +29,8 @@ LAZY_COMMANDS = {
     "runs": "runner.daemon.cli:runs",
     "logs": "runner.daemon.cli:logs",
     "cancel": "runner.daemon.cli:cancel",
+    "trigger": "runner.daemon.cli:trigger",
+    "retry": "runner.daemon.cli:retry",
 }
 
 
@@ -59,11 +63,36 @@ def parse_vars(values: tuple[str, ...]) -> dict[str, str]:
 
 def fail_invalid(exc: InvalidInput, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"event": "run.end", "status": "invalid", "exit_code": EXIT_INVALID,
-                               "error": str(exc).splitlines()[0],
-                               "problems": [p.__dict__ for p in exc.problems]}))
-    click.echo(f"error: {exc}", err=True)
+        _say(json.dumps({"event": "run.end", "status": "invalid", "exit_code": EXIT_INVALID,
+                         "error": str(exc).splitlines()[0],
+                         "problems": [p.__dict__ for p in exc.problems]}), err=False)
+    _say(f"error: {exc}")
     sys.exit(EXIT_INVALID)
+
+
+def _say(text: str, err: bool = True) -> None:
+    """click.echo for `exec`, whose reader may be gone (a daemon that died, `| head -1`): the
+    exit code tells the run's outcome, never a closed pipe."""
+    from runner.render import silence
+
+    try:
+        click.echo(text, err=err)
+    except (OSError, ValueError):
+        silence(sys.stderr if err else sys.stdout)
+
+
+class RunId(click.ParamType):
+    """--run-id: names the run's directory under the data directory (runner.engine.check_run_id)."""
+
+    name = "RUN_ID"
+
+    def convert(self, value, param, ctx):
+        from runner.engine import check_run_id
+
+        try:
+            return check_run_id(value)
+        except InvalidInput as exc:
+            self.fail(str(exc), param, ctx)
 
 
 var_option = click.option("--var", "variables", multiple=True, metavar="K=V",
@@ -105,12 +134,16 @@ def validate(file: str, variables: tuple[str, ...], as_json: bool) -> None:
               help="Replay a stored webhook payload (GitHub, GitLab or Gitea push) as the trigger.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line on stdout.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and touch nothing.")
-@click.option("--run-id", help="Use this run id (the daemon sets it).")
+@click.option("--run-id", type=RunId(),
+              help="Use this run id (the daemon sets it): 1-64 of A-Z a-z 0-9 . _ -, no '..'.")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Where runs and caches live (default $RUNNER_DATA_DIR or ~/.local/share/runner).")
 @click.option("-q", "--quiet", is_flag=True, help="Hide tool output lines in the terminal.")
+@click.option("--withhold-secrets", is_flag=True,
+              help="Give the run no secret values at all (the daemon sets it for a pull request "
+                   "from a fork): a stage that needs one fails, saying which.")
 def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, run_id, data_dir,
-          quiet) -> None:
+          quiet, withhold_secrets) -> None:
     """Run a pipeline once, here: checkout -> build -> scan -> push -> deploy."""
     from runner import engine
     from runner.render import JsonSink, TerminalSink
@@ -119,7 +152,7 @@ def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, 
         options = engine.RunOptions(
             variables=parse_vars(variables), only=only, skip=skip, repo=repo, ref=ref,
             event=engine.load_event(event_file) if event_file else None, run_id=run_id,
-            data_dir=Path(data_dir) if data_dir else None)
+            data_dir=Path(data_dir) if data_dir else None, withhold_secrets=withhold_secrets)
         prep = engine.prepare(file, options)
     except InvalidInput as exc:
         fail_invalid(exc, as_json)
@@ -133,20 +166,43 @@ def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, 
         click.echo(prep.masker.mask(text))
         return
 
-    def on_term(signum, frame):  # SIGTERM (daemon, systemd) is handled like Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    if withhold_secrets:
+        # Nor do the tools the stages run (git, buildx, trivy) inherit the variables that hold
+        # the pipeline's secrets.
+        for src in prep.pipeline.secrets.values():
+            if src.env:
+                os.environ.pop(src.env, None)
+    cancel = threading.Event()
+    engine.stop_on_signals(cancel)  # SIGINT and SIGTERM (daemon, systemd) cancel the run
     sinks = [JsonSink()] if as_json else [TerminalSink(verbose=not quiet)]
     try:
-        result = engine.execute(prep, sinks)
+        result = engine.execute(prep, sinks, cancel)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        _say("interrupted")
+        _exit(EXIT_INTERRUPTED, interrupted=True)
+    finally:
+        # The run is over and recorded: a signal now must not make the exit code a signal's
+        # (Python puts its default handlers back while it shuts down; an ignored one stays).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     if result.status == "cancelled" and not as_json:
-        click.echo(f"interrupted: the running stage was stopped; logs in {result.workdir}/logs",
-                   err=True)
-    sys.exit(result.exit_code)
+        _say(f"interrupted: the running stage was stopped; logs in {result.workdir}/logs")
+    _exit(result.exit_code, interrupted=cancel.is_set())
+
+
+def _exit(code: int, interrupted: bool) -> None:
+    """Exit `exec` with the run's code. Once a KeyboardInterrupt has passed through code that
+    exec() or eval() ran from a string (dataclasses and namedtuple build classes that way, at
+    import), CPython ends the process by SIGINT at exit whatever sys.exit said, even though the
+    interrupt was caught and recorded: an interrupted run leaves at once, its record written."""
+    if not interrupted:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def main() -> None:

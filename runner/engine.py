@@ -2,13 +2,22 @@
 
 prepare() does everything that can fail on bad input (load, validate, overrides, secrets)
 before anything touches the world; execute() then runs the selected stages in order.
+
+The run's record (logs/events.jsonl, logs/<stage>.log, run.json) never depends on who watches:
+a live sink that fails (a closed pipe: `runner exec --json | head -1`, a daemon that died) is
+dropped by runner.runlog and the run goes on. An interrupt (SIGINT, SIGTERM: see
+`stop_on_signals`) cancels the running stage; one that comes while the record is being written
+waits until it is written.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import re
 import secrets as _random
+import signal
 import threading
 import time
 import traceback
@@ -19,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Cancelled,
-                           InvalidInput, StageFailed)
+                           InvalidInput, SecretWithheld, StageFailed)
 from runner.model import STAGE_ORDER, Pipeline
 from runner.runlog import RunLog, Sink
 
@@ -46,6 +55,19 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + _random.token_hex(3)
 
 
+# A run id names the run's directory, <data dir>/runs/<run id>: one path component, no more.
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_run_id(value: str) -> str:
+    """Return `value` if it may name a run's directory; raise InvalidInput saying why not."""
+    if not isinstance(value, str) or not RUN_ID_RE.fullmatch(value) or ".." in value:
+        raise InvalidInput(f"run id {value!r} refused: it names the run's directory, so it must be "
+                           "1 to 64 letters, digits, '.', '_' or '-', start with a letter or digit "
+                           "and contain no '..'")
+    return value
+
+
 @dataclass(frozen=True)
 class RunOptions:
     variables: Mapping[str, str] = field(default_factory=dict)
@@ -56,6 +78,7 @@ class RunOptions:
     event: Mapping[str, Any] | None = None  # a stored webhook delivery (see load_event)
     run_id: str | None = None
     data_dir: Path | None = None
+    withhold_secrets: bool = False  # the run gets no secret value (a pull request from a fork)
 
 
 @dataclass
@@ -68,6 +91,9 @@ class Prepared:
     run_id: str
     data_dir: Path
     warnings: list[str] = field(default_factory=list)  # found while preparing (short secrets)
+    # Stages the pipeline has that this run leaves out (--skip, --only): stage -> why.
+    skipped: dict[str, str] = field(default_factory=dict)
+    withhold_secrets: bool = False
 
 
 @dataclass
@@ -101,15 +127,20 @@ def _split_names(values: tuple[str, ...], flag: str) -> tuple[str, ...]:
 
 
 def select_stages(pipeline: Pipeline, only: tuple[str, ...], skip: tuple[str, ...]) -> tuple[str, ...]:
+    """The stages to run, in order: those named by --only (else those the pipeline enables),
+    less those named by --skip, which always wins (a stage skipped for a pull request must not
+    come back through --only)."""
     only = _split_names(only, "--only")
     skip = _split_names(skip, "--skip")
     chosen = []
     for name in STAGE_ORDER:
         enabled = getattr(pipeline.stages, name).enabled
+        if name in skip:
+            continue
         if only:
             if name in only:
                 chosen.append(name)
-        elif enabled and name not in skip:
+        elif enabled:
             chosen.append(name)
     for name in chosen:
         need = NEEDS.get(name)
@@ -117,6 +148,38 @@ def select_stages(pipeline: Pipeline, only: tuple[str, ...], skip: tuple[str, ..
             raise InvalidInput(f"stage {name!r} needs the output of {need!r}, which is not selected "
                                f"(selected: {', '.join(chosen)})")
     return tuple(chosen)
+
+
+def skip_reasons(pipeline: Pipeline, only: tuple[str, ...], skip: tuple[str, ...],
+                 chosen: tuple[str, ...]) -> dict[str, str]:
+    """Why each stage the pipeline enables (or --only names) is not in `chosen`: stage -> reason.
+    These are reported as `skipped`, so that a run without push says so instead of saying
+    nothing. Pure."""
+    only = _split_names(only, "--only")
+    skip = _split_names(skip, "--skip")
+    reasons: dict[str, str] = {}
+    for name in STAGE_ORDER:
+        if name in chosen or not (getattr(pipeline.stages, name).enabled or name in only):
+            continue
+        if name in skip:
+            reasons[name] = f"not run: --skip {name}"
+        elif only:
+            reasons[name] = f"not run: not in --only {','.join(only)}"
+    return reasons
+
+
+def stage_secrets(pipeline: Pipeline, stage: str) -> list[tuple[str, str]]:
+    """The secrets a stage's settings refer to: [(field path, secret name)]. Pure.
+    The repository's credentials belong to the checkout stage."""
+    from runner.loader import format_path, secret_references
+
+    out = []
+    for path, name in secret_references(pipeline):
+        owner = "checkout" if path[:1] == ("repository",) else \
+            path[1] if len(path) > 1 and path[0] == "stages" else None
+        if owner == stage:
+            out.append((format_path(path), name))
+    return out
 
 
 def load_event(path: str | os.PathLike) -> dict[str, Any]:
@@ -180,11 +243,17 @@ def prepare(path: str | os.PathLike, options: RunOptions,
         pipeline = pipeline.model_copy(
             update={"repository": pipeline.repository.model_copy(update=repo_update)})
     stages = select_stages(pipeline, options.only, options.skip)
+    run_id = check_run_id(options.run_id) if options.run_id is not None else new_run_id()
     masker = Masker(on_warning=early_warnings.append)
-    store = SecretStore.from_pipeline(pipeline, environ, masker)
+    if options.withhold_secrets:
+        store = SecretStore.withheld(pipeline, masker)  # no value is read at all
+    else:
+        store = SecretStore.from_pipeline(pipeline, environ, masker)
     return Prepared(pipeline=pipeline, stages=stages, trigger=trigger, masker=masker,
-                    secrets=store, warnings=early_warnings, run_id=options.run_id or new_run_id(),
-                    data_dir=Path(options.data_dir or default_data_dir()))
+                    secrets=store, warnings=early_warnings, run_id=run_id,
+                    data_dir=Path(options.data_dir or default_data_dir()),
+                    skipped=skip_reasons(pipeline, options.only, options.skip, stages),
+                    withhold_secrets=options.withhold_secrets)
 
 
 def _stage(name: str):
@@ -203,45 +272,119 @@ def plan(prep: Prepared) -> dict[str, Any]:
         "image": {"name": p.image.name, "tags": list(p.image.tags)},
         "stages": [{"name": n, **_stage(n).plan(p)} for n in prep.stages],
         "skipped": [n for n in STAGE_ORDER if n not in prep.stages],
-        "secrets": {name: "***" for name in p.secrets},
+        "secrets": {name: "withheld" if prep.withhold_secrets else "***" for name in p.secrets},
     }
+
+
+class _Hold:
+    """Where an interrupt waits (see stop_on_signals): the engine's critical sections nest."""
+
+    depth = 0
+    pending = False
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """While the block runs (in the main thread), an interrupt from stop_on_signals waits; it
+    is raised as KeyboardInterrupt when the outermost block ends. Python runs signal handlers
+    in the main thread only, so another thread's run needs no holding."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _Hold.depth += 1
+    try:
+        yield
+    finally:
+        _Hold.depth -= 1
+        if _Hold.depth == 0 and _Hold.pending:
+            _Hold.pending = False
+            raise KeyboardInterrupt
+
+
+def stop_on_signals(cancel: threading.Event) -> None:
+    """For a process that runs one pipeline (`runner exec`); call from the main thread.
+
+    SIGINT (Ctrl-C, or the daemon's PR_SET_PDEATHSIG when it dies) and SIGTERM set `cancel` and,
+    the first time, raise KeyboardInterrupt in the main thread, so that the running stage stops
+    at once even in a blocking call. Further signals only set `cancel`: stopping is under way
+    and must not be cut short. While execute() writes the run's record, the KeyboardInterrupt
+    waits until the record is written."""
+    def on_signal(signum, frame):
+        first = not cancel.is_set()
+        cancel.set()
+        if not first:
+            return
+        if _Hold.depth:
+            _Hold.pending = True
+            return
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
 
 
 def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = None) -> RunResult:
     """Run the selected stages in order. Never raises for a pipeline failure or a cancel:
-    the outcome is in the RunResult (and in the events)."""
+    the outcome is in the RunResult (and in the events).
+
+    The record on disk is whole whatever happens while the run goes on: a failing sink is
+    dropped (runner.runlog), an interrupt between stages or while an event is written cancels
+    the run like one inside a stage, and run.json is written (atomically, before run.end is
+    emitted) with every stage the run selected: run, failed, cancelled or skipped."""
+    from pipelines.base import StageContext
+
     cancel = cancel or threading.Event()
     started = time.monotonic()
     workdir = prep.data_dir / "runs" / prep.run_id
-    workdir.mkdir(parents=True, exist_ok=True)
     cache_dir = prep.data_dir / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(prep.run_id, prep.masker, sinks, workdir / "logs")
-    log.warnings.extend(prep.warnings)
-    from pipelines.base import StageContext
+    log: RunLog | None = None
 
     results: dict[str, dict[str, Any]] = {}
     stage_results: list[StageResult] = []
+    reported: set[str] = set()  # stages whose stage.end is written
     status, exit_code, error = "success", EXIT_OK, None
-    log.emit("run.start", pipeline=prep.pipeline.name, file=prep.pipeline.source_file,
-             stages=list(prep.stages), trigger=prep.trigger, workdir=str(workdir))
+    running: tuple[str, float] | None = None  # the stage started and not yet recorded
+
+    def end(res: StageResult) -> None:
+        nonlocal running
+        with _interrupts_held():
+            stage_results.append(res)
+            running = None
+            log.emit("stage.end", stage=res.name, status=res.status,
+                     duration=round(res.duration, 3), outputs=res.outputs, error=res.error)
+            reported.add(res.name)
+
     try:
+        with _interrupts_held():  # an interrupt now comes once the record has begun
+            workdir.mkdir(parents=True, exist_ok=True)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            log = RunLog(prep.run_id, prep.masker, sinks, workdir / "logs")
+            log.warnings.extend(prep.warnings)
+            log.emit("run.start", pipeline=prep.pipeline.name, file=prep.pipeline.source_file,
+                     stages=list(prep.stages), trigger=prep.trigger, workdir=str(workdir),
+                     **({"secrets_withheld": True} if prep.withhold_secrets else {}))
         for name in STAGE_ORDER:
-            if name not in prep.stages:
+            why = prep.skipped.get(name)
+            if why is None and name not in prep.stages:
                 continue
-            if status != "success":
-                why = f"not run: stage {stage_results[-1].name!r} {stage_results[-1].status}"
-                stage_results.append(StageResult(name, "skipped", error=why))
-                log.emit("stage.end", stage=name, status="skipped", duration=0.0, error=why)
+            if why is None and status != "success":
+                stopped = next(r for r in reversed(stage_results) if r.status != "skipped")
+                why = f"not run: stage {stopped.name!r} {stopped.status}"
+            if why is not None:
+                end(StageResult(name, "skipped", error=why))
                 continue
             ctx = StageContext(run_id=prep.run_id, pipeline=prep.pipeline, workdir=workdir,
                                cache_dir=cache_dir, log=log.for_stage(name), secrets=prep.secrets,
                                cancel=cancel, results=results, trigger=prep.trigger)
             t0 = time.monotonic()
-            log.emit("stage.start", stage=name)
+            with _interrupts_held():
+                log.emit("stage.start", stage=name)
+                running = (name, t0)
             try:
                 if cancel.is_set():
                     raise Cancelled("cancelled before the stage started")
+                if prep.withhold_secrets:
+                    _refuse_withheld(prep.pipeline, name)
                 outputs = _stage(name).run(ctx) or {}
                 results[name] = outputs
                 res = StageResult(name, "success", time.monotonic() - t0, outputs)
@@ -265,25 +408,88 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
                                   error=f"internal error in runner: {exc!r} (traceback in "
                                         f"{workdir / 'logs' / (name + '.log')})")
                 status, exit_code, error = "failed", EXIT_FAILED, f"stage {name!r}: {res.error}"
-            stage_results.append(res)
-            log.emit("stage.end", stage=name, status=res.status, duration=round(res.duration, 3),
-                     outputs=res.outputs, error=res.error)
+            end(res)
+    except KeyboardInterrupt:
+        # Between stages, or while a stage's result was being handled: the run stops here.
+        if log is None:  # before the record began (no stop_on_signals here): nothing to record
+            raise
+        cancel.set()
+        if running is not None:
+            stage_results.append(StageResult(running[0], "cancelled",
+                                             time.monotonic() - running[1], error="interrupted"))
+            status, exit_code = "cancelled", EXIT_INTERRUPTED
+            error = f"stage {running[0]!r} was interrupted"
+        elif status == "success":  # a failure already decided the outcome otherwise
+            status, exit_code, error = "cancelled", EXIT_INTERRUPTED, "the run was interrupted"
+    except BaseException as exc:  # a bug in the runner outside any stage: recorded, then raised
+        status, exit_code, error = "failed", EXIT_FAILED, f"internal error in runner: {exc!r}"
+        if running is not None:
+            stage_results.append(StageResult(running[0], "failed",
+                                             time.monotonic() - running[1], error=error))
+        raise
     finally:
-        duration = time.monotonic() - started
-        result = RunResult(prep.run_id, status, exit_code, stage_results, duration, workdir,
-                           error, list(log.warnings))
+        result = None
+        if log is not None:  # else the run's directory could not be made: the error says why
+            try:
+                with _interrupts_held():
+                    result = _finish(prep, log, workdir, started, stage_results, reported,
+                                     status, exit_code, error)
+            except KeyboardInterrupt:
+                if result is None:  # not held (no stop_on_signals here): the record is cut short
+                    raise
+                # It came while the record was written: the run is over, nothing is left to stop.
+    return result
+
+
+def _refuse_withheld(pipeline: Pipeline, stage: str) -> None:
+    """Fail a stage that needs a secret before it does anything, when the run gets none."""
+    needed = list(dict.fromkeys(stage_secrets(pipeline, stage)))
+    if needed:
+        field_path, name = needed[0]
+        exc = SecretWithheld(name, field_path)
+        if len(needed) > 1:
+            exc.reason += "; also needed: " + ", ".join(f"{n!r} ({f})" for f, n in needed[1:])
+        raise exc
+
+
+def _finish(prep: Prepared, log: RunLog, workdir: Path, started: float,
+            stage_results: list[StageResult], reported: set[str], status: str, exit_code: int,
+            error: str | None) -> RunResult:
+    """Complete the record: a stage.end for every selected stage (one the run did not reach is
+    `skipped`), run.json (written whole, then renamed into place), then run.end."""
+    done = {s.name for s in stage_results}
+    for name in STAGE_ORDER:
+        if (name in prep.stages or name in prep.skipped) and name not in done:
+            why = prep.skipped.get(name) or \
+                f"not run: {'the run failed' if status == 'failed' else f'the run was {status}'}"
+            stage_results.append(StageResult(name, "skipped", error=why))
+    stage_results.sort(key=lambda s: STAGE_ORDER.index(s.name))
+    for s in stage_results:
+        if s.name not in reported:
+            log.emit("stage.end", stage=s.name, status=s.status, duration=round(s.duration, 3),
+                     outputs=s.outputs, error=s.error)
+            reported.add(s.name)
+    duration = time.monotonic() - started
+    result = RunResult(prep.run_id, status, exit_code, stage_results, duration, workdir,
+                       error, list(log.warnings))
+    # Masked as a whole: stage outputs and errors may quote tool output.
+    record = prep.masker.mask(json.dumps({
+        "run_id": prep.run_id, "pipeline": prep.pipeline.name, "status": status,
+        "exit_code": exit_code, "error": error,
+        "duration": duration, "trigger": prep.trigger,
+        "secrets_withheld": prep.withhold_secrets,
+        "stages": [{"name": s.name, "status": s.status, "duration": s.duration,
+                    "outputs": s.outputs, "error": s.error} for s in stage_results],
+        "warnings": result.warnings,
+    }, indent=2, default=str))
+    tmp = workdir / f".run.json.{os.getpid()}"
+    tmp.write_text(record)
+    os.replace(tmp, workdir / "run.json")
+    try:
         log.emit("run.end", status=status, exit_code=exit_code, duration=round(duration, 3),
                  error=error, warnings=result.warnings,
                  stages=[{"name": s.name, "status": s.status, "duration": round(s.duration, 3)}
                          for s in stage_results])
-        # Masked as a whole: stage outputs and errors may quote tool output.
-        (workdir / "run.json").write_text(prep.masker.mask(json.dumps({
-            "run_id": prep.run_id, "pipeline": prep.pipeline.name, "status": status,
-            "exit_code": exit_code, "error": error,
-            "duration": duration, "trigger": prep.trigger,
-            "stages": [{"name": s.name, "status": s.status, "duration": s.duration,
-                        "outputs": s.outputs, "error": s.error} for s in stage_results],
-        }, indent=2, default=str)))
+    finally:
         log.close()
     return result
-

@@ -59,6 +59,22 @@ class StageFailed(RunnerError):
         super().__init__(f"stage {stage!r} failed: {message}")
 
 
+WITHHELD_WHY = "--withhold-secrets: a pull request from a fork gets no secrets"
+
+
+class SecretWithheld(StageFailed):
+    """A stage asked for the value of a secret that this run does not get (`runner exec
+    --withhold-secrets`). A StageFailed: the stage that needs it fails, with this message."""
+
+    def __init__(self, name: str, field: str | None = None):
+        self.secret = name
+        message = f"secret {name!r} is withheld from this run ({WITHHELD_WHY})"
+        super().__init__("", f"{field}: {message}" if field else message)
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 class Cancelled(RunnerError):
     """The run was interrupted (Ctrl-C, SIGTERM, or cancelled by the daemon): exit 130."""
 

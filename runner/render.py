@@ -1,10 +1,15 @@
 """Showing a run to a person (rich, live) or to a machine (one JSON object per line).
 
 Both are sinks of already-masked events (see runner.runlog); neither sees raw secret values.
+A sink whose stream fails (its reader went away) silences that stream and raises: runner.runlog
+then drops it, and the run goes on.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import sys
 from typing import Any, TextIO
 
@@ -15,23 +20,67 @@ STATUS_STYLE = {"success": "green", "failed": "bold red", "skipped": "dim", "can
                 "invalid": "bold red"}
 
 
+def silence(stream: Any) -> None:
+    """Point `stream`'s file descriptor at /dev/null, after a write to it failed (EPIPE: nobody
+    reads it any more). What is left in its buffer, and whatever is written later, then goes
+    nowhere instead of failing again; at exit Python flushes stdout and stderr, and a failing
+    flush would turn the exit code into 120. A stream without a descriptor is left alone."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 class JsonSink:
+    name = "the --json output (stdout)"
+
     def __init__(self, out: TextIO | None = None):
         self.out = out or sys.stdout
 
     def __call__(self, event: dict[str, Any]) -> None:
-        self.out.write(json.dumps(event, default=str) + "\n")
-        self.out.flush()
+        try:
+            self.out.write(json.dumps(event, default=str) + "\n")
+            self.out.flush()
+        except (OSError, ValueError):  # a closed pipe, a closed file
+            silence(self.out)
+            raise
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's own points stdout (not this console's stream) at /dev/null and raises
+        # SystemExit(1), which would end the run; here the sink fails and is dropped instead.
+        self.quiet = True
+        silence(self.file)
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
 
 class TerminalSink:
     """Live progress: a spinner naming the running stage, its output lines above it, a line per
     finished stage with its duration, and a summary table at the end."""
 
+    name = "the terminal output (stderr)"
+
     def __init__(self, console: Console | None = None, verbose: bool = True):
-        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        self.console = console or _Console(stderr=True, highlight=False, soft_wrap=True)
         self.verbose = verbose
         self._status = None
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        try:
+            self._show(ev)
+        except (OSError, ValueError):
+            silence(self.console.file)
+            if self._status is not None:  # its refresh thread would write on
+                with contextlib.suppress(Exception):
+                    self._status.stop()
+                self._status = None
+            raise
 
     def _spin(self, text: str | None) -> None:
         if self._status is not None:
@@ -41,7 +90,7 @@ class TerminalSink:
             self._status = self.console.status(text)
             self._status.start()
 
-    def __call__(self, ev: dict[str, Any]) -> None:
+    def _show(self, ev: dict[str, Any]) -> None:
         kind = ev["event"]
         c = self.console
         if kind == "run.start":

@@ -2,6 +2,10 @@
 
 Every line that leaves a run passes `RunLog.emit`, which masks secret values first: one masker,
 one place, so a secret cannot reach a log file, the terminal or --json output by another path.
+
+The files are the run's record; the sinks only show it. A sink that raises (a closed pipe:
+`runner exec --json | head -1`, a daemon that died) is dropped with a warning, and the run and
+its files go on as if it were still watching.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ class RunLog:
     def __init__(self, run_id: str, masker, sinks: list[Sink], log_dir: Path | None):
         self.run_id = run_id
         self._masker = masker
-        self._sinks = sinks
+        self._sinks = list(sinks)
         self._log_dir = log_dir
         self._files: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -50,8 +54,31 @@ class RunLog:
                 if event == "stage.log" and stage:
                     self._stage_file(stage).write(record["line"] + "\n")
                     self._stage_file(stage).flush()
-            for sink in self._sinks:
-                sink(record)
+            for sink in list(self._sinks):
+                try:
+                    sink(record)
+                except Exception as exc:  # noqa: BLE001 - output only: never the run's outcome
+                    self._sinks.remove(sink)
+                    self._sink_failed(sink, exc)
+
+    def _sink_failed(self, sink: Sink, exc: Exception) -> None:
+        """Record (lock held) that `sink` failed and gets no more events."""
+        name = getattr(sink, "name", None) or type(sink).__name__
+        where = f"; the run's record goes on in {self._log_dir}" if self._log_dir else ""
+        message = self._masker.mask(f"{name} failed ({type(exc).__name__}: {exc}) and gets no "
+                                    f"more events{where}")
+        self.warnings.append(message)
+        record = {"event": "sink.failed", "run_id": self.run_id, "time": time.time(),
+                  "sink": name, "error": message}
+        if self._events is not None:
+            self._events.write(json.dumps(record, default=str) + "\n")
+            self._events.flush()
+        for other in list(self._sinks):
+            try:
+                other(record)
+            except Exception as exc2:  # noqa: BLE001
+                self._sinks.remove(other)
+                self._sink_failed(other, exc2)
 
     def _stage_file(self, stage: str):
         f = self._files.get(stage)

@@ -3,6 +3,10 @@
 A pipeline refers to secrets by name only (`secrets:` says where each value comes from). The
 values are read once, before any side effect (`SecretStore.from_pipeline`), registered with a
 `Masker`, and handed to stages through `Secrets.value(name)`.
+
+A run may get no secret values at all (`runner exec --withhold-secrets`, for a pull request from a
+fork): `SecretStore.withheld` knows the names only, reads no environment variable and no file,
+and `value(name)` raises `SecretWithheld`, which fails the stage that asked.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import threading
 from collections.abc import Callable, Mapping
 from urllib.parse import quote, quote_plus
 
-from runner.errors import InvalidInput, Problem
+from runner.errors import InvalidInput, Problem, SecretWithheld
 from runner.model import Pipeline
 
 log = logging.getLogger(__name__)
@@ -147,12 +151,19 @@ class SecretStore:
     """The secret values of one run, by name. Implements pipelines.base.Secrets."""
 
     def __init__(self, values: Mapping[str, str | Secret] | None = None,
-                 masker: Masker | None = None):
+                 masker: Masker | None = None, withheld: tuple[str, ...] = ()):
         self._secrets: dict[str, Secret] = {
             k: v if isinstance(v, Secret) else Secret(v) for k, v in (values or {}).items()}
+        self._withheld = tuple(n for n in withheld if n not in self._secrets)
         self.masker = masker if masker is not None else global_masker()
         for name, secret in self._secrets.items():
             self.masker.add(secret, name)
+
+    @classmethod
+    def withheld(cls, pipeline: Pipeline, masker: Masker | None = None) -> SecretStore:
+        """A store that knows the pipeline's secret names and holds none of their values: it
+        reads no `env:` variable and no `file:`. Asking for a value raises SecretWithheld."""
+        return cls({}, masker, withheld=tuple(pipeline.secrets))
 
     @classmethod
     def from_pipeline(cls, pipeline: Pipeline, environ: Mapping[str, str] | None = None,
@@ -201,20 +212,23 @@ class SecretStore:
 
     def value(self, name: str) -> str:
         """The value of secret `name`. KeyError (a runner bug: the loader checks references)
-        when the pipeline has no such secret."""
+        when the pipeline has no such secret; SecretWithheld when the run does not get it."""
+        return self.secret(name).reveal()
+
+    def secret(self, name: str) -> Secret:
+        if name in self._withheld:
+            raise SecretWithheld(name)
         try:
-            return self._secrets[name].reveal()
+            return self._secrets[name]
         except KeyError:
             raise KeyError(f"no secret named {name!r} in this pipeline") from None
 
-    def secret(self, name: str) -> Secret:
-        return self._secrets[name]
-
     def names(self) -> tuple[str, ...]:
-        return tuple(self._secrets)
+        return tuple(self._secrets) + self._withheld
 
     def __contains__(self, name: object) -> bool:
-        return name in self._secrets
+        return name in self._secrets or name in self._withheld
 
     def __repr__(self) -> str:
-        return f"SecretStore(names={list(self._secrets)})"
+        extra = f", withheld={list(self._withheld)}" if self._withheld else ""
+        return f"SecretStore(names={list(self._secrets)}{extra})"

@@ -9,7 +9,7 @@ from urllib.parse import quote, quote_plus
 import pytest
 
 from pipelines.base import Secrets
-from runner.errors import InvalidInput
+from runner.errors import InvalidInput, SecretWithheld, StageFailed
 from runner.loader import load_pipeline_text
 from runner.secrets import Masker, Secret, SecretStore, global_masker
 
@@ -159,3 +159,51 @@ def test_store_from_values_registers_with_masker():
     store = SecretStore({"a": "value-one", "b": Secret("value-two")}, masker=m)
     assert store.value("b") == "value-two"
     assert m.mask("value-one value-two") == "*** ***"
+
+
+def test_withheld_store_reads_nothing_and_refuses_every_value(tmp_path):
+    """--withhold-secrets: the names are known, no value is read (the file does not even exist
+    and the variable is not set), and asking for one fails the stage, naming it and why."""
+    p = load_pipeline_text(PIPELINE, str(tmp_path / "p.yml"), environ={})
+    m = Masker()
+    store = SecretStore.withheld(p, m)
+    assert store.names() == ("git_token", "key") and "key" in store
+    assert len(m) == 0
+    for name in ("git_token", "key"):
+        with pytest.raises(SecretWithheld) as info:
+            store.value(name)
+        assert isinstance(info.value, StageFailed)  # the stage that asked fails (exit 1)
+        assert info.value.reason == (
+            f"secret '{name}' is withheld from this run (--withhold-secrets: a pull request from "
+            "a fork gets no secrets)")
+    with pytest.raises(KeyError, match="no secret named 'nope'"):
+        store.value("nope")
+    assert "withheld=['git_token', 'key']" in repr(store)
+
+
+def test_stage_secrets_are_found_where_each_stage_refers_to_them(tmp_path):
+    from runner.engine import stage_secrets
+
+    text = PIPELINE + """stages:
+  build:
+    secrets: [{id: npm, secret: key}]
+  push:
+    auth: {username: ci, password: git_token}
+"""
+    p = load_pipeline_text(text, str(tmp_path / "p.yml"), environ={})
+    assert stage_secrets(p, "checkout") == [("repository.token", "git_token")]
+    assert stage_secrets(p, "build") == [("stages.build.secrets[0].secret", "key")]
+    assert stage_secrets(p, "push") == [("stages.push.auth.password", "git_token")]
+    assert stage_secrets(p, "scan") == [] and stage_secrets(p, "deploy") == []
+
+
+@pytest.mark.parametrize("reference", ["${GIT_TOKEN}", "${GIT_TOKEN:-x}", "${secrets.git_token}",
+                                       "${secrets:git_token}"])
+def test_secrets_are_never_interpolated(tmp_path, reference):
+    """A secret is referred to by name, never interpolated: the variable that holds one, and
+    `${secrets.X}`-style forms, are refused at load time (so --withhold-secrets has nothing to
+    leak there either), and the error does not show the value."""
+    text = PIPELINE.replace("image: {name: a}", f'image: {{name: "a/{reference}"}}')
+    with pytest.raises(InvalidInput) as info:
+        load_pipeline_text(text, str(tmp_path / "p.yml"), environ={"GIT_TOKEN": "ghp_987654"})
+    assert "ghp_987654" not in str(info.value)
