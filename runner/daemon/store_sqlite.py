@@ -34,7 +34,7 @@ class SqliteStore(SqlStore):
         self._lock_ = threading.RLock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._wal()
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._leader_fd: int | None = None
@@ -48,6 +48,19 @@ class SqliteStore(SqlStore):
             self._checkpointer = threading.Thread(target=self._checkpoint_loop, args=(checkpoint_interval,),
                                                   name="sqlite-checkpoint", daemon=True)
             self._checkpointer.start()
+
+    def _wal(self, patience: float = 30.0) -> None:
+        """Switch to WAL. Switching takes the file's exclusive lock without waiting on the busy
+        timeout, so daemons opening a new file at once get "database is locked": try again."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise StoreError(f"{self.path}: {exc}") from exc
+                time.sleep(0.02)
 
     def _checkpoint_loop(self, every: float) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
