@@ -60,13 +60,9 @@ def stage_end(evs: list[dict], stage: str) -> dict:
 
 def lab_env(lab: dict) -> dict[str, str]:
     """The variables `runner lab env` exports, from the lab fixture's description."""
-    s0 = lab["servers"][0]
-    return {"REGISTRY": lab["registry"], "DOCKER_HOST": lab["docker_host"],
-            "DEPLOY_HOSTS": ",".join(f"{s['user']}@{s['host']}:{s['port']}" for s in lab["servers"]),
-            "SSH_KEY_FILE": s0["key_file"], "KNOWN_HOSTS_FILE": s0["known_hosts"],
-            "AUTH_REGISTRY": lab["auth_registry"]["address"],
-            "AUTH_REGISTRY_USER": lab["auth_registry"]["username"],
-            "AUTH_REGISTRY_PASSWORD_FILE": lab["auth_registry"]["password_file"]}
+    from runner.lab.layout import env_vars
+
+    return env_vars(lab)
 
 
 def remove_app_on_server(deployer, conn, app: str) -> None:

@@ -229,6 +229,11 @@ def describe(state: Path, servers: list[Server], db_password: str | None = None)
 
 def env_lines(info: dict) -> list[str]:
     """`export NAME=value` lines for a shell, every value quoted in this one place."""
+    return [f"export {k}={shlex.quote(v)}" for k, v in env_vars(info).items()]
+
+
+def env_vars(info: dict) -> dict[str, str]:
+    """What `runner lab env` exports, from the lab's description (`lab up --json`)."""
     servers = info["servers"]
     hosts = ",".join(f"{s['user']}@{s['host']}:{s['port']}" for s in servers)
     values = {
@@ -243,7 +248,7 @@ def env_lines(info: dict) -> list[str]:
         "PROXY_IMAGE": info["proxy_image"],
         "RUNNER_DATABASE_URL": info["database_url"] or "",
     }
-    return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
+    return values
 
 
 # ---- commands (argv lists) ------------------------------------------------------------------
