@@ -259,12 +259,17 @@ def test_an_old_sqlite_database_is_migrated(tmp_path):
     db = sqlite3.connect(path)
     db.executescript(";\n".join(migrations.SQLITE[0].statements))
     db.execute("INSERT INTO runs (pipeline, status, trigger, created_at) VALUES ('a', 'success', 'push', 1.0)")
+    db.execute("INSERT INTO runs (pipeline, status, trigger, ref, commit_sha, created_at) "
+               "VALUES ('app', 'success', 'push', 'refs/heads/main', ?, 2.0)", ("e" * 40,))
     db.commit()
     db.close()
     s = open_store(path)
-    run = s.list_runs()[0]
+    run = s.list_runs()[-1]
     assert run["pipeline"] == "a" and run["daemon"] is None and run["skip_stages"] == []
     assert s.schema_version() == migrations.LATEST
+    # A commit that succeeded before the upgrade is still not run again by a new delivery.
+    again = s.accept_delivery("github", "after-upgrade", "push", [_push("e" * 40)], [])
+    assert again.run_ids == () and "already ran as run 2 (success)" in again.reason
     s.close()
 
 

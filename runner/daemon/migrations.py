@@ -117,16 +117,31 @@ CREATE TABLE IF NOT EXISTS daemons (
 )
 """
 
+# v4: a commit runs once per pipeline and ref while one of its runs is queued, running or
+# succeeded: a partial unique index says so, so that two daemons queueing the same push (a
+# webhook and a poll, one delivery sent twice) collide in the index instead of behind a lock.
+# Runs made before it get their key; only push, tag, poll and pull-request runs have one.
+_V4 = """
+ALTER TABLE runs ADD COLUMN once_key TEXT;
+UPDATE runs SET once_key = pipeline || char(10) || COALESCE(ref, '') || char(10) || commit_sha
+    WHERE commit_sha IS NOT NULL AND trigger IN ('push', 'tag', 'poll', 'pull_request')
+    AND id = (SELECT MIN(r.id) FROM runs r WHERE r.pipeline = runs.pipeline AND r.commit_sha = runs.commit_sha
+              AND r.ref IS NOT DISTINCT FROM runs.ref AND r.status IN ('queued', 'running', 'success'));
+CREATE UNIQUE INDEX IF NOT EXISTS runs_once ON runs(once_key) WHERE status IN ('queued', 'running', 'success')
+"""
+
 SQLITE: tuple[Migration, ...] = (
     Migration(1, "runs, leases, stages, log lines, deliveries, poll state", _split(_V1.format(**_SQLITE_TYPES))),
     Migration(2, "runs: daemon, retry_of, withhold_secrets, skip_stages", _split(_V2.format(**_SQLITE_TYPES))),
     Migration(3, "daemons", _split(_V3.format(**_SQLITE_TYPES))),
+    Migration(4, "runs: once_key, unique while active or succeeded", _split(_V4)),
 )
 
 POSTGRES: tuple[Migration, ...] = (
     Migration(1, "runs, leases, stages, log lines, deliveries, poll state", _split(_V1.format(**_POSTGRES_TYPES))),
     Migration(2, "runs: daemon, retry_of, withhold_secrets, skip_stages", _split(_V2.format(**_POSTGRES_TYPES))),
     Migration(3, "daemons", _split(_V3.format(**_POSTGRES_TYPES))),
+    Migration(4, "runs: once_key, unique while active or succeeded", _split(_V4.replace("char(10)", "chr(10)"))),
 )
 
 LATEST = SQLITE[-1].version

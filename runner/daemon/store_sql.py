@@ -124,34 +124,34 @@ class SqlStore(Store):
 
     def _insert_runs(self, db: Tx, runs: Sequence[NewRun], now: float,
                      skipped: list[str] | None = None) -> tuple[list[int], list[int]]:
-        # Two writers of the same commit (a webhook and a poll, two deliveries of one push) must not
-        # both see "not run yet"; two runs queued in one group must each see the other to
-        # supersede it. Only those collide: distinct commits outside a group are queued in parallel.
-        keys = {f"commit:{r.pipeline}:{r.ref}:{r.commit}" for r in runs if r.once and r.commit}
-        keys |= {f"group:{r.group}" for r in runs if r.group}
-        self._lock(db, *keys)
+        # Two runs queued in one group must each see the other to supersede it. Two writers of the
+        # same commit (a webhook and a poll, one delivery sent to two daemons) collide in the
+        # unique index on once_key instead: distinct pushes are queued in parallel.
+        self._lock(db, *{f"group:{r.group}" for r in runs if r.group})
         ids: list[int] = []
         cancel_running: list[int] = []
         for r in runs:
-            if r.once and r.commit:
-                sql = "SELECT id, status FROM runs WHERE pipeline=? AND commit_sha=? AND ref IS NOT DISTINCT FROM ?"
-                args: list = [r.pipeline, r.commit, r.ref]
-                if r.trigger != "poll":
-                    sql += f" AND status IN ({_marks(len(_RAN))})"
-                    args += _RAN
-                seen = db.one(sql + " ORDER BY id LIMIT 1", args)
+            once_key = f"{r.pipeline}\n{r.ref or ''}\n{r.commit}" if r.once and r.commit else None
+            if once_key and r.trigger == "poll":
+                # A poll sees each commit once, when the ref moves: it never runs one any run had.
+                seen = db.one("SELECT id, status FROM runs WHERE pipeline=? AND commit_sha=? AND ref IS NOT "
+                              "DISTINCT FROM ? ORDER BY id LIMIT 1", (r.pipeline, r.commit, r.ref))
                 if seen:
-                    if skipped is not None:
-                        skipped.append(f"{r.pipeline}: commit {r.commit[:12]} of {r.ref} already ran as "
-                                       f"run {seen['id']} ({seen['status']})")
+                    self._skipped(skipped, r, seen)
                     continue
             row = db.one(
                 "INSERT INTO runs (pipeline, status, trigger, provider, ref, branch, tag, commit_sha, delivery,"
-                " grp, cancel_in_progress, event, vars, created_at, withhold_secrets, skip_stages, retry_of)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                " grp, cancel_in_progress, event, vars, created_at, withhold_secrets, skip_stages, retry_of, once_key)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (once_key) WHERE "
+                f"status IN ({', '.join(repr(x) for x in _RAN)}) DO NOTHING RETURNING id",
                 (r.pipeline, "queued", r.trigger, r.provider, r.ref, r.branch, r.tag, r.commit, r.delivery,
                  r.group, int(r.cancel_in_progress), json.dumps(r.event), json.dumps(r.vars), now,
-                 int(r.withhold_secrets), json.dumps(list(r.skip_stages)), r.retry_of))
+                 int(r.withhold_secrets), json.dumps(list(r.skip_stages)), r.retry_of, once_key))
+            if row is None:
+                seen = db.one(f"SELECT id, status FROM runs WHERE once_key=? AND status IN ({_marks(len(_RAN))})",
+                              (once_key, *_RAN))
+                self._skipped(skipped, r, seen)
+                continue
             new_id = int(row["id"])
             ids.append(new_id)
             if r.group is None:
@@ -167,6 +167,12 @@ class SqlStore(Store):
         if ids:
             self._notify(db)
         return ids, cancel_running
+
+    @staticmethod
+    def _skipped(skipped: list[str] | None, r: NewRun, seen) -> None:
+        if skipped is not None:
+            what = f"run {seen['id']} ({seen['status']})" if seen else "another run"
+            skipped.append(f"{r.pipeline}: commit {r.commit[:12]} of {r.ref} already ran as {what}")
 
     def _again(self, db: Tx, run_id: int) -> NewRun | None:
         """A final run as a new one: what `retry` and a redelivery queue."""
