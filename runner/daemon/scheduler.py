@@ -16,11 +16,11 @@ misfire_grace_time (config) keeps a busy daemon from silently skipping a schedul
 
 Several daemons sharing one store: only the leader (Store.try_lead: an advisory lock on
 PostgreSQL, a lock file on SQLite) polls, fires cron, prunes the store and fails queued runs
-that no live daemon serves. Every daemon tries
-for the leadership every `lease_seconds / 3`; when the leader dies, the next try elsewhere takes
-it and schedules from then on. Each cron tick is also recorded as a delivery keyed by
-pipeline, schedule and minute, so that two daemons that both believe they lead (a leader
-that lost its connection but has not noticed yet) still queue one run per tick.
+that no live daemon serves. Every daemon tries for the leadership every `lease_seconds / 3`;
+when the leader dies, the next try elsewhere takes it and schedules from then on. Each cron tick
+is also recorded as a delivery keyed by pipeline, schedule and second, so that two daemons that
+both believe they lead (a leader that lost its connection but has not noticed yet) still queue
+one run per tick.
 """
 from __future__ import annotations
 

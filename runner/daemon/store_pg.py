@@ -69,6 +69,7 @@ class PostgresStore(SqlStore):
         self._clock_offset = 0.0
         self._clock_checked = -1e9
         self._leader_conn: psycopg.Connection | None = None
+        self._leading = False
         self._leader_mutex = threading.Lock()
         self._listener: threading.Thread | None = None
         self._migrate(migrations.POSTGRES, real="DOUBLE PRECISION")
@@ -150,30 +151,30 @@ class PostgresStore(SqlStore):
     # -- leadership --------------------------------------------------------------------------------
 
     def try_lead(self, owner: str) -> bool:
+        # One session of its own, kept between tries: a daemon that does not lead asks again
+        # every few seconds, and a new login each time would cost the server a SCRAM exchange.
         with self._leader_mutex:
-            conn = self._leader_conn
-            if conn is not None:
-                try:
-                    conn.execute("SELECT 1")
-                    return True
-                except psycopg.Error:
-                    # The connection, and the lock with it, is gone: another daemon may lead now.
-                    self._drop_leader_conn()
-                    return False
             try:
-                conn = psycopg.connect(self.url, **self._kwargs)
-                conn.execute("SELECT set_config('application_name', %s, false)", (f"runner leader {owner}"[:63],))
-                got = conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (LEADER_KEY,)).fetchone()["ok"]
+                if self._leader_conn is None or self._leader_conn.closed:
+                    self._leading = False
+                    self._leader_conn = psycopg.connect(self.url, **self._kwargs)
+                    self._leader_conn.execute("SELECT set_config('application_name', %s, false)",
+                                              (f"runner {owner}"[:63],))
+                if self._leading:
+                    self._leader_conn.execute("SELECT 1")  # still connected: the lock is still ours
+                    return True
+                row = self._leader_conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (LEADER_KEY,)).fetchone()
+                self._leading = bool(row["ok"])
+                return self._leading
             except psycopg.Error as exc:
-                log.warning("cannot try for leadership", extra={"database": self.where, "error": str(exc).strip()})
+                # The connection, and the lock with it, is gone: another daemon may lead now.
+                log.warning("leadership: the database session was lost", extra={"database": self.where,
+                                                                                "error": str(exc).strip()})
+                self._drop_leader_conn()
                 return False
-            if got:
-                self._leader_conn = conn
-                return True
-            conn.close()
-            return False
 
     def _drop_leader_conn(self) -> None:
+        self._leading = False
         conn, self._leader_conn = self._leader_conn, None
         if conn is not None:
             try:
@@ -190,7 +191,7 @@ class PostgresStore(SqlStore):
         rows = self._read("SELECT a.application_name AS who FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                           "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND "
                           "(l.classid::bigint << 32 | l.objid::bigint) = ?", (LEADER_KEY,))
-        return rows[0]["who"].removeprefix("runner leader ") if rows else None
+        return rows[0]["who"].removeprefix("runner ") if rows else None
 
     def close(self) -> None:
         self._closed.set()
