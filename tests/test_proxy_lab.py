@@ -41,13 +41,26 @@ def _load(servers, host: str | None) -> Load:
     return Load([(s["host"], HTTP_PORT, host) for s in servers], rate=40, max_seconds=120)
 
 
-def _assert_no_drop(load: Load, allowed: set[str]) -> None:
+def _assert_no_drop(load: Load, allowed: set[str], log: Log | None = None) -> None:
     rep = load.report()
     assert rep["requests"] > 20, rep
-    assert rep["failed"] == 0, rep["failures"]
+    assert rep["failed"] == 0, (rep["failures"], _around(load, log))
     assert set(rep["bodies"]) <= allowed, rep["bodies"]
     print(f"{rep['requests']} requests, longest gap {rep['longest_gap']:.3f}s, "
           f"p50 {rep['p50'] * 1000:.1f} ms, bodies {rep['bodies']}")
+
+
+def _around(load: Load, log: Log | None) -> list[str]:
+    """For a failed request: when it was sent and what the deploy logged in the 3 s around it
+    (times in seconds from the first request), so that a rare drop says where in the cutover
+    it fell."""
+    if not load.hits:
+        return []
+    t0 = min(h.start for h in load.hits)
+    out = [f"{h.start - t0:7.3f}s +{h.seconds:.3f}s {h.url} {h.body}" for h in load.failed()]
+    for when in (h.start for h in load.failed()):
+        out += [f"{t - t0:7.3f}s log: {line}" for t, line in (log.lines if log else ()) if abs(t - when) < 3]
+    return out
 
 
 @pytest.fixture
@@ -99,24 +112,24 @@ def test_deploy_failed_deploy_rollback_and_watch_failure_drop_nothing(lab, image
     # A deploy to 3 servers under load.
     with _load(servers, host) as load:
         time.sleep(0.5)
-        d = _deployer(stage, images, "v2", name, Log())
+        d = _deployer(stage, images, "v2", name, deploy_log := Log())
         report = d.apply()
         d.close()
         time.sleep(0.5)
     assert report.ok and [s.status for s in report.servers] == ["deployed"] * 3
     assert {"switch", "health", "watch", "drain"} <= set(report.servers[0].phases)
-    _assert_no_drop(load, {"v1", "v2"})
+    _assert_no_drop(load, {"v1", "v2"}, deploy_log)
     assert [_via(s, host) for s in servers] == ["v2"] * 3
 
     # A version that never becomes healthy: the route never moves.
     with _load(servers, host) as load:
         d = _deployer(stage.model_copy(update={"proxy": stage.proxy.model_copy(update={
             "health": stage.proxy.health.model_copy(update={"timeout": 2})})}),
-            images, "v3", name, Log())
+            images, "v3", name, failing_log := Log())
         with pytest.raises(DeployFailed) as err:
             d.apply()
         d.close()
-    _assert_no_drop(load, {"v2"})
+    _assert_no_drop(load, {"v2"}, failing_log)
     assert "404 not found" in str(err.value) and "proxy.health.path" in str(err.value)
 
     # Rollback: back to v1, its kept container started again.
@@ -126,7 +139,7 @@ def test_deploy_failed_deploy_rollback_and_watch_failure_drop_nothing(lab, image
                               run_id="rb", log=log)
         report = d.rollback()
         d.close()
-    _assert_no_drop(load, {"v1", "v2"})
+    _assert_no_drop(load, {"v1", "v2"}, log)
     assert [s.status for s in report.servers] == ["rolled_back"] * 3
     assert "started the kept container" in log.text
     assert [_via(s, host) for s in servers] == ["v1"] * 3
@@ -148,11 +161,11 @@ def test_deploy_failed_deploy_rollback_and_watch_failure_drop_nothing(lab, image
         "command": ("sh", "-c", "(sleep 1.5; rm -f /www/health) & "
                                 "exec httpd -f -p 8080 -h /www")})})
     with _load(servers[:1], host) as load:
-        d = _deployer(flaky, images, "v2", name, Log())
+        d = _deployer(flaky, images, "v2", name, watch_log := Log())
         with pytest.raises(DeployFailed) as err:
             d.apply()
         d.close()
-    _assert_no_drop(load, {"v1", "v2"})
+    _assert_no_drop(load, {"v1", "v2"}, watch_log)
     assert "within the watch window" in str(err.value)
     assert _via(servers[0], host) == "v1"
 
