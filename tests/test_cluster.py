@@ -201,3 +201,26 @@ def test_a_database_the_daemon_cannot_reach_is_a_clear_error(tmp_path, lab_datab
     assert "database: cannot connect to postgresql://runner@127.0.0.1:55432/runner" in proc.stderr, proc.stderr
     assert "password authentication failed" in proc.stderr
     assert "not-the-password-x9" not in proc.stderr + proc.stdout
+
+
+def test_a_leader_that_hangs_loses_the_leadership_and_knows_it_when_it_wakes(cluster, store, tmp_path):
+    pf = fake_pipeline(tmp_path, sleep=0.0)
+    pipelines = [{"name": "nightly", "file": str(pf), "repo": REPO, "concurrency_group": None, "concurrency": 10,
+                  "triggers": {"push": None, "cron": ["* * * * * *"]}}]
+    daemons = {n: cluster(n, pipelines, exec_command=FAKE_EXEC, lease_seconds=1.5) for n in ("a", "b")}
+    leader = wait_for(store.leader, 10, "a leader")
+    name = leader.split("@")[0]
+    proc, url, _ = daemons[name]
+    os.kill(proc.pid, signal.SIGSTOP)  # its connections stay open: only the server's timeout helps
+    try:
+        new = wait_for(lambda: (who := store.leader()) and who != leader and who, 15, "another leader")
+        stopped = time.time()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    # Woken, it finds its session gone and stops scheduling: the other one alone fires the ticks.
+    wait_for(lambda: httpx.get(url + "/healthz", timeout=5).json()["leader"] is False, 15,
+             "the woken daemon to know it no longer leads")
+    time.sleep(2.5)
+    later = [d for d in store.deliveries(limit=1000) if d["provider"] == "cron" and d["outcome"] == "queued"
+             and d["received_at"] > stopped + 1.5]
+    assert later and {d["remote"].split("@")[0] for d in later} == {new.split("@")[0]}, later

@@ -220,7 +220,8 @@ class Schedules:
         """Try for the leadership; start or stop the leader's jobs when it changed."""
         with self._lead_mutex:
             try:
-                leading = self.core.store.try_lead(self.core.owner)
+                # Tried every lease/3: silent for two leases means this daemon hangs.
+                leading = self.core.store.try_lead(self.core.owner, silent_after=2 * self.core.config.lease_seconds)
             except Exception as exc:  # noqa: BLE001 - the store is unreachable: not the leader now
                 log.warning("cannot try for the leadership", extra={"error": str(exc)})
                 leading = False

@@ -216,9 +216,10 @@ class Store(abc.ABC):
         """{"by_status": {status: count}, "oldest_queued_age": seconds or None} over all daemons."""
 
     @abc.abstractmethod
-    def try_lead(self, owner: str) -> bool:
+    def try_lead(self, owner: str, silent_after: float = 30.0) -> bool:
         """Become or stay the leader (the one daemon that runs poll and cron). True while this
-        store's connection holds the leadership; it is lost when the process dies."""
+        store's connection holds the leadership; it is lost when the process dies, or when it
+        has not tried again for `silent_after` seconds (a leader that hangs)."""
 
     @abc.abstractmethod
     def release_lead(self) -> None: ...

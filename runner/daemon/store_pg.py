@@ -150,16 +150,25 @@ class PostgresStore(SqlStore):
 
     # -- leadership --------------------------------------------------------------------------------
 
-    def try_lead(self, owner: str) -> bool:
+    def try_lead(self, owner: str, silent_after: float = 30.0) -> bool:
         # One session of its own, kept between tries: a daemon that does not lead asks again
         # every few seconds, and a new login each time would cost the server a SCRAM exchange.
+        # The server ends that session when it stays silent for `silent_after` seconds
+        # (idle_session_timeout): a leader that hangs (SIGSTOP, a stuck host whose connection
+        # stays open) loses the lock with it, and when it wakes its next try finds it gone.
         with self._leader_mutex:
             try:
                 if self._leader_conn is None or self._leader_conn.closed:
                     self._leading = False
-                    self._leader_conn = psycopg.connect(self.url, **self._kwargs)
-                    self._leader_conn.execute("SELECT set_config('application_name', %s, false)",
-                                              (f"runner {owner}"[:63],))
+                    self._leader_conn = conn = psycopg.connect(self.url, **self._kwargs)
+                    conn.execute("SELECT set_config('application_name', %s, false)", (f"runner {owner}"[:63],))
+                    try:
+                        conn.execute("SELECT set_config('idle_session_timeout', %s, false)",
+                                     (str(max(1000, int(silent_after * 1000))),))
+                    except psycopg.errors.UndefinedObject:  # before PostgreSQL 14
+                        log.warning("this PostgreSQL has no idle_session_timeout: a leader that hangs "
+                                    "keeps the leadership until its connection drops",
+                                    extra={"database": self.where})
                 if self._leading:
                     self._leader_conn.execute("SELECT 1")  # still connected: the lock is still ours
                     return True

@@ -101,7 +101,8 @@ class SqliteStore(SqlStore):
 
     # -- leadership: an flock on a file beside the database (one host) --------------------------
 
-    def try_lead(self, owner: str) -> bool:
+    def try_lead(self, owner: str, silent_after: float = 30.0) -> bool:
+        # An flock cannot expire: a hung leader on one host keeps it (documented in docs/daemon.md).
         if self.path == ":memory:":
             return True
         if self._leader_fd is not None:
