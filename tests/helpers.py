@@ -58,6 +58,13 @@ def stage_end(evs: list[dict], stage: str) -> dict:
     return ends[-1]
 
 
+def lab_cli(*args: str) -> subprocess.CompletedProcess:
+    """`runner lab ARGS` as a user runs it, from the repository's root."""
+    return subprocess.run([sys.executable, "-m", "runner", "lab", *args],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                          timeout=300)
+
+
 def lab_env(lab: dict) -> dict[str, str]:
     """The variables `runner lab env` exports, from the lab fixture's description."""
     from runner.lab.layout import env_vars

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "data" / "daemon"))
-from harness import (HERE, SECRET, TOKEN, config, daemon_in_process, fake_pipeline,  # noqa: E402
+from harness import (HERE, SECRET, TOKEN, config, daemon_in_process, fake_forge, fake_pipeline,  # noqa: E402
                      push_payload, send_github, wait_for)
 
 from runner.daemon.config import config_from_dict, load_config  # noqa: E402
@@ -98,37 +96,20 @@ def test_status_request():
                     "target_url": "https://ci.example/runs/5"}
 
 
-class _Forge(BaseHTTPRequestHandler):
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append((self.path, self.headers["Authorization"], body))
-        self.send_response(201)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *a):
-        pass
-
-
 def test_commit_status_and_masking_through_the_daemon(tmp_path):
-    forge = ThreadingHTTPServer(("127.0.0.1", 0), _Forge)
-    threading.Thread(target=forge.serve_forever, daemon=True).start()
-    try:
+    with fake_forge() as (forge_url, seen):
         pf = fake_pipeline(tmp_path, fail="build")
         cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO,
                                  "vars": {"FAKE_ECHO": f"token={TOKEN} secret={SECRET}"},
-                                 "commit_status": {"api_url": f"http://127.0.0.1:{forge.server_port}",
+                                 "commit_status": {"api_url": forge_url,
                                                    "repo": "me/app", "token": {"value": "forge-token-123"}}}])
         with daemon_in_process(cfg) as d:
             rid = send_github(d.url, push_payload(REPO, after="c" * 40), "st-1").json()["runs"][0]
-            wait_for(lambda: len(_Forge.seen) >= 2, 15, "two status reports")
+            wait_for(lambda: len(seen) >= 2, 15, "two status reports")
             run = d.store.get_run(rid)
             assert run["status"] == "failed"
             lines = [x["line"] for x in d.store.logs(rid)]
-        (p1, auth, pending), (p2, _, final) = _Forge.seen[:2]
+        (p1, auth, pending), (p2, _, final) = seen[:2]
         assert p1 == p2 == "/repos/me/app/statuses/" + "c" * 40
         assert auth == "Bearer forge-token-123"
         assert pending["state"] == "pending" and final["state"] == "failure"
@@ -136,8 +117,6 @@ def test_commit_status_and_masking_through_the_daemon(tmp_path):
         echoed = [x for x in lines if "echo:" in x]
         assert len(echoed) == 4  # a stage.log line and a stderr line, in two stages
         assert all(TOKEN not in x and SECRET not in x and "***" in x for x in echoed), echoed
-    finally:
-        forge.shutdown()
 
 
 def test_stop_orphan_leaves_a_reused_pid_alone():

@@ -25,14 +25,13 @@ import pytest
 
 from runner.lab import host, layout
 from tests.db_fixtures import fresh_database
+from tests.helpers import lab_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path("/var/lib/runner-lab")
 
 
-def _runner(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner", "lab", *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+_runner = lab_cli
 
 
 # ---- pure layout -------------------------------------------------------------------------------

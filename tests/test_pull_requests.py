@@ -7,15 +7,13 @@ import hashlib
 import hmac
 import json
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "data" / "daemon"))
-from harness import (SECRET, config, daemon_in_process, fake_pipeline, push_payload,  # noqa: E402
+from harness import (SECRET, config, daemon_in_process, fake_forge, fake_pipeline, push_payload,  # noqa: E402
                      send_github, wait_for)
 
 from runner.daemon import webhooks as wh  # noqa: E402
@@ -331,43 +329,24 @@ def test_a_pull_request_of_an_unconfigured_repository_says_so(daemon):
 
 # -- commit status of a pull request run --------------------------------------------------------
 
-class _Forge(BaseHTTPRequestHandler):
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append((self.path, body))
-        self.send_response(201)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *a):
-        pass
-
-
 def test_commit_status_is_reported_on_the_head_commit_to_the_base_repository(tmp_path):
-    forge = ThreadingHTTPServer(("127.0.0.1", 0), _Forge)
-    threading.Thread(target=forge.serve_forever, daemon=True).start()
-    try:
+    with fake_forge() as (forge_url, seen):
         cfg = config(tmp_path, [{"name": "app", "file": str(fake_pipeline(tmp_path)), "repo": GH_REPO,
                                  "triggers": {"pull_request": {}},
-                                 "commit_status": {"api_url": f"http://127.0.0.1:{forge.server_port}",
+                                 "commit_status": {"api_url": forge_url,
                                                    "repo": "octo-org/app", "token": {"value": "forge-token"}}}])
         with daemon_in_process(cfg) as d:
             r = send_github(d.url, github_pr(), "st-pr-1", event="pull_request")
             [rid] = r.json()["runs"]
             wait_for(lambda: d.store.get_run(rid)["status"] in FINAL, 20, "the run to end")
-            wait_for(lambda: len(_Forge.seen) >= 2, 15, "two status reports")
+            wait_for(lambda: len(seen) >= 2, 15, "two status reports")
             assert d.store.get_run(rid)["status"] == "success"
             # What `runner exec` was told (tests/data/daemon/fake_exec.py records it).
             [ran] = [json.loads(x) for x in (d.work_dir / "fake-runs.jsonl").read_text().splitlines()]
-        (p1, first), (p2, last) = _Forge.seen[:2]
+        (p1, _, first), (p2, _, last) = seen[:2]
         head = "8e2b6f3a1c9d4e5f60718293a4b5c6d7e8f90a1b"  # the fork's commit, not base.sha
         assert p1 == p2 == f"/repos/octo-org/app/statuses/{head}"
         assert (first["state"], last["state"]) == ("pending", "success")
         assert first["context"] == last["context"] == "runner/app"
         assert ran["withhold_secrets"] is True and ran["skip"] == ["push", "deploy"]
         assert ran["event"]["headers"]["x-github-event"] == "pull_request"
-    finally:
-        forge.shutdown()

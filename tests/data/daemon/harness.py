@@ -10,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -62,6 +64,32 @@ def daemon_in_process(cfg: dict):
 def api_get(url: str, path: str, **params) -> httpx.Response:
     """GET the daemon's API with the token."""
     return httpx.get(f"{url}{path}", params=params, headers=AUTH, timeout=5)
+
+
+@contextlib.contextmanager
+def fake_forge():
+    """A forge's status API on 127.0.0.1: yields (its base URL, the POSTs it got as
+    [(path, Authorization header, JSON body)]), answering each 201."""
+    seen: list[tuple[str, str | None, dict]] = []
+
+    class Forge(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            seen.append((self.path, self.headers["Authorization"],
+                         json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(201)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Forge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", seen
+    finally:
+        server.shutdown()
 
 
 def wait_for(pred, timeout: float, what: str = "condition", every: float = 0.05):
