@@ -3,6 +3,7 @@ commit status requests; plus commit status and masking through a running daemon.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,3 +137,62 @@ def test_stop_orphan_leaves_a_reused_pid_alone():
         if child.poll() is None:
             os.killpg(child.pid, 9)
             child.wait()
+
+
+def _check(path: Path, env: dict | None = None):
+    """`runner daemon --check`, with exactly the CHECK_* variables given."""
+    import subprocess
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CHECK_")}
+    return subprocess.run([sys.executable, "-m", "runner", "daemon", "--config", str(path), "--check"],
+                          capture_output=True, text=True, timeout=60, env={**base, **(env or {})},
+                          cwd=HERE.parent.parent.parent)
+
+
+def test_daemon_check_on_a_good_and_a_bad_config(tmp_path):
+    root = HERE.parent.parent.parent
+    good = tmp_path / "good.yaml"
+    good.write_text(f"""\
+name: one
+data_dir: {tmp_path / 'data'}
+api_token: {{env: CHECK_TOKEN}}
+webhooks:
+  github: {{secret: {{env: CHECK_HOOK}}}}
+pipelines:
+  - name: example
+    file: {root / 'pipeline.example.yaml'}
+    repo: https://github.com/me/app.git
+    vars: {{REGISTRY: r.example:5000, DEPLOY_HOSTS: "deploy@h:22", SSH_KEY_FILE: /k, KNOWN_HOSTS_FILE: /kh}}
+""")
+    ok = _check(good, {"CHECK_TOKEN": "t", "CHECK_HOOK": "h"})
+    assert ok.returncode == 0, ok.stderr
+    assert "ok (1 pipeline(s): example)" in ok.stdout
+    assert not (tmp_path / "data").exists()  # a check starts and writes nothing
+
+    # The same file without its secrets in the environment, then a broken one.
+    unset = _check(good)
+    assert unset.returncode == 2
+    assert f"{good}:3:1: error: api_token: environment variable CHECK_TOKEN is not set" in unset.stderr, unset.stderr
+    assert f"{good}:5:12: error: webhooks.github.secret:" in unset.stderr and "CHECK_HOOK" in unset.stderr
+
+    bad_pipeline = tmp_path / "bad-pipeline.yaml"
+    bad_pipeline.write_text("version: 1\nname: bad\nrepository: {url: .}\nstages:\n  biuld: {}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"""\
+name: two
+pipelines:
+  - name: gone
+    file: {tmp_path / 'missing.yaml'}
+  - name: broken
+    file: {bad_pipeline}
+""")
+    out = _check(bad)
+    assert out.returncode == 2, out.stderr
+    assert f"{bad}:4:5: error: pipelines.0.file: no such pipeline file: {tmp_path / 'missing.yaml'}" in out.stderr
+    # The pipeline file's own problems, every one, located in that file.
+    assert f"{bad_pipeline}:5:3: error: stages.biuld: unknown key 'biuld' (did you mean 'build'?)" in out.stderr
+    assert f"{bad_pipeline}:1:1: error: image: missing required field 'image'" in out.stderr
+    assert "3 problem(s); the daemon would not start" in out.stderr
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: three\nconcurrencyy: 2\n")
+    out = _check(typo)
+    assert out.returncode == 2 and f"{typo}:2:1: error: concurrencyy:" in out.stderr, out.stderr

@@ -60,14 +60,27 @@ def _daemon_name(owner: str | None) -> str:
 @click.command("daemon")
 @click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False),
               help="The daemon's YAML config.")
-def daemon(config_file: str) -> None:
+@click.option("--check", is_flag=True,
+              help="Only check the config, its pipeline files and its secrets; start nothing. "
+                   "Every problem as file:line:column; exit 0 or 2.")
+def daemon(config_file: str, check: bool) -> None:
     """Serve webhooks, polls and schedules; run pipelines; keep their history.
 
-    A commented example config: tests/data/daemon/daemon.example.yaml. SIGTERM stops it
-    gracefully (running stages get grace_period seconds, then are cancelled)."""
-    from runner.daemon.config import load_config
+    A commented example config: tests/data/daemon/daemon.example.yaml; the guide: docs/daemon.md.
+    SIGTERM stops it gracefully (running stages get grace_period seconds, then are cancelled)."""
+    from runner.daemon.config import check_config, load_config
     from runner.daemon.service import Daemon, setup_logging
 
+    if check:
+        cfg, problems = check_config(config_file)
+        for p in problems:
+            click.echo(str(p), err=True)
+        if problems:
+            click.echo(f"{config_file}: {len(problems)} problem(s); the daemon would not start", err=True)
+            sys.exit(EXIT_INVALID)
+        names = ", ".join(p.name for p in cfg.pipelines) or "none"
+        click.echo(f"{config_file}: ok ({len(cfg.pipelines)} pipeline(s): {names})")
+        return
     setup_logging()
     try:
         d = Daemon(load_config(config_file))

@@ -316,3 +316,46 @@ def config_from_dict(data: dict, source: str = "<config>", root=None) -> DaemonC
         return DaemonConfig.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput("daemon config is invalid", _problems(source, exc, root)) from None
+
+
+def check_config(path: str | os.PathLike) -> tuple[DaemonConfig | None, list[Problem]]:
+    """What `runner daemon` would refuse, found without starting it (`runner daemon --check`):
+    the file's own problems; then each pipeline's file, loaded and validated as `runner exec`
+    loads it (with the entry's vars), and every secret reference that cannot be read now. Each
+    problem with its file, line and column. Nothing is connected to or written."""
+    from runner.loader import load_pipeline
+
+    try:
+        cfg = load_config(path)
+    except InvalidInput as exc:
+        return None, exc.problems or [Problem(str(path), 1, 1, "", str(exc))]
+    root = yaml.compose(Path(path).read_text())
+    problems: list[Problem] = []
+
+    def at(loc: tuple, message: str) -> None:
+        line, col = _locate(root, loc)
+        problems.append(Problem(str(path), line, col, ".".join(str(x) for x in loc), message))
+
+    refs: list[tuple[tuple, SecretRef | None]] = [(("api_token",), cfg.api_token), (("database",), cfg.database)]
+    refs += [(("webhooks", name, "secret"), hook.secret) for name, hook in cfg.webhooks.items()]
+    for i, p in enumerate(cfg.pipelines):
+        refs.append((("pipelines", i, "webhook_secret"), p.webhook_secret))
+        if p.commit_status is not None:
+            refs.append((("pipelines", i, "commit_status", "token"), p.commit_status.token))
+        file = cfg.path(p.file)
+        if not file.is_file():
+            at(("pipelines", i, "file"), f"no such pipeline file: {file}")
+            continue
+        try:
+            load_pipeline(file, variables=dict(p.vars))
+        except InvalidInput as exc:
+            problems.extend(exc.problems or [Problem(str(file), 1, 1, "", str(exc))])
+    for loc, ref in refs:
+        if ref is None:
+            continue
+        try:
+            ref.resolve()
+        except InvalidInput as exc:
+            at(loc, str(exc))
+    return cfg, problems
+
