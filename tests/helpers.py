@@ -65,6 +65,21 @@ def lab_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def lab_env_printed() -> dict[str, str]:
+    """What `runner lab env` prints, parsed as a shell would (every line an `export`)."""
+    import shlex
+
+    proc = lab_cli("env")
+    assert proc.returncode == 0, proc.stderr
+    values = {}
+    for line in proc.stdout.splitlines():
+        words = shlex.split(line)
+        assert words[0] == "export", line
+        name, value = words[1].split("=", 1)
+        values[name] = value
+    return values
+
+
 def lab_env(lab: dict) -> dict[str, str]:
     """The variables `runner lab env` exports, from the lab fixture's description."""
     from runner.lab.layout import env_vars

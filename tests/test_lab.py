@@ -19,7 +19,7 @@ import pytest
 
 from runner.lab import host, layout
 from runner.lab.layout import Server
-from tests.helpers import lab_cli
+from tests.helpers import lab_cli, lab_env_printed
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path("/var/lib/runner-lab")
@@ -332,14 +332,7 @@ def test_a_server_pulls_from_the_registry_and_serves_the_host(lab):
 
 
 def test_env_output_is_shell_parseable(lab):
-    proc = _runner("env")
-    assert proc.returncode == 0, proc.stderr
-    values = {}
-    for line in proc.stdout.splitlines():
-        words = shlex.split(line)
-        assert words[0] == "export"
-        name, value = words[1].split("=", 1)
-        values[name] = value
+    values = lab_env_printed()
     assert values["REGISTRY"] == lab["registry"]
     assert values["DOCKER_HOST"] == lab["docker_host"]
     hosts = values["DEPLOY_HOSTS"].split(",")

@@ -13,9 +13,7 @@ import hmac
 import json
 import os
 import pwd
-import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 
 from runner.lab import host, layout
 from tests.db_fixtures import fresh_database
-from tests.helpers import lab_cli
+from tests.helpers import lab_cli, lab_env_printed
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = Path("/var/lib/runner-lab")
@@ -134,16 +132,7 @@ def _record(lab: dict) -> dict:
     return json.loads((_state(lab) / "state.json").read_text())["procs"]["postgres"]
 
 
-def _env() -> dict[str, str]:
-    proc = _runner("env")
-    assert proc.returncode == 0, proc.stderr
-    values = {}
-    for line in proc.stdout.splitlines():
-        words = shlex.split(line)
-        assert words[0] == "export"
-        name, value = words[1].split("=", 1)
-        values[name] = value
-    return values
+_env = lab_env_printed
 
 
 @pytest.mark.lab

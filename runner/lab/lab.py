@@ -164,16 +164,10 @@ class Lab:
         return running is not None and not layout.runs_as_started(running, wanted)
 
     def _auth_password(self) -> str | None:
-        try:
-            return layout.auth_registry_password_file(self.state).read_text().strip() or None
-        except OSError:
-            return None
+        return _read_password(layout.auth_registry_password_file(self.state))
 
     def _postgres_password(self) -> str | None:
-        try:
-            return layout.postgres_password_file(self.state).read_text().strip() or None
-        except OSError:
-            return None
+        return _read_password(layout.postgres_password_file(self.state))
 
     def _auth_registry_ready(self) -> bool:
         password = self._auth_password()
@@ -315,15 +309,8 @@ class Lab:
         entry. True when the htpasswd file had to be (re)written."""
         import bcrypt  # a paramiko dependency; only `up` needs it
 
-        pw_file = layout.auth_registry_password_file(self.state)
-        password = self._auth_password()
-        if password is None:
-            password = secrets.token_hex(16)
-            _write_private(pw_file, password + "\n")
-            self.log(f"made the password of {layout.AUTH_REGISTRY}'s user "
-                     f"{layout.AUTH_REGISTRY_USER}: {pw_file}")
-        elif pw_file.stat().st_mode & 0o077:
-            pw_file.chmod(0o600)
+        password = self._password_file(layout.auth_registry_password_file(self.state),
+                                       f"{layout.AUTH_REGISTRY}'s user {layout.AUTH_REGISTRY_USER}")
         htpasswd = layout.auth_registry_htpasswd(self.state)
         try:
             hashed = layout.htpasswd_entry(htpasswd.read_text(), layout.AUTH_REGISTRY_USER)
@@ -368,13 +355,16 @@ class Lab:
         self._ensure_postgres_role(password)
 
     def _ensure_postgres_password(self) -> str:
-        pw_file = layout.postgres_password_file(self.state)
-        password = self._postgres_password()
+        return self._password_file(layout.postgres_password_file(self.state),
+                                   f"the lab's PostgreSQL role {layout.POSTGRES_USER}")
+
+    def _password_file(self, pw_file: Path, whose: str) -> str:
+        """The password kept in `pw_file` (0600), made once at random and kept across down/up."""
+        password = _read_password(pw_file)
         if password is None:
             password = secrets.token_hex(16)
             _write_private(pw_file, password + "\n")
-            self.log(f"made the password of the lab's PostgreSQL role {layout.POSTGRES_USER}: "
-                     f"{pw_file}")
+            self.log(f"made the password of {whose}: {pw_file}")
         elif pw_file.stat().st_mode & 0o077:
             pw_file.chmod(0o600)
         return password
@@ -666,6 +656,13 @@ def _remove_server_net(s: Server) -> None:
         host.run(["ip", "link", "del", s.veth], check=False)
     if host.netns_exists(s.netns):
         host.run(["ip", "netns", "del", s.netns], check=False)
+
+
+def _read_password(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _write_private(path: Path, text: str) -> None:
