@@ -23,7 +23,8 @@ from deployers.transport import TransportError
 
 def make_deployer(pipeline: Pipeline, *, run_id: str, image: ImageRef | None = None,
                   commit: str = "", secret=None, log=None, cancel=None) -> SSHDockerDeployer:
-    return SSHDockerDeployer(pipeline.stages.deploy, pipeline=pipeline.name,
+    # deploy_settings(): the top-level `env:` reaches the container, under its own env.
+    return SSHDockerDeployer(pipeline.deploy_settings(), pipeline=pipeline.name,
                              image_name=pipeline.image.name, run_id=run_id, image=image,
                              commit=commit, secret=secret, log=log, cancel=cancel)
 

@@ -5,10 +5,13 @@ Steps, each collecting problems instead of stopping at the first:
    source map: field path tuple -> (line, column) of the value, and of the key (1-based).
    Duplicate keys are refused; `<<` merge keys are honoured.
 2. interpolate every string scalar (`runner.interpolate`; keys are never interpolated).
-3. resolve relative local paths (repository.url, secrets' `file:`) against the file's directory.
-4. validate with the pydantic model; each pydantic error is put back on the line it came from.
+3. resolve relative paths on the runner's machine (the fields marked `PathOn("pipeline")`:
+   repository.url, secrets' `file:`, ssh.key_file, ...) against the file's directory.
+4. validate with the pydantic model; each pydantic error is put back on the line it came from,
+   and said in the pipeline's words (`runner.model.words`): "expected a list of strings, got
+   the string 'latest'", never pydantic's "Input should be a valid tuple".
 5. cross checks the model cannot do alone: secret sources, secret references, image name, tag
-   templates.
+   templates, a top-level `env:` with no deploy to reach.
 All problems are raised together as `InvalidInput("<file>: pipeline is invalid", problems)`.
 """
 from __future__ import annotations
@@ -16,13 +19,12 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import types
 import typing
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ValidationError
@@ -34,6 +36,11 @@ from runner.errors import InvalidInput, Problem
 from runner.gitsafety import check_ref, check_repo_url
 from runner.interpolate import NAME_RE, BrokenVariable, InterpolationError, Resolver
 from runner.model import Pipeline
+from runner.model.base import OneString
+from runner.model.words import (
+    HIDDEN_FIELDS, FieldType, alternatives, expected, fields_of, got, item_type, literal_values,
+    model_class, yaml_keys,
+)
 
 FieldPath = tuple[str | int, ...]
 
@@ -222,10 +229,44 @@ class _Converter:
             out[key] = self.convert(value_node, child)
 
 
+def _flow_interpolation(text: str, exc: yaml.MarkedYAMLError) -> Problem | None:
+    """`{servers: ${HOSTS}}`: in a flow mapping or list, YAML reads the `{` of `${` as a nested
+    mapping, and PyYAML says only "expected ',' or '}', but got '{'". Say what it is."""
+    mark = exc.problem_mark
+    if mark is None or exc.context not in ("while parsing a flow mapping",
+                                            "while parsing a flow sequence"):
+        return None
+    lines = text.splitlines()
+    if mark.line >= len(lines):
+        return None
+    line = lines[mark.line]
+    col = mark.column
+    if not (line[col:col + 1] == "{" and col > 0 and line[col - 1] == "$"):
+        return None
+    start = col - 1
+    while start > 0 and line[start - 1] not in " \t,[{":
+        start -= 1
+    end = col + 1
+    depth = 1
+    while end < len(line) and depth:
+        depth += {"{": 1, "}": -1}.get(line[end], 0)
+        end += 1
+    while end < len(line) and line[end] not in ",]}" and not line[end].isspace():
+        end += 1
+    value = line[start:end]
+    kind = "mapping {...}" if exc.context.endswith("mapping") else "list [...]"
+    return Problem("", mark.line + 1, start + 1, "",
+                   f"{value} inside a flow {kind} needs quotes: YAML reads the '{{' of '${{' "
+                   f"there as the start of a nested mapping; write \"{value}\"")
+
+
 def _compose(text: str, smap: SourceMap) -> tuple[Any, _Converter | None, list[Problem]]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
+        found = _flow_interpolation(text, exc)
+        if found is not None:
+            return None, None, [Problem(smap.file, found.line, found.column, "", found.message)]
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = exc.problem or "invalid YAML"
@@ -254,34 +295,9 @@ def _compose(text: str, smap: SourceMap) -> tuple[Any, _Converter | None, list[P
 
 # --------------------------------------------------------------------------- model walking
 
-def _unwrap(ann: Any) -> list[Any]:
-    """The alternatives of a union annotation (None removed), or [ann]."""
-    if typing.get_origin(ann) in (Union, types.UnionType):
-        return [a for a in typing.get_args(ann) if a is not type(None)]
-    if typing.get_origin(ann) is typing.Annotated:
-        return _unwrap(typing.get_args(ann)[0])
-    return [ann]
-
-
-def _model_class(ann: Any) -> type[BaseModel] | None:
-    for alt in _unwrap(ann):
-        if isinstance(alt, type) and issubclass(alt, BaseModel):
-            return alt
-    return None
-
-
-def _yaml_keys(name: str, info: Any) -> list[str]:
-    """The keys a field may be written as in YAML, preferred first."""
-    keys: list[str] = []
-    va = info.validation_alias
-    if isinstance(va, AliasChoices):
-        keys.extend(c for c in va.choices if isinstance(c, str))
-    elif isinstance(va, str):
-        keys.append(va)
-    if info.alias:
-        keys.insert(0, info.alias)
-    keys.append(name)
-    return list(dict.fromkeys(keys))
+_unwrap = alternatives
+_model_class = model_class
+_yaml_keys = yaml_keys
 
 
 def _field_for_key(cls: type[BaseModel], key: str) -> tuple[str, Any] | None:
@@ -318,7 +334,7 @@ def _model_at(path: FieldPath, root: type[BaseModel] = Pipeline) -> type[BaseMod
     return _model_class(ann)
 
 
-_HIDDEN_FIELDS = {"source_file"}
+_HIDDEN_FIELDS = set(HIDDEN_FIELDS)
 _SECRET_REF_FIELDS: set[tuple[type, str]] = set()
 
 
@@ -465,19 +481,48 @@ def is_local_path(url: str) -> bool:
     return not (colon > 0 and (slash < 0 or colon < slash))
 
 
-def _resolve_paths(data: dict[str, Any], base_dir: str) -> None:
-    def absolute(p: str) -> str:
-        return os.path.normpath(os.path.join(base_dir, os.path.expanduser(p)))
+def _runner_paths(ann: Any, data: Any, path: FieldPath) -> Iterator[FieldPath]:
+    """The paths of the fields marked `PathOn("pipeline")` that `data` sets to a string."""
+    cls = model_class(ann)
+    if cls is not None:
+        if not isinstance(data, Mapping):
+            return
+        for key, name, info in fields_of(cls):
+            found = next((k for k in yaml_keys(name, info) if k in data), None)
+            if found is None:
+                continue
+            on = FieldType.of(info).path_on
+            if on is not None and on.base == "pipeline":
+                if isinstance(data[found], str):
+                    yield path + (found,)
+            else:
+                yield from _runner_paths(info.annotation, data[found], path + (found,))
+        return
+    for alt in alternatives(ann):
+        origin, args = typing.get_origin(alt), typing.get_args(alt)
+        if origin in (list, tuple) and isinstance(data, list) and args:
+            for i, item in enumerate(data):
+                yield from _runner_paths(args[0], item, path + (i,))
+            return
+        if origin is dict and isinstance(data, Mapping) and len(args) == 2:
+            for k, item in data.items():
+                yield from _runner_paths(args[1], item, path + (k,))
+            return
 
-    repo = data.get("repository")
-    if isinstance(repo, dict) and isinstance(repo.get("url"), str) and repo["url"]:
-        if is_local_path(repo["url"]):
-            repo["url"] = absolute(repo["url"])
-    secrets = data.get("secrets")
-    if isinstance(secrets, dict):
-        for src in secrets.values():
-            if isinstance(src, dict) and isinstance(src.get("file"), str) and src["file"]:
-                src["file"] = absolute(src["file"])
+
+def _get(data: Any, path: FieldPath) -> Any:
+    for part in path:
+        data = data[part]
+    return data
+
+
+def _resolve_paths(data: dict[str, Any], base_dir: str, failed: set[str]) -> None:
+    """Make the runner-machine paths of `data` absolute, against `base_dir` (`~` expanded);
+    URLs and `host:path` stay as they are, and so do strings left uninterpolated."""
+    for path in list(_runner_paths(Pipeline, data, ())):
+        value = _get(data, path)
+        if value and is_local_path(value) and format_path(path) not in failed:
+            _set(data, path, os.path.normpath(os.path.join(base_dir, os.path.expanduser(value))))
 
 
 # --------------------------------------------------------------------------- validation
@@ -506,8 +551,88 @@ def _suggest(word: str, candidates: list[str]) -> str:
 
 
 def _yaml_names(cls: type[BaseModel]) -> list[str]:
-    return [k for name, info in cls.model_fields.items() if name not in _HIDDEN_FIELDS
-            for k in _yaml_keys(name, info)[:1]]
+    return [key for key, _name, _info in fields_of(cls)]
+
+
+# pydantic error types that say "this is not the kind of value the field takes": said as
+# "expected <what the field takes>, got <what was written>".
+_KIND_ERRORS = frozenset({
+    "dict_type", "model_type", "model_attributes_type", "tuple_type", "list_type", "set_type",
+    "int_type", "int_parsing", "int_from_float", "float_type", "float_parsing", "bool_type",
+    "bool_parsing", "string_type", "literal_error", "enum", "date_type", "date_parsing",
+    "date_from_datetime_parsing", "date_from_datetime_inexact", "none_required",
+    "is_instance_of", "string_too_short", "string_too_long", "string_pattern_mismatch",
+    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+    "too_short", "too_long", "multiple_of",
+})
+
+
+def _field_at(loc: FieldPath) -> tuple[FieldPath, FieldType | None]:
+    """The part of a pydantic error location that is a place in the file, and the type of the
+    value there. What is left out names a union member ("literal['NONE']")."""
+    ann: Any = Pipeline
+    ft: FieldType | None = None
+    for i, part in enumerate(loc):
+        owner = model_class(ann)
+        if owner is not None:
+            found = _field_for_key(owner, part) if isinstance(part, str) else None
+            if found is None:
+                return loc[:i], ft
+            ft, ann = FieldType.of(found[1]), found[1].annotation
+            continue
+        nxt = _descend(ann, part)
+        if nxt is None:
+            return loc[:i], ft
+        # An item of a list whose items may be strings (servers: ["user@host"]) says so.
+        items = ft.one_string.items if ft is not None and ft.one_string is not None else None
+        ft = FieldType(nxt, (OneString(items),) if items and isinstance(part, int) else ())
+        ann = nxt
+    return loc, ft
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000,
+                          allow_unicode=True).strip().removesuffix("...").strip()
+
+
+def _kind_problem(where: FieldPath, ft: FieldType, err: Mapping[str, Any],
+                  smap: SourceMap, conv: _Converter) -> Problem:
+    value = err.get("input")
+    scalar = conv.scalars.get(where)
+    if isinstance(value, str) and scalar is not None and "$" not in scalar.text:
+        value = scalar.text  # as written, before a validator changed it (`fail_on: hihg`)
+    hint = ""
+    item = item_type(ft.annotation)
+    if item is not None and ft.one_string is None and (
+            (isinstance(value, str) and (item is str or literal_values(item)))
+            or (isinstance(value, dict) and model_class(item) is not None)):
+        written = _flow([value])  # the one item given, as a list of one
+        if len(written) <= 70:
+            hint = f" (write {written})"
+    elif model_class(ft.annotation) is not None and value is None \
+            and not any(f.is_required() for _k, _n, f in fields_of(model_class(ft.annotation))):
+        hint = f" (write {where[-1]}: {{}} for the defaults)" if where else ""
+    elif isinstance(value, str) and literal_values(ft.annotation):
+        names = [str(v) for v in literal_values(ft.annotation) or ()]
+        hint = _suggest(value, names) or _suggest(value.upper(), names)
+    return smap.problem(where, f"expected {expected(ft)}, got {got(value)}{hint}")
+
+
+def _error_problems(errors: list[Mapping[str, Any]], smap: SourceMap,
+                    conv: _Converter) -> list[Problem]:
+    """pydantic's errors as problems in the pipeline's words, one per place in the file."""
+    problems: list[Problem] = []
+    said: set[FieldPath] = set()
+    for err in errors:
+        where, ft = _field_at(tuple(err["loc"]))
+        if err["type"] in _KIND_ERRORS and ft is not None:
+            # One message for a place, however many union alternatives pydantic tried.
+            if where not in said:
+                said.add(where)
+                problems.append(_kind_problem(where, ft, err, smap, conv))
+            continue
+        problems.append(_error_problem(err, smap))
+    return problems
 
 
 def _error_problem(err: Mapping[str, Any], smap: SourceMap) -> Problem:
@@ -516,12 +641,22 @@ def _error_problem(err: Mapping[str, Any], smap: SourceMap) -> Problem:
     if kind == "extra_forbidden" and loc:
         key = str(loc[-1])
         model = _model_at(loc[:-1])
-        hint = _suggest(key, _yaml_names(model)) if model is not None else ""
-        return smap.problem(loc, f"unknown key '{key}'{hint}", key=True)
+        if model is None:
+            return smap.problem(loc, f"unknown key '{key}'", key=True)
+        names = _yaml_names(model)
+        here = format_path(loc[:-1]) or "the top level"
+        return smap.problem(loc, f"unknown key '{key}'{_suggest(key, names)}; {here} takes: "
+                            f"{', '.join(names)}", key=True)
     if kind == "missing" and loc:
         line, col = smap.locate(loc[:-1], key=True)
+        model = _model_at(loc[:-1])
+        found = _field_for_key(model, str(loc[-1])) if model is not None else None
+        choices = found[1].validation_alias if found is not None else None
+        others = [c for c in choices.choices if isinstance(c, str) and c != loc[-1]] \
+            if isinstance(choices, AliasChoices) else []
+        also = f" (or '{others[0]}', the same)" if others else ""
         return Problem(smap.file, line, col, format_path(loc),
-                       f"missing required field '{loc[-1]}'")
+                       f"missing required field '{loc[-1]}'{also}")
     where = smap.deepest(loc)
     message = str(err["msg"])
     if message.startswith("Value error, "):
@@ -530,7 +665,7 @@ def _error_problem(err: Mapping[str, Any], smap: SourceMap) -> Problem:
         message = message[len("Assertion failed, "):]
     value = err.get("input")
     if (isinstance(value, (str, int, float, bool)) or value is None) \
-            and repr(value) not in message:
+            and repr(value) not in message and ", got " not in message:
         message += f" (got {_short(value)})"
     return smap.problem(where, message)
 
@@ -577,7 +712,7 @@ def _validate(data: dict[str, Any], smap: SourceMap,
                     retry = True
         if not retry:
             break
-    return None, _merge_union_problems([_error_problem(err, smap) for err in errors])
+    return None, _merge_union_problems(_error_problems(errors, smap, conv))
 
 
 def _cross_checks(data: dict[str, Any], smap: SourceMap) -> list[Problem]:
@@ -606,6 +741,12 @@ def _cross_checks(data: dict[str, Any], smap: SourceMap) -> list[Problem]:
             known = f"; defined: {', '.join(sorted(names))}" if names and not hint else ""
             problems.append(smap.problem(path, f"unknown secret '{name}'{hint} (add it under "
                                          f"secrets:{known})"))
+    stages = data.get("stages")
+    if data.get("env") and not (isinstance(stages, dict) and "deploy" in stages):
+        problems.append(smap.problem(
+            ("env",), "the top-level env is the environment of the deployed container, and "
+            "this pipeline has no stages.deploy section, so it would reach nothing: remove it, "
+            "or add the deploy (a Dockerfile gets its values as stages.build.args)", key=True))
     repo = data.get("repository")
     if isinstance(repo, dict):
         for key, check in (("url", check_repo_url), ("ref", check_ref)):
@@ -657,7 +798,7 @@ def load_pipeline_text(
     problems += _interpolate(data, smap, conv, variables or {}, environ, failed)
     if base_dir is None:
         base_dir = os.path.dirname(os.path.abspath(filename))
-    _resolve_paths(data, os.fspath(base_dir))
+    _resolve_paths(data, os.fspath(base_dir), failed)
     pipeline, invalid = _validate(data, smap, conv)
     # A string left uninterpolated is reported once, not again as an invalid value.
     problems += [p for p in invalid + _cross_checks(data, smap) if p.path not in failed]

@@ -101,25 +101,29 @@ BAD = [
           url: x
           depth: lots
         image: {name: a}
-        """, (4, 10, "repository.depth", "valid integer")),
+        """, (4, 10, "repository.depth",
+              "expected a whole number of at least 1, got the string 'lots'")),
     ("wrong type: mapping expected", """\
         name: demo
         repository: {url: x}
         image: {name: a}
         stages: 5
-        """, (4, 9, "stages", "valid dictionary")),
+        """, (4, 9, "stages",
+              "expected a mapping {checkout?, build?, scan?, push?, deploy?}, got the number 5")),
     ("constraint", """\
         name: demo
         repository: {url: x}
         image: {name: a}
         stages:
           push: {retries: 99}
-        """, (5, 19, "stages.push.retries", "less than or equal to 10")),
+        """, (5, 19, "stages.push.retries",
+              "expected a whole number from 0 to 10, got the number 99")),
     ("name pattern", """\
         name: Demo App
         repository: {url: x}
         image: {name: a}
-        """, (1, 7, "name", "should match pattern")),
+        """, (1, 7, "name", "expected a string matching ^[a-z0-9][a-z0-9_.-]{0,62}$, got the "
+              "string 'Demo App'")),
     ("missing top-level field", """\
         name: demo
         image: {name: a}
@@ -304,14 +308,16 @@ def test_all_problems_reported_at_once():
           name: "${NOPE}"
         stages:
           build: {timeout: -1}
-          push: {auth: {password: nope2}}
+          push: {auth: {username: ci, password: nope2}}
         repository: {url: y}
         """)
     assert [(p[0], p[1]) for p in found] == [
-        (1, 1), (1, 1), (4, 10), (5, 10), (7, 9), (9, 20), (10, 27), (11, 1)]
+        (1, 1), (1, 1), (4, 10), (5, 10), (7, 9), (9, 20), (10, 41), (11, 1)]
     messages = " | ".join(p[3] for p in found)
-    for fragment in ("unknown key 'nmae'", "missing required field 'name'", "valid integer",
-                     "unknown secret 'nope'", "undefined variable 'NOPE'", "greater than 0",
+    for fragment in ("unknown key 'nmae'", "missing required field 'name'",
+                     "expected a whole number of at least 1, got the string 'zero'",
+                     "unknown secret 'nope'", "undefined variable 'NOPE'",
+                     "expected a number above 0, got the number -1",
                      "unknown secret 'nope2'", "duplicate key 'repository'"):
         assert fragment in messages
 
@@ -342,12 +348,14 @@ def test_interpolation_everywhere_but_keys():
         name: demo
         repository: {url: "https://${HOST}/app.git", depth: "${DEPTH}"}
         image: {name: "${HOST}/app"}
-        env:
-          ${KEY}: "$$HOME is literal, ${HOST} is not"
+        stages:
+          build:
+            args:
+              ${KEY}: "$$HOME is literal, ${HOST} is not"
         """, environ={"HOST": "git.example.com", "DEPTH": "5", "KEY": "no"})
     assert p.repository.url == "https://git.example.com/app.git"
     assert p.repository.depth == 5
-    assert p.env == {"${KEY}": "$HOME is literal, git.example.com is not"}
+    assert p.stages.build.args == {"${KEY}": "$HOME is literal, git.example.com is not"}
 
 
 def test_interpolation_precedence():
@@ -401,7 +409,9 @@ def test_anchors_and_merge_keys():
         env:
           <<: *v
           B: "2"
-        stages: {build: {args: {<<: *v, A: "3"}, cache_from: &c [x], cache_to: *c}}
+        stages:
+          build: {args: {<<: *v, A: "3"}, cache_from: &c [x], cache_to: *c}
+          deploy: {enabled: false}
         """)
     assert p.env == {"A": "1", "B": "2"}
     assert p.stages.build.args == {"A": "3"}
@@ -417,6 +427,7 @@ def test_merge_keys_explicit_wins():
         env:
           <<: *v
           B: "2"
+        stages: {deploy: {enabled: false}}
         """)
     assert p.env == {"A": "1", "B": "2"}
     assert source_map(p).locate(("env", "B")) == (7, 6)
@@ -557,3 +568,201 @@ def test_default_environ_is_process_environment(monkeypatch):
     p = load_pipeline_text("name: demo\nrepository: {url: x}\n"
                            "image: {name: '${RUNNER_TEST_REGISTRY}/app'}\n", "p.yml")
     assert p.image.name == "from-env.local/app"
+
+
+# ------------------------------------------------------------------ messages in the file's words
+
+MESSAGES = [
+    ("tags: a string", "image: {name: a, tags: latest}\n",
+     (3, 24, "image.tags", "expected a list of strings, got the string 'latest' (write [latest])")),
+    ("ignore: a string", "stages:\n  scan: {ignore: CVE-1}\n",
+     (5, 18, "stages.scan.ignore", "expected a list of {id, statement, expired_at?, paths?, "
+      "purls?} entries, got the string 'CVE-1'")),
+    ("ignore: one mapping", "stages:\n  scan: {ignore: {id: X, reason: r}}\n",
+     (5, 18, "stages.scan.ignore", "expected a list of {id, statement, expired_at?, paths?, "
+      "purls?} entries, got a mapping {id, reason} (write [{id: X, reason: r}])")),
+    ("a mapping given a number", "stages:\n  push: {auth: 5}\n",
+     (5, 16, "stages.push.auth", "expected a mapping {username?, password?}, got the number 5")),
+    ("a choice, any case", "stages:\n  scan: {fail_on: hihg}\n",
+     (5, 19, "stages.scan.fail_on", "expected one of UNKNOWN, LOW, MEDIUM, HIGH, CRITICAL or NONE "
+      "(in any case), got the string 'hihg' (did you mean 'HIGH'?)")),
+    ("a list item choice", "stages:\n  scan: {targets: [imag]}\n",
+     (5, 20, "stages.scan.targets[0]", "expected one of image or context, got the string 'imag' "
+      "(did you mean 'image'?)")),
+    ("a section left empty", "stages:\n  scan:\n",
+     (5, 8, "stages.scan", "got nothing (an empty value) (write scan: {} for the defaults)")),
+    ("true for a number", "stages:\n  push: {retries: true}\n",
+     (5, 19, "stages.push.retries", "expected a whole number, got true")),
+    ("a number out of range", "stages:\n  deploy: {servers: [a], keep_versions: 0}\n",
+     (5, 41, "stages.deploy.keep_versions", "expected a whole number from 1 to 100, got the "
+      "number 0")),
+    ("servers: a number", "stages:\n  deploy: {servers: 5}\n",
+     (5, 21, "stages.deploy.servers", "expected a list of {host, port?, user?, name?, host_key?} "
+      "entries, or one string of comma-separated `user@host:port`")),
+    ("a date", "stages:\n  scan: {ignore: [{id: X, reason: r, expired_at: soon}]}\n",
+     (5, 50, "stages.scan.ignore[0].expired_at", "expected a date (YYYY-MM-DD), got the string "
+      "'soon'")),
+    ("the other name of a required key", "stages:\n  scan: {ignore: [{id: X}]}\n",
+     (5, 19, "stages.scan.ignore[0].statement", "missing required field 'statement' (or 'reason', "
+      "the same)")),
+    ("only half a login", "stages:\n  push: {auth: {username: ci}}\n",
+     (5, 16, "stages.push.auth", "give both username and password (a secret name), or neither")),
+]
+
+
+@pytest.mark.parametrize("body,expected", [c[1:] for c in MESSAGES], ids=[c[0] for c in MESSAGES])
+def test_messages_say_what_the_field_takes(body, expected):
+    found = problems("name: demo\nrepository: {url: x}\nimage: {name: a}\n" + body
+                     if not body.startswith("image:") else
+                     "name: demo\nrepository: {url: x}\n" + body)
+    line, column, path, fragment = expected
+    matching = [p for p in found if fragment in p[3]]
+    assert matching, f"no problem mentions {fragment!r}: {found}"
+    assert matching[0][:3] == (line, column, path), found
+    assert not any("Input should" in p[3] or "valid tuple" in p[3] or "instance of" in p[3]
+                   for p in found), found
+
+
+def test_unknown_key_lists_the_keys_of_its_section():
+    found = problems("""\
+        name: demo
+        repository: {url: x, tokn: t}
+        image: {name: a}
+        """)
+    assert found == [(2, 22, "repository.tokn", "unknown key 'tokn' (did you mean 'token'?); "
+                      "repository takes: url, ref, depth, submodules, token, token_user, ssh_key")]
+
+
+@pytest.mark.parametrize("yaml_text,where,value,kind", [
+    ("image: {name: a}\nstages:\n  deploy: {servers: ${HOSTS}}\n", (5, 21), "${HOSTS}",
+     "mapping {...}"),
+    ("image: {name: a, tags: [v${N}, latest]}\n", (3, 25), "v${N}", "list [...]"),
+    ("image: {name: a}\nenv: {URL: ${BASE}/api}\n", (4, 12), "${BASE}/api", "mapping {...}"),
+])
+def test_interpolation_in_a_flow_collection_is_said_plainly(yaml_text, where, value, kind):
+    # Unquoted, YAML reads the `{` of `${` as a nested mapping; PyYAML only says
+    # "expected ',' or '}', but got '{'".
+    found = problems("name: demo\nrepository: {url: x}\n" + yaml_text)
+    assert len(found) == 1, found
+    assert found[0][:2] == where
+    assert found[0][3] == (f"{value} inside a flow {kind} needs quotes: YAML reads the '{{' of "
+                           f"'${{' there as the start of a nested mapping; write \"{value}\"")
+
+
+def test_interpolation_quoted_in_a_flow_collection_works():
+    p = load("""\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        stages:
+          deploy: {servers: "${HOSTS}"}
+        """, environ={"HOSTS": "root@10.0.0.1,10.0.0.2"})
+    assert [s.host for s in p.stages.deploy.servers] == ["10.0.0.1", "10.0.0.2"]
+
+
+# --------------------------------------------------------------------------- stages and env
+
+def _stages(text: str) -> dict[str, bool]:
+    p = load("name: demo\nrepository: {url: x}\nimage: {name: a}\n" + textwrap.dedent(text))
+    return {n: getattr(p.stages, n).enabled
+            for n in ("checkout", "build", "scan", "push", "deploy")}
+
+
+def test_a_stage_section_runs_unless_it_says_enabled_false():
+    assert _stages("") == {"checkout": True, "build": True, "scan": False, "push": True,
+                           "deploy": False}  # absent: as before
+    assert _stages("stages: {scan: {}}\n")["scan"] is True
+    assert _stages("stages: {scan: {fail_on: low}}\n")["scan"] is True
+    assert _stages("stages: {deploy: {servers: [10.0.0.1]}}\n")["deploy"] is True
+    assert _stages("stages: {deploy: {enabled: false, ssh: {port: 2222}}}\n")["deploy"] is False
+    assert _stages("stages: {build: {enabled: false}, push: {enabled: false}}\n") == {
+        "checkout": True, "build": False, "scan": False, "push": False, "deploy": False}
+
+
+def test_a_deploy_section_without_servers_says_why_it_needs_them():
+    found = problems("""\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        stages:
+          deploy: {container: {name: app}}
+        """)
+    assert found == [(5, 11, "stages.deploy", "servers: at least one server is needed (a deploy "
+                      "section runs unless it says enabled: false)")]
+
+
+def test_top_level_env_without_a_deploy_is_refused():
+    found = problems("""\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        env: {MODE: production}
+        """)
+    assert [(p[0], p[1], p[2]) for p in found] == [(4, 1, "env")]
+    assert "it would reach nothing" in found[0][3] and "stages.build.args" in found[0][3]
+    # A deploy that is turned off keeps its settings, the top-level env with them.
+    load("name: demo\nrepository: {url: x}\nimage: {name: a}\nenv: {MODE: production}\n"
+         "stages: {deploy: {enabled: false}}\n")
+
+
+def test_top_level_env_is_checked_like_a_containers():
+    found = problems("""\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        env: {1BAD: x}
+        stages: {deploy: {enabled: false}}
+        """)
+    assert found[0][:3] == (4, 6, "env")
+    assert "not an environment variable name: '1BAD'" in found[0][3]
+
+
+def test_top_level_env_goes_under_the_containers_own():
+    p = load("""\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        secrets: {tok: {env: TOKEN}}
+        env: {MODE: staging, REGION: eu, API_TOKEN: not-the-secret}
+        stages:
+          deploy:
+            servers: [10.0.0.1]
+            container:
+              env: {MODE: production}
+              secret_env: {API_TOKEN: tok}
+        """)
+    assert p.stages.deploy.container.env == {"MODE": "production"}  # the model is the file
+    settings = p.deploy_settings()
+    assert settings.container.env == {"MODE": "production", "REGION": "eu"}
+    assert settings.container.secret_env == {"API_TOKEN": "tok"}
+    assert settings.servers == p.stages.deploy.servers
+    from pipelines.deploy import make_deployer
+    release = make_deployer(p, run_id="r").plan().servers[0].release
+    assert dict(release.spec.env) == {"MODE": "production", "REGION": "eu"}
+
+
+# --------------------------------------------------------------------------- paths
+
+def test_paths_on_the_runners_machine_are_relative_to_the_file(tmp_path):
+    (tmp_path / "ci").mkdir()
+    f = tmp_path / "ci" / "pipeline.yml"
+    f.write_text(textwrap.dedent("""\
+        name: demo
+        repository: {url: x}
+        image: {name: a}
+        stages:
+          scan: {trivy: bin/trivy, hadolint_path: /opt/hadolint, ignore_file: .trivyignore,
+                 db: {cache_dir: trivy-db}}
+          build: {context: app, dockerfile: Dockerfile.prod}
+          deploy:
+            servers: [10.0.0.1]
+            ssh: {key_file: "${KEYS}/id", known_hosts: ~/kh}
+        """))
+    p = load_pipeline(f, environ={"KEYS": "keys"})
+    assert p.stages.deploy.ssh.key_file == str(tmp_path / "ci" / "keys" / "id")
+    assert p.stages.deploy.ssh.known_hosts == os.path.expanduser("~/kh")
+    assert p.stages.scan.trivy == str(tmp_path / "ci" / "bin" / "trivy")
+    assert p.stages.scan.hadolint_path == "/opt/hadolint"
+    # Paths in the repository and in the cache are left for the stage that knows the root.
+    assert (p.stages.scan.ignore_file, p.stages.scan.db.cache_dir) == (".trivyignore", "trivy-db")
+    assert (p.stages.build.context, p.stages.build.dockerfile) == ("app", "Dockerfile.prod")

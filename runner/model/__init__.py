@@ -2,12 +2,18 @@
 
 Load it with `runner.loader.load_pipeline`; never build these from untrusted dicts directly,
 the loader is what attaches file, line and column to every problem.
+
+Stages: a section that is present runs unless it says `enabled: false`. An absent section keeps
+the stage's own default: checkout, build and push run, scan and deploy do not (a scan needs
+Trivy, a deploy needs servers).
 """
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
 
-from runner.model.base import Model
+from pydantic import ConfigDict, Field, field_validator
+
+from runner.model.base import Model, PathOn, check_env
 from runner.model.build import BuildSecret, BuildStage
 from runner.model.deploy import DeployStage
 from runner.model.image import Image
@@ -19,35 +25,87 @@ STAGE_ORDER = ("checkout", "build", "scan", "push", "deploy")
 
 
 class SecretSource(Model):
-    """Where a secret's value comes from. Exactly one of env / file."""
+    """Where a secret's value comes from: exactly one of `env` or `file`. The value is read
+    once, before anything runs, and masked as `***` in every log and output."""
 
-    env: str | None = None
-    file: str | None = None
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["env"]},
+                                                           {"required": ["file"]}]})
+
+    env: str | None = Field(default=None, examples=["GIT_TOKEN"])
+    """The environment variable of the runner's process that holds the value. It cannot also
+    be used as `${...}` anywhere in the pipeline (that would copy the value into it)."""
+    file: Annotated[str | None, PathOn("pipeline")] = Field(
+        default=None, examples=["/etc/runner/api_token"])
+    """A file on the runner's machine that holds the value (trailing newlines removed)."""
 
 
 class CheckoutStage(Model):
+    """Fetching the repository (`repository:` says which one and what to fetch)."""
+
     enabled: bool = True
+    """false: the stage does not run. Every stage after it needs its work tree."""
 
 
 class Stages(Model):
+    """The stages, run in this order: checkout, build, scan, push, deploy. A section that is
+    present runs unless it says `enabled: false`."""
+
     checkout: CheckoutStage = Field(default_factory=CheckoutStage)
+    """Absent: runs."""
     build: BuildStage = Field(default_factory=BuildStage)
-    scan: ScanStage = Field(default_factory=ScanStage)
+    """Absent: runs, with the defaults (`Dockerfile` at the repository's root)."""
+    scan: ScanStage = Field(default_factory=lambda: ScanStage(enabled=False))
+    """Absent: does not run. `scan: {}` runs it with the defaults."""
     push: PushStage = Field(default_factory=PushStage)
-    deploy: DeployStage = Field(default_factory=DeployStage)
+    """Absent: runs (without registry credentials)."""
+    deploy: DeployStage = Field(default_factory=lambda: DeployStage(enabled=False))
+    """Absent: does not run. Present, it needs `servers`."""
 
 
 class Pipeline(Model):
+    """A pipeline file: what to build (`repository`, `image`) and the stages that build,
+    check, publish and deploy it."""
+
     version: int = 1
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+    """The version of the pipeline format. This runner reads version 1."""
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", examples=["shop-api"])
+    """The pipeline's name: 1 to 63 of a-z 0-9 `_` `.` `-`, starting with a letter or digit.
+    It names the deployed container unless `stages.deploy.container.name` does."""
     repository: Repository
+    """Where the code comes from."""
     image: Image
-    variables: dict[str, str] = Field(default_factory=dict)
-    env: dict[str, str] = Field(default_factory=dict)
-    secrets: dict[str, SecretSource] = Field(default_factory=dict)
+    """The image the build produces and the push publishes."""
+    variables: dict[str, str] = Field(default_factory=dict,
+                                      examples=[{"REGISTRY": "registry.example.com:5000"}])
+    """Values for `${NAME}` in the rest of the file. `--var NAME=...` and the environment win
+    over these; a value may itself use `${...}`."""
+    env: dict[str, str] = Field(default_factory=dict, examples=[{"LOG_LEVEL": "info"}])
+    """Environment variables of the deployed container (under
+    `stages.deploy.container.env`, which wins for a name both give). Needs a `stages.deploy`
+    section. The build does not see them: a Dockerfile gets values as `stages.build.args`."""
+    secrets: dict[str, SecretSource] = Field(default_factory=dict,
+                                             examples=[{"git_token": {"env": "GIT_TOKEN"}}])
+    """Named secrets. Other fields refer to a secret by its name, never by its value."""
     stages: Stages = Field(default_factory=Stages)
+    """What runs, and how."""
     # Set by the loader, not by the YAML: the file the pipeline came from.
     source_file: str = Field(default="", exclude=True)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_env(value)
+
+    def deploy_settings(self) -> DeployStage:
+        """`stages.deploy` as the deploy runs it: the top-level `env:` under
+        `container.env`, where the container's own `env` and `secret_env` win per name."""
+        stage = self.stages.deploy
+        if not self.env:
+            return stage
+        own = stage.container
+        env = {k: v for k, v in self.env.items() if k not in own.secret_env}
+        env.update(own.env)
+        return stage.model_copy(update={"container": own.model_copy(update={"env": env})})
 
 
 __all__ = [

@@ -1,10 +1,9 @@
 """Settings of the deploy stage: where (servers, ssh), what (container), when is it done
 (healthcheck), in which order (strategy), and the safety rails (lock, kept versions).
 
-Example (every key is optional except `servers` when the stage is enabled):
+Example (every key is optional except `servers`; the section runs unless `enabled: false`):
 
     deploy:
-      enabled: true
       servers: "${DEPLOY_HOSTS}"          # "root@10.0.0.1:22,root@10.0.0.2" or a list
       ssh:
         key_file: ~/.ssh/id_ed25519       # or `key: SECRET_NAME` (a `secrets:` entry)
@@ -22,15 +21,14 @@ Example (every key is optional except `servers` when the stage is enabled):
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from runner.model.base import Model
+from runner.model.base import Model, OneString, PathOn, check_env
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$")
 _USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
-_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
 _PORT_RE = re.compile(r"^(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(?:(\d{1,5}):)?(\d{1,5})(/(?:tcp|udp))?$")
 
@@ -65,11 +63,21 @@ def parse_server(text: str) -> dict[str, Any]:
 
 
 class Server(Model):
-    host: str
-    port: int | None = Field(default=None, ge=1, le=65535)  # None: ssh.port
-    user: str | None = None  # None: ssh.user
-    name: str | None = None  # shown in messages; defaults to host
-    host_key: str | None = None  # pinned "type base64" for this server (overrides ssh.host_key)
+    """One server to deploy to. In a list, a string `user@host:port` (user and port optional)
+    is the same as the mapping."""
+
+    host: str = Field(examples=["10.0.0.11"])
+    """The server's host name or address (`[...]` for IPv6), or a `Host` alias of the
+    runner user's ~/.ssh/config (its HostName, User, Port, IdentityFile and ProxyJump apply
+    where the pipeline sets nothing)."""
+    port: int | None = Field(default=None, ge=1, le=65535, examples=[2222])
+    """Its SSH port. Unset: `ssh.port`, then ~/.ssh/config's Port, then 22."""
+    user: str | None = Field(default=None, examples=["deploy"])
+    """The SSH user. Unset: `ssh.user`, then ~/.ssh/config's User, then root."""
+    name: str | None = Field(default=None, examples=["web-1"])
+    """How messages and reports name the server. Unset: the host (with the port if not 22)."""
+    host_key: str | None = Field(default=None, examples=["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5..."])
+    """The server's pinned host key (`type base64`), instead of `ssh.host_key`."""
 
     @field_validator("host")
     @classmethod
@@ -94,22 +102,52 @@ class Server(Model):
 
 
 class SSH(Model):
-    user: str = "root"
-    port: int = Field(default=22, ge=1, le=65535)
-    key_file: str | None = None  # path of a private key on the runner's machine
-    key_secret: str | None = Field(default=None, alias="key")  # a `secrets:` name holding the key
-    key_passphrase_secret: str | None = Field(default=None, alias="key_passphrase")
-    known_hosts: str | None = None  # a known_hosts file (hashed entries allowed)
-    host_key: str | None = None  # pinned "ssh-ed25519 AAAA..." for every server
-    jump: str | None = None  # "user@host:port" of a bastion, same key and host key checks
-    # Accept any host key. Off by default; the deploy log says loudly when it is on.
+    """How the runner reaches the servers. What is set here wins over the runner user's own
+    ~/.ssh/config, which fills in the rest (HostName, User, Port, IdentityFile, ProxyJump,
+    UserKnownHostsFile), with ssh-agent keys and ~/.ssh/known_hosts by default. Host keys
+    are always checked: an unknown or changed host key is refused (`runner ssh-trust HOST`
+    shows a server's key and the known_hosts line to add)."""
+
+    user: str | None = Field(default=None, examples=["deploy"])
+    """The SSH user of the servers that do not give their own. Unset: ~/.ssh/config's User
+    for the server, then root."""
+    port: int | None = Field(default=None, ge=1, le=65535, examples=[2222])
+    """The SSH port of the servers that do not give their own. Unset: ~/.ssh/config's Port
+    for the server, then 22."""
+    key_file: Annotated[str | None, PathOn("pipeline")] = Field(
+        default=None, examples=["~/.ssh/id_ed25519"])
+    """A private key file on the runner's machine. Either this or `key`. Tried first; then
+    the ssh-agent's keys, then ~/.ssh/config's IdentityFile (or ~/.ssh/id_ed25519, id_ecdsa,
+    id_rsa)."""
+    key_secret: str | None = Field(default=None, alias="key", examples=["deploy_key"])
+    """The name of the `secrets:` entry holding the private key. Either this or `key_file`."""
+    key_passphrase_secret: str | None = Field(default=None, alias="key_passphrase",
+                                              examples=["deploy_key_passphrase"])
+    """The name of the `secrets:` entry holding the key's passphrase, if it has one."""
+    known_hosts: Annotated[str | None, PathOn("pipeline")] = Field(
+        default=None, examples=["~/.ssh/known_hosts"])
+    """A known_hosts file with the servers' host keys (hashed entries too), used instead
+    of the user's own. Unset: ~/.ssh/config's UserKnownHostsFile, else ~/.ssh/known_hosts
+    (and /etc/ssh/ssh_known_hosts)."""
+    host_key: str | None = Field(default=None, examples=["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5..."])
+    """A pinned host key (`type base64`) that every server must have, unless it gives its
+    own `host_key`."""
+    jump: str | None = Field(default=None, examples=["deploy@bastion.example.com:22"])
+    """A bastion (`user@host:port`, or a ~/.ssh/config alias) to reach the servers through,
+    with the same key and host key checks. Unset: ~/.ssh/config's ProxyJump for each
+    server, else direct."""
     insecure_ignore_host_key: bool = False
-    connect_timeout: float = Field(default=10, gt=0, le=300)  # seconds, per attempt
-    command_timeout: float = Field(default=600, gt=0)  # seconds, per remote command
-    retries: int = Field(default=2, ge=0, le=10)  # extra connect attempts
-    # seconds a single SFTP operation, or a wait for a server's SFTP session, may take; a
-    # stalled server fails after this long, naming it
+    """Accept any host key, which lets anyone on the way pose as a server. The deploy log says
+    so loudly."""
+    connect_timeout: float = Field(default=10, gt=0, le=300)
+    """Seconds one connection attempt may take."""
+    command_timeout: float = Field(default=600, gt=0)
+    """Seconds one command on a server may take."""
+    retries: int = Field(default=2, ge=0, le=10)
+    """Extra connection attempts after a failed one."""
     io_timeout: float = Field(default=30, gt=0, le=600)
+    """Seconds one file transfer to a server (or the wait for its SFTP session) may take; a
+    stalled server fails after this long, naming it."""
 
     @field_validator("jump")
     @classmethod
@@ -126,23 +164,49 @@ class SSH(Model):
 
 
 class Container(Model):
-    name: str | None = Field(default=None, pattern=_NAME_RE)  # default: the pipeline's name
-    ports: tuple[str, ...] = ()  # docker -p syntax: "8080:80", "127.0.0.1:8080:80/tcp"
-    env: dict[str, str] = Field(default_factory=dict)
-    secret_env: dict[str, str] = Field(default_factory=dict)  # VAR: name of a `secrets:` entry
-    volumes: tuple[str, ...] = ()  # docker -v syntax
-    labels: dict[str, str] = Field(default_factory=dict)
+    """The container the image runs as on each server (`docker run` options)."""
+
+    name: str | None = Field(default=None, pattern=_NAME_RE, examples=["shop-api"])
+    """The container's name, which is also the app's name on the server (its history, lock
+    and kept versions). Unset: the pipeline's `name`."""
+    ports: tuple[str, ...] = Field(default=(), examples=[["8080:80", "127.0.0.1:9090:9090/tcp"]])
+    """Published ports, as `docker run -p` takes them: `HOST:CONTAINER`, with an optional
+    address and `/tcp` or `/udp`. Not with `proxy`."""
+    env: dict[str, str] = Field(default_factory=dict, examples=[{"MODE": "production"}])
+    """Environment variables, over the top-level `env:`."""
+    secret_env: dict[str, str] = Field(default_factory=dict, examples=[{"API_TOKEN": "api_token"}])
+    """Environment variables whose values are secrets: `NAME: secret name`. The values reach
+    the container through a private file on the server, never a command line or a log."""
+    volumes: tuple[str, ...] = Field(default=(), examples=[["app-data:/var/lib/app",
+                                                            "/srv/app/config:/config:ro"]])
+    """Volumes, as `docker run -v` takes them: `SOURCE:TARGET[:ro]`, on the server (a source
+    that is not an absolute path is a named volume)."""
+    labels: dict[str, str] = Field(default_factory=dict, examples=[{"team": "shop"}])
+    """Container labels. The runner's own (`runner.*`) win over these."""
     restart: str = Field(default="always",
-                         pattern=r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
+                         pattern=r"^(no|always|unless-stopped|on-failure(:\d+)?)$",
+                         examples=["unless-stopped"])
+    """Docker's restart policy: `no`, `always`, `unless-stopped` or `on-failure[:N]`."""
     init: bool = True
-    memory: str | None = Field(default=None, pattern=r"^\d+[bkmgBKMG]?$")
-    cpus: float | None = Field(default=None, gt=0)
-    command: tuple[str, ...] | None = None  # argv; a string is split like a shell would
-    # The image's ENTRYPOINT replaced by this executable (docker run --entrypoint); its
-    # arguments are `command`. "" clears the image's entrypoint.
-    entrypoint: str | None = None
-    network: str | None = Field(default=None, pattern=_NAME_RE)
-    stop_timeout: int = Field(default=10, ge=0, le=600)  # seconds for `docker stop`
+    """Run an init process as PID 1 in the container (`--init`), which reaps zombies and
+    passes signals on."""
+    memory: str | None = Field(default=None, pattern=r"^\d+[bkmgBKMG]?$", examples=["512m"])
+    """The memory limit (`--memory`): a number with an optional unit b, k, m or g."""
+    cpus: float | None = Field(default=None, gt=0, examples=[1.5])
+    """How many CPUs the container may use (`--cpus`)."""
+    command: Annotated[tuple[str, ...] | None, OneString(
+        "one string, split into arguments the way a shell splits words (no shell runs it)")] \
+        = Field(default=None, examples=[["gunicorn", "--workers", "4", "app:app"]])
+    """The arguments after the image (`docker run IMAGE ARG...`), which replace the image's
+    CMD. Unset: the image's CMD."""
+    entrypoint: str | None = Field(default=None, examples=["/usr/local/bin/serve"])
+    """An executable that replaces the image's ENTRYPOINT (`--entrypoint`); its arguments are
+    `command`. `""` clears the image's entrypoint."""
+    network: str | None = Field(default=None, pattern=_NAME_RE, examples=["backend"])
+    """A docker network on the server for the container to join. Not with `proxy` (the app
+    then joins the runner's own network)."""
+    stop_timeout: int = Field(default=10, ge=0, le=600)
+    """Seconds `docker stop` gives the old container before killing it."""
 
     @field_validator("command", mode="before")
     @classmethod
@@ -164,12 +228,7 @@ class Container(Model):
     @field_validator("env", "secret_env")
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for k, val in v.items():
-            if not _ENV_RE.match(k):
-                raise ValueError(f"not an environment variable name: {k!r}")
-            if "\n" in val or "\r" in val or "\0" in val:
-                raise ValueError(f"{k}: values cannot hold newlines")
-        return v
+        return check_env(v)
 
     @field_validator("volumes")
     @classmethod
@@ -181,23 +240,42 @@ class Container(Model):
 
 
 class HttpCheck(Model):
-    port: int = Field(ge=1, le=65535)  # the container's port
-    path: str = Field(default="/", pattern=r"^/[A-Za-z0-9._~/%?=&+-]*$")
-    status: tuple[int, ...] = (200,)  # any of these counts as healthy
+    """An HTTP GET of the new container, from the server itself, over the SSH connection."""
+
+    port: int = Field(ge=1, le=65535, examples=[8080])
+    """The port the app listens on, in its container."""
+    path: str = Field(default="/", pattern=r"^/[A-Za-z0-9._~/%?=&+-]*$", examples=["/healthz"])
+    """The path to GET."""
+    status: tuple[int, ...] = Field(default=(200,), examples=[[200, 204]])
+    """The statuses that count as healthy."""
 
 
 class Healthcheck(Model):
-    # At most one of cmd / http. Neither: the image's own HEALTHCHECK; if the image has none,
-    # the container must stay up without restarting for `min_uptime` seconds.
-    cmd: str | None = None  # run in the container with /bin/sh -c, as a Dockerfile HEALTHCHECK
-    http: HttpCheck | None = None  # probed from the server, over the SSH connection
-    timeout: float = Field(default=60, gt=0)  # total wait for the new container to be healthy
-    interval: float = Field(default=1, gt=0)  # docker's own health interval (for `cmd`)
-    probe_interval: float = Field(default=0.25, gt=0)  # how often the runner probes itself
-    probe_timeout: float = Field(default=5, gt=0)  # one probe
-    retries: int = Field(default=3, ge=1)  # docker's failures before `unhealthy`
+    """When a new container counts as healthy, which is when a server's deploy is done: at most
+    one of `cmd` and `http`. Neither: the image's own HEALTHCHECK decides; an image without one
+    must stay up, not restarting, for `min_uptime` seconds."""
+
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["cmd", "http"]}})
+
+    cmd: str | None = Field(default=None, examples=["curl -fsS http://localhost:8080/healthz"])
+    """A command run inside the container with `/bin/sh -c`, as a Dockerfile HEALTHCHECK:
+    exit status 0 is healthy."""
+    http: HttpCheck | None = None
+    """An HTTP probe of the container."""
+    timeout: float = Field(default=60, gt=0)
+    """Seconds the new container has to become healthy before the server's deploy fails."""
+    interval: float = Field(default=1, gt=0)
+    """Seconds between docker's runs of `cmd` (`--health-interval`)."""
+    probe_interval: float = Field(default=0.25, gt=0)
+    """Seconds between the runner's own probes (`http`, and reading the container's health)."""
+    probe_timeout: float = Field(default=5, gt=0)
+    """Seconds one probe may take."""
+    retries: int = Field(default=3, ge=1)
+    """Consecutive failures of `cmd` before docker calls the container unhealthy."""
     start_period: float = Field(default=0, ge=0)
+    """Seconds after the start during which docker does not count failures of `cmd`."""
     min_uptime: float = Field(default=2, ge=0)
+    """Seconds an image without a HEALTHCHECK must stay up to count as healthy."""
 
     @model_validator(mode="after")
     def _one(self) -> Healthcheck:
@@ -207,23 +285,45 @@ class Healthcheck(Model):
 
 
 class Strategy(Model):
+    """In which order the servers get the new release. `strategy: canary` is short for
+    `strategy: {type: canary}`."""
+
     type: Literal["all", "canary", "rolling"] = "all"
-    batch_size: int = Field(default=1, ge=1)  # rolling: servers per batch
-    # What happens to servers already done when a later batch fails.
+    """`all`: every server at once; `canary`: the first server alone, then all the others;
+    `rolling`: `batch_size` servers at a time. A batch starts only once the one before it is
+    healthy."""
+    batch_size: int = Field(default=1, ge=1)
+    """Servers per batch, for `rolling`."""
     on_failure: Literal["rollback_all", "keep_done"] = "rollback_all"
+    """What happens to the batches already done when a later one fails: `rollback_all`
+    returns them to their previous release too; `keep_done` leaves them on the new one."""
 
 
 class Lock(Model):
-    ttl: float = Field(default=60, gt=1)  # a lease not renewed for this long is stale
-    wait: float = Field(default=120, ge=0)  # how long to wait for another run's lock
+    """The app's deploy lock on each server, so that two runs never deploy it at once."""
+
+    ttl: float = Field(default=60, gt=1)
+    """Seconds after which a lock its run stopped renewing counts as abandoned."""
+    wait: float = Field(default=120, ge=0)
+    """Seconds to wait for another run's lock before the deploy fails."""
 
 
 class DeployRegistry(Model):
-    """Credentials the servers use to pull: `docker login` on each server into a config dir of
-    that deploy alone (password on stdin), removed once the image is pulled."""
+    """Credentials the servers use to pull, both fields or neither: `docker login` on each
+    server into a config dir of that deploy alone (password on stdin), removed once the image is
+    pulled. Neither: the servers pull with their own docker login, if any."""
 
-    username: str | None = None
-    password_secret: str | None = Field(default=None, alias="password")  # a `secrets:` name
+    username: str | None = Field(default=None, examples=["deploy"])
+    """The registry user name."""
+    password_secret: str | None = Field(default=None, alias="password",
+                                        examples=["registry_password"])
+    """The name of the `secrets:` entry holding the password or token."""
+
+    @model_validator(mode="after")
+    def _both(self) -> DeployRegistry:
+        if bool(self.username) != bool(self.password_secret):
+            raise ValueError("give both username and password (a secret name), or neither")
+        return self
 
 
 _HOSTNAME_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -234,9 +334,12 @@ class ProxyHealth(Model):
     """The health gate as the proxy will reach the app: GET `path` on the container's
     `app_port` over the runner's docker network, with the route's Host header."""
 
-    path: str = Field(default="/up", pattern=r"^/[A-Za-z0-9._~/%?=&+-]*$")
-    interval: float = Field(default=0.5, gt=0)  # between probes
-    timeout: float = Field(default=30, gt=0)  # the whole gate
+    path: str = Field(default="/up", pattern=r"^/[A-Za-z0-9._~/%?=&+-]*$", examples=["/health"])
+    """The path to GET; a 2xx status is healthy (a redirect is not)."""
+    interval: float = Field(default=0.5, gt=0)
+    """Seconds between probes."""
+    timeout: float = Field(default=30, gt=0)
+    """Seconds the new container has to pass before the gate fails."""
 
 
 class Proxy(Model):
@@ -244,17 +347,30 @@ class Proxy(Model):
     the app publishes no host port, the proxy switches its route to a new container only once
     that one is healthy."""
 
-    hosts: tuple[str, ...] = ()  # route by Host header; none: every host
-    path_prefix: str = Field(default="/", pattern=r"^/[A-Za-z0-9._~/%-]*$")
-    app_port: int = Field(default=80, ge=1, le=65535)  # the port the app listens on
-    tls: bool = False  # automatic HTTPS (Caddy's ACME) for `hosts`; needs real DNS and 80/443
-    http_port: int = Field(default=80, ge=1, le=65535)  # what the proxy publishes on the server
-    https_port: int = Field(default=443, ge=1, le=65535)
-    image: str = "caddy:2"
-    # None: the deploy's `healthcheck` (the image's HEALTHCHECK unless it says otherwise).
+    hosts: Annotated[tuple[str, ...], OneString("one host name")] = Field(
+        default=(), examples=[["app.example.com", "www.example.com"]])
+    """The host names routed to the app (by the Host header; `*.example.com` matches one
+    level). Empty: every host (one such app per server)."""
+    path_prefix: str = Field(default="/", pattern=r"^/[A-Za-z0-9._~/%-]*$", examples=["/api"])
+    """Only requests under this path go to the app, so that several apps can share a host."""
+    app_port: int = Field(default=80, ge=1, le=65535, examples=[8080])
+    """The port the app listens on, in its container."""
+    tls: bool = False
+    """Automatic HTTPS (Caddy's ACME) for `hosts`: needs public DNS for them and the ports 80
+    and 443."""
+    http_port: int = Field(default=80, ge=1, le=65535, examples=[8000])
+    """The HTTP port the proxy publishes on the server."""
+    https_port: int = Field(default=443, ge=1, le=65535, examples=[8443])
+    """The HTTPS port the proxy publishes on the server (with `tls`)."""
+    image: str = Field(default="caddy:2", examples=["registry.example.com/mirror/caddy:2"])
+    """The proxy's image: any Caddy 2 image."""
     health: ProxyHealth | None = None
-    watch: float = Field(default=3, ge=0)  # seconds of probing after the switch
-    drain_timeout: int = Field(default=10, ge=0, le=600)  # `docker stop` of the old container
+    """The health gate as the proxy reaches the app. Unset: `healthcheck`."""
+    watch: float = Field(default=3, ge=0)
+    """Seconds the new container is still probed after the switch; a failure then switches
+    straight back."""
+    drain_timeout: int = Field(default=10, ge=0, le=600)
+    """Seconds `docker stop` gives the old container to finish its requests."""
 
     @field_validator("hosts", mode="before")
     @classmethod
@@ -277,19 +393,36 @@ class Proxy(Model):
 
 
 class DeployStage(Model):
-    enabled: bool = False
-    servers: tuple[Server, ...] = ()
+    """Running the pushed image, by digest, on every server over SSH with the servers' docker,
+    gated on health; a server that fails goes back to its previous release."""
+
+    enabled: bool = True
+    """false: the stage does not run (and `servers` may be empty)."""
+    servers: Annotated[tuple[Server, ...], OneString(
+        "one string of comma-separated `user@host:port` (such as `${DEPLOY_HOSTS}`)",
+        items="`user@host:port` (user and port optional)")] = Field(
+        default=(), examples=[["deploy@10.0.0.11", "10.0.0.12:2222"]])
+    """The servers to deploy to: a list of `user@host:port` strings or mappings."""
     ssh: SSH = Field(default_factory=SSH)
+    """How the runner reaches the servers."""
     registry: DeployRegistry = Field(default_factory=DeployRegistry)
+    """The login the servers pull the image with."""
     container: Container = Field(default_factory=Container)
+    """The container the image runs as."""
     healthcheck: Healthcheck = Field(default_factory=Healthcheck)
-    strategy: Strategy = Field(default_factory=Strategy)
+    """When a new container counts as healthy."""
+    strategy: Annotated[Strategy, OneString("the type alone: `strategy: canary`")] = Field(
+        default_factory=Strategy)
+    """The order of the servers."""
     keep_versions: int = Field(default=3, ge=1, le=100)
+    """Verified releases kept on each server (containers and images), for rollbacks."""
     lock: Lock = Field(default_factory=Lock)
-    parallel: int = Field(default=16, ge=1, le=256)  # at most this many servers at once
-    # With a proxy: zero-downtime cutover through it. Without: stop-start (the old container
-    # stops before the new one takes its host ports).
+    """The deploy lock."""
+    parallel: int = Field(default=16, ge=1, le=256)
+    """At most this many servers are worked on at once."""
     proxy: Proxy | None = None
+    """Zero-downtime cutover through a Caddy proxy on each server. Unset: stop-start (the old
+    container stops before the new one takes its host ports)."""
 
     @property
     def cutover(self) -> str:
@@ -312,7 +445,8 @@ class DeployStage(Model):
     @model_validator(mode="after")
     def _check(self) -> DeployStage:
         if self.enabled and not self.servers:
-            raise ValueError("servers: at least one server is needed when deploy is enabled")
+            raise ValueError("servers: at least one server is needed (a deploy section runs "
+                             "unless it says enabled: false)")
         if self.proxy is not None and self.container.ports:
             raise ValueError("container.ports: with proxy, the app publishes no host port (the "
                              "proxy does, proxy.http_port); remove container.ports, or remove "

@@ -10,12 +10,18 @@ from runner.model.base import Model
 
 
 class Image(Model):
-    # Full repository name including the registry, e.g. "10.87.53.1:5000/example/app".
-    name: str
-    # Tag templates; placeholders filled from git after checkout (see runner.tags):
-    # {sha} {short_sha} {branch} {tag} {run_id}. A template whose placeholder has no value
-    # (e.g. {tag} on a branch build) yields no tag, as docker/metadata-action does.
-    tags: tuple[str, ...] = Field(default=("{short_sha}", "{branch}", "{tag}"))
+    """The image the pipeline builds, pushes and deploys."""
+
+    name: str = Field(examples=["registry.example.com:5000/team/app"])
+    """The repository name including the registry, without a tag: lowercase, and what the
+    push stage pushes to."""
+    tags: tuple[str, ...] = Field(default=("{short_sha}", "{branch}", "{tag}"),
+                                  examples=[["{short_sha}", "{branch}", "{latest}", "stable"]])
+    """Tag templates, filled from git after the checkout: `{sha}`, `{short_sha}`, `{branch}`,
+    `{tag}`, `{run_id}` and `{latest}` (`latest` on the default branch). A template whose
+    placeholder has no value in a run (`{tag}` on a branch build) gives no tag; the rest are
+    made valid docker tags (`feature/x` becomes `feature-x`); when none is left, the short sha
+    is the tag. Quote a template that starts with `{`: `"{short_sha}"`."""
 
 
 _DIGEST_REF_RE = re.compile(r"^(?P<name>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
