@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -299,3 +300,89 @@ def make_commands(load: Loader = _default_load) -> tuple[click.Command, click.Co
 
 
 rollback, status, deploy_lock, releases = make_commands()
+
+
+_KEY_FILES = {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa"}  # else ecdsa-sha2-* -> ecdsa
+
+
+@click.command("ssh-trust")
+@click.argument("hosts", nargs=-1, required=True, metavar="HOST...")
+@click.option("--jump", metavar="JUMP",
+              help="reach HOST through these jump hosts (`user@host:port`, commas for several), "
+                   "as ssh.jump does; default: ~/.ssh/config's ProxyJump")
+@click.option("--known-hosts", "known_hosts", metavar="FILE",
+              help="compare with this known_hosts file (a pipeline's ssh.known_hosts) instead "
+                   "of ~/.ssh/known_hosts")
+@click.option("--key-file", "key_file", metavar="FILE",
+              help="a key for the jump hosts, tried before the ssh-agent's and ~/.ssh's")
+@click.option("--timeout", default=10.0, show_default=True, help="seconds per connection")
+def ssh_trust(hosts: tuple[str, ...], jump: str | None, known_hosts: str | None,
+              key_file: str | None, timeout: float) -> None:
+    """Show the host key each HOST ([user@]host[:port] or a ~/.ssh/config alias) presents,
+    with its fingerprint, and print the known_hosts line that makes the runner trust it.
+
+    Nothing is written: check the fingerprint against the server's own, then add the line
+    yourself. Exit codes: 0 shown, 1 a host could not be reached, 2 bad input."""
+    from pydantic import ValidationError
+
+    from runner.model.deploy import Server, parse_server
+
+    from deployers.spec import resolve_target
+    from deployers.ssh_config import UserConfig, parse_hops
+    from deployers.transport import (HostKeyPolicy, SSHOptions, fingerprint, known_hosts_line,
+                                     load_private_key, scan_host_key)
+    config = UserConfig.load()
+    try:
+        policy = HostKeyPolicy(known_hosts)
+        hops = parse_hops(jump) if jump else None
+        key = load_private_key(path=key_file) if key_file else None
+        written = [parse_server(h) for h in hosts]
+        for w in written:
+            Server.model_validate(w)  # the same rules as a pipeline's server
+    except ValidationError as exc:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        click.echo(f"ssh-trust: {problems}", err=True)
+        sys.exit(EXIT_INVALID)
+    except ValueError as exc:
+        click.echo(f"ssh-trust: {exc}", err=True)
+        sys.exit(EXIT_INVALID)
+    opts = SSHOptions(key=key, host_keys=policy, key_label=f"--key-file {key_file}",
+                      connect_timeout=timeout, retries=0)
+    failed = False
+    for w in written:
+        target = resolve_target(w["host"], user=w.get("user"), port=w.get("port"), jump=hops,
+                                jump_written=jump, config=config)
+        try:
+            found = scan_host_key(target, opts)
+        except TransportError as exc:
+            click.echo(f"ssh-trust: {exc}", err=True)
+            failed = True
+            continue
+        via = " -> ".join(f"{h.name or h.host}" for h in target.route[:-1])
+        name = target.name if target.name == target.host else f"{target.name} ({target.host})"
+        files = policy.files(target.known_hosts)
+        into = files[0] if files else "a known_hosts file the runner reads (see ssh.known_hosts)"
+        expected = policy.expected_for(target)
+        kind = _KEY_FILES.get(found.get_name(), "ecdsa")
+        click.echo(f"{name}, port {target.port}{f', through {via}' if via else ''}, presents "
+                   f"this host key:\n  {fingerprint(found)}", err=True)
+        if any(k.asbytes() == found.asbytes() for k in expected):
+            click.echo(f"It is already trusted: {policy.where(None, target.known_hosts)} "
+                       f"lists it. Nothing to add.", err=True)
+            continue
+        if expected:
+            listed = known_hosts_line(target, found).split()[0]
+            click.echo(f"WARNING: this is NOT the key {policy.where(None, target.known_hosts)} "
+                       f"has ({', '.join(fingerprint(k) for k in expected)}). If the server "
+                       f"was reinstalled, remove the old line "
+                       f"({shlex.join(['ssh-keygen', '-R', listed, '-f', into])}) before "
+                       f"adding this one; if it was not, someone may be intercepting the "
+                       f"connection.", err=True)
+        click.echo(f"Compare it with the fingerprint the server itself shows, on its console "
+                   f"or another trusted way in (ssh-keygen -lf "
+                   f"/etc/ssh/ssh_host_{kind}_key.pub). Only if they match, add this line to "
+                   f"{into} (ssh-trust writes nothing; a pipeline can also pin it as "
+                   f"ssh.host_key: \"{found.get_name()} {found.get_base64()}\"):", err=True)
+        click.echo(known_hosts_line(target, found))
+    if failed:
+        sys.exit(EXIT_FAILED)

@@ -194,18 +194,23 @@ def _plan(stage: DeployStage, app: str, what: str, run_id: str,
 
 
 def plan_deploy(stage: DeployStage, *, pipeline: str, image_name: str, run_id: str,
-                image: ImageRef | None = None, commit: str = "") -> DeployPlan:
-    """The deploy of `image` (None: a dry run before the push; the digest is a placeholder)."""
+                image: ImageRef | None = None, commit: str = "",
+                servers: tuple[Target, ...] | None = None) -> DeployPlan:
+    """The deploy of `image` (None: a dry run before the push; the digest is a placeholder).
+    `servers`: the stage's targets as resolved with the user's ~/.ssh/config (default: the
+    pipeline's settings alone)."""
     placeholder = image is None
     image = image or ImageRef(image_name, PLACEHOLDER_DIGEST)
     release = release_for(stage, image, pipeline=pipeline, run_id=run_id, commit=commit)
-    ts = targets(stage)
+    ts = servers if servers is not None else targets(stage)
     return _plan(stage, app_name(stage, pipeline), "deploy", run_id,
                  {t.label: release for t in ts}, ts, placeholder)
 
 
 def plan_rollback(stage: DeployStage, *, pipeline: str, run_id: str,
-                  releases: dict[str, Release]) -> DeployPlan:
+                  releases: dict[str, Release],
+                  servers: tuple[Target, ...] | None = None) -> DeployPlan:
     """Each server back to the release chosen for it (from its own history), exactly as that
     release ran: its recorded spec, not the pipeline file's current settings."""
-    return _plan(stage, app_name(stage, pipeline), "rollback", run_id, releases, targets(stage))
+    return _plan(stage, app_name(stage, pipeline), "rollback", run_id, releases,
+                 servers if servers is not None else targets(stage))

@@ -4,7 +4,9 @@
 environment variables are carried by name only and resolved at apply time, straight into an env
 file on the server. `Release` is one complete release (image by digest, the whole spec, where
 it came from, the keyed fingerprint of its secret values), as a server's history records it.
-`Target` is one server with its SSH settings resolved.
+`Target` is one server with its SSH settings resolved: the pipeline's own settings first, then
+the user's ~/.ssh/config, then defaults (see resolve_target; the config itself is read by
+deployers.ssh_config, and handed in, so that this module stays pure).
 
 The spec is deliberately independent of how traffic reaches the container: a later proxy-based
 zero-downtime cutover only needs a spec without host `ports` plus a proxy step, not a new spec.
@@ -16,10 +18,11 @@ import hmac
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-from runner.model.deploy import DeployStage, Healthcheck, Server
+from runner.model.deploy import DeployStage, Healthcheck, Server, parse_server
 from runner.model.image import ImageRef
 
 from deployers.proxy import NETWORK
+from deployers.ssh_config import HostEntry, Hop, UserConfig
 
 LABEL_PREFIX = "runner."
 LABEL_APP = "runner.app"
@@ -34,13 +37,35 @@ LABEL_SECRETS = "runner.secrets"  # keyed fingerprint of the secret values (see 
 
 @dataclass(frozen=True)
 class Target:
-    """One server, SSH settings resolved."""
+    """One host to reach over SSH (a server, or a jump host on the way to one), settings
+    resolved. Everything here comes from the pipeline or from ~/.ssh/config; what a field
+    leaves empty is not used (no agent, no key files, no known_hosts files)."""
 
     label: str  # for messages
-    host: str
+    host: str  # the address connected to (HostName for a ~/.ssh/config alias)
     port: int
     user: str
     host_key: str | None = None  # pinned key for this server, if any
+    name: str = ""  # as the pipeline (or a ProxyJump) wrote it: an alias, or the address
+    known_hosts: tuple[str, ...] = ()  # the user's known_hosts files (unless ssh.known_hosts)
+    host_key_alias: str | None = None  # the name its key is listed under (HostKeyAlias)
+    identity_files: tuple[str, ...] = ()  # IdentityFile, or the default ~/.ssh/id_* files
+    identity_default: bool = True  # identity_files are the defaults, not IdentityFile
+    identities_only: bool = False  # IdentitiesOnly: agent keys only if an IdentityFile's
+    agent: str | None = None  # the ssh-agent socket to take keys from; None: no agent
+    jump: Target | None = None  # the host this one is reached through (its own jump first)
+    jump_written: str | None = None  # ssh.jump as the pipeline gave it, when that is the jump
+    problem: str | None = None  # why it cannot be connected to (a ~/.ssh/config problem)
+
+    @property
+    def route(self) -> tuple[Target, ...]:
+        """The hosts connected to in order: the outermost jump host first, this one last."""
+        hops: list[Target] = []
+        t: Target | None = self
+        while t is not None:
+            hops.insert(0, t)
+            t = t.jump
+        return tuple(hops)
 
 
 @dataclass(frozen=True)
@@ -90,18 +115,84 @@ class ContainerSpec:
         return dict(self.labels)
 
 
-def targets(stage: DeployStage) -> tuple[Target, ...]:
-    return tuple(target(s, stage) for s in stage.servers)
+def targets(stage: DeployStage, config: UserConfig | None = None) -> tuple[Target, ...]:
+    return tuple(target(s, stage, config) for s in stage.servers)
 
 
-def target(server: Server, stage: DeployStage) -> Target:
+def target(server: Server, stage: DeployStage, config: UserConfig | None = None) -> Target:
+    """One server of the stage as a Target: see resolve_target for which setting wins."""
+    s = stage.ssh
+    jump = None
+    if s.jump:
+        j = parse_server(s.jump)
+        jump = (Hop(host=j["host"], user=j.get("user"), port=j.get("port")),)
+    return resolve_target(
+        server.host, label=server.label, user=server.user or s.user,
+        port=server.port or s.port, host_key=server.host_key or s.host_key, jump=jump,
+        jump_written=s.jump, jump_user=s.user, config=config)
+
+
+_MAX_HOPS = 8
+
+
+def resolve_target(name: str, *, label: str | None = None, user: str | None = None,
+                   port: int | None = None, host_key: str | None = None,
+                   jump: tuple[Hop, ...] | None = None, jump_written: str | None = None,
+                   jump_user: str | None = None, fallback_user: str | None = None,
+                   config: UserConfig | None = None, _seen: tuple[str, ...] = ()) -> Target:
+    """Where `name` (as the pipeline writes a server) is, and how to get in. Each setting
+    is taken from the first of these that gives it:
+
+    - address: ~/.ssh/config's HostName for `name` (Host patterns match `name` as written),
+      else `name` itself;
+    - user: `user` (the server's own `user@`, else ssh.user), then ~/.ssh/config's User,
+      then `fallback_user`, then root;
+    - port: `port` (the server's own `:port`, else ssh.port), then Port, then 22;
+    - jump hosts: `jump` (ssh.jump), then ProxyJump (a list: each hop reached through the
+      ones before it; the first hop with its own ProxyJump, as OpenSSH does), else direct.
+      A jump host is itself looked up in ~/.ssh/config; its user and port are the ones
+      written in the jump (`user@host:port`), then its User/Port, then `jump_user`
+      (ssh.user) or root, and 22;
+    - keys (tried in this order at connect time, see deployers.transport): ssh.key_file or
+      ssh.key, then the ssh-agent's keys (IdentityAgent, else $SSH_AUTH_SOCK), then
+      IdentityFile, or ~/.ssh/id_ed25519, id_ecdsa, id_rsa when no IdentityFile is set;
+    - host keys: `host_key` (the server's, else ssh.host_key), then ssh.known_hosts (held by
+      the transport's HostKeyPolicy), then UserKnownHostsFile (default ~/.ssh/known_hosts)
+      and GlobalKnownHostsFile (default /etc/ssh/ssh_known_hosts).
+
+    `config` None: nothing of the user's own setup is used (no agent, no key or known_hosts
+    files), only what the pipeline says."""
+    entry = config.lookup(name) if config is not None else HostEntry(
+        name=name, hostname=name, identity_files=())
+    problem = entry.problem
+    written = jump_written
+    if jump is None:
+        written = None
+        if entry.proxy_jump is not None:
+            jump = entry.proxy_jump
+        elif entry.proxy_command is not None and problem is None:
+            problem = (f"{config.path if config else '~/.ssh/config'}: ProxyCommand is set "
+                       f"for {name}; the runner runs no command from ~/.ssh/config. Use "
+                       f"ProxyJump (or the pipeline's ssh.jump) instead")
+    via = None
+    seen = (*_seen, name)
+    if jump:
+        *before, last = jump
+        if last.host in seen or len(seen) > _MAX_HOPS:
+            problem = problem or (f"the jump hosts loop or go on too long: "
+                                  f"{' -> '.join((*seen, last.host))}")
+        else:
+            via = resolve_target(last.host, label=f"jump {last.host}", user=last.user,
+                                 port=last.port, jump=tuple(before) or None,
+                                 fallback_user=jump_user, jump_user=jump_user,
+                                 config=config, _seen=seen)
     return Target(
-        label=server.label,
-        host=server.host,
-        port=server.port or stage.ssh.port,
-        user=server.user or stage.ssh.user,
-        host_key=server.host_key or stage.ssh.host_key,
-    )
+        label=label or name, host=entry.hostname, port=port or entry.port or 22,
+        user=user or entry.user or fallback_user or "root",
+        host_key=host_key, name=name, known_hosts=entry.known_hosts,
+        host_key_alias=entry.host_key_alias, identity_files=entry.identity_files,
+        identity_default=entry.identity_default, identities_only=entry.identities_only,
+        agent=entry.agent, jump=via, jump_written=written, problem=problem)
 
 
 def health_spec(h: Healthcheck) -> HealthSpec:

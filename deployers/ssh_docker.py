@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import paramiko
 
 from runner.errors import Cancelled
-from runner.model.deploy import DeployStage, parse_server
+from runner.model.deploy import DeployStage
 from runner.model.image import ImageRef
 
 from deployers import commands as cmd
@@ -54,6 +54,7 @@ from deployers.health import ContainerState, ProbeResult, Verdict, parse_http_st
 from deployers.plan import UNVERIFIED, VERIFIED, plan_deploy, plan_rollback
 from deployers.remote_files import remove_tree, sweep
 from deployers.rollout import UNTOUCHED, headline, parallel, rollout
+from deployers.ssh_config import UserConfig
 from deployers.spec import (LABEL_COMMIT, LABEL_DIGEST, LABEL_RUN, Release, Target, app_name,
                             env_file_content, identity_of, record_identity, secret_fingerprint,
                             targets)
@@ -110,7 +111,10 @@ class SSHDockerDeployer(Deployer):
         self.image = image
         self.commit = commit
         self.app = app_name(stage, pipeline)
-        self.targets = targets(stage)
+        # The user's own ~/.ssh/config and ssh-agent fill in what the pipeline leaves unset
+        # (deployers.spec.resolve_target); read once, so that the plan shows what is used.
+        self.ssh_config = UserConfig.load()
+        self.targets = targets(stage, self.ssh_config)
         self._secret = secret
         self._log = log or (lambda line: None)
         self._log_lock = threading.Lock()
@@ -140,25 +144,28 @@ class SSHDockerDeployer(Deployer):
             try:
                 passphrase = (self.secret_value(s.key_passphrase_secret)
                               if s.key_passphrase_secret else None)
-                key = load_private_key(
-                    path=s.key_file,
-                    text=self.secret_value(s.key_secret) if s.key_secret else None,
-                    passphrase=passphrase)
-                policy = HostKeyPolicy(s.known_hosts, s.host_key, s.insecure_ignore_host_key)
-                jump = None
-                if s.jump:
-                    j = parse_server(s.jump)
-                    jump = Target(label=f"jump {j['host']}", host=j["host"],
-                                  port=j.get("port", 22), user=j.get("user", s.user))
+                # Without a key of the pipeline's own, the user's keys (ssh-agent,
+                # IdentityFile, ~/.ssh/id_*) that each target names are offered alone.
+                key = None
+                if s.key_file or s.key_secret:
+                    key = load_private_key(
+                        path=s.key_file,
+                        text=self.secret_value(s.key_secret) if s.key_secret else None,
+                        passphrase=passphrase)
+                # Pinned keys travel with each target (Target.host_key), so that a jump
+                # host is checked against its own known_hosts entry, not a server's pin.
+                policy = HostKeyPolicy(s.known_hosts, None, s.insecure_ignore_host_key)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
             if s.insecure_ignore_host_key:
                 self.log("WARNING: ssh.insecure_ignore_host_key is on: host keys are NOT "
                          "checked, anyone in the network path can impersonate these servers")
             self._opts = SSHOptions(key=key, host_keys=policy,
+                                    key_label=(f"ssh.key_file {s.key_file}" if s.key_file
+                                               else f"ssh.key (secret {s.key_secret})"),
                                     connect_timeout=s.connect_timeout,
                                     command_timeout=s.command_timeout, retries=s.retries,
-                                    jump=jump, io_timeout=s.io_timeout)
+                                    io_timeout=s.io_timeout)
         return self._opts
 
     def _conn(self, t: Target, fresh: bool = False,
@@ -253,7 +260,8 @@ class SSHDockerDeployer(Deployer):
 
     def plan(self) -> DeployPlan:
         return plan_deploy(self.stage, pipeline=self.pipeline, image_name=self.image_name,
-                           run_id=self.run_id, image=self.image, commit=self.commit)
+                           run_id=self.run_id, image=self.image, commit=self.commit,
+                           servers=self.targets)
 
     def apply(self, plan: DeployPlan | None = None) -> DeployReport:
         plan = plan or self.plan()
@@ -306,7 +314,7 @@ class SSHDockerDeployer(Deployer):
             refused.invalid_input = unknown == len(problems)  # --to names nothing: exit 2
             raise refused
         return self.apply(plan_rollback(self.stage, pipeline=self.pipeline, run_id=self.run_id,
-                                        releases=releases))
+                                        releases=releases, servers=self.targets))
 
     # ---------------------------------------------------------------- reading
 

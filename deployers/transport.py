@@ -1,9 +1,19 @@
 """SSH to a server with paramiko: strict host keys, bounded connects, one connection reused.
 
-- Host keys: a pinned key or a known_hosts file. Every key listed for the host counts (all types,
-  hashed entries too); key exchange prefers the known types, and whatever key the server then
-  presents must be one of them. An unknown key or a changed key (same type or another type) is
-  refused with a message saying which. `insecure_ignore_host_key` accepts anything and says so.
+- Host keys: a pinned key, the pipeline's known_hosts file, or else the user's own
+  (~/.ssh/known_hosts and the system's, as the Target lists them; see HostKeyPolicy). Every key
+  listed for the host counts (all types, hashed and wildcard entries too); key exchange prefers
+  the known types, and whatever key the server then presents must be one of them. An unknown
+  key or a changed key (same type or another type) is refused with a message saying which,
+  and naming the `runner ssh-trust` command that shows the key; no known_hosts file is ever
+  written here. `insecure_ignore_host_key` accepts anything and says so.
+- Keys, in this order until the server takes one: the pipeline's (SSHOptions.key), the
+  ssh-agent's (Target.agent; with IdentitiesOnly only those of an identity file), then the
+  Target's identity files (IdentityFile, or the default ~/.ssh/id_*). A refusal lists what was
+  tried, by origin and fingerprint, and why any other key could not be offered.
+- Route: the Target's jump hosts (Target.route, outermost first; each checked and logged into
+  like a server), then the target through a direct-tcpip channel of the last one. An error of
+  a jump host is raised as the server's, saying through which jump host.
 - Connect: a timeout per attempt (TCP, banner, key exchange, auth) and a bounded number of
   retries with backoff, only for network failures: a refused key or host key is final.
 - One SSH connection per server for the whole deploy; each command is a new channel on it.
@@ -19,6 +29,7 @@
 """
 from __future__ import annotations
 
+import fnmatch
 import io
 import logging
 import select
@@ -92,7 +103,8 @@ def load_private_key(path: str | None = None, text: str | None = None,
             return paramiko.PKey.from_path(Path(path).expanduser(), passphrase)
         except FileNotFoundError:
             raise ValueError(f"ssh key file not found: {path}") from None
-        except (paramiko.SSHException, ValueError) as exc:
+        except (paramiko.SSHException, ValueError, TypeError) as exc:
+            # TypeError: cryptography's word for an encrypted key without its passphrase
             raise ValueError(f"cannot read ssh key file {path}: {exc}") from None
     if text:
         errors = []
@@ -100,7 +112,7 @@ def load_private_key(path: str | None = None, text: str | None = None,
             try:
                 return cls.from_private_key(io.StringIO(text.strip() + "\n"),
                                             password=passphrase)
-            except (paramiko.SSHException, ValueError) as exc:
+            except (paramiko.SSHException, ValueError, TypeError) as exc:
                 errors.append(f"{cls.__name__}: {exc}")
         raise ValueError("the ssh key secret is not a private key this runner can read")
     raise ValueError("no ssh key: set ssh.key_file or ssh.key (a secret name)")
@@ -123,45 +135,54 @@ def fingerprint(key: paramiko.PKey) -> str:
 
 
 class HostKeyPolicy:
-    """Which host keys are acceptable for a server. Pure apart from reading known_hosts once."""
+    """Which host keys are acceptable for a host. Pure apart from reading known_hosts files,
+    each once.
+
+    The first of these that applies decides: a pinned key (the target's own `host_key`, else
+    `pinned`); the file `known_hosts` (ssh.known_hosts: one file for every host, which must
+    exist); the target's own files (Target.known_hosts: the user's ~/.ssh/known_hosts and the
+    system's, as ~/.ssh/config names them; a missing one holds no key). A key listed as
+    `@revoked` is refused whatever else lists it. No key listed for the host: unknown,
+    refused. Nothing here ever writes a known_hosts file."""
 
     def __init__(self, known_hosts: str | None = None, pinned: str | None = None,
                  insecure: bool = False):
         self.known_hosts_path = str(Path(known_hosts).expanduser()) if known_hosts else None
         self.pinned = pinned
         self.insecure = insecure
-        self._entries: list[paramiko.hostkeys.HostKeyEntry] = []
+        self._files: dict[str, _KnownHosts] = {}
+        self._lock = threading.Lock()
         if self.known_hosts_path:
-            try:
-                text = Path(self.known_hosts_path).read_text()
-            except FileNotFoundError:
-                raise ValueError(f"known_hosts file not found: {known_hosts}") from None
-            for line in text.splitlines():
-                line = line.strip()
-                if not line or line.startswith(("#", "@")):
-                    continue  # markers (@cert-authority, @revoked) are not supported
-                try:
-                    entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
-                except (paramiko.SSHException, ValueError, Exception):
-                    continue  # a key type paramiko cannot read
-                if entry is not None and entry.key is not None:
-                    self._entries.append(entry)
-        if not (known_hosts or pinned or insecure):
-            raise ValueError("no way to check host keys: set ssh.known_hosts or ssh.host_key "
-                             "(ssh.insecure_ignore_host_key exists but is unsafe)")
+            if not self._file(self.known_hosts_path).exists:
+                raise ValueError(f"known_hosts file not found: {known_hosts}")
 
-    def expected(self, host: str, port: int, pinned: str | None = None) -> list[paramiko.PKey]:
+    def _file(self, path: str) -> _KnownHosts:
+        with self._lock:
+            if path not in self._files:
+                self._files[path] = _KnownHosts.read(path)
+            return self._files[path]
+
+    def files(self, target_files: Sequence[str] = ()) -> list[str]:
+        """The known_hosts files that count for a host with these files of its own."""
+        return [self.known_hosts_path] if self.known_hosts_path else list(target_files)
+
+    def expected(self, host: str, port: int, pinned: str | None = None,
+                 files: Sequence[str] = (), alias: str | None = None) -> list[paramiko.PKey]:
         """Every key this host may present (all types)."""
         pin = pinned or self.pinned
         if pin:  # one "type base64" per line
             return [parse_public_key(line) for line in pin.splitlines() if line.strip()]
-        names = {host_key_name(host, port)}
+        name = alias or host_key_name(host, port)
         keys: list[paramiko.PKey] = []
-        for entry in self._entries:
-            if any(_matches(name, h) for name in names for h in entry.hostnames):
-                if all(k.asbytes() != entry.key.asbytes() for k in keys):
-                    keys.append(entry.key)
+        for path in self.files(files):
+            for key in self._file(path).keys_for(name):
+                if all(k.asbytes() != key.asbytes() for k in keys):
+                    keys.append(key)
         return keys
+
+    def expected_for(self, target: Target) -> list[paramiko.PKey]:
+        return self.expected(target.host, target.port, target.host_key, target.known_hosts,
+                             target.host_key_alias)
 
     def order_key_types(self, available: Sequence[str], expected: list[paramiko.PKey]) -> list[str]:
         """Host key algorithms to offer: those of the known keys first."""
@@ -171,42 +192,142 @@ class HostKeyPolicy:
             first += [a for a in algs if a in available and a not in first]
         return first + [a for a in available if a not in first]
 
+    def where(self, pinned: str | None = None, files: Sequence[str] = ()) -> str:
+        """Where the keys of a host are looked up, for messages."""
+        if pinned or self.pinned:
+            return "the pinned host_key"
+        paths = self.files(files)
+        if not paths:
+            return "no known_hosts file (none is set for it)"
+        found = [p for p in paths if self._file(p).exists]
+        if found:
+            return f"known_hosts ({', '.join(found)})"
+        return f"known_hosts ({paths[0]}, which does not exist)"
+
     def check(self, label: str, host: str, port: int, key: paramiko.PKey,
-              pinned: str | None = None) -> None:
-        """Raise HostKeyError unless `key` is one of the host's known keys."""
+              pinned: str | None = None, *, files: Sequence[str] = (),
+              alias: str | None = None, trust: str = "") -> None:
+        """Raise HostKeyError unless `key` is one of the host's known keys. `trust`: the
+        `runner ssh-trust` command that shows this host's key, for the message."""
         if self.insecure:
             return
-        expected = self.expected(host, port, pinned)
+        name = alias or host_key_name(host, port)
+        pin = pinned or self.pinned
+        if not pin and any(self._file(p).revoked(name, key) for p in self.files(files)):
+            raise HostKeyError(label, (
+                f"host key {fingerprint(key)} of {name} is marked @revoked in "
+                f"{self.where(pinned, files)}. Refusing to connect."))
+        expected = self.expected(host, port, pinned, files, alias)
         if any(k.asbytes() == key.asbytes() for k in expected):
             return
-        where = "the pinned host_key" if (pinned or self.pinned) else \
-            f"known_hosts ({self.known_hosts_path})"
+        where = self.where(pinned, files)
         if not expected:
+            hint = (f" If this is the server's real key, `{trust}` shows its fingerprint and "
+                    f"the line to add." if trust else "")
             raise HostKeyError(label, (
-                f"unknown host key {fingerprint(key)}: {host_key_name(host, port)} is not in "
-                f"{where}. Refusing to connect; add the server's real key after checking it."))
+                f"unknown host key {fingerprint(key)}: {name} is not in {where}. Refusing "
+                f"to connect; add the server's real key after checking it.{hint}"))
         known = ", ".join(fingerprint(k) for k in expected)
+        hint = f" (`{trust}` shows the key it presents now)" if trust else ""
         raise HostKeyError(label, (
             f"HOST KEY CHANGED: the server presented {fingerprint(key)} but {where} has "
             f"{known}. Refusing to connect: the server was reinstalled or someone is "
-            f"intercepting the connection. Check, then update the key."))
+            f"intercepting the connection. Check, then update the key{hint}."))
+
+    def check_target(self, target: Target, key: paramiko.PKey) -> None:
+        self.check(target.label, target.host, target.port, key, target.host_key,
+                   files=target.known_hosts, alias=target.host_key_alias,
+                   trust=self.trust_command(target))
+
+    def trust_command(self, target: Target) -> str:
+        """The `runner ssh-trust` command line that shows this host's key."""
+        name = target.name or target.host
+        words = ["runner", "ssh-trust", name if target.port == 22 else f"{name}:{target.port}"]
+        if target.jump_written:
+            words += ["--jump", target.jump_written]
+        if self.known_hosts_path:
+            words += ["--known-hosts", self.known_hosts_path]
+        return shlex.join(words)
+
+
+@dataclass(frozen=True)
+class _KnownHosts:
+    """One known_hosts file as read: its entries and its @revoked entries."""
+
+    path: str
+    exists: bool
+    entries: tuple[paramiko.hostkeys.HostKeyEntry, ...] = ()
+    revoked_entries: tuple[paramiko.hostkeys.HostKeyEntry, ...] = ()
+
+    @classmethod
+    def read(cls, path: str) -> _KnownHosts:
+        try:
+            text = Path(path).read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return cls(path, False)
+        except OSError:
+            return cls(path, False)  # unreadable: holds no key the runner may rely on
+        entries, revoked = [], []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            into = entries
+            if line.startswith("@"):
+                marker, _, line = line.partition(" ")
+                if marker != "@revoked":
+                    continue  # @cert-authority: host certificates are not supported
+                into = revoked
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
+            except Exception:  # a key type paramiko cannot read (it raises several types)
+                continue
+            if entry is not None and entry.key is not None:
+                into.append(entry)
+        return cls(path, True, tuple(entries), tuple(revoked))
+
+    def keys_for(self, name: str) -> list[paramiko.PKey]:
+        return [e.key for e in self.entries if _entry_matches(name, e.hostnames)]
+
+    def revoked(self, name: str, key: paramiko.PKey) -> bool:
+        return any(e.key.asbytes() == key.asbytes() and _entry_matches(name, e.hostnames)
+                   for e in self.revoked_entries)
+
+
+def _entry_matches(name: str, patterns: Sequence[str]) -> bool:
+    """A known_hosts host field: names, hashed names, wildcards, `!negations`."""
+    hit = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        if _matches(name, pattern[1:] if negated else pattern):
+            if negated:
+                return False
+            hit = True
+    return hit
 
 
 def _matches(name: str, pattern: str) -> bool:
-    """known_hosts host field: plain name or hashed |1|salt|hash (wildcards unsupported)."""
+    """One pattern: plain name, hashed |1|salt|hash, or a wildcard (* ?). OpenSSH compares
+    host names in lower case."""
+    name = name.lower()
     if pattern.startswith("|1|"):
         return paramiko.HostKeys.hash_host(name, pattern) == pattern
-    return pattern == name
+    if "*" in pattern or "?" in pattern:
+        return fnmatch.fnmatchcase(name, pattern.lower())
+    return pattern.lower() == name
 
 
 @dataclass(frozen=True)
 class SSHOptions:
-    key: paramiko.PKey
-    host_keys: HostKeyPolicy
+    # The pipeline's own key (ssh.key_file / ssh.key), offered before any other; None: only
+    # the user's keys (agent, IdentityFile, ~/.ssh/id_*) that each Target names.
+    key: paramiko.PKey | None = None
+    host_keys: HostKeyPolicy = field(default_factory=HostKeyPolicy)
     connect_timeout: float = 10
     command_timeout: float = 600
     retries: int = 2
-    jump: Target | None = None
+    jump: Target | None = None  # for a target without its own Target.jump
+    key_label: str = "ssh.key_file"  # how messages name `key`
     keepalive: int = 15
     reuse_shell: bool = True  # run commands through a kept remote `sh` (see _Shell)
     # Seconds a single SFTP operation (each read or write of its channel) or a wait for the
@@ -247,6 +368,7 @@ class Connection:
     transport: paramiko.Transport
     options: SSHOptions
     jump: Connection | None = None
+    auth: str = ""  # which key the server took, as `_authenticate` names it (no key material)
     _sftp: paramiko.SFTPClient | None = field(default=None, repr=False)
     _sftp_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _shells: list = field(default_factory=list, repr=False)
@@ -733,44 +855,199 @@ def http_get(conn: Connection, host: str, port: int, path: str, timeout: float,
         chan.close()
 
 
-def _handshake(target: Target, sock, opts: SSHOptions) -> paramiko.Transport:
+class _Agent(paramiko.agent.AgentSSH):
+    """The keys of the ssh-agent at `path` (paramiko's own Agent reads only $SSH_AUTH_SOCK,
+    and waits on a stalled agent forever): one connection per SSH login, closed after it, as
+    the agent protocol allows one request at a time."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            self._connect(sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    def close(self) -> None:
+        self._close()
+
+
+@dataclass
+class _Offer:
+    what: str  # how messages name it: where it came from and its fingerprint
+    key: paramiko.PKey
+
+
+def _identity(path: str, default: bool) -> tuple[_Offer | None, bytes | None, str | None]:
+    """A key file: (what to offer, its public blob, a note on why it cannot be used)."""
+    where = path if not default else f"{path} (default)"
+    pub = None
+    try:
+        pub = parse_public_key(Path(path + ".pub").read_text().strip()).asbytes()
+    except (OSError, ValueError):
+        pass
+    try:
+        key = paramiko.PKey.from_path(path)
+    except FileNotFoundError:
+        return None, pub, None if default else f"IdentityFile {path}: not found"
+    except (paramiko.PasswordRequiredException, TypeError) as exc:
+        # paramiko passes on cryptography's TypeError for an encrypted OpenSSH-format key
+        if isinstance(exc, TypeError) and "password" not in str(exc).lower():
+            return None, pub, f"{where}: cannot be read ({exc})"
+        return None, pub, (f"{where}: encrypted, and the runner asks for no passphrase "
+                           f"(add it to ssh-agent)")
+    except (paramiko.SSHException, ValueError, OSError) as exc:
+        return None, pub, f"{where}: cannot be read ({exc})"
+    return _Offer(f"{where} ({fingerprint(key)})", key), key.asbytes(), None
+
+
+def _offers(target: Target, opts: SSHOptions, agent: _Agent | None
+            ) -> tuple[list[_Offer], list[str]]:
+    """The keys to offer, in order, and notes on what could not be offered. Order: the
+    pipeline's key; the agent's keys (with IdentitiesOnly, only those of an identity file);
+    the identity files (IdentityFile, or the default ~/.ssh/id_* files)."""
+    offers: list[_Offer] = []
+    notes: list[str] = []
+    if opts.key is not None:
+        offers.append(_Offer(f"{opts.key_label} ({fingerprint(opts.key)})", opts.key))
+    files = [(p, *_identity(p, target.identity_default)) for p in target.identity_files]
+    if agent is not None:
+        allowed = {pub for _, _, pub, _ in files if pub}
+        keys = list(agent.get_keys())
+        picked = [k for k in keys if not target.identities_only or k.asbytes() in allowed]
+        if not keys:
+            notes.append(f"the ssh-agent ({target.agent}) holds no key")
+        elif not picked:
+            notes.append(f"IdentitiesOnly: none of the ssh-agent's {len(keys)} keys is an "
+                         f"IdentityFile's")
+        for k in picked:
+            comment = f" {k.comment}" if getattr(k, "comment", "") else ""
+            offers.append(_Offer(f"ssh-agent key {fingerprint(k)}{comment}", k))
+    found = False
+    for path, offer, _pub, note in files:
+        if offer is not None:
+            offers.append(offer)
+            found = True
+        elif note:
+            notes.append(note)
+    if target.identity_files and target.identity_default and not found and not any(
+            Path(p).exists() for p in target.identity_files):
+        notes.append(f"no default key file ({', '.join(target.identity_files)})")
+    return offers, notes
+
+
+def _authenticate(t: paramiko.Transport, target: Target, opts: SSHOptions,
+                  log: Callable[[str], None] | None) -> str:
+    """Offer the keys in order until the server takes one; return what it took. Raises
+    AuthError naming every key tried (by origin and fingerprint, never its content)."""
+    notes: list[str] = []
+    agent = None
+    if target.agent:
+        try:
+            agent = _Agent(target.agent, opts.connect_timeout)
+        except (OSError, paramiko.SSHException) as exc:
+            notes.append(f"ssh-agent at {target.agent}: cannot use it ({exc})")
+    else:
+        notes.append("no ssh-agent (SSH_AUTH_SOCK is not set, or IdentityAgent none)")
+    try:
+        offers, more = _offers(target, opts, agent)
+        notes += more
+        tried: list[str] = []
+        seen: set[bytes] = set()
+        for offer in offers:
+            blob = offer.key.asbytes()
+            if blob in seen:
+                continue
+            seen.add(blob)
+            try:
+                rest = t.auth_publickey(target.user, offer.key)
+            except paramiko.BadAuthenticationType as exc:
+                raise AuthError(target.label, (
+                    f"the server takes no SSH key for user {target.user!r} (it allows: "
+                    f"{', '.join(exc.allowed_types) or 'nothing'})")) from None
+            except paramiko.AuthenticationException:
+                tried.append(offer.what)
+                continue
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                tried.append(f"{offer.what} (failed: {exc or type(exc).__name__})")
+                if not t.is_active():
+                    notes.append(f"the server closed the connection after {len(tried)} "
+                                 f"refused keys (its MaxAuthTries)")
+                    break
+                continue
+            if rest:
+                raise AuthError(target.label, (
+                    f"the server took {offer.what} for user {target.user!r} but wants more "
+                    f"({', '.join(rest)}), which the runner does not do")) from None
+            if tried and opts.key is not None and log:
+                log(f"{target.label}: the server refused {opts.key_label}; signed in with "
+                    f"{offer.what}")
+            return offer.what
+    finally:
+        if agent is not None:
+            agent.close()
+    if not seen:
+        head = f"no SSH key to offer for user {target.user!r}"
+        if opts.key is None:
+            head += " (no ssh.key_file or ssh.key)"
+        raise AuthError(target.label, "; ".join([head, *notes]))
+    raise AuthError(target.label, "; ".join([
+        f"the server refused the SSH key for user {target.user!r}: tried "
+        f"{', '.join(tried)}", *notes]))
+
+
+def _handshake(target: Target, sock, opts: SSHOptions,
+               log: Callable[[str], None] | None = None) -> tuple[paramiko.Transport, str]:
+    t = _start(target, sock, opts)
+    try:
+        auth = _authenticate(t, target, opts, log)
+        t.set_keepalive(opts.keepalive)
+        return t, auth
+    except BaseException:
+        t.close()
+        raise
+
+
+def _start(target: Target, sock, opts: SSHOptions, check: bool = True) -> paramiko.Transport:
+    """Key exchange, the host key checked (unless check=False: ssh-trust only looks)."""
     t = paramiko.Transport(sock)
     t.banner_timeout = opts.connect_timeout
     t.handshake_timeout = opts.connect_timeout
     t.auth_timeout = opts.connect_timeout
     sec = t.get_security_options()
     if not opts.host_keys.insecure:
-        expected = opts.host_keys.expected(target.host, target.port, target.host_key)
+        expected = opts.host_keys.expected_for(target)
         sec.key_types = opts.host_keys.order_key_types(list(sec.key_types), expected)
     try:
         t.start_client(timeout=opts.connect_timeout)
-        key = t.get_remote_server_key()
-        opts.host_keys.check(target.label, target.host, target.port, key, target.host_key)
-        try:
-            t.auth_publickey(target.user, opts.key)
-        except paramiko.AuthenticationException:
-            raise AuthError(target.label, f"the server refused the SSH key for user "
-                                          f"{target.user!r}") from None
-        t.set_keepalive(opts.keepalive)
+        if check:
+            opts.host_keys.check_target(target, t.get_remote_server_key())
         return t
     except BaseException:
         t.close()
         raise
 
 
-def _open(target: Target, opts: SSHOptions, via: Connection | None) -> paramiko.Transport:
+def _socket(target: Target, opts: SSHOptions, via: Connection | None):
     try:
         if via is not None:
-            sock = via.open_tcp(target.host, target.port, opts.connect_timeout)
-        else:
-            sock = socket.create_connection((target.host, target.port),
-                                            timeout=opts.connect_timeout)
+            return via.open_tcp(target.host, target.port, opts.connect_timeout)
+        return socket.create_connection((target.host, target.port),
+                                        timeout=opts.connect_timeout)
     except (OSError, paramiko.SSHException) as exc:
         hop = f" via {via.label}" if via else ""
         raise ConnectError(target.label, f"cannot reach {target.host}:{target.port}{hop}: "
                                          f"{exc or type(exc).__name__}") from None
+
+
+def _open(target: Target, opts: SSHOptions, via: Connection | None,
+          log: Callable[[str], None] | None = None) -> tuple[paramiko.Transport, str]:
+    sock = _socket(target, opts, via)
     try:
-        return _handshake(target, sock, opts)
+        return _handshake(target, sock, opts, log)
     except (HostKeyError, AuthError):
         raise
     except (paramiko.SSHException, EOFError, OSError) as exc:
@@ -778,24 +1055,65 @@ def _open(target: Target, opts: SSHOptions, via: Connection | None) -> paramiko.
                                          f"failed: {exc or type(exc).__name__}") from None
 
 
+class SSHConfigError(TransportError):
+    """The host's SSH settings cannot be used (a ~/.ssh/config problem); retrying won't help."""
+
+
+def _route(target: Target, opts: SSHOptions) -> tuple[Target, ...]:
+    """The hosts to connect to in order, the target last."""
+    if target.jump is None and opts.jump is not None:
+        return (*opts.jump.route, target)
+    return target.route
+
+
+def _as_server(exc: TransportError, target: Target, hop: Target) -> TransportError:
+    """An error of a jump host, as the server's: which server, through which jump host."""
+    if hop is target:
+        return exc
+    where = f"{hop.label} ({hop.host}:{hop.port})" if hop.name != hop.host else hop.label
+    return type(exc)(target.label, f"through {where}: {exc.reason}")
+
+
+def _connect_route(target: Target, opts: SSHOptions, log: Callable[[str], None] | None,
+                   last: Callable[[Target, Connection | None], Connection]) -> Connection:
+    """Open every jump host of the route, then `last(target, via)`. Closes what it opened
+    if anything fails."""
+    route = _route(target, opts)
+    for hop in route:
+        if hop.problem:
+            raise _as_server(SSHConfigError(hop.label, hop.problem), target, hop)
+    via = None
+    try:
+        for hop in route[:-1]:
+            try:
+                t, auth = _open(hop, opts, via, log)
+            except TransportError as exc:
+                raise _as_server(exc, target, hop) from None
+            via = Connection(hop, t, opts, jump=via, auth=auth)
+        return last(target, via)
+    except BaseException:
+        if via is not None:
+            via.close()
+        raise
+
+
 def connect(target: Target, opts: SSHOptions, *, cancel: threading.Event | None = None,
             log: Callable[[str], None] | None = None,
             sleep: Callable[[float], None] = time.sleep) -> Connection:
-    """Open the connection (through the jump host if any) with bounded retries.
-    Raises HostKeyError / AuthError at once, ConnectError after the last attempt."""
+    """Open the connection (through its jump hosts if any) with bounded retries.
+    Raises HostKeyError / AuthError / SSHConfigError at once, ConnectError after the last
+    attempt."""
+    def last(t: Target, via: Connection | None) -> Connection:
+        transport, auth = _open(t, opts, via, log)
+        return Connection(t, transport, opts, jump=via, auth=auth)
+
     attempts = opts.retries + 1
     for attempt in range(1, attempts + 1):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"cancelled while connecting to {target.label}")
-        jump_conn = None
         try:
-            if opts.jump is not None:
-                jump_conn = Connection(opts.jump, _open(opts.jump, opts, None), opts)
-            t = _open(target, opts, jump_conn)
-            return Connection(target, t, opts, jump=jump_conn)
+            return _connect_route(target, opts, log, last)
         except ConnectError as exc:
-            if jump_conn is not None:
-                jump_conn.close()
             if attempt == attempts:
                 if attempts > 1:
                     raise ConnectError(exc.server, f"{exc.reason} (after {attempts} attempts)") \
@@ -806,8 +1124,31 @@ def connect(target: Target, opts: SSHOptions, *, cancel: threading.Event | None 
                 log(f"{target.label}: {exc.reason}; retrying in {delay:g}s "
                     f"({attempt}/{attempts - 1})")
             sleep(delay)
-        except BaseException:
-            if jump_conn is not None:
-                jump_conn.close()
-            raise
     raise AssertionError("unreachable")
+
+
+def scan_host_key(target: Target, opts: SSHOptions) -> paramiko.PKey:
+    """The host key `target` presents, through its jump hosts (which must be trusted and
+    take a key), with no login on the target itself and no check of its key: for
+    `runner ssh-trust`, which shows it. Raises TransportError (ConnectError, HostKeyError or
+    AuthError of a jump host, SSHConfigError)."""
+    def last(t: Target, via: Connection | None) -> Connection:
+        sock = _socket(t, opts, via)
+        try:
+            transport = _start(t, sock, opts, check=False)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise ConnectError(t.label, f"SSH handshake with {t.host}:{t.port} failed: "
+                                        f"{exc or type(exc).__name__}") from None
+        return Connection(t, transport, opts, jump=via)
+
+    conn = _connect_route(target, opts, None, last)
+    try:
+        return conn.transport.get_remote_server_key()
+    finally:
+        conn.close()
+
+
+def known_hosts_line(target: Target, key: paramiko.PKey) -> str:
+    """The known_hosts line listing `key` for this host, as HostKeyPolicy looks it up."""
+    name = target.host_key_alias or host_key_name(target.host, target.port)
+    return f"{name} {key.get_name()} {key.get_base64()}"

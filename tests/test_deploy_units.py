@@ -75,7 +75,11 @@ def test_model_defaults_and_shorthands():
     assert s.container.command == ("httpd", "-f", "-p", "8080")
     assert s.container.restart == "always" and s.container.init is True
     assert s.ssh.insecure_ignore_host_key is False
-    assert DeployStage().enabled is False  # the placeholder default still loads
+    # A deploy section runs unless it says otherwise, so one without servers is refused; the
+    # stage a pipeline without a deploy section gets is off and needs none.
+    with pytest.raises(ValidationError, match="at least one server"):
+        DeployStage()
+    assert DeployStage(enabled=False).servers == ()
 
 
 # --------------------------------------------------------------------------- spec
@@ -368,5 +372,7 @@ def test_host_key_policy(tmp_path):
     with pytest.raises(HostKeyError, match="pinned"):
         pinned.check("s", "anything", 22, other_same_type)
     HostKeyPolicy(insecure=True).check("s", "x", 22, other_type)
-    with pytest.raises(ValueError, match="no way to check host keys"):
-        HostKeyPolicy()
+    # No file and no pin of its own: only the target's own known_hosts files count, and a
+    # host listed in none of them is unknown.
+    with pytest.raises(HostKeyError, match="unknown host key"):
+        HostKeyPolicy().check("s", "10.0.0.1", 22, real)
