@@ -1,12 +1,20 @@
-"""The build stage: the checked-out code -> a local image, built by BuildKit through a docker CLI.
+"""The build stage: the checked-out code -> an image in the build engine, built by BuildKit through
+a docker CLI.
 
 Outputs (ctx.results["build"]): image_id, tags (full "name:tag" refs), builder
-("buildx"|"docker-buildkit"), cached_steps, total_steps.
+("buildx"|"docker-buildkit"), engine ("local", or the address of `stages.build.engine`),
+cached_steps, total_steps.
 
-The build engine's cache lives in the engine: on the lab it is one long-lived dockerd, so a
-second build of the same code reuses its layers and cache mounts. A fresh machine has no cache;
-there `stages.build.cache_from` (a registry image pushed with inline cache, `cache_to:
-[type=inline]`) is the fallback. See pipelines/buildkit.py.
+The build engine is the runner's own (DOCKER_HOST) unless `stages.build.engine` names another
+machine's (pipelines/build_engine.py): then the CLI sends the context there, the image stays
+there, and scan and push read it from there. The engine is asked first, with the CLI that will
+build (buildkit.check_engine), so an unreachable or unfit engine fails the stage with its name
+before anything is sent.
+
+The build cache lives in the engine: on the lab it is one long-lived dockerd, so a second build
+of the same code reuses its layers and cache mounts; a remote builder keeps its own the same
+way. A fresh engine has no cache; there `stages.build.cache_from` (a registry image pushed with
+inline cache, `cache_to: [type=inline]`) is the fallback. See pipelines/buildkit.py.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.base import Stage, StageContext
+from pipelines.build_engine import BuildEngine, EngineProblem
 from pipelines.buildkit import (
     BuildSecretRef,
     BuildSpec,
@@ -24,6 +33,7 @@ from pipelines.buildkit import (
     Progress,
     build_argv,
     build_warnings,
+    check_engine,
     check_secret_id,
     detect_builder,
     secret_env_var,
@@ -76,7 +86,7 @@ class BuildStage(Stage):
         s = pipeline.stages.build
         return {
             "image": pipeline.image.name,
-            "tag_templates": list(pipeline.image.tags),
+            "tags": list(pipeline.image.tags),
             "context": s.context,
             "dockerfile": s.dockerfile,
             "target": s.target,
@@ -87,6 +97,7 @@ class BuildStage(Stage):
             "cache_to": list(s.cache_to),
             "pull": s.pull,
             "platform": s.platform,
+            "engine": BuildEngine.of(pipeline).plan(),
         }
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
@@ -110,11 +121,19 @@ class BuildStage(Stage):
             raise StageFailed(self.name, f"no Dockerfile at {settings.dockerfile!r} in context "
                                          f"{settings.context!r}")
 
+        engine = BuildEngine.of(ctx.pipeline)
+        engine_dir = Path(ctx.workdir) / "engine"
         try:
             builder = detect_builder(cache_file=Path(ctx.cache_dir) / "builder.json")
-        except NoBuilder as exc:
+            env = engine.cli_env(engine_dir)
+            where = ""
+            if engine.settings is not None:
+                info = check_engine(builder, engine.cli_args(), env, engine.label,
+                                    engine.explain, engine.settings.connect_timeout + 15)
+                where = f", on build engine {engine.describe()}: {info.describe()}"
+        except (NoBuilder, EngineProblem) as exc:
             raise StageFailed(self.name, str(exc)) from None
-        ctx.log.info(f"builder: {builder.describe()}")
+        ctx.log.info(f"builder: {builder.describe()}{where}")
 
         sha = checkout["commit"]
         git = GitInfo(sha, checkout.get("branch"), checkout.get("tag"),
@@ -162,10 +181,9 @@ class BuildStage(Stage):
             pull=settings.pull, platform=settings.platform)
         for warning in build_warnings(builder, spec):
             ctx.log.warn(warning)
-        argv = build_argv(builder, spec)
+        argv = build_argv(builder, spec, engine.cli_args())
         ctx.log.info("running: " + shlex.join(argv))
 
-        env = dict(os.environ)
         env.update(builder.env())
         env.update(secret_env)
         progress = Progress()
@@ -186,7 +204,8 @@ class BuildStage(Stage):
         built_id = iidfile.read_text().strip() if iidfile.is_file() else ""
         # The CLI writes the id the engine gave the image it just stored; asking the engine again
         # would only cost the docker SDK's import (~0.25 s of a 0.6 s code-only rebuild).
-        image_id = built_id if built_id.startswith("sha256:") else _image_id(refs[0])
+        image_id = built_id if built_id.startswith("sha256:") else \
+            _image_id(engine, engine_dir, refs[0])
         for step in progress.steps.values():
             ctx.log.info(f"{'CACHED' if step.cached else 'ran   '} {step.name}")
         ctx.log.info(f"built {image_id} as {', '.join(refs)}: {progress.cached_steps} of "
@@ -195,18 +214,18 @@ class BuildStage(Stage):
             "image_id": image_id,
             "tags": refs,
             "builder": builder.kind,
+            "engine": "local" if engine.local else engine.label,
             "cached_steps": progress.cached_steps,
             "total_steps": progress.total_steps,
         }
 
 
-def _image_id(ref: str) -> str:
+def _image_id(engine: BuildEngine, engine_dir: Path, ref: str) -> str:
     """The engine's id for `ref` (an image id or a tag): the build engine really has it."""
-    import docker  # the SDK is only needed once something was built
-    from docker.errors import DockerException, ImageNotFound
+    from docker.errors import DockerException, ImageNotFound  # only once something was built
 
     try:
-        client = docker.from_env()
+        client = engine.client(engine_dir)
     except DockerException as exc:
         raise StageFailed("build", f"cannot reach the build engine to inspect {ref}: {exc}") \
             from None

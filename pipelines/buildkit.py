@@ -10,6 +10,14 @@ Detection runs a few `--help`/`version` probes that need no daemon, once per pro
 answer can be kept on disk until a CLI or the buildx plugin changes (`detect_builder`).
 `build_argv` and `build_warnings` are pure and tested by exact equality.
 
+A build engine on another machine (`stages.build.engine`, pipelines/build_engine.py) is checked
+by `check_engine` on every build, with the very CLI that will build: `docker -H ENGINE version`
+says whether it is reachable (ssh refused, host key unknown, TLS refused), what it runs, and
+whether BuildKit can work there (Docker Engine 18.09 or later, Linux). That answer is not kept
+on disk: nothing on this machine changes when the builder is upgraded, reinstalled or down.
+With buildx, `docker -H ENGINE buildx build` builds with buildx's default builder of that
+endpoint (the engine's own BuildKit), so the image and the cache stay in that engine.
+
 About the build cache: the lab's build engine is one long-lived dockerd, so its BuildKit cache
 (layers and `RUN --mount=type=cache` directories) persists between runs. A fresh machine has no
 local cache; there `cache_from` with a registry image built with `cache_to: [type=inline]`
@@ -22,7 +30,7 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +43,11 @@ _PROBE_TIMEOUT = 15.0
 
 class NoBuilder(Exception):
     """No BuildKit-capable docker CLI was found. The message lists what was tried and the fix."""
+
+
+class NoEngine(NoBuilder):
+    """The build engine cannot build with BuildKit: unreachable, too old, or not Linux. The
+    message names the engine and the CLI that asked it."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,8 @@ def check_secret_id(builder: Builder, secret_id: str) -> str | None:
         if not _ENV_NAME.match(secret_id):
             return (f"build secret id {secret_id!r}: with {builder.kind} the id is passed as an "
                     "environment variable name, so it must match [A-Za-z_][A-Za-z0-9_]*")
-        if secret_id in _RESERVED_ENV or secret_id.upper().startswith(("DOCKER_", "BUILDKIT")):
+        if secret_id in _RESERVED_ENV or \
+                secret_id.upper().startswith(("DOCKER_", "BUILDKIT", "RUNNER_ENGINE_")):
             return (f"build secret id {secret_id!r} clashes with an environment variable the "
                     "docker CLI uses; choose another id")
     return None
@@ -149,13 +163,15 @@ def build_warnings(builder: Builder, spec: BuildSpec) -> list[str]:
     return out
 
 
-def build_argv(builder: Builder, spec: BuildSpec) -> list[str]:
+def build_argv(builder: Builder, spec: BuildSpec, engine_args: Sequence[str] = ()) -> list[str]:
     """The docker CLI argv for `spec`. Secret values are never in it: each `--secret` names an
-    environment variable (see `secret_env_var`) that the caller sets in the child's env only."""
+    environment variable (see `secret_env_var`) that the caller sets in the child's env only.
+    `engine_args` are the CLI's global flags that choose the engine (BuildEngine.cli_args)."""
     if builder.kind == BUILDX:
-        argv = [builder.docker_cli, "buildx", "build", "--push" if spec.push else "--load"]
+        argv = [builder.docker_cli, *engine_args, "buildx", "build",
+                "--push" if spec.push else "--load"]
     else:
-        argv = [builder.docker_cli, "build"]
+        argv = [builder.docker_cli, *engine_args, "build"]
     argv.append("--progress=plain")
     if spec.dockerfile:
         argv += ["-f", spec.dockerfile]
@@ -273,12 +289,14 @@ def parse_progress(lines: Sequence[str]) -> Progress:
 # Detection (runs the CLIs, no daemon needed)
 
 
-def _probe(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[int, str]:
-    child_env = dict(os.environ)
+def _probe(argv: Sequence[str], env: Mapping[str, str] | None = None, *,
+           whole_env: Mapping[str, str] | None = None,
+           timeout: float = _PROBE_TIMEOUT) -> tuple[int, str]:
+    child_env = dict(os.environ if whole_env is None else whole_env)
     child_env.update(env or {})
     try:
         proc = subprocess.run(list(argv), capture_output=True, text=True, env=child_env,
-                              timeout=_PROBE_TIMEOUT, stdin=subprocess.DEVNULL)
+                              timeout=timeout, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return -1, str(exc)
     return proc.returncode, (proc.stdout or "") + (proc.stderr or "")
@@ -428,9 +446,84 @@ def detect_builder(*, refresh: bool = False, cache_file: Path | None = None) -> 
         return _cached
 
 
+# ---------------------------------------------------------------------------------------------
+# The build engine (`stages.build.engine`): reachable, and able to run BuildKit?
+
+BUILDKIT_MIN_ENGINE = (18, 9)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    version: str  # Docker Engine's, e.g. "20.10.24+dfsg1"
+    api_version: str
+    os: str
+    arch: str
+
+    def describe(self) -> str:
+        return f"Docker Engine {self.version}, API {self.api_version}, {self.os}/{self.arch}"
+
+
+def parse_engine_version(output: str) -> EngineInfo | None:
+    """The engine's side of `docker version --format '{{json .Server}}'`; None when the output
+    holds no server (the CLI printed `null` and an error: it could not reach the engine)."""
+    for line in output.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and data.get("Version"):
+            return EngineInfo(str(data["Version"]), str(data.get("ApiVersion") or "?"),
+                              str(data.get("Os") or "?"), str(data.get("Arch") or "?"))
+    return None
+
+
+def _version_tuple(version: str) -> tuple[int, int] | None:
+    m = re.match(r"^v?(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def engine_problem(info: EngineInfo) -> str | None:
+    """Why BuildKit cannot build on this engine, or None."""
+    if info.os not in ("linux", "?"):
+        return f"it runs {info.os}; BuildKit builds need a Linux engine"
+    numbers = _version_tuple(info.version)
+    if numbers is not None and numbers < BUILDKIT_MIN_ENGINE:
+        return (f"it runs Docker Engine {info.version}; BuildKit needs 18.09 or later: upgrade "
+                "docker on the builder")
+    return None
+
+
+def check_engine(builder: Builder, engine_args: Sequence[str], env: Mapping[str, str],
+                 label: str, explain: Callable[[str], str], timeout: float) -> EngineInfo:
+    """Ask the engine (`engine_args`, `env`: from BuildEngine.cli_args/cli_env) what it runs,
+    with the CLI that will build there. Raises NoEngine naming the engine, the CLI and the
+    fix; `explain` turns a failed connection's output into that sentence."""
+    argv = [builder.docker_cli, *engine_args, "version", "--format", "{{json .Server}}"]
+    rc, out = _probe(argv, builder.env(), whole_env=env, timeout=timeout)
+    info = parse_engine_version(out)
+    if info is None:
+        if "is too old" in out and "API version" in out:
+            reason = (f"the docker CLI {builder.docker_cli} ({builder.version}) is older than "
+                      f"the engine accepts ({_first_line(out[out.find('client version'):])}); "
+                      "install a newer docker CLI with the buildx plugin")
+        elif rc == -1 and "timed out" in out.lower():
+            reason = f"no answer within {timeout:.0f}s"
+        else:
+            reason = explain(out)
+        raise NoEngine(f"build engine {label} cannot be used by {builder.docker_cli}: {reason}")
+    problem = engine_problem(info)
+    if problem is not None:
+        raise NoEngine(f"build engine {label} cannot build with BuildKit: {problem}")
+    return info
+
+
 __all__ = [
-    "BUILDX", "DOCKER_BUILDKIT", "BuildSecretRef", "BuildSpec", "Builder", "NoBuilder",
-    "build_argv", "build_warnings", "candidate_clis", "check_secret_id", "detect_builder",
-    "detect_builder_in", "detection_fingerprint", "parse_progress", "Progress", "Step",
+    "BUILDX", "DOCKER_BUILDKIT", "BuildSecretRef", "BuildSpec", "Builder", "EngineInfo",
+    "NoBuilder", "NoEngine", "build_argv", "build_warnings", "candidate_clis", "check_engine",
+    "check_secret_id", "detect_builder", "detect_builder_in", "detection_fingerprint",
+    "engine_problem", "parse_engine_version", "parse_progress", "Progress", "Step",
     "secret_env_var",
 ]
