@@ -1,27 +1,44 @@
 """The push stage: every tag the build produced -> the registry, through the docker SDK.
 
-Outputs (ctx.results["push"]): digest ("sha256:..."), ref ("name@sha256:..."), tags.
+Outputs (ctx.results["push"]): digest ("sha256:..."), ref ("name@sha256:..."), tags, verified
+(bool), verification (what was checked, or why nothing was), credentials (where the login came
+from; never a secret).
 
 - The SDK's push returns HTTP 200 and raises nothing when the registry refuses: the whole stream
   is read, and an item with "error"/"errorDetail" is a failure. The digest comes from the final
   {"aux": {"Digest": ...}} item; every tag of one image must give the same digest.
 - Transient errors (connection refused/reset, 5xx, TLS handshake or i/o timeouts) are retried up
   to `stages.push.retries` times with backoff; auth/denied errors are not retried.
-- Credentials go to the engine per push (auth_config), are never stored and never logged.
+- Credentials, in this order: `stages.push.auth`; else docker's own config, as the docker CLI
+  finds it ($DOCKER_CONFIG/config.json, else ~/.docker/config.json) and as the SDK resolves it
+  (credHelpers for that registry, credsStore, then `auths`, identity tokens included); else none.
+  They are resolved once, before anything is pushed, and the very same login goes to the engine
+  (auth_config, per push) and to the verification. Never stored, never logged: values read from
+  docker's config are registered with the run's masker.
 - "Never half-pushed": the digest is only reported once every tag is pushed. On cancel the stage
   stops between tags; a tag that was already pushed stays in the registry, and the message says
   which ones.
 - Afterwards the registry itself is asked for the manifest by digest (GET /v2/<repo>/manifests/
-  <digest>), over plain HTTP when the engine treats the registry as insecure (as on the lab).
+  <digest>), over plain HTTP when the engine treats the registry as insecure (as on the lab),
+  answering its challenge as docker does: Basic with the login, or Bearer (the token auth of
+  Docker Hub, GHCR, GitLab): the token endpoint of the challenge, asked for scope
+  repository:<repo>:pull with the same login (GET with Basic auth, or an OAuth2 POST with an
+  identity token), or anonymously without one. A registry that refuses the read for lack of
+  credentials does not fail the push, which already happened: the stage succeeds with the digest
+  the engine reported, warns that the verification was skipped and why, and records verified:
+  false. Any other answer that is not the pushed manifest fails the stage.
 """
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -44,6 +61,8 @@ _TRANSIENT = re.compile(
     r"broken pipe|unexpected eof|\bEOF\b|temporarily unavailable|too many requests|"
     r"\b5\d\d\b|internal server error|bad gateway|service unavailable|gateway timeout",
     re.I)
+# What the OAuth2 token request names as its client (docker's engine says "docker").
+OAUTH_CLIENT_ID = "runner"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +155,97 @@ def read_push_stream(items: Iterable[Mapping[str, Any]],
     return StreamOutcome(digest, None)
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """The login used for one registry, and where it came from (`source`, for messages). The
+    secret fields never show in repr. No username and no identity token: anonymous, and `source`
+    says where a login was looked for."""
+
+    registry: str  # as docker keys its logins: "docker.io" for Docker Hub, else host[:port]
+    source: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    identity_token: str | None = field(default=None, repr=False)
+
+    @property
+    def anonymous(self) -> bool:
+        return not self.username and not self.identity_token
+
+    def engine_auth(self) -> dict[str, str]:
+        """The engine's X-Registry-Auth: exactly this login; {} pushes anonymously."""
+        if self.identity_token:
+            return {"identitytoken": self.identity_token, "serveraddress": self.registry}
+        if self.anonymous:
+            return {}
+        return {"username": self.username or "", "password": self.password or "",
+                "serveraddress": self.registry}
+
+    def describe(self) -> str:
+        """Who this login is, for a human: never a secret."""
+        if self.anonymous:
+            return f"no credentials ({self.source})"
+        who = (f"user {self.username!r}" if self.username and not self.identity_token
+               else "an identity token")
+        return f"{who} from {self.source}"
+
+
+def registry_key(name: str) -> str:
+    """The registry a repository name belongs to, as docker keys its logins ("docker.io" for
+    Docker Hub: its config holds https://index.docker.io/v1/, which the SDK maps to it)."""
+    from docker.auth import resolve_repository_name
+
+    return resolve_repository_name(name)[0]
+
+
+def docker_config_file(environ: Mapping[str, str] | None = None,
+                       home: str | None = None) -> Path:
+    """Where the docker CLI keeps its logins: $DOCKER_CONFIG/config.json, else
+    ~/.docker/config.json. Unlike the SDK's own lookup, a DOCKER_CONFIG without a config.json
+    does not fall back to ~/.docker: the CLI never does, so `docker login` with DOCKER_CONFIG set
+    and this stage agree on which file holds the login."""
+    environ = os.environ if environ is None else environ
+    if environ.get("DOCKER_CONFIG"):
+        return Path(environ["DOCKER_CONFIG"]) / "config.json"
+    return Path(home if home is not None else os.path.expanduser("~")) / ".docker" / "config.json"
+
+
+def credentials_from_entry(registry: str, entry: Mapping[str, Any] | None,
+                           source: str) -> Credentials | None:
+    """A login as the SDK resolves one (docker.auth.AuthConfig.resolve_authconfig): lower-case
+    keys from `auths`, capitalised ones from a credential helper; None when it holds no login
+    (an `auths` entry of {} beside a credsStore). Pure."""
+    if not entry:
+        return None
+    values = {str(k).lower(): v for k, v in entry.items() if v}
+    if values.get("identitytoken"):
+        return Credentials(registry, source, username=values.get("username"),
+                           identity_token=str(values["identitytoken"]))
+    if values.get("username"):
+        return Credentials(registry, source, username=str(values["username"]),
+                           password=str(values.get("password") or ""))
+    return None
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """A WWW-Authenticate header -> (scheme in lower case, its parameters). Pure.
+    'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="..."'."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
+    # unquoted values (error=invalid_token), looked for outside the quoted ones only
+    for k, v in re.findall(r'(\w+)=([^",\s]+)', re.sub(r'"[^"]*"', '""', rest)):
+        params.setdefault(k.lower(), v)
+    return scheme.lower(), params
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What the registry was asked after the push. verified=False: nothing was checked, and
+    `detail` says why (the registry refused the read for lack of credentials)."""
+
+    verified: bool
+    detail: str
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 
@@ -149,27 +259,37 @@ class PushStage(Stage):
 
     def plan(self, pipeline: Pipeline) -> dict[str, Any]:
         s = pipeline.stages.push
+        explicit = bool(s.auth.username or s.auth.password_secret)
         return {
             "image": pipeline.image.name,
             "registry": split_name(pipeline.image.name)[0],
-            "username": s.auth.username,
-            "password_secret": s.auth.password_secret,
+            "auth": {"username": s.auth.username, "password": s.auth.password_secret},
+            "credentials": "stages.push.auth" if explicit else (
+                "docker's config (DOCKER_CONFIG or ~/.docker/config.json: credHelpers, "
+                "credsStore, auths), else none"),
             "retries": s.retries,
         }
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        import docker
         from docker.errors import DockerException
+
+        from pipelines.build_engine import engine_client
 
         settings = ctx.pipeline.stages.push
         build = ctx.results.get("build") or {}
         refs = list(build.get("tags") or [])
         if not refs:
             raise StageFailed(self.name, "nothing to push: the build stage produced no tags")
-        auth_config = self._auth(ctx)
+        name = split_ref(refs[0])[0]
+        logins = {}
+        for ref in refs:
+            key = registry_key(split_ref(ref)[0])
+            if key not in logins:
+                logins[key] = self._credentials(ctx, key)
+                ctx.log.info(f"registry {key}: {logins[key].describe()}")
 
         try:
-            client = docker.from_env()
+            client = engine_client(ctx)  # the engine that built the image pushes it
         except DockerException as exc:
             raise StageFailed(self.name, f"cannot reach the build engine: {exc}") from None
         pushed: list[str] = []
@@ -178,7 +298,8 @@ class PushStage(Stage):
             for ref in refs:
                 if ctx.cancel.is_set():
                     raise Cancelled(_cancel_message(pushed, refs))
-                digests[ref] = self._push_one(client, ref, build.get("image_id"), auth_config,
+                creds = logins[registry_key(split_ref(ref)[0])]
+                digests[ref] = self._push_one(client, ref, build.get("image_id"), creds,
                                               settings.retries, ctx, pushed, refs)
                 pushed.append(ref)
                 ctx.log.info(f"pushed {ref} ({digests[ref]})")
@@ -194,31 +315,83 @@ class PushStage(Stage):
         finally:
             client.close()
 
-        name = split_ref(refs[0])[0]
         try:
-            self._verify(ctx, name, digest, build.get("image_id"), auth_config, registry_config)
+            check = verify_pushed(name, digest, build.get("image_id"), logins[registry_key(name)],
+                                  registry_config, self.verify_timeout)
         except StageFailed as exc:
             raise StageFailed(self.name, exc.reason + _pushed_note(pushed)) from None
-        return {"digest": digest, "ref": f"{name}@{digest}", "tags": pushed}
+        if check.verified:
+            ctx.log.info(f"verified: {check.detail}")
+        else:
+            ctx.log.warn(f"pushed {name}@{digest} (the digest the engine reported), but its "
+                         f"verification was skipped: {check.detail}")
+        creds = logins[registry_key(name)]
+        return {"digest": digest, "ref": f"{name}@{digest}", "tags": pushed,
+                "verified": check.verified, "verification": check.detail,
+                "credentials": f"none ({creds.source})" if creds.anonymous else creds.source}
 
     # -----------------------------------------------------------------------------------------
 
-    def _auth(self, ctx: StageContext) -> dict[str, str] | None:
+    def _credentials(self, ctx: StageContext, registry: str) -> Credentials:
+        """stages.push.auth, else docker's config, else none (see the module docstring)."""
         auth = ctx.pipeline.stages.push.auth
-        if not auth.username and not auth.password_secret:
-            return None
-        if not (auth.username and auth.password_secret):
-            raise StageFailed(self.name, "stages.push.auth needs both username and password")
-        try:
-            password = ctx.secrets.value(auth.password_secret)
-        except (KeyError, RunnerError) as exc:
-            raise StageFailed(self.name, f"registry password secret {auth.password_secret!r} is "
-                                         f"not available ({exc})") from None
-        return {"username": auth.username, "password": password}
+        if auth.username or auth.password_secret:
+            if not (auth.username and auth.password_secret):
+                raise StageFailed(self.name, "stages.push.auth needs both username and password")
+            try:
+                password = ctx.secrets.value(auth.password_secret)
+            except (KeyError, RunnerError) as exc:
+                raise StageFailed(self.name, f"registry password secret {auth.password_secret!r} "
+                                             f"is not available ({exc})") from None
+            return Credentials(registry, "stages.push.auth", username=auth.username,
+                               password=password)
+        config = docker_config_file()
+        creds = self._docker_config_credentials(registry, config)
+        if creds is None:
+            return Credentials(registry, f"stages.push.auth is not set, and {config} "
+                               + (f"has no login for {registry}" if config.exists()
+                                  else "does not exist"))
+        # Values from docker's config are no pipeline secret: the masker learns them here.
+        masker = getattr(ctx.secrets, "masker", None)
+        if masker is not None:
+            # "user:password" too: its base64 form is the `auth` field of docker's config
+            pair = f"{creds.username}:{creds.password}" if creds.password else None
+            for value in (creds.password, creds.identity_token, pair):
+                if value:
+                    masker.add(value, f"the login for {registry} from {creds.source}")
+        return creds
 
-    def _push_one(self, client: Any, ref: str, image_id: str | None,
-                  auth_config: dict[str, str] | None, retries: int, ctx: StageContext,
-                  pushed: list[str], refs: list[str]) -> str:
+    def _docker_config_credentials(self, registry: str, config: Path) -> Credentials | None:
+        """The login docker's config holds for `registry`, resolved by the SDK itself (credential
+        helpers run as `docker-credential-NAME get`), or None."""
+        from docker.auth import load_config
+        from docker.errors import DockerException
+
+        if not config.is_file():
+            return None
+        try:
+            cfg = load_config(config_path=str(config))
+        except (DockerException, ValueError, OSError) as exc:
+            raise StageFailed(self.name, f"cannot read the logins in docker's config {config}: "
+                                         f"{exc}") from None
+        helper = cfg.get_credential_store(registry)
+        try:
+            entry = cfg.resolve_authconfig(registry)
+        except DockerException as exc:
+            # a helper that is missing or fails; its message names it, never a secret
+            raise StageFailed(self.name, f"the credential helper docker-credential-{helper} "
+                                         f"(named in {config} for {registry}) failed: "
+                                         f"{exc}") from None
+        # Only the SDK's credential-helper path sets "ServerAddress" (capitalised); an `auths`
+        # entry has lower-case keys, or only IdentityToken.
+        if helper and entry and "ServerAddress" in entry:
+            source = f"credential helper docker-credential-{helper} (named in {config})"
+        else:
+            source = f"docker's config {config}"
+        return credentials_from_entry(registry, entry, source)
+
+    def _push_one(self, client: Any, ref: str, image_id: str | None, creds: Credentials,
+                  retries: int, ctx: StageContext, pushed: list[str], refs: list[str]) -> str:
         from docker.errors import APIError, DockerException
         from requests.exceptions import RequestException
 
@@ -237,8 +410,10 @@ class PushStage(Stage):
         error = ""
         for attempt in range(1, attempts + 1):
             try:
+                # Always an explicit auth_config ({} = anonymous): with None the SDK would look
+                # for a login on its own, possibly another one than the verification uses.
                 items = client.api.push(repo, tag=tag, stream=True, decode=True,
-                                        auth_config=auth_config)
+                                        auth_config=creds.engine_auth())
                 outcome = read_push_stream(items, ctx.log.line)
                 if outcome.digest is not None:
                     return outcome.digest
@@ -266,70 +441,134 @@ class PushStage(Stage):
             how = "(not retried: not a transient error)"
         message = f"pushing {ref} failed {how}: {error}"
         if is_auth_error(error):
-            registry = split_name(repo)[0]
-            if auth_config:
-                message += (f"\nauthentication failed: registry {registry} refused user "
-                            f"{auth_config['username']!r} (or its access to {repo}); check "
-                            "stages.push.auth")
-            else:
-                message += (f"\nauthentication failed: registry {registry} wants a login; "
-                            "check stages.push.auth (username, password)")
+            message += "\n" + _auth_hint(creds, repo)
         elif "connection refused" in error.lower():
             message += f"\nis a registry listening at {split_name(repo)[0]}?"
         raise StageFailed(self.name, message + _pushed_note(pushed))
 
-    def _verify(self, ctx: StageContext, name: str, digest: str, image_id: str | None,
-                auth_config: dict[str, str] | None, registry_config: Any) -> None:
-        host, path = split_name(name)
-        scheme = "http" if registry_is_insecure(host, registry_config) else "https"
-        url = f"{scheme}://{host}/v2/{path}/manifests/{digest}"
-        headers = {"Accept": ", ".join(MANIFEST_TYPES)}
-        basic = (auth_config["username"], auth_config["password"]) if auth_config else None
-        # trust_env=False: the registry is reached directly, never through a proxy from the env.
-        try:
-            with httpx.Client(timeout=self.verify_timeout, trust_env=False) as http:
-                resp = http.get(url, headers=headers, auth=basic)
-                if resp.status_code == 401 and basic is not None:
-                    token = _bearer_token(http, resp.headers.get("www-authenticate", ""), basic)
-                    if token:
-                        resp = http.get(url, headers={**headers,
-                                                      "Authorization": f"Bearer {token}"})
-        except httpx.HTTPError as exc:
-            raise StageFailed(self.name, f"pushed {digest}, but the registry could not be asked "
-                                         f"for it ({url}): {exc}") from None
-        if resp.status_code != 200:
-            raise StageFailed(self.name, f"pushed {digest}, but the registry answers "
-                                         f"{resp.status_code} for {url}")
-        served = resp.headers.get("docker-content-digest")
-        body_digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
-        if (served and served != digest) or (digest.startswith("sha256:")
-                                             and body_digest != digest):
-            raise StageFailed(self.name, f"the registry serves a different manifest for {digest} "
-                                         f"(header {served}, body {body_digest})")
-        try:
-            config = (resp.json().get("config") or {}).get("digest")
-        except ValueError:
-            config = None
-        if image_id and config and config != image_id:
-            raise StageFailed(self.name, f"the registry's {name}@{digest} is image {config}, not "
-                                         f"the image this run built ({image_id})")
-        ctx.log.info(f"verified: the registry serves {name}@{digest} "
-                     f"({resp.headers.get('content-type', '?')})")
+
+def _auth_hint(creds: Credentials, repo: str) -> str:
+    registry = creds.registry
+    if creds.anonymous:
+        return (f"authentication failed: registry {registry} wants a login, and none was found "
+                f"({creds.source}): check stages.push.auth (username, password), or run "
+                f"`docker login {registry}` as the user the runner runs as")
+    if creds.source == "stages.push.auth":
+        return (f"authentication failed: registry {registry} refused user {creds.username!r} "
+                f"(or its access to {repo}); check stages.push.auth")
+    return (f"authentication failed: registry {registry} refused {creds.describe()} (or its "
+            f"access to {repo}); run `docker login {registry}` again (the same user and "
+            "DOCKER_CONFIG as the runner), or set stages.push.auth")
 
 
-def _bearer_token(http: httpx.Client, challenge: str, basic: tuple[str, str]) -> str | None:
-    """Token auth (the distribution spec's Bearer challenge), for registries that use it."""
-    if not challenge.lower().startswith("bearer "):
-        return None
-    params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
-    realm = params.pop("realm", None)
-    if not realm:
-        return None
-    resp = http.get(realm, params=params, auth=basic)
+def verify_pushed(name: str, digest: str, image_id: str | None, creds: Credentials,
+                  registry_config: Any, timeout: float = 10.0) -> Verification:
+    """Ask the registry for name@digest as a client reading it would, with `creds` (see the
+    module docstring). Raises StageFailed when the registry answers but not with that manifest,
+    or cannot be reached; returns verified=False when it refuses the read for lack of
+    credentials."""
+    host, path = split_name(name)
+    insecure = registry_is_insecure(host, registry_config)
+    url = f"{'http' if insecure else 'https'}://{host}/v2/{path}/manifests/{digest}"
+    headers = {"Accept": ", ".join(MANIFEST_TYPES)}
+    asked = "without credentials"
+    # trust_env=False: the registry is reached directly, never through a proxy from the env.
+    # Redirects are followed (httpx drops the Authorization header across origins).
+    try:
+        with httpx.Client(timeout=timeout, trust_env=False, follow_redirects=True) as http:
+            # First without credentials, as docker does: the challenge says how to log in.
+            resp = http.get(url, headers=headers)
+            if resp.status_code == 401:
+                scheme, params = parse_challenge(resp.headers.get("www-authenticate", ""))
+                if scheme == "basic":
+                    if creds.anonymous or creds.identity_token:
+                        return Verification(False, (
+                            f"registry {host} wants a login (Basic) to read {name}, and "
+                            + ("there is none: " + creds.source if creds.anonymous else
+                               f"the only one is {creds.describe()}, which Basic auth cannot "
+                               "use")))
+                    asked = f"with {creds.describe()}"
+                    resp = http.get(url, headers=headers,
+                                    auth=(creds.username or "", creds.password or ""))
+                elif scheme == "bearer":
+                    token, why = _bearer_token(http, params, f"repository:{path}:pull", creds,
+                                               insecure)
+                    if token is None:
+                        return Verification(False, f"registry {host} wants a token (Bearer) to "
+                                                   f"read {name}: {why}")
+                    asked = (f"with a token from {params.get('realm')} for "
+                             f"{creds.describe()}")
+                    resp = http.get(url, headers={**headers, "Authorization": f"Bearer {token}"})
+                else:
+                    return Verification(False, (
+                        f"registry {host} answers 401 to a read of {name} with a challenge "
+                        f"this runner does not answer: {scheme or '(none)'}"))
+    except httpx.HTTPError as exc:
+        raise StageFailed("push", f"pushed {digest}, but the registry could not be asked for it "
+                                  f"({url}): {exc}") from None
+    if resp.status_code in (401, 403):
+        return Verification(False, f"registry {host} refused to serve {name}@{digest} {asked} "
+                                   f"({resp.status_code}): reading it needs another login")
     if resp.status_code != 200:
-        return None
-    data = resp.json()
-    return data.get("token") or data.get("access_token")
+        raise StageFailed("push", f"pushed {digest}, but the registry answers "
+                                  f"{resp.status_code} for {url}")
+    served = resp.headers.get("docker-content-digest")
+    body_digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
+    if (served and served != digest) or (digest.startswith("sha256:")
+                                         and body_digest != digest):
+        raise StageFailed("push", f"the registry serves a different manifest for {digest} "
+                                  f"(header {served}, body {body_digest})")
+    try:
+        config = (resp.json().get("config") or {}).get("digest")
+    except (ValueError, AttributeError):
+        config = None
+    if image_id and config and config != image_id:
+        raise StageFailed("push", f"the registry's {name}@{digest} is image {config}, not "
+                                  f"the image this run built ({image_id})")
+    checked = "its content hashes to that digest"
+    if image_id and config:
+        checked += f" and its config is the image this run built ({image_id})"
+    return Verification(True, f"the registry serves {name}@{digest} "
+                              f"({resp.headers.get('content-type', '?')}) when read {asked}; "
+                              f"{checked}")
+
+
+def _bearer_token(http: httpx.Client, params: Mapping[str, str], scope: str, creds: Credentials,
+                  insecure: bool) -> tuple[str | None, str]:
+    """A token for `scope` from the realm of a Bearer challenge (the distribution spec's token
+    auth), with `creds` as docker's engine asks: an identity token through the OAuth2 POST
+    (grant_type=refresh_token), a username and password as Basic auth on a GET, else
+    anonymously. (None, why) when none is given."""
+    realm = params.get("realm")
+    if not realm or urlsplit(realm).scheme not in ("http", "https"):
+        return None, f"its challenge names no usable token endpoint (realm {realm!r})"
+    if urlsplit(realm).scheme == "http" and not insecure and not creds.anonymous:
+        return None, (f"its token endpoint {realm} is plain HTTP while the registry is not: "
+                      f"{creds.describe()} is not sent there")
+    service = params.get("service")
+    query = {"scope": scope, **({"service": service} if service else {})}
+    if creds.identity_token:
+        resp = http.post(realm, data={**query, "grant_type": "refresh_token",
+                                      "refresh_token": creds.identity_token,
+                                      "client_id": OAUTH_CLIENT_ID})
+    elif not creds.anonymous:
+        resp = http.get(realm, params={**query, "account": creds.username or ""},
+                        auth=(creds.username or "", creds.password or ""))
+    else:
+        resp = http.get(realm, params=query)
+    asker = creds.describe()
+    if resp.status_code in (401, 403):
+        return None, f"its token endpoint {realm} refused {asker} ({resp.status_code})"
+    if resp.status_code != 200:
+        return None, f"its token endpoint {realm} answered {resp.status_code} for {asker}"
+    try:
+        data = resp.json()
+        token = data.get("token") or data.get("access_token")
+    except (ValueError, AttributeError):
+        token = None
+    if not token:
+        return None, f"its token endpoint {realm} gave no token for {asker}"
+    return str(token), ""
 
 
 def _pushed_note(pushed: list[str]) -> str:

@@ -168,6 +168,9 @@ def test_describe_and_env_lines_quote_values():
         "export AUTH_REGISTRY=10.87.53.1:5001",
         "export AUTH_REGISTRY_USER=lab",
         "export AUTH_REGISTRY_PASSWORD_FILE='/tmp/lab dir/auth-registry.password'",
+        "export TOKEN_REGISTRY=127.0.0.1:5002",
+        "export TOKEN_REGISTRY_USER=lab",
+        "export TOKEN_REGISTRY_PASSWORD_FILE='/tmp/lab dir/token-registry.password'",
         "export PROXY_IMAGE=10.87.53.1:5000/runner/caddy:2",
         "export RUNNER_DATABASE_URL=''",  # no password made yet: see test_lab_postgres.py
     ]

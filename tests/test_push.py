@@ -4,6 +4,7 @@ are removed from the engine at the end."""
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 import uuid
@@ -15,18 +16,24 @@ import pytest
 from pipelines.base import StageContext
 from pipelines.push import (
     MANIFEST_TYPES,
+    Credentials,
     PushStage,
     backoff,
+    credentials_from_entry,
+    docker_config_file,
     is_auth_error,
     is_transient,
+    parse_challenge,
     read_push_stream,
     registry_is_insecure,
+    registry_key,
     split_name,
     split_ref,
 )
 from runner.errors import Cancelled, StageFailed
 from runner.model import Image, Pipeline, RegistryAuth, Repository, Stages
 from runner.model import PushStage as PushSettings
+from runner.secrets import Masker, SecretStore
 from tests.doubles import ListLog, DictSecrets
 
 DIGEST = "sha256:" + "ab" * 32
@@ -117,15 +124,183 @@ def test_registry_is_insecure_follows_the_engine():
     assert not registry_is_insecure("127.0.0.1:5000", None)
 
 
+# Challenges as these registries send them to an anonymous GET of a manifest.
+@pytest.mark.parametrize("header,scheme,params", [
+    ('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+     'scope="repository:library/busybox:pull"', "bearer",
+     {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
+      "scope": "repository:library/busybox:pull"}),
+    ('Bearer realm="https://ghcr.io/token",service="ghcr.io",scope="repository:me/app:pull"',
+     "bearer", {"realm": "https://ghcr.io/token", "service": "ghcr.io",
+                "scope": "repository:me/app:pull"}),
+    ('Bearer realm="https://gitlab.com/jwt/auth",service="container_registry",'
+     'scope="repository:me/app:pull",error="insufficient_scope"', "bearer",
+     {"realm": "https://gitlab.com/jwt/auth", "service": "container_registry",
+      "scope": "repository:me/app:pull", "error": "insufficient_scope"}),
+    ('Basic realm="runner-lab"', "basic", {"realm": "runner-lab"}),
+    ('Bearer realm="https://r.example/token?a=b",error=invalid_token', "bearer",
+     {"realm": "https://r.example/token?a=b", "error": "invalid_token"}),
+    ("", "", {}),
+])
+def test_parse_challenge(header, scheme, params):
+    assert parse_challenge(header) == (scheme, params)
+
+
+def test_registry_key_is_how_docker_keys_its_logins():
+    assert registry_key("10.87.53.1:5001/a/b") == "10.87.53.1:5001"
+    assert registry_key("127.0.0.1:5002/a") == "127.0.0.1:5002"
+    assert registry_key("ghcr.io/me/app") == "ghcr.io"
+    assert registry_key("me/app") == "docker.io"
+    assert registry_key("busybox") == "docker.io"
+
+
+def test_docker_config_file_follows_docker_config_as_the_cli_does():
+    assert docker_config_file({"DOCKER_CONFIG": "/tmp/dc"}, home="/home/u") == \
+        Path("/tmp/dc/config.json")
+    assert docker_config_file({}, home="/home/u") == Path("/home/u/.docker/config.json")
+    assert docker_config_file({"DOCKER_CONFIG": ""}, home="/home/u") == \
+        Path("/home/u/.docker/config.json")
+
+
+def test_credentials_from_the_sdks_entries():
+    # an `auths` entry (lower case), a credential helper's answer (capitalised), an identity
+    # token, and the empty entry docker leaves beside a credsStore
+    c = credentials_from_entry("r:1", {"username": "u", "password": "p", "email": None,
+                                       "serveraddress": "r:1"}, "docker's config F")
+    assert (c.username, c.password, c.identity_token) == ("u", "p", None)
+    c = credentials_from_entry("r:1", {"ServerAddress": "r:1", "Username": "u",
+                                       "Password": "p"}, "helper")
+    assert (c.username, c.password) == ("u", "p")
+    c = credentials_from_entry("r:1", {"IdentityToken": "tok"}, "docker's config F")
+    assert c.identity_token == "tok" and not c.anonymous
+    assert credentials_from_entry("r:1", {}, "F") is None
+    assert credentials_from_entry("r:1", None, "F") is None
+
+
+def test_credentials_never_show_their_secrets():
+    pw = Credentials("r:1", "stages.push.auth", username="ci", password="pw-secret-value")
+    tok = Credentials("r:1", "docker's config /x/config.json", identity_token="tok-secret-value")
+    none = Credentials("r:1", "stages.push.auth is not set, and /x/config.json does not exist")
+    for c in (pw, tok, none):
+        for text in (repr(c), str(c), c.describe()):
+            assert "secret-value" not in text
+    assert pw.describe() == "user 'ci' from stages.push.auth"
+    assert tok.describe() == "an identity token from docker's config /x/config.json"
+    assert none.anonymous and none.describe().startswith("no credentials (stages.push.auth")
+    assert pw.engine_auth() == {"username": "ci", "password": "pw-secret-value",
+                                "serveraddress": "r:1"}
+    assert tok.engine_auth() == {"identitytoken": "tok-secret-value", "serveraddress": "r:1"}
+    assert none.engine_auth() == {}
+
+
+def _helper(dir_: Path, name: str, store: dict[str, tuple[str, str]] | None,
+            fail: str | None = None) -> Path:
+    """A real credential helper `docker-credential-NAME` (docker's helper protocol: `get` reads
+    the server on stdin, prints {"ServerURL", "Username", "Secret"}), answering from `store`."""
+    import json
+    import sys
+
+    script = dir_ / f"docker-credential-{name}"
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+STORE = {json.dumps({k: list(v) for k, v in (store or {}).items()})}
+FAIL = {fail!r}
+if sys.argv[1] != "get":
+    sys.exit(0)
+if FAIL:
+    print(FAIL)
+    sys.exit(1)
+server = sys.stdin.read().strip()
+if server not in STORE:
+    print("credentials not found in native keychain")
+    sys.exit(1)
+user, secret = STORE[server]
+print(json.dumps({{"ServerURL": server, "Username": user, "Secret": secret}}))
+""")
+    script.chmod(0o755)
+    return script
+
+
+def test_logins_from_docker_config_auths_helpers_and_none(tmp_path, monkeypatch):
+    """The SDK's own resolution, on real files and a real helper process."""
+    import base64
+    import json
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _helper(bin_dir, "rtest", {"10.0.0.1:5000": ("helper-user", "helper-pw"),
+                               "10.0.0.2:5000": ("<token>", "helper-identity-token")})
+    _helper(bin_dir, "broken", None, fail="the keychain is locked")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cfg_dir = tmp_path / "dc"
+    cfg_dir.mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(cfg_dir))
+    config = cfg_dir / "config.json"
+    config.write_text(json.dumps({
+        "auths": {"10.0.0.3:5000": {"auth": base64.b64encode(b"file-user:file-pw").decode()},
+                  "10.0.0.4:5000": {"auth": base64.b64encode(b"u:").decode(),
+                                    "identitytoken": "file-identity-token"},
+                  "10.0.0.1:5000": {}},
+        "credHelpers": {"10.0.0.1:5000": "rtest", "10.0.0.2:5000": "rtest",
+                        "10.0.0.9:5000": "broken"}}))
+    masker = Masker()
+    ctx = make_ctx(tmp_path, "x/y", ["x/y:1"])
+    ctx = StageContext(**{**ctx.__dict__, "secrets": SecretStore({}, masker)})
+    stage = PushStage()
+
+    c = stage._credentials(ctx, "10.0.0.1:5000")
+    assert (c.username, c.password) == ("helper-user", "helper-pw")
+    assert c.source == f"credential helper docker-credential-rtest (named in {config})"
+    c = stage._credentials(ctx, "10.0.0.2:5000")
+    assert c.identity_token == "helper-identity-token" and c.username is None
+    c = stage._credentials(ctx, "10.0.0.3:5000")
+    assert (c.username, c.password, c.source) == ("file-user", "file-pw",
+                                                  f"docker's config {config}")
+    c = stage._credentials(ctx, "10.0.0.4:5000")
+    assert c.identity_token == "file-identity-token"
+    c = stage._credentials(ctx, "10.0.0.5:5000")
+    assert c.anonymous
+    assert c.source == f"stages.push.auth is not set, and {config} has no login for 10.0.0.5:5000"
+    with pytest.raises(StageFailed) as err:
+        stage._credentials(ctx, "10.0.0.9:5000")
+    assert "docker-credential-broken" in str(err.value) and "10.0.0.9:5000" in str(err.value)
+    # what came from docker's config is masked from now on, in every form
+    for value in ("helper-pw", "helper-identity-token", "file-pw", "file-identity-token"):
+        assert masker.mask(f"x {value} y") == "x *** y"
+
+    # DOCKER_CONFIG without a config.json: no login, and no fallback to ~/.docker
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "empty"))
+    c = stage._credentials(ctx, "10.0.0.3:5000")
+    assert c.anonymous and "empty/config.json does not exist" in c.source
+
+    # stages.push.auth comes first, whatever docker's config holds
+    monkeypatch.setenv("DOCKER_CONFIG", str(cfg_dir))
+    ctx = make_ctx(tmp_path, "x/y", ["x/y:1"], secret_values={"regpw": "pipeline-pw"},
+                   auth=RegistryAuth(username="ci", password_secret="regpw"))
+    c = stage._credentials(ctx, "10.0.0.3:5000")
+    assert (c.username, c.password, c.source) == ("ci", "pipeline-pw", "stages.push.auth")
+
+
+def test_plan_says_where_credentials_come_from():
+    def plan(**push):
+        return PushStage().plan(Pipeline(
+            name="t", repository=Repository(url="https://example.invalid/t.git"),
+            image=Image(name="ghcr.io/me/app"), stages=Stages(push=PushSettings(**push))))
+    assert plan()["credentials"].startswith("docker's config (DOCKER_CONFIG or ~/.docker")
+    assert plan()["registry"] == "ghcr.io"
+    explicit = plan(auth=RegistryAuth(username="ci", password_secret="p"))
+    assert explicit["credentials"] == "stages.push.auth"
+
+
 def test_nothing_to_push(tmp_path):
     with pytest.raises(StageFailed, match="no tags"):
         PushStage().run(make_ctx(tmp_path, "x/y", []))
 
 
 def test_password_without_username_is_refused(tmp_path):
-    ctx = make_ctx(tmp_path, "x/y", ["x/y:1"], auth=RegistryAuth(password_secret="p"))
-    with pytest.raises(StageFailed, match="username and password"):
-        PushStage().run(ctx)
+    # by the settings themselves, so a pipeline file with only one of them is invalid
+    with pytest.raises(ValueError, match="username and password"):
+        RegistryAuth(password_secret="p")
 
 
 # --- on the lab ---------------------------------------------------------------------------
@@ -192,7 +367,8 @@ def registry_cleanup(lab):
 
 @pytest.mark.lab
 def test_push_all_tags_one_digest_and_registry_serves_it(lab, tmp_path, tagged,
-                                                         registry_cleanup):
+                                                         registry_cleanup, monkeypatch):
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
     image = f"{lab['registry']}/test/push-{uuid.uuid4().hex[:8]}"
     first = tagged(f"{image}:one", unique=True)
     refs = [first, tagged(f"{image}:two", source=first)]
@@ -203,6 +379,11 @@ def test_push_all_tags_one_digest_and_registry_serves_it(lab, tmp_path, tagged,
     assert out["digest"].startswith("sha256:")
     assert out["ref"] == f"{image}@{out['digest']}"
     assert any(i.startswith("verified:") for i in ctx.log.infos)
+    # a registry without auth: read back without credentials, and none were used to push
+    assert out["verified"] is True and "when read without credentials" in out["verification"]
+    assert out["credentials"] == (f"none (stages.push.auth is not set, and "
+                                  f"{tmp_path / 'no-docker-config' / 'config.json'} does not "
+                                  "exist)")
     # And independently of the stage: the registry serves that manifest by digest.
     host, path = split_name(image)
     resp = httpx.get(f"http://{host}/v2/{path}/manifests/{out['digest']}",

@@ -43,6 +43,9 @@ def _print_human(info: dict) -> None:
     auth = info["auth_registry"]
     click.echo(f"registry     {auth['address']} (login {auth['username']}, password in "
                f"{auth['password_file']})")
+    token = info["token_registry"]
+    click.echo(f"registry     {token['address']} (token auth, issuer {token['realm']}; login "
+               f"{token['username']}, password in {token['password_file']}; loopback only)")
     click.echo(f"build engine {info['docker_host']}")
     click.echo(f"proxy image  {info['proxy_image']} (Caddy 2, pulled by the servers)")
     db = info["database"]
@@ -110,7 +113,7 @@ def status(as_json: bool) -> None:
 def env() -> None:
     """Print `export NAME=value` lines for REGISTRY, DOCKER_HOST, DEPLOY_HOSTS, SSH_KEY_FILE,
     KNOWN_HOSTS_FILE, AUTH_REGISTRY, AUTH_REGISTRY_USER, AUTH_REGISTRY_PASSWORD_FILE,
-    PROXY_IMAGE, RUNNER_DATABASE_URL (with the password of the lab's PostgreSQL role).
+    TOKEN_REGISTRY, TOKEN_REGISTRY_USER, TOKEN_REGISTRY_PASSWORD_FILE, PROXY_IMAGE, RUNNER_DATABASE_URL (with the password of the lab's PostgreSQL role).
     Use: eval "$(runner lab env)"."""
     lab_ = _lab()
     lab_.load()

@@ -347,6 +347,47 @@ def registry_ready(port: int = layout.REGISTRY_PORT, auth: tuple[str, str] | Non
         conn.close()
 
 
+def _loopback_get(port: int, path: str, headers: dict[str, str],
+                  timeout: float) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except OSError:
+        return 0, b""
+    finally:
+        conn.close()
+
+
+def token_issuer_token(auth: tuple[str, str] | None = None, timeout: float = 2.0) -> str | None:
+    """A token from the lab's issuer (with `auth`: for that login, else anonymous), or None when
+    it does not answer or refuses the login."""
+    headers = {}
+    if auth is not None:
+        basic = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        headers["Authorization"] = f"Basic {basic}"
+    status, body = _loopback_get(layout.TOKEN_ISSUER_PORT,
+                                 f"/token?service={quote(layout.TOKEN_SERVICE)}", headers, timeout)
+    if status != 200:
+        return None
+    try:
+        return json.loads(body).get("token") or None
+    except (ValueError, AttributeError):
+        return None
+
+
+def token_registry_ready(auth: tuple[str, str], timeout: float = 2.0) -> bool:
+    """The token registry accepts a token the issuer gave `auth` (GET /v2/ with it: 200), which
+    proves both answer, the issuer accepts the login, and the registry trusts the issuer's key."""
+    token = token_issuer_token(auth, timeout)
+    if token is None:
+        return False
+    status, _ = _loopback_get(layout.TOKEN_REGISTRY_PORT, "/v2/",
+                              {"Authorization": f"Bearer {token}"}, timeout)
+    return status == 200
+
+
 MANIFEST_TYPES = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",

@@ -14,6 +14,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -114,6 +115,16 @@ class Lab:
             found.append(f"registry {layout.AUTH_REGISTRY} does not answer or refuses the "
                          f"login {layout.AUTH_REGISTRY_USER} with the password in "
                          f"{layout.auth_registry_password_file(self.state)}")
+        if not host.alive(procs.get("token-issuer")) or not host.token_issuer_token():
+            found.append(f"token issuer {layout.TOKEN_REALM} does not answer")
+        elif not self._token_issuer_current():
+            found.append(f"token issuer {layout.TOKEN_REALM} runs with another config than "
+                         "`runner lab up` writes now, or refuses one of its users: `up` "
+                         "mends it")
+        elif not host.alive(procs.get("token-registry")) or not self._token_registry_ready():
+            found.append(f"registry {layout.TOKEN_REGISTRY} (token auth) does not answer or "
+                         f"refuses the token the issuer gives {layout.TOKEN_REGISTRY_USER} for "
+                         f"the password in {layout.token_registry_password_file(self.state)}")
         found += self._postgres_problems()
         if not host.alive(procs.get("build-dockerd")) or not host.docker_ready(layout.BUILD_SOCK):
             found.append(f"build engine {layout.BUILD_DOCKER_HOST} does not answer")
@@ -197,6 +208,7 @@ class Lab:
             self._ensure_client_key()
             self._ensure_registry()
             self._ensure_auth_registry()
+            self._ensure_token_registry()
             build_rec = self._start_build_engine()
             servers = [Server(i, self.state) for i in wanted]
             with ThreadPoolExecutor(max_workers=len(servers) + 2) as pool:
@@ -222,7 +234,8 @@ class Lab:
             if problems:
                 raise LabError("the lab started but does not answer:\n" + "\n".join(problems))
             self.log(f"up in {time.monotonic() - started:.1f}s: registry {layout.REGISTRY}, "
-                     f"registry with login {layout.AUTH_REGISTRY}, proxy image {layout.PROXY_IMAGE}, "
+                     f"registry with login {layout.AUTH_REGISTRY}, registry with token auth "
+                     f"{layout.TOKEN_REGISTRY} (issuer {layout.TOKEN_REALM}), proxy image {layout.PROXY_IMAGE}, "
                      f"postgres {layout.POSTGRES_HOST}:{layout.POSTGRES_PORT}, "
                      f"build engine {layout.BUILD_DOCKER_HOST}, servers "
                      + ", ".join(f"{s.name}={s.ip}" for s in self.servers()))
@@ -284,11 +297,12 @@ class Lab:
 
     def _ensure_registry_process(self, key: str, address: str, config: Path, config_text: str,
                                  storage: Path, argv: list[str], ready, *,
-                                 restart: bool = False) -> None:
+                                 restart: bool = False,
+                                 why: str = "its htpasswd changed") -> None:
         rec = self._adopt_or_stop(key, str(config), "docker-registry")
         if rec and restart:
-            # distribution 2.8 reads its htpasswd file only when it starts
-            self.log(f"restarting {key} (pid {rec['pid']}): its htpasswd changed")
+            # distribution 2.8 reads its htpasswd file (and rootcertbundle) only when it starts
+            self.log(f"restarting {key} (pid {rec['pid']}): {why}")
             host.stop(rec)
             rec = None
         if rec and ready():
@@ -307,26 +321,118 @@ class Lab:
     def _ensure_auth_credentials(self) -> bool:
         """The auth registry's password, made once and kept in a 0600 file, and its htpasswd
         entry. True when the htpasswd file had to be (re)written."""
+        return self._ensure_htpasswd(layout.auth_registry_password_file(self.state),
+                                     layout.auth_registry_htpasswd(self.state),
+                                     (layout.AUTH_REGISTRY_USER,),
+                                     f"{layout.AUTH_REGISTRY}'s user {layout.AUTH_REGISTRY_USER}")
+
+    def _ensure_htpasswd(self, pw_file: Path, htpasswd: Path, users: tuple[str, ...],
+                         whose: str) -> bool:
+        """The password, made once and kept in `pw_file` (0600), and a bcrypt entry of it for
+        each of `users` in `htpasswd` (0600). True when the htpasswd file had to be
+        (re)written."""
         import bcrypt  # a paramiko dependency; only `up` needs it
 
-        password = self._password_file(layout.auth_registry_password_file(self.state),
-                                       f"{layout.AUTH_REGISTRY}'s user {layout.AUTH_REGISTRY_USER}")
-        htpasswd = layout.auth_registry_htpasswd(self.state)
+        password = self._password_file(pw_file, whose)
         try:
-            hashed = layout.htpasswd_entry(htpasswd.read_text(), layout.AUTH_REGISTRY_USER)
+            text = htpasswd.read_text()
         except OSError:
-            hashed = None
-        if hashed:
+            text = ""
+
+        def matches(user: str) -> bool:
+            hashed = layout.htpasswd_entry(text, user)
             try:
-                if bcrypt.checkpw(password.encode(), hashed.encode()):
-                    return False
+                return bool(hashed) and bcrypt.checkpw(password.encode(), hashed.encode())
             except ValueError:  # not a bcrypt hash: written again below
-                pass
+                return False
+
+        if all(matches(user) for user in users):
+            return False
         # The password is 128 random bits: a low bcrypt cost does not weaken it, and the
         # registry checks the hash on every request of a push or pull.
-        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=6)).decode()
-        _write_private(htpasswd, f"{layout.AUTH_REGISTRY_USER}:{hashed}\n")
+        _write_private(htpasswd, "".join(
+            f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=6)).decode()}\n"
+            for user in users))
         return True
+
+    # ---- the registry with token auth, and its token issuer ---------------------------------
+
+    def _ensure_token_registry(self) -> None:
+        """The issuer first (the registry's readiness is a token of the issuer's that it
+        accepts). Both are restarted when the signing key is made again (distribution reads its
+        rootcertbundle only when it starts); the issuer also when its config changed. A new
+        password needs no restart: the issuer reads its users file at every request."""
+        self._ensure_htpasswd(layout.token_registry_password_file(self.state),
+                              layout.token_registry_htpasswd(self.state),
+                              (layout.TOKEN_REGISTRY_USER, layout.TOKEN_REGISTRY_PUSH_ONLY_USER),
+                              f"{layout.TOKEN_REGISTRY}'s users {layout.TOKEN_REGISTRY_USER} and "
+                              f"{layout.TOKEN_REGISTRY_PUSH_ONLY_USER}")
+        new_key = self._ensure_token_signing_key()
+        config = layout.token_issuer_config_file(self.state)
+        new_config = host.write_if_changed(config, layout.token_issuer_config(self.state))
+        argv = layout.token_issuer_argv(self.state, sys.executable)
+        key = "token-issuer"
+        rec = self._adopt_or_stop(key, str(config), os.path.basename(argv[0]))
+        if rec and (new_key or new_config):
+            self.log(f"restarting {key} (pid {rec['pid']}): its "
+                     f"{'signing key' if new_key else 'config'} changed")
+            host.stop(rec)
+            rec = None
+        if rec and not _answers(host.token_issuer_token, 5):
+            self.log(f"{key} (pid {rec['pid']}) alive but not answering; restarting it")
+            host.stop(rec)
+            rec = None
+        if not rec:
+            self.log(f"starting {key} on {layout.TOKEN_ISSUER_LISTEN}")
+            log_path = self.state / "logs" / f"{key}.log"
+            rec = host.spawn(argv, log_path)
+            self._record(key, rec)
+            host.wait_for(host.token_issuer_token, key, 20, rec, log_path)
+        self._ensure_registry_process("token-registry", layout.TOKEN_REGISTRY,
+                                      self.state / "token-registry.yml",
+                                      layout.token_registry_config(self.state),
+                                      self.state / "token-registry",
+                                      layout.token_registry_argv(self.state),
+                                      self._token_registry_ready, restart=new_key,
+                                      why="the issuer's signing key changed")
+
+    def _ensure_token_signing_key(self) -> bool:
+        """The issuer's key (0600) and its self-signed certificate, made once; made again when
+        either is missing or they do not belong together. True when they were (re)made."""
+        from runner.lab import token_issuer
+
+        directory = layout.token_issuer_dir(self.state)
+        key_file, cert_file = directory / "key.pem", directory / "cert.pem"
+        try:
+            if token_issuer.key_matches_cert(key_file.read_bytes(), cert_file.read_bytes()):
+                return False
+        except OSError:
+            pass
+        key_pem, cert_pem = token_issuer.make_signing_key(layout.TOKEN_ISSUER)
+        _write_private(key_file, key_pem.decode())
+        host.write_if_changed(cert_file, cert_pem.decode())
+        self.log(f"made the token issuer's signing key and certificate: {directory}")
+        return True
+
+    def _token_issuer_current(self) -> bool:
+        """The issuer's config is the one `up` writes now, and it accepts every user's login
+        (a lab brought up by an older version lacks the push-only user)."""
+        try:
+            config = layout.token_issuer_config_file(self.state).read_text()
+        except OSError:
+            return False
+        password = self._token_password()
+        return (config == layout.token_issuer_config(self.state) and password is not None
+                and all(host.token_issuer_token((user, password)) for user in
+                        (layout.TOKEN_REGISTRY_USER, layout.TOKEN_REGISTRY_PUSH_ONLY_USER)))
+
+    def _token_password(self) -> str | None:
+        return _read_password(layout.token_registry_password_file(self.state))
+
+    def _token_registry_ready(self) -> bool:
+        password = self._token_password()
+        return password is not None and host.token_registry_ready(
+            (layout.TOKEN_REGISTRY_USER, password))
 
     # ---- postgres ------------------------------------------------------------------------
 
@@ -566,6 +672,13 @@ class Lab:
             # lab's own config and pid file paths in their argv.
             markers = [("registry", str(self.state / "registry.yml"), "docker-registry"),
                        ("auth-registry", str(self.state / "auth-registry.yml"), "docker-registry"),
+                       ("token-registry", str(self.state / "token-registry.yml"),
+                        "docker-registry"),
+                       # the issuer runs under whichever name of the runner's python `up`
+                       # was started with
+                       *(("token-issuer", str(layout.token_issuer_config_file(self.state)), exe)
+                         for exe in sorted({os.path.basename(sys.executable), "python",
+                                            "python3"})),
                        ("build-dockerd", str(layout.RUN_DIR / "docker.pid"), "dockerd"),
                        ("postgres", str(layout.postgres_data(self.state)), "postgres")]
             names = set(self.data["servers"]) | {f"srv{i}" for i in _netns_indexes()}

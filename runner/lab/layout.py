@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import os
 import re
 import shlex
@@ -28,6 +29,21 @@ AUTH_REGISTRY = f"{BRIDGE_IP}:{AUTH_REGISTRY_PORT}"
 AUTH_REGISTRY_USER = "lab"
 # Every lab engine talks plain HTTP to these.
 INSECURE_REGISTRIES = (REGISTRY, AUTH_REGISTRY)
+# A registry with token auth, as Docker Hub, GHCR and GitLab answer (a Bearer challenge naming a
+# token endpoint), and the lab's own token issuer (runner/lab/token_issuer.py) as that endpoint.
+# Both on loopback: every engine treats 127.0.0.0/8 as insecure already, so no engine needs a new
+# flag (nor a restart); only the host's build engine pushes there, the servers cannot reach it.
+TOKEN_REGISTRY_PORT = 5002
+TOKEN_REGISTRY = f"127.0.0.1:{TOKEN_REGISTRY_PORT}"
+TOKEN_ISSUER_PORT = 5003
+TOKEN_ISSUER_LISTEN = f"127.0.0.1:{TOKEN_ISSUER_PORT}"
+TOKEN_REALM = f"http://{TOKEN_ISSUER_LISTEN}/token"
+TOKEN_SERVICE = "runner-lab-registry"  # the registry's `auth.token.service`: the tokens' aud
+TOKEN_ISSUER = "runner-lab-token-issuer"  # `auth.token.issuer`: the tokens' iss
+TOKEN_REGISTRY_USER = "lab"
+# May push but not read (the issuer grants it pull only together with push), with the same
+# password: a push whose verification is refused for lack of read rights.
+TOKEN_REGISTRY_PUSH_ONLY_USER = "lab-pushonly"
 RUN_DIR = Path("/run/runner-lab")
 BUILD_SOCK = RUN_DIR / "docker.sock"
 BUILD_DOCKER_HOST = f"unix://{BUILD_SOCK}"
@@ -159,6 +175,25 @@ def auth_registry_htpasswd(state: Path) -> Path:
     return state / "auth-registry.htpasswd"
 
 
+def token_registry_password_file(state: Path) -> Path:
+    return state / "token-registry.password"
+
+
+def token_registry_htpasswd(state: Path) -> Path:
+    """The token issuer's users (bcrypt), read by the issuer at every request."""
+    return state / "token-registry.htpasswd"
+
+
+def token_issuer_dir(state: Path) -> Path:
+    """The issuer's signing key (key.pem, 0600) and its self-signed certificate (cert.pem, the
+    registry's rootcertbundle); made once, kept across down/up."""
+    return state / "token-issuer"
+
+
+def token_issuer_config_file(state: Path) -> Path:
+    return state / "token-issuer.json"
+
+
 def postgres_dir(state: Path) -> Path:
     """The lab's own files of its cluster (pg_hba.conf, pg_ident.conf; root's, world-readable)."""
     return state / "postgres"
@@ -201,6 +236,14 @@ def describe(state: Path, servers: list[Server], db_password: str | None = None)
             "address": AUTH_REGISTRY,
             "username": AUTH_REGISTRY_USER,
             "password_file": str(auth_registry_password_file(state)),
+        },
+        "token_registry": {
+            "address": TOKEN_REGISTRY,
+            "username": TOKEN_REGISTRY_USER,
+            "push_only_username": TOKEN_REGISTRY_PUSH_ONLY_USER,
+            "password_file": str(token_registry_password_file(state)),
+            "realm": TOKEN_REALM,
+            "service": TOKEN_SERVICE,
         },
         "docker_host": BUILD_DOCKER_HOST,
         "proxy_image": PROXY_IMAGE,
@@ -245,6 +288,9 @@ def env_vars(info: dict) -> dict[str, str]:
         "AUTH_REGISTRY": info["auth_registry"]["address"],
         "AUTH_REGISTRY_USER": info["auth_registry"]["username"],
         "AUTH_REGISTRY_PASSWORD_FILE": info["auth_registry"]["password_file"],
+        "TOKEN_REGISTRY": info["token_registry"]["address"],
+        "TOKEN_REGISTRY_USER": info["token_registry"]["username"],
+        "TOKEN_REGISTRY_PASSWORD_FILE": info["token_registry"]["password_file"],
         "PROXY_IMAGE": info["proxy_image"],
         "RUNNER_DATABASE_URL": info["database_url"] or "",
     }
@@ -406,6 +452,47 @@ def auth_registry_config(state: Path) -> str:
         "http:\n"
         f"  addr: {AUTH_REGISTRY}\n"
     )
+
+
+def token_registry_argv(state: Path) -> list[str]:
+    return ["docker-registry", "serve", str(state / "token-registry.yml")]
+
+
+def token_registry_config(state: Path) -> str:
+    """Like registry_config, with its own storage, on loopback, and token auth: a client without
+    a token the issuer signed is sent to TOKEN_REALM (distribution 2.8 reads the certificates of
+    `rootcertbundle` when it starts, and trusts the keys in them)."""
+    return (
+        "version: 0.1\n"
+        "log:\n  level: info\n"
+        "storage:\n"
+        f"  filesystem:\n    rootdirectory: {state / 'token-registry'}\n"
+        "  delete:\n    enabled: true\n"
+        "auth:\n"
+        "  token:\n"
+        f"    realm: {TOKEN_REALM}\n"
+        f"    service: {TOKEN_SERVICE}\n"
+        f"    issuer: {TOKEN_ISSUER}\n"
+        f"    rootcertbundle: {token_issuer_dir(state) / 'cert.pem'}\n"
+        "http:\n"
+        f"  addr: {TOKEN_REGISTRY}\n"
+    )
+
+
+def token_issuer_argv(state: Path, python: str) -> list[str]:
+    """`python` is the interpreter that runs the runner itself (it has `cryptography`)."""
+    return [python, "-m", "runner.lab.token_issuer", str(token_issuer_config_file(state))]
+
+
+def token_issuer_config(state: Path) -> str:
+    return json.dumps({
+        "listen": TOKEN_ISSUER_LISTEN,
+        "issuer": TOKEN_ISSUER,
+        "service": TOKEN_SERVICE,
+        "key": str(token_issuer_dir(state) / "key.pem"),
+        "users": str(token_registry_htpasswd(state)),
+        "push_only": [TOKEN_REGISTRY_PUSH_ONLY_USER],
+    }, indent=2, sort_keys=True) + "\n"
 
 
 def htpasswd_entry(text: str, user: str) -> str | None:
