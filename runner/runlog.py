@@ -54,12 +54,20 @@ class RunLog:
                 if event == "stage.log" and stage:
                     self._stage_file(stage).write(record["line"] + "\n")
                     self._stage_file(stage).flush()
-            for sink in list(self._sinks):
-                try:
-                    sink(record)
-                except Exception as exc:  # noqa: BLE001 - output only: never the run's outcome
-                    self._sinks.remove(sink)
-                    self._sink_failed(sink, exc)
+            self._deliver(record)
+
+    def _deliver(self, record: Event) -> None:
+        """Give `record` to every sink (lock held), then say which failed, in the order the
+        record on disk has: the other sinks see the event before the failure it caused."""
+        failed = []
+        for sink in list(self._sinks):
+            try:
+                sink(record)
+            except Exception as exc:  # noqa: BLE001 - output only: never the run's outcome
+                self._sinks.remove(sink)
+                failed.append((sink, exc))
+        for sink, exc in failed:
+            self._sink_failed(sink, exc)
 
     def _sink_failed(self, sink: Sink, exc: Exception) -> None:
         """Record (lock held) that `sink` failed and gets no more events."""
@@ -73,12 +81,7 @@ class RunLog:
         if self._events is not None:
             self._events.write(json.dumps(record, default=str) + "\n")
             self._events.flush()
-        for other in list(self._sinks):
-            try:
-                other(record)
-            except Exception as exc2:  # noqa: BLE001
-                self._sinks.remove(other)
-                self._sink_failed(other, exc2)
+        self._deliver(record)
 
     def _stage_file(self, stage: str):
         f = self._files.get(stage)

@@ -111,3 +111,25 @@ def test_event_that_deletes_a_branch_is_invalid(tmp_path):
                   str(Path(__file__).parent / "data/events/github_delete.json"))
     assert proc.returncode == 2
     assert "nothing to build" in proc.stderr
+
+
+def test_verbose_and_quiet_exclude_each_other(tmp_path):
+    p = _write(tmp_path, "name: x\nrepository: {url: .}\nimage: {name: 127.0.0.1:5000/x}\n")
+    proc = runner("exec", str(p), "-v", "-q", "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 2
+    assert "-v/--verbose and -q/--quiet exclude each other" in proc.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_tool_output_is_in_the_log_and_shown_with_verbose(tmp_path):
+    """git's own lines are the checkout's log file's; the terminal shows them with -v only."""
+    repo = make_repo(tmp_path / "r", {"a": "b"})
+    p = _write(tmp_path, f"name: x\nrepository: {{url: {repo}}}\nimage: {{name: 127.0.0.1:5000/x}}\n")
+    for run_id, flags in (("plain", ()), ("verbose", ("-v",))):
+        proc = runner("exec", str(p), "--only", "checkout", "--run-id", run_id, *flags,
+                      "--data-dir", str(tmp_path / "d"))
+        assert proc.returncode == 0, proc.stderr
+        log = (tmp_path / "d" / "runs" / run_id / "logs" / "checkout.log").read_text()
+        assert "HEAD is now at" in log and "checked out" in log
+        assert "  [checkout] checked out " in proc.stderr
+        assert ("HEAD is now at" in proc.stderr) == bool(flags), proc.stderr

@@ -7,7 +7,12 @@
 - a bad --run-id is refused before anything is written;
 - --skip and --only leave stages out and say so (`skipped`, with the reason), and a skipped
   push / deploy touches nothing;
-- --withhold-secrets: no secret value at all; a stage that needs one fails, saying which.
+- --withhold-secrets: no secret value at all; a stage that needs one fails, saying which;
+- on the lab, a real checkout, build and scan (tests/data/output/pipeline.yaml): what the
+  terminal shows (the build collapsed, Trivy's fallback as information, -v for every line), and
+  that stdout at /dev/full, `--json | head -1`, stderr closed or full, a terminal closed mid-build
+  and a daemon whose own output fails leave the exit code the pipeline's and the stage logs,
+  events.jsonl and run.json complete and in agreement.
 
 A checkout over a local repository is fast; to catch a run in the middle of a stage, the test
 holds the mirror's lock (the same fcntl lock a concurrent run would hold), so that the checkout
@@ -453,3 +458,250 @@ def test_withheld_push_secret_only_fails_the_push(lab, tmp_path):
     record, _ = _record(tmp_path / "d", "w3")
     assert record["status"] == "failed" and _stages(record)["push"] == "failed"
     assert VALUE not in _everything(tmp_path, proc) + _everything(tmp_path, ok)
+
+
+# --- what the terminal shows, and output that fails, on a real build and scan (lab) ------------
+
+OUTPUT_PIPELINE = ROOT / "tests" / "data" / "output" / "pipeline.yaml"
+APP = ROOT / "tests" / "data" / "build" / "app"
+FALLBACK_INFO = "trivy: misconfiguration checks: the ones built into Trivy (expected offline"
+
+
+def _app_repo(tmp_path: Path, extra_step: str = "") -> Path:
+    """tests/data/build/app as a repository, with a line only this test has in app.sh: the
+    build's last step runs instead of coming from the engine's cache."""
+    files = {p.name: p.read_text() for p in APP.iterdir()}
+    files["app.sh"] += f"# {tmp_path.name}\n"
+    files["Dockerfile"] += extra_step
+    return make_repo(tmp_path / "repo", files)
+
+
+def _output_argv(repo: Path, data: Path, run_id: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "runner", "exec", str(OUTPUT_PIPELINE), "--var",
+            f"REPO_URL={repo}", "--run-id", run_id, "--data-dir", str(data), *extra]
+
+
+def _lab_env(lab) -> dict[str, str]:
+    from tests.helpers import lab_env
+
+    return {**os.environ, **lab_env(lab)}
+
+
+def _logs_agree(data: Path, run_id: str) -> tuple[dict, list[dict]]:
+    """run.json and events.jsonl agree (see _record), and each stage's log file holds exactly
+    the lines the stage logged, in order: nothing lost, nothing written into it from elsewhere."""
+    record, evs = _record(data, run_id)
+    logs = data / "runs" / run_id / "logs"
+    for stage in record["stages"]:
+        lines = [e["line"] for e in evs if e["event"] == "stage.log"
+                 and e["stage"] == stage["name"]]
+        path = logs / f"{stage['name']}.log"
+        assert (path.read_text() if path.exists() else "") == "".join(f"{x}\n" for x in lines), \
+            stage["name"]
+    return record, evs
+
+
+def _build_output(evs: list[dict]) -> list[str]:
+    return [e["line"] for e in evs if e["event"] == "stage.log" and e["stage"] == "build"
+            and e["kind"] == "output"]
+
+
+@pytest.mark.lab
+def test_terminal_shows_the_build_collapsed_and_trivy_without_errors(lab, tmp_path):
+    from pipelines.buildkit import parse_progress
+
+    repo, data = _app_repo(tmp_path), tmp_path / "data"
+    proc = subprocess.run(_output_argv(repo, data, "view1"), cwd=ROOT, env=_lab_env(lab),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record, evs = _logs_agree(data, "view1")
+    assert _stages(record) == {"checkout": "success", "build": "success", "scan": "success"}
+    shown = proc.stderr.splitlines()
+    steps = parse_progress(_build_output(evs)).steps.values()
+    for step in steps:  # each step once, on its own line, as it finished
+        name = " ".join(step.name.split())
+        assert len([x for x in shown if x.startswith("  [build] ") and x.endswith(
+            name if step.cached else ")") and name in x]) == 1, (name, proc.stderr)
+    assert not [x for x in shown if x.startswith("  [build] #")], proc.stderr  # BuildKit's own
+    build = next(s for s in record["stages"] if s["name"] == "build")["outputs"]
+    total, cached = build["total_steps"], build["cached_steps"]
+    assert cached < total  # app.sh changed: its COPY ran
+    assert [x for x in shown if x.startswith("<< build: success (")
+            and x.endswith(f"; {total} steps: {cached} cached, {total - cached} ran)")]
+    # Trivy's offline fallback is said as information, once; none of its lines says ERROR.
+    assert len([x for x in shown if x.startswith(f"  [scan] {FALLBACK_INFO}")]) == 1
+    assert "ERROR" not in proc.stderr and not record["warnings"], proc.stderr
+    scan_log = (data / "runs" / "view1" / "logs" / "scan.log").read_text()
+    assert "ERROR\t[misconfig] Falling back to embedded checks" in scan_log  # kept as it was
+    assert shown[-1] == (f"record: {data}/runs/view1/run.json; every line of every stage: "
+                         f"{data}/runs/view1/logs/<stage>.log")
+
+    # -v: every line the build printed, in order, as the stage's log file has it.
+    verbose = subprocess.run(_output_argv(repo, data, "view2", "-v", "--only", "checkout,build"),
+                             cwd=ROOT, env=_lab_env(lab), capture_output=True, text=True,
+                             timeout=600)
+    assert verbose.returncode == 0, verbose.stderr[-4000:]
+    _, evs2 = _logs_agree(data, "view2")
+    raw = [x[len("  [build] "):] for x in verbose.stderr.splitlines()
+           if x.startswith("  [build] ")]
+    lines = _build_output(evs2)
+    assert lines and all(x in raw for x in lines)
+    assert [x for x in raw if x in set(lines)] == [x for x in lines]
+
+
+@pytest.mark.lab
+def test_failed_build_shows_its_failing_step_and_exits_1_whatever_the_output(lab, tmp_path):
+    repo = make_repo(tmp_path / "repo", {
+        "Dockerfile": (ROOT / "tests/data/build/failing/Dockerfile").read_text()})
+    data = tmp_path / "data"
+    proc = subprocess.run(_output_argv(repo, data, "fail1"), cwd=ROOT, env=_lab_env(lab),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    shown = proc.stderr.splitlines()
+    at = shown.index("  [build] FAILED [3/3] RUN echo about to fail && exit 3")
+    assert shown[at + 1] == "  [build]   about to fail"
+    assert shown[at + 2].startswith("  [build]   ERROR: ") and "exit code: 3" in shown[at + 2]
+    assert f"   full log: {data}/runs/fail1/logs/build.log (or runner exec -v to see it here)" \
+        in shown
+    # The same run with nowhere to write: the exit code is the pipeline's, not the output's.
+    with open("/dev/full", "w") as full:
+        quiet = subprocess.run(_output_argv(repo, data, "fail2", "--json"), cwd=ROOT,
+                               env=_lab_env(lab), stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=600)
+    assert quiet.returncode == 1, quiet.stderr[-4000:]
+    record, _ = _logs_agree(data, "fail2")
+    assert record["status"] == "failed" and record["exit_code"] == 1
+    assert _stages(record)["build"] == "failed" and _stages(record)["scan"] == "skipped"
+
+
+@pytest.mark.lab
+def test_json_to_dev_full_lets_build_and_scan_complete(lab, tmp_path):
+    repo, data = _app_repo(tmp_path), tmp_path / "data"
+    with open("/dev/full", "w") as full:  # every write: No space left on device
+        proc = subprocess.run(_output_argv(repo, data, "full1", "--json"), cwd=ROOT,
+                              env=_lab_env(lab), stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    record, evs = _logs_agree(data, "full1")
+    assert _stages(record) == {"checkout": "success", "build": "success", "scan": "success"}
+    assert [w for w in record["warnings"] if w.startswith(
+        "the --json output (stdout) failed (OSError: [Errno 28] No space left on device)")]
+    assert _build_output(evs) and record["stages"][2]["outputs"]["passed"] is True
+
+
+@pytest.mark.lab
+def test_json_head_1_lets_build_and_scan_complete(lab, tmp_path):
+    repo, data = _app_repo(tmp_path), tmp_path / "data"
+    first = subprocess.Popen(_output_argv(repo, data, "head3", "--json"), cwd=ROOT,
+                             env=_lab_env(lab), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = subprocess.Popen(["head", "-1"], stdin=first.stdout, stdout=subprocess.PIPE)
+    first.stdout.close()  # head holds the only read end now
+    line, _ = head.communicate(timeout=60)
+    _, err = first.communicate(timeout=600)
+    assert json.loads(line)["event"] == "run.start"
+    assert first.returncode == 0, err.decode()[-4000:]
+    assert b"internal error" not in err and b"Traceback" not in err, err.decode()
+    record, evs = _logs_agree(data, "head3")
+    assert _stages(record)["scan"] == "success"
+    assert [w for w in record["warnings"] if "the --json output (stdout) failed (BrokenPipeError"
+            in w]
+    assert len([e for e in evs if e["event"] == "sink.failed"]) == 1
+
+
+@pytest.mark.lab
+def test_stderr_closed_or_full_lets_build_and_scan_complete(lab, tmp_path):
+    """`runner exec ... 2>&-`: the terminal view has nowhere to go, and no file the run opens
+    may take the place of stderr; with --json, stdout still gets every event. `2>/dev/full`:
+    the terminal view fails and is dropped."""
+    repo, data = _app_repo(tmp_path), tmp_path / "data"
+    closed = ["sh", "-c", 'exec "$@" 2>&-', "sh"]
+    proc = subprocess.run([*closed, *_output_argv(repo, data, "noerr1")], cwd=ROOT,
+                          env=_lab_env(lab), stdout=subprocess.PIPE, timeout=600)
+    assert proc.returncode == 0 and proc.stdout == b""
+    record, _ = _logs_agree(data, "noerr1")
+    assert _stages(record)["scan"] == "success" and record["status"] == "success"
+
+    proc = subprocess.run([*closed, *_output_argv(repo, data, "noerr2", "--json")], cwd=ROOT,
+                          env=_lab_env(lab), stdout=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == 0
+    record, evs = _logs_agree(data, "noerr2")
+    assert events(proc.stdout) == evs and not record["warnings"]
+
+    with open("/dev/full", "w") as full:  # the terminal view's writes fail instead
+        proc = subprocess.run(_output_argv(repo, data, "noerr3"), cwd=ROOT, env=_lab_env(lab),
+                              stdout=subprocess.DEVNULL, stderr=full, timeout=600)
+    assert proc.returncode == 0
+    record, _ = _logs_agree(data, "noerr3")
+    assert record["status"] == "success" and [w for w in record["warnings"] if w.startswith(
+        "the terminal output (stderr) failed (OSError: [Errno 28] No space left on device)")]
+
+
+@pytest.mark.lab
+def test_terminal_closed_mid_build_lets_the_run_complete(lab, tmp_path):
+    """The reader of the terminal view goes away while the build streams: the view is dropped
+    there, and the build, the scan and the record go on."""
+    repo = _app_repo(tmp_path, extra_step="RUN sleep 3\n")  # still building once it is closed
+    data = tmp_path / "data"
+    proc = subprocess.Popen(_output_argv(repo, data, "mid1"), cwd=ROOT, env=_lab_env(lab),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
+    _read_until(proc.stderr.fileno(), "  [build] running: ", timeout=120)
+    proc.stderr.close()
+    assert proc.wait(timeout=600) == 0
+    record, evs = _logs_agree(data, "mid1")
+    assert _stages(record)["build"] == "success" and _stages(record)["scan"] == "success"
+    kinds = [(e["event"], e.get("stage")) for e in evs]
+    failed = kinds.index(("sink.failed", None))
+    assert kinds.index(("stage.start", "build")) < failed < kinds.index(("stage.end", "build"))
+    assert any("RUN sleep 3" in x for x in _build_output(evs[failed:]))  # logged after it
+
+
+@pytest.mark.lab
+def test_daemon_keeps_every_line_with_its_own_output_on_a_full_disk(lab, tmp_path):
+    """The daemon's runs are `runner exec --json`: the terminal view's collapsing never reaches
+    the lines it stores, and the daemon's own output failing (stdout at /dev/full, stderr
+    closed) loses none of them."""
+    import yaml
+
+    from runner.daemon.spawn import free_port, healthy, stop_daemon
+
+    sys.path.insert(0, str(ROOT / "tests" / "data" / "daemon"))
+    from harness import AUTH, config
+
+    repo = _app_repo(tmp_path)
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(OUTPUT_PIPELINE.read_text().replace("${REPO_URL}", str(repo)))
+    cfg = config(tmp_path, [{"name": "app", "file": str(pipeline), "repo": str(repo)}])
+    cfg.pop("exec_command")  # the real `runner exec`
+    port = free_port()
+    cfg["listen"] = {"host": "127.0.0.1", "port": port}
+    (tmp_path / "daemon.yaml").write_text(yaml.safe_dump(cfg))
+    url = f"http://127.0.0.1:{port}"
+    with open("/dev/full", "w") as full:
+        daemon = subprocess.Popen([sys.executable, "-m", "runner", "daemon", "--config",
+                                   str(tmp_path / "daemon.yaml")], cwd=ROOT, env=_lab_env(lab),
+                                  stdout=full, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not healthy(url):
+            assert daemon.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/api/pipelines/app/trigger", json={"branch": "main"}, headers=AUTH,
+                       timeout=10)
+        assert r.status_code == 201, r.text
+        run_id = r.json()["run"]["id"]
+        deadline = time.monotonic() + 600
+        while (run := httpx.get(f"{url}/api/runs/{run_id}", headers=AUTH,
+                                timeout=10).json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, run
+            time.sleep(0.2)
+        assert run["status"] == "success", run
+        stored = httpx.get(f"{url}/api/runs/{run_id}/logs", params={"limit": 10000},
+                           headers=AUTH, timeout=10).json()["lines"]
+    finally:
+        stop_daemon(daemon)
+    run_dir = tmp_path / "data" / "work" / "runs" / str(run_id)
+    for stage in ("checkout", "build", "scan"):
+        on_disk = (run_dir / "logs" / f"{stage}.log").read_text().splitlines()
+        assert [x["line"] for x in stored if x["stage"] == stage] == on_disk, stage
+    assert any(x["line"].startswith("#") for x in stored if x["stage"] == "build")
