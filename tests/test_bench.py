@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,8 @@ def _ansible() -> str | None:
         import ansible_collections.community.docker  # noqa: F401
     except ImportError as exc:
         return f"ansible is not importable ({exc}): `pip install ansible` to bench against it"
+    if shutil.which("ansible-playbook") is None:  # what bench/deploy.py runs
+        return "ansible-playbook is not on PATH (scripts/test puts .venv/bin first)"
     return None
 
 

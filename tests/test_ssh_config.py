@@ -115,6 +115,12 @@ def test_a_name_without_a_block_is_used_as_written_with_the_default_keys(home):
     assert t.agent is None  # no SSH_AUTH_SOCK in this test's environment
 
 
+def test_an_alias_with_an_underscore_is_a_server_name(home):
+    cfg = write_config(home, "Host web_1\n  HostName 10.0.0.8\n")
+    [t] = targets(stage(servers=["web_1"]), cfg)
+    assert (t.host, t.label) == ("10.0.0.8", "web_1")
+
+
 def test_no_config_file_and_no_user_setup_at_all(home):
     cfg = UserConfig.load()
     assert cfg.error is None

@@ -34,6 +34,8 @@ PATH_BASES = {
 }
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A host name, an address, `[v6]`, or a `Host` alias of ~/.ssh/config (which may hold `_`).
+HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$")
 
 
 @dataclass(frozen=True)

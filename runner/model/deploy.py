@@ -25,9 +25,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from runner.model.base import Model, OneString, PathOn, check_env
+from runner.model.base import HOST_RE, Model, OneString, PathOn, check_env
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$")
 _USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 _NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
 _PORT_RE = re.compile(r"^(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(?:(\d{1,5}):)?(\d{1,5})(/(?:tcp|udp))?$")
@@ -82,7 +81,7 @@ class Server(Model):
     @field_validator("host")
     @classmethod
     def _host(cls, v: str) -> str:
-        if not _HOST_RE.match(v):
+        if not HOST_RE.match(v):
             raise ValueError(f"not a host name or address: {v!r}")
         return v
 

@@ -26,14 +26,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from runner.model.base import Model, PathOn
+from runner.model.base import HOST_RE, Model, PathOn
 
 SSH = "ssh"
 TCP = "tcp"
 TLS_PORT = 2376  # docker's own defaults for tcp://
 PLAIN_PORT = 2375
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$")
 _USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 _URL_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
 # Characters a path cannot hold once it is written into an ssh_config line (quoted) or handed to
@@ -95,7 +94,7 @@ def parse_engine_host(text: str, *, tls: bool = True) -> EngineAddress:
         if not digits.isdigit() or not 1 <= int(digits) <= 65535:
             raise ValueError(f"engine {text!r}: bad port {tail[1:] or tail!r} (1 to 65535)")
         port = int(digits)
-    if not host or not _HOST_RE.match(host):
+    if not host or not HOST_RE.match(host):
         raise ValueError(f"engine {text!r}: not a host name or address: {host!r}")
     if scheme == TCP and port is None:
         port = TLS_PORT if tls else PLAIN_PORT
