@@ -118,7 +118,9 @@ def test_500_deliveries_over_three_daemons_become_one_run_each_executed_once(clu
 
 
 def test_a_sigkilled_daemon_s_runs_are_recovered_by_another(cluster, store, tmp_path):
-    slow = fake_pipeline(tmp_path, sleep=6.0, stages=("build",))
+    # Long enough that a's runs are still running once b is up, even on a loaded machine (with
+    # 6 s, a once finished its run before the kill while b was still starting).
+    slow = fake_pipeline(tmp_path, sleep=15.0, stages=("build",))
     pipelines = [{"name": "safe", "file": str(slow), "repo": REPO, "requeue_on_interrupt": True,
                   "concurrency_group": None},
                  {"name": "once", "file": str(slow), "repo": REPO + "-once", "concurrency_group": None}]
@@ -129,6 +131,8 @@ def test_a_sigkilled_daemon_s_runs_are_recovered_by_another(cluster, store, tmp_
     wait_for(lambda: all((store.get_run(i) or {}).get("status") == "running" for i in (safe, once)), 20,
              "both runs running on a")
     b, url_b, _ = cluster("b", pipelines, **over)
+    assert all(store.get_run(i)["status"] == "running" for i in (safe, once)), \
+        "a's runs ended before the kill: the test's premise does not hold"
     os.kill(a.pid, signal.SIGKILL)
     killed = time.monotonic()
     a.wait()
@@ -138,7 +142,7 @@ def test_a_sigkilled_daemon_s_runs_are_recovered_by_another(cluster, store, tmp_
                            "the run to be recovered")
     assert "lease held by a@" in interrupted["reason"] and "expired" in interrupted["reason"]
     recovered_after = time.monotonic() - killed
-    done = wait_for(lambda: (r := store.get_run(safe))["status"] in FINAL and r, 20, "the re-queued run to end")
+    done = wait_for(lambda: (r := store.get_run(safe))["status"] in FINAL and r, 30, "the re-queued run to end")
     assert done["status"] == "success" and done["attempt"] == 2 and done["daemon"].startswith("b@"), done
     assert recovered_after < 2 * 2 + 2, recovered_after  # the lease, one heartbeat round, and slack
     # b counts what it recovered, and the leadership it took over from a.
