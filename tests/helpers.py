@@ -1,14 +1,22 @@
 """Small helpers shared by the end-to-end tests: real git repos, the runner CLI as a process."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# What a registry client accepts for a manifest (an index or a single image, OCI or Docker)
+MANIFEST_TYPES = ", ".join([
+    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json"])
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -50,6 +58,30 @@ def runner(*args: str, env: dict | None = None, cwd: Path | None = None,
 
 def events(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def exec_json(pipeline: Path, data_dir: Path, run_id: str, env: dict | None = None):
+    """`runner exec PIPELINE --json` with this run id and data dir: (the process, its events)."""
+    proc = runner("exec", str(pipeline), "--json", "--run-id", run_id, "--data-dir",
+                  str(data_dir), env=env)
+    return proc, events(proc.stdout)
+
+
+def commit_unique_image(client, repo: str, tag: str, base: str = "local/busybox:1"):
+    """A fresh image committed as repo:tag on the engine of docker `client`: `base` with one
+    tiny layer (a random file), so that no registry has seen its digest. Returns the image."""
+    c = client.containers.create(base, ["true"])
+    try:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            data = uuid.uuid4().hex.encode()
+            info = tarfile.TarInfo("nonce.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        c.put_archive("/", buf.getvalue())
+        return c.commit(repository=repo, tag=tag)
+    finally:
+        c.remove(force=True)
 
 
 def stage_end(evs: list[dict], stage: str) -> dict:

@@ -35,6 +35,7 @@ from runner.model import Image, Pipeline, RegistryAuth, Repository, Stages
 from runner.model import PushStage as PushSettings
 from runner.secrets import Masker, SecretStore
 from tests.doubles import ListLog, DictSecrets
+from tests.helpers import commit_unique_image
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -317,20 +318,7 @@ def tagged(lab):
         repo, t = split_ref(ref)
         if unique:
             # A fresh image (one tiny layer) so that the registry has not seen this digest.
-            c = client.containers.create("local/busybox:1", ["true"])
-            try:
-                import io
-                import tarfile
-                buf = io.BytesIO()
-                with tarfile.open(fileobj=buf, mode="w") as tar:
-                    data = uuid.uuid4().hex.encode()
-                    info = tarfile.TarInfo("nonce.txt")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                c.put_archive("/", buf.getvalue())
-                c.commit(repository=repo, tag=t)
-            finally:
-                c.remove(force=True)
+            commit_unique_image(client, repo, t)
         else:
             client.images.get(source).tag(repo, t)
         made.append(ref)

@@ -21,15 +21,12 @@ import pytest
 
 from deployers.ssh_docker import SSHDockerDeployer
 from runner.model.deploy import DeployStage
-from tests.helpers import events, make_repo, remove_app_on_server, runner, stage_end
+from tests.helpers import (MANIFEST_TYPES, exec_json, make_repo, remove_app_on_server,
+                           runner, stage_end)
 
 pytestmark = pytest.mark.lab
 
 UID = _random.token_hex(3)
-MANIFEST_TYPES = ", ".join([
-    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json"])
 
 DOCKERFILE = """FROM local/busybox:1
 COPY version.txt /www/index.html
@@ -127,12 +124,6 @@ stages:
     return p
 
 
-def _exec(pipeline: Path, data_dir: Path, run_id: str, env: dict | None = None):
-    proc = runner("exec", str(pipeline), "--json", "--run-id", run_id, "--data-dir",
-                  str(data_dir), env=env)
-    return proc, events(proc.stdout)
-
-
 def _assert_never_shown(value: str, proc: subprocess.CompletedProcess, data_dir: Path,
                         run_id: str) -> None:
     assert value not in proc.stdout and value not in proc.stderr
@@ -169,7 +160,7 @@ def test_push_with_the_right_password_lands_in_the_auth_registry(auth, repo, tmp
                   f"  registry_password: {{file: \"{auth.password_file}\"}}",
                   f"{{username: {auth.username}, password: registry_password}}")
     run_id = f"authpush-ok-{UID}"
-    proc, evs = _exec(p, data_dir, run_id)
+    proc, evs = exec_json(p, data_dir, run_id)
     cleanup(evs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     push = stage_end(evs, "push")["outputs"]
@@ -191,7 +182,7 @@ def test_push_with_a_wrong_password_fails_clearly_and_pushes_nothing(auth, repo,
                   "  registry_password: {env: AUTHTEST_REGISTRY_PASSWORD}",
                   f"{{username: {auth.username}, password: registry_password}}")
     run_id = f"authpush-wrong-{UID}"
-    proc, evs = _exec(p, data_dir, run_id, env={"AUTHTEST_REGISTRY_PASSWORD": wrong})
+    proc, evs = exec_json(p, data_dir, run_id, env={"AUTHTEST_REGISTRY_PASSWORD": wrong})
     cleanup(evs)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     end = stage_end(evs, "push")
@@ -300,7 +291,7 @@ def test_deploy_from_the_auth_registry_logs_each_server_in(lab, auth, repo, tmp_
         p = _pipeline(tmp_path, repo, image, secrets, push_auth,
                       _deploy_yaml(lab, server, app, port))
         run_id = f"authdeploy-nologin-{UID}"
-        proc, evs = _exec(p, data_dir, run_id)
+        proc, evs = exec_json(p, data_dir, run_id)
         cleanup(evs)
         assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
         ref = stage_end(evs, "push")["outputs"]["ref"]
@@ -323,7 +314,7 @@ def test_deploy_from_the_auth_registry_logs_each_server_in(lab, auth, repo, tmp_
                           f"    registry: {{username: {auth.username}, "
                           "password: server_password}\n")))
         run_id = f"authdeploy-wrong-{UID}"
-        proc, evs = _exec(p, data_dir, run_id, env={"AUTHTEST_SERVER_PASSWORD": wrong})
+        proc, evs = exec_json(p, data_dir, run_id, env={"AUTHTEST_SERVER_PASSWORD": wrong})
         cleanup(evs)
         assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
         error = stage_end(evs, "deploy")["error"]
@@ -339,7 +330,7 @@ def test_deploy_from_the_auth_registry_logs_each_server_in(lab, auth, repo, tmp_
         p = _pipeline(tmp_path, repo, image, secrets, push_auth,
                       _deploy_yaml(lab, server, app, port, login))
         run_id = f"authdeploy-login-{UID}"
-        proc, evs = _exec(p, data_dir, run_id)
+        proc, evs = exec_json(p, data_dir, run_id)
         cleanup(evs)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         push = stage_end(evs, "push")["outputs"]

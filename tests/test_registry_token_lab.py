@@ -16,7 +16,6 @@ import secrets as _random
 import subprocess
 import sys
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +29,12 @@ from runner.model import Image, Pipeline, RegistryAuth, Repository, Stages
 from runner.model import PushStage as PushSettings
 from runner.secrets import Masker, SecretStore
 from tests.doubles import ListLog
-from tests.helpers import events, lab_env_printed, make_repo, runner, stage_end
+from tests.helpers import (MANIFEST_TYPES, commit_unique_image, exec_json, lab_env_printed,
+                           make_repo, stage_end)
 
 pytestmark = pytest.mark.lab
 
 UID = _random.token_hex(3)
-MANIFEST_TYPES = ", ".join([
-    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json"])
 DOCKERFILE = "FROM local/busybox:1\nCOPY version.txt /version.txt\nCMD [\"cat\", \"/version.txt\"]\n"
 
 
@@ -118,28 +114,13 @@ def pushed():
 def fresh_image(lab):
     """make(ref) -> the id of a new one-layer image tagged `ref` on the build engine (a digest
     no registry has seen); every such image is removed at the end."""
-    import io
-    import tarfile
-
     import docker
 
     client = docker.from_env()
     made: list[str] = []
 
     def make(ref: str) -> str:
-        repo, tag = split_ref(ref)
-        c = client.containers.create("local/busybox:1", ["true"])
-        try:
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as tar:
-                data = uuid.uuid4().hex.encode()
-                info = tarfile.TarInfo("nonce.txt")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            c.put_archive("/", buf.getvalue())
-            image = c.commit(repository=repo, tag=tag)
-        finally:
-            c.remove(force=True)
+        image = commit_unique_image(client, *split_ref(ref))
         made.append(image.id)
         return image.id
 
@@ -216,12 +197,6 @@ stages:
     return p
 
 
-def _exec(pipeline: Path, data_dir: Path, run_id: str, env: dict | None = None):
-    proc = runner("exec", str(pipeline), "--json", "--run-id", run_id, "--data-dir",
-                  str(data_dir), env=env)
-    return proc, events(proc.stdout)
-
-
 def _assert_never_shown(values: list[str], proc: subprocess.CompletedProcess, data_dir: Path,
                         run_id: str) -> None:
     files = [f for f in (data_dir / "runs" / run_id).rglob("*") if f.is_file()]
@@ -291,7 +266,7 @@ def test_push_to_the_token_registry_with_stages_push_auth_is_verified(token_reg,
                   f'{{registry_password: {{file: "{token_reg.password_file}"}}}}',
                   f"{{username: {token_reg.username}, password: registry_password}}")
     run_id = f"tokenpush-auth-{UID}"
-    proc, evs = _exec(p, data_dir, run_id)
+    proc, evs = exec_json(p, data_dir, run_id)
     built(evs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = stage_end(evs, "push")["outputs"]
@@ -322,7 +297,7 @@ def test_push_relies_on_docker_login_alone(kind, registries, repo, tmp_path, dat
     path = f"tokentest-{UID}/login-{kind}"
     p = _pipeline(tmp_path, repo, f"{reg.address}/{path}")
     run_id = f"tokenpush-login-{kind}-{UID}"
-    proc, evs = _exec(p, data_dir, run_id, env={"DOCKER_CONFIG": str(config_dir)})
+    proc, evs = exec_json(p, data_dir, run_id, env={"DOCKER_CONFIG": str(config_dir)})
     built(evs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = stage_end(evs, "push")["outputs"]
@@ -450,7 +425,7 @@ def test_a_push_only_login_pushes_and_the_run_says_it_was_not_verified(token_reg
                   f'{{registry_password: {{file: "{token_reg.password_file}"}}}}',
                   f"{{username: {user}, password: registry_password}}")
     run_id = f"tokenpush-pushonly-{UID}"
-    proc, evs = _exec(p, data_dir, run_id)
+    proc, evs = exec_json(p, data_dir, run_id)
     built(evs)
     try:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -333,10 +333,7 @@ def registry_ready(port: int = layout.REGISTRY_PORT, auth: tuple[str, str] | Non
                    timeout: float = 2.0) -> bool:
     """The registry on the bridge address answers /v2/ with 200 (with `auth`: accepts that
     login, which also proves its htpasswd matches the password file)."""
-    headers = {}
-    if auth is not None:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        headers["Authorization"] = f"Basic {token}"
+    headers = _basic_auth(auth)
     conn = http.client.HTTPConnection(layout.BRIDGE_IP, port, timeout=timeout)
     try:
         conn.request("GET", "/v2/", headers=headers)
@@ -347,9 +344,18 @@ def registry_ready(port: int = layout.REGISTRY_PORT, auth: tuple[str, str] | Non
         conn.close()
 
 
-def _loopback_get(port: int, path: str, headers: dict[str, str],
-                  timeout: float) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def _basic_auth(auth: tuple[str, str] | None) -> dict[str, str]:
+    """The Authorization header of a Basic login (user, password); {} for None."""
+    if auth is None:
+        return {}
+    token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def _http_get(host: str, port: int, path: str, headers: dict[str, str],
+              timeout: float) -> tuple[int, bytes]:
+    """GET http://host:port/path: (status, body), or (0, b"") if it does not answer."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", path, headers=headers)
         resp = conn.getresponse()
@@ -363,12 +369,9 @@ def _loopback_get(port: int, path: str, headers: dict[str, str],
 def token_issuer_token(auth: tuple[str, str] | None = None, timeout: float = 2.0) -> str | None:
     """A token from the lab's issuer (with `auth`: for that login, else anonymous), or None when
     it does not answer or refuses the login."""
-    headers = {}
-    if auth is not None:
-        basic = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        headers["Authorization"] = f"Basic {basic}"
-    status, body = _loopback_get(layout.TOKEN_ISSUER_PORT,
-                                 f"/token?service={quote(layout.TOKEN_SERVICE)}", headers, timeout)
+    headers = _basic_auth(auth)
+    status, body = _http_get("127.0.0.1", layout.TOKEN_ISSUER_PORT,
+                             f"/token?service={quote(layout.TOKEN_SERVICE)}", headers, timeout)
     if status != 200:
         return None
     try:
@@ -383,8 +386,8 @@ def token_registry_ready(auth: tuple[str, str], timeout: float = 2.0) -> bool:
     token = token_issuer_token(auth, timeout)
     if token is None:
         return False
-    status, _ = _loopback_get(layout.TOKEN_REGISTRY_PORT, "/v2/",
-                              {"Authorization": f"Bearer {token}"}, timeout)
+    status, _ = _http_get("127.0.0.1", layout.TOKEN_REGISTRY_PORT, "/v2/",
+                          {"Authorization": f"Bearer {token}"}, timeout)
     return status == 200
 
 
@@ -397,15 +400,7 @@ MANIFEST_TYPES = ", ".join([
 
 
 def _registry_get(path: str, port: int, timeout: float) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(layout.BRIDGE_IP, port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers={"Accept": MANIFEST_TYPES})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except OSError:
-        return 0, b""
-    finally:
-        conn.close()
+    return _http_get(layout.BRIDGE_IP, port, path, {"Accept": MANIFEST_TYPES}, timeout)
 
 
 def registry_image_labels(repo: str, tag: str, port: int = layout.REGISTRY_PORT,

@@ -69,6 +69,12 @@ def check_env(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+def check_login(username: str | None, password_secret: str | None) -> None:
+    """A registry login (a user name and the name of its password's secret): both or neither."""
+    if bool(username) != bool(password_secret):
+        raise ValueError("give both username and password (a secret name), or neither")
+
+
 def _alternatives(annotation: Any) -> list[Any]:
     if typing.get_origin(annotation) in (Union, types.UnionType):
         return [a for a in typing.get_args(annotation) if a is not type(None)]

@@ -25,7 +25,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from runner.model.base import HOST_RE, Model, OneString, PathOn, check_env
+from runner.model.base import (HOST_RE, Model, OneString, PathOn, check_env,
+                                check_login)
 
 _USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 _NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
@@ -320,8 +321,7 @@ class DeployRegistry(Model):
 
     @model_validator(mode="after")
     def _both(self) -> DeployRegistry:
-        if bool(self.username) != bool(self.password_secret):
-            raise ValueError("give both username and password (a secret name), or neither")
+        check_login(self.username, self.password_secret)
         return self
 
 

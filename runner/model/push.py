@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from runner.model.base import Model
+from runner.model.base import Model, check_login
 
 
 class RegistryAuth(Model):
@@ -19,8 +19,7 @@ class RegistryAuth(Model):
 
     @model_validator(mode="after")
     def _both(self) -> RegistryAuth:
-        if bool(self.username) != bool(self.password_secret):
-            raise ValueError("give both username and password (a secret name), or neither")
+        check_login(self.username, self.password_secret)
         return self
 
 
