@@ -80,7 +80,7 @@ def test_config_reports_every_problem_at_once(tmp_path):
 def test_example_config_is_valid(monkeypatch):
     monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", "x" * 20)
     monkeypatch.setenv("RUNNER_TOKEN", "y" * 20)
-    cfg = load_config(HERE / "daemon.example.yaml")
+    cfg = load_config(Path(__file__).parent.parent / "daemon.example.yaml")
     assert [p.name for p in cfg.pipelines] == ["example"]
     assert cfg.pipelines[0].triggers.poll is not None
 

@@ -1,6 +1,6 @@
 """The runner daemon: webhooks, polling and cron, a durable queue, workers, run history.
 
-    runner daemon --config daemon.yaml      (example: tests/data/daemon/daemon.example.yaml)
+    runner daemon --config daemon.yaml      (example: daemon.example.yaml)
 
 Layout (one way: nothing here is imported by the engine or the stages):
   config.py     the YAML config -> frozen pydantic model; every problem with file:line:col

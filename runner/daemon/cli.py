@@ -66,7 +66,7 @@ def _daemon_name(owner: str | None) -> str:
 def daemon(config_file: str, check: bool) -> None:
     """Serve webhooks, polls and schedules; run pipelines; keep their history.
 
-    A commented example config: tests/data/daemon/daemon.example.yaml; the guide: docs/daemon.md.
+    A commented example config: daemon.example.yaml; the guide: docs/daemon.md.
     SIGTERM stops it gracefully (running stages get grace_period seconds, then are cancelled)."""
     from runner.daemon.config import check_config, load_config
     from runner.daemon.service import Daemon, setup_logging
