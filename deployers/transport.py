@@ -382,6 +382,30 @@ class Connection:
     def alive(self) -> bool:
         return self.transport.is_active()
 
+    def _lost(self, message: str) -> TransportError:
+        """The connection failed: through jump hosts, say which hop's connection broke (a dead
+        jump host shows on the server's connection only as a closed socket)."""
+        hops: list[Connection] = []
+        hop = self.jump
+        while hop is not None:
+            hops.insert(0, hop)  # outermost first
+            hop = hop.jump
+        if not hops:
+            return TransportError(self.label, message)
+        # The jump host's transport sees its end a moment after the channel carrying this
+        # connection closed: give it that moment when this connection is gone.
+        deadline = time.monotonic() + (0 if self.transport.is_active() else 1.0)
+        while True:
+            dead = next((h for h in hops if not h.transport.is_active()), None)
+            if dead is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        if dead is not None:
+            return TransportError(self.label, (
+                f"the route through {_hop_name(dead.target)} broke (the SSH connection to "
+                f"that jump host is gone): {message}"))
+        return TransportError(self.label, f"{message} (through {_hop_name(hops[-1].target)})")
+
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             timeout: float | None = None, cancel: threading.Event | None = None,
             check: bool = False) -> RemoteResult:
@@ -412,7 +436,7 @@ class Connection:
             raise CommandTimeout(self.label, f"`{' '.join(argv[:3])}` did not finish "
                                              f"within {timeout:g}s")
         if not self.transport.is_active():
-            raise TransportError(self.label, "the SSH connection dropped")
+            raise self._lost("the SSH connection dropped")
         select.select([chan], [], [], 0.05)
 
     def _run_exec(self, argv: tuple[str, ...], stdin: bytes | None, timeout: float,
@@ -448,7 +472,7 @@ class Connection:
             raise CommandTimeout(self.label, f"{what}: the server did not take its input "
                                              f"within {self.options.io_timeout:g}s") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise TransportError(self.label, f"the SSH connection failed: {exc}") from None
+            raise self._lost(f"the SSH connection failed: {exc}") from None
         finally:
             chan.close()
         return status, bytes(out), bytes(err)
@@ -521,7 +545,7 @@ class Connection:
         except (paramiko.SSHException, EOFError, OSError) as exc:
             if in_callback:
                 raise
-            raise TransportError(self.label, f"the SSH connection failed: {exc}") from None
+            raise self._lost(f"the SSH connection failed: {exc}") from None
         finally:
             chan.close()
 
@@ -536,7 +560,7 @@ class Connection:
             if self.transport.is_active() and time.monotonic() - start >= limit:
                 raise timeout_cls(self.label, f"the server did not open a channel for {what} "
                                               f"within {limit:g}s") from None
-            raise TransportError(self.label, f"the SSH connection was lost: {exc}") from None
+            raise self._lost(f"the SSH connection was lost: {exc}") from None
 
     def _channel_request(self, chan: paramiko.Channel, request: Callable[[], None], what: str,
                          timeout_cls: type[TransportError] = RemoteTimeout) -> None:
@@ -563,7 +587,7 @@ class Connection:
             if fired.is_set():
                 raise timeout_cls(self.label, f"{what}: the server did not answer within "
                                               f"{limit:g}s") from None
-            raise TransportError(self.label, f"{what} failed: {exc}") from None
+            raise self._lost(f"{what} failed: {exc}") from None
         finally:
             timer.cancel()
         if fired.is_set():  # the reply came just as the timer closed the channel
@@ -599,7 +623,7 @@ class Connection:
                 raise RemoteTimeout(self.label, f"SFTP did not answer within "
                                                 f"{self.options.io_timeout:g}s") from None
             except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise TransportError(self.label, f"cannot open SFTP: {exc}") from None
+                raise self._lost(f"cannot open SFTP: {exc}") from None
         except BaseException:
             chan.close()
             raise
@@ -640,7 +664,7 @@ class Connection:
                           or sftp.sock.closed or not self.transport.is_active())
                 if broken:
                     self._drop_sftp(sftp)
-                    raise TransportError(self.label, f"SFTP {what} failed: "
+                    raise self._lost(f"SFTP {what} failed: "
                                                      f"{exc or type(exc).__name__}") from None
                 raise
             if getattr(sftp, "timed_out", False):  # fn caught the timeout (an `except OSError`)
@@ -786,8 +810,8 @@ class _Shell:
                     break
                 if chan.closed or chan.exit_status_ready():
                     if not self.conn.transport.is_active():
-                        raise TransportError(self.conn.label, "the SSH connection dropped")
-                    raise TransportError(self.conn.label, "the remote shell ended unexpectedly")
+                        raise self.conn._lost("the SSH connection dropped")
+                    raise self.conn._lost("the remote shell ended unexpectedly")
                 if not got:
                     self.conn._wait_io(chan, argv, start, timeout, cancel)
         except TimeoutError:
@@ -795,7 +819,7 @@ class _Shell:
                                                   f"take the command within "
                                                   f"{self.conn.options.io_timeout:g}s") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise TransportError(self.conn.label, f"the SSH connection failed: {exc}") from None
+            raise self.conn._lost(f"the SSH connection failed: {exc}") from None
         return int(status if status is not None else -1), out, err
 
     def close(self) -> None:
@@ -948,7 +972,10 @@ def _authenticate(t: paramiko.Transport, target: Target, opts: SSHOptions,
     if target.agent:
         try:
             agent = _Agent(target.agent, opts.connect_timeout)
-        except (OSError, paramiko.SSHException) as exc:
+        except OSError as exc:  # no socket there, or no agent behind it (it died)
+            notes.append(f"ssh-agent at {target.agent}: cannot use it: the agent cannot be "
+                         f"reached ({exc.strerror or exc}; is it still running?)")
+        except paramiko.SSHException as exc:
             notes.append(f"ssh-agent at {target.agent}: cannot use it ({exc})")
     else:
         notes.append("no ssh-agent (SSH_AUTH_SOCK is not set, or IdentityAgent none)")
@@ -1070,8 +1097,12 @@ def _as_server(exc: TransportError, target: Target, hop: Target) -> TransportErr
     """An error of a jump host, as the server's: which server, through which jump host."""
     if hop is target:
         return exc
-    where = f"{hop.label} ({hop.host}:{hop.port})" if hop.name != hop.host else hop.label
-    return type(exc)(target.label, f"through {where}: {exc.reason}")
+    return type(exc)(target.label, f"through {_hop_name(hop)}: {exc.reason}")
+
+
+def _hop_name(hop: Target) -> str:
+    """A jump host as messages name it: its name, and its address when the name is an alias."""
+    return f"{hop.label} ({hop.host}:{hop.port})" if hop.name != hop.host else hop.label
 
 
 def _connect_route(target: Target, opts: SSHOptions, log: Callable[[str], None] | None,
