@@ -8,7 +8,10 @@ from; never a secret).
   is read, and an item with "error"/"errorDetail" is a failure. The digest comes from the final
   {"aux": {"Digest": ...}} item; every tag of one image must give the same digest.
 - Transient errors (connection refused/reset, 5xx, TLS handshake or i/o timeouts) are retried up
-  to `stages.push.retries` times with backoff; auth/denied errors are not retried.
+  to `stages.push.retries` times with backoff; auth/denied errors are not retried. The engine's
+  own "context deadline exceeded" is a timeout too; as it names neither the registry nor its
+  token endpoint, the message then says which of the two does not answer (asked briefly,
+  without credentials).
 - Credentials, in this order: `stages.push.auth`; else docker's own config, as the docker CLI
   finds it ($DOCKER_CONFIG/config.json, else ~/.docker/config.json) and as the SDK resolves it
   (credHelpers for that registry, credsStore, then `auths`, identity tokens included); else none.
@@ -26,7 +29,8 @@ from; never a secret).
   identity token), or anonymously without one. A registry that refuses the read for lack of
   credentials does not fail the push, which already happened: the stage succeeds with the digest
   the engine reported, warns that the verification was skipped and why, and records verified:
-  false. Any other answer that is not the pushed manifest fails the stage.
+  false. Any other answer that is not the pushed manifest fails the stage, and so does a token
+  endpoint that does not answer (within verify_timeout; the message names it).
 """
 from __future__ import annotations
 
@@ -34,7 +38,10 @@ import hashlib
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +65,7 @@ _AUTH = re.compile(r"unauthori[sz]ed|denied|authentication required|forbidden|\b
                    re.I)
 _TRANSIENT = re.compile(
     r"connection refused|connection reset|tls handshake timeout|i/o timeout|timeout|"
+    r"deadline exceeded|"
     r"broken pipe|unexpected eof|\bEOF\b|temporarily unavailable|too many requests|"
     r"\b5\d\d\b|internal server error|bad gateway|service unavailable|gateway timeout",
     re.I)
@@ -408,17 +416,31 @@ class PushStage(Stage):
                 ) + _pushed_note(pushed))
         attempts = retries + 1
         error = ""
+        timeout = ctx.pipeline.stages.push.timeout
         for attempt in range(1, attempts + 1):
             try:
-                # Always an explicit auth_config ({} = anonymous): with None the SDK would look
+                # Always an explicit login ({} = anonymous): without one the SDK would look
                 # for a login on its own, possibly another one than the verification uses.
-                items = client.api.push(repo, tag=tag, stream=True, decode=True,
-                                        auth_config=creds.engine_auth())
-                outcome = read_push_stream(items, ctx.log.line)
+                items, stop = open_push_stream(client, repo, tag, creds.engine_auth())
+                with PushWatch(stop, timeout, ctx.cancel) as watch:
+                    try:
+                        outcome = read_push_stream(items, ctx.log.line)
+                    except Exception:  # noqa: BLE001 - whatever ending the stream raised
+                        if watch.why is None:
+                            raise
+                        outcome = StreamOutcome(None, None)
                 if outcome.digest is not None:
                     return outcome.digest
-                error = outcome.error or "unknown push error"
-                retry = is_transient(error)
+                if watch.why == "cancel":
+                    raise Cancelled(_cancel_message(pushed, refs))
+                if watch.why == "timeout":
+                    error = (f"the push did not end within {timeout:g}s (stages.push.timeout) "
+                             f"and was stopped" + (f"; the engine said: {outcome.error}"
+                                                   if outcome.error else ""))
+                    retry = True
+                else:
+                    error = outcome.error or "unknown push error"
+                    retry = is_transient(error)
             except APIError as exc:
                 error = str(exc.explanation or exc)
                 status = exc.status_code or 0
@@ -444,7 +466,94 @@ class PushStage(Stage):
             message += "\n" + _auth_hint(creds, repo)
         elif "connection refused" in error.lower():
             message += f"\nis a registry listening at {split_name(repo)[0]}?"
+        elif re.search(r"deadline exceeded|timeout", error, re.I):
+            message += "\n" + _unanswered_hint(client, split_name(repo)[0])
         raise StageFailed(self.name, message + _pushed_note(pushed))
+
+
+def open_push_stream(client: Any, repo: str, tag: str,
+                     auth: Mapping[str, str]) -> tuple[Iterator[dict], Callable[[], None]]:
+    """The engine's decoded push stream, and a function that ends it from another thread.
+
+    The engine stops pushing when the client's connection closes, so ending a push (a timeout,
+    a cancelled run) means closing that connection; docker-py's `api.push` keeps the response
+    to itself, hence its lower-level calls here."""
+    from docker import auth as docker_auth
+
+    api = client.api
+    response = api._post_json(api._url("/images/{0}/push", repo), None,
+                              headers={"X-Registry-Auth": docker_auth.encode_header(dict(auth))},
+                              stream=True, params={"tag": tag})
+    api._raise_for_status(response)
+
+    def stop() -> None:
+        # Only a shutdown from this other thread: the reading thread then meets the end of the
+        # stream and closes the response itself (http.client's close is not thread-safe).
+        try:
+            raw = response.raw._fp.fp.raw  # the socket.SocketIO over the engine's socket
+            getattr(raw, "_sock", raw).shutdown(socket.SHUT_RDWR)
+        except (AttributeError, OSError):
+            response.close()  # not a plain socket (or already closed): the blunt way
+
+    return api._stream_helper(response, decode=True), stop
+
+
+class PushWatch:
+    """Ends a push stream (`stop`) when the run is cancelled or `timeout` seconds pass; `why`
+    says which ("cancel", "timeout"), None while neither happened."""
+
+    def __init__(self, stop: Callable[[], None], timeout: float, cancel: threading.Event,
+                 poll: float = 0.2):
+        self.why: str | None = None
+        self._stop, self._cancel, self._poll = stop, cancel, poll
+        self._deadline = time.monotonic() + timeout
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="push-watch", daemon=True)
+
+    def _watch(self) -> None:
+        while not self._done.wait(self._poll):
+            if self._cancel.is_set():
+                self.why = "cancel"
+            elif time.monotonic() >= self._deadline:
+                self.why = "timeout"
+            else:
+                continue
+            self._stop()
+            return
+
+    def __enter__(self) -> PushWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _unanswered_hint(client: Any, host: str, timeout: float = 3.0) -> str:
+    """Who did not answer in time: the registry, or the token endpoint its challenge names (the
+    engine says only "context deadline exceeded"). Asks both briefly, without credentials."""
+    try:
+        insecure = registry_is_insecure(host, client.info().get("RegistryConfig"))
+    except Exception:  # noqa: BLE001 - a hint only
+        insecure = False
+    url = f"{'http' if insecure else 'https'}://{host}/v2/"
+    try:
+        with httpx.Client(timeout=timeout, trust_env=False) as http:
+            resp = http.get(url)
+            scheme, params = parse_challenge(resp.headers.get("www-authenticate", ""))
+            realm = params.get("realm") if scheme == "bearer" else None
+            if not realm:
+                return f"registry {host} did not answer the engine in time ({url} answers now)"
+            try:
+                http.get(realm, params={"service": params.get("service", "")})
+            except httpx.HTTPError as exc:
+                return (f"registry {host} answers, but its token endpoint {realm} does not "
+                        f"({type(exc).__name__} after {timeout:g}s)")
+            return (f"registry {host} or its token endpoint {realm} did not answer the engine "
+                    "in time (both answer now)")
+    except httpx.HTTPError as exc:
+        return f"registry {host} does not answer ({url}: {type(exc).__name__})"
 
 
 def _auth_hint(creds: Credentials, repo: str) -> str:
@@ -491,8 +600,15 @@ def verify_pushed(name: str, digest: str, image_id: str | None, creds: Credentia
                     resp = http.get(url, headers=headers,
                                     auth=(creds.username or "", creds.password or ""))
                 elif scheme == "bearer":
-                    token, why = _bearer_token(http, params, f"repository:{path}:pull", creds,
-                                               insecure)
+                    try:
+                        token, why = _bearer_token(http, params, f"repository:{path}:pull",
+                                                   creds, insecure)
+                    except httpx.HTTPError as exc:
+                        raise StageFailed("push", (
+                            f"pushed {digest}, but its verification failed: registry {host} "
+                            f"wants a token (Bearer) to read {name}, and its token endpoint "
+                            f"{params.get('realm')} did not answer ({type(exc).__name__}: "
+                            f"{exc})")) from None
                     if token is None:
                         return Verification(False, f"registry {host} wants a token (Bearer) to "
                                                    f"read {name}: {why}")

@@ -33,3 +33,8 @@ class PushStage(Model):
     """Registry credentials."""
     retries: int = Field(default=3, ge=0, le=10)
     """Extra attempts after a transient registry error (a timeout, a 5xx)."""
+    timeout: float = Field(default=900, gt=0)
+    """Seconds one push attempt of one tag may take. Then it is stopped (the engine stops
+    pushing when its connection closes) and counts as a transient error, retried as `retries`
+    says. It bounds a registry or token endpoint that accepts connections but never answers
+    (the engine's own retries alone take minutes)."""
