@@ -148,7 +148,7 @@ def test_explicit_key_refused_then_agent_key_taken_and_logged(lab, home, monkeyp
 
 
 def test_unknown_host_key_is_refused_then_ssh_trust_shows_the_line(lab, home):
-    server = lab["servers"][3]
+    server = lab["servers"][2]
     (home / ".ssh" / "config").write_text(
         f"Host db\n    HostName {server['host']}\n    IdentityFile {server['key_file']}\n")
     known = home / ".ssh" / "known_hosts"
@@ -209,7 +209,7 @@ def test_ssh_trust_through_a_jump_and_its_failures(lab, home):
 
 
 def test_pipeline_settings_win_over_ssh_config(lab, home):
-    jump, server = lab["servers"][0], lab["servers"][3]
+    jump, server = lab["servers"][0], lab["servers"][2]
     stranger = keygen(home / ".ssh" / "stranger")
     # Everything ~/.ssh/config says for this server would fail: wrong user, port, key,
     # known_hosts and an unreachable jump host.

@@ -300,7 +300,7 @@ def test_agent_killed_between_deploys_fails_before_changing_anything(
     fail before touching the server, exit 1, naming the server and saying the agent could not
     be reached, with no traceback; the server keeps v1."""
     name, _ = app
-    server = lab["servers"][3]
+    server = lab["servers"][2]
     (home / ".ssh" / "known_hosts").write_text(lab_known_line(lab, server["host"]) + "\n")
     port = _port()
     stage = stage_for([server["host"]], name, port)  # no key_file, no key
