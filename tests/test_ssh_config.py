@@ -21,11 +21,10 @@ from deployers.transport import (HostKeyError, HostKeyPolicy, SSHOptions, _Agent
 from runner.model.deploy import DeployStage
 
 
-@contextmanager
-def ssh_agent(*keys: str):
-    """A real ssh-agent of this test alone holding `keys`; yields its socket. Stopped by its
-    pid afterwards. The socket lives in a short /tmp directory: a unix socket path is limited
-    to about 100 bytes, which pytest's tmp_path can exceed."""
+def start_agent(*keys: str) -> tuple[subprocess.Popen, str, str]:
+    """A real ssh-agent of this test alone holding `keys`: (its process, its socket, the
+    directory holding the socket). The socket lives in a short /tmp directory: a unix socket
+    path is limited to about 100 bytes, which pytest's tmp_path can exceed."""
     d = tempfile.mkdtemp(prefix="ag")
     sock = os.path.join(d, "s")
     proc = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL,
@@ -39,6 +38,18 @@ def ssh_agent(*keys: str):
         for key in keys:
             subprocess.run(["ssh-add", "-q", key], env={**os.environ, "SSH_AUTH_SOCK": sock},
                            check=True, capture_output=True, timeout=10)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise
+    return proc, sock, d
+
+
+@contextmanager
+def ssh_agent(*keys: str):
+    """start_agent as a context: yields the socket; the agent is stopped by its pid after."""
+    proc, sock, d = start_agent(*keys)
+    try:
         yield sock
     finally:
         proc.terminate()

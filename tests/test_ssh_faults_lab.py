@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from runner.lab import layout
 from tests.deploy_fixtures import Log, _deployer, _get, _port, _stage
 from tests.helpers import ROOT
 from tests.test_deploy_faults_lab import _descendants
-from tests.test_ssh_config import keygen
+from tests.test_ssh_config import keygen, start_agent
 from tests.test_ssh_config_lab import home, lab_known_line, stage_for  # noqa: F401
 
 pytestmark = pytest.mark.lab
@@ -277,22 +276,6 @@ def _history_of(lab, server: dict, app: str, port: int) -> list[dict]:
         d.close()
 
 
-def _start_agent(*keys: str) -> tuple[subprocess.Popen, str, str]:
-    d = tempfile.mkdtemp(prefix="ag")  # a unix socket path is limited to about 100 bytes
-    sock = os.path.join(d, "s")
-    proc = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        assert proc.poll() is None, "ssh-agent exited at start"
-        assert time.monotonic() < deadline, "ssh-agent did not make its socket"
-        time.sleep(0.02)
-    for k in keys:
-        subprocess.run(["ssh-add", "-q", k], env={**os.environ, "SSH_AUTH_SOCK": sock},
-                       check=True, capture_output=True, timeout=10)
-    return proc, sock, d
-
-
 def test_agent_killed_between_deploys_fails_before_changing_anything(
         lab, images, app, home, monkeypatch):
     """The pipeline has no key_file: the only key is in an ssh-agent. v1 deploys with it; the
@@ -304,7 +287,7 @@ def test_agent_killed_between_deploys_fails_before_changing_anything(
     (home / ".ssh" / "known_hosts").write_text(lab_known_line(lab, server["host"]) + "\n")
     port = _port()
     stage = stage_for([server["host"]], name, port)  # no key_file, no key
-    agent, sock, sockdir = _start_agent(server["key_file"])
+    agent, sock, sockdir = start_agent(server["key_file"])
     try:
         monkeypatch.setenv("SSH_AUTH_SOCK", sock)
         child = Child(stage, name, images, "v1", run_id="with-agent")
