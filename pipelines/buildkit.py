@@ -368,13 +368,17 @@ def detect_builder_in(candidates: Sequence[str]) -> Builder:
         "make sure it is on PATH or at /usr/bin/docker.")
 
 
-def _docker_config_dir() -> str:
-    return os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+def docker_config_dir(environ: Mapping[str, str] | None = None, home: str | None = None) -> str:
+    """The docker CLI's config directory (its plugins, its logins): $DOCKER_CONFIG, else
+    ~/.docker."""
+    environ = os.environ if environ is None else environ
+    return environ.get("DOCKER_CONFIG") or os.path.join(
+        home if home is not None else os.path.expanduser("~"), ".docker")
 
 
 def _plugin_dirs() -> list[str]:
     """Where a docker CLI looks for the buildx plugin (docker/cli's cli-plugins/manager)."""
-    return [os.path.join(_docker_config_dir(), "cli-plugins"), "/usr/local/lib/docker/cli-plugins",
+    return [os.path.join(docker_config_dir(), "cli-plugins"), "/usr/local/lib/docker/cli-plugins",
             "/usr/local/libexec/docker/cli-plugins", "/usr/lib/docker/cli-plugins",
             "/usr/libexec/docker/cli-plugins"]
 
@@ -395,7 +399,7 @@ def detection_fingerprint(candidates: Sequence[str]) -> list:
     key += [_stat_key(c) for c in candidates]
     for d in _plugin_dirs():
         key += [_stat_key(d), _stat_key(os.path.join(d, "docker-buildx"))]
-    key.append(_stat_key(os.path.join(_docker_config_dir(), "config.json")))
+    key.append(_stat_key(os.path.join(docker_config_dir(), "config.json")))
     return key
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 import re
 import socket
 import threading
@@ -211,10 +210,9 @@ def docker_config_file(environ: Mapping[str, str] | None = None,
     ~/.docker/config.json. Unlike the SDK's own lookup, a DOCKER_CONFIG without a config.json
     does not fall back to ~/.docker: the CLI never does, so `docker login` with DOCKER_CONFIG set
     and this stage agree on which file holds the login."""
-    environ = os.environ if environ is None else environ
-    if environ.get("DOCKER_CONFIG"):
-        return Path(environ["DOCKER_CONFIG"]) / "config.json"
-    return Path(home if home is not None else os.path.expanduser("~")) / ".docker" / "config.json"
+    from pipelines.buildkit import docker_config_dir
+
+    return Path(docker_config_dir(environ, home)) / "config.json"
 
 
 def credentials_from_entry(registry: str, entry: Mapping[str, Any] | None,
