@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
 
 from deployers import commands as cmd
@@ -38,14 +38,14 @@ def kept_name(app: str, run_id: str) -> str:
     return f"{app}_kept_{safe_name(run_id)}"
 
 
-def server_commands(stage: DeployStage, release: Release, run_id: str) -> tuple[PlannedCommand,
+def server_commands(stage: DeploySettings, release: Release, run_id: str) -> tuple[PlannedCommand,
                                                                                 ...]:
     if stage.proxy is not None:
         return _proxy_commands(stage, release, run_id)
     return _stop_start_commands(stage, release, run_id)
 
 
-def _prepare_commands(stage: DeployStage, release: Release) -> list[PlannedCommand]:
+def _prepare_commands(stage: DeploySettings, release: Release) -> list[PlannedCommand]:
     spec, image = release.spec, release.image
     missing = "the image is not on the server yet"
     user = stage.registry.username
@@ -82,7 +82,7 @@ def _probe_commands(release: Release) -> list[PlannedCommand]:
     return []
 
 
-def _proxy_commands(stage: DeployStage, release: Release, run_id: str
+def _proxy_commands(stage: DeploySettings, release: Release, run_id: str
                     ) -> tuple[PlannedCommand, ...]:
     """The proxy cutover: the new container starts beside the old one, on the runner's
     network, publishing no port; traffic moves by a route switch once it is healthy."""
@@ -138,7 +138,7 @@ def _proxy_commands(stage: DeployStage, release: Release, run_id: str
     return tuple(out)
 
 
-def _stop_start_commands(stage: DeployStage, release: Release, run_id: str
+def _stop_start_commands(stage: DeploySettings, release: Release, run_id: str
                          ) -> tuple[PlannedCommand, ...]:
     spec = release.spec
     prev = previous_name(spec.name, run_id)
@@ -172,7 +172,7 @@ def _stop_start_commands(stage: DeployStage, release: Release, run_id: str
     return tuple(out)
 
 
-def _plan(stage: DeployStage, app: str, what: str, run_id: str,
+def _plan(stage: DeploySettings, app: str, what: str, run_id: str,
           releases: dict[str, Release], all_targets: tuple[Target, ...],
           placeholder: bool = False) -> DeployPlan:
     chosen = tuple(t for t in all_targets if t.label in releases)
@@ -193,7 +193,7 @@ def _plan(stage: DeployStage, app: str, what: str, run_id: str,
         servers=servers, parallel=stage.parallel, notes=notes, placeholder=placeholder)
 
 
-def plan_deploy(stage: DeployStage, *, pipeline: str, image_name: str, run_id: str,
+def plan_deploy(stage: DeploySettings, *, pipeline: str, image_name: str, run_id: str,
                 image: ImageRef | None = None, commit: str = "",
                 servers: tuple[Target, ...] | None = None) -> DeployPlan:
     """The deploy of `image` (None: a dry run before the push; the digest is a placeholder).
@@ -207,7 +207,7 @@ def plan_deploy(stage: DeployStage, *, pipeline: str, image_name: str, run_id: s
                  {t.label: release for t in ts}, ts, placeholder)
 
 
-def plan_rollback(stage: DeployStage, *, pipeline: str, run_id: str,
+def plan_rollback(stage: DeploySettings, *, pipeline: str, run_id: str,
                   releases: dict[str, Release],
                   servers: tuple[Target, ...] | None = None) -> DeployPlan:
     """Each server back to the release chosen for it (from its own history), exactly as that

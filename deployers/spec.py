@@ -18,7 +18,7 @@ import hmac
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-from runner.model.deploy import DeployStage, Healthcheck, Server, parse_server
+from runner.model.deploy import DeploySettings, Healthcheck, Server, parse_server
 from runner.model.image import ImageRef
 
 from deployers.proxy import NETWORK
@@ -115,11 +115,11 @@ class ContainerSpec:
         return dict(self.labels)
 
 
-def targets(stage: DeployStage, config: UserConfig | None = None) -> tuple[Target, ...]:
+def targets(stage: DeploySettings, config: UserConfig | None = None) -> tuple[Target, ...]:
     return tuple(target(s, stage, config) for s in stage.servers)
 
 
-def target(server: Server, stage: DeployStage, config: UserConfig | None = None) -> Target:
+def target(server: Server, stage: DeploySettings, config: UserConfig | None = None) -> Target:
     """One server of the stage as a Target: see resolve_target for which setting wins."""
     s = stage.ssh
     jump = None
@@ -207,11 +207,11 @@ def health_spec(h: Healthcheck) -> HealthSpec:
     return HealthSpec(kind="image", **common)
 
 
-def app_name(stage: DeployStage, pipeline_name: str) -> str:
+def app_name(stage: DeploySettings, pipeline_name: str) -> str:
     return stage.container.name or pipeline_name
 
 
-def container_spec(stage: DeployStage, image: ImageRef, *, pipeline: str, run_id: str,
+def container_spec(stage: DeploySettings, image: ImageRef, *, pipeline: str, run_id: str,
                    commit: str = "") -> ContainerSpec:
     """The container to run `image` as, from the pipeline's deploy settings."""
     c = stage.container
@@ -359,7 +359,7 @@ class Release:
                    secrets=str(data.get("secrets", "")))
 
 
-def release_for(stage: DeployStage, image: ImageRef, *, pipeline: str, run_id: str,
+def release_for(stage: DeploySettings, image: ImageRef, *, pipeline: str, run_id: str,
                 commit: str = "") -> Release:
     """The release a deploy of `image` makes, from the pipeline's current settings."""
     return Release(image=image, spec=container_spec(stage, image, pipeline=pipeline,

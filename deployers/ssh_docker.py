@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import paramiko
 
 from runner.errors import Cancelled
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
 
 from deployers import commands as cmd
@@ -93,7 +93,7 @@ class _OnServer:
 class SSHDockerDeployer(Deployer):
     def __init__(
         self,
-        stage: DeployStage,
+        stage: DeploySettings,
         *,
         pipeline: str,
         image_name: str,
@@ -884,7 +884,7 @@ class SSHDockerSteps(ServerSteps):
         self._leases.clear()
 
 
-def deployer_for(stage: DeployStage, **kwargs) -> SSHDockerDeployer:
+def deployer_for(stage: DeploySettings, **kwargs) -> SSHDockerDeployer:
     return SSHDockerDeployer(stage, **kwargs)
 
 

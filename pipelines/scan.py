@@ -33,7 +33,7 @@ from pipelines.scan_gate import (
 from pipelines.scan_report import Finding, parse_hadolint, parse_trivy, to_sarif
 from runner.errors import Cancelled, StageFailed
 from runner.model import Pipeline
-from runner.model.scan import ScanStage as ScanConfig
+from runner.model.scan import ScanSettings
 from runner.proc import run_command
 
 INSTALL_HINT = {
@@ -223,7 +223,7 @@ class ScanStage(Stage):
         }
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        cfg: ScanConfig = ctx.pipeline.stages.scan
+        cfg: ScanSettings = ctx.pipeline.stages.scan
         log = ctx.log
         self._said = set()
         outdir = ctx.workdir / "scan"
@@ -333,7 +333,7 @@ class ScanStage(Stage):
 
     # -- pieces of run() --
 
-    def _cache_dir(self, ctx: StageContext, cfg: ScanConfig) -> Path:
+    def _cache_dir(self, ctx: StageContext, cfg: ScanSettings) -> Path:
         if cfg.db.cache_dir:
             path = Path(cfg.db.cache_dir).expanduser()
             return path if path.is_absolute() else ctx.cache_dir / path
@@ -346,7 +346,7 @@ class ScanStage(Stage):
                                       "checkout stage gave no path")
         return Path(checkout["path"])
 
-    def _ignores(self, ctx: StageContext, cfg: ScanConfig) -> list[IgnoreRule]:
+    def _ignores(self, ctx: StageContext, cfg: ScanSettings) -> list[IgnoreRule]:
         rules = [IgnoreRule(id=i.id, statement=i.statement, expired_at=i.expired_at,
                             paths=i.paths, purls=i.purls, source="stages.scan.ignore")
                  for i in cfg.ignore]
@@ -384,7 +384,7 @@ class ScanStage(Stage):
         context = self._repo(ctx) / build.context
         return context / build.dockerfile, str(Path(build.context) / build.dockerfile)
 
-    def _trivy(self, ctx: StageContext, cfg: ScanConfig, trivy: str, target: str,
+    def _trivy(self, ctx: StageContext, cfg: ScanSettings, trivy: str, target: str,
                scanners: tuple[str, ...], cache_dir: Path, report: Path) -> dict[str, Any]:
         tarball: Path | None = None
         try:
@@ -467,7 +467,7 @@ class ScanStage(Stage):
         finally:
             client.close()
 
-    def _hadolint(self, ctx: StageContext, cfg: ScanConfig, hadolint: str, dockerfile: Path,
+    def _hadolint(self, ctx: StageContext, cfg: ScanSettings, hadolint: str, dockerfile: Path,
                   shown: str, report: Path) -> list[Finding]:
         if not dockerfile.is_file():
             raise StageFailed("scan", f"hadolint: no Dockerfile at {shown}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deployers.ssh_docker import SSHDockerDeployer
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
 from tests.helpers import remove_app_on_server
 
@@ -63,7 +63,7 @@ def _servers(lab, n):
     return lab["servers"][:n] if n > 0 else lab["servers"][n:]
 
 
-def _stage(lab, servers, app, port, **over) -> DeployStage:
+def _stage(lab, servers, app, port, **over) -> DeploySettings:
     s0 = lab["servers"][0]
     data = {
         "enabled": True,
@@ -77,7 +77,7 @@ def _stage(lab, servers, app, port, **over) -> DeployStage:
     }
     for k, v in over.items():
         data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
-    return DeployStage.model_validate(data)
+    return DeploySettings.model_validate(data)
 
 
 class Log:

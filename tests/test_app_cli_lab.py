@@ -20,7 +20,7 @@ from deployers.app_cli import make_app
 from deployers.cli import make_commands
 from deployers.ssh_docker import SSHDockerDeployer
 from runner.model import Pipeline
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
 from tests.deploy_fixtures import _port
 from tests.deploy_fixtures import _stage as deploy_stage
@@ -37,7 +37,7 @@ COMMAND = ["sh", "-c", 'echo "app-marker token=$APP_TOKEN"; echo "app-err-marker
                        'exec httpd -f -p 8080 -h /www']
 
 
-def _stage(lab, servers, app, port, **over) -> DeployStage:
+def _stage(lab, servers, app, port, **over) -> DeploySettings:
     """The deploy tests' settings, with this module's app: it prints a marker and its secret."""
     settings = {"container": {"command": COMMAND, "secret_env": {"APP_TOKEN": "tok"}},
                 "healthcheck": {"timeout": 15}, "lock": {"ttl": 10, "wait": 30}}
@@ -46,7 +46,7 @@ def _stage(lab, servers, app, port, **over) -> DeployStage:
     return deploy_stage(lab, servers, app, port, **settings)
 
 
-def _pipeline(stage: DeployStage, app: str, images) -> Pipeline:
+def _pipeline(stage: DeploySettings, app: str, images) -> Pipeline:
     return Pipeline.model_validate({
         "name": app, "repository": {"url": "."}, "image": {"name": images["repo"]},
         "secrets": {"tok": {"env": SECRET_VAR}},

@@ -17,7 +17,7 @@ from pipelines.build import BuildStage, failure_message, resolve_inside
 from pipelines.buildkit import detect_builder, parse_progress
 from runner.errors import Cancelled, StageFailed
 from runner.model import BuildSecret, Image, Pipeline, Repository, Stages
-from runner.model import BuildStage as BuildSettings
+from runner.model import BuildSettings
 from tests.doubles import ListLog, DictSecrets
 
 DATA = Path(__file__).parent / "data" / "build"

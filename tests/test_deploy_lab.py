@@ -20,10 +20,10 @@ from deployers.spec import Target
 from deployers.ssh_docker import SSHDockerDeployer
 from deployers.transport import HostKeyError, connect
 from pipelines.base import StageContext
-from pipelines.deploy import DeployStage as DeployStageImpl
+from pipelines.deploy import DeployStage
 from runner.errors import StageFailed
 from runner.model import Pipeline
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
 
 pytestmark = pytest.mark.lab
@@ -74,7 +74,7 @@ def test_deploy_upgrade_failed_upgrade_then_rollback(lab, images, app, tmp_path)
                        results={"push": {"ref": images["v3"], "digest": images["v3"][-71:]},
                                 "checkout": {"commit": "3" * 40}})
     with pytest.raises(StageFailed) as err:
-        DeployStageImpl().run(ctx)
+        DeployStage().run(ctx)
     msg = str(err.value)
     for h in hosts:
         assert h in msg
@@ -361,7 +361,7 @@ def test_jump_host_key_from_secret_and_insecure_warning(lab, tmp_path):
     """Through srv1 as a bastion to srv2, with the key given as a secret's text."""
     s1, s2 = lab["servers"][:2]
     key_text = Path(s1["key_file"]).read_text()
-    stage = DeployStage.model_validate({
+    stage = DeploySettings.model_validate({
         "enabled": True, "servers": [f"root@{s2['host']}:22"],
         "ssh": {"key": "deploy_key", "known_hosts": s1["known_hosts"],
                 "jump": f"root@{s1['host']}:22", "connect_timeout": 5}})
@@ -377,7 +377,7 @@ def test_jump_host_key_from_secret_and_insecure_warning(lab, tmp_path):
     d.close()
     assert key_text.strip().splitlines()[1] not in log.text
 
-    insecure = DeployStage.model_validate({
+    insecure = DeploySettings.model_validate({
         "enabled": True, "servers": [f"root@{s2['host']}:22"],
         "ssh": {"key_file": s1["key_file"], "insecure_ignore_host_key": True}})
     log = Log()

@@ -17,7 +17,7 @@ from deployers.spec import (HealthSpec, batches, container_spec, env_file_conten
                             fingerprint, targets)
 from deployers.transport import HostKeyError, HostKeyPolicy, remote_command
 from runner.errors import Cancelled
-from runner.model.deploy import DeployStage, parse_server
+from runner.model.deploy import DeploySettings, parse_server
 from runner.model.image import ImageRef
 
 D1 = "sha256:" + "a" * 64
@@ -26,10 +26,10 @@ REF = f"10.87.53.1:5000/demo/app@{D1}"
 IMG = ImageRef.parse(REF)
 
 
-def stage(**kw) -> DeployStage:
+def stage(**kw) -> DeploySettings:
     base = {"enabled": True, "servers": "root@10.0.0.1:22,deploy@10.0.0.2:2222,10.0.0.3"}
     base.update(kw)
-    return DeployStage.model_validate(base)
+    return DeploySettings.model_validate(base)
 
 
 # --------------------------------------------------------------------------- model
@@ -78,8 +78,8 @@ def test_model_defaults_and_shorthands():
     # A deploy section runs unless it says otherwise, so one without servers is refused; the
     # stage a pipeline without a deploy section gets is off and needs none.
     with pytest.raises(ValidationError, match="at least one server"):
-        DeployStage()
-    assert DeployStage(enabled=False).servers == ()
+        DeploySettings()
+    assert DeploySettings(enabled=False).servers == ()
 
 
 # --------------------------------------------------------------------------- spec

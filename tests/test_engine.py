@@ -35,7 +35,7 @@ from pipelines.buildkit import (
 from runner.errors import InvalidInput
 from runner.loader import load_pipeline_text
 from runner.model import Image, Pipeline, Repository, Stages
-from runner.model import BuildStage as BuildSettings
+from runner.model import BuildSettings
 from runner.model.engine import BuildEngineSettings, EngineAddress, parse_engine_host
 
 DATA = Path(__file__).parent / "data" / "build" / "engine"

@@ -25,14 +25,14 @@ from deployers.proxy_cli import ASIDE, make_proxy
 from deployers.ssh_docker import SSHDockerDeployer
 from deployers.ssh_proxy import PROXY_LOCK
 from runner.model import Pipeline
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from tests.deploy_fixtures import Log, _deployer, _servers, _stage
 from tests.test_proxy_lab import _proxy_stage, _via, remove_proxied_app
 
 pytestmark = pytest.mark.lab
 
 
-def _pipeline(stage: DeployStage, app: str, images) -> Pipeline:
+def _pipeline(stage: DeploySettings, app: str, images) -> Pipeline:
     return Pipeline.model_validate({
         "name": app, "repository": {"url": "."}, "image": {"name": images["repo"]},
         "stages": {"deploy": stage.model_dump(by_alias=True)}})

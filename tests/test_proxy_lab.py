@@ -13,7 +13,7 @@ from bench.load import Load
 from deployers.base import DeployFailed
 from deployers.proxy import PROXY_CONTAINER
 from deployers.ssh_docker import SSHDockerDeployer
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from tests.deploy_fixtures import Log, _apply_until, _deployer, _servers
 from tests.helpers import remove_app_on_server
 
@@ -22,9 +22,9 @@ pytestmark = pytest.mark.lab
 HTTP_PORT = 8000  # what the lab's proxy publishes (as the example pipeline)
 
 
-def _proxy_stage(lab, servers, app, **proxy) -> DeployStage:
+def _proxy_stage(lab, servers, app, **proxy) -> DeploySettings:
     s0 = lab["servers"][0]
-    return DeployStage.model_validate({
+    return DeploySettings.model_validate({
         "enabled": True,
         "servers": [f"{s['user']}@{s['host']}:{s['port']}" for s in servers],
         "ssh": {"key_file": s0["key_file"], "known_hosts": s0["known_hosts"],

@@ -9,14 +9,14 @@ from deployers import commands as cmd
 from deployers.health import explain_http, parse_http_answer
 from deployers.plan import plan_deploy
 from deployers.proxy import Route, alias, caddy_config, published
-from runner.model.deploy import DeployStage, Proxy
+from runner.model.deploy import DeploySettings, Proxy
 from runner.model.image import ImageRef
 
 IMG = ImageRef.parse("reg/web@sha256:" + "a" * 64)
 
 
-def stage(**proxy) -> DeployStage:
-    return DeployStage.model_validate({"enabled": True, "servers": "10.0.0.1",
+def stage(**proxy) -> DeploySettings:
+    return DeploySettings.model_validate({"enabled": True, "servers": "10.0.0.1",
                                        "container": {"name": "web"},
                                        "proxy": {"app_port": 8080, **proxy}})
 
@@ -93,9 +93,9 @@ def test_planned_proxy_commands():
 
 def test_model_rules_of_the_proxy():
     assert stage().cutover == "proxy"
-    assert DeployStage.model_validate({"servers": "a"}).cutover == "stop-start"
+    assert DeploySettings.model_validate({"servers": "a"}).cutover == "stop-start"
     with pytest.raises(ValidationError, match="publishes no host port"):
-        DeployStage.model_validate({"servers": "a", "container": {"ports": ["80:80"]},
+        DeploySettings.model_validate({"servers": "a", "container": {"ports": ["80:80"]},
                                     "proxy": {}})
     with pytest.raises(ValidationError, match="tls: true needs hosts"):
         stage(tls=True)

@@ -32,7 +32,7 @@ from pipelines.push import (
 )
 from runner.errors import Cancelled, StageFailed
 from runner.model import Image, Pipeline, RegistryAuth, Repository, Stages
-from runner.model import PushStage as PushSettings
+from runner.model import PushSettings
 from runner.secrets import Masker, SecretStore
 from tests.doubles import ListLog, DictSecrets
 from tests.helpers import commit_unique_image
@@ -553,7 +553,7 @@ def test_inline_cache_is_pushed_for_fresh_machines(lab, tmp_path, registry_clean
     import docker
 
     from pipelines.build import BuildStage
-    from runner.model import BuildStage as BuildSettings
+    from runner.model import BuildSettings
 
     src = tmp_path / "src"
     shutil.copytree(Path(__file__).parent / "data" / "build" / "app", src)

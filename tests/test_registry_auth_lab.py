@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from deployers.ssh_docker import SSHDockerDeployer
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from tests.helpers import (MANIFEST_TYPES, exec_json, make_repo, remove_app_on_server,
                            runner, stage_end)
 
@@ -221,7 +221,7 @@ def _server_docker(server: dict, *args: str) -> subprocess.CompletedProcess:
 def _on_server(lab, server: dict, fn) -> None:
     """fn(connection) over SSH, as the deployer reaches the server."""
     s0 = lab["servers"][0]
-    stage = DeployStage.model_validate({
+    stage = DeploySettings.model_validate({
         "enabled": True, "servers": [f"{server['user']}@{server['host']}:{server['port']}"],
         "ssh": {"key_file": s0["key_file"], "known_hosts": s0["known_hosts"]}})
     d = SSHDockerDeployer(stage, pipeline="authtest", image_name="x", run_id="authtest")

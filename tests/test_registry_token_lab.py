@@ -26,7 +26,7 @@ from pipelines.base import StageContext
 from pipelines.push import Credentials, PushStage, split_ref, verify_pushed
 from runner.errors import StageFailed
 from runner.model import Image, Pipeline, RegistryAuth, Repository, Stages
-from runner.model import PushStage as PushSettings
+from runner.model import PushSettings
 from runner.secrets import Masker, SecretStore
 from tests.doubles import ListLog
 from tests.helpers import (MANIFEST_TYPES, commit_unique_image, exec_json, lab_env_printed,

@@ -17,17 +17,17 @@ from deployers.rollout import rollout
 from deployers.spec import (LABEL_SPEC, Release, identity_of, record_identity, release_for,
                             secret_fingerprint, spec_from_record, spec_record)
 from runner.errors import Cancelled
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
 
 D1, D2, D3 = ("sha256:" + c * 64 for c in "abc")
 IMG = ImageRef.parse(f"reg/demo@{D1}")
 
 
-def stage(**kw) -> DeployStage:
+def stage(**kw) -> DeploySettings:
     base = {"enabled": True, "servers": [f"10.0.0.{i}" for i in range(1, 6)]}
     base.update(kw)
-    return DeployStage.model_validate(base)
+    return DeploySettings.model_validate(base)
 
 
 # ------------------------------------------------------------------------------ plan

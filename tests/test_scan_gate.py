@@ -280,13 +280,13 @@ def test_db_status_reads_age_from_metadata(tmp_path):
 def test_model_refuses_a_scan_that_checks_nothing():
     from pydantic import ValidationError
 
-    from runner.model import ScanStage as Config
+    from runner.model import ScanSettings
     with pytest.raises(ValidationError, match="nothing would be checked"):
-        Config(enabled=True, scanners=[], hadolint=False)
+        ScanSettings(enabled=True, scanners=[], hadolint=False)
     with pytest.raises(ValidationError, match="only once"):
-        Config(scanners=["secret", "secret"])
+        ScanSettings(scanners=["secret", "secret"])
     with pytest.raises(ValidationError):
-        Config(fail_on="SEVERE")
+        ScanSettings(fail_on="SEVERE")
     with pytest.raises(ValidationError, match="statement"):
-        Config(ignore=[{"id": "DS002"}])  # an inline ignore needs its reason
-    assert Config(ignore=[{"id": "DS002", "reason": "r"}]).ignore[0].statement == "r"
+        ScanSettings(ignore=[{"id": "DS002"}])  # an inline ignore needs its reason
+    assert ScanSettings(ignore=[{"id": "DS002", "reason": "r"}]).ignore[0].statement == "r"

@@ -18,7 +18,7 @@ from deployers.spec import resolve_target, targets
 from deployers.ssh_config import Hop, UserConfig, parse_hops
 from deployers.transport import (HostKeyError, HostKeyPolicy, SSHOptions, _Agent, _offers,
                                  known_hosts_line, load_private_key)
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 
 
 def start_agent(*keys: str) -> tuple[subprocess.Popen, str, str]:
@@ -80,8 +80,8 @@ def write_config(home: Path, text: str) -> UserConfig:
     return UserConfig.load()
 
 
-def stage(**kw) -> DeployStage:
-    return DeployStage.model_validate({"enabled": True, **kw})
+def stage(**kw) -> DeploySettings:
+    return DeploySettings.model_validate({"enabled": True, **kw})
 
 
 # --------------------------------------------------------------------------- lookup

@@ -15,7 +15,7 @@ import pytest
 from deployers.base import DeployFailed
 from deployers.ssh_docker import SSHDockerDeployer
 from deployers.transport import fingerprint, parse_public_key
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from tests.deploy_fixtures import Log, _deployer, _get, _port
 from tests.helpers import runner
 from tests.test_ssh_config import keygen, ssh_agent
@@ -44,9 +44,9 @@ def lab_fingerprint(lab, host: str) -> str:
     return fingerprint(parse_public_key(" ".join(lab_known_line(lab, host).split()[1:])))
 
 
-def stage_for(servers, app: str, app_port: int, **ssh) -> DeployStage:
+def stage_for(servers, app: str, app_port: int, **ssh) -> DeploySettings:
     """Deploy settings with nothing about SSH but what the test passes."""
-    return DeployStage.model_validate({
+    return DeploySettings.model_validate({
         "enabled": True, "servers": servers,
         "ssh": {"connect_timeout": 5, "retries": 0, **ssh},
         "container": {"name": app, "ports": [f"{app_port}:8080"], "stop_timeout": 2},

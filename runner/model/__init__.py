@@ -14,11 +14,11 @@ from typing import Annotated
 from pydantic import ConfigDict, Field, field_validator
 
 from runner.model.base import Model, PathOn, check_env
-from runner.model.build import BuildSecret, BuildStage
-from runner.model.deploy import DeployStage
+from runner.model.build import BuildSecret, BuildSettings
+from runner.model.deploy import DeploySettings
 from runner.model.image import Image
-from runner.model.push import PushStage, RegistryAuth
-from runner.model.scan import ScanStage
+from runner.model.push import PushSettings, RegistryAuth
+from runner.model.scan import ScanSettings
 from runner.model.source import Repository
 
 STAGE_ORDER = ("checkout", "build", "scan", "push", "deploy")
@@ -39,7 +39,7 @@ class SecretSource(Model):
     """A file on the runner's machine that holds the value (trailing newlines removed)."""
 
 
-class CheckoutStage(Model):
+class CheckoutSettings(Model):
     """Fetching the repository (`repository:` says which one and what to fetch)."""
 
     enabled: bool = True
@@ -50,15 +50,15 @@ class Stages(Model):
     """The stages, run in this order: checkout, build, scan, push, deploy. A section that is
     present runs unless it says `enabled: false`."""
 
-    checkout: CheckoutStage = Field(default_factory=CheckoutStage)
+    checkout: CheckoutSettings = Field(default_factory=CheckoutSettings)
     """Absent: runs."""
-    build: BuildStage = Field(default_factory=BuildStage)
+    build: BuildSettings = Field(default_factory=BuildSettings)
     """Absent: runs, with the defaults (`Dockerfile` at the repository's root)."""
-    scan: ScanStage = Field(default_factory=lambda: ScanStage(enabled=False))
+    scan: ScanSettings = Field(default_factory=lambda: ScanSettings(enabled=False))
     """Absent: does not run. `scan: {}` runs it with the defaults."""
-    push: PushStage = Field(default_factory=PushStage)
+    push: PushSettings = Field(default_factory=PushSettings)
     """Absent: runs (without registry credentials)."""
-    deploy: DeployStage = Field(default_factory=lambda: DeployStage(enabled=False))
+    deploy: DeploySettings = Field(default_factory=lambda: DeploySettings(enabled=False))
     """Absent: does not run. Present, it needs `servers`."""
 
 
@@ -96,7 +96,7 @@ class Pipeline(Model):
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         return check_env(value)
 
-    def deploy_settings(self) -> DeployStage:
+    def deploy_settings(self) -> DeploySettings:
         """`stages.deploy` as the deploy runs it: the top-level `env:` under
         `container.env`, where the container's own `env` and `secret_env` win per name."""
         stage = self.stages.deploy
@@ -109,6 +109,6 @@ class Pipeline(Model):
 
 
 __all__ = [
-    "STAGE_ORDER", "BuildSecret", "BuildStage", "CheckoutStage", "DeployStage", "Image",
-    "Pipeline", "PushStage", "RegistryAuth", "Repository", "ScanStage", "SecretSource", "Stages",
+    "STAGE_ORDER", "BuildSecret", "BuildSettings", "CheckoutSettings", "DeploySettings", "Image",
+    "Pipeline", "PushSettings", "RegistryAuth", "Repository", "ScanSettings", "SecretSource", "Stages",
 ]

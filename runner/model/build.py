@@ -19,7 +19,7 @@ class BuildSecret(Model):
     """The name of the `secrets:` entry that holds the value."""
 
 
-class BuildStage(Model):
+class BuildSettings(Model):
     """Building the image with BuildKit, from the checked-out work tree. The image is tagged
     as `image.tags` say and labelled with its source (OCI labels)."""
 

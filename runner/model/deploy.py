@@ -391,7 +391,7 @@ class Proxy(Model):
         return self
 
 
-class DeployStage(Model):
+class DeploySettings(Model):
     """Running the pushed image, by digest, on every server over SSH with the servers' docker,
     gated on health; a server that fails goes back to its previous release."""
 
@@ -442,7 +442,7 @@ class DeployStage(Model):
         return {"type": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _check(self) -> DeployStage:
+    def _check(self) -> DeploySettings:
         if self.enabled and not self.servers:
             raise ValueError("servers: at least one server is needed (a deploy section runs "
                              "unless it says enabled: false)")

@@ -23,7 +23,7 @@ class RegistryAuth(Model):
         return self
 
 
-class PushStage(Model):
+class PushSettings(Model):
     """Pushing every tag of the built image to its registry. The digest the registry
     acknowledges is what the deploy runs."""
 

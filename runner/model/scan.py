@@ -54,7 +54,7 @@ class ScanDb(Model):
     """Use the database as it is on disk (`--skip-db-update`); false: download it first."""
 
 
-class ScanStage(Model):
+class ScanSettings(Model):
     """Scanning with Trivy (and optionally hadolint), and the gate: the stage fails when a
     finding at or above `fail_on` remains after `ignore`, the ignore file and `ignore_unfixed`
     are applied. Runs before the push, so a failing image is never published."""
@@ -118,7 +118,7 @@ class ScanStage(Model):
         return value
 
     @model_validator(mode="after")
-    def _something_to_check(self) -> ScanStage:
+    def _something_to_check(self) -> ScanSettings:
         if self.enabled and not self.scanners and not self.hadolint:
             raise ValueError("scan is enabled but no scanner is selected (scanners: [] and "
                              "hadolint: false): nothing would be checked")

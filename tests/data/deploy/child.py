@@ -11,13 +11,13 @@ import sys
 
 from deployers.base import DeployFailed
 from deployers.ssh_docker import SSHDockerDeployer
-from runner.model.deploy import DeployStage
+from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
 
 
 def main() -> int:
     cfg = json.loads(sys.argv[1])
-    d = SSHDockerDeployer(DeployStage.model_validate(cfg["stage"]), pipeline=cfg["app"],
+    d = SSHDockerDeployer(DeploySettings.model_validate(cfg["stage"]), pipeline=cfg["app"],
                           image_name=cfg["repo"], run_id=cfg["run_id"],
                           image=ImageRef.parse(cfg["ref"]), commit=cfg.get("commit", ""),
                           log=lambda line: print(line, file=sys.stderr, flush=True))
