@@ -216,7 +216,8 @@ def prepare(path: str | os.PathLike, options: RunOptions,
     """Load and check everything; raises InvalidInput before any side effect."""
     from runner.gitsafety import check_ref, check_repo_url
     from runner.loader import is_local_path, load_pipeline
-    from runner.secrets import Masker, SecretStore
+    from runner.pipeline_file import read_secrets
+    from runner.secrets import Masker
 
     environ = dict(os.environ if environ is None else environ)
     early_warnings: list[str] = []
@@ -245,10 +246,7 @@ def prepare(path: str | os.PathLike, options: RunOptions,
     stages = select_stages(pipeline, options.only, options.skip)
     run_id = check_run_id(options.run_id) if options.run_id is not None else new_run_id()
     masker = Masker(on_warning=early_warnings.append)
-    if options.withhold_secrets:
-        store = SecretStore.withheld(pipeline, masker)  # no value is read at all
-    else:
-        store = SecretStore.from_pipeline(pipeline, environ, masker)
+    store = read_secrets(pipeline, environ, masker, withhold=options.withhold_secrets)
     return Prepared(pipeline=pipeline, stages=stages, trigger=trigger, masker=masker,
                     secrets=store, warnings=early_warnings, run_id=run_id,
                     data_dir=Path(options.data_dir or default_data_dir()),

@@ -147,7 +147,7 @@ def test_retry_wakes_the_workers(tmp_path):
 
 def test_cli_trigger_and_retry(tmp_path):
     from runner.cli import cli as runner_cli
-    from runner.daemon.cli import retry, runs, trigger
+    from runner.cli.daemon import retry, runs, trigger
 
     with daemon_in_process(_cfg(tmp_path)) as d:
         cli = CliRunner()

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from deployers import lock as locks
-from deployers.app_cli import make_app
-from deployers.cli import make_commands
+from runner.cli.app import make_app
+from runner.cli.deploy import make_commands
 from deployers.ssh_docker import SSHDockerDeployer
 from runner.model import Pipeline
 from runner.model.deploy import DeploySettings

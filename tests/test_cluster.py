@@ -106,7 +106,7 @@ def test_500_deliveries_over_three_daemons_become_one_run_each_executed_once(clu
     # `runner runs --daemons` on any of them lists the three; exactly one leads.
     from click.testing import CliRunner
 
-    from runner.daemon.cli import runs as runs_cli
+    from runner.cli.daemon import runs as runs_cli
     out = CliRunner().invoke(runs_cli, ["--server", daemons[1][1], "--daemons", "--token", TOKEN])
     assert out.exit_code == 0, out.output
     assert {line.split("@")[0] for line in out.output.splitlines()[1:]} == {"a", "b", "c"}, out.output

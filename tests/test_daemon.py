@@ -315,7 +315,7 @@ def test_an_open_read_api_is_a_loud_warning(tmp_path):
 
 
 def test_cli_runs_logs_cancel(tmp_path):
-    from runner.daemon.cli import cancel, logs, runs
+    from runner.cli.daemon import cancel, logs, runs
 
     pf = fake_pipeline(tmp_path, sleep=0.1)
     cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO}])

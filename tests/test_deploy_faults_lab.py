@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from deployers.base import DeployFailed
-from deployers.cli import make_commands
+from runner.cli.deploy import make_commands
 from deployers.ssh_docker import SSHDockerDeployer
 from runner.lab.host import children
 from runner.model import Pipeline

@@ -82,7 +82,7 @@ def test_deploy_upgrade_failed_upgrade_then_rollback(lab, images, app, tmp_path)
     assert [_get(h, port) for h in hosts] == ["v2", "v2"]
 
     # `runner rollback PIPELINE.yaml` goes back to v1 (the version before v2).
-    from deployers.cli import make_commands
+    from runner.cli.deploy import make_commands
     rollback, status, _, _ = make_commands(lambda path, variables: pipeline)
     res = CliRunner().invoke(rollback, [str(tmp_path / "unused.yaml")])
     assert res.exit_code == 0, res.output

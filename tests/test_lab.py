@@ -243,7 +243,7 @@ def test_apt_mirror_is_read_from_apt_sources(sources, mirror):
 def test_not_root_is_a_clear_error_with_exit_2(monkeypatch):
     from click.testing import CliRunner
 
-    from runner.lab.cli import lab as lab_group
+    from runner.cli.lab import lab as lab_group
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     for args in (["up", "--servers", "1"], ["down"], ["status", "--json"]):

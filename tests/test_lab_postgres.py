@@ -62,7 +62,7 @@ def test_postgres_layout_names_and_settings():
 
 
 def test_database_url_in_describe_and_env_but_not_in_the_human_line(capsys):
-    from runner.lab.cli import _print_human
+    from runner.cli.lab import _print_human
 
     state = Path("/tmp/lab dir")
     assert layout.describe(state, [])["database_url"] is None  # before `up` made a password

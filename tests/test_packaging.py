@@ -72,7 +72,7 @@ def test_wheel_is_runner_cd_and_gives_the_runner_command(wheel):
     # the lab's state never go into the wheel.
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert tops == {"runner", "pipelines", "deployers"}, tops
-    assert "runner/cli.py" in names and "runner/daemon/service.py" in names
+    assert "runner/cli/main.py" in names and "runner/daemon/service.py" in names
     # `pipx install 'runner-cd[scan]'` must bring the scanners the scan stage looks for.
     extras = meta.get_all("Provides-Extra") or []
     assert "scan" in extras, extras

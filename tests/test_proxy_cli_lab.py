@@ -19,9 +19,9 @@ import pytest
 from click.testing import CliRunner
 
 from deployers import lock as locks
-from deployers.cli import make_commands
+from runner.cli.deploy import make_commands
 from deployers.proxy import PROXY_CONTAINER
-from deployers.proxy_cli import ASIDE, make_proxy
+from runner.cli.proxy import ASIDE, make_proxy
 from deployers.ssh_docker import SSHDockerDeployer
 from deployers.ssh_proxy import PROXY_LOCK
 from runner.model import Pipeline

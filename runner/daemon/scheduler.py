@@ -46,6 +46,7 @@ from runner.gitaccess import remote, repository_access
 from runner.gitsafety import check_ref, check_repo_url
 from runner.loader import load_pipeline
 from runner.model import Repository
+from runner.pipeline_file import read_secrets
 from runner.secrets import Masker, SecretStore
 
 log = logging.getLogger("runner.daemon.scheduler")
@@ -110,10 +111,8 @@ def pipeline_credentials(p: PipelineEntry, config: DaemonConfig, masker: Masker,
     names = [n for n in (repo.token_secret, repo.ssh_key_secret) if n]
     if not names:
         return None
-    wanted = pipeline.model_copy(update={"secrets": {n: pipeline.secrets[n] for n in names
-                                                     if n in pipeline.secrets}})
     try:
-        store = SecretStore.from_pipeline(wanted, environ, masker)
+        store = read_secrets(pipeline, environ, masker, only=names)
     except InvalidInput as exc:
         why = "; ".join(pr.message for pr in exc.problems) or str(exc)
         raise CredentialsUnavailable(f"pipeline {p.name!r}: the repository's credentials cannot "

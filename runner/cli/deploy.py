@@ -1,8 +1,8 @@
-"""`runner rollback`, `runner status`, `runner releases` and `runner deploy-lock`: the deploy's
-own commands, registered in runner/cli.py.
+"""`runner rollback`, `runner status`, `runner releases`, `runner deploy-lock` and
+`runner ssh-trust`: the deploy's own commands.
 
-Each loads the pipeline with runner.loader.load_pipeline (or a `load(path, vars)` passed to
-`make_commands`), reads its secrets like `runner exec` does, and drives the deployer.
+Each opens the pipeline file with its secrets (runner.cli.common.open_or_exit, with the
+`load(path, vars)` passed to `make_commands`, default the file itself) and drives the deployer.
 Exit codes: 0 done, 1 the deploy/rollback failed (the message says where and why), 2 bad input.
 """
 from __future__ import annotations
@@ -14,45 +14,22 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import click
 
-from runner.errors import EXIT_FAILED, EXIT_INVALID, RunnerError
+from runner.cli.common import open_or_exit
+from runner.errors import EXIT_FAILED, EXIT_INVALID
+from runner.pipeline_file import Load, load_file
 
 from deployers.base import DeployFailed, ServerStatus
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 from deployers.transport import TransportError
 
-Loader = Callable[[str, dict[str, str]], Any]
-
-
-def _default_load(path: str, variables: dict[str, str]):
-    from runner.loader import load_pipeline
-    return load_pipeline(path, variables=variables, environ=dict(os.environ))
-
-
-def _vars(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise click.BadParameter(f"expected K=V, got {p!r}", param_hint="--var")
-        k, v = p.split("=", 1)
-        out[k] = v
-    return out
-
-
-def _open(path: str, var: tuple[str, ...], load: Loader, run_id: str,
+def _open(path: str, var: tuple[str, ...], load: Load, run_id: str,
           echo: Callable[[str], None]):
     """(pipeline, deployer, masker) or exit 2 with the problems."""
-    from runner.secrets import Masker, SecretStore
-    try:
-        pipeline = load(path, _vars(var))
-        masker = Masker()
-        store = SecretStore.from_pipeline(pipeline, dict(os.environ), masker)
-    except RunnerError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(exc.exit_code)
+    opened = open_or_exit(path, var, load)
+    pipeline, masker, store = opened.pipeline, opened.masker, opened.secrets
     if not pipeline.stages.deploy.servers:
         click.echo(f"{path}: stages.deploy.servers is empty: nothing to do", err=True)
         sys.exit(EXIT_INVALID)
@@ -102,7 +79,7 @@ def _with_routes(deployer: SSHDockerDeployer, rows: list[ServerStatus]
     return out, wrong
 
 
-def make_commands(load: Loader = _default_load) -> tuple[click.Command, click.Command,
+def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
                                                         click.Group]:
     @click.command("rollback")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))

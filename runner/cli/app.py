@@ -31,7 +31,8 @@ from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 
 from deployers import commands as cmd
 from deployers import lock as locks
-from deployers.cli import Loader, _default_load, _open
+from runner.cli.deploy import _open
+from runner.pipeline_file import Load, load_file
 from deployers.remote_files import remove_tree, sweep
 from deployers.spec import Target
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
@@ -65,7 +66,7 @@ class _Out:
             click.echo(text, err=err)
 
 
-def _session(path: str, var: tuple[str, ...], load: Loader, run_id: str
+def _session(path: str, var: tuple[str, ...], load: Load, run_id: str
              ) -> tuple[object, SSHDockerDeployer, object]:
     """(pipeline, deployer, masker); exit 2 when the settings cannot work (no key, ...)."""
     pipeline, d, masker = _open(path, var, load, run_id, lambda s: click.echo(s, err=True))
@@ -201,7 +202,7 @@ def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> N
 
 # -------------------------------------------------------------------------------- commands
 
-def make_app(load: Loader = _default_load) -> click.Group:
+def make_app(load: Load = load_file) -> click.Group:
     @click.group("app")
     def app() -> None:
         """The deployed app on its servers: its logs, a command inside it, removing it.

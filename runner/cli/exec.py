@@ -1,7 +1,7 @@
-"""The `runner` command line. Thin: parses options, calls the engine, maps errors to exit codes."""
+"""`runner validate`, `runner schema` and `runner exec`: a pipeline file checked, described,
+and run once here. Thin: parses options, calls the engine, maps errors to exit codes."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -12,74 +12,17 @@ from pathlib import Path
 import click
 import yaml
 
+from runner.cli.common import parse_vars, say, var_option
 from runner.errors import EXIT_INTERRUPTED, EXIT_INVALID, InvalidInput
-
-
-# Subcommands that live beside the code they drive, imported only when used: `runner exec`
-# must not pay for paramiko, uvicorn and friends at every start (the daemon starts one per run).
-LAZY_COMMANDS = {
-    "lab": "runner.lab.cli:lab",
-    "rollback": "deployers.cli:rollback",
-    "status": "deployers.cli:status",
-    "deploy-lock": "deployers.cli:deploy_lock",
-    "releases": "deployers.cli:releases",
-    "app": "deployers.app_cli:app",
-    "proxy": "deployers.proxy_cli:proxy",
-    "ssh-trust": "deployers.cli:ssh_trust",
-    "daemon": "runner.daemon.cli:daemon",
-    "runs": "runner.daemon.cli:runs",
-    "logs": "runner.daemon.cli:logs",
-    "cancel": "runner.daemon.cli:cancel",
-    "trigger": "runner.daemon.cli:trigger",
-    "retry": "runner.daemon.cli:retry",
-}
-
-
-class _LazyGroup(click.Group):
-    def list_commands(self, ctx):
-        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
-
-    def get_command(self, ctx, name):
-        if name in LAZY_COMMANDS:
-            module, attr = LAZY_COMMANDS[name].split(":")
-            return getattr(importlib.import_module(module), attr)
-        return super().get_command(ctx, name)
-
-
-@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="runner-cd")
-def cli() -> None:
-    """git push -> image -> deploy, on your own servers."""
-
-
-def parse_vars(values: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidInput(f"--var {item!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
 
 
 def fail_invalid(exc: InvalidInput, as_json: bool) -> None:
     if as_json:
-        _say(json.dumps({"event": "run.end", "status": "invalid", "exit_code": EXIT_INVALID,
+        say(json.dumps({"event": "run.end", "status": "invalid", "exit_code": EXIT_INVALID,
                          "error": str(exc).splitlines()[0],
                          "problems": [p.__dict__ for p in exc.problems]}), err=False)
-    _say(f"error: {exc}")
+    say(f"error: {exc}")
     sys.exit(EXIT_INVALID)
-
-
-def _say(text: str, err: bool = True) -> None:
-    """click.echo for `exec`, whose reader may be gone (a daemon that died, `| head -1`): the
-    exit code tells the run's outcome, never a closed pipe."""
-    from runner.render import silence
-
-    try:
-        click.echo(text, err=err)
-    except (OSError, ValueError):
-        silence(sys.stderr if err else sys.stdout)
 
 
 class RunId(click.ParamType):
@@ -96,11 +39,7 @@ class RunId(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-var_option = click.option("--var", "variables", multiple=True, metavar="K=V",
-                          help="Set a variable for ${K} interpolation (beats the environment).")
-
-
-@cli.command()
+@click.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @var_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -124,7 +63,7 @@ def validate(file: str, variables: tuple[str, ...], as_json: bool) -> None:
         click.echo(f"{file}: ok (pipeline {pipeline.name!r}, stages: {', '.join(enabled)})")
 
 
-@cli.command()
+@click.command()
 @click.option("--reference", is_flag=True,
               help="Print the generated reference (Markdown) instead of the JSON Schema.")
 @click.option("--docs", "docs_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True),
@@ -151,7 +90,7 @@ def schema(reference: bool, docs_dir: str | None, check_dir: str | None) -> None
         click.echo(ref.schema_text(), nl=False)
 
 
-@cli.command("exec")
+@click.command("exec")
 @click.argument("file", type=click.Path(dir_okay=False))
 @var_option
 @click.option("--only", multiple=True, metavar="STAGE[,STAGE]", help="Run only these stages.")
@@ -217,7 +156,7 @@ def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, 
     try:
         result = engine.execute(prep, sinks, cancel)
     except KeyboardInterrupt:
-        _say("interrupted")
+        say("interrupted")
         _exit(EXIT_INTERRUPTED, interrupted=True)
     finally:
         # The run is over and recorded: a signal now must not make the exit code a signal's
@@ -225,7 +164,7 @@ def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
     if result.status == "cancelled" and not as_json:
-        _say(f"interrupted: the running stage was stopped; logs in {result.workdir}/logs")
+        say(f"interrupted: the running stage was stopped; logs in {result.workdir}/logs")
     _exit(result.exit_code, interrupted=cancel.is_set())
 
 
@@ -242,10 +181,3 @@ def _exit(code: int, interrupted: bool) -> None:
         except (OSError, ValueError):
             pass
     os._exit(code)
-
-
-def main() -> None:
-    try:
-        cli(standalone_mode=True)
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)

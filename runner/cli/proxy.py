@@ -37,10 +37,10 @@ from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 
 from deployers import commands as cmd
 from deployers import lock as locks
-from deployers.app_cli import SERVER_HELP, _choose, _each, _Out
-from deployers.app_cli import _session as app_session
+from runner.cli.app import SERVER_HELP, _choose, _each, _Out
+from runner.cli.app import _session as app_session
 from deployers.base import StepFailed
-from deployers.cli import Loader, _default_load
+from runner.pipeline_file import Load, load_file
 from deployers.proxy import PROXY_CONTAINER, published
 from deployers.spec import Target
 from deployers.ssh_docker import SSHDockerDeployer
@@ -61,7 +61,7 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _session(path: str, var: tuple[str, ...], load: Loader, what: str
+def _session(path: str, var: tuple[str, ...], load: Load, what: str
              ) -> tuple[SSHDockerDeployer, object]:
     """(deployer, masker); exit 2 for a pipeline without `proxy:` or settings that cannot
     work."""
@@ -360,7 +360,7 @@ def _end(what: str, failed: list[str], interrupted: bool) -> None:
         sys.exit(EXIT_FAILED)
 
 
-def make_proxy(load: Loader = _default_load) -> click.Group:
+def make_proxy(load: Load = load_file) -> click.Group:
     @click.group("proxy")
     def proxy() -> None:
         """The proxy of the zero-downtime cutover on each server (pipelines with

@@ -204,7 +204,7 @@ def _queued(run: dict, as_json: bool, data: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 def trigger(pipeline, server, token, ref, commit, variables, as_json) -> None:
     """Queue a run of PIPELINE by hand; prints the new run's id."""
-    from runner.cli import parse_vars
+    from runner.cli.common import parse_vars
 
     try:
         vars_ = parse_vars(variables)

@@ -1,0 +1,56 @@
+"""The `runner` group: which module holds each subcommand, and the process's entry point."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from runner.errors import EXIT_INTERRUPTED
+
+
+# Subcommands imported only when used: `runner exec` must not pay for paramiko, uvicorn and
+# friends at every start (the daemon starts one per run).
+LAZY_COMMANDS = {
+    "validate": "runner.cli.exec:validate",
+    "schema": "runner.cli.exec:schema",
+    "exec": "runner.cli.exec:exec_",
+    "lab": "runner.cli.lab:lab",
+    "rollback": "runner.cli.deploy:rollback",
+    "status": "runner.cli.deploy:status",
+    "deploy-lock": "runner.cli.deploy:deploy_lock",
+    "releases": "runner.cli.deploy:releases",
+    "app": "runner.cli.app:app",
+    "proxy": "runner.cli.proxy:proxy",
+    "ssh-trust": "runner.cli.deploy:ssh_trust",
+    "daemon": "runner.cli.daemon:daemon",
+    "runs": "runner.cli.daemon:runs",
+    "logs": "runner.cli.daemon:logs",
+    "cancel": "runner.cli.daemon:cancel",
+    "trigger": "runner.cli.daemon:trigger",
+    "retry": "runner.cli.daemon:retry",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="runner-cd")
+def cli() -> None:
+    """git push -> image -> deploy, on your own servers."""
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
