@@ -1,7 +1,7 @@
 """`runner daemon` as a child process on 127.0.0.1: started on a free port, waited for until it
 answers /healthz, stopped by its pid (SIGTERM, then SIGKILL if it outlives the timeout).
 
-For whatever drives a real daemon process from Python: the daemon tests (tests/test_daemon.py)
+For whatever drives a real daemon process from Python: the daemon tests (tests/lab/test_daemon.py)
 and the webhook benchmark (bench/webhooks.py) both start theirs with this.
 
     with daemon_subprocess(tmp, cfg, "first") as (proc, url):

@@ -19,7 +19,7 @@ The users are a bcrypt htpasswd file, read at every request (a new password appl
 see `granted_access` for what each may do.
 
 What distribution 2.8 (registry/auth/token/token.go) requires of a token, all checked here by the
-real registry in tests/test_registry_token_lab.py:
+real registry in tests/lab/test_registry_token.py:
 - a JWS compact serialisation, `alg` one libtrust verifies (ES256 here: the signature is r||s,
   32 bytes each, not DER), and a signing key it trusts: an `x5c` chain verified against the
   `rootcertbundle`, a `jwk`, or a `kid` that is the libtrust fingerprint of the public key of a

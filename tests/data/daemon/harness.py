@@ -1,4 +1,4 @@
-"""Helpers shared by tests/test_daemon*.py and tests/test_webhooks*.py: a daemon on 127.0.0.1 with
+"""Helpers shared by tests/*/test_daemon*.py and tests/unit/test_webhooks.py: a daemon on 127.0.0.1 with
 an ephemeral port (in-process here; as a subprocess with runner.daemon.spawn.daemon_subprocess),
 signing, real git repositories."""
 from __future__ import annotations

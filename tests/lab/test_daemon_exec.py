@@ -1,0 +1,148 @@
+"""The daemon driving the real `runner exec`: a signed push webhook to a local repository starts a
+run whose checkout takes the pushed commit (no lab needed), and on the lab, one that builds and
+pushes an image the registry serves."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "daemon"))
+from harness import (TOKEN, bare_repo, commit, config, daemon_in_process, push_payload,  # noqa: E402
+                     send_github, wait_for)
+
+FINAL = ("success", "failed", "invalid", "cancelled", "interrupted")
+
+
+def _final(d, run_id, timeout=60):
+    return wait_for(lambda: (r := d.store.get_run(run_id)) and r["status"] in FINAL and r, timeout,
+                    f"run {run_id} to end", every=0.1)
+
+
+def _checkout_only(tmp_path: Path, repo: Path) -> Path:
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(yaml.safe_dump({"version": 1, "name": "checkout-only", "repository": {"url": str(repo)},
+                                 "image": {"name": "localhost/test/app"},
+                                 "stages": {"build": {"enabled": False}, "push": {"enabled": False}}}))
+    return p
+
+
+def _real(cfg: dict) -> dict:
+    cfg.pop("exec_command")  # the default: this python -m runner exec
+    return cfg
+
+
+def test_webhook_runs_the_real_runner_exec_on_the_pushed_commit(tmp_path):
+    bare, work = bare_repo(tmp_path)
+    pipeline = _checkout_only(tmp_path, bare)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 1\nname: broken\nrepository: {url: " + str(bare) + "}\n")  # no image
+    cfg = _real(config(tmp_path, [
+        {"name": "app", "file": str(pipeline), "repo": str(bare)},
+        {"name": "broken", "file": str(broken), "repo": str(bare), "concurrency_group": None},
+    ]))
+    with daemon_in_process(cfg) as d:
+        wait_for(lambda: d.pool._spare[0] is not None, 10, "a warm spare")
+        time.sleep(1.5)  # let it finish importing, as it would have long before a real push
+        first = commit(work, "second")
+        second = commit(work, "third")  # the branch moved on: the webhook's commit is the one built
+        r = send_github(d.url, push_payload(str(bare), after=first), "real-1")
+        assert r.status_code == 202, r.text
+        by_pipeline = {d.store.get_run(i)["pipeline"]: i for i in r.json()["runs"]}
+        run = _final(d, by_pipeline["app"])
+        assert run["status"] == "success", (run, d.store.logs(run["id"]))
+        stages = {s["name"]: s for s in d.store.stages(run["id"])}
+        assert stages["checkout"]["status"] == "success"
+        assert stages["checkout"]["outputs"]["commit"] == first != second
+        assert any("checked out" in x["line"] for x in d.store.logs(run["id"], stage="checkout"))
+        # A pipeline file that is invalid fails its run with the validation error; the daemon
+        # keeps serving.
+        bad = _final(d, by_pipeline["broken"])
+        assert bad["status"] == "invalid" and "image" in bad["reason"], bad
+        # A manual run names only the branch when given no commit; the checkout resolves it.
+        t = httpx.post(f"{d.url}/api/pipelines/app/trigger", json={"branch": "main"},
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+        manual = _final(d, t.json()["run"]["id"])
+        assert manual["status"] == "success"
+        out = {s["name"]: s for s in d.store.stages(manual["id"])}["checkout"]["outputs"]
+        assert out["commit"] == second and out["branch"] == "main"
+        assert d.pool.spares_used >= 1  # at least one run started in a warm `runner` process
+
+
+def test_launcher_runs_the_command_it_is_given(tmp_path):
+    import subprocess
+    argv = [sys.executable, "-m", "runner.daemon.launcher"]
+    p = subprocess.run(argv, input='["--version"]\n', capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "version" in p.stdout.lower(), p
+    p = subprocess.run(argv, input="", capture_output=True, text=True, timeout=60)  # not needed: quiet
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == ""
+
+
+def test_poll_run_with_the_real_runner_exec(tmp_path):
+    bare, work = bare_repo(tmp_path)
+    pipeline = _checkout_only(tmp_path, bare)
+    cfg = _real(config(tmp_path, [{"name": "app", "file": str(pipeline), "repo": str(bare),
+                                   "triggers": {"poll": {"interval": 0.5, "initial": "run"}}}]))
+    with daemon_in_process(cfg) as d:
+        runs = wait_for(lambda: d.store.list_runs(trigger="poll"), 15, "the first poll to queue a run")
+        run = _final(d, runs[0]["id"])
+        assert run["status"] == "success", (run, d.store.logs(run["id"]))
+        out = {s["name"]: s for s in d.store.stages(run["id"])}["checkout"]["outputs"]
+        assert out["commit"] == run["commit"] and out["branch"] == "main"
+
+
+def test_push_webhook_builds_and_pushes_on_the_lab(lab, tmp_path):
+    from tests.helpers import make_repo
+
+    repo = make_repo(tmp_path / "repo", {"Dockerfile": "FROM local/busybox:1\nCOPY hello.txt /hello.txt\n",
+                                         "hello.txt": "hi\n"})
+    from harness import git
+    sha = git("rev-parse", "HEAD", cwd=repo)
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(f"name: daemon-lab\nrepository: {{url: {repo}}}\nimage: {{name: \"{lab['registry']}/test/daemon\"}}\n")
+    cfg = _real(config(tmp_path, [{"name": "app", "file": str(p), "repo": str(repo)}]))
+    with daemon_in_process(cfg) as d:
+        r = send_github(d.url, push_payload(str(repo), after=sha), "lab-1")
+        assert r.status_code == 202, r.text
+        run = _final(d, r.json()["runs"][0], timeout=300)
+        assert run["status"] == "success", (run, d.store.logs(run["id"])[-30:])
+        stages = {s["name"]: s for s in d.store.stages(run["id"])}
+        assert stages["checkout"]["outputs"]["commit"] == sha
+        digest = stages["push"]["outputs"]["digest"]
+        assert digest.startswith("sha256:")
+        short = stages["checkout"]["outputs"]["short_sha"]
+        m = httpx.get(f"http://{lab['registry']}/v2/test/daemon/manifests/{short}", timeout=10, headers={
+            "Accept": "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, "
+                      "application/vnd.docker.distribution.manifest.v2+json, "
+                      "application/vnd.docker.distribution.manifest.list.v2+json"})
+        assert m.status_code == 200 and m.headers["Docker-Content-Digest"] == digest
+
+
+def test_newer_push_cancels_a_running_build_on_the_lab(lab, tmp_path):
+    from harness import git
+    from tests.helpers import commit_files, make_repo
+
+    repo = make_repo(tmp_path / "repo", {"Dockerfile": "FROM local/busybox:1\nRUN sleep 27.183\n"})
+    slow = git("rev-parse", "HEAD", cwd=repo)
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(f"name: daemon-cancel\nrepository: {{url: {repo}}}\n"
+                 f"image: {{name: \"{lab['registry']}/test/daemon-cancel\"}}\n")
+    cfg = _real(config(tmp_path, [{"name": "app", "file": str(p), "repo": str(repo)}]))
+    with daemon_in_process(cfg) as d:
+        first = send_github(d.url, push_payload(str(repo), after=slow), "lab-c1").json()["runs"][0]
+        wait_for(lambda: any(s["name"] == "build" and s["status"] == "running" for s in d.store.stages(first)),
+                 120, "the slow build to start", every=0.2)
+        fast = commit_files(repo, {"Dockerfile": "FROM local/busybox:1\nRUN echo fast\n"}, "fast")
+        t0 = time.monotonic()
+        second = send_github(d.url, push_payload(str(repo), after=fast, before=slow), "lab-c2").json()["runs"][0]
+        r1 = _final(d, first, timeout=60)
+        stopped_in = time.monotonic() - t0
+        r2 = _final(d, second, timeout=300)
+        assert r1["status"] == "cancelled" and r1["reason"] == f"superseded by run {second}", r1
+        assert stopped_in < 20, f"the superseded build took {stopped_in:.1f}s to stop"
+        assert {s["name"]: s["status"] for s in d.store.stages(first)}["build"] == "cancelled"
+        assert r2["status"] == "success", (r2, d.store.logs(second)[-20:])
+        assert {s["name"]: s for s in d.store.stages(second)}["checkout"]["outputs"]["commit"] == fast
