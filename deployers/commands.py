@@ -217,12 +217,6 @@ def remove_image(ref: Word) -> list[Word]:
     return [DOCKER, "image", "rm", ref]
 
 
-def image_digests(name: str) -> list[str]:
-    """Digests of `name` present on the server, one per line."""
-    return [DOCKER, "image", "ls", "--digests", "--no-trunc", "--format",
-            "{{.Digest}}", name]
-
-
 # ------------------------------------------------------------------------- the proxy
 
 def network_inspect() -> list[str]:

@@ -207,20 +207,6 @@ def inspect(conn: Connection, root: str, app: str) -> LockInfo | None:
     return LockInfo(app=app, holder=holder, age=max(0.0, now - mtime), ttl=ttl)
 
 
-def list_locks(conn: Connection, root: str) -> list[LockInfo]:
-    def names(sftp):
-        try:
-            return [n for n in sftp.listdir(root) if not n.startswith(".") and ".broken-" not in n]
-        except FileNotFoundError:
-            return []
-    out = []
-    for app in sorted(conn.sftp_do(names)):
-        info = inspect(conn, root, app)
-        if info is not None:
-            out.append(info)
-    return out
-
-
 def _remove_tree(sftp, path: str) -> None:
     try:
         for name in sftp.listdir(path):

@@ -46,11 +46,6 @@ class BrokenVariable(InterpolationError):
         super().__init__(f"variable '{name}' is itself invalid")
 
 
-def has_references(text: str) -> bool:
-    """Whether interpolating `text` could change it."""
-    return "$" in text
-
-
 def interpolate(text: str, lookup: Lookup) -> str:
     """Replace every `${...}` and `$$` of `text`. `lookup(name)` returns None when undefined.
 

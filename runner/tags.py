@@ -125,11 +125,6 @@ def compute_tags(templates: Iterable[str], info: GitInfo, run_id: str | None = N
     return out
 
 
-def full_refs(image_name: str, tags: Iterable[str]) -> list[str]:
-    """["name:tag", ...]."""
-    return [f"{image_name}:{t}" for t in tags]
-
-
 def is_valid_tag(tag: str) -> bool:
     return bool(_TAG_RE.match(tag))
 

@@ -322,9 +322,6 @@ class SqlStore(Store):
     def leases_of(self, owner):
         return [dict(r) for r in self._read("SELECT run_id, pid, pid_start FROM leases WHERE owner=?", (owner,))]
 
-    def running_leases(self) -> list[dict]:
-        return [dict(r) for r in self._read("SELECT run_id, owner, expires_at, heartbeat_at FROM leases")]
-
     def finish(self, run_id, owner, status, exit_code, reason=""):
         assert status in FINAL, status
         with self._tx() as db:
@@ -437,9 +434,6 @@ class SqlStore(Store):
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(max(1, min(int(limit), 1000)))
         return [run_dict(r) for r in self._read(sql, args)]
-
-    def count_runs(self) -> dict[str, int]:
-        return {r["status"]: int(r["n"]) for r in self._read("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")}
 
     def daemon_seen(self, owner, pipelines, concurrency):
         with self._tx() as db:

@@ -60,10 +60,6 @@ def alternatives(ann: Any) -> list[Any]:
     return [ann]
 
 
-def optional(ann: Any) -> bool:
-    return typing.get_origin(ann) in (Union, types.UnionType) and type(None) in typing.get_args(ann)
-
-
 def model_class(ann: Any) -> type[BaseModel] | None:
     for alt in alternatives(ann):
         if isinstance(alt, type) and issubclass(alt, BaseModel):

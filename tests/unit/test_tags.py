@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from runner.tags import (
-    GitInfo, compute_tags, full_refs, is_valid_tag, oci_labels, render_template, sanitize_tag,
+    GitInfo, compute_tags, is_valid_tag, oci_labels, render_template, sanitize_tag,
     split_image_name, strip_credentials, validate_image_name, validate_template,
 )
 
@@ -116,10 +116,6 @@ def test_split_image_name():
     assert split_image_name("localhost/app") == ("localhost", "app")
     assert split_image_name("team/app") == (None, "team/app")
     assert split_image_name("app") == (None, "app")
-
-
-def test_full_refs():
-    assert full_refs("reg/app", ["a", "b"]) == ["reg/app:a", "reg/app:b"]
 
 
 @pytest.mark.parametrize("url,expected", [
