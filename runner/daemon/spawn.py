@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from runner.proc import stop
 
 # The directory holding this `runner` package: `python -m runner` run from there is this code.
 SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -80,13 +83,7 @@ def start_daemon(workdir: Path, cfg: dict, name: str = "daemon", *,
 def stop_daemon(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM to this process (its graceful shutdown), SIGKILL if it is still there after
     `timeout` seconds. Nothing else is signalled."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc, ((signal.SIGTERM, timeout), (signal.SIGKILL, None)))
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
 from runner.daemon.store import Claimed
-from runner.proc import stop_process_group
+from runner.proc import Recorded, start_time, stop
 
 log = logging.getLogger("runner.daemon.worker")
 
@@ -95,36 +95,19 @@ def spawn(argv: list[str], cwd: Path, stdin=subprocess.DEVNULL) -> subprocess.Po
 
 
 def proc_start(pid: int) -> str | None:
-    """A process's start time in clock ticks since boot (/proc/PID/stat field 22), or None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    """A process's start time in clock ticks since boot (/proc/PID/stat field 22), or None: the
+    form the store keeps beside the run's pid (a zombie still has one)."""
+    st = start_time(pid, zombie=True)
+    return None if st is None else str(st)
 
 
 def stop_orphan(pid: int | None, started: str | None, wait: float = 10.0) -> bool:
     """After a crash: if `pid` is still the process that ran the run (same start time, so not a
     reused pid), stop its process group: SIGINT, then SIGKILL after `wait`. True if it was there."""
-    if not pid or not started or proc_start(pid) != started:
+    if not pid or not started or not started.isdigit():
         return False
-    for sig, grace in ((signal.SIGINT, wait), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return True
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if _gone(pid):
-                return True
-            time.sleep(0.05)
-    return True
+    return stop(Recorded(pid, int(started)), ((signal.SIGINT, wait), (signal.SIGKILL, 5.0)),
+                group=True)
 
 
 class RunHandle:
@@ -162,7 +145,7 @@ class RunHandle:
         proc = self.proc
         if proc is None:
             return
-        stop_process_group(proc, CANCEL_ESCALATION)
+        stop(proc, CANCEL_ESCALATION, group=True)
 
     # -- running ------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """What the lab does to this machine: checks, packages, commands, long-lived processes, probes.
 
 Every process is started from an argv list, recorded as (pid, start time) and stopped by that pid
-only; the start time guards against a pid reused by an unrelated process.
+only; the start time guards against a pid reused by an unrelated process. Starting and stopping
+themselves are runner.proc's (start_detached, stop); here are the lab's records of them.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import base64
 import http.client
 import json
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -23,6 +23,8 @@ from urllib.parse import quote
 
 from runner.lab import layout
 from runner.lab.errors import LabError, Unsupported
+from runner.proc import Recorded, reap_child, start_detached, start_time
+from runner.proc import stop as stop_process
 
 Log = Callable[[str], None]
 
@@ -100,74 +102,32 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 # ---- processes -----------------------------------------------------------------------------
 
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, or None if it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
 def alive(rec: dict | None) -> bool:
+    """The recorded process (a state.json record: pid, start) still runs."""
     return bool(rec) and start_time(rec["pid"]) == rec["start"]
 
 
 def spawn(argv: Sequence[str], log_path: Path, user: str | None = None) -> dict:
     """Start a long-lived process in its own session (it outlives this command), output to
-    log_path. Returns its record for state.json.
+    log_path. Returns its record for state.json: pid, start, argv, log.
 
-    With `user`, the process runs as that user (its uid, gid and groups, set between fork and
-    exec), so the record is the program's own pid: `runuser` would stay in between as the parent
-    that a stop by pid reaches instead. The log file is opened here, as root."""
+    With `user`, the process runs as that user, so the record is the program's own pid (see
+    runner.proc.start_detached). The log file is opened here, as root."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    as_user = {}
-    if user is not None:
-        entry = pwd.getpwnam(user)
-        as_user = {"user": entry.pw_uid, "group": entry.pw_gid,
-                   "extra_groups": os.getgrouplist(user, entry.pw_gid),
-                   "cwd": "/",  # not root's own cwd, which that user may not be able to read
-                   "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                           "HOME": entry.pw_dir, "USER": user, "LOGNAME": user}}
     with open(log_path, "ab") as out:
         out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True, close_fds=True, **as_user)
-    # Popen.__del__ would otherwise warn; the process is meant to outlive us.
-    proc.returncode = 0
-    st = start_time(proc.pid)
-    return {"pid": proc.pid, "start": st if st is not None else -1, "argv": list(argv),
-            "log": str(log_path)}
+        rec = start_detached(argv, out, user=user)
+    return {"pid": rec.pid, "start": rec.start, "argv": list(argv), "log": str(log_path)}
 
 
 def stop(rec: dict | None, timeout: float = 20.0, first: int = signal.SIGTERM) -> None:
-    """`first` (SIGTERM), wait, then SIGKILL: only the recorded process, only if it is still
-    that one."""
-    if not alive(rec):
-        return
-    pid = rec["pid"]
-    for sig, wait in ((first, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not alive(rec):
-                return
-            _reap(pid)
-            time.sleep(0.1)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+    """`first` (SIGTERM), wait `timeout`, then SIGKILL and 5 s more: only the recorded process,
+    only if it is still that one. Reaped when it is a child of this process (spawn let its Popen
+    go)."""
+    if rec:
+        stop_process(Recorded(rec["pid"], rec["start"]),
+                     ((first, timeout), (signal.SIGKILL, 5.0)), reap=True)
 
 
 def _read_cmdline(pid: int | str) -> list[str] | None:
@@ -192,6 +152,13 @@ def _cmdlines() -> Iterator[tuple[int, list[str]]]:
 def cmdline(rec: dict | None) -> list[str] | None:
     """The argv the recorded process runs now (after any exec), or None if it is gone."""
     return _read_cmdline(rec["pid"]) if alive(rec) else None
+
+
+def outdated(rec: dict | None, wanted: list[str]) -> bool:
+    """A live process that runs another command line than `up` would start now (a lab
+    brought up by an older version, e.g. without a registry that is insecure now)."""
+    running = cmdline(rec)
+    return running is not None and not layout.runs_as_started(running, wanted)
 
 
 def _record_of(pid: int, argv: list[str]) -> dict | None:
@@ -271,6 +238,14 @@ def stop_all(recs: Sequence[dict], timeout: float = 10.0) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+def remove_stale_pidfiles(pidfile: Path, exec_root: Path) -> None:
+    """dockerd refuses to start while its pid file names an existing pid, and waits for "still
+    running" containerd named in exec-root; a killed one stays a zombie until init reaps it (slow
+    here). Called once no process of ours is left (checked by the caller): both files are stale."""
+    pidfile.unlink(missing_ok=True)
+    (exec_root / "containerd" / "containerd.pid").unlink(missing_ok=True)
 
 
 def unmount_under(prefixes: Sequence[Path]) -> None:
@@ -502,12 +477,23 @@ def wait_for(probe: Callable[[], bool], what: str, timeout: float, rec: dict | N
         if probe():
             return
         if rec is not None and not alive(rec):
-            _reap(rec["pid"])
+            reap_child(rec["pid"])
             raise LabError(f"{what} exited while starting; its log ({log_path}):\n"
                            f"{log_tail(log_path) if log_path else ''}")
         if time.monotonic() > deadline:
             raise LabError(f"{what} not ready after {timeout:.0f}s; its log ({log_path}):\n"
                            f"{log_tail(log_path) if log_path else ''}")
+        time.sleep(0.2)
+
+
+def answers(probe: Callable[[], bool], timeout: float) -> bool:
+    """Poll probe until it passes (True) or `timeout` seconds have gone by (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if probe():
+            return True
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.2)
 
 

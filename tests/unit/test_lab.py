@@ -123,10 +123,11 @@ def test_auth_registry_config_requires_htpasswd_login():
 def test_auth_registry_password_is_made_once_and_kept_private(tmp_path):
     import bcrypt
 
-    from runner.lab.lab import Lab
+    from runner.lab.registries import ensure_auth_credentials
+    from runner.lab.state import State
 
-    lab_ = Lab(state=tmp_path, log=lambda msg: None)
-    assert lab_._ensure_auth_credentials() is True
+    state = State(tmp_path, log=lambda msg: None)
+    assert ensure_auth_credentials(state) is True
     pw_file = tmp_path / "auth-registry.password"
     password = pw_file.read_text().strip()
     assert len(password) == 32
@@ -137,16 +138,16 @@ def test_auth_registry_password_is_made_once_and_kept_private(tmp_path):
     assert user == "lab" and hashed.startswith("$2")
     assert bcrypt.checkpw(password.encode(), hashed.encode())
     # reused, not made again; the htpasswd is left alone while it matches
-    assert lab_._ensure_auth_credentials() is False
+    assert ensure_auth_credentials(state) is False
     assert pw_file.read_text().strip() == password
     assert htpasswd.read_text().strip() == f"lab:{hashed}"
     # an htpasswd that does not match the password file is written again
     htpasswd.write_text("lab:$2b$06$" + "x" * 53 + "\n")
-    assert lab_._ensure_auth_credentials() is True
+    assert ensure_auth_credentials(state) is True
     assert bcrypt.checkpw(password.encode(),
                           htpasswd.read_text().strip().split(":", 1)[1].encode())
     pw_file.chmod(0o644)
-    assert lab_._ensure_auth_credentials() is False
+    assert ensure_auth_credentials(state) is False
     assert pw_file.stat().st_mode & 0o777 == 0o600
 
 

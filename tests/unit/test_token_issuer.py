@@ -194,35 +194,37 @@ def test_token_registry_config_and_issuer_config():
 
 
 def test_the_signing_key_is_made_once_and_made_again_only_when_it_no_longer_fits(tmp_path):
-    from runner.lab.lab import Lab
+    from runner.lab.registries import ensure_token_signing_key
+    from runner.lab.state import State
 
-    lab_ = Lab(state=tmp_path, log=lambda msg: None)
-    assert lab_._ensure_token_signing_key() is True
+    state = State(tmp_path, log=lambda msg: None)
+    assert ensure_token_signing_key(state) is True
     key, cert = tmp_path / "token-issuer" / "key.pem", tmp_path / "token-issuer" / "cert.pem"
     assert key.stat().st_mode & 0o777 == 0o600
     first = key.read_bytes(), cert.read_bytes()
     assert ti.key_matches_cert(*first)
-    assert lab_._ensure_token_signing_key() is False
+    assert ensure_token_signing_key(state) is False
     assert (key.read_bytes(), cert.read_bytes()) == first
     cert.write_bytes(ti.make_signing_key("someone else")[1])  # another key's certificate
-    assert lab_._ensure_token_signing_key() is True
+    assert ensure_token_signing_key(state) is True
     assert ti.key_matches_cert(key.read_bytes(), cert.read_bytes())
     assert key.read_bytes() != first[0]
 
 
 def test_the_token_registrys_users_share_one_password_file(tmp_path):
-    from runner.lab.lab import Lab
+    from runner.lab.registries import ensure_htpasswd
+    from runner.lab.state import State
 
-    lab_ = Lab(state=tmp_path, log=lambda msg: None)
+    state = State(tmp_path, log=lambda msg: None)
     users = (layout.TOKEN_REGISTRY_USER, layout.TOKEN_REGISTRY_PUSH_ONLY_USER)
     pw_file, htpasswd = tmp_path / "pw", tmp_path / "htpasswd"
-    assert lab_._ensure_htpasswd(pw_file, htpasswd, users, "test") is True
+    assert ensure_htpasswd(state, pw_file, htpasswd, users, "test") is True
     password = pw_file.read_text().strip()
     entries = ti.htpasswd_users(htpasswd.read_text())
     assert sorted(entries) == sorted(users)
     assert all(bcrypt.checkpw(password.encode(), h.encode()) for h in entries.values())
-    assert lab_._ensure_htpasswd(pw_file, htpasswd, users, "test") is False
+    assert ensure_htpasswd(state, pw_file, htpasswd, users, "test") is False
     # a file from before the push-only user existed is written again
     htpasswd.write_text(f"lab:{entries['lab']}\n")
-    assert lab_._ensure_htpasswd(pw_file, htpasswd, users, "test") is True
+    assert ensure_htpasswd(state, pw_file, htpasswd, users, "test") is True
     assert sorted(ti.htpasswd_users(htpasswd.read_text())) == sorted(users)
