@@ -132,6 +132,15 @@ def check_ref(ref: str) -> str:
     return ref
 
 
+def is_local_path(url: str) -> bool:
+    """True for a local path; False for a URL (scheme://...) or scp-like `[user@]host:path`,
+    which has a colon before any slash. A leading colon names no host, so `:x` is a path."""
+    if "://" in url:
+        return False
+    colon, slash = url.find(":"), url.find("/")
+    return not (colon > 0 and (slash < 0 or colon < slash))
+
+
 def is_sha(ref: str) -> bool:
     """True for a 7-40 hex string (which may still also be the name of a branch)."""
     return bool(_SHA.match(ref))

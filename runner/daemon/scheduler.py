@@ -43,7 +43,7 @@ from runner.daemon.config import DaemonConfig, PipelineEntry, cron_schedule
 from runner.daemon.webhooks import new_run, push_filter
 from runner.errors import InvalidInput
 from runner.gitaccess import remote, repository_access
-from runner.gitsafety import check_ref, check_repo_url
+from runner.gitsafety import check_ref, check_repo_url, is_local_path
 from runner.loader import load_pipeline
 from runner.model import Repository
 from runner.pipeline_file import read_secrets
@@ -278,7 +278,7 @@ class Schedules:
         p = core.config.pipeline(name)
         if p is None or not p.repo:
             return []
-        url = str(core.config.path(p.repo)) if _is_local(p.repo) else p.repo
+        url = str(core.config.path(p.repo)) if is_local_path(p.repo) else p.repo
         try:
             current = self.refs(p, url)
         except CredentialsUnavailable as exc:
@@ -318,7 +318,7 @@ class Schedules:
         sha = None
         url = ""
         if p.repo:
-            url = str(core.config.path(p.repo)) if _is_local(p.repo) else p.repo
+            url = str(core.config.path(p.repo)) if is_local_path(p.repo) else p.repo
             try:
                 sha = self.refs(p, url).get(ref)
             except (CredentialsUnavailable, RuntimeError, InvalidInput, subprocess.TimeoutExpired,
@@ -339,7 +339,3 @@ class Schedules:
         log.info("cron queued run", extra={"pipeline": name, "runs": ids, "schedule": spec.schedule})
         core.after_accept(cancel)
         return ids
-
-
-def _is_local(repo: str) -> bool:
-    return "://" not in repo and not (":" in repo.split("/", 1)[0] and not repo.startswith("/"))

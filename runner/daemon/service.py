@@ -25,12 +25,13 @@ import uvicorn
 from runner.daemon.api import build_app, timed_h11_protocol
 from runner.daemon.config import DaemonConfig
 from runner.daemon.metrics import Metrics
-from runner.daemon.scheduler import Schedules, _is_local, synthetic_event
+from runner.daemon.scheduler import Schedules, synthetic_event
 from runner.daemon.status import StatusReporter
 from runner.daemon.store import Store, StoreError, open_store
 from runner.daemon.webhooks import new_run
 from runner.daemon.worker import WorkerPool, stop_orphan
 from runner.errors import InvalidInput
+from runner.gitsafety import is_local_path
 from runner.secrets import Masker
 
 log = logging.getLogger("runner.daemon")
@@ -199,7 +200,7 @@ class Daemon:
             ref = f"refs/heads/{branch}"
         url = ""
         if p.repo:
-            url = str(self.config.path(p.repo)) if _is_local(p.repo) else p.repo
+            url = str(self.config.path(p.repo)) if is_local_path(p.repo) else p.repo
             if not commit:
                 try:
                     commit = self.schedules.refs(p, url).get(ref)

@@ -9,9 +9,9 @@ Trivy, a deploy needs servers).
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from runner.model.base import Model, PathOn, check_env
 from runner.model.build import BuildSecret, BuildSettings
@@ -20,6 +20,9 @@ from runner.model.image import Image
 from runner.model.push import PushSettings, RegistryAuth
 from runner.model.scan import ScanSettings
 from runner.model.source import Repository
+
+if TYPE_CHECKING:
+    from runner.loader.locations import SourceMap
 
 STAGE_ORDER = ("checkout", "build", "scan", "push", "deploy")
 
@@ -90,6 +93,10 @@ class Pipeline(Model):
     """What runs, and how."""
     # Set by the loader, not by the YAML: the file the pipeline came from.
     source_file: str = Field(default="", exclude=True)
+    # Set by the loader with source_file: where each value is in that file, so that a problem
+    # found later (an unreadable secret) is located there too. model_copy() keeps it; None for
+    # a pipeline built in code. Read through runner.loader.source_map / problem_at.
+    _source_map: SourceMap | None = PrivateAttr(default=None)
 
     @field_validator("env")
     @classmethod

@@ -445,7 +445,7 @@ def test_relative_paths_resolved_against_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("url,local", [
-    ("../app", True), ("/srv/git/app.git", True), ("app", True), ("./a:b", True),
+    ("../app", True), ("/srv/git/app.git", True), ("app", True), ("./a:b", True), (":x", True),
     ("https://github.com/a/b.git", False), ("ssh://git@host/a.git", False),
     ("file:///srv/git/app", False), ("git@github.com:a/b.git", False),
     ("github.com:a/b.git", False),
@@ -507,7 +507,8 @@ def test_secret_references_walks_the_model():
 def test_secret_reference_hooks():
     from pydantic import Field
 
-    from runner.loader import _refs_in, register_secret_reference
+    from runner.loader import register_secret_reference
+    from runner.loader.secret_refs import refs_in
     from runner.model.base import Model
 
     class Extra(Model):
@@ -520,7 +521,7 @@ def test_secret_reference_hooks():
     register_secret_reference(Extra, "registered")
     data = {"api": "a", "marked": "b", "registered": ["c", "d"], "secret_env": {"E": "e"},
             "plain": "not a secret"}
-    assert list(_refs_in(Extra, data, ("x",))) == [
+    assert list(refs_in(Extra, data, ("x",))) == [
         (("x", "api"), "a"), (("x", "marked"), "b"), (("x", "registered", 0), "c"),
         (("x", "registered", 1), "d"), (("x", "secret_env", "E"), "e")]
     with pytest.raises(ValueError):
@@ -544,11 +545,38 @@ def test_source_map_and_problem_at():
     assert (prob.file, prob.line, prob.column) == ("<pipeline>", 0, 0)
 
 
+def test_each_pipeline_carries_its_own_source_map(tmp_path):
+    first, second = tmp_path / "first.yml", tmp_path / "second.yml"
+    first.write_text(GOOD)
+    second.write_text("\n\n" + GOOD.replace("secrets:\n", "secrets:\n  other: {env: X}\n", 1))
+    a = load_pipeline(first, environ={})
+    copied = a.model_copy(update={"name": "other"})
+    b = load_pipeline(second, environ={})
+    assert source_map(a) is not source_map(b)
+    for p in (a, copied):
+        prob = problem_at(p, ("secrets", "git_token"), "x", key=True)
+        assert (prob.file, prob.line, prob.column) == (str(first), 8, 3)
+    prob = problem_at(b, ("secrets", "git_token"), "x", key=True)
+    assert (prob.file, prob.line, prob.column) == (str(second), 11, 3)
+    # The same file loaded again, changed: pipelines from the first load keep their own map.
+    first.write_text("\n" + GOOD)
+    again = load_pipeline(first, environ={})
+    assert problem_at(again, ("secrets", "git_token"), "x", key=True).line == 9
+    assert problem_at(copied, ("secrets", "git_token"), "x", key=True).line == 8
+    # Built in code, even naming a loaded file: no map, so no line and column.
+    built = Pipeline.model_validate({"name": "x", "repository": {"url": "x"},
+                                     "image": {"name": "a"}, "source_file": str(first)})
+    assert source_map(built) is None
+    prob = problem_at(built, ("secrets", "git_token"), "x", key=True)
+    assert (prob.file, prob.line, prob.column, prob.path) == (
+        str(first), 0, 0, "secrets.git_token")
+
+
 def test_union_alternatives_reported_once():
     from runner.errors import Problem
-    from runner.loader import _merge_union_problems
+    from runner.loader.mapping import merge_union_problems
 
-    merged = _merge_union_problems([
+    merged = merge_union_problems([
         Problem("f", 5, 19, "x.y", "Input should be 'LOW' or 'HIGH' (got 'BAD')"),
         Problem("f", 5, 19, "x.y", "Input should be 'NONE' (got 'BAD')"),
         Problem("f", 6, 1, "x.z", "other"),
