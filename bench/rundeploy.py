@@ -31,12 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", help="write a cProfile of the deploy to this file")
     args = ap.parse_args(argv)
 
-    from pipelines.base import StageContext
     from pipelines.deploy import DeployStage
     from runner.errors import StageFailed
     from runner.loader import load_pipeline
+    from runner.model.image import ImageRef
+    from runner.outputs import Outputs, PushOutputs
     from runner.runlog import RunLog
     from runner.secrets import Masker, SecretStore
+    from runner.stage import StageContext
 
     from bench import trace
     t_imported = time.time()
@@ -50,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = StageContext(run_id=run_id, pipeline=pipeline, workdir=Path("/tmp"),
                        cache_dir=Path("/tmp"), log=log.for_stage("deploy"), secrets=store,
                        cancel=threading.Event(),
-                       results={"push": {"ref": args.ref}, "checkout": {"commit": ""}})
+                       outputs=Outputs(push=PushOutputs(
+                           ref=ImageRef.parse(args.ref), tags=(), verified=False,
+                           verification="pushed before the benchmark", credentials="none")))
     t_loaded = time.time()
     status, error, outputs = "success", None, {}
     prof = None
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     trace.install()
     t0 = time.monotonic()
     try:
-        outputs = DeployStage().run(ctx)
+        outputs = DeployStage().run(ctx).to_dict()
     except StageFailed as exc:
         status, error = "failed", exc.reason
     duration = time.monotonic() - t0

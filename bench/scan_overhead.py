@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pipelines.scan as scan_module  # noqa: E402
-from pipelines.base import StageContext  # noqa: E402
 from pipelines.scan import ScanGateFailed, ScanStage, _trivy_env, find_tool  # noqa: E402
 from runner.model import Pipeline  # noqa: E402
+from runner.outputs import BuildOutputs, CheckoutOutputs, Outputs  # noqa: E402
+from runner.stage import StageContext  # noqa: E402
 
 # The direct baseline replays exactly the argv the stage ran: this wrapper records it on the way
 # through to the real runner (nothing is replaced; the stage runs Trivy itself).
@@ -106,6 +107,12 @@ def main() -> int:
             "stages": {"scan": {"enabled": True, "scanners": list(scanners),
                                 "image_source": args.image_source, "fail_on": "NONE"}}})
         stage = ScanStage()
+        # The scan reads the work tree (this checkout) and the image id; the rest is not used.
+        outputs = Outputs(
+            checkout=CheckoutOutputs(commit="", branch=None, tag=None, path=ROOT, url=str(ROOT),
+                                     mirror=ROOT, cloned=False, committed_at=""),
+            build=BuildOutputs(image_id=ident, tags=(ref,), builder="", engine="local",
+                               cached_steps=0, total_steps=0))
 
         def run_stage(n: int) -> float:
             workdir = t / f"run{n}"
@@ -113,8 +120,7 @@ def main() -> int:
             ctx = StageContext(run_id=f"b{n}", pipeline=pipeline, workdir=workdir,
                                cache_dir=cache, log=QuietLog(), secrets=NoSecrets(),
                                cancel=threading.Event(),
-                               results={"checkout": {"path": str(ROOT)},
-                                        "build": {"image_id": ident, "tags": [ref]}})
+                               outputs=outputs)
             start = time.perf_counter()
             try:
                 stage.run(ctx)

@@ -13,11 +13,13 @@ use; `apply(plan)` runs exactly the plan it is given, and `plan().to_dict()` is 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from deployers.commands import Argv, Slot, bind, show
 from deployers.spec import Release, Target
+# The deploy's report is the deploy stage's outputs: one type, defined with the other stages'.
+from runner.outputs import DeployOutputs
 
 
 # ----------------------------------------------------------------------------------- plan
@@ -102,51 +104,7 @@ class DeployPlan:
 
 
 # --------------------------------------------------------------------------------- results
-
-@dataclass(frozen=True)
-class ServerResult:
-    server: str
-    # deployed | unchanged | failed | rolled_back | skipped | lock_lost
-    status: str
-    digest: str = ""  # what runs there now, as far as this run knows ("" if unknown)
-    previous_digest: str = ""  # what ran there before this run
-    rolled_back: bool = False  # the server was put back on previous_digest
-    verified: bool = True  # what runs there now is a verified release
-    kept: str = ""  # where the previous verified release is kept, when it is not running
-    reason: str = ""
-    duration: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.server, "status": self.status, "digest": self.digest,
-                "previous_digest": self.previous_digest, "rolled_back": self.rolled_back,
-                "verified": self.verified, "kept": self.kept, "reason": self.reason,
-                "duration": round(self.duration, 3),
-                "phases": {k: round(v, 3) for k, v in self.phases.items()}}
-
-
-@dataclass(frozen=True)
-class DeployReport:
-    app: str
-    what: str
-    servers: tuple[ServerResult, ...]
-    ok: bool
-    headline: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"app": self.app, "what": self.what, "ok": self.ok, "headline": self.headline,
-                "servers": [s.to_dict() for s in self.servers]}
-
-    def summary(self) -> str:
-        lines = []
-        for s in self.servers:
-            line = f"{s.server}: {s.status}"
-            if s.digest:
-                line += f" ({s.digest[:19]}{'' if s.verified else ', UNVERIFIED'})"
-            if s.reason:
-                line += f": {s.reason}"
-            lines.append(line)
-        return "\n".join(lines)
+# ServerResult and DeployOutputs (the report of a deploy or a rollback) are in runner.outputs.
 
 
 class DeployFailed(Exception):
@@ -154,7 +112,7 @@ class DeployFailed(Exception):
 
     invalid_input = False  # the request itself named nothing that exists (exit 2, not 1)
 
-    def __init__(self, report: DeployReport):
+    def __init__(self, report: DeployOutputs):
         self.report = report
         super().__init__(f"{report.headline}\n{report.summary()}")
 
@@ -281,7 +239,7 @@ class Deployer(ABC):
         """What apply would do, as data. Pure."""
 
     @abstractmethod
-    def apply(self, plan: DeployPlan) -> DeployReport:
+    def apply(self, plan: DeployPlan) -> DeployOutputs:
         """Carry out exactly `plan`. Raises DeployFailed (with the report) when a server fails."""
 
     @abstractmethod
@@ -289,7 +247,7 @@ class Deployer(ABC):
         """What runs on each server now. Read-only; unreachable servers get an error row."""
 
     @abstractmethod
-    def rollback(self, to: str | None = None) -> DeployReport:
+    def rollback(self, to: str | None = None) -> DeployOutputs:
         """Back to the previous verified release (or `to`) everywhere. Raises DeployFailed."""
 
     def close(self) -> None:

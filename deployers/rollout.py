@@ -20,9 +20,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from runner.errors import Cancelled
+from runner.outputs import DeployOutputs, ServerResult
 
-from deployers.base import (DeployFailed, DeployPlan, DeployReport, LockLostStep, Restored,
-                            ServerResult, ServerSteps, StepFailed, Switch)
+from deployers.base import (DeployFailed, DeployPlan, LockLostStep, Restored, ServerSteps,
+                            StepFailed, Switch)
 
 UNTOUCHED = "nothing was changed on this server"
 
@@ -160,7 +161,7 @@ class Rollout:
                 raise
             raise _Failed(sw, as_step_failed(sw.server, exc, touched=True), restored) from None
 
-    def run(self) -> DeployReport:
+    def run(self) -> DeployOutputs:
         plan, limit = self.plan, self.plan.parallel
         done: list[Switch] = []
         try:
@@ -251,17 +252,17 @@ class Rollout:
                 self.results[sw.server] = self._done(sw)
         return failed
 
-    def _report(self, ok: bool, raise_failed: bool = False) -> DeployReport:
+    def _report(self, ok: bool, raise_failed: bool = False) -> DeployOutputs:
         order = [s.server for s in self.plan.servers if s.server in self.results]
         servers = tuple(self.results[k] for k in order)
-        report = DeployReport(self.plan.app, self.plan.what, servers, ok,
-                              headline(self.plan.what, self.plan.app, servers, ok))
+        report = DeployOutputs(self.plan.app, self.plan.what, servers, ok,
+                               headline(self.plan.what, self.plan.app, servers, ok))
         if raise_failed:
             raise DeployFailed(report)
         return report
 
 
-def rollout(plan: DeployPlan, steps: ServerSteps, **kw) -> DeployReport:
+def rollout(plan: DeployPlan, steps: ServerSteps, **kw) -> DeployOutputs:
     """Carry `plan` out through `steps`. Returns the report when every server is done; raises
     DeployFailed (report attached) or Cancelled otherwise. See the module docstring."""
     return Rollout(plan, steps, **kw).run()

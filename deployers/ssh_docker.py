@@ -42,13 +42,13 @@ import paramiko
 from runner.errors import Cancelled
 from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
+from runner.outputs import DeployOutputs, ServerResult
 
 from deployers import commands as cmd
 from deployers import history as hist
 from deployers import lock as locks
-from deployers.base import (DeployFailed, Deployer, DeployPlan, DeployReport, LockLostStep,
-                            Restored, ServerPlan, ServerResult, ServerStatus, ServerSteps,
-                            StepFailed, Switch)
+from deployers.base import (DeployFailed, Deployer, DeployPlan, LockLostStep, Restored,
+                            ServerPlan, ServerStatus, ServerSteps, StepFailed, Switch)
 from deployers.health import ContainerState, ProbeResult, Verdict, parse_http_status, \
     parse_inspect, wait_healthy
 from deployers.plan import UNVERIFIED, VERIFIED, plan_deploy, plan_rollback
@@ -263,7 +263,7 @@ class SSHDockerDeployer(Deployer):
                            run_id=self.run_id, image=self.image, commit=self.commit,
                            servers=self.targets)
 
-    def apply(self, plan: DeployPlan | None = None) -> DeployReport:
+    def apply(self, plan: DeployPlan | None = None) -> DeployOutputs:
         plan = plan or self.plan()
         if plan.placeholder:
             raise ConfigError("no release to deploy: the push stage did not produce a digest")
@@ -280,10 +280,10 @@ class SSHDockerDeployer(Deployer):
     def _refused(self, what: str, problems: dict[str, str]) -> DeployFailed:
         rows = tuple(ServerResult(t.label, "failed", reason=f"{problems[t.label]}; {UNTOUCHED}")
                      for t in self.targets if t.label in problems)
-        return DeployFailed(DeployReport(self.app, what, rows, False,
-                                         headline(what, self.app, rows, False)))
+        return DeployFailed(DeployOutputs(self.app, what, rows, False,
+                                          headline(what, self.app, rows, False)))
 
-    def rollback(self, to: str | None = None) -> DeployReport:
+    def rollback(self, to: str | None = None) -> DeployOutputs:
         """Each server back to its previous verified release (or `to`: a position, a digest or
         a git commit, see deployers.history.choose), exactly as that release ran."""
         self.options()

@@ -1,9 +1,8 @@
 """The build stage: the checked-out code -> an image in the build engine, built by BuildKit through
 a docker CLI.
 
-Outputs (ctx.results["build"]): image_id, tags (full "name:tag" refs), builder
-("buildx"|"docker-buildkit"), engine ("local", or the address of `stages.build.engine`),
-cached_steps, total_steps.
+Outputs: runner.outputs.BuildOutputs (the image's id, its full "name:tag" refs, which CLI built
+on which engine, how many steps were cached); it reads the checkout's (ctx.outputs.checkout).
 
 The build engine is the runner's own (DOCKER_HOST) unless `stages.build.engine` names another
 machine's (pipelines/build_engine.py): then the CLI sends the context there, the image stays
@@ -24,7 +23,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipelines.base import Stage, StageContext
 from pipelines.build_engine import BuildEngine, EngineProblem
 from pipelines.buildkit import (
     BuildSecretRef,
@@ -40,7 +38,9 @@ from pipelines.buildkit import (
 )
 from runner.errors import RunnerError, StageFailed
 from runner.model import Pipeline
+from runner.outputs import BuildOutputs
 from runner.proc import run_command
+from runner.stage import Stage, StageContext
 from runner.tags import GitInfo, compute_tags, oci_labels
 
 _TAIL = 8  # output lines quoted in a failure message
@@ -100,13 +100,13 @@ class BuildStage(Stage):
             "engine": BuildEngine.of(pipeline).plan(),
         }
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def run(self, ctx: StageContext) -> BuildOutputs:
         settings = ctx.pipeline.stages.build
-        checkout = ctx.results.get("checkout")
-        if not checkout or not checkout.get("path"):
+        checkout = ctx.outputs.checkout
+        if checkout is None:
             raise StageFailed(self.name,
                               "no checked-out work tree (the checkout stage did not run)")
-        root = Path(checkout["path"])
+        root = checkout.path
         try:
             context = resolve_inside(root, settings.context, "stages.build.context")
             dockerfile = resolve_inside(
@@ -135,9 +135,8 @@ class BuildStage(Stage):
             raise StageFailed(self.name, str(exc)) from None
         ctx.log.info(f"builder: {builder.describe()}{where}")
 
-        sha = checkout["commit"]
-        git = GitInfo(sha, checkout.get("branch"), checkout.get("tag"),
-                      checkout.get("default_branch"))
+        sha = checkout.commit
+        git = GitInfo(sha, checkout.branch, checkout.tag)
         try:
             tags = compute_tags(list(ctx.pipeline.image.tags), git, ctx.run_id)
         except ValueError as exc:  # the loader checks templates; a hand-built Pipeline may not
@@ -149,9 +148,9 @@ class BuildStage(Stage):
 
         # The commit's time, not the build's: a rebuild of the same commit from cache is then
         # the same image, so its digest and the deploy's "unchanged" check hold.
-        created = checkout.get("committed_at") or \
+        created = checkout.committed_at or \
             datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-        labels = {**oci_labels(checkout.get("url") or "", sha, created), **settings.labels}
+        labels = {**oci_labels(checkout.url, sha, created), **settings.labels}
 
         secret_refs: list[BuildSecretRef] = []
         secret_env: dict[str, str] = {}
@@ -210,14 +209,10 @@ class BuildStage(Stage):
             ctx.log.info(f"{'CACHED' if step.cached else 'ran   '} {step.name}")
         ctx.log.info(f"built {image_id} as {', '.join(refs)}: {progress.cached_steps} of "
                      f"{progress.total_steps} steps cached")
-        return {
-            "image_id": image_id,
-            "tags": refs,
-            "builder": builder.kind,
-            "engine": "local" if engine.local else engine.label,
-            "cached_steps": progress.cached_steps,
-            "total_steps": progress.total_steps,
-        }
+        return BuildOutputs(image_id=image_id, tags=tuple(refs), builder=builder.kind,
+                            engine="local" if engine.local else engine.label,
+                            cached_steps=progress.cached_steps,
+                            total_steps=progress.total_steps)
 
 
 def _image_id(engine: BuildEngine, engine_dir: Path, ref: str) -> str:

@@ -41,7 +41,7 @@ from runner.model.engine import SSH, BuildEngineSettings, EngineAddress
 if TYPE_CHECKING:
     import docker
 
-    from pipelines.base import StageContext
+    from runner.stage import StageContext
     from runner.model import Pipeline
 
 # The variables through which a docker CLI could be pointed at another engine than this one.

@@ -46,7 +46,6 @@ from urllib.parse import unquote
 
 import git
 
-from pipelines.base import Stage, StageContext
 from runner.errors import Cancelled, InvalidInput, SecretWithheld, StageFailed
 from runner.gitsafety import (
     check_ref, check_repo_url, is_sha, redact_url, url_kind,
@@ -55,7 +54,9 @@ from runner.gitaccess import (
     Access, Remote, git_env, remote, repository_access,
 )
 from runner.model import Pipeline
+from runner.outputs import CheckoutOutputs
 from runner.proc import Result, run_command
+from runner.stage import Stage, StageContext
 
 STAGE = "checkout"
 _FULL_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
@@ -173,7 +174,7 @@ def describe_ref(full_ref: str) -> str:
 
 
 class CheckoutStage(Stage):
-    """Outputs: commit, short_sha, branch, tag, path, url (redacted), mirror, cloned.
+    """Outputs: runner.outputs.CheckoutOutputs (the commit, its work tree, the mirror).
 
     Raises StageFailed for a refused URL or ref, an unreachable repository, missing or wrong
     credentials, an unknown ref and a trigger commit that is not on the ref the trigger names; Cancelled when ctx.cancel is set (checked between steps,
@@ -189,7 +190,7 @@ class CheckoutStage(Stage):
         return {"url": redact_url(repo.url), "ref": repo.ref, "depth": repo.depth,
                 "submodules": repo.submodules}
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def run(self, ctx: StageContext) -> CheckoutOutputs:
         try:
             req = _request(ctx.pipeline, ctx.trigger or {})
         except InvalidInput as exc:
@@ -225,9 +226,9 @@ class CheckoutStage(Stage):
         ctx.log.info(f"checked out {commit[:12]}"
                      + (f" (branch {branch})" if branch else "")
                      + (f" (tag {tag})" if tag else "") + f" into {dest}")
-        return {"commit": commit, "short_sha": commit[:7], "branch": branch, "tag": tag,
-                "path": str(dest), "url": req.redacted, "mirror": str(mirror), "cloned": cloned,
-                "committed_at": committed_at}
+        return CheckoutOutputs(commit=commit, branch=branch, tag=tag, path=dest,
+                               url=req.redacted, mirror=mirror, cloned=cloned,
+                               committed_at=committed_at)
 
     def _committed_at(self, ctx: StageContext, access: Access, dest: Path, commit: str) -> str:
         """The commit's committer time, UTC ISO 8601: the build dates the image by it, so that

@@ -1,20 +1,20 @@
 """The deploy stage: the exact digest pushed in this run -> every server, health-gated.
 
-Reads ctx.results["push"]["ref"] ("name@sha256:...", what the registry acknowledged in this run),
-never a tag, so what runs on the servers is what was built, scanned and pushed.
-Outputs (ctx.results["deploy"], also when it fails): deployers.base.DeployReport.to_dict():
-app, ok, headline, servers: [{name, status, digest, previous_digest, rolled_back, verified,
-kept, reason, duration, phases: {connect, pull, switch, start, health, commit}}].
+Reads ctx.outputs.push.ref (an ImageRef, "name@sha256:...", what the registry acknowledged in
+this run), never a tag, so what runs on the servers is what was built, scanned and pushed.
+Outputs (also when it fails): runner.outputs.DeployOutputs, the deployer's report: app, ok,
+headline, servers: [{name, status, digest, previous_digest, rolled_back, verified, kept, reason,
+duration, phases: {connect, pull, switch, start, health, commit}}].
 """
 from __future__ import annotations
 
 from typing import Any
 
-from pipelines.base import Stage, StageContext
 from runner.errors import Cancelled, StageFailed
 from runner.model import Pipeline
-
 from runner.model.image import ImageRef
+from runner.outputs import DeployOutputs
+from runner.stage import Stage, StageContext
 
 from deployers.base import DeployFailed
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
@@ -35,21 +35,17 @@ class DeployStage(Stage):
     def plan(self, pipeline: Pipeline) -> dict[str, Any]:
         return make_deployer(pipeline, run_id="<run id>").plan().to_dict()
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
-        push = ctx.results.get("push") or {}
-        ref = push.get("ref")
-        if not ref:
+    def run(self, ctx: StageContext) -> DeployOutputs:
+        push = ctx.outputs.push
+        if push is None:
             raise StageFailed(self.name, "no pushed image in this run: the deploy needs the "
                                          "push stage's digest (enable stages.push)")
-        try:
-            image = ImageRef.parse(ref)
-        except ValueError as exc:
-            raise StageFailed(self.name, str(exc)) from None
-        commit = (ctx.results.get("checkout") or {}).get("commit", "") or ""
+        image = push.ref
+        commit = ctx.outputs.checkout.commit if ctx.outputs.checkout else ""
         deployer = make_deployer(ctx.pipeline, run_id=ctx.run_id, image=image, commit=commit,
                                  secret=ctx.secrets.value, log=ctx.log.info, cancel=ctx.cancel)
         servers = ", ".join(t.label for t in deployer.targets)
-        ctx.log.info(f"deploying {ref} as {deployer.app} to {servers} "
+        ctx.log.info(f"deploying {image} as {deployer.app} to {servers} "
                      f"(strategy {ctx.pipeline.stages.deploy.strategy.type})")
         plan = deployer.plan()
         try:
@@ -58,10 +54,8 @@ class DeployStage(Stage):
             # The reason (which server, why, what was rolled back) is the stage's error: shown
             # once at the stage's end and in the summary, not repeated as warnings. The
             # per-server report goes into run.json as the stage's outputs all the same.
-            failed = StageFailed(self.name, str(exc))
-            if isinstance(exc, DeployFailed):
-                failed.outputs = exc.report.to_dict()
-            raise failed from None
+            raise StageFailed(self.name, str(exc),
+                              exc.report if isinstance(exc, DeployFailed) else None) from None
         except Cancelled:
             raise
         finally:
@@ -69,4 +63,4 @@ class DeployStage(Stage):
         for s in report.servers:
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in s.phases.items())
             ctx.log.info(f"{s.server}: {s.status} {s.digest} in {s.duration:.1f}s ({phases})")
-        return report.to_dict()
+        return report

@@ -1,8 +1,9 @@
 """The push stage: every tag the build produced -> the registry, through the docker SDK.
 
-Outputs (ctx.results["push"]): digest ("sha256:..."), ref ("name@sha256:..."), tags, verified
-(bool), verification (what was checked, or why nothing was), credentials (where the login came
-from; never a secret).
+Outputs: runner.outputs.PushOutputs: the image by digest (an ImageRef, "name@sha256:...", checked
+here once: the deploy runs it as it is), the tags, verified (bool), verification (what was
+checked, or why nothing was), credentials (where the login came from; never a secret). It reads
+the build's (ctx.outputs.build).
 
 - The SDK's push returns HTTP 200 and raises nothing when the registry refuses: the whole stream
   is read, and an item with "error"/"errorDetail" is a failure. The digest comes from the final
@@ -48,9 +49,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from pipelines.base import Stage, StageContext
 from runner.errors import Cancelled, RunnerError, StageFailed
 from runner.model import Pipeline
+from runner.model.image import ImageRef
+from runner.outputs import PushOutputs
+from runner.stage import Stage, StageContext
 from runner.tags import split_image_name
 
 MANIFEST_TYPES = (
@@ -276,14 +279,14 @@ class PushStage(Stage):
             "retries": s.retries,
         }
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def run(self, ctx: StageContext) -> PushOutputs:
         from docker.errors import DockerException
 
         from pipelines.build_engine import engine_client
 
         settings = ctx.pipeline.stages.push
-        build = ctx.results.get("build") or {}
-        refs = list(build.get("tags") or [])
+        build = ctx.outputs.build
+        refs = list(build.tags) if build is not None else []
         if not refs:
             raise StageFailed(self.name, "nothing to push: the build stage produced no tags")
         name = split_ref(refs[0])[0]
@@ -305,7 +308,7 @@ class PushStage(Stage):
                 if ctx.cancel.is_set():
                     raise Cancelled(_cancel_message(pushed, refs))
                 creds = logins[registry_key(split_ref(ref)[0])]
-                digests[ref] = self._push_one(client, ref, build.get("image_id"), creds,
+                digests[ref] = self._push_one(client, ref, build.image_id, creds,
                                               settings.retries, ctx, pushed, refs)
                 pushed.append(ref)
                 ctx.log.info(f"pushed {ref} ({digests[ref]})")
@@ -315,6 +318,10 @@ class PushStage(Stage):
                                   + ", ".join(f"{r} -> {d}" for r, d in digests.items()))
             digest = distinct[0]
             try:
+                image = ImageRef(name, digest)
+            except ValueError as exc:  # the engine's answer, not a digest a deploy could run
+                raise StageFailed(self.name, str(exc) + _pushed_note(pushed)) from None
+            try:
                 registry_config = client.info().get("RegistryConfig")
             except DockerException:
                 registry_config = None
@@ -322,7 +329,7 @@ class PushStage(Stage):
             client.close()
 
         try:
-            check = verify_pushed(name, digest, build.get("image_id"), logins[registry_key(name)],
+            check = verify_pushed(name, digest, build.image_id, logins[registry_key(name)],
                                   registry_config, self.verify_timeout)
         except StageFailed as exc:
             raise StageFailed(self.name, exc.reason + _pushed_note(pushed)) from None
@@ -332,9 +339,10 @@ class PushStage(Stage):
             ctx.log.warn(f"pushed {name}@{digest} (the digest the engine reported), but its "
                          f"verification was skipped: {check.detail}")
         creds = logins[registry_key(name)]
-        return {"digest": digest, "ref": f"{name}@{digest}", "tags": pushed,
-                "verified": check.verified, "verification": check.detail,
-                "credentials": f"none ({creds.source})" if creds.anonymous else creds.source}
+        return PushOutputs(ref=image, tags=tuple(pushed), verified=check.verified,
+                           verification=check.detail,
+                           credentials=f"none ({creds.source})" if creds.anonymous
+                           else creds.source)
 
     # -----------------------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipelines.base import Stage, StageContext
 from pipelines.scan_gate import (
     GateResult, IgnoreRule, evaluate, failure_message, finding_dict, parse_ignore_file, table,
 )
@@ -34,7 +33,9 @@ from pipelines.scan_report import Finding, parse_hadolint, parse_trivy, to_sarif
 from runner.errors import Cancelled, StageFailed
 from runner.model import Pipeline
 from runner.model.scan import ScanSettings
+from runner.outputs import ScanFinding, ScanOutputs
 from runner.proc import run_command
+from runner.stage import Stage, StageContext
 
 INSTALL_HINT = {
     "trivy": "install runner with its scan extra (in runner's checkout: `pip install '.[scan]'`; "
@@ -54,9 +55,8 @@ class ScanGateFailed(StageFailed):
     """The gate found something. Carries the stage's outputs (report paths, counts) so that the
     engine can keep them with the run even though the stage failed."""
 
-    def __init__(self, message: str, outputs: dict[str, Any]):
-        super().__init__("scan", message)
-        self.outputs = outputs
+    def __init__(self, message: str, outputs: ScanOutputs):
+        super().__init__("scan", message, outputs)
 
 
 # --- pure helpers ----------------------------------------------------------------------------
@@ -222,7 +222,7 @@ class ScanStage(Stage):
             "image_source": cfg.image_source,
         }
 
-    def run(self, ctx: StageContext) -> dict[str, Any]:
+    def run(self, ctx: StageContext) -> ScanOutputs:
         cfg: ScanSettings = ctx.pipeline.stages.scan
         log = ctx.log
         self._said = set()
@@ -307,20 +307,20 @@ class ScanStage(Stage):
         gate_path.write_text(json.dumps(dict(result.as_dict(), checked=checked,
                                              skipped_scanners=skipped, reports=reports), indent=2))
 
-        outputs = {
-            "passed": result.passed,
-            "fail_on": cfg.fail_on,
-            "counts": result.counts,
-            "by_scanner": result.by_scanner,
-            "checked": checked,
-            "ignored": len(result.ignored),
-            "report": reports.get("trivy-image") or next(iter(reports.values()), None),
-            "reports": dict(reports, gate=str(gate_path)),
-            "sarif": str(sarif_path) if sarif_path else None,
-            "db": db["summary"],
-            "skipped_scanners": skipped,
-            "top": [finding_dict(f) for f in result.failing[:5]],
-        }
+        outputs = ScanOutputs(
+            passed=result.passed,
+            fail_on=cfg.fail_on,
+            counts=result.counts,
+            by_scanner=result.by_scanner,
+            checked=tuple(checked),
+            ignored=len(result.ignored),
+            report=reports.get("trivy-image") or next(iter(reports.values()), None),
+            reports=dict(reports, gate=str(gate_path)),
+            sarif=str(sarif_path) if sarif_path else None,
+            db=db["summary"],
+            skipped_scanners=skipped,
+            top=tuple(ScanFinding(**finding_dict(f)) for f in result.failing[:5]),
+        )
         self._summary(ctx, result, checked, skipped)
         if not checked:
             log.warn("SCAN CHECKED NOTHING: every scanner was skipped "
@@ -340,11 +340,11 @@ class ScanStage(Stage):
         return ctx.cache_dir / "trivy"
 
     def _repo(self, ctx: StageContext) -> Path:
-        checkout = ctx.results.get("checkout") or {}
-        if not checkout.get("path"):
+        checkout = ctx.outputs.checkout
+        if checkout is None:
             raise StageFailed("scan", "the scan needs the checked-out repository, but the "
-                                      "checkout stage gave no path")
-        return Path(checkout["path"])
+                                      "checkout stage did not run")
+        return checkout.path
 
     def _ignores(self, ctx: StageContext, cfg: ScanSettings) -> list[IgnoreRule]:
         rules = [IgnoreRule(id=i.id, statement=i.statement, expired_at=i.expired_at,
@@ -356,7 +356,7 @@ class ScanStage(Stage):
             if not path.is_file():
                 raise StageFailed("scan", f"ignore_file {cfg.ignore_file!r} does not exist in "
                                           "the repository")
-        elif (ctx.results.get("checkout") or {}).get("path"):
+        elif ctx.outputs.checkout is not None:
             for name in (".trivyignore.yaml", ".trivyignore"):
                 if (self._repo(ctx) / name).is_file():
                     path = self._repo(ctx) / name
@@ -389,7 +389,7 @@ class ScanStage(Stage):
         tarball: Path | None = None
         try:
             if target == "image":
-                image_id = (ctx.results.get("build") or {}).get("image_id")
+                image_id = ctx.outputs.build.image_id if ctx.outputs.build is not None else ""
                 if not image_id:
                     raise StageFailed("scan", "the scan needs the image from the build stage, "
                                               "but the build stage gave no image_id")

@@ -30,6 +30,7 @@ from typing import Any
 from runner.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Cancelled,
                            InvalidInput, SecretWithheld, StageFailed)
 from runner.model import STAGE_ORDER, Pipeline
+from runner.outputs import Outputs
 from runner.runlog import RunLog, Sink
 
 # Stage implementations live in pipelines/ and deployers/; the engine only knows their names.
@@ -101,7 +102,7 @@ class StageResult:
     name: str
     status: str  # success | failed | skipped | cancelled
     duration: float = 0.0
-    outputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)  # as recorded: the outputs' to_dict()
     error: str | None = None
 
 
@@ -329,7 +330,7 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
     dropped (runner.runlog), an interrupt between stages or while an event is written cancels
     the run like one inside a stage, and run.json is written (atomically, before run.end is
     emitted) with every stage the run selected: run, failed, cancelled or skipped."""
-    from pipelines.base import StageContext
+    from runner.stage import StageContext
 
     cancel = cancel or threading.Event()
     started = time.monotonic()
@@ -337,7 +338,7 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
     cache_dir = prep.data_dir / "cache"
     log: RunLog | None = None
 
-    results: dict[str, dict[str, Any]] = {}
+    outputs = Outputs()  # what the stages that succeeded gave, for the later ones
     stage_results: list[StageResult] = []
     reported: set[str] = set()  # stages whose stage.end is written
     status, exit_code, error = "success", EXIT_OK, None
@@ -373,7 +374,7 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
                 continue
             ctx = StageContext(run_id=prep.run_id, pipeline=prep.pipeline, workdir=workdir,
                                cache_dir=cache_dir, log=log.for_stage(name), secrets=prep.secrets,
-                               cancel=cancel, results=results, trigger=prep.trigger)
+                               cancel=cancel, outputs=outputs, trigger=prep.trigger)
             t0 = time.monotonic()
             with _interrupts_held():
                 log.emit("stage.start", stage=name)
@@ -383,13 +384,14 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
                     raise Cancelled("cancelled before the stage started")
                 if prep.withhold_secrets:
                     _refuse_withheld(prep.pipeline, name)
-                outputs = _stage(name).run(ctx) or {}
-                results[name] = outputs
-                res = StageResult(name, "success", time.monotonic() - t0, outputs)
+                given = _stage(name).run(ctx)
+                outputs.add(name, given)  # a stage returning another type is a bug: it fails
+                res = StageResult(name, "success", time.monotonic() - t0, given.to_dict())
             except StageFailed as exc:
                 # A failed gate still has outputs worth keeping (report paths, counts).
                 res = StageResult(name, "failed", time.monotonic() - t0,
-                                  dict(getattr(exc, "outputs", None) or {}), error=exc.reason)
+                                  exc.outputs.to_dict() if exc.outputs is not None else {},
+                                  error=exc.reason)
                 status, exit_code, error = "failed", EXIT_FAILED, f"stage {name!r} failed: {exc.reason}"
             except (Cancelled, KeyboardInterrupt) as exc:
                 cancel.set()

@@ -6,6 +6,10 @@ traceback) and the runner itself failed (a bug: the CLI prints the traceback).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runner.outputs import StageOutputs
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -49,13 +53,16 @@ class InvalidInput(RunnerError):
 
 
 class StageFailed(RunnerError):
-    """A stage of the user's pipeline failed (exit 1). The message says why."""
+    """A stage of the user's pipeline failed (exit 1). The message says why. `outputs`: what
+    the stage still has to record although it failed (a failed scan gate's counts and report
+    paths, a failed deploy's per-server report), of the stage's own outputs type."""
 
     exit_code = EXIT_FAILED
 
-    def __init__(self, stage: str, message: str):
+    def __init__(self, stage: str, message: str, outputs: StageOutputs | None = None):
         self.stage = stage
         self.reason = message
+        self.outputs = outputs
         super().__init__(f"stage {stage!r} failed: {message}")
 
 

@@ -104,7 +104,7 @@ class RunLog:
 
 
 class StageLogger:
-    """The `StageLog` a stage receives (see pipelines.base)."""
+    """The `StageLog` a stage receives (see runner.stage)."""
 
     def __init__(self, runlog: RunLog, stage: str):
         self._runlog = runlog

@@ -148,7 +148,7 @@ def read_secret_file(path: str) -> str:
 
 
 class SecretStore:
-    """The secret values of one run, by name. Implements pipelines.base.Secrets."""
+    """The secret values of one run, by name. Implements runner.stage.Secrets."""
 
     def __init__(self, values: Mapping[str, str | Secret] | None = None,
                  masker: Masker | None = None, withheld: tuple[str, ...] = ()):

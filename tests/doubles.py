@@ -1,6 +1,12 @@
-"""Test doubles for the two small protocols a stage receives (pipelines.base.StageLog and
-Secrets). Git, Docker, the registry and SSH are never doubled: tests use the real ones."""
+"""Test doubles for the two small protocols a stage receives (runner.stage.StageLog and
+Secrets), and the outputs of earlier stages for a stage tested on its own. Git, Docker, the
+registry and SSH are never doubled: tests use the real ones."""
 from __future__ import annotations
+
+from pathlib import Path
+
+from runner.model.image import ImageRef
+from runner.outputs import BuildOutputs, CheckoutOutputs, PushOutputs
 
 
 class ListLog:
@@ -35,3 +41,26 @@ class DictSecrets:
 
     def value(self, name: str) -> str:
         return self.values[name]
+
+
+def checkout_outputs(path: str | Path = ".", commit: str = "f" * 40, **over) -> CheckoutOutputs:
+    """What a checkout of `commit` into `path` gives (branch `main`), `over` changed."""
+    values = dict(commit=commit, branch="main", tag=None, path=Path(path),
+                  url="https://example.invalid/t.git", mirror=Path(path) / ".mirror",
+                  cloned=True, committed_at="2024-01-01T00:00:00Z")
+    return CheckoutOutputs(**{**values, **over})
+
+
+def build_outputs(tags: list[str] | tuple[str, ...] = (), image_id: str = "",
+                  **over) -> BuildOutputs:
+    """What a build tagging `tags` gives (`image_id` "": the push checks no image id)."""
+    values = dict(image_id=image_id, tags=tuple(tags), builder="buildx", engine="local",
+                  cached_steps=0, total_steps=1)
+    return BuildOutputs(**{**values, **over})
+
+
+def push_outputs(ref: str, **over) -> PushOutputs:
+    """What a push of `ref` ("name@sha256:...") gives."""
+    values = dict(ref=ImageRef.parse(ref), tags=(), verified=True, verification="test",
+                  credentials="none (test)")
+    return PushOutputs(**{**values, **over})

@@ -67,11 +67,11 @@ def validate(file: str, variables: tuple[str, ...], as_json: bool) -> None:
 @click.option("--reference", is_flag=True,
               help="Print the generated reference (Markdown) instead of the JSON Schema.")
 @click.option("--docs", "docs_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True),
-              help="Rewrite DIR/pipeline.schema.json and the generated part of DIR/pipeline.md "
-                   "from the model.")
+              help="Rewrite DIR/pipeline.schema.json and the generated parts of DIR/pipeline.md "
+                   "(from the model) and DIR/stage-outputs.md (from the stages' output types).")
 @click.option("--check", "check_dir", metavar="DIR", type=click.Path(file_okay=False),
-              help="Exit 1 if DIR/pipeline.schema.json or DIR/pipeline.md does not match the "
-                   "model.")
+              help="Exit 1 if DIR/pipeline.schema.json, DIR/pipeline.md or DIR/stage-outputs.md "
+                   "does not match the code.")
 def schema(reference: bool, docs_dir: str | None, check_dir: str | None) -> None:
     """Print the pipeline file's JSON Schema (draft-07), generated from the model."""
     from runner.model import reference as ref

@@ -81,7 +81,7 @@ def status_from_exit(returncode: int, cancel_requested: bool, reported: str | No
 
 
 def server_duration(server: dict) -> float | None:
-    """A deploy stage's per-server duration from its outputs (DeployReport.to_dict)."""
+    """A deploy stage's per-server duration from its outputs (runner.outputs.DeployOutputs.to_dict)."""
     d = server.get("duration")
     return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else None
 

@@ -1,7 +1,7 @@
 """The lab's fixed layout: names, addresses, paths, and the exact commands and config files that
 make each part. Pure: nothing here touches the machine, so all of it is checked by equality.
 
-Other engineers code against these names and paths; they are a contract, keep them stable.
+The tests, the bench and `runner lab env` depend on these names and paths: they are a contract.
 """
 from __future__ import annotations
 

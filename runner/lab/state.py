@@ -67,7 +67,7 @@ class State:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """One `up` or `down` at a time (test sessions of several engineers call `up`)."""
+        """One `up` or `down` at a time: every test session calls `up`, and several may run at once."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "lock", "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)

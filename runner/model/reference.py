@@ -1,10 +1,13 @@
-"""The pipeline format's JSON Schema and reference, both generated from the model.
+"""The pipeline format's JSON Schema and reference, both generated from the model, and the
+reference of what the stages output, generated from their types.
 
 `json_schema()` is what `runner schema` prints and docs/pipeline.schema.json holds (JSON Schema
 draft-07, the draft yaml-language-server implements). `reference()` is the generated part of
 docs/pipeline.md: one table per section, every field with its type, default, an example and its
-description (the docstring under the field). `update_docs(dir)` rewrites both files;
-`stale_docs(dir)` says which of them no longer match the model.
+description (the docstring under the field). `outputs_reference()` is the generated part of
+docs/stage-outputs.md: one table per stage (runner.outputs), every JSON key with its type and
+description. `update_docs(dir)` rewrites the three files; `stale_docs(dir)` says which of them
+no longer match the code.
 
 The schema says what the loader accepts, not only what the model types are:
 - any value may be a string holding `${...}`, interpolated before it is validated (`depth:
@@ -16,9 +19,13 @@ The schema says what the loader accepts, not only what the model types are:
 """
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import json
 import re
-from collections.abc import Iterator
+import types
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,8 @@ from pydantic_core import PydanticUndefined
 
 from runner.model import Pipeline
 from runner.model.base import PATH_BASES
+from runner.model.image import ImageRef
+from runner.outputs import OUTPUT_TYPES, described
 from runner.model.words import (
     HIDDEN_FIELDS, FieldType, alternatives, expected, fields_of, item_type, literal_values,
     model_class, value_type, yaml_keys,
@@ -42,6 +51,9 @@ REGENERATE = "runner schema --docs docs"
 BEGIN = (f"<!-- generated from runner/model by `{REGENERATE}`: edit the model's docstrings, "
          f"not this part -->")
 END = "<!-- end of the generated part -->"
+OUTPUTS_FILE = "stage-outputs.md"
+OUTPUTS_BEGIN = (f"<!-- generated from runner/outputs.py by `{REGENERATE}`: edit the field "
+                 f"descriptions there, not this part -->")
 
 # A string with a `${` that is not a `$${` escape.
 INTERPOLATED = {"type": "string", "pattern": r"(^|[^$])(\$\$)*\$\{",
@@ -363,47 +375,138 @@ def reference() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _with_reference(markdown: str) -> str:
-    """`markdown` with its generated part replaced by the current reference."""
-    start, end = markdown.find(BEGIN), markdown.find(END)
+# --------------------------------------------------------------------------- stage outputs
+
+_OUTPUT_SCALARS = {str: "string", bool: "boolean", int: "integer", float: "number",
+                   Path: "string (a path)", ImageRef: "string (`name@sha256:<64 hex>`)"}
+
+
+def _plural(text: str) -> str:
+    if text in ("string", "boolean", "integer", "number"):
+        return text + "s"
+    return "mappings" + text[len("mapping"):] if text.startswith("mapping") else text
+
+
+def output_type(path: str, ann: Any) -> str:
+    """The JSON type of an outputs field, in words; a nested type links to its own table,
+    `path` (such as `deploy.servers[]`)."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType):
+        shown = [output_type(path, a) for a in args if a is not type(None)]
+        return " or ".join(shown) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        return "list of " + _plural(output_type(path + "[]", args[0]))
+    if origin in (dict, collections.abc.Mapping):
+        return "mapping of strings to " + _plural(output_type(path, args[1]))
+    if ann in _OUTPUT_SCALARS:
+        return _OUTPUT_SCALARS[ann]
+    if dataclasses.is_dataclass(ann):
+        return f"mapping: [`{path}`](#{github_anchor(f'`{path}`')})"
+    raise ValueError(f"{path}: no JSON type is known for {ann!r}")
+
+
+def _nested(path: str, ann: Any) -> Iterator[tuple[str, type]]:
+    """The outputs types inside a field's type, with their paths."""
+    if dataclasses.is_dataclass(ann) and ann not in _OUTPUT_SCALARS:  # ImageRef is a string
+        yield path, ann
+        return
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is tuple:
+        yield from _nested(path + "[]", args[0])
+    elif origin in (typing.Union, types.UnionType):
+        for a in args:
+            yield from _nested(path, a)
+
+
+def output_sections() -> list[tuple[str, type]]:
+    """Every outputs table: (path, type), each stage's first, then the types inside it."""
+    out: list[tuple[str, type]] = []
+
+    def visit(path: str, cls: type) -> None:
+        out.append((path, cls))
+        for f in described(cls):
+            for child in _nested(f"{path}.{f.key}", f.type):
+                visit(*child)
+
+    for stage, cls in OUTPUT_TYPES.items():
+        visit(stage, cls)
+    return out
+
+
+def outputs_reference() -> str:
+    """The generated part of docs/stage-outputs.md (without the markers)."""
+    lines: list[str] = []
+    for path, cls in output_sections():
+        top = path in OUTPUT_TYPES
+        lines += [f"{'###' if top else '####'} `{path}`", ""]
+        text = model_description(cls)
+        lines += [f"`{cls.__name__}`" + (f": {text}" if text else ""), ""]
+        lines += ["| Key | Type | Description |", "|---|---|---|"]
+        for f in described(cls):
+            lines.append("| " + " | ".join(_cell(c) for c in (
+                f"`{f.key}`", output_type(f"{path}.{f.key}", f.type), f.doc)) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- the files
+
+# The Markdown files with a generated part: file name, its opening marker, what goes between.
+GENERATED: tuple[tuple[str, str, Callable[[], str]], ...] = (
+    (REFERENCE_FILE, BEGIN, reference),
+    (OUTPUTS_FILE, OUTPUTS_BEGIN, outputs_reference),
+)
+
+
+def _with_generated(markdown: str, name: str, begin: str, body: Callable[[], str]) -> str:
+    """`markdown` with its generated part replaced by the current `body()`."""
+    start, end = markdown.find(begin), markdown.find(END)
     if start < 0 or end < start:
-        raise ValueError(f"{REFERENCE_FILE} has no generated part: it needs the lines "
-                         f"{BEGIN!r} and {END!r}")
-    return markdown[:start + len(BEGIN)] + "\n\n" + reference() + "\n" + markdown[end:]
+        raise ValueError(f"{name} has no generated part: it needs the lines "
+                         f"{begin!r} and {END!r}")
+    return markdown[:start + len(begin)] + "\n\n" + body() + "\n" + markdown[end:]
 
 
 def update_docs(directory: str | Path) -> list[Path]:
-    """Rewrite `directory`/pipeline.schema.json and the generated part of
-    `directory`/pipeline.md; return the files that changed."""
+    """Rewrite `directory`/pipeline.schema.json and the generated parts of
+    `directory`/pipeline.md and `directory`/stage-outputs.md; return the files that changed.
+    A Markdown file that is not there is left out (its hand-written frame cannot be made up):
+    `stale_docs` names it."""
     directory = Path(directory)
     changed = []
-    schema_path, ref_path = directory / SCHEMA_FILE, directory / REFERENCE_FILE
+    schema_path = directory / SCHEMA_FILE
     new_schema = schema_text()
     if not schema_path.is_file() or schema_path.read_text(encoding="utf-8") != new_schema:
         schema_path.write_text(new_schema, encoding="utf-8")
         changed.append(schema_path)
-    old = ref_path.read_text(encoding="utf-8")
-    new = _with_reference(old)
-    if new != old:
-        ref_path.write_text(new, encoding="utf-8")
-        changed.append(ref_path)
+    for name, begin, body in GENERATED:
+        path = directory / name
+        if not path.is_file():
+            continue
+        old = path.read_text(encoding="utf-8")
+        new = _with_generated(old, name, begin, body)
+        if new != old:
+            path.write_text(new, encoding="utf-8")
+            changed.append(path)
     return changed
 
 
 def stale_docs(directory: str | Path) -> list[Path]:
-    """The files of `directory` that do not match the model (missing ones included)."""
+    """The files of `directory` that do not match the code (missing ones included)."""
     directory = Path(directory)
-    schema_path, ref_path = directory / SCHEMA_FILE, directory / REFERENCE_FILE
+    schema_path = directory / SCHEMA_FILE
     stale = []
     if not schema_path.is_file() or schema_path.read_text(encoding="utf-8") != schema_text():
         stale.append(schema_path)
-    if not ref_path.is_file():
-        stale.append(ref_path)
-    else:
-        old = ref_path.read_text(encoding="utf-8")
+    for name, begin, body in GENERATED:
+        path = directory / name
+        if not path.is_file():
+            stale.append(path)
+            continue
+        old = path.read_text(encoding="utf-8")
         try:
-            if _with_reference(old) != old:
-                stale.append(ref_path)
+            if _with_generated(old, name, begin, body) != old:
+                stale.append(path)
         except ValueError:
-            stale.append(ref_path)
+            stale.append(path)
     return stale

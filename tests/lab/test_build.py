@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.base import StageContext
+from runner.stage import StageContext
 
 from pipelines.build import BuildStage
 
@@ -62,7 +62,7 @@ def test_build_with_cache_mount_then_code_only_change_is_cached(lab, tmp_path, i
     (src / "deps.txt").write_text(f"dep-a==1\nnonce=={uuid.uuid4().hex}\n")
     image = f"{lab['registry']}/test/build-app"
     ctx = make_ctx(tmp_path, src, image)
-    first = BuildStage().run(ctx)
+    first = BuildStage().run(ctx).to_dict()
     images.extend(first["tags"])
     assert first["builder"] in ("buildx", "docker-buildkit")
     assert first["image_id"].startswith("sha256:")
@@ -75,7 +75,7 @@ def test_build_with_cache_mount_then_code_only_change_is_cached(lab, tmp_path, i
 
     (src / "app.sh").write_text("echo changed code\n")
     ctx2 = make_ctx(tmp_path, src, image)
-    second = BuildStage().run(ctx2)
+    second = BuildStage().run(ctx2).to_dict()
     images.extend(second["tags"])
     assert second["image_id"] != first["image_id"]
     assert second["total_steps"] == 5
@@ -121,7 +121,7 @@ def test_build_secret_is_used_and_appears_nowhere(lab, tmp_path, images):
     ctx = make_ctx(tmp_path, src, f"{lab['registry']}/test/build-secret",
                    secret_values={"token": value}, args={"NONCE": uuid.uuid4().hex},
                    secrets=(BuildSecret(id="tok", secret="token"),))
-    out = BuildStage().run(ctx)
+    out = BuildStage().run(ctx).to_dict()
     images.extend(out["tags"])
     assert value not in ctx.log.everything()
     cli = detect_builder().docker_cli

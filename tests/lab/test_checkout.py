@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.base import StageContext
 from pipelines.checkout import CheckoutStage, mirror_key, normalize_url, parse_symref
 from runner.errors import Cancelled, InvalidInput, StageFailed
 from runner.model import Image, Pipeline, Repository
+from runner.stage import StageContext
 from tests.doubles import DictSecrets
 
 GIT_ENV = {
@@ -109,8 +109,9 @@ def make_ctx(tmp_path: Path, url: str, run: str = "r1", trigger: dict | None = N
 
 
 def run(tmp_path: Path, url: str, **kw) -> tuple[dict, StageContext]:
+    """The stage's outputs as the run records them, and its context."""
     ctx = make_ctx(tmp_path, url, **kw)
-    return CheckoutStage().run(ctx), ctx
+    return CheckoutStage().run(ctx).to_dict(), ctx
 
 
 # --- first run, later runs --------------------------------------------------------------------

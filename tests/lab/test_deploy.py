@@ -19,12 +19,14 @@ from deployers.base import DeployFailed
 from deployers.spec import Target
 from deployers.ssh_docker import SSHDockerDeployer
 from deployers.transport import HostKeyError, connect
-from pipelines.base import StageContext
 from pipelines.deploy import DeployStage
 from runner.errors import StageFailed
 from runner.model import Pipeline
 from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
+from runner.outputs import Outputs
+from runner.stage import StageContext
+from tests.doubles import checkout_outputs, push_outputs
 
 from tests.lab.deploy_fixtures import (UID, Log, NoSecrets, _deployer, _get, _port, _run_until,
                                    _servers, _stage)
@@ -69,8 +71,8 @@ def test_deploy_upgrade_failed_upgrade_then_rollback(lab, images, app, tmp_path)
     slog = Log()
     ctx = StageContext(run_id=f"r{UID}v3", pipeline=pipeline, workdir=tmp_path,
                        cache_dir=tmp_path, log=slog, secrets=NoSecrets(), cancel=threading.Event(),
-                       results={"push": {"ref": images["v3"], "digest": images["v3"][-71:]},
-                                "checkout": {"commit": "3" * 40}})
+                       outputs=Outputs(push=push_outputs(images["v3"]),
+                                       checkout=checkout_outputs(commit="3" * 40)))
     with pytest.raises(StageFailed) as err:
         DeployStage().run(ctx)
     msg = str(err.value)

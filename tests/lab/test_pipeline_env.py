@@ -7,9 +7,11 @@ import json
 import threading
 
 
-from pipelines.base import StageContext
 from pipelines.deploy import DeployStage
 from runner.loader import load_pipeline_text
+from runner.outputs import Outputs
+from runner.stage import StageContext
+from tests.doubles import checkout_outputs, push_outputs
 from tests.lab.deploy_fixtures import UID, Log, NoSecrets, _deployer, _port, _servers, _stage
 
 def test_top_level_env_reaches_the_container_and_container_env_wins(lab, images, app, tmp_path):
@@ -27,9 +29,9 @@ def test_top_level_env_reaches_the_container_and_container_env_wins(lab, images,
     ctx = StageContext(run_id=f"r{UID}env", pipeline=pipeline, workdir=tmp_path,
                        cache_dir=tmp_path, log=Log(), secrets=NoSecrets(),
                        cancel=threading.Event(),
-                       results={"push": {"ref": images["v1"], "digest": images["v1"][-71:]},
-                                "checkout": {"commit": "1" * 40}})
-    report = DeployStage().run(ctx)
+                       outputs=Outputs(push=push_outputs(images["v1"]),
+                                       checkout=checkout_outputs(commit="1" * 40)))
+    report = DeployStage().run(ctx).to_dict()
     assert report["ok"], report
 
     d = _deployer(stage, images, "v1", name)

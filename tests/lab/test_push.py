@@ -4,6 +4,7 @@ are removed from the engine at the end."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 
@@ -18,7 +19,7 @@ import httpx
 
 import pytest
 
-from pipelines.base import StageContext
+from runner.stage import StageContext
 
 from pipelines.push import (
     MANIFEST_TYPES,
@@ -33,7 +34,7 @@ from runner.model import RegistryAuth, Stages
 
 
 
-from tests.doubles import ListLog
+from tests.doubles import ListLog, checkout_outputs
 
 from tests.helpers import commit_unique_image
 
@@ -97,7 +98,7 @@ def test_push_all_tags_one_digest_and_registry_serves_it(lab, tmp_path, tagged,
     refs = [first, tagged(f"{image}:two", source=first)]
     registry_cleanup(first)
     ctx = make_ctx(tmp_path, image, refs)
-    out = PushStage().run(ctx)
+    out = PushStage().run(ctx).to_dict()
     assert out["tags"] == refs
     assert out["digest"].startswith("sha256:")
     assert out["ref"] == f"{image}@{out['digest']}"
@@ -231,7 +232,7 @@ def test_push_with_credentials_and_verify_with_them(lab, tmp_path, tagged, auth_
     log = ListLog()
     ctx = make_ctx(tmp_path, image, [ref], log=log, secret_values={"regpw": password},
                    auth=RegistryAuth(username=user, password_secret="regpw"))
-    out = PushStage().run(ctx)
+    out = PushStage().run(ctx).to_dict()
     assert out["ref"] == f"{image}@{out['digest']}"
     assert any(i.startswith("verified:") for i in log.infos)
     assert password not in "\n".join(log.lines + log.infos + log.warns)
@@ -254,13 +255,12 @@ def test_built_image_pushed_and_served_by_digest(lab, tmp_path, registry_cleanup
     (src / "app.sh").write_text(f"echo {uuid.uuid4().hex}\n")
     image = f"{lab['registry']}/test/build-push"
     ctx = make_ctx(tmp_path, image, [])
-    ctx.results["checkout"] = {"commit": "f" * 40, "branch": "main", "tag": None,
-                               "path": str(src), "url": "https://example.invalid/t.git"}
-    built = BuildStage().run(ctx)
+    ctx.outputs.checkout = checkout_outputs(src, "f" * 40, committed_at="")
+    ctx.outputs.build = BuildStage().run(ctx)
+    built = ctx.outputs.build.to_dict()
     try:
-        ctx.results["build"] = built
         registry_cleanup(built["tags"][0])
-        out = PushStage().run(ctx)
+        out = PushStage().run(ctx).to_dict()
         assert out["tags"] == built["tags"]
         host, path = split_name(image)
         resp = httpx.get(f"http://{host}/v2/{path}/manifests/{out['digest']}",
@@ -295,23 +295,22 @@ def test_inline_cache_is_pushed_for_fresh_machines(lab, tmp_path, registry_clean
     shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "build" / "app", src)
     (src / "app.sh").write_text(f"echo {uuid.uuid4().hex}\n")
     image = f"{lab['registry']}/test/inline-cache"
-    checkout = {"commit": "e" * 40, "branch": "cache", "tag": None, "path": str(src),
-                "url": "https://example.invalid/t.git"}
+    checkout = checkout_outputs(src, "e" * 40, branch="cache", committed_at="")
     made: list[str] = []
     try:
         ctx = make_ctx(tmp_path, image, [])
         ctx = StageContext(**{**ctx.__dict__, "pipeline": ctx.pipeline.model_copy(update={
             "stages": Stages(build=BuildSettings(
                 cache_to=("type=inline", "type=registry,ref=x/y:cache")))})})
-        ctx.results["checkout"] = checkout
-        built = BuildStage().run(ctx)
+        ctx.outputs.checkout = checkout
+        ctx.outputs.build = BuildStage().run(ctx)
+        built = ctx.outputs.build.to_dict()
         made += built["tags"] + [built["image_id"]]
         if built["builder"] == "docker-buildkit":
             assert any("type=registry,ref=x/y:cache" in w and "ignored" in w
                        for w in ctx.log.warns)
-        ctx.results["build"] = built
         registry_cleanup(built["tags"][0])
-        out = PushStage().run(ctx)
+        out = PushStage().run(ctx).to_dict()
         host, path = split_name(image)
         manifest = httpx.get(f"http://{host}/v2/{path}/manifests/{out['digest']}",
                              headers={"Accept": ", ".join(MANIFEST_TYPES)},
@@ -323,8 +322,8 @@ def test_inline_cache_is_pushed_for_fresh_machines(lab, tmp_path, registry_clean
         ctx2 = make_ctx(tmp_path, image, [])
         ctx2 = StageContext(**{**ctx2.__dict__, "pipeline": ctx2.pipeline.model_copy(update={
             "stages": Stages(build=BuildSettings(cache_from=(built["tags"][0],)))})})
-        ctx2.results["checkout"] = checkout
-        again = BuildStage().run(ctx2)
+        ctx2.outputs.checkout = checkout
+        again = BuildStage().run(ctx2).to_dict()
         made[:0] = again["tags"]
         assert again["cached_steps"] >= 3
     finally:
@@ -342,7 +341,8 @@ def test_a_tag_moved_by_another_build_is_not_pushed(lab, tmp_path, tagged):
     image = f"{lab['registry']}/test/push-moved-{uuid.uuid4().hex[:8]}"
     ref = tagged(f"{image}:main")
     ctx = make_ctx(tmp_path, image, [ref])
-    ctx.results["build"]["image_id"] = "sha256:" + "0" * 64  # what "this run" built
+    # What "this run" built.
+    ctx.outputs.build = dataclasses.replace(ctx.outputs.build, image_id="sha256:" + "0" * 64)
     with pytest.raises(StageFailed, match="no longer points at the image this run built"):
         PushStage().run(ctx)
     host, path = split_name(image)

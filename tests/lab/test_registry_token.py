@@ -22,13 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines.base import StageContext
 from pipelines.push import Credentials, PushStage, split_ref, verify_pushed
 from runner.errors import StageFailed
 from runner.model import Image, Pipeline, RegistryAuth, Repository, Stages
 from runner.model import PushSettings
 from runner.secrets import Masker, SecretStore
-from tests.doubles import ListLog
+from runner.stage import StageContext
+from tests.doubles import ListLog, build_outputs
 from tests.helpers import (MANIFEST_TYPES, commit_unique_image, exec_json, lab_env_printed,
                            make_repo, stage_end)
 
@@ -166,7 +166,7 @@ def _ctx(tmp_path: Path, ref: str, image_id: str, masker: Masker | None = None,
                        log=ListLog(), secrets=SecretStore(secret_values or {},
                                            masker if masker is not None else Masker()),
                        cancel=threading.Event())
-    ctx.results["build"] = {"tags": [ref], "image_id": image_id}
+    ctx.outputs.build = build_outputs([ref], image_id)
     return ctx
 
 
@@ -364,7 +364,7 @@ def test_push_with_a_login_in_a_credential_helper(kind, registries, tmp_path, fr
     image_id = fresh_image(ref)
     masker = Masker()
     ctx = _ctx(tmp_path, ref, image_id, masker)
-    out = PushStage().run(ctx)
+    out = PushStage().run(ctx).to_dict()
     pushed(reg, out["ref"])
     assert out["credentials"] == (f"credential helper docker-credential-rlabtest (named in "
                                   f"{config_dir / 'config.json'})")
@@ -385,7 +385,7 @@ def test_a_verify_with_no_read_credentials_says_so_and_is_no_verification(
     image_id = fresh_image(ref)
     ctx = _ctx(tmp_path, ref, image_id, secret_values={"pw": reg.password},
                auth=RegistryAuth(username=reg.username, password_secret="pw"))
-    out = PushStage().run(ctx)
+    out = PushStage().run(ctx).to_dict()
     pushed(reg, out["ref"])
     assert out["verified"] is True  # with the login: read back
     name = split_ref(ref)[0]

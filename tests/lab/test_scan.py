@@ -10,12 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines.base import StageContext
 from pipelines.scan import ScanGateFailed, ScanStage, find_tool
 from runner.errors import StageFailed
 from runner.model import Pipeline
+from runner.outputs import Outputs
+from runner.stage import StageContext
 from tests.helpers import events, make_repo, runner, stage_end
-from tests.doubles import DictSecrets, ListLog
+from tests.doubles import DictSecrets, ListLog, build_outputs, checkout_outputs
 
 pytestmark = pytest.mark.skipif(find_tool("trivy", None) is None, reason="trivy not installed")
 
@@ -133,8 +134,8 @@ def _ctx(tmp: Path, image_id: str, scan: dict) -> StageContext:
     return StageContext(run_id="t", pipeline=pipeline, workdir=tmp / "run",
                         cache_dir=tmp / "cache", log=ListLog(), secrets=DictSecrets(),
                         cancel=threading.Event(),
-                        results={"checkout": {"path": str(tmp / "ctx")},
-                                 "build": {"image_id": image_id, "tags": []}})
+                        outputs=Outputs(checkout=checkout_outputs(tmp / "ctx"),
+                                        build=build_outputs(image_id=image_id)))
 
 
 @pytest.mark.parametrize("source", ["engine", "archive"])
@@ -146,10 +147,10 @@ def test_image_running_as_root_fails_at_high_and_passes_at_critical(lab, tmp_pat
         with pytest.raises(ScanGateFailed) as info:
             stage.run(_ctx(tmp_path, image, {**base, "fail_on": "HIGH"}))
         assert "DS-0002 [misconfig] HIGH in <image config> (image)" in info.value.reason
-        out = stage.run(_ctx(tmp_path, image, {**base, "fail_on": "CRITICAL"}))
+        out = stage.run(_ctx(tmp_path, image, {**base, "fail_on": "CRITICAL"})).to_dict()
         assert out["passed"] and out["counts"]["HIGH"] == 1
         ignored = stage.run(_ctx(tmp_path, image, {**base, "ignore": [
-            {"id": "DS002", "statement": "needs port 80"}]}))
+            {"id": "DS002", "statement": "needs port 80"}]})).to_dict()
         assert ignored["passed"] and ignored["ignored"] == 1
         with pytest.raises(ScanGateFailed):
             stage.run(_ctx(tmp_path, image, {**base, "ignore": [

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from pipelines.base import StageContext
 from pipelines.scan import ScanGateFailed, ScanStage, find_tool
 from runner.errors import StageFailed
 from runner.model import Pipeline
-from tests.doubles import ListLog, DictSecrets
+from runner.outputs import Outputs
+from runner.stage import StageContext
+from tests.doubles import DictSecrets, ListLog, build_outputs, checkout_outputs
 
 pytestmark = pytest.mark.skipif(find_tool("trivy", None) is None,
                                 reason="trivy is not installed (pip install -e '.[scan]')")
@@ -34,12 +35,11 @@ def make_ctx(tmp: Path, repo: Path, scan: dict[str, Any], image_id: str | None =
     })
     workdir = tmp / "run"
     workdir.mkdir(exist_ok=True)
-    results: dict[str, dict[str, Any]] = {"checkout": {"path": str(repo)}}
-    if image_id:
-        results["build"] = {"image_id": image_id, "tags": []}
+    outputs = Outputs(checkout=checkout_outputs(repo),
+                      build=build_outputs(image_id=image_id) if image_id else None)
     return StageContext(run_id="t", pipeline=pipeline, workdir=workdir,
                         cache_dir=cache or tmp / "cache", log=ListLog(), secrets=DictSecrets(),
-                        cancel=threading.Event(), results=results)
+                        cancel=threading.Event(), outputs=outputs)
 
 
 def repo(tmp: Path, dockerfile: str, key: bool = False,
@@ -62,7 +62,8 @@ TODAY = dt.date(2026, 6, 1)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    return ScanStage(today=lambda: TODAY).run(ctx)
+    """The stage's outputs as the run records them."""
+    return ScanStage(today=lambda: TODAY).run(ctx).to_dict()
 
 
 def test_private_key_in_context_fails_naming_the_secret(tmp_path):
@@ -72,7 +73,7 @@ def test_private_key_in_context_fails_naming_the_secret(tmp_path):
         run(ctx)
     msg = info.value.reason
     assert "private-key [secret] HIGH in deploy_key:" in msg, msg
-    out = info.value.outputs
+    out = info.value.outputs.to_dict()
     assert out["passed"] is False
     assert out["by_scanner"] == {"secret": {"HIGH": 1}}
     report = json.loads(Path(out["report"]).read_text())

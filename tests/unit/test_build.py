@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.base import StageContext
+from runner.stage import StageContext
 
 from pipelines.build import BuildStage, failure_message, resolve_inside
 
@@ -28,7 +28,7 @@ from runner.model import BuildSecret, Image, Pipeline, Repository, Stages
 
 from runner.model import BuildSettings
 
-from tests.doubles import ListLog, DictSecrets
+from tests.doubles import DictSecrets, ListLog, checkout_outputs
 
 
 
@@ -50,9 +50,8 @@ def make_ctx(tmp_path: Path, src: Path, image: str, secret_values: dict[str, str
         run_id="r" + uuid.uuid4().hex[:8], pipeline=pipeline, workdir=tmp_path,
         cache_dir=tmp_path / "cache", log=ListLog(), secrets=DictSecrets(secret_values or {}),
         cancel=threading.Event())
-    ctx.results["checkout"] = {"commit": SHA, "short_sha": SHA[:7], "branch": "main",
-                               "tag": None, "path": str(src),
-                               "url": "https://example.invalid/t.git"}
+    # No commit time: the build dates the image now.
+    ctx.outputs.checkout = checkout_outputs(src, SHA, committed_at="")
     return ctx
 
 

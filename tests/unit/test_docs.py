@@ -10,7 +10,6 @@
       # part of a pipeline file[, under stages:]
       # part of a daemon config[, under pipelines:]
   (a block of nothing but comments, such as an editor's modeline, has nothing to load);
-- the internal docs/TEAM.md is linked from none of them.
 """
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ from runner.model import Pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted([ROOT / "README.md", ROOT / "bench" / "README.md", *(ROOT / "docs").glob("*.md")])
-INTERNAL = {ROOT / "docs" / "TEAM.md"}  # an internal note, not documentation for users
-PAGES = [p for p in DOCS if p not in INTERNAL]
+PAGES = list(DOCS)
 
 # What a `${NAME}` in a documented pipeline stands for, when the block itself does not say.
 EXAMPLE_VALUES = {
@@ -165,8 +163,6 @@ def test_relative_links_resolve(page: Path):
         if not dest.exists():
             broken.append(f"{target}: no such file {dest}")
             continue
-        if dest in INTERNAL:
-            broken.append(f"{target}: an internal note, not for users")
         if fragment and dest.suffix == ".md" and fragment not in anchors(dest):
             broken.append(f"{target}: {_id(dest)} has no heading #{fragment}")
     assert not broken, "\n".join(broken)

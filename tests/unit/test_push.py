@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.base import StageContext
+from runner.stage import StageContext
 
 from pipelines.push import (
     Credentials,
@@ -42,7 +42,7 @@ from runner.model import PushSettings
 
 from runner.secrets import Masker, SecretStore
 
-from tests.doubles import ListLog, DictSecrets
+from tests.doubles import DictSecrets, ListLog, build_outputs
 
 
 
@@ -58,7 +58,7 @@ def make_ctx(tmp_path: Path, image: str, tags: list[str], log: ListLog | None = 
     ctx = StageContext(run_id="r1", pipeline=pipeline, workdir=tmp_path, cache_dir=tmp_path,
                        log=log or ListLog(), secrets=DictSecrets(secret_values or {}),
                        cancel=threading.Event())
-    ctx.results["build"] = {"tags": tags}
+    ctx.outputs.build = build_outputs(tags)
     return ctx
 
 

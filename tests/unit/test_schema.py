@@ -1,6 +1,7 @@
 """The pipeline format's JSON Schema and reference (runner/model/reference.py): generated from
 the model, committed in docs/, and truthful: what the loader accepts, the schema accepts, and
-the other way round for the mistakes it can see."""
+the other way round for the mistakes it can see. The stage-output reference
+(docs/stage-outputs.md) is generated and checked the same way."""
 from __future__ import annotations
 
 import copy
@@ -92,6 +93,30 @@ def test_docs_regenerate_in_place_and_check_says_when_stale(tmp_path):
     assert cli_runner.invoke(cli, ["schema", "--docs", str(tmp_path)]).exit_code == 0
     assert (tmp_path / "pipeline.md").read_text() == md  # the hand-written parts untouched
     assert json.loads((tmp_path / "pipeline.schema.json").read_text()) == SCHEMA
+
+
+def test_stage_outputs_regenerate_in_place_and_check_says_when_stale(tmp_path):
+    md = (DOCS / reference.OUTPUTS_FILE).read_text(encoding="utf-8")
+    start, end = md.index(reference.OUTPUTS_BEGIN), md.index(reference.END)
+    for name in (reference.SCHEMA_FILE, reference.REFERENCE_FILE):
+        (tmp_path / name).write_text((DOCS / name).read_text(encoding="utf-8"))
+    stale = md[:start + len(reference.OUTPUTS_BEGIN)] + "\nold\n" + md[end:]
+    (tmp_path / reference.OUTPUTS_FILE).write_text(stale)
+    cli_runner = CliRunner()
+    out = cli_runner.invoke(cli, ["schema", "--check", str(tmp_path)])
+    assert out.exit_code == 1
+    assert out.output.count("does not match") == 1
+    assert f"{reference.OUTPUTS_FILE}: does not match" in out.output
+    out = cli_runner.invoke(cli, ["schema", "--docs", str(tmp_path)])
+    assert out.exit_code == 0 and reference.OUTPUTS_FILE in out.output
+    assert (tmp_path / reference.OUTPUTS_FILE).read_text() == md  # hand-written parts kept
+    assert cli_runner.invoke(cli, ["schema", "--check", str(tmp_path)]).exit_code == 0
+
+
+def test_a_missing_stage_outputs_page_is_stale(tmp_path):
+    for name in (reference.SCHEMA_FILE, reference.REFERENCE_FILE):
+        (tmp_path / name).write_text((DOCS / name).read_text(encoding="utf-8"))
+    assert reference.stale_docs(tmp_path) == [tmp_path / reference.OUTPUTS_FILE]
 
 
 # The variables the pipeline files take from their environment (the lab's, for the example).

@@ -8,7 +8,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from pipelines.base import Secrets
+from runner.stage import Secrets
 from runner.errors import InvalidInput, SecretWithheld, StageFailed
 from runner.loader import load_pipeline_text
 from runner.secrets import Masker, Secret, SecretStore, global_masker

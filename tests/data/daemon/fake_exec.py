@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """TEST FIXTURE (not a runner): stands in for `runner exec` in daemon queue tests that need no
 real build. Takes the same argv (PIPELINE --json --run-id ID --data-dir DIR --event FILE
-[--var K=V]...) and prints the same JSON events (docs/TEAM.md).
+[--var K=V]...) and prints the same JSON events (docs/stage-outputs.md).
 
 PIPELINE is a JSON file: {"stages": [...], "sleep": seconds per stage, "fail": stage or null,
 "exit": code to exit with instead}. --var FAKE_SLEEP=s / FAKE_FAIL=stage override it;

@@ -1,11 +1,18 @@
 """The one interface every stage implements, and what the engine hands to it.
 
+The contract lives here, in the runtime, so that the engine never imports the stages it runs
+(pipelines/, deployers/): they import it.
+
 Contract for `Stage.run`:
-- It receives a `StageContext` and returns a plain dict of outputs (JSON-serialisable) that later
-  stages read from `ctx.results[stage_name]`.
+- It receives a `StageContext` and returns its own typed outputs (runner.outputs: a
+  `CheckoutOutputs` from checkout, a `BuildOutputs` from build, ...), frozen. The engine keeps
+  them in `ctx.outputs` for the later stages (`ctx.outputs.checkout`, `ctx.outputs.push.ref`)
+  and records their `to_dict()` in the stage.end event and in run.json.
 - A failure of the user's pipeline (bad ref, failing RUN, registry refusal) raises
-  `runner.errors.StageFailed(stage, reason)` with a reason a user can act on. Anything else that
-  escapes is treated as a bug in the runner.
+  `runner.errors.StageFailed(stage, reason)` with a reason a user can act on. A failure that
+  still has outputs worth keeping (a failed scan gate's report, a failed deploy's per-server
+  report) passes them as `StageFailed(..., outputs=...)`, typed as a success's would be.
+  Anything else that escapes is treated as a bug in the runner.
 - It honours cancellation: long waits poll `ctx.cancel` (a threading.Event) or use
   `runner.proc.run_command`, which stops its child process when the run is cancelled and raises
   `runner.errors.Cancelled`. Cleanup goes in `finally`.
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from runner.model import Pipeline
+from runner.outputs import Outputs, StageOutputs
 
 
 class StageLog(Protocol):
@@ -49,7 +57,8 @@ class StageContext:
     log: StageLog
     secrets: Secrets
     cancel: threading.Event
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What the earlier stages of this run gave; a stage that did not run (or failed) is None.
+    outputs: Outputs = field(default_factory=Outputs)
     # What triggered the run: {"kind": "manual"|"github"|"gitlab"|"gitea"|..., "ref": ..., ...}
     trigger: dict[str, Any] = field(default_factory=dict)
 
@@ -62,5 +71,5 @@ class Stage(ABC):
         """What this stage would do, as plain data (no I/O)."""
 
     @abstractmethod
-    def run(self, ctx: StageContext) -> dict[str, Any]:
-        """Do it. See the module docstring for the contract."""
+    def run(self, ctx: StageContext) -> StageOutputs:
+        """Do it, and return this stage's outputs type. See the module docstring."""
