@@ -1,5 +1,9 @@
 """Smoke test of the benchmark harness (`python -m bench`): every variant once on a tiny image,
-and the JSON it writes holds every figure. No timing assertions: timings belong to the bench."""
+and the JSON it writes holds every figure. No timing assertions: timings belong to the bench.
+
+On 1 and 2 servers, not the bench's default 1, 2, 4: the suite's lab has 3 servers, and a 4th
+(added by the bench) with 4-server deploys of every variant cost the suite about a minute for
+rows the 2-server figures already exercise; `python -m bench` itself still runs 1, 2, 4."""
 from __future__ import annotations
 
 import json
@@ -31,7 +35,7 @@ def quick(lab, tmp_path_factory):
     variants = "runner,runner-http,plain-seq,plain-par,plain-nowait" + \
         ("" if no_ansible else ",ansible")
     p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--image", "tiny",
-                        "--servers", "1,2,4", "--variants", variants, "--out", str(out)],
+                        "--servers", "1,2", "--variants", variants, "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=330,
                        env=dict(os.environ, DOCKER_HOST=lab["docker_host"]))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -45,7 +49,7 @@ def test_bench_quick_writes_every_figure(quick):
     variants = "runner,runner-http,plain-seq,plain-par,plain-nowait"
 
     dep = data["deploy"]
-    for n in ("1", "2", "4"):
+    for n in ("1", "2"):
         block = dep["by_servers"][n]
         for v in variants.split(","):
             assert block[v]["n"] == 1 and block[v]["median"] > 0, (n, v, block[v])
@@ -88,14 +92,13 @@ def test_bench_quick_writes_every_figure(quick):
     names = {r["ratio"] for r in data["ratios"]}
     assert "deploy 2 srv: runner ÷ plain-par" in names
     assert "deploy 1 srv: runner ÷ plain-nowait" in names
-    assert "deploy runner: 4 srv ÷ 1 srv" in names
     assert "full pipeline: runner exec ÷ shell script" in names
     assert "rebuild: code-only ÷ cold (build stage)" in names
     assert "zero-downtime: deploy proxy ÷ stop-start" in names
 
     # Nothing left running on the servers.
     from bench.common import lab_status
-    for s in lab_status()["servers"][:4]:
+    for s in lab_status()["servers"]:
         r = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o",
                             f"UserKnownHostsFile={s['known_hosts']}", "-i", s["key_file"],
                             f"{s['user']}@{s['host']}", "docker ps -aq --filter name=^bench-"],
@@ -107,7 +110,7 @@ def test_bench_quick_ansible_figures(quick):
     p, data, no_ansible = quick
     if no_ansible:
         pytest.skip(f"Ansible variant not run: {no_ansible}")
-    for n in ("1", "2", "4"):
+    for n in ("1", "2"):
         block = data["deploy"]["by_servers"][n]
         assert block["ansible"]["n"] == 1 and block["ansible"]["median"] > 0
         assert block["runner/ansible"]["ratio"] > 0
