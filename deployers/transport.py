@@ -130,7 +130,7 @@ def parse_public_key(line: str) -> paramiko.PKey:
         raise ValueError(f"not a public key ({parts[0]}): {exc}") from None
 
 
-def fingerprint(key: paramiko.PKey) -> str:
+def key_fingerprint(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.fingerprint}"
 
 
@@ -215,7 +215,7 @@ class HostKeyPolicy:
         pin = pinned or self.pinned
         if not pin and any(self._file(p).revoked(name, key) for p in self.files(files)):
             raise HostKeyError(label, (
-                f"host key {fingerprint(key)} of {name} is marked @revoked in "
+                f"host key {key_fingerprint(key)} of {name} is marked @revoked in "
                 f"{self.where(pinned, files)}. Refusing to connect."))
         expected = self.expected(host, port, pinned, files, alias)
         if any(k.asbytes() == key.asbytes() for k in expected):
@@ -225,12 +225,12 @@ class HostKeyPolicy:
             hint = (f" If this is the server's real key, `{trust}` shows its fingerprint and "
                     f"the line to add." if trust else "")
             raise HostKeyError(label, (
-                f"unknown host key {fingerprint(key)}: {name} is not in {where}. Refusing "
+                f"unknown host key {key_fingerprint(key)}: {name} is not in {where}. Refusing "
                 f"to connect; add the server's real key after checking it.{hint}"))
-        known = ", ".join(fingerprint(k) for k in expected)
+        known = ", ".join(key_fingerprint(k) for k in expected)
         hint = f" (`{trust}` shows the key it presents now)" if trust else ""
         raise HostKeyError(label, (
-            f"HOST KEY CHANGED: the server presented {fingerprint(key)} but {where} has "
+            f"HOST KEY CHANGED: the server presented {key_fingerprint(key)} but {where} has "
             f"{known}. Refusing to connect: the server was reinstalled or someone is "
             f"intercepting the connection. Check, then update the key{hint}."))
 
@@ -925,7 +925,7 @@ def _identity(path: str, default: bool) -> tuple[_Offer | None, bytes | None, st
                            f"(add it to ssh-agent)")
     except (paramiko.SSHException, ValueError, OSError) as exc:
         return None, pub, f"{where}: cannot be read ({exc})"
-    return _Offer(f"{where} ({fingerprint(key)})", key), key.asbytes(), None
+    return _Offer(f"{where} ({key_fingerprint(key)})", key), key.asbytes(), None
 
 
 def _offers(target: Target, opts: SSHOptions, agent: _Agent | None
@@ -936,7 +936,7 @@ def _offers(target: Target, opts: SSHOptions, agent: _Agent | None
     offers: list[_Offer] = []
     notes: list[str] = []
     if opts.key is not None:
-        offers.append(_Offer(f"{opts.key_label} ({fingerprint(opts.key)})", opts.key))
+        offers.append(_Offer(f"{opts.key_label} ({key_fingerprint(opts.key)})", opts.key))
     files = [(p, *_identity(p, target.identity_default)) for p in target.identity_files]
     if agent is not None:
         allowed = {pub for _, _, pub, _ in files if pub}
@@ -949,7 +949,7 @@ def _offers(target: Target, opts: SSHOptions, agent: _Agent | None
                          f"IdentityFile's")
         for k in picked:
             comment = f" {k.comment}" if getattr(k, "comment", "") else ""
-            offers.append(_Offer(f"ssh-agent key {fingerprint(k)}{comment}", k))
+            offers.append(_Offer(f"ssh-agent key {key_fingerprint(k)}{comment}", k))
     found = False
     for path, offer, _pub, note in files:
         if offer is not None:

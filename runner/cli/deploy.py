@@ -306,7 +306,7 @@ def ssh_trust(hosts: tuple[str, ...], jump: str | None, known_hosts: str | None,
 
     from deployers.spec import resolve_target
     from deployers.ssh_config import UserConfig, parse_hops
-    from deployers.transport import (HostKeyPolicy, SSHOptions, fingerprint, known_hosts_line,
+    from deployers.transport import (HostKeyPolicy, SSHOptions, key_fingerprint, known_hosts_line,
                                      load_private_key, scan_host_key)
     config = UserConfig.load()
     try:
@@ -342,7 +342,7 @@ def ssh_trust(hosts: tuple[str, ...], jump: str | None, known_hosts: str | None,
         expected = policy.expected_for(target)
         kind = _KEY_FILES.get(found.get_name(), "ecdsa")
         click.echo(f"{name}, port {target.port}{f', through {via}' if via else ''}, presents "
-                   f"this host key:\n  {fingerprint(found)}", err=True)
+                   f"this host key:\n  {key_fingerprint(found)}", err=True)
         if any(k.asbytes() == found.asbytes() for k in expected):
             click.echo(f"It is already trusted: {policy.where(None, target.known_hosts)} "
                        f"lists it. Nothing to add.", err=True)
@@ -350,7 +350,7 @@ def ssh_trust(hosts: tuple[str, ...], jump: str | None, known_hosts: str | None,
         if expected:
             listed = known_hosts_line(target, found).split()[0]
             click.echo(f"WARNING: this is NOT the key {policy.where(None, target.known_hosts)} "
-                       f"has ({', '.join(fingerprint(k) for k in expected)}). If the server "
+                       f"has ({', '.join(key_fingerprint(k) for k in expected)}). If the server "
                        f"was reinstalled, remove the old line "
                        f"({shlex.join(['ssh-keygen', '-R', listed, '-f', into])}) before "
                        f"adding this one; if it was not, someone may be intercepting the "

@@ -80,7 +80,7 @@ def parse_ls_remote(text: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class Credentials:
+class RepositoryCredentials:
     """The repository section of a pipeline file and the values of the secrets it names."""
 
     repository: Repository
@@ -94,7 +94,7 @@ class CredentialsUnavailable(Exception):
 
 def pipeline_credentials(p: PipelineEntry, config: DaemonConfig, masker: Masker,
                          environ: Mapping[str, str] | None = None,
-                         warn: Callable[[str], None] = log.warning) -> Credentials | None:
+                         warn: Callable[[str], None] = log.warning) -> RepositoryCredentials | None:
     """What `runner exec` would use to reach the repository of pipeline `p`: its file loaded
     with the entry's vars and `environ` (default: this process's environment, which the runs
     inherit), and only the secrets repository.token / repository.ssh_key name, registered with
@@ -117,10 +117,10 @@ def pipeline_credentials(p: PipelineEntry, config: DaemonConfig, masker: Masker,
         why = "; ".join(pr.message for pr in exc.problems) or str(exc)
         raise CredentialsUnavailable(f"pipeline {p.name!r}: the repository's credentials cannot "
                                      f"be read, nothing polled: {why}") from None
-    return Credentials(repo, store)
+    return RepositoryCredentials(repo, store)
 
 
-def ls_remote(url: str, timeout: float, credentials: Credentials | None = None,
+def ls_remote(url: str, timeout: float, credentials: RepositoryCredentials | None = None,
               masker: Masker | None = None,
               warn: Callable[[str], None] = log.warning) -> dict[str, str]:
     """{ref: commit} of the repository at `url`, reached as the checkout stage reaches it.
@@ -158,7 +158,7 @@ def ls_remote(url: str, timeout: float, credentials: Credentials | None = None,
     return parse_ls_remote(proc.stdout)
 
 
-def split_ref(ref: str) -> tuple[str | None, str | None]:
+def branch_and_tag(ref: str) -> tuple[str | None, str | None]:
     if ref.startswith("refs/heads/"):
         return ref[len("refs/heads/"):], None
     if ref.startswith("refs/tags/"):
@@ -181,7 +181,7 @@ def poll_decisions(p: PipelineEntry, seen: dict[str, str], first_time: bool, cur
     """Which refs a poll should start runs for. Pure. Returns [(ref, branch, tag, before, commit)]."""
     out = []
     for ref, sha in sorted(current.items()):
-        branch, tag = split_ref(ref)
+        branch, tag = branch_and_tag(ref)
         if push_filter(p, branch, tag) is not None:
             continue
         before = seen.get(ref)

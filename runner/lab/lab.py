@@ -17,7 +17,7 @@ from pathlib import Path
 
 from runner.lab import build_engine, host, layout, network, postgres, registries, servers
 from runner.lab.errors import LabError
-from runner.lab.layout import Server
+from runner.lab.layout import LabServer
 from runner.lab.state import State
 
 
@@ -29,7 +29,7 @@ class Lab:
     def load(self) -> dict:
         return self.state.load()
 
-    def servers(self) -> list[Server]:
+    def servers(self) -> list[LabServer]:
         return self.state.servers()
 
     def describe(self) -> dict:
@@ -76,7 +76,7 @@ class Lab:
             servers.ensure_client_key(self.state)
             registries.ensure(self.state)
             build_rec = build_engine.start(self.state)
-            wanted_servers = [Server(i, self.state.dir) for i in wanted]
+            wanted_servers = [LabServer(i, self.state.dir) for i in wanted]
             # The slow parts side by side: the engine's images, initdb, each server's dockerd.
             with ThreadPoolExecutor(max_workers=len(wanted_servers) + 2) as pool:
                 futures = {"build engine": pool.submit(build_engine.finish, self.state,

@@ -94,7 +94,7 @@ def state_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class Server:
+class LabServer:
     """Server number `index` (1-based) of the lab, and every name and path that belongs to it."""
 
     index: int
@@ -153,10 +153,10 @@ class Server:
         return self.dir / "daemon.json"
 
 
-def server_from_name(name: str, state: Path) -> Server:
+def server_from_name(name: str, state: Path) -> LabServer:
     if not name.startswith("srv") or not name[3:].isdigit():
         raise ValueError(f"not a lab server name: {name!r}")
-    return Server(int(name[3:]), state)
+    return LabServer(int(name[3:]), state)
 
 
 def client_key(state: Path) -> Path:
@@ -227,7 +227,7 @@ def proxy_cache(state: Path) -> Path:
     return state / "cache" / "caddy"
 
 
-def describe(state: Path, servers: list[Server], db_password: str | None = None) -> dict:
+def describe(state: Path, servers: list[LabServer], db_password: str | None = None) -> dict:
     """The JSON `runner lab up --json` prints: everything a client needs to use the lab.
     `database_url` carries the password (None until `up` made it); `database` names its file."""
     return {
@@ -315,7 +315,7 @@ def build_bridge_cmds() -> list[list[str]]:
     ]
 
 
-def server_net_cmds(s: Server) -> list[list[str]]:
+def server_net_cmds(s: LabServer) -> list[list[str]]:
     ns = ["ip", "-n", s.netns]
     return [
         ["ip", "netns", "add", s.netns],
@@ -385,7 +385,7 @@ def build_dockerd_argv(state: Path) -> list[str]:
     ]
 
 
-def server_dockerd_argv(s: Server) -> list[str]:
+def server_dockerd_argv(s: LabServer) -> list[str]:
     return [
         "nsenter", f"--net={s.netns_path}",
         "dockerd",
@@ -414,7 +414,7 @@ def runs_as_started(running: list[str], wanted: list[str]) -> bool:
             and running[1:] == wanted[1:])
 
 
-def server_sshd_argv(s: Server) -> list[str]:
+def server_sshd_argv(s: LabServer) -> list[str]:
     return ["nsenter", f"--net={s.netns_path}", "/usr/sbin/sshd", "-D", "-e", "-f", str(s.sshd_config)]
 
 
@@ -504,7 +504,7 @@ def htpasswd_entry(text: str, user: str) -> str | None:
     return None
 
 
-def sshd_config(s: Server) -> str:
+def sshd_config(s: LabServer) -> str:
     return "\n".join([
         f"ListenAddress {s.ip}:{SSH_PORT}",
         f"HostKey {s.host_key}",
@@ -526,7 +526,7 @@ def sshd_config(s: Server) -> str:
     ])
 
 
-def known_hosts_line(s: Server, host_pub: str) -> str:
+def known_hosts_line(s: LabServer, host_pub: str) -> str:
     """A known_hosts line from the server's host public key file ("type base64 comment")."""
     kind, key = host_pub.split()[:2]
     host = s.ip if SSH_PORT == 22 else f"[{s.ip}]:{SSH_PORT}"

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 
 from runner.lab import host, layout
-from runner.lab.layout import Server
+from runner.lab.layout import LabServer
 from runner.lab.state import State
 
 
-def problems(state: State, s: Server) -> list[str]:
+def problems(state: State, s: LabServer) -> list[str]:
     if not _net_ok(s):
         return [f"{s.name}: network namespace {s.netns} or veth {s.veth} is missing"]
     found = []
@@ -50,7 +50,7 @@ def ensure_client_key(state: State) -> None:
                   "-f", str(key)])
 
 
-def ensure(state: State, s: Server) -> None:
+def ensure(state: State, s: LabServer) -> None:
     """Server `s`: its namespace and veth (made again, its processes stopped first, when one is
     missing), host key, sshd config, then its dockerd and sshd, each left alone while it runs as
     `up` would start it now and answers. Both are started before either is waited for."""
@@ -132,13 +132,13 @@ def netns_indexes() -> list[int]:
             if n.startswith("rlab-srv") and n[len("rlab-srv"):].isdigit()]
 
 
-def remove_net(s: Server) -> None:
+def remove_net(s: LabServer) -> None:
     if host.link_exists(s.veth):
         host.run(["ip", "link", "del", s.veth], check=False)
     if host.netns_exists(s.netns):
         host.run(["ip", "netns", "del", s.netns], check=False)
 
 
-def _net_ok(s: Server) -> bool:
+def _net_ok(s: LabServer) -> bool:
     return (host.netns_exists(s.netns) and host.link_exists(s.veth)
             and host.link_master(s.veth) == layout.BRIDGE and host.link_up(s.veth))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runner.lab import host, layout
 from runner.lab.errors import LabError
-from runner.lab.layout import Server
+from runner.lab.layout import LabServer
 
 STATE_VERSION = 1
 
@@ -126,6 +126,6 @@ class State:
                                           key=lambda n: int(n[3:]))
         self.save()
 
-    def servers(self) -> list[Server]:
+    def servers(self) -> list[LabServer]:
         return sorted((layout.server_from_name(n, self.dir) for n in self.data["servers"]),
                       key=lambda s: s.index)

@@ -14,7 +14,7 @@ import pytest
 
 from deployers.base import DeployFailed
 from deployers.ssh_docker import SSHDockerDeployer
-from deployers.transport import fingerprint, parse_public_key
+from deployers.transport import key_fingerprint, parse_public_key
 from runner.model.deploy import DeploySettings
 from tests.lab.deploy_fixtures import Log, _deployer, _get, _port
 from tests.helpers import runner
@@ -38,7 +38,7 @@ def lab_known_line(lab, host: str) -> str:
 
 
 def lab_fingerprint(lab, host: str) -> str:
-    return fingerprint(parse_public_key(" ".join(lab_known_line(lab, host).split()[1:])))
+    return key_fingerprint(parse_public_key(" ".join(lab_known_line(lab, host).split()[1:])))
 
 
 def stage_for(servers, app: str, app_port: int, **ssh) -> DeploySettings:

@@ -25,7 +25,7 @@ import pytest
 
 from runner.lab import host, layout
 
-from runner.lab.layout import Server
+from runner.lab.layout import LabServer
 
 
 
@@ -39,7 +39,7 @@ STATE = Path("/var/lib/runner-lab")
 
 
 def test_server_layout_names_and_addresses():
-    s = Server(2, STATE)
+    s = LabServer(2, STATE)
     assert (s.name, s.ip, s.netns, s.veth) == ("srv2", "10.87.53.12", "rlab-srv2", "rlab-v2")
     assert s.docker_host == "unix:///run/runner-lab/srv2/docker.sock"
     assert layout.server_net_cmds(s) == [
@@ -61,14 +61,14 @@ def test_server_layout_names_and_addresses():
 
 
 def test_every_lab_engine_treats_both_registries_as_insecure():
-    for argv in (layout.build_dockerd_argv(STATE), layout.server_dockerd_argv(Server(3, STATE))):
+    for argv in (layout.build_dockerd_argv(STATE), layout.server_dockerd_argv(LabServer(3, STATE))):
         flags = [argv[i + 1] for i, a in enumerate(argv) if a == "--insecure-registry"]
         assert flags == ["10.87.53.1:5000", "10.87.53.1:5001"]
 
 
 
 def test_running_engine_is_compared_with_what_up_would_start_now():
-    s = Server(2, STATE)
+    s = LabServer(2, STATE)
     wanted = layout.server_dockerd_argv(s)
     # nsenter execs dockerd in place: /proc/PID/cmdline shows only dockerd's own argv
     running = wanted[2:]
@@ -79,7 +79,7 @@ def test_running_engine_is_compared_with_what_up_would_start_now():
     i = running.index("10.87.53.1:5001")
     older = running[:i - 1] + running[i + 1:]
     assert not layout.runs_as_started(older, wanted)
-    assert not layout.runs_as_started(running, layout.server_dockerd_argv(Server(3, STATE)))
+    assert not layout.runs_as_started(running, layout.server_dockerd_argv(LabServer(3, STATE)))
     build = layout.build_dockerd_argv(STATE)
     assert layout.runs_as_started(list(build), build)
     assert not layout.runs_as_started(build[:-2], build)
@@ -153,7 +153,7 @@ def test_auth_registry_password_is_made_once_and_kept_private(tmp_path):
 
 
 def test_sshd_config_points_sessions_at_the_servers_engine():
-    text = layout.sshd_config(Server(1, STATE))
+    text = layout.sshd_config(LabServer(1, STATE))
     assert "ListenAddress 10.87.53.11:22" in text.splitlines()
     assert "SetEnv DOCKER_HOST=unix:///run/runner-lab/srv1/docker.sock" in text.splitlines()
     assert "PasswordAuthentication no" in text.splitlines()
@@ -163,7 +163,7 @@ def test_sshd_config_points_sessions_at_the_servers_engine():
 
 def test_describe_and_env_lines_quote_values():
     state = Path("/tmp/lab dir")
-    info = layout.describe(state, [Server(1, state), Server(2, state)])
+    info = layout.describe(state, [LabServer(1, state), LabServer(2, state)])
     assert info["registry"] == "10.87.53.1:5000"
     assert info["auth_registry"] == {"address": "10.87.53.1:5001", "username": "lab",
                                      "password_file": "/tmp/lab dir/auth-registry.password"}
@@ -241,7 +241,7 @@ def test_deb_version_is_read_from_the_file_name(filename, version):
 
 def test_known_hosts_line_from_host_public_key():
     pub = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFEX srv1\n"
-    assert layout.known_hosts_line(Server(1, STATE), pub) == "10.87.53.11 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFEX"
+    assert layout.known_hosts_line(LabServer(1, STATE), pub) == "10.87.53.11 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFEX"
 
 
 
