@@ -136,7 +136,7 @@ class BuildStage(Stage):
         ctx.log.info(f"builder: {builder.describe()}{where}")
 
         sha = checkout.commit
-        git = GitInfo(sha, checkout.branch, checkout.tag)
+        git = GitInfo(sha, checkout.branch, checkout.tag, checkout.default_branch)
         try:
             tags = compute_tags(list(ctx.pipeline.image.tags), git, ctx.run_id)
         except ValueError as exc:  # the loader checks templates; a hand-built Pipeline may not

@@ -212,7 +212,8 @@ class CheckoutStage(Stage):
             with _flock(root / f"{key}.lock", ctx):
                 cloned = self._update_mirror(ctx, req, access, mirror, repo.depth)
                 _check_cancel(ctx)
-                commit, branch, tag = self._resolve(ctx, req, access, mirror, repo.depth)
+                commit, branch, tag, head = self._resolve(ctx, req, access, mirror, repo.depth)
+                default_branch = self._default_branch(ctx, access, mirror, head, req)
             _check_cancel(ctx)
             dest = self._work_tree(ctx, req, access, mirror, commit)
             if repo.submodules:
@@ -228,7 +229,24 @@ class CheckoutStage(Stage):
                      + (f" (tag {tag})" if tag else "") + f" into {dest}")
         return CheckoutOutputs(commit=commit, branch=branch, tag=tag, path=dest,
                                url=req.redacted, mirror=mirror, cloned=cloned,
-                               committed_at=committed_at)
+                               committed_at=committed_at, default_branch=default_branch)
+
+    def _default_branch(self, ctx: StageContext, access: Access, mirror: Path,
+                        head: str | None, req: _Request) -> str | None:
+        """The repository's default branch (short name): as the webhook said it, or as read
+        while resolving, or asked of the remote only when a tag template needs it ({latest}):
+        the mirror is a bare fetch, its own HEAD is not the remote's."""
+        said = (ctx.trigger or {}).get("default_branch")
+        if isinstance(said, str) and said:
+            return said[len("refs/heads/"):] if said.startswith("refs/heads/") else said
+        if head is None and any("{latest}" in t for t in ctx.pipeline.image.tags):
+            res = self._git(ctx, access, ["-C", str(mirror), "ls-remote", "--symref", "origin",
+                                          "HEAD"],
+                            what=f"reading the default branch of {req.redacted}", quiet=True)
+            head = parse_symref(res.output)
+        if head is None or not head.startswith("refs/heads/"):
+            return None
+        return head[len("refs/heads/"):]
 
     def _committed_at(self, ctx: StageContext, access: Access, dest: Path, commit: str) -> str:
         """The commit's committer time, UTC ISO 8601: the build dates the image by it, so that
@@ -279,7 +297,8 @@ class CheckoutStage(Stage):
         return cloned
 
     def _resolve(self, ctx: StageContext, req: _Request, access: Access, mirror: Path,
-                 depth: int | None) -> tuple[str, str | None, str | None]:
+                 depth: int | None) -> tuple[str, str | None, str | None, str | None]:
+        """(commit, branch, tag, the remote's HEAD ref when it was read to choose the branch)."""
         repo = git.Repo(mirror)
         try:
             g = repo.git
@@ -308,7 +327,7 @@ class CheckoutStage(Stage):
                                 what=f"fetch of commit {sha}", check=False)
                 return rev(sha.lower()) if res.returncode == 0 else None
 
-            branch = tag = None
+            branch = tag = head = None
             if req.commit is not None:
                 commit = rev(req.commit) or fetch_sha(req.commit)
                 if commit is None:
@@ -356,7 +375,7 @@ class CheckoutStage(Stage):
                                      "--format=%(refname:strip=2)", "refs/tags")
                 names = [n for n in out.splitlines() if n.strip()]
                 tag = names[0] if names else None
-            return commit, branch, tag
+            return commit, branch, tag, head
         finally:
             repo.close()
 

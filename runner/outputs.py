@@ -59,6 +59,10 @@ class CheckoutOutputs:
     committed_at: str = doc("The commit's committer time, UTC ISO 8601 "
                             "(`2024-05-01T12:00:00Z`): the build dates the image by it, so that "
                             "a rebuild of the commit gives the same image.")
+    default_branch: str | None = doc("The repository's default branch (short name), as the "
+                                     "webhook said it or as the remote's HEAD names it; null "
+                                     "when neither told (it is asked of the remote only when "
+                                     "a tag template needs it: `{latest}`).", default=None)
 
     @property
     def short_sha(self) -> str:
@@ -69,7 +73,7 @@ class CheckoutOutputs:
         return {"commit": self.commit, "short_sha": self.short_sha, "branch": self.branch,
                 "tag": self.tag, "path": str(self.path), "url": self.url,
                 "mirror": str(self.mirror), "cloned": self.cloned,
-                "committed_at": self.committed_at}
+                "committed_at": self.committed_at, "default_branch": self.default_branch}
 
 
 # ---------------------------------------------------------------------------------- build

@@ -186,6 +186,40 @@ def test_branch_at_a_tag_reports_both(tmp_path, origin):
     assert out["branch"] == "main" and out["tag"] == "v2"
 
 
+def _latest_tags(tmp_path: Path, url: str, run_id: str, tags: list[str], **kw) -> tuple[dict, list]:
+    """The checkout's outputs with these tag templates, and the tags the build computes from
+    them (pipelines/build.py: GitInfo from the outputs, then compute_tags)."""
+    from runner.tags import GitInfo, compute_tags
+
+    ctx = make_ctx(tmp_path, url, run=run_id, **kw)
+    ctx = StageContext(**{**ctx.__dict__, "pipeline": ctx.pipeline.model_copy(
+        update={"image": Image(name="registry.example/app", tags=tags)})})
+    out = CheckoutStage().run(ctx)
+    return out.to_dict(), compute_tags(tags, GitInfo(out.commit, out.branch, out.tag,
+                                                     out.default_branch), run_id)
+
+
+def test_latest_is_given_on_the_default_branch_only(tmp_path, origin):
+    # No ref: the remote's HEAD chose the branch, and names the default.
+    out, tags = _latest_tags(tmp_path, str(origin.bare), "r1", ["{latest}", "{short_sha}"])
+    assert out["default_branch"] == "main" and tags == ["latest", origin.second[:7]]
+    # A ref, and a template that needs the default: asked of the remote.
+    out, tags = _latest_tags(tmp_path, str(origin.bare), "r2", ["{latest}", "x"], ref="main")
+    assert out["default_branch"] == "main" and tags == ["latest", "x"]
+    origin.commit("f.txt", branch="feature/x")
+    out, tags = _latest_tags(tmp_path, str(origin.bare), "r3", ["{latest}", "x"],
+                             ref="feature/x")
+    assert out["default_branch"] == "main" and tags == ["x"]
+    # No template needs it and the ref chose the branch: the remote is not asked.
+    out, _ = _latest_tags(tmp_path, str(origin.bare), "r4", ["x"], ref="main")
+    assert out["default_branch"] is None
+    # The webhook said it (GitHub's repository.default_branch): believed, not asked.
+    out, tags = _latest_tags(tmp_path, str(origin.bare), "r5", ["{latest}", "x"],
+                             ref="feature/x", trigger={"kind": "github",
+                                                       "default_branch": "feature/x"})
+    assert out["default_branch"] == "feature/x" and tags == ["latest", "x"]
+
+
 @pytest.mark.parametrize("length", [40, 7])
 def test_checkout_sha(tmp_path, origin, length):
     out, _ = run(tmp_path, str(origin.bare), ref=origin.first[:length])

@@ -31,7 +31,7 @@ DIGEST = "sha256:" + "ab" * 32
 CHECKOUT = CheckoutOutputs(commit=SHA, branch="main", tag=None, path=Path("/runs/r1/src"),
                            url="https://git.example.com/app.git",
                            mirror=Path("/cache/git/0f"), cloned=True,
-                           committed_at="2024-05-01T12:00:00Z")
+                           committed_at="2024-05-01T12:00:00Z", default_branch="main")
 BUILD = BuildOutputs(image_id="sha256:" + "cd" * 32, tags=("reg/app:0123456", "reg/app:main"),
                      builder="buildx", engine="local", cached_steps=3, total_steps=5)
 SCAN = ScanOutputs(
@@ -56,12 +56,13 @@ DEPLOY = DeployOutputs(
                           reason="health check failed")))
 SAMPLES = {"checkout": CHECKOUT, "build": BUILD, "scan": SCAN, "push": PUSH, "deploy": DEPLOY}
 
-# What the stages emitted as dicts before they had types: the record must not change.
+# What the stages emitted as dicts before they had types (and checkout's default_branch, added
+# since): the record must not change.
 EXPECTED = {
     "checkout": {"commit": SHA, "short_sha": SHA[:7], "branch": "main", "tag": None,
                  "path": "/runs/r1/src", "url": "https://git.example.com/app.git",
                  "mirror": "/cache/git/0f", "cloned": True,
-                 "committed_at": "2024-05-01T12:00:00Z"},
+                 "committed_at": "2024-05-01T12:00:00Z", "default_branch": "main"},
     "build": {"image_id": "sha256:" + "cd" * 32, "tags": ["reg/app:0123456", "reg/app:main"],
               "builder": "buildx", "engine": "local", "cached_steps": 3, "total_steps": 5},
     "scan": {"passed": False, "fail_on": "HIGH", "counts": {"CRITICAL": 0, "HIGH": 1},
