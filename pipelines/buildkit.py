@@ -56,10 +56,6 @@ class Builder:
     docker_cli: str  # absolute path of the docker CLI
     version: str  # buildx version, or the docker CLI's version for the built-in BuildKit
 
-    @property
-    def supports_cache_to(self) -> bool:
-        return self.kind == BUILDX
-
     def env(self) -> dict[str, str]:
         """Variables the child needs on top of the caller's environment."""
         return {"DOCKER_BUILDKIT": "1"}
