@@ -1,6 +1,6 @@
-"""The build stage: pure path checks and failure messages here; real builds on the lab's engine
-(the `lab` fixture sets DOCKER_HOST) for cache mounts, cached steps, failing RUNs, build secrets
-and cancellation. Every image a test creates is removed at the end."""
+"""The build stage on the lab's engine (the `lab` fixture sets DOCKER_HOST): cache mounts and
+cached steps, failing RUNs, build secrets, cancellation and the timeout. Every image a test
+creates is removed at the end. The pure parts: tests/unit/test_build.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The lab's PostgreSQL (issue 11): its fixed layout checked by equality (runs anywhere), then the
-real cluster the session `lab` fixture brought up: RUNNER_DATABASE_URL of `runner lab env` logs
+"""The lab's PostgreSQL (issue 11), the real cluster the session `lab` fixture brought up (its
+layout: tests/unit/test_lab_postgres.py): RUNNER_DATABASE_URL of `runner lab env` logs
 in and the server is PostgreSQL 15 on 127.0.0.1:55432; the process in state.json is the
 postmaster; only the role's own password gets in; `pg_url` gives each test an empty database of
 its own; a postmaster killed with SIGKILL is started again by `runner lab up`, with its data.

@@ -1,6 +1,6 @@
-"""The push stage: stream reading, error classes and registry addressing are pure; pushes run
-against the lab's engine and registry (the `lab` fixture sets DOCKER_HOST). Tags a test creates
-are removed from the engine at the end."""
+"""The push stage against the lab's engine and registry (the `lab` fixture sets DOCKER_HOST):
+every tag one digest, bounded retries, cancel between tags, credentials. Tags a test creates
+are removed from the engine at the end. The pure parts: tests/unit/test_push.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The build stage: pure path checks and failure messages here; real builds on the lab's engine
-(the `lab` fixture sets DOCKER_HOST) for cache mounts, cached steps, failing RUNs, build secrets
-and cancellation. Every image a test creates is removed at the end."""
+"""The build stage, pure parts: paths kept inside the checkout, a missing Dockerfile, failure
+messages, the plan. Real builds: tests/lab/test_build.py."""
 
 from __future__ import annotations
 

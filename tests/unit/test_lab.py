@@ -1,7 +1,5 @@
-"""The lab: its fixed layout checked by equality (runs anywhere), then the real lab (the session
-`lab` fixture runs `runner lab up --servers 3 --json`): SSH with pinned host keys to each server's
-own engine, a registry round trip to a server that serves HTTP to the host, `env`, and `up` again
-as a no-op. Whatever a test creates on the servers it removes."""
+"""The lab's fixed layout, checked by equality (runs anywhere, no root): names and addresses,
+config files, commands, the lines `env` prints. The real lab: tests/lab/test_lab.py."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""The lab's PostgreSQL (issue 11): its fixed layout checked by equality (runs anywhere), then the
-real cluster the session `lab` fixture brought up: RUNNER_DATABASE_URL of `runner lab env` logs
-in and the server is PostgreSQL 15 on 127.0.0.1:55432; the process in state.json is the
-postmaster; only the role's own password gets in; `pg_url` gives each test an empty database of
-its own; a postmaster killed with SIGKILL is started again by `runner lab up`, with its data.
-
-No test runs `lab down` (the session shares one lab); whatever a test creates it removes."""
+"""The lab's PostgreSQL, pure parts: its layout and settings, the SCRAM verifier, the stop
+order. The real cluster: tests/lab/test_lab_postgres.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The push stage: stream reading, error classes and registry addressing are pure; pushes run
-against the lab's engine and registry (the `lab` fixture sets DOCKER_HOST). Tags a test creates
-are removed from the engine at the end."""
+"""The push stage, pure parts: reading the push stream, error classes, registry addressing,
+challenges and where credentials come from. Pushes to the lab's registries:
+tests/lab/test_push.py."""
 
 from __future__ import annotations
 
