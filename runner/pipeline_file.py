@@ -1,6 +1,8 @@
 """A pipeline file opened for use: loaded, checked, and its secrets read and registered with the
-masker that every output passes. The one way `runner exec`, the deploy commands (rollback,
-status, releases, deploy-lock, app, proxy) and the daemon's poll get a pipeline with its secrets.
+masker that every output passes: open_pipeline for the deploy commands (rollback, status,
+releases, deploy-lock, app, proxy); its read_secrets also for `runner exec` (engine.prepare,
+which checks its overrides in between) and the daemon's poll (which reads only the
+repository's secrets).
 
 Everything here happens before any side effect: a bad file or an unreadable secret raises
 runner.errors.InvalidInput (exit 2) with every problem and where it is.
@@ -33,27 +35,13 @@ def load_file(path: str, variables: dict[str, str]) -> Pipeline:
     return load_pipeline(path, variables=variables, environ=dict(os.environ))
 
 
-def open_pipeline(path: str | os.PathLike, variables: Mapping[str, str] | None = None, *,
-                  environ: Mapping[str, str] | None = None, load: Load | None = None,
-                  masker: Masker | None = None, withhold_secrets: bool = False,
-                  only_secrets: Collection[str] | None = None) -> OpenPipeline:
-    """Load the file (with `variables` and `environ`, default this process's environment) and
-    read its secrets.
-
-    withhold_secrets: no secret value is read at all (a pull request from a fork); the store
-    knows the names only, and a stage that asks for one fails saying which.
-    only_secrets: read just these names (the poll needs only the repository's credentials, and
-    must not fail on a deploy secret it never uses)."""
-    from runner.loader import load_pipeline
-
-    environ = dict(os.environ if environ is None else environ)
-    if load is None:
-        pipeline = load_pipeline(path, variables=dict(variables or {}), environ=environ)
-    else:
-        pipeline = load(os.fspath(path), dict(variables or {}))
-    masker = masker or Masker()
-    store = read_secrets(pipeline, environ, masker, withhold=withhold_secrets, only=only_secrets)
-    return OpenPipeline(pipeline, masker, store)
+def open_pipeline(path: str | os.PathLike, variables: Mapping[str, str], *,
+                  load: Load = load_file) -> OpenPipeline:
+    """Load the file with `variables` (and this process's environment) and read every secret
+    it names, registered with a new masker."""
+    pipeline = load(os.fspath(path), dict(variables))
+    masker = Masker()
+    return OpenPipeline(pipeline, masker, read_secrets(pipeline, dict(os.environ), masker))
 
 
 def read_secrets(pipeline: Pipeline, environ: Mapping[str, str], masker: Masker, *,
