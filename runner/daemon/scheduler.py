@@ -21,11 +21,15 @@ when the leader dies, the next try elsewhere takes it and schedules from then on
 is also recorded as a delivery keyed by pipeline, schedule and second, so that two daemons that
 both believe they lead (a leader that lost its connection but has not noticed yet) still queue
 one run per tick.
+
+Each poll with something to say is a delivery too (provider "poll"): the runs it queued, why the
+refs that moved started nothing, or why it failed; a poll that saw nothing move records nothing.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -43,7 +47,7 @@ from runner.daemon.config import DaemonConfig, PipelineEntry, cron_schedule
 from runner.daemon.webhooks import new_run, push_filter
 from runner.errors import InvalidInput
 from runner.gitaccess import remote, repository_access
-from runner.gitsafety import check_ref, check_repo_url, is_local_path
+from runner.gitsafety import check_ref, check_repo_url, is_local_path, redact_url
 from runner.loader import load_pipeline
 from runner.model import Repository
 from runner.pipeline_file import read_secrets
@@ -51,6 +55,7 @@ from runner.secrets import Masker, SecretStore
 
 log = logging.getLogger("runner.daemon.scheduler")
 ZERO = "0" * 40
+MAX_POLL_REASONS = 50  # refs named in one poll delivery's reason
 
 
 def ls_remote_argv(url: str) -> list[str]:
@@ -158,6 +163,20 @@ def ls_remote(url: str, timeout: float, credentials: RepositoryCredentials | Non
     return parse_ls_remote(proc.stdout)
 
 
+def default_branch(p: PipelineEntry) -> str:
+    """The branch a run that no push names is for (cron, manual, rollback): the first
+    triggers.push.branches entry that is not a pattern, else "main"."""
+    return next((b for b in (p.triggers.push.branches if p.triggers.push else ())
+                 if not any(c in b for c in "*?[")), "main")
+
+
+def poll_delivery_id(pipeline: str) -> str:
+    """A poll's delivery id: its pipeline, the time and a random part, so that it is never taken
+    for a duplicate of another poll (deliveries are deduplicated by provider and id)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return f"{pipeline}:{stamp}:{secrets.token_hex(4)}"
+
+
 def branch_and_tag(ref: str) -> tuple[str | None, str | None]:
     if ref.startswith("refs/heads/"):
         return ref[len("refs/heads/"):], None
@@ -177,20 +196,31 @@ def synthetic_event(url: str, ref: str, before: str | None, after: str, pusher: 
                         "head_commit": {"id": after}}}
 
 
-def poll_decisions(p: PipelineEntry, seen: dict[str, str], first_time: bool, current: dict[str, str]):
-    """Which refs a poll should start runs for. Pure. Returns [(ref, branch, tag, before, commit)]."""
-    out = []
-    for ref, sha in sorted(current.items()):
-        branch, tag = branch_and_tag(ref)
-        if push_filter(p, branch, tag) is not None:
-            continue
-        before = seen.get(ref)
+def poll_decisions(p: PipelineEntry, seen: dict[str, str], first_time: bool, current: dict[str, str]
+                   ) -> tuple[list[tuple[str, str | None, str | None, str | None, str]], list[str]]:
+    """What a poll does about the refs that moved since the last one (new, moved or deleted).
+    Pure. Returns ([(ref, branch, tag, before, commit)] to start runs for, [why each other one
+    starts nothing]): the push filter's reason (the words a webhook's ignored push gets), a
+    deletion, or a ref that was already there at the first poll with `initial: skip`. Refs that
+    did not move are in neither."""
+    runs: list[tuple[str, str | None, str | None, str | None, str]] = []
+    ignored: list[str] = []
+    for ref in sorted(set(current) | set(seen)):
+        sha, before = current.get(ref), seen.get(ref)
         if before == sha:
             continue
-        if before is None and first_time and p.triggers.poll and p.triggers.poll.initial == "skip":
-            continue
-        out.append((ref, branch, tag, before, sha))
-    return out
+        branch, tag = branch_and_tag(ref)
+        why = push_filter(p, branch, tag)
+        if why is not None:
+            # The delivery names the pipeline already: the ref leads instead.
+            ignored.append(f"{ref}: {why.removeprefix(p.name + ': ')}")
+        elif sha is None:
+            ignored.append(f"{ref}: deleted (was {(before or '')[:12]})")
+        elif before is None and first_time and p.triggers.poll and p.triggers.poll.initial == "skip":
+            ignored.append(f"{ref}: {sha[:12]} was there at the first poll (triggers.poll.initial: skip)")
+        else:
+            runs.append((ref, branch, tag, before, sha))
+    return runs, ignored
 
 
 class Schedules:
@@ -274,32 +304,53 @@ class Schedules:
         return ls_remote(url, core.config.git_timeout, creds, core.masker, warn=warn)
 
     def poll(self, name: str) -> list[int]:
+        """One poll of pipeline `name`. Its outcome is a delivery (provider "poll", event the
+        pipeline's name) when there is something to say: it failed (once per distinct error, not
+        every interval of a long outage), it queued runs, or refs moved and it queued nothing
+        (why, per ref). A poll that saw nothing move records nothing."""
         core = self.core
         p = core.config.pipeline(name)
         if p is None or not p.repo:
             return []
         url = str(core.config.path(p.repo)) if is_local_path(p.repo) else p.repo
+        where = core.masker.mask(redact_url(url))
         try:
             current = self.refs(p, url)
         except CredentialsUnavailable as exc:
             log.error("poll: the repository's credentials are unavailable",
                       extra={"pipeline": name, "error": str(exc)})
-            core.store.set_poll_state(name, {}, error=str(exc))
+            self._poll_failed(name, str(exc), where)
             return []
         except (RuntimeError, InvalidInput, subprocess.TimeoutExpired, OSError) as exc:
             log.warning("poll failed", extra={"pipeline": name, "error": str(exc)})
-            core.store.set_poll_state(name, {}, error=str(exc))
+            self._poll_failed(name, str(exc), where)
             return []
         first = not core.store.has_poll_state(name)
         seen = core.store.poll_state(name)
+        decided, ignored = poll_decisions(p, seen, first, current)
         runs = [new_run(p, "poll", None, ref, branch, tag, sha, synthetic_event(url, ref, before, sha, "runner-poll"))
-                for ref, branch, tag, before, sha in poll_decisions(p, seen, first, current)]
-        ids, cancel = core.store.enqueue(runs) if runs else ([], [])
+                for ref, branch, tag, before, sha in decided]
+        if len(ignored) > MAX_POLL_REASONS:  # a first poll of a repository with many tags
+            ignored = ignored[:MAX_POLL_REASONS] + [f"and {len(ignored) - MAX_POLL_REASONS} more refs"]
+        ids: list[int] = []
+        if runs or ignored:
+            # The store adds the runs it skipped (the commit already ran) to the reasons.
+            acc = core.store.accept_delivery("poll", poll_delivery_id(name), name, runs, ignored, remote=where)
+            ids = list(acc.run_ids)
+            if ids:
+                log.info("poll queued runs", extra={"pipeline": name, "runs": ids})
+                core.after_accept(list(acc.cancel_running))
         core.store.set_poll_state(name, current)
-        if ids:
-            log.info("poll queued runs", extra={"pipeline": name, "runs": ids})
-            core.after_accept(cancel)
         return ids
+
+    def _poll_failed(self, name: str, error: str, where: str) -> None:
+        core = self.core
+        error = core.masker.mask(error)
+        # Recorded when the error is new, not at every interval while it lasts: poll_state
+        # keeps when it was last tried.
+        if core.store.poll_error(name) != error:
+            core.store.record_delivery("poll", poll_delivery_id(name), name, "error", error, 0, remote=where)
+        core.store.set_poll_state(name, {}, error=error)
 
     def cron_tick(self, name: str, index: int) -> list[int]:
         """What the scheduler calls: the tick is the second it fired in (a schedule's resolution)."""
@@ -312,8 +363,7 @@ class Schedules:
         if p is None:
             return []
         spec = p.triggers.cron[index]
-        branch = spec.branch or next((b for b in (p.triggers.push.branches if p.triggers.push else ())
-                                      if not any(c in b for c in "*?[")), "main")
+        branch = spec.branch or default_branch(p)
         ref = f"refs/heads/{branch}"
         sha = None
         url = ""

@@ -13,22 +13,25 @@ import json
 import shutil
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import threading
 import time
 import urllib.parse
+from dataclasses import replace
 
 import uvicorn
 
 from runner.daemon.api import build_app, timed_h11_protocol
 from runner.daemon.config import DaemonConfig
+from runner.daemon.dashboard.live import LiveHub
 from runner.daemon.metrics import Metrics
-from runner.daemon.scheduler import Schedules, synthetic_event
+from runner.daemon.scheduler import Schedules, default_branch, synthetic_event
 from runner.daemon.status import StatusReporter
 from runner.daemon.store import Store, StoreError, open_store
-from runner.daemon.webhooks import new_run
+from runner.daemon.webhooks import group_key, new_run
 from runner.daemon.worker import WorkerPool, stop_orphan
 from runner.errors import InvalidInput
 from runner.gitsafety import is_local_path
@@ -61,6 +64,23 @@ def setup_logging(stream=None, level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+# What `runner rollback --to` takes (deployers.history.choose): a position (0 the newest
+# verified release, up to 999), a digest, or a git commit (abbreviated to 7 or more).
+_ROLLBACK_TO = re.compile(r"^(\d{1,3}|sha256:[0-9a-f]{64}|[0-9a-f]{7,64})$")
+
+
+def check_rollback_target(to: str | None) -> str | None:
+    """`to` as `runner rollback --to` gets it (hex lowercased), or None for the default.
+    Raises InvalidInput."""
+    if to is None:
+        return None
+    value = to.strip().lower() if isinstance(to, str) else ""
+    if not _ROLLBACK_TO.match(value):
+        raise InvalidInput(f"rollback target {to!r} is not a position (0, 1, ... 999), a digest "
+                           "(sha256: and 64 hex digits) or a git commit (7 to 64 hex digits)")
+    return value
 
 
 class Daemon:
@@ -115,6 +135,7 @@ class Daemon:
         self._reserve = self.data_dir / "disk-reserve"
         self._reserve_lock = threading.Lock()
         self._make_reserve()
+        self.live = LiveHub()  # wakes the dashboard's event streams when a run changes
         self.pool = WorkerPool(self)
         self.schedules = Schedules(self)
         self.app = build_app(self)
@@ -181,11 +202,13 @@ class Daemon:
             run = self.store.get_run(run_id) or {}
             self.pool.cancel_local(run_id, run.get("reason") or "superseded")
         self.pool.wake()
+        self.live.changed(None)  # a run was queued (or superseded): the runs pages look again
 
     def cancel(self, run_id: int, reason: str) -> str | None:
         before = self.store.request_cancel(run_id, reason)
         if before == "running":
             self.pool.cancel_local(run_id, reason)
+        self.live.changed(run_id)
         return before
 
     def trigger_manual(self, name: str, branch: str | None, tag: str | None, commit: str | None,
@@ -195,8 +218,7 @@ class Daemon:
         if tag:
             ref = f"refs/tags/{tag}"
         else:
-            branch = branch or next((b for b in (p.triggers.push.branches if p.triggers.push else ())
-                                     if not any(c in b for c in "*?[")), "main")
+            branch = branch or default_branch(p)
             ref = f"refs/heads/{branch}"
         url = ""
         if p.repo:
@@ -209,6 +231,24 @@ class Daemon:
         event = synthetic_event(url, ref, None, commit, "runner-api") if commit else {}
         ids, cancel = self.store.enqueue([new_run(p, "manual", None, ref, branch if not tag else None, tag,
                                                   commit, event, extra_vars=variables)])
+        self.after_accept(cancel)
+        return ids[0]
+
+    def trigger_rollback(self, name: str, to: str | None) -> int:
+        """Queue a rollback run of pipeline `name`: `runner rollback` returns every server to the
+        release `to` names (check_rollback_target), or by default to the newest verified one
+        other than what runs now. It joins the group of the pipeline's deploys (its default
+        branch's) without cancelling the one running: a rollback waits for a deploy to end, and
+        like any newer run it supersedes the runs of that group still queued. Raises
+        InvalidInput for an unknown pipeline or a `to` that names no release."""
+        p = self.config.pipeline(name)
+        if p is None:
+            raise InvalidInput(f"no pipeline {name!r}")
+        to = check_rollback_target(to)
+        branch = default_branch(p)
+        run = replace(new_run(p, "rollback", None, None, None, None, None, {"rollback": {"to": to}}),
+                      group=group_key(p, branch, None, f"refs/heads/{branch}"), cancel_in_progress=False)
+        ids, cancel = self.store.enqueue([run])
         self.after_accept(cancel)
         return ids[0]
 
@@ -328,6 +368,7 @@ class Daemon:
         log.info("daemon stopping", extra={"grace_period": grace, "active_runs": len(self.pool.active)})
         self.schedules.stop()
         self.pool.drain(grace)
+        self.live.close()  # the dashboard's event streams end, so that the HTTP server can stop
         if self.server is not None:
             self.server.should_exit = True
         if self._server_thread is not None:

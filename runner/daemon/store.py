@@ -33,7 +33,7 @@ class NewRun:
     """A run to queue. `group` is the concurrency group key (None: no group)."""
 
     pipeline: str
-    trigger: str  # push | tag | pull_request | poll | cron | manual | retry
+    trigger: str  # push | tag | pull_request | poll | cron | manual | retry | rollback
     provider: str | None = None
     ref: str | None = None
     branch: str | None = None
@@ -83,6 +83,8 @@ class Claimed:
     withhold_secrets: bool = False
     skip_stages: tuple[str, ...] = ()
     waited: float = 0.0  # seconds it was queued (for the queue-wait metric)
+    # "rollback" runs `runner rollback` instead of `runner exec` (the worker decides by it).
+    trigger: str = ""
 
 
 class Store(abc.ABC):
@@ -166,8 +168,18 @@ class Store(abc.ABC):
     def deliveries(self, limit: int = 50, provider: str | None = None) -> list[dict]: ...
 
     @abc.abstractmethod
+    def deploys(self, pipeline: str | None = None, limit: int = 20) -> list[dict]:
+        """The newest runs with a "deploy" stage (deploys and rollbacks), newest first:
+        [{run_id, pipeline, trigger, status (the run's), stage_status, commit, branch, tag,
+        started_at, finished_at, duration, error (the stage's), outputs (parsed, or None)}]."""
+
+    @abc.abstractmethod
     def poll_state(self, pipeline: str) -> dict[str, str]:
         """{ref: commit} as the last successful poll saw them ({} if none)."""
+
+    @abc.abstractmethod
+    def poll_error(self, pipeline: str) -> str:
+        """The error of the last poll of this pipeline ("" if it succeeded, or none ran)."""
 
     @abc.abstractmethod
     def has_poll_state(self, pipeline: str) -> bool:

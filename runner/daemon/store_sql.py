@@ -182,7 +182,10 @@ class SqlStore(Store):
             return None
         if row["status"] not in FINAL:
             raise StoreError(f"run {run_id} is {row['status']}: only a run that ended can be run again")
-        return NewRun(pipeline=row["pipeline"], trigger="retry", provider=row["provider"], ref=row["ref"],
+        # A rollback run again is a rollback (the worker runs `runner rollback` for that trigger,
+        # and `runner exec` could not read its event); retry_of still links it.
+        trigger = "rollback" if row["trigger"] == "rollback" else "retry"
+        return NewRun(pipeline=row["pipeline"], trigger=trigger, provider=row["provider"], ref=row["ref"],
                       branch=row["branch"], tag=row["tag"], commit=row["commit_sha"],
                       event=json.loads(row["event"]), vars=json.loads(row["vars"]), group=row["grp"],
                       cancel_in_progress=bool(row["cancel_in_progress"]),
@@ -275,8 +278,9 @@ class SqlStore(Store):
             ready = sorted(n for n, limit in limits.items() if per_pipeline.get(n, 0) < limit)
             if not ready:
                 return None
-            sql = ("SELECT id, pipeline, grp, event, vars, attempt, ref, branch, tag, commit_sha, withhold_secrets, "
-                   f"skip_stages, created_at FROM runs WHERE status='queued' AND pipeline IN ({_marks(len(ready))})")
+            sql = ("SELECT id, pipeline, trigger, grp, event, vars, attempt, ref, branch, tag, commit_sha, "
+                   "withhold_secrets, skip_stages, created_at FROM runs WHERE status='queued' AND pipeline IN "
+                   f"({_marks(len(ready))})")
             args: list = list(ready)
             if busy_groups:
                 sql += f" AND (grp IS NULL OR grp NOT IN ({_marks(len(busy_groups))}))"
@@ -296,7 +300,7 @@ class SqlStore(Store):
                 return Claimed(int(row["id"]), name, json.loads(row["event"]), json.loads(row["vars"]),
                                int(row["attempt"]), row["ref"], row["branch"], row["tag"], row["commit_sha"],
                                bool(row["withhold_secrets"]), tuple(json.loads(row["skip_stages"] or "[]")),
-                               max(0.0, now - float(row["created_at"])))
+                               max(0.0, now - float(row["created_at"])), trigger=row["trigger"])
         return None
 
     def heartbeat(self, owner, run_ids, lease_seconds):
@@ -521,6 +525,29 @@ class SqlStore(Store):
             d["run_ids"] = json.loads(d["run_ids"])
             out.append(d)
         return out
+
+    def deploys(self, pipeline=None, limit=20):
+        # Walks stages(name, run_id) newest first (migration 5); each row's run by its key.
+        sql = ("SELECT s.run_id, r.pipeline, r.trigger, r.status, s.status AS stage_status, r.commit_sha, "
+               "r.branch, r.tag, s.started_at, s.finished_at, s.duration, s.error, s.outputs "
+               "FROM stages s JOIN runs r ON r.id = s.run_id WHERE s.name = 'deploy'")
+        args: list = []
+        if pipeline is not None:
+            sql += " AND r.pipeline = ?"
+            args.append(pipeline)
+        sql += " ORDER BY s.run_id DESC LIMIT ?"
+        args.append(max(1, min(int(limit), 1000)))
+        out = []
+        for r in self._read(sql, args):
+            d = dict(r)
+            d["commit"] = d.pop("commit_sha")
+            d["outputs"] = json.loads(d["outputs"]) if d["outputs"] else None
+            out.append(d)
+        return out
+
+    def poll_error(self, pipeline):
+        rows = self._read("SELECT error FROM poll_state WHERE pipeline=?", (pipeline,))
+        return str(rows[0]["error"] or "") if rows else ""
 
     def poll_state(self, pipeline):
         rows = self._read("SELECT refs FROM poll_state WHERE pipeline=?", (pipeline,))

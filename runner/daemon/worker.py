@@ -3,8 +3,10 @@
 One dispatcher thread claims runs while a slot is free (global limit here, per-pipeline limit and
 concurrency groups in the store's claim). Each run has a thread that starts the child in its own
 process group, reads its JSON events line by line into the store, and maps its exit code to the
-run's status. One heartbeat thread extends this daemon's leases and picks up cancellations asked
-for elsewhere; it also hands runs whose lease expired (another daemon died) to recovery.
+run's status. A rollback run (trigger "rollback") runs `runner rollback --json` instead, recorded
+as the run's deploy stage with the report as its outputs. One heartbeat thread extends this
+daemon's leases and picks up cancellations asked for elsewhere; it also hands runs whose lease
+expired (another daemon died) to recovery.
 
 Cancelling a run sends SIGINT to the child's process group (the engine stops the running stage
 cleanly and exits 130), then SIGTERM and SIGKILL if it does not stop in time.
@@ -22,6 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
@@ -33,6 +36,8 @@ log = logging.getLogger("runner.daemon.worker")
 _STATUS_BY_EXIT = {EXIT_OK: "success", EXIT_FAILED: "failed", EXIT_INVALID: "invalid",
                    EXIT_INTERRUPTED: "cancelled"}
 CANCEL_ESCALATION = ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0))
+# `runner` in this python: what a rollback run starts (`runner rollback`), whatever exec_command says.
+RUNNER = [sys.executable, "-m", "runner"]
 
 
 try:  # loaded here, not in the forked child: dlopen after fork in a threaded process can hang
@@ -67,6 +72,37 @@ def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Pat
     for k, v in sorted(variables.items()):
         argv += ["--var", f"{k}={v}"]
     return argv
+
+
+def rollback_argv(command_base: list[str], pipeline_file: str, to: str | None,
+                  variables: dict[str, str]) -> list[str]:
+    """The argv of a rollback run. Pure; tested by equality. `command_base` is `runner` itself
+    (RUNNER): a configured exec_command stands in for `runner exec` only."""
+    argv = [*command_base, "rollback", pipeline_file, "--json"]
+    if to:
+        argv += ["--to", to]
+    for k, v in sorted(variables.items()):
+        argv += ["--var", f"{k}={v}"]
+    return argv
+
+
+def _json_object(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _mask_json(value, mask: Callable[[str], str]):
+    """Every string value in a JSON value passed through `mask`."""
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {k: _mask_json(v, mask) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_json(v, mask) for v in value]
+    return value
 
 
 def status_from_exit(returncode: int, cancel_requested: bool, reported: str | None) -> str:
@@ -128,6 +164,7 @@ class RunHandle:
         self._buf_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._reading_done = threading.Event()
+        self._readers: list[threading.Thread] = []  # stderr, then the log flusher
         self.began = time.monotonic()
 
     # -- cancellation -------------------------------------------------------------------------
@@ -165,6 +202,9 @@ class RunHandle:
         if entry is None:
             self._finish("failed", None, f"pipeline {self.run.pipeline!r} is no longer configured")
             return
+        if self.run.trigger == "rollback":
+            self._rollback(str(core.config.path(entry.file)))
+            return
         events_dir = core.data_dir / "events"
         events_dir.mkdir(parents=True, exist_ok=True)
         event_file: Path | None = None
@@ -182,39 +222,12 @@ class RunHandle:
                          ref=self.run.branch or self.run.tag, withhold_secrets=self.run.withhold_secrets,
                          skip_stages=self.run.skip_stages)
         spare = self.pool.take_spare() if core.config.exec_command is None else None
-        try:
-            if spare is not None:
-                # A warm `runner` (runner.daemon.launcher) that already imported everything:
-                # it runs the same arguments as the cold command line would.
-                try:
-                    assert spare.stdin is not None
-                    spare.stdin.write((json.dumps(argv[len(core.config.command()) - 1:]) + "\n").encode())
-                    spare.stdin.close()
-                    self.proc = spare
-                except OSError:  # it died meanwhile: start cold
-                    self.pool._discard(spare)
-                    spare = None
-            if spare is None:
-                self.proc = spawn(argv, core.data_dir, stdin=subprocess.DEVNULL)
-        except OSError as exc:
-            self._started.set()
-            self._finish("failed", None, f"cannot start {argv[0]}: {exc.strerror}")
+        if not self._start(argv, spare, skip=len(core.config.command()) - 1):
             return
-        finally:
-            self._started.set()
-        log.info("run started", extra={"run": self.id, "pipeline": self.run.pipeline, "pid": self.proc.pid})
-        core.status.report(self.run.pipeline, self.id, self.run.commit, "running")
-        try:
-            core.store.set_lease_pid(self.id, core.owner, self.proc.pid, proc_start(self.proc.pid))
-        except Exception as exc:  # noqa: BLE001 - only orphan cleanup after a crash needs it
-            log.warning("cannot record the run's pid", extra={"run": self.id, "error": str(exc)})
         stderr_tail: deque[str] = deque(maxlen=20)
-        err_thread = threading.Thread(target=self._pump_stderr, args=(stderr_tail,), daemon=True)
-        err_thread.start()
-        flusher = threading.Thread(target=self._flusher, name=f"log-{self.id}", daemon=True)
-        flusher.start()
+        self._start_readers(stderr_tail, "runner")
         reported: dict = {}
-        assert self.proc.stdout is not None
+        assert self.proc is not None and self.proc.stdout is not None
         for raw in self.proc.stdout:
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
             if not text:
@@ -228,11 +241,7 @@ class RunHandle:
                 self._log("-", text)
                 continue
             self._on_event(kind, ev, reported)
-        returncode = self.proc.wait()
-        err_thread.join(timeout=5)
-        self._reading_done.set()
-        flusher.join(timeout=5)
-        self._flush()
+        returncode = self._wait()
         status = status_from_exit(returncode, self.cancel_reason is not None, reported.get("status"))
         if status == "cancelled":
             reason = self.cancel_reason or "cancelled"
@@ -252,13 +261,126 @@ class RunHandle:
             except OSError:
                 pass
 
-    def _pump_stderr(self, tail: deque) -> None:
+    def _rollback(self, pipeline_file: str) -> None:
+        """A rollback run: `runner rollback --json`, recorded as its deploy stage. Its stderr is
+        the stage's log; its stdout ends with the report (DeployOutputs.to_dict), which becomes
+        the stage's outputs."""
+        core = self.pool.core
+        to = (self.run.event.get("rollback") or {}).get("to")
+        argv = rollback_argv(RUNNER, pipeline_file, to, self.run.vars)
+        self._stage_event("deploy", "running")
+        began = time.monotonic()
+        if not self._start(argv, None):
+            return
+        stderr_tail: deque[str] = deque(maxlen=20)
+        self._start_readers(stderr_tail, "deploy")
+        report: dict | None = None
+        report_line: str | None = None
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not text:
+                continue
+            obj = _json_object(text)
+            if obj is None:
+                self._log("deploy", text)
+                continue
+            if report_line is not None:  # only the last JSON object is the report
+                self._log("deploy", report_line)
+            report, report_line = obj, text
+        returncode = self._wait()
+        duration = time.monotonic() - began
+        status = status_from_exit(returncode, self.cancel_reason is not None, None)
+        outputs = _mask_json(report, core.masker.mask) if report is not None else None
+        error = None
+        if status == "cancelled":
+            reason = self.cancel_reason or "cancelled"
+        elif status == "success":
+            reason = ""
+        else:
+            # The command's own last words ("rollback failed: ..."); an invalid pipeline file's
+            # problems, every one (as exec's run.end gives them); else the tail of its stderr.
+            said = [x for x in stderr_tail if x.startswith("rollback failed:")]
+            if said:
+                tail = said[-1]
+            elif returncode == EXIT_INVALID:
+                tail = "\n".join(stderr_tail)
+            else:
+                tail = " | ".join(list(stderr_tail)[-3:])
+            reason = core.masker.mask(tail or f"runner rollback exited with code {returncode}")
+            error = reason
+        stage_status = "success" if returncode == 0 else "cancelled" if status == "cancelled" else "failed"
+        self._measure_stage("deploy", stage_status, duration, outputs)
+        self._stage_event("deploy", stage_status, duration=duration, error=error, outputs=outputs)
+        if self.log_error:
+            reason = (reason + "; " if reason else "") + f"log incomplete: {self.log_error}"
+        self._finish(status, returncode, reason)
+
+    def _stage_event(self, stage: str, status: str, **kw) -> None:
+        try:
+            self.pool.core.store.stage_event(self.id, stage, status, **kw)
+        except Exception as exc:  # noqa: BLE001 - as in _on_event: recorded, the run goes on
+            self.log_error = self.log_error or f"the {stage} stage's {status} was not stored: {exc}"
+        self.pool.core.live.changed(self.id)
+
+    def _start(self, argv: list[str], spare: subprocess.Popen | None, skip: int = 0) -> bool:
+        """Start the run's process: in the warm `spare` if given (it gets argv[skip:]), else
+        cold. False (and the run finished as failed) if it could not start."""
+        core = self.pool.core
+        try:
+            if spare is not None:
+                # A warm `runner` (runner.daemon.launcher) that already imported everything:
+                # it runs the same arguments as the cold command line would.
+                try:
+                    assert spare.stdin is not None
+                    spare.stdin.write((json.dumps(argv[skip:]) + "\n").encode())
+                    spare.stdin.close()
+                    self.proc = spare
+                except OSError:  # it died meanwhile: start cold
+                    self.pool._discard(spare)
+                    spare = None
+            if spare is None:
+                self.proc = spawn(argv, core.data_dir, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            self._started.set()
+            self._finish("failed", None, f"cannot start {argv[0]}: {exc.strerror}")
+            return False
+        finally:
+            self._started.set()
+        log.info("run started", extra={"run": self.id, "pipeline": self.run.pipeline, "pid": self.proc.pid})
+        core.status.report(self.run.pipeline, self.id, self.run.commit, "running")
+        try:
+            core.store.set_lease_pid(self.id, core.owner, self.proc.pid, proc_start(self.proc.pid))
+        except Exception as exc:  # noqa: BLE001 - only orphan cleanup after a crash needs it
+            log.warning("cannot record the run's pid", extra={"run": self.id, "error": str(exc)})
+        return True
+
+    def _start_readers(self, stderr_tail: deque, stderr_stage: str) -> None:
+        """stderr's lines go to the log under `stderr_stage`; buffered lines are flushed."""
+        self._readers = [
+            threading.Thread(target=self._pump_stderr, args=(stderr_tail, stderr_stage), daemon=True),
+            threading.Thread(target=self._flusher, name=f"log-{self.id}", daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    def _wait(self) -> int:
+        """Once stdout is read to its end: the exit code, with every log line stored."""
+        assert self.proc is not None
+        returncode = self.proc.wait()
+        err_thread, flusher = self._readers
+        err_thread.join(timeout=5)
+        self._reading_done.set()
+        flusher.join(timeout=5)
+        self._flush()
+        return returncode
+
+    def _pump_stderr(self, tail: deque, stage: str) -> None:
         assert self.proc is not None and self.proc.stderr is not None
         for raw in self.proc.stderr:
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
             if text:
                 tail.append(text)
-                self._log("runner", text)
+                self._log(stage, text)
 
     def _on_event(self, kind: str, ev: dict, reported: dict) -> None:
         store = self.pool.core.store
@@ -288,6 +410,8 @@ class RunHandle:
             self.log_error = self.log_error or f"a {kind} event was not stored: {exc}"
             if "full" in str(exc):
                 self.pool.core.disk_full(f"run {self.id}")
+        if kind in ("stage.start", "stage.end"):
+            self.pool.core.live.changed(self.id)
 
     def _measure_stage(self, stage: str, status: str, duration: float | None, outputs) -> None:
         metrics = self.pool.core.metrics
@@ -298,7 +422,9 @@ class RunHandle:
                     metrics.deploy_server(self.run.pipeline, str(server["name"]), str(server.get("status", "")),
                                           server_duration(server))
 
-    FLUSH_EVERY = 0.2  # seconds a log line may wait before it is readable through the API
+    # Seconds a log line may wait before it is readable through the API and the dashboard's live
+    # log (whose stream wakes when a batch is stored): most of a line's way to the browser.
+    FLUSH_EVERY = 0.1
     FLUSH_LINES = 200  # or this many lines, whichever comes first
 
     def _log(self, stage: str, line: str, when=None) -> None:
@@ -321,6 +447,7 @@ class RunHandle:
                 return
             try:
                 self.pool.core.store.append_logs(self.id, batch)
+                self.pool.core.live.changed(self.id)
             except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
                 self.log_error = f"log lines from #{batch[0][0]} on were not stored: {exc}"
                 log.error("cannot store log lines", extra={"run": self.id, "error": str(exc)})
@@ -340,6 +467,7 @@ class RunHandle:
             attempt += 1
             try:
                 ok = core.store.finish(self.id, core.owner, status, code, reason)
+                core.live.changed(self.id)
                 if not ok:
                     log.warning("lease lost before the run ended", extra={"run": self.id})
                 log.info("run finished", extra={"run": self.id, "status": status, "exit_code": code})
@@ -460,6 +588,7 @@ class WorkerPool:
                 with self._lock:
                     self.active[h.id] = h
                 h.thread.start()
+                self.core.live.changed(h.id)
             try:
                 self._ensure_spare()
             except Exception:  # noqa: BLE001 - a spare is an optimisation; runs start cold without

@@ -439,3 +439,130 @@ def test_polling_an_empty_repository_then_the_first_push_runs(tmp_path):
         sha = commit(work, "first ever")
         run = wait_for(lambda: d.store.list_runs(trigger="poll"), 10, "the first push to be run")[0]
         assert run["commit"] == sha
+
+
+# -- polls as deliveries ------------------------------------------------------------------------
+
+def _poll_deliveries(d) -> list[dict]:
+    return list(reversed(d.store.deliveries(provider="poll")))  # oldest first
+
+
+def test_poll_outcomes_are_deliveries(tmp_path):
+    from harness import git
+    bare, work = bare_repo(tmp_path)
+    first = git("rev-parse", "HEAD", cwd=work)
+    pf = fake_pipeline(tmp_path)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": str(bare),
+                             "triggers": {"push": {"branches": ["main"]}, "poll": {"interval": 0.3}}}])
+    with daemon_in_process(cfg) as d:
+        # The first poll (initial: skip) says why the head it found did not run.
+        (skip,) = wait_for(lambda: _poll_deliveries(d), 10, "the first poll's delivery")
+        assert (skip["outcome"], skip["event"], skip["run_ids"]) == ("ignored", "app", [])
+        assert skip["reason"] == f"refs/heads/main: {first[:12]} was there at the first poll " \
+                                 "(triggers.poll.initial: skip)"
+        assert skip["delivery_id"].startswith("app:") and skip["remote"] == str(bare)
+        c2 = commit(work, "second")
+        queued = wait_for(lambda: _poll_deliveries(d)[1:], 10, "a poll that queues")[0]
+        (run,) = d.store.list_runs(trigger="poll")
+        assert (queued["outcome"], queued["run_ids"], run["commit"]) == ("queued", [run["id"]], c2)
+        assert f"queued as run {run['id']}" in queued["reason"]
+        commit(work, "elsewhere", branch="feature/x")
+        ignored = wait_for(lambda: _poll_deliveries(d)[2:], 10, "a poll that ignores")[0]
+        assert ignored["outcome"] == "ignored" and ignored["reason"] == \
+            "refs/heads/feature/x: branch 'feature/x' matches none of triggers.push.branches ['main']"
+        time.sleep(1.0)  # three polls that see nothing move record nothing
+        assert len(_poll_deliveries(d)) == 3
+        # An unreachable repository: one error delivery for as long as the error stays the same.
+        bare.rename(tmp_path / "away.git")
+        error = wait_for(lambda: _poll_deliveries(d)[3:], 10, "a failed poll")[0]
+        assert (error["outcome"], error["status_code"]) == ("error", 0)
+        assert "ls-remote failed" in error["reason"]
+        time.sleep(1.0)
+        assert len(_poll_deliveries(d)) == 4
+        (tmp_path / "away.git").rename(bare)  # back, unchanged: nothing to say
+        wait_for(lambda: not d.store.poll_error("app"), 10, "a poll that works again")
+        time.sleep(0.7)
+        assert len(_poll_deliveries(d)) == 4
+        assert _final(d.store.get_run, run["id"])["status"] == "success"
+
+
+# -- rollback runs ------------------------------------------------------------------------------
+
+def test_a_rollback_waits_for_the_running_deploy_instead_of_cancelling_it(tmp_path):
+    from runner.errors import InvalidInput
+
+    pf = fake_pipeline(tmp_path, sleep=1.0)
+    cfg = config(tmp_path, [{"name": "app", "file": str(pf), "repo": REPO,
+                             "triggers": {"push": {"branches": ["main"]}}}])
+    with daemon_in_process(cfg) as d:
+        with pytest.raises(InvalidInput, match="is not a position"):
+            d.trigger_rollback("app", "main")
+        with pytest.raises(InvalidInput, match="no pipeline"):
+            d.trigger_rollback("nope", None)
+        push = send_github(d.url, push_payload(REPO, after="1" * 40), "rb-1").json()["runs"][0]
+        wait_for(lambda: d.store.get_run(push)["status"] == "running" and d.store.stages(push), 10, "the push run")
+        rb = d.trigger_rollback("app", "1")
+        queued = d.store.get_run(rb)
+        assert (queued["trigger"], queued["group"], queued["status"]) == ("rollback", "app/main", "queued")
+        assert d.store.run_event(rb) == {"rollback": {"to": "1"}}
+        assert _final(d.store.get_run, push)["status"] == "success"  # not cancelled
+        # The fake pipeline file is no pipeline `runner rollback` can read: the run is invalid,
+        # with the command's reason, recorded as its deploy stage.
+        run = _final(d.store.get_run, rb, timeout=60)
+        assert run["status"] == "invalid" and run["exit_code"] == 2, run
+        assert "pipeline is invalid" in run["reason"] and "missing required field 'image'" in run["reason"], run
+        assert run["started_at"] >= d.store.get_run(push)["finished_at"]
+        (stage,) = d.store.stages(rb)
+        assert stage["name"] == "deploy" and stage["status"] == "failed" and stage["error"] == run["reason"]
+        assert d.store.logs(rb, stage="deploy")
+        assert [x["run_id"] for x in d.store.deploys("app")] == [rb]
+
+
+def test_deploy_twice_then_a_rollback_run_on_the_lab(lab, app, tmp_path):
+    """Two pushes deploy v1 then v2 to two lab servers through the daemon (the real `runner exec`);
+    a rollback run (`runner rollback`) brings both back to v1's digest."""
+    from tests.helpers import commit_files, make_repo
+    from tests.lab.deploy_fixtures import _get, _port
+
+    name, _ = app
+    port = _port()
+    servers = lab["servers"][:2]
+    dockerfile = ('FROM local/busybox:1\nCOPY www /www\nEXPOSE 8080\n'
+                  'CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]\n')
+    repo = make_repo(tmp_path / "repo", {"Dockerfile": dockerfile, "www/index.html": "v1\n", "www/health": "ok\n"})
+    from harness import git
+    v1 = git("rev-parse", "HEAD", cwd=repo)
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(json.dumps({  # JSON is YAML
+        "version": 1, "name": name, "repository": {"url": str(repo)},
+        "image": {"name": f"{lab['registry']}/daemon-rollback/{name}"},
+        "stages": {"deploy": {
+            "servers": [f"{s['user']}@{s['host']}:{s['port']}" for s in servers],
+            "ssh": {"key_file": servers[0]["key_file"], "known_hosts": servers[0]["known_hosts"],
+                    "connect_timeout": 5},
+            "container": {"name": name, "ports": [f"{port}:8080"], "stop_timeout": 2},
+            "healthcheck": {"http": {"port": 8080, "path": "/health"}, "timeout": 20, "probe_interval": 0.2}}}}))
+    cfg = config(tmp_path, [{"name": "app", "file": str(p), "repo": str(repo),
+                             "triggers": {"push": {"branches": ["main"]}}}])
+    cfg.pop("exec_command")  # the real `runner exec`
+    with daemon_in_process(cfg) as d:
+        digests = []
+        for i, sha in enumerate((v1, None)):
+            sha = sha or commit_files(repo, {"www/index.html": "v2\n"}, "v2")
+            rid = send_github(d.url, push_payload(str(repo), after=sha), f"rb-lab-{i}").json()["runs"][0]
+            run = _final(d.store.get_run, rid, timeout=180)
+            assert run["status"] == "success", (run, d.store.logs(rid)[-30:])
+            digests.append(d.store.deploys("app", limit=1)[0]["outputs"]["servers"][0]["digest"])
+        assert [_get(s["host"], port) for s in servers] == ["v2", "v2"]
+        rb = d.trigger_rollback("app", None)  # the newest verified release before v2
+        run = _final(d.store.get_run, rb, timeout=120)
+        assert run["status"] == "success" and run["trigger"] == "rollback", (run, d.store.logs(rb)[-30:])
+        (stage,) = d.store.stages(rb)
+        out = stage["outputs"]
+        assert stage["name"] == "deploy" and stage["status"] == "success" and stage["duration"] > 0
+        assert out["what"] == "rollback" and out["ok"] is True, out
+        assert [s["digest"] for s in out["servers"]] == [digests[0]] * 2 != [digests[1]] * 2
+        assert any("rolling back to" in x["line"] for x in d.store.logs(rb, stage="deploy"))
+        assert [_get(s["host"], port) for s in servers] == ["v1", "v1"]
+        listed = d.store.deploys("app")
+        assert [(x["run_id"], x["trigger"]) for x in listed][0] == (rb, "rollback") and len(listed) == 3

@@ -320,3 +320,63 @@ def test_a_pipeline_no_live_daemon_serves_fails_its_queued_runs(store, second):
     assert store.get_run(kept)["status"] == "queued"
     store.daemon_gone("a@h:/d")
     assert [d["owner"] for d in store.daemons()] == ["b@h:/d"]
+
+
+def test_deploys_are_the_runs_with_a_deploy_stage_newest_first(store):
+    s = store
+    ids, _ = s.enqueue([
+        NewRun("app", "push", ref="refs/heads/main", branch="main", commit="1" * 40),
+        NewRun("app", "rollback", event={"rollback": {"to": None}}),
+        NewRun("other", "tag", ref="refs/tags/v1", tag="v1", commit="3" * 40),
+        NewRun("app", "push", ref="refs/heads/main", branch="main", commit="4" * 40),
+    ])
+    deployed, rolled_back, running, built = ids
+    claimed = [s.claim("me", {"app": 5, "other": 5}, 10) for _ in ids]
+    assert [c.id for c in claimed] == ids
+    assert [c.trigger for c in claimed] == ["push", "rollback", "tag", "push"]  # what the worker runs
+    s.stage_event(deployed, "build", "success", duration=1.0)
+    s.stage_event(deployed, "deploy", "running")
+    s.stage_event(deployed, "deploy", "success", duration=2.5, outputs={"what": "deploy", "ok": True})
+    s.finish(deployed, "me", "success", 0)
+    s.stage_event(rolled_back, "deploy", "running")
+    s.stage_event(rolled_back, "deploy", "failed", duration=1.0, error="rollback failed: srv1: refused",
+                  outputs={"what": "rollback", "ok": False})
+    s.finish(rolled_back, "me", "failed", 1, "rollback failed: srv1: refused")
+    s.stage_event(running, "deploy", "running")
+    s.stage_event(built, "build", "success")
+    got = s.deploys()
+    assert [d["run_id"] for d in got] == [running, rolled_back, deployed]
+    assert set(got[0]) == {"run_id", "pipeline", "trigger", "status", "stage_status", "commit", "branch", "tag",
+                           "started_at", "finished_at", "duration", "error", "outputs"}
+    now = {k: got[0][k] for k in ("pipeline", "trigger", "status", "stage_status", "commit", "tag", "finished_at",
+                                  "outputs")}
+    assert now == {"pipeline": "other", "trigger": "tag", "status": "running", "stage_status": "running",
+                   "commit": "3" * 40, "tag": "v1", "finished_at": None, "outputs": None}
+    back = got[1]
+    assert (back["status"], back["stage_status"], back["error"], back["outputs"]) == (
+        "failed", "failed", "rollback failed: srv1: refused", {"what": "rollback", "ok": False})
+    assert back["commit"] is None and back["finished_at"] >= back["started_at"]
+    first = got[2]
+    assert (first["trigger"], first["branch"], first["commit"], first["duration"], first["outputs"]) == (
+        "push", "main", "1" * 40, 2.5, {"what": "deploy", "ok": True})
+    assert [d["run_id"] for d in s.deploys("app")] == [rolled_back, deployed]
+    assert [d["run_id"] for d in s.deploys(limit=1)] == [running]
+    assert s.deploys("nothing") == []
+    # A rollback run again is a rollback (the worker runs `runner rollback` by the trigger).
+    again = s.get_run(s.retry(rolled_back))
+    assert (again["trigger"], again["retry_of"]) == ("rollback", rolled_back)
+    assert s.run_event(again["id"]) == {"rollback": {"to": None}}
+
+
+def test_the_runs_page_filters_and_the_deploys_have_indexes(store):
+    if store.dialect == "sqlite":
+        rows = store._read("SELECT name, tbl_name AS t FROM sqlite_master WHERE type='index'")
+    else:
+        rows = store._read("SELECT indexname AS name, tablename AS t FROM pg_indexes WHERE schemaname='public'")
+    have = {(r["t"], r["name"]) for r in rows}
+    assert {("runs", "runs_branch"), ("runs", "runs_trigger"), ("stages", "stages_name")} <= have
+    # The filters themselves, over both columns the indexes hold.
+    ids, _ = store.enqueue([NewRun("a", "push", branch="main"), NewRun("a", "rollback"),
+                            NewRun("a", "manual", branch="main")])
+    assert [r["id"] for r in store.list_runs(branch="main")] == [ids[2], ids[0]]
+    assert [r["id"] for r in store.list_runs(trigger="rollback")] == [ids[1]]

@@ -15,7 +15,8 @@ from harness import (HERE, SECRET, TOKEN, config, daemon_in_process, fake_forge,
 from runner.daemon.config import config_from_dict, load_config  # noqa: E402
 from runner.daemon.scheduler import ls_remote_argv, parse_ls_remote, poll_decisions  # noqa: E402
 from runner.daemon.status import status_request  # noqa: E402
-from runner.daemon.worker import exec_argv, status_from_exit  # noqa: E402
+from runner.daemon.service import check_rollback_target  # noqa: E402
+from runner.daemon.worker import exec_argv, rollback_argv, status_from_exit  # noqa: E402
 from runner.errors import InvalidInput  # noqa: E402
 
 REPO = "https://git.example.com/me/app.git"
@@ -56,9 +57,45 @@ def test_poll_decisions():
     p = config_from_dict({"pipelines": [{"name": "a", "file": "f", "triggers": {
         "push": {"branches": ["main"], "tags": ["v*"]}, "poll": {"initial": "skip"}}}]}).pipelines[0]
     current = {"refs/heads/main": "2" * 40, "refs/heads/dev": "3" * 40, "refs/tags/v1": "4" * 40}
-    assert poll_decisions(p, {}, True, current) == []  # initial: skip
-    assert poll_decisions(p, {"refs/heads/main": "1" * 40}, False, current) == [
-        ("refs/heads/main", "main", None, "1" * 40, "2" * 40), ("refs/tags/v1", None, "v1", None, "4" * 40)]
+    # initial: skip: the heads are remembered, and the poll says why nothing ran.
+    assert poll_decisions(p, {}, True, current) == ([], [
+        "refs/heads/dev: branch 'dev' matches none of triggers.push.branches ['main']",
+        "refs/heads/main: 222222222222 was there at the first poll (triggers.poll.initial: skip)",
+        "refs/tags/v1: 444444444444 was there at the first poll (triggers.poll.initial: skip)"])
+    assert poll_decisions(p, {"refs/heads/main": "1" * 40}, False, current) == ([
+        ("refs/heads/main", "main", None, "1" * 40, "2" * 40), ("refs/tags/v1", None, "v1", None, "4" * 40)],
+        ["refs/heads/dev: branch 'dev' matches none of triggers.push.branches ['main']"])
+    # Refs that did not move say nothing; a deleted one and a tag the filter refuses do.
+    moved = {"refs/heads/main": "2" * 40, "refs/tags/x1": "5" * 40}
+    assert poll_decisions(p, {**current, "refs/heads/gone": "6" * 40}, False, moved) == ([], [
+        "refs/heads/dev: branch 'dev' matches none of triggers.push.branches ['main']",  # deleted, filtered
+        "refs/heads/gone: branch 'gone' matches none of triggers.push.branches ['main']",
+        "refs/tags/v1: deleted (was 444444444444)",
+        "refs/tags/x1: tag 'x1' matches none of triggers.push.tags ['v*']"])
+    assert poll_decisions(p, current, False, current) == ([], [])
+
+
+def test_rollback_argv():
+    assert rollback_argv(["python", "-m", "runner"], "/p.yaml", None, {}) == [
+        "python", "-m", "runner", "rollback", "/p.yaml", "--json"]
+    assert rollback_argv(["python", "-m", "runner"], "/p.yaml", "sha256:" + "a" * 64, {"B": "2", "A": "1"}) == [
+        "python", "-m", "runner", "rollback", "/p.yaml", "--json", "--to", "sha256:" + "a" * 64,
+        "--var", "A=1", "--var", "B=2"]
+
+
+@pytest.mark.parametrize("to,expected", [
+    (None, None), ("0", "0"), ("12", "12"), (" 1 ", "1"), ("abcdef0", "abcdef0"), ("ABCDEF0", "abcdef0"),
+    ("sha256:" + "b" * 64, "sha256:" + "b" * 64), ("c" * 40, "c" * 40), ("d" * 64, "d" * 64),
+])
+def test_rollback_target_accepted(to, expected):
+    assert check_rollback_target(to) == expected
+
+
+@pytest.mark.parametrize("to", ["", "-1", "1000", "abc12", "sha256:abc", "sha256:" + "b" * 63, "e" * 65,
+                                "--upload-pack=x", "main", "v1.2", "0 1"])
+def test_rollback_target_refused(to):
+    with pytest.raises(InvalidInput, match="is not a position"):
+        check_rollback_target(to)
 
 
 def test_config_reports_every_problem_at_once(tmp_path):
