@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from runner.daemon.dashboard.routes import dashboard_routes
 from runner.daemon.store import FINAL, StoreError
 from runner.daemon.webhooks import make_hook_handler
 from runner.errors import InvalidInput
@@ -360,5 +361,6 @@ def build_app(core) -> Starlette:
         Route("/api/daemons", reader(daemons)),
         Route("/api/pipelines", reader(pipelines)),
         Route("/api/pipelines/{name}/trigger", trigger, methods=["POST"]),
+        *dashboard_routes(core),
     ]
     return Starlette(routes=routes)

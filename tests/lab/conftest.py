@@ -17,6 +17,8 @@ from tests.conftest import ROOT
 from tests.lab.db_fixtures import lab_database_url, pg_module_url, pg_url  # noqa: F401
 from tests.lab.deploy_fixtures import app, images  # noqa: F401
 
+from tests.lab.browser import browser_available, start_browser
+
 LAB_SERVERS = int(os.environ.get("RUNNER_TEST_SERVERS", "3"))
 
 
@@ -41,3 +43,14 @@ def lab():
     yield info
     if not already and not os.environ.get("RUNNER_KEEP_LAB"):
         _lab("down", check=False)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless chromium for the session (tests/lab/browser.py), quit at the end."""
+    missing = browser_available()
+    if missing:
+        pytest.skip(f"no browser for the dashboard tests: {missing}")
+    driver = start_browser()
+    yield driver
+    driver.quit()

@@ -73,6 +73,9 @@ def test_wheel_is_runner_cd_and_gives_the_runner_command(wheel):
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert tops == {"runner", "pipelines", "deployers"}, tops
     assert "runner/cli/main.py" in names and "runner/daemon/service.py" in names
+    # The dashboard reads its templates and static files at run time: they must be in it.
+    assert "runner/daemon/dashboard/templates/run.html" in names, names
+    assert "runner/daemon/dashboard/static/app.js" in names and "runner/daemon/dashboard/static/app.css" in names
     # `pipx install 'runner-cd[scan]'` must bring the scanners the scan stage looks for.
     extras = meta.get_all("Provides-Extra") or []
     assert "scan" in extras, extras

@@ -8,6 +8,7 @@ import base64
 import hashlib
 
 import hmac
+import re
 
 
 
@@ -17,6 +18,7 @@ import sys
 
 import time
 
+import re
 from pathlib import Path
 
 
@@ -42,7 +44,8 @@ def test_postgres_layout_names_and_settings():
     assert layout.postgres_password_file(state) == Path("/tmp/lab/postgres.password")
     assert "postgresql" in layout.SYSTEM_PACKAGES
     install = (ROOT / "scripts" / "install-system").read_text()
-    assert " postgresql)" in install
+    packages = re.search(r"^packages=\(([^)]*)\)", install, re.M | re.S).group(1).split()
+    assert "postgresql" in packages
     argv = layout.postgres_argv(state)
     assert argv[:3] == ["/usr/lib/postgresql/15/bin/postgres", "-D", "/tmp/lab/postgres/data"]
     settings = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "-c")
