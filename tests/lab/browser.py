@@ -33,12 +33,10 @@ def browser_available() -> str | None:
     return None
 
 
-def start_browser(download_dir: str | os.PathLike | None = None):
+def start_browser():
     """A headless chromium (selenium webdriver.Chrome) that talks to nothing but what it is sent to.
 
-    Its profile is a fresh temporary directory, removed by driver.quit(). Downloads are saved,
-    without asking, in DOWNLOAD_DIR (else in the profile, gone at quit); driver.download_dir says
-    where."""
+    Its profile is a fresh temporary directory, removed by driver.quit()."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -46,8 +44,6 @@ def start_browser(download_dir: str | os.PathLike | None = None):
     # ran anyway, it would be offline.
     os.environ.setdefault("SE_OFFLINE", "true")
     profile = tempfile.mkdtemp(prefix="runner-chromium-")
-    downloads = Path(download_dir) if download_dir is not None else Path(profile) / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
@@ -59,12 +55,7 @@ def start_browser(download_dir: str | os.PathLike | None = None):
                  "--disable-domain-reliability", "--no-pings",
                  "--disable-features=Translate,OptimizationHints,MediaRouter"):
         options.add_argument(flag)
-    options.add_experimental_option("prefs", {
-        "download.default_directory": str(downloads),
-        "download.prompt_for_download": False,
-        "download.directory_upgrade": True,
-        "safebrowsing.enabled": False,
-    })
+    options.add_experimental_option("prefs", {"safebrowsing.enabled": False})
     # Selenium's own client reaches chromedriver on loopback: never through an HTTP(S)_PROXY from
     # the environment. Deprecated (for a ClientConfig), but webdriver.Chrome() takes no
     # ClientConfig (selenium 4.51), so this is still the way that reaches its connection.
@@ -77,7 +68,6 @@ def start_browser(download_dir: str | os.PathLike | None = None):
         shutil.rmtree(profile, ignore_errors=True)
         raise
     driver.set_page_load_timeout(30)
-    driver.download_dir = downloads
     quit_ = driver.quit
 
     def quit_and_clean() -> None:

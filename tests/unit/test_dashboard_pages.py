@@ -1,0 +1,133 @@
+"""The dashboard's pages over HTTP against an in-process daemon whose runs are the fake
+`runner exec` (tests/data/daemon/fake_exec.py): who may read and act, what a log line becomes in
+a page and in the event stream, and where a login may send the browser. The real browser, real
+pipelines and the lab are in tests/lab/test_dashboard.py."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "daemon"))
+from harness import AUTH, TOKEN, config, daemon_in_process, fake_pipeline, wait_for  # noqa: E402
+
+SHA1 = "0123456789abcdef0123456789abcdef01234567"
+FINAL = ("success", "failed", "invalid", "cancelled", "interrupted")
+
+
+def _cfg(tmp_path, **over):
+    return config(tmp_path, [{"name": "app", "file": str(fake_pipeline(tmp_path))}], **over)
+
+
+def _run(d, variables=None) -> int:
+    r = httpx.post(f"{d.url}/api/pipelines/app/trigger", json={"branch": "main", "commit": SHA1,
+                                                                 "vars": variables or {}}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    return r.json()["run"]["id"]
+
+
+def _ended(d, run_id: int) -> dict:
+    return wait_for(lambda: (r := d.store.get_run(run_id)) and r["status"] in FINAL and r, 20, f"run {run_id}")
+
+
+def _logged_in(url: str) -> httpx.Client:
+    c = httpx.Client(base_url=url, timeout=10)
+    r = c.post("/login", data={"token": TOKEN, "next": "/runs"})
+    assert r.status_code == 303 and "runner_session" in c.cookies
+    return c
+
+
+def _csrf(page: str) -> str:
+    return re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+
+
+def test_a_log_line_is_escaped_and_masked_in_the_page_and_the_stream(tmp_path):
+    hostile = f'<script>alert(1)</script> \x1b[31m{TOKEN}\x1b[0m <img src=x onerror=alert(2)>'
+    with daemon_in_process(_cfg(tmp_path)) as d:
+        run_id = _run(d, {"FAKE_ECHO": hostile})
+        _ended(d, run_id)
+        c = _logged_in(d.url)
+        page = c.get(f"/runs/{run_id}").text
+        events = c.get(f"/runs/{run_id}/events").text
+        for where, text in (("page", page), ("events", events)):
+            assert TOKEN not in text, where  # the daemon's own secret, masked
+            assert "<script>alert" not in text and "<img src=x" not in text, where
+        assert '&lt;script&gt;alert(1)&lt;/script&gt; <span class="fg-red">***</span>' in page
+        assert "&lt;img src=x onerror=alert(2)&gt;" in page
+        # No inline script may run whatever a page holds: scripts come from /static only.
+        csp = c.get(f"/runs/{run_id}").headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+
+def test_the_event_stream_resumes_after_the_last_line_it_sent(tmp_path):
+    with daemon_in_process(_cfg(tmp_path)) as d:
+        run_id = _ended(d, _run(d))["id"]
+        c = _logged_in(d.url)
+        seqs = [x["seq"] for x in d.store.logs(run_id)]
+        assert len(seqs) >= 4
+
+        def ids(text: str) -> list[int]:
+            return [int(x) for x in re.findall(r"^id: (\d+)$", text, re.M)]
+        assert ids(c.get(f"/runs/{run_id}/events").text) == seqs
+        assert ids(c.get(f"/runs/{run_id}/events", params={"after": seqs[1]}).text) == seqs[2:]
+        # What EventSource sends when it reconnects.
+        assert ids(c.get(f"/runs/{run_id}/events", headers={"Last-Event-ID": str(seqs[2])}).text) == seqs[3:]
+        assert "event: end" in c.get(f"/runs/{run_id}/events").text
+
+
+def test_open_read_pages_still_need_a_login_to_act(tmp_path):
+    with daemon_in_process(_cfg(tmp_path, read_requires_token=False, concurrency=0)) as d:
+        run_id = _run(d)
+        anon = httpx.Client(base_url=d.url, timeout=10)
+        page = anon.get(f"/runs/{run_id}")
+        assert page.status_code == 200 and f"#{run_id}" in page.text
+        assert 'action="/runs/%d/cancel"' % run_id not in page.text  # no buttons without a login
+        assert anon.get("/runs").status_code == 200 and anon.get("/deliveries").status_code == 200
+        refused = anon.post(f"/runs/{run_id}/cancel", data={"csrf": "anything"})
+        assert refused.status_code == 401
+        assert d.store.get_run(run_id)["status"] == "queued"
+        # Logged in, the queued run is cancelled from its page's form.
+        c = _logged_in(d.url)
+        form_page = c.get(f"/runs/{run_id}").text
+        r = c.post(f"/runs/{run_id}/cancel", data={"csrf": _csrf(form_page)})
+        assert r.status_code == 303 and r.headers["location"].startswith(f"/runs/{run_id}?done=")
+        assert d.store.get_run(run_id)["status"] == "cancelled"
+        assert "cancelled" in c.get(r.headers["location"]).text
+
+
+def test_without_an_api_token_the_pages_are_closed_and_say_why(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.pop("api_token")
+    with daemon_in_process(cfg) as d:
+        r = httpx.get(f"{d.url}/runs")
+        assert r.status_code == 403 and "api_token" in r.text and "read_requires_token" in r.text
+        r = httpx.post(f"{d.url}/login", data={"token": ""})
+        assert r.status_code == 403 and "no api_token" in r.text
+
+
+def test_a_login_goes_back_only_to_a_page_of_this_site(tmp_path):
+    with daemon_in_process(_cfg(tmp_path, concurrency=0)) as d:
+        for target, expected in (("/runs/7", "/runs/7"), ("//evil.example/x", "/runs"),
+                                 ("https://evil.example/", "/runs"), ("/\\evil.example", "/runs")):
+            r = httpx.post(f"{d.url}/login", data={"token": TOKEN, "next": target})
+            assert r.status_code == 303 and r.headers["location"] == expected, target
+        wrong = httpx.post(f"{d.url}/login", data={"token": TOKEN + "x"})
+        assert wrong.status_code == 401 and "runner_session" not in wrong.cookies
+        # Reading without a login sends the browser to the login page, and back after it.
+        r = httpx.get(f"{d.url}/runs?status=failed")
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=%2Fruns%3Fstatus%3Dfailed"
+        assert httpx.get(f"{d.url}/runs/events").status_code == 401  # a stream is refused, not redirected
+
+
+def test_runs_page_filters_and_pages_without_counting(tmp_path):
+    with daemon_in_process(_cfg(tmp_path, concurrency=0)) as d:
+        ids = [_run(d) for _ in range(3)]
+        c = _logged_in(d.url)
+        with_limit = c.get("/runs").text
+        assert all(f"#{i}" in with_limit for i in ids) and "Older runs" not in with_limit
+        older = c.get("/runs", params={"before": ids[-1]}).text
+        assert f"#{ids[-1]}<" not in older and f"#{ids[0]}<" in older
+        assert "No runs match these filters" in c.get("/runs", params={"status": "failed"}).text
+        assert c.get("/runs/999").status_code == 404
