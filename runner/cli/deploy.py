@@ -3,13 +3,16 @@
 
 Each opens the pipeline file with its secrets (runner.cli.common.open_or_exit, with the
 `load(path, vars)` passed to `make_commands`, default the file itself) and drives the deployer.
-Exit codes: 0 done, 1 the deploy/rollback failed (the message says where and why), 2 bad input.
+Exit codes: 0 done, 1 the deploy/rollback failed (the message says where and why), 2 bad input,
+130 a rollback interrupted (SIGINT or SIGTERM: it stops at its next step and puts back what it
+had switched).
 """
 from __future__ import annotations
 
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +21,7 @@ from dataclasses import replace
 import click
 
 from runner.cli.common import open_or_exit
-from runner.errors import EXIT_FAILED, EXIT_INVALID
+from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load, load_file
 
 from deployers.base import DeployFailed, ServerStatus
@@ -89,16 +92,34 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
                        "newest verified release other than what runs now")
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
     @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+    @click.option("--run-id", "run_id", default=None, metavar="ID",
+                  help="the id the servers record with the release and the deploy lock names "
+                       "(the daemon passes its run's); default rollback-<time>-<pid>")
     def rollback(pipeline_file: str, to: str | None, var: tuple[str, ...],
-                 as_json: bool) -> None:
+                 as_json: bool, run_id: str | None) -> None:
         """Return every server to an earlier verified release, exactly as it ran then (its
         recorded command, env, ports, ...: not the file's current settings), health-gated."""
-        run_id = f"rollback-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
+        run_id = run_id or f"rollback-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
         _, deployer, masker = _open(pipeline_file, var, load, run_id,
                                     lambda s: click.echo(s, err=True))
+
+        def on_signal(signum, frame):
+            # Ctrl-C, SIGTERM, or the daemon cancelling a rollback run: the rollout stops at its
+            # next step and puts back what it had switched; an exception raised here instead
+            # would leave the main thread without undoing anything.
+            deployer.cancel.set()
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             report = deployer.rollback(to)
+        except (Cancelled, KeyboardInterrupt):
+            click.echo("rollback interrupted: the servers it had switched were put back", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except DeployFailed as exc:
+            if deployer.cancel.is_set():
+                if as_json:
+                    click.echo(json.dumps(exc.report.to_dict()))
+                click.echo(masker.mask(f"rollback interrupted: {exc}"), err=True)
+                sys.exit(EXIT_INTERRUPTED)
             if as_json:
                 click.echo(json.dumps(exc.report.to_dict()))
             click.echo(masker.mask(f"rollback failed: {exc}"), err=True)
@@ -108,6 +129,8 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
             sys.exit(EXIT_FAILED)
         finally:
             deployer.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if as_json:
             click.echo(json.dumps(report.to_dict()))
         else:

@@ -74,11 +74,12 @@ def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Pat
     return argv
 
 
-def rollback_argv(command_base: list[str], pipeline_file: str, to: str | None,
+def rollback_argv(command_base: list[str], pipeline_file: str, run_id: int, to: str | None,
                   variables: dict[str, str]) -> list[str]:
     """The argv of a rollback run. Pure; tested by equality. `command_base` is `runner` itself
-    (RUNNER): a configured exec_command stands in for `runner exec` only."""
-    argv = [*command_base, "rollback", pipeline_file, "--json"]
+    (RUNNER): a configured exec_command stands in for `runner exec` only. The servers record
+    the run's id with the release (and the deploy lock names it), as for a deploy run."""
+    argv = [*command_base, "rollback", pipeline_file, "--json", "--run-id", str(run_id)]
     if to:
         argv += ["--to", to]
     for k, v in sorted(variables.items()):
@@ -267,7 +268,7 @@ class RunHandle:
         the stage's outputs."""
         core = self.pool.core
         to = (self.run.event.get("rollback") or {}).get("to")
-        argv = rollback_argv(RUNNER, pipeline_file, to, self.run.vars)
+        argv = rollback_argv(RUNNER, pipeline_file, self.id, to, self.run.vars)
         self._stage_event("deploy", "running")
         began = time.monotonic()
         if not self._start(argv, None):

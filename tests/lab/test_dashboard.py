@@ -238,6 +238,35 @@ def test_cancel_from_the_page_cancels_the_run(dash, browser):
     screenshot(browser, "run-cancelled")
 
 
+def test_roll_back_from_the_servers_page(dash, browser):
+    d, url, repo, server = dash["daemon"], dash["url"], dash["repo"], dash["server"]
+    first = {s["name"]: s for s in d.store.stages(dash["first"])}["push"]["outputs"]["digest"]
+    v2 = commit_files(repo, {"Dockerfile": DOCKERFILE.format(version=f"v2-{UID}")}, "v2")
+    second = send_github(url, push_payload(str(repo), after=v2), f"dash-{UID}-5").json()["runs"][0]
+    assert _final(d, second)["status"] == "success", d.store.logs(second)[-20:]
+    assert f"v2-{UID}" in httpx.get(f"http://{server['host']}:{dash['port']}/", timeout=5).text
+    browser.get(f"{url}/servers?refresh=1")
+    browser.find_element("css selector", "details.releases summary").click()
+    button = browser.find_element("css selector", f"button[aria-label='Roll back dash to sha256:{first[7:19]}']")
+    screenshot(browser, "servers-releases")
+    button.click()
+    wait_page(browser, lambda: re.search(r"/runs/(\d+)\?done=", browser.current_url), what="the rollback run's page")
+    run_id = int(re.search(r"/runs/(\d+)", browser.current_url).group(1))
+    assert "rollback of dash to" in browser.page_source
+    run = _final(d, run_id, timeout=120)
+    assert run["status"] == "success" and run["trigger"] == "rollback", (run, d.store.logs(run_id)[-20:])
+    wait_page(browser, lambda: browser.find_elements("css selector", "table.deploy"), timeout=15,
+              what="the rollback's servers on its page")
+    assert browser.find_element("id", "h-deploy").text.startswith("Rollback of")
+    assert first[7:19] in browser.find_element("css selector", "table.deploy").text
+    assert f"v1-{UID}" in httpx.get(f"http://{server['host']}:{dash['port']}/", timeout=5).text
+    screenshot(browser, "run-rollback")
+    # The container runs exactly as that release ran: its run is the one that deployed it first.
+    browser.get(f"{url}/servers?refresh=1")
+    row = browser.find_element("css selector", "table.servers tbody tr").text
+    assert first[7:19] in row and f"#{dash['first']}" in row and "verified" in row, row
+
+
 def test_deliveries_page_says_why_a_push_did_not_run(dash, browser):
     url, repo = dash["url"], dash["repo"]
     sha = git("rev-parse", "HEAD", cwd=repo)

@@ -76,10 +76,10 @@ def test_poll_decisions():
 
 
 def test_rollback_argv():
-    assert rollback_argv(["python", "-m", "runner"], "/p.yaml", None, {}) == [
-        "python", "-m", "runner", "rollback", "/p.yaml", "--json"]
-    assert rollback_argv(["python", "-m", "runner"], "/p.yaml", "sha256:" + "a" * 64, {"B": "2", "A": "1"}) == [
-        "python", "-m", "runner", "rollback", "/p.yaml", "--json", "--to", "sha256:" + "a" * 64,
+    assert rollback_argv(["python", "-m", "runner"], "/p.yaml", 7, None, {}) == [
+        "python", "-m", "runner", "rollback", "/p.yaml", "--json", "--run-id", "7"]
+    assert rollback_argv(["python", "-m", "runner"], "/p.yaml", 8, "sha256:" + "a" * 64, {"B": "2", "A": "1"}) == [
+        "python", "-m", "runner", "rollback", "/p.yaml", "--json", "--run-id", "8", "--to", "sha256:" + "a" * 64,
         "--var", "A=1", "--var", "B=2"]
 
 
