@@ -18,11 +18,14 @@ Layout (one way: nothing here is imported by the engine or the stages):
                 from `secrets:` as `runner exec` reads them), exactly as the checkout stage
                 does (runner/gitaccess.py); a repository secret that cannot be read is logged
                 by pipeline and secret name and nothing is polled
-  worker.py     the pool: claims runs, runs `runner exec --json` per run in its own process
+  worker.py     the pool: claims runs, runs `runner exec --json` per run (a rollback run:
+                `runner rollback --json`, its report as the deploy stage) in its own process
                 group, stores its events, leases with heartbeat, cancellation by SIGINT
   status.py     commit status back to GitHub / Gitea
   api.py        the ASGI app: webhooks, /healthz, /metrics and the JSON API; the h11 protocol
                 with a read timeout
+  dashboard/    the web dashboard on the same listener (docs/dashboard.md): runs, a run's live
+                log (server-sent events), deliveries, servers; login, cancel, retry, rollback
   metrics.py    Prometheus metrics, one registry per daemon
   service.py    Daemon: wires the above, crash recovery on start, graceful SIGTERM
   cli.py        `runner daemon`, `runner runs [--deliveries|--daemons]`, `runner logs [--follow]`,
@@ -44,6 +47,7 @@ need `Authorization: Bearer TOKEN`):
   GET  /api/deliveries?provider=&limit=    every delivery with its outcome and reason
   GET  /api/daemons                        the daemons sharing the store
   GET  /api/pipelines
+  GET  /, /runs, /runs/{id}, /deliveries, /servers   the dashboard (dashboard/routes.py lists all)
 
 Run statuses: queued -> running -> success | failed | invalid | cancelled | interrupted.
 """

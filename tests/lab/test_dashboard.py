@@ -280,6 +280,13 @@ def test_deliveries_page_says_why_a_push_did_not_run(dash, browser):
     assert f"dash-{UID}-4" in text and "rejected" in text and "401" in text, text
     assert f"dash-{UID}-1" in text and "queued" in text
     screenshot(browser, "deliveries")
+    # Every field of every form is labelled (what a screen reader says for it).
+    for path in ("/runs", "/deliveries", "/login"):
+        browser.get(f"{url}{path}")
+        unlabelled = browser.execute_script(
+            "return Array.from(document.querySelectorAll('input:not([type=hidden]), select, textarea'))"
+            ".filter(e => e.labels.length === 0 && !e.getAttribute('aria-label')).map(e => e.outerHTML)")
+        assert not unlabelled, (path, unlabelled)
     browser.get(f"{url}/runs?status=cancelled")
     screenshot(browser, "runs-filtered")
     with phone(browser):

@@ -225,13 +225,19 @@ class Dashboard:
         query = views.RunQuery.parse(request.query_params)
         rows = await run_in_threadpool(self._runs, query)
         return self.page(request, "runs.html", query=query, runs=rows[:views.PAGE_SIZE],
-                         older=views.older_page(query, rows), now=time.time(),
+                         older=views.older_page(query, rows), now=time.time(), repos=self._repos(),
                          pipelines=[p.name for p in self.core.config.pipelines])
 
     async def runs_rows(self, request: Request):
         query = views.RunQuery.parse(request.query_params)
         rows = await run_in_threadpool(self._runs, query)
-        return self.page(request, "runs_rows.html", runs=rows[:views.PAGE_SIZE], now=time.time())
+        return self.page(request, "runs_rows.html", runs=rows[:views.PAGE_SIZE], now=time.time(),
+                         repos=self._repos())
+
+    def _repos(self) -> dict[str, str]:
+        """Each pipeline's repository, for the commit links of a list (the run page also has the
+        webhook's own address of the repository)."""
+        return {p.name: p.repo for p in self.core.config.pipelines if p.repo}
 
     async def runs_events(self, request: Request):
         async def stream():
