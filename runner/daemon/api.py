@@ -8,7 +8,6 @@ off; anything that changes state (cancel, trigger, retry) always needs it:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import re
 from datetime import datetime, timezone
@@ -22,6 +21,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from runner.daemon.dashboard.routes import dashboard_routes
+from runner.daemon.dashboard.session import bearer_ok
 from runner.daemon.store import FINAL, StoreError
 from runner.daemon.webhooks import make_hook_handler
 from runner.errors import InvalidInput
@@ -43,15 +43,7 @@ def run_view(run: dict) -> dict:
 
 
 def _token_ok(core, request: Request) -> bool:
-    token = core.api_token
-    if not token:
-        return False
-    given = request.headers.get("authorization", "")
-    if given.lower().startswith("bearer "):
-        given = given[7:].strip()
-    else:
-        given = request.headers.get("x-runner-token", "")
-    return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
+    return bearer_ok(core.api_token, request.headers)
 
 
 def _deny(core, reading: bool = False) -> JSONResponse:

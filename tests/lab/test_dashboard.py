@@ -12,7 +12,6 @@ import os
 import re
 import secrets as _random
 import sys
-import time
 from pathlib import Path
 
 import httpx

@@ -34,13 +34,14 @@ from starlette.staticfiles import StaticFiles
 from runner.daemon.dashboard import views
 from runner.daemon.dashboard.live import POLL
 from runner.daemon.dashboard.servers import DeployState
-from runner.daemon.dashboard.session import COOKIE, Session, Sessions
+from runner.daemon.dashboard.session import COOKIE, Session, Sessions, bearer_ok
 from runner.daemon.store import ACTIVE, FINAL, StoreError
 from runner.errors import InvalidInput
 
 HERE = Path(__file__).parent
 LOG_LINES_SHOWN = 20_000  # a run page shows at most this many log lines; the API has them all
 _FORM_LIMIT = 16 * 1024
+KEEPALIVE = 15.0  # seconds an event stream may stay silent before it sends a comment
 
 # Scripts and styles come from /static only: no inline script can run, whatever a log contains.
 _HEADERS = {
@@ -123,10 +124,7 @@ class Dashboard:
     def may_read(self, request: Request) -> bool:
         if not self.core.config.read_requires_token:
             return True
-        if self.session(request) is not None:
-            return True
-        from runner.daemon.api import _token_ok  # the API's own Bearer check
-        return _token_ok(self.core, request)
+        return self.session(request) is not None or bearer_ok(self.core.api_token, request.headers)
 
     def page(self, request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
         started = time.perf_counter()
@@ -240,13 +238,19 @@ class Dashboard:
         return {p.name: p.repo for p in self.core.config.pipelines if p.repo}
 
     async def runs_events(self, request: Request):
+        # A store that other daemons write (PostgreSQL) changes without waking this one: the
+        # page looks again every few seconds. This daemon's own SQLite file only changes here.
+        shared = getattr(self.core.store, "dialect", "") != "sqlite"
+
         async def stream():
             yield "retry: 2000\n\n"
             while not self.hub.closed:
                 since = self.hub.version(None)
-                await self.hub.wait(None, since, timeout=3 * POLL)
-                # A wake-up, or a few seconds gone (a run on another daemon may have moved).
-                yield _sse("changed", {"at": time.time()})
+                await self.hub.wait(None, since, timeout=3 * POLL if shared else KEEPALIVE)
+                if self.hub.version(None) != since or shared:
+                    yield _sse("changed", {"at": time.time()})
+                else:
+                    yield ": keepalive\n\n"  # a proxy closes a stream that stays silent
         return StreamingResponse(stream(), media_type="text/event-stream", headers=_HEADERS)
 
     def _run(self, run_id: int) -> dict | None:
@@ -290,6 +294,7 @@ class Dashboard:
             yield "retry: 1000\n\n"
             status = None
             stage_marks: tuple = ()
+            said = time.monotonic()
             while True:
                 since = self.hub.version(run_id)
                 run = await run_in_threadpool(store.get_run, run_id)
@@ -300,6 +305,7 @@ class Dashboard:
                     lines = await run_in_threadpool(store.logs, run_id, None, after_seq, 500)
                     for line in lines:
                         after_seq = line["seq"]
+                        said = time.monotonic()
                         yield _sse("log", {"seq": line["seq"], "stage": line["stage"], "t": line["time"],
                                            "html": views.ansi_to_html(masker.mask(line["line"]))}, line["seq"])
                     if len(lines) < 500:
@@ -312,6 +318,9 @@ class Dashboard:
                 if run["status"] in FINAL or self.hub.closed:
                     yield _sse("end", {"status": run["status"]})
                     return
+                if time.monotonic() - said > KEEPALIVE:
+                    yield ": keepalive\n\n"  # a stage silent for minutes: a proxy would close it
+                    said = time.monotonic()
                 await self.hub.wait(run_id, since)
         return StreamingResponse(stream(), media_type="text/event-stream", headers=_HEADERS)
 

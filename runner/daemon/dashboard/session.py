@@ -24,6 +24,20 @@ COOKIE = "runner_session"
 MAX_AGE = 12 * 3600.0  # seconds a login lasts
 
 
+def bearer_ok(api_token: str | None, headers) -> bool:
+    """Whether a request's headers carry the API token (`Authorization: Bearer TOKEN`, or
+    `X-Runner-Token: TOKEN`), compared in constant time: the JSON API's check, and the pages'
+    for a script that reads them with the token instead of a login."""
+    if not api_token:
+        return False
+    given = headers.get("authorization", "")
+    if given.lower().startswith("bearer "):
+        given = given[7:].strip()
+    else:
+        given = headers.get("x-runner-token", "")
+    return hmac.compare_digest(given.encode("utf-8", "replace"), api_token.encode("utf-8"))
+
+
 @dataclass(frozen=True)
 class Session:
     nonce: str
