@@ -566,3 +566,27 @@ def test_deploy_twice_then_a_rollback_run_on_the_lab(lab, app, tmp_path):
         assert [_get(s["host"], port) for s in servers] == ["v1", "v1"]
         listed = d.store.deploys("app")
         assert [(x["run_id"], x["trigger"]) for x in listed][0] == (rb, "rollback") and len(listed) == 3
+        # Cancelled while it waits for the deploy lock (held here, as by another deploy): the
+        # worker's SIGINT stops `runner rollback`, which exits 130; nothing was changed.
+        from deployers import lock as locks
+        from deployers.ssh_docker import SSHDockerDeployer
+        from runner.pipeline_file import open_pipeline
+
+        opened = open_pipeline(p, {})
+        holder = SSHDockerDeployer(opened.pipeline.stages.deploy, pipeline=name,
+                                   image_name=opened.pipeline.image.name, run_id="holder")
+        conn = holder._conn(holder.targets[0])
+        lease = locks.acquire(conn, f"{holder._dir(conn)}/locks", holder.app, locks.holder_info("test-holder"),
+                              ttl=60, wait=5)
+        try:
+            waiting = d.trigger_rollback("app", None)
+            wait_for(lambda: any("waiting up to" in x["line"] for x in d.store.logs(waiting)), 60,
+                     "the rollback to wait for the lock", every=0.1)
+            d.cancel(waiting, "cancelled by the test")
+            run = _final(d.store.get_run, waiting, timeout=30)
+        finally:
+            lease.release()
+            holder.close()
+        assert run["status"] == "cancelled" and run["exit_code"] == 130, (run, d.store.logs(waiting)[-10:])
+        assert {s["name"]: s["status"] for s in d.store.stages(waiting)} == {"deploy": "cancelled"}
+        assert [_get(s["host"], port) for s in servers] == ["v1", "v1"]
