@@ -158,6 +158,16 @@ class Dashboard:
             return await fn(request)
         return endpoint
 
+    async def posted(self, request: Request) -> dict[str, str] | Response:
+        """A form's fields, or the answer refusing it: sent from another site's page, or the
+        sender went away."""
+        if not _same_origin(request):
+            return self.refuse(request, 403, "Refused", "This form was sent from another site.")
+        try:
+            return await _form(request)
+        except ClientDisconnect:
+            return Response(status_code=400)
+
     def action(self, fn):
         """A form that changes something: a login, its CSRF token, and this site as the origin."""
         async def endpoint(request: Request):
@@ -167,12 +177,9 @@ class Dashboard:
                     return self.refuse(request, 403, "Actions are off",
                                        "This daemon has no api_token: nothing can be changed from its pages.")
                 return self.refuse(request, 401, "Log in first", "Log in with the API token to do this.")
-            if not _same_origin(request):
-                return self.refuse(request, 403, "Refused", "This form was sent from another site.")
-            try:
-                form = await _form(request)
-            except ClientDisconnect:
-                return Response(status_code=400)
+            form = await self.posted(request)
+            if isinstance(form, Response):
+                return form
             if not self.sessions.csrf_ok(session, form.get("csrf")):
                 return self.refuse(request, 403, "Refused",
                                    "The form's CSRF token is missing or wrong (a form from another page or an "
@@ -186,12 +193,9 @@ class Dashboard:
         return self.page(request, "login.html", next=_safe_next(request.query_params.get("next")), error="")
 
     async def login(self, request: Request):
-        if not _same_origin(request):
-            return self.refuse(request, 403, "Refused", "This form was sent from another site.")
-        try:
-            form = await _form(request)
-        except ClientDisconnect:
-            return Response(status_code=400)
+        form = await self.posted(request)
+        if isinstance(form, Response):
+            return form
         target = _safe_next(form.get("next"))
         if not self.sessions.enabled:
             return self.page(request, "login.html", status_code=403, next=target,
