@@ -115,3 +115,31 @@ def test_bench_quick_ansible_figures(quick):
         assert block["ansible"]["n"] == 1 and block["ansible"]["median"] > 0
         assert block["runner/ansible"]["ratio"] > 0
     assert "deploy 2 srv: runner ÷ ansible" in {r["ratio"] for r in data["ratios"]}
+
+
+@pytest.mark.timeout(60)
+def test_bench_dashboard_small_writes_every_figure(tmp_path):
+    """`python -m bench.dashboard` on a small SQLite store and one short live run (about 6 s; no
+    lab needed). No timing assertions: the figures are there and every live line arrived."""
+    from tests.lab.browser import browser_available
+    missing = browser_available()
+    if missing:
+        pytest.skip(f"no browser for the live-log part: {missing}")
+    out = tmp_path / "dashboard.json"
+    p = subprocess.run([sys.executable, "-m", "bench.dashboard", "--runs", "2000", "--loads", "2", "--lines", "10",
+                        "--sse-runs", "1", "--setups", "sqlite", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=50, check=False)
+    assert out.is_file(), p.stdout[-3000:] + p.stderr[-3000:]
+    data = json.loads(out.read_text())
+    part = data["runs_page"]["sqlite"]
+    assert part["fill"]["runs"] == 2000 and part["fill"]["enqueue_s"] > 0
+    for label, page in part["pages"].items():
+        assert page["n"] == 2 and page["p50_ms"] > 0 and page["render_p50_ms"] is not None, (label, page)
+        assert page["page_over_api_runs"] > 0 and page["query_p50_ms"] is not None, (label, page)
+    assert part["pages"]["/runs"]["rows_shown"] == 50
+    live = data["live"]
+    assert [r["status"] for r in live["runs"]] == ["success"]
+    run = live["runs"][0]
+    assert run["lines_stored"] == run["lines_on_page"] == 10 and live["python_sse"]["count"] == 10, run
+    assert live["browser"]["count"] == 10 - run["lines_in_page_at_load"] > 0, run  # most arrive live
+    assert "issue 13's goals" in p.stdout and "met?" in p.stdout
