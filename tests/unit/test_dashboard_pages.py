@@ -131,3 +131,47 @@ def test_runs_page_filters_and_pages_without_counting(tmp_path):
         assert f"#{ids[-1]}<" not in older and f"#{ids[0]}<" in older
         assert "No runs match these filters" in c.get("/runs", params={"status": "failed"}).text
         assert c.get("/runs/999").status_code == 404
+
+
+def test_a_run_page_shows_the_build_scan_and_deploy_outputs(tmp_path):
+    with daemon_in_process(_cfg(tmp_path, concurrency=0)) as d:
+        run_id = _run(d)
+        d.store.stage_event(run_id, "build", "success", duration=3.2, outputs={
+            "cached_steps": 4, "total_steps": 6, "tags": ["reg/app:abc1234"]})
+        d.store.stage_event(run_id, "scan", "failed", duration=1.0, error="2 findings at or above HIGH", outputs={
+            "passed": False, "fail_on": "HIGH", "counts": {"CRITICAL": 1, "HIGH": 1}, "ignored": 3,
+            "checked": ["vuln", "secret"], "skipped_scanners": {"misconfig": "not asked for"},
+            "top": [{"id": "CVE-2024-0001", "scanner": "vuln", "severity": "CRITICAL", "target": "image",
+                     "where": "openssl 3.0.1", "title": "a <bad> bug", "fixed_version": "3.0.2"}]})
+        d.store.stage_event(run_id, "deploy", "failed", duration=9.0, outputs={
+            "app": "app", "what": "deploy", "ok": False, "headline": "deploy of app failed on web-2",
+            "servers": [
+                {"name": "web-1", "status": "rolled_back", "digest": "sha256:" + "1" * 64,
+                 "previous_digest": "sha256:" + "1" * 64, "rolled_back": True, "verified": True,
+                 "reason": "another server of the rollout failed", "duration": 4.0,
+                 "phases": {"pull": 1.25, "health": 2.0}},
+                {"name": "web-2", "status": "failed", "digest": "sha256:" + "1" * 64,
+                 "previous_digest": "sha256:" + "1" * 64, "rolled_back": True, "verified": True,
+                 "reason": "web-2: not healthy within 20s", "duration": 21.0, "phases": {"health": 20.0}}]})
+        page = _logged_in(d.url).get(f"/runs/{run_id}").text
+        assert "4 of 6 steps cached, 2 ran; reg/app:abc1234" in page
+        assert "gate failed (fail on HIGH)" in page and "2 findings at or above HIGH" in page
+        assert "CVE-2024-0001" in page and "openssl 3.0.1" in page and "a &lt;bad&gt; bug" in page
+        assert "Skipped misconfig: not asked for" in page and "ignored 3" in page
+        assert "deploy of app failed on web-2" in page
+        web1 = re.search(r"<th scope=\"row\">web-1</th>(.*?)</tr>", page, re.S).group(1)
+        assert "rolled_back" in web1 and "pull 1.2s, health 2.0s" in web1 and "yes" in web1
+        assert "another server of the rollout failed" in web1
+        assert "web-2: not healthy within 20s" in page
+
+
+def test_retry_from_the_page_queues_the_same_commit_linked(tmp_path):
+    with daemon_in_process(_cfg(tmp_path)) as d:
+        run_id = _ended(d, _run(d))["id"]
+        c = _logged_in(d.url)
+        r = c.post(f"/runs/{run_id}/retry", data={"csrf": _csrf(c.get(f"/runs/{run_id}").text)})
+        assert r.status_code == 303
+        new_id = int(re.match(r"/runs/(\d+)\?", r.headers["location"]).group(1))
+        new = d.store.get_run(new_id)
+        assert new["retry_of"] == run_id and new["commit"] == SHA1 and new["trigger"] == "retry"
+        assert f"retry of run {run_id} queued" in c.get(r.headers["location"]).text
