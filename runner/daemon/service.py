@@ -208,7 +208,7 @@ class Daemon:
         before = self.store.request_cancel(run_id, reason)
         if before == "running":
             self.pool.cancel_local(run_id, reason)
-        self.live.changed(run_id)
+        self.live.changed(run_id, listed=True)
         return before
 
     def trigger_manual(self, name: str, branch: str | None, tag: str | None, commit: str | None,

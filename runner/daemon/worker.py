@@ -468,7 +468,7 @@ class RunHandle:
             attempt += 1
             try:
                 ok = core.store.finish(self.id, core.owner, status, code, reason)
-                core.live.changed(self.id)
+                core.live.changed(self.id, listed=True)
                 if not ok:
                     log.warning("lease lost before the run ended", extra={"run": self.id})
                 log.info("run finished", extra={"run": self.id, "status": status, "exit_code": code})
@@ -589,7 +589,7 @@ class WorkerPool:
                 with self._lock:
                     self.active[h.id] = h
                 h.thread.start()
-                self.core.live.changed(h.id)
+                self.core.live.changed(h.id, listed=True)
             try:
                 self._ensure_spare()
             except Exception:  # noqa: BLE001 - a spare is an optimisation; runs start cold without

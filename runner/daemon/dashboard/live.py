@@ -26,14 +26,17 @@ class LiveHub:
         with self._lock:
             return self._versions.get(run_id, 0)
 
-    def changed(self, run_id: int | None) -> None:
-        """From any thread: run `run_id` changed (None: the list of runs did, e.g. a new run)."""
+    def changed(self, run_id: int | None, listed: bool = False) -> None:
+        """From any thread: run `run_id` changed (its log, a stage). `listed`: and so did what
+        the runs list shows of it (queued, started, ended, cancelled); run_id None: the list
+        alone changed (a new run)."""
+        keys = {run_id, None} if listed or run_id is None else {run_id}
         with self._lock:
             if len(self._versions) > 10_000:  # forgotten versions only cause one early wake-up
                 self._versions.clear()
-            for key in {run_id, None}:
+            for key in keys:
                 self._versions[key] = self._versions.get(key, 0) + 1
-            waiting = list(self._waiting.get(run_id, ())) + (list(self._waiting.get(None, ())) if run_id else [])
+            waiting = [w for key in keys for w in self._waiting.get(key, ())]
         for loop, event in waiting:
             try:
                 loop.call_soon_threadsafe(event.set)
