@@ -35,17 +35,8 @@ class RunLog:
         else:
             self._events = None
 
-    def _mask(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self._masker.mask(value)
-        if isinstance(value, dict):
-            return {k: self._mask(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self._mask(v) for v in value]
-        return value
-
     def emit(self, event: str, **fields: Any) -> None:
-        record = self._mask({"event": event, "run_id": self.run_id, "time": time.time(), **fields})
+        record = self._masker.mask_all({"event": event, "run_id": self.run_id, "time": time.time(), **fields})
         with self._lock:
             if self._events is not None:
                 self._events.write(json.dumps(record, default=str) + "\n")
@@ -117,5 +108,5 @@ class StageLogger:
         self._runlog.emit("stage.log", stage=self.stage, line=text, kind="info")
 
     def warn(self, text: str) -> None:
-        self._runlog.warnings.append(f"{self.stage}: {self._runlog._mask(text)}")
+        self._runlog.warnings.append(f"{self.stage}: {self._runlog._masker.mask(text)}")
         self._runlog.emit("stage.log", stage=self.stage, line=f"warning: {text}", kind="warning")

@@ -117,6 +117,16 @@ class Masker:
             return text
         return pattern.sub(MASK, text)
 
+    def mask_all(self, value):
+        """A JSON-like value (an event, a stage's outputs) with every string in it masked."""
+        if isinstance(value, str):
+            return self.mask(value)
+        if isinstance(value, dict):
+            return {k: self.mask_all(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.mask_all(v) for v in value]
+        return value
+
     def __len__(self) -> int:
         return len(self._values)
 

@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
@@ -93,17 +92,6 @@ def _json_object(text: str) -> dict | None:
     except json.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
-
-
-def _mask_json(value, mask: Callable[[str], str]):
-    """Every string value in a JSON value passed through `mask`."""
-    if isinstance(value, str):
-        return mask(value)
-    if isinstance(value, dict):
-        return {k: _mask_json(v, mask) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_mask_json(v, mask) for v in value]
-    return value
 
 
 def status_from_exit(returncode: int, cancel_requested: bool, reported: str | None) -> str:
@@ -292,7 +280,7 @@ class RunHandle:
         returncode = self._wait()
         duration = time.monotonic() - began
         status = status_from_exit(returncode, self.cancel_reason is not None, None)
-        outputs = _mask_json(report, core.masker.mask) if report is not None else None
+        outputs = core.masker.mask_all(report) if report is not None else None
         error = None
         if status == "cancelled":
             reason = self.cancel_reason or "cancelled"
