@@ -381,9 +381,10 @@ class Dashboard:
 
     async def servers(self, request: Request):
         refresh = request.query_params.get("refresh") == "1"
-        entries = [p for p in self.core.config.pipelines]
+        entries = self.core.config.pipelines
         states = await asyncio.gather(*(run_in_threadpool(self.deploy_state.get, p.name, refresh) for p in entries))
-        deploys = await run_in_threadpool(self.core.store.deploys, None, 30)
+        # Per pipeline: one busy pipeline's deploys must not push another's off the page.
+        deploys = {p.name: await run_in_threadpool(self.core.store.deploys, p.name, 8) for p in entries}
         return self.page(request, "servers.html", apps=[s for s in states if s is not None], deploys=deploys,
                          now=time.time())
 
