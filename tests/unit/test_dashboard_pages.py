@@ -175,3 +175,14 @@ def test_retry_from_the_page_queues_the_same_commit_linked(tmp_path):
         new = d.store.get_run(new_id)
         assert new["retry_of"] == run_id and new["commit"] == SHA1 and new["trigger"] == "retry"
         assert f"retry of run {run_id} queued" in c.get(r.headers["location"]).text
+
+
+def test_a_commit_links_to_the_forge_from_the_runs_stored_event(tmp_path):
+    cfg = config(tmp_path, [{"name": "app", "file": str(fake_pipeline(tmp_path)),
+                             "repo": "https://github.com/acme/app.git"}], concurrency=0)
+    with daemon_in_process(cfg) as d:
+        run_id = _run(d)  # a commit is given: nothing asks the remote
+        c = _logged_in(d.url)
+        link = f'href="https://github.com/acme/app/commit/{SHA1}"'
+        assert link in c.get(f"/runs/{run_id}").text
+        assert link in c.get("/runs").text

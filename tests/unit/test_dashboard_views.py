@@ -54,24 +54,36 @@ def test_timestamps_are_utc():
 
 # -- forge links ----------------------------------------------------------------------------------
 
+def _stored(payload: dict) -> dict:
+    """A run's event as the store keeps it (webhooks.py, scheduler.synthetic_event)."""
+    return {"provider": "github", "headers": {"x-github-event": "push"}, "payload": payload}
+
+
 @pytest.mark.parametrize("event,repo,url", [
-    ({"repository": {"html_url": "https://github.com/acme/app"}}, None, f"https://github.com/acme/app/commit/{SHA}"),
-    ({"repository": {"html_url": "https://git.example.com/acme/app"}}, None, f"https://git.example.com/acme/app/commit/{SHA}"),
-    ({"project": {"web_url": "https://gitlab.example.com/group/sub/app"}}, None,
+    (_stored({"repository": {"html_url": "https://github.com/acme/app"}}), None, f"https://github.com/acme/app/commit/{SHA}"),
+    (_stored({"repository": {"html_url": "https://git.example.com/acme/app"}}), None,
+     f"https://git.example.com/acme/app/commit/{SHA}"),
+    (_stored({"project": {"web_url": "https://gitlab.example.com/group/sub/app"}}), None,
      f"https://gitlab.example.com/group/sub/app/-/commit/{SHA}"),
+    # The webhook's address wins over the pipeline's clone URL.
+    (_stored({"repository": {"html_url": "https://github.com/acme/app"}}), "https://mirror.example.com/x/y.git",
+     f"https://github.com/acme/app/commit/{SHA}"),
     ({}, "https://user:pw@github.com/acme/app.git", f"https://github.com/acme/app/commit/{SHA}"),
     ({}, "https://gitlab.com/acme/app.git", f"https://gitlab.com/acme/app/-/commit/{SHA}"),
     ({}, "git@github.com:acme/app.git", None),  # ssh: no web address to guess
     ({}, "/srv/git/app.git", None),
-    ({"repository": {"html_url": "javascript:alert(1)//x/y"}}, None, None),  # never a script link
+    (_stored({"repository": {"html_url": "javascript:alert(1)//x/y"}}), None, None),  # never a script link
+    # A poll's synthetic event names the clone URL as its html_url: a local path links nowhere.
+    (_stored({"repository": {"html_url": "/srv/git/app.git"}}), None, None),
 ])
 def test_commit_url(event, repo, url):
     assert views.commit_url(SHA, event, repo) == url
 
 
 def test_commit_url_needs_a_commit():
-    assert views.commit_url(None, {"repository": {"html_url": "https://github.com/a/b"}}) is None
-    assert views.commit_url("not-a-sha", {"repository": {"html_url": "https://github.com/a/b"}}) is None
+    event = _stored({"repository": {"html_url": "https://github.com/a/b"}})
+    assert views.commit_url(None, event) is None
+    assert views.commit_url("not-a-sha", event) is None
 
 
 # -- the runs page's query --------------------------------------------------------------------------

@@ -169,12 +169,14 @@ def _web_base(url: str) -> str | None:
 
 
 def commit_url(commit: str | None, event: dict | None, repo: str | None = None) -> str | None:
-    """Where the forge shows this commit: from the webhook's own repository address (GitHub and
-    Gitea `repository.html_url`, GitLab `project.web_url`), else from an HTTPS clone URL of the
-    pipeline's repository. None when unknown (a local path, ssh) or not a commit."""
+    """Where the forge shows this commit: from the webhook's own repository address in the
+    run's stored event ({provider, headers, payload}: GitHub and Gitea `repository.html_url`,
+    GitLab `project.web_url`), else from an HTTPS clone URL of the pipeline's repository. None
+    when unknown (a local path, ssh) or not a commit."""
     if not commit or not _SHA.fullmatch(commit):
         return None
-    event = event or {}
+    payload = (event or {}).get("payload")
+    event = payload if isinstance(payload, dict) else {}
     project = event.get("project") if isinstance(event.get("project"), dict) else None
     if project and isinstance(project.get("web_url"), str):
         base = _web_base(project["web_url"])
