@@ -16,7 +16,7 @@
    in-process on the daemon's store), and the page's p50 over the JSON API's.
 
 2. The live log reaches the browser within 200 ms (p50): a stage writes a line -> the line is on
-   the run's page. A daemon (SQLite) runs bench/data/ticker_exec.py instead of `runner exec`: one
+   the run's page. A daemon (SQLite) runs tests/data/daemon/fake_exec.py instead of `runner exec`: one
    stage printing --lines stage.log events 50 ms apart, each carrying the time it was written. A
    headless chromium (tests/lab/browser.py), logged in, opens /runs/{id} as soon as the run is
    triggered; its script stamps every live line with when it arrived (span.line[data-received])
@@ -56,7 +56,7 @@ from runner.daemon.service import Daemon
 from runner.daemon.store import NewRun, open_store
 from runner.daemon.worker import RunHandle
 
-TICKER = ROOT / "bench" / "data" / "ticker_exec.py"
+FAKE_EXEC = ROOT / "tests" / "data" / "daemon" / "fake_exec.py"  # its "ticks" print the live lines
 API_TOKEN = "bench-dashboard-token"
 HARD_LIMIT = 600.0  # seconds: the whole benchmark gives up after this
 PAGE_GOAL_MS = 150.0
@@ -388,10 +388,11 @@ def live_phase(tmp: Path, n_lines: int, n_runs: int, deadline: float) -> dict:
     if missing:
         return {"skipped": missing}
     spec = tmp / "ticker.json"
-    spec.write_text(json.dumps({"name": "ticker", "lines": n_lines, "interval": 0.05, "jitter": 0.01, "delay": 1.0}))
+    spec.write_text(json.dumps({"name": "ticker", "stages": ["build"], "sleep": 0,
+                                "ticks": {"lines": n_lines, "interval": 0.05, "jitter": 0.01, "delay": 1.0}}))
     cfg = config_from_dict(daemon_config(
         tmp, "live", [{"name": "ticker", "file": str(spec), "concurrency_group": None}],
-        concurrency=1, exec_command=[sys.executable, str(TICKER)]))
+        concurrency=1, exec_command=[sys.executable, str(FAKE_EXEC)]))
     runs = []
     t_browser = time.perf_counter()
     browser = start_browser()

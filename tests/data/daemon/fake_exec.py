@@ -4,7 +4,9 @@ real build. Takes the same argv (PIPELINE --json --run-id ID --data-dir DIR --ev
 [--var K=V]...) and prints the same JSON events (docs/stage-outputs.md).
 
 PIPELINE is a JSON file: {"stages": [...], "sleep": seconds per stage, "fail": stage or null,
-"exit": code to exit with instead}. --var FAKE_SLEEP=s / FAKE_FAIL=stage override it;
+"exit": code to exit with instead, "ticks": {"lines": n, "interval": s, "jitter": s, "delay": s}
+(each stage waits `delay`, then prints n lines "tick N" `interval` ± `jitter` apart, each with
+the time it was written: bench/dashboard.py's live log)}. --var FAKE_SLEEP=s / FAKE_FAIL=stage override it;
 --var FAKE_ECHO=text prints text in a log line and on stderr (masking tests); --skip STAGE and --withhold-secrets are recorded; FAKE_LINES=n
 prints n lines of 1 KB per stage (disk-full tests); FAKE_IGNORE_INT=1 ignores SIGINT (orphan
 tests). SIGINT or
@@ -14,6 +16,7 @@ appends one line {"run_id", "event"} to DIR/fake-runs.jsonl so tests can see wha
 import argparse
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -72,6 +75,13 @@ def main() -> int:
             print(f"stderr line from {stage}", file=sys.stderr, flush=True)
             for n in range(int(variables.get("FAKE_LINES", 0))):  # for disk-full tests: a lot of log
                 emit(event="stage.log", stage=stage, line=f"{n:06d} " + "x" * 1000)
+            ticks = spec.get("ticks")
+            if ticks:
+                time.sleep(float(ticks.get("delay", 0)))
+                for n in range(1, int(ticks["lines"]) + 1):
+                    emit(event="stage.log", stage=stage, line=f"tick {n}")
+                    jitter = float(ticks.get("jitter", 0))
+                    time.sleep(max(0.0, float(ticks["interval"]) + random.uniform(-jitter, jitter)))
             if "FAKE_ECHO" in variables:  # for masking tests: print a value the daemon must mask
                 emit(event="stage.log", stage=stage, line=f"echo: {variables['FAKE_ECHO']}")
                 print(f"stderr echo: {variables['FAKE_ECHO']}", file=sys.stderr, flush=True)
