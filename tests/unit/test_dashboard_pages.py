@@ -129,7 +129,9 @@ def test_runs_page_filters_and_pages_without_counting(tmp_path):
         assert all(f"#{i}" in with_limit for i in ids) and "Older runs" not in with_limit
         older = c.get("/runs", params={"before": ids[-1]}).text
         assert f"#{ids[-1]}<" not in older and f"#{ids[0]}<" in older
-        assert "No runs match these filters" in c.get("/runs", params={"status": "failed"}).text
+        filtered = c.get("/runs", params={"status": "failed"}).text
+        assert "No runs match these filters" in filtered
+        assert '<option value="failed" selected>' in filtered  # the form says what it filters by
         assert c.get("/runs/999").status_code == 404
 
 
