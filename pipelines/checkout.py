@@ -4,6 +4,8 @@ Layout: <cache_dir>/git/<sha256 of the normalised URL> is a bare mirror (refspec
 guarded by <that>.lock (fcntl.flock) while it is fetched and read; the first run of a repository
 creates it (cloned: True), later runs only fetch. The work tree is <workdir>/src, a `--shared`
 clone of the mirror (objects borrowed, not copied) checked out detached at the exact commit.
+The run directory, <cache_dir>/git, each mirror and the work tree are 0700 (tightened when an
+older runner left them 0755): a repository's content is its runner user's alone.
 
 Safety, in order: the URL and every ref pass runner.gitsafety before git runs at all; refs reach
 git only after `--end-of-options`, as fully qualified names or as resolved hex shas; every git
@@ -55,6 +57,7 @@ from runner.gitaccess import (
 )
 from runner.model import Pipeline
 from runner.outputs import CheckoutOutputs
+from runner.private_dir import private_dir
 from runner.proc import Result, run_command
 from runner.stage import Stage, StageContext
 
@@ -202,9 +205,8 @@ class CheckoutStage(Stage):
                                   "(repository.url is a local path that is not a directory)")
         _check_cancel(ctx)
         repo = ctx.pipeline.repository
-        ctx.workdir.mkdir(parents=True, exist_ok=True)
-        root = ctx.cache_dir / "git"
-        root.mkdir(parents=True, exist_ok=True)
+        private_dir(ctx.workdir)  # the key file and the work tree are for this user only
+        root = private_dir(ctx.cache_dir / "git")
         key = mirror_key(req.url)
         mirror = root / key
         access = self._access(ctx, req)
@@ -290,6 +292,7 @@ class CheckoutStage(Stage):
             self._git(ctx, access, [*args, "origin"], what=f"fetch from {req.redacted}")
             if cloned:
                 os.rename(target, mirror)
+            os.chmod(mirror, 0o700)  # git makes it 0755; an older runner's mirror is tightened
         except BaseException:
             if cloned:
                 shutil.rmtree(target, ignore_errors=True)
@@ -449,6 +452,7 @@ class CheckoutStage(Stage):
         self._git(ctx, access, ["clone", "--shared", "--no-checkout", "--quiet",
                                 "--end-of-options", str(mirror), str(dest)],
                   env=env, what="creating the work tree")
+        os.chmod(dest, 0o700)  # git makes it 0755; nothing is checked out into it yet
         # A shallow mirror is cloned over the transport, which carries branches and tags only:
         # a commit fetched by id (an older trigger commit) has to be fetched from the mirror.
         present = run_command(["git", "-C", str(dest), "cat-file", "-e", f"{commit}^{{commit}}"],
@@ -553,7 +557,7 @@ def _set_config(mirror: Path, fetch_url: str) -> None:
 @contextlib.contextmanager
 def _flock(path: Path, ctx: StageContext) -> Iterator[None]:
     """Exclusive lock on the mirror while it is fetched and read; waiting honours cancel."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         told = False
         while True:

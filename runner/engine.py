@@ -31,6 +31,7 @@ from runner.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Cancelled,
                            InvalidInput, SecretWithheld, StageFailed)
 from runner.model import STAGE_ORDER, Pipeline
 from runner.outputs import Outputs
+from runner.private_dir import private_dir
 from runner.runlog import RunLog, Sink
 
 # Stage implementations live in pipelines/ and deployers/; the engine only knows their names.
@@ -355,8 +356,10 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
 
     try:
         with _interrupts_held():  # an interrupt now comes once the record has begun
-            workdir.mkdir(parents=True, exist_ok=True)
-            cache_dir.mkdir(parents=True, exist_ok=True)
+            # A run's files (its checkout, a key committed by mistake) are its user's alone.
+            private_dir(workdir.parent)
+            private_dir(workdir)
+            private_dir(cache_dir)
             log = RunLog(prep.run_id, prep.masker, sinks, workdir / "logs")
             log.warnings.extend(prep.warnings)
             log.emit("run.start", pipeline=prep.pipeline.name, file=prep.pipeline.source_file,

@@ -538,7 +538,8 @@ def test_wrong_token_fails_and_is_masked(tmp_path, http_origin):
 
 
 def test_ssh_key_file_is_private_and_removed(tmp_path, origin, monkeypatch):
-    """The key goes to a 0600 file named in GIT_SSH_COMMAND, and is deleted afterwards.
+    """The key goes to a 0600 file in the 0700 run directory, named in GIT_SSH_COMMAND, and is
+    deleted afterwards.
     (No SSH server here: the repository is local, the key file's life cycle is what is tested.)"""
     from pipelines import checkout as mod
 
@@ -551,6 +552,7 @@ def test_ssh_key_file_is_private_and_removed(tmp_path, origin, monkeypatch):
             key = env["GIT_SSH_COMMAND"].split("-i ", 1)[1].split(" ", 1)[0]
             seen["cmd"] = env["GIT_SSH_COMMAND"]
             seen["mode"] = stat.S_IMODE(os.stat(key).st_mode)
+            seen["dir_mode"] = stat.S_IMODE(os.stat(os.path.dirname(key)).st_mode)
             seen["path"] = key
         return real(argv, **kw)
 
@@ -558,6 +560,7 @@ def test_ssh_key_file_is_private_and_removed(tmp_path, origin, monkeypatch):
     out, ctx = run(tmp_path, str(origin.bare), ssh_key="deploy_key",
                    secrets={"deploy_key": "-----BEGIN KEY-----\nAAAA\n-----END KEY-----"})
     assert "IdentitiesOnly=yes" in seen["cmd"] and seen["mode"] == 0o600
+    assert seen["dir_mode"] == 0o700  # the run directory: nobody else even lists it
     assert not Path(seen["path"]).exists()
     assert out["commit"] == origin.second
 
