@@ -1,7 +1,9 @@
 """The scan stage: Trivy (vulnerabilities, secrets, misconfigurations) on the image just built and
 optionally on the build context, hadolint on the Dockerfile, then the gate (pipelines.scan_gate).
 
-It runs after build and before push; a failed gate raises StageFailed, so nothing is pushed.
+It runs after build and before push; a failed gate raises StageFailed, so nothing is pushed,
+and first takes the registry names the build gave the image off it on the build engine (so a
+`docker push` by hand cannot publish it either).
 
 Trivy always runs offline unless the pipeline says `db.skip_update: false`: no DB download, no
 check-bundle download, no version check, no telemetry. It reads the image by id from the build
@@ -327,6 +329,7 @@ class ScanStage(Stage):
                      f"({'; '.join(f'{k}: {v}' for k, v in skipped.items())}); the image is "
                      "NOT known to be clean")
         if not result.passed:
+            self._untag(ctx)
             raise ScanGateFailed(
                 failure_message(result) + f"\n  report: {gate_path}", outputs)
         return outputs
@@ -464,6 +467,40 @@ class ScanStage(Stage):
         except DockerException as exc:
             raise StageFailed("scan", f"cannot export image {image_id} for scanning: "
                                       f"{exc}") from None
+        finally:
+            client.close()
+
+    def _untag(self, ctx: StageContext) -> None:
+        """The gate blocked the image: the registry names the build gave it go at once, so
+        that no `docker push` by hand publishes it. Only a name that still points at this very
+        image goes (another build may have taken it since), and only the name: `docker rmi` of
+        a tag deletes the image itself only when no other name is left on it."""
+        build = ctx.outputs.build
+        if build is None or not build.tags:
+            return
+        from docker.errors import DockerException, ImageNotFound
+
+        from pipelines.build_engine import engine_client
+
+        try:
+            client = engine_client(ctx)  # the engine that built the image
+        except DockerException as exc:
+            ctx.log.warn(f"could not untag {', '.join(build.tags)} on the build engine "
+                         f"({exc}): the blocked image still carries those names")
+            return
+        try:
+            for ref in build.tags:
+                try:
+                    if client.images.get(ref).id != build.image_id:
+                        continue
+                    client.images.remove(ref)
+                except ImageNotFound:
+                    continue
+                except DockerException as exc:
+                    ctx.log.warn(f"could not untag {ref} ({exc}): the blocked image still "
+                                 "carries that name")
+                    continue
+                ctx.log.info(f"untagged {ref}: the scan gate blocked it")
         finally:
             client.close()
 

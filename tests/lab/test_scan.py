@@ -3,10 +3,13 @@ through `runner exec` (checkout -> build -> scan -> push), and the stage alone."
 from __future__ import annotations
 
 import datetime as dt
+import stat
 import subprocess
 import threading
 from pathlib import Path
 
+import docker
+import docker.errors
 import httpx
 import pytest
 
@@ -67,11 +70,18 @@ def _tags(registry: str, repo: str) -> list[str]:
 
 
 def test_private_key_in_image_fails_the_gate_and_nothing_is_pushed(lab, tmp_path, data_dir):
+    """Nothing is left behind either: the blocked image loses its registry names on the build
+    engine, and the run directory, its checkout (the key sits there at git's 0644) and the
+    mirror cache are 0700, also where an older runner left them 0755."""
     name = f"leaky-{tmp_path.name[-12:].lower().replace('_', '-')}"
     repo = _repo(tmp_path, KEY_IN_IMAGE, key=True)
     p = _pipeline(tmp_path, repo, lab["registry"], name,
                   "    scanners: [secret, misconfig]\n    sarif: true\n")
-    proc = runner("exec", str(p), "--json", "--skip", "deploy", "--data-dir", str(data_dir))
+    data = tmp_path / "data"
+    for old in ("runs", "cache/git"):
+        (data / old).mkdir(parents=True, mode=0o755)
+        (data / old).chmod(0o755)
+    proc = runner("exec", str(p), "--json", "--skip", "deploy", "--data-dir", str(data))
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     evs = events(proc.stdout)
     scan = stage_end(evs, "scan")
@@ -81,6 +91,27 @@ def test_private_key_in_image_fails_the_gate_and_nothing_is_pushed(lab, tmp_path
     assert _tags(lab["registry"], f"scantest/{name}") == []
     logs = [e["line"] for e in evs if e["event"] == "stage.log" and e["stage"] == "scan"]
     assert any("SEVERITY" in line and "SCANNER" in line for line in logs), logs  # the table
+
+    image = f"{lab['registry']}/scantest/{name}"
+    built = stage_end(evs, "build")["outputs"]
+    assert built["tags"] and all(t.startswith(image + ":") for t in built["tags"])
+    client = docker.from_env()
+    try:
+        assert client.images.list(name=image) == []
+        for tag in built["tags"]:
+            assert any(f"untagged {tag}: the scan gate blocked it" in line for line in logs)
+            with pytest.raises(docker.errors.ImageNotFound):
+                client.images.get(tag)
+    finally:
+        client.close()
+
+    checkout = stage_end(evs, "checkout")["outputs"]
+    run_dir = Path(checkout["path"]).parent
+    private = [data / "runs", run_dir, Path(checkout["path"]), data / "cache",
+               data / "cache" / "git", Path(checkout["mirror"])]
+    assert {str(d): stat.S_IMODE(d.stat().st_mode) for d in private} == \
+        {str(d): 0o700 for d in private}
+    assert (Path(checkout["path"]) / "deploy_key").is_file()
 
 
 def test_clean_image_passes_and_is_pushed(lab, tmp_path, data_dir):
