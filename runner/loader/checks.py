@@ -2,8 +2,9 @@
 
 The format version; each secret's source (exactly one of `env:` / `file:`) and every reference
 to a secret naming one that is defined; a top-level `env:` with no deploy to reach; the
-repository URL and ref as git will be given them; the image name and tag templates. They run on
-the raw data, so that they are reported along with the model's own problems, each at its place.
+repository URL and ref as git will be given them (as written, before relative paths are
+resolved); the image name and tag templates. They run on the raw data, so that they are reported
+along with the model's own problems, each at its place.
 """
 from __future__ import annotations
 
@@ -17,6 +18,21 @@ from runner.loader.mapping import suggest
 from runner.loader.secret_refs import secret_references
 
 SUPPORTED_VERSIONS = (1,)
+
+
+def repository_checks(data: dict[str, Any], smap: SourceMap) -> list[Problem]:
+    """The repository URL and ref as git will be given them. Run before relative paths are
+    made absolute: `-oProxyCommand=x` would pass as `<the file's dir>/-oProxyCommand=x`."""
+    problems: list[Problem] = []
+    repo = data.get("repository")
+    if isinstance(repo, dict):
+        for key, check in (("url", check_repo_url), ("ref", check_ref)):
+            if isinstance(repo.get(key), str):
+                try:
+                    check(repo[key])
+                except InvalidInput as exc:
+                    problems.append(smap.problem(("repository", key), str(exc)))
+    return problems
 
 
 def cross_checks(data: dict[str, Any], smap: SourceMap) -> list[Problem]:
@@ -52,14 +68,6 @@ def cross_checks(data: dict[str, Any], smap: SourceMap) -> list[Problem]:
             ("env",), "the top-level env is the environment of the deployed container, and "
             "this pipeline has no stages.deploy section, so it would reach nothing: remove it, "
             "or add the deploy (a Dockerfile gets its values as stages.build.args)", key=True))
-    repo = data.get("repository")
-    if isinstance(repo, dict):
-        for key, check in (("url", check_repo_url), ("ref", check_ref)):
-            if isinstance(repo.get(key), str):
-                try:
-                    check(repo[key])
-                except InvalidInput as exc:
-                    problems.append(smap.problem(("repository", key), str(exc)))
     image = data.get("image")
     if isinstance(image, dict):
         if isinstance(image.get("name"), str):

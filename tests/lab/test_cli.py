@@ -36,6 +36,17 @@ def test_unknown_key_and_undefined_variable_are_both_reported(tmp_path):
     assert f"{p}:7:5" in proc.stderr and "contxt" in proc.stderr
 
 
+def test_option_like_repository_url_is_invalid_input_for_validate_and_exec(tmp_path):
+    """Not a relative path to resolve: git would read it as an option."""
+    p = _write(tmp_path, 'name: x\nrepository:\n  url: "-oProxyCommand=x"\n'
+                         "image: {name: 127.0.0.1:5000/x}\n")
+    for argv in (("validate", str(p)), ("exec", str(p), "--dry-run")):
+        proc = runner(*argv)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"{p}:3:8: error: repository.url:" in proc.stderr
+        assert "git would read as an option" in proc.stderr
+
+
 def test_json_output_reports_invalid_input(tmp_path):
     p = _write(tmp_path, "name: x\n")
     proc = runner("exec", str(p), "--json")

@@ -109,7 +109,7 @@ BAD = [
         image: {name: a}
         stages: 5
         """, (4, 9, "stages",
-              "expected a mapping {checkout?, build?, scan?, push?, deploy?}, got the number 5")),
+              "expected a mapping {checkout?, build?, test?, scan?, push?, deploy?}, got the number 5")),
     ("constraint", """\
         name: demo
         repository: {url: x}
@@ -268,6 +268,12 @@ BAD = [
         repository: {url: "-oProxyCommand=touch:x"}
         image: {name: a}
         """, (2, 19, "repository.url", "git would read as an option")),
+    ("option-like url that looks like a relative path refused", """\
+        name: demo
+        repository:
+          url: "-oProxyCommand=x"
+        image: {name: a}
+        """, (3, 8, "repository.url", "git would read as an option")),
     ("unsafe ref refused", """\
         name: demo
         repository: {url: x, ref: 'main";echo$${IFS}hi;#'}
