@@ -132,8 +132,7 @@ def _proxy_commands(stage: DeploySettings, release: Release, run_id: str
                        runs),
         PlannedCommand("prune_kept", "commit", tuple(cmd.remove(cmd.KEPT)),
                        f"a kept container falls out of the last {stage.keep_versions} releases"),
-        PlannedCommand("prune", "commit", tuple(cmd.remove_image(cmd.PRUNED)),
-                       f"an image falls out of the last {stage.keep_versions} releases"),
+        PlannedCommand("prune", "commit", tuple(cmd.remove_image(cmd.PRUNED)), _prune_when(stage)),
     ]
     return tuple(out)
 
@@ -166,10 +165,14 @@ def _stop_start_commands(stage: DeploySettings, release: Release, run_id: str
         PlannedCommand("start_previous", "restore", tuple(cmd.start(spec.name)),
                        "restoring, the previous container was running"),
         PlannedCommand("remove_previous", "commit", tuple(cmd.remove(prev)), runs),
-        PlannedCommand("prune", "commit", tuple(cmd.remove_image(cmd.PRUNED)),
-                       f"an image falls out of the last {stage.keep_versions} releases"),
+        PlannedCommand("prune", "commit", tuple(cmd.remove_image(cmd.PRUNED)), _prune_when(stage)),
     ]
     return tuple(out)
+
+
+def _prune_when(stage: DeploySettings) -> str:
+    return (f"an image falls out of the last {stage.keep_versions} verified releases, or the "
+            f"runner pulled it for a release not among them (failed, rolled back, interrupted)")
 
 
 def _plan(stage: DeploySettings, app: str, what: str, run_id: str,
@@ -184,7 +187,8 @@ def _plan(stage: DeploySettings, app: str, what: str, run_id: str,
         "commands with a `when` run only then; <slots> are filled in on the server",
         f"health: {next(iter(releases.values())).spec.health.kind if releases else '-'}, "
         f"up to {h.timeout:g}s per server",
-        f"keeps the last {stage.keep_versions} verified releases on each server",
+        f"keeps the last {stage.keep_versions} verified releases on each server; the images "
+        f"of releases never verified go at the next commit",
     )
     return DeployPlan(
         app=app, what=what, strategy=stage.strategy.type, on_failure=stage.strategy.on_failure,

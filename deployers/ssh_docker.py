@@ -16,7 +16,8 @@ rollout (deployers.rollout) drives, running the commands of the server's plan
 - restore: remove what this run started, rename the previous container back, start it again.
 - commit: record the release as verified in the server's history
   (~/.runner/engines/<engine>/apps/<app>/history.json), then remove the previous container and
-  prune images beyond keep_versions.
+  prune the images beyond keep_versions and those of releases never verified (the runner
+  records each image it pulls for the app: deployers.pruning).
 
 Every remote command first checks that this run still holds the server's lock: a lost lease
 stops the deploy on that server at once.
@@ -47,6 +48,7 @@ from runner.outputs import DeployOutputs, ServerResult
 from deployers import commands as cmd
 from deployers import history as hist
 from deployers import lock as locks
+from deployers import pruning
 from deployers.base import (DeployFailed, Deployer, DeployPlan, LockLostStep, Restored,
                             ServerPlan, ServerStatus, ServerSteps, StepFailed, Switch)
 from deployers.health import ContainerState, ProbeResult, Verdict, parse_http_status, \
@@ -225,6 +227,35 @@ class SSHDockerDeployer(Deployer):
         except ValueError:
             return []
         return [h for h in data if isinstance(h, dict) and h.get("digest")]
+
+    def pulled_dir(self, conn: Connection) -> str:
+        return f"{self._dir(conn)}/apps/{self.app}/{pruning.PULLED_DIR}"
+
+    def pulled_images(self, conn: Connection) -> list[str]:
+        """The images the runner pulled for this app on this server and has not removed."""
+        directory = self.pulled_dir(conn)
+
+        def names(sftp):
+            try:
+                return sftp.listdir(directory)
+            except FileNotFoundError:
+                return []
+        found = (pruning.marker_ref(n) for n in sorted(conn.sftp_do(names)))
+        return [ref for ref in found if ref]
+
+    def record_pull(self, conn: Connection, ref: str) -> None:
+        path = f"{self.pulled_dir(conn)}/{pruning.marker_name(ref)}"
+
+        def write(sftp):
+            sftp.open(path, "w").close()
+        try:
+            conn.sftp_do(write)
+        except FileNotFoundError:  # the app's first pull on this server
+            conn.ensure_private_dir(self.pulled_dir(conn))
+            conn.sftp_do(write)
+
+    def forget_pull(self, conn: Connection, ref: str) -> None:
+        conn.remove_file(f"{self.pulled_dir(conn)}/{pruning.marker_name(ref)}")
 
     def inspect(self, conn: Connection, name: str,
                 run: Callable | None = None) -> ContainerState | None:
@@ -504,6 +535,8 @@ class SSHDockerSteps(ServerSteps):
                            f"; registry {registry} wants a login: set "
                            "stages.deploy.registry.username and password")
             raise StepFailed(conn.label, reason, touched=False)
+        # Recorded at once: if this release never gets verified, a later commit removes it.
+        self.d.record_pull(conn, ref)
         self.d.log(f"{conn.label}: pulled {plan.release.digest[:19]} in "
                    f"{time.monotonic() - t0:.1f}s")
 
@@ -848,13 +881,17 @@ class SSHDockerSteps(ServerSteps):
                 self._write_history(conn, history)
             # Only now, with its successor recorded as verified, is the previous one not needed.
             self._retire_previous(run, st, history)
-            kept_refs = {h.get("ref") for h in history}
-            for h in dropped:
-                if h.get("ref") in kept_refs:
-                    continue
-                r = run(st.plan.argv("prune", {cmd.PRUNED: h["ref"]}), check=False)
+            pulled = d.pulled_images(conn)
+            for item in pruning.images_to_prune(
+                    pulled=pulled, dropped=[h["ref"] for h in dropped if h.get("ref")],
+                    kept=[h["ref"] for h in history if h.get("ref")],
+                    running=str(sw.release.image)):
+                # `docker image rm` refuses an image a container (another app's too) still uses.
+                r = run(st.plan.argv("prune", {cmd.PRUNED: item.ref}), check=False)
+                if item.ref in pulled and (r.ok or "no such image" in r.output.lower()):
+                    d.forget_pull(conn, item.ref)
                 if r.ok:
-                    d.log(f"{conn.label}: pruned {h['digest'][:19]}")
+                    d.log(f"{conn.label}: pruned {item.ref.split('@', 1)[1][:19]} ({item.why})")
 
     def _retire_previous(self, run: Callable, st: _OnServer, history: list[dict]) -> None:
         """After the commit: the stop-start cutover removes the previous container."""

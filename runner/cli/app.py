@@ -5,9 +5,11 @@
 - exec: `docker exec <app> CMD...` on one server (or --all), its output as it comes, the
   command's exit status as ours.
 - remove: on every server, under the app's deploy lock (so never in the middle of a deploy):
-  every container labelled runner.app=<app> (kept previous versions too), the images of its
-  release history and of those containers, the history dir (apps/<app>: history and
-  fingerprint key), a dead run's leftover env files and logins, and then the lock itself.
+  every container labelled runner.app=<app> (kept previous versions too), every image of the
+  app (of its release history, of those containers, and every one the runner pulled for it:
+  failed and rolled-back releases too, deployers.pruning), the history dir (apps/<app>:
+  history, the record of pulls, fingerprint key), a dead run's leftover env files and logins,
+  and then the lock itself.
 
 The pipeline is loaded, and its secrets read, as `runner exec` does; output passes the masker.
 Commands are argv lists (deployers.commands), never shell lines.
@@ -31,6 +33,7 @@ from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 
 from deployers import commands as cmd
 from deployers import lock as locks
+from deployers import pruning
 from runner.cli.deploy import _open
 from runner.pipeline_file import Load, load_file
 from deployers.remote_files import remove_tree, sweep
@@ -166,16 +169,15 @@ def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> N
         res.removed.append(f"stale deploy lock of {locks.describe_holder(before.holder)}")
     try:  # lease.check(): stop at once if the lock was lost (another run may deploy now)
         history = d.history(conn)
+        pulled = d.pulled_images(conn)
         containers = d.app_containers(conn)
         lease.check()
         if containers:
             conn.run([cmd.DOCKER, "container", "rm", "--force", *[c.id for c in containers]],
                      check=True, cancel=d.cancel)
             res.removed += [f"container {c.name} ({c.id[:12]}, {c.status})" for c in containers]
-        refs: list[str] = []
-        for ref in [h.get("ref") for h in history] + [c.image for c in containers]:
-            if isinstance(ref, str) and "@sha256:" in ref and ref not in refs:
-                refs.append(ref)
+        refs = pruning.every_image(history=[h.get("ref") for h in history],
+                                   containers=[c.image for c in containers], pulled=pulled)
         for ref in refs:
             lease.check()
             r = conn.run(cmd.remove_image(ref), check=False, cancel=d.cancel)
@@ -335,7 +337,8 @@ def make_app(load: Load = load_file) -> click.Group:
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
     def remove(pipeline_file: str, yes: bool, var: tuple[str, ...]) -> None:
         """Remove the app from every server: all its containers (kept previous versions too),
-        the images of its releases, its release history and its deploy lock.
+        every image the runner pulled for it (failed releases too), its release history and its
+        deploy lock.
 
         Asks first unless --yes (an answer other than yes removes nothing and exits 1). Waits
         for a deploy in progress to end (stages.deploy.lock.wait). Says what it removed on each

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from deployers import lock as locks
+from deployers.base import DeployFailed
 from runner.cli.app import make_app
 from runner.cli.deploy import make_commands
 from deployers.ssh_docker import SSHDockerDeployer
@@ -242,10 +243,24 @@ def test_remove_asks_then_removes_everything(lab, images, app):
     servers = lab["servers"][:2]
     hosts = [s["host"] for s in servers]
     stage = _stage(lab, servers, name, _port(), lock={"ttl": 2, "wait": 10})
+    checks = [Server(lab, s, name) for s in servers]
+    for c in checks:  # so that this app's deploy of v3 pulls it
+        c.run("docker", "image", "rm", images["v3"])
     _deploy(stage, images, "v1", name, secret)
     _deploy(stage, images, "v2", name, secret)
+    # v3 fails its health gate and is rolled back: its image is in no release history.
+    fast = stage.model_copy(update={"healthcheck": stage.healthcheck.model_copy(
+        update={"timeout": 2})})
+    d = SSHDockerDeployer(fast, pipeline=name, image_name=images["repo"], run_id="v3",
+                          image=ImageRef.parse(images["v3"]), commit="v3" * 10,
+                          secret=lambda n: {"tok": secret}[n])
+    try:
+        with pytest.raises(DeployFailed, match="rolled back"):
+            d.apply()
+    finally:
+        d.close()
+    assert all(c.run("docker", "image", "inspect", images["v3"]).ok for c in checks)
     cli = make_app(lambda path, variables: _pipeline(stage, name, images))
-    checks = [Server(lab, s, name) for s in servers]
     try:
         first = checks[0]
         # A kept previous version (as an interrupted deploy leaves it), and a stale lock of a
@@ -276,15 +291,16 @@ def test_remove_asks_then_removes_everything(lab, images, app):
         assert f"removed container {name} " in blocks[hosts[0]]
         assert f"removed container {name}_prev_old " in blocks[hosts[0]]
         assert f"removed container {name} " in blocks[hosts[1]]
-        assert f"removed image {images['v1']}" in out and f"removed image {images['v2']}" in out
+        for v in ("v1", "v2", "v3"):
+            assert all(f"removed image {images[v]}" in blocks[h] for h in hosts), out
         assert "removed release history" in blocks[hosts[1]]
         assert "removed stale deploy lock of run dead-run" in out
         for c in checks:
             assert c.containers() == []
             assert not c.exists(c.history) and not c.exists(f"{c.root}/apps/{name}")
             assert not c.exists(c.lock)
-            for v in ("v1", "v2"):
-                assert not c.run("docker", "image", "inspect", images[v]).ok
+            # No image of the app's repository is left (the session's images are v1 to v3).
+            assert c.run("docker", "image", "ls", "--quiet", images["repo"]).stdout.split() == []
         # Again: there is nothing left to remove.
         res = _invoke(cli, ["remove", "p.yaml", "--yes"])
         assert res.exit_code == 0, res.output

@@ -469,6 +469,37 @@ def test_missing_image_and_keep_versions(lab, images, app):
     assert _get(server["host"], port) == "v2"
 
 
+def test_images_of_unverified_releases_are_pruned_with_keep_versions(lab, images, app):
+    """v1, then v3 (fails its health gate, rolled back), then v2, keeping 2 verified releases:
+    v3's image goes at v2's commit; v1 (kept) and v2 (running) stay."""
+    name, _ = app
+    server, port = _servers(lab, -1)[0], _port()
+    stage = _stage(lab, [server], name, port, keep_versions=2, healthcheck={"timeout": 2})
+    check = SSHDockerDeployer(stage, pipeline=name, image_name=images["repo"], run_id="chk")
+    conn = check._conn(check.targets[0])
+    try:
+        conn.run(["docker", "image", "rm", images["v3"]])  # so that this app's deploy pulls it
+        for v, ok in (("v1", True), ("v3", False), ("v2", True)):
+            log = Log()
+            d = _deployer(stage, images, v, name, log)
+            try:
+                if ok:
+                    assert d.apply().ok, log.text
+                else:
+                    with pytest.raises(DeployFailed, match="rolled back"):
+                        d.apply()
+            finally:
+                d.close()
+        assert f"pruned {images['v3'].split('@')[1][:19]} (pulled for a release that is not " \
+               f"a kept verified one)" in log.text, log.text
+        assert not conn.run(["docker", "image", "inspect", images["v3"]]).ok
+        assert conn.run(["docker", "image", "inspect", images["v1"]]).ok
+        assert conn.run(["docker", "image", "inspect", images["v2"]]).ok
+        assert _get(server["host"], port) == "v2"
+    finally:
+        check.close()
+
+
 def test_worker_without_ports_uses_command_probe(lab, images, app):
     name, _ = app
     server = _servers(lab, -1)[0]
