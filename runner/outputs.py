@@ -1,7 +1,7 @@
 """What each stage gives the later stages and the run's record: one frozen type per stage.
 
-A stage's `run()` returns its type (CheckoutOutputs, BuildOutputs, ScanOutputs, PushOutputs,
-DeployOutputs). The engine keeps it in `StageContext.outputs` (an `Outputs`) for the later stages
+A stage's `run()` returns its type (CheckoutOutputs, BuildOutputs, TestOutputs, ScanOutputs,
+PushOutputs, DeployOutputs). The engine keeps it in `StageContext.outputs` (an `Outputs`) for the later stages
 and records its `to_dict()`: the JSON of the stage.end event's `outputs` and of run.json's
 `stages[].outputs`. Values are checked once, where the stage builds its outputs: the pushed image
 is an `ImageRef`, which the deploy runs as it is, never parsing it again.
@@ -99,6 +99,84 @@ class BuildOutputs:
         return {"image_id": self.image_id, "tags": list(self.tags), "builder": self.builder,
                 "engine": self.engine, "cached_steps": self.cached_steps,
                 "total_steps": self.total_steps}
+
+
+# ----------------------------------------------------------------------------------- test
+
+@dataclass(frozen=True)
+class TestFailure:
+    """A test that failed (or errored), as a JUnit report said it."""
+
+    __test__ = False  # not a pytest test class
+    computed: ClassVar[tuple[str, ...]] = ()
+
+    step: str = doc("The step whose report holds it.")
+    test: str = doc("The test's name, its class (or file) first: `tests.test_db.test_insert`.")
+    message: str = doc("The first line of the failure's message (or of its text).")
+    error: bool = doc("True for an error (the test could not run), false for a failed "
+                      "assertion.", default=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "test": self.test, "message": self.message,
+                "error": self.error}
+
+
+@dataclass(frozen=True)
+class TestStepResult:
+    """How one step of the test stage went."""
+
+    __test__ = False
+    computed: ClassVar[tuple[str, ...]] = ()
+
+    name: str = doc("The step's name.")
+    image: str = doc("The image it ran in (an id for the build's image or a `target`).")
+    status: str = doc("`passed`, `failed`, `timed out` or `not run` (an earlier step failed).")
+    exit_code: int | None = doc("The exit code of the last command run; null when none ran "
+                                "or it was killed at the timeout.")
+    failed_command: str | None = doc("The command that failed, as written; else null.")
+    duration: float = doc("Seconds the step took, container start and removal included.")
+    counts: Mapping[str, int] = doc("Tests in its reports: `passed`, `failed`, `errors`, "
+                                    "`skipped`, `total` (all 0 without reports).")
+    reports: tuple[str, ...] = doc("The report files copied out of the container, under "
+                                   "`<run dir>/test/<step>/`.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "image": self.image, "status": self.status,
+                "exit_code": self.exit_code, "failed_command": self.failed_command,
+                "duration": self.duration, "counts": dict(self.counts),
+                "reports": list(self.reports)}
+
+
+@dataclass(frozen=True)
+class TestOutputs:
+    """What the test stage ran and what its reports said. A failed stage records them too."""
+
+    __test__ = False
+    stage: ClassVar[str] = "test"
+    computed: ClassVar[tuple[str, ...]] = ("summary",)
+
+    passed: bool = doc("Whether every step passed.")
+    steps: tuple[TestStepResult, ...] = doc("Every step, in order.")
+    services: tuple[str, ...] = doc("The services that ran beside the steps.")
+    counts: Mapping[str, int] = doc("Tests in all reports: `passed`, `failed`, `errors`, "
+                                    "`skipped`, `total`.")
+    failures: tuple[TestFailure, ...] = doc("The failed tests (the first 20), in report "
+                                            "order.")
+
+    @property
+    def summary(self) -> str:
+        """One line: `41 passed, 2 failed, 1 skipped` (errors too, when any)."""
+        c = self.counts
+        parts = [f"{c.get('passed', 0)} passed"]
+        for key, word in (("failed", "failed"), ("errors", "errors"), ("skipped", "skipped")):
+            if c.get(key):
+                parts.append(f"{c[key]} {word}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "summary": self.summary,
+                "steps": [s.to_dict() for s in self.steps], "services": list(self.services),
+                "counts": dict(self.counts), "failures": [f.to_dict() for f in self.failures]}
 
 
 # ----------------------------------------------------------------------------------- scan
@@ -272,11 +350,11 @@ class DeployOutputs:
 
 # ------------------------------------------------------------------------------- the run
 
-StageOutputs = CheckoutOutputs | BuildOutputs | ScanOutputs | PushOutputs | DeployOutputs
+StageOutputs = CheckoutOutputs | BuildOutputs | TestOutputs | ScanOutputs | PushOutputs | DeployOutputs
 
 # Stage name -> its outputs type, in the order the stages run.
 OUTPUT_TYPES: dict[str, type] = {t.stage: t for t in (
-    CheckoutOutputs, BuildOutputs, ScanOutputs, PushOutputs, DeployOutputs)}
+    CheckoutOutputs, BuildOutputs, TestOutputs, ScanOutputs, PushOutputs, DeployOutputs)}
 
 
 @dataclass
@@ -286,6 +364,7 @@ class Outputs:
 
     checkout: CheckoutOutputs | None = None
     build: BuildOutputs | None = None
+    test: TestOutputs | None = None
     scan: ScanOutputs | None = None
     push: PushOutputs | None = None
     deploy: DeployOutputs | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runner.lab import host, images, layout
+from runner.lab import host, images, layout, postgres_image
 from runner.lab.state import State
 
 KEY = "build-dockerd"
@@ -68,3 +68,4 @@ def finish(state: State, rec: dict | None) -> None:
     images.ensure_busybox(state.log)
     images.ensure_python(state.dir, state.log)
     images.ensure_caddy(state.dir, state.log)  # FROM the python image
+    postgres_image.ensure_postgres_image(state.dir, state.log)  # FROM the python image

@@ -4,8 +4,8 @@ Load it with `runner.loader.load_pipeline`; never build these from untrusted dic
 the loader is what attaches file, line and column to every problem.
 
 Stages: a section that is present runs unless it says `enabled: false`. An absent section keeps
-the stage's own default: checkout, build and push run, scan and deploy do not (a scan needs
-Trivy, a deploy needs servers).
+the stage's own default: checkout, build and push run, test, scan and deploy do not (a test
+needs steps, a scan needs Trivy, a deploy needs servers).
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from runner.model.image import Image
 from runner.model.push import PushSettings, RegistryAuth
 from runner.model.scan import ScanSettings
 from runner.model.source import Repository
+from runner.model.testing import TestSettings
 
 if TYPE_CHECKING:
     from runner.loader.locations import SourceMap
 
-STAGE_ORDER = ("checkout", "build", "scan", "push", "deploy")
+STAGE_ORDER = ("checkout", "build", "test", "scan", "push", "deploy")
 
 
 class SecretSource(Model):
@@ -50,13 +51,15 @@ class CheckoutSettings(Model):
 
 
 class Stages(Model):
-    """The stages, run in this order: checkout, build, scan, push, deploy. A section that is
-    present runs unless it says `enabled: false`."""
+    """The stages, run in this order: checkout, build, test, scan, push, deploy. A section
+    that is present runs unless it says `enabled: false`."""
 
     checkout: CheckoutSettings = Field(default_factory=CheckoutSettings)
     """Absent: runs."""
     build: BuildSettings = Field(default_factory=BuildSettings)
     """Absent: runs, with the defaults (`Dockerfile` at the repository's root)."""
+    test: TestSettings = Field(default_factory=TestSettings.absent)
+    """Absent: does not run. Present, it needs `steps`."""
     scan: ScanSettings = Field(default_factory=lambda: ScanSettings(enabled=False))
     """Absent: does not run. `scan: {}` runs it with the defaults."""
     push: PushSettings = Field(default_factory=PushSettings)
@@ -118,4 +121,5 @@ class Pipeline(Model):
 __all__ = [
     "STAGE_ORDER", "BuildSecret", "BuildSettings", "CheckoutSettings", "DeploySettings", "Image",
     "Pipeline", "PushSettings", "RegistryAuth", "Repository", "ScanSettings", "SecretSource", "Stages",
+    "TestSettings",
 ]

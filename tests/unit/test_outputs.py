@@ -18,7 +18,7 @@ from runner.model import reference
 from runner.model.image import ImageRef
 from runner.outputs import (
     OUTPUT_TYPES, BuildOutputs, CheckoutOutputs, DeployOutputs, Outputs, PushOutputs,
-    ScanFinding, ScanOutputs, ServerResult, described,
+    ScanFinding, ScanOutputs, ServerResult, TestFailure, TestOutputs, TestStepResult, described,
 )
 from runner.secrets import Masker
 from runner.stage import Stage, StageContext
@@ -54,7 +54,16 @@ DEPLOY = DeployOutputs(
              ServerResult("web2", "rolled_back", digest="sha256:" + "ef" * 32,
                           previous_digest="sha256:" + "ef" * 32, rolled_back=True,
                           reason="health check failed")))
-SAMPLES = {"checkout": CHECKOUT, "build": BUILD, "scan": SCAN, "push": PUSH, "deploy": DEPLOY}
+TEST_COUNTS = {"passed": 41, "failed": 2, "errors": 0, "skipped": 1, "total": 44}
+TEST = TestOutputs(
+    passed=False, services=("db",), counts=TEST_COUNTS,
+    steps=(TestStepResult("unit", "sha256:" + "cd" * 32, "failed", 1, "pytest -q", 3.5,
+                          TEST_COUNTS, ("/runs/r1/test/unit/reports_unit.xml",)),
+           TestStepResult("lint", "python:3.11-slim", "not run", None, None, 0.0,
+                          dict.fromkeys(TEST_COUNTS, 0), ())),
+    failures=(TestFailure("unit", "tests.test_db.test_insert", "AssertionError: 1 != 2"),))
+SAMPLES = {"checkout": CHECKOUT, "build": BUILD, "test": TEST, "scan": SCAN, "push": PUSH,
+           "deploy": DEPLOY}
 
 # What the stages emitted as dicts before they had types (and checkout's default_branch, added
 # since): the record must not change.
@@ -65,6 +74,16 @@ EXPECTED = {
                  "committed_at": "2024-05-01T12:00:00Z", "default_branch": "main"},
     "build": {"image_id": "sha256:" + "cd" * 32, "tags": ["reg/app:0123456", "reg/app:main"],
               "builder": "buildx", "engine": "local", "cached_steps": 3, "total_steps": 5},
+    "test": {"passed": False, "summary": "41 passed, 2 failed, 1 skipped",
+             "steps": [{"name": "unit", "image": "sha256:" + "cd" * 32, "status": "failed",
+                        "exit_code": 1, "failed_command": "pytest -q", "duration": 3.5,
+                        "counts": TEST_COUNTS, "reports": ["/runs/r1/test/unit/reports_unit.xml"]},
+                       {"name": "lint", "image": "python:3.11-slim", "status": "not run",
+                        "exit_code": None, "failed_command": None, "duration": 0.0,
+                        "counts": dict.fromkeys(TEST_COUNTS, 0), "reports": []}],
+             "services": ["db"], "counts": TEST_COUNTS,
+             "failures": [{"step": "unit", "test": "tests.test_db.test_insert",
+                           "message": "AssertionError: 1 != 2", "error": False}]},
     "scan": {"passed": False, "fail_on": "HIGH", "counts": {"CRITICAL": 0, "HIGH": 1},
              "by_scanner": {"secret": {"HIGH": 1}, "vuln": {}}, "checked": ["vuln", "secret"],
              "ignored": 2, "report": "/runs/r1/scan/trivy-image.json",
@@ -154,13 +173,14 @@ def test_outputs_takes_each_stage_own_type_only():
 
 # --------------------------------------------------------------------------- the reference
 
-ALL_TYPES = [*OUTPUT_TYPES.values(), ScanFinding, ServerResult]
+ALL_TYPES = [*OUTPUT_TYPES.values(), ScanFinding, ServerResult, TestStepResult, TestFailure]
 
 
 @pytest.mark.parametrize("cls", ALL_TYPES, ids=lambda c: c.__name__)
 def test_every_key_is_described(cls):
     rows = described(cls)
-    sample = {"ScanFinding": SCAN.top[1], "ServerResult": DEPLOY.servers[0]}.get(
+    sample = {"ScanFinding": SCAN.top[1], "ServerResult": DEPLOY.servers[0],
+              "TestStepResult": TEST.steps[0], "TestFailure": TEST.failures[0]}.get(
         cls.__name__) or SAMPLES[cls.stage]
     assert sorted(r.key for r in rows) == sorted(sample.to_dict())
     assert all(r.doc.strip() for r in rows)

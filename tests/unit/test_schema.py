@@ -255,8 +255,8 @@ def _place(data: dict[str, Any], section: str, key: str, value: Any) -> None:
     for part in parts:
         name = part.removesuffix("[]")
         walked = f"{walked}.{name}" if walked else name
-        if name == "<name>":
-            node = node.setdefault("example", {})
+        if name == "<name>":  # an entry of a mapping of sections (services), with its required keys
+            node = node.setdefault("example", _minimal(owners[walked]) if walked in owners else {})
             continue
         if part.endswith("[]"):
             items = node.setdefault(name, [])

@@ -1,0 +1,115 @@
+"""The lab's PostgreSQL service image, <registry>/lab/postgres:15, for test stages' `services:`.
+
+Nothing can be pulled from Docker Hub here, so it is made like the proxy image: FROM the lab's
+debootstrapped python image (bookworm), with Debian's `postgresql-15` installed from the Debian
+mirror this host's apt uses (runner.lab.images.debian_mirror), built once by BuildKit on the build
+engine and pushed to the lab registry. The image carries a digest of its recipe as a label, so a
+changed recipe makes it again and an unchanged one costs two small registry GETs.
+
+Its entrypoint behaves like the official image's for what tests use: on the first start it runs
+initdb as the `postgres` user with `POSTGRES_USER` (default `postgres`) and `POSTGRES_PASSWORD`
+(required), creates `POSTGRES_DB` when another name is given, and then runs postgres as that
+user (never root), listening on 0.0.0.0:5432 with password (scram) logins from the network.
+Durability is off (`fsync=off`): it is a throwaway database for tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from runner.lab import host, layout
+from runner.lab.errors import LabError
+from runner.lab.images import buildkit_docker_cli, debian_mirror
+
+REPO = "lab/postgres"
+TAG = layout.POSTGRES_VERSION
+IMAGE = f"{layout.REGISTRY}/{REPO}:{TAG}"
+BIN = f"/usr/lib/postgresql/{layout.POSTGRES_VERSION}/bin"
+
+ENTRYPOINT = f"""#!/bin/sh
+# initdb on the first start, then postgres as the postgres user (see runner/lab/postgres_image.py).
+set -eu
+: "${{POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}}"
+user="${{POSTGRES_USER:-postgres}}"
+data=/var/lib/postgresql/data
+as_postgres() {{ setpriv --reuid=postgres --regid=postgres --init-groups -- "$@"; }}
+if [ ! -s "$data/PG_VERSION" ]; then
+    install -d -o postgres -g postgres -m 700 "$data"
+    pwfile=$(mktemp)
+    printf '%s\\n' "$POSTGRES_PASSWORD" > "$pwfile"
+    chown postgres "$pwfile"
+    as_postgres {BIN}/initdb --no-sync -D "$data" -U "$user" --pwfile="$pwfile" \\
+        -E UTF8 --locale=C.UTF-8 --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+    rm -f "$pwfile"
+    echo "host all all 0.0.0.0/0 scram-sha-256" >> "$data/pg_hba.conf"
+    if [ -n "${{POSTGRES_DB:-}}" ] && [ "$POSTGRES_DB" != "$user" ]; then
+        echo "CREATE DATABASE \\"$POSTGRES_DB\\";" | \\
+            as_postgres {BIN}/postgres --single -D "$data" -j postgres >/dev/null
+    fi
+fi
+exec setpriv --reuid=postgres --regid=postgres --init-groups -- {BIN}/postgres -D "$data" \\
+    -c listen_addresses='*' -c fsync=off -c synchronous_commit=off -c full_page_writes=off
+"""
+
+
+def _dockerfile_lines(mirror: str) -> list[str]:
+    return [
+        f"FROM {layout.PYTHON_IMAGE}",
+        # Only the mirror's main suite: the python image's sources may name others.
+        f'RUN echo "deb {mirror} {layout.DEBIAN_SUITE} main" > /etc/apt/sources.list '
+        "&& rm -f /etc/apt/sources.list.d/* "
+        "&& apt-get update -qq "
+        f"&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "
+        f"postgresql-{layout.POSTGRES_VERSION} "
+        "&& rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb",
+        "COPY entrypoint.sh /usr/local/bin/postgres-entrypoint",
+        "RUN chmod 755 /usr/local/bin/postgres-entrypoint",
+        "EXPOSE 5432",
+        'ENTRYPOINT ["/usr/local/bin/postgres-entrypoint"]',
+    ]
+
+
+def recipe(mirror: str) -> str:
+    """A digest of how the image is made: the image carries it as a label."""
+    text = "\n".join(_dockerfile_lines(mirror)) + "\n" + ENTRYPOINT
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dockerfile(mirror: str) -> str:
+    return "\n".join([*_dockerfile_lines(mirror),
+                      f"LABEL {layout.PROXY_RECIPE_LABEL}={recipe(mirror)}", ""])
+
+
+def _made_here(labels: dict | None, mirror: str) -> bool:
+    return labels is not None and labels.get(layout.PROXY_RECIPE_LABEL) == recipe(mirror)
+
+
+def ensure_postgres_image(state: Path, log: host.Log) -> None:
+    """IMAGE in the lab registry (built on the build engine FROM local/python:3.11 when the
+    engine does not have this recipe's, then pushed). About a minute the first time."""
+    mirror = debian_mirror()
+    if _made_here(host.registry_image_labels(REPO, TAG), mirror):
+        return
+    started = time.monotonic()
+    docker = buildkit_docker_cli()
+    if not _made_here(host.image_labels(layout.BUILD_SOCK, IMAGE), mirror):
+        context = state / "cache" / "postgres-image"
+        context.mkdir(parents=True, exist_ok=True)
+        host.write_if_changed(context / "Dockerfile", dockerfile(mirror))
+        host.write_if_changed(context / "entrypoint.sh", ENTRYPOINT)
+        log(f"building {IMAGE} (Debian's postgresql-{layout.POSTGRES_VERSION} from {mirror} on "
+            f"{layout.PYTHON_IMAGE}) with BuildKit")
+        host.run([docker, "-H", layout.BUILD_DOCKER_HOST, "build", "--progress=plain", "-t", IMAGE,
+                  str(context)], env={"DOCKER_BUILDKIT": "1"}, timeout=900)
+        check = host.run([docker, "-H", layout.BUILD_DOCKER_HOST, "run", "--rm", "--network",
+                          "none", "--entrypoint", f"{BIN}/postgres", IMAGE, "--version"],
+                         check=False, timeout=120)
+        out = (check.stdout + check.stderr).decode(errors="replace").strip()
+        if check.returncode != 0 or f"PostgreSQL) {layout.POSTGRES_VERSION}" not in out:
+            host.run([docker, "-H", layout.BUILD_DOCKER_HOST, "rmi", IMAGE], check=False)
+            raise LabError(f"{IMAGE} does not run `postgres --version` "
+                           f"(exit {check.returncode}): {out}")
+    log(f"pushing {IMAGE}")
+    host.run([docker, "-H", layout.BUILD_DOCKER_HOST, "push", IMAGE], timeout=600)
+    log(f"{IMAGE} is in the registry ({time.monotonic() - started:.1f}s)")

@@ -1,0 +1,157 @@
+"""The test stage on the lab's build engine: real containers, a real PostgreSQL service, real
+JUnit reports; what a failure, a hang, a service that never gets ready and a SIGKILLed runner
+leave behind (nothing)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from pipelines.testing import TestStage
+from runner.errors import StageFailed
+from runner.lab import layout
+from runner.model import Pipeline
+from runner.outputs import Outputs
+from runner.stage import StageContext
+from tests.doubles import DictSecrets, ListLog, build_outputs, checkout_outputs
+
+pytestmark = pytest.mark.usefixtures("lab")
+PG = f"{layout.REGISTRY}/lab/postgres:15"
+XML = ("mkdir -p /tmp/r && printf '<testsuite><testcase classname=\"t\" name=\"ok\"/>"
+       "<testcase classname=\"t\" name=\"{name}\"><failure message=\"{msg}\"/></testcase>"
+       "</testsuite>' > /tmp/r/unit.xml")
+
+
+@pytest.fixture
+def engine():
+    client = docker.DockerClient(base_url=layout.BUILD_DOCKER_HOST)
+    yield client
+    client.close()
+
+
+def leftovers(client, run_id: str) -> list[str]:
+    f = {"label": f"runner.run={run_id}"}
+    return [c.name for c in client.containers.list(all=True, filters=f)] + \
+        [n.name for n in client.networks.list(filters=f)]
+
+
+def make_ctx(tmp: Path, engine, test: dict, run_id: str, image: str = layout.BUSYBOX_IMAGE):
+    pipeline = Pipeline.model_validate({"name": "tst", "repository": {"url": "."},
+                                        "image": {"name": "reg/tst"}, "stages": {"test": test}})
+    return StageContext(run_id=run_id, pipeline=pipeline, workdir=tmp, cache_dir=tmp / "cache",
+                        log=ListLog(), secrets=DictSecrets(), cancel=threading.Event(),
+                        outputs=Outputs(checkout=checkout_outputs(tmp),
+                                        build=build_outputs(image_id=engine.images.get(image).id)))
+
+
+@pytest.fixture(autouse=True)
+def _build_engine(monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", layout.BUILD_DOCKER_HOST)
+
+
+def test_postgres_service_and_a_report(tmp_path, engine):
+    step = {"name": "unit", "env": {"DB": "db"}, "reports": ["/tmp/r/*.xml"], "commands": [
+        "python3 -c 'import os, socket; socket.create_connection((os.environ[\"DB\"], 5432), 5)'",
+        XML.format(name="db_down", msg="no").replace("<failure message=\"no\"/>", "<skipped/>")]}
+    ctx = make_ctx(tmp_path, engine, {"services": {"db": {
+        "image": PG, "env": {"POSTGRES_PASSWORD": "t"}, "ready": {"port": 5432}}},
+        "steps": [step]}, "lab-pg", image=layout.PYTHON_IMAGE)
+    out = TestStage().run(ctx)
+    assert out.passed and out.services == ("db",)
+    assert out.counts == {"passed": 1, "failed": 0, "errors": 0, "skipped": 1, "total": 2}
+    assert leftovers(engine, "lab-pg") == []
+
+
+def test_a_failing_test_fails_naming_it_and_stops_the_steps(tmp_path, engine):
+    ctx = make_ctx(tmp_path, engine, {"steps": [
+        {"name": "unit", "reports": ["/tmp/r/*.xml"],
+         "commands": [XML.format(name="test_insert", msg="1 != 2"), "exit 3", "echo never"]},
+        {"name": "lint", "commands": ["true"]}]}, "lab-fail")
+    with pytest.raises(StageFailed) as info:
+        TestStage().run(ctx)
+    assert "step 'unit' failed: 'exit 3' exited with code 3" in info.value.reason
+    out = info.value.outputs.to_dict()
+    assert [s["status"] for s in out["steps"]] == ["failed", "not run"]
+    assert out["failures"][0]["test"] == "t.test_insert" and out["summary"] == "1 passed, 1 failed"
+    assert "FAILED t.test_insert: 1 != 2" in ctx.log.everything()
+    assert "never" not in ctx.log.everything()
+
+
+def test_a_hanging_step_is_killed_at_its_timeout_and_services_removed(tmp_path, engine):
+    ctx = make_ctx(tmp_path, engine, {
+        "services": {"side": {"image": layout.BUSYBOX_IMAGE, "command": ["sleep", "600"]}},
+        "steps": [{"name": "hang", "timeout": 2, "commands": ["sleep 600"]}]}, "lab-hang")
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed) as info:
+        TestStage().run(ctx)
+    assert time.monotonic() - t0 < 30
+    assert "step 'hang' timed out after 2s in: sleep 600" in info.value.reason
+    assert leftovers(engine, "lab-hang") == []
+
+
+def test_a_service_never_ready_fails_naming_it_with_its_log(tmp_path, engine):
+    ctx = make_ctx(tmp_path, engine, {
+        "services": {"cache": {"image": layout.BUSYBOX_IMAGE, "timeout": 2,
+                               "command": ["sh", "-c", "echo booting slowly; sleep 600"],
+                               "ready": {"port": 6379}}},
+        "steps": [{"name": "unit", "commands": ["true"]}]}, "lab-ready")
+    with pytest.raises(StageFailed) as info:
+        TestStage().run(ctx)
+    assert "service 'cache' was not ready (port 6379) within 2s" in info.value.reason
+    assert "booting slowly" in info.value.reason
+    assert leftovers(engine, "lab-ready") == []
+
+
+def test_no_report_and_garbage_xml_are_warnings(tmp_path, engine):
+    ctx = make_ctx(tmp_path, engine, {"steps": [{
+        "name": "unit", "reports": ["/tmp/r/*.xml", "/nowhere/*.xml"],
+        "commands": ["mkdir -p /tmp/r && echo '<testsuite><oops' > /tmp/r/bad.xml"]}]},
+        "lab-warn")
+    out = TestStage().run(ctx)
+    assert out.passed and out.counts["total"] == 0
+    warnings = "\n".join(ctx.log.warns)
+    assert "report /tmp/r/bad.xml is not JUnit XML" in warnings
+    assert "report glob '/nowhere/*.xml' matched no file" in warnings
+
+
+def test_a_sigkilled_runner_leaves_nothing_after_the_next_run(tmp_path, engine):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "Dockerfile").write_text(f"FROM {layout.BUSYBOX_IMAGE}\nRUN echo built > /built\n")
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "commit", "-qm", "x"], check=True)
+    (tmp_path / "p.yaml").write_text(json.dumps({
+        "name": "killed", "repository": {"url": str(repo)},
+        "image": {"name": f"{layout.REGISTRY}/lab-test/killed"},
+        "stages": {"test": {"services": {"side": {"image": layout.BUSYBOX_IMAGE,
+                                                  "command": ["sleep", "600"]}},
+                            "steps": [{"name": "s", "commands": ["sleep 600"]}]}}}))
+    env = {**os.environ, "RUNNER_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "exec", str(tmp_path / "p.yaml"),
+                             "--only", "checkout,build,test"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    f = {"label": f"runner.proc.pid={proc.pid}"}
+    deadline = time.monotonic() + 60
+    while not any("step" in c.name for c in engine.containers.list(filters=f)):
+        assert time.monotonic() < deadline and proc.poll() is None, "the step never started"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(engine.containers.list(all=True, filters=f)) == 2  # left behind, for now
+    ctx = make_ctx(tmp_path / "next", engine, {"steps": [{"name": "ok", "commands": ["true"]}]},
+                   "lab-next")
+    (tmp_path / "next").mkdir()
+    TestStage().run(ctx)
+    assert engine.containers.list(all=True, filters=f) == []
+    assert engine.networks.list(filters=f) == []
+    assert "left by a runner process that is gone" in ctx.log.everything()
