@@ -17,7 +17,6 @@ import json
 import os
 import re
 import secrets as _random
-import signal
 import threading
 import time
 import traceback
@@ -33,6 +32,7 @@ from runner.model import STAGE_ORDER, Pipeline
 from runner.outputs import Outputs
 from runner.private_dir import private_dir
 from runner.runlog import RunLog, Sink
+from runner.signals import StopSignals
 
 # Stage implementations live in pipelines/ and deployers/; the engine only knows their names.
 STAGE_CLASSES = {
@@ -305,23 +305,24 @@ def _interrupts_held():
 def stop_on_signals(cancel: threading.Event) -> None:
     """For a process that runs one pipeline (`runner exec`); call from the main thread.
 
-    SIGINT (Ctrl-C, or the daemon's PR_SET_PDEATHSIG when it dies) and SIGTERM set `cancel` and,
-    the first time, raise KeyboardInterrupt in the main thread, so that the running stage stops
-    at once even in a blocking call. Further signals only set `cancel`: stopping is under way
-    and must not be cut short. While execute() writes the run's record, the KeyboardInterrupt
-    waits until the record is written."""
-    def on_signal(signum, frame):
-        first = not cancel.is_set()
-        cancel.set()
-        if not first:
+    SIGINT (Ctrl-C, or the daemon's PR_SET_PDEATHSIG when it dies) and SIGTERM cancel the run:
+    the first raises KeyboardInterrupt in the main thread, so that the running stage stops at
+    once even in a blocking call; further ones change nothing, stopping is under way and must
+    not be cut short. While execute() writes the run's record, the KeyboardInterrupt waits until
+    the record is written. The handler takes no lock (runner.signals): `cancel` (an Event, whose
+    set() takes one) is set by the watcher thread the signal wakes, which the stages' threads
+    see; the main thread sets it too when the KeyboardInterrupt reaches execute()."""
+    def react(n: int) -> None:
+        if n > 1:
             return
         if _Hold.depth:
             _Hold.pending = True
             return
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    signals = StopSignals()
+    signals.install(react)
+    signals.watch(cancel.set)
 
 
 def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = None) -> RunResult:

@@ -67,7 +67,8 @@ def daemon(config_file: str, check: bool) -> None:
     """Serve webhooks, polls and schedules; run pipelines; keep their history.
 
     A commented example config: daemon.example.yaml; the guide: docs/daemon.md.
-    SIGTERM stops it gracefully (running stages get grace_period seconds, then are cancelled)."""
+    SIGTERM stops it gracefully (running stages get grace_period seconds, then are cancelled;
+    a second SIGTERM cancels them at once)."""
     from runner.daemon.config import check_config, load_config
     from runner.daemon.service import Daemon, setup_logging
 

@@ -23,6 +23,7 @@ import click
 from runner.cli.common import open_or_exit
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load, load_file
+from runner.signals import STOP_SIGNALS, StopSignals
 
 from deployers.base import DeployFailed, ServerStatus
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
@@ -103,12 +104,14 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
         _, deployer, masker = _open(pipeline_file, var, load, run_id,
                                     lambda s: click.echo(s, err=True))
 
-        def on_signal(signum, frame):
-            # Ctrl-C, SIGTERM, or the daemon cancelling a rollback run: the rollout stops at its
-            # next step and puts back what it had switched; an exception raised here instead
-            # would leave the main thread without undoing anything.
-            deployer.cancel.set()
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # Ctrl-C, SIGTERM, or the daemon cancelling a rollback run: the rollout stops at its
+        # next step and puts back what it had switched (an exception raised in the handler
+        # instead would leave the main thread without undoing anything). The event is set by a
+        # thread the signal wakes, not in the handler: its lock could deadlock the process.
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        signals = StopSignals()
+        signals.install()
+        signals.watch(deployer.cancel.set)
         try:
             report = deployer.rollback(to)
         except (Cancelled, KeyboardInterrupt):

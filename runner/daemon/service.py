@@ -3,7 +3,7 @@
 `Daemon.start()` returns once the server listens (tests start it in-process on port 0);
 `Daemon.stop()` shuts down gracefully: no new runs are taken, running ones get the grace period,
 then are cancelled cleanly, then the server stops. `serve()` is what `runner daemon` calls: start,
-wait for SIGTERM/SIGINT, stop.
+wait for SIGTERM/SIGINT, stop (a second signal cancels the running runs without waiting).
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import shutil
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import replace
 
 import uvicorn
@@ -36,6 +36,7 @@ from runner.daemon.worker import WorkerPool, stop_orphan
 from runner.errors import InvalidInput
 from runner.gitsafety import is_local_path
 from runner.secrets import Masker
+from runner.signals import StopSignals
 
 log = logging.getLogger("runner.daemon")
 
@@ -360,14 +361,16 @@ class Daemon:
         host = self.config.listen.host
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None, cut_short: Callable[[float], bool] | None = None) -> None:
+        """No new runs; the running ones get `grace` seconds to finish, or until `cut_short`
+        (which waits up to the seconds it is given) says True; then they are cancelled."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.config.grace_period if grace is None else grace
         log.info("daemon stopping", extra={"grace_period": grace, "active_runs": len(self.pool.active)})
         self.schedules.stop()
-        self.pool.drain(grace)
+        self.pool.drain(grace, cut_short)
         self.live.close()  # the dashboard's event streams end, so that the HTTP server can stop
         if self.server is not None:
             self.server.should_exit = True
@@ -384,18 +387,22 @@ class Daemon:
         log.info("daemon stopped")
 
     def serve(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop gracefully."""
-        stop = threading.Event()
+        """Run until SIGTERM or SIGINT, then stop gracefully: the running runs get the grace
+        period; a second signal cancels them at once. The handler only counts (runner.signals:
+        a lock taken in it can deadlock the process); this thread logs and stops."""
+        signals = StopSignals()
+        signals.install()
 
-        def on_signal(signum, frame):
-            log.info("signal received", extra={"signal": signal.Signals(signum).name})
-            stop.set()
+        def second_signal(timeout: float) -> bool:
+            if signals.wait(1, timeout) < 2:
+                return False
+            log.warning("second signal received: cancelling the running runs now",
+                        extra={"signal": signals.names()[1], "active_runs": len(self.pool.active)})
+            return True
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        self.start()
         try:
-            while not stop.wait(1.0):
-                pass
+            self.start()
+            signals.wait(0, None)
+            log.info("signal received", extra={"signal": signals.names()[0]})
         finally:
-            self.stop()
+            self.stop(cut_short=second_signal)

@@ -30,6 +30,7 @@ from runner.proc import stop
 
 # The directory holding this `runner` package: `python -m runner` run from there is this code.
 SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
+RUNNER = (sys.executable, "-m", "runner")
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 
@@ -52,11 +53,12 @@ def healthy(url: str) -> bool:
 
 
 def start_daemon(workdir: Path, cfg: dict, name: str = "daemon", *,
-                 timeout: float = START_TIMEOUT,
-                 stop_timeout: float = STOP_TIMEOUT) -> tuple[subprocess.Popen, str]:
-    """`python -m runner daemon --config WORKDIR/NAME.yaml` listening on a free loopback port;
-    returns (process, base URL) once /healthz answers 200. Raises DaemonStartError if the
-    process exits first or `timeout` passes (it is stopped then)."""
+                 timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
+                 runner: tuple[str, ...] = RUNNER) -> tuple[subprocess.Popen, str]:
+    """`python -m runner daemon --config WORKDIR/NAME.yaml` (`runner`: what stands for
+    `python -m runner`) listening on a free loopback port; returns (process, base URL) once
+    /healthz answers 200. Raises DaemonStartError if the process exits first or `timeout`
+    passes (it is stopped then)."""
     port = free_port()
     cfg = json.loads(json.dumps(cfg))  # a deep copy: the caller's dict stays as it was
     cfg["listen"] = {"host": "127.0.0.1", "port": port}
@@ -64,7 +66,7 @@ def start_daemon(workdir: Path, cfg: dict, name: str = "daemon", *,
     path.write_text(yaml.safe_dump(cfg))
     log = workdir / f"{name}.log"
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "runner", "daemon", "--config", str(path)],
+        proc = subprocess.Popen([*runner, "daemon", "--config", str(path)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=SOURCE_ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

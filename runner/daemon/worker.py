@@ -26,6 +26,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from collections.abc import Callable
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
 from runner.daemon.store import Claimed
 from runner.proc import Recorded, start_time, stop
@@ -617,15 +618,19 @@ class WorkerPool:
             self.active.pop(h.id, None)
         self.wake()
 
-    def drain(self, grace: float) -> None:
-        """Stop taking runs; let running ones finish for `grace` seconds; then cancel them."""
+    def drain(self, grace: float, cut_short: Callable[[float], bool] | None = None) -> None:
+        """Stop taking runs; let running ones finish for `grace` seconds, or until `cut_short`
+        (which waits up to the seconds it is given: a second SIGTERM) says True; then cancel them."""
         self.draining = True
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
+        while (remaining := deadline - time.monotonic()) > 0:
             with self._lock:
                 if not self.active:
                     break
-            time.sleep(0.1)
+            if cut_short is None:
+                time.sleep(min(remaining, 0.1))
+            elif cut_short(min(remaining, 0.1)):
+                break
         with self._lock:
             left = list(self.active.values())
         self.stopping.set()
