@@ -68,7 +68,7 @@ def failure_message(progress: Progress, output: str, returncode: int) -> str:
         parts.append(f"step {step.name} failed: {step.error}")
         if step.log:
             parts.append("last output of that step:\n" + "\n".join(
-                f"  {line}" for line in step.log[-_TAIL:]))
+                f"  {line}" for line in list(step.log)[-_TAIL:]))
     summary = [m for m in progress.messages if step is None or m not in parts[0]]
     if summary:
         parts.append("\n".join(summary[-3:]))

@@ -30,6 +30,7 @@ import os
 import re
 import subprocess
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,14 @@ _VERTEX = re.compile(r"^#(\d+) (.*)$")
 # "[2/3] RUN ...", "[builder 2/4] COPY ...", "[stage-1 1/2] FROM ..."
 _STEP = re.compile(r"^\[(?:[^\]\s]+ )?(\d+)/(\d+)\] (.*)$")
 _TIMESTAMPED = re.compile(r"^\d+\.\d+ ")
+# Output lines a step keeps in memory: what a failure shows. The whole output is in the run's
+# stage log on disk (runner.runlog); keeping it here too would grow with every line a build
+# prints (a test step can print hundreds of thousands).
+STEP_LOG_TAIL = 100
+
+
+def _tail() -> deque[str]:
+    return deque(maxlen=STEP_LOG_TAIL)
 
 
 @dataclass
@@ -221,7 +230,8 @@ class Step:
     cached: bool = False
     done: bool = False
     error: str | None = None
-    log: list[str] = field(default_factory=list)  # the step's own output lines
+    log: deque[str] = field(default_factory=_tail)  # the step's last output lines
+    lines: int = 0  # how many output lines the step printed in all
 
 
 @dataclass
@@ -272,6 +282,7 @@ class Progress:
             pass  # the name is printed again when a vertex resumes output
         else:
             step.log.append(_TIMESTAMPED.sub("", rest, count=1))
+            step.lines += 1
 
 
 def parse_progress(lines: Sequence[str]) -> Progress:
@@ -525,5 +536,5 @@ __all__ = [
     "NoBuilder", "NoEngine", "build_argv", "build_warnings", "candidate_clis", "check_engine",
     "check_secret_id", "detect_builder", "detect_builder_in", "detection_fingerprint",
     "engine_problem", "parse_engine_version", "parse_progress", "Progress", "Step",
-    "secret_env_var",
+    "STEP_LOG_TAIL", "secret_env_var",
 ]

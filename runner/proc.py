@@ -9,13 +9,15 @@ an earlier run of this one, started.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import pwd
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -27,7 +29,9 @@ from runner.errors import Cancelled
 class Result:
     argv: tuple[str, ...]
     returncode: int
-    output: str  # stdout and stderr merged, as the user would have seen it
+    # The end of stdout and stderr merged, as the user would have seen it: whole lines, about
+    # OUTPUT_TAIL characters (a command can print without end; on_line got every line).
+    output: str
     duration: float
 
 
@@ -165,6 +169,40 @@ def start_detached(argv: Sequence[str], out: IO[bytes], *, user: str | None = No
 
 # ---- running a command to its end ----------------------------------------------------------
 
+OUTPUT_TAIL = 256 * 1024  # characters of a command's output its Result keeps
+LINE_MAX = 64 * 1024  # bytes: a longer line is passed to on_line in pieces of this size
+
+
+class _Tail:
+    """The last lines of an output, about `limit` characters of them (the last line always):
+    a command's memory stays the same whatever it prints."""
+
+    def __init__(self, limit: int):
+        self._lines: deque[str] = deque()
+        self._size = 0
+        self._limit = limit
+
+    def add(self, line: str) -> None:
+        self._lines.append(line)
+        self._size += len(line) + 1
+        while self._size > self._limit and len(self._lines) > 1:
+            self._size -= len(self._lines.popleft()) + 1
+
+    def text(self, *more: str) -> str:
+        return "\n".join([*self._lines, *more])
+
+
+def _lines(stream: IO[bytes]) -> Iterator[str]:
+    """The stream's lines, without their line ends; a line longer than LINE_MAX bytes in
+    pieces (a character cut in two by a piece's end is decoded whole in the next)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    for raw in iter(lambda: stream.readline(LINE_MAX), b""):
+        yield decoder.decode(raw).rstrip("\r\n")
+    rest = decoder.decode(b"", final=True)
+    if rest:
+        yield rest
+
+
 def run_command(
     argv: Sequence[str],
     *,
@@ -175,8 +213,9 @@ def run_command(
     timeout: float | None = None,
     stdin: bytes | None = None,
 ) -> Result:
-    """Run argv, feeding each output line to on_line. Raises Cancelled if `cancel` is set or the
-    process gets KeyboardInterrupt; the child is stopped before that exception leaves."""
+    """Run argv, feeding each output line to on_line; the Result keeps only the output's end
+    (see Result.output). Raises Cancelled if `cancel` is set or the process gets
+    KeyboardInterrupt; the child is stopped before that exception leaves."""
     argv = tuple(str(a) for a in argv)
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -188,13 +227,12 @@ def run_command(
         cwd=cwd,
         start_new_session=True,
     )
-    lines: list[str] = []
+    tail = _Tail(OUTPUT_TAIL)
 
     def pump() -> None:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            lines.append(text)
+        for text in _lines(proc.stdout):
+            tail.add(text)
             if on_line is not None:
                 on_line(text)
 
@@ -215,7 +253,7 @@ def run_command(
             if timeout is not None and time.monotonic() - start > timeout:
                 stop(proc, STOP_ESCALATION, group=True)
                 reader.join(timeout=2)
-                return Result(argv, -1, "\n".join(lines + [f"timed out after {timeout:.0f}s"]),
+                return Result(argv, -1, tail.text(f"timed out after {timeout:.0f}s"),
                               time.monotonic() - start)
             if exited.wait(timeout=0.1):
                 break
@@ -226,4 +264,4 @@ def run_command(
             raise Cancelled(f"interrupted while running {argv[0]}") from exc
         raise
     reader.join(timeout=5)
-    return Result(argv, proc.returncode, "\n".join(lines), time.monotonic() - start)
+    return Result(argv, proc.returncode, tail.text(), time.monotonic() - start)

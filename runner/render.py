@@ -5,6 +5,8 @@ finishes; every line of tool output is in the run's stage logs, and `verbose` sh
 too. The machine's (--json, which the daemon stores) is every event, whole.
 
 Both are sinks of already-masked events (see runner.runlog); neither sees raw secret values.
+The person's view shows every string of an event through runner.terminal_text.inert: a commit
+message or a build's output cannot drive the terminal (links, titles, clearing, overwrites).
 A sink whose stream fails (its reader went away) silences that stream and raises: runner.runlog
 then drops it, and the run goes on.
 """
@@ -20,10 +22,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from pipelines.buildkit import Progress, Step
+from runner.terminal_text import inert_all
 
 STATUS_STYLE = {"success": "green", "failed": "bold red", "skipped": "dim", "cancelled": "yellow",
                 "invalid": "bold red"}
@@ -173,7 +177,8 @@ class TerminalSink:
 
     def __call__(self, ev: dict[str, Any]) -> None:
         try:
-            self._show(ev)
+            # Inert before the view adds its own colours: none of the text's own survives.
+            self._show(inert_all(ev, multiline_keys=("error",)))
         except (OSError, ValueError):
             silence(self.console.file)
             if self._status is not None:  # its refresh thread would write on
@@ -221,9 +226,12 @@ class TerminalSink:
                 took = steps.seconds.get(step.vertex)
                 self._line(stage, f"ran    {name}" + (f" ({took})" if took else ""))
             else:
-                # In full: the few last lines quoted in the stage's error may not be the ones
-                # that tell what went wrong.
+                # Its last STEP_LOG_TAIL lines, not only the few quoted in the stage's error,
+                # which may not be the ones that tell what went wrong.
                 self._line(stage, f"FAILED {name}", "bold red")
+                if step.lines > len(step.log):
+                    self._line(stage, f"  ({step.lines - len(step.log)} earlier lines of this "
+                                      "step in the full log)", "dim")
                 for text in step.log:
                     self._line(stage, f"  {text}")
                 self._line(stage, f"  ERROR: {step.error}", "red")
@@ -234,8 +242,10 @@ class TerminalSink:
         if kind == "run.start":
             if ev.get("workdir"):
                 self._run_dir = Path(ev["workdir"])
-            c.print(f"[bold]run {ev['run_id']}[/] pipeline [bold]{ev['pipeline']}[/] "
-                    f"stages: {' -> '.join(ev['stages']) or '(none)'}", markup=True)
+            # Markup around escaped values: a name like "[link=...]" is text, not a style.
+            c.print(f"[bold]run {escape(ev['run_id'])}[/] pipeline "
+                    f"[bold]{escape(ev['pipeline'])}[/] "
+                    f"stages: {escape(' -> '.join(ev['stages'])) or '(none)'}", markup=True)
         elif kind == "stage.start":
             c.print(f"[bold cyan]>> {ev['stage']}[/]", markup=True)
             self._spin(f"{ev['stage']} running")

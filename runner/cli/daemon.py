@@ -3,6 +3,11 @@
 All but the first talk to a running daemon's HTTP API (--server, or $RUNNER_SERVER, default
 http://127.0.0.1:8080) with the API token from --token or $RUNNER_TOKEN: reading needs it unless
 the daemon has read_requires_token off; cancel, trigger and retry always do.
+
+What the API answers holds text from repositories, forges and builds (branch names, a webhook's
+event name, reasons quoting build output, log lines): the tables and lines printed here pass it
+through runner.terminal_text first, so it cannot drive the terminal. --json prints it as JSON,
+whose escapes carry every control character as text.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import click
 import httpx
 
 from runner.errors import EXIT_FAILED, EXIT_INVALID, InvalidInput
+from runner.terminal_text import inert, inert_all
 
 server_option = click.option("--server", envvar="RUNNER_SERVER", default="http://127.0.0.1:8080",
                              show_default=True, help="The daemon's URL ($RUNNER_SERVER).")
@@ -30,12 +36,18 @@ def _get(server: str, path: str, token: str | None = None, **params) -> dict:
     except httpx.HTTPError as exc:
         raise click.ClickException(f"cannot reach the daemon at {server}: {exc}") from None
     if r.status_code >= 400:
-        raise click.ClickException(f"{r.status_code}: {r.json().get('error', r.text) if _is_json(r) else r.text}")
+        raise click.ClickException(_answer_error(r))
     return r.json()
 
 
 def _is_json(r: httpx.Response) -> bool:
     return r.headers.get("content-type", "").startswith("application/json")
+
+
+def _answer_error(r: httpx.Response) -> str:
+    """An error answer as a message (it may quote a name the request or a forge gave)."""
+    said = r.json().get("error", r.text) if _is_json(r) else r.text
+    return f"{r.status_code}: {inert(str(said), multiline=True)}"
 
 
 def _post(server: str, path: str, token: str | None, what: str, body: dict | None = None) -> httpx.Response:
@@ -48,7 +60,7 @@ def _post(server: str, path: str, token: str | None, what: str, body: dict | Non
     except httpx.HTTPError as exc:
         raise click.ClickException(f"cannot reach the daemon at {server}: {exc}") from None
     if r.status_code >= 400:
-        raise click.ClickException(f"{r.status_code}: {r.json().get('error', r.text) if _is_json(r) else r.text}")
+        raise click.ClickException(_answer_error(r))
     return r
 
 
@@ -111,6 +123,7 @@ def runs(server, token, pipeline, status, branch, limit, deliveries, daemons_, a
         if as_json:
             click.echo(json.dumps(data, indent=2))
             return
+        data = inert_all(data)
         click.echo(f"{'DAEMON':<40} {'SLOTS':>5}  {'SEEN':<24} PIPELINES")
         for d in data["daemons"]:
             mark = " (this one)" if d["owner"] == data["this"] else ""
@@ -122,6 +135,7 @@ def runs(server, token, pipeline, status, branch, limit, deliveries, daemons_, a
         if as_json:
             click.echo(json.dumps(data, indent=2))
             return
+        data = inert_all(data)
         click.echo(f"{'#':>6}  {'PROVIDER':<8} {'EVENT':<14} {'HTTP':<4} {'OUTCOME':<9} {'RUNS':<10} REASON")
         for d in data["deliveries"]:
             runs_ = ",".join(map(str, d["run_ids"]))
@@ -132,6 +146,7 @@ def runs(server, token, pipeline, status, branch, limit, deliveries, daemons_, a
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
+    data = inert_all(data, multiline_keys=("reason",))  # its first line is shown
     click.echo(f"{'ID':>6}  {'PIPELINE':<16} {'STATUS':<12} {'DAEMON':<12} {'TRIGGER':<8} {'REF':<24} "
                f"{'COMMIT':<10} CREATED")
     for r in data["runs"]:
@@ -155,7 +170,7 @@ def logs(run_id, server, token, stage, follow) -> None:
     while True:
         data = _get(server, f"/api/runs/{run_id}/logs", token, stage=stage, after=after, limit=5000)
         for line in data["lines"]:
-            click.echo(f"[{line['stage']}] {line['line']}")
+            click.echo(f"[{inert(line['stage'])}] {inert(line['line'])}")
         after = data["next"]
         if data["lines"]:
             continue
@@ -163,7 +178,7 @@ def logs(run_id, server, token, stage, follow) -> None:
             break
         time.sleep(0.5)
     if follow:
-        run = _get(server, f"/api/runs/{run_id}", token)
+        run = inert_all(_get(server, f"/api/runs/{run_id}", token), multiline_keys=("reason",))
         click.echo(f"run {run_id}: {run['status']}" + (f" ({run['reason']})" if run.get("reason") else ""),
                    err=True)
         if run["status"] != "success":
@@ -187,6 +202,7 @@ def _queued(run: dict, as_json: bool, data: dict) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
+    run = inert_all(run)
     ref = run.get("branch") or run.get("tag") or run.get("ref") or ""
     commit = f" at {run['commit'][:12]}" if run.get("commit") else ""
     again = f", retry of #{run['retry_of']}" if run.get("retry_of") else ""

@@ -161,9 +161,20 @@ def test_parse_progress_finds_failing_step():
     assert step.name == "[3/3] RUN echo about to fail && exit 3"
     assert step.error == ("executor failed running [/bin/sh -c echo about to fail && exit 3]: "
                           "exit code: 3")
-    assert step.log == ["about to fail"]
+    assert list(step.log) == ["about to fail"] and step.lines == 1
     assert progress.messages[-1] == step.error
     assert (progress.total_steps, progress.cached_steps) == (3, 1)
+
+
+def test_a_step_keeps_its_last_lines_and_counts_them_all():
+    """A step's whole output goes to the stage log on disk; in memory only its end, whatever it
+    prints (a test step can print hundreds of thousands of lines)."""
+    progress = parse_progress(["#5 [2/2] RUN seq 100000",
+                               *(f"#5 0.{n % 1000:03d} {n}" for n in range(100_000)),
+                               "#5 ERROR: exit code: 1"])
+    step = progress.failed_step
+    assert step.lines == 100_000
+    assert list(step.log) == [str(n) for n in range(100_000 - buildkit.STEP_LOG_TAIL, 100_000)]
 
 
 def test_parse_progress_stage_names():

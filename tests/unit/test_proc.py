@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.proc import Recorded, reap_child, start_detached, start_time, stop
+from runner.proc import (LINE_MAX, OUTPUT_TAIL, Recorded, reap_child, run_command, start_detached,
+                         start_time, stop)
 
 # A child that notes each signal it gets in a file and ignores SIGINT and SIGTERM: only SIGKILL
 # ends it. It writes "ready" once its handlers are in place.
@@ -172,3 +173,37 @@ def _group(pgid: int) -> list[int]:
             except (ProcessLookupError, PermissionError):
                 pass
     return found
+
+
+# ---- run_command's memory -------------------------------------------------------------------
+
+def test_run_command_passes_every_line_on_and_keeps_only_the_end():
+    """A command's output streams through on_line (to the run's log on disk); its Result keeps
+    the end, so memory does not grow with what the command prints."""
+    count = 0
+    last = ""
+
+    def on_line(text: str) -> None:
+        nonlocal count, last
+        count += 1
+        last = text
+
+    n = 100_000  # about 1.2 MB of output
+    result = run_command([sys.executable, "-c", f"for i in range({n}): print('line', i)"],
+                         on_line=on_line, timeout=60)
+    assert result.returncode == 0
+    assert (count, last) == (n, f"line {n - 1}")
+    assert OUTPUT_TAIL // 2 < len(result.output) <= OUTPUT_TAIL
+    assert result.output.endswith(f"line {n - 2}\nline {n - 1}")
+    assert result.output.split("\n")[0].startswith("line ")  # whole lines
+
+
+def test_run_command_passes_a_line_without_end_in_pieces():
+    text = "é" * LINE_MAX + "x" * 10  # a two-byte character across every piece's end
+    pieces: list[str] = []
+    result = run_command([sys.executable, "-c",
+                          f"import sys; sys.stdout.write('é' * {LINE_MAX} + 'x' * 10)"],
+                         on_line=pieces.append, timeout=60)
+    assert result.returncode == 0
+    assert "".join(pieces) == text
+    assert len(pieces) == 3 and all(len(p.encode()) <= LINE_MAX for p in pieces)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from pipelines.buildkit import parse_progress
+from pipelines.buildkit import STEP_LOG_TAIL, parse_progress
 from pipelines.scan import EXPECTED_TRIVY, trivy_message
 from runner.render import BuildSteps, JsonSink, TerminalSink
 from runner.runlog import RunLog
@@ -114,6 +115,70 @@ def test_failing_step_is_shown_with_its_whole_output():
     end = view.index("<< build: failed (1.2s; 3 steps: 1 cached, 1 ran, 1 failed)")
     assert view[end + 1] == f"   {error}"
     assert view[end + 2] == f"   full log: {WORKDIR}/logs/build.log (or runner exec -v to see it here)"
+
+
+def test_a_failing_step_that_printed_much_shows_its_last_lines_and_says_where_the_rest_is():
+    lines = recorded("failed.txt")
+    at = lines.index("#6 0.429 about to fail")
+    lines[at:at] = [f"#6 0.{300 + n} line {n}" for n in range(STEP_LOG_TAIL * 3)]
+    view = build_lines(show(build_events(lines, "failed", "step failed")))
+    failed = view.index("FAILED [3/3] RUN echo about to fail && exit 3")
+    assert view[failed + 1] == f"  ({2 * STEP_LOG_TAIL + 1} earlier lines of this step in the " \
+                               "full log)"
+    assert view[failed + 2:failed + 2 + STEP_LOG_TAIL] == [
+        *[f"  line {n}" for n in range(2 * STEP_LOG_TAIL + 1, 3 * STEP_LOG_TAIL)],
+        "  about to fail"]
+
+
+# --- untrusted text on the terminal -----------------------------------------------------------
+
+HOSTILE = ("\x1b]8;;javascript:alert(1)\x1b\\click\x1b]8;;\x1b\\ \x1b[2J \x1b]0;pwned\x07 "
+           "over\rwritten \x1b[41mHOSTILE\x1b[0m \x9b2J")
+
+
+def hostile_run() -> list[dict]:
+    """A run whose every kind of text carries escape sequences: build output (also in a failing
+    step's quoted lines), a step name, the stages' messages and warnings, errors, the summary."""
+    lines = recorded("failed.txt")
+    at = lines.index("#6 0.429 about to fail")
+    lines[at:at] = [f"#6 0.300 {HOSTILE}"]
+    lines = [line.replace("RUN echo fine", f"RUN echo {HOSTILE}") for line in lines]
+    evs = build_events(lines, "failed", f"step failed:\n  {HOSTILE}")
+    evs[2:2] = [{"event": "stage.log", "stage": "build", "kind": kind, "line": f"{kind} {HOSTILE}"}
+                for kind in ("info", "warning")]
+    evs.append({"event": "run.end", "run_id": "r1", "status": "failed",
+                "stages": [{"name": "build", "status": "failed", "duration": 1.0}],
+                "warnings": [f"build: {HOSTILE}"], "error": f"stage 'build' failed: {HOSTILE}"})
+    return evs
+
+
+# What the view itself sends a terminal: its colours, and its spinner's cursor hiding, line
+# clearing and moving up (rich's Status). Nothing else may reach the terminal.
+RUNNER_OWN = re.compile(r"\x1b\[(?:[0-9;]*m|\?25[lh]|2K|1A)|\r(?=\x1b\[)")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_untrusted_text_cannot_drive_the_terminal(verbose):
+    for terminal in (False, True):
+        out = io.StringIO()
+        console = Console(file=out, width=200, force_terminal=terminal,
+                          color_system="standard" if terminal else None, highlight=False,
+                          soft_wrap=True)
+        sink = TerminalSink(console, verbose=verbose)
+        for ev in hostile_run():
+            sink(ev)
+        text = out.getvalue()
+        assert text.count("HOSTILE") >= 4, text  # the text itself is shown
+        # Nothing but the runner's own colours: no link, title, clear, overwrite, 8-bit CSI,
+        # nor the build's own colour (41: red background).
+        assert "\x1b[41m" not in text and "javascript" not in text and "pwned" not in text
+        leftover = RUNNER_OWN.sub("", text) if terminal else text
+        assert not CONTROL.search(leftover), repr(leftover)
+        assert "over\\rwritten" in text
+        if terminal:  # and the runner's own colours are there
+            assert "\x1b[1;31m  [build] FAILED" in text or verbose
+            assert "\x1b[1;36m>> build" in text
 
 
 def test_verbose_shows_every_line():
