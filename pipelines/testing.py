@@ -37,8 +37,8 @@ from pipelines.build_engine import BuildEngine, EngineProblem
 from pipelines.buildkit import BuildSpec, NoBuilder, build_argv, detect_builder
 from pipelines.junit_summary import ReportSummary, summarise
 from pipelines.testing_plan import (
-    LABEL_TEST, ContainerSpec, Owner, create_kwargs, exec_argv, is_orphan, network_name,
-    operations, owner_labels, service_spec, step_image, step_spec,
+    LABEL_TEST, ContainerSpec, Owner, create_kwargs, exec_argv, is_orphan, operations,
+    owner_labels, service_spec, step_image, step_spec, steps_network,
 )
 from runner.errors import Cancelled, RunnerError, StageFailed
 from runner.model import Pipeline
@@ -47,6 +47,9 @@ from runner.outputs import TestFailure, TestOutputs, TestStepResult
 from runner.proc import run_command, start_time
 from runner.stage import Stage, StageContext
 
+# Where the stage's time goes (TestOutputs.phases), in the order they happen.
+PHASES = ("reap", "network", "service_start", "service_ready", "images", "steps", "reports",
+          "cleanup")
 _LOG_TAIL = 20  # lines of a service's log shown when a step fails or it never gets ready
 _MAX_FAILURES = 20
 _POLL = 0.1
@@ -69,7 +72,6 @@ class TestStage(Stage):
         }
 
     def run(self, ctx: StageContext) -> TestOutputs:
-        settings = ctx.pipeline.stages.test
         owner = Owner(ctx.run_id, os.getpid(), start_time(os.getpid()), socket.gethostname())
         engine = BuildEngine.of(ctx.pipeline)
         from docker.errors import DockerException  # the SDK's import is paid only here
@@ -79,14 +81,23 @@ class TestStage(Stage):
         except DockerException as exc:
             raise StageFailed(self.name, f"cannot reach the build engine: {exc}") from None
         run = _TestRun(ctx, client, owner)
+        failure: StageFailed | None = None
         try:
             run.reap_orphans()
-            return run.execute()
+            run.execute()
         except DockerException as exc:
-            raise StageFailed(self.name, f"docker: {exc}", outputs=run.outputs(False)) from None
+            failure = StageFailed(self.name, f"docker: {exc}")
+        except StageFailed as exc:
+            failure = exc
         finally:
             run.cleanup()
             client.close()
+        # Built after the cleanup, so that its time is in the outputs' phases too.
+        outputs = run.outputs(failure is None)
+        if failure is not None:
+            failure.outputs = outputs
+            raise failure
+        return outputs
 
 
 class _TestRun:
@@ -99,7 +110,7 @@ class _TestRun:
         self.results: list[TestStepResult] = []
         self.summary = ReportSummary()
         self.started_services: list[str] = []
-        self.timings: dict[str, float] = {}
+        self.phases: dict[str, float] = dict.fromkeys(PHASES, 0.0)
 
     # ------------------------------------------------------------------ what is left behind
     def reap_orphans(self) -> None:
@@ -114,7 +125,7 @@ class _TestRun:
             if is_orphan(net.attrs.get("Labels") or {}, host, start_time):
                 self.log.info(f"removing network {net.name}, left by a runner process that is gone")
                 _quietly(net.remove)
-        self.timings["reap"] = time.monotonic() - t0
+        self._took("reap", t0)
 
     def cleanup(self) -> None:
         t0 = time.monotonic()
@@ -124,21 +135,27 @@ class _TestRun:
         if self.network is not None:
             _quietly(self.network.remove)
             self.network = None
-        self.timings["cleanup"] = time.monotonic() - t0
-        if self.timings:
-            self.log.info("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        self._took("cleanup", t0)
+        self.log.info("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.phases.items()
+                                           if v >= 0.005))
+
+    def _took(self, phase: str, since: float) -> None:
+        """Add the time since monotonic `since` to `phase`."""
+        self.phases[phase] += time.monotonic() - since
 
     # ------------------------------------------------------------------------- the run
-    def execute(self) -> TestOutputs:
-        ctx = self.ctx
+    def execute(self) -> None:
+        """Services, then the steps; raises StageFailed naming what failed (the outputs are
+        the caller's, once everything is removed)."""
         self.secret_values = self._secret_values()
-        net = network_name(self.owner.run_id)
-        self.network = self.client.networks.create(net, driver="bridge",
-                                                   labels=owner_labels(self.owner))
-        t0 = time.monotonic()
+        net = steps_network(self.settings, self.owner)
+        if net is not None:
+            t0 = time.monotonic()
+            self.network = self.client.networks.create(net, driver="bridge",
+                                                       labels=owner_labels(self.owner))
+            self._took("network", t0)
         for name in self.settings.services:
             self._start_service(name)
-        self.timings["services"] = time.monotonic() - t0
         failed: str | None = None
         for i, step in enumerate(self.settings.steps):
             if failed is not None:
@@ -146,22 +163,21 @@ class _TestRun:
                                                    None, 0.0, _counts(None), ()))
                 continue
             failed = self._run_step(i)
-        passed = failed is None
-        outputs = self.outputs(passed)
+        outputs = self.outputs(failed is None)
         if outputs.counts["total"]:
             self.log.info(f"tests: {outputs.summary}")
         for f in outputs.failures:
             self.log.info(f"  {'ERROR' if f.error else 'FAILED'} {f.test}: {f.message}")
-        if not passed:
+        if failed is not None:
             self._service_logs()
-            raise StageFailed("test", failed, outputs=outputs)
-        return outputs
+            raise StageFailed("test", failed + failed_tests(outputs))
 
     def outputs(self, passed: bool) -> TestOutputs:
         return TestOutputs(passed=passed, steps=tuple(self.results),
                            services=tuple(self.started_services),
                            counts=dict(self.summary.counts),
-                           failures=tuple(self.summary.failures[:_MAX_FAILURES]))
+                           failures=tuple(self.summary.failures[:_MAX_FAILURES]),
+                           phases={k: round(v, 3) for k, v in self.phases.items()})
 
     def _secret_values(self) -> dict[tuple[str, str], str]:
         """(owner, VAR) -> value for every secret_env of the services and steps."""
@@ -186,14 +202,24 @@ class _TestRun:
         svc = self.settings.services[name]
         spec = service_spec(self.settings, name, self.owner)
         self.log.info(f"service {name}: starting {spec.image}")
+        t0 = time.monotonic()
         _pull_if_missing(self.client, spec.image)
         c = self.client.containers.create(**create_kwargs(spec, self._values_for(
             f"services.{name}", spec)))
         self.containers.append(c)
         c.start()
         self.started_services.append(name)
+        self._took("service_start", t0)
         t0 = time.monotonic()
-        deadline = t0 + svc.timeout
+        try:
+            self._wait_ready(name, c)
+        finally:
+            self._took("service_ready", t0)
+        self.log.info(f"service {name}: ready in {time.monotonic() - t0:.2f}s")
+
+    def _wait_ready(self, name: str, c: Any) -> None:
+        svc = self.settings.services[name]
+        deadline = time.monotonic() + svc.timeout
         while True:
             self._check_cancel()
             c.reload()
@@ -209,7 +235,6 @@ class _TestRun:
                 raise StageFailed("test", f"service {name!r} was not ready ({what}) within "
                                           f"{svc.timeout:g}s; its log ends:\n{_tail(c)}")
             time.sleep(_POLL)
-        self.log.info(f"service {name}: ready in {time.monotonic() - t0:.2f}s")
 
     def _service_logs(self) -> None:
         for c in self.containers:
@@ -279,6 +304,8 @@ class _TestRun:
         step = self.settings.steps[i]
         t0 = time.monotonic()
         image = self._image_for(i)
+        self._took("images", t0)
+        t_step = time.monotonic()
         spec = step_spec(self.settings, i, self.owner, self.ctx.pipeline.name, image)
         self.log.info(f"step {step.name}: in {image}")
         c = self.client.containers.create(**create_kwargs(spec, self._values_for(
@@ -301,14 +328,16 @@ class _TestRun:
                 status, failed_command = "failed", command
                 why = f"step {step.name!r} failed: {command!r} exited with code {code}"
                 break
+        self._took("steps", t_step)
         reports, summary = self._reports(c, spec, step.name)
         self.summary.add(summary)
         for warning in summary.warnings:
             self.log.warn(f"step {step.name}: {warning}")
+        t_remove = time.monotonic()
         _quietly(lambda: c.remove(force=True, v=True))
         self.containers.remove(c)
+        self._took("cleanup", t_remove)
         duration = time.monotonic() - t0
-        self.timings[f"step {step.name}"] = duration
         self.results.append(TestStepResult(step.name, image, status, exit_code, failed_command,
                                            round(duration, 3), _counts(summary), reports))
         if why is None and summary.counts["failed"] + summary.counts["errors"]:
@@ -382,7 +411,7 @@ class _TestRun:
             for path, shown in files:
                 copied.append(str(path))
                 summary.add(summarise(path, step, shown))
-        self.timings[f"reports {step}"] = time.monotonic() - t0
+        self._took("reports", t0)
         return tuple(copied), summary
 
 
@@ -414,6 +443,17 @@ def _copy_matching(c: Any, pattern: str, dest: Path) -> list[tuple[Path, str]]:
                 local.write_bytes(extracted.read())
                 found.append((local, inside))
     return found
+
+
+def failed_tests(outputs: TestOutputs, shown: int = 3) -> str:
+    """The reports' verdict for the failure's one-line reason (the run's error: the terminal's
+    last line, run.json, the dashboard, a commit status): `(1 passed, 2 failed: a, b)`."""
+    if not outputs.failures:
+        return ""
+    bad = outputs.counts.get("failed", 0) + outputs.counts.get("errors", 0)
+    names = ", ".join(f.test for f in outputs.failures[:shown])
+    more = f" and {bad - shown} more" if bad > shown else ""
+    return f" ({outputs.summary}: {names}{more})"
 
 
 def _counts(summary: ReportSummary | None) -> dict[str, int]:
@@ -470,4 +510,4 @@ def _quietly(action: Any) -> None:
         pass
 
 
-__all__ = ["TestStage", "TestFailure", "listening"]
+__all__ = ["TestStage", "TestFailure", "failed_tests", "listening"]

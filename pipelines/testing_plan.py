@@ -72,6 +72,13 @@ def network_name(run_id: str) -> str:
     return f"runner-test-{_slug(run_id)}"
 
 
+def steps_network(settings: TestSettings, owner: Owner) -> str | None:
+    """The network the steps join: the run's own when there are services to reach; else none
+    of the stage's own (the engine's default, as `docker run` does): creating and removing a
+    network costs about 0.3 s, a quarter of a short step's whole stage (bench/test_stage.py)."""
+    return network_name(owner.run_id) if settings.services else None
+
+
 def container_name(run_id: str, role: str, name: str) -> str:
     return f"runner-test-{_slug(run_id)}-{role}-{_slug(name)}"
 
@@ -90,7 +97,7 @@ class ContainerSpec:
     name: str  # the step's or service's name in the pipeline
     container: str  # the docker container's name
     image: str  # an image reference; "<built>" / "<target X>" until the run knows the id
-    network: str
+    network: str | None  # None: the engine's default network
     aliases: tuple[str, ...] = ()  # names other containers reach it by
     entrypoint: tuple[str, ...] | None = None
     command: tuple[str, ...] | None = None
@@ -151,7 +158,7 @@ def step_spec(settings: TestSettings, index: int, owner: Owner, pipeline: str,
     return ContainerSpec(
         role="step", name=step.name,
         container=container_name(owner.run_id, "step", f"{index + 1}-{step.name}"),
-        image=image or step_image(step), network=network_name(owner.run_id),
+        image=image or step_image(step), network=steps_network(settings, owner),
         entrypoint=IDLE_ENTRYPOINT, command=(),
         env=dict(step.env), secret_env=dict(step.secret_env),
         workdir=step.workdir or (WORKSPACE if other else None), user=step.user,
@@ -166,10 +173,11 @@ def create_kwargs(spec: ContainerSpec, secret_values: Mapping[str, str]) -> dict
     env = {**spec.env, **{var: secret_values[var] for var in spec.secret_env}}
     kwargs: dict[str, Any] = {
         "image": spec.image, "name": spec.container, "labels": dict(spec.labels),
-        "environment": env, "network": spec.network,
-        "networking_config": {spec.network: {"Aliases": list(spec.aliases)}},
-        "detach": True,
+        "environment": env, "detach": True,
     }
+    if spec.network is not None:
+        kwargs["network"] = spec.network
+        kwargs["networking_config"] = {spec.network: {"Aliases": list(spec.aliases)}}
     if spec.entrypoint is not None:
         kwargs["entrypoint"] = list(spec.entrypoint)
     if spec.command is not None:
@@ -192,9 +200,10 @@ def exec_argv(command: str) -> list[str]:
 
 def operations(settings: TestSettings, owner: Owner, pipeline: str) -> list[dict[str, Any]]:
     """The docker operations the stage makes, in order, as data (for --dry-run)."""
-    net = network_name(owner.run_id)
-    ops: list[dict[str, Any]] = [{"op": "network create", "name": net,
-                                  "labels": owner_labels(owner)}]
+    net = steps_network(settings, owner)
+    ops: list[dict[str, Any]] = []
+    if net is not None:
+        ops.append({"op": "network create", "name": net, "labels": owner_labels(owner)})
     for name in settings.services:
         spec = service_spec(settings, name, owner)
         ops.append({"op": "container create+start", **spec.to_dict()})
@@ -216,6 +225,7 @@ def operations(settings: TestSettings, owner: Owner, pipeline: str) -> list[dict
         ops.append({"op": "container remove", "container": spec.container})
     ops.extend({"op": "container remove", "container": container_name(owner.run_id, "service", n)}
                for n in settings.services)
-    ops.append({"op": "network remove", "name": net})
+    if net is not None:
+        ops.append({"op": "network remove", "name": net})
     return ops
 

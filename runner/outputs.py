@@ -162,6 +162,12 @@ class TestOutputs:
                                     "`skipped`, `total`.")
     failures: tuple[TestFailure, ...] = doc("The failed tests (the first 20), in report "
                                             "order.")
+    phases: Mapping[str, float] = doc(
+        "Where the stage's time went, in seconds: `reap` (removing what a killed runner left), "
+        "`network`, `service_start` (pull, create, start), `service_ready` (waiting for the "
+        "`ready` checks), `images` (building a `target`, pulling a step's image), `steps` "
+        "(the step containers and their commands), `reports` (copying and parsing them), "
+        "`cleanup` (removing containers and the network).", default_factory=dict)
 
     @property
     def summary(self) -> str:
@@ -176,7 +182,8 @@ class TestOutputs:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "summary": self.summary,
                 "steps": [s.to_dict() for s in self.steps], "services": list(self.services),
-                "counts": dict(self.counts), "failures": [f.to_dict() for f in self.failures]}
+                "counts": dict(self.counts), "failures": [f.to_dict() for f in self.failures],
+                "phases": dict(self.phases)}
 
 
 # ----------------------------------------------------------------------------------- scan

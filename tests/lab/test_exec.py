@@ -33,14 +33,16 @@ def registry_digest(registry: str, repo: str, ref: str) -> str:
 
 
 def test_example_pipeline_end_to_end(lab, data_dir):
-    """The README's main job: the example app built, scanned, pushed, and answering on every
-    lab server with the digest that was pushed."""
+    """The README's main job: the example app built, tested against the lab's PostgreSQL,
+    scanned, pushed, and answering on every lab server with the digest that was pushed."""
     proc = runner("exec", "pipeline.example.yaml", "--json", "--data-dir", str(data_dir),
                   env=lab_env(lab))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     evs = events(proc.stdout)
     assert [e["stage"] for e in evs if e["event"] == "stage.end" and e["status"] == "success"] \
-        == ["checkout", "build", "scan", "push", "deploy"]
+        == ["checkout", "build", "test", "scan", "push", "deploy"]
+    counts = stage_end(evs, "test")["outputs"]["counts"]
+    assert counts["passed"] == counts["total"] > 0, counts
     push = stage_end(evs, "push")["outputs"]
     assert push["ref"].startswith(f"{lab['registry']}/example/app@sha256:")
     short = stage_end(evs, "checkout")["outputs"]["short_sha"]

@@ -3,6 +3,7 @@ JUnit reports; what a failure, a hang, a service that never gets ready and a SIG
 leave behind (nothing)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,18 +11,22 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import docker
+import httpx
 import pytest
 
 from pipelines.testing import TestStage
+from pipelines.testing_plan import cache_volume
 from runner.errors import StageFailed
 from runner.lab import layout
 from runner.model import Pipeline
 from runner.outputs import Outputs
 from runner.stage import StageContext
 from tests.doubles import DictSecrets, ListLog, build_outputs, checkout_outputs
+from tests.helpers import MANIFEST_TYPES, exec_json, lab_env, make_repo, runner, stage_end
 
 pytestmark = pytest.mark.usefixtures("lab")
 PG = f"{layout.REGISTRY}/lab/postgres:15"
@@ -43,8 +48,9 @@ def leftovers(client, run_id: str) -> list[str]:
         [n.name for n in client.networks.list(filters=f)]
 
 
-def make_ctx(tmp: Path, engine, test: dict, run_id: str, image: str = layout.BUSYBOX_IMAGE):
-    pipeline = Pipeline.model_validate({"name": "tst", "repository": {"url": "."},
+def make_ctx(tmp: Path, engine, test: dict, run_id: str, image: str = layout.BUSYBOX_IMAGE,
+             name: str = "tst"):
+    pipeline = Pipeline.model_validate({"name": name, "repository": {"url": "."},
                                         "image": {"name": "reg/tst"}, "stages": {"test": test}})
     return StageContext(run_id=run_id, pipeline=pipeline, workdir=tmp, cache_dir=tmp / "cache",
                         log=ListLog(), secrets=DictSecrets(), cancel=threading.Event(),
@@ -68,6 +74,9 @@ def test_postgres_service_and_a_report(tmp_path, engine):
     assert out.passed and out.services == ("db",)
     assert out.counts == {"passed": 1, "failed": 0, "errors": 0, "skipped": 1, "total": 2}
     assert leftovers(engine, "lab-pg") == []
+    # Where the time went, cleanup included (it happens after the steps).
+    assert all(out.phases[k] > 0 for k in ("network", "service_start", "service_ready", "steps",
+                                           "reports", "cleanup")), out.phases
 
 
 def test_a_failing_test_fails_naming_it_and_stops_the_steps(tmp_path, engine):
@@ -108,6 +117,28 @@ def test_a_service_never_ready_fails_naming_it_with_its_log(tmp_path, engine):
     assert "service 'cache' was not ready (port 6379) within 2s" in info.value.reason
     assert "booting slowly" in info.value.reason
     assert leftovers(engine, "lab-ready") == []
+
+
+def test_a_cache_is_kept_between_runs_of_its_pipeline_and_no_other(tmp_path, engine):
+    """`cache:` is a named volume on the build engine per pipeline and path: what run 1 wrote,
+    run 2 of the same pipeline reads; another pipeline's step sees an empty directory."""
+    mine, other = f"cache-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
+
+    def run(pipeline: str, run_id: str, commands: list[str]) -> None:
+        (tmp_path / run_id).mkdir()
+        TestStage().run(make_ctx(tmp_path / run_id, engine, {
+            "cache": ["/cache"], "steps": [{"name": "s", "commands": commands}]}, run_id,
+            name=pipeline))
+
+    try:
+        run(mine, "lab-cache-1", ["test ! -e /cache/seen", "echo 'run 1' > /cache/seen"])
+        assert engine.volumes.get(cache_volume(mine, "/cache")).name  # a real named volume
+        run(mine, "lab-cache-2", ["grep -qx 'run 1' /cache/seen"])
+        run(other, "lab-cache-3", ["test ! -e /cache/seen"])
+    finally:
+        for pipeline in (mine, other):
+            with contextlib.suppress(docker.errors.NotFound):
+                engine.volumes.get(cache_volume(pipeline, "/cache")).remove()
 
 
 def test_no_report_and_garbage_xml_are_warnings(tmp_path, engine):
@@ -155,3 +186,51 @@ def test_a_sigkilled_runner_leaves_nothing_after_the_next_run(tmp_path, engine):
     assert engine.containers.list(all=True, filters=f) == []
     assert engine.networks.list(filters=f) == []
     assert "left by a runner process that is gone" in ctx.log.everything()
+
+
+def test_runner_exec_with_a_failing_test_pushes_and_deploys_nothing(lab, tmp_path):
+    """As a user runs it: `runner exec` of a pipeline whose test step fails exits 1, push and
+    deploy are skipped (the registry has no such tag), and the failing test's name is in the
+    terminal, the --json events and run.json."""
+    repo = make_repo(tmp_path / "repo", {"Dockerfile": f"FROM {layout.BUSYBOX_IMAGE}\n"
+                                                       "RUN echo built > /built\n"})
+    name = f"lab-test/failing-{uuid.uuid4().hex[:8]}"
+    tag = "never-pushed"
+    step = {"name": "unit", "reports": ["/tmp/r/*.xml"],
+            "commands": [XML.format(name="test_insert", msg="1 != 2"), "exit 3"]}
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(json.dumps({
+        "name": "failing", "repository": {"url": str(repo)},
+        "image": {"name": f"{lab['registry']}/{name}", "tags": [tag]},
+        "stages": {"test": {"steps": [step]},
+                   "deploy": {"servers": "${DEPLOY_HOSTS}",
+                              "ssh": {"key_file": "${SSH_KEY_FILE}",
+                                      "known_hosts": "${KNOWN_HOSTS_FILE}"},
+                              "container": {"name": "never-deployed"}}}}))
+    env = lab_env(lab)
+    data = tmp_path / "data"
+    plain = runner("exec", str(pipeline), "--data-dir", str(data), "--run-id", "fail-plain",
+                   env=env)
+    assert plain.returncode == 1, plain.stdout[-3000:] + plain.stderr[-3000:]
+    terminal = plain.stdout + plain.stderr
+    # The last word on the run names the failing test, not only the log lines above it.
+    assert "stage 'test' failed: step 'unit' failed: 'exit 3' exited with code 3 " \
+           "(1 passed, 1 failed: t.test_insert)" in terminal, terminal[-3000:]
+    assert "FAILED t.test_insert: 1 != 2" in terminal, terminal[-3000:]
+
+    proc, evs = exec_json(pipeline, data, "fail-json", env=env)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = {e["stage"]: e["status"] for e in evs if e["event"] == "stage.end"}
+    assert status == {"checkout": "success", "build": "success", "test": "failed",
+                      "push": "skipped", "deploy": "skipped"}, status
+    outputs = stage_end(evs, "test")["outputs"]
+    assert outputs["failures"][0]["test"] == "t.test_insert", outputs
+    assert outputs["steps"][0]["failed_command"] == "exit 3"
+    run_json = json.loads((data / "runs" / "fail-json" / "run.json").read_text())
+    test = next(s for s in run_json["stages"] if s["name"] == "test")
+    assert test["outputs"]["failures"][0]["test"] == "t.test_insert", test
+    assert test["outputs"]["summary"] == "1 passed, 1 failed"
+    assert "t.test_insert" in run_json["error"], run_json["error"]
+    r = httpx.get(f"http://{lab['registry']}/v2/{name}/manifests/{tag}",
+                  headers={"Accept": MANIFEST_TYPES}, timeout=10)
+    assert r.status_code == 404, (r.status_code, r.text[:300])

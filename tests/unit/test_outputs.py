@@ -61,7 +61,8 @@ TEST = TestOutputs(
                           TEST_COUNTS, ("/runs/r1/test/unit/reports_unit.xml",)),
            TestStepResult("lint", "python:3.11-slim", "not run", None, None, 0.0,
                           dict.fromkeys(TEST_COUNTS, 0), ())),
-    failures=(TestFailure("unit", "tests.test_db.test_insert", "AssertionError: 1 != 2"),))
+    failures=(TestFailure("unit", "tests.test_db.test_insert", "AssertionError: 1 != 2"),),
+    phases={"service_start": 0.4, "service_ready": 2.1, "steps": 3.2, "cleanup": 0.6})
 SAMPLES = {"checkout": CHECKOUT, "build": BUILD, "test": TEST, "scan": SCAN, "push": PUSH,
            "deploy": DEPLOY}
 
@@ -83,7 +84,9 @@ EXPECTED = {
                         "counts": dict.fromkeys(TEST_COUNTS, 0), "reports": []}],
              "services": ["db"], "counts": TEST_COUNTS,
              "failures": [{"step": "unit", "test": "tests.test_db.test_insert",
-                           "message": "AssertionError: 1 != 2", "error": False}]},
+                           "message": "AssertionError: 1 != 2", "error": False}],
+             "phases": {"service_start": 0.4, "service_ready": 2.1, "steps": 3.2,
+                        "cleanup": 0.6}},
     "scan": {"passed": False, "fail_on": "HIGH", "counts": {"CRITICAL": 0, "HIGH": 1},
              "by_scanner": {"secret": {"HIGH": 1}, "vuln": {}}, "checked": ["vuln", "secret"],
              "ignored": 2, "report": "/runs/r1/scan/trivy-image.json",

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 
 from pipelines.junit_summary import summarise
-from pipelines.testing import TestStage, listening
+from pipelines.testing import TestStage, failed_tests, listening
 from pipelines.testing_plan import (
-    Owner, cache_volume, create_kwargs, is_orphan, owner_labels, service_spec, step_spec,
+    Owner, cache_volume, create_kwargs, is_orphan, operations, owner_labels, service_spec,
+    step_spec,
 )
 from runner.errors import InvalidInput
 from runner.loader import load_pipeline_text
 from runner.model import Pipeline
+from runner.outputs import TestFailure, TestOutputs
 
 OWNER = Owner("r1", 4242, 777, "box")
 LABELS = {"runner.test": "1", "runner.run": "r1", "runner.proc.pid": "4242",
@@ -61,6 +63,16 @@ def test_a_step_in_the_built_image_waits_in_sh_with_the_stage_cache():
                     {"bind": "/root/.cache/pip", "mode": "rw"}},
         "stdin_open": True}
     assert spec.commands == ("pytest -q",) and not spec.workspace
+
+
+def test_without_services_the_steps_get_no_network_of_their_own():
+    """Nothing to reach by name: the steps use the engine's default network, as `docker run`
+    does, instead of paying for a network created and removed around them."""
+    settings = pipeline({"steps": [{"name": "unit", "commands": ["true"]}]}).stages.test
+    kwargs = create_kwargs(step_spec(settings, 0, OWNER, "shop", "sha256:abc"), {})
+    assert "network" not in kwargs and "networking_config" not in kwargs
+    assert [op["op"] for op in operations(settings, OWNER, "shop")] == [
+        "container create+start", "exec", "container remove"]
 
 
 def test_a_step_in_another_image_works_in_the_copied_checkout():
@@ -142,3 +154,16 @@ def test_loader_errors_say_file_line_column(body, where, fragment):
         load_pipeline_text(HEAD + body, "/p/pipeline.yml", environ={})
     found = [f"{p.line}:{p.column} {p.message}" for p in info.value.problems]
     assert len(found) == 1 and found[0].startswith(where) and fragment in found[0], found
+
+
+def test_a_failure_reason_names_the_failed_tests_three_at_most():
+    def outputs(n: int) -> TestOutputs:
+        return TestOutputs(passed=False, steps=(), services=(),
+                           counts={"passed": 1, "failed": n, "errors": 0, "skipped": 0,
+                                   "total": n + 1},
+                           failures=tuple(TestFailure("unit", f"t.test_{i}", "no")
+                                          for i in range(n)))
+    assert failed_tests(outputs(1)) == " (1 passed, 1 failed: t.test_0)"
+    assert failed_tests(outputs(5)) == \
+        " (1 passed, 5 failed: t.test_0, t.test_1, t.test_2 and 2 more)"
+    assert failed_tests(outputs(0)) == ""
