@@ -4,12 +4,20 @@ On the server, through SFTP, under a directory `root` the caller chooses (the de
 ~/.runner/engines/<docker engine id>/locks, so that the lock follows the docker engine it protects,
 even when several engines share one filesystem):
     <root>/<app>/                   created with mkdir, which is atomic: whoever creates it holds it
-    <root>/<app>/holder.json        {token, run_id, commit, pipeline, who, ttl}; rewritten by the
+    <root>/<app>/holder.json        {token, run_id, commit, pipeline, who, ttl, acquired, and the
+                                    holder's process: host, pid, pid_start, boot_id, pid_ns,
+                                    machine_id (deployers.lock_holder)}; rewritten by the
                                     heartbeat every ttl/3, so its mtime is the last sign of life
 A lease whose holder.json is older than its ttl (by the server's own clock, so clocks of
 different runners do not matter) is stale: a run that crashed, hung or lost its connection. The
-next run breaks it (and says so). Breaking renames the directory away first (atomic), then checks
-it broke the lease it judged stale, and puts it back otherwise.
+next run breaks it (and says so). A lease whose holder is a process of the waiting run's own
+host that is gone (killed, crashed; deployers.lock_holder.gone) is taken over at once, without
+waiting out the ttl. Breaking renames the directory away first (atomic), then checks it broke
+the lease it judged (the same token, or still no holder.json), and puts it back otherwise.
+
+A run waiting for a lock says who holds it (run, pipeline, commit, started by whom and when)
+when it starts waiting, when the holder changes, and every WAIT_REPORT seconds; its wait is
+bounded (`wait`), after which LockHeld names the holder.
 
 A lease is lost (Lease.check() and Lease.verify() raise LockLost, Lease.lost is set) when:
     - the heartbeat finds another token in holder.json, or no holder.json: another run took it;
@@ -24,10 +32,7 @@ Lost is final: the deploy stops on that server and commits nothing more there.
 """
 from __future__ import annotations
 
-import getpass
 import json
-import os
-import socket
 import threading
 import time
 import uuid
@@ -36,9 +41,13 @@ from dataclasses import dataclass
 
 from runner.errors import Cancelled
 
+from deployers.lock_holder import describe_holder, gone, holder_info
 from deployers.transport import Connection, TransportError
 
 BASE_DIR = ".runner"
+WAIT_REPORT = 15.0  # seconds between "still waiting" lines
+__all__ = ["LockHeld", "LockLost", "LockInfo", "Lease", "acquire", "break_lock", "inspect",
+           "describe_holder", "holder_info"]
 
 
 if hasattr(time, "CLOCK_BOOTTIME"):
@@ -94,25 +103,19 @@ class LockInfo:
         return self.age > self.ttl
 
     @property
+    def gone(self) -> str | None:
+        """Why the holder's process is surely gone, judged from this host; None otherwise."""
+        return gone(self.holder)
+
+    @property
     def token(self) -> str:
         return str(self.holder.get("token", ""))
 
     def describe(self) -> str:
-        state = "STALE" if self.stale else "alive"
+        dead = self.gone
+        state = "STALE" if self.stale else f"abandoned: {dead}" if dead else "alive"
         return (f"{describe_holder(self.holder)} (last heartbeat {self.age:.0f}s ago, "
                 f"ttl {self.ttl:g}s, {state})")
-
-
-def describe_holder(h: dict) -> str:
-    """'run R, pipeline P, commit C, by user@host pid N' from a holder.json."""
-    parts = [f"run {h.get('run_id', '?')}"]
-    if h.get("pipeline"):
-        parts.append(f"pipeline {h['pipeline']}")
-    if h.get("commit"):
-        parts.append(f"commit {str(h['commit'])[:12]}")
-    if h.get("who"):
-        parts.append(f"by {h['who']}")
-    return ", ".join(parts)
 
 
 def _lock_path(root: str, app: str) -> str:
@@ -221,7 +224,8 @@ def _remove_tree(sftp, path: str) -> None:
 
 def break_lock(conn: Connection, root: str, app: str,
                expected_token: str | None = None) -> bool:
-    """Remove app's lock. With expected_token, only if it is still that lease (True if broken)."""
+    """Remove app's lock (True if broken). With expected_token, only if it is still that lease
+    ("": a lock directory still without holder.json)."""
     path = _lock_path(root, app)
     aside = f"{path}.broken-{uuid.uuid4().hex[:8]}"
 
@@ -242,7 +246,7 @@ def break_lock(conn: Connection, root: str, app: str,
                     token = json.loads(f.read().decode() or "{}").get("token", "")
             except (FileNotFoundError, ValueError):
                 token = ""
-            if token and token != expected_token:
+            if token != expected_token:
                 # Someone took a fresh lease between our look and our break: give it back.
                 try:
                     sftp.posix_rename(aside, path)
@@ -475,27 +479,20 @@ class Lease:
         self.release()
 
 
-def holder_info(run_id: str, pipeline: str = "", commit: str = "", ttl: float = 60) -> dict:
-    try:
-        who = f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
-    except Exception:
-        who = f"pid {os.getpid()}"
-    return {"token": uuid.uuid4().hex, "run_id": run_id, "pipeline": pipeline,
-            "commit": commit, "who": who, "ttl": ttl, "acquired": time.time()}
-
-
 def acquire(conn: Connection, root: str, app: str, holder: dict, *, ttl: float, wait: float,
             cancel: threading.Event | None = None, log: Callable[[str], None] | None = None,
             clock: Callable[[], float] = _steady,
             sleep: Callable[[float], None] = time.sleep) -> Lease:
-    """Take app's lock on this server, waiting up to `wait` seconds for another holder.
-    Breaks a stale lease (saying so). Raises LockHeld, Cancelled, TransportError.
-    The lease counts time with `clock` too (see Lease)."""
+    """Take app's lock on this server, waiting up to `wait` seconds for another holder, saying
+    who that is (when the wait starts, when the holder changes, every WAIT_REPORT seconds).
+    Breaks a stale lease, and takes over at once one whose holder is a process of this host
+    that is gone (saying so). Raises LockHeld, Cancelled, TransportError. The lease counts time
+    with `clock` too (see Lease)."""
     holder = dict(holder, ttl=ttl)
     path = _lock_path(root, app)
     conn.ensure_private_dir(root)
     start = clock()
-    announced = False
+    reported: tuple[str, float] | None = None  # (the holder's token, when) last said
     while True:
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"cancelled while waiting for the deploy lock on {conn.label}")
@@ -514,16 +511,27 @@ def acquire(conn: Connection, root: str, app: str, holder: dict, *, ttl: float, 
         info = inspect(conn, root, app)
         if info is None:
             continue  # released between our mkdir and our look
-        if info.stale:
-            if break_lock(conn, root, app, expected_token=info.token or None):
-                if log:
+        dead = None if info.stale else info.gone
+        if info.stale or dead:
+            if break_lock(conn, root, app, expected_token=info.token) and log:
+                if dead:
+                    log(f"{conn.label}: took over the deploy lock held by "
+                        f"{describe_holder(info.holder)}: {dead}")
+                else:
                     log(f"{conn.label}: broke a stale deploy lock held by {info.describe()}")
             continue
         waited = clock() - start
         if waited >= wait:
             raise LockHeld(conn.label, info, waited)
-        if log and not announced:
-            log(f"{conn.label}: waiting up to {wait:g}s for the deploy lock held by "
-                f"{info.describe()}")
-            announced = True
-        sleep(min(0.5, max(0.05, wait - waited)))
+        # A directory without holder.json is a lock being taken this very moment: its
+        # holder is known a few milliseconds later.
+        if log and info.token and (reported is None or reported[0] != info.token
+                                   or waited - reported[1] >= WAIT_REPORT):
+            if reported is None:
+                log(f"{conn.label}: waiting up to {wait:g}s for the deploy lock held by "
+                    f"{info.describe()}")
+            else:
+                log(f"{conn.label}: still waiting ({waited:.0f}s of {wait:g}s) for the deploy "
+                    f"lock held by {info.describe()}")
+            reported = (info.token, waited)
+        sleep(min(0.5 if info.token else 0.05, max(0.05, wait - waited)))

@@ -4,12 +4,16 @@ of LockLost. The connection here is a stand-in whose sftp_do never touches a ser
 side of the lease is tested against the lab's real servers in tests/lab/test_lock.py."""
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 
 import pytest
 
 from deployers import lock as locks
+from deployers.lock_holder import Here, describe_holder, gone, here, holder_info
+from runner.proc import start_time
 from deployers.lock import Lease, LockLost
 from deployers.transport import TransportError
 
@@ -188,7 +192,8 @@ def test_lock_lost_texts():
              "who": "ci@other pid 9"}
     assert str(LockLost("srv1", "web", holder=other)) == (
         "srv1: the deploy lock for 'web' was lost: another run took it: run r2, pipeline web, "
-        "commit aaaaaaaaaaaa, by ci@other pid 9. Nothing more is done on srv1 by this run.")
+        "commit aaaaaaaaaaaa, started by ci@other pid 9. Nothing more is done on srv1 by this "
+        "run.")
     assert str(LockLost("srv1", "web")) == (
         "srv1: the deploy lock for 'web' was lost: another run broke it (who holds it now could "
         "not be read). Nothing more is done on srv1 by this run.")
@@ -199,7 +204,71 @@ def test_lock_lost_texts():
         LockLost("srv1", "web", failure="x", action="confirmed"))
 
 
-def test_lock_info_describe_unchanged():
-    info = locks.LockInfo(app="web", holder=dict(HOLDER), age=12.4, ttl=30)
-    assert info.describe() == ("run r1, pipeline web, commit cccccccccccc, by ci@box pid 7 "
-                               "(last heartbeat 12s ago, ttl 30s, alive)")
+def test_lock_info_describe_names_the_holder_and_when_it_started():
+    info = locks.LockInfo(app="web", holder=dict(HOLDER, acquired=1796662982.5), age=12.4,
+                          ttl=30)
+    assert info.describe() == ("run r1, pipeline web, commit cccccccccccc, started by ci@box "
+                               "pid 7 at 2026-12-07 17:03:02 UTC (last heartbeat 12s ago, "
+                               "ttl 30s, alive)")
+
+
+def test_a_holder_without_a_run_id_is_described_by_what_is_known():
+    # holder.json of an older runner, or of a command that has no run id: never "run ?".
+    assert describe_holder({"token": "t", "pipeline": "web", "who": "ci@box pid 7",
+                            "acquired": 1796662982}) == \
+        "a run of pipeline web, started by ci@box pid 7 at 2026-12-07 17:03:02 UTC"
+    assert describe_holder({"token": "t", "who": "ci@box pid 7"}) == \
+        "a run, started by ci@box pid 7"
+    # The lock directory exists, its holder.json not yet (or never: its taker died).
+    assert describe_holder({}) == ("a run that has not written its holder.json yet (it is "
+                                   "taking the lock right now, or died while taking it)")
+    for h in ({}, {"token": "t"}, {"pipeline": "web"}, HOLDER):
+        assert "?" not in describe_holder(h)
+
+
+def _holder_of(pid: int) -> dict:
+    """holder.json as another process of this host, `pid`, would write it."""
+    return dict(holder_info("r1", "web", ttl=30), pid=pid, pid_start=start_time(pid))
+
+
+def test_a_holder_process_of_this_host_that_is_gone_is_known_gone():
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        holder = _holder_of(proc.pid)
+        assert gone(holder) is None
+        info = locks.LockInfo(app="web", holder=holder, age=1, ttl=60)
+        assert info.gone is None and info.describe().endswith("alive)")
+    finally:
+        proc.kill()
+    # Killed, not reaped yet (a zombie): it holds nothing any more.
+    deadline = time.monotonic() + 5
+    while start_time(proc.pid) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert gone(holder) == f"its process (pid {proc.pid} on this host) is gone"
+    proc.wait()
+    assert gone(holder) == f"its process (pid {proc.pid} on this host) is gone"
+    assert info.describe().endswith(f"ttl 60s, abandoned: its process (pid {proc.pid} on this "
+                                    f"host) is gone)")
+    # The same pid, another process (the pid was reused): gone too.
+    mine = holder_info("r1", "web")
+    assert gone(mine) is None
+    assert gone(dict(mine, pid_start=mine["pid_start"] - 1)) is not None
+
+
+def test_a_holder_elsewhere_is_judged_by_its_ttl_only_unless_its_host_restarted():
+    me = here()
+    mine = holder_info("r1", "web")
+    gone_pid = dict(mine, pid_start=-1)
+    # Another host, another pid namespace on this one, an older record: not judged.
+    other = Here("ci-2", "b" * 32, "pid:[1]", "m" * 32)
+    assert gone(gone_pid, other) is None
+    assert gone(gone_pid, Here(me.host, me.boot_id, "pid:[1]", me.machine_id)) is None
+    for key in ("pid", "pid_start", "boot_id", "pid_ns"):
+        assert gone({k: v for k, v in gone_pid.items() if k != key}) is None
+    # This very machine, booted since: every process of that boot is gone.
+    rebooted = Here(me.host, "0" * 32, me.pid_ns, me.machine_id)
+    if me.machine_id:
+        assert gone(mine, rebooted) == f"its host {me.host} has restarted since it took the lock"
+    # Same name, another machine: not judged.
+    assert gone(mine, Here(me.host, "0" * 32, me.pid_ns, "x" * 32)) is None
