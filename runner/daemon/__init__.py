@@ -9,6 +9,7 @@ Layout (one way: nothing here is imported by the engine or the stages):
   store_sql.py  the queries both backends share; store_sqlite.py (one host, WAL) and
                 store_pg.py (PostgreSQL: several daemons on several hosts, LISTEN/NOTIFY,
                 advisory-lock leader); migrations.py, the versioned schema of both
+  leases.py     when one daemon may expire another's lease, and whether the run is queued again
   webhooks.py   signature checks (GitHub sha256=, Gitea bare hex, GitLab token, generic HMAC),
                 filters, and the /hooks/{github,gitea,gitlab,generic} handlers
   scheduler.py  APScheduler: leadership (every daemon tries), and on the leader git ls-remote

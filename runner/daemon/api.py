@@ -326,7 +326,8 @@ def build_app(core) -> Starlette:
             new_id = await run_in_threadpool(core.store.retry, run_id)
         except StoreError as exc:
             # It had ended (checked above) and ended runs stay ended: the store cannot write now.
-            return JSONResponse({"error": f"cannot queue a retry of run {run_id} now: {exc}"}, status_code=503)
+            return JSONResponse({"error": f"cannot queue a retry of run {run_id} now: {exc.public}"},
+                                status_code=503)
         if new_id is None:  # pruned since it was read
             return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
         await run_in_threadpool(core.after_accept, [])

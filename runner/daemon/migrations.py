@@ -138,12 +138,21 @@ CREATE INDEX IF NOT EXISTS runs_trigger ON runs(trigger, id);
 CREATE INDEX IF NOT EXISTS stages_name ON stages(name, run_id)
 """
 
+# v6: the process each daemon runs as (pid and start time, runner.proc.start_time), so that
+# another daemon on its host can tell that it is gone (leases.known_gone): only then are its
+# runs queued again.
+_V6 = """
+ALTER TABLE daemons ADD COLUMN pid INTEGER;
+ALTER TABLE daemons ADD COLUMN pid_start TEXT
+"""
+
 SQLITE: tuple[Migration, ...] = (
     Migration(1, "runs, leases, stages, log lines, deliveries, poll state", _split(_V1.format(**_SQLITE_TYPES))),
     Migration(2, "runs: daemon, retry_of, withhold_secrets, skip_stages", _split(_V2.format(**_SQLITE_TYPES))),
     Migration(3, "daemons", _split(_V3.format(**_SQLITE_TYPES))),
     Migration(4, "runs: once_key, unique while active or succeeded", _split(_V4)),
     Migration(5, "indexes: runs by branch, runs by trigger, stages by name", _split(_V5)),
+    Migration(6, "daemons: pid, pid_start", _split(_V6)),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -152,6 +161,7 @@ POSTGRES: tuple[Migration, ...] = (
     Migration(3, "daemons", _split(_V3.format(**_POSTGRES_TYPES))),
     Migration(4, "runs: once_key, unique while active or succeeded", _split(_V4.replace("char(10)", "chr(10)"))),
     Migration(5, "indexes: runs by branch, runs by trigger, stages by name", _split(_V5)),
+    Migration(6, "daemons: pid, pid_start", _split(_V6)),
 )
 
 LATEST = SQLITE[-1].version

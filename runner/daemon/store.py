@@ -16,16 +16,24 @@ A queued run can go straight to cancelled (superseded, or cancelled by hand).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from runner.daemon.leases import Holder
 
 FINAL = ("success", "failed", "invalid", "cancelled", "interrupted")
 ACTIVE = ("queued", "running")
 
 
 class StoreError(Exception):
-    """The store cannot do this now (disk full, database locked or gone). Nothing was changed."""
+    """The store cannot do this now (disk full, database locked or gone). Nothing was changed.
+    The message is for the log (it may name the database's host and user); `public` says the
+    same for whoever sent a request (an HTTP answer), naming neither."""
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = message if public is None else public
 
 
 @dataclass(frozen=True)
@@ -115,9 +123,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def heartbeat(self, owner: str, run_ids: Sequence[int], lease_seconds: float) -> dict[int, str]:
-        """Extend the leases (none given: {}). Returns {run id: why} for the runs among them that must stop: their
-        cancellation was requested, or the lease is no longer `owner`'s (it expired and the run
-        was recovered elsewhere)."""
+        """Extend the leases (none given: {}). A run another daemon marked interrupted while
+        `owner` was silent (expire), whose lease is still `owner`'s, is running again. Returns
+        {run id: why} for the runs among them that must stop: their cancellation was requested,
+        or the lease is no longer `owner`'s (the run was queued again, maybe taken by another)."""
 
     @abc.abstractmethod
     def set_lease_pid(self, run_id: int, owner: str, pid: int, pid_start: str | None) -> None:
@@ -129,7 +138,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def finish(self, run_id: int, owner: str, status: str, exit_code: int | None, reason: str = "") -> bool:
-        """Mark a run final and drop its lease. False if the lease was no longer ours."""
+        """Mark a run final and drop its lease, also over "interrupted" when another daemon
+        marked it so while `owner` was silent (the lease is still `owner`'s). False if the lease
+        was no longer ours."""
 
     @abc.abstractmethod
     def request_cancel(self, run_id: int, reason: str) -> str | None:
@@ -137,10 +148,21 @@ class Store(abc.ABC):
         Returns the run's status before the call, or None if there is no such run."""
 
     @abc.abstractmethod
-    def recover(self, owner: str | None, requeue: set[str], now: float | None = None) -> list[tuple[int, str]]:
-        """Runs left running by a dead worker: those whose lease is held by `owner` (a daemon that
-        is starting again) and those whose lease expired. Each becomes interrupted, or queued
-        again when its pipeline is in `requeue`. Returns (run id, new status)."""
+    def recover(self, owner: str, requeue: set[str]) -> list[tuple[int, str]]:
+        """Runs `owner` held when it stopped (it is starting again, and has stopped their
+        processes, so they are known gone): each running one becomes interrupted, or queued
+        again when its pipeline is in `requeue`. Its leases of runs another daemon marked
+        interrupted meanwhile are dropped. Returns (run id, new status)."""
+
+    @abc.abstractmethod
+    def expire(self, owner: str, requeue: set[str], lease_seconds: float,
+               gone: Callable[[Holder], bool]) -> list[tuple[int, str]]:
+        """Other daemons' running runs whose owner has been silent for its lease time, by the
+        database's clock (leases.silent_for, leases.fate): queued again when `gone(holder)`
+        says the run's process and daemon are known gone and the pipeline is in `requeue`,
+        else interrupted with the lease left to its owner (heartbeat, finish). Only a daemon
+        that has itself been heard for a lease time may call it. `lease_seconds`: for a running
+        run without a lease. Returns (run id, new status)."""
 
     @abc.abstractmethod
     def stage_event(self, run_id: int, stage: str, status: str, *, duration: float | None = None,

@@ -58,8 +58,17 @@ class PostgresStore(SqlStore):
             psycopg.connect(url, **kwargs).close()
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to {self.where}: {str(exc).strip()}") from None
+        # Set when a call found no working connection (or the pool gave up reconnecting one),
+        # cleared by the next call that worked: while it is set, calls wait UNREACHABLE_WAIT
+        # for a connection instead of connect_timeout.
+        self._unreachable = threading.Event()
+        # The pool reconnects with a backoff that doubles up to reconnect_timeout: kept short, a
+        # database that is back is reached within seconds (each call that waits starts a new
+        # attempt once the last one gave up), not after a minute of backoff.
         self._pool = ConnectionPool(url, min_size=min_connections, max_size=max_connections, kwargs=kwargs,
-                                    open=False, timeout=connect_timeout, name="runner-store")
+                                    open=False, timeout=connect_timeout, name="runner-store",
+                                    reconnect_timeout=self.RECONNECT_WITHIN,
+                                    reconnect_failed=lambda pool: self._unreachable.set())
         try:
             self._pool.open(wait=True, timeout=connect_timeout)
         except PoolTimeout:
@@ -76,25 +85,43 @@ class PostgresStore(SqlStore):
 
     # -- connections and transactions ------------------------------------------------------------
 
+    # Seconds a call waits for a connection while the database is known unreachable: a webhook's
+    # sender gets its 503 well before it gives up (GitHub waits 10 s), and a heartbeat fails
+    # fast and tries again next round.
+    UNREACHABLE_WAIT = 2.0
+    RECONNECT_WITHIN = 3.0  # the pool's reconnect_timeout (see __init__)
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A connection of the pool; StoreError when there is none or it breaks. The message
+        names the database (for the log); `public` does not (for HTTP answers)."""
+        wait = self.UNREACHABLE_WAIT if self._unreachable.is_set() else None
+        conn = None
+        try:
+            with self._pool.connection(timeout=wait) as conn:
+                yield conn
+        except PoolTimeout as exc:
+            self._unreachable.set()
+            raise StoreError(f"{self.where}: {str(exc).strip()}", public="no connection to the database") from exc
+        except psycopg.OperationalError as exc:
+            if conn is None or conn.broken:
+                self._unreachable.set()
+            raise StoreError(f"{self.where}: {str(exc).strip()}", public="the database connection failed") from exc
+        self._unreachable.clear()
+
     @contextmanager
     def _tx(self) -> Iterator[Tx]:
         # Pipeline mode: statements whose result is not read (BEGIN, locks, updates, NOTIFY) go
         # out without waiting for the server, so a transaction costs a round trip per result read
         # plus the COMMIT, not one per statement. On a busy host every round trip waits for the
         # server's process to get a CPU; a webhook's acceptance is mostly those waits.
-        try:
-            with self._pool.connection() as conn:
-                with conn.pipeline(), conn.transaction():
-                    yield Tx(conn, "%s")
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise StoreError(f"{self.where}: {str(exc).strip()}") from exc
+        with self._connection() as conn:
+            with conn.pipeline(), conn.transaction():
+                yield Tx(conn, "%s")
 
     def _read(self, sql: str, args: Sequence = ()) -> list[dict]:
-        try:
-            with self._pool.connection() as conn:
-                return conn.execute(sql.replace("?", "%s"), tuple(args)).fetchall()
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise StoreError(f"{self.where}: {str(exc).strip()}") from exc
+        with self._connection() as conn:
+            return conn.execute(sql.replace("?", "%s"), tuple(args)).fetchall()
 
     CLOCK_CHECK_EVERY = 60.0  # seconds between two readings of the server's clock
 
@@ -107,6 +134,11 @@ class PostgresStore(SqlStore):
             self._clock_offset = server - (before + time.time()) / 2
             self._clock_checked = time.monotonic()
         return time.time() + self._clock_offset
+
+    def _clock(self, db: Tx) -> tuple[float, float]:
+        row = db.one("SELECT extract(epoch FROM clock_timestamp())::float8 AS now, "
+                     "extract(epoch FROM pg_postmaster_start_time())::float8 AS started")
+        return float(row["now"]), float(row["started"])
 
     def _lock(self, db: Tx, *keys: str) -> None:
         # One statement for all keys, taken in one order everywhere (sorted): two writers never

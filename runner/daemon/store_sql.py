@@ -1,8 +1,9 @@
 """The queries of the run store, shared by SQLite and PostgreSQL.
 
-A backend gives `_tx()` (one transaction, yielding a `Tx`), `_read()` and four dialect points:
-`_now` (the clock leases are measured by: the database server's, for PostgreSQL, so that daemons
-on several hosts agree), `_lock` (serialise writers that touch one key: an advisory transaction
+A backend gives `_tx()` (one transaction, yielding a `Tx`), `_read()` and five dialect points:
+`_now` (the time rows are stamped with: the database server's, for PostgreSQL, so that daemons
+on several hosts agree), `_clock` (the server's clock read afresh, and when the server started:
+what leases are measured by, see leases.py), `_lock` (serialise writers that touch one key: an advisory transaction
 lock on PostgreSQL; a no-op on SQLite, whose BEGIN IMMEDIATE already lets one writer in at a
 time), `_skip_locked` (FOR UPDATE SKIP LOCKED) and `_notify` (wake every daemon's dispatcher).
 SQL is written once, with `?` placeholders and constructs both backends know (ON CONFLICT,
@@ -11,11 +12,13 @@ RETURNING, IS NOT DISTINCT FROM).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
-from runner.daemon import migrations
+from runner.daemon import leases, migrations
 from runner.daemon.store import FINAL, Accepted, Claimed, NewRun, Store, StoreError
+from runner.proc import start_time
 
 _RUN_COLS = ("id, pipeline, status, reason, trigger, provider, ref, branch, tag, commit_sha, delivery, "
              "grp, attempt, cancel_requested, exit_code, created_at, started_at, finished_at, daemon, "
@@ -85,6 +88,11 @@ class SqlStore(Store):
         raise NotImplementedError
 
     def _now(self, db: Tx) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _clock(self, db: Tx) -> tuple[float, float]:  # pragma: no cover - abstract
+        """(now, when the database started) by the database's own clock, read now: what lease
+        times are measured by."""
         raise NotImplementedError
 
     def _lock(self, db: Tx, *keys: str) -> None:
@@ -308,11 +316,21 @@ class SqlStore(Store):
             return {}
         marks = _marks(len(run_ids))
         with self._tx() as db:
-            now = self._now(db)
+            now, _ = self._clock(db)
             db.q(f"UPDATE leases SET expires_at=?, heartbeat_at=? WHERE owner=? AND run_id IN ({marks})",
                  (now + lease_seconds, now, owner, *run_ids))
             held = {int(r["run_id"]) for r in db.all(
                 f"SELECT run_id FROM leases WHERE owner=? AND run_id IN ({marks})", (owner, *run_ids))}
+            # Runs another daemon marked interrupted while this one was silent, and that nobody
+            # took since (the lease is still ours): this daemon is back and still runs them.
+            back = [int(r["id"]) for r in db.all(
+                f"SELECT id FROM runs WHERE status='interrupted' AND id IN ({marks})", tuple(run_ids))
+                if int(r["id"]) in held]
+            if back:
+                m = _marks(len(back))
+                db.q(f"UPDATE runs SET status='running', finished_at=NULL, reason='' WHERE id IN ({m})", back)
+                db.q(f"UPDATE stages SET status='running', finished_at=NULL WHERE status='interrupted' "
+                     f"AND run_id IN ({m})", back)
             rows = db.all(f"SELECT id, reason FROM runs WHERE cancel_requested=1 AND id IN ({marks})", tuple(run_ids))
         out = {int(r["id"]): r["reason"] or "cancelled" for r in rows}
         for run_id in set(run_ids) - held:
@@ -333,12 +351,16 @@ class SqlStore(Store):
             if db.one("SELECT 1 AS held FROM leases WHERE run_id=? AND owner=?", (run_id, owner)) is None:
                 return False
             db.q("DELETE FROM leases WHERE run_id=?", (run_id,))
-            # A superseded run keeps its "superseded by" reason when nothing more precise is given.
+            # The lease is still ours: the run is running, or another daemon marked it
+            # interrupted while this one could not reach the store (expire); either way this is
+            # how it ended. A superseded run keeps its "superseded by" reason when nothing more
+            # precise is given; an interrupted one drops the expiry's.
             db.q("UPDATE runs SET status=?, exit_code=?, finished_at=?, "
-                 "reason=CASE WHEN ?='' THEN reason ELSE ? END WHERE id=? AND status='running'",
+                 "reason=CASE WHEN ?='' AND status='running' THEN reason ELSE ? END "
+                 "WHERE id=? AND status IN ('running', 'interrupted')",
                  (status, exit_code, now, reason, reason, run_id))
             # Stages the run never ended (killed mid-stage) are closed with the run's status.
-            db.q("UPDATE stages SET status=?, finished_at=? WHERE run_id=? AND status='running'",
+            db.q("UPDATE stages SET status=?, finished_at=? WHERE run_id=? AND status IN ('running', 'interrupted')",
                  ("cancelled" if status == "cancelled" else "failed" if status != "success" else "success",
                   now, run_id))
             self._notify(db)  # a slot and maybe a group are free: another daemon may claim
@@ -356,36 +378,76 @@ class SqlStore(Store):
                 db.q("UPDATE runs SET cancel_requested=1, reason=? WHERE id=?", (reason, run_id))
             return str(row["status"])
 
-    def recover(self, owner, requeue, now=None):
+    def recover(self, owner, requeue):
         out: list[tuple[int, str]] = []
         with self._tx() as db:
             self._lock(db, QUEUE_LOCK)  # two daemons recovering one run would count its attempt twice
-            now = self._now(db) if now is None else now
-            rows = db.all(
-                "SELECT r.id, r.pipeline, r.attempt, r.cancel_requested, l.owner, l.expires_at FROM runs r "
-                "LEFT JOIN leases l ON l.run_id = r.id WHERE r.status='running'")
+            now = self._now(db)
+            rows = db.all("SELECT r.id, r.pipeline, r.status, r.attempt, r.cancel_requested FROM leases l "
+                          "JOIN runs r ON r.id = l.run_id WHERE l.owner=?", (owner,))
+            why = f"the daemon that ran it stopped without finishing it (restarted: {owner})"
             for row in rows:
-                mine = owner is not None and row["owner"] == owner
-                expired = row["expires_at"] is None or row["expires_at"] < now
-                if not (mine or expired):
-                    continue
-                who = row["owner"] or "unknown"
-                why = ("the daemon that ran it stopped without finishing it (restarted: " + who + ")"
-                       if mine else f"lease held by {who} expired (no heartbeat)")
                 db.q("DELETE FROM leases WHERE run_id=?", (row["id"],))
-                db.q("UPDATE stages SET status='interrupted', finished_at=? WHERE run_id=? AND status='running'",
-                     (now, row["id"]))
-                if row["pipeline"] in requeue and not row["cancel_requested"] and row["attempt"] < 3:
-                    db.q("UPDATE runs SET status='queued', started_at=NULL, daemon=NULL, attempt=attempt+1, "
-                         "reason=? WHERE id=?", ("re-queued: " + why, row["id"]))
-                    out.append((int(row["id"]), "queued"))
-                else:
-                    db.q("UPDATE runs SET status='interrupted', reason=?, finished_at=? WHERE id=?",
-                         ("interrupted: " + why, now, row["id"]))
-                    out.append((int(row["id"]), "interrupted"))
+                if row["status"] != "running":
+                    continue  # marked interrupted by another daemon's expiry: it stays so
+                # Its process was stopped before this (service.Daemon.start): it is known gone.
+                st = leases.fate(float("inf"), 0.0, True, row["pipeline"] in requeue,
+                                 bool(row["cancel_requested"]), int(row["attempt"]))
+                self._end_lease(db, int(row["id"]), st or "interrupted", why, now)
+                out.append((int(row["id"]), st or "interrupted"))
             if out:
                 self._notify(db)
         return out
+
+    def expire(self, owner, requeue, lease_seconds, gone):
+        out: list[tuple[int, str]] = []
+        with self._tx() as db:
+            self._lock(db, QUEUE_LOCK)
+            now, started = self._clock(db)
+            rows = db.all(
+                "SELECT r.id, r.pipeline, r.attempt, r.cancel_requested, r.daemon, l.owner, l.expires_at, "
+                "l.heartbeat_at, l.pid, l.pid_start, d.seen_at, d.pid AS daemon_pid, "
+                "d.pid_start AS daemon_pid_start FROM runs r LEFT JOIN leases l ON l.run_id = r.id "
+                "LEFT JOIN daemons d ON d.owner = l.owner WHERE r.status='running'")
+            for row in rows:
+                if row["owner"] == owner:
+                    continue  # this daemon's own runs: its heartbeat holds them
+                silent = leases.silent_for(now, row["heartbeat_at"], row["seen_at"], started)
+                length = (row["expires_at"] - row["heartbeat_at"]) if row["owner"] is not None else lease_seconds
+                holder = leases.Holder(row["owner"] or row["daemon"] or "unknown", row["pid"], row["pid_start"],
+                                       row["daemon_pid"], row["daemon_pid_start"])
+                is_gone = row["owner"] is not None and gone(holder)
+                st = leases.fate(silent, length, is_gone, row["pipeline"] in requeue,
+                                 bool(row["cancel_requested"]), int(row["attempt"]))
+                if st is None:
+                    continue
+                if row["owner"] is not None and db.one(
+                        "UPDATE leases SET expires_at=expires_at WHERE run_id=? AND heartbeat_at=? RETURNING run_id",
+                        (row["id"], row["heartbeat_at"])) is None:
+                    continue  # its owner spoke meanwhile
+                why = f"lease held by {holder.owner} expired (no heartbeat for {silent:.0f} s)"
+                if is_gone:
+                    why += "; its daemon and the run's process are gone"
+                    db.q("DELETE FROM leases WHERE run_id=?", (row["id"],))
+                # else the lease stays the owner's: if it comes back it takes the run back
+                # (heartbeat) or records how it ended (finish).
+                self._end_lease(db, int(row["id"]), st, why, now)
+                out.append((int(row["id"]), st))
+            if out:
+                self._notify(db)
+        return out
+
+    @staticmethod
+    def _end_lease(db: Tx, run_id: int, status: str, why: str, now: float) -> None:
+        """A running run whose lease ended without its result: queued again or interrupted."""
+        db.q("UPDATE stages SET status='interrupted', finished_at=? WHERE run_id=? AND status='running'",
+             (now, run_id))
+        if status == "queued":
+            db.q("UPDATE runs SET status='queued', started_at=NULL, daemon=NULL, attempt=attempt+1, "
+                 "reason=? WHERE id=?", ("re-queued: " + why, run_id))
+        else:
+            db.q("UPDATE runs SET status='interrupted', reason=?, finished_at=? WHERE id=?",
+                 ("interrupted: " + why, now, run_id))
 
     # -- what a run reports ------------------------------------------------------------------
 
@@ -440,11 +502,18 @@ class SqlStore(Store):
         return [run_dict(r) for r in self._read(sql, args)]
 
     def daemon_seen(self, owner, pipelines, concurrency):
+        # This process signs in: another daemon on this host knows it gone when its pid is
+        # (leases.known_gone).
+        pid = os.getpid()
+        started = start_time(pid)
         with self._tx() as db:
-            now = self._now(db)
-            db.q("INSERT INTO daemons (owner, pipelines, concurrency, started_at, seen_at) VALUES (?,?,?,?,?) "
-                 "ON CONFLICT (owner) DO UPDATE SET pipelines=excluded.pipelines, concurrency=excluded.concurrency,"
-                 " seen_at=excluded.seen_at", (owner, json.dumps(sorted(pipelines)), concurrency, now, now))
+            now, _ = self._clock(db)
+            db.q("INSERT INTO daemons (owner, pipelines, concurrency, started_at, seen_at, pid, pid_start) "
+                 "VALUES (?,?,?,?,?,?,?) ON CONFLICT (owner) DO UPDATE SET pipelines=excluded.pipelines, "
+                 "concurrency=excluded.concurrency, seen_at=excluded.seen_at, pid=excluded.pid, "
+                 "pid_start=excluded.pid_start",
+                 (owner, json.dumps(sorted(pipelines)), concurrency, now, now, pid,
+                  None if started is None else str(started)))
 
     def daemon_gone(self, owner):
         with self._tx() as db:

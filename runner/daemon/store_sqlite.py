@@ -99,6 +99,9 @@ class SqliteStore(SqlStore):
     def _now(self, db: Tx) -> float:
         return time.time()  # one host: its clock is every daemon's clock
 
+    def _clock(self, db: Tx) -> tuple[float, float]:
+        return time.time(), 0.0  # a file does not restart: silence counts from the last word
+
     # -- leadership: an flock on a file beside the database (one host) --------------------------
 
     def try_lead(self, owner: str, silent_after: float = 30.0) -> bool:

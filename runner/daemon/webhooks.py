@@ -360,11 +360,13 @@ def make_hook_handler(core, provider: str):
         try:
             response = await _handle(request)
         except StoreError as exc:
-            # Nothing could be recorded (disk full, database locked): say so; the sender may retry.
+            # Nothing could be recorded (disk full, database locked or unreachable): say so, the
+            # sender may retry. The log names the database; the answer does not (exc.public).
             log.error("cannot record a delivery", extra={"provider": provider, "error": str(exc)})
             if "full" in str(exc):
                 core.disk_full("webhook delivery")
-            response = _reply(503, outcome="error", reason=f"the daemon cannot record deliveries now: {exc}")
+            response = _reply(503, outcome="error",
+                              reason=f"the daemon cannot record deliveries now: {exc.public}")
         # How long the daemon itself took, for the benchmark and for anyone debugging slow hooks.
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
         return response

@@ -5,8 +5,10 @@ concurrency groups in the store's claim). Each run has a thread that starts the 
 process group, reads its JSON events line by line into the store, and maps its exit code to the
 run's status. A rollback run (trigger "rollback") runs `runner rollback --json` instead, recorded
 as the run's deploy stage with the report as its outputs. One heartbeat thread extends this
-daemon's leases and picks up cancellations asked for elsewhere; it also hands runs whose lease
-expired (another daemon died) to recovery.
+daemon's leases and picks up cancellations asked for elsewhere; it also expires the leases of
+daemons that went silent (Store.expire, the rules in leases.py), once this daemon has itself been
+heard for a lease time. A store that cannot be reached stops no run: its end is recorded when
+the store is back.
 
 Cancelling a run sends SIGINT to the child's process group (the engine stops the running stage
 cleanly and exits 130), then SIGTERM and SIGKILL if it does not stop in time.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from collections.abc import Callable
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
+from runner.daemon import leases
 from runner.daemon.store import Claimed
 from runner.proc import Recorded, start_time, stop
 
@@ -125,6 +128,12 @@ def proc_start(pid: int) -> str | None:
     form the store keeps beside the run's pid (a zombie still has one)."""
     st = start_time(pid, zombie=True)
     return None if st is None else str(st)
+
+
+def process_alive(pid: int, started: str) -> bool:
+    """Whether `pid` is still the process that started at `started` (proc_start's form) and
+    has not exited: a zombie's run is over."""
+    return started.isdigit() and start_time(pid) == int(started)
 
 
 def stop_orphan(pid: int | None, started: str | None, wait: float = 10.0) -> bool:
@@ -592,26 +601,53 @@ class WorkerPool:
     def _heartbeat(self) -> None:
         cfg = self.core.config
         every = max(0.2, cfg.lease_seconds / 3)
-        last_recover = 0.0
+        last_expire = 0.0
+        heard_since: float | None = None  # since when every heartbeat of this daemon went through
+        unreachable = False
         while not self._stop.wait(every):
             with self._lock:
                 ids = list(self.active)
             try:
                 self.core.store.daemon_seen(self.core.owner, [p.name for p in cfg.pipelines], cfg.concurrency)
-                for run_id, why in self.core.store.heartbeat(self.core.owner, ids, cfg.lease_seconds).items():
-                    self.cancel_local(run_id, why)
-                if time.monotonic() - last_recover > cfg.lease_seconds:
-                    last_recover = time.monotonic()
-                    for run_id, st in self.core.store.recover(None, self.core.requeue_set()):
-                        log.warning("run recovered from an expired lease", extra={"run": run_id, "status": st})
-                        self.core.metrics.lease_recovered(st)
-                        run = self.core.store.get_run(run_id) or {}
-                        if st == "interrupted":
-                            self.core.status.report(run.get("pipeline", ""), run_id, run.get("commit"), st,
-                                                    run.get("reason", ""))
-                        self.wake()
-            except Exception:  # noqa: BLE001
-                log.exception("heartbeat failed")
+                lost = self.core.store.heartbeat(self.core.owner, ids, cfg.lease_seconds)
+            except Exception as exc:  # noqa: BLE001
+                # The runs go on: a finished one's end is recorded once the store is back
+                # (RunHandle._finish retries), and its lease is renewed here meanwhile.
+                if not unreachable:
+                    log.error("heartbeat failed: the store is unreachable; runs go on",
+                              extra={"error": str(exc), "runs": ids})
+                unreachable, heard_since = True, None
+                continue
+            if unreachable:
+                log.warning("heartbeat: the store is reachable again", extra={"runs": ids})
+                unreachable = False
+            if heard_since is None:
+                heard_since = time.monotonic()
+            for run_id, why in lost.items():
+                self.cancel_local(run_id, why)
+            # Only a daemon heard all along for a lease time judges others' silence: one that has
+            # just reconnected would find everyone silent, the daemons it shares an outage with too.
+            now = time.monotonic()
+            if now - heard_since >= cfg.lease_seconds and now - last_expire >= cfg.lease_seconds:
+                last_expire = now
+                try:
+                    self._expire()
+                except Exception:  # noqa: BLE001
+                    log.exception("lease expiry failed")
+
+    def _expire(self) -> None:
+        """Other daemons' runs whose owner went silent (Store.expire)."""
+        core = self.core
+        host = leases.owner_host(core.owner) or ""
+        expired = core.store.expire(core.owner, core.requeue_set(), core.config.lease_seconds,
+                                    lambda holder: leases.known_gone(holder, host, process_alive))
+        for run_id, st in expired:
+            log.warning("run recovered from an expired lease", extra={"run": run_id, "status": st})
+            core.metrics.lease_recovered(st)
+            run = core.store.get_run(run_id) or {}
+            if st == "interrupted":
+                core.status.report(run.get("pipeline", ""), run_id, run.get("commit"), st, run.get("reason", ""))
+            self.wake()
 
     def _done(self, h: RunHandle) -> None:
         with self._lock:

@@ -68,26 +68,55 @@ def test_heartbeat_with_nothing_running_is_empty_and_recovery_still_runs(store):
     (rid,), _ = store.enqueue([NewRun("a", "push")])
     store.claim("dead", {"a": 1}, 0.05)
     time.sleep(0.2)
-    assert store.recover(None, set()) == [(rid, "interrupted")]
+    assert store.expire("idle", set(), 10, lambda holder: False) == [(rid, "interrupted")]
 
 
-def test_recover_and_prune(store):
+def test_expiry_queues_again_only_runs_known_gone_and_an_owner_that_comes_back_keeps_its_runs(store):
     s = store
-    ids, _ = s.enqueue([NewRun("a", "push"), NewRun("safe", "push"), NewRun("a", "push")])
+    ids, _ = s.enqueue([NewRun("a", "push"), NewRun("a", "push"), NewRun("safe", "push"), NewRun("a", "push")])
+    back, late, safe, done = ids
     for _ in ids:
         s.claim("old-daemon", {"a": 5, "safe": 5}, 0.05)
-    s.finish(ids[2], "old-daemon", "success", 0)
+    s.set_lease_pid(safe, "old-daemon", 4242, "1")
+    s.finish(done, "old-daemon", "success", 0)
     time.sleep(0.2)
-    assert s.heartbeat("old-daemon", [ids[0]], 0.05) == {}
+    assert s.heartbeat("old-daemon", [back], 0.05) == {}
     time.sleep(0.2)
-    got = dict(s.recover(None, requeue={"safe"}))
-    assert got == {ids[0]: "interrupted", ids[1]: "queued"}
-    assert "lease held by old-daemon expired" in s.get_run(ids[0])["reason"]
-    assert s.get_run(ids[1])["attempt"] == 2 and s.get_run(ids[1])["daemon"] is None
-    # The old owner, if it was only slow, learns at its next heartbeat that it must stop.
-    assert "lease was lost" in s.heartbeat("old-daemon", [ids[0]], 10)[ids[0]]
-    assert sorted(s.prune(time.time() + 1, keep_last=0)) == [ids[0], ids[2]]
-    assert s.get_run(ids[1])["status"] == "queued"
+    # Only the run whose process (and daemon) is known gone runs again, though all may.
+    got = dict(s.expire("me", {"a", "safe"}, 10, lambda holder: holder.pid == 4242))
+    assert got == {back: "interrupted", late: "interrupted", safe: "queued"}
+    assert s.expire("me", {"a", "safe"}, 10, lambda holder: True) == []  # once
+    assert "lease held by old-daemon expired" in s.get_run(back)["reason"]
+    assert s.get_run(back)["status"] == s.get_run(late)["status"] == "interrupted"
+    assert s.get_run(safe)["attempt"] == 2 and s.get_run(safe)["daemon"] is None
+    # The old owner was only cut off: its heartbeat takes `back` again (nobody took it); the
+    # re-queued run is no longer its own, and it is told to stop it.
+    lost = s.heartbeat("old-daemon", [back, safe], 10)
+    assert list(lost) == [safe] and "lease was lost" in lost[safe]
+    assert s.get_run(back)["status"] == "running" and s.get_run(back)["reason"] == ""
+    assert s.finish(back, "old-daemon", "failed", 1, "boom")
+    # It records how `late` ended without a heartbeat first: its result, not the expiry's.
+    assert s.finish(late, "old-daemon", "success", 0)
+    assert {k: s.get_run(late)[k] for k in ("status", "exit_code", "reason")} == \
+        {"status": "success", "exit_code": 0, "reason": ""}
+    assert not s.finish(safe, "old-daemon", "success", 0)
+    assert s.get_run(safe)["status"] == "queued"
+    assert sorted(s.prune(time.time() + 1, keep_last=0)) == [back, late, done]
+
+
+def test_a_restarted_daemon_recovers_its_own_runs_and_drops_leases_expired_meanwhile(store):
+    s = store
+    ids, _ = s.enqueue([NewRun("safe", "push"), NewRun("a", "push"), NewRun("a", "push")])
+    for _ in ids:
+        s.claim("me", {"a": 5, "safe": 5}, 0.05)
+    time.sleep(0.2)
+    s.heartbeat("me", ids[:2], 10)
+    assert s.expire("other", set(), 10, lambda holder: False) == [(ids[2], "interrupted")]
+    assert sorted(s.recover("me", {"safe"})) == [(ids[0], "queued"), (ids[1], "interrupted")]
+    assert "restarted: me" in s.get_run(ids[1])["reason"]
+    assert s.leases_of("me") == []
+    assert s.get_run(ids[2])["status"] == "interrupted"
+    assert not s.finish(ids[2], "me", "success", 0)
 
 
 def _push(sha: str, pipeline: str = "app", delivery: str | None = None) -> NewRun:
