@@ -25,6 +25,8 @@ Layout (one way: nothing here is imported by the engine or the stages):
   status.py     commit status back to GitHub / Gitea
   api.py        the ASGI app: webhooks, /healthz, /metrics and the JSON API; the h11 protocol
                 with a read timeout
+  ids.py        run ids and positions from a URL (1 or 0 to 2**63-1: beyond, a path is 404
+                and a query 400, never an overflow in the store)
   dashboard/    the web dashboard on the same listener (docs/dashboard.md): runs, a run's live
                 log (server-sent events), deliveries, servers; login, cancel, retry, rollback
   metrics.py    Prometheus metrics, one registry per daemon

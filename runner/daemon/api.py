@@ -3,7 +3,10 @@ connection protocol the daemon serves them with.
 
 Reading (runs, logs, deliveries, /metrics) needs the API token unless `read_requires_token` is
 off; anything that changes state (cancel, trigger, retry) always needs it:
-`Authorization: Bearer TOKEN`, compared in constant time. /healthz is open.
+`Authorization: Bearer TOKEN`, compared in constant time. /healthz is open. An address that gave
+a wrong token 5 times within a minute is answered 429 (Retry-After) until that minute has passed
+(session.TokenGate, shared with the dashboard's login). A run id in a path that is not one (1 to
+2**63-1) is a 404; a number in the query that is not a whole number up to 2**63-1, a 400.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from runner.daemon.dashboard.routes import dashboard_routes
-from runner.daemon.dashboard.session import bearer_ok
+from runner.daemon import ids
+from runner.daemon.dashboard.session import TokenGate, TooManyGuesses, client_address, presented_token
 from runner.daemon.store import FINAL, StoreError
 from runner.daemon.webhooks import make_hook_handler
 from runner.errors import InvalidInput
@@ -42,10 +46,6 @@ def run_view(run: dict) -> dict:
     return out
 
 
-def _token_ok(core, request: Request) -> bool:
-    return bearer_ok(core.api_token, request.headers)
-
-
 def _deny(core, reading: bool = False) -> JSONResponse:
     if not core.api_token:
         what = ("the read API is closed (configure api_token, or set read_requires_token: false to open it "
@@ -55,11 +55,19 @@ def _deny(core, reading: bool = False) -> JSONResponse:
                         status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _int(value: str | None, default: int | None) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else default
-    except ValueError:
+class BadQuery(InvalidInput):
+    """A query parameter refused: answered 400."""
+
+
+def _number(request: Request, name: str, default: int | None) -> int | None:
+    """A whole-number query parameter (0 to 2**63-1), `default` when absent. Raises BadQuery."""
+    raw = request.query_params.get(name)
+    if raw in (None, ""):
         return default
+    n = ids.whole(raw)
+    if n is None:
+        raise BadQuery(f"{name}: {raw[:40]!r} is not a whole number from 0 to {ids.MAX}")
+    return n
 
 
 class BadBody(InvalidInput):
@@ -193,11 +201,33 @@ def timed_h11_protocol(read_timeout: float) -> type[H11Protocol]:
 
 
 def build_app(core) -> Starlette:
+    gate = TokenGate(core.api_token)
+
+    def token_ok(request: Request) -> bool:
+        return gate.ok(presented_token(request.headers), client_address(request))
+
     def reader(fn):
         async def endpoint(request: Request):
-            if core.config.read_requires_token and not _token_ok(core, request):
+            if core.config.read_requires_token and not token_ok(request):
                 return _deny(core, reading=True)
             return await fn(request)
+        return endpoint
+
+    def writer(fn):
+        async def endpoint(request: Request):
+            if not token_ok(request):
+                return _deny(core)
+            return await fn(request)
+        return endpoint
+
+    def by_run(fn):
+        """The route's {run_id}: anything but a run id (1 to 2**63-1) names no run."""
+        async def endpoint(request: Request):
+            raw = request.path_params["run_id"]
+            run_id = ids.run_id(raw)
+            if run_id is None:
+                return JSONResponse({"error": f"no run {raw[:40]!r}"}, status_code=404)
+            return await fn(request, run_id)
         return endpoint
 
     def counted(provider: str, handler):
@@ -228,12 +258,11 @@ def build_app(core) -> Starlette:
         q = request.query_params
         runs = await run_in_threadpool(core.store.list_runs, pipeline=q.get("pipeline"), status=q.get("status"),
                                     branch=q.get("branch"),
-                                    trigger=q.get("trigger"), limit=_int(q.get("limit"), 50) or 50,
-                                    before_id=_int(q.get("before"), None))
+                                    trigger=q.get("trigger"), limit=_number(request, "limit", 50) or 50,
+                                    before_id=_number(request, "before", None))
         return JSONResponse({"runs": [run_view(r) for r in runs]})
 
-    async def get_run(request: Request):
-        run_id = _int(request.path_params["run_id"], 0)
+    async def get_run(request: Request, run_id: int):
         run = await run_in_threadpool(core.store.get_run, run_id)
         if run is None:
             return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
@@ -242,21 +271,21 @@ def build_app(core) -> Starlette:
             s["started_at"], s["finished_at"] = _iso(s["started_at"]), _iso(s["finished_at"])
         return JSONResponse({**run_view(run), "stages": stages})
 
-    async def run_logs(request: Request):
-        run_id = _int(request.path_params["run_id"], 0)
+    async def run_logs(request: Request, run_id: int):
+        after = _number(request, "after", 0)
+        limit = _number(request, "limit", 1000) or 1000
         run = await run_in_threadpool(core.store.get_run, run_id)
         if run is None:
             return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
-        q = request.query_params
-        stage = request.path_params.get("stage") or q.get("stage")
-        lines = await run_in_threadpool(core.store.logs, run_id, stage=stage, after=_int(q.get("after"), 0) or 0,
-                                limit=_int(q.get("limit"), 1000) or 1000)
+        stage = request.path_params.get("stage") or request.query_params.get("stage")
+        lines = await run_in_threadpool(core.store.logs, run_id, stage=stage, after=after, limit=limit)
         return JSONResponse({"run_id": run_id, "status": run["status"], "lines": lines,
-                             "next": lines[-1]["seq"] if lines else _int(q.get("after"), 0) or 0})
+                             "next": lines[-1]["seq"] if lines else after})
 
     async def deliveries(request: Request):
         q = request.query_params
-        rows = await run_in_threadpool(core.store.deliveries, limit=_int(q.get("limit"), 50) or 50, provider=q.get("provider"))
+        rows = await run_in_threadpool(core.store.deliveries, limit=_number(request, "limit", 50) or 50,
+                                       provider=q.get("provider"))
         for r in rows:
             r["received_at"] = _iso(r["received_at"])
         return JSONResponse({"deliveries": rows})
@@ -274,10 +303,7 @@ def build_app(core) -> Starlette:
              "concurrency_group": p.concurrency_group, "cancel_in_progress": p.cancel_in_progress,
              "triggers": p.triggers.model_dump(mode="json")} for p in core.config.pipelines]})
 
-    async def cancel(request: Request):
-        if not _token_ok(core, request):
-            return _deny(core)
-        run_id = _int(request.path_params["run_id"], 0)
+    async def cancel(request: Request, run_id: int):
         before = await run_in_threadpool(core.cancel, run_id, "cancelled through the API")
         if before is None:
             return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
@@ -287,8 +313,6 @@ def build_app(core) -> Starlette:
                             status_code=202 if before == "running" else 200)
 
     async def trigger(request: Request):
-        if not _token_ok(core, request):
-            return _deny(core)
         name = request.path_params["name"]
         if core.config.pipeline(name) is None:
             return JSONResponse({"error": f"no pipeline {name!r}"}, status_code=404)
@@ -312,10 +336,7 @@ def build_app(core) -> Starlette:
         return JSONResponse({"run": run_view(await run_in_threadpool(core.store.get_run, run_id))},
                             status_code=201)
 
-    async def retry(request: Request):
-        if not _token_ok(core, request):
-            return _deny(core)
-        run_id = _int(request.path_params["run_id"], 0)
+    async def retry(request: Request, run_id: int):
         run = await run_in_threadpool(core.store.get_run, run_id)
         if run is None:
             return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
@@ -345,15 +366,22 @@ def build_app(core) -> Starlette:
           for provider in ("github", "gitea", "gitlab", "generic")),
         Route("/metrics", reader(metrics)),
         Route("/api/runs", reader(list_runs)),
-        Route("/api/runs/{run_id}", reader(get_run)),
-        Route("/api/runs/{run_id}/logs", reader(run_logs)),
-        Route("/api/runs/{run_id}/stages/{stage}/log", reader(run_logs)),
-        Route("/api/runs/{run_id}/cancel", cancel, methods=["POST"]),
-        Route("/api/runs/{run_id}/retry", retry, methods=["POST"]),
+        Route("/api/runs/{run_id}", reader(by_run(get_run))),
+        Route("/api/runs/{run_id}/logs", reader(by_run(run_logs))),
+        Route("/api/runs/{run_id}/stages/{stage}/log", reader(by_run(run_logs))),
+        Route("/api/runs/{run_id}/cancel", writer(by_run(cancel)), methods=["POST"]),
+        Route("/api/runs/{run_id}/retry", writer(by_run(retry)), methods=["POST"]),
         Route("/api/deliveries", reader(deliveries)),
         Route("/api/daemons", reader(daemons)),
         Route("/api/pipelines", reader(pipelines)),
-        Route("/api/pipelines/{name}/trigger", trigger, methods=["POST"]),
-        *dashboard_routes(core),
+        Route("/api/pipelines/{name}/trigger", writer(trigger), methods=["POST"]),
+        *dashboard_routes(core, gate),
     ]
-    return Starlette(routes=routes)
+
+    async def bad_query(request: Request, exc: BadQuery):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    async def too_many_guesses(request: Request, exc: TooManyGuesses):
+        return JSONResponse({"error": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
+
+    return Starlette(routes=routes, exception_handlers={BadQuery: bad_query, TooManyGuesses: too_many_guesses})

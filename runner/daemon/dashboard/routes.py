@@ -14,7 +14,9 @@
   POST /runs/{id}/cancel, /runs/{id}/retry, /pipelines/{name}/rollback   (session + CSRF token)
 
 Reading follows `read_requires_token` (a login, or the API token as a Bearer header); every form
-needs a login and its CSRF token, and a POST whose Origin is another site is refused.
+needs a login and its CSRF token, and a POST whose Origin is another site is refused. Wrong
+tokens count per address with the API's (session.TokenGate): the login answers 429 when there
+were too many. `{id}` is a run id (runner.daemon.ids) or the "No such run" page.
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ from starlette.staticfiles import StaticFiles
 from runner.daemon.dashboard import views
 from runner.daemon.dashboard.live import POLL
 from runner.daemon.dashboard.servers import DeployState
-from runner.daemon.dashboard.session import COOKIE, Session, Sessions, bearer_ok
+from runner.daemon import ids
+from runner.daemon.dashboard.session import (COOKIE, Session, Sessions, TokenGate, TooManyGuesses,
+                                              client_address, presented_token)
 from runner.daemon.store import ACTIVE, FINAL, StoreError
 from runner.errors import InvalidInput
 
@@ -103,8 +107,9 @@ def _sse(event: str, data: object, event_id: int | None = None) -> str:
 
 
 class Dashboard:
-    def __init__(self, core):
+    def __init__(self, core, gate: TokenGate):
         self.core = core
+        self.gate = gate  # the API token, and who guessed it wrong too often
         self.env = _environment()
         # Stored lines were masked when they were written; masked again here with the daemon's
         # current secrets (one added since, a rotated token) before they become HTML.
@@ -124,7 +129,8 @@ class Dashboard:
     def may_read(self, request: Request) -> bool:
         if not self.core.config.read_requires_token:
             return True
-        return self.session(request) is not None or bearer_ok(self.core.api_token, request.headers)
+        return self.session(request) is not None or \
+            self.gate.ok(presented_token(request.headers), client_address(request))
 
     def page(self, request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
         started = time.perf_counter()
@@ -148,6 +154,15 @@ class Dashboard:
                                "to anyone who reaches the listener.")
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse("/login?" + urllib.parse.urlencode({"next": target}), status_code=303)
+
+    def by_run(self, fn):
+        """The route's {run_id}: anything but a run id (1 to 2**63-1) names no run."""
+        async def endpoint(request: Request, *form):
+            run_id = ids.run_id(request.path_params["run_id"])
+            if run_id is None:
+                return self.refuse(request, 404, "No such run", "There is no such run.")
+            return await fn(request, run_id, *form)
+        return endpoint
 
     def reader(self, fn):
         async def endpoint(request: Request):
@@ -200,8 +215,17 @@ class Dashboard:
         if not self.sessions.enabled:
             return self.page(request, "login.html", status_code=403, next=target,
                              error="This daemon has no api_token configured: there is nothing to log in with.")
+        address = client_address(request)
+        try:
+            self.gate.check(address)
+        except TooManyGuesses as exc:
+            response = self.page(request, "login.html", status_code=429, next=target,
+                                 error=f"Too many wrong tokens from your address: try again in {exc.retry_after} s.")
+            response.headers["Retry-After"] = str(exc.retry_after)
+            return response
         cookie = self.sessions.login(form.get("token", "").strip())
         if cookie is None:
+            self.gate.failed(address)
             await asyncio.sleep(0.5)  # a guess costs time
             return self.page(request, "login.html", status_code=401, next=target, error="That is not the API token.")
         response = RedirectResponse(target, status_code=303)
@@ -268,8 +292,7 @@ class Dashboard:
                 "commit_url": views.commit_url(run.get("commit"), event, entry.repo if entry else None),
                 "duration": views.run_duration(run), "can_rollback": entry is not None}
 
-    async def run_page(self, request: Request):
-        run_id = int(request.path_params["run_id"])
+    async def run_page(self, request: Request, run_id: int):
         data = await run_in_threadpool(self._run, run_id)
         if data is None:
             return self.refuse(request, 404, "No such run", f"There is no run {run_id} (it may have been pruned).")
@@ -280,17 +303,15 @@ class Dashboard:
         return self.page(request, "run.html", **data, logs=by_stage,
                          last_seq=lines[-1]["seq"] if lines else 0, truncated=len(lines) >= LOG_LINES_SHOWN)
 
-    async def run_summary(self, request: Request):
-        run_id = int(request.path_params["run_id"])
+    async def run_summary(self, request: Request, run_id: int):
         data = await run_in_threadpool(self._run, run_id)
         if data is None:
             return Response("no such run", status_code=404, media_type="text/plain")
         return self.page(request, "run_summary.html", **data)
 
-    async def run_events(self, request: Request):
-        run_id = int(request.path_params["run_id"])
+    async def run_events(self, request: Request, run_id: int):
         after = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-        after_seq = int(after) if after.isdigit() else 0
+        after_seq = ids.whole(after) or 0  # an unusable position: from the start
         store, masker = self.core.store, self.core.masker
 
         async def stream():
@@ -330,8 +351,7 @@ class Dashboard:
 
     # -- actions -----------------------------------------------------------------------------
 
-    async def cancel(self, request: Request, form: dict):
-        run_id = int(request.path_params["run_id"])
+    async def cancel(self, request: Request, run_id: int, form: dict):
         before = await run_in_threadpool(self.core.cancel, run_id, "cancelled from the dashboard")
         if before is None:
             return self.refuse(request, 404, "No such run", f"There is no run {run_id}.")
@@ -339,8 +359,7 @@ class Dashboard:
                 "cancelled" if before == "queued" else f"nothing to cancel: the run had already ended ({before})")
         return RedirectResponse(f"/runs/{run_id}?" + urllib.parse.urlencode({"done": done}), status_code=303)
 
-    async def retry(self, request: Request, form: dict):
-        run_id = int(request.path_params["run_id"])
+    async def retry(self, request: Request, run_id: int, form: dict):
         run = await run_in_threadpool(self.core.store.get_run, run_id)
         if run is None:
             return self.refuse(request, 404, "No such run", f"There is no run {run_id}.")
@@ -398,11 +417,11 @@ class Dashboard:
             Route("/runs", r(self.runs)),
             Route("/runs/rows", r(self.runs_rows)),
             Route("/runs/events", r(self.runs_events)),
-            Route("/runs/{run_id:int}", r(self.run_page)),
-            Route("/runs/{run_id:int}/summary", r(self.run_summary)),
-            Route("/runs/{run_id:int}/events", r(self.run_events)),
-            Route("/runs/{run_id:int}/cancel", self.action(self.cancel), methods=["POST"]),
-            Route("/runs/{run_id:int}/retry", self.action(self.retry), methods=["POST"]),
+            Route("/runs/{run_id}", r(self.by_run(self.run_page))),
+            Route("/runs/{run_id}/summary", r(self.by_run(self.run_summary))),
+            Route("/runs/{run_id}/events", r(self.by_run(self.run_events))),
+            Route("/runs/{run_id}/cancel", self.action(self.by_run(self.cancel)), methods=["POST"]),
+            Route("/runs/{run_id}/retry", self.action(self.by_run(self.retry)), methods=["POST"]),
             Route("/pipelines/{name}/rollback", self.action(self.rollback), methods=["POST"]),
             Route("/deliveries", r(self.deliveries)),
             Route("/servers", r(self.servers)),
@@ -410,6 +429,6 @@ class Dashboard:
         ]
 
 
-def dashboard_routes(core) -> list:
-    return Dashboard(core).routes()
+def dashboard_routes(core, gate: TokenGate) -> list:
+    return Dashboard(core, gate).routes()
 

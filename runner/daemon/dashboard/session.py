@@ -1,5 +1,6 @@
 """Logins of the dashboard: the API token exchanged for a session cookie, and the CSRF token of
-every form.
+every form; the API token's check itself (TokenGate), with the addresses that guessed it wrong
+too often, for the login form and the JSON API alike.
 
 A session is a signed cookie, not a row anywhere: `ISSUED.NONCE.MAC`, the MAC an HMAC-SHA256
 under a key derived from the daemon's API token. So every daemon sharing the token accepts
@@ -15,27 +16,103 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
+import math
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 
+log = logging.getLogger("runner.daemon")
+
 COOKIE = "runner_session"
 MAX_AGE = 12 * 3600.0  # seconds a login lasts
 
 
-def bearer_ok(api_token: str | None, headers) -> bool:
-    """Whether a request's headers carry the API token (`Authorization: Bearer TOKEN`, or
-    `X-Runner-Token: TOKEN`), compared in constant time: the JSON API's check, and the pages'
-    for a script that reads them with the token instead of a login."""
-    if not api_token:
-        return False
+def presented_token(headers) -> str | None:
+    """The API token a request presents (`Authorization: Bearer TOKEN`, or `X-Runner-Token:
+    TOKEN`), or None when it presents none."""
     given = headers.get("authorization", "")
     if given.lower().startswith("bearer "):
-        given = given[7:].strip()
-    else:
-        given = headers.get("x-runner-token", "")
-    return hmac.compare_digest(given.encode("utf-8", "replace"), api_token.encode("utf-8"))
+        return given[7:].strip()
+    return headers.get("x-runner-token")
+
+
+class TooManyGuesses(Exception):
+    """An address that gave a wrong token too often: answered 429 with Retry-After."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many wrong tokens from this address: try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+def client_address(request) -> str:
+    """Whose wrong tokens count together: the peer's address, or the X-Forwarded-For one when
+    the peer is a proxy uvicorn trusts (FORWARDED_ALLOW_IPS; by default 127.0.0.1 and ::1); an
+    IPv6 address by its /64 (one host usually holds a whole /64)."""
+    host = request.client.host if request.client else ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host or "unknown"
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+class TokenGate:
+    """The API token, compared in constant time, for the JSON API, the pages (a Bearer header)
+    and the login form alike; and the addresses that guessed it wrong too often. After `limit`
+    wrong tokens within `window` seconds of its first, an address is refused (TooManyGuesses)
+    until the window has passed, whatever token it gives then, the right one included: so
+    guessing goes no faster than `limit` a window. Other addresses are not affected, nor are
+    sessions (cookies). At most `capacity` addresses are remembered: when full, the ones whose
+    window has passed go first, then the oldest."""
+
+    def __init__(self, api_token: str | None, limit: int = 5, window: float = 60.0, capacity: int = 4096):
+        self._token = api_token.encode("utf-8") if api_token else None
+        self.limit, self.window, self.capacity = limit, window, capacity
+        self._failures: dict[str, tuple[float, int]] = {}  # address -> (first failure, count)
+        self._lock = threading.Lock()
+
+    def check(self, address: str, now: float | None = None) -> None:
+        """Raises TooManyGuesses while `address` is refused."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            first, count = self._failures.get(address, (0.0, 0))
+        if count >= self.limit and now < first + self.window:
+            raise TooManyGuesses(max(1, math.ceil(first + self.window - now)))
+
+    def ok(self, given: str | None, address: str, now: float | None = None) -> bool:
+        """Whether `given` is the API token (None: no token presented, not a guess). Raises
+        TooManyGuesses while `address` is refused, before comparing."""
+        if given is None or self._token is None:
+            return False
+        self.check(address, now)
+        if hmac.compare_digest(given.encode("utf-8", "replace"), self._token):
+            return True
+        self.failed(address, now)
+        return False
+
+    def failed(self, address: str, now: float | None = None) -> None:
+        """Count a wrong token from `address`; log when that makes it refused."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            first, count = self._failures.pop(address, (now, 0))
+            if now >= first + self.window:
+                first, count = now, 0
+            if len(self._failures) >= self.capacity:
+                self._failures = {a: v for a, v in self._failures.items() if now < v[0] + self.window}
+                while len(self._failures) >= self.capacity:
+                    del self._failures[next(iter(self._failures))]
+            self._failures[address] = (first, count + 1)
+        if count + 1 == self.limit:
+            log.warning("too many wrong API tokens: refusing this address until its window passes",
+                        extra={"address": address, "failures": count + 1,
+                               "retry_after": max(1, math.ceil(first + self.window - now))})
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
+from runner.daemon import ids
 from runner.daemon.store import FINAL
 
 # -- ANSI colours --------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class RunQuery:
         return cls(pipeline=text("pipeline"), branch=text("branch"),
                    status=status if status in STATUSES else None,
                    trigger=trigger if trigger in TRIGGERS else None,
-                   before=int(before) if before and before.isdigit() and int(before) > 0 else None)
+                   before=ids.run_id(before))  # not a run id: ignored like a filter it is not
 
     def filters(self) -> dict[str, str]:
         return {k: v for k in RUN_FILTERS if (v := getattr(self, k))}
