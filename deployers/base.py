@@ -184,13 +184,21 @@ class Restored:
 class ServerSteps(ABC):
     """The per-server half of a rollout, driven by deployers.rollout for each server of a plan.
 
-    Order on one server: prepare -> switch -> verify -> commit, or, when switch or verify (or a
-    later server) fails: restore. Every method is safe to call after an earlier call on that
-    server failed half-way, and idempotent where it changes something. Threads: the rollout calls
-    the methods of different servers at once, never two of one server at once.
+    Before any server's prepare, the rollout calls reach for every server (in parallel), then
+    take_lock for every server, one at a time, in the order of what reach returned: every run
+    takes the locks of shared servers in the same order, so two runs never hold some each and
+    wait for each other. Then on one server: prepare -> switch -> verify -> commit, or, when
+    switch or verify (or a later server) fails: restore. Every method is safe to call after an
+    earlier call on that server failed half-way, and idempotent where it changes something.
+    Threads: the rollout calls the methods of different servers at once, never two of one server
+    at once.
 
-    - prepare(plan): connect, make the image present (pull), take the server's deploy lock,
-      and return the server to its last verified release if an earlier run left it mid-switch.
+    - reach(plan): connect; return the server's key in the lock order (the same for two names
+      of one server). Raises StepFailed(touched=False).
+    - take_lock(plan): take the server's deploy lock, waiting a bounded time for another run
+      and saying who holds it; raises StepFailed(touched=False) naming the holder.
+    - prepare(plan): make the image present (pull), and return the server to its last
+      verified release if an earlier run left it mid-switch.
       Nothing that serves traffic changes, apart from that recovery. Returns the `Switch` to
       pass on. Raises StepFailed(touched=False).
     - switch(sw): start the new release (the previous one kept for restore); sets
@@ -208,6 +216,12 @@ class ServerSteps(ABC):
     and commit excepted: they finish what they started). Nothing they log or raise contains a
     secret's value.
     """
+
+    def reach(self, plan: ServerPlan) -> str:
+        return plan.server
+
+    def take_lock(self, plan: ServerPlan) -> None:
+        """A target without locks takes none."""
 
     @abstractmethod
     def prepare(self, plan: ServerPlan) -> Switch: ...

@@ -1,8 +1,13 @@
 """The one rollout: carries a `DeployPlan` out through a `ServerSteps` implementation.
 
+First every server's deploy lock: the steps reach every server (in parallel), then take their
+locks one at a time in one fixed order (the order of what reach returns: by docker engine for
+the SSH steps), so that two runs of one app never hold some of the servers each and wait for
+each other until both fail; the steps bound the wait and name the holder.
+
 Per batch (deployers.spec.batches: all, canary, rolling): prepare every server of the batch
-(connect, pull, lock: a registry problem fails before anything is touched), then switch and
-verify each in parallel; a server whose switch or verify fails is restored at once. When a
+(pull: a registry problem fails before anything is touched), then switch and verify each in
+parallel; a server whose switch or verify fails is restored at once. When a
 server of a batch fails, the rest of that batch is restored, and the earlier batches too unless
 on_failure is keep_done; later batches are never touched. Once every batch is healthy, every
 server commits (its history then lists the release as verified). Locks are released in all
@@ -11,6 +16,13 @@ cases.
 The report is built from what each server's steps did and said, never from what should have
 happened: a server whose restore failed is reported as still running the unverified release,
 with where its previous verified release is kept.
+
+Cancellation: the rollout runs in a thread of its own while the calling thread waits for it. An
+interrupt there (`runner exec`'s signal handler raises KeyboardInterrupt in the main thread)
+only sets the cancel event; the steps see it and stop, and the rollout, which checks the event
+after every step, puts back what it switched in every batch so far, exactly as on a failure,
+then raises Cancelled saying what it did. Once the commits started they finish: a cancel then
+changes nothing.
 """
 from __future__ import annotations
 
@@ -35,6 +47,13 @@ class _Failed(Exception):
         self.sw, self.error, self.restored = sw, error, restored
 
 
+class _Stopped(Exception):
+    """A server's switch or verify was cancelled; its restore already ran."""
+
+    def __init__(self, sw: Switch, restored: Restored):
+        self.sw, self.restored = sw, restored
+
+
 def as_step_failed(server: str, exc: BaseException, touched: bool) -> StepFailed:
     if isinstance(exc, StepFailed):
         return exc
@@ -56,12 +75,17 @@ def parallel(fn: Callable, items: list, limit: int) -> list:
         return list(pool.map(wrap, items))
 
 
-def headline(what: str, app: str, servers: tuple[ServerResult, ...], ok: bool) -> str:
+def headline(what: str, app: str, servers: tuple[ServerResult, ...], ok: bool,
+             cancelled: bool = False) -> str:
     """One sentence built from the per-server results: only what happened."""
     if ok:
         return f"{what} of {app}: {len(servers)} server(s) done"
     failed = [s.server for s in servers if s.status in ("failed", "lock_lost")]
-    parts = [f"{what} of {app} failed on {', '.join(failed) or 'no server'}"]
+    if cancelled:
+        parts = [f"{what} of {app} stopped"
+                 + (f", failed on {', '.join(failed)}" if failed else "")]
+    else:
+        parts = [f"{what} of {app} failed on {', '.join(failed) or 'no server'}"]
     undone = [s.server for s in servers if s.status in ("rolled_back", "restored")
               or (s.status == "failed" and s.rolled_back)]
     if undone:
@@ -158,18 +182,56 @@ class Rollout:
         except BaseException as exc:
             restored = self.steps.restore(sw)
             if isinstance(exc, (Cancelled, KeyboardInterrupt)):
-                raise
+                raise _Stopped(sw, restored) from None
             raise _Failed(sw, as_step_failed(sw.server, exc, touched=True), restored) from None
+
+    def _lock_all(self) -> None:
+        """Every server's deploy lock, in the order of the keys reach() returns. Raises
+        DeployFailed (nothing was changed) or Cancelled."""
+        servers = list(self.plan.servers)
+        for s in servers:
+            self.began[s.server] = self.clock()
+        keys: dict[str, str] = {}
+        failures: dict[str, ServerResult] = {}
+        cancelled: BaseException | None = None
+        for s, r in zip(servers, parallel(self.steps.reach, servers, self.plan.parallel)):
+            if isinstance(r, (Cancelled, KeyboardInterrupt)):
+                cancelled = r
+            elif isinstance(r, BaseException):
+                failures[s.server] = self._own_failure(
+                    s.server, as_step_failed(s.server, r, touched=False), None, None)
+            else:
+                keys[s.server] = r
+        if not failures and cancelled is None:
+            for s in sorted(servers, key=lambda s: (keys[s.server], s.server)):
+                try:
+                    self.steps.take_lock(s)
+                except (Cancelled, KeyboardInterrupt) as exc:
+                    cancelled = exc
+                except Exception as exc:
+                    failures[s.server] = self._own_failure(
+                        s.server, as_step_failed(s.server, exc, touched=False), None, None)
+                if cancelled is None and self.cancel.is_set():
+                    cancelled = Cancelled("cancelled")
+                if failures or cancelled is not None:
+                    break
+        if failures or cancelled is not None:
+            self._undo([], [], failures, cancelled)
+            if cancelled is not None:
+                raise self._cancelled()
+            raise DeployFailed(self._report(ok=False))
 
     def run(self) -> DeployOutputs:
         plan, limit = self.plan, self.plan.parallel
         done: list[Switch] = []
         try:
+            self._lock_all()
             for n, labels in enumerate(plan.batches, 1):
                 if len(plan.batches) > 1:
                     self.log(f"batch {n}/{len(plan.batches)}: {', '.join(labels)}")
-                for label in labels:
-                    self.began[label] = self.clock()
+                if n > 1:  # the first batch's servers count from the lock phase on
+                    for label in labels:
+                        self.began[label] = self.clock()
                 failures: dict[str, ServerResult] = {}
                 cancelled: BaseException | None = None
                 prepared: list[Switch] = []
@@ -182,6 +244,8 @@ class Rollout:
                     else:
                         failures[label] = self._own_failure(
                             label, as_step_failed(label, r, touched=False), None, None)
+                if cancelled is None and self.cancel.is_set():
+                    cancelled = Cancelled("cancelled")
                 switched: list[Switch] = []
                 if not failures and cancelled is None:
                     for sw, r in zip(prepared, parallel(self._switch_and_verify, prepared,
@@ -191,28 +255,39 @@ class Rollout:
                         elif isinstance(r, _Failed):
                             failures[sw.server] = self._own_failure(sw.server, r.error, sw,
                                                                     r.restored)
-                        elif isinstance(r, (Cancelled, KeyboardInterrupt)):
-                            cancelled = r
+                        elif isinstance(r, _Stopped):
+                            cancelled = Cancelled("cancelled")
+                            self.results[sw.server] = self._restored(sw, r.restored, "cancelled")
                         else:  # a bug in the steps: restore did not even run
                             failures[sw.server] = self._own_failure(
                                 sw.server, as_step_failed(sw.server, r, True), sw,
                                 self.steps.restore(sw))
+                    # A cancel that came while the batch's last server was being verified:
+                    # the batch is undone like one that was stopped half-way.
+                    if cancelled is None and self.cancel.is_set():
+                        cancelled = Cancelled("cancelled")
                     if not failures and cancelled is None:
                         done += switched
                         for sw in switched:
                             self.log(f"{sw.server}: {'unchanged' if sw.unchanged else 'healthy'}"
                                      f" {sw.release.digest[:19]}")
                         continue
-                self._undo(labels, switched, done, failures, cancelled)
+                self._undo(switched, done, failures, cancelled)
                 if cancelled is not None:
-                    raise cancelled
+                    raise self._cancelled()
                 raise DeployFailed(self._report(ok=False))
             failed_commits = self._commit(done)
             return self._report(ok=not failed_commits, raise_failed=bool(failed_commits))
         finally:
             self.steps.finish()
 
-    def _undo(self, labels, switched: list[Switch], done: list[Switch],
+    def _cancelled(self) -> Cancelled:
+        """The Cancelled to raise once the undo ran: what each server was left with."""
+        servers = tuple(self.results[s.server] for s in self.plan.servers)
+        return Cancelled("cancelled: " + headline(self.plan.what, self.plan.app, servers, False,
+                                                  cancelled=True))
+
+    def _undo(self, switched: list[Switch], done: list[Switch],
               failures: dict[str, ServerResult], cancelled: BaseException | None) -> None:
         keep = self.plan.on_failure == "keep_done" and cancelled is None
         undo = switched + ([] if keep else done)
@@ -264,5 +339,27 @@ class Rollout:
 
 def rollout(plan: DeployPlan, steps: ServerSteps, **kw) -> DeployOutputs:
     """Carry `plan` out through `steps`. Returns the report when every server is done; raises
-    DeployFailed (report attached) or Cancelled otherwise. See the module docstring."""
-    return Rollout(plan, steps, **kw).run()
+    DeployFailed (report attached) or Cancelled otherwise. See the module docstring: the
+    rollout runs in a thread of its own, and an interrupt of the calling thread cancels it."""
+    r = Rollout(plan, steps, **kw)
+    box: dict = {}
+    over = threading.Event()
+
+    def run() -> None:
+        try:
+            box["report"] = r.run()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+        finally:
+            over.set()
+    threading.Thread(target=run, name=f"rollout-{plan.app}").start()
+    while True:
+        try:
+            over.wait()
+            break
+        except KeyboardInterrupt:
+            # Leaving now would skip the undo: the rollout stops at its next step instead.
+            r.cancel.set()
+    if "error" in box:
+        raise box["error"]
+    return box["report"]

@@ -4,8 +4,11 @@
 rollout (deployers.rollout) drives, running the commands of the server's plan
 (deployers.plan):
 
-- prepare: connect; log in and pull by digest if the image is not there; take the app's deploy
-  lock; if an earlier run left the server mid-switch (its newest container not the newest
+- reach, take_lock: connect to every server, then take the app's deploy lock on each, one at a
+  time in the order of the lock's directory (which names the server's docker engine), within
+  lock.wait in all.
+- prepare: log in and pull by digest if the image is not there; if an earlier run left the
+  server mid-switch (its newest container not the newest
   verified release of the history), put the last verified release back first; compute the
   keyed fingerprint of the secret values with the app's key kept on the server (0600).
 - switch: the running container `<app>` is renamed `<app>_prev_<run>` and kept (stopped first
@@ -414,6 +417,8 @@ class SSHDockerSteps(ServerSteps):
         self._reclaimed: set[str] = set()  # servers whose lost lease was ours still: restorable
         self._timings: dict[str, dict[str, float]] = {}
         self._shield = threading.local()
+        self._lock_roots: dict[str, str] = {}
+        self._lock_deadline: float | None = None  # lock.wait from the first take_lock on
 
     # ---------------------------------------------------------------- plumbing
 
@@ -479,24 +484,39 @@ class SSHDockerSteps(ServerSteps):
         conn = self._conn(st.plan.target)
         return conn, self._runner(conn), st
 
+    # ---------------------------------------------------------------- locks
+
+    def reach(self, plan: ServerPlan) -> str:
+        """Connect; the lock's directory on the server, which is per docker engine: the order
+        key (two names for one server sort alike)."""
+        t = plan.target
+        with self._as_step(t.label, touched=False):
+            with self._phase(t.label, "connect"):
+                conn = self._conn(t)
+                self._lock_roots[t.label] = f"{self.d._dir(conn)}/locks"
+        return self._lock_roots[t.label]
+
+    def take_lock(self, plan: ServerPlan) -> None:
+        t, d = plan.target, self.d
+        if self._lock_deadline is None:
+            self._lock_deadline = time.monotonic() + d.stage.lock.wait
+        with self._as_step(t.label, touched=False), self._phase(t.label, "lock"):
+            holder = locks.holder_info(d.run_id, d.pipeline, plan.release.commit,
+                                       d.stage.lock.ttl)
+            self._leases[t.label] = locks.acquire(
+                self._conn(t), self._lock_roots[t.label], d.app, holder, ttl=d.stage.lock.ttl,
+                wait=max(0.0, self._lock_deadline - time.monotonic()), cancel=d.cancel,
+                log=d.log)
+        d.log(f"{t.label}: deploy lock taken (run {d.run_id})")
+
     # ---------------------------------------------------------------- prepare
 
     def prepare(self, plan: ServerPlan) -> Switch:
         t, d = plan.target, self.d
         with self._as_step(t.label, touched=False):
-            with self._phase(t.label, "connect"):
-                conn = self._conn(t)
-            # The pull first: its first command pays the server's login while the SFTP
-            # session (which the runner's directory needs) opens beside it.
+            conn = self._conn(t)
             with self._phase(t.label, "pull"):
                 self._pull(conn, plan)
-            root = d._dir(conn)
-            holder = locks.holder_info(d.run_id, d.pipeline, plan.release.commit,
-                                       d.stage.lock.ttl)
-            lease = locks.acquire(conn, f"{root}/locks", d.app, holder, ttl=d.stage.lock.ttl,
-                                  wait=d.stage.lock.wait, cancel=d.cancel, log=d.log)
-            self._leases[t.label] = lease
-            d.log(f"{t.label}: deploy lock taken (run {d.run_id})")
         with self._as_step(t.label, touched=False):
             found = d.app_containers(conn, self._runner(conn))
             before = next((c for c in found if c.name == plan.release.spec.name), None)
@@ -617,8 +637,8 @@ class SSHDockerSteps(ServerSteps):
         root, app = self.d._dir(conn), self.d.app
         own = re.escape(app) + _SCRATCH_TAIL
         # Env files left by a run that died between writing and removing them; logins left by
-        # one that died before its pull ended: only old ones, as pulls run before the lock and
-        # another run may be pulling right now.
+        # one that died before its pull ended: only old ones, as a runner of an earlier version
+        # pulled before it took the lock and may be pulling right now.
         conn.sftp_do(lambda sftp: (sweep(sftp, f"{root}/env", own + r"\.env"),
                                    sweep(sftp, f"{root}/auth", own, STALE_LOGIN_AGE)))
         run = self._runner(conn)
@@ -911,7 +931,9 @@ class SSHDockerSteps(ServerSteps):
         conn.sftp_do(op)
 
     def finish(self) -> None:
-        for label, lease in list(self._leases.items()):
+        # In the reverse of the lock order: a run waiting for the first lock finds the others
+        # free by the time it gets it.
+        for label, lease in reversed(list(self._leases.items())):
             try:
                 lease.release()
                 self.d.log(f"{label}: deploy lock released (run {self.d.run_id})")

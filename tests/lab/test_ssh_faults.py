@@ -179,11 +179,11 @@ def _digest(images, version: str) -> str:
 def test_jump_sshd_killed_mid_deploy_names_the_route_and_keeps_the_release(
         lab, images, app, home, tmp_path):
     """srv2 is reached only as `web` through `bastion`, an sshd this test runs in srv1's netns;
-    srv3 directly. Release v1 goes out. The v2 deploy pulls v2 on web and then waits for web's
-    deploy lock (held by this test over a direct connection), which is when the bastion sshd
-    and all its sessions are SIGKILLed. The run must fail (exit 1) naming web and the broken
-    route through bastion; web still runs v1 (its engine says so), and the report does not
-    claim v2 there."""
+    srv3 directly. Release v1 goes out. The v2 deploy waits for web's deploy lock (held by this
+    test over a direct connection; every lock comes before any pull), which is when the
+    bastion sshd and all its sessions are SIGKILLed. The run must fail (exit 1) naming web and
+    the broken route through bastion; web still runs v1 (its engine says so), and the report
+    does not claim v2 there."""
     name, _ = app
     jump_srv, behind, direct = lab["servers"][0], lab["servers"][1], lab["servers"][2]
     key = jump_srv["key_file"]
@@ -215,7 +215,8 @@ def test_jump_sshd_killed_mid_deploy_names_the_route_and_keeps_the_release(
         assert [_get(behind["host"], port), _get(direct["host"], port)] == ["v1", "v1"]
 
         # Hold web's deploy lock over a direct connection (not through bastion), so that the
-        # v2 deploy is certainly in progress on web, past its pull, when the route breaks.
+        # v2 deploy is certainly in progress on web, waiting for that lock, when the route
+        # breaks.
         holder = SSHDockerDeployer(_stage(lab, [behind], name, port), pipeline=name,
                                    image_name="x", run_id="holder")
         hconn = holder._conn(holder.targets[0])
@@ -244,7 +245,7 @@ def test_jump_sshd_killed_mid_deploy_names_the_route_and_keeps_the_release(
     web = rows["web"]
     assert web["status"] == "failed", web
     # The reason names the jump host and says the route through it broke.
-    assert "pull" in web["phases"], web  # it was past its pull (v2 on web) when cut off
+    assert "lock" in web["phases"], web  # it was waiting for web's lock when cut off
     assert f"the route through jump bastion ({jump.host}:{jump.port}) broke" in web["reason"], web
     assert "nothing was changed on this server" in web["reason"], web
     assert web["digest"] != _digest(images, "v2") and not web.get("rolled_back"), web

@@ -4,6 +4,8 @@ real servers in test_deploy_lab.py and test_deploy_faults_lab.py."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 
 import pytest
@@ -333,6 +335,91 @@ def test_cancel_restores_everything_and_raises_cancelled():
     # keep_done does not hold on cancel: the done batch is restored too.
     assert {"10.0.0.1", "10.0.0.2", "10.0.0.3"} <= set(steps.of("restore"))
     assert steps.of("commit") == [] and steps.finished == 1
+
+
+class InterruptedSteps(FakeSteps):
+    """10.0.0.1 passes its verify at once; 10.0.0.2's verify interrupts the main thread (as
+    `runner exec`'s signal handler does) or only sets the cancel event (as a handler that only
+    records the request does), then, like the SSH steps, stops once it sees the event."""
+
+    def __init__(self, cancel: threading.Event, interrupt: bool):
+        super().__init__()
+        self.cancel, self.interrupt = cancel, interrupt
+
+    def verify(self, sw):
+        self._ev("verify", sw.server)
+        if sw.server != "10.0.0.2":
+            return
+        if self.interrupt:
+            os.kill(os.getpid(), signal.SIGINT)  # Python's handler: KeyboardInterrupt
+        else:
+            self.cancel.set()
+        if not self.cancel.wait(5):
+            raise AssertionError("the interrupt did not set the cancel event")
+        raise Cancelled("cancelled while waiting for health")
+
+
+@pytest.mark.parametrize("interrupt", [True, False], ids=["KeyboardInterrupt", "cancel event"])
+def test_a_cancel_during_a_batch_puts_back_its_servers_already_switched(interrupt):
+    cancel = threading.Event()
+    steps = InterruptedSteps(cancel, interrupt)
+    with pytest.raises(Cancelled) as err:
+        _run({"type": "all"}, steps, n=2, cancel=cancel)
+    assert sorted(steps.of("restore")) == ["10.0.0.1", "10.0.0.2"]
+    assert steps.of("commit") == [] and steps.finished == 1
+    assert str(err.value) == ("cancelled: deploy of demo stopped; put back on the previous "
+                              "verified release: 10.0.0.1, 10.0.0.2")
+
+
+def test_a_cancel_after_the_last_batch_was_verified_commits_nothing():
+    cancel = threading.Event()
+
+    class LateCancel(FakeSteps):
+        def verify(self, sw):
+            super().verify(sw)
+            if sw.server == "10.0.0.2":
+                cancel.set()  # the last server passed its gate; the cancel came right after
+    steps = LateCancel()
+    with pytest.raises(Cancelled):
+        _run({"type": "rolling", "batch_size": 1}, steps, n=2, cancel=cancel)
+    assert steps.of("restore") == ["10.0.0.2", "10.0.0.1"] and steps.of("commit") == []
+
+
+class LockingSteps(FakeSteps):
+    """Keys as an SSH target's lock directories would be; records the order of take_lock."""
+
+    def __init__(self, keys: dict[str, str], held: str | None = None, **kw):
+        super().__init__(**kw)
+        self.keys, self.held = keys, held
+
+    def reach(self, plan):
+        self._ev("reach", plan.server)
+        return self.keys[plan.server]
+
+    def take_lock(self, plan):
+        self._ev("take_lock", plan.server)
+        if plan.server == self.held:
+            raise StepFailed(plan.server, "the deploy lock for 'demo' is held by run r9",
+                             touched=False)
+
+
+def test_every_lock_is_taken_first_in_the_order_of_the_keys():
+    keys = {"10.0.0.1": "/e/c", "10.0.0.2": "/e/a", "10.0.0.3": "/e/b"}
+    steps = LockingSteps(keys)
+    assert _run({"type": "rolling", "batch_size": 1}, steps, n=3).ok
+    kinds = [k for k, _ in steps.events]
+    assert kinds[:6] == ["reach"] * 3 + ["take_lock"] * 3
+    assert steps.of("take_lock") == ["10.0.0.2", "10.0.0.3", "10.0.0.1"]
+    # The lock of the one in the middle is held by another run: nothing is prepared.
+    steps = LockingSteps(keys, held="10.0.0.3")
+    with pytest.raises(DeployFailed) as err:
+        _run({"type": "all"}, steps, n=3)
+    assert steps.of("take_lock") == ["10.0.0.2", "10.0.0.3"] and steps.of("prepare") == []
+    assert _statuses(err.value.report) == {"10.0.0.1": "skipped", "10.0.0.2": "skipped",
+                                           "10.0.0.3": "failed"}
+    assert err.value.report.headline == ("deploy of demo failed on 10.0.0.3; nothing was "
+                                         "changed on any server")
+    assert steps.finished == 1
 
 
 def test_rollback_report_says_rolled_back_with_both_digests():
