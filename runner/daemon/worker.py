@@ -26,9 +26,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
-from collections.abc import Callable
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
 from runner.daemon import leases
 from runner.daemon.store import Claimed
