@@ -36,6 +36,12 @@ class StoreError(Exception):
         self.public = message if public is None else public
 
 
+def public_text(exc: BaseException) -> str:
+    """What may be stored where API readers see it (a run's reason): a StoreError's `public`
+    text, which names no database host or user; any other error as it reads."""
+    return exc.public if isinstance(exc, StoreError) else str(exc)
+
+
 @dataclass(frozen=True)
 class NewRun:
     """A run to queue. `group` is the concurrency group key (None: no group)."""

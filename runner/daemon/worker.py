@@ -31,7 +31,7 @@ from pathlib import Path
 
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
 from runner.daemon import leases
-from runner.daemon.store import Claimed
+from runner.daemon.store import Claimed, public_text
 from runner.proc import Recorded, start_time, stop
 
 log = logging.getLogger("runner.daemon.worker")
@@ -319,7 +319,7 @@ class RunHandle:
         try:
             self.pool.core.store.stage_event(self.id, stage, status, **kw)
         except Exception as exc:  # noqa: BLE001 - as in _on_event: recorded, the run goes on
-            self.log_error = self.log_error or f"the {stage} stage's {status} was not stored: {exc}"
+            self.log_error = self.log_error or f"the {stage} stage's {status} was not stored: {public_text(exc)}"
         self.pool.core.live.changed(self.id)
 
     def _start(self, argv: list[str], spare: subprocess.Popen | None, skip: int = 0) -> bool:
@@ -406,7 +406,7 @@ class RunHandle:
                     err = (err or "invalid") + "\n" + "\n".join(str(p) for p in problems)
                 reported["error"] = self.pool.core.masker.mask(str(err)) if err else err
         except Exception as exc:  # noqa: BLE001 - disk full, locked db: recorded, the run goes on
-            self.log_error = self.log_error or f"a {kind} event was not stored: {exc}"
+            self.log_error = self.log_error or f"a {kind} event was not stored: {public_text(exc)}"
             if "full" in str(exc):
                 self.pool.core.disk_full(f"run {self.id}")
         if kind in ("stage.start", "stage.end"):
@@ -448,7 +448,7 @@ class RunHandle:
                 self.pool.core.store.append_logs(self.id, batch)
                 self.pool.core.live.changed(self.id)
             except Exception as exc:  # noqa: BLE001 - e.g. "database or disk is full"
-                self.log_error = f"log lines from #{batch[0][0]} on were not stored: {exc}"
+                self.log_error = f"log lines from #{batch[0][0]} on were not stored: {public_text(exc)}"
                 log.error("cannot store log lines", extra={"run": self.id, "error": str(exc)})
                 if "full" in str(exc):
                     self.pool.core.disk_full(f"log of run {self.id}")
