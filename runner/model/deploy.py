@@ -300,12 +300,15 @@ class Strategy(Model):
 
 
 class Lock(Model):
-    """The app's deploy lock on each server, so that two runs never deploy it at once."""
+    """The app's deploy lock on each server, so that two runs never deploy it at once. A run
+    takes the locks of all its servers, one at a time in one fixed order, before it pulls or
+    changes anything, and holds them until its last server is done."""
 
     ttl: float = Field(default=60, gt=1)
-    """Seconds after which a lock its run stopped renewing counts as abandoned."""
+    """Seconds after which a lock its run stopped renewing counts as abandoned (on another
+    host; a holder on this host whose process is gone is taken over at once)."""
     wait: float = Field(default=120, ge=0)
-    """Seconds to wait for another run's lock before the deploy fails."""
+    """Seconds to wait, in all, for the locks other runs hold before the deploy fails."""
 
 
 class DeployRegistry(Model):
