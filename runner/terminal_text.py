@@ -16,7 +16,10 @@ What it does:
 - every other control character (C0, DEL, C1) is shown as a Python-style escape (`\\r`,
   `\\x07`, `\\x1b` for an ESC that starts no sequence), TAB excepted, and newline too where the
   caller allows several lines. A `\\r` is shown, not obeyed: a progress bar then reads as its
-  successive states, and nothing hides what came before it on the line.
+  successive states, and nothing hides what came before it on the line;
+- the bidirectional embeddings, overrides and isolates (U+202A to U+202E, U+2066 to U+2069) are
+  shown as `\\u202e` and so on: printed, they reorder what the operator reads ("Trojan Source":
+  a file name or a command that reads otherwise than it is).
 
 The runner's own colours are added by the printers after this, around already inert text, so
 no colour of the untrusted text survives. Stored logs are not changed: this is for display.
@@ -34,14 +37,16 @@ _SEQUENCE = re.compile(
     r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
     r"|\x1b[ -/]*[0-~]"  # the short ones: ESC c, ESC 7, ESC ( B, ESC # 8 ...
 )
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_BIDI = "\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\x9f{_BIDI}]")
+_CONTROL_BUT_NEWLINE = re.compile(f"[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f{_BIDI}]")
 _NAMED = {"\n": "\\n", "\r": "\\r"}
 
 
 def _visible(m: re.Match[str]) -> str:
     char = m.group()
-    return _NAMED.get(char) or f"\\x{ord(char):02x}"
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 def inert(text: str, *, multiline: bool = False) -> str:

@@ -42,6 +42,9 @@ CASES = [
     # removing a sequence does not build a new one from its neighbours
     (f"{ESC}{ESC}[31m[2J", "\\x1b[2J", "\\x1b[2J"),
     (f"{ESC}[{ESC}]0;t\x07", "", ""),
+    # bidirectional overrides and isolates reorder what is read ("Trojan Source"): shown
+    ("rm -rf \u202e/ tsil\u202c ok", "rm -rf \\u202e/ tsil\\u202c ok", "rm -rf \\u202e/ tsil\\u202c ok"),
+    ("a\u2066b\u2069c\u202ad", "a\\u2066b\\u2069c\\u202ad", "a\\u2066b\\u2069c\\u202ad"),
 ]
 
 
@@ -55,6 +58,7 @@ def test_inert(text, line, lines):
 def test_nothing_a_terminal_obeys_is_left(text):
     for out in (inert(text), inert(text, multiline=True)):
         assert not any(ord(ch) < 0x20 and ch not in "\t\n" or 0x7f <= ord(ch) <= 0x9f
+                       or 0x202a <= ord(ch) <= 0x202e or 0x2066 <= ord(ch) <= 0x2069
                        for ch in out), repr(out)
     assert "\n" not in inert(text)
 
