@@ -48,8 +48,8 @@ from runner.proc import run_command, start_time
 from runner.stage import Stage, StageContext
 
 # Where the stage's time goes (TestOutputs.phases), in the order they happen.
-PHASES = ("reap", "network", "service_start", "service_ready", "images", "steps", "reports",
-          "cleanup")
+PHASES = ("connect", "reap", "network", "service_start", "service_ready", "images", "steps",
+          "reports", "cleanup")
 _LOG_TAIL = 20  # lines of a service's log shown when a step fails or it never gets ready
 _MAX_FAILURES = 20
 _POLL = 0.1
@@ -72,6 +72,7 @@ class TestStage(Stage):
         }
 
     def run(self, ctx: StageContext) -> TestOutputs:
+        t0 = time.monotonic()
         owner = Owner(ctx.run_id, os.getpid(), start_time(os.getpid()), socket.gethostname())
         engine = BuildEngine.of(ctx.pipeline)
         from docker.errors import DockerException  # the SDK's import is paid only here
@@ -81,6 +82,7 @@ class TestStage(Stage):
         except DockerException as exc:
             raise StageFailed(self.name, f"cannot reach the build engine: {exc}") from None
         run = _TestRun(ctx, client, owner)
+        run.phases["connect"] = time.monotonic() - t0
         failure: StageFailed | None = None
         try:
             run.reap_orphans()

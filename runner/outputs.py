@@ -163,7 +163,8 @@ class TestOutputs:
     failures: tuple[TestFailure, ...] = doc("The failed tests (the first 20), in report "
                                             "order.")
     phases: Mapping[str, float] = doc(
-        "Where the stage's time went, in seconds: `reap` (removing what a killed runner left), "
+        "Where the stage's time went, in seconds: `connect` (reaching the build engine), "
+        "`reap` (removing what a killed runner left), "
         "`network`, `service_start` (pull, create, start), `service_ready` (waiting for the "
         "`ready` checks), `images` (building a `target`, pulling a step's image), `steps` "
         "(the step containers and their commands), `reports` (copying and parsing them), "
