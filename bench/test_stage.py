@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -205,20 +206,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [p for p in parts if p not in PARTS]:
         ap.error(f"unknown part(s) {', '.join(unknown)}: any of {', '.join(PARTS)}")
     lab = common.ensure_lab(1)
-    workdir = common.new_workdir()
+    workdir = common.new_workdir()  # the pipeline files
     log("building the example app's test target")
     image = build_test_image(lab)
     results: dict = {"machine": common.machine(), "rounds": args.rounds, "image": image}
-    if "plain" in parts:
-        pipeline, script = plain_variants(image, workdir)
-        results["plain"] = compare(lab, "plain", pipeline, image, script, args.rounds,
-                                   args.warmup)
-    if "service" in parts:
-        pipeline, script = service_variants(lab, image, workdir)
-        results["service"] = compare(lab, "service", pipeline, image, script, args.rounds,
-                                     args.warmup)
-    if "cache" in parts:
-        results["cache"] = cache_runs(lab, image, workdir, args.rounds)
+    try:
+        if "plain" in parts:
+            pipeline, script = plain_variants(image, workdir)
+            results["plain"] = compare(lab, "plain", pipeline, image, script, args.rounds,
+                                       args.warmup)
+        if "service" in parts:
+            pipeline, script = service_variants(lab, image, workdir)
+            results["service"] = compare(lab, "service", pipeline, image, script, args.rounds,
+                                         args.warmup)
+        if "cache" in parts:
+            results["cache"] = cache_runs(lab, image, workdir, args.rounds)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     report(results)
     if args.out:
         print(f"results: {common.write_results(results, args.out)}")
