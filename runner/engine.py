@@ -1,4 +1,5 @@
-"""Runs a pipeline: the same engine for `runner exec`, `--event` replays and the daemon.
+"""Runs a pipeline: the same engine for `runner exec`, `--event` replays and the daemon (whose
+runs arrive as a typed request, runner.run_request).
 
 prepare() does everything that can fail on bad input (load, validate, overrides, secrets)
 before anything touches the world; execute() then runs the selected stages in order.
@@ -31,6 +32,7 @@ from runner.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Cancelled,
 from runner.model import STAGE_ORDER, Pipeline
 from runner.outputs import Outputs
 from runner.private_dir import private_dir
+from runner.run_request import RunRequest
 from runner.runlog import RunLog, Sink
 from runner.signals import StopSignals
 
@@ -78,7 +80,9 @@ class RunOptions:
     skip: tuple[str, ...] = ()
     repo: str | None = None
     ref: str | None = None
-    event: Mapping[str, Any] | None = None  # a stored webhook delivery (see load_event)
+    # What to build and why (the daemon's --request, or --event parsed into one); None: a run
+    # by hand, of the pipeline's own ref.
+    request: RunRequest | None = None
     run_id: str | None = None
     data_dir: Path | None = None
     withhold_secrets: bool = False  # the run gets no secret value (a pull request from a fork)
@@ -88,7 +92,7 @@ class RunOptions:
 class Prepared:
     pipeline: Pipeline
     stages: tuple[str, ...]
-    trigger: dict[str, Any]
+    request: RunRequest
     masker: Any
     secrets: Any
     run_id: str
@@ -199,21 +203,6 @@ def load_event(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def trigger_from_event(event: Mapping[str, Any]) -> dict[str, Any]:
-    from runner.trigger import parse_event
-
-    if "payload" in event and isinstance(event.get("payload"), dict):
-        trig = parse_event(event["payload"], headers=event.get("headers") or {},
-                           provider=event.get("provider"))
-    else:
-        trig = parse_event(dict(event))
-    if trig.deleted:
-        raise InvalidInput(f"the event deletes {trig.ref}: there is nothing to build")
-    data = {k: getattr(trig, k) for k in trig.__dataclass_fields__}
-    data["kind"] = "webhook"
-    return data
-
-
 def prepare(path: str | os.PathLike, options: RunOptions,
             environ: Mapping[str, str] | None = None) -> Prepared:
     """Load and check everything; raises InvalidInput before any side effect."""
@@ -225,9 +214,7 @@ def prepare(path: str | os.PathLike, options: RunOptions,
     environ = dict(os.environ if environ is None else environ)
     early_warnings: list[str] = []
     pipeline = load_pipeline(path, variables=dict(options.variables), environ=environ)
-    trigger: dict[str, Any] = {"kind": "manual"}
-    if options.event is not None:
-        trigger = trigger_from_event(options.event)
+    request = options.request or RunRequest()
     repo_update: dict[str, Any] = {}
     if options.repo:
         url = options.repo
@@ -235,14 +222,16 @@ def prepare(path: str | os.PathLike, options: RunOptions,
             url = str(Path(url).resolve())
         repo_update["url"] = check_repo_url(url)
     if options.ref:
-        repo_update["ref"] = check_ref(options.ref)
-        trigger.pop("commit", None)  # an explicit --ref beats the event's commit
+        request = request.model_copy(update={"commit": None})  # an explicit --ref beats the request's commit
+    # A request without a commit (a manual run whose head could not be read) builds its branch's
+    # or tag's head now, whatever ref the pipeline names: as --ref would.
+    ref = options.ref or (None if request.commit else request.branch or request.tag)
+    if ref:
+        repo_update["ref"] = check_ref(ref)
     else:
         check_repo_url(repo_update.get("url", pipeline.repository.url))
         if pipeline.repository.ref:
             check_ref(pipeline.repository.ref)
-    if trigger.get("commit"):
-        check_ref(trigger["commit"])
     if repo_update:
         pipeline = pipeline.model_copy(
             update={"repository": pipeline.repository.model_copy(update=repo_update)})
@@ -250,7 +239,7 @@ def prepare(path: str | os.PathLike, options: RunOptions,
     run_id = check_run_id(options.run_id) if options.run_id is not None else new_run_id()
     masker = Masker(on_warning=early_warnings.append)
     store = read_secrets(pipeline, environ, masker, withhold=options.withhold_secrets)
-    return Prepared(pipeline=pipeline, stages=stages, trigger=trigger, masker=masker,
+    return Prepared(pipeline=pipeline, stages=stages, request=request, masker=masker,
                     secrets=store, warnings=early_warnings, run_id=run_id,
                     data_dir=Path(options.data_dir or default_data_dir()),
                     skipped=skip_reasons(pipeline, options.only, options.skip, stages),
@@ -269,7 +258,7 @@ def plan(prep: Prepared) -> dict[str, Any]:
         "pipeline": p.name,
         "file": p.source_file,
         "run_id": prep.run_id,
-        "trigger": prep.trigger,
+        "trigger": prep.request.to_dict(),
         "image": {"name": p.image.name, "tags": list(p.image.tags)},
         "stages": [{"name": n, **_stage(n).plan(p)} for n in prep.stages],
         "skipped": [n for n in STAGE_ORDER if n not in prep.stages],
@@ -365,7 +354,7 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
             log = RunLog(prep.run_id, prep.masker, sinks, workdir / "logs")
             log.warnings.extend(prep.warnings)
             log.emit("run.start", pipeline=prep.pipeline.name, file=prep.pipeline.source_file,
-                     stages=list(prep.stages), trigger=prep.trigger, workdir=str(workdir),
+                     stages=list(prep.stages), trigger=prep.request.to_dict(), workdir=str(workdir),
                      **({"secrets_withheld": True} if prep.withhold_secrets else {}))
         for name in STAGE_ORDER:
             why = prep.skipped.get(name)
@@ -379,7 +368,7 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
                 continue
             ctx = StageContext(run_id=prep.run_id, pipeline=prep.pipeline, workdir=workdir,
                                cache_dir=cache_dir, log=log.for_stage(name), secrets=prep.secrets,
-                               cancel=cancel, outputs=outputs, trigger=prep.trigger)
+                               cancel=cancel, outputs=outputs, trigger=prep.request.to_dict())
             t0 = time.monotonic()
             with _interrupts_held():
                 log.emit("stage.start", stage=name)
@@ -481,7 +470,7 @@ def _finish(prep: Prepared, log: RunLog, workdir: Path, started: float,
     record = prep.masker.mask(json.dumps({
         "run_id": prep.run_id, "pipeline": prep.pipeline.name, "status": status,
         "exit_code": exit_code, "error": error,
-        "duration": duration, "trigger": prep.trigger,
+        "duration": duration, "trigger": prep.request.to_dict(),
         "secrets_withheld": prep.withhold_secrets,
         "stages": [{"name": s.name, "status": s.status, "duration": s.duration,
                     "outputs": s.outputs, "error": s.error} for s in stage_results],

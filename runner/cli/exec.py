@@ -99,6 +99,8 @@ def schema(reference: bool, docs_dir: str | None, check_dir: str | None) -> None
 @click.option("--ref", help="Override the ref (branch, tag or commit).")
 @click.option("--event", "event_file", type=click.Path(dir_okay=False),
               help="Replay a stored webhook payload (GitHub, GitLab or Gitea push) as the trigger.")
+@click.option("--request", "request_file", type=click.Path(dir_okay=False),
+              help="Build what this run request (JSON, as the daemon writes it) asks for.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line on stdout.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and touch nothing.")
 @click.option("--run-id", type=RunId(),
@@ -113,7 +115,7 @@ def schema(reference: bool, docs_dir: str | None, check_dir: str | None) -> None
 @click.option("--withhold-secrets", is_flag=True,
               help="Give the run no secret values at all (the daemon sets it for a pull request "
                    "from a fork): a stage that needs one fails, saying which.")
-def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, run_id, data_dir,
+def exec_(file, variables, only, skip, repo, ref, event_file, request_file, as_json, dry_run, run_id, data_dir,
           verbose, quiet, withhold_secrets) -> None:
     """Run a pipeline once, here: checkout -> build -> scan -> push -> deploy.
 
@@ -121,15 +123,20 @@ def exec_(file, variables, only, skip, repo, ref, event_file, as_json, dry_run, 
     to run.json beside it, whatever the terminal shows (see -v, -q, --json)."""
     from runner import engine
     from runner.render import JsonSink, TerminalSink, guard_std_fds
+    from runner.run_request import read_request, request_from_event
 
     if verbose and quiet:
         raise click.UsageError("-v/--verbose and -q/--quiet exclude each other")
+    if event_file and request_file:
+        raise click.UsageError("--event and --request exclude each other")
     guard_std_fds()
 
     try:
+        request = read_request(request_file) if request_file else \
+            request_from_event(engine.load_event(event_file)) if event_file else None
         options = engine.RunOptions(
             variables=parse_vars(variables), only=only, skip=skip, repo=repo, ref=ref,
-            event=engine.load_event(event_file) if event_file else None, run_id=run_id,
+            request=request, run_id=run_id,
             data_dir=Path(data_dir) if data_dir else None, withhold_secrets=withhold_secrets)
         prep = engine.prepare(file, options)
     except InvalidInput as exc:

@@ -54,7 +54,6 @@ from runner.pipeline_file import read_secrets
 from runner.secrets import Masker, SecretStore
 
 log = logging.getLogger("runner.daemon.scheduler")
-ZERO = "0" * 40
 MAX_POLL_REASONS = 50  # refs named in one poll delivery's reason
 
 
@@ -183,17 +182,6 @@ def branch_and_tag(ref: str) -> tuple[str | None, str | None]:
     if ref.startswith("refs/tags/"):
         return None, ref[len("refs/tags/"):]
     return None, None
-
-
-def synthetic_event(url: str, ref: str, before: str | None, after: str, pusher: str) -> dict:
-    """A GitHub-shaped push event for runs that no webhook started (poll, cron, manual), so that
-    `runner exec --event` reads every run's trigger the same way."""
-    return {"provider": "github", "headers": {"x-github-event": "push"},
-            "payload": {"ref": ref, "before": before or ZERO, "after": after, "created": before is None,
-                        "deleted": False, "forced": False,
-                        "repository": {"clone_url": url, "html_url": url, "url": url, "name": url.rstrip("/").rsplit("/", 1)[-1]},
-                        "pusher": {"name": pusher}, "sender": {"login": pusher},
-                        "head_commit": {"id": after}}}
 
 
 def poll_decisions(p: PipelineEntry, seen: dict[str, str], first_time: bool, current: dict[str, str]
@@ -328,8 +316,8 @@ class Schedules:
         first = not core.store.has_poll_state(name)
         seen = core.store.poll_state(name)
         decided, ignored = poll_decisions(p, seen, first, current)
-        runs = [new_run(p, "poll", None, ref, branch, tag, sha, synthetic_event(url, ref, before, sha, "runner-poll"))
-                for ref, branch, tag, before, sha in decided]
+        # No event: the run's columns are its whole request (runner.daemon.run_requests).
+        runs = [new_run(p, "poll", None, ref, branch, tag, sha, {}) for ref, branch, tag, _, sha in decided]
         if len(ignored) > MAX_POLL_REASONS:  # a first poll of a repository with many tags
             ignored = ignored[:MAX_POLL_REASONS] + [f"and {len(ignored) - MAX_POLL_REASONS} more refs"]
         ids: list[int] = []
@@ -375,8 +363,7 @@ class Schedules:
                     OSError) as exc:
                 log.warning("cron: cannot resolve the branch head; queued on the ref",
                             extra={"pipeline": name, "error": str(exc)})
-        event = synthetic_event(url, ref, None, sha, "runner-cron") if sha else {}
-        run = new_run(p, "cron", None, ref, branch, None, sha, event)
+        run = new_run(p, "cron", None, ref, branch, None, sha, {})
         if tick is None:
             ids, cancel = core.store.enqueue([run])
         else:

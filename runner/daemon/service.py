@@ -13,7 +13,6 @@ import json
 import shutil
 import logging
 import os
-import re
 import socket
 import sys
 import threading
@@ -28,13 +27,14 @@ from runner.daemon.api import build_app, timed_h11_protocol
 from runner.daemon.config import DaemonConfig
 from runner.daemon.dashboard.live import LiveHub
 from runner.daemon.metrics import Metrics
-from runner.daemon.scheduler import Schedules, default_branch, synthetic_event
+from runner.daemon.scheduler import Schedules, default_branch
 from runner.daemon.status import StatusReporter
 from runner.daemon.store import Store, StoreError, open_store
 from runner.daemon.webhooks import group_key, new_run
 from runner.daemon.worker import WorkerPool, stop_orphan
 from runner.errors import InvalidInput
 from runner.gitsafety import is_local_path
+from runner.run_request import ROLLBACK_TO
 from runner.secrets import Masker
 from runner.signals import StopSignals
 
@@ -69,7 +69,7 @@ def setup_logging(stream=None, level: int = logging.INFO) -> None:
 
 # What `runner rollback --to` takes (deployers.history.choose): a position (0 the newest
 # verified release, up to 999), a digest, or a git commit (abbreviated to 7 or more).
-_ROLLBACK_TO = re.compile(r"^(\d{1,3}|sha256:[0-9a-f]{64}|[0-9a-f]{7,64})$")
+_ROLLBACK_TO = ROLLBACK_TO
 
 
 def check_rollback_target(to: str | None) -> str | None:
@@ -229,9 +229,8 @@ class Daemon:
                     commit = self.schedules.refs(p, url).get(ref)
                 except Exception as exc:  # noqa: BLE001 - the run's checkout will say it again
                     log.warning("manual trigger: cannot resolve the ref", extra={"pipeline": name, "error": str(exc)})
-        event = synthetic_event(url, ref, None, commit, "runner-api") if commit else {}
         ids, cancel = self.store.enqueue([new_run(p, "manual", None, ref, branch if not tag else None, tag,
-                                                  commit, event, extra_vars=variables)])
+                                                  commit, {}, extra_vars=variables)])
         self.after_accept(cancel)
         return ids[0]
 

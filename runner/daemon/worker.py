@@ -29,8 +29,9 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK
+from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, InvalidInput
 from runner.daemon import leases
+from runner.daemon.run_requests import run_request
 from runner.daemon.store import Claimed, public_text
 from runner.proc import Recorded, start_time, stop
 
@@ -57,17 +58,14 @@ def _die_with_parent() -> None:
         _PRCTL(1, int(signal.SIGINT))  # PR_SET_PDEATHSIG
 
 
-def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Path, event_file: Path | None,
-              variables: dict[str, str], ref: str | None = None, withhold_secrets: bool = False,
+def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Path, request_file: Path,
+              variables: dict[str, str], withhold_secrets: bool = False,
               skip_stages: tuple[str, ...] = ()) -> list[str]:
-    """The argv of one run. Pure; tested by equality. A run with a stored event (webhook, poll,
-    or a manual run whose commit was resolved) replays it; one without names only its ref. What
-    the run may not do (a pull request's limits) travels as flags, so `runner exec` enforces it."""
-    argv = [*command, pipeline_file, "--json", "--run-id", str(run_id), "--data-dir", str(data_dir)]
-    if event_file is not None:
-        argv += ["--event", str(event_file)]
-    elif ref:
-        argv += ["--ref", ref]
+    """The argv of one run. Pure; tested by equality. What to build travels as the run's request
+    (runner.run_request, written to `request_file`); what the run may not do (a pull request's
+    limits) as flags, so `runner exec` enforces it."""
+    argv = [*command, pipeline_file, "--json", "--run-id", str(run_id), "--data-dir", str(data_dir),
+            "--request", str(request_file)]
     if withhold_secrets:
         argv.append("--withhold-secrets")
     for stage in skip_stages:
@@ -201,25 +199,27 @@ class RunHandle:
         if entry is None:
             self._finish("failed", None, f"pipeline {self.run.pipeline!r} is no longer configured")
             return
-        if self.run.trigger == "rollback":
-            self._rollback(str(core.config.path(entry.file)))
+        try:
+            request = run_request(self.run)
+        except InvalidInput as exc:
+            self._finish("invalid", None, str(exc))
             return
-        events_dir = core.data_dir / "events"
-        events_dir.mkdir(parents=True, exist_ok=True)
-        event_file: Path | None = None
-        if self.run.event:
-            event_file = events_dir / f"run-{self.id}.json"
-            try:
-                event_file.write_text(json.dumps(self.run.event))
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    core.disk_full(f"event file of run {self.id}")
-                self._finish("failed", None, f"cannot write the run's event file {event_file}: {exc.strerror}")
-                return
+        if request.kind == "rollback":
+            self._rollback(str(core.config.path(entry.file)), request.rollback_to)
+            return
+        requests_dir = core.data_dir / "requests"
+        requests_dir.mkdir(parents=True, exist_ok=True)
+        request_file = requests_dir / f"run-{self.id}.json"
+        try:
+            request.write(request_file)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                core.disk_full(f"request file of run {self.id}")
+            self._finish("failed", None, f"cannot write the run's request file {request_file}: {exc.strerror}")
+            return
         argv = exec_argv(core.config.command(), str(core.config.path(entry.file)), self.id,
-                         core.work_dir, event_file, self.run.vars,
-                         ref=self.run.branch or self.run.tag, withhold_secrets=self.run.withhold_secrets,
-                         skip_stages=self.run.skip_stages)
+                         core.work_dir, request_file, self.run.vars,
+                         withhold_secrets=self.run.withhold_secrets, skip_stages=self.run.skip_stages)
         spare = self.pool.take_spare() if core.config.exec_command is None else None
         if not self._start(argv, spare, skip=len(core.config.command()) - 1):
             return
@@ -254,18 +254,16 @@ class RunHandle:
         if self.log_error:
             reason = (reason + "; " if reason else "") + f"log incomplete: {self.log_error}"
         self._finish(status, returncode, reason)
-        if event_file is not None:
-            try:
-                event_file.unlink()
-            except OSError:
-                pass
+        try:
+            request_file.unlink()
+        except OSError:
+            pass
 
-    def _rollback(self, pipeline_file: str) -> None:
+    def _rollback(self, pipeline_file: str, to: str | None) -> None:
         """A rollback run: `runner rollback --json`, recorded as its deploy stage. Its stderr is
         the stage's log; its stdout ends with the report (DeployOutputs.to_dict), which becomes
         the stage's outputs."""
         core = self.pool.core
-        to = (self.run.event.get("rollback") or {}).get("to")
         argv = rollback_argv(RUNNER, pipeline_file, self.id, to, self.run.vars)
         self._stage_event("deploy", "running")
         began = time.monotonic()

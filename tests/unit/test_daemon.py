@@ -23,12 +23,15 @@ REPO = "https://git.example.com/me/app.git"
 
 
 def test_exec_argv():
-    assert exec_argv(["python", "-m", "runner", "exec"], "/p.yaml", 7, Path("/d"), Path("/e.json"),
+    # Every run gets its request (never a forge's payload, never a bare --ref).
+    assert exec_argv(["python", "-m", "runner", "exec"], "/p.yaml", 7, Path("/d"), Path("/r.json"),
                      {"B": "2", "A": "1"}) == [
         "python", "-m", "runner", "exec", "/p.yaml", "--json", "--run-id", "7", "--data-dir", "/d",
-        "--event", "/e.json", "--var", "A=1", "--var", "B=2"]
-    assert exec_argv(["x"], "/p.yaml", 8, Path("/d"), None, {}, ref="main") == [
-        "x", "/p.yaml", "--json", "--run-id", "8", "--data-dir", "/d", "--ref", "main"]
+        "--request", "/r.json", "--var", "A=1", "--var", "B=2"]
+    assert exec_argv(["x"], "/p.yaml", 8, Path("/d"), Path("/r.json"), {}, withhold_secrets=True,
+                     skip_stages=("push", "deploy")) == [
+        "x", "/p.yaml", "--json", "--run-id", "8", "--data-dir", "/d", "--request", "/r.json",
+        "--withhold-secrets", "--skip", "push", "--skip", "deploy"]
 
 
 @pytest.mark.parametrize("code,cancel,reported,status", [

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """TEST FIXTURE (not a runner): stands in for `runner exec` in daemon queue tests that need no
-real build. Takes the same argv (PIPELINE --json --run-id ID --data-dir DIR --event FILE
+real build. Takes the same argv (PIPELINE --json --run-id ID --data-dir DIR --request FILE
 [--var K=V]...) and prints the same JSON events (docs/stage-outputs.md).
 
 PIPELINE is a JSON file: {"stages": [...], "sleep": seconds per stage, "fail": stage or null,
@@ -11,7 +11,7 @@ the time it was written: bench/dashboard.py's live log)}. --var FAKE_SLEEP=s / F
 prints n lines of 1 KB per stage (disk-full tests); FAKE_IGNORE_INT=1 ignores SIGINT (orphan
 tests). SIGINT or
 SIGTERM cancels like the engine does (stage.end cancelled, run.end cancelled, exit 130). Each run
-appends one line {"run_id", "event"} to DIR/fake-runs.jsonl so tests can see what ran.
+appends one line {"run_id", "request"} to DIR/fake-runs.jsonl so tests can see what ran.
 """
 import argparse
 import json
@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--run-id")
     ap.add_argument("--data-dir")
-    ap.add_argument("--event")
+    ap.add_argument("--request")
     ap.add_argument("--var", action="append", default=[])
     ap.add_argument("--skip", action="append", default=[])
     ap.add_argument("--withhold-secrets", action="store_true")
@@ -59,10 +59,10 @@ def main() -> int:
     variables = dict(v.split("=", 1) for v in a.var)
     sleep = float(variables.get("FAKE_SLEEP", spec.get("sleep", 0.1)))
     fail = variables.get("FAKE_FAIL", spec.get("fail"))
-    event = json.load(open(a.event)) if a.event else None
+    request = json.load(open(a.request)) if a.request else None
     os.makedirs(a.data_dir, exist_ok=True)
     with open(os.path.join(a.data_dir, "fake-runs.jsonl"), "a") as f:
-        f.write(json.dumps({"run_id": a.run_id, "pid": os.getpid(), "event": event, "skip": a.skip,
+        f.write(json.dumps({"run_id": a.run_id, "pid": os.getpid(), "request": request, "skip": a.skip,
                             "withhold_secrets": a.withhold_secrets}) + "\n")
     start = time.time()
     emit(event="run.start", run_id=a.run_id, pipeline=spec.get("name", "fake"))
