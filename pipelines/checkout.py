@@ -371,13 +371,10 @@ class CheckoutStage(Stage):
                                       "was not fetched")
                 g.symbolic_ref("HEAD", head)
                 branch = head[len("refs/heads/"):]
+            # Only a tag build has a tag: a branch build of a tagged commit must not fill {tag}
+            # (it would push, and move, the release's image tag from a branch).
             branch = req.branch_hint or branch
             tag = req.tag_hint or tag
-            if tag is None:
-                out = g.for_each_ref(f"--points-at={commit}", "--sort=-version:refname",
-                                     "--format=%(refname:strip=2)", "refs/tags")
-                names = [n for n in out.splitlines() if n.strip()]
-                tag = names[0] if names else None
             return commit, branch, tag, head
         finally:
             repo.close()

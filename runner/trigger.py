@@ -8,6 +8,10 @@ The provider comes from the caller, else from the event headers (X-Gitea-Event, 
 and X-Gogs-Event first, since Gitea also sends X-GitHub-Event; then X-Gitlab-Event,
 X-GitHub-Event), else from the payload's shape.
 
+A tag push's commit is the commit the tag points at: GitHub's and Gitea's `after` is the tag
+object for an annotated tag, so head_commit.id is taken (GitLab's checkout_sha likewise); the
+checkout peels whatever it is given (TAG^{commit}) all the same.
+
 A deleted branch or tag (after = 40 zeros, `deleted: true`, or a `delete` event) gives
 deleted=True and commit=None: there is nothing to build.
 
@@ -230,6 +234,10 @@ def _github_like(payload: Mapping[str, Any], provider: str, delivery: str | None
     deleted = payload.get("deleted") is True or commit is None
     if "after" not in payload and not deleted:
         raise _fail("'after' is missing")
+    if tag is not None and not deleted:
+        # An annotated tag's `after` is the tag object, not a commit (GitHub and Gitea alike);
+        # head_commit is the commit it points at: that is what is built, linked and given a status.
+        commit = _sha(_mapping(payload, "head_commit"), "id", "head_commit.") or commit
     repo = _mapping(payload, "repository")
     pusher = _mapping(payload, "pusher")
     sender = _mapping(payload, "sender")

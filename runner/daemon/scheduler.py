@@ -291,6 +291,34 @@ class Schedules:
         creds = pipeline_credentials(p, core.config, core.masker, warn=warn)
         return ls_remote(url, core.config.git_timeout, creds, core.masker, warn=warn)
 
+    def head(self, p: PipelineEntry, ref: str) -> str | None:
+        """The commit `ref` names now in the repository a run of `p` checks out: its pipeline's
+        repository.url, reached with its credentials as the checkout reaches it (the entry's
+        `repo:` only says which webhooks start it, and may be absent). The entry's `repo:` when
+        the pipeline cannot be read. None when neither is reachable (logged): the run is then
+        queued on the ref and its checkout records the commit it built."""
+        core = self.core
+
+        def warn(message: str) -> None:
+            log.warning(message, extra={"pipeline": p.name})
+
+        url = ""
+        try:
+            url = load_pipeline(core.config.path(p.file), variables=dict(p.vars)).repository.url
+        except InvalidInput as exc:
+            warn(f"pipeline {p.name!r}: {str(exc).splitlines()[0]}")
+        if not url and p.repo:
+            url = str(core.config.path(p.repo)) if is_local_path(p.repo) else p.repo
+        if not url:
+            return None
+        try:
+            creds = pipeline_credentials(p, core.config, core.masker, warn=warn)
+            return ls_remote(url, core.config.git_timeout, creds, core.masker, warn=warn).get(ref)
+        except (CredentialsUnavailable, RuntimeError, InvalidInput, subprocess.TimeoutExpired,
+                OSError) as exc:
+            warn(f"cannot resolve {ref} of {core.masker.mask(redact_url(url))}: {exc}")
+            return None
+
     def poll(self, name: str) -> list[int]:
         """One poll of pipeline `name`. Its outcome is a delivery (provider "poll", event the
         pipeline's name) when there is something to say: it failed (once per distinct error, not

@@ -33,7 +33,6 @@ from runner.daemon.store import Store, StoreError, open_store
 from runner.daemon.webhooks import group_key, new_run
 from runner.daemon.worker import WorkerPool, stop_orphan
 from runner.errors import InvalidInput
-from runner.gitsafety import is_local_path
 from runner.run_request import ROLLBACK_TO
 from runner.secrets import Masker
 from runner.signals import StopSignals
@@ -221,14 +220,10 @@ class Daemon:
         else:
             branch = branch or default_branch(p)
             ref = f"refs/heads/{branch}"
-        url = ""
-        if p.repo:
-            url = str(self.config.path(p.repo)) if is_local_path(p.repo) else p.repo
-            if not commit:
-                try:
-                    commit = self.schedules.refs(p, url).get(ref)
-                except Exception as exc:  # noqa: BLE001 - the run's checkout will say it again
-                    log.warning("manual trigger: cannot resolve the ref", extra={"pipeline": name, "error": str(exc)})
+        if not commit:
+            # Resolved now, so that the run (and a retry of it) builds this commit, not whatever
+            # the ref names when a worker gets to it.
+            commit = self.schedules.head(p, ref)
         ids, cancel = self.store.enqueue([new_run(p, "manual", None, ref, branch if not tag else None, tag,
                                                   commit, {}, extra_vars=variables)])
         self.after_accept(cancel)

@@ -67,6 +67,9 @@ class NewRun:
     withhold_secrets: bool = False
     skip_stages: tuple[str, ...] = ()
     retry_of: int | None = None  # the run this one runs again (runner retry)
+    # Said in the delivery's reason only when the run is queued (what a pull request run may
+    # do): a run skipped as already run must not be described as if it had been made.
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def stage_event(self, run_id: int, stage: str, status: str, *, duration: float | None = None,
                     error: str | None = None, outputs: dict | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def record_commit(self, run_id: int, commit: str) -> None:
+        """The commit the run's checkout checked out, when it is not the one queued: a run queued
+        on a ref alone (no commit known), or on a tag object the checkout peeled to its commit.
+        The run's links, its commit status and a retry then name what was built."""
 
     @abc.abstractmethod
     def append_logs(self, run_id: int, lines: Sequence[tuple[int, str, float, str]]) -> None:

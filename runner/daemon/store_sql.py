@@ -162,6 +162,8 @@ class SqlStore(Store):
                 continue
             new_id = int(row["id"])
             ids.append(new_id)
+            if r.note and skipped is not None:
+                skipped.append(r.note)
             if r.group is None:
                 continue
             why = f"superseded by run {new_id}"
@@ -465,6 +467,11 @@ class SqlStore(Store):
                      "WHERE run_id=? AND name=?",
                      (status, now, duration, error, json.dumps(outputs) if outputs is not None else None,
                       run_id, stage))
+
+    def record_commit(self, run_id, commit):
+        with self._tx() as db:
+            db.q("UPDATE runs SET commit_sha=? WHERE id=? AND commit_sha IS DISTINCT FROM ?",
+                 (commit, run_id, commit))
 
     def append_logs(self, run_id, lines):
         if not lines:

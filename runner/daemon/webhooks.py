@@ -258,6 +258,10 @@ def new_run(p: PipelineEntry, kind: str, provider: str | None, ref: str | None, 
 
 # -- pull / merge requests (pure) -------------------------------------------------------------
 
+# The actions that run a pull request's head again even if it already ran (GitHub and Gitea say
+# "reopened", GitLab "reopen").
+REBUILD_ACTIONS = ("reopened", "reopen")
+
 # The stages a pull request run leaves out unless the pipeline entry allows them.
 PRIVILEGED_STAGES = ("push", "deploy")
 
@@ -316,11 +320,16 @@ def new_pull_request_run(p: PipelineEntry, trigger: Trigger, event: dict,
     pull request's own concurrency group, with what pull_request_policy takes away."""
     assert trigger.kind == "pull_request" and trigger.number is not None, trigger
     withhold, skip = pull_request_policy(p, trigger)
+    # Reopening builds again even when its head already built (as Actions and Woodpecker do):
+    # whoever reopens wants a fresh result. A redelivery of that one delivery stays a duplicate.
+    once = trigger.action not in REBUILD_ACTIONS
     return NewRun(pipeline=p.name, trigger="pull_request", provider=trigger.provider,
                   ref=trigger.ref, branch=None, tag=None, commit=trigger.commit, event=event,
                   vars=dict(p.vars), group=group_key(p, pull_request_group(trigger.number), None, None),
-                  cancel_in_progress=p.cancel_in_progress, delivery=delivery, once=True,
-                  withhold_secrets=withhold, skip_stages=skip)
+                  cancel_in_progress=p.cancel_in_progress, delivery=delivery, once=once,
+                  withhold_secrets=withhold, skip_stages=skip,
+                  # In the delivery's reason once queued: who reads it knows what the run may do.
+                  note=f"{p.name}: {describe_policy(trigger, withhold, skip)}")
 
 
 def parse_push(provider: str, payload: dict, headers: Mapping[str, str]) -> Trigger:
@@ -446,10 +455,7 @@ def make_hook_handler(core, provider: str):
                     if no:
                         reasons.append(no)
                         continue
-                    run = new_pull_request_run(p, trig, stored_event, delivery=did)
-                    runs.append(run)
-                    # Said with the outcome, so that who reads the delivery knows what the run may do.
-                    reasons.append(f"{p.name}: {describe_policy(trig, run.withhold_secrets, run.skip_stages)}")
+                    runs.append(new_pull_request_run(p, trig, stored_event, delivery=did))
                     continue
                 if trig.deleted:
                     reasons.append(f"{p.name}: the push deletes {trig.ref}")

@@ -16,6 +16,7 @@ cleanly and exits 130), then SIGTERM and SIGKILL if it does not stop in time.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import logging
@@ -396,6 +397,8 @@ class RunHandle:
                 store.stage_event(self.id, stage, status, duration=duration,
                                   error=self.pool.core.masker.mask(str(err)) if err else None,
                                   outputs=ev.get("outputs"))
+                if stage == "checkout" and status == "success":
+                    self._checked_out(ev.get("outputs"))
             elif kind == "run.end":
                 reported["status"] = ev.get("status")
                 err = ev.get("error")
@@ -409,6 +412,14 @@ class RunHandle:
                 self.pool.core.disk_full(f"run {self.id}")
         if kind in ("stage.start", "stage.end"):
             self.pool.core.live.changed(self.id)
+
+    def _checked_out(self, outputs) -> None:
+        """The run's commit is what its checkout checked out (a tag object peeled, a ref
+        resolved): recorded, and the commit status from now on goes to it."""
+        commit = outputs.get("commit") if isinstance(outputs, dict) else None
+        if isinstance(commit, str) and commit and commit != self.run.commit:
+            self.pool.core.store.record_commit(self.id, commit)
+            self.run = dataclasses.replace(self.run, commit=commit)
 
     def _measure_stage(self, stage: str, status: str, duration: float | None, outputs) -> None:
         metrics = self.pool.core.metrics

@@ -180,10 +180,31 @@ def test_checkout_tag(tmp_path, origin):
     assert not (Path(out["path"]) / "b.txt").exists()
 
 
-def test_branch_at_a_tag_reports_both(tmp_path, origin):
-    origin.tag("v2", annotated=False)
-    out, _ = run(tmp_path, str(origin.bare), ref="main")
-    assert out["branch"] == "main" and out["tag"] == "v2"
+@pytest.mark.parametrize("annotated", [True, False])
+def test_a_branch_build_of_a_tagged_commit_has_no_tag(tmp_path, origin, annotated):
+    """{tag} is the tag being built: a branch build of the release's commit must not push (and
+    move) the release's image tag. The tag build of that commit has it."""
+    origin.tag("v2", annotated=annotated)
+    templates = ["{short_sha}", "{branch}", "{tag}"]
+    out, tags = _latest_tags(tmp_path, str(origin.bare), "r1", templates, ref="main")
+    assert out["branch"] == "main" and out["tag"] is None
+    assert tags == [origin.second[:7], "main"]
+    out, tags = _latest_tags(tmp_path, str(origin.bare), "r2", templates, trigger={
+        "kind": "webhook", "ref": "refs/heads/main", "branch": "main", "commit": origin.second})
+    assert out["tag"] is None and tags == [origin.second[:7], "main"]
+    out, tags = _latest_tags(tmp_path, str(origin.bare), "r3", templates, ref="v2")
+    assert out["tag"] == "v2" and tags == [origin.second[:7], "v2"]
+
+
+def test_a_tag_object_given_as_the_commit_is_peeled(tmp_path, origin):
+    """A forge that reports an annotated tag's object as the pushed commit: the checkout builds,
+    and reports, the commit the tag points at (the daemon records that as the run's commit)."""
+    origin.tag("v4")
+    tag_object = git("rev-parse", "refs/tags/v4", cwd=origin.work)
+    assert tag_object != origin.second
+    out, _ = run(tmp_path, str(origin.bare), trigger={
+        "kind": "webhook", "ref": "refs/tags/v4", "tag": "v4", "commit": tag_object})
+    assert out["commit"] == origin.second and out["tag"] == "v4"
 
 
 def _latest_tags(tmp_path: Path, url: str, run_id: str, tags: list[str], **kw) -> tuple[dict, list]:

@@ -136,7 +136,8 @@ def test_new_pull_request_run():
         pipeline="app", trigger="pull_request", provider="github", ref="refs/pull/3/head",
         branch=None, tag=None, commit="8e2b6f3a1c9d4e5f60718293a4b5c6d7e8f90a1b", event=event_doc,
         vars={"A": "1"}, group="app/pr:3", cancel_in_progress=True, delivery="d-9", once=True,
-        withhold_secrets=True, skip_stages=BOTH)
+        withhold_secrets=True, skip_stages=BOTH,
+        note="app: pull request #3 from a fork: secrets withheld, push and deploy skipped")
     same = wh.new_pull_request_run(entry({"push": True, "deploy": True}), trig(False), event_doc)
     assert (same.withhold_secrets, same.skip_stages) == (False, ())
     assert wh.new_pull_request_run(entry({}, concurrency_group=None), trig(True), event_doc).group is None

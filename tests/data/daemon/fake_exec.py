@@ -4,7 +4,7 @@ real build. Takes the same argv (PIPELINE --json --run-id ID --data-dir DIR --re
 [--var K=V]...) and prints the same JSON events (docs/stage-outputs.md).
 
 PIPELINE is a JSON file: {"stages": [...], "sleep": seconds per stage, "fail": stage or null,
-"exit": code to exit with instead, "ticks": {"lines": n, "interval": s, "jitter": s, "delay": s}
+"exit": code to exit with instead, "outputs": {stage: the stage.end outputs}, "ticks": {"lines": n, "interval": s, "jitter": s, "delay": s}
 (each stage waits `delay`, then prints n lines "tick N" `interval` ± `jitter` apart, each with
 the time it was written: bench/dashboard.py's live log)}. --var FAKE_SLEEP=s / FAKE_FAIL=stage override it;
 --var FAKE_ECHO=text prints text in a log line and on stderr (masking tests); --skip STAGE and --withhold-secrets are recorded; FAKE_LINES=n
@@ -94,7 +94,8 @@ def main() -> int:
                 emit(event="run.end", status="failed", exit_code=1, duration=time.time() - start,
                      error=f"stage {stage!r} failed: on purpose")
                 return 1
-            emit(event="stage.end", stage=stage, status="success", duration=time.time() - t0, outputs={})
+            emit(event="stage.end", stage=stage, status="success", duration=time.time() - t0,
+                 outputs=spec.get("outputs", {}).get(stage, {}))
     except Cancel:
         emit(event="stage.end", stage=stage, status="cancelled", duration=0)
         emit(event="run.end", status="cancelled", exit_code=130, duration=time.time() - start)
