@@ -294,8 +294,8 @@ class Schedules:
     def head(self, p: PipelineEntry, ref: str) -> str | None:
         """The commit `ref` names now in the repository a run of `p` checks out: its pipeline's
         repository.url, reached with its credentials as the checkout reaches it (the entry's
-        `repo:` only says which webhooks start it, and may be absent). The entry's `repo:` when
-        the pipeline cannot be read. None when neither is reachable (logged): the run is then
+        `repo:` only says which webhooks start it, and may be absent). The entry's `repo:` for a
+        repository's pipeline (`pipeline:`) and when the pipeline file cannot be read. None when neither is reachable (logged): the run is then
         queued on the ref and its checkout records the commit it built."""
         core = self.core
 
@@ -303,10 +303,11 @@ class Schedules:
             log.warning(message, extra={"pipeline": p.name})
 
         url = ""
-        try:
-            url = load_pipeline(core.config.path(p.file), variables=dict(p.vars)).repository.url
-        except InvalidInput as exc:
-            warn(f"pipeline {p.name!r}: {str(exc).splitlines()[0]}")
+        if p.file:  # a repository's pipeline (pipeline:) is read from the entry's repo: itself
+            try:
+                url = load_pipeline(core.config.path(p.file), variables=dict(p.vars)).repository.url
+            except InvalidInput as exc:
+                warn(f"pipeline {p.name!r}: {str(exc).splitlines()[0]}")
         if not url and p.repo:
             url = str(core.config.path(p.repo)) if is_local_path(p.repo) else p.repo
         if not url:
