@@ -295,8 +295,9 @@ class Schedules:
         """The commit `ref` names now in the repository a run of `p` checks out: its pipeline's
         repository.url, reached with its credentials as the checkout reaches it (the entry's
         `repo:` only says which webhooks start it, and may be absent). The entry's `repo:` for a
-        repository's pipeline (`pipeline:`) and when the pipeline file cannot be read. None when neither is reachable (logged): the run is then
-        queued on the ref and its checkout records the commit it built."""
+        repository's pipeline (`pipeline:`) and when the pipeline file cannot be read. None when
+        neither is reachable (logged): the run is then queued on the ref and its checkout records
+        the commit it built."""
         core = self.core
 
         def warn(message: str) -> None:
