@@ -146,6 +146,14 @@ ALTER TABLE daemons ADD COLUMN pid INTEGER;
 ALTER TABLE daemons ADD COLUMN pid_start TEXT
 """
 
+# v7: what a delivery was about (the repository, the ref, the forge's action such as "opened" or
+# "synchronize"), so that the deliveries page says which push or pull request each row is.
+_V7 = """
+ALTER TABLE deliveries ADD COLUMN repository TEXT NOT NULL DEFAULT '';
+ALTER TABLE deliveries ADD COLUMN ref TEXT NOT NULL DEFAULT '';
+ALTER TABLE deliveries ADD COLUMN action TEXT NOT NULL DEFAULT ''
+"""
+
 SQLITE: tuple[Migration, ...] = (
     Migration(1, "runs, leases, stages, log lines, deliveries, poll state", _split(_V1.format(**_SQLITE_TYPES))),
     Migration(2, "runs: daemon, retry_of, withhold_secrets, skip_stages", _split(_V2.format(**_SQLITE_TYPES))),
@@ -153,6 +161,7 @@ SQLITE: tuple[Migration, ...] = (
     Migration(4, "runs: once_key, unique while active or succeeded", _split(_V4)),
     Migration(5, "indexes: runs by branch, runs by trigger, stages by name", _split(_V5)),
     Migration(6, "daemons: pid, pid_start", _split(_V6)),
+    Migration(7, "deliveries: repository, ref, action", _split(_V7)),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -162,6 +171,7 @@ POSTGRES: tuple[Migration, ...] = (
     Migration(4, "runs: once_key, unique while active or succeeded", _split(_V4.replace("char(10)", "chr(10)"))),
     Migration(5, "indexes: runs by branch, runs by trigger, stages by name", _split(_V5)),
     Migration(6, "daemons: pid, pid_start", _split(_V6)),
+    Migration(7, "deliveries: repository, ref, action", _split(_V7)),
 )
 
 LATEST = SQLITE[-1].version

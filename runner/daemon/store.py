@@ -87,6 +87,18 @@ class Accepted:
 
 
 @dataclass(frozen=True)
+class DeliveryAbout:
+    """What a delivery was about, for the deliveries page: the repository (its web address),
+    the ref ("refs/heads/main"; a pull request's "#3 feature/x → main") and the forge's action
+    ("opened", "synchronize"; a push's "created" or "deleted"). Empty when unknown: a delivery
+    refused before its payload was trusted says nothing from it."""
+
+    repository: str = ""
+    ref: str = ""
+    action: str = ""
+
+
+@dataclass(frozen=True)
 class Claimed:
     id: int
     pipeline: str
@@ -109,7 +121,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def accept_delivery(self, provider: str, delivery_id: str | None, event: str, runs: Sequence[NewRun],
-                        reasons: Sequence[str], remote: str = "") -> Accepted:
+                        reasons: Sequence[str], remote: str = "",
+                        about: DeliveryAbout = DeliveryAbout()) -> Accepted:
         """Record a delivery whose signature was verified, and queue `runs` in the same transaction.
         Its outcome is "queued" (202) if a run was queued, else "ignored" (200) with `reasons`.
         If the same (provider, delivery_id) was accepted before, queue nothing and return
@@ -117,7 +130,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def record_delivery(self, provider: str, delivery_id: str | None, event: str, outcome: str,
-                        reason: str, status_code: int, remote: str = "") -> int:
+                        reason: str, status_code: int, remote: str = "",
+                        about: DeliveryAbout = DeliveryAbout()) -> int:
         """Record a delivery that queues nothing (rejected, ping, ...). Does not claim the id."""
 
     @abc.abstractmethod

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 from runner.daemon import leases, migrations
-from runner.daemon.store import FINAL, Accepted, Claimed, NewRun, Store, StoreError
+from runner.daemon.store import FINAL, Accepted, Claimed, DeliveryAbout, NewRun, Store, StoreError
 from runner.proc import start_time
 
 _RUN_COLS = ("id, pipeline, status, reason, trigger, provider, ref, branch, tag, commit_sha, delivery, "
@@ -31,6 +31,11 @@ _RAN = ("queued", "running", "success")
 # Lock keys. Claims and recoveries share one: the per-pipeline limits and the concurrency groups
 # are counted over every daemon, so two claims must not count at once.
 QUEUE_LOCK = "queue"
+
+
+def _about(about: DeliveryAbout) -> tuple[str, str, str]:
+    """A delivery's repository, ref and action columns (bounded: they come from a payload)."""
+    return about.repository[:500], about.ref[:500], about.action[:100]
 
 
 def run_dict(row) -> dict:
@@ -210,7 +215,7 @@ class SqlStore(Store):
             ids, _ = self._insert_runs(db, [again], self._now(db))
             return ids[0]
 
-    def accept_delivery(self, provider, delivery_id, event, runs, reasons, remote=""):
+    def accept_delivery(self, provider, delivery_id, event, runs, reasons, remote="", about=DeliveryAbout()):
         key = f"{provider}:{delivery_id}" if delivery_id else None
         with self._tx() as db:
             now = self._now(db)
@@ -219,10 +224,11 @@ class SqlStore(Store):
             # and then find the row, so one of them queues the runs and the other says duplicate.
             row = db.one(
                 "INSERT INTO deliveries (provider, delivery_id, event, received_at, status_code, outcome, reason,"
-                " remote, dedup_key) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
-                (provider, delivery_id, event, now, 0, "pending", "", remote, key))
+                " remote, dedup_key, repository, ref, action) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+                (provider, delivery_id, event, now, 0, "pending", "", remote, key, *_about(about)))
             if row is None:
-                return self._duplicate(db, provider, delivery_id, event, key, remote, now)
+                return self._duplicate(db, provider, delivery_id, event, key, remote, now, about)
             row_id = int(row["id"])
             why = list(reasons)
             ids, cancel_running = self._insert_runs(db, runs, now, why)
@@ -234,7 +240,7 @@ class SqlStore(Store):
                  (status_code, outcome, reason, json.dumps(ids), row_id))
             return Accepted(row_id, False, tuple(ids), tuple(cancel_running), outcome, reason, status_code)
 
-    def _duplicate(self, db: Tx, provider, delivery_id, event, key, remote, now) -> Accepted:
+    def _duplicate(self, db: Tx, provider, delivery_id, event, key, remote, now, about) -> Accepted:
         first = db.one("SELECT id, run_ids FROM deliveries WHERE dedup_key=?", (key,))
         original = tuple(json.loads(first["run_ids"]))
         ended = db.all(f"SELECT id, status FROM runs WHERE id IN ({_marks(len(original))})", original) \
@@ -249,21 +255,25 @@ class SqlStore(Store):
                       "(" + ", ".join(f"{r['id']} {r['status']}" for r in ended) + "): queued again as run "
                       + ", ".join(map(str, ids)))
             row = db.one("INSERT INTO deliveries (provider, delivery_id, event, received_at, status_code, outcome,"
-                         " reason, run_ids, remote) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
-                         (provider, delivery_id, event, now, 202, "queued", reason, json.dumps(ids), remote))
+                         " reason, run_ids, remote, repository, ref, action) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                         " RETURNING id",
+                         (provider, delivery_id, event, now, 202, "queued", reason, json.dumps(ids), remote,
+                          *_about(about)))
             return Accepted(int(row["id"]), False, tuple(ids), tuple(cancel_running), "queued", reason, 202)
         row = db.one("INSERT INTO deliveries (provider, delivery_id, event, received_at, status_code, outcome,"
-                     " reason, run_ids, remote) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
+                     " reason, run_ids, remote, repository, ref, action) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                     " RETURNING id",
                      (provider, delivery_id, event, now, 200, "duplicate", f"duplicate of delivery #{first['id']}",
-                      json.dumps(list(original)), remote))
+                      json.dumps(list(original)), remote, *_about(about)))
         return Accepted(int(row["id"]), True, original, (), "duplicate", f"duplicate of delivery #{first['id']}")
 
-    def record_delivery(self, provider, delivery_id, event, outcome, reason, status_code, remote=""):
+    def record_delivery(self, provider, delivery_id, event, outcome, reason, status_code, remote="",
+                        about=DeliveryAbout()):
         with self._tx() as db:
             row = db.one(
                 "INSERT INTO deliveries (provider, delivery_id, event, received_at, status_code, outcome, reason,"
-                " remote) VALUES (?,?,?,?,?,?,?,?) RETURNING id",
-                (provider, delivery_id, event, self._now(db), status_code, outcome, reason, remote))
+                " remote, repository, ref, action) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                (provider, delivery_id, event, self._now(db), status_code, outcome, reason, remote, *_about(about)))
             return int(row["id"])
 
     def enqueue(self, runs):
@@ -587,8 +597,8 @@ class SqlStore(Store):
         return int(rows[0]["m"])
 
     def deliveries(self, limit=50, provider=None):
-        sql = ("SELECT id, provider, delivery_id, event, received_at, status_code, outcome, reason, run_ids, remote "
-               "FROM deliveries")
+        sql = ("SELECT id, provider, delivery_id, event, received_at, status_code, outcome, reason, run_ids, remote, "
+               "repository, ref, action FROM deliveries")
         args: list = []
         if provider:
             sql += " WHERE provider=?"

@@ -23,8 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from runner.daemon.config import DaemonConfig, PipelineEntry
-from runner.daemon.store import NewRun, StoreError
+from runner.daemon.store import DeliveryAbout, NewRun, StoreError
 from runner.errors import InvalidInput
+from runner.gitsafety import redact_url
 from runner.trigger import Trigger, UnsupportedEvent, parse_event
 
 log = logging.getLogger("runner.daemon.webhooks")
@@ -339,6 +340,16 @@ def parse_push(provider: str, payload: dict, headers: Mapping[str, str]) -> Trig
 
 # -- the handler ------------------------------------------------------------------------------
 
+def delivery_about(trigger: Trigger) -> DeliveryAbout:
+    """What the deliveries page says a push or pull request was about (pure)."""
+    repository = trigger.repo_url or redact_url(trigger.clone_url or "")
+    if trigger.kind == "pull_request":
+        branches = " → ".join(b for b in (trigger.head_branch, trigger.base_branch) if b)
+        return DeliveryAbout(repository, f"#{trigger.number} {branches}".strip(), trigger.action or "")
+    action = "deleted" if trigger.deleted else "created" if trigger.before is None else ""
+    return DeliveryAbout(repository, trigger.ref, action)
+
+
 def _reply(status: int, **body) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
@@ -466,7 +477,8 @@ def make_hook_handler(core, provider: str):
                     continue
                 runs.append(new_run(p, "tag" if trig.tag else "push", provider, trig.ref, trig.branch,
                                     trig.tag, trig.commit, stored_event, delivery=did))
-        acc = await run_in_threadpool(store.accept_delivery, provider, did, event, runs, reasons, remote)
+        about = delivery_about(trig) if trig is not None else DeliveryAbout()
+        acc = await run_in_threadpool(store.accept_delivery, provider, did, event, runs, reasons, remote, about)
         if acc.duplicate:
             return _reply(200, outcome="duplicate", reason="this delivery was already received",
                           runs=list(acc.run_ids), delivery=acc.delivery_row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import secrets as _random
 import sys
 from pathlib import Path
@@ -22,7 +23,10 @@ from tests.helpers import commit_files, make_repo, remove_app_on_server
 from tests.lab.deploy_fixtures import _port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "daemon"))
-from harness import TOKEN, config, daemon_in_process, git, push_payload, send_github, wait_for  # noqa: E402
+from harness import (TOKEN, config, daemon_in_process, fake_pipeline, git, push_payload, send_github,  # noqa: E402
+                     wait_for)
+
+from runner.daemon.store import NewRun  # noqa: E402
 
 from tests.lab.browser import phone, screenshot  # noqa: E402
 from tests.lab.browser import wait_for as wait_page  # noqa: E402
@@ -100,6 +104,14 @@ def _login(browser, url: str) -> None:
     browser.find_element("id", "token").send_keys(TOKEN)
     browser.find_element("css selector", "form.stacked button[type=submit]").click()
     wait_page(browser, lambda: browser.current_url.endswith("/runs"), what="the runs page after logging in")
+
+
+def _answer(browser, question: str, accept: bool) -> None:
+    """The browser's confirmation dialog, which the page's script opens before a form that
+    cancels or rolls back: it must say what it asks; accept or dismiss it."""
+    alert = wait_page(browser, lambda: browser.switch_to.alert, timeout=5, what=f"the dialog asking {question!r}")
+    assert alert.text == question
+    alert.accept() if accept else alert.dismiss()
 
 
 def _no_secret(text: str, where: str) -> None:
@@ -228,6 +240,7 @@ def test_cancel_from_the_page_cancels_the_run(dash, browser):
               what="the slow build's first line on the page")
     screenshot(browser, "run-live")
     browser.find_element("id", "cancel").click()
+    _answer(browser, f"Cancel run {run_id}?", accept=True)
     wait_page(browser, lambda: "cancel requested" in browser.page_source, what="the cancel's confirmation")
     run = _final(d, run_id, timeout=60)
     assert run["status"] == "cancelled" and "dashboard" in run["reason"], run
@@ -249,6 +262,7 @@ def test_roll_back_from_the_servers_page(dash, browser):
     button = browser.find_element("css selector", f"button[aria-label='Roll back dash to sha256:{first[7:19]}']")
     screenshot(browser, "servers-releases")
     button.click()
+    _answer(browser, f"Roll dash back to sha256:{first[7:19]} on every server?", accept=True)
     wait_page(browser, lambda: re.search(r"/runs/(\d+)\?done=", browser.current_url), what="the rollback run's page")
     run_id = int(re.search(r"/runs/(\d+)", browser.current_url).group(1))
     assert "rollback of dash to" in browser.page_source
@@ -302,3 +316,116 @@ def test_log_out_ends_the_session(dash, browser):
     assert browser.get_cookie("runner_session") is None
     assert httpx.get(f"{url}/runs", cookies={"runner_session": cookie}).status_code == 303  # ended here too
     screenshot(browser, "login")
+
+
+def test_the_log_pane_follows_and_a_stage_that_ended_unseen_shows_ended(browser, tmp_path):
+    """A daemon that runs nothing (concurrency 0): the test writes the run's stages and lines into
+    its store as a worker would, so that it decides when each arrives."""
+    message = "Fix the <b>cache</b> key\n\nIt was keyed by path; now by the file's digest."
+    event = {"provider": "github", "headers": {}, "payload": {"ref": "refs/heads/main", "head_commit": {
+        "id": "a" * 40, "message": message, "author": {"name": "Ann Author"}}}}
+    cfg = config(tmp_path, [{"name": "app", "file": str(fake_pipeline(tmp_path))}], concurrency=0)
+    with daemon_in_process(cfg) as d:
+        (run_id,), _ = d.store.enqueue([NewRun(pipeline="app", trigger="push", provider="github",
+                                               ref="refs/heads/main", branch="main", commit="a" * 40, event=event)])
+        d.store.stage_event(run_id, "checkout", "success", duration=0.4)
+        d.store.stage_event(run_id, "build", "running")
+        seq = 0
+
+        def lines(n: int, shown: bool = True) -> None:
+            nonlocal seq
+            d.store.append_logs(run_id, [(seq + i + 1, "build", time.time(), f"step {seq + i + 1}") for i in range(n)])
+            seq += n
+            d.live.changed(run_id)
+            if shown:
+                wait_page(browser, lambda: browser.find_elements("id", f"L{seq}"), what=f"line {seq} on the page")
+
+        lines(3, shown=False)
+        _login(browser, d.url)  # signed with the same API token as the module's daemon: both accept it
+        # The page's stream is held back (the browser pauses its request) while a stage ends: as
+        # when the page is served just before a stage ends and its stream connects just after.
+        browser.execute_cdp_cmd("Fetch.enable", {"patterns": [{"urlPattern": "*/events*"}]})
+        try:
+            browser.get(f"{d.url}/runs/{run_id}")
+
+            def build_status() -> str:
+                return browser.find_element("xpath", "//table[contains(@class,'stages')]//tr[th/a='build']").text
+            assert "running" in build_status()
+            d.store.stage_event(run_id, "build", "success", duration=2.0)
+            d.store.stage_event(run_id, "test", "running")
+        finally:
+            browser.execute_cdp_cmd("Fetch.disable", {})  # lets the paused request go on
+        # The stream connects now and finds nothing new to send but the states: the page must
+        # show the build ended all the same.
+        wait_page(browser, lambda: "success" in build_status(), timeout=15,
+                  what="the build, which ended before the stream connected, shown ended")
+        assert "Fix the <b>cache</b> key" in browser.find_element("id", "commit-message").text
+        assert browser.find_element("id", "commit-author").text == "Ann Author"
+        browser.find_element("css selector", "#commit-message summary").click()  # the rest of the message
+        assert "now by the file's digest" in browser.find_element("id", "commit-message").text
+        screenshot(browser, "run-commit")
+        with phone(browser):
+            screenshot(browser, "run-commit-phone")
+
+        # The log pane follows new lines while it is at its end...
+        for _ in range(4):
+            lines(40)
+        pane = "document.querySelector('#log-build pre')"
+        height, top, client = browser.execute_script(f"var p = {pane}; return [p.scrollHeight, p.scrollTop, p.clientHeight]")
+        assert height > client + 500, "the pane should overflow for this test to mean anything"
+        assert height - top - client < 30, (height, top, client)
+        browser.execute_script("window.scrollTo(0, 0)")
+        screenshot(browser, "run-following")
+        with phone(browser):
+            screenshot(browser, "run-following-phone")
+        # ...stays where the reader scrolled up to...
+        browser.execute_script(f"{pane}.scrollTop = 100")
+        time.sleep(0.2)  # the scroll event
+        lines(20)
+        assert browser.execute_script(f"return {pane}.scrollTop") == 100
+        # ...and follows again once scrolled back down to the end.
+        browser.execute_script(f"var p = {pane}; p.scrollTop = p.scrollHeight")
+        time.sleep(0.2)
+        lines(20)
+        height, top, client = browser.execute_script(f"var p = {pane}; return [p.scrollHeight, p.scrollTop, p.clientHeight]")
+        assert height - top - client < 30, (height, top, client)
+
+        # Cancel asks first: dismissed, nothing happens; accepted, the run is cancelled.
+        browser.find_element("id", "cancel").click()
+        _answer(browser, f"Cancel run {run_id}?", accept=False)
+        time.sleep(0.3)
+        assert d.store.get_run(run_id)["status"] == "queued" and f"/runs/{run_id}" in browser.current_url
+        browser.find_element("id", "cancel").click()
+        _answer(browser, f"Cancel run {run_id}?", accept=True)
+        wait_page(browser, lambda: d.store.get_run(run_id)["status"] == "cancelled", what="the run cancelled")
+        wait_page(browser, lambda: "cancelled" in browser.find_element("id", "run-status").text,
+                  what="the page to show the run cancelled")
+
+        # A pull request's run whose tests failed, as the page shows it (for the screenshots).
+        pull = {"provider": "github", "headers": {}, "payload": {"action": "opened", "number": 2, "pull_request": {
+            "number": 2, "title": "Add the login page", "html_url": "https://github.com/acme/app/pull/2",
+            "user": {"login": "contributor"}, "head": {"ref": "feature/login"}, "base": {"ref": "main"}}}}
+        (failed,), _ = d.store.enqueue([NewRun(pipeline="app", trigger="pull_request", provider="github",
+                                               ref="refs/pull/2/head", commit="b" * 40, event=pull)])
+        d.store.stage_event(failed, "checkout", "success", duration=0.4)
+        d.store.stage_event(failed, "build", "success", duration=3.1, outputs={"cached_steps": 5, "total_steps": 6})
+        d.store.stage_event(failed, "test", "failed", duration=7.5, error="step unit failed: 2 tests failed", outputs={
+            "passed": False, "summary": "41 passed, 2 failed, 1 skipped", "services": ["db"],
+            "counts": {"passed": 41, "failed": 2, "errors": 0, "skipped": 1, "total": 44},
+            "steps": [{"name": "unit", "image": "sha256:abc", "status": "failed", "exit_code": 1,
+                       "failed_command": "pytest -q --junitxml=reports/unit.xml", "duration": 6.0,
+                       "counts": {"passed": 41, "failed": 2, "errors": 0, "skipped": 1, "total": 44}, "reports": []},
+                      {"name": "lint", "image": "python:3.12", "status": "not run", "exit_code": None,
+                       "failed_command": None, "duration": 0.0, "counts": {}, "reports": []}],
+            "failures": [{"step": "unit", "test": "tests.test_db.test_insert", "message": "assert 1 == 2",
+                          "error": False},
+                         {"step": "unit", "test": "tests.test_db.test_unique_email",
+                          "message": "psycopg.errors.UniqueViolation: duplicate key value", "error": False}],
+            "phases": {}})
+        browser.get(f"{d.url}/runs/{failed}")
+        assert browser.find_element("id", "pull-request").text == "#2 Add the login page"
+        assert "41 passed, 2 failed, 1 skipped" in browser.find_element("id", "test-summary").text
+        assert "tests.test_db.test_unique_email" in browser.find_element("css selector", "table.test-failures").text
+        screenshot(browser, "run-pull-request-tests")
+        with phone(browser):
+            screenshot(browser, "run-pull-request-tests-phone")

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from runner.daemon import migrations
-from runner.daemon.store import NewRun, StoreError, open_store
+from runner.daemon.store import DeliveryAbout, NewRun, StoreError, open_store
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -176,6 +176,19 @@ def test_redelivery_and_a_new_delivery_run_a_failed_commit_again(store):
     s.finish(c, "me", "failed", 1)
     poll = NewRun("app", "poll", ref="refs/heads/main", branch="main", commit="c" * 40, once=True)
     assert s.enqueue([poll]) == ([], [])
+
+
+def test_a_delivery_keeps_what_it_was_about(store):
+    s = store
+    about = DeliveryAbout("https://forge.example/acme/app", "#4 feature/y → main", "synchronize")
+    s.accept_delivery("github", "d-1", "pull_request", [], ["ignored"], "10.0.0.1", about)
+    s.accept_delivery("github", "d-1", "pull_request", [], [], "10.0.0.1", about)  # its duplicate
+    s.record_delivery("github", "d-2", "push", "rejected", "signature does not match", 401, "10.0.0.2")
+    rows = {(d["delivery_id"], d["outcome"]): d for d in s.deliveries()}
+    for key in (("d-1", "ignored"), ("d-1", "duplicate")):
+        assert (rows[key]["repository"], rows[key]["ref"], rows[key]["action"]) == \
+            ("https://forge.example/acme/app", "#4 feature/y → main", "synchronize")
+    assert (rows[("d-2", "rejected")]["repository"], rows[("d-2", "rejected")]["ref"]) == ("", "")
 
 
 def test_retry(store):

@@ -4,6 +4,7 @@ a page and in the event stream, and where a login may send the browser. The real
 pipelines and the lab are in tests/lab/test_dashboard.py."""
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "daemon"))
-from harness import AUTH, TOKEN, config, daemon_in_process, fake_pipeline, wait_for  # noqa: E402
+from harness import (AUTH, TOKEN, config, daemon_in_process, fake_pipeline, push_payload, send_github,  # noqa: E402
+                     wait_for)
+
+from runner.daemon.store import NewRun  # noqa: E402
 
 SHA1 = "0123456789abcdef0123456789abcdef01234567"
 FINAL = ("success", "failed", "invalid", "cancelled", "interrupted")
@@ -91,7 +95,7 @@ def test_open_read_pages_still_need_a_login_to_act(tmp_path):
         # Logged in, the queued run is cancelled from its page's form.
         c = _logged_in(d.url)
         form_page = c.get(f"/runs/{run_id}").text
-        r = c.post(f"/runs/{run_id}/cancel", data={"csrf": _csrf(form_page)})
+        r = c.post(f"/runs/{run_id}/cancel", data={"csrf": _csrf(form_page), "confirmed": "yes"})
         assert r.status_code == 303 and r.headers["location"].startswith(f"/runs/{run_id}?done=")
         assert d.store.get_run(run_id)["status"] == "cancelled"
         assert "cancelled" in c.get(r.headers["location"]).text
@@ -188,3 +192,142 @@ def test_a_commit_links_to_the_forge_from_the_runs_stored_event(tmp_path):
         link = f'href="https://github.com/acme/app/commit/{SHA1}"'
         assert link in c.get(f"/runs/{run_id}").text
         assert link in c.get("/runs").text
+
+
+def _queued(d, event: dict, pipeline: str = "app") -> int:
+    """A run with this stored event, left queued (the daemons here run nothing: concurrency 0)."""
+    ids, _ = d.store.enqueue([NewRun(pipeline=pipeline, trigger="push", provider="github", ref="refs/heads/main",
+                                     branch="main", commit=SHA1, event=event)])
+    return ids[0]
+
+
+def test_a_run_page_shows_the_commit_message_author_and_the_pull_request_escaped(tmp_path):
+    hostile = "<script>alert(1)</script> fix the <b>cache</b>"
+    push = {"provider": "github", "headers": {}, "payload": {
+        "ref": "refs/heads/main", "after": SHA1,
+        "head_commit": {"id": SHA1, "message": f"{hostile}\n\nbody <img src=x onerror=alert(2)>\nmore",
+                        "author": {"name": "Eve <eve@example.com>"}}}}
+    pull = {"provider": "github", "headers": {}, "payload": {
+        "action": "opened", "number": 2, "pull_request": {
+            "number": 2, "title": "Add the <login> page", "html_url": "https://github.com/acme/app/pull/2",
+            "user": {"login": "contributor"}, "head": {"ref": "feature/login"}, "base": {"ref": "main"}}}}
+    with daemon_in_process(_cfg(tmp_path, concurrency=0)) as d:
+        push_id, pull_id = _queued(d, push), _queued(d, pull)
+        c = _logged_in(d.url)
+        page = c.get(f"/runs/{push_id}").text
+        assert "<script>alert(1)" not in page and "<img src=x" not in page and "<b>cache" not in page
+        # The first line shown, the rest collapsed under it.
+        assert ('<summary><span class="title">&lt;script&gt;alert(1)&lt;/script&gt; fix the &lt;b&gt;cache&lt;/b&gt;'
+                '</span></summary><pre class="body">body &lt;img src=x onerror=alert(2)&gt;\nmore</pre>') in page
+        assert '<dd id="commit-author">Eve &lt;eve@example.com&gt;</dd>' in page
+        page = c.get(f"/runs/{pull_id}").text
+        assert ('<a href="https://github.com/acme/app/pull/2" rel="noopener noreferrer">#2</a> Add the &lt;login&gt; page'
+                in page)
+        assert "feature/login → main" in page and "refs/pull" not in page
+        assert '<dd id="commit-author">contributor</dd>' in page
+
+
+def test_a_run_page_shows_the_test_results(tmp_path):
+    with daemon_in_process(_cfg(tmp_path, concurrency=0)) as d:
+        run_id = _run(d)
+        d.store.stage_event(run_id, "test", "failed", duration=7.5, error="step unit failed", outputs={
+            "passed": False, "summary": "41 passed, 2 failed, 1 skipped", "services": ["db"],
+            "counts": {"passed": 41, "failed": 2, "errors": 0, "skipped": 1, "total": 44},
+            "steps": [{"name": "unit", "image": "sha256:abc", "status": "failed", "exit_code": 1,
+                       "failed_command": "pytest -q", "duration": 6.0,
+                       "counts": {"passed": 41, "failed": 2, "errors": 0, "skipped": 1, "total": 44}, "reports": []},
+                      {"name": "lint", "image": "python:3", "status": "not run", "exit_code": None,
+                       "failed_command": None, "duration": 0.0, "counts": {}, "reports": []}],
+            "failures": [{"step": "unit", "test": "tests.test_db.test_insert", "message": "assert 1 == <2>",
+                          "error": False}],
+            "phases": {}})
+        page = _logged_in(d.url).get(f"/runs/{run_id}").text
+        assert '<p id="test-summary">' in page and "41 passed, 2 failed, 1 skipped; services db." in page
+        unit = re.search(r'<th scope="row">unit</th>(.*?)</tr>', page, re.S).group(1)
+        assert "✘ failed" in unit and "41 passed, 2 failed, 1 skipped" in unit and "<code>pytest -q</code> exited 1" in unit
+        assert "– not run" in re.search(r'<th scope="row">lint</th>(.*?)</tr>', page, re.S).group(1)
+        assert "<code>tests.test_db.test_insert</code>" in page and "assert 1 == &lt;2&gt;" in page
+
+
+def _first_event(c: httpx.Client, path: str, event: str) -> dict:
+    with c.stream("GET", path) as s:
+        name = None
+        for line in s.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: ") and name == event:
+                return json.loads(line[6:])
+    raise AssertionError(f"no {event} event")
+
+
+def test_the_event_stream_first_replays_the_stage_states(tmp_path):
+    with daemon_in_process(_cfg(tmp_path, concurrency=0)) as d:
+        run_id = _run(d)
+        d.store.stage_event(run_id, "build", "running")
+        c = _logged_in(d.url)
+        page = c.get(f"/runs/{run_id}").text
+        assert 'data-state="queued;build=running"' in page
+        # The stage ends after the page was made, before its stream connects: the stream's first
+        # word is the state now, which the page's script compares with its own.
+        d.store.stage_event(run_id, "build", "success", duration=1.0)
+        assert _first_event(c, f"/runs/{run_id}/events", "changed") == {
+            "status": "queued", "state": "queued;build=success"}
+        assert 'data-state="queued;build=success"' in c.get(f"/runs/{run_id}/summary").text
+
+
+def test_cancel_and_roll_back_ask_first(tmp_path):
+    with daemon_in_process(_cfg(tmp_path, concurrency=0)) as d:
+        run_id = _run(d)
+        c = _logged_in(d.url)
+        page = c.get(f"/runs/{run_id}").text
+        assert f'data-confirm="Cancel run {run_id}?"' in page  # the page's script asks
+        # Without the script: a page that asks, whose form carries the CSRF token and the answer.
+        r = c.post(f"/runs/{run_id}/cancel", data={"csrf": _csrf(page)})
+        assert r.status_code == 200 and f"Cancel run {run_id}?" in r.text
+        assert d.store.get_run(run_id)["status"] == "queued"
+        assert '<input type="hidden" name="confirmed" value="yes">' in r.text and _csrf(r.text) == _csrf(page)
+        r = c.post(f"/runs/{run_id}/cancel", data={"csrf": _csrf(r.text), "confirmed": "yes"})
+        assert r.status_code == 303 and d.store.get_run(run_id)["status"] == "cancelled"
+        r = c.post("/pipelines/app/rollback", data={"csrf": _csrf(page), "to": "sha256:" + "a" * 64})
+        assert r.status_code == 200 and "Roll app back to sha256:aaaaaaaaaaaa on every server?" in r.text
+        assert f'name="to" value="sha256:{"a" * 64}"' in r.text
+        assert [x["trigger"] for x in d.store.list_runs()] == ["manual"]  # no rollback queued
+
+
+def test_roll_back_is_not_offered_for_the_release_that_runs(tmp_path):
+    def deployed(run_id: int, digest: str) -> None:
+        d.store.stage_event(run_id, "deploy", "success", duration=2.0, outputs={
+            "app": "app", "what": "deploy", "ok": True, "headline": "deployed",
+            "servers": [{"name": "web-1", "status": "deployed", "digest": digest, "previous_digest": None,
+                         "rolled_back": False, "verified": True, "reason": "", "phases": {}}]})
+    first, second = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    with daemon_in_process(_cfg(tmp_path, concurrency=0)) as d:
+        a = _run(d)
+        deployed(a, first)
+        c = _logged_in(d.url)
+        page = c.get(f"/runs/{a}").text
+        assert 'id="rollback-here"' not in page and "This release (sha256:111111111111) runs now" in page
+        b = _run(d)
+        deployed(b, second)
+        assert 'id="rollback-here"' in c.get(f"/runs/{a}").text
+        assert 'id="rollback-here"' not in c.get(f"/runs/{b}").text
+
+
+def test_deliveries_page_shows_repository_ref_and_action(tmp_path):
+    repo = "https://forge.example/acme/app"
+    cfg = config(tmp_path, [{"name": "app", "file": str(fake_pipeline(tmp_path)), "repo": repo + ".git",
+                             "triggers": {"push": {"branches": ["main"]}}}], concurrency=0)
+    with daemon_in_process(cfg) as d:
+        assert send_github(d.url, push_payload(repo, ref="refs/heads/feature/x"), "d-1").json()["outcome"] == "ignored"
+        pull = {"action": "synchronize", "number": 4, "pull_request": {
+            "number": 4, "title": "t", "html_url": f"{repo}/pull/4", "user": {"login": "u"},
+            "head": {"ref": "feature/y", "sha": "b" * 40, "repo": {"clone_url": repo + ".git", "html_url": repo}},
+            "base": {"ref": "main", "sha": "c" * 40, "repo": {"clone_url": repo + ".git", "html_url": repo}}},
+            "repository": {"clone_url": repo + ".git", "html_url": repo, "full_name": "acme/app"}}
+        send_github(d.url, pull, "d-2", event="pull_request")
+        page = _logged_in(d.url).get("/deliveries").text
+        rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr class=\"out-\w+\">.*?<code>(d-\d)</code>.*?</tr>",
+                                                                page, re.S)}
+        assert f'<td class="repo">{repo}</td>' in rows["d-1"] and '<td class="ref">refs/heads/feature/x</td>' in rows["d-1"]
+        assert '<small class="action">synchronize</small>' in rows["d-2"]
+        assert '<td class="ref">#4 feature/y → main</td>' in rows["d-2"]

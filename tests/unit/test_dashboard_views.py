@@ -2,6 +2,9 @@
 page's query and pagination, and the session cookie and CSRF token (runner/daemon/dashboard)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from runner.daemon.dashboard import views
@@ -86,6 +89,91 @@ def test_commit_url_needs_a_commit():
     assert views.commit_url("not-a-sha", event) is None
 
 
+
+# -- what a run's event says of its commit and pull request ----------------------------------------
+
+EVENTS = Path(__file__).resolve().parents[1] / "data" / "events"
+
+
+def _event(name: str, provider: str) -> dict:
+    return {"provider": provider, "headers": {}, "payload": json.loads((EVENTS / f"{name}.json").read_text())}
+
+
+@pytest.mark.parametrize("name,provider,facts", [
+    ("github_push", "github", views.CommitFacts(title="Update README.md", author="Mona Octocat")),
+    ("github_tag_push", "github", views.CommitFacts(title="Update README.md", author="Mona Octocat")),
+    ("gitea_push", "gitea", views.CommitFacts(title="Webhooks Yay!", author="Gitea")),
+    ("gitlab_push", "gitlab", views.CommitFacts(title="fixed readme", author="GitLab dev user")),
+    ("github_pull_request", "github", views.CommitFacts(
+        author="contributor", pull_number=3, pull_title="Fix the login redirect",
+        pull_url="https://github.com/octo-org/app/pull/3", pull_branches="fix-login → main")),
+    ("gitea_pull_request", "gitea", views.CommitFacts(
+        author="gitea", pull_number=7, pull_title="Add the login page",
+        pull_url="http://localhost:3000/gitea/webhooks/pulls/7", pull_branches="feature/login → master")),
+    ("gitlab_merge_request", "gitlab", views.CommitFacts(
+        title="Move the viewport settings", author="John Smith", pull_number=5, pull_title="MS-Viewport",
+        pull_url="http://example.com/mike/diaspora/-/merge_requests/5", pull_branches="ms-viewport → master")),
+])
+def test_commit_facts_of_each_forges_published_payload(name, provider, facts):
+    assert views.commit_facts(_event(name, provider)) == facts
+
+
+def test_commit_facts_split_the_message_and_pick_the_pushed_commit():
+    payload = {"checkout_sha": "b" * 40, "commits": [
+        {"id": "b" * 40, "message": "Fix the cache\n\nIt was keyed by path.\nNow by digest.\n",
+         "author": {"name": "Ann"}},
+        {"id": "c" * 40, "message": "a later commit of the push", "author": {"name": "Bob"}}]}
+    assert views.commit_facts({"payload": payload}) == views.CommitFacts(
+        title="Fix the cache", body="It was keyed by path.\nNow by digest.", author="Ann")
+    # GitHub without head_commit: the last commit of the push.
+    del payload["checkout_sha"]
+    assert views.commit_facts({"payload": payload}).author == "Bob"
+
+
+@pytest.mark.parametrize("event", [
+    None, {}, {"payload": "x"}, {"payload": {"head_commit": {"id": SHA}}},  # a poll's synthetic event
+    {"payload": {"head_commit": "x", "commits": "y", "pull_request": [1]}},
+])
+def test_commit_facts_of_events_without_them_are_empty(event):
+    assert views.commit_facts(event) == views.CommitFacts()
+
+
+def test_commit_facts_keep_only_web_links_and_whole_numbers():
+    payload = {"pull_request": {"number": True, "title": "t", "html_url": "javascript:alert(1)"}}
+    assert views.commit_facts({"payload": payload}) == views.CommitFacts(pull_title="t")
+
+
+# -- which release runs now, and what the stream replays ---------------------------------------
+
+def _deploy(status, *servers):
+    return {"stage_status": status, "outputs": {"servers": [
+        {"digest": d, "previous_digest": p, "rolled_back": rb} for d, p, rb in servers]}}
+
+
+A, B = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+
+@pytest.mark.parametrize("deploys,running", [
+    ([], None),
+    ([_deploy("success", (B, A, False), (B, A, False)), _deploy("success", (A, None, False))], B),
+    # A failed deploy that put every server back: the release before it still runs.
+    ([_deploy("failed", (B, A, True), (B, A, True)), _deploy("success", (A, None, False))], A),
+    # A failed one that left a server switched, or one still going: unknown.
+    ([_deploy("failed", (B, A, False), (B, A, True)), _deploy("success", (A, None, False))], None),
+    ([_deploy("running"), _deploy("success", (A, None, False))], None),
+    ([_deploy("skipped"), _deploy("success", (A, None, False))], A),
+    ([_deploy("success", (A, None, False), (B, None, False))], None),  # servers disagree
+])
+def test_running_release(deploys, running):
+    assert views.running_release(deploys) == running
+
+
+def test_run_state_names_the_run_and_every_stage():
+    assert views.run_state("running", [{"name": "checkout", "status": "success"},
+                                       {"name": "build", "status": "running"}]) == \
+        "running;checkout=success;build=running"
+    assert views.run_state("queued", []) == "queued"
+
 # -- the runs page's query --------------------------------------------------------------------------
 
 def test_run_query_keeps_only_known_values():
@@ -161,3 +249,23 @@ def test_no_token_no_logins():
     s = Sessions(None)
     assert not s.enabled
     assert s.login("") is None and s.login("anything") is None
+
+
+# -- what a delivery was about (the deliveries page's columns) -------------------------------------
+
+@pytest.mark.parametrize("name,provider,event,about", [
+    ("github_push", "github", "push", ("https://github.com/octo-org/app", "refs/heads/main", "")),
+    ("github_delete", "github", "push", ("https://github.com/octo-org/app", "refs/heads/feature/old-login", "deleted")),
+    ("gitlab_tag_push", "gitlab", "Tag Push Hook", ("http://example.com/mike/diaspora", "refs/tags/v1.0.0", "created")),
+    ("gitea_pull_request", "gitea", "pull_request",
+     ("http://localhost:3000/gitea/webhooks", "#7 feature/login → master", "synchronized")),
+    ("gitlab_merge_request", "gitlab", "Merge Request Hook",
+     ("http://example.com/mike/diaspora", "#5 ms-viewport → master", "update")),
+])
+def test_delivery_about_each_forges_published_payload(name, provider, event, about):
+    from runner.daemon.store import DeliveryAbout
+    from runner.daemon.webhooks import delivery_about, parse_push
+
+    header = {"github": "x-github-event", "gitea": "x-gitea-event", "gitlab": "x-gitlab-event"}[provider]
+    trigger = parse_push(provider, _event(name, provider)["payload"], {header: event})
+    assert delivery_about(trigger) == DeliveryAbout(*about)

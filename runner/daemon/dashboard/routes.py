@@ -287,10 +287,15 @@ class Dashboard:
             return None
         stages = {s["name"]: s for s in self.core.store.stages(run_id)}
         entry = self.core.config.pipeline(run["pipeline"])
-        event = self.core.store.run_event(run_id) if run.get("commit") else {}
-        return {"run": run, "stages": stages,
+        event = self.core.store.run_event(run_id)
+        deploy = stages.get("deploy")
+        # Which release runs now, by the stored deploys: only asked when this run has one to offer.
+        running = views.running_release(self.core.store.deploys(run["pipeline"], 8)) \
+            if deploy and deploy["status"] == "success" else None
+        return {"run": run, "stages": stages, "facts": views.commit_facts(event),
                 "commit_url": views.commit_url(run.get("commit"), event, entry.repo if entry else None),
-                "duration": views.run_duration(run), "can_rollback": entry is not None}
+                "duration": views.run_duration(run), "can_rollback": entry is not None,
+                "running_release": running, "state": views.run_state(run["status"], stages.values())}
 
     async def run_page(self, request: Request, run_id: int):
         data = await run_in_threadpool(self._run, run_id)
@@ -317,8 +322,7 @@ class Dashboard:
         async def stream():
             nonlocal after_seq
             yield "retry: 1000\n\n"
-            status = None
-            stage_marks: tuple = ()
+            said_state = None
             said = time.monotonic()
             while True:
                 since = self.hub.version(run_id)
@@ -335,11 +339,12 @@ class Dashboard:
                                            "html": views.ansi_to_html(masker.mask(line["line"]))}, line["seq"])
                     if len(lines) < 500:
                         break
-                marks = tuple((s["name"], s["status"]) for s in await run_in_threadpool(store.stages, run_id))
-                if run["status"] != status or marks != stage_marks:
-                    if status is not None:
-                        yield _sse("changed", {"status": run["status"]})
-                    status, stage_marks = run["status"], marks
+                state = views.run_state(run["status"], await run_in_threadpool(store.stages, run_id))
+                if state != said_state:
+                    # The first one too: the page was rendered before this stream connected, and
+                    # a stage may have ended in between; the page compares it with its own.
+                    yield _sse("changed", {"status": run["status"], "state": state})
+                    said_state = state
                 if run["status"] in FINAL or self.hub.closed:
                     yield _sse("end", {"status": run["status"]})
                     return
@@ -351,7 +356,20 @@ class Dashboard:
 
     # -- actions -----------------------------------------------------------------------------
 
+    def confirm(self, request: Request, form: dict, question: str, button: str, back: str,
+                **fields) -> HTMLResponse | None:
+        """None when the form says it was confirmed (the page's script asked, or this page was
+        answered); else the page that asks, whose form posts the same fields again, confirmed."""
+        if form.get("confirmed") == "yes":
+            return None
+        return self.page(request, "confirm.html", question=question, button=button, action=request.url.path,
+                         fields={k: v for k, v in fields.items() if v}, back=back)
+
     async def cancel(self, request: Request, run_id: int, form: dict):
+        asked = self.confirm(request, form, f"Cancel run {run_id}?", "Yes, cancel the run",
+                             f"/runs/{run_id}")
+        if asked is not None:
+            return asked
         before = await run_in_threadpool(self.core.cancel, run_id, "cancelled from the dashboard")
         if before is None:
             return self.refuse(request, 404, "No such run", f"There is no run {run_id}.")
@@ -381,6 +399,10 @@ class Dashboard:
         if self.core.config.pipeline(name) is None:
             return self.refuse(request, 404, "No such pipeline", f"This daemon has no pipeline {name!r}.")
         to = (form.get("to") or "").strip() or None
+        asked = self.confirm(request, form, f"Roll {name} back to {views.short(to) if to else 'its previous verified release'}"
+                             " on every server?", "Yes, roll back", "/servers", to=to)
+        if asked is not None:
+            return asked
         try:
             run_id = await run_in_threadpool(self.core.trigger_rollback, name, to)
         except InvalidInput as exc:

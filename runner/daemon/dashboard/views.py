@@ -192,6 +192,99 @@ def commit_url(commit: str | None, event: dict | None, repo: str | None = None) 
     return f"{base}/-/commit/{commit}" if "gitlab" in urllib.parse.urlsplit(base).hostname else f"{base}/commit/{commit}"
 
 
+@dataclass(frozen=True)
+class CommitFacts:
+    """What a run's page tells of the change it built, from the forge's own event: the commit's
+    message and author (a push), the pull or merge request (number, title, link). Untrusted text
+    (anyone who can push writes it): the templates escape it."""
+
+    title: str = ""  # the message's first line
+    body: str = ""  # the rest of the message, when there is more
+    author: str = ""
+    pull_number: int | None = None
+    pull_title: str = ""
+    pull_url: str | None = None
+    pull_branches: str = ""  # "feature/x → main": the branch it brings, the one it targets
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _person(value) -> str:
+    """A commit's or a forge user's name: the display name, else the login."""
+    d = _dict(value)
+    return (_text(d.get("name")) or _text(d.get("full_name")) or _text(d.get("username"))
+            or _text(d.get("login"))).strip()
+
+
+def commit_facts(event: dict | None) -> CommitFacts:
+    """The commit and pull request a run's stored event ({provider, headers, payload}) names.
+
+    GitHub, Gitea and Forgejo pushes: `head_commit` (else the last of `commits`); GitLab pushes:
+    the commit of `checkout_sha` among `commits` (else the last). Pull requests (GitHub, Gitea,
+    Forgejo): `pull_request` number, title, html_url, user. GitLab merge requests:
+    `object_attributes` iid, title, url and `last_commit`. An event without them (a poll's, a
+    manual run's) gives empty facts; a link that is not http(s) is dropped."""
+    payload = _dict(_dict(event).get("payload"))
+    commits = [c for c in payload.get("commits") or [] if isinstance(c, dict)] \
+        if isinstance(payload.get("commits"), list) else []
+    commit = _dict(payload.get("head_commit"))
+    if not commit and commits:
+        head = _text(payload.get("checkout_sha")) or _text(payload.get("after"))
+        commit = next((c for c in commits if c.get("id") == head), commits[-1])
+    author = _person(commit.get("author"))
+    number, title, url, head, base = None, "", None, "", ""
+    pull = _dict(payload.get("pull_request"))
+    attrs = _dict(payload.get("object_attributes"))
+    if pull:
+        number, title, url = pull.get("number"), _text(pull.get("title")), _text(pull.get("html_url"))
+        head, base = _text(_dict(pull.get("head")).get("ref")), _text(_dict(pull.get("base")).get("ref"))
+        author = author or _person(pull.get("user"))
+    elif payload.get("object_kind") == "merge_request" and attrs:
+        number, title, url = attrs.get("iid"), _text(attrs.get("title")), _text(attrs.get("url"))
+        head, base = _text(attrs.get("source_branch")), _text(attrs.get("target_branch"))
+        commit = commit or _dict(attrs.get("last_commit"))
+        author = _person(commit.get("author")) or _person(payload.get("user"))
+    message = _text(commit.get("message")).strip("\n")
+    first, _, rest = message.partition("\n")
+    return CommitFacts(title=first.strip(), body=rest.strip("\n"), author=author,
+                       pull_number=number if isinstance(number, int) and not isinstance(number, bool) else None,
+                       pull_title=title.strip(), pull_branches=f"{head} → {base}" if head and base else head,
+                       pull_url=url if urllib.parse.urlsplit(url or "").scheme in ("http", "https") else None)
+
+
+def running_release(deploys: list[dict]) -> str | None:
+    """The digest a pipeline's servers run now, by its stored deploy stages (newest first, as
+    store.deploys returns them): the newest deploy or rollback that succeeded, when all its
+    servers ended on one digest. A deploy that did not succeed and changed nothing that stayed
+    (every switched server put back) is passed over; one still going, or one that left servers
+    switched, makes it unknown (None): the page then offers the rollback as before."""
+    for d in deploys:
+        status, servers = d.get("stage_status"), (d.get("outputs") or {}).get("servers") or []
+        if status == "success":
+            digests = {s.get("digest") for s in servers}
+            return digests.pop() if len(digests) == 1 and None not in digests else None
+        if status in ("running", "queued"):
+            return None
+        if any(s.get("digest") and s.get("digest") != s.get("previous_digest") and not s.get("rolled_back")
+               for s in servers):
+            return None
+    return None
+
+
+def run_state(status: str | None, stages) -> str:
+    """The run's status and each stage's, in one string: the page carries the one it was
+    rendered with, the event stream sends the current one as soon as it connects, and the page's
+    script reloads its tables when they differ (a stage that ended between the page and the
+    stream would otherwise stay "running" on it). `stages`: the store's rows, in order."""
+    return ";".join([status or ""] + [f"{s['name']}={s['status']}" for s in stages])
+
+
 # -- lists ---------------------------------------------------------------------------------------
 
 RUN_FILTERS = ("pipeline", "branch", "status", "trigger")
@@ -248,7 +341,9 @@ def older_page(query: RunQuery, runs: list[dict], page_size: int = PAGE_SIZE) ->
 
 STATUS_LABEL = {"success": "✔ success", "failed": "✘ failed", "invalid": "✘ invalid",
                 "cancelled": "⊘ cancelled", "interrupted": "⚠ interrupted", "running": "● running",
-                "queued": "○ queued", "skipped": "– skipped"}
+                "queued": "○ queued", "skipped": "– skipped",
+                # a test step's
+                "passed": "✔ passed", "timed out": "✘ timed out", "not run": "– not run"}
 
 
 def status_label(status: str | None) -> str:

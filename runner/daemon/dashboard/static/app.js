@@ -1,12 +1,31 @@
 // The dashboard's live parts. Every page works without this file; it only keeps a page current:
 // the runs table and a run's log, through server-sent events (EventSource reconnects by itself,
-// sending the last line number it saw as Last-Event-ID, so no line is lost or doubled).
+// sending the last line number it saw as Last-Event-ID, so no line is lost or doubled), and
+// asks before the forms that cancel or roll back (without it, the daemon asks on a page).
 "use strict";
+
+// A log pane follows its new lines while it is scrolled to its end; scrolled up, it stays where
+// the reader put it, and follows again once they scroll back down to the end (as GitLab's does).
+function atEnd(pre) {
+  return pre.scrollHeight - pre.scrollTop - pre.clientHeight < 24;
+}
+
+function followPane(pre) {
+  if (pre.dataset.follow) { return; }
+  pre.dataset.follow = "1";
+  pre.scrollTop = pre.scrollHeight;
+  pre.addEventListener("scroll", function () { pre.dataset.follow = atEnd(pre) ? "1" : "0"; });
+}
 
 function swap(el, url) {
   return fetch(url, {credentials: "same-origin", headers: {"Accept": "text/html"}})
     .then(function (r) { if (r.ok) { return r.text(); } throw new Error(r.status); })
-    .then(function (html) { el.innerHTML = html; })
+    .then(function (html) {
+      // What the reader unfolded (the commit message's body) stays unfolded.
+      var open = Array.prototype.map.call(el.querySelectorAll("details[open][id]"), function (d) { return d.id; });
+      el.innerHTML = html;
+      open.forEach(function (id) { var d = document.getElementById(id); if (d) { d.open = true; } });
+    })
     .catch(function () { /* the next event tries again */ });
 }
 
@@ -37,7 +56,9 @@ function stageLog(container, stage) {
     section.appendChild(pre);
     container.appendChild(section);
   }
-  return section.querySelector("pre");
+  var pane = section.querySelector("pre");
+  followPane(pane);
+  return pane;
 }
 
 function followRun(logs) {
@@ -47,6 +68,7 @@ function followRun(logs) {
   var url = logs.dataset.events + "?after=" + encodeURIComponent(logs.dataset.after || "0");
   var source = new EventSource(url);
   var refreshing = null;
+  Array.prototype.forEach.call(container.querySelectorAll("section.log pre"), followPane);
   function refresh() {
     if (refreshing || !summary || !summary.dataset.live) { return; }
     refreshing = setTimeout(function () { refreshing = null; swap(summary, summary.dataset.live); }, 150);
@@ -65,9 +87,17 @@ function followRun(logs) {
     pre.appendChild(span);
     pre.appendChild(document.createTextNode("\n"));
     logs.dataset.after = String(line.seq);
+    if (pre.dataset.follow === "1") { pre.scrollTop = pre.scrollHeight; }
     if (atBottom) { window.scrollTo(0, document.body.scrollHeight); }
   });
-  source.addEventListener("changed", refresh);
+  // Sent as soon as the stream connects, then at every change: the stages' states now. The
+  // tables are reloaded when they show others (a stage may have ended before the stream was
+  // there to say so).
+  source.addEventListener("changed", function (e) {
+    var head = document.getElementById("run-head");
+    var state = JSON.parse(e.data).state;
+    if (!head || head.dataset.state !== state) { refresh(); }
+  });
   source.addEventListener("end", function (e) {
     source.close();
     var status = JSON.parse(e.data).status;
@@ -77,6 +107,18 @@ function followRun(logs) {
     }
   });
 }
+
+// Forms that stop or change what runs say so first. The answer travels as confirmed=yes; a
+// form sent without it (no script) gets the daemon's page that asks.
+document.addEventListener("submit", function (e) {
+  var form = e.target;
+  if (!form.dataset || !form.dataset.confirm || !form.elements.confirmed) { return; }
+  if (window.confirm(form.dataset.confirm)) {
+    form.elements.confirmed.value = "yes";
+  } else {
+    e.preventDefault();
+  }
+});
 
 document.addEventListener("DOMContentLoaded", function () {
   var rows = document.getElementById("runs-rows");
