@@ -281,6 +281,7 @@ def test_cancel_and_roll_back_ask_first(tmp_path):
         c = _logged_in(d.url)
         page = c.get(f"/runs/{run_id}").text
         assert f'data-confirm="Cancel run {run_id}?"' in page  # the page's script asks
+        assert c.post("/runs/999/cancel", data={"csrf": _csrf(page)}).status_code == 404  # nothing to ask
         # Without the script: a page that asks, whose form carries the CSRF token and the answer.
         r = c.post(f"/runs/{run_id}/cancel", data={"csrf": _csrf(page)})
         assert r.status_code == 200 and f"Cancel run {run_id}?" in r.text

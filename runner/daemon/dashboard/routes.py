@@ -366,6 +366,8 @@ class Dashboard:
                          fields={k: v for k, v in fields.items() if v}, back=back)
 
     async def cancel(self, request: Request, run_id: int, form: dict):
+        if await run_in_threadpool(self.core.store.get_run, run_id) is None:
+            return self.refuse(request, 404, "No such run", f"There is no run {run_id}.")
         asked = self.confirm(request, form, f"Cancel run {run_id}?", "Yes, cancel the run",
                              f"/runs/{run_id}")
         if asked is not None:
