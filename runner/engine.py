@@ -213,8 +213,18 @@ def prepare(path: str | os.PathLike, options: RunOptions,
 
     environ = dict(os.environ if environ is None else environ)
     early_warnings: list[str] = []
-    pipeline = load_pipeline(path, variables=dict(options.variables), environ=environ)
     request = options.request or RunRequest()
+    if request.pipeline_from is None:
+        pipeline = load_pipeline(path, variables=dict(options.variables), environ=environ)
+    else:
+        # `path` is inside the repository, read at the run's commit (or the head of its ref now,
+        # which is then the commit built): the file and the code are of one commit.
+        from runner.repository_pipeline import load_at_commit
+
+        pipeline, commit = load_at_commit(request.pipeline_from, os.fspath(path), request.commit,
+                                          request.ref or request.branch or request.tag,
+                                          dict(options.variables))
+        request = request.model_copy(update={"commit": commit})
     repo_update: dict[str, Any] = {}
     if options.repo:
         url = options.repo

@@ -21,7 +21,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from runner.errors import InvalidInput
-from runner.gitsafety import check_ref, is_sha
+from runner.gitsafety import check_ref, check_repo_url, is_sha
+from runner.model import SecretSource
 from runner.trigger import Trigger
 
 # Why a run was started: a webhook's push, tag push or pull request, the daemon's own schedules,
@@ -45,6 +46,27 @@ class PullRequest(_Model):
     fork: bool = False  # the head repository is another one (or the payload cannot tell)
 
 
+class RepositoryPipeline(_Model):
+    """The pipeline is the repository's own (a daemon entry's `pipeline: PATH`): `runner exec`
+    reads FILE from `repository` at the run's commit, and holds it to the operator's limits,
+    which the repository cannot widen (runner.repository_pipeline)."""
+
+    repository: str  # what is built and where the file is read, whatever the file says
+    # The hosts its deploy may reach (servers and ssh.jump); none: a deploy is refused.
+    servers: tuple[str, ...] = ()
+    # The secrets it may name, and where their values come from: the file's own `secrets:`
+    # may only name these, and their sources are these.
+    secrets: dict[str, SecretSource] = Field(default_factory=dict)
+
+    @field_validator("repository")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        try:
+            return check_repo_url(v)
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+
+
 class RunRequest(_Model):
     kind: Kind = "manual"
     provider: Literal["github", "gitlab", "gitea", "generic"] | None = None
@@ -62,6 +84,7 @@ class RunRequest(_Model):
     pull_request: PullRequest | None = None
     rollback_to: str | None = None  # a rollback run's target (`runner rollback --to`); None: the default
     delivery: str | None = None  # the forge's delivery id
+    pipeline_from: RepositoryPipeline | None = None  # None: FILE is a file on this machine
 
     @field_validator("ref", "branch", "tag")
     @classmethod

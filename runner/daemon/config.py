@@ -169,11 +169,35 @@ class CommitStatus(_Model):
     target_url: str | None = None  # "{run_id}" and "{pipeline}" are replaced
 
 
+class RepositorySecret(_Model):
+    """Where the value of a secret granted to a repository's pipeline comes from: exactly one of
+    env (of the daemon's process) or file (on the daemon's machine)."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env, file")
+        return self
+
+
 class PipelineEntry(_Model):
     name: str = Field(pattern=_NAME)
-    file: str  # the pipeline YAML handed to `runner exec`
+    # Exactly one of: `file`, the operator's pipeline YAML on this machine, handed to `runner
+    # exec`; `pipeline`, a path inside `repo`, read at the commit each run builds
+    # (runner.repository_pipeline), so that a push that changes it changes the runs that follow.
+    file: str | None = None
+    pipeline: str | None = None
     # The repository this pipeline builds: webhooks are matched against it and polling reads it.
+    # With `pipeline:` it is also what is built and where the file is read.
     repo: str | None = None
+    # With `pipeline:`, what the repository cannot widen: the hosts its deploy may reach (each
+    # server's host, and ssh.jump; none: no deploy), and the secrets it may name, with where
+    # their values come from (its own `secrets:` may only name these).
+    servers: tuple[str, ...] = ()
+    secrets: dict[str, RepositorySecret] = Field(default_factory=dict)
     triggers: Triggers = Field(default_factory=Triggers)
     concurrency: int = Field(default=1, ge=1)  # runs of this pipeline at once
     # Runs whose group key is equal run one at a time, in order; "{branch}" and "{pipeline}"
@@ -195,6 +219,30 @@ class PipelineEntry(_Model):
         if v is not None and (v.startswith("-") or not v.strip()):
             raise ValueError("repository must not be empty or start with '-'")
         return v
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline_path(cls, v):
+        from runner.repository_pipeline import check_path
+
+        if v is not None:
+            try:
+                check_path(v)
+            except InvalidInput as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.file is None) == (self.pipeline is None):
+            raise ValueError("give exactly one of file (a pipeline file here) and pipeline (a path "
+                             "inside the repository)")
+        if self.pipeline is not None and not self.repo:
+            raise ValueError("pipeline: needs repo: (the repository the file is read from and built)")
+        if self.file is not None and (self.servers or self.secrets):
+            raise ValueError("servers and secrets limit a repository's pipeline (pipeline:); a file: "
+                             "pipeline is the operator's own and says them itself")
+        return self
 
 
 class Webhook(_Model):
@@ -342,6 +390,8 @@ def check_config(path: str | os.PathLike) -> tuple[DaemonConfig | None, list[Pro
         refs.append((("pipelines", i, "webhook_secret"), p.webhook_secret))
         if p.commit_status is not None:
             refs.append((("pipelines", i, "commit_status", "token"), p.commit_status.token))
+        if p.file is None:
+            continue  # in the repository: read and checked at each run's commit
         file = cfg.path(p.file)
         if not file.is_file():
             at(("pipelines", i, "file"), f"no such pipeline file: {file}")

@@ -8,16 +8,17 @@ pushed). Runs no webhook started carry no payload at all: their columns say ever
 from __future__ import annotations
 
 from runner.daemon.store import Claimed
-from runner.run_request import RunRequest, checked
+from runner.run_request import RepositoryPipeline, RunRequest, checked
 from runner.trigger import parse_event
 
 
-def run_request(run: Claimed) -> RunRequest:
-    """Raises InvalidInput for a stored run whose values do not make a request (a row written by
+def run_request(run: Claimed, pipeline_from: RepositoryPipeline | None = None) -> RunRequest:
+    """`pipeline_from`: the entry's repository pipeline and its limits (None: a `file:` entry).
+    Raises InvalidInput for a stored run whose values do not make a request (a row written by
     hand, or by a version that checked less)."""
     event = run.event or {}
     columns = dict(kind=run.trigger or "manual", ref=run.ref, branch=run.branch, tag=run.tag,
-                   commit=run.commit)
+                   commit=run.commit, pipeline_from=pipeline_from)
     if run.trigger == "rollback":
         return checked(lambda: RunRequest(kind="rollback", rollback_to=(event.get("rollback") or {}).get("to")),
                        f"run {run.id}'s request")

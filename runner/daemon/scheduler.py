@@ -105,6 +105,8 @@ def pipeline_credentials(p: PipelineEntry, config: DaemonConfig, masker: Masker,
     `masker`. None when it names none, or when the file cannot be loaded (`warn` is told).
     Raises CredentialsUnavailable."""
     environ = os.environ if environ is None else environ
+    if p.file is None:
+        return None  # a repository's pipeline (pipeline:): its repository is reached as it is
     try:
         pipeline = load_pipeline(config.path(p.file), variables=dict(p.vars), environ=environ)
     except InvalidInput as exc:

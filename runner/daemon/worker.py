@@ -30,11 +30,15 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, InvalidInput
+from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, InvalidInput, Problem
 from runner.daemon import leases
+from runner.daemon.config import DaemonConfig, PipelineEntry
 from runner.daemon.run_requests import run_request
 from runner.daemon.store import Claimed, public_text
+from runner.gitsafety import is_local_path
+from runner.model import SecretSource
 from runner.proc import Recorded, start_time, stop
+from runner.run_request import RepositoryPipeline
 
 log = logging.getLogger("runner.daemon.worker")
 
@@ -76,6 +80,17 @@ def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Pat
     return argv
 
 
+def repository_pipeline(entry: PipelineEntry, config: DaemonConfig) -> RepositoryPipeline | None:
+    """What a run of a `pipeline:` entry tells `runner exec`: the repository and the operator's
+    limits, relative paths resolved as the daemon's config resolves them. None for `file:`."""
+    if entry.pipeline is None or entry.repo is None:
+        return None
+    repo = str(config.path(entry.repo)) if is_local_path(entry.repo) else entry.repo
+    secrets = {name: SecretSource(env=s.env, file=str(config.path(s.file)) if s.file else None)
+               for name, s in entry.secrets.items()}
+    return RepositoryPipeline(repository=repo, servers=entry.servers, secrets=secrets)
+
+
 def rollback_argv(command_base: list[str], pipeline_file: str, run_id: int, to: str | None,
                   variables: dict[str, str]) -> list[str]:
     """The argv of a rollback run. Pure; tested by equality. `command_base` is `runner` itself
@@ -106,6 +121,15 @@ def status_from_exit(returncode: int, cancel_requested: bool, reported: str | No
     if reported in ("success", "failed", "invalid", "cancelled") and returncode == 0:
         return reported
     return "failed"
+
+
+def problem_text(problem) -> str:
+    """One problem of run.end's `problems` (runner.errors.Problem as JSON) as the terminal says
+    it: `file:line:column: severity: path: message`."""
+    try:
+        return str(Problem(**problem))
+    except TypeError:  # not the shape exec writes: as it came
+        return str(problem)
 
 
 def server_duration(server: dict) -> float | None:
@@ -201,11 +225,15 @@ class RunHandle:
             self._finish("failed", None, f"pipeline {self.run.pipeline!r} is no longer configured")
             return
         try:
-            request = run_request(self.run)
+            request = run_request(self.run, repository_pipeline(entry, core.config))
         except InvalidInput as exc:
             self._finish("invalid", None, str(exc))
             return
         if request.kind == "rollback":
+            if entry.file is None:
+                self._finish("invalid", None, "a rollback needs an operator's pipeline file (file:); this "
+                             f"pipeline's is in the repository ({entry.pipeline}): nothing was rolled back")
+                return
             self._rollback(str(core.config.path(entry.file)), request.rollback_to)
             return
         requests_dir = core.data_dir / "requests"
@@ -218,7 +246,9 @@ class RunHandle:
                 core.disk_full(f"request file of run {self.id}")
             self._finish("failed", None, f"cannot write the run's request file {request_file}: {exc.strerror}")
             return
-        argv = exec_argv(core.config.command(), str(core.config.path(entry.file)), self.id,
+        # A repository's pipeline: the path inside it, which `runner exec` reads at the commit.
+        pipeline_file = entry.pipeline if entry.file is None else str(core.config.path(entry.file))
+        argv = exec_argv(core.config.command(), pipeline_file, self.id,
                          core.work_dir, request_file, self.run.vars,
                          withhold_secrets=self.run.withhold_secrets, skip_stages=self.run.skip_stages)
         spare = self.pool.take_spare() if core.config.exec_command is None else None
@@ -404,7 +434,7 @@ class RunHandle:
                 err = ev.get("error")
                 problems = ev.get("problems")
                 if problems:
-                    err = (err or "invalid") + "\n" + "\n".join(str(p) for p in problems)
+                    err = (err or "invalid") + "\n" + "\n".join(problem_text(p) for p in problems)
                 reported["error"] = self.pool.core.masker.mask(str(err)) if err else err
         except Exception as exc:  # noqa: BLE001 - disk full, locked db: recorded, the run goes on
             self.log_error = self.log_error or f"a {kind} event was not stored: {public_text(exc)}"

@@ -148,9 +148,11 @@ def test_polling_notices_a_new_commit_and_skips_commits_already_run(tmp_path):
         wait_for(lambda: "refs/heads/feature" in d.store.poll_state("app"), 10, "the poll to see the branch")
         time.sleep(0.7)
         assert [x["commit"] for x in d.store.list_runs(limit=10)].count(c3) == 1
-        # The event handed to runner exec reads like a GitHub push.
-        ev = d.store.run_event(run["id"])
-        assert ev["payload"]["after"] == c2 and ev["payload"]["ref"] == "refs/heads/main"
+        # A poll invents no forge event: runner exec is given the run's request, its columns.
+        assert d.store.run_event(run["id"]) == {}
+        ran = [json.loads(x) for x in (d.work_dir / "fake-runs.jsonl").read_text().splitlines()]
+        assert next(x["request"] for x in ran if x["run_id"] == str(run["id"])) == {
+            "kind": "poll", "ref": "refs/heads/main", "branch": "main", "commit": c2}
 
 
 def test_polling_an_unreachable_repository_is_recorded(tmp_path):

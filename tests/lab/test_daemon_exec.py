@@ -146,3 +146,73 @@ def test_newer_push_cancels_a_running_build_on_the_lab(lab, tmp_path):
         assert {s["name"]: s["status"] for s in d.store.stages(first)}["build"] == "cancelled"
         assert r2["status"] == "success", (r2, d.store.logs(second)[-20:])
         assert {s["name"]: s for s in d.store.stages(second)}["checkout"]["outputs"]["commit"] == fast
+
+
+def _push_file(work: Path, files: dict[str, str], message: str, branch: str = "main") -> str:
+    from harness import git
+
+    known = git("branch", "--list", branch, cwd=work)
+    git("checkout", *(() if known else ("-b",)), branch, cwd=work)
+    for name, text in files.items():
+        (work / name).write_text(text)
+        git("add", name, cwd=work)
+    git("commit", "-m", message, cwd=work)
+    git("push", "origin", f"HEAD:refs/heads/{branch}", cwd=work)
+    return git("rev-parse", "HEAD", cwd=work)
+
+
+def test_the_pipeline_committed_in_the_repository_is_read_at_each_run_s_commit(tmp_path):
+    """`pipeline: .runner.yaml`: each run reads the file at its own commit. Broken at one commit:
+    that run is invalid with every problem at .runner.yaml@COMMIT:line:column, no stage runs, and
+    the next commit's fix runs. A branch whose file asks for a server outside the daemon's
+    allow-list or a secret it does not grant is refused before anything runs, and changes
+    nothing for main."""
+    bare, work = bare_repo(tmp_path)
+    checkout_only = ("version: 1\nname: from-repo\nrepository: {url: /somewhere/else}\n"
+                     "image: {name: localhost/test/app}\n"
+                     "stages: {build: {enabled: false}, push: {enabled: false}}\n")
+    cfg = _real(config(tmp_path, [{"name": "app", "pipeline": ".runner.yaml", "repo": str(bare),
+                                   "servers": ["10.0.0.1"], "secrets": {"token": {"env": "HOME"}},
+                                   "concurrency_group": None}]))
+
+    def run_of(sha: str, delivery: str, ref: str = "refs/heads/main") -> dict:
+        r = send_github(d.url, push_payload(str(bare), ref=ref, after=sha), delivery)
+        assert r.status_code == 202, r.text
+        return _final(d, r.json()["runs"][0])
+
+    with daemon_in_process(cfg) as d:
+        good = _push_file(work, {".runner.yaml": checkout_only}, "pipeline in the repository")
+        run = run_of(good, "repo-1")
+        assert run["status"] == "success", (run, d.store.logs(run["id"]))
+        stages = {s["name"]: s for s in d.store.stages(run["id"])}
+        # Built from the entry's repository, not the file's repository.url.
+        assert stages["checkout"]["outputs"]["commit"] == good and str(bare) in stages["checkout"]["outputs"]["url"]
+
+        broken = _push_file(work, {".runner.yaml": checkout_only.replace("image:", "imagez:")
+                                   + "stages_typo: 1\n"}, "break the pipeline")
+        bad = run_of(broken, "repo-2")
+        where = f".runner.yaml@{broken[:12]}"
+        assert bad["status"] == "invalid", bad
+        assert f"{where}:4:1" in bad["reason"] and f"{where}:6:1" in bad["reason"], bad["reason"]
+        assert d.store.stages(bad["id"]) == []  # nothing ran, not even the checkout
+        assert any(f"{where}:4:1" in x["line"] for x in d.store.logs(bad["id"]))  # `runner logs`
+
+        fixed = _push_file(work, {".runner.yaml": checkout_only}, "fix the pipeline")
+        assert run_of(fixed, "repo-3")["status"] == "success"
+
+        wider = checkout_only + ("secrets: {token: {env: TOKEN}, stolen: {file: /etc/shadow}}\n"
+                                 "stages:\n  build: {enabled: false}\n  push: {enabled: false}\n"
+                                 "  deploy: {servers: [10.0.0.1, root@10.6.6.6]}\n")
+        wider = wider.replace("stages: {build: {enabled: false}, push: {enabled: false}}\n", "")
+        branch = _push_file(work, {".runner.yaml": wider}, "deploy elsewhere", branch="feature")
+        refused = run_of(branch, "repo-4", ref="refs/heads/feature")
+        assert refused["status"] == "invalid", refused
+        assert "secret 'stolen' is not granted" in refused["reason"], refused["reason"]
+        assert "server '10.6.6.6' is not one this pipeline may deploy to" in refused["reason"]
+        assert f".runner.yaml@{branch[:12]}:9:" in refused["reason"]
+        assert "10.0.0.1'" not in refused["reason"]  # the allowed server is not a problem
+        assert d.store.stages(refused["id"]) == []
+
+        # main keeps its own pipeline: its next commit runs as before.
+        later = _push_file(work, {"file.txt": "main moves on\n"}, "main moves on")
+        assert run_of(later, "repo-5")["status"] == "success"

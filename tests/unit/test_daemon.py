@@ -120,8 +120,9 @@ def test_example_config_is_valid(monkeypatch):
     monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", "x" * 20)
     monkeypatch.setenv("RUNNER_TOKEN", "y" * 20)
     cfg = load_config(Path(__file__).resolve().parents[2] / "daemon.example.yaml")
-    assert [p.name for p in cfg.pipelines] == ["example"]
+    assert [p.name for p in cfg.pipelines] == ["example", "from-repo"]
     assert cfg.pipelines[0].triggers.poll is not None
+    assert (cfg.pipelines[1].pipeline, cfg.pipelines[1].file) == (".runner.yaml", None)
 
 
 def test_status_request():

@@ -20,6 +20,7 @@ from runner.outputs import (
     OUTPUT_TYPES, BuildOutputs, CheckoutOutputs, DeployOutputs, Outputs, PushOutputs,
     ScanFinding, ScanOutputs, ServerResult, TestFailure, TestOutputs, TestStepResult, described,
 )
+from runner.run_request import RunRequest
 from runner.secrets import Masker
 from runner.stage import Stage, StageContext
 from tests.doubles import DictSecrets
@@ -272,7 +273,7 @@ def _run(tmp_path: Path, monkeypatch, stages: dict[str, type]) -> tuple[engine.R
     monkeypatch.setattr(engine, "_stage", lambda name: stages[name]())
     pipeline = Pipeline(name="t", repository=Repository(url="https://example.invalid/t.git"),
                         image=Image(name="reg/app"))
-    prep = engine.Prepared(pipeline=pipeline, stages=tuple(stages), trigger={"kind": "manual"},
+    prep = engine.Prepared(pipeline=pipeline, stages=tuple(stages), request=RunRequest(),
                            masker=Masker(), secrets=DictSecrets(), run_id="r1",
                            data_dir=tmp_path)
     events: list[dict] = []

@@ -119,3 +119,66 @@ def test_a_request_that_does_not_check_is_refused_naming_the_field(tmp_path, dat
 def test_a_stored_run_that_makes_no_request_is_invalid_input():
     with pytest.raises(InvalidInput, match="run 4's request is invalid: commit"):
         run_request(Claimed(id=4, pipeline="app", event={}, vars={}, attempt=1, commit="zz", trigger="poll"))
+
+
+# -- a repository's pipeline, held to the daemon entry's limits (runner.repository_pipeline) -------
+
+REPO_PIPELINE = """version: 1
+name: app
+repository: {url: https://elsewhere.example.com/x.git, token: git}
+image: {name: localhost/app}
+secrets: {git: {env: GIT_TOKEN}, stolen: {file: /etc/shadow}}
+stages:
+  deploy:
+    servers: [10.0.0.1, "root@10.6.6.6:2222"]
+    ssh: {jump: "bastion.example.com"}
+"""
+
+
+def _limits(**over):
+    from runner.model import SecretSource
+    from runner.run_request import RepositoryPipeline
+
+    return RepositoryPipeline(**{"repository": "https://git.example.com/me/app.git", "servers": ("10.0.0.1",),
+                                 "secrets": {"git": SecretSource(file="/etc/runner/git-token")}, **over})
+
+
+def test_a_repository_pipeline_may_not_widen_the_daemon_s_limits():
+    from runner.loader import load_pipeline_text
+    from runner.repository_pipeline import within_limits
+
+    pipeline = load_pipeline_text(REPO_PIPELINE, ".runner.yaml@0123456789ab", environ={})
+    with pytest.raises(InvalidInput) as caught:
+        within_limits(pipeline, _limits())
+    assert [(p.line, p.column, p.message.split(" (")[0]) for p in caught.value.problems] == [
+        (5, 34, "secret 'stolen' is not granted to this pipeline by the daemon"),
+        (8, 25, "server '10.6.6.6' is not one this pipeline may deploy to"),
+        (9, 17, "jump host 'bastion.example.com' is not one this pipeline may reach"),
+    ]
+    assert all(p.file == ".runner.yaml@0123456789ab" for p in caught.value.problems)
+
+
+def test_within_the_limits_the_daemon_s_repository_and_secret_sources_are_used():
+    from runner.loader import load_pipeline_text
+    from runner.model import SecretSource
+    from runner.repository_pipeline import within_limits
+
+    text = REPO_PIPELINE.replace(", stolen: {file: /etc/shadow}", "")
+    pipeline = within_limits(load_pipeline_text(text, ".runner.yaml", environ={}),
+                             _limits(servers=("10.0.0.1", "10.6.6.6", "bastion.example.com")))
+    assert pipeline.repository.url == "https://git.example.com/me/app.git"
+    assert pipeline.secrets == {"git": SecretSource(file="/etc/runner/git-token")}
+
+
+@pytest.mark.parametrize("entry,why", [
+    ({"name": "a", "repo": "/r"}, "exactly one of file"),
+    ({"name": "a", "file": "p.yaml", "pipeline": ".runner.yaml", "repo": "/r"}, "exactly one of file"),
+    ({"name": "a", "pipeline": ".runner.yaml"}, "needs repo"),
+    ({"name": "a", "pipeline": "../other/.runner.yaml", "repo": "/r"}, "without '..'"),
+    ({"name": "a", "pipeline": "/etc/runner/p.yaml", "repo": "/r"}, "relative path"),
+    ({"name": "a", "file": "p.yaml", "servers": ["10.0.0.1"]}, "servers and secrets limit"),
+])
+def test_a_daemon_entry_names_its_pipeline_once(entry, why):
+    with pytest.raises(InvalidInput) as caught:
+        config_from_dict({"pipelines": [entry]})
+    assert why in str(caught.value.problems)

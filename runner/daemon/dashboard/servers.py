@@ -55,6 +55,9 @@ class AppState:
 
 def _read(core, entry) -> AppState:
     mask = core.masker.mask
+    if entry.file is None:
+        return AppState(entry.name, error=f"its pipeline is in the repository ({entry.pipeline}), read at "
+                                          "each run's commit: no servers to read here")
     try:
         opened = open_pipeline(core.config.path(entry.file), dict(entry.vars))
     except InvalidInput as exc:
