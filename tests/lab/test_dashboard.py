@@ -292,7 +292,15 @@ def test_deliveries_page_says_why_a_push_did_not_run(dash, browser):
     assert f"dash-{UID}-3" in text and "ignored" in text and "feature/x" in text, text
     assert f"dash-{UID}-4" in text and "rejected" in text and "401" in text, text
     assert f"dash-{UID}-1" in text and "queued" in text
+    # Which repository and ref each was about (not for the rejected one: its payload is not trusted).
+    row = browser.find_element("xpath", f"//table[contains(@class,'deliveries')]//tr[td/small/code='dash-{UID}-3']")
+    assert row.find_element("css selector", "td.repo").text == str(repo)
+    assert row.find_element("css selector", "td.ref").text == "refs/heads/feature/x"
+    bad_row = browser.find_element("xpath", f"//table[contains(@class,'deliveries')]//tr[td/small/code='dash-{UID}-4']")
+    assert bad_row.find_element("css selector", "td.repo").text == ""
     screenshot(browser, "deliveries")
+    with phone(browser):
+        screenshot(browser, "deliveries-phone")
     # Every field of every form is labelled (what a screen reader says for it).
     for path in ("/runs", "/deliveries", "/login"):
         browser.get(f"{url}{path}")
