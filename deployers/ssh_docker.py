@@ -197,13 +197,16 @@ class SSHDockerDeployer(Deployer):
         (two names for one server share them; engines sharing one filesystem do not). The id is a
         hash of the engine's `host` network id (or its ID and data root)."""
         if conn.label not in self._homes:
-            home = conn.sftp_do(lambda sftp: sftp.normalize("."))
             # The predefined `host` network has a random id made when the engine's data root
             # was created: cheap to ask (docker info takes 150+ ms) and unique per engine
-            # (the engine ID is not, where engines share /etc/docker/key.json).
+            # (the engine ID is not, where engines share /etc/docker/key.json). Asked first:
+            # on a new connection this command pays the session's start while the SFTP
+            # session (connect() warms it in a thread) opens beside it; asking SFTP first
+            # made every deploy wait for the two one after the other.
             r = conn.run(cmd.engine_id(), check=False)
             if not r.ok or not r.stdout.strip():
                 r = conn.run(cmd.engine_info(), check=True)
+            home = conn.sftp_do(lambda sftp: sftp.normalize("."))
             engine = hashlib.sha256(r.stdout.strip().encode()).hexdigest()[:16]
             self._homes[conn.label] = f"{home}/{locks.BASE_DIR}/engines/{engine}"
         return self._homes[conn.label]

@@ -14,6 +14,7 @@ import yaml
 
 from runner.cli.common import parse_vars, say, var_option
 from runner.errors import EXIT_INTERRUPTED, EXIT_INVALID, InvalidInput
+from runner.model import STAGE_ORDER
 
 
 def fail_invalid(exc: InvalidInput, as_json: bool) -> None:
@@ -55,8 +56,7 @@ def validate(file: str, variables: tuple[str, ...], as_json: bool) -> None:
                                    "problems": [p.__dict__ for p in exc.problems]}))
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_INVALID)
-    enabled = [n for n in ("checkout", "build", "scan", "push", "deploy")
-               if getattr(pipeline.stages, n).enabled]
+    enabled = [n for n in STAGE_ORDER if getattr(pipeline.stages, n).enabled]
     if as_json:
         click.echo(json.dumps({"valid": True, "pipeline": pipeline.name, "stages": enabled}))
     else:

@@ -17,7 +17,8 @@ def test_validate_accepts_the_example_pipeline():
         "REGISTRY": "127.0.0.1:5000", "DEPLOY_HOSTS": "root@10.0.0.1:22,deploy@10.0.0.2",
         "SSH_KEY_FILE": "/nonexistent/key", "KNOWN_HOSTS_FILE": "/nonexistent/known_hosts"})
     assert proc.returncode == 0, proc.stderr
-    assert "ok" in proc.stdout
+    # Every stage the example runs, in the order it runs them (the test stage was left out).
+    assert "stages: checkout, build, test, scan, push, deploy" in proc.stdout, proc.stdout
 
 
 def test_bad_yaml_names_file_line_and_column(tmp_path):
