@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from runner.proc import start_time
+from runner.proc import Recorded, start_time
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def gone(holder: dict, at: Here | None = None) -> str | None:
     if not (isinstance(pid, int) and isinstance(started, int) and boot and ns):
         return None
     if boot == at.boot_id and ns == at.pid_ns:
-        if start_time(pid) != started:  # no such pid, a zombie, or the pid is another's now
+        if not Recorded(pid, started).running():  # no such pid, a zombie, or another's pid now
             return f"its process (pid {pid} on this host) is gone"
         return None
     if (holder.get("machine_id") and holder.get("machine_id") == at.machine_id

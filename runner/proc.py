@@ -45,6 +45,10 @@ class Recorded(NamedTuple):
     pid: int
     start: int
 
+    def running(self) -> bool:
+        """Whether this very process still runs (not exited, not a zombie, not a reused pid)."""
+        return start_time(self.pid) == self.start
+
 
 def start_time(pid: int, *, zombie: bool = False) -> int | None:
     """pid's start time in clock ticks since boot (/proc/PID/stat field 22), or None if there is
@@ -135,7 +139,7 @@ def _stop_recorded(rec: Recorded, escalation: Escalation, group: bool, reap: boo
         while deadline is None or time.monotonic() < deadline:
             if reap:
                 reap_child(rec.pid)
-            if start_time(rec.pid) != rec.start:
+            if not rec.running():
                 return True
             time.sleep(_POLL)
     return True

@@ -28,6 +28,8 @@ from runner.trigger import Trigger
 # Why a run was started: a webhook's push, tag push or pull request, the daemon's own schedules,
 # someone's `runner trigger` / `retry` / rollback, or `runner exec` by hand.
 Kind = Literal["push", "tag", "pull_request", "poll", "cron", "manual", "retry", "rollback"]
+# What `runner rollback --to` takes (deployers.history.choose): a position (0 the newest
+# verified release, up to 999), a digest, or a git commit (abbreviated to 7 or more).
 ROLLBACK_TO = re.compile(r"^(?:\d{1,3}|sha256:[0-9a-f]{64}|[0-9a-f]{7,64})$")
 
 

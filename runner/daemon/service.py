@@ -66,18 +66,13 @@ def setup_logging(stream=None, level: int = logging.INFO) -> None:
     root.propagate = False
 
 
-# What `runner rollback --to` takes (deployers.history.choose): a position (0 the newest
-# verified release, up to 999), a digest, or a git commit (abbreviated to 7 or more).
-_ROLLBACK_TO = ROLLBACK_TO
-
-
 def check_rollback_target(to: str | None) -> str | None:
     """`to` as `runner rollback --to` gets it (hex lowercased), or None for the default.
     Raises InvalidInput."""
     if to is None:
         return None
     value = to.strip().lower() if isinstance(to, str) else ""
-    if not _ROLLBACK_TO.match(value):
+    if not ROLLBACK_TO.match(value):
         raise InvalidInput(f"rollback target {to!r} is not a position (0, 1, ... 999), a digest "
                            "(sha256: and 64 hex digits) or a git commit (7 to 64 hex digits)")
     return value

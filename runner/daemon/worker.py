@@ -156,7 +156,7 @@ def proc_start(pid: int) -> str | None:
 def process_alive(pid: int, started: str) -> bool:
     """Whether `pid` is still the process that started at `started` (proc_start's form) and
     has not exited: a zombie's run is over."""
-    return started.isdigit() and start_time(pid) == int(started)
+    return started.isdigit() and Recorded(pid, int(started)).running()
 
 
 def stop_orphan(pid: int | None, started: str | None, wait: float = 10.0) -> bool:

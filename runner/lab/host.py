@@ -104,7 +104,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 def alive(rec: dict | None) -> bool:
     """The recorded process (a state.json record: pid, start) still runs."""
-    return bool(rec) and start_time(rec["pid"]) == rec["start"]
+    return bool(rec) and Recorded(rec["pid"], rec["start"]).running()
 
 
 def spawn(argv: Sequence[str], log_path: Path, user: str | None = None) -> dict:
