@@ -1,6 +1,7 @@
 """The build engine: the host's own dockerd on unix:///run/runner-lab/docker.sock (BuildKit on,
 its containers on bridge rlabb0), recorded as `build-dockerd`, and the images `up` makes on it:
-local/busybox:1, local/python:3.11 and the proxy image it pushes to the registry."""
+local/busybox:1, local/python:3.11 and the proxy and PostgreSQL images it pushes to the
+registry."""
 from __future__ import annotations
 
 import json
@@ -28,6 +29,9 @@ def problems(state: State) -> list[str]:
     if host.registry_ready() and not images.proxy_in_registry():
         found.append(f"proxy image {layout.PROXY_IMAGE} is missing from the registry or was "
                      "made another way than `runner lab up` makes it: `up` builds it")
+    if host.registry_ready() and not postgres_image.in_registry():
+        found.append(f"PostgreSQL image {postgres_image.IMAGE} is missing from the registry or "
+                     "was made by another recipe than this version's: `up` builds it")
     return found
 
 
