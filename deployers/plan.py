@@ -8,12 +8,14 @@ really runs.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
 
 from deployers import commands as cmd
 from deployers import proxy
+from deployers.accessory_plan import AccessorySpec, check_argv
 from deployers.base import DeployPlan, PlannedCommand, ServerPlan
 from deployers.commands import Slot
 from deployers.spec import Release, Target, app_name, batches, release_for, targets
@@ -21,6 +23,8 @@ from deployers.spec import Release, Target, app_name, batches, release_for, targ
 # A dry run before the push knows no digest yet.
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64
 UNVERIFIED = Slot("unverified container")
+# server label -> the accessories that must run there before any server switches.
+Needs = Mapping[str, tuple[AccessorySpec, ...]]
 VERIFIED = Slot("verified container")
 
 
@@ -143,6 +147,9 @@ def _stop_start_commands(stage: DeploySettings, release: Release, run_id: str
     prev = previous_name(spec.name, run_id)
     runs = "a container of the app exists"
     out = _prepare_commands(stage, release)
+    if spec.network == proxy.NETWORK:  # the app meets its accessories there
+        out.append(PlannedCommand("network", "prepare", tuple(cmd.network_create()),
+                                  f"the server has no `{proxy.NETWORK}` network yet"))
     out.append(PlannedCommand("rename_previous", "switch", tuple(cmd.rename(spec.name, prev)),
                               runs))
     stop = tuple(cmd.stop(prev, spec.stop_timeout))
@@ -175,12 +182,22 @@ def _prune_when(stage: DeploySettings) -> str:
             f"runner pulled it for a release not among them (failed, rolled back, interrupted)")
 
 
+def _accessory_check(needs: Needs | None, server: str) -> tuple[PlannedCommand, ...]:
+    specs = (needs or {}).get(server, ())
+    if not specs:
+        return ()
+    return (PlannedCommand("accessories", "reach", tuple(check_argv(specs)),
+                           f"before any server switches: {', '.join(s.name for s in specs)} "
+                           f"must run there, else nothing is switched anywhere"),)
+
+
 def _plan(stage: DeploySettings, app: str, what: str, run_id: str,
           releases: dict[str, Release], all_targets: tuple[Target, ...],
-          placeholder: bool = False) -> DeployPlan:
+          placeholder: bool = False, needs: Needs | None = None) -> DeployPlan:
     chosen = tuple(t for t in all_targets if t.label in releases)
     servers = tuple(ServerPlan(t, releases[t.label],
-                               server_commands(stage, releases[t.label], run_id))
+                               _accessory_check(needs, t.label)
+                               + server_commands(stage, releases[t.label], run_id))
                     for t in chosen)
     h = stage.healthcheck
     notes = (
@@ -199,22 +216,24 @@ def _plan(stage: DeploySettings, app: str, what: str, run_id: str,
 
 def plan_deploy(stage: DeploySettings, *, pipeline: str, image_name: str, run_id: str,
                 image: ImageRef | None = None, commit: str = "",
-                servers: tuple[Target, ...] | None = None) -> DeployPlan:
+                servers: tuple[Target, ...] | None = None, needs: Needs | None = None
+                ) -> DeployPlan:
     """The deploy of `image` (None: a dry run before the push; the digest is a placeholder).
     `servers`: the stage's targets as resolved with the user's ~/.ssh/config (default: the
-    pipeline's settings alone)."""
+    pipeline's settings alone); `needs`: the accessories that must run on each server."""
     placeholder = image is None
     image = image or ImageRef(image_name, PLACEHOLDER_DIGEST)
     release = release_for(stage, image, pipeline=pipeline, run_id=run_id, commit=commit)
     ts = servers if servers is not None else targets(stage)
     return _plan(stage, app_name(stage, pipeline), "deploy", run_id,
-                 {t.label: release for t in ts}, ts, placeholder)
+                 {t.label: release for t in ts}, ts, placeholder, needs)
 
 
 def plan_rollback(stage: DeploySettings, *, pipeline: str, run_id: str,
                   releases: dict[str, Release],
-                  servers: tuple[Target, ...] | None = None) -> DeployPlan:
+                  servers: tuple[Target, ...] | None = None,
+                  needs: Needs | None = None) -> DeployPlan:
     """Each server back to the release chosen for it (from its own history), exactly as that
     release ran: its recorded spec, not the pipeline file's current settings."""
     return _plan(stage, app_name(stage, pipeline), "rollback", run_id, releases,
-                 servers if servers is not None else targets(stage))
+                 servers if servers is not None else targets(stage), needs=needs)

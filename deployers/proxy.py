@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from runner.model.accessories import NETWORK  # the runner's network, named once
+
 PROXY_CONTAINER = "runner-proxy"
-NETWORK = "runner"
 CONFIG_DIR = "/etc/runner-proxy"  # inside the proxy container
 CONFIG_FILE = "config.json"  # the last config that loaded
 LABEL_PROXY = "runner.proxy"  # its value: PROXY_RECIPE of the runner that made the proxy

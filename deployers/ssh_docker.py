@@ -56,7 +56,8 @@ from deployers.base import (DeployFailed, Deployer, DeployPlan, LockLostStep, Re
                             ServerPlan, ServerStatus, ServerSteps, StepFailed, Switch)
 from deployers.health import ContainerState, ProbeResult, Verdict, parse_http_status, \
     parse_inspect, wait_healthy
-from deployers.plan import UNVERIFIED, VERIFIED, plan_deploy, plan_rollback
+from deployers.accessory_check import check_before_switch
+from deployers.plan import UNVERIFIED, VERIFIED, Needs, plan_deploy, plan_rollback
 from deployers.remote_files import remove_tree, sweep
 from deployers.rollout import UNTOUCHED, headline, parallel, rollout
 from deployers.ssh_config import UserConfig
@@ -108,6 +109,7 @@ class SSHDockerDeployer(Deployer):
         secret: Callable[[str], str] | None = None,
         log: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        needs: Needs | None = None,
     ):
         self.stage = stage
         self.pipeline = pipeline
@@ -124,6 +126,7 @@ class SSHDockerDeployer(Deployer):
         self._log = log or (lambda line: None)
         self._log_lock = threading.Lock()
         self.cancel = cancel or threading.Event()
+        self.needs = needs  # the accessories each server must run (deployers.accessory_plan)
         self._opts: SSHOptions | None = None
         self._conns: dict[str, Connection] = {}
         self._conns_lock = threading.Lock()
@@ -298,7 +301,7 @@ class SSHDockerDeployer(Deployer):
     def plan(self) -> DeployPlan:
         return plan_deploy(self.stage, pipeline=self.pipeline, image_name=self.image_name,
                            run_id=self.run_id, image=self.image, commit=self.commit,
-                           servers=self.targets)
+                           servers=self.targets, needs=self.needs)
 
     def apply(self, plan: DeployPlan | None = None) -> DeployOutputs:
         plan = plan or self.plan()
@@ -351,7 +354,8 @@ class SSHDockerDeployer(Deployer):
             refused.invalid_input = unknown == len(problems)  # --to names nothing: exit 2
             raise refused
         return self.apply(plan_rollback(self.stage, pipeline=self.pipeline, run_id=self.run_id,
-                                        releases=releases, servers=self.targets))
+                                        releases=releases, servers=self.targets,
+                                        needs=self.needs))
 
     # ---------------------------------------------------------------- reading
 
@@ -490,13 +494,15 @@ class SSHDockerSteps(ServerSteps):
     # ---------------------------------------------------------------- locks
 
     def reach(self, plan: ServerPlan) -> str:
-        """Connect; the lock's directory on the server, which is per docker engine: the order
-        key (two names for one server sort alike)."""
+        """Connect, and check that the accessories the server needs run there (before any
+        server is touched: deployers.accessory_check); the lock's directory on the server,
+        which is per docker engine: the order key (two names for one server sort alike)."""
         t = plan.target
         with self._as_step(t.label, touched=False):
             with self._phase(t.label, "connect"):
                 conn = self._conn(t)
                 self._lock_roots[t.label] = f"{self.d._dir(conn)}/locks"
+                check_before_switch(conn, plan, app=self.d.app, cancel=self.d.cancel)
         return self._lock_roots[t.label]
 
     def take_lock(self, plan: ServerPlan) -> None:

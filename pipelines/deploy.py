@@ -16,6 +16,7 @@ from runner.model.image import ImageRef
 from runner.outputs import DeployOutputs
 from runner.stage import Stage, StageContext
 
+from deployers.accessory_plan import accessory_specs, needed_on
 from deployers.base import DeployFailed
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 from deployers.transport import TransportError
@@ -24,9 +25,11 @@ from deployers.transport import TransportError
 def make_deployer(pipeline: Pipeline, *, run_id: str, image: ImageRef | None = None,
                   commit: str = "", secret=None, log=None, cancel=None) -> SSHDockerDeployer:
     # deploy_settings(): the top-level `env:` reaches the container, under its own env.
+    # needs: the accessories each server must run before any server switches.
     return SSHDockerDeployer(pipeline.deploy_settings(), pipeline=pipeline.name,
                              image_name=pipeline.image.name, run_id=run_id, image=image,
-                             commit=commit, secret=secret, log=log, cancel=cancel)
+                             commit=commit, secret=secret, log=log, cancel=cancel,
+                             needs=needed_on(accessory_specs(pipeline)))
 
 
 class DeployStage(Stage):

@@ -21,6 +21,7 @@ LAZY_COMMANDS = {
     "deploy-lock": "runner.cli.deploy:deploy_lock",
     "releases": "runner.cli.deploy:releases",
     "app": "runner.cli.app:app",
+    "accessory": "runner.cli.accessory:accessory",
     "proxy": "runner.cli.proxy:proxy",
     "ssh-trust": "runner.cli.deploy:ssh_trust",
     "daemon": "runner.cli.daemon:daemon",

@@ -13,7 +13,8 @@ Steps, each collecting problems instead of stopping at the first (one module eac
    strings, got the string 'latest'", never pydantic's "Input should be a valid tuple".
 5. `checks`: what the model cannot check alone: secret sources, secret references
    (`secret_refs`), image name, tag templates, a top-level `env:` with no deploy to reach; the
-   repository URL and ref, as written (before step 3 makes a relative path absolute).
+   repository URL and ref, as written (before step 3 makes a relative path absolute);
+   `accessory_checks`: accessory names, and their servers among the deploy's.
 All problems are raised together as `InvalidInput("<file>: pipeline is invalid", problems)`.
 
 The source map travels with the returned pipeline and its copies (see `locations`):
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from runner.errors import InvalidInput, Problem
 from runner.gitsafety import is_local_path
+from runner.loader.accessory_checks import accessory_checks
 from runner.loader.checks import SUPPORTED_VERSIONS, cross_checks, repository_checks
 from runner.loader.field_paths import FieldPath, format_path
 from runner.loader.interpolation import interpolate
@@ -78,7 +80,7 @@ def load_pipeline_text(
     pipeline, invalid = validate(data, smap, scalars)
     # A string left uninterpolated is reported once, not again as an invalid value.
     problems += [p for p in invalid + as_written + cross_checks(data, smap)
-                 if p.path not in failed]
+                 + accessory_checks(data, pipeline, smap) if p.path not in failed]
     if problems or pipeline is None:
         problems.sort(key=lambda p: (p.line, p.column))
         raise InvalidInput(f"{filename}: pipeline is invalid", _unique(problems))

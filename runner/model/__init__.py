@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
+from runner.model.accessories import NETWORK, Accessory
 from runner.model.base import Model, PathOn, check_env
 from runner.model.build import BuildSecret, BuildSettings
 from runner.model.deploy import DeploySettings
@@ -94,6 +95,13 @@ class Pipeline(Model):
     """Named secrets. Other fields refer to a secret by its name, never by its value."""
     stages: Stages = Field(default_factory=Stages)
     """What runs, and how."""
+    accessories: dict[str, Accessory] = Field(default_factory=dict, examples=[{"db": {
+        "image": "postgres:16", "secret_env": {"POSTGRES_PASSWORD": "db_password"},
+        "volumes": ["data:/var/lib/postgresql/data"]}}])
+    """Long-lived containers beside the app (a database, a cache), by name (a DNS label):
+    `runner accessory boot` starts them, deploys never touch them, and a deploy fails before
+    any switch when one is not running on its server. The app reaches one as `<app>-<NAME>`
+    on the runner's docker network (the app joins it). See docs/accessories.md."""
     # Set by the loader, not by the YAML: the file the pipeline came from.
     source_file: str = Field(default="", exclude=True)
     # Set by the loader with source_file: where each value is in that file, so that a problem
@@ -108,18 +116,26 @@ class Pipeline(Model):
 
     def deploy_settings(self) -> DeploySettings:
         """`stages.deploy` as the deploy runs it: the top-level `env:` under
-        `container.env`, where the container's own `env` and `secret_env` win per name."""
+        `container.env`, where the container's own `env` and `secret_env` win per name; with
+        `accessories`, a stop-start app on the runner's network (`container.network`)."""
         stage = self.stages.deploy
-        if not self.env:
-            return stage
         own = stage.container
-        env = {k: v for k, v in self.env.items() if k not in own.secret_env}
-        env.update(own.env)
-        return stage.model_copy(update={"container": own.model_copy(update={"env": env})})
+        update: dict = {}
+        if self.env:
+            env = {k: v for k, v in self.env.items() if k not in own.secret_env}
+            env.update(own.env)
+            update["env"] = env
+        if self.accessories and stage.proxy is None and own.network is None:
+            # The accessories are reached by name on the runner's network (the proxy cutover
+            # puts the app there anyway).
+            update["network"] = NETWORK
+        if not update:
+            return stage
+        return stage.model_copy(update={"container": own.model_copy(update=update)})
 
 
 __all__ = [
-    "STAGE_ORDER", "BuildSecret", "BuildSettings", "CheckoutSettings", "DeploySettings", "Image",
+    "STAGE_ORDER", "Accessory", "BuildSecret", "BuildSettings", "CheckoutSettings", "DeploySettings", "Image",
     "Pipeline", "PushSettings", "RegistryAuth", "Repository", "ScanSettings", "SecretSource", "Stages",
     "TestSettings",
 ]
