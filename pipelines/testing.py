@@ -20,6 +20,7 @@ docker SDK calls, on the engine that built the image: local, or `stages.build.en
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import io
 import os
@@ -40,7 +41,7 @@ from pipelines.testing_plan import (
     LABEL_TEST, ContainerSpec, Owner, create_kwargs, exec_argv, is_orphan, operations,
     owner_labels, service_spec, step_image, step_spec, steps_network,
 )
-from runner.errors import Cancelled, RunnerError, StageFailed
+from runner.errors import WITHHELD_WHY, Cancelled, RunnerError, SecretWithheld, StageFailed
 from runner.model import Pipeline
 from runner.model.testing import TargetImage
 from runner.outputs import TestFailure, TestOutputs, TestStepResult
@@ -182,7 +183,8 @@ class _TestRun:
                            phases={k: round(v, 3) for k, v in self.phases.items()})
 
     def _secret_values(self) -> dict[tuple[str, str], str]:
-        """(owner, VAR) -> value for every secret_env of the services and steps."""
+        """(owner, VAR) -> value for every secret_env of the services and steps this run gets
+        (a withheld one is absent: see _create)."""
         out: dict[tuple[str, str], str] = {}
         owners = [(f"services.{n}", s.secret_env) for n, s in self.settings.services.items()]
         owners += [(f"steps.{s.name}", s.secret_env) for s in self.settings.steps]
@@ -190,14 +192,31 @@ class _TestRun:
             for var, secret in secret_env.items():
                 try:
                     out[(who, var)] = self.ctx.secrets.value(secret)
+                except SecretWithheld:
+                    continue  # a fork's pull request: runs without it, said at _create
                 except (KeyError, RunnerError) as exc:
                     raise StageFailed("test", f"stages.test.{who}.secret_env.{var}: pipeline "
                                               f"secret {secret!r} is not available ({exc})") \
                         from None
         return out
 
-    def _values_for(self, who: str, spec: ContainerSpec) -> dict[str, str]:
-        return {var: self.secret_values[(who, var)] for var in spec.secret_env}
+    def _create(self, who: str, spec: ContainerSpec) -> Any:
+        """The container of `spec` (kept for cleanup) with the secret_env this run gets. A
+        withheld one (a fork's pull request) is left out of its environment, as Woodpecker and
+        GitLab run a fork's jobs, and the log says which, and why; never a value."""
+        withheld = {var: name for var, name in spec.secret_env.items()
+                    if (who, var) not in self.secret_values}
+        if withheld:
+            role, _, name = who.partition(".")
+            self.log.warn(f"{role.rstrip('s')} {name}: runs without secret_env "
+                          + ", ".join(f"{var} (secret {secret!r})" for var, secret in withheld.items())
+                          + f": withheld ({WITHHELD_WHY})")
+            spec = dataclasses.replace(spec, secret_env={
+                var: secret for var, secret in spec.secret_env.items() if var not in withheld})
+        c = self.client.containers.create(**create_kwargs(
+            spec, {var: self.secret_values[(who, var)] for var in spec.secret_env}))
+        self.containers.append(c)
+        return c
 
     # ---------------------------------------------------------------------- services
     def _start_service(self, name: str) -> None:
@@ -206,9 +225,7 @@ class _TestRun:
         self.log.info(f"service {name}: starting {spec.image}")
         t0 = time.monotonic()
         _pull_if_missing(self.client, spec.image)
-        c = self.client.containers.create(**create_kwargs(spec, self._values_for(
-            f"services.{name}", spec)))
-        self.containers.append(c)
+        c = self._create(f"services.{name}", spec)
         c.start()
         self.started_services.append(name)
         self._took("service_start", t0)
@@ -310,9 +327,7 @@ class _TestRun:
         t_step = time.monotonic()
         spec = step_spec(self.settings, i, self.owner, self.ctx.pipeline.name, image)
         self.log.info(f"step {step.name}: in {image}")
-        c = self.client.containers.create(**create_kwargs(spec, self._values_for(
-            f"steps.{step.name}", spec)))
-        self.containers.append(c)
+        c = self._create(f"steps.{step.name}", spec)
         if spec.workspace:
             self._copy_checkout(c)
         c.start()

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Cancelled,
                            InvalidInput, SecretWithheld, StageFailed)
@@ -35,6 +35,9 @@ from runner.private_dir import private_dir
 from runner.run_request import RunRequest
 from runner.runlog import RunLog, Sink
 from runner.signals import StopSignals
+
+if TYPE_CHECKING:
+    from runner.secrets import SecretStore
 
 # Stage implementations live in pipelines/ and deployers/; the engine only knows their names.
 STAGE_CLASSES = {
@@ -223,7 +226,8 @@ def prepare(path: str | os.PathLike, options: RunOptions,
 
         pipeline, commit = load_at_commit(request.pipeline_from, os.fspath(path), request.commit,
                                           request.ref or request.branch or request.tag,
-                                          dict(options.variables))
+                                          dict(options.variables), environ=environ,
+                                          warn=early_warnings.append)
         request = request.model_copy(update={"commit": commit})
     repo_update: dict[str, Any] = {}
     if options.repo:
@@ -248,7 +252,10 @@ def prepare(path: str | os.PathLike, options: RunOptions,
     stages = select_stages(pipeline, options.only, options.skip)
     run_id = check_run_id(options.run_id) if options.run_id is not None else new_run_id()
     masker = Masker(on_warning=early_warnings.append)
-    store = read_secrets(pipeline, environ, masker, withhold=options.withhold_secrets)
+    # A repository's pipeline: the entry's credentials reach the repository even in a run that
+    # gets no secrets (a fork's pull request is checked out with them); only git gets them.
+    git_only = request.pipeline_from.credentials if request.pipeline_from else ()
+    store = read_secrets(pipeline, environ, masker, withhold=options.withhold_secrets, keep=git_only)
     return Prepared(pipeline=pipeline, stages=stages, request=request, masker=masker,
                     secrets=store, warnings=early_warnings, run_id=run_id,
                     data_dir=Path(options.data_dir or default_data_dir()),
@@ -387,7 +394,7 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
                 if cancel.is_set():
                     raise Cancelled("cancelled before the stage started")
                 if prep.withhold_secrets:
-                    _refuse_withheld(prep.pipeline, name)
+                    _refuse_withheld(prep.pipeline, name, prep.secrets)
                 given = _stage(name).run(ctx)
                 outputs.add(name, given)  # a stage returning another type is a bug: it fails
                 res = StageResult(name, "success", time.monotonic() - t0, given.to_dict())
@@ -445,9 +452,18 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
     return result
 
 
-def _refuse_withheld(pipeline: Pipeline, stage: str) -> None:
+def withheld_needs(pipeline: Pipeline, stage: str, secrets: SecretStore) -> list[tuple[str, str]]:
+    """The secrets a stage cannot do without that this run does not get: [(field path, name)].
+    Pure. The test stage needs none: its steps and services run without their withheld
+    `secret_env` (pipelines.testing says which, per step), as Woodpecker and GitLab run a fork's."""
+    if stage == "test":
+        return []
+    return [(f, n) for f, n in dict.fromkeys(stage_secrets(pipeline, stage)) if secrets.is_withheld(n)]
+
+
+def _refuse_withheld(pipeline: Pipeline, stage: str, secrets: SecretStore) -> None:
     """Fail a stage that needs a secret before it does anything, when the run gets none."""
-    needed = list(dict.fromkeys(stage_secrets(pipeline, stage)))
+    needed = withheld_needs(pipeline, stage, secrets)
     if needed:
         field_path, name = needed[0]
         exc = SecretWithheld(name, field_path)

@@ -45,11 +45,12 @@ def open_pipeline(path: str | os.PathLike, variables: Mapping[str, str], *,
 
 
 def read_secrets(pipeline: Pipeline, environ: Mapping[str, str], masker: Masker, *,
-                 withhold: bool = False, only: Collection[str] | None = None) -> SecretStore:
+                 withhold: bool = False, only: Collection[str] | None = None,
+                 keep: tuple[str, ...] = ()) -> SecretStore:
     """The secrets part of open_pipeline, for a caller that tells a bad file from an unreadable
-    secret (the daemon's poll)."""
+    secret (the daemon's poll). `withhold`: no value is read but those `keep` names."""
     if withhold:
-        return SecretStore.withheld(pipeline, masker)  # no value is read at all
+        return SecretStore.withheld(pipeline, masker, environ, keep)
     if only is not None:
         pipeline = pipeline.model_copy(update={"secrets": {
             n: pipeline.secrets[n] for n in only if n in pipeline.secrets}})

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runner.errors import InvalidInput
 from runner.gitsafety import check_ref, check_repo_url, is_sha
@@ -59,6 +59,11 @@ class RepositoryPipeline(_Model):
     # The secrets it may name, and where their values come from: the file's own `secrets:`
     # may only name these, and their sources are these.
     secrets: dict[str, SecretSource] = Field(default_factory=dict)
+    # How git reaches `repository`, as a pipeline's repository: says it (names of `secrets`).
+    # These are the operator's: only git gets them, and the file may not name them.
+    token: str | None = None
+    token_user: str = "x-access-token"
+    ssh_key: str | None = None
 
     @field_validator("repository")
     @classmethod
@@ -67,6 +72,19 @@ class RepositoryPipeline(_Model):
             return check_repo_url(v)
         except InvalidInput as exc:
             raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _credentials_are_secrets(self):
+        for key in ("token", "ssh_key"):
+            name = getattr(self, key)
+            if name is not None and name not in self.secrets:
+                raise ValueError(f"{key} {name!r} is not one of secrets")
+        return self
+
+    @property
+    def credentials(self) -> tuple[str, ...]:
+        """The names of the secrets only git gets."""
+        return tuple(n for n in (self.token, self.ssh_key) if n)
 
 
 class RunRequest(_Model):

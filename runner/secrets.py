@@ -5,8 +5,9 @@ values are read once, before any side effect (`SecretStore.from_pipeline`), regi
 `Masker`, and handed to stages through `Secrets.value(name)`.
 
 A run may get no secret values at all (`runner exec --withhold-secrets`, for a pull request from a
-fork): `SecretStore.withheld` knows the names only, reads no environment variable and no file,
-and `value(name)` raises `SecretWithheld`, which fails the stage that asked.
+fork): `SecretStore.withheld` knows the names only, reads no environment variable and no file
+(but a daemon entry's repository credentials, which only git gets), and `value(name)` raises
+`SecretWithheld`, which fails the stage that asked.
 """
 from __future__ import annotations
 
@@ -170,10 +171,17 @@ class SecretStore:
             self.masker.add(secret, name)
 
     @classmethod
-    def withheld(cls, pipeline: Pipeline, masker: Masker | None = None) -> SecretStore:
+    def withheld(cls, pipeline: Pipeline, masker: Masker | None = None,
+                 environ: Mapping[str, str] | None = None, keep: tuple[str, ...] = ()) -> SecretStore:
         """A store that knows the pipeline's secret names and holds none of their values: it
-        reads no `env:` variable and no `file:`. Asking for a value raises SecretWithheld."""
-        return cls({}, masker, withheld=tuple(pipeline.secrets))
+        reads no `env:` variable and no `file:`. Asking for a value raises SecretWithheld.
+        `keep`: the names read all the same (a daemon entry's repository credentials, which
+        only git gets)."""
+        values: dict[str, Secret] = {}
+        if keep:
+            kept = pipeline.model_copy(update={"secrets": {n: pipeline.secrets[n] for n in keep}})
+            values = cls.from_pipeline(kept, environ, masker)._secrets
+        return cls(values, masker, withheld=tuple(pipeline.secrets))
 
     @classmethod
     def from_pipeline(cls, pipeline: Pipeline, environ: Mapping[str, str] | None = None,
@@ -235,6 +243,9 @@ class SecretStore:
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._secrets) + self._withheld
+
+    def is_withheld(self, name: str) -> bool:
+        return name in self._withheld
 
     def __contains__(self, name: object) -> bool:
         return name in self._secrets or name in self._withheld

@@ -88,8 +88,9 @@ def daemon(config_file: str, check: bool) -> None:
         cfg, problems = check_config(config_file)
         for p in problems:
             click.echo(str(p), err=True)
-        if problems:
-            click.echo(f"{config_file}: {len(problems)} problem(s); the daemon would not start", err=True)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            click.echo(f"{config_file}: {len(errors)} problem(s); the daemon would not start", err=True)
             sys.exit(EXIT_INVALID)
         names = ", ".join(p.name for p in cfg.pipelines) or "none"
         click.echo(f"{config_file}: ok ({len(cfg.pipelines)} pipeline(s): {names})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runner.errors import InvalidInput, Problem
+from runner.gitsafety import is_local_path
+from runner.model import SecretSource
+from runner.run_request import RepositoryPipeline
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -198,6 +202,13 @@ class PipelineEntry(_Model):
     # their values come from (its own `secrets:` may only name these).
     servers: tuple[str, ...] = ()
     secrets: dict[str, RepositorySecret] = Field(default_factory=dict)
+    # With `pipeline:`, how git reaches `repo` (reading the file at each commit, the checkout,
+    # the poll), in the words of a pipeline's `repository:`: `token` (https) and `ssh_key` name
+    # secrets of `secrets:`. Those two are the daemon's: only git gets them, every run (a fork's
+    # pull request too), and the repository's pipeline cannot name them.
+    token: str | None = None
+    token_user: str = "x-access-token"
+    ssh_key: str | None = None
     triggers: Triggers = Field(default_factory=Triggers)
     concurrency: int = Field(default=1, ge=1)  # runs of this pipeline at once
     # Runs whose group key is equal run one at a time, in order; "{branch}" and "{pipeline}"
@@ -242,6 +253,14 @@ class PipelineEntry(_Model):
         if self.file is not None and (self.servers or self.secrets):
             raise ValueError("servers and secrets limit a repository's pipeline (pipeline:); a file: "
                              "pipeline is the operator's own and says them itself")
+        if self.file is not None and (self.token or self.ssh_key):
+            raise ValueError("token and ssh_key reach a repository's pipeline (pipeline:); a file: "
+                             "pipeline's own repository: says how its repository is reached")
+        for key in ("token", "ssh_key"):
+            name = getattr(self, key)
+            if name is not None and name not in self.secrets:
+                raise ValueError(f"{key}: {name!r} is not one of this entry's secrets "
+                                 f"({', '.join(sorted(self.secrets)) or 'none'})")
         return self
 
 
@@ -306,6 +325,19 @@ class DaemonConfig(_Model):
         return next((p for p in self.pipelines if p.name == name), None)
 
 
+def repository_pipeline(entry: PipelineEntry, config: DaemonConfig) -> RepositoryPipeline | None:
+    """What a run of a `pipeline:` entry tells `runner exec` (and what the poll and `--check`
+    reach the repository with): the repository, its credentials and the operator's limits,
+    relative paths resolved as the daemon's config resolves them. None for `file:`."""
+    if entry.pipeline is None or entry.repo is None:
+        return None
+    repo = str(config.path(entry.repo)) if is_local_path(entry.repo) else entry.repo
+    secrets = {name: SecretSource(env=s.env, file=str(config.path(s.file)) if s.file else None)
+               for name, s in entry.secrets.items()}
+    return RepositoryPipeline(repository=repo, servers=entry.servers, secrets=secrets,
+                              token=entry.token, token_user=entry.token_user, ssh_key=entry.ssh_key)
+
+
 def _locate(root, loc: tuple) -> tuple[int, int]:
     """Line and column (1-based) of the deepest YAML node on the path `loc`."""
     node = root
@@ -366,11 +398,32 @@ def config_from_dict(data: dict, source: str = "<config>", root=None) -> DaemonC
         raise InvalidInput("daemon config is invalid", _problems(source, exc, root)) from None
 
 
+def _head_problems(cfg: DaemonConfig, p: PipelineEntry, cannot: Callable[[str], None]) -> list[Problem]:
+    """A repository's pipeline read and validated at the head of its default branch, as a run
+    of that head would read it; `cannot` is told why when the repository cannot be read."""
+    from runner.daemon.scheduler import default_branch
+    from runner.repository_pipeline import load_at_commit
+
+    source = repository_pipeline(p, cfg)
+    assert source is not None and p.pipeline is not None
+    branch = default_branch(p)
+    try:
+        load_at_commit(source, p.pipeline, None, f"refs/heads/{branch}", dict(p.vars),
+                       timeout=cfg.git_timeout)
+    except InvalidInput as exc:
+        if exc.problems:
+            return list(exc.problems)
+        cannot(f"cannot check {p.pipeline} at the head of {branch}: {exc}")
+    return []
+
+
 def check_config(path: str | os.PathLike) -> tuple[DaemonConfig | None, list[Problem]]:
     """What `runner daemon` would refuse, found without starting it (`runner daemon --check`):
     the file's own problems; then each pipeline's file, loaded and validated as `runner exec`
-    loads it (with the entry's vars), and every secret reference that cannot be read now. Each
-    problem with its file, line and column. Nothing is connected to or written."""
+    loads it (with the entry's vars), and every secret reference that cannot be read now. A
+    repository's pipeline (`pipeline:`) is read and validated at the head of its default branch
+    (problems at PATH@COMMIT:line:column); a repository that cannot be read is a warning saying
+    why. Each problem with its file, line and column. Nothing is written."""
     from runner.loader import load_pipeline
 
     try:
@@ -380,9 +433,9 @@ def check_config(path: str | os.PathLike) -> tuple[DaemonConfig | None, list[Pro
     root = yaml.compose(Path(path).read_text())
     problems: list[Problem] = []
 
-    def at(loc: tuple, message: str) -> None:
+    def at(loc: tuple, message: str, severity: str = "error") -> None:
         line, col = _locate(root, loc)
-        problems.append(Problem(str(path), line, col, ".".join(str(x) for x in loc), message))
+        problems.append(Problem(str(path), line, col, ".".join(str(x) for x in loc), message, severity))
 
     refs: list[tuple[tuple, SecretRef | None]] = [(("api_token",), cfg.api_token), (("database",), cfg.database)]
     refs += [(("webhooks", name, "secret"), hook.secret) for name, hook in cfg.webhooks.items()]
@@ -391,7 +444,9 @@ def check_config(path: str | os.PathLike) -> tuple[DaemonConfig | None, list[Pro
         if p.commit_status is not None:
             refs.append((("pipelines", i, "commit_status", "token"), p.commit_status.token))
         if p.file is None:
-            continue  # in the repository: read and checked at each run's commit
+            problems.extend(_head_problems(cfg, p, lambda message: at(
+                ("pipelines", i, "pipeline"), message, severity="warning")))
+            continue
         file = cfg.path(p.file)
         if not file.is_file():
             at(("pipelines", i, "file"), f"no such pipeline file: {file}")

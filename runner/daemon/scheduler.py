@@ -5,7 +5,8 @@ A poll runs `git ls-remote` (argv, no shell; URL and refs checked by runner.gits
 a run for each branch or tag that moved to a commit this pipeline has never run, exactly as a push
 webhook would have. It reaches the repository as the checkout stage does (runner.gitaccess): the
 same git environment and the credentials the pipeline file names (repository.token /
-repository.ssh_key), read from `secrets:` as `runner exec` reads them, in a private temporary
+repository.ssh_key), read from `secrets:` as `runner exec` reads them (a repository's pipeline:
+the daemon entry's own token / ssh_key), in a private temporary
 directory removed when ls-remote is done. A pipeline whose repository secret cannot be read polls
 nothing and says which secret; one whose file cannot be loaded is polled without credentials (its
 runs will report the file's problems). An HTTPS token goes only to the host of the pipeline's own
@@ -43,7 +44,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from runner.daemon.config import DaemonConfig, PipelineEntry, cron_schedule
+from runner.daemon.config import DaemonConfig, PipelineEntry, cron_schedule, repository_pipeline
 from runner.daemon.webhooks import new_run, push_filter
 from runner.errors import InvalidInput
 from runner.gitaccess import remote, repository_access
@@ -51,6 +52,7 @@ from runner.gitsafety import check_ref, check_repo_url, is_local_path, redact_ur
 from runner.loader import load_pipeline
 from runner.model import Repository
 from runner.pipeline_file import read_secrets
+from runner.repository_pipeline import credential, repository_of
 from runner.secrets import Masker, SecretStore
 
 log = logging.getLogger("runner.daemon.scheduler")
@@ -102,11 +104,20 @@ def pipeline_credentials(p: PipelineEntry, config: DaemonConfig, masker: Masker,
     """What `runner exec` would use to reach the repository of pipeline `p`: its file loaded
     with the entry's vars and `environ` (default: this process's environment, which the runs
     inherit), and only the secrets repository.token / repository.ssh_key name, registered with
-    `masker`. None when it names none, or when the file cannot be loaded (`warn` is told).
+    `masker`; for a repository's pipeline (`pipeline:`), the entry's token / ssh_key. None when
+    it names none, or when the file cannot be loaded (`warn` is told).
     Raises CredentialsUnavailable."""
     environ = os.environ if environ is None else environ
-    if p.file is None:
-        return None  # a repository's pipeline (pipeline:): its repository is reached as it is
+    if p.file is None:  # a repository's pipeline (pipeline:): the entry's own credentials
+        source = repository_pipeline(p, config)
+        if source is None or not source.credentials:
+            return None
+        try:
+            values = {name: credential(source, name, environ) for name in source.credentials}
+        except InvalidInput as exc:
+            raise CredentialsUnavailable(f"pipeline {p.name!r}: the repository's credentials cannot "
+                                         f"be read, nothing polled: {exc}") from None
+        return RepositoryCredentials(repository_of(source), SecretStore(values, masker))
     try:
         pipeline = load_pipeline(config.path(p.file), variables=dict(p.vars), environ=environ)
     except InvalidInput as exc:

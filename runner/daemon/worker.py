@@ -32,13 +32,10 @@ from pathlib import Path
 
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, InvalidInput, Problem
 from runner.daemon import leases
-from runner.daemon.config import DaemonConfig, PipelineEntry
+from runner.daemon.config import repository_pipeline
 from runner.daemon.run_requests import run_request
 from runner.daemon.store import Claimed, public_text
-from runner.gitsafety import is_local_path
-from runner.model import SecretSource
 from runner.proc import Recorded, start_time, stop
-from runner.run_request import RepositoryPipeline
 
 log = logging.getLogger("runner.daemon.worker")
 
@@ -78,17 +75,6 @@ def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Pat
     for k, v in sorted(variables.items()):
         argv += ["--var", f"{k}={v}"]
     return argv
-
-
-def repository_pipeline(entry: PipelineEntry, config: DaemonConfig) -> RepositoryPipeline | None:
-    """What a run of a `pipeline:` entry tells `runner exec`: the repository and the operator's
-    limits, relative paths resolved as the daemon's config resolves them. None for `file:`."""
-    if entry.pipeline is None or entry.repo is None:
-        return None
-    repo = str(config.path(entry.repo)) if is_local_path(entry.repo) else entry.repo
-    secrets = {name: SecretSource(env=s.env, file=str(config.path(s.file)) if s.file else None)
-               for name, s in entry.secrets.items()}
-    return RepositoryPipeline(repository=repo, servers=entry.servers, secrets=secrets)
 
 
 def rollback_argv(command_base: list[str], pipeline_file: str, run_id: int, to: str | None,

@@ -3,6 +3,7 @@ run whose checkout takes the pushed commit (no lab needed), and on the lab, one 
 pushes an image the registry serves."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -11,8 +12,9 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "daemon"))
-from harness import (TOKEN, bare_repo, commit, config, daemon_in_process, push_payload,  # noqa: E402
+from harness import (TOKEN, api_get, bare_repo, commit, config, daemon_in_process, push_payload,  # noqa: E402
                      send_github, wait_for)
+from tests.lab.test_checkout import TOKEN as CHECKOUT_TOKEN, http_origin  # noqa: E402,F401 - a fixture
 
 FINAL = ("success", "failed", "invalid", "cancelled", "interrupted")
 
@@ -216,3 +218,64 @@ def test_the_pipeline_committed_in_the_repository_is_read_at_each_run_s_commit(t
         # main keeps its own pipeline: its next commit runs as before.
         later = _push_file(work, {"file.txt": "main moves on\n"}, "main moves on")
         assert run_of(later, "repo-5")["status"] == "success"
+
+
+def test_a_private_https_repository_s_pipeline_is_read_built_and_polled_with_the_entry_s_token(
+        tmp_path, http_origin, monkeypatch):  # noqa: F811
+    """`pipeline:` with `token:` (a secret of the entry's `secrets:`), against `git http-backend`
+    behind Basic auth: the poll, the read of .runner.yaml at the commit and the checkout all
+    authenticate, and the token is nowhere the daemon writes (store, logs, work directories)."""
+    monkeypatch.setenv("REPO_PIPELINE_GIT_TOKEN", CHECKOUT_TOKEN)
+    sha = http_origin.commit(".runner.yaml", "version: 1\nname: private\nrepository: {url: /elsewhere}\n"
+                             "image: {name: localhost/test/app}\n"
+                             "stages: {build: {enabled: false}, push: {enabled: false}}\n")
+    cfg = _real(config(tmp_path, [{
+        "name": "app", "pipeline": ".runner.yaml", "repo": http_origin.url, "token": "git",
+        "secrets": {"git": {"env": "REPO_PIPELINE_GIT_TOKEN"}},
+        "triggers": {"poll": {"interval": 0.5, "initial": "run"}}}]))
+    with daemon_in_process(cfg) as d:
+        runs = wait_for(lambda: d.store.list_runs(trigger="poll"), 15, "the first poll to queue a run")
+        run = _final(d, runs[0]["id"])
+        assert run["status"] == "success", (run, d.store.logs(run["id"]))
+        checkout = {s["name"]: s for s in d.store.stages(run["id"])}["checkout"]["outputs"]
+        assert checkout["commit"] == sha and checkout["url"] == http_origin.url
+        logs = "\n".join(x["line"] for x in d.store.logs(run["id"]))
+        (listed,) = api_get(d.url, "/api/pipelines").json()["pipelines"]
+        assert (listed["file"], listed["pipeline"], listed["repo"]) == (None, ".runner.yaml", http_origin.url)
+    assert any(a.startswith("Basic ") for a in http_origin.handler.seen_auth)
+    assert CHECKOUT_TOKEN not in logs and CHECKOUT_TOKEN not in json.dumps(run)
+    for path in tmp_path.rglob("*"):  # the store, the run's logs and run.json, the caches
+        if path.is_file() and "served" not in path.parts:
+            assert CHECKOUT_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_daemon_check_reads_a_repository_s_pipeline_at_its_default_branch_s_head(tmp_path):
+    """`runner daemon --check`: a `pipeline:` entry is read and validated at the head of its
+    default branch (problems at .runner.yaml@COMMIT:line:column, exit 2); a repository it cannot
+    read is a warning saying why, not a refusal."""
+    import subprocess
+
+    bare, work = bare_repo(tmp_path)
+    good = _push_file(work, {".runner.yaml": "version: 1\nname: app\nrepository: {url: .}\n"
+                             "image: {name: localhost/test/app}\n"}, "pipeline")
+    cfg = config(tmp_path, [
+        {"name": "app", "pipeline": ".runner.yaml", "repo": str(bare)},
+        {"name": "gone", "pipeline": ".runner.yaml", "repo": str(tmp_path / "nowhere.git")}])
+    path = tmp_path / "daemon.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "runner", "daemon", "--config", str(path), "--check"],
+                              capture_output=True, text=True, timeout=60)
+
+    ok = check()
+    assert ok.returncode == 0 and "ok (2 pipeline(s)" in ok.stdout, ok
+    assert f"{path}:" in ok.stderr and "warning: pipelines.1.pipeline: cannot check .runner.yaml at the " \
+        "head of main" in ok.stderr, ok.stderr
+    assert good[:12] not in ok.stderr
+    broken = _push_file(work, {".runner.yaml": "version: 1\nname: app\nrepository: {url: .}\n"
+                               "imagez: {name: localhost/test/app}\n"}, "break it")
+    bad = check()
+    assert bad.returncode == 2, bad
+    assert f".runner.yaml@{broken[:12]}:4:1: error:" in bad.stderr, bad.stderr
+    assert "2 problem(s); the daemon would not start" in bad.stderr  # the warning is not one

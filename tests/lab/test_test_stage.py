@@ -94,6 +94,26 @@ def test_a_failing_test_fails_naming_it_and_stops_the_steps(tmp_path, engine):
     assert "never" not in ctx.log.everything()
 
 
+def test_a_fork_s_run_tests_without_its_secrets_saying_which(tmp_path, engine):
+    """A pull request from a fork (--withhold-secrets): the steps and services run with their
+    secret_env absent (not empty), and a warning per container says which and why."""
+    from runner.errors import WITHHELD_WHY
+    from runner.secrets import Masker, SecretStore
+
+    ctx = make_ctx(tmp_path, engine, {
+        "services": {"side": {"image": layout.BUSYBOX_IMAGE, "command": ["sleep", "600"],
+                              "secret_env": {"SIDE_TOKEN": "api_token"}}},
+        "steps": [{"name": "unit", "env": {"PLAIN": "x"}, "secret_env": {"API_TOKEN": "api_token"},
+                   "commands": ['test -z "${API_TOKEN+set}" && test "$PLAIN" = x']}]}, "lab-fork")
+    ctx.secrets = SecretStore({}, Masker(), withheld=("api_token",))
+    out = TestStage().run(ctx)
+    assert out.passed and [s.status for s in out.steps] == ["passed"]
+    assert ctx.log.warns == [
+        f"service side: runs without secret_env SIDE_TOKEN (secret 'api_token'): withheld ({WITHHELD_WHY})",
+        f"step unit: runs without secret_env API_TOKEN (secret 'api_token'): withheld ({WITHHELD_WHY})"]
+    assert leftovers(engine, "lab-fork") == []
+
+
 def test_a_hanging_step_is_killed_at_its_timeout_and_services_removed(tmp_path, engine):
     ctx = make_ctx(tmp_path, engine, {
         "services": {"side": {"image": layout.BUSYBOX_IMAGE, "command": ["sleep", "600"]}},
