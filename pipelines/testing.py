@@ -8,15 +8,19 @@ What it does, in order (the values come from pipelines/testing_plan.py; this mod
 docker SDK calls, on the engine that built the image: local, or `stages.build.engine`):
 1. Reaps what an earlier test stage left behind when its runner process died (SIGKILL): every
    labelled container and network whose runner pid (and start time) is gone from this host.
-2. Creates the run's network and starts the services on it, each reachable by its name, and
-   waits for each one's `ready` check; one that never gets ready fails the stage naming it, with
-   the end of its log.
+   That is other runs' objects only, so it goes on in a thread beside everything below.
+2. Starts building the steps' Dockerfile `target`s, in a thread, and meanwhile creates the run's
+   network and starts the services on it, each reachable by its name, and waits for each one's
+   `ready` check; one that never gets ready fails the stage naming it, with the end of its log
+   (and stops the build); a build that fails fails the stage as soon as it does.
 3. Runs the steps in order, each in its own container: the image this run built (by id: what
-   passes is what ships), a Dockerfile `target` built the build's way, or another image with the
-   checkout copied to /workspace. Each command is `sh -c LINE`, a `docker exec` of its own, so
-   the failing one is named; the step's `timeout` kills its container.
+   passes is what ships), a Dockerfile `target` (waited for), or another image with the checkout
+   copied to /workspace. Each command is `sh -c LINE`, a `docker exec` of its own, so the failing
+   one is named; the step's `timeout` kills its container.
 4. Copies the JUnit reports out (`get_archive`, matched on this side: no shell), summarises them.
-5. Removes every container and the network in `finally`: on success, failure, timeout, cancel.
+5. Removes every container and the network: a step's container as soon as its reports are out,
+   beside the next step; the rest in `finally` (on success, failure, timeout, cancel), all at
+   once, then the network. The stage returns only once every removal (and the reap) has ended.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import socket
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +91,7 @@ class TestStage(Stage):
         run.phases["connect"] = time.monotonic() - t0
         failure: StageFailed | None = None
         try:
-            run.reap_orphans()
+            run.reaper = run.beside(run.reap_orphans)
             run.execute()
         except DockerException as exc:
             failure = StageFailed(self.name, f"docker: {exc}")
@@ -108,34 +113,67 @@ class _TestRun:
         self.ctx, self.client, self.owner = ctx, client, owner
         self.settings = ctx.pipeline.stages.test
         self.log = ctx.log
-        self.containers: list[Any] = []  # to remove, services last
+        self.containers: list[Any] = []  # still to remove
         self.network: Any = None
         self.results: list[TestStepResult] = []
         self.summary = ReportSummary()
         self.started_services: list[str] = []
         self.phases: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.reaper: threading.Thread | None = None
+        self.removals: list[threading.Thread] = []
+        # The Dockerfile targets, built in one thread while the services start (_start_builds).
+        self.builder: threading.Thread | None = None
+        self.builds_stop = threading.Event()  # the stage's cancel, or a service that failed
+        self.built: dict[str, str] = {}  # target -> image id
+        self.build_failure: BaseException | None = None
 
     # ------------------------------------------------------------------ what is left behind
     def reap_orphans(self) -> None:
-        t0 = time.monotonic()
+        """Runs beside the stage (`beside`): it touches only objects of runners that are gone,
+        and says so rather than failing this run when the engine cannot list them."""
+        from docker.errors import DockerException
+
         host = self.owner.host
-        dead = [c for c in self.client.containers.list(all=True, filters={"label": LABEL_TEST})
-                if is_orphan(c.labels, host, start_time)]
-        for c in dead:
-            self.log.info(f"removing {c.name}, left by a runner process that is gone")
-            _quietly(lambda c=c: c.remove(force=True, v=True))
-        for net in self.client.networks.list(filters={"label": LABEL_TEST}):
-            if is_orphan(net.attrs.get("Labels") or {}, host, start_time):
-                self.log.info(f"removing network {net.name}, left by a runner process that is gone")
-                _quietly(net.remove)
-        self._took("reap", t0)
+        try:
+            dead = [c for c in self.client.containers.list(all=True,
+                                                           filters={"label": LABEL_TEST})
+                    if is_orphan(c.labels, host, start_time)]
+            for c in dead:
+                self.log.info(f"removing {c.name}, left by a runner process that is gone")
+                _quietly(lambda c=c: c.remove(force=True, v=True))
+            for net in self.client.networks.list(filters={"label": LABEL_TEST}):
+                if is_orphan(net.attrs.get("Labels") or {}, host, start_time):
+                    self.log.info(f"removing network {net.name}, left by a runner process that "
+                                  "is gone")
+                    _quietly(net.remove)
+        except DockerException as exc:
+            self.log.warn(f"could not look for what killed runners left behind: {exc}")
+
+    def beside(self, action: Callable[[], None]) -> threading.Thread:
+        """`action` in a thread of its own, now; cleanup() waits for it."""
+        thread = threading.Thread(target=action, daemon=True)
+        thread.start()
+        return thread
+
+    def _remove_beside(self, c: Any) -> None:
+        """Remove container `c` (forced: its process is killed in the same call) while the run
+        goes on; cleanup() waits for the removal."""
+        self.containers.remove(c)
+        self.removals.append(self.beside(lambda: _quietly(lambda: c.remove(force=True, v=True))))
 
     def cleanup(self) -> None:
         t0 = time.monotonic()
-        for c in reversed(self.containers):
-            _quietly(lambda c=c: c.remove(force=True, v=True))
-        self.containers.clear()
-        if self.network is not None:
+        if self.reaper is not None:
+            self.reaper.join()
+            self.reaper = None
+        self._took("reap", t0)
+        t0 = time.monotonic()
+        for c in list(self.containers):  # every container at once, each in a thread
+            self._remove_beside(c)
+        for removal in self.removals:
+            removal.join()
+        self.removals.clear()
+        if self.network is not None:  # after its containers: docker refuses it before
             _quietly(self.network.remove)
             self.network = None
         self._took("cleanup", t0)
@@ -157,15 +195,20 @@ class _TestRun:
             self.network = self.client.networks.create(net, driver="bridge",
                                                        labels=owner_labels(self.owner))
             self._took("network", t0)
-        for name in self.settings.services:
-            self._start_service(name)
-        failed: str | None = None
-        for i, step in enumerate(self.settings.steps):
-            if failed is not None:
-                self.results.append(TestStepResult(step.name, step_image(step), "not run", None,
-                                                   None, 0.0, _counts(None), ()))
-                continue
-            failed = self._run_step(i)
+        self._start_builds()
+        try:
+            for name in self.settings.services:
+                self._start_service(name)
+                self._check_builds()
+            failed: str | None = None
+            for i, step in enumerate(self.settings.steps):
+                if failed is not None:
+                    self.results.append(TestStepResult(step.name, step_image(step), "not run",
+                                                       None, None, 0.0, _counts(None), ()))
+                    continue
+                failed = self._run_step(i)
+        finally:
+            self._stop_builds()
         outputs = self.outputs(failed is None)
         if outputs.counts["total"]:
             self.log.info(f"tests: {outputs.summary}")
@@ -241,6 +284,7 @@ class _TestRun:
         deadline = time.monotonic() + svc.timeout
         while True:
             self._check_cancel()
+            self._check_builds()
             c.reload()
             if c.status not in ("running", "created", "restarting"):
                 raise StageFailed("test", f"service {name!r} exited (code "
@@ -272,9 +316,53 @@ class _TestRun:
                                           "--only, or give the step an image)")
             return build.image_id
         if isinstance(step.image, TargetImage):
-            return self._build_target(step.image.target)
+            return self._await_target(step.image.target)
         _pull_if_missing(self.client, step.image)
         return step.image
+
+    # ------------------------------------------------------------ Dockerfile targets
+    def _start_builds(self) -> None:
+        """Build every step's Dockerfile target, in step order, in one thread, while this one
+        starts the services and waits for them (initdb and a pip install hide each other)."""
+        targets = list(dict.fromkeys(s.image.target for s in self.settings.steps
+                                     if isinstance(s.image, TargetImage)))
+        if not targets:
+            return
+
+        def build() -> None:
+            for target in targets:
+                t0 = time.monotonic()
+                try:
+                    self.built[target] = self._build_target(target)
+                except BaseException as exc:  # noqa: BLE001 - raised in the stage's thread
+                    self.build_failure = exc
+                    return
+                self.log.info(f"target {target}: built in {time.monotonic() - t0:.2f}s, "
+                              "beside the services")
+
+        self.builder = self.beside(build)
+
+    def _check_builds(self) -> None:
+        """Raise the build's failure (StageFailed, or Cancelled) in the stage's thread."""
+        if self.build_failure is not None:
+            raise self.build_failure
+
+    def _await_target(self, target: str) -> str:
+        assert self.builder is not None
+        while target not in self.built and self.builder.is_alive():
+            if self.ctx.cancel.is_set():
+                self.builds_stop.set()  # the build stops and raises Cancelled
+            self.builder.join(_POLL)
+        self._check_builds()
+        return self.built[target]
+
+    def _stop_builds(self) -> None:
+        """Stop a build still running (a service failed, a step failed first, a cancel) and
+        wait for its thread: nothing of the stage outlives it."""
+        if self.builder is not None:
+            self.builds_stop.set()
+            self.builder.join()
+            self.builder = None
 
     def _build_target(self, target: str) -> str:
         """Dockerfile stage `target`, built the build stage's way (same context, args, engine:
@@ -310,7 +398,7 @@ class _TestRun:
         argv = build_argv(builder, spec, engine.cli_args())
         self.log.info("building target: " + shlex.join(argv))
         env.update(builder.env())
-        result = run_command(argv, on_line=self.log.line, cancel=ctx.cancel, env=env,
+        result = run_command(argv, on_line=self.log.line, cancel=self.builds_stop, env=env,
                              cwd=str(context), timeout=settings.timeout)
         if result.returncode != 0 or not iidfile.is_file():
             tail = "\n".join(f"  {ln}" for ln in result.output.splitlines()[-8:])
@@ -330,12 +418,14 @@ class _TestRun:
         c = self._create(f"steps.{step.name}", spec)
         if spec.workspace:
             self._copy_checkout(c)
-        c.start()
+        if not spec.runs_its_command:
+            c.start()
         deadline = t0 + step.timeout
         status, exit_code, failed_command, why = "passed", None, None, None
         for command in step.commands:
             self.log.info(f"step {step.name}: $ {command}")
-            code = self._exec(c, command, deadline)
+            code = self._run_own(c, deadline) if spec.runs_its_command else \
+                self._exec(c, command, deadline)
             if code is None:
                 status, failed_command = "timed out", command
                 why = (f"step {step.name!r} timed out after {step.timeout:g}s in: {command}")
@@ -350,10 +440,7 @@ class _TestRun:
         self.summary.add(summary)
         for warning in summary.warnings:
             self.log.warn(f"step {step.name}: {warning}")
-        t_remove = time.monotonic()
-        _quietly(lambda: c.remove(force=True, v=True))
-        self.containers.remove(c)
-        self._took("cleanup", t_remove)
+        self._remove_beside(c)
         duration = time.monotonic() - t0
         self.results.append(TestStepResult(step.name, image, status, exit_code, failed_command,
                                            round(duration, 3), _counts(summary), reports))
@@ -381,6 +468,24 @@ class _TestRun:
         api = self.client.api
         exec_id = api.exec_create(c.id, exec_argv(command))["Id"]
         stream = api.exec_start(exec_id, stream=True, demux=False)
+        if not self._follow(c, stream, deadline):
+            return None
+        return api.exec_inspect(exec_id).get("ExitCode")
+
+    def _run_own(self, c: Any, deadline: float) -> int | None:
+        """Start the container of a step whose one command is its own process (attached first,
+        as `docker run` does), its output in the log; its exit code, or None when the step's
+        deadline passed (it is killed). It stays, stopped, for its reports."""
+        api = self.client.api
+        stream = api.attach(c.id, stdout=True, stderr=True, stream=True, logs=True)
+        c.start()
+        if not self._follow(c, stream, deadline):
+            return None
+        return api.wait(c.id).get("StatusCode")
+
+    def _follow(self, c: Any, stream: Any, deadline: float) -> bool:
+        """Log `stream`'s lines until it ends (True), or kill `c` at the deadline or a cancel
+        (False; Cancelled is raised for a cancel)."""
         done = threading.Event()
         pending = [""]
 
@@ -404,8 +509,8 @@ class _TestRun:
                 _quietly(lambda: c.kill())
                 done.wait(10)
                 self._check_cancel()
-                return None
-        return api.exec_inspect(exec_id).get("ExitCode")
+                return False
+        return True
 
     def _check_cancel(self) -> None:
         if self.ctx.cancel.is_set():

@@ -139,6 +139,53 @@ def test_a_service_never_ready_fails_naming_it_with_its_log(tmp_path, engine):
     assert leftovers(engine, "lab-ready") == []
 
 
+def test_a_target_that_fails_to_build_fails_the_stage_while_a_service_starts(tmp_path, engine):
+    """The step's Dockerfile target is built while the services start: a build that fails fails
+    the stage with the build's error as soon as it does (not after the service's wait, which
+    would be 30 s here), and the service is removed."""
+    (tmp_path / "Dockerfile").write_text(f"FROM {layout.BUSYBOX_IMAGE} AS test\n"
+                                         "RUN echo broken recipe; exit 7\n")
+    ctx = make_ctx(tmp_path, engine, {
+        "services": {"slow": {"image": layout.BUSYBOX_IMAGE, "timeout": 30,
+                              "command": ["sleep", "600"], "ready": {"port": 6379}}},
+        "steps": [{"name": "unit", "image": {"target": "test"}, "commands": ["true"]}]},
+        "lab-target-fails")
+    with pytest.raises(StageFailed) as info:
+        TestStage().run(ctx)
+    assert "building Dockerfile target 'test' failed" in info.value.reason, info.value.reason
+    assert "broken recipe" in info.value.reason
+    assert leftovers(engine, "lab-target-fails") == []
+
+
+def test_a_service_that_fails_stops_the_target_build_beside_it(tmp_path, engine):
+    """A service that exits while the target is being built fails the stage naming the
+    service; the build (300 s of sleep) is stopped, not waited for, and nothing is left."""
+    (tmp_path / "Dockerfile").write_text(f"FROM {layout.BUSYBOX_IMAGE} AS test\n"
+                                         f"RUN sleep 300 # {uuid.uuid4().hex}\n")
+    ctx = make_ctx(tmp_path, engine, {
+        "services": {"db": {"image": layout.BUSYBOX_IMAGE, "ready": {"port": 6379},
+                            "command": ["sh", "-c", "sleep 5; exit 3"]}},
+        "steps": [{"name": "unit", "image": {"target": "test"}, "commands": ["true"]}]},
+        "lab-service-fails")
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed) as info:
+        TestStage().run(ctx)
+    assert "service 'db' exited (code 3) before it was ready" in info.value.reason
+    assert "building target:" in ctx.log.everything()  # it had started, beside the service
+    assert time.monotonic() - t0 < 120
+    iidfile = str(tmp_path / "test" / "target-test.id")
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit()
+                and iidfile in _cmdline(pid)], "the docker build is still running"
+    assert leftovers(engine, "lab-service-fails") == []
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_a_cache_is_kept_between_runs_of_its_pipeline_and_no_other(tmp_path, engine):
     """`cache:` is a named volume on the build engine per pipeline and path: what run 1 wrote,
     run 2 of the same pipeline reads; another pipeline's step sees an empty directory."""

@@ -51,18 +51,29 @@ def test_a_service_is_a_container_on_the_run_network_reached_by_its_name():
     assert "s3cret" not in str(spec.to_dict())  # what --dry-run prints names the secret only
 
 
-def test_a_step_in_the_built_image_waits_in_sh_with_the_stage_cache():
+def test_a_step_of_one_command_runs_it_as_its_container_s_process_with_the_stage_cache():
+    """As `docker run` does: no idle shell and no exec for a step of one command."""
     spec = step_spec(pipeline(TEST).stages.test, 0, OWNER, "shop", "sha256:abc")
     assert create_kwargs(spec, {"API": "v"}) == {
         "image": "sha256:abc", "name": "runner-test-r1-step-1-unit",
         "labels": {**LABELS, "runner.test.step": "unit"},
         "environment": {"A": "1", "API": "v"}, "network": "runner-test-r1",
         "networking_config": {"runner-test-r1": {"Aliases": []}}, "detach": True,
-        "entrypoint": ["sh"], "command": [], "user": "10001",
+        "entrypoint": ["sh", "-c", "pytest -q"], "command": [], "user": "10001",
         "volumes": {cache_volume("shop", "/root/.cache/pip"):
-                    {"bind": "/root/.cache/pip", "mode": "rw"}},
-        "stdin_open": True}
-    assert spec.commands == ("pytest -q",) and not spec.workspace
+                    {"bind": "/root/.cache/pip", "mode": "rw"}}}
+    assert spec.commands == ("pytest -q",) and not spec.workspace and spec.runs_its_command
+
+
+def test_a_step_of_several_commands_waits_in_sh_while_each_is_exec_d():
+    settings = pipeline({"steps": [{"name": "unit", "commands": ["make", "pytest"]}]}).stages.test
+    spec = step_spec(settings, 0, OWNER, "shop", "sha256:abc")
+    kwargs = create_kwargs(spec, {})
+    assert (kwargs["entrypoint"], kwargs["command"], kwargs["stdin_open"]) == (["sh"], [], True)
+    assert not spec.runs_its_command
+    assert [(op["op"], op.get("argv")) for op in operations(settings, OWNER, "shop")] == [
+        ("container create+start", None), ("exec", ["sh", "-c", "make"]),
+        ("exec", ["sh", "-c", "pytest"]), ("container remove", None)]
 
 
 def test_without_services_the_steps_get_no_network_of_their_own():
@@ -72,7 +83,7 @@ def test_without_services_the_steps_get_no_network_of_their_own():
     kwargs = create_kwargs(step_spec(settings, 0, OWNER, "shop", "sha256:abc"), {})
     assert "network" not in kwargs and "networking_config" not in kwargs
     assert [op["op"] for op in operations(settings, OWNER, "shop")] == [
-        "container create+start", "exec", "container remove"]
+        "container create+start+wait", "container remove"]
 
 
 def test_a_step_in_another_image_works_in_the_copied_checkout():
@@ -107,8 +118,8 @@ def test_dry_run_plan_lists_the_docker_operations():
     plan = TestStage().plan(pipeline(TEST))
     ops = [op["op"] for op in plan["docker"]]
     assert ops[0] == "network create" and ops[-1] == "network remove"
-    execs = [op["argv"] for op in plan["docker"] if op["op"] == "exec"]
-    assert execs == [["sh", "-c", "pytest -q"], ["sh", "-c", "ruff ."]]
+    runs = [op["entrypoint"] for op in plan["docker"] if op["op"] == "container create+start+wait"]
+    assert runs == [["sh", "-c", "pytest -q"], ["sh", "-c", "ruff ."]]
 
 
 def test_junit_summary_of_a_real_pytest_report(tmp_path):
