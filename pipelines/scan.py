@@ -1,5 +1,8 @@
 """The scan stage: Trivy (vulnerabilities, secrets, misconfigurations) on the image just built and
 optionally on the build context, hadolint on the Dockerfile, then the gate (pipelines.scan_gate).
+The scanners run at the same time (runner.together), each its own process; every line they
+print is kept in the stage's log with the scanner it came from (`[trivy image] ...`), and their
+findings and reports are put together in one fixed order (targets as given, then hadolint).
 
 It runs after build and before push; a failed gate raises StageFailed, so nothing is pushed,
 and first takes the registry names the build gave the image off it on the build engine (so a
@@ -7,22 +10,27 @@ and first takes the registry names the build gave the image off it on the build 
 
 Trivy always runs offline unless the pipeline says `db.skip_update: false`: no DB download, no
 check-bundle download, no version check, no telemetry. It reads the image by id from the build
-engine (DOCKER_HOST, `--image-src docker` only, so it never pulls from a registry); with a warm
-layer cache that exports nothing. `image_source: archive` (and an ssh:// DOCKER_HOST) exports it
-with `docker save` into the run directory instead and scans that with `--input`. When
-vulnerabilities are asked for and no database is present, the stage fails (or, with
-`allow_missing_db`, skips only that scanner and says so): a scan that checked nothing is never
-reported as clean.
+engine (DOCKER_HOST, `--image-src docker` only, so it never pulls from a registry). Trivy keeps
+what it found in each layer in its cache (ctx.cache_dir/trivy, kept between runs), by the layer's
+diff id, with either source: an image whose layers are all there exports nothing, and a code-only
+change re-analyses only the layers the build changed, though to read them Trivy has the engine
+export the whole image (the engine's API exports no single layer). `image_source: archive` (and
+an ssh:// DOCKER_HOST) exports it with `docker save` into the run directory instead and scans
+that with `--input`. When vulnerabilities are asked for and no database is present, the stage
+fails (or, with `allow_missing_db`, skips only that scanner and says so): a scan that checked
+nothing is never reported as clean.
 """
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import re
 import shutil
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +46,7 @@ from runner.model.scan import ScanSettings
 from runner.outputs import ScanFinding, ScanOutputs
 from runner.proc import run_command
 from runner.stage import Stage, StageContext
+from runner.together import together
 
 INSTALL_HINT = {
     "trivy": "install runner with its scan extra (in runner's checkout: `pip install '.[scan]'`; "
@@ -210,6 +219,7 @@ class ScanStage(Stage):
     def __init__(self, today: Callable[[], dt.date] | None = None):
         self._today = today or (lambda: dt.datetime.now(dt.timezone.utc).date())
         self._said: set[str] = set()  # what this run's stage log relayed from Trivy
+        self._said_lock = threading.Lock()  # the Trivy runs' output is read in threads
 
     def plan(self, pipeline: Pipeline) -> dict[str, Any]:
         cfg = pipeline.stages.scan
@@ -275,27 +285,33 @@ class ScanStage(Stage):
                 log.info(f"vulnerability database: {db['summary']}")
 
         ignores = self._ignores(ctx, cfg)
-        findings: list[Finding] = []
-        reports: dict[str, str] = {}
-        versions: dict[str, str] = {}
+        # Every scanner run is a job (its report: outdir/NAME.json); they run at the same time
+        # (Trivy's image scan mostly waits for the engine's export while the others load checks
+        # on the CPU), and their findings and reports are put together in this order, whichever
+        # finishes first.
+        jobs: list[tuple[str, str, Callable[[threading.Event], tuple[list[Finding], str]]]] = []
         checked: list[str] = []
         if scanners:
             assert trivy is not None
             cache_dir.mkdir(parents=True, exist_ok=True)
             for target in cfg.targets:
-                report = outdir / f"trivy-{target}.json"
-                data = self._trivy(ctx, cfg, trivy, target, scanners, cache_dir, report)
-                reports[f"trivy-{target}"] = str(report)
-                versions["trivy"] = str((data.get("Trivy") or {}).get("Version") or "unknown")
-                findings += parse_trivy(data, target)
+                jobs.append((f"trivy-{target}", "trivy", functools.partial(
+                    self._trivy, ctx, cfg, trivy, target, scanners, cache_dir,
+                    outdir / f"trivy-{target}.json")))
             checked += scanners
         if hadolint is not None:
             dockerfile, shown = self._dockerfile(ctx)
-            report = outdir / "hadolint.json"
-            findings += self._hadolint(ctx, cfg, hadolint, dockerfile, shown, report)
-            reports["hadolint"] = str(report)
-            versions["hadolint"] = self._version(hadolint) if cfg.sarif else "unknown"
+            jobs.append(("hadolint", "hadolint", functools.partial(
+                self._hadolint, ctx, cfg, hadolint, dockerfile, shown, outdir / "hadolint.json")))
             checked.append("hadolint")
+        findings: list[Finding] = []
+        reports: dict[str, str] = {}
+        versions: dict[str, str] = {}
+        for (name, tool, _), (found, version) in zip(
+                jobs, together([job for _, _, job in jobs], ctx.cancel)):
+            findings += found
+            reports[name] = str(outdir / f"{name}.json")
+            versions[tool] = version
 
         result = evaluate(findings, fail_on=cfg.fail_on, ignores=ignores,
                           ignore_unfixed=cfg.ignore_unfixed, today=self._today(),
@@ -388,7 +404,11 @@ class ScanStage(Stage):
         return context / build.dockerfile, str(Path(build.context) / build.dockerfile)
 
     def _trivy(self, ctx: StageContext, cfg: ScanSettings, trivy: str, target: str,
-               scanners: tuple[str, ...], cache_dir: Path, report: Path) -> dict[str, Any]:
+               scanners: tuple[str, ...], cache_dir: Path, report: Path,
+               halt: threading.Event) -> tuple[list[Finding], str]:
+        """One Trivy run on one target: its findings and Trivy's version. Stops (Cancelled)
+        once `halt` is set."""
+        started = time.monotonic()
         tarball: Path | None = None
         try:
             if target == "image":
@@ -402,8 +422,7 @@ class ScanStage(Stage):
                 subject = image_id
                 if docker_host is None:
                     tarball = ctx.workdir / "scan" / "image.tar"
-                    started = time.monotonic()
-                    self._save_image(ctx, image_id, tarball)
+                    self._save_image(ctx, image_id, tarball, halt)
                     ctx.log.info(f"exported {image_id[:19]} for scanning in "
                                  f"{time.monotonic() - started:.1f}s")
                     subject = str(tarball)
@@ -421,17 +440,20 @@ class ScanStage(Stage):
             ctx.log.info(f"trivy {target}: {', '.join(scanners)}")
 
             def on_line(text: str) -> None:
-                ctx.log.line(text)
+                ctx.log.line(f"[trivy {target}] {text}")  # the targets' lines interleave
                 kind, message = trivy_message(text)
-                if message is None or message in self._said:
+                if message is None:
                     return
-                self._said.add(message)  # once per stage: Trivy repeats itself per target
+                with self._said_lock:  # once per stage: Trivy repeats itself per target
+                    if message in self._said:
+                        return
+                    self._said.add(message)
                 if kind == "warning":
                     ctx.log.warn(message)
                 else:
                     ctx.log.info(message)
 
-            res = run_command(argv, on_line=on_line, cancel=ctx.cancel, env=_trivy_env(),
+            res = run_command(argv, on_line=on_line, cancel=halt, env=_trivy_env(),
                               cwd=ctx.workdir, timeout=cfg.timeout + 30)
         finally:
             if tarball is not None:
@@ -443,12 +465,16 @@ class ScanStage(Stage):
             raise StageFailed("scan", f"trivy failed on the {target} ({why}); nothing was "
                                       f"checked. Its last lines:\n{tail}")
         try:
-            return json.loads(report.read_text())
+            data = json.loads(report.read_text())
         except (OSError, ValueError) as exc:
             raise StageFailed("scan", f"trivy wrote no readable report for the {target}: "
                                       f"{exc}") from None
+        ctx.log.info(f"trivy {target}: done in {time.monotonic() - started:.1f}s")
+        version = str((data.get("Trivy") or {}).get("Version") or "unknown")
+        return parse_trivy(data, target), version
 
-    def _save_image(self, ctx: StageContext, image_id: str, tarball: Path) -> None:
+    def _save_image(self, ctx: StageContext, image_id: str, tarball: Path,
+                    halt: threading.Event) -> None:
         from docker.errors import DockerException
 
         from pipelines.build_engine import engine_client
@@ -461,7 +487,7 @@ class ScanStage(Stage):
         try:
             with open(tarball, "wb") as out:
                 for chunk in client.api.get_image(image_id, chunk_size=1 << 20):
-                    if ctx.cancel.is_set():
+                    if halt.is_set():
                         raise Cancelled("cancelled while exporting the image for scanning")
                     out.write(chunk)
         except DockerException as exc:
@@ -505,27 +531,30 @@ class ScanStage(Stage):
             client.close()
 
     def _hadolint(self, ctx: StageContext, cfg: ScanSettings, hadolint: str, dockerfile: Path,
-                  shown: str, report: Path) -> list[Finding]:
+                  shown: str, report: Path, halt: threading.Event) -> tuple[list[Finding], str]:
+        """hadolint on the Dockerfile: its findings and its version (asked only for SARIF).
+        Stops (Cancelled) once `halt` is set."""
         if not dockerfile.is_file():
             raise StageFailed("scan", f"hadolint: no Dockerfile at {shown}")
         ctx.log.info(f"hadolint {shown}")
 
         def on_line(text: str) -> None:
-            ctx.log.line(text)
+            ctx.log.line(f"[hadolint] {text}")
             if text.strip():  # it writes its findings to the report: anything else is news
                 ctx.log.info(f"hadolint: {text.strip()}")
 
         res = run_command(hadolint_argv(hadolint, str(dockerfile), str(report)),
-                          on_line=on_line, cancel=ctx.cancel, cwd=self._repo(ctx),
+                          on_line=on_line, cancel=halt, cwd=self._repo(ctx),
                           timeout=cfg.timeout)
         if res.returncode != 0:
             tail = "\n".join(res.output.splitlines()[-5:])
             raise StageFailed("scan", f"hadolint failed on {shown} (exit {res.returncode}):\n"
                                       f"{tail}")
         try:
-            return parse_hadolint(json.loads(report.read_text() or "[]"), shown)
+            found = parse_hadolint(json.loads(report.read_text() or "[]"), shown)
         except (OSError, ValueError) as exc:
             raise StageFailed("scan", f"hadolint wrote no readable report: {exc}") from None
+        return found, self._version(hadolint) if cfg.sarif else "unknown"
 
     @staticmethod
     def _version(tool: str) -> str:

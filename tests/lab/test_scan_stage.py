@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import threading
 from pathlib import Path
@@ -226,3 +227,98 @@ def test_cancel_while_trivy_runs_stops_it(tmp_path):
         run(ctx)
     assert ctx.log.lines  # Trivy had started
     assert not (ctx.workdir / "scan" / "gate.json").exists()  # no verdict from a partial scan
+
+
+# --- the scanners run at the same time ---------------------------------------------------------
+# A stand-in for Trivy (stages.scan.trivy), so that the runs can wait for each other: it records
+# its pid beside its report (scan/image.pid, scan/fs.pid), says so, then does what BEHAVIOUR says
+# for its kind (image or fs). The real Trivy cannot be made to wait for another run.
+FAKE_TRIVY = r'''#!/bin/sh
+kind=$1
+while [ $# -gt 0 ]; do [ "$1" = --output ] && out=$2; shift; done
+dir=$(dirname "$out")
+echo $$ > "$dir/$kind.pid.tmp" && mv "$dir/$kind.pid.tmp" "$dir/$kind.pid"
+echo "started $kind"
+waitfor() { i=0; while [ ! -e "$dir/$1" ]; do i=$((i+1)); [ $i -gt 200 ] && exit 9; sleep 0.05; done; }
+report() {
+  printf '{"SchemaVersion":2,"Trivy":{"Version":"fake"},"Results":[{"Target":"t","Secrets":[{"RuleID":"fake-%s","Severity":"LOW","Title":"t","StartLine":1}]}]}' "$kind" > "$out"
+}
+BEHAVIOUR
+'''
+
+
+def fake_trivy(tmp: Path, behaviour: str) -> str:
+    path = tmp / "fake-trivy"
+    path.write_text(FAKE_TRIVY.replace("BEHAVIOUR", behaviour))
+    path.chmod(0o755)
+    return str(path)
+
+
+def both_targets(tmp: Path, trivy: str, **scan: Any) -> StageContext:
+    return make_ctx(tmp, repo(tmp, CLEAN_DOCKERFILE),
+                    {"targets": ["image", "context"], "scanners": ["secret"], "trivy": trivy,
+                     "image_source": "engine", "timeout": 1, **scan},
+                    image_id="sha256:" + "1" * 64)
+
+
+def gone(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_scanners_run_together_and_report_in_the_given_order(tmp_path):
+    # Each Trivy run finishes only once the other has started, and the image's only after the
+    # context's report is written: one after the other, the image's run would wait in vain.
+    trivy = fake_trivy(tmp_path, 'case $kind in\n'
+                                 '  image) waitfor fs.pid; waitfor trivy-context.json; report;;\n'
+                                 '  fs) waitfor image.pid; report;;\n'
+                                 'esac')
+    hadolint = find_tool("hadolint", None) is not None
+    ctx = both_targets(tmp_path, trivy, sarif=True, hadolint=hadolint)
+    out = run(ctx)
+    assert out["passed"] and out["counts"]["LOW"] == 2
+    names = ["trivy-image", "trivy-context", *(["hadolint"] if hadolint else []), "gate"]
+    assert list(out["reports"]) == names
+    sarif = json.loads(Path(out["sarif"]).read_text())
+    rules = [r["ruleId"] for run_ in sarif["runs"] for r in run_["results"]]
+    assert rules[:2] == ["fake-image", "fake-fs"]  # the targets' order, not the finishing order
+    # Each line in the stage's log says which run printed it.
+    assert "[trivy image] started image" in ctx.log.lines
+    assert "[trivy context] started fs" in ctx.log.lines
+
+
+def test_one_failing_scanner_stops_the_others_and_is_named(tmp_path):
+    trivy = fake_trivy(tmp_path, 'case $kind in\n'
+                                 '  image) exec sleep 60;;\n'
+                                 '  fs) waitfor image.pid; echo "no such directory"; exit 3;;\n'
+                                 'esac')
+    ctx = both_targets(tmp_path, trivy)
+    with pytest.raises(StageFailed) as info:
+        run(ctx)
+    assert "trivy failed on the context (exit 3)" in info.value.reason, info.value.reason
+    assert "no such directory" in info.value.reason
+    assert gone(ctx.workdir / "scan" / "image.pid")  # stopped, not left to sleep
+    assert not (ctx.workdir / "scan" / "gate.json").exists()
+
+
+def test_cancel_stops_every_scanner(tmp_path):
+    from runner.errors import Cancelled
+
+    trivy = fake_trivy(tmp_path, "exec sleep 60")
+    ctx = both_targets(tmp_path, trivy)
+
+    class CancellingLog(ListLog):
+        def line(self, text: str) -> None:
+            super().line(text)
+            if {"[trivy image] started image", "[trivy context] started fs"} <= set(self.lines):
+                ctx.cancel.set()  # both are running
+
+    ctx.log = CancellingLog()
+    with pytest.raises(Cancelled):
+        run(ctx)
+    scan = ctx.workdir / "scan"
+    assert gone(scan / "image.pid") and gone(scan / "fs.pid")
+    assert not (scan / "gate.json").exists()
