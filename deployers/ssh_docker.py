@@ -326,6 +326,14 @@ class SSHDockerDeployer(Deployer):
     def rollback(self, to: str | None = None) -> DeployOutputs:
         """Each server back to its previous verified release (or `to`: a position, a digest or
         a git commit, see deployers.history.choose), exactly as that release ran."""
+        releases = self.rollback_releases(to)
+        return self.apply(plan_rollback(self.stage, pipeline=self.pipeline, run_id=self.run_id,
+                                        releases=releases, servers=self.targets,
+                                        needs=self.needs))
+
+    def rollback_releases(self, to: str | None = None) -> dict[str, Release]:
+        """The release each server would go back to (server label -> Release), read from the
+        servers and changing nothing. Raises DeployFailed naming every server without one."""
         self.options()
 
         def pick(t: Target) -> Release:
@@ -353,9 +361,7 @@ class SSHDockerDeployer(Deployer):
             refused = self._refused("rollback", problems)
             refused.invalid_input = unknown == len(problems)  # --to names nothing: exit 2
             raise refused
-        return self.apply(plan_rollback(self.stage, pipeline=self.pipeline, run_id=self.run_id,
-                                        releases=releases, servers=self.targets,
-                                        needs=self.needs))
+        return releases
 
     # ---------------------------------------------------------------- reading
 

@@ -83,6 +83,65 @@ def _with_routes(deployer: SSHDockerDeployer, rows: list[ServerStatus]
     return out, wrong
 
 
+def _at_release(path: str, var: tuple[str, ...], request_file: str, to: str | None,
+                run_id: str) -> tuple[Load, str]:
+    """A rollback of a repository's pipeline (a daemon `pipeline:` entry, the request's
+    `pipeline_from`): the release `to` names is chosen with the pipeline at the head of the
+    request's ref (which servers, whose histories), and rolled back with the pipeline as
+    committed at that release's commit, with the entry's vars and limits. Returns (the Load of
+    that pipeline, the release's digest as `to`); exits 2 when the servers' releases are not one
+    commit or the release recorded none, 1 when the servers cannot be read."""
+    from runner.errors import InvalidInput
+    from runner.gitsafety import is_sha
+    from runner.repository_pipeline import load_at_commit
+    from runner.run_request import read_request
+
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    try:
+        request = read_request(request_file)
+    except InvalidInput as exc:
+        say(str(exc))
+        sys.exit(EXIT_INVALID)
+    source = request.pipeline_from
+    if source is None or not request.ref:
+        say(f"--request {request_file}: no pipeline_from and ref: PIPELINE_FILE is a file here, "
+            "roll back without --request")
+        sys.exit(EXIT_INVALID)
+
+    def at(commit: str | None) -> Load:
+        return lambda p, variables: load_at_commit(source, p, commit, None if commit else request.ref,
+                                                   variables)[0]
+
+    _, deployer, masker = _open(path, var, at(None), run_id, say)
+    try:
+        chosen = deployer.rollback_releases(to)
+    except DeployFailed as exc:
+        say(masker.mask(f"rollback failed: {exc}"))
+        sys.exit(EXIT_INVALID if exc.invalid_input else EXIT_FAILED)
+    except (ConfigError, TransportError) as exc:
+        say(masker.mask(f"rollback failed: {exc}"))
+        sys.exit(EXIT_FAILED)
+    finally:
+        deployer.close()
+    pairs = {(r.commit, r.digest) for r in chosen.values()}
+    if len(pairs) != 1:
+        say("rollback refused: the servers would go back to different releases ("
+            + ", ".join(f"{server}: {r.digest[:19]} commit {r.commit[:12] or '-'}"
+                        for server, r in sorted(chosen.items()))
+            + "); name one with --to")
+        sys.exit(EXIT_INVALID)
+    ((commit, digest),) = pairs
+    if not is_sha(commit):
+        say(f"rollback refused: release {digest[:19]} recorded no commit, so {path} cannot be read "
+            "as it was committed then")
+        sys.exit(EXIT_INVALID)
+    say(f"rolling back to {digest[:19]} with {path} as committed at {commit[:12]} (that release's "
+        "commit)")
+    return at(commit), digest
+
+
 def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
                                                         click.Group]:
     @click.command("rollback")
@@ -96,12 +155,18 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
     @click.option("--run-id", "run_id", default=None, metavar="ID",
                   help="the id the servers record with the release and the deploy lock names "
                        "(the daemon passes its run's); default rollback-<time>-<pid>")
+    @click.option("--request", "request_file", type=click.Path(dir_okay=False), default=None,
+                  metavar="FILE", help="the daemon's run request; with `pipeline_from`, "
+                  "PIPELINE_FILE is a path in that repository, read at the release's commit")
     def rollback(pipeline_file: str, to: str | None, var: tuple[str, ...],
-                 as_json: bool, run_id: str | None) -> None:
+                 as_json: bool, run_id: str | None, request_file: str | None) -> None:
         """Return every server to an earlier verified release, exactly as it ran then (its
         recorded command, env, ports, ...: not the file's current settings), health-gated."""
         run_id = run_id or f"rollback-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
-        _, deployer, masker = _open(pipeline_file, var, load, run_id,
+        opens = load
+        if request_file:
+            opens, to = _at_release(pipeline_file, var, request_file, to, run_id)
+        _, deployer, masker = _open(pipeline_file, var, opens, run_id,
                                     lambda s: click.echo(s, err=True))
 
         # Ctrl-C, SIGTERM, or the daemon cancelling a rollback run: the rollout stops at its

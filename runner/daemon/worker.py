@@ -34,6 +34,7 @@ from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, 
 from runner.daemon import leases
 from runner.daemon.config import repository_pipeline
 from runner.daemon.run_requests import run_request
+from runner.daemon.scheduler import default_branch
 from runner.daemon.store import Claimed, public_text
 from runner.proc import Recorded, start_time, stop
 
@@ -78,11 +79,14 @@ def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Pat
 
 
 def rollback_argv(command_base: list[str], pipeline_file: str, run_id: int, to: str | None,
-                  variables: dict[str, str]) -> list[str]:
+                  variables: dict[str, str], request_file: Path | None = None) -> list[str]:
     """The argv of a rollback run. Pure; tested by equality. `command_base` is `runner` itself
     (RUNNER): a configured exec_command stands in for `runner exec` only. The servers record
-    the run's id with the release (and the deploy lock names it), as for a deploy run."""
+    the run's id with the release (and the deploy lock names it), as for a deploy run. A
+    repository's pipeline (`pipeline:`) gets the run's request, which says where to read it."""
     argv = [*command_base, "rollback", pipeline_file, "--json", "--run-id", str(run_id)]
+    if request_file is not None:
+        argv += ["--request", str(request_file)]
     if to:
         argv += ["--to", to]
     for k, v in sorted(variables.items()):
@@ -210,27 +214,30 @@ class RunHandle:
         if entry is None:
             self._finish("failed", None, f"pipeline {self.run.pipeline!r} is no longer configured")
             return
+        pipeline_from = repository_pipeline(entry, core.config)
         try:
-            request = run_request(self.run, repository_pipeline(entry, core.config))
+            request = run_request(self.run, pipeline_from)
         except InvalidInput as exc:
             self._finish("invalid", None, str(exc))
             return
-        if request.kind == "rollback":
-            if entry.file is None:
-                self._finish("invalid", None, "a rollback needs an operator's pipeline file (file:); this "
-                             f"pipeline's is in the repository ({entry.pipeline}): nothing was rolled back")
-                return
+        if request.kind == "rollback" and entry.file is not None:
             self._rollback(str(core.config.path(entry.file)), request.rollback_to)
             return
-        requests_dir = core.data_dir / "requests"
-        requests_dir.mkdir(parents=True, exist_ok=True)
-        request_file = requests_dir / f"run-{self.id}.json"
-        try:
-            request.write(request_file)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                core.disk_full(f"request file of run {self.id}")
-            self._finish("failed", None, f"cannot write the run's request file {request_file}: {exc.strerror}")
+        if request.kind == "rollback":
+            # A repository's pipeline: `runner rollback` chooses the release with the pipeline at
+            # the head of the default branch, then reads it as committed at the release's commit.
+            branch = default_branch(entry)
+            request = request.model_copy(update={"ref": f"refs/heads/{branch}", "branch": branch,
+                                                 "pipeline_from": pipeline_from})
+        request_file = self._write_request(request)
+        if request_file is None:
+            return
+        if request.kind == "rollback":
+            assert entry.pipeline is not None
+            try:
+                self._rollback(entry.pipeline, request.rollback_to, request_file)
+            finally:
+                request_file.unlink(missing_ok=True)
             return
         # A repository's pipeline: the path inside it, which `runner exec` reads at the commit.
         pipeline_file = entry.pipeline if entry.file is None else str(core.config.path(entry.file))
@@ -276,12 +283,28 @@ class RunHandle:
         except OSError:
             pass
 
-    def _rollback(self, pipeline_file: str, to: str | None) -> None:
+    def _write_request(self, request) -> Path | None:
+        """The run's request as the file `runner exec` / `runner rollback` reads (--request);
+        None when it cannot be written (the run has then failed, saying why)."""
+        core = self.pool.core
+        requests_dir = core.data_dir / "requests"
+        requests_dir.mkdir(parents=True, exist_ok=True)
+        request_file = requests_dir / f"run-{self.id}.json"
+        try:
+            request.write(request_file)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                core.disk_full(f"request file of run {self.id}")
+            self._finish("failed", None, f"cannot write the run's request file {request_file}: {exc.strerror}")
+            return None
+        return request_file
+
+    def _rollback(self, pipeline_file: str, to: str | None, request_file: Path | None = None) -> None:
         """A rollback run: `runner rollback --json`, recorded as its deploy stage. Its stderr is
         the stage's log; its stdout ends with the report (DeployOutputs.to_dict), which becomes
-        the stage's outputs."""
+        the stage's outputs. With `request_file`, PIPELINE_FILE is the repository's (`pipeline:`)."""
         core = self.pool.core
-        argv = rollback_argv(RUNNER, pipeline_file, self.id, to, self.run.vars)
+        argv = rollback_argv(RUNNER, pipeline_file, self.id, to, self.run.vars, request_file)
         self._stage_event("deploy", "running")
         began = time.monotonic()
         if not self._start(argv, None):

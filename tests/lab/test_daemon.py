@@ -533,26 +533,32 @@ def test_deploy_twice_then_a_rollback_run_on_the_lab(lab, app, tmp_path):
     servers = lab["servers"][:2]
     dockerfile = ('FROM local/busybox:1\nCOPY www /www\nEXPOSE 8080\n'
                   'CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]\n')
-    repo = make_repo(tmp_path / "repo", {"Dockerfile": dockerfile, "www/index.html": "v1\n", "www/health": "ok\n"})
-    from harness import git
-    v1 = git("rev-parse", "HEAD", cwd=repo)
-    p = tmp_path / "pipeline.yaml"
-    p.write_text(json.dumps({  # JSON is YAML
-        "version": 1, "name": name, "repository": {"url": str(repo)},
+    pipeline = {
+        "version": 1, "name": name, "repository": {"url": "."},
         "image": {"name": f"{lab['registry']}/daemon-rollback/{name}"},
         "stages": {"deploy": {
             "servers": [f"{s['user']}@{s['host']}:{s['port']}" for s in servers],
             "ssh": {"key_file": servers[0]["key_file"], "known_hosts": servers[0]["known_hosts"],
                     "connect_timeout": 5},
             "container": {"name": name, "ports": [f"{port}:8080"], "stop_timeout": 2},
-            "healthcheck": {"http": {"port": 8080, "path": "/health"}, "timeout": 20, "probe_interval": 0.2}}}}))
+            "healthcheck": {"http": {"port": 8080, "path": "/health"}, "timeout": 20, "probe_interval": 0.2}}}}
+    # The same pipeline committed in the repository, for the `pipeline:` entry's rollback below.
+    repo = make_repo(tmp_path / "repo", {"Dockerfile": dockerfile, "www/index.html": "v1\n", "www/health": "ok\n",
+                                         ".runner.yaml": json.dumps(pipeline)})
+    from harness import git
+    v1 = git("rev-parse", "HEAD", cwd=repo)
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(json.dumps({**pipeline, "repository": {"url": str(repo)}}))  # JSON is YAML
     cfg = config(tmp_path, [{"name": "app", "file": str(p), "repo": str(repo),
-                             "triggers": {"push": {"branches": ["main"]}}}])
+                             "triggers": {"push": {"branches": ["main"]}}},
+                            {"name": "in-repo", "pipeline": ".runner.yaml", "repo": str(repo),
+                             "servers": [s["host"] for s in servers], "triggers": {"push": None}}])
     cfg.pop("exec_command")  # the real `runner exec`
     with daemon_in_process(cfg) as d:
-        digests = []
+        digests, commits = [], []
         for i, sha in enumerate((v1, None)):
             sha = sha or commit_files(repo, {"www/index.html": "v2\n"}, "v2")
+            commits.append(sha)
             rid = send_github(d.url, push_payload(str(repo), after=sha), f"rb-lab-{i}").json()["runs"][0]
             run = _final(d.store.get_run, rid, timeout=180)
             assert run["status"] == "success", (run, d.store.logs(rid)[-30:])
@@ -594,3 +600,11 @@ def test_deploy_twice_then_a_rollback_run_on_the_lab(lab, app, tmp_path):
         assert run["status"] == "cancelled" and run["exit_code"] == 130, (run, d.store.logs(waiting)[-10:])
         assert {s["name"]: s["status"] for s in d.store.stages(waiting)} == {"deploy": "cancelled"}
         assert [_get(s["host"], port) for s in servers] == ["v1", "v1"]
+        # The `pipeline:` entry's rollback: the release (v2, the newest verified other than v1)
+        # is chosen with .runner.yaml at main's head, and rolled back with it as committed at v2.
+        rb = d.trigger_rollback("in-repo", None)
+        run = _final(d.store.get_run, rb, timeout=120)
+        logs = "\n".join(x["line"] for x in d.store.logs(rb, stage="deploy"))
+        assert run["status"] == "success", (run, logs)
+        assert f"with .runner.yaml as committed at {commits[1][:12]} (that release's commit)" in logs, logs
+        assert [_get(s["host"], port) for s in servers] == ["v2", "v2"]
