@@ -93,7 +93,8 @@ class ScanSettings(Model):
     """Also lint the Dockerfile with hadolint (same `fail_on` and `ignore`)."""
     image_source: Literal["auto", "engine", "archive"] = "auto"
     """How Trivy reads the image: `engine` asks the build engine (`DOCKER_HOST`) directly
-    (with a warm layer cache it exports nothing); `archive` exports it with `docker save`
+    (nothing is exported when Trivy's layer cache has every layer; else the engine exports the
+    image and only the new layers are analysed); `archive` exports it with `docker save`
     first (works with any engine); `auto`: engine, unless `DOCKER_HOST` is `ssh://`."""
     trivy: Annotated[str | None, PathOn("pipeline")] = Field(
         default=None, examples=["/opt/trivy/bin/trivy"])
