@@ -167,18 +167,20 @@ class Switch:
     unchanged: bool = False  # the release already ran there, verified: nothing was switched
     previous_digest: str = ""  # what ran there when this run came
     recovered: str = ""  # what prepare did to return the server to its last verified release
+    unchecked: str = ""  # why nothing checked the new container's health ("" when it was checked)
     detail: Any = None
 
 
 @dataclass(frozen=True)
 class Restored:
     """What restore achieved. ok: the previous verified release runs again (or there was none,
-    and the new container is gone)."""
+    and the new container is gone: none_before)."""
 
     ok: bool
     running: str = ""  # digest running now, "" if unknown or nothing
     kept: str = ""  # where the previous verified release is kept when it is not running
     note: str = ""
+    none_before: bool = False  # nothing of the app ran there before: nothing was put back
 
 
 class ServerSteps(ABC):
@@ -204,7 +206,8 @@ class ServerSteps(ABC):
     - switch(sw): start the new release (the previous one kept for restore); sets
       sw.unchanged when the same release already runs there verified. Raises StepFailed.
     - verify(sw): the health gate on the container this run started (by id, never by name);
-      when it passes, the new release takes over (the previous stops). Raises StepFailed.
+      when it passes, the new release takes over (the previous stops). Sets sw.unchecked when
+      there was nothing to check (the report then never calls it healthy). Raises StepFailed.
     - restore(sw): put the previous verified release back and remove what this run started.
       Never raises; says what it achieved. Must not touch a server whose lock was lost.
     - commit(sw): record the release as verified in the server's history, then drop the

@@ -13,6 +13,7 @@ loop) or docker's `unhealthy` fail at once; anything else fails when the timeout
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,8 @@ class ContainerState:
     ip: str = ""  # first network address, "" if none
     restart_policy: str = ""
     published: tuple[str, ...] = ()  # "HOSTPORT:CONTAINERPORT", as docker -p took them
+    # What it mounts that outlives it: "volume NAME" (a named volume), "host directory PATH".
+    lasting: tuple[str, ...] = ()
 
 
 def _ip(settings: dict) -> str:
@@ -86,7 +89,25 @@ def parse_state(obj: dict) -> ContainerState:
         ip=_ip(obj.get("NetworkSettings") or {}),
         restart_policy=((obj.get("HostConfig") or {}).get("RestartPolicy") or {}).get("Name", ""),
         published=_published((obj.get("HostConfig") or {}).get("PortBindings") or {}),
+        lasting=_lasting(obj.get("Mounts") or []),
     )
+
+
+_ANONYMOUS = re.compile(r"^[0-9a-f]{64}$")  # the name docker gives a volume nobody named
+
+
+def _lasting(mounts: list) -> tuple[str, ...]:
+    """The named volumes and host directories among a container's mounts (an anonymous
+    volume is removed with the container by `docker container rm --volumes`)."""
+    out = []
+    for m in mounts:
+        if not isinstance(m, dict):
+            continue
+        if m.get("Type") == "volume" and m.get("Name") and not _ANONYMOUS.match(m["Name"]):
+            out.append(f"volume {m['Name']}")
+        elif m.get("Type") == "bind" and m.get("Source"):
+            out.append(f"host directory {m['Source']}")
+    return tuple(out)
 
 
 def _published(bindings: dict) -> tuple[str, ...]:

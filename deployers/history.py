@@ -8,6 +8,8 @@ Positions count back from the newest verified release: 0 is the newest, 1 the on
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 from deployers.spec import record_identity
@@ -24,6 +26,44 @@ class NoSuchRelease(ValueError):
 def describe(entry: dict) -> str:
     commit = str(entry.get("commit") or "")[:12] or "no commit"
     return f"{str(entry.get('digest', ''))[:19]} ({commit}, run {entry.get('run_id', '?')})"
+
+
+def _env(entry: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(plain env: name -> value, secret env: name -> the secret's name) of an entry."""
+    spec = entry.get("spec") if isinstance(entry.get("spec"), dict) else {}
+
+    def pairs(key: str) -> dict[str, str]:
+        return {str(kv[0]): str(kv[1]) for kv in spec.get(key) or ()
+                if isinstance(kv, (list, tuple)) and len(kv) == 2}
+    return pairs("env"), pairs("secret_env")
+
+
+def env_fingerprint(entry: dict) -> str:
+    """A short hash of a release's plain env (names and values) and of its secret env's names
+    (each variable and the secret it comes from; never a value): releases that differ only in
+    env differ here. The same on every server for the same settings."""
+    plain, secret = _env(entry)
+    data = json.dumps([sorted(plain.items()), sorted(secret.items())]).encode()
+    return hashlib.sha256(data).hexdigest()[:8]
+
+
+def env_changes(older: dict, newer: dict) -> list[str]:
+    """What changed in the env from `older` to `newer` (entries of one server's history), by
+    name only: `+NAME` added, `-NAME` removed, `NAME` another value (or another secret), and
+    `secret values` when only the values of its secrets changed (their keyed fingerprint)."""
+    (p0, s0), (p1, s1) = _env(older), _env(newer)
+    before, after = {**p0, **s0}, {**p1, **s1}
+    out = []
+    for name in sorted(set(before) | set(after)):
+        if name not in before:
+            out.append(f"+{name}")
+        elif name not in after:
+            out.append(f"-{name}")
+        elif before[name] != after[name] or (name in s0) != (name in s1):
+            out.append(name)
+    if s0 and s0 == s1 and older.get("secrets") != newer.get("secrets"):
+        out.append("secret values")
+    return out
 
 
 def listing(history: list[dict]) -> str:

@@ -38,6 +38,8 @@ from deployers.base import (DeployFailed, DeployPlan, LockLostStep, Restored, Se
                             StepFailed, Switch)
 
 UNTOUCHED = "nothing was changed on this server"
+NOT_CHECKED = "started, not health-checked"  # instead of "healthy" when nothing was checked
+NOTHING_BEFORE = "nothing was running before"  # a restore that had nothing to put back
 
 
 class _Failed(Exception):
@@ -88,8 +90,12 @@ def headline(what: str, app: str, servers: tuple[ServerResult, ...], ok: bool,
         parts = [f"{what} of {app} failed on {', '.join(failed) or 'no server'}"]
     undone = [s.server for s in servers if s.status in ("rolled_back", "restored")
               or (s.status == "failed" and s.rolled_back)]
-    if undone:
-        parts.append(f"put back on the previous verified release: {', '.join(undone)}")
+    put_back = [x for x in undone if not _emptied(servers, x)]
+    emptied = [s.server for s in servers if _emptied(servers, s.server)]
+    if put_back:
+        parts.append(f"put back on the previous verified release: {', '.join(put_back)}")
+    if emptied:
+        parts.append(f"removed what this run started, {NOTHING_BEFORE}: {', '.join(emptied)}")
     for s in servers:
         if s.status == "lock_lost":
             parts.append(f"{s.server}: this run lost its deploy lock there and left the server "
@@ -105,6 +111,13 @@ def headline(what: str, app: str, servers: tuple[ServerResult, ...], ok: bool,
     if not touched:
         parts.append("nothing was changed on any server")
     return "; ".join(parts)
+
+
+def _emptied(servers: tuple[ServerResult, ...], server: str) -> bool:
+    """Whether the restore of `server` removed the new container with nothing to put back."""
+    s = next(x for x in servers if x.server == server)
+    return (s.status in ("rolled_back", "restored", "failed") and not s.rolled_back
+            and s.verified and NOTHING_BEFORE in s.reason)
 
 
 class Rollout:
@@ -125,13 +138,15 @@ class Rollout:
     def _result(self, sw: Switch | None, server: str, status: str, **kw) -> ServerResult:
         began = self.began.get(server, self.clock())
         return ServerResult(server, status, duration=self.clock() - began,
+                            release=self.plan.server(server).release.digest,
                             phases=self.steps.timings(server), **kw)
 
     def _done(self, sw: Switch) -> ServerResult:
         # Unchanged only if nothing changed at all: not when prepare first had to return the
         # server from an unverified release to this one.
         unchanged = sw.unchanged and not sw.recovered
-        note = sw.recovered
+        note = "; ".join(n for n in (sw.recovered, sw.unchecked and
+                                     f"{NOT_CHECKED}: {sw.unchecked}") if n)
         if self.plan.what == "rollback" and not unchanged:
             return self._result(sw, sw.server, "rolled_back", digest=sw.release.digest,
                                 previous_digest=sw.previous_digest, rolled_back=True,
@@ -144,6 +159,9 @@ class Rollout:
         undo = "rolled_back" if self.plan.what == "deploy" else "restored"
         if sw.unchanged:
             return self._done(sw)
+        if r.ok and r.none_before:
+            return self._result(sw, sw.server, undo, previous_digest=sw.previous_digest,
+                                reason=f"{why}; removed the new container, {NOTHING_BEFORE}")
         if r.ok:
             return self._result(sw, sw.server, undo, digest=r.running,
                                 previous_digest=sw.previous_digest,
@@ -163,6 +181,10 @@ class Rollout:
         if r is None or not f.touched:
             return self._result(sw, server, "failed", previous_digest=prev,
                                 reason=f"{f.reason}; {UNTOUCHED}")
+        if r.ok and r.none_before:
+            return self._result(sw, server, "failed", previous_digest=prev,
+                                reason=f"{f.reason}; removed the failed container, "
+                                       f"{NOTHING_BEFORE}")
         if r.ok:
             return self._result(sw, server, "failed", digest=r.running, previous_digest=prev,
                                 rolled_back=True, reason=f"{f.reason}; {r.note}")
@@ -269,8 +291,9 @@ class Rollout:
                     if not failures and cancelled is None:
                         done += switched
                         for sw in switched:
-                            self.log(f"{sw.server}: {'unchanged' if sw.unchanged else 'healthy'}"
-                                     f" {sw.release.digest[:19]}")
+                            said = ("unchanged" if sw.unchanged else
+                                    NOT_CHECKED if sw.unchecked else "healthy")
+                            self.log(f"{sw.server}: {said} {sw.release.digest[:19]}")
                         continue
                 self._undo(switched, done, failures, cancelled)
                 if cancelled is not None:

@@ -61,9 +61,9 @@ from deployers.plan import UNVERIFIED, VERIFIED, Needs, plan_deploy, plan_rollba
 from deployers.remote_files import remove_tree, sweep
 from deployers.rollout import UNTOUCHED, headline, parallel, rollout
 from deployers.ssh_config import UserConfig
-from deployers.spec import (LABEL_COMMIT, LABEL_DIGEST, LABEL_RUN, Release, Target, app_name,
-                            env_file_content, identity_of, record_identity, secret_fingerprint,
-                            targets)
+from deployers.spec import (LABEL_COMMIT, LABEL_DIGEST, LABEL_RUN, HealthSpec, Release, Target,
+                            app_name, env_file_content, identity_of, record_identity,
+                            secret_fingerprint, targets)
 from deployers.transport import (CommandFailed, Connection, HostKeyPolicy, SSHOptions,
                                  TransportError, connect, http_get, load_private_key)
 
@@ -73,6 +73,20 @@ _REGISTRY_AUTH = re.compile(r"no basic auth credentials|unauthori[sz]ed|authenti
 _SCRATCH_TAIL = "--[0-9a-f]{32}"  # after the app name, in `_scratch_path` names
 STALE_LOGIN_AGE = 3600.0  # seconds; far longer than any pull
 _NET_ERRORS = (TransportError, OSError, EOFError, paramiko.SSHException)
+
+
+# Why a gate had nothing to check (said as a warning, and in the report instead of "healthy").
+NO_CHECK = ("the image has no HEALTHCHECK and the pipeline sets no healthcheck.cmd or "
+            "healthcheck.http")
+
+
+def _check_name(h: HealthSpec) -> str:
+    """What the health gate of HealthSpec `h` runs, for the log."""
+    if h.kind == "cmd":
+        return "healthcheck.cmd"
+    if h.kind == "http":
+        return f"healthcheck.http GET {h.http_path} on port {h.http_port or 80}"
+    return "the image's HEALTHCHECK"
 
 
 class ConfigError(ValueError):
@@ -747,19 +761,30 @@ class SSHDockerSteps(ServerSteps):
         if not r.ok:
             raise StepFailed(sw.server, f"docker run failed: {r.output[-500:]}")
         new_id = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
-        self.d.log(f"{sw.server}: started {spec.name} ({sw.release.digest[:19]}); waiting for "
-                   f"health ({spec.health.kind}, up to {spec.health.timeout:g}s)")
+        self.d.log(f"{sw.server}: started {spec.name} ({sw.release.digest[:19]})")
         return new_id
+
+    def _announce(self, sw: Switch, check: str, timeout: float) -> None:
+        """Say what the health gate checks; with nothing to check, warn and mark the switch
+        (the report then says "started, not health-checked", never "healthy")."""
+        if check:
+            self.d.log(f"{sw.server}: waiting for health ({check}, up to {timeout:g}s)")
+            return
+        sw.unchecked = NO_CHECK
+        self.d.log(f"{sw.server}: WARNING: no health check: {NO_CHECK}; it only has to stay "
+                   f"up {sw.release.spec.health.min_uptime:g}s, nothing checks that it answers "
+                   f"(set healthcheck.http or healthcheck.cmd)")
 
     def verify(self, sw: Switch) -> None:
         conn, run, st = self._on(sw)
         spec = sw.release.spec
         with self._as_step(sw.server, touched=True):
             with self._phase(sw.server, "health"):
+                probe = self._probe(conn, run, st, st.new_id)
+                self._announce(sw, _check_name(spec.health) if probe else "",
+                               spec.health.timeout)
                 verdict = wait_healthy(inspect=lambda: self.d.inspect(conn, st.new_id, run),
-                                       probe=self._probe(conn, run, st, st.new_id),
-                                       health=spec.health,
-                                       cancel=self.d.cancel)
+                                       probe=probe, health=spec.health, cancel=self.d.cancel)
             if not verdict.healthy:
                 raise StepFailed(sw.server, self._unhealthy_reason(run, st, verdict))
             if st.prev_name and st.prev_was_running and not st.prev_stopped:
@@ -880,7 +905,7 @@ class SSHDockerSteps(ServerSteps):
             run(plan.argv("remove_new", {cmd.NEW: current.id}), check=False)
             current = None
         if not st.prev_id:
-            return Restored(True, note="new container removed (there was no previous one)")
+            return Restored(True, note="new container removed", none_before=True)
         if current is None:
             run(plan.argv("rename_back"), check=True)
         if st.prev_was_running:

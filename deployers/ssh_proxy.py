@@ -10,7 +10,8 @@ commit do, not the rollout:
   its own, publishing no port. A rollback to a release whose container is kept (stopped) starts
   that very container again instead.
 - verify: the health gate on the new container, probed the way the proxy reaches it (GET
-  proxy.health.path with the route's Host header, or the image's HEALTHCHECK); then the route
+  proxy.health.path with the route's Host header, or the `healthcheck` / the image's
+  HEALTHCHECK, and with none of these GET / answering below 500); then the route
   moves (atomically, in-flight requests finish); then `watch` seconds of probing, switching
   straight back on a failure; then the old container is stopped (drained).
 - restore: the route goes back first (starting the old container again if it was drained), and
@@ -36,11 +37,12 @@ from deployers.proxy import (CONFIG_DIR, CONFIG_FILE, LABEL_ALIAS, LABEL_PROXY, 
                              PROXY_RECIPE, Route, config_bytes, published, route_for)
 from deployers.remote_files import sweep
 from deployers.spec import LABEL_RUN, identity_of, record_identity
-from deployers.ssh_docker import SSHDockerDeployer, SSHDockerSteps, _OnServer
+from deployers.ssh_docker import SSHDockerDeployer, SSHDockerSteps, _check_name, _OnServer
 from deployers.transport import Connection, TransportError, http_get
 
 PROXY_LOCK = "_proxy"  # the lock over the shared proxy config (no app name starts with "_")
 _TAKEN = ("port is already allocated", "address already in use", "bind for")
+DEFAULT_PATH = "/"  # the gate of an app behind the proxy when nothing else is set
 
 
 class ProxyOps:
@@ -85,10 +87,12 @@ class ProxyOps:
             sftp.posix_rename(tmp, path)
         conn.sftp_do(op)
 
-    def load(self, conn: Connection, run: Callable, argv_for: Callable[[str], list[str]],
+    def load(self, conn: Connection, run: Callable,
+             argv_for: Callable[[str], list[str]] | None,
              change: Callable[[dict[str, Route]], dict[str, Route]]) -> dict[str, Route]:
         """Apply `change` to the routes and load the result into the proxy, atomically; the
-        route files and config.json are written only once the proxy took it."""
+        route files and config.json are written only once the proxy took it. argv_for None:
+        no proxy runs there to load it; only the files change (what a proxy starts with)."""
         root = self.dir(conn)
         conn.ensure_private_dir(f"{root}/routes")
         holder = locks.holder_info(self.d.run_id, self.d.pipeline, ttl=30)
@@ -100,8 +104,9 @@ class ProxyOps:
             name = f"config.next-{uuid.uuid4().hex[:8]}.json"
             self._write(conn, f"{root}/{name}", config_bytes(list(after.values())))
             try:
-                r = run(argv_for(f"{CONFIG_DIR}/{name}"), check=False, timeout=60)
-                if not r.ok:
+                r = run(argv_for(f"{CONFIG_DIR}/{name}"), check=False, timeout=60) \
+                    if argv_for is not None else None
+                if r is not None and not r.ok:
                     tail = " ".join(r.output.splitlines()[-3:])
                     raise StepFailed(conn.label, f"the proxy on {conn.label} did not take the "
                                                  f"new route: {tail}")
@@ -118,6 +123,22 @@ class ProxyOps:
             return after
         finally:
             lease.release()
+
+    def drop(self, conn: Connection, run: Callable, app: str) -> Route | None:
+        """Take `app`'s route away on this server (`runner app remove`): the proxy then answers
+        its own 404 for the app's hosts instead of sending requests to a container that is
+        about to go. Returns the route there was, if any."""
+        route = self.routes(conn).get(app)
+        if route is None:
+            return None
+
+        def without(routes: dict[str, Route]) -> dict[str, Route]:
+            routes.pop(app, None)
+            return routes
+        proxy = self.d.inspect(conn, PROXY_CONTAINER, run)
+        self.load(conn, run, cmd.proxy_reload if proxy is not None and proxy.running else None,
+                  without)
+        return route
 
     def ensure(self, conn: Connection, run: Callable, boot_argv: list[str],
                network_argv: list[str]) -> str:
@@ -293,10 +314,35 @@ class ProxySteps(SSHDockerSteps):
     # ------------------------------------------------------------------ verify
 
     def _gate_probe(self, conn: Connection, run: Callable, st: _OnServer, cid: str
-                    ) -> Callable[[ContainerState], ProbeResult] | None:
+                    ) -> Callable[[ContainerState], ProbeResult]:
+        return self._gate_check(conn, run, st, cid)[0]
+
+    def _gate_check(self, conn: Connection, run: Callable, st: _OnServer, cid: str
+                    ) -> tuple[Callable[[ContainerState], ProbeResult], str]:
+        """The probe of the gate and what it checks: proxy.health, else the `healthcheck` (the
+        pipeline's, or the image's HEALTHCHECK), else GET / the way the proxy reaches the app
+        (an app behind the proxy must answer HTTP: one that answers nothing, or only on its own
+        loopback, is not healthy; any answer below 500 passes)."""
         h = self.p.health
         if h is None:
-            return self._probe(conn, run, st, cid)
+            probe = self._probe(conn, run, st, cid)
+            if probe is not None:
+                return probe, _check_name(st.plan.release.spec.health)
+            return (self._http_probe(conn, st, DEFAULT_PATH,
+                                     st.plan.release.spec.health.probe_timeout,
+                                     lambda s: s < 500),
+                    self._default_check())
+        return (self._http_probe(conn, st, h.path, min(h.interval * 4, 5),
+                                 lambda s: 200 <= s < 300),
+                f"proxy.health GET {h.path} on port {self.p.app_port}")
+
+    def _default_check(self) -> str:
+        return f"GET {DEFAULT_PATH} on port {self.p.app_port}, any answer below 500"
+
+    def _http_probe(self, conn: Connection, st: _OnServer, path: str, timeout: float,
+                    passes: Callable[[int], bool]) -> Callable[[ContainerState], ProbeResult]:
+        """GET `path` on the container's app_port over the runner's network, with the route's
+        Host header; healthy when `passes(status)`."""
         host = self.p.hosts[0] if self.p.hosts else st.plan.target.host
 
         def probe(state: ContainerState) -> ProbeResult:
@@ -307,38 +353,49 @@ class ProxySteps(SSHDockerSteps):
                 return ProbeResult(False, "the container has no address on the runner's "
                                           "network yet")
             try:
-                raw = http_get(conn, state.ip, self.p.app_port, h.path,
-                               min(h.interval * 4, 5), host_header=host)
+                raw = http_get(conn, state.ip, self.p.app_port, path, timeout,
+                               host_header=host)
             except paramiko.ChannelException as exc:
-                return ProbeResult(False, explain_http(h.path, host, self.p.app_port, None,
+                return ProbeResult(False, explain_http(path, host, self.p.app_port, None,
                                                        f"{exc.text} (code {exc.code})"))
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 if not conn.alive:
                     raise TransportError(conn.label, "the SSH connection dropped during the "
                                                      "health check") from None
-                return ProbeResult(False, explain_http(h.path, host, self.p.app_port, None,
+                return ProbeResult(False, explain_http(path, host, self.p.app_port, None,
                                                        str(exc) or type(exc).__name__))
             answer = parse_http_answer(raw)
-            ok = answer.status is not None and 200 <= answer.status < 300
-            return ProbeResult(ok, explain_http(h.path, host, self.p.app_port, answer))
+            ok = answer.status is not None and passes(answer.status)
+            return ProbeResult(ok, explain_http(path, host, self.p.app_port, answer))
         return probe
 
-    def _gate(self, conn: Connection, run: Callable, st: _OnServer, cid: str):
-        spec = st.plan.release.spec
-        health = spec.health
+    def _gate_health(self, st: _OnServer):
+        """The spec's HealthSpec with proxy.health's timeout and interval, when it is set."""
+        health = st.plan.release.spec.health
         if self.p.health is not None:
             from dataclasses import replace
             health = replace(health, timeout=self.p.health.timeout,
                              probe_interval=self.p.health.interval)
-        probe = self._gate_probe(conn, run, st, cid)
+        return health
+
+    def _gate(self, conn: Connection, run: Callable, st: _OnServer, cid: str,
+              probe: Callable[[ContainerState], ProbeResult] | None = None):
+        probe = probe or self._gate_probe(conn, run, st, cid)
         return wait_healthy(inspect=lambda: self.d.inspect(conn, cid, run), probe=probe,
-                            health=health, cancel=self.d.cancel)
+                            health=self._gate_health(st), cancel=self.d.cancel)
 
     def verify(self, sw: Switch) -> None:
         conn, run, st = self._on(sw)
         with self._as_step(sw.server, touched=True):
             with self._phase(sw.server, "health"):
-                verdict = self._gate(conn, run, st, st.new_id)
+                probe, check = self._gate_check(conn, run, st, st.new_id)
+                if check == self._default_check():
+                    self.d.log(f"{sw.server}: WARNING: no health check is set (no proxy.health, "
+                               f"no healthcheck.http or .cmd, no HEALTHCHECK in the image): "
+                               f"probing GET {DEFAULT_PATH} the way the proxy reaches the app; "
+                               f"set proxy.health.path to a path that answers 200")
+                self._announce(sw, check, self._gate_health(st).timeout)
+                verdict = self._gate(conn, run, st, st.new_id, probe)
             if not verdict.healthy:
                 raise StepFailed(sw.server, self._unhealthy_reason(run, st, verdict))
             new = self.d.inspect(conn, st.new_id, run)

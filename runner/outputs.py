@@ -307,7 +307,11 @@ class ServerResult:
     digest: str = doc("The digest that runs there now, as far as this run knows (`\"\"` if "
                       "unknown).", default="")
     previous_digest: str = doc("The digest that ran there before this run.", default="")
-    rolled_back: bool = doc("Whether the server was put back on `previous_digest`.",
+    release: str = doc("The digest this run deployed, or tried to, on the server (a failed "
+                       "server's line shows this one, not the one running after its rollback).",
+                       default="")
+    rolled_back: bool = doc("Whether the server was put back on `previous_digest` (false when "
+                            "nothing ran there before: then the new container was removed).",
                             default=False)
     verified: bool = doc("Whether what runs there now is a verified release.", default=True)
     kept: str = doc("Where the previous verified release is kept, when it is not the one "
@@ -319,7 +323,8 @@ class ServerResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.server, "status": self.status, "digest": self.digest,
-                "previous_digest": self.previous_digest, "rolled_back": self.rolled_back,
+                "previous_digest": self.previous_digest, "release": self.release,
+                "rolled_back": self.rolled_back,
                 "verified": self.verified, "kept": self.kept, "reason": self.reason,
                 "duration": round(self.duration, 3),
                 "phases": {k: round(v, 3) for k, v in self.phases.items()}}
@@ -348,8 +353,10 @@ class DeployOutputs:
         lines = []
         for s in self.servers:
             line = f"{s.server}: {s.status}"
-            if s.digest:
-                line += f" ({s.digest[:19]}{'' if s.verified else ', UNVERIFIED'})"
+            # A failure names the release that failed; its reason says what runs there now.
+            shown = s.release if s.status == "failed" and s.release else s.digest
+            if shown:
+                line += f" ({shown[:19]}{'' if s.verified else ', UNVERIFIED'})"
             if s.reason:
                 line += f": {s.reason}"
             lines.append(line)

@@ -4,8 +4,11 @@
   masked, prefixed with the server when there are several.
 - exec: `docker exec <app> CMD...` on one server (or --all), its output as it comes, the
   command's exit status as ours.
-- remove: on every server, under the app's deploy lock (so never in the middle of a deploy):
-  every container labelled runner.app=<app> (kept previous versions too), every image of the
+- remove: first says which named volumes and host directories of container.volumes stay;
+  then on every server, under the app's deploy lock (so never in the middle of a deploy): its
+  proxy route (the proxy reloaded without it, so its hosts get the proxy's 404, not a 502),
+  every container labelled runner.app=<app> (kept previous versions too, with their anonymous
+  volumes; the named volumes and host directories they mount are said kept), every image of the
   app (of its release history, of those containers, and every one the runner pulled for it:
   failed and rolled-back releases too, deployers.pruning), the history dir (apps/<app>:
   history, the record of pulls, fingerprint key), a dead run's leftover env files and logins,
@@ -39,6 +42,7 @@ from runner.pipeline_file import Load, load_file
 from deployers.remote_files import remove_tree, sweep
 from deployers.spec import Target
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
+from deployers.ssh_proxy import ProxyOps
 from deployers.transport import TransportError
 
 SERVER_HELP = "only this server (its name or host)"
@@ -156,6 +160,22 @@ class _Removal:
     error: str = ""
 
 
+def lasting_volumes(volumes: tuple[str, ...] | list[str]) -> list[str]:
+    """Which of `container.volumes` (docker -v syntax) outlive the app's containers: named
+    volumes and host directories (an anonymous volume, a container path alone, goes with its
+    container). Pure."""
+    out = []
+    for v in volumes:
+        source, sep, _ = v.partition(":")
+        if not sep:
+            continue
+        what = (f"host directory {source}" if source.startswith(("/", ".", "~"))
+                else f"volume {source}")
+        if what not in out:
+            out.append(what)
+    return out
+
+
 def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> None:
     conn = d._conn(t)
     root = d._dir(conn)
@@ -172,10 +192,21 @@ def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> N
         pulled = d.pulled_images(conn)
         containers = d.app_containers(conn)
         lease.check()
+        # The route first: the proxy then answers its own 404 for the app's hosts, instead of
+        # sending requests to containers that are going (a hang, then 502).
+        route = ProxyOps(d).drop(conn, lambda argv, **kw: conn.run(argv, cancel=d.cancel, **kw),
+                                 app)
+        if route is not None:
+            res.removed.append(f"proxy route (hosts {', '.join(route.hosts) or 'every host'}, "
+                               f"path {route.path_prefix})")
+        lease.check()
         if containers:
-            conn.run([cmd.DOCKER, "container", "rm", "--force", *[c.id for c in containers]],
-                     check=True, cancel=d.cancel)
+            # --volumes: their anonymous volumes too; named volumes and host directories stay.
+            conn.run([cmd.DOCKER, "container", "rm", "--force", "--volumes",
+                      *[c.id for c in containers]], check=True, cancel=d.cancel)
             res.removed += [f"container {c.name} ({c.id[:12]}, {c.status})" for c in containers]
+            for what in dict.fromkeys(m for c in containers for m in c.lasting):
+                res.kept.append(f"{what}: its data stays")
         refs = pruning.every_image(history=[h.get("ref") for h in history],
                                    containers=[c.image for c in containers], pulled=pulled)
         for ref in refs:
@@ -336,19 +367,24 @@ def make_app(load: Load = load_file) -> click.Group:
     @click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
     def remove(pipeline_file: str, yes: bool, var: tuple[str, ...]) -> None:
-        """Remove the app from every server: all its containers (kept previous versions too),
-        every image the runner pulled for it (failed releases too), its release history and its
-        deploy lock.
+        """Remove the app from every server: its proxy route, all its containers (kept
+        previous versions too, with their anonymous volumes), every image the runner pulled
+        for it (failed releases too), its release history, its record of pulls and its deploy
+        lock. Named volumes and host directories stay, and are named before anything is done.
 
         Asks first unless --yes (an answer other than yes removes nothing and exits 1). Waits
-        for a deploy in progress to end (stages.deploy.lock.wait). Says what it removed on each
-        server; exits 1 naming every server it could not reach or finish on."""
+        for a deploy in progress to end (stages.deploy.lock.wait). Says what it removed (and
+        kept) on each server; exits 1 naming every server it could not reach or finish on."""
         _, d, masker = _session(pipeline_file, var, load, "app-remove")
         servers = ", ".join(t.label for t in d.targets)
+        lasting = lasting_volumes(d.stage.container.volumes)
+        click.echo(masker.mask(f"{d.app} keeps its data in {', '.join(lasting)}: these stay"
+                               if lasting else f"{d.app} mounts no named volume or host "
+                                               f"directory (this pipeline's container.volumes)"))
         if not yes:
             try:
-                ok = click.confirm(f"Remove {d.app} from {servers}: its containers, images, "
-                                   f"release history and deploy lock?", default=False)
+                ok = click.confirm(f"Remove {d.app} from {servers}: its proxy route, containers, "
+                                   f"images, release history and deploy lock?", default=False)
             except click.Abort:  # no answer (end of input, Ctrl-C)
                 click.echo()
                 ok = False

@@ -25,6 +25,7 @@ from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load, load_file
 from runner.signals import STOP_SIGNALS, StopSignals
 
+from deployers import history as hist
 from deployers.base import DeployFailed, ServerStatus
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 from deployers.transport import TransportError
@@ -210,29 +211,39 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
     @click.option("--json", "as_json", is_flag=True, help="print JSON")
     def releases(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
         """The verified releases recorded on each server, newest first, with the positions
-        `runner rollback --to` takes."""
+        `runner rollback --to` takes, and each one's env: a short hash of its plain env and
+        of its secrets' names (never a value), and what changed since the release before it
+        (names only)."""
         _, deployer, masker = _open(pipeline_file, var, load, "releases",
                                     lambda s: click.echo(s, err=True))
         try:
             rows = deployer.releases()
         finally:
             deployer.close()
+
+        def changes(hs: list[dict], i: int) -> list[str]:  # hs oldest first
+            return hist.env_changes(hs[i - 1], hs[i]) if i > 0 else []
         if as_json:
             click.echo(json.dumps([{"server": s, "error": e,
-                                    "releases": [{k: h.get(k) for k in
-                                                  ("digest", "commit", "run_id", "time")}
-                                                 for h in reversed(hs)]}
+                                    "releases": [{**{k: hs[i].get(k) for k in
+                                                     ("digest", "commit", "run_id", "time")},
+                                                  "env": hist.env_fingerprint(hs[i]),
+                                                  "env_changes": changes(hs, i)}
+                                                 for i in reversed(range(len(hs)))]}
                                    for s, hs, e in rows]))
         else:
             for server, hs, error in rows:
                 click.echo(f"{server}:" + (f" error: {masker.mask(error)}" if error else
                                            "" if hs else " no verified release recorded"))
-                for pos, h in enumerate(reversed(hs)):
+                for pos, i in enumerate(reversed(range(len(hs)))):
+                    h = hs[i]
                     when = time.strftime("%Y-%m-%d %H:%M:%S",
                                          time.localtime(float(h.get("time") or 0)))
+                    changed = changes(hs, i)
                     click.echo(f"  {pos:>3}  {h['digest'][:19]}  "
                                f"{str(h.get('commit') or '-')[:12]:<12}  {when}  "
-                               f"run {h.get('run_id', '?')}")
+                               f"env {hist.env_fingerprint(h)}  run {h.get('run_id', '?')}"
+                               + (f"  env changed: {', '.join(changed)}" if changed else ""))
         if any(e for _, _, e in rows):
             sys.exit(EXIT_FAILED)
 

@@ -253,7 +253,9 @@ class HttpCheck(Model):
 class Healthcheck(Model):
     """When a new container counts as healthy, which is when a server's deploy is done: at most
     one of `cmd` and `http`. Neither: the image's own HEALTHCHECK decides; an image without one
-    must stay up, not restarting, for `min_uptime` seconds."""
+    must stay up, not restarting, for `min_uptime` seconds, which checks nothing else (the deploy
+    warns, and reports it "started, not health-checked"); behind the proxy it must answer
+    GET / instead (see `proxy.health`)."""
 
     model_config = ConfigDict(json_schema_extra={"not": {"required": ["cmd", "http"]}})
 
@@ -367,7 +369,9 @@ class Proxy(Model):
     image: str = Field(default="caddy:2", examples=["registry.example.com/mirror/caddy:2"])
     """The proxy's image: any Caddy 2 image."""
     health: ProxyHealth | None = None
-    """The health gate as the proxy reaches the app. Unset: `healthcheck`."""
+    """The health gate as the proxy reaches the app. Unset: `healthcheck`; if that sets neither
+    `cmd` nor `http` and the image has no HEALTHCHECK, GET / the way the proxy reaches the app,
+    where any answer below 500 passes (one that answers nothing fails)."""
     watch: float = Field(default=3, ge=0)
     """Seconds the new container is still probed after the switch; a failure then switches
     straight back."""

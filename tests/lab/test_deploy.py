@@ -533,3 +533,68 @@ def test_refused_key(lab, images, app, tmp_path):
     with pytest.raises(DeployFailed, match="refused the SSH key for user 'root'"):
         d.apply()
     d.close()
+
+
+def test_reports_say_what_happened_first_failure_no_health_check_env_only_change(lab, images, app):
+    """Issue 23 item 6 on one server (stop-start): a first deploy that fails says nothing ran
+    before and names the failing digest; a release nothing checks is said so, never
+    "healthy"; `runner releases` tells apart releases that differ only in env. (A failed
+    upgrade's line naming the failing digest: test_proxy_cli.)"""
+    name, _ = app
+    server = _servers(lab, 1)[0]
+    host, port = server["host"], _port()
+    v1, v3 = (images[v].split("@", 1)[1] for v in ("v1", "v3"))
+    quick = {"stop_timeout": 0}  # httpd needs no grace; SIGKILL saves seconds per switch
+    gated = _stage(lab, [server], name, port, container=quick, healthcheck={"timeout": 1})
+    unchecked = _stage(lab, [server], name, port, container=quick,
+                       healthcheck={"http": None, "timeout": 5, "min_uptime": 0.5})
+
+    # A first deploy that fails its gate (v3 has no /health): nothing to put back.
+    d = _deployer(gated, images, "v3", name, Log())
+    with pytest.raises(DeployFailed) as err:
+        d.apply()
+    d.close()
+    text = str(err.value)
+    print(text)
+    assert "put back on the previous verified release" not in text
+    assert f"removed what this run started, nothing was running before: {host}" in text
+    assert f"{host}: failed ({v3[:19]}): health check failed" in text
+    assert "removed the failed container, nothing was running before" in text
+
+    # No health check at all: warned, and never called healthy.
+    log = Log()
+    d = _deployer(unchecked, images, "v1", name, log)
+    report = d.apply()
+    d.close()
+    assert report.ok and _get(host, port) == "v1"
+    assert (f"{host}: WARNING: no health check: the image has no HEALTHCHECK and the pipeline "
+            f"sets no healthcheck.cmd or healthcheck.http") in log.text
+    assert f"{host}: started, not health-checked {v1[:19]}" in log.text
+    assert "healthy" not in log.text and "waiting for health" not in log.text
+    assert "started, not health-checked" in report.summary()
+
+    # The same image with one more env variable: another release, and `runner releases`
+    # shows how they differ (names only, values never).
+    with_env = unchecked.model_copy(update={"container": unchecked.container.model_copy(
+        update={"env": {"GREETING": "hello-value"}})})
+    d = _deployer(with_env, images, "v1", name, Log())
+    assert d.apply().ok
+    d.close()
+    from runner.cli.deploy import make_commands
+    pipeline = Pipeline.model_validate({
+        "name": name, "repository": {"url": "."}, "image": {"name": images["repo"]},
+        "stages": {"deploy": with_env.model_dump(by_alias=True)}})
+    releases = make_commands(lambda path, variables: pipeline)[3]
+    res = CliRunner().invoke(releases, ["p.yaml", "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+    [row] = json.loads(res.stdout)
+    newest, older = row["releases"]
+    assert newest["digest"] == older["digest"] == v1
+    assert newest["env"] != older["env"] and newest["env_changes"] == ["+GREETING"]
+    res = CliRunner().invoke(releases, ["p.yaml"])
+    print(res.output)
+    lines = [x for x in res.output.splitlines() if v1[:19] in x]
+    assert len(lines) == 2 and lines[0] != lines[1]
+    assert f"env {newest['env']}" in lines[0] and "env changed: +GREETING" in lines[0]
+    assert "hello-value" not in res.output

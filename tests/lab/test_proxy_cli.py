@@ -10,6 +10,7 @@ history, lock and route are removed at the end; the proxies stay.
 from __future__ import annotations
 
 import _thread
+import http.client
 import json
 import os
 import threading
@@ -19,6 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from deployers import lock as locks
+from deployers.base import DeployFailed
+from runner.cli.app import make_app
 from runner.cli.deploy import make_commands
 from deployers.proxy import PROXY_CONTAINER
 from runner.cli.proxy import ASIDE, make_proxy
@@ -27,7 +30,7 @@ from deployers.ssh_proxy import PROXY_LOCK
 from runner.model import Pipeline
 from runner.model.deploy import DeploySettings
 from tests.lab.deploy_fixtures import Log, _deployer, _servers, _stage
-from tests.lab.test_proxy import _proxy_stage, _via, remove_proxied_app
+from tests.lab.test_proxy import HTTP_PORT, _proxy_stage, _via, remove_proxied_app
 
 def _pipeline(stage: DeploySettings, app: str, images) -> Pipeline:
     return Pipeline.model_validate({
@@ -280,3 +283,87 @@ def test_ctrl_c_while_waiting_for_the_proxy_lock_exits_130_and_changes_nothing(l
     after = d.inspect(conn, PROXY_CONTAINER)
     assert after is not None and after.id == before.id and after.running
     d.close()
+
+
+# The last two tests change the app for good: first a release that fails, then its removal.
+
+def _unguarded(routed, **container):
+    """The module's app with no health check of any kind (no proxy.health, no healthcheck,
+    none in the image), and `container` settings."""
+    stage = routed["stage"]
+    return stage.model_copy(update={
+        "proxy": stage.proxy.model_copy(update={"health": None}),
+        "healthcheck": stage.healthcheck.model_copy(update={"timeout": 2}),
+        "container": stage.container.model_copy(update={"stop_timeout": 0, **container})})
+
+
+def test_without_any_health_check_the_gate_gets_slash_and_a_silent_app_fails_it(images,
+                                                                                 routed):
+    """An app that answers only on its own loopback (as Flask's default): not healthy, the
+    route never moves, v1 serves on; the failure line names v2's digest, not v1's."""
+    loopback = ["httpd", "-f", "-p", "127.0.0.1:8080", "-h", "/www"]
+    log = Log()
+    d = _deployer(_unguarded(routed, command=loopback), images, "v2", routed["name"], log)
+    with pytest.raises(DeployFailed) as err:
+        d.apply()
+    d.close()
+    text = str(err.value)
+    print(text)
+    assert "WARNING: no health check is set" in log.text
+    assert "waiting for health (GET / on port 8080, any answer below 500" in log.text
+    assert "traffic moved" not in log.text and "healthy" not in log.text
+    assert "health check failed" in text and "nothing listens on port 8080" in text
+    v1, v2 = routed["digest"], images["v2"].split("@", 1)[1]
+    for s in routed["servers"]:
+        assert f"{s['host']}: failed ({v2[:19]}): health check failed" in text
+        assert _via(s, routed["host"]) == "v1"
+    assert f"previous version {v1[:19]} running again" in text and \
+        "put back on the previous verified release" in text
+
+
+def test_app_remove_takes_the_route_kept_copies_and_history_away(lab, images, routed):
+    """After `runner app remove`, the proxy no longer routes the app (its host gets the proxy's
+    own 404 at once, not a hang then 502), `runner proxy status` does not list it, and no
+    container (the kept copy of v1 too), history or record of pulls is left."""
+    name, host, servers = routed["name"], routed["host"], routed["servers"]
+    log = Log()
+    d = _deployer(_unguarded(routed), images, "v2", name, log)  # v1 is kept, stopped
+    assert d.apply().ok
+    d.close()
+    assert "WARNING: no health check is set" in log.text and "healthy sha256:" in log.text
+    assert [_via(s, host) for s in servers] == ["v2", "v2"]
+    checks = [_on(lab, s, name) for s in servers]
+    try:
+        for d, conn in checks:
+            assert any(c.name.startswith(f"{name}_kept_") for c in d.app_containers(conn))
+        res = _invoke(make_app(lambda path, variables: routed["pipeline"]),
+                      ["remove", "p.yaml", "--yes"])
+        print(res.output)
+        assert res.exit_code == 0, res.output
+        assert res.output.startswith(f"{name} mounts no named volume or host directory")
+        assert res.output.count(f"removed proxy route (hosts {host}, path /)") == 2
+        assert res.output.count(f"removed container {name}_kept_") == 2
+        res = _invoke(routed["proxy"], ["status", "p.yaml", "--json"])
+        assert res.exit_code == 0, res.output
+        assert all(r["app"] != name for row in json.loads(res.stdout) for r in row["routes"])
+        for s in servers:
+            # The proxy's own 404, or another app that routes every host (the proxies are
+            # shared): an answer at once, never a 502 from a route to a removed container.
+            t0 = time.monotonic()
+            c = http.client.HTTPConnection(s["host"], HTTP_PORT, timeout=10)
+            try:
+                c.request("GET", "/", headers={"Host": host})
+                answer = c.getresponse()
+                status, body = answer.status, answer.read().decode().strip()
+            finally:
+                c.close()
+            assert status != 502 and body not in ("v1", "v2"), (status, body)
+            assert time.monotonic() - t0 < 2
+        for d, conn in checks:
+            root = d._dir(conn)
+            assert d.app_containers(conn) == []
+            for gone in (f"{root}/apps/{name}", f"{root}/proxy/routes/{name}.json"):
+                assert not conn.run(["test", "-e", gone]).ok, gone
+    finally:
+        for d, _ in checks:
+            d.close()

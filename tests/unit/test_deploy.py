@@ -376,3 +376,25 @@ def test_host_key_policy(tmp_path):
     # host listed in none of them is unknown.
     with pytest.raises(HostKeyError, match="unknown host key"):
         HostKeyPolicy().check("s", "10.0.0.1", 22, real)
+
+
+# Captured from a lab server (`docker run -v capvol:/data -v /tmp:/hostdir:ro -v /anon ...`,
+# `docker inspect --format '{{json .Mounts}}'`).
+MOUNTS = json.loads(r"""
+[{"Type":"volume","Name":"capvol-mnt14160","Source":"/var/lib/runner-lab/srv1/docker/volumes/capvol-mnt14160/_data","Destination":"/data","Driver":"local","Mode":"z","RW":true,"Propagation":""},
+ {"Type":"bind","Source":"/tmp","Destination":"/hostdir","Mode":"ro","RW":false,"Propagation":"rprivate"},
+ {"Type":"volume","Name":"e2891041ff4506d5838b5c03e54e23de2a07984fe9efb1d490bedeea6ecaa8e8","Source":"/var/lib/runner-lab/srv1/docker/volumes/e2891041ff4506d5838b5c03e54e23de2a07984fe9efb1d490bedeea6ecaa8e8/_data","Destination":"/anon","Driver":"local","Mode":"","RW":true,"Propagation":""}]
+""")
+
+
+def test_what_a_container_mounts_that_outlives_it():
+    """`runner app remove` keeps named volumes and host directories (and says so); an
+    anonymous volume goes with its container."""
+    from runner.cli.app import lasting_volumes
+    st = parse_state({**CAPTURED[0], "Mounts": MOUNTS})
+    assert st.lasting == ("volume capvol-mnt14160", "host directory /tmp")
+    assert parse_state(CAPTURED[0]).lasting == ()
+    assert lasting_volumes(["data:/var/lib/data", "/srv/x:/x:ro", "/anon", "./rel:/r",
+                            "data:/other"]) == ["volume data", "host directory /srv/x",
+                                                "host directory ./rel"]
+    assert lasting_volumes([]) == []

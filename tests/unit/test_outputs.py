@@ -105,13 +105,14 @@ EXPECTED = {
     "deploy": {"app": "app", "what": "deploy", "ok": False,
                "headline": "deploy of app failed on web2",
                "servers": [{"name": "web1", "status": "deployed", "digest": DIGEST,
-                            "previous_digest": "", "rolled_back": False, "verified": True,
-                            "kept": "", "reason": "", "duration": 1.235,
+                            "previous_digest": "", "release": "", "rolled_back": False,
+                            "verified": True, "kept": "", "reason": "", "duration": 1.235,
                             "phases": {"connect": 0.123, "pull": 0.5}},
                            {"name": "web2", "status": "rolled_back",
                             "digest": "sha256:" + "ef" * 32,
-                            "previous_digest": "sha256:" + "ef" * 32, "rolled_back": True,
-                            "verified": True, "kept": "", "reason": "health check failed",
+                            "previous_digest": "sha256:" + "ef" * 32, "release": "",
+                            "rolled_back": True, "verified": True, "kept": "",
+                            "reason": "health check failed",
                             "duration": 0.0, "phases": {}}]},
 }
 

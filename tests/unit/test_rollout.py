@@ -13,7 +13,7 @@ import pytest
 from deployers import commands as cmd
 from deployers.base import (DeployFailed, LockLostStep, Restored, ServerSteps, StepFailed,
                             Switch)
-from deployers.history import NoSuchRelease, choose
+from deployers.history import NoSuchRelease, choose, env_changes, env_fingerprint
 from deployers.plan import plan_deploy, plan_rollback
 from deployers.rollout import rollout
 from deployers.spec import (LABEL_SPEC, Release, identity_of, record_identity, release_for,
@@ -449,3 +449,76 @@ def test_a_recovered_server_is_not_reported_unchanged():
     [row] = report.servers
     assert (row.status, row.previous_digest, row.digest) == ("deployed", D3, D1)
     assert "returned to the last verified release" in row.reason
+
+
+def test_a_first_deploy_that_fails_says_nothing_ran_before_and_names_the_failing_digest():
+    """Nothing of the app ran there: the restore removed the new container and put nothing
+    back; the report says so (not "put back on the previous verified release"), and the failed
+    server's line shows the digest that failed. The server undone beside it says the same."""
+    class Steps(FakeSteps):
+        def prepare(self, plan):
+            self._ev("prepare", plan.server)
+            return Switch(plan.server, plan.release)
+
+        def restore(self, sw):
+            return Restored(True, note="new container removed", none_before=True)
+    with pytest.raises(DeployFailed) as err:
+        _run({"type": "all"}, Steps(fail={"10.0.0.1": "verify"}), n=2)
+    report = err.value.report
+    one, two = report.servers
+    assert (one.status, one.rolled_back, one.digest, one.release) == ("failed", False, "", D1)
+    assert "removed the failed container, nothing was running before" in one.reason
+    assert (two.status, two.rolled_back, two.release) == ("rolled_back", False, D1)
+    assert "removed the new container, nothing was running before" in two.reason
+    text = str(err.value)
+    assert "put back on the previous verified release" not in text
+    assert ("removed what this run started, nothing was running before: 10.0.0.1, 10.0.0.2"
+            in report.headline)
+    assert f"10.0.0.1: failed ({D1[:19]}): verify failed" in text
+
+
+def test_a_failed_server_line_shows_the_failing_digest_not_the_one_put_back():
+    with pytest.raises(DeployFailed) as err:
+        _run({"type": "all"}, FakeSteps(fail={"10.0.0.1": "verify"}), n=1)
+    [row] = err.value.report.servers
+    assert (row.digest, row.release, row.rolled_back) == (D2, D1, True)
+    line = err.value.report.summary()
+    assert line.startswith(f"10.0.0.1: failed ({D1[:19]}): verify failed") and D2[:19] not in line
+    assert "put back on the previous verified release: 10.0.0.1" in err.value.report.headline
+
+
+def test_a_release_nothing_checked_is_never_called_healthy():
+    class Steps(FakeSteps):
+        def verify(self, sw):
+            sw.unchecked = "the image has no HEALTHCHECK"
+    log: list[str] = []
+    report = _run({"type": "all"}, Steps(), n=1, log=log.append)
+    [row] = report.servers
+    assert row.status == "deployed"
+    assert row.reason == "started, not health-checked: the image has no HEALTHCHECK"
+    assert f"10.0.0.1: started, not health-checked {D1[:19]}" in log
+    assert not any("healthy" in line for line in log)
+    assert "started, not health-checked" in report.summary()
+
+
+def test_releases_that_differ_only_in_env_show_different_env_fingerprints():
+    def rec(env, secret_env, secrets=""):
+        s = stage(container={"env": env, "secret_env": secret_env})
+        return {**release_for(s, IMG, pipeline="demo", run_id="r").record(1.0),
+                "secrets": secrets}
+    a = rec({"LOG": "info"}, {"TOKEN": "tok"}, "fp1")
+    b = rec({"LOG": "debug"}, {"TOKEN": "tok"}, "fp1")
+    c = rec({"LOG": "debug", "NEW": "1"}, {"TOKEN": "tok2"}, "fp2")
+    d = rec({"LOG": "debug", "NEW": "1"}, {"TOKEN": "tok2"}, "fp3")
+    prints = [env_fingerprint(x) for x in (a, b, c, d)]
+    assert len(set(prints[:3])) == 3 and prints[2] == prints[3]
+    assert all(len(p) == 8 for p in prints)
+    assert env_fingerprint(a) == env_fingerprint(json.loads(json.dumps(a)))  # stable
+    assert env_changes(a, b) == ["LOG"]
+    assert env_changes(b, c) == ["+NEW", "TOKEN"]  # TOKEN: another secret
+    assert env_changes(c, d) == ["secret values"]  # same names, other values
+    assert env_changes(d, a) == ["LOG", "-NEW", "TOKEN"]  # by name
+    assert env_changes(a, a) == []
+    # Values are hashed, never shown; a secret's value is not even an input.
+    assert "info" not in " ".join(env_changes(a, b)) and env_fingerprint({}) == \
+        env_fingerprint({"spec": {}})
