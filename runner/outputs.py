@@ -163,12 +163,14 @@ class TestOutputs:
     failures: tuple[TestFailure, ...] = doc("The failed tests (the first 20), in report "
                                             "order.")
     phases: Mapping[str, float] = doc(
-        "Where the stage's time went, in seconds: `connect` (reaching the build engine), "
-        "`reap` (removing what a killed runner left), "
+        "Where the stage's time went, in seconds, along its critical path (work done beside "
+        "it is not counted twice): `connect` (reaching the build engine), `reap` (waiting for "
+        "the removal of what a killed runner left, which goes on beside the run), "
         "`network`, `service_start` (pull, create, start), `service_ready` (waiting for the "
-        "`ready` checks), `images` (building a `target`, pulling a step's image), `steps` "
-        "(the step containers and their commands), `reports` (copying and parsing them), "
-        "`cleanup` (removing containers and the network).", default_factory=dict)
+        "`ready` checks), `images` (waiting for a `target`, built beside the services, or "
+        "pulling a step's image), `steps` (the step containers and their commands), `reports` "
+        "(copying and parsing them), `cleanup` (removing containers and the network).",
+        default_factory=dict)
 
     @property
     def summary(self) -> str:
