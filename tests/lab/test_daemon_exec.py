@@ -14,7 +14,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "daemon"))
 from harness import (TOKEN, api_get, bare_repo, commit, config, daemon_in_process, push_payload,  # noqa: E402
                      send_github, wait_for)
-from tests.lab.test_checkout import TOKEN as CHECKOUT_TOKEN, http_origin  # noqa: E402,F401 - a fixture
+from tests.lab.test_checkout import TOKEN as CHECKOUT_TOKEN, git as checkout_git  # noqa: E402
+from tests.lab.test_checkout import http_origin  # noqa: E402,F401 - a fixture
 
 FINAL = ("success", "failed", "invalid", "cancelled", "interrupted")
 
@@ -224,7 +225,8 @@ def test_a_private_https_repository_s_pipeline_is_read_built_and_polled_with_the
         tmp_path, http_origin, monkeypatch):  # noqa: F811
     """`pipeline:` with `token:` (a secret of the entry's `secrets:`), against `git http-backend`
     behind Basic auth: the poll, the read of .runner.yaml at the commit and the checkout all
-    authenticate, and the token is nowhere the daemon writes (store, logs, work directories)."""
+    authenticate, a fork's pull request's too (it gets no secret, git still gets the entry's
+    credential), and the token is nowhere the daemon writes (store, logs, work directories)."""
     monkeypatch.setenv("REPO_PIPELINE_GIT_TOKEN", CHECKOUT_TOKEN)
     sha = http_origin.commit(".runner.yaml", "version: 1\nname: private\nrepository: {url: /elsewhere}\n"
                              "image: {name: localhost/test/app}\n"
@@ -232,7 +234,7 @@ def test_a_private_https_repository_s_pipeline_is_read_built_and_polled_with_the
     cfg = _real(config(tmp_path, [{
         "name": "app", "pipeline": ".runner.yaml", "repo": http_origin.url, "token": "git",
         "secrets": {"git": {"env": "REPO_PIPELINE_GIT_TOKEN"}},
-        "triggers": {"poll": {"interval": 0.5, "initial": "run"}}}]))
+        "triggers": {"poll": {"interval": 0.5, "initial": "run"}, "pull_request": {}}}]))
     with daemon_in_process(cfg) as d:
         runs = wait_for(lambda: d.store.list_runs(trigger="poll"), 15, "the first poll to queue a run")
         run = _final(d, runs[0]["id"])
@@ -240,6 +242,26 @@ def test_a_private_https_repository_s_pipeline_is_read_built_and_polled_with_the
         checkout = {s["name"]: s for s in d.store.stages(run["id"])}["checkout"]["outputs"]
         assert checkout["commit"] == sha and checkout["url"] == http_origin.url
         logs = "\n".join(x["line"] for x in d.store.logs(run["id"]))
+        # A fork's pull request gets no secret, but git still reads the repository with the
+        # entry's token: its file at the head commit, and refs/pull/1/head for the checkout.
+        (http_origin.work / "fix.txt").write_text("a fork's change\n")
+        checkout_git("add", "fix.txt", cwd=http_origin.work)
+        checkout_git("commit", "-q", "-m", "fix", cwd=http_origin.work)  # no branch: the poll sees nothing
+        checkout_git("push", "-q", "origin", "HEAD:refs/pull/1/head", cwd=http_origin.work)
+        head = checkout_git("rev-parse", "HEAD", cwd=http_origin.work)
+        pr = json.loads((Path(__file__).resolve().parents[1] / "data" / "events" / "github_pull_request.json")
+                        .read_text())
+        pr["repository"]["clone_url"] = http_origin.url
+        pr["number"] = pr["pull_request"]["number"] = 1
+        pr["pull_request"]["head"]["sha"], pr["pull_request"]["base"]["ref"] = head, "main"
+        r = send_github(d.url, pr, "private-pr-1", event="pull_request")
+        assert r.status_code == 202 and "from a fork: secrets withheld" in r.text, r.text
+        fork = _final(d, r.json()["runs"][0])
+        assert fork["status"] == "success", (fork, d.store.logs(fork["id"]))
+        checkout = {s["name"]: s for s in d.store.stages(fork["id"])}["checkout"]["outputs"]
+        assert checkout["commit"] == head
+        assert json.loads((d.work_dir / "runs" / str(fork["id"]) / "run.json").read_text())["secrets_withheld"]
+        logs += "\n".join(x["line"] for x in d.store.logs(fork["id"]))
         (listed,) = api_get(d.url, "/api/pipelines").json()["pipelines"]
         assert (listed["file"], listed["pipeline"], listed["repo"]) == (None, ".runner.yaml", http_origin.url)
     assert any(a.startswith("Basic ") for a in http_origin.handler.seen_auth)
