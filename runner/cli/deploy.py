@@ -26,6 +26,7 @@ from runner.pipeline_file import Load, load_file
 from runner.signals import STOP_SIGNALS, StopSignals
 
 from deployers import history as hist
+from deployers.accessory_plan import accessory_specs, needed_on
 from deployers.base import DeployFailed, ServerStatus
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 from deployers.transport import TransportError
@@ -41,9 +42,11 @@ def _open(path: str, var: tuple[str, ...], load: Load, run_id: str,
 
     def log(line: str) -> None:
         echo(masker.mask(line))
+    # needs: a rollback, too, checks the accessories are running before any server switches.
     deployer = SSHDockerDeployer(pipeline.stages.deploy, pipeline=pipeline.name,
                                  image_name=pipeline.image.name, run_id=run_id,
-                                 secret=store.value, log=log)
+                                 secret=store.value, log=log,
+                                 needs=needed_on(accessory_specs(pipeline)))
     return pipeline, deployer, masker
 
 

@@ -193,3 +193,16 @@ def test_no_healthcheck_means_staying_up():
     spec = accessory_specs(load(BASE + DB.replace('    healthcheck: {cmd: "pg_isready -U shop"}\n',
                                                   "")))["db"]
     assert spec.health == HealthSpec(kind="image", min_uptime=2.0)
+
+
+def test_the_deploy_stage_and_the_rollback_command_check_the_accessories(monkeypatch):
+    from pipelines.deploy import DeployStage
+    from runner.cli.deploy import _open
+
+    pipeline = load(BASE + DB)
+    dry = DeployStage().plan(pipeline)
+    assert [[c["argv"] for c in s["commands"] if c["phase"] == "reach"]
+            for s in dry["servers"]] == [[["docker", "container", "inspect", "shop-db"]]] * 2
+    monkeypatch.setenv("DB_PASSWORD", "a-long-enough-password")
+    _, rollback, _ = _open("p.yml", (), lambda path, variables: pipeline, "r", print)
+    assert rollback.needs == needed_on(accessory_specs(pipeline))
