@@ -16,7 +16,7 @@ rather than run twice. Secret values go only into the env file; nothing logged h
 """
 from __future__ import annotations
 
-import json
+import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -163,8 +163,8 @@ class Accessories:
             directory = conn.sftp_do(lambda sftp: sftp.normalize(".")) + f"/{BASE_DIR}/{_ENV_DIR}"
             conn.ensure_private_dir(directory)
             # A boot that died between writing and removing its file left it: gone now.
-            conn.sftp_do(lambda sftp: sweep(sftp, directory, rf"{spec.container}--[0-9a-f]{{32}}"
-                                                             rf"\.env"))
+            own = re.escape(spec.container) + r"--[0-9a-f]{32}\.env"
+            conn.sftp_do(lambda sftp: sweep(sftp, directory, own))
             env_path = f"{directory}/{spec.container}--{uuid.uuid4().hex}.env"
             conn.write_private_file(env_path, env_file_content(env))
             values[ENV_FILE] = env_path
