@@ -46,6 +46,15 @@ class PullRequest(_Model):
     base_branch: str | None = None  # the branch it targets, in this repository
     head_repo_url: str | None = None  # the head repository's clone URL (a fork's, for a fork)
     fork: bool = False  # the head repository is another one (or the payload cannot tell)
+    title: str | None = None
+    url: str | None = None  # its web page: http(s) only, so a page may link it
+
+    @field_validator("url")
+    @classmethod
+    def _web(cls, v: str | None) -> str | None:
+        if v is not None and not v.lower().startswith(("https://", "http://")):
+            raise ValueError(f"{v[:80]!r} is not an http(s) address")
+        return v
 
 
 class RepositoryPipeline(_Model):
@@ -101,6 +110,11 @@ class RunRequest(_Model):
     repo_url: str | None = None  # the repository's web page
     clone_url: str | None = None
     sender: str | None = None  # who pushed, opened the pull request, or asked for the run
+    # The message and author of `commit`, as the forge's event gave them (the daemon parses it
+    # once); None when it did not (a poll, a cron or manual run, a GitHub pull request). Text
+    # anyone who can push writes: shown escaped.
+    commit_message: str | None = None
+    commit_author: str | None = None
     pull_request: PullRequest | None = None
     rollback_to: str | None = None  # a rollback run's target (`runner rollback --to`); None: the default
     delivery: str | None = None  # the forge's delivery id
@@ -138,12 +152,13 @@ class RunRequest(_Model):
         if trig.kind == "pull_request" and trig.number is not None:
             pr = PullRequest(number=trig.number, action=trig.action, head_branch=trig.head_branch,
                              base_branch=trig.base_branch, head_repo_url=trig.head_repo_url,
-                             fork=trig.fork)
+                             fork=trig.fork, title=trig.title, url=trig.url)
         fields = dict(kind=trig.kind, provider=trig.provider, ref=trig.ref, branch=trig.branch,
                       tag=trig.tag, commit=trig.commit, before=trig.before,
                       default_branch=trig.default_branch, repo_url=trig.repo_url,
                       clone_url=trig.clone_url, sender=trig.pusher, pull_request=pr,
-                      delivery=trig.delivery)
+                      delivery=trig.delivery, commit_message=trig.commit_message,
+                      commit_author=trig.commit_author)
         return checked(lambda: cls(**{**fields, **override}), "the run request")
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,13 +170,23 @@ class RunRequest(_Model):
         path.write_text(json.dumps(self.to_dict(), indent=1))
 
 
+def _problem(error: dict[str, Any]) -> str:
+    """One validation error in a request's words: the field, and what is wrong with its value
+    (a check's own sentence, not pydantic's "Value error, " before it)."""
+    where = ".".join(map(str, error["loc"])) or "(top)"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: not a field of a run request"
+    if error["type"] == "value_error":
+        return f"{where}: {error['ctx']['error']}"
+    return f"{where}: {error['msg']}"
+
+
 def checked(make, what: str) -> RunRequest:
     """`make()`, its validation errors as one InvalidInput naming every field."""
     try:
         return make()
     except ValidationError as exc:
-        why = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors())
-        raise InvalidInput(f"{what} is invalid: {why}") from None
+        raise InvalidInput(f"{what} is invalid: {'; '.join(map(_problem, exc.errors()))}") from None
 
 
 def read_request(path: str | os.PathLike) -> RunRequest:

@@ -15,6 +15,13 @@ checkout peels whatever it is given (TAG^{commit}) all the same.
 A deleted branch or tag (after = 40 zeros, `deleted: true`, or a `delete` event) gives
 deleted=True and commit=None: there is nothing to build.
 
+What the run page shows of the change comes from here too, parsed once: the message and author of
+the commit built (only the payload's entry whose id is that commit: GitHub's and Gitea's
+head_commit or one of `commits`, GitLab's `commits` or a merge request's last_commit; none when
+the payload lists no such entry, never another commit's) and a pull request's title and web
+address (http(s) only). These are text anyone who can push writes: a value of the wrong type is
+left out rather than refusing the delivery, and the pages escape them.
+
 A pull request gives kind="pull_request", commit = its head commit, and ref = the ref the BASE
 repository keeps for it (refs/pull/N/head on GitHub and Gitea, refs/merge-requests/N/head on
 GitLab): a fork's branch is not in the base repository, that ref is. Only the actions that bring
@@ -81,6 +88,11 @@ class Trigger:
     # the base, so its code must not see the base's secrets. True also when the payload cannot
     # tell (GitHub's head.repo is null once the fork is deleted).
     fork: bool = False
+    title: str | None = None  # the pull request's title
+    url: str | None = None  # the pull request's web page (http or https)
+    # The built commit's message and author (name, else user name), when the payload has them.
+    commit_message: str | None = None
+    commit_author: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +192,37 @@ def _number(data: Mapping[str, Any], key: str, where: str = "") -> int:
     return value
 
 
+def _text(data: Mapping[str, Any], key: str) -> str | None:
+    """An untrusted text the run page shows (a title, a message): None when absent, empty or not
+    a string."""
+    value = data.get(key)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _web_url(data: Mapping[str, Any], key: str) -> str | None:
+    """A link the run page may show: http(s) only (never javascript: or a local path)."""
+    value = _text(data, key)
+    return value if value and value.lower().startswith(("https://", "http://")) else None
+
+
+def _commit_facts(entries: list[Any], commit: str | None) -> dict[str, str | None]:
+    """commit_message and commit_author of the entry (a payload's commit object) whose id is
+    `commit`; empty when no entry is that commit."""
+    entry = next((e for e in entries
+                  if isinstance(e, dict) and commit and e.get("id") == commit), None)
+    if entry is None:
+        return {}
+    author = entry.get("author") if isinstance(entry.get("author"), dict) else {}
+    return {"commit_message": _text(entry, "message"),
+            "commit_author": _text(author, "name") or _text(author, "username")}
+
+
+def _payload_commits(payload: Mapping[str, Any]) -> list[Any]:
+    """head_commit (GitHub, Gitea) and the pushed `commits` (all three forges)."""
+    commits = payload.get("commits")
+    return [payload.get("head_commit"), *(commits if isinstance(commits, list) else ())]
+
+
 def _other_repository(head_id: Any, base_id: Any, head_name: str | None,
                       base_name: str | None) -> bool:
     """Whether a pull request's head repository is not its base repository: by id when both are
@@ -245,10 +288,12 @@ def _github_like(payload: Mapping[str, Any], provider: str, delivery: str | None
            or _str(pusher, "name", "pusher.") or _str(sender, "login", "sender."))
     default = _str(repo, "default_branch", "repository.") or \
         _str(repo, "master_branch", "repository.")
+    commit = None if deleted else commit
     return Trigger(kind=kind, provider=provider, repo_url=_str(repo, "html_url", "repository."),
                    clone_url=_str(repo, "clone_url", "repository."), ref=ref, branch=branch,
-                   tag=tag, commit=None if deleted else commit, before=_sha(payload, "before"),
-                   deleted=deleted, pusher=who, delivery=delivery, default_branch=default)
+                   tag=tag, commit=commit, before=_sha(payload, "before"),
+                   deleted=deleted, pusher=who, delivery=delivery, default_branch=default,
+                   **_commit_facts(_payload_commits(payload), commit))
 
 
 def _pull_request(payload: Mapping[str, Any], provider: str, delivery: str | None) -> Trigger:
@@ -295,7 +340,9 @@ def _pull_request(payload: Mapping[str, Any], provider: str, delivery: str | Non
         default_branch=_str(repo, "default_branch", "repository.")
         or _str(base_repo, "default_branch"),
         number=number, action=action, head_branch=head_branch, base_branch=base_branch,
-        head_repo_url=_str(head_repo, "clone_url", "pull_request.head.repo."), fork=fork)
+        head_repo_url=_str(head_repo, "clone_url", "pull_request.head.repo."), fork=fork,
+        # GitHub's and Gitea's pull request events carry no commit message.
+        title=_text(pr, "title"), url=_web_url(pr, "html_url"))
 
 
 def _gitlab_merge_request(payload: Mapping[str, Any], delivery: str | None) -> Trigger:
@@ -339,7 +386,9 @@ def _gitlab_merge_request(payload: Mapping[str, Any], delivery: str | None) -> T
         or _str(target, "default_branch"),
         number=number, action=action, head_branch=_str(attrs, "source_branch", where),
         base_branch=base_branch,
-        head_repo_url=_str(source, "git_http_url", f"{where}source."), fork=fork)
+        head_repo_url=_str(source, "git_http_url", f"{where}source."), fork=fork,
+        title=_text(attrs, "title"), url=_web_url(attrs, "url"),
+        **_commit_facts([attrs.get("last_commit")], commit))
 
 
 def _gitlab(payload: Mapping[str, Any], event: str | None, delivery: str | None) -> Trigger:
@@ -363,11 +412,13 @@ def _gitlab(payload: Mapping[str, Any], event: str | None, delivery: str | None)
     web = _str(project, "web_url", "project.") or _str(repo, "homepage", "repository.")
     clone = _str(project, "git_http_url", "project.") or \
         _str(repo, "git_http_url", "repository.")
+    commit = None if deleted else commit
     return Trigger(kind=kind, provider="gitlab", repo_url=web, clone_url=clone, ref=ref,
-                   branch=branch, tag=tag, commit=None if deleted else commit,
+                   branch=branch, tag=tag, commit=commit,
                    before=_sha(payload, "before"), deleted=deleted,
                    pusher=_str(payload, "user_username") or _str(payload, "user_name"),
-                   delivery=delivery, default_branch=_str(project, "default_branch", "project."))
+                   delivery=delivery, default_branch=_str(project, "default_branch", "project."),
+                   **_commit_facts(_payload_commits(payload), commit))
 
 
 def _generic(payload: Mapping[str, Any], delivery: str | None) -> Trigger:

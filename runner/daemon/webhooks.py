@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from runner.daemon.config import DaemonConfig, PipelineEntry
+from runner.daemon.run_requests import stored_event
 from runner.daemon.store import DeliveryAbout, NewRun, StoreError
 from runner.errors import InvalidInput
 from runner.gitsafety import redact_url
@@ -446,6 +447,8 @@ def make_hook_handler(core, provider: str):
         else:
             try:
                 trig = parse_push(provider, payload, headers)
+                kept = {k: v for k, v in headers.items() if k in _KEEP_HEADERS}
+                event_of_runs = stored_event(provider, kept, payload, trig)
             except UnsupportedEvent as exc:
                 reasons.append(str(exc))
             except InvalidInput as exc:
@@ -455,8 +458,6 @@ def make_hook_handler(core, provider: str):
             pipelines, why = match_pipelines(core.config, trig, payload, names)
             if why:
                 reasons.append(why)
-            kept = {k: v for k, v in headers.items() if k in _KEEP_HEADERS}
-            stored_event = {"provider": provider, "headers": kept, "payload": payload}
             for p in pipelines:
                 if allowed is not None and p.name not in allowed:
                     reasons.append(f"{p.name}: signed with another pipeline's secret")
@@ -466,7 +467,7 @@ def make_hook_handler(core, provider: str):
                     if no:
                         reasons.append(no)
                         continue
-                    runs.append(new_pull_request_run(p, trig, stored_event, delivery=did))
+                    runs.append(new_pull_request_run(p, trig, event_of_runs, delivery=did))
                     continue
                 if trig.deleted:
                     reasons.append(f"{p.name}: the push deletes {trig.ref}")
@@ -476,7 +477,7 @@ def make_hook_handler(core, provider: str):
                     reasons.append(no)
                     continue
                 runs.append(new_run(p, "tag" if trig.tag else "push", provider, trig.ref, trig.branch,
-                                    trig.tag, trig.commit, stored_event, delivery=did))
+                                    trig.tag, trig.commit, event_of_runs, delivery=did))
         about = delivery_about(trig) if trig is not None else DeliveryAbout()
         acc = await run_in_threadpool(store.accept_delivery, provider, did, event, runs, reasons, remote, about)
         if acc.duplicate:

@@ -61,6 +61,10 @@ def test_webhook_runs_the_real_runner_exec_on_the_pushed_commit(tmp_path):
         assert stages["checkout"]["status"] == "success"
         assert stages["checkout"]["outputs"]["commit"] == first != second
         assert any("checked out" in x["line"] for x in d.store.logs(run["id"], stage="checkout"))
+        # The request the daemon wrote from the delivery parsed once, as the child recorded it.
+        recorded = json.loads((d.work_dir / "runs" / str(run["id"]) / "run.json").read_text())["trigger"]
+        assert (recorded["kind"], recorded["commit"], recorded["commit_message"], recorded["sender"]) == \
+            ("push", first, "change", "me")
         # A pipeline file that is invalid fails its run with the validation error; the daemon
         # keeps serving.
         bad = _final(d, by_pipeline["broken"])
@@ -73,6 +77,42 @@ def test_webhook_runs_the_real_runner_exec_on_the_pushed_commit(tmp_path):
         out = {s["name"]: s for s in d.store.stages(manual["id"])}["checkout"]["outputs"]
         assert out["commit"] == second and out["branch"] == "main"
         assert d.pool.spares_used >= 1  # at least one run started in a warm `runner` process
+
+
+def test_runner_exec_reads_a_request_file_and_refuses_a_malformed_one_naming_it(tmp_path):
+    """`runner exec --request FILE`, as the daemon's child: a good request's facts in --json; a
+    malformed file is exit 2 with the file and what is wrong, before anything runs."""
+    from tests.helpers import events, runner
+
+    bare, work = bare_repo(tmp_path)
+    head = commit(work, "Fix the cache\n\nIt was keyed by path.")
+    pipeline = _checkout_only(tmp_path, bare)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"kind": "pull_request", "provider": "gitea", "ref": "refs/heads/main",
+                                "commit": head, "commit_message": "Fix the cache\n\nIt was keyed by path.",
+                                "commit_author": "Ann", "sender": "ann", "pull_request": {
+                                    "number": 7, "title": "Fix the cache", "url": "https://git.example.com/a/b/pulls/7",
+                                    "head_branch": "fix", "base_branch": "main", "fork": False}}))
+    p = runner("exec", str(pipeline), "--json", "--only", "checkout", "--request", str(good),
+               "--data-dir", str(tmp_path / "data"), timeout=120)
+    assert p.returncode == 0, p.stderr
+    start = events(p.stdout)[0]
+    assert start["event"] == "run.start" and start["trigger"] == json.loads(good.read_text())
+    for body, why in [
+        ('{"kind": "push", "commit": "main"}', " is invalid: commit: 'main' is not a full hex commit sha"),
+        ('{"kind": "push", "pull_request": {"number": 3, "url": "javascript:alert(1)"}}',
+         " is invalid: pull_request.url: 'javascript:alert(1)' is not an http(s) address"),
+        ('{"kind": "push", "surprise": 1}', " is invalid: surprise: not a field of a run request"),
+        ('{"kind": "push",\n', ":2:1: not JSON"),
+        ("[1]", ": expected a JSON object"),
+    ]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(body)
+        p = runner("exec", str(pipeline), "--request", str(bad), "--data-dir", str(tmp_path / "data"), timeout=60)
+        assert p.returncode == 2 and f"error: --request {bad}{why}" in p.stderr, (body, p.stderr)
+    p = runner("exec", str(pipeline), "--json", "--request", str(tmp_path / "none.json"), timeout=60)
+    assert p.returncode == 2 and events(p.stdout)[-1]["status"] == "invalid"
+    assert f"--request {tmp_path / 'none.json'}: cannot read: No such file or directory" in p.stderr
 
 
 def test_launcher_runs_the_command_it_is_given(tmp_path):

@@ -26,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "daemon"))
 from harness import (TOKEN, config, daemon_in_process, fake_pipeline, git, push_payload, send_github,  # noqa: E402
                      wait_for)
 
+from runner.daemon.run_requests import stored_event  # noqa: E402
 from runner.daemon.store import NewRun  # noqa: E402
+from runner.run_request import PullRequest, RunRequest  # noqa: E402
+from runner.trigger import parse_event  # noqa: E402
 
 from tests.lab.browser import phone, screenshot  # noqa: E402
 from tests.lab.browser import wait_for as wait_page  # noqa: E402
@@ -231,7 +234,9 @@ def test_servers_page_says_what_runs_where(dash, browser):
 
 def test_cancel_from_the_page_cancels_the_run(dash, browser):
     d, url, repo = dash["daemon"], dash["url"], dash["repo"]
-    slow = commit_files(repo, {"Dockerfile": "FROM local/busybox:1\nRUN echo slow-build-starts && sleep 41.7\n"},
+    # The module's UID in the step: a layer cached by an earlier run (one whose cancel came after
+    # the sleep) would finish at once, with no line to wait for and nothing to cancel.
+    slow = commit_files(repo, {"Dockerfile": f"FROM local/busybox:1\nRUN echo slow-build-starts {UID} && sleep 41.7\n"},
                         "slow")
     r = send_github(url, push_payload(str(repo), after=slow), f"dash-{UID}-2")
     run_id = r.json()["runs"][0]
@@ -330,8 +335,10 @@ def test_the_log_pane_follows_and_a_stage_that_ended_unseen_shows_ended(browser,
     """A daemon that runs nothing (concurrency 0): the test writes the run's stages and lines into
     its store as a worker would, so that it decides when each arrives."""
     message = "Fix the <b>cache</b> key\n\nIt was keyed by path; now by the file's digest."
-    event = {"provider": "github", "headers": {}, "payload": {"ref": "refs/heads/main", "head_commit": {
-        "id": "a" * 40, "message": message, "author": {"name": "Ann Author"}}}}
+    payload = {"ref": "refs/heads/main", "after": "a" * 40, "head_commit": {
+        "id": "a" * 40, "message": message, "author": {"name": "Ann Author"}}}
+    # As the webhook stores it: the delivery parsed once into the run's request.
+    event = stored_event("github", {}, payload, parse_event(payload, provider="github"))
     cfg = config(tmp_path, [{"name": "app", "file": str(fake_pipeline(tmp_path))}], concurrency=0)
     with daemon_in_process(cfg) as d:
         (run_id,), _ = d.store.enqueue([NewRun(pipeline="app", trigger="push", provider="github",
@@ -410,9 +417,11 @@ def test_the_log_pane_follows_and_a_stage_that_ended_unseen_shows_ended(browser,
                   what="the page to show the run cancelled")
 
         # A pull request's run whose tests failed, as the page shows it (for the screenshots).
-        pull = {"provider": "github", "headers": {}, "payload": {"action": "opened", "number": 2, "pull_request": {
-            "number": 2, "title": "Add the login page", "html_url": "https://github.com/acme/app/pull/2",
-            "user": {"login": "contributor"}, "head": {"ref": "feature/login"}, "base": {"ref": "main"}}}}
+        pull = {"request": RunRequest(kind="pull_request", provider="github", commit="b" * 40, sender="contributor",
+                                      pull_request=PullRequest(number=2, title="Add the login page",
+                                                               url="https://github.com/acme/app/pull/2",
+                                                               head_branch="feature/login", base_branch="main")
+                                      ).to_dict()}
         (failed,), _ = d.store.enqueue([NewRun(pipeline="app", trigger="pull_request", provider="github",
                                                ref="refs/pull/2/head", commit="b" * 40, event=pull)])
         d.store.stage_event(failed, "checkout", "success", duration=0.4)

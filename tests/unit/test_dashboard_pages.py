@@ -16,6 +16,7 @@ from harness import (AUTH, TOKEN, config, daemon_in_process, fake_pipeline, push
                      wait_for)
 
 from runner.daemon.store import NewRun  # noqa: E402
+from runner.run_request import PullRequest, RunRequest  # noqa: E402
 
 SHA1 = "0123456789abcdef0123456789abcdef01234567"
 FINAL = ("success", "failed", "invalid", "cancelled", "interrupted")
@@ -202,29 +203,35 @@ def _queued(d, event: dict, pipeline: str = "app") -> int:
 
 
 def test_a_run_page_shows_the_commit_message_author_and_the_pull_request_escaped(tmp_path):
+    """From the run's stored request (the delivery parsed once when it arrived), not its payload."""
     hostile = "<script>alert(1)</script> fix the <b>cache</b>"
     push = {"provider": "github", "headers": {}, "payload": {
-        "ref": "refs/heads/main", "after": SHA1,
-        "head_commit": {"id": SHA1, "message": f"{hostile}\n\nbody <img src=x onerror=alert(2)>\nmore",
-                        "author": {"name": "Eve <eve@example.com>"}}}}
-    pull = {"provider": "github", "headers": {}, "payload": {
-        "action": "opened", "number": 2, "pull_request": {
-            "number": 2, "title": "Add the <login> page", "html_url": "https://github.com/acme/app/pull/2",
-            "user": {"login": "contributor"}, "head": {"ref": "feature/login"}, "base": {"ref": "main"}}}}
+        "ref": "refs/heads/main", "after": SHA1, "repository": {"html_url": "https://github.com/payload/not-read"},
+        "head_commit": {"id": SHA1, "message": "the payload's message", "author": {"name": "Payload"}}},
+        "request": RunRequest(kind="push", provider="github", commit=SHA1, repo_url="https://github.com/acme/app",
+                              commit_message=f"{hostile}\n\nbody <img src=x onerror=alert(2)>\nmore",
+                              commit_author="Eve <eve@example.com>", sender="eve").to_dict()}
+    pull = {"provider": "github", "headers": {}, "payload": {}, "request": RunRequest(
+        kind="pull_request", provider="github", commit=SHA1, sender="contributor", pull_request=PullRequest(
+            number=2, title="Add the <login> page", url="https://github.com/acme/app/pull/2",
+            head_branch="feature/login", base_branch="main")).to_dict()}
     with daemon_in_process(_cfg(tmp_path, concurrency=0)) as d:
         push_id, pull_id = _queued(d, push), _queued(d, pull)
         c = _logged_in(d.url)
         page = c.get(f"/runs/{push_id}").text
         assert "<script>alert(1)" not in page and "<img src=x" not in page and "<b>cache" not in page
+        assert "the payload's message" not in page and "Payload" not in page and "payload/not-read" not in page
         # The first line shown, the rest collapsed under it.
         assert ('<summary><span class="title">&lt;script&gt;alert(1)&lt;/script&gt; fix the &lt;b&gt;cache&lt;/b&gt;'
                 '</span></summary><pre class="body">body &lt;img src=x onerror=alert(2)&gt;\nmore</pre>') in page
         assert '<dd id="commit-author">Eve &lt;eve@example.com&gt;</dd>' in page
+        assert f'href="https://github.com/acme/app/commit/{SHA1}"' in page
         page = c.get(f"/runs/{pull_id}").text
         assert ('<a href="https://github.com/acme/app/pull/2" rel="noopener noreferrer">#2</a> Add the &lt;login&gt; page'
                 in page)
         assert "feature/login → main" in page and "refs/pull" not in page
-        assert '<dd id="commit-author">contributor</dd>' in page
+        # GitHub's pull request event names no commit author: none is shown, who opened it is.
+        assert 'id="commit-author"' not in page and '<dd id="sender">contributor</dd>' in page
 
 
 def test_a_run_page_shows_the_test_results(tmp_path):

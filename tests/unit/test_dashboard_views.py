@@ -9,6 +9,7 @@ import pytest
 
 from runner.daemon.dashboard import views
 from runner.daemon.dashboard.session import Sessions
+from runner.run_request import PullRequest, RunRequest
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -57,90 +58,60 @@ def test_timestamps_are_utc():
 
 # -- forge links ----------------------------------------------------------------------------------
 
-def _stored(payload: dict) -> dict:
-    """A run's event as the store keeps it (webhooks.py, scheduler.synthetic_event)."""
-    return {"provider": "github", "headers": {"x-github-event": "push"}, "payload": payload}
+def _req(provider: str | None = None, repo_url: str | None = None, **more) -> RunRequest:
+    """A run's stored request (runner.daemon.run_requests: what the webhook's delivery said)."""
+    return RunRequest(kind="push", provider=provider, repo_url=repo_url, **more)
 
 
-@pytest.mark.parametrize("event,repo,url", [
-    (_stored({"repository": {"html_url": "https://github.com/acme/app"}}), None, f"https://github.com/acme/app/commit/{SHA}"),
-    (_stored({"repository": {"html_url": "https://git.example.com/acme/app"}}), None,
-     f"https://git.example.com/acme/app/commit/{SHA}"),
-    (_stored({"project": {"web_url": "https://gitlab.example.com/group/sub/app"}}), None,
+@pytest.mark.parametrize("request_,repo,url", [
+    (_req("github", "https://github.com/acme/app"), None, f"https://github.com/acme/app/commit/{SHA}"),
+    (_req("gitea", "https://git.example.com/acme/app"), None, f"https://git.example.com/acme/app/commit/{SHA}"),
+    (_req("gitlab", "https://gitlab.example.com/group/sub/app"), None,
      f"https://gitlab.example.com/group/sub/app/-/commit/{SHA}"),
     # The webhook's address wins over the pipeline's clone URL.
-    (_stored({"repository": {"html_url": "https://github.com/acme/app"}}), "https://mirror.example.com/x/y.git",
+    (_req("github", "https://github.com/acme/app"), "https://mirror.example.com/x/y.git",
      f"https://github.com/acme/app/commit/{SHA}"),
-    ({}, "https://user:pw@github.com/acme/app.git", f"https://github.com/acme/app/commit/{SHA}"),
-    ({}, "https://gitlab.com/acme/app.git", f"https://gitlab.com/acme/app/-/commit/{SHA}"),
-    ({}, "git@github.com:acme/app.git", None),  # ssh: no web address to guess
-    ({}, "/srv/git/app.git", None),
-    (_stored({"repository": {"html_url": "javascript:alert(1)//x/y"}}), None, None),  # never a script link
-    # A poll's synthetic event names the clone URL as its html_url: a local path links nowhere.
-    (_stored({"repository": {"html_url": "/srv/git/app.git"}}), None, None),
+    (None, "https://user:pw@github.com/acme/app.git", f"https://github.com/acme/app/commit/{SHA}"),
+    (_req(), "https://gitlab.com/acme/app.git", f"https://gitlab.com/acme/app/-/commit/{SHA}"),  # a poll's
+    (None, "git@github.com:acme/app.git", None),  # ssh: no web address to guess
+    (None, "/srv/git/app.git", None),
+    (_req("github", "javascript:alert(1)//x/y"), None, None),  # never a script link
+    (_req("generic", "/srv/git/app.git"), None, None),  # a local path links nowhere
 ])
-def test_commit_url(event, repo, url):
-    assert views.commit_url(SHA, event, repo) == url
+def test_commit_url(request_, repo, url):
+    assert views.commit_url(SHA, request_, repo) == url
 
 
 def test_commit_url_needs_a_commit():
-    event = _stored({"repository": {"html_url": "https://github.com/a/b"}})
-    assert views.commit_url(None, event) is None
-    assert views.commit_url("not-a-sha", event) is None
+    request = _req("github", "https://github.com/a/b")
+    assert views.commit_url(None, request) is None
+    assert views.commit_url("not-a-sha", request) is None
 
 
-
-# -- what a run's event says of its commit and pull request ----------------------------------------
+# -- what a run's stored request says of its commit and pull request -------------------------------
 
 EVENTS = Path(__file__).resolve().parents[1] / "data" / "events"
 
 
-def _event(name: str, provider: str) -> dict:
-    return {"provider": provider, "headers": {}, "payload": json.loads((EVENTS / f"{name}.json").read_text())}
+def test_commit_facts_split_the_message():
+    request = _req(commit_message="Fix the cache\n\nIt was keyed by path.\nNow by digest.\n",
+                   commit_author="Ann", sender="ann")
+    assert views.commit_facts(request) == views.CommitFacts(
+        title="Fix the cache", body="It was keyed by path.\nNow by digest.", author="Ann", sender="ann")
 
 
-@pytest.mark.parametrize("name,provider,facts", [
-    ("github_push", "github", views.CommitFacts(title="Update README.md", author="Mona Octocat")),
-    ("github_tag_push", "github", views.CommitFacts(title="Update README.md", author="Mona Octocat")),
-    ("gitea_push", "gitea", views.CommitFacts(title="Webhooks Yay!", author="Gitea")),
-    ("gitlab_push", "gitlab", views.CommitFacts(title="fixed readme", author="GitLab dev user")),
-    ("github_pull_request", "github", views.CommitFacts(
-        author="contributor", pull_number=3, pull_title="Fix the login redirect",
-        pull_url="https://github.com/octo-org/app/pull/3", pull_branches="fix-login → main")),
-    ("gitea_pull_request", "gitea", views.CommitFacts(
-        author="gitea", pull_number=7, pull_title="Add the login page",
-        pull_url="http://localhost:3000/gitea/webhooks/pulls/7", pull_branches="feature/login → master")),
-    ("gitlab_merge_request", "gitlab", views.CommitFacts(
-        title="Move the viewport settings", author="John Smith", pull_number=5, pull_title="MS-Viewport",
-        pull_url="http://example.com/mike/diaspora/-/merge_requests/5", pull_branches="ms-viewport → master")),
-])
-def test_commit_facts_of_each_forges_published_payload(name, provider, facts):
-    assert views.commit_facts(_event(name, provider)) == facts
+def test_commit_facts_of_a_pull_request():
+    request = RunRequest(kind="pull_request", sender="contributor", pull_request=PullRequest(
+        number=3, title="Fix the login redirect", url="https://github.com/octo-org/app/pull/3",
+        head_branch="fix-login", base_branch="main"))
+    assert views.commit_facts(request) == views.CommitFacts(
+        sender="contributor", pull_number=3, pull_title="Fix the login redirect",
+        pull_url="https://github.com/octo-org/app/pull/3", pull_branches="fix-login → main")
 
 
-def test_commit_facts_split_the_message_and_pick_the_pushed_commit():
-    payload = {"checkout_sha": "b" * 40, "commits": [
-        {"id": "b" * 40, "message": "Fix the cache\n\nIt was keyed by path.\nNow by digest.\n",
-         "author": {"name": "Ann"}},
-        {"id": "c" * 40, "message": "a later commit of the push", "author": {"name": "Bob"}}]}
-    assert views.commit_facts({"payload": payload}) == views.CommitFacts(
-        title="Fix the cache", body="It was keyed by path.\nNow by digest.", author="Ann")
-    # GitHub without head_commit: the last commit of the push.
-    del payload["checkout_sha"]
-    assert views.commit_facts({"payload": payload}).author == "Bob"
-
-
-@pytest.mark.parametrize("event", [
-    None, {}, {"payload": "x"}, {"payload": {"head_commit": {"id": SHA}}},  # a poll's synthetic event
-    {"payload": {"head_commit": "x", "commits": "y", "pull_request": [1]}},
-])
-def test_commit_facts_of_events_without_them_are_empty(event):
-    assert views.commit_facts(event) == views.CommitFacts()
-
-
-def test_commit_facts_keep_only_web_links_and_whole_numbers():
-    payload = {"pull_request": {"number": True, "title": "t", "html_url": "javascript:alert(1)"}}
-    assert views.commit_facts({"payload": payload}) == views.CommitFacts(pull_title="t")
+@pytest.mark.parametrize("request_", [None, RunRequest(kind="poll", commit=SHA), RunRequest(kind="manual")])
+def test_commit_facts_of_runs_without_them_are_empty(request_):
+    assert views.commit_facts(request_) == views.CommitFacts()
 
 
 # -- which release runs now, and what the stream replays ---------------------------------------
@@ -267,5 +238,5 @@ def test_delivery_about_each_forges_published_payload(name, provider, event, abo
     from runner.daemon.webhooks import delivery_about, parse_push
 
     header = {"github": "x-github-event", "gitea": "x-gitea-event", "gitlab": "x-gitlab-event"}[provider]
-    trigger = parse_push(provider, _event(name, provider)["payload"], {header: event})
+    trigger = parse_push(provider, json.loads((EVENTS / f"{name}.json").read_text()), {header: event})
     assert delivery_about(trigger) == DeliveryAbout(*about)

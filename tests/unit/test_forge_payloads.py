@@ -82,12 +82,23 @@ def facts(run: dict) -> tuple:
     return run["trigger"], run["ref"], run["branch"], run["tag"], run["commit"]
 
 
+def told(d, run: dict) -> tuple:
+    """What the run page shows of the change: the request stored with the run when its delivery
+    arrived (commit message and author; a pull request's number, title and link)."""
+    from runner.daemon.run_requests import stored_request
+
+    r = stored_request(d.store.run_event(run["id"]), run["commit"])
+    pr = r.pull_request
+    return r.commit_message, r.commit_author, (pr.number, pr.title, pr.url) if pr else None
+
+
 # -- pushes --------------------------------------------------------------------------------------
 
 def test_github_branch_push(daemon):
     run = queued(daemon, send_github(daemon.url, published("github/push.json"), "gh-push"))
     assert facts(run) == ("push", "refs/heads/master", "master", None,
                           "6113728f27ae82c7b1a177c8d03f9e96e0adf246")
+    assert told(daemon, run) == ("Initial commit", "Codertocat", None)
 
 
 def test_github_annotated_tag_push_records_the_commit_not_the_tag_object(daemon):
@@ -102,12 +113,14 @@ def test_gitea_and_forgejo_push(daemon):
     run = queued(daemon, send_gitea(daemon.url, published("gitea/push.json"), "gt-push"))
     assert facts(run) == ("push", "refs/heads/develop", "develop", None,
                           "bffeb74224043ba2feb48d137756c8a9331c449a")
+    assert told(daemon, run) == ("Webhooks Yay!", "Gitea", None)
     # Forgejo sends the same body under its own headers (another commit: the first one ran).
     other = "c0ffee" + "0" * 34
     payload = published("gitea/push.json")
     payload["after"] = payload["commits"][0]["id"] = other
     run = queued(daemon, send_gitea(daemon.url, payload, "fj-push", forge="Forgejo"))
     assert facts(run) == ("push", "refs/heads/develop", "develop", None, other)
+    assert told(daemon, run) == ("Webhooks Yay!", "Gitea", None)
 
 
 def test_gitea_annotated_tag_push(daemon):
@@ -122,6 +135,7 @@ def test_gitlab_push_and_annotated_tag_push(daemon):
     run = queued(daemon, send_gitlab(daemon.url, published("gitlab/push.json"), "gl-push", "Push Hook"))
     assert facts(run) == ("push", "refs/heads/master", "master", None,
                           "da1560886d4f094c3e6c9ef40349f7d38b5d27d7")
+    assert told(daemon, run) == ("fixed readme", "GitLab dev user", None)
     payload = published("gitlab/tag_push.json")
     payload["after"] = TAG_OBJECT  # annotated: GitLab's `after` is the tag, checkout_sha the commit
     run = queued(daemon, send_gitlab(daemon.url, payload, "gl-tag", "Tag Push Hook"))
@@ -136,6 +150,8 @@ def test_github_pull_request_opened_synchronize_reopened(daemon):
                                      event="pull_request"))
     assert facts(run) == ("pull_request", "refs/pull/2/head", None, None,
                           "ec26c3e57ca3a959ca5aad62de7213c562f8c821")
+    assert told(daemon, run) == (None, None, (2, "Update the README with new information.",
+                                              "https://github.com/Codertocat/Hello-World/pull/2"))
     # The published synchronize names the same head: it already runs, and the delivery says so
     # and describes no run of it.
     r = send_github(daemon.url, published("github/pull_request-synchronize.json"), "gh-pr-2",
@@ -158,6 +174,8 @@ def test_gitlab_merge_request_open_update_reopen(daemon):
     run = queued(daemon, send_gitlab(daemon.url, mr, "gl-mr-1", "Merge Request Hook"))
     assert facts(run) == ("pull_request", "refs/merge-requests/1/head", None, None,
                           "da1560886d4f094c3e6c9ef40349f7d38b5d27d7")
+    assert told(daemon, run) == ("fixed readme", "GitLab dev user",
+                                 (1, "MS-Viewport", "http://example.com/diaspora/merge_requests/1"))
     update = copy.deepcopy(mr)
     update["object_attributes"].update(action="update", oldrev="95790bf891e76fee5e1747ab589903a6a1f80f22")
     r = send_gitlab(daemon.url, update, "gl-mr-2", "Merge Request Hook")

@@ -351,6 +351,8 @@ def test_commit_status_is_reported_on_the_head_commit_to_the_base_repository(tmp
         assert first["context"] == last["context"] == "runner/app"
         assert ran["withhold_secrets"] is True and ran["skip"] == ["push", "deploy"]
         assert ran["request"]["kind"] == "pull_request" and ran["request"]["commit"] == head
+        fork_url = github_pr()["pull_request"]["head"]["repo"]["clone_url"]
         assert ran["request"]["pull_request"] == {"number": 3, "action": "opened", "head_branch": "fix-login",
-                                                  "base_branch": "main", "fork": True,
-                                                  "head_repo_url": github_pr()["pull_request"]["head"]["repo"]["clone_url"]}
+                                                  "base_branch": "main", "fork": True, "head_repo_url": fork_url,
+                                                  "title": "Fix the login redirect",
+                                                  "url": "https://github.com/octo-org/app/pull/3"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runner.daemon.config import config_from_dict
-from runner.daemon.run_requests import run_request
+from runner.daemon.run_requests import run_request, stored_event
 from runner.daemon.store import Claimed
 from runner.daemon.webhooks import new_pull_request_run, new_run
 from runner.errors import InvalidInput
@@ -36,8 +36,8 @@ def test_a_github_push_run():
                "repository": {"html_url": "https://github.com/o/app", "clone_url": "https://github.com/o/app.git",
                               "default_branch": "main"},
                "pusher": {"name": "octocat"}, "sender": {"login": "octocat"}}
-    event = {"provider": "github", "headers": {"x-github-event": "push", "x-github-delivery": "d-1"},
-             "payload": payload}
+    headers = {"x-github-event": "push", "x-github-delivery": "d-1"}
+    event = stored_event("github", headers, payload, parse_event(payload, headers=headers))
     run = new_run(ENTRY, "push", "github", "refs/heads/main", "main", None, A, event, delivery="d-1")
     assert run_request(claimed(run)) == RunRequest(
         kind="push", provider="github", ref="refs/heads/main", branch="main", commit=A, before=B,
@@ -53,8 +53,8 @@ def test_a_gitlab_merge_request_run():
                                      "source_branch": "fix", "last_commit": {"id": A},
                                      "source_project_id": 9, "target_project_id": 2,
                                      "source": {"git_http_url": "https://gitlab.example.com/f/app.git"}}}
-    event = {"provider": "gitlab", "headers": {"x-gitlab-event": "Merge Request Hook"}, "payload": payload}
-    run = new_pull_request_run(ENTRY, parse_event(payload, headers=event["headers"], provider="gitlab"), event)
+    trig = parse_event(payload, headers={"x-gitlab-event": "Merge Request Hook"}, provider="gitlab")
+    run = new_pull_request_run(ENTRY, trig, stored_event("gitlab", {}, payload, trig))
     assert run_request(claimed(run)) == RunRequest(
         kind="pull_request", provider="gitlab", ref="refs/merge-requests/5/head", commit=A,
         default_branch="main", repo_url="https://gitlab.example.com/g/app",
@@ -71,8 +71,8 @@ def test_every_forge_s_stored_run_gives_the_request_its_replay_gives(name):
     same delivery, but for what the store decided (the kind, ref and commit: a retry is a retry)."""
     provider = name.split("_")[0]
     payload = json.loads((EVENTS / f"{name}.json").read_text())
-    event = {"provider": provider, "headers": {}, "payload": payload}
     trig = parse_event(payload, provider=provider)
+    event = stored_event(provider, {}, payload, trig)
     run = new_pull_request_run(ENTRY, trig, event) if trig.kind == "pull_request" else \
         new_run(ENTRY, trig.kind, provider, trig.ref, trig.branch, trig.tag, trig.commit, event)
     request = run_request(claimed(run))
@@ -80,7 +80,73 @@ def test_every_forge_s_stored_run_gives_the_request_its_replay_gives(name):
     assert (request.kind, request.ref, request.commit) == (run.trigger, run.ref, run.commit)
     assert (request.pull_request.number if request.pull_request else None) == trig.number
     retried = run_request(claimed(run.__class__(**{**run.__dict__, "trigger": "retry", "commit": B})))
-    assert retried == request.model_copy(update={"kind": "retry", "commit": B})
+    # Another commit: the message and author of the delivery's are not its.
+    assert retried == request.model_copy(update={"kind": "retry", "commit": B, "commit_message": None,
+                                                 "commit_author": None})
+
+
+WEBHOOKS = Path(__file__).resolve().parents[1] / "data" / "webhooks"
+
+
+@pytest.mark.parametrize("path,headers,message,author,pull", [
+    ("webhooks/github/push.json", {"X-GitHub-Event": "push"}, "Initial commit", "Codertocat", None),
+    # GitHub's pull request events carry no commit message: none is made up.
+    ("webhooks/github/pull_request-opened.json", {"X-GitHub-Event": "pull_request"}, None, None,
+     ("Update the README with new information.", "https://github.com/Codertocat/Hello-World/pull/2")),
+    ("webhooks/gitea/push.json", {"X-Gitea-Event": "push"}, "Webhooks Yay!", "Gitea", None),
+    ("webhooks/gitea/push.json", {"X-Forgejo-Event": "push"}, "Webhooks Yay!", "Gitea", None),
+    ("events/gitea_pull_request.json", {"X-Gitea-Event": "pull_request"}, None, None,
+     ("Add the login page", "http://localhost:3000/gitea/webhooks/pulls/7")),
+    ("webhooks/gitlab/push.json", {"X-Gitlab-Event": "Push Hook"}, "fixed readme", "GitLab dev user", None),
+    # The published tag push lists no commit: its message is unknown, not another commit's.
+    ("webhooks/gitlab/tag_push.json", {"X-Gitlab-Event": "Tag Push Hook"}, None, None, None),
+    ("webhooks/gitlab/merge_request.json", {"X-Gitlab-Event": "Merge Request Hook"}, "fixed readme",
+     "GitLab dev user", ("MS-Viewport", "http://example.com/diaspora/merge_requests/1")),
+])
+def test_the_commit_s_message_and_author_and_the_pull_request_s_title_and_link(path, headers, message, author,
+                                                                                pull):
+    """From each forge's published payload (tests/data/webhooks; Gitea's pull request from
+    tests/data/events), parsed once into the request."""
+    payload = json.loads((Path(__file__).resolve().parents[1] / "data" / path).read_text())
+    request = request_from_event({"provider": None, "headers": headers, "payload": payload})
+    assert (request.commit_message, request.commit_author) == (message, author)
+    pr = request.pull_request
+    assert ((pr.title, pr.url) if pr else None) == pull
+
+
+def test_only_the_built_commit_s_message_is_taken_and_only_web_links(tmp_path):
+    payload = json.loads((WEBHOOKS / "gitea" / "push.json").read_text())
+    payload["after"] = A  # a head the payload lists no entry for (Gitea lists up to a limit)
+    request = request_from_event({"provider": "gitea", "headers": {}, "payload": payload})
+    assert (request.commit, request.commit_message, request.commit_author) == (A, None, None)
+    pull = json.loads((EVENTS / "github_pull_request.json").read_text())
+    pull["pull_request"].update(html_url="javascript:alert(1)", title=["not", "text"])
+    pr = request_from_event(pull).pull_request
+    assert (pr.number, pr.title, pr.url) == (3, None, None)
+    (tmp_path / "r.json").write_text(json.dumps({"pull_request": {"number": 1, "url": "file:///etc/passwd"}}))
+    with pytest.raises(InvalidInput, match="pull_request.url: .*not an http"):
+        read_request(tmp_path / "r.json")
+
+
+def test_a_webhook_s_runs_store_the_request_and_the_commit_s_facts_follow_the_run_s_commit():
+    """What the worker gives `runner exec` is the request stored when the delivery arrived
+    (nothing parses the payload again), with the store's columns winning; the message and author
+    only while the run builds the commit they belong to."""
+    from runner.daemon.run_requests import stored_request
+
+    payload = json.loads((WEBHOOKS / "github" / "push.json").read_text())
+    trig = parse_event(payload, provider="github")
+    event = stored_event("github", {}, payload, trig)
+    run = new_run(ENTRY, "push", "github", trig.ref, trig.branch, None, trig.commit, event)
+    event["payload"] = {}  # the payload is not read again
+    request = run_request(claimed(run))
+    assert request == request_from_event({"provider": "github", "headers": {}, "payload": payload})
+    assert request.commit_message == "Initial commit"
+    assert stored_request(event, trig.commit) == request
+    other = run_request(claimed(run.__class__(**{**run.__dict__, "trigger": "retry", "commit": B})))
+    assert (other.kind, other.commit, other.commit_message, other.commit_author) == ("retry", B, None, None)
+    assert stored_request(event, B).commit_message is None
+    assert stored_request({}, A) is None and stored_request({"request": {"kind": "webhook"}}, A) is None
 
 
 def test_runs_no_webhook_started_are_their_columns():

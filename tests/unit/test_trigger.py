@@ -35,10 +35,11 @@ CASES = [
     ("github_push", Trigger(kind="push", ref="refs/heads/main", branch="main", tag=None,
                             commit="0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c",
                             before="6113728f27ae82c7b1a177c8d03f9e96e0adf246", deleted=False,
-                            **GH)),
+                            commit_message="Update README.md", commit_author="Mona Octocat", **GH)),
     ("github_tag_push", Trigger(kind="tag", ref="refs/tags/v1.2.0", branch=None, tag="v1.2.0",
                                 commit="0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c", before=None,
-                                deleted=False, **GH)),
+                                deleted=False, commit_message="Update README.md",
+                                commit_author="Mona Octocat", **GH)),
     ("github_delete", Trigger(kind="push", ref="refs/heads/feature/old-login",
                               branch="feature/old-login", tag=None, commit=None,
                               before="6113728f27ae82c7b1a177c8d03f9e96e0adf246", deleted=True,
@@ -46,16 +47,17 @@ CASES = [
     ("gitea_push", Trigger(kind="push", ref="refs/heads/develop", branch="develop", tag=None,
                            commit="bffeb74224043ba2feb48d137756c8a9331c449a",
                            before="28e1879d029cb852e4844d9c718537df08844e03", deleted=False,
-                           **GT)),
+                           commit_message="Webhooks Yay!", commit_author="Gitea", **GT)),
     ("gitea_tag_push", Trigger(kind="tag", ref="refs/tags/v0.3.0", branch=None, tag="v0.3.0",
                                commit="bffeb74224043ba2feb48d137756c8a9331c449a", before=None,
-                               deleted=False, **GT)),
+                               deleted=False, commit_message="Webhooks Yay!", commit_author="Gitea",
+                               **GT)),
     ("gitea_delete", Trigger(kind="push", ref="refs/heads/feature/old", branch="feature/old",
                              tag=None, commit=None, before=None, deleted=True, **GT)),
     ("gitlab_push", Trigger(kind="push", ref="refs/heads/master", branch="master", tag=None,
                             commit="da1560886d4f094c3e6c9ef40349f7d38b5d27d7",
                             before="95790bf891e76fee5e1747ab589903a6a1f80f22", deleted=False,
-                            **GL)),
+                            commit_message="fixed readme", commit_author="GitLab dev user", **GL)),
     ("gitlab_tag_push", Trigger(kind="tag", ref="refs/tags/v1.0.0", branch=None, tag="v1.0.0",
                                 commit="82b3d5ae55f7080f1e6022629cdb57bfae7cccc7", before=None,
                                 deleted=False, **GL)),
@@ -197,14 +199,15 @@ GH_PR = Trigger(kind="pull_request", provider="github", repo_url="https://github
                 tag=None, commit="8e2b6f3a1c9d4e5f60718293a4b5c6d7e8f90a1b", before=None,
                 deleted=False, pusher="contributor", delivery=None, default_branch="main",
                 number=3, action="opened", head_branch="fix-login", base_branch="main",
-                head_repo_url="https://github.com/contributor/app.git", fork=True)
+                head_repo_url="https://github.com/contributor/app.git", fork=True,
+                title="Fix the login redirect", url="https://github.com/octo-org/app/pull/3")
 GT_PR = Trigger(kind="pull_request", provider="gitea", repo_url="http://localhost:3000/gitea/webhooks",
                 clone_url="http://localhost:3000/gitea/webhooks.git", ref="refs/pull/7/head",
                 branch=None, tag=None, commit="c3f1e2d4b5a69788796a5b4c3d2e1f0a9b8c7d6e",
                 before=None, deleted=False, pusher="gitea", delivery=None, default_branch="master",
                 number=7, action="synchronized", head_branch="feature/login",
                 base_branch="master", head_repo_url="http://localhost:3000/gitea/webhooks.git",
-                fork=False)
+                fork=False, title="Add the login page", url="http://localhost:3000/gitea/webhooks/pulls/7")
 GL_MR = Trigger(kind="pull_request", provider="gitlab", repo_url="http://example.com/mike/diaspora",
                 clone_url="http://example.com/mike/diaspora.git",
                 ref="refs/merge-requests/5/head", branch=None, tag=None,
@@ -212,7 +215,9 @@ GL_MR = Trigger(kind="pull_request", provider="gitlab", repo_url="http://example
                 before="da1560886d4f094c3e6c9ef40349f7d38b5d27d7", deleted=False, pusher="jsmith",
                 delivery=None, default_branch="master", number=5, action="update",
                 head_branch="ms-viewport", base_branch="master",
-                head_repo_url="http://example.com/mike/diaspora.git", fork=False)
+                head_repo_url="http://example.com/mike/diaspora.git", fork=False,
+                title="MS-Viewport", url="http://example.com/mike/diaspora/-/merge_requests/5",
+                commit_message="Move the viewport settings\n", commit_author="John Smith")
 
 PR_CASES = [
     ("github_pull_request", {"X-GitHub-Event": "pull_request", "X-GitHub-Delivery": "d-1"}, GH_PR),

@@ -39,6 +39,7 @@ from runner.daemon.dashboard.servers import DeployState
 from runner.daemon import ids
 from runner.daemon.dashboard.session import (COOKIE, Session, Sessions, TokenGate, TooManyGuesses,
                                               client_address, presented_token)
+from runner.daemon.run_requests import stored_request
 from runner.daemon.store import ACTIVE, FINAL, StoreError
 from runner.errors import InvalidInput
 
@@ -287,13 +288,13 @@ class Dashboard:
             return None
         stages = {s["name"]: s for s in self.core.store.stages(run_id)}
         entry = self.core.config.pipeline(run["pipeline"])
-        event = self.core.store.run_event(run_id)
+        request = stored_request(self.core.store.run_event(run_id), run.get("commit"))
         deploy = stages.get("deploy")
         # Which release runs now, by the stored deploys: only asked when this run has one to offer.
         running = views.running_release(self.core.store.deploys(run["pipeline"], 8)) \
             if deploy and deploy["status"] == "success" else None
-        return {"run": run, "stages": stages, "facts": views.commit_facts(event),
-                "commit_url": views.commit_url(run.get("commit"), event, entry.repo if entry else None),
+        return {"run": run, "stages": stages, "facts": views.commit_facts(request),
+                "commit_url": views.commit_url(run.get("commit"), request, entry.repo if entry else None),
                 "duration": views.run_duration(run), "can_rollback": entry is not None,
                 "running_release": running, "state": views.run_state(run["status"], stages.values())}
 

@@ -9,10 +9,11 @@ import html
 import re
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from runner.daemon import ids
 from runner.daemon.store import FINAL
+from runner.run_request import RunRequest
 
 # -- ANSI colours --------------------------------------------------------------------------------
 
@@ -169,23 +170,17 @@ def _web_base(url: str) -> str | None:
     return f"{parts.scheme}://{host}{path}"
 
 
-def commit_url(commit: str | None, event: dict | None, repo: str | None = None) -> str | None:
-    """Where the forge shows this commit: from the webhook's own repository address in the
-    run's stored event ({provider, headers, payload}: GitHub and Gitea `repository.html_url`,
-    GitLab `project.web_url`), else from an HTTPS clone URL of the pipeline's repository. None
-    when unknown (a local path, ssh) or not a commit."""
+def commit_url(commit: str | None, request: RunRequest | None, repo: str | None = None) -> str | None:
+    """Where the forge shows this commit: from the web address of the repository the run's stored
+    request names (a webhook's: GitLab's commits under /-/commit/), else from an HTTPS clone URL
+    of the pipeline's repository. None when unknown (a local path, ssh) or not a commit."""
     if not commit or not _SHA.fullmatch(commit):
         return None
-    payload = (event or {}).get("payload")
-    event = payload if isinstance(payload, dict) else {}
-    project = event.get("project") if isinstance(event.get("project"), dict) else None
-    if project and isinstance(project.get("web_url"), str):
-        base = _web_base(project["web_url"])
-        return f"{base}/-/commit/{commit}" if base else None
-    repository = event.get("repository") if isinstance(event.get("repository"), dict) else None
-    if repository and isinstance(repository.get("html_url"), str):
-        base = _web_base(repository["html_url"])
-        return f"{base}/commit/{commit}" if base else None
+    if request is not None and request.repo_url:
+        base = _web_base(request.repo_url)
+        if base is None:
+            return None
+        return f"{base}/-/commit/{commit}" if request.provider == "gitlab" else f"{base}/commit/{commit}"
     base = _web_base(repo or "")
     if base is None:
         return None
@@ -194,68 +189,35 @@ def commit_url(commit: str | None, event: dict | None, repo: str | None = None) 
 
 @dataclass(frozen=True)
 class CommitFacts:
-    """What a run's page tells of the change it built, from the forge's own event: the commit's
-    message and author (a push), the pull or merge request (number, title, link). Untrusted text
-    (anyone who can push writes it): the templates escape it."""
+    """What a run's page tells of the change it built, from the run's stored request (the forge's
+    event, parsed once when it arrived: runner.trigger): the commit's message and author, who
+    sent it, the pull or merge request (number, title, link). Untrusted text (anyone who can push
+    writes it): the templates escape it."""
 
     title: str = ""  # the message's first line
     body: str = ""  # the rest of the message, when there is more
     author: str = ""
+    sender: str = ""  # who pushed, or opened or updated the pull request
     pull_number: int | None = None
     pull_title: str = ""
     pull_url: str | None = None
     pull_branches: str = ""  # "feature/x → main": the branch it brings, the one it targets
 
 
-def _dict(value) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-def _text(value) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _person(value) -> str:
-    """A commit's or a forge user's name: the display name, else the login."""
-    d = _dict(value)
-    return (_text(d.get("name")) or _text(d.get("full_name")) or _text(d.get("username"))
-            or _text(d.get("login"))).strip()
-
-
-def commit_facts(event: dict | None) -> CommitFacts:
-    """The commit and pull request a run's stored event ({provider, headers, payload}) names.
-
-    GitHub, Gitea and Forgejo pushes: `head_commit` (else the last of `commits`); GitLab pushes:
-    the commit of `checkout_sha` among `commits` (else the last). Pull requests (GitHub, Gitea,
-    Forgejo): `pull_request` number, title, html_url, user. GitLab merge requests:
-    `object_attributes` iid, title, url and `last_commit`. An event without them (a poll's, a
-    manual run's) gives empty facts; a link that is not http(s) is dropped."""
-    payload = _dict(_dict(event).get("payload"))
-    commits = [c for c in payload.get("commits") or [] if isinstance(c, dict)] \
-        if isinstance(payload.get("commits"), list) else []
-    commit = _dict(payload.get("head_commit"))
-    if not commit and commits:
-        head = _text(payload.get("checkout_sha")) or _text(payload.get("after"))
-        commit = next((c for c in commits if c.get("id") == head), commits[-1])
-    author = _person(commit.get("author"))
-    number, title, url, head, base = None, "", None, "", ""
-    pull = _dict(payload.get("pull_request"))
-    attrs = _dict(payload.get("object_attributes"))
-    if pull:
-        number, title, url = pull.get("number"), _text(pull.get("title")), _text(pull.get("html_url"))
-        head, base = _text(_dict(pull.get("head")).get("ref")), _text(_dict(pull.get("base")).get("ref"))
-        author = author or _person(pull.get("user"))
-    elif payload.get("object_kind") == "merge_request" and attrs:
-        number, title, url = attrs.get("iid"), _text(attrs.get("title")), _text(attrs.get("url"))
-        head, base = _text(attrs.get("source_branch")), _text(attrs.get("target_branch"))
-        commit = commit or _dict(attrs.get("last_commit"))
-        author = _person(commit.get("author")) or _person(payload.get("user"))
-    message = _text(commit.get("message")).strip("\n")
-    first, _, rest = message.partition("\n")
-    return CommitFacts(title=first.strip(), body=rest.strip("\n"), author=author,
-                       pull_number=number if isinstance(number, int) and not isinstance(number, bool) else None,
-                       pull_title=title.strip(), pull_branches=f"{head} → {base}" if head and base else head,
-                       pull_url=url if urllib.parse.urlsplit(url or "").scheme in ("http", "https") else None)
+def commit_facts(request: RunRequest | None) -> CommitFacts:
+    """The commit and pull request a run's stored request names; empty facts for a run that has
+    none (a poll's, a cron or manual run's) or says none."""
+    if request is None:
+        return CommitFacts()
+    first, _, rest = (request.commit_message or "").strip("\n").partition("\n")
+    facts = CommitFacts(title=first.strip(), body=rest.strip("\n"), author=(request.commit_author or "").strip(),
+                        sender=request.sender or "")
+    pr = request.pull_request
+    if pr is None:
+        return facts
+    branches = f"{pr.head_branch} → {pr.base_branch}" if pr.head_branch and pr.base_branch else pr.head_branch or ""
+    return replace(facts, pull_number=pr.number, pull_title=(pr.title or "").strip(), pull_url=pr.url,
+                   pull_branches=branches)
 
 
 def running_release(deploys: list[dict]) -> str | None:
