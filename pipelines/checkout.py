@@ -16,7 +16,7 @@ an HTTPS token is answered to git's prompt by a 0700 askpass script that reads i
 environment and only for the repository's own host; an SSH key goes to a 0600 file deleted in
 `finally` (runner.gitaccess, which the daemon's poll uses too).
 
-A trigger's commit must be on the ref the trigger names (whoever holds the webhook secret could
+A request's commit must be on the ref the request names (whoever holds the webhook secret could
 otherwise build any commit the repository has, an unmerged one for instance, as if it were on
 main): after the fetch, the commit is the head of the named branch or pull/merge request ref
 (refs/heads/*, refs/pull/N/head, refs/merge-requests/N/head, any refs/*) or an ancestor of it
@@ -59,6 +59,7 @@ from runner.model import Pipeline
 from runner.outputs import CheckoutOutputs
 from runner.private_dir import private_dir
 from runner.proc import Result, run_command
+from runner.run_request import RunRequest
 from runner.stage import Stage, StageContext
 
 STAGE = "checkout"
@@ -106,11 +107,11 @@ def progress_text(line: str) -> str:
 @dataclass
 class _Request:
     remote: Remote  # the repository URL, validated, taken apart
-    commit: str | None  # exact commit from the trigger
+    commit: str | None  # exact commit from the request
     ref: str | None  # branch/tag/ref/sha to check out (or, with `commit`, to name it by)
-    branch_hint: str | None  # the trigger's own branch / tag names, when `ref` is the trigger's
+    branch_hint: str | None  # the request's own branch / tag names, when `ref` is the request's
     tag_hint: str | None
-    claim: str | None = None  # the ref the trigger says `commit` is on (checked after the fetch)
+    claim: str | None = None  # the ref the request says `commit` is on (checked after the fetch)
 
     @property
     def url(self) -> str:
@@ -130,33 +131,30 @@ class _Request:
         return self.remote.fetch_url
 
 
-def _request(pipeline: Pipeline, trigger: dict[str, Any]) -> _Request:
+def _request(pipeline: Pipeline, request: RunRequest) -> _Request:
+    """What to check out. The request's refs and commit were checked when it was made
+    (runner.run_request); the pipeline's ref is checked here."""
     repo = pipeline.repository
     url = check_repo_url(repo.url)
-    commit = trigger.get("commit") or None
-    if commit is not None:
-        commit = check_ref(str(commit))
-        if not is_sha(commit):
-            raise InvalidInput(f"trigger commit {commit!r} is not a hex commit sha")
-    t_ref, t_branch, t_tag = (check_ref(str(trigger[k])) if trigger.get(k) else None
-                              for k in ("ref", "branch", "tag"))
+    commit = request.commit
     p_ref = check_ref(repo.ref) if repo.ref else None
-    # A trigger's commit wins (the exact commit pushed; its ref only names it). Without one, the
+    # A request's commit wins (the exact commit pushed; its ref only names it). Without one, the
     # pipeline's ref wins: `runner exec --event e.json --ref x` drops the event's commit and
     # puts x into repository.ref, so the event's ref must not override it.
     if commit is not None:
-        ref, branch_hint, tag_hint = t_ref or p_ref, t_branch, t_tag
+        ref, branch_hint, tag_hint = request.ref or p_ref, request.branch, request.tag
     elif p_ref is not None:
         ref, branch_hint, tag_hint = p_ref, None, None
     else:
-        ref, branch_hint, tag_hint = t_ref, t_branch, t_tag
+        ref, branch_hint, tag_hint = request.ref, request.branch, request.tag
     return _Request(remote=remote(url), commit=commit, ref=ref,
                     branch_hint=branch_hint, tag_hint=tag_hint,
-                    claim=claimed_ref(t_ref, t_branch, t_tag) if commit is not None else None)
+                    claim=None if commit is None else
+                    claimed_ref(request.ref, request.branch, request.tag))
 
 
 def claimed_ref(ref: str | None, branch: str | None, tag: str | None) -> str | None:
-    """The ref a trigger says its commit is on: its full `ref` (refs/heads/main,
+    """The ref a request says its commit is on: its full `ref` (refs/heads/main,
     refs/pull/7/head, refs/merge-requests/7/head, refs/tags/v1), else its branch or tag name;
     a short `ref` stays short (looked up as a branch, then a tag). Pure."""
     if ref:
@@ -180,8 +178,9 @@ class CheckoutStage(Stage):
     """Outputs: runner.outputs.CheckoutOutputs (the commit, its work tree, the mirror).
 
     Raises StageFailed for a refused URL or ref, an unreachable repository, missing or wrong
-    credentials, an unknown ref and a trigger commit that is not on the ref the trigger names; Cancelled when ctx.cancel is set (checked between steps,
-    while waiting for the mirror lock and inside every git command)."""
+    credentials, an unknown ref and a request's commit that is not on the ref it names;
+    Cancelled when ctx.cancel is set (checked between steps, while waiting for the mirror lock and
+    inside every git command)."""
 
     name = STAGE
 
@@ -195,7 +194,7 @@ class CheckoutStage(Stage):
 
     def run(self, ctx: StageContext) -> CheckoutOutputs:
         try:
-            req = _request(ctx.pipeline, ctx.trigger or {})
+            req = _request(ctx.pipeline, ctx.request)
         except InvalidInput as exc:
             raise StageFailed(STAGE, str(exc)) from None
         if req.kind in ("local", "file"):
@@ -238,8 +237,8 @@ class CheckoutStage(Stage):
         """The repository's default branch (short name): as the webhook said it, or as read
         while resolving, or asked of the remote only when a tag template needs it ({latest}):
         the mirror is a bare fetch, its own HEAD is not the remote's."""
-        said = (ctx.trigger or {}).get("default_branch")
-        if isinstance(said, str) and said:
+        said = ctx.request.default_branch
+        if said:
             return said[len("refs/heads/"):] if said.startswith("refs/heads/") else said
         if head is None and any("{latest}" in t for t in ctx.pipeline.image.tags):
             res = self._git(ctx, access, ["-C", str(mirror), "ls-remote", "--symref", "origin",
@@ -381,7 +380,7 @@ class CheckoutStage(Stage):
 
     def _check_claim(self, ctx: StageContext, req: _Request, access: Access, mirror: Path, g,
                      rev, commit: str) -> None:
-        """Raise StageFailed unless `commit` is on the ref the trigger names: that branch's (or
+        """Raise StageFailed unless `commit` is on the ref the request names: that branch's (or
         pull/merge request ref's) head or an ancestor of it; for a tag, what the tag points at."""
         assert req.claim is not None
         full = req.claim
@@ -451,7 +450,7 @@ class CheckoutStage(Stage):
                   env=env, what="creating the work tree")
         os.chmod(dest, 0o700)  # git makes it 0755; nothing is checked out into it yet
         # A shallow mirror is cloned over the transport, which carries branches and tags only:
-        # a commit fetched by id (an older trigger commit) has to be fetched from the mirror.
+        # a commit fetched by id (an older requested commit) has to be fetched from the mirror.
         present = run_command(["git", "-C", str(dest), "cat-file", "-e", f"{commit}^{{commit}}"],
                               env=env, cancel=ctx.cancel)
         if present.returncode != 0:

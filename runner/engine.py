@@ -385,7 +385,7 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
                 continue
             ctx = StageContext(run_id=prep.run_id, pipeline=prep.pipeline, workdir=workdir,
                                cache_dir=cache_dir, log=log.for_stage(name), secrets=prep.secrets,
-                               cancel=cancel, outputs=outputs, trigger=prep.request.to_dict())
+                               cancel=cancel, outputs=outputs, request=prep.request)
             t0 = time.monotonic()
             with _interrupts_held():
                 log.emit("stage.start", stage=name)

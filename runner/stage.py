@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Protocol
 
 from runner.model import Pipeline
 from runner.outputs import Outputs, StageOutputs
+from runner.run_request import RunRequest
 
 
 class StageLog(Protocol):
@@ -59,8 +60,10 @@ class StageContext:
     cancel: threading.Event
     # What the earlier stages of this run gave; a stage that did not run (or failed) is None.
     outputs: Outputs = field(default_factory=Outputs)
-    # What triggered the run: {"kind": "manual"|"github"|"gitlab"|"gitea"|..., "ref": ..., ...}
-    trigger: dict[str, Any] = field(default_factory=dict)
+    # What the run was asked to build and why (runner.run_request, every value checked): its ref
+    # and commit, the repository's default branch a webhook said, ... `runner exec` by hand: an
+    # empty manual request.
+    request: RunRequest = field(default_factory=RunRequest)
 
 
 class Stage(ABC):

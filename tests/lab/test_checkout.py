@@ -17,10 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pipelines.checkout import CheckoutStage, mirror_key, normalize_url, parse_symref
 from runner.errors import Cancelled, InvalidInput, StageFailed
 from runner.model import Image, Pipeline, Repository
+from runner.run_request import RunRequest
 from runner.stage import StageContext
 from tests.doubles import DictSecrets
 
@@ -99,13 +101,13 @@ def origin(tmp_path: Path, _origin_template: Origin) -> Origin:
     return o
 
 
-def make_ctx(tmp_path: Path, url: str, run: str = "r1", trigger: dict | None = None,
+def make_ctx(tmp_path: Path, url: str, run: str = "r1", request: dict | None = None,
              secrets: dict | None = None, **repo) -> StageContext:
     pipeline = Pipeline(name="app", repository=Repository(url=url, **repo),
                         image=Image(name="registry.example/app"))
     return StageContext(run_id=run, pipeline=pipeline, workdir=tmp_path / "runs" / run,
                         cache_dir=tmp_path / "cache", log=Log(), secrets=DictSecrets(secrets),
-                        cancel=threading.Event(), trigger=dict(trigger or {}))
+                        cancel=threading.Event(), request=RunRequest(**(request or {})))
 
 
 def run(tmp_path: Path, url: str, **kw) -> tuple[dict, StageContext]:
@@ -189,8 +191,8 @@ def test_a_branch_build_of_a_tagged_commit_has_no_tag(tmp_path, origin, annotate
     out, tags = _latest_tags(tmp_path, str(origin.bare), "r1", templates, ref="main")
     assert out["branch"] == "main" and out["tag"] is None
     assert tags == [origin.second[:7], "main"]
-    out, tags = _latest_tags(tmp_path, str(origin.bare), "r2", templates, trigger={
-        "kind": "webhook", "ref": "refs/heads/main", "branch": "main", "commit": origin.second})
+    out, tags = _latest_tags(tmp_path, str(origin.bare), "r2", templates, request={
+        "kind": "push", "ref": "refs/heads/main", "branch": "main", "commit": origin.second})
     assert out["tag"] is None and tags == [origin.second[:7], "main"]
     out, tags = _latest_tags(tmp_path, str(origin.bare), "r3", templates, ref="v2")
     assert out["tag"] == "v2" and tags == [origin.second[:7], "v2"]
@@ -202,8 +204,8 @@ def test_a_tag_object_given_as_the_commit_is_peeled(tmp_path, origin):
     origin.tag("v4")
     tag_object = git("rev-parse", "refs/tags/v4", cwd=origin.work)
     assert tag_object != origin.second
-    out, _ = run(tmp_path, str(origin.bare), trigger={
-        "kind": "webhook", "ref": "refs/tags/v4", "tag": "v4", "commit": tag_object})
+    out, _ = run(tmp_path, str(origin.bare), request={
+        "kind": "push", "ref": "refs/tags/v4", "tag": "v4", "commit": tag_object})
     assert out["commit"] == origin.second and out["tag"] == "v4"
 
 
@@ -236,7 +238,7 @@ def test_latest_is_given_on_the_default_branch_only(tmp_path, origin):
     assert out["default_branch"] is None
     # The webhook said it (GitHub's repository.default_branch): believed, not asked.
     out, tags = _latest_tags(tmp_path, str(origin.bare), "r5", ["{latest}", "x"],
-                             ref="feature/x", trigger={"kind": "github",
+                             ref="feature/x", request={"kind": "push",
                                                        "default_branch": "feature/x"})
     assert out["default_branch"] == "feature/x" and tags == ["latest", "x"]
 
@@ -250,14 +252,14 @@ def test_checkout_sha(tmp_path, origin, length):
 
 def test_trigger_commit_wins_over_pipeline_ref(tmp_path, origin):
     out, _ = run(tmp_path, str(origin.bare), ref="main",
-                 trigger={"kind": "github", "ref": "refs/heads/main", "commit": origin.first})
+                 request={"kind": "push", "ref": "refs/heads/main", "commit": origin.first})
     assert out["commit"] == origin.first and out["branch"] == "main"
 
 
 def test_trigger_ref_used_when_the_pipeline_has_none(tmp_path, origin):
     feature = origin.commit("f.txt", branch="feature")
     out, _ = run(tmp_path, str(origin.bare),
-                 trigger={"kind": "manual", "ref": "refs/heads/feature", "branch": "feature"})
+                 request={"kind": "manual", "ref": "refs/heads/feature", "branch": "feature"})
     assert out["commit"] == feature and out["branch"] == "feature"
 
 
@@ -266,16 +268,15 @@ def test_pipeline_ref_beats_a_trigger_ref_without_commit(tmp_path, origin):
     repository.ref; the event's ref must not win then."""
     origin.commit("f.txt", branch="feature")
     out, _ = run(tmp_path, str(origin.bare), ref="main",
-                 trigger={"kind": "webhook", "ref": "refs/heads/feature", "branch": "feature"})
+                 request={"kind": "push", "ref": "refs/heads/feature", "branch": "feature"})
     assert out["commit"] == origin.second and out["branch"] == "main"
 
 
-def test_webhook_trigger_shape(tmp_path, origin):
-    """The dict runner.engine makes from runner.trigger.Trigger (None for absent names)."""
+def test_a_tag_push_request(tmp_path, origin):
+    """What the daemon hands `runner exec` for a tag push (runner.run_request)."""
     origin.tag("v3")
-    out, _ = run(tmp_path, str(origin.bare), trigger={
-        "kind": "webhook", "provider": "github", "ref": "refs/tags/v3", "branch": None,
-        "tag": "v3", "commit": origin.second, "before": None, "deleted": False})
+    out, _ = run(tmp_path, str(origin.bare), request={
+        "kind": "tag", "provider": "github", "ref": "refs/tags/v3", "tag": "v3", "commit": origin.second})
     assert out["commit"] == origin.second and out["tag"] == "v3" and out["branch"] is None
 
 
@@ -295,7 +296,7 @@ def test_unknown_ref_fails_naming_it(tmp_path, origin):
 
 def test_unknown_commit_fails(tmp_path, origin):
     with pytest.raises(StageFailed) as exc:
-        run(tmp_path, str(origin.bare), trigger={"commit": "0" * 40})
+        run(tmp_path, str(origin.bare), request={"commit": "0" * 40})
     assert "0" * 40 in exc.value.reason
 
 
@@ -373,14 +374,11 @@ def test_unsafe_ref_refused_before_git_runs(tmp_path, origin, ref):
     assert not (tmp_path / "cache").exists()
 
 
-def test_unsafe_trigger_values_refused(tmp_path, origin):
-    with pytest.raises(StageFailed):
-        run(tmp_path, str(origin.bare), trigger={"commit": "--upload-pack=x"})
-    with pytest.raises(StageFailed):
-        run(tmp_path, str(origin.bare), trigger={"commit": "main"})  # a commit must be a sha
-    with pytest.raises(StageFailed):
-        run(tmp_path, str(origin.bare), trigger={"ref": "a;b"})
-    assert not (tmp_path / "cache").exists()
+def test_unsafe_request_values_never_reach_the_stage():
+    """The request is checked where it is made (runner.run_request): a context cannot carry these."""
+    for bad in ({"commit": "--upload-pack=x"}, {"commit": "main"}, {"ref": "a;b"}):  # a commit is a sha
+        with pytest.raises(ValidationError):
+            RunRequest(**bad)
 
 
 # --- depth, submodules --------------------------------------------------------------------------
@@ -656,7 +654,7 @@ def test_rerun_in_the_same_run_dir_replaces_the_work_tree(tmp_path, origin):
 def test_shallow_mirror_fetches_an_older_trigger_commit_by_id(tmp_path, origin):
     run(tmp_path, f"file://{origin.bare}", run="r1", depth=1)
     out, ctx = run(tmp_path, f"file://{origin.bare}", run="r2", depth=1,
-                   trigger={"kind": "github", "ref": "refs/heads/main", "commit": origin.first})
+                   request={"kind": "push", "ref": "refs/heads/main", "commit": origin.first})
     assert out["commit"] == origin.first and out["branch"] == "main"
     assert any("fetching it by id" in line for line in ctx.log.lines)
     assert git("rev-list", "--count", "HEAD", cwd=Path(out["path"])) == "1"

@@ -49,32 +49,32 @@ def test_claimed_ref_and_its_name():
 # --- branches -------------------------------------------------------------------------------
 
 def test_commit_only_on_another_branch_is_refused_for_main(tmp_path, origin):
-    reason = _fails(tmp_path, str(origin.bare), trigger={
-        "kind": "webhook", "ref": "refs/heads/main", "branch": "main", "commit": origin.feature})
+    reason = _fails(tmp_path, str(origin.bare), request={
+        "kind": "push", "ref": "refs/heads/main", "branch": "main", "commit": origin.feature})
     assert reason == (f"commit {origin.feature[:12]} is not on branch main of {origin.bare} "
                       f"(its head is {origin.second[:12]})")
     assert not (tmp_path / "runs" / "r1" / "src").exists()  # nothing was checked out
 
 
 def test_branch_name_alone_is_checked_too(tmp_path, origin):
-    reason = _fails(tmp_path, str(origin.bare), trigger={"branch": "main",
+    reason = _fails(tmp_path, str(origin.bare), request={"branch": "main",
                                                          "commit": origin.feature})
     assert f"is not on branch main of {origin.bare}" in reason
 
 
 def test_head_and_ancestors_of_the_branch_pass(tmp_path, origin):
     for i, commit in enumerate((origin.second, origin.first)):
-        out, _ = run(tmp_path, str(origin.bare), run=f"r{i}", trigger={
-            "kind": "webhook", "ref": "refs/heads/main", "branch": "main", "commit": commit})
+        out, _ = run(tmp_path, str(origin.bare), run=f"r{i}", request={
+            "kind": "push", "ref": "refs/heads/main", "branch": "main", "commit": commit})
         assert out["commit"] == commit and out["branch"] == "main"
     # The feature branch contains main's commits as well as its own.
-    out, _ = run(tmp_path, str(origin.bare), run="r3", trigger={
+    out, _ = run(tmp_path, str(origin.bare), run="r3", request={
         "ref": "refs/heads/feature", "branch": "feature", "commit": origin.second})
     assert out["commit"] == origin.second and out["branch"] == "feature"
 
 
 def test_a_branch_the_repository_does_not_have_is_refused(tmp_path, origin):
-    reason = _fails(tmp_path, str(origin.bare), trigger={
+    reason = _fails(tmp_path, str(origin.bare), request={
         "ref": "refs/heads/gone", "branch": "gone", "commit": origin.second})
     assert reason == (f"commit {origin.second[:12]} is not on branch gone of {origin.bare}: "
                       f"{origin.bare} has no branch gone")
@@ -83,7 +83,7 @@ def test_a_branch_the_repository_does_not_have_is_refused(tmp_path, origin):
 def test_a_commit_force_pushed_away_is_refused(tmp_path, origin):
     run(tmp_path, str(origin.bare), run="r1")  # the mirror holds the old commit from now on
     git("push", "-q", "--force", "origin", f"{origin.first}:refs/heads/main", cwd=origin.work)
-    reason = _fails(tmp_path, str(origin.bare), run="r2", trigger={
+    reason = _fails(tmp_path, str(origin.bare), run="r2", request={
         "ref": "refs/heads/main", "commit": origin.second})
     assert reason.endswith(f"(its head is {origin.first[:12]})")
 
@@ -91,11 +91,11 @@ def test_a_commit_force_pushed_away_is_refused(tmp_path, origin):
 def test_shallow_mirror_refuses_a_foreign_commit_and_accepts_an_older_one(tmp_path, origin):
     url = f"file://{origin.bare}"
     run(tmp_path, url, run="r1", depth=1)
-    reason = _fails(tmp_path, url, run="r2", depth=1, trigger={
+    reason = _fails(tmp_path, url, run="r2", depth=1, request={
         "ref": "refs/heads/main", "commit": origin.feature})
     assert f"commit {origin.feature[:12]} is not on branch main" in reason
     assert "the mirror is shallow" in reason
-    out, ctx = run(tmp_path, url, run="r3", depth=1, trigger={
+    out, ctx = run(tmp_path, url, run="r3", depth=1, request={
         "ref": "refs/heads/main", "commit": origin.first})
     assert out["commit"] == origin.first
     assert any("the mirror is shallow: fetching branch main since" in line
@@ -108,10 +108,10 @@ def test_shallow_mirror_refuses_a_foreign_commit_and_accepts_an_older_one(tmp_pa
 def test_tag_must_point_at_the_commit(tmp_path, origin, annotated):
     git("checkout", "-q", origin.first, cwd=origin.work)
     origin.tag("v1", annotated=annotated)
-    out, _ = run(tmp_path, str(origin.bare), run="r1", trigger={
+    out, _ = run(tmp_path, str(origin.bare), run="r1", request={
         "ref": "refs/tags/v1", "tag": "v1", "commit": origin.first})
     assert out["commit"] == origin.first and out["tag"] == "v1"
-    reason = _fails(tmp_path, str(origin.bare), run="r2", trigger={
+    reason = _fails(tmp_path, str(origin.bare), run="r2", request={
         "ref": "refs/tags/v1", "tag": "v1", "commit": origin.second})
     assert reason == (f"commit {origin.second[:12]} is not what tag v1 of {origin.bare} points "
                       f"at (it points at {origin.first[:12]})")
@@ -126,14 +126,14 @@ def test_pull_request_ref_is_fetched_and_checked(tmp_path, origin, ref):
     pr = origin.commit("pr.txt", branch="pr-source")
     git("update-ref", ref, pr, cwd=origin.bare)
     git("push", "-q", "origin", "--delete", "pr-source", cwd=origin.work)
-    out, _ = run(tmp_path, str(origin.bare), run="r1", trigger={"ref": ref, "commit": pr})
+    out, _ = run(tmp_path, str(origin.bare), run="r1", request={"ref": ref, "commit": pr})
     assert out["commit"] == pr and out["branch"] is None and out["tag"] is None
     assert (Path(out["path"]) / "pr.txt").exists()
-    out, _ = run(tmp_path, str(origin.bare), run="r2", trigger={"ref": ref,
+    out, _ = run(tmp_path, str(origin.bare), run="r2", request={"ref": ref,
                                                                 "commit": origin.feature})
     assert out["commit"] == origin.feature  # an ancestor of the pull request's head
     side = _side_commit(origin)
-    reason = _fails(tmp_path, str(origin.bare), run="r3", trigger={"ref": ref, "commit": side})
+    reason = _fails(tmp_path, str(origin.bare), run="r3", request={"ref": ref, "commit": side})
     assert reason == f"commit {side[:12]} is not on {ref} of {origin.bare} (its head is {pr[:12]})"
 
 

@@ -248,3 +248,28 @@ def test_a_daemon_entry_names_its_pipeline_once(entry, why):
     with pytest.raises(InvalidInput) as caught:
         config_from_dict({"pipelines": [entry]})
     assert why in str(caught.value.problems)
+
+
+# -- what the stages get: the typed request, as `runner exec` read it ------------------------------
+
+def test_a_stage_s_context_carries_the_typed_request_and_the_checkout_reads_it(tmp_path):
+    import threading
+
+    from pipelines.checkout import _request
+    from runner.model import Image, Pipeline, Repository
+    from runner.stage import StageContext
+
+    pipeline = Pipeline(name="app", repository=Repository(url="https://git.example.com/me/app.git"),
+                        image=Image(name="registry.example/app"))
+    request = RunRequest(kind="pull_request", ref="refs/pull/3/head", commit=A, default_branch="main",
+                         pull_request=PullRequest(number=3, head_branch="fix", base_branch="main"))
+    ctx = StageContext(run_id="r1", pipeline=pipeline, workdir=tmp_path, cache_dir=tmp_path, log=None,
+                       secrets=None, cancel=threading.Event(), request=request)
+    assert ctx.request is request
+    got = _request(ctx.pipeline, ctx.request)
+    assert (got.commit, got.ref, got.branch_hint, got.tag_hint, got.claim) == \
+        (A, "refs/pull/3/head", None, None, "refs/pull/3/head")
+    # `runner exec` by hand: an empty manual request, the pipeline's own ref.
+    bare = StageContext(run_id="r2", pipeline=pipeline, workdir=tmp_path, cache_dir=tmp_path, log=None,
+                        secrets=None, cancel=threading.Event())
+    assert bare.request == RunRequest() and _request(pipeline, bare.request).commit is None
