@@ -45,6 +45,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from runner.daemon.config import DaemonConfig, PipelineEntry, cron_schedule, repository_pipeline
+from runner.daemon.store import DeliveryAbout
 from runner.daemon.webhooks import new_run, push_filter
 from runner.errors import InvalidInput
 from runner.gitaccess import remote, repository_access
@@ -224,6 +225,18 @@ def poll_decisions(p: PipelineEntry, seen: dict[str, str], first_time: bool, cur
     return runs, ignored
 
 
+def poll_about(where: str, seen: Mapping[str, str], current: Mapping[str, str]) -> DeliveryAbout:
+    """What a poll's delivery was about, as a webhook's says it (pure): the repository polled and
+    the refs that moved ("refs/heads/a, refs/tags/v1 and 2 more"); one ref's action is "created"
+    or "deleted" as a push's is."""
+    moved = sorted(r for r in set(current) | set(seen) if current.get(r) != seen.get(r))
+    ref = ", ".join(moved[:3]) + (f" and {len(moved) - 3} more" if len(moved) > 3 else "")
+    action = ""
+    if len(moved) == 1:
+        action = "created" if moved[0] not in seen else "deleted" if moved[0] not in current else ""
+    return DeliveryAbout(where, ref, action)
+
+
 class Schedules:
     def __init__(self, core):
         self.core = core
@@ -366,7 +379,8 @@ class Schedules:
         ids: list[int] = []
         if runs or ignored:
             # The store adds the runs it skipped (the commit already ran) to the reasons.
-            acc = core.store.accept_delivery("poll", poll_delivery_id(name), name, runs, ignored, remote=where)
+            acc = core.store.accept_delivery("poll", poll_delivery_id(name), name, runs, ignored, remote=where,
+                                             about=poll_about(where, seen, current))
             ids = list(acc.run_ids)
             if ids:
                 log.info("poll queued runs", extra={"pipeline": name, "runs": ids})
@@ -380,7 +394,8 @@ class Schedules:
         # Recorded when the error is new, not at every interval while it lasts: poll_state
         # keeps when it was last tried.
         if core.store.poll_error(name) != error:
-            core.store.record_delivery("poll", poll_delivery_id(name), name, "error", error, 0, remote=where)
+            core.store.record_delivery("poll", poll_delivery_id(name), name, "error", error, 0, remote=where,
+                                       about=DeliveryAbout(where))
         core.store.set_poll_state(name, {}, error=error)
 
     def cron_tick(self, name: str, index: int) -> list[int]:
@@ -397,9 +412,10 @@ class Schedules:
         branch = spec.branch or default_branch(p)
         ref = f"refs/heads/{branch}"
         sha = None
-        url = ""
+        url = where = ""
         if p.repo:
             url = str(core.config.path(p.repo)) if is_local_path(p.repo) else p.repo
+            where = core.masker.mask(redact_url(url))
             try:
                 sha = self.refs(p, url).get(ref)
             except (CredentialsUnavailable, RuntimeError, InvalidInput, subprocess.TimeoutExpired,
@@ -411,7 +427,7 @@ class Schedules:
             ids, cancel = core.store.enqueue([run])
         else:
             acc = core.store.accept_delivery("cron", f"{name}:{index}:{tick}", spec.schedule, [run], [],
-                                             remote=core.owner)
+                                             remote=core.owner, about=DeliveryAbout(where, ref))
             if acc.duplicate:
                 log.info("cron tick already queued by another daemon", extra={"pipeline": name, "tick": tick})
                 return []

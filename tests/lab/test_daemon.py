@@ -358,6 +358,11 @@ def test_cron_job_and_its_run(tmp_path):
         assert run["trigger"] == "cron" and run["commit"] == head and run["status"] == "success"
         (again,) = d.schedules.cron("app", 0)  # a schedule runs even if the commit already ran
         assert _final(d.store.get_run, again)["status"] == "success"
+        # A tick is a delivery that says which repository and branch it built, as a push's does.
+        (ticked,) = d.schedules.cron("app", 0, tick="2027-01-01T00:00:00Z")
+        (row,) = d.store.deliveries(provider="cron")
+        assert (row["run_ids"], row["repository"], row["ref"], row["action"]) == \
+            ([ticked], str(bare), "refs/heads/main", "")
 
 
 def test_retention_prunes_runs_and_their_work_dirs(tmp_path):
@@ -465,11 +470,14 @@ def test_poll_outcomes_are_deliveries(tmp_path):
         assert skip["reason"] == f"refs/heads/main: {first[:12]} was there at the first poll " \
                                  "(triggers.poll.initial: skip)"
         assert skip["delivery_id"].startswith("app:") and skip["remote"] == str(bare)
+        # What it was about, as a push's delivery says it: the repository and the refs that moved.
+        assert (skip["repository"], skip["ref"], skip["action"]) == (str(bare), "refs/heads/main", "created")
         c2 = commit(work, "second")
         queued = wait_for(lambda: _poll_deliveries(d)[1:], 10, "a poll that queues")[0]
         (run,) = d.store.list_runs(trigger="poll")
         assert (queued["outcome"], queued["run_ids"], run["commit"]) == ("queued", [run["id"]], c2)
         assert f"queued as run {run['id']}" in queued["reason"]
+        assert (queued["repository"], queued["ref"], queued["action"]) == (str(bare), "refs/heads/main", "")
         commit(work, "elsewhere", branch="feature/x")
         ignored = wait_for(lambda: _poll_deliveries(d)[2:], 10, "a poll that ignores")[0]
         assert ignored["outcome"] == "ignored" and ignored["reason"] == \
@@ -480,6 +488,7 @@ def test_poll_outcomes_are_deliveries(tmp_path):
         bare.rename(tmp_path / "away.git")
         error = wait_for(lambda: _poll_deliveries(d)[3:], 10, "a failed poll")[0]
         assert (error["outcome"], error["status_code"]) == ("error", 0)
+        assert (error["repository"], error["ref"]) == (str(bare), "")  # no ref was read
         assert "ls-remote failed" in error["reason"]
         time.sleep(1.0)
         assert len(_poll_deliveries(d)) == 4

@@ -78,6 +78,20 @@ def test_poll_decisions():
     assert poll_decisions(p, current, False, current) == ([], [])
 
 
+def test_poll_about_names_the_repository_and_the_refs_that_moved():
+    from runner.daemon.scheduler import poll_about
+    from runner.daemon.store import DeliveryAbout
+
+    a, b = "a" * 40, "b" * 40
+    assert poll_about("/srv/app.git", {}, {"refs/heads/main": a}) == \
+        DeliveryAbout("/srv/app.git", "refs/heads/main", "created")
+    assert poll_about("r", {"refs/heads/main": a}, {"refs/heads/main": b}) == DeliveryAbout("r", "refs/heads/main")
+    assert poll_about("r", {"refs/heads/x": a}, {}) == DeliveryAbout("r", "refs/heads/x", "deleted")
+    moved = {f"refs/tags/v{i}": a for i in range(5)}
+    assert poll_about("r", {"refs/heads/main": a}, {"refs/heads/main": a, **moved}) == \
+        DeliveryAbout("r", "refs/tags/v0, refs/tags/v1, refs/tags/v2 and 2 more")
+
+
 def test_rollback_argv():
     assert rollback_argv(["python", "-m", "runner"], "/p.yaml", 7, None, {}) == [
         "python", "-m", "runner", "rollback", "/p.yaml", "--json", "--run-id", "7"]
