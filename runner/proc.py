@@ -137,9 +137,11 @@ def _stop_recorded(rec: Recorded, escalation: Escalation, group: bool, reap: boo
             return True
         deadline = None if grace is None else time.monotonic() + grace
         while deadline is None or time.monotonic() < deadline:
-            if reap:
-                reap_child(rec.pid)
             if not rec.running():
+                # Reaped after it is seen gone, not before the look: a process that exits
+                # between a reap and the look would stay a zombie of this process.
+                if reap:
+                    reap_child(rec.pid)
                 return True
             time.sleep(_POLL)
     return True
