@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from deployers.commands import Argv, Slot, bind, show
+from deployers.hooks import PlannedHook
 from deployers.spec import Release, Target
 # The deploy's report is the deploy stage's outputs: one type, defined with the other stages'.
 from runner.outputs import DeployOutputs
@@ -87,6 +88,8 @@ class DeployPlan:
     parallel: int = 16
     notes: tuple[str, ...] = ()
     placeholder: bool = False  # the image's digest is not known yet (a dry run before a push)
+    release_on: str = ""  # the server that runs the release command ("" = none: no command)
+    hooks: tuple[PlannedHook, ...] = ()  # run on the runner's host by the deploy stage
 
     def server(self, label: str) -> ServerPlan:
         return next(s for s in self.servers if s.server == label)
@@ -98,6 +101,8 @@ class DeployPlan:
             "image": images[0] if len(images) == 1 else images,
             "strategy": self.strategy, "on_failure": self.on_failure,
             "batches": [list(b) for b in self.batches],
+            **({"release_command_on": self.release_on} if self.release_on else {}),
+            **({"hooks": {h.phase: h.to_dict() for h in self.hooks}} if self.hooks else {}),
             "servers": [s.to_dict() for s in self.servers],
             "notes": list(self.notes),
         }
@@ -203,6 +208,9 @@ class ServerSteps(ABC):
       verified release if an earlier run left it mid-switch.
       Nothing that serves traffic changes, apart from that recovery. Returns the `Switch` to
       pass on. Raises StepFailed(touched=False).
+    - release(sw): on the one server the plan names (release_on), once its prepare is done
+      and before any server's switch: run the release command (phase "release" of its plan);
+      raises StepFailed(touched=False) naming the command and its exit code.
     - switch(sw): start the new release (the previous one kept for restore); sets
       sw.unchanged when the same release already runs there verified. Raises StepFailed.
     - verify(sw): the health gate on the container this run started (by id, never by name);
@@ -228,6 +236,11 @@ class ServerSteps(ABC):
 
     @abstractmethod
     def prepare(self, plan: ServerPlan) -> Switch: ...
+
+    def release(self, sw: Switch) -> None:
+        """A target that cannot run a release command refuses a plan that has one."""
+        raise StepFailed(sw.server, "this deploy target cannot run a release command",
+                         touched=False)
 
     @abstractmethod
     def switch(self, sw: Switch) -> None: ...

@@ -15,9 +15,11 @@ from runner.model.image import ImageRef
 
 from deployers import commands as cmd
 from deployers import proxy
+from deployers import release_command
 from deployers.accessory_plan import AccessorySpec, check_argv
 from deployers.base import DeployPlan, PlannedCommand, ServerPlan
 from deployers.commands import Slot
+from deployers.hooks import PlannedHook
 from deployers.spec import Release, Target, app_name, batches, release_for, targets
 
 # A dry run before the push knows no digest yet.
@@ -40,6 +42,11 @@ def previous_name(app: str, run_id: str) -> str:
 def kept_name(app: str, run_id: str) -> str:
     """Where the proxy cutover keeps a replaced container (stopped) for an instant rollback."""
     return f"{app}_kept_{safe_name(run_id)}"
+
+
+def release_name(app: str, run_id: str) -> str:
+    """The one-off container of a run's release command."""
+    return f"{app}_release_{safe_name(run_id)}"
 
 
 def server_commands(stage: DeploySettings, release: Release, run_id: str) -> tuple[PlannedCommand,
@@ -191,13 +198,34 @@ def _accessory_check(needs: Needs | None, server: str) -> tuple[PlannedCommand, 
                            f"must run there, else nothing is switched anywhere"),)
 
 
+def _hooks(stage: DeploySettings) -> tuple[PlannedHook, ...]:
+    h = stage.hooks
+    return tuple(PlannedHook(phase, argv, h.timeout)
+                 for phase, argv in (("pre_deploy", h.pre_deploy), ("post_deploy", h.post_deploy))
+                 if argv)
+
+
 def _plan(stage: DeploySettings, app: str, what: str, run_id: str,
           releases: dict[str, Release], all_targets: tuple[Target, ...],
           placeholder: bool = False, needs: Needs | None = None) -> DeployPlan:
     chosen = tuple(t for t in all_targets if t.label in releases)
+    order = batches(chosen, stage.strategy.type, stage.strategy.batch_size)
+    # A deploy's release command runs once, on the first server of the first batch; a
+    # rollback runs none (the release it returns to ran its own when it was deployed).
+    release_on = order[0][0].label if what == "deploy" and stage.release_command and order \
+        else ""
+
+    def commands(t: Target) -> tuple[PlannedCommand, ...]:
+        r = releases[t.label]
+        cmds = server_commands(stage, r, run_id)
+        if t.label != release_on or not stage.release_command:
+            return cmds
+        # Printed where it runs: after the server's prepare, before its switch.
+        at = max(i for i, c in enumerate(cmds) if c.phase == "prepare") + 1
+        return cmds[:at] + release_command.planned(r, stage.release_command,
+                                                   release_name(r.spec.name, run_id)) + cmds[at:]
     servers = tuple(ServerPlan(t, releases[t.label],
-                               _accessory_check(needs, t.label)
-                               + server_commands(stage, releases[t.label], run_id))
+                               _accessory_check(needs, t.label) + commands(t))
                     for t in chosen)
     h = stage.healthcheck
     notes = (
@@ -209,9 +237,9 @@ def _plan(stage: DeploySettings, app: str, what: str, run_id: str,
     )
     return DeployPlan(
         app=app, what=what, strategy=stage.strategy.type, on_failure=stage.strategy.on_failure,
-        batches=tuple(tuple(t.label for t in b)
-                      for b in batches(chosen, stage.strategy.type, stage.strategy.batch_size)),
-        servers=servers, parallel=stage.parallel, notes=notes, placeholder=placeholder)
+        batches=tuple(tuple(t.label for t in b) for b in order),
+        servers=servers, parallel=stage.parallel, notes=notes, placeholder=placeholder,
+        release_on=release_on, hooks=_hooks(stage) if what == "deploy" else ())
 
 
 def plan_deploy(stage: DeploySettings, *, pipeline: str, image_name: str, run_id: str,

@@ -6,7 +6,9 @@ the SSH steps), so that two runs of one app never hold some of the servers each 
 each other until both fail; the steps bound the wait and name the holder.
 
 Per batch (deployers.spec.batches: all, canary, rolling): prepare every server of the batch
-(pull: a registry problem fails before anything is touched), then switch and verify each in
+(pull: a registry problem fails before anything is touched); in the first batch, the plan's
+release command then runs once on its server (deployers.release_command: a failure stops the
+deploy with nothing switched anywhere); then switch and verify each in
 parallel; a server whose switch or verify fails is restored at once. When a
 server of a batch fails, the rest of that batch is restored, and the earlier batches too unless
 on_failure is keep_done; later batches are never touched. Once every batch is healthy, every
@@ -268,6 +270,8 @@ class Rollout:
                             label, as_step_failed(label, r, touched=False), None, None)
                 if cancelled is None and self.cancel.is_set():
                     cancelled = Cancelled("cancelled")
+                if n == 1 and plan.release_on and not failures and cancelled is None:
+                    cancelled = self._release(prepared, failures)
                 switched: list[Switch] = []
                 if not failures and cancelled is None:
                     for sw, r in zip(prepared, parallel(self._switch_and_verify, prepared,
@@ -303,6 +307,20 @@ class Rollout:
             return self._report(ok=not failed_commits, raise_failed=bool(failed_commits))
         finally:
             self.steps.finish()
+
+    def _release(self, prepared: list[Switch], failures: dict[str, ServerResult]
+                 ) -> BaseException | None:
+        """The plan's release command, once, on its server of the first batch (prepared,
+        nothing switched anywhere yet). A failure goes into `failures`; returns the cancel."""
+        sw = next(s for s in prepared if s.server == self.plan.release_on)
+        try:
+            self.steps.release(sw)
+        except (Cancelled, KeyboardInterrupt) as exc:
+            return exc
+        except Exception as exc:
+            failures[sw.server] = self._own_failure(
+                sw.server, as_step_failed(sw.server, exc, touched=False), None, None)
+        return Cancelled("cancelled") if self.cancel.is_set() else None
 
     def _cancelled(self) -> Cancelled:
         """The Cancelled to raise once the undo ran: what each server was left with."""

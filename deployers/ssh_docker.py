@@ -58,6 +58,7 @@ from deployers.health import ContainerState, ProbeResult, Verdict, parse_http_st
     parse_inspect, wait_healthy
 from deployers.accessory_check import check_before_switch
 from deployers.plan import UNVERIFIED, VERIFIED, Needs, plan_deploy, plan_rollback
+from deployers.release_command import ReleaseRun, run_release_command
 from deployers.remote_files import remove_tree, sweep
 from deployers.rollout import UNTOUCHED, headline, parallel, rollout
 from deployers.ssh_config import UserConfig
@@ -711,6 +712,28 @@ class SSHDockerSteps(ServerSteps):
             if c.id != good.id:
                 run(cmd.remove(c.id), check=False)
         return f"returned to the last verified release {history[-1]['digest'][:19]} first"
+
+    # ---------------------------------------------------------------- release command
+
+    def release(self, sw: Switch) -> None:
+        """The plan's release command on this server (deployers.release_command)."""
+        conn, run, st = self._on(sw)
+
+        def remove(argv: list[str]) -> None:  # also after a cancel or a dropped connection
+            with self._shielded():
+                for fresh in (False, True):
+                    try:
+                        self._conn(st.plan.target, fresh=fresh).run(argv, check=False)
+                        return
+                    except _NET_ERRORS:
+                        pass
+            self.d.log(f"{sw.server}: WARNING: could not remove {argv[-1]}; the next deploy "
+                       f"of {self.d.app} removes it")
+        with self._as_step(sw.server, touched=False), self._phase(sw.server, "release"):
+            run_release_command(ReleaseRun(
+                conn=conn, run=run, remove=remove, plan=st.plan, env_values=st.secret_values,
+                env_path=lambda: self._scratch_path(conn, "env", ".env"),
+                timeout=self.d.stage.release_timeout, log=self.d.log))
 
     # ---------------------------------------------------------------- switch / verify
 

@@ -1,5 +1,8 @@
 """The deploy stage: the exact digest pushed in this run -> every server, health-gated.
 
+Around the rollout, the deploy's hooks (deployers.hooks) run on the runner's host: pre_deploy
+before any server is reached, post_deploy once every server runs the release.
+
 Reads ctx.outputs.push.ref (an ImageRef, "name@sha256:...", what the registry acknowledged in
 this run), never a tag, so what runs on the servers is what was built, scanned and pushed.
 Outputs (also when it fails): runner.outputs.DeployOutputs, the deployer's report: app, ok,
@@ -8,6 +11,7 @@ duration, phases: {connect, pull, switch, start, health, commit}}].
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from runner.errors import Cancelled, StageFailed
@@ -18,6 +22,7 @@ from runner.stage import Stage, StageContext
 
 from deployers.accessory_plan import accessory_specs, needed_on
 from deployers.base import DeployFailed
+from deployers.hooks import HookFailed, hook_env, run_hook
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 from deployers.transport import TransportError
 
@@ -51,7 +56,19 @@ class DeployStage(Stage):
         ctx.log.info(f"deploying {image} as {deployer.app} to {servers} "
                      f"(strategy {ctx.pipeline.stages.deploy.strategy.type})")
         plan = deployer.plan()
+        env = hook_env(digest=image.digest, image=str(image),
+                       hosts=tuple(t.host for t in deployer.targets), pipeline=ctx.pipeline.name,
+                       commit=commit, run_id=ctx.run_id, base=os.environ)
+        cwd = ctx.outputs.checkout.path if ctx.outputs.checkout else ctx.workdir
+        hooks = {h.phase: h for h in plan.hooks}
         try:
+            if "pre_deploy" in hooks:
+                try:
+                    run_hook(hooks["pre_deploy"], env, cwd=cwd, log=ctx.log.info,
+                             cancel=ctx.cancel)
+                except HookFailed as exc:
+                    raise StageFailed(self.name, f"{exc}: the deploy did not start, nothing "
+                                                 f"was changed on any server") from None
             report = deployer.apply(plan)
         except (DeployFailed, ConfigError, TransportError) as exc:
             # The reason (which server, why, what was rolled back) is the stage's error: shown
@@ -66,4 +83,12 @@ class DeployStage(Stage):
         for s in report.servers:
             phases = ", ".join(f"{k} {v:.2f}s" for k, v in s.phases.items())
             ctx.log.info(f"{s.server}: {s.status} {s.digest} in {s.duration:.1f}s ({phases})")
+        if "post_deploy" in hooks:
+            try:
+                run_hook(hooks["post_deploy"], env, cwd=cwd, log=ctx.log.info, cancel=ctx.cancel)
+            except HookFailed as exc:
+                raise StageFailed(self.name, f"{exc}: the deploy itself succeeded and the release "
+                                             f"{image.digest[:19]} stays on "
+                                             f"{', '.join(s.server for s in report.servers)}",
+                                  report) from None
         return report

@@ -10,6 +10,7 @@ never an older copy. Then the repository may widen nothing the daemon entry deci
 - its `secrets:` may only name secrets the entry grants, and their values come from where the
   entry says (a repository naming `{file: /etc/runner/other-key}` reads nothing);
 - every host its deploy reaches (each server and `ssh.jump`) must be in the entry's `servers`;
+- it sets no deploy hooks (they run on the runner's own host, the daemon's);
 - what is built is the entry's repository, whatever `repository.url` says, reached with the
   entry's credentials (`token` / `ssh_key`), which the file may not name: only git gets them.
 
@@ -167,6 +168,11 @@ def within_limits(pipeline: Pipeline, source: RepositoryPipeline) -> Pipeline:
                 problems.append(problem_at(pipeline, ("stages", "deploy", "servers", i),
                                            f"server {server.host!r} is not one this pipeline may deploy "
                                            f"to (the daemon's servers: {listed})"))
+        for phase in ("pre_deploy", "post_deploy"):
+            if getattr(deploy.hooks, phase):  # they would run on the daemon's own host
+                problems.append(problem_at(pipeline, ("stages", "deploy", "hooks", phase),
+                                           "deploy hooks run on the runner's own host: only the "
+                                           "operator's pipeline file may set them"))
         if deploy.ssh.jump and parse_server(deploy.ssh.jump)["host"] not in allowed:
             problems.append(problem_at(pipeline, ("stages", "deploy", "ssh", "jump"),
                                        f"jump host {deploy.ssh.jump!r} is not one this pipeline may reach "

@@ -17,6 +17,8 @@ Example (every key is optional except `servers`; the section runs unless `enable
         timeout: 60
       strategy: {type: canary}
       keep_versions: 3
+      release_command: [python, manage.py, migrate]   # once per deploy, before any switch
+      hooks: {pre_deploy: [./notify, start], post_deploy: [./notify, done]}  # on the runner host
 """
 from __future__ import annotations
 
@@ -398,6 +400,40 @@ class Proxy(Model):
         return self
 
 
+def _argv(v: Any) -> Any:
+    """An argv is a list of words: a string would need a shell (or a guess) to split it."""
+    if isinstance(v, str):
+        raise ValueError("give a list of arguments such as [python, manage.py, migrate], not "
+                         "one string: no shell runs it")
+    return v
+
+
+class Hooks(Model):
+    """Commands the runner runs on its own host around a deploy (never for `runner rollback`),
+    each an argv list (no shell), with the release described in their environment:
+    `RUNNER_DIGEST`, `RUNNER_IMAGE` (name@digest), `RUNNER_SERVERS` (comma-separated hosts),
+    `RUNNER_PIPELINE`, `RUNNER_COMMIT`, `RUNNER_RUN_ID` (and `PATH`, `HOME`, `LANG`; nothing
+    else of the runner's environment). They run in the checked-out work tree (else the run's
+    directory); their output goes to the run's log. A pipeline read from the repository (a
+    daemon `pipeline:` entry) may not set them."""
+
+    pre_deploy: tuple[str, ...] | None = Field(default=None, min_length=1,
+                                               examples=[["./scripts/announce", "start"]])
+    """Runs before any server is reached: a non-zero exit stops the deploy with nothing
+    changed on any server."""
+    post_deploy: tuple[str, ...] | None = Field(default=None, min_length=1,
+                                                examples=[["./scripts/announce", "done"]])
+    """Runs once every server runs the new release, verified: a non-zero exit fails the run as
+    a failed hook, and the release stays deployed."""
+    timeout: float = Field(default=300, gt=0, le=86400)
+    """Seconds a hook may run before it is killed (and counts as failed)."""
+
+    @field_validator("pre_deploy", "post_deploy", mode="before")
+    @classmethod
+    def _words(cls, v: Any) -> Any:
+        return _argv(v)
+
+
 class DeploySettings(Model):
     """Running the pushed image, by digest, on every server over SSH with the servers' docker,
     gated on health; a server that fails goes back to its previous release."""
@@ -429,6 +465,19 @@ class DeploySettings(Model):
     proxy: Proxy | None = None
     """Zero-downtime cutover through a Caddy proxy on each server. Unset: stop-start (the old
     container stops before the new one takes its host ports)."""
+    release_command: tuple[str, ...] | None = Field(
+        default=None, min_length=1, examples=[["python", "manage.py", "migrate"]])
+    """A command (argv list, no shell) run once per deploy, in a one-off container of the new
+    image on the first server of the first batch, after the pull and before any server
+    switches: with the app's env and secret env, volumes and docker network (so it reaches the
+    accessories by name), the image's ENTRYPOINT (not `container.entrypoint` or `command`). A
+    non-zero exit stops the deploy with nothing switched on any server. `runner rollback` does
+    not run it."""
+    release_timeout: float = Field(default=600, gt=0, le=86400)
+    """Seconds the release command may run before its container is removed and the deploy
+    fails."""
+    hooks: Hooks = Field(default_factory=Hooks)
+    """Commands on the runner's host before and after the deploy."""
 
     @property
     def cutover(self) -> str:
@@ -447,6 +496,11 @@ class DeploySettings(Model):
     @classmethod
     def _strategy(cls, v: Any) -> Any:
         return {"type": v} if isinstance(v, str) else v
+
+    @field_validator("release_command", mode="before")
+    @classmethod
+    def _release_command(cls, v: Any) -> Any:
+        return _argv(v)
 
     @model_validator(mode="after")
     def _check(self) -> DeploySettings:
