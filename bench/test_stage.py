@@ -8,6 +8,8 @@ built once up front on the build engine, as the pipeline's test stage runs it.
 
 - **plain**: one step, `pytest tests/test_app.py` with a JUnit report, in that image. By hand:
   `docker run --rm IMAGE sh -c 'pytest ...'`.
+- **bare**: the same step without `reports:`, so the stage does only what the by-hand line
+  does (plain ÷ bare is what copying the report out costs).
 - **service**: one PostgreSQL service (the lab's $REGISTRY/lab/postgres:15, `ready: {port:
   5432}`) and one step running the whole suite against it. By hand: `docker network create`,
   `docker run -d` the database on it, `until docker exec DB pg_isready; sleep 0.1`, `docker run
@@ -42,7 +44,7 @@ from pathlib import Path
 from bench import common
 from bench.common import DOCKER, ROOT, Timer, log
 
-PARTS = ("plain", "service", "cache")
+PARTS = ("plain", "bare", "service", "cache")
 GOALS = {"plain": 1.15, "service": 1.10}
 PYTEST = "/venv/bin/python -m pytest -q -p no:cacheprovider --junitxml=/tmp/r/unit.xml"
 DB_URL = "postgresql://postgres:test@db:5432/postgres"
@@ -82,10 +84,12 @@ def by_hand(lab: dict, script: str) -> float:
     return Timer(["sh", "-c", script], env=common.docker_env(lab)).run().check("by hand").wall
 
 
-def plain_variants(image: str, workdir: Path) -> tuple[Path, str]:
+def plain_variants(image: str, workdir: Path, reports: bool = True) -> tuple[Path, str]:
     command = f"{PYTEST} tests/test_app.py"
-    pipeline = pipeline_file(workdir, "bench-plain", {"steps": [
-        {"name": "unit", "commands": [command], "reports": ["/tmp/r/*.xml"]}]})
+    step = {"name": "unit", "commands": [command], **({"reports": ["/tmp/r/*.xml"]} if reports
+                                                        else {})}
+    pipeline = pipeline_file(workdir, "bench-plain" if reports else "bench-bare",
+                             {"steps": [step]})
     script = shlex.join([DOCKER, "run", "--rm", image, "sh", "-c", command])
     return pipeline, script
 
@@ -176,15 +180,16 @@ def cache_runs(lab: dict, image: str, workdir: Path, rounds: int) -> dict:
 def report(results: dict) -> None:
     print("test stage ÷ by hand (the stage's own time; whole process in brackets), "
           "medians (pairs min-max)")
-    for what in ("plain", "service"):
+    for what in ("plain", "bare", "service"):
         r = results.get(what)
         if not r:
             continue
         goal = r["goal"]
-        verdict = "met" if r["ratio"] is not None and r["ratio"] <= goal else "missed"
+        verdict = "no goal" if goal is None else f"goal <= {goal}: " + (
+            "met" if r["ratio"] is not None and r["ratio"] <= goal else "missed")
         print(f"  {what:8} stage {r['stage']['median']:.2f}s [{r['process']['median']:.2f}s] "
               f"by hand {r['by_hand']['median']:.2f}s: ratio {r['ratio']} {r['pairs']} "
-              f"[{r['process_ratio']}], goal <= {goal}: {verdict}")
+              f"[{r['process_ratio']}], {verdict}")
         print("           where the stage's time goes: " +
               ", ".join(f"{k} {v:.2f}s" for k, v in r["phases"].items() if v >= 0.005) +
               f"; process start + loader {r['startup']:.2f}s")
@@ -215,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             pipeline, script = plain_variants(image, workdir)
             results["plain"] = compare(lab, "plain", pipeline, image, script, args.rounds,
                                        args.warmup)
+        if "bare" in parts:
+            pipeline, script = plain_variants(image, workdir, reports=False)
+            results["bare"] = compare(lab, "bare", pipeline, image, script, args.rounds,
+                                      args.warmup)
         if "service" in parts:
             pipeline, script = service_variants(lab, image, workdir)
             results["service"] = compare(lab, "service", pipeline, image, script, args.rounds,
