@@ -79,6 +79,25 @@ def test_postgres_service_and_a_report(tmp_path, engine):
                                            "reports", "cleanup")), out.phases
 
 
+def test_the_lab_postgres_image_gives_postgres_user_its_database_and_password(tmp_path,
+                                                                           engine):
+    """The lab's image (cluster made at build time) as the official one: POSTGRES_USER gets
+    POSTGRES_PASSWORD (quotes and all) and a database of its name; a wrong password is refused.
+    Checked with the image's own psql, from a step on the run's network."""
+    password = "it's \"q\""
+    ctx = make_ctx(tmp_path, engine, {
+        "services": {"db": {"image": PG, "ready": {"port": 5432},
+                            "env": {"POSTGRES_USER": "app", "POSTGRES_PASSWORD": password}}},
+        "steps": [{"name": "psql", "image": PG,
+                   "env": {"PGHOST": "db", "PGUSER": "app", "PGPASSWORD": password},
+                   "commands": ["psql -d app -tAc 'select current_user, current_database()' "
+                                "| grep -x 'app|app'",
+                                "! PGPASSWORD=wrong psql -d app -c 'select 1'"]}]}, "lab-pg-user")
+    out = TestStage().run(ctx)
+    assert out.passed, ctx.log.everything()
+    assert leftovers(engine, "lab-pg-user") == []
+
+
 def test_a_failing_test_fails_naming_it_and_stops_the_steps(tmp_path, engine):
     ctx = make_ctx(tmp_path, engine, {"steps": [
         {"name": "unit", "reports": ["/tmp/r/*.xml"],
