@@ -280,6 +280,8 @@ class _TestRun:
         self.log.info(f"service {name}: ready in {time.monotonic() - t0:.2f}s")
 
     def _wait_ready(self, name: str, c: Any) -> None:
+        from docker.errors import APIError
+
         svc = self.settings.services[name]
         deadline = time.monotonic() + svc.timeout
         while True:
@@ -290,8 +292,14 @@ class _TestRun:
                 raise StageFailed("test", f"service {name!r} exited (code "
                                           f"{c.attrs['State'].get('ExitCode')}) before it was "
                                           f"ready; its log ends:\n{_tail(c)}")
-            if svc.ready is None or _ready(c, svc.ready):
-                break
+            try:
+                if svc.ready is None or _ready(c, svc.ready):
+                    break
+            except APIError:
+                c.reload()
+                if c.status == "running":
+                    raise
+                continue  # it stopped between the reload and the check: the top says how
             if time.monotonic() > deadline:
                 what = f"port {svc.ready.port}" if svc.ready.port else \
                     "command " + shlex.join(svc.ready.command or ())
