@@ -296,7 +296,8 @@ def test_deploy_from_the_auth_registry_logs_each_server_in(lab, auth, repo, tmp_
         end = stage_end(evs, "deploy")
         assert end["status"] == "failed"
         error = end["error"]
-        assert f"{server['host']}: failed: pulling {ref} failed" in error, error
+        release = ref.split("@", 1)[1][:len("sha256:") + 12]  # the failing release, shortened
+        assert f"{server['host']}: failed ({release}): pulling {ref} failed" in error, error
         assert "nothing was changed on this server" in error
         assert "stages.deploy.registry" in error  # says what is missing
         assert "nothing was changed on any server" in error  # not "rolled back"
@@ -315,8 +316,10 @@ def test_deploy_from_the_auth_registry_logs_each_server_in(lab, auth, repo, tmp_
         proc, evs = exec_json(p, data_dir, run_id, env={"AUTHTEST_SERVER_PASSWORD": wrong})
         cleanup(evs)
         assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ref = stage_end(evs, "push")["outputs"]["ref"]
+        release = ref.split("@", 1)[1][:len("sha256:") + 12]
         error = stage_end(evs, "deploy")["error"]
-        assert (f"{server['host']}: failed: docker login to {auth.address} as "
+        assert (f"{server['host']}: failed ({release}): docker login to {auth.address} as "
                 f"{auth.username!r} failed") in error, error
         assert "nothing was changed on this server" in error
         assert _server_docker(server, "container", "inspect", app).returncode != 0
