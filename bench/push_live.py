@@ -91,14 +91,17 @@ def make_repository(tmp: Path) -> tuple[Path, Path]:
     return bare, work
 
 
-def bench_pipeline(work: Path, dest: Path) -> Path:
+def bench_pipeline(work: Path, dest: Path, strategy: str | None = None) -> Path:
     """pipeline.example.yaml with the bench's own image, container and route (everything else,
-    stages and settings, as the example has them)."""
+    stages and settings, as the example has them), and with `strategy` the deploy's strategy
+    type instead of the example's (to show what the canary's wait costs the figure)."""
     doc = yaml.safe_load((work / "pipeline.example.yaml").read_text())
     doc["image"]["name"] = "${REGISTRY}/bench/push-live"
     deploy = doc["stages"]["deploy"]
     deploy["container"]["name"] = CONTAINER
     deploy["proxy"]["hosts"] = [HOST]
+    if strategy is not None:
+        deploy["strategy"] = {"type": strategy}
     if deploy["proxy"].get("http_port") != HTTP_PORT:
         raise SystemExit(f"pipeline.example.yaml's proxy.http_port is not {HTTP_PORT}: update the bench")
     dest.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -211,6 +214,8 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=2.0,
                     help="seconds between a run's end and the next push (the daemon's spare exec warm again)")
     ap.add_argument("--poll", type=float, default=0.05, help="seconds between two asks of a server")
+    ap.add_argument("--strategy", choices=("all", "canary", "rolling"),
+                    help="the deploy's strategy instead of the example's (canary)")
     ap.add_argument("--json", dest="json_out", help="also write every number here")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory and the app on the servers")
     a = ap.parse_args()
@@ -230,7 +235,7 @@ def main() -> int:
     os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"
     tmp = Path(tempfile.mkdtemp(prefix="runner-bench-push-live-"))
     bare, work = make_repository(tmp)
-    pipeline = bench_pipeline(work, tmp / "pipeline.yaml")
+    pipeline = bench_pipeline(work, tmp / "pipeline.yaml", a.strategy)
     variables = {**{k: env[k] for k in LAB_VARS if k != "DOCKER_HOST"},
                  "DEPLOY_HOSTS": ",".join(targets), "REPO_URL": str(bare)}
     cfg = {"webhooks": {"github": {"secret": {"value": SECRET}}}, "api_token": {"value": API_TOKEN},
@@ -270,6 +275,7 @@ def main() -> int:
     share = median_of([p["shares"] for p in counted])
     report = {
         "figure": "webhook sent → the new version answering on every server",
+        "strategy": a.strategy or "canary (the example's)",
         "servers": hosts, "rounds": [round(t, 3) for t in totals], "median_s": round(med, 3),
         "goal_s": GOAL, "goal_met": med <= GOAL,
         "shares_median_s": share,
@@ -280,7 +286,8 @@ def main() -> int:
         "warmup_s": [round(p["total"], 3) for p in pushes if not p["counted"]],
         "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
     }
-    print(f"push → live, example pipeline, {len(hosts)} servers, warm caches: median {med:.2f} s "
+    how = f"strategy {a.strategy} instead of the example's, " if a.strategy else ""
+    print(f"push → live, example pipeline, {how}{len(hosts)} servers, warm caches: median {med:.2f} s "
           f"(rounds {', '.join(f'{t:.2f}' for t in totals)}); goal ≤ {GOAL:g} s: "
           f"{'met' if med <= GOAL else 'missed'}")
     print("\nshare of the median round (medians per share, s):")
