@@ -137,6 +137,7 @@ class ServerStatus:
     previous_verified: str = ""  # the newest verified digest, when what runs is not it
     error: str = ""  # could not ask the server
     route: str = ""  # the proxy cutover: the digest the app's route on the server serves
+    maintenance: bool = False  # the proxy cutover: the route answers the 503 page instead
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,11 +9,17 @@ composed from all routes (`caddy_config`), written as a new file in `<runner dir
 Caddy's admin API `/load`, which swaps the config atomically and lets in-flight requests finish.
 The admin API listens on the container's own loopback only, out of reach of the apps sharing
 its network. `config.json` is the last config that loaded: what a restarted proxy starts with.
+
+Maintenance (`runner app maintenance` / `live`) is a flag on the route: while it is set, the
+route's hosts and path get a 503 page with the message (and Retry-After) from Caddy itself; the
+upstream stays recorded, the containers are not touched, and a deploy moves the upstream
+without clearing the flag (`moved`).
 """
 from __future__ import annotations
 
+import html
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from runner.model.accessories import NETWORK  # the runner's network, named once
 
@@ -25,6 +31,8 @@ PROXY_RECIPE = "2"  # bumped when the proxy container's settings change (2: tcp_
 LABEL_ALIAS = "runner.alias"  # an app container's name on the runner network
 ADMIN = "localhost:2019"
 HTTP_INSIDE, HTTPS_INSIDE = 80, 443
+RETRY_AFTER = 60  # seconds, the Retry-After of the maintenance page
+DEFAULT_MESSAGE = "This service is down for maintenance. Please try again shortly."
 
 
 def alias(app: str, run_id: str) -> str:
@@ -43,6 +51,8 @@ class Route:
     digest: str = ""  # what it serves, for `runner status`
     container: str = ""  # the id of the container behind the alias
     tls: bool = False
+    maintenance: bool = False  # the proxy answers the 503 page instead of the upstream
+    message: str = ""  # the page's text, as given (escaped when the page is made)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +62,47 @@ class Route:
         return cls(app=str(data["app"]), hosts=tuple(data.get("hosts") or ()),
                    path_prefix=str(data.get("path_prefix") or "/"),
                    upstream=str(data["upstream"]), digest=str(data.get("digest", "")),
-                   container=str(data.get("container", "")), tls=bool(data.get("tls")))
+                   container=str(data.get("container", "")), tls=bool(data.get("tls")),
+                   maintenance=bool(data.get("maintenance")),
+                   message=str(data.get("message") or ""))
+
+
+def in_maintenance(route: Route, message: str) -> Route:
+    return replace(route, maintenance=True, message=message)
+
+
+def live(route: Route) -> Route:
+    return replace(route, maintenance=False, message="")
+
+
+def moved(new: Route, old: Route | None) -> Route:
+    """The route a deploy, rollback or restore writes: its upstream, with the maintenance of
+    the route it replaces (maintenance lasts until `runner app live`, whatever is deployed)."""
+    if old is None or not old.maintenance:
+        return new
+    return in_maintenance(new, old.message)
+
+
+def _escaped(text: str) -> str:
+    """HTML-escaped; braces too, as character references: Caddy expands {placeholders} in a
+    static_response body, and a message must not reach request data or the environment."""
+    return html.escape(text, quote=True).replace("{", "&#123;").replace("}", "&#125;")
+
+
+def maintenance_page(message: str) -> str:
+    text = _escaped(message or DEFAULT_MESSAGE)
+    return ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Down for maintenance'
+            f'</title></head>\n<body><h1>Down for maintenance</h1>\n<p>{text}</p></body></html>\n')
+
+
+def _handle(r: Route) -> list[dict]:
+    if r.maintenance:
+        return [{"handler": "static_response", "status_code": 503,
+                 "headers": {"Content-Type": ["text/html; charset=utf-8"],
+                             "Retry-After": [str(RETRY_AFTER)],
+                             "Cache-Control": ["no-store"]},
+                 "body": maintenance_page(r.message)}]
+    return [{"handler": "reverse_proxy", "upstreams": [{"dial": r.upstream}]}]
 
 
 def _match(r: Route) -> dict:
@@ -74,10 +124,7 @@ def _order(r: Route) -> tuple:
 def _routes(routes: list[Route]) -> list[dict]:
     out = []
     for r in sorted(routes, key=_order):
-        route: dict = {"@id": f"runner-app-{r.app}",
-                       "handle": [{"handler": "reverse_proxy",
-                                   "upstreams": [{"dial": r.upstream}]}],
-                       "terminal": True}
+        route: dict = {"@id": f"runner-app-{r.app}", "handle": _handle(r), "terminal": True}
         m = _match(r)
         if m:
             route["match"] = [m]

@@ -34,7 +34,8 @@ from deployers.health import (ContainerState, ProbeResult, explain_http, parse_h
                               wait_healthy)
 from deployers.plan import kept_name
 from deployers.proxy import (CONFIG_DIR, CONFIG_FILE, LABEL_ALIAS, LABEL_PROXY, PROXY_CONTAINER,
-                             PROXY_RECIPE, Route, config_bytes, published, route_for)
+                             PROXY_RECIPE, Route, config_bytes, in_maintenance, live, moved,
+                             published, route_for)
 from deployers.remote_files import sweep
 from deployers.spec import LABEL_RUN, identity_of, record_identity
 from deployers.ssh_docker import SSHDockerDeployer, SSHDockerSteps, _check_name, _OnServer
@@ -139,6 +140,26 @@ class ProxyOps:
         self.load(conn, run, cmd.proxy_reload if proxy is not None and proxy.running else None,
                   without)
         return route
+
+    def set_maintenance(self, conn: Connection, run: Callable, app: str,
+                        message: str | None) -> tuple[Route | None, bool]:
+        """`runner app maintenance` (message: the page's text) or `runner app live` (None):
+        `app`'s route on this server switched to the 503 page, or back to its upstream; no
+        container is touched. Returns (the route as it is now, None when the app has no route
+        here; whether a proxy runs here to serve it; without one only the files change, what
+        the proxy serves once it starts)."""
+        proxy = self.d.inspect(conn, PROXY_CONTAINER, run)
+        running = proxy is not None and proxy.running
+        now: dict[str, Route | None] = {}
+
+        def change(routes: dict[str, Route]) -> dict[str, Route]:
+            r = routes.get(app)
+            if r is not None:
+                routes[app] = in_maintenance(r, message) if message is not None else live(r)
+            now["route"] = routes.get(app)
+            return routes
+        self.load(conn, run, cmd.proxy_reload if running else None, change)
+        return now.get("route"), running
 
     def ensure(self, conn: Connection, run: Callable, boot_argv: list[str],
                network_argv: list[str]) -> str:
@@ -403,11 +424,19 @@ class ProxySteps(SSHDockerSteps):
             if not alias:
                 raise StepFailed(sw.server, "the new container has no network alias")
             with self._phase(sw.server, "switch"):
-                self._route_to(conn, run, st, alias, st.new_id, sw.release.digest, "route")
+                down = self._route_to(conn, run, st, alias, st.new_id, sw.release.digest,
+                                      "route").maintenance
                 st.routed = True
-                self._through_proxy(conn, sw)
-            self.d.log(f"{sw.server}: traffic moved to {sw.release.digest[:19]}; watching it "
-                       f"for {self.p.watch:g}s")
+                if not down:  # in maintenance the proxy answers the 503 page: nothing to check
+                    self._through_proxy(conn, sw)
+            if down:
+                self.d.log(f"{sw.server}: {self.d.app} is in maintenance (runner app "
+                           f"maintenance): it stays on; the route now leads to "
+                           f"{sw.release.digest[:19]} behind the 503 page, served once "
+                           f"`runner app live` opens it; watching it for {self.p.watch:g}s")
+            else:
+                self.d.log(f"{sw.server}: traffic moved to {sw.release.digest[:19]}; watching "
+                           f"it for {self.p.watch:g}s")
             with self._phase(sw.server, "watch"):
                 self._watch(conn, run, st)
             if st.prev_name and st.prev_was_running and not st.prev_stopped:
@@ -417,13 +446,15 @@ class ProxySteps(SSHDockerSteps):
                 st.prev_stopped = True
 
     def _route_to(self, conn: Connection, run: Callable, st: _OnServer, alias: str,
-                  container: str, digest: str, key: str) -> None:
+                  container: str, digest: str, key: str) -> Route:
+        """The app's route to this container (in maintenance still, if it was); as loaded."""
         route = route_for(self.d.app, self.p, alias, digest, container)
 
         def change(routes: dict[str, Route]) -> dict[str, Route]:
-            routes[self.d.app] = route
+            routes[self.d.app] = moved(route, routes.get(self.d.app))
             return routes
-        self.ops.load(conn, run, lambda f: st.plan.argv(key, {cmd.CONFIG: f}), change)
+        return self.ops.load(conn, run, lambda f: st.plan.argv(key, {cmd.CONFIG: f}),
+                             change)[self.d.app]
 
     def _through_proxy(self, conn: Connection, sw: Switch) -> None:
         """One request through the proxy, as a client would send it: the route must reach

@@ -1,4 +1,5 @@
-"""`runner app logs|exec|remove PIPELINE`: the deployed app itself, on its servers.
+"""`runner app logs|exec|remove|maintenance|live PIPELINE`: the deployed app itself, on its
+servers.
 
 - logs: `docker container logs --tail N [--follow] <app>` on each server (or one), every line
   masked, prefixed with the server when there are several.
@@ -13,6 +14,9 @@
   failed and rolled-back releases too, deployers.pruning), the history dir (apps/<app>:
   history, the record of pulls, fingerprint key), a dead run's leftover env files and logins,
   and then the lock itself.
+- maintenance / live (the proxy cutover only): on every server, under the proxy lock, the app's
+  route switched to a 503 page with the message (deployers.proxy.maintenance_page), or back to
+  the release it leads to; the containers are not touched. A deploy keeps maintenance on.
 
 The pipeline is loaded, and its secrets read, as `runner exec` does; output passes the masker.
 Commands are argv lists (deployers.commands), never shell lines.
@@ -233,6 +237,58 @@ def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> N
                                       f"removed; see `runner deploy-lock show`")
 
 
+# ---------------------------------------------------------------------------- maintenance
+
+def _switch_on(d: SSHDockerDeployer, t: Target, message: str | None) -> str:
+    """Maintenance on (message) or off (None) on one server; what it did."""
+    conn = d._conn(t)
+    route, running = ProxyOps(d).set_maintenance(
+        conn, lambda argv, **kw: conn.run(argv, cancel=d.cancel, **kw), d.app, message)
+    if route is None:
+        raise TransportError(t.label, f"{d.app} has no proxy route on {t.label} (not deployed "
+                                      f"there through the proxy): nothing to switch")
+    did = ("in maintenance: its hosts get the 503 page, its containers run on"
+           if message is not None else
+           f"live: the route leads to {route.digest[:19] or route.upstream} again")
+    if not running:
+        did += " (no proxy runs here now: it serves this once it starts; `runner proxy boot`)"
+    return did
+
+
+def _switch(d: SSHDockerDeployer, message: str | None, masker) -> None:
+    """On every server; one line each; exit 1 naming the servers that failed and saying which
+    are in maintenance now."""
+    results, interrupted = _each(d, lambda t: _switch_on(d, t, message), list(d.targets),
+                                 d.stage.parallel)
+    d.close()
+    done, failed = [], []
+    for t, r in zip(d.targets, results):
+        if isinstance(r, BaseException):
+            why = "interrupted" if isinstance(r, Cancelled) else _why(r)
+            click.echo(masker.mask(f"{t.label}: FAILED: {why}"))
+            failed.append(t.label)
+        else:
+            click.echo(masker.mask(f"{t.label}: {r}"))
+            done.append(t.label)
+    if interrupted:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if failed:
+        state = "in maintenance" if message is not None else "live again"
+        click.echo(f"{'maintenance' if message is not None else 'live'} of {d.app} failed on "
+                   f"{', '.join(failed)}; {state} on {', '.join(done) or 'no server'}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+def _proxied(path: str, d: SSHDockerDeployer, what: str) -> None:
+    if d.stage.proxy is None:
+        d.close()
+        click.echo(f"{path}: stages.deploy has no `proxy:` section (this pipeline deploys "
+                   f"stop-start): `runner app {what}` needs the proxy cutover, whose route "
+                   f"answers the 503 page while the containers run on", err=True)
+        sys.exit(EXIT_INVALID)
+
+
 # -------------------------------------------------------------------------------- commands
 
 def make_app(load: Load = load_file) -> click.Group:
@@ -421,6 +477,31 @@ def make_app(load: Load = load_file) -> click.Group:
         if failed:
             click.echo(f"remove of {d.app} failed on {', '.join(failed)}", err=True)
             sys.exit(EXIT_FAILED)
+
+    @app.command("maintenance")
+    @click.argument("pipeline_file", type=click.Path(dir_okay=False))
+    @click.option("--message", "-m", default="", metavar="M",
+                  help="the text of the 503 page (HTML-escaped); a default one if not given")
+    @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    def maintenance(pipeline_file: str, message: str, var: tuple[str, ...]) -> None:
+        """Put the app in maintenance (the proxy cutover only): on every server its route
+        answers 503 with a small page holding the message, and Retry-After, without stopping
+        or touching its containers. Lasts through deploys and rollbacks until `runner app
+        live`. Exits 1 naming the servers it could not switch (the others are switched, and
+        said so)."""
+        _, d, masker = _session(pipeline_file, var, load, "app-maintenance")
+        _proxied(pipeline_file, d, "maintenance")
+        _switch(d, message, masker)
+
+    @app.command("live")
+    @click.argument("pipeline_file", type=click.Path(dir_okay=False))
+    @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    def live(pipeline_file: str, var: tuple[str, ...]) -> None:
+        """End maintenance: on every server the app's route leads to its running release again.
+        Exits 1 naming the servers it could not switch."""
+        _, d, masker = _session(pipeline_file, var, load, "app-live")
+        _proxied(pipeline_file, d, "live")
+        _switch(d, None, masker)
 
     return app
 

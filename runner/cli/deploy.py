@@ -65,7 +65,7 @@ def _with_routes(deployer: SSHDockerDeployer, rows: list[ServerStatus]
         route = route_status(deployer, conn)
         if route is None:
             return r, ("no route: the proxy sends it no traffic" if r.running else "")
-        r = replace(r, route=route.digest)
+        r = replace(r, route=route.digest, maintenance=route.maintenance)
         cur = deployer.inspect(conn, deployer.app)
         if cur is None or not cur.running:
             return r, f"route -> {route.digest[:19] or '?'}, whose container does not run"
@@ -283,6 +283,8 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
                         f"{r.started_at[:19] or '-':<19}")
                 if proxied:
                     line += f" {r.route[:19] or '-'}"
+                    if r.maintenance:
+                        line += " MAINTENANCE (503 page; `runner app live` ends it)"
                 line = line.rstrip()
                 if r.digest and not r.verified:
                     line += (f"  unverified: {r.digest[:19]}; previous verified: "

@@ -11,8 +11,8 @@
   started again. The time traffic was down (from the stop of the old proxy to the first HTTP
   answer of the new one, polled from the server like ProxyOps.wait_ready) is printed.
 - status: per server, the proxy container's state, image and published ports, and every app's
-  route (app, hosts, path prefix, upstream, the digest it serves). Exit 1 if a server cannot
-  be asked or its proxy does not run.
+  route (app, hosts, path prefix, upstream, the digest it serves, whether it is in
+  maintenance). Exit 1 if a server cannot be asked or its proxy does not run.
 - logs: the proxy container's last lines (`docker container logs --tail N runner-proxy`).
 
 The docker commands are argv lists (the plan's own `proxy_boot` and `network` commands, the
@@ -292,7 +292,8 @@ def _status_on(d: SSHDockerDeployer, ops: ProxyOps, t: Target) -> dict:
             "wants": want,
             "routes": [{"app": r.app, "hosts": list(r.hosts), "path_prefix": r.path_prefix,
                         "upstream": r.upstream, "digest": r.digest, "container": r.container,
-                        "tls": r.tls} for r in routes],
+                        "tls": r.tls, "maintenance": r.maintenance, "message": r.message}
+                       for r in routes],
             "notes": notes, "error": ""}
 
 
@@ -317,7 +318,8 @@ def _print_status(row: dict, masker) -> None:
     for r in row["routes"]:
         echo(f"  {r['app']:<{width}}  hosts {','.join(r['hosts']) or '*'}  path "
              f"{r['path_prefix']}  -> {r['upstream']}  {r['digest'][:19] or '-'}"
-             f"{'  tls' if r['tls'] else ''}")
+             f"{'  tls' if r['tls'] else ''}"
+             f"{'  MAINTENANCE (503 page; `runner app live` ends it)' if r['maintenance'] else ''}")
 
 
 # -------------------------------------------------------------------------------- commands

@@ -221,6 +221,11 @@ def test_bad_input_exits_2(lab, images, routed):
         res = _invoke(plain, [sub, "p.yaml"])
         assert res.exit_code == 2, (sub, res.output)
         assert "p.yaml: stages.deploy has no `proxy:` section" in res.output
+    plain_app = make_app(lambda path, variables: _pipeline(stop_start, routed["name"], images))
+    for sub in ("maintenance", "live"):
+        res = _invoke(plain_app, [sub, "p.yaml"])
+        assert res.exit_code == 2, (sub, res.output)
+        assert f"`runner app {sub}` needs the proxy cutover" in res.output
     res = _invoke(routed["proxy"], ["reboot", "p.yaml", "--server", "nope"])
     assert res.exit_code == 2 and "unknown server 'nope'" in res.output
     res = _invoke(routed["proxy"], ["status", "p.yaml", "--var", "novalue"])
@@ -285,7 +290,8 @@ def test_ctrl_c_while_waiting_for_the_proxy_lock_exits_130_and_changes_nothing(l
     d.close()
 
 
-# The last two tests change the app for good: first a release that fails, then its removal.
+# The last tests change the app for good: a release that fails, v2 deployed in maintenance,
+# then its removal.
 
 def _unguarded(routed, **container):
     """The module's app with no health check of any kind (no proxy.health, no healthcheck,
@@ -321,6 +327,74 @@ def test_without_any_health_check_the_gate_gets_slash_and_a_silent_app_fails_it(
         "put back on the previous verified release" in text
 
 
+def _get(server, host: str) -> tuple[int, dict, str]:
+    c = http.client.HTTPConnection(server["host"], HTTP_PORT, timeout=5)
+    try:
+        c.request("GET", "/", headers={"Host": host})
+        answer = c.getresponse()
+        return answer.status, dict(answer.getheaders()), answer.read().decode().strip()
+    finally:
+        c.close()
+
+
+def test_maintenance_serves_a_503_page_through_deploys_and_live_ends_it(lab, images, routed):
+    """`runner app maintenance`: the proxy answers 503 with the message (escaped) and
+    Retry-After while the app's container runs on untouched; a server that cannot be reached
+    is named, the others are switched; a deploy keeps maintenance on and says so; `runner app
+    live` brings the app back."""
+    name, host, servers = routed["name"], routed["host"], routed["servers"]
+    checks = [_on(lab, s, name) for s in servers]
+    before = [d.inspect(conn, name).id for d, conn in checks]
+    # A third server nothing listens on (port 1 of the loopback: refused at once).
+    dead = DeploySettings.model_validate({
+        **routed["stage"].model_dump(by_alias=True),
+        "servers": [*(f"{s['user']}@{s['host']}:{s['port']}" for s in servers),
+                    f"{servers[0]['user']}@127.0.0.1:1"]})
+    app_cli = make_app(lambda path, variables: _pipeline(dead, name, images))
+    message = 'Back at <b>5</b> & "soon" {env.HOME}'
+    try:
+        res = _invoke(app_cli, ["maintenance", "p.yaml", "--message", message])
+        print(res.output)
+        assert res.exit_code == 1
+        assert "127.0.0.1:1: FAILED: cannot reach 127.0.0.1:1: " in res.output
+        for s in servers:
+            assert f"{s['host']}: in maintenance" in res.output
+        assert (f"maintenance of {name} failed on 127.0.0.1:1; in maintenance on "
+                f"{', '.join(s['host'] for s in servers)}") in res.output
+        for s in servers:
+            status, headers, body = _get(s, host)
+            assert status == 503 and headers["Retry-After"] == "60", (status, headers, body)
+            assert ("Back at &lt;b&gt;5&lt;/b&gt; &amp; &quot;soon&quot; &#123;env.HOME&#125;"
+                    in body), body
+        for (d, conn), cid in zip(checks, before):
+            now = d.inspect(conn, name)
+            assert now is not None and now.id == cid and now.running
+        res = _invoke(routed["proxy"], ["status", "p.yaml"])
+        assert res.exit_code == 0 and res.output.count("MAINTENANCE") == 2, res.output
+        status_cli = make_commands(lambda path, variables: routed["pipeline"])[1]
+        res = _invoke(status_cli, ["p.yaml", "--json"])
+        assert res.exit_code == 0 and all(r["maintenance"] for r in json.loads(res.stdout))
+
+        # A deploy in maintenance: the new release runs behind the 503 page.
+        log = Log()
+        d = _deployer(routed["stage"], images, "v2", name, log)
+        assert d.apply().ok
+        d.close()
+        assert log.text.count(f"{name} is in maintenance (runner app maintenance): it stays "
+                              f"on") == 2, log.text
+        assert [_get(s, host)[0] for s in servers] == [503, 503]
+
+        res = _invoke(make_app(lambda path, variables: routed["pipeline"]),
+                      ["live", "p.yaml"])
+        print(res.output)
+        assert res.exit_code == 0, res.output
+        assert res.output.count("live: the route leads to sha256:") == 2
+        assert [_get(s, host)[:3:2] for s in servers] == [(200, "v2"), (200, "v2")]
+    finally:
+        for d, _ in checks:
+            d.close()
+
+
 def test_app_remove_takes_the_route_kept_copies_and_history_away(lab, images, routed):
     """After `runner app remove`, the proxy no longer routes the app (its host gets the proxy's
     own 404 at once, not a hang then 502), `runner proxy status` does not list it, and no
@@ -334,15 +408,18 @@ def test_app_remove_takes_the_route_kept_copies_and_history_away(lab, images, ro
     assert [_via(s, host) for s in servers] == ["v2", "v2"]
     checks = [_on(lab, s, name) for s in servers]
     try:
+        kept = 0  # v1's on each server, and v2's of the maintenance test when it ran
         for d, conn in checks:
-            assert any(c.name.startswith(f"{name}_kept_") for c in d.app_containers(conn))
+            mine = [c for c in d.app_containers(conn) if c.name.startswith(f"{name}_kept_")]
+            assert mine
+            kept += len(mine)
         res = _invoke(make_app(lambda path, variables: routed["pipeline"]),
                       ["remove", "p.yaml", "--yes"])
         print(res.output)
         assert res.exit_code == 0, res.output
         assert res.output.startswith(f"{name} mounts no named volume or host directory")
         assert res.output.count(f"removed proxy route (hosts {host}, path /)") == 2
-        assert res.output.count(f"removed container {name}_kept_") == 2
+        assert res.output.count(f"removed container {name}_kept_") == kept
         res = _invoke(routed["proxy"], ["status", "p.yaml", "--json"])
         assert res.exit_code == 0, res.output
         assert all(r["app"] != name for row in json.loads(res.stdout) for r in row["routes"])

@@ -8,7 +8,8 @@ from pydantic import ValidationError
 from deployers import commands as cmd
 from deployers.health import explain_http, parse_http_answer
 from deployers.plan import plan_deploy
-from deployers.proxy import Route, alias, caddy_config, published
+from deployers.proxy import (DEFAULT_MESSAGE, Route, alias, caddy_config, in_maintenance, live,
+                             moved, published)
 from runner.model.deploy import DeploySettings, Proxy
 from runner.model.image import ImageRef
 
@@ -55,6 +56,31 @@ def test_route_round_trip_and_alias():
               container="c1", tls=False)
     assert Route.from_dict(r.to_dict()) == r
     assert alias("Web", "Run 1/x") == "web--run-1-x"
+
+
+def test_a_route_in_maintenance_answers_503_with_the_message_escaped():
+    r = Route("web", ("x.test",), "/api/", "web--r1:8080", digest="sha256:" + "b" * 64)
+    down = in_maintenance(r, 'back at <b>5</b> & "soon" {env.HOME} {http.request.uri}')
+    assert Route.from_dict(down.to_dict()) == down and live(down) == r
+    [route, _] = caddy_config([down])["apps"]["http"]["servers"]["http"]["routes"]
+    assert route["match"] == [{"host": ["x.test"], "path": ["/api", "/api/*"]}]
+    [h] = route["handle"]
+    assert h["handler"] == "static_response" and h["status_code"] == 503
+    assert h["headers"]["Retry-After"] == ["60"]
+    assert h["headers"]["Content-Type"] == ["text/html; charset=utf-8"]
+    assert ("back at &lt;b&gt;5&lt;/b&gt; &amp; &quot;soon&quot; &#123;env.HOME&#125; "
+            "&#123;http.request.uri&#125;") in h["body"]
+    assert "<b>" not in h["body"] and "{" not in h["body"] and "}" not in h["body"]
+    [h] = caddy_config([in_maintenance(r, "")])["apps"]["http"]["servers"]["http"][
+        "routes"][0]["handle"]
+    assert DEFAULT_MESSAGE in h["body"]
+
+
+def test_a_deploy_moves_the_upstream_and_keeps_maintenance():
+    old = in_maintenance(Route("web", (), "/", "web--r1:8080", digest="sha256:1"), "later")
+    new = Route("web", (), "/", "web--r2:8080", digest="sha256:2", container="c2")
+    assert moved(new, old) == in_maintenance(new, "later")
+    assert moved(new, live(old)) == new and moved(new, None) == new
 
 
 def test_proxy_argv_and_reload_exact():
