@@ -125,6 +125,23 @@ def health_args(h: HealthSpec) -> list[str]:
             "--health-start-period", _seconds(h.start_period)]
 
 
+def runtime_args(spec: ContainerSpec, env_file: Word | None) -> list[Word]:
+    """What the app's container runs with, for `docker run` of it or of a one-off container of
+    its image (the release command): volumes, env file (a path on the server), limits, network."""
+    argv: list[Word] = []
+    for v in spec.volumes:
+        argv += ["--volume", v]
+    if env_file:
+        argv += ["--env-file", env_file]
+    if spec.memory:
+        argv += ["--memory", spec.memory]
+    if spec.cpus:
+        argv += ["--cpus", f"{spec.cpus:g}"]
+    if spec.network:
+        argv += ["--network", spec.network]
+    return argv
+
+
 def run(spec: ContainerSpec, name: str | None = None, env_file: Word | None = None,
         secrets: Word | None = None, alias: str | None = None) -> list[Word]:
     """`docker run --detach` for spec. `name` overrides spec.name; env_file is the path of a
@@ -142,16 +159,7 @@ def run(spec: ContainerSpec, name: str | None = None, env_file: Word | None = No
         argv += ["--label", f"{LABEL_ALIAS}={alias}"]
     for p in spec.ports:
         argv += ["--publish", p]
-    for v in spec.volumes:
-        argv += ["--volume", v]
-    if env_file:
-        argv += ["--env-file", env_file]
-    if spec.memory:
-        argv += ["--memory", spec.memory]
-    if spec.cpus:
-        argv += ["--cpus", f"{spec.cpus:g}"]
-    if spec.network:
-        argv += ["--network", spec.network]
+    argv += runtime_args(spec, env_file)
     if alias is not None:
         argv += ["--network-alias", alias]
     if spec.entrypoint is not None:

@@ -30,16 +30,7 @@ def run_argv(release: Release, argv: tuple[str, ...], name: str) -> list[cmd.Wor
     spec = release.spec
     out: list[cmd.Word] = [cmd.DOCKER, "run", "--rm", "--name", name,
                            "--label", f"{LABEL_RELEASE}={spec.name}"]
-    for v in spec.volumes:
-        out += ["--volume", v]
-    if spec.has_env:
-        out += ["--env-file", cmd.ENV_FILE]
-    if spec.memory:
-        out += ["--memory", spec.memory]
-    if spec.cpus:
-        out += ["--cpus", f"{spec.cpus:g}"]
-    if spec.network:
-        out += ["--network", spec.network]
+    out += cmd.runtime_args(spec, cmd.ENV_FILE if spec.has_env else None)
     out.append(spec.image)
     return out + list(argv)
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 
-from runner.model.base import Model, OneString, check_env
+from runner.model.base import Model, OneString, check_env, check_ports
 
 # The docker network on each server that the app (every cutover, when accessories are
 # declared) and its accessories join: deployers.proxy.NETWORK is this name.
@@ -33,7 +33,6 @@ NETWORK = "runner"
 # An accessory's name: a DNS label, as it becomes part of a host name on the network.
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 _VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-_PORT_RE = re.compile(r"^(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(?:(\d{1,5}):)?(\d{1,5})(/(?:tcp|udp))?$")
 
 
 class AccessoryHealthcheck(Model):
@@ -120,8 +119,4 @@ class Accessory(Model):
     @field_validator("ports")
     @classmethod
     def _ports(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for p in v:
-            m = _PORT_RE.match(p)
-            if not m or any(int(x) > 65535 for x in (m.group(2), m.group(3)) if x):
-                raise ValueError(f"not a port mapping: {p!r} (use HOST:CONTAINER)")
-        return v
+        return check_ports(v)

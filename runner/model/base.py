@@ -69,6 +69,18 @@ def check_env(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+_PORT_RE = re.compile(r"^(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(?:(\d{1,5}):)?(\d{1,5})(/(?:tcp|udp))?$")
+
+
+def check_ports(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Port mappings as `docker run --publish` takes them: [IP:][HOST:]CONTAINER[/tcp|udp]."""
+    for p in value:
+        m = _PORT_RE.match(p)
+        if not m or any(int(x) > 65535 for x in (m.group(2), m.group(3)) if x):
+            raise ValueError(f"not a port mapping: {p!r} (use HOST:CONTAINER)")
+    return value
+
+
 def check_login(username: str | None, password_secret: str | None) -> None:
     """A registry login (a user name and the name of its password's secret): both or neither."""
     if bool(username) != bool(password_secret):

@@ -28,11 +28,10 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from runner.model.base import (HOST_RE, Model, OneString, PathOn, check_env,
-                                check_login)
+                                check_login, check_ports)
 
 _USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 _NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
-_PORT_RE = re.compile(r"^(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(?:(\d{1,5}):)?(\d{1,5})(/(?:tcp|udp))?$")
 
 
 def parse_server(text: str) -> dict[str, Any]:
@@ -221,11 +220,7 @@ class Container(Model):
     @field_validator("ports")
     @classmethod
     def _ports(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for p in v:
-            m = _PORT_RE.match(p)
-            if not m or any(int(x) > 65535 for x in (m.group(2), m.group(3)) if x):
-                raise ValueError(f"not a port mapping: {p!r} (use HOST:CONTAINER)")
-        return v
+        return check_ports(v)
 
     @field_validator("env", "secret_env")
     @classmethod
