@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import click
 
-from runner.cli.common import open_or_exit
+from runner.cli.common import confirmed, open_or_exit
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load, load_file
 
@@ -179,13 +179,7 @@ def make_accessory(load: Load = load_file) -> click.Group:
             else:
                 s.say(f"{n}: keeps volumes {vols} on {where}: its data stays")
         if not yes:
-            try:
-                ok = click.confirm(f"Remove {', '.join(s.names)}"
-                                   f"{' and its data' if volumes else ''}?", default=False)
-            except click.Abort:  # no answer (end of input, Ctrl-C)
-                click.echo()
-                ok = False
-            if not ok:
+            if not confirmed(f"Remove {', '.join(s.names)}{' and its data' if volumes else ''}?"):
                 s.acc.close()
                 s.exit("nothing removed", EXIT_FAILED)
         s.report(s.each(lambda p: s.acc.remove(p, volumes)))

@@ -41,6 +41,7 @@ from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from deployers import commands as cmd
 from deployers import lock as locks
 from deployers import pruning
+from runner.cli.common import confirmed
 from runner.cli.deploy import _open
 from runner.pipeline_file import Load, load_file
 from deployers.remote_files import remove_tree, sweep
@@ -438,13 +439,8 @@ def make_app(load: Load = load_file) -> click.Group:
                                if lasting else f"{d.app} mounts no named volume or host "
                                                f"directory (this pipeline's container.volumes)"))
         if not yes:
-            try:
-                ok = click.confirm(f"Remove {d.app} from {servers}: its proxy route, containers, "
-                                   f"images, release history and deploy lock?", default=False)
-            except click.Abort:  # no answer (end of input, Ctrl-C)
-                click.echo()
-                ok = False
-            if not ok:
+            if not confirmed(f"Remove {d.app} from {servers}: its proxy route, containers, "
+                             f"images, release history and deploy lock?"):
                 d.close()
                 click.echo("nothing removed", err=True)
                 sys.exit(EXIT_FAILED)

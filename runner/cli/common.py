@@ -35,6 +35,15 @@ var_option = click.option("--var", "variables", multiple=True, metavar="K=V",
                           help="Set a variable for ${K} interpolation (beats the environment).")
 
 
+def confirmed(question: str) -> bool:
+    """The user's yes to `question` (no by default); no answer (end of input, Ctrl-C) is a no."""
+    try:
+        return click.confirm(question, default=False)
+    except click.Abort:
+        click.echo()
+        return False
+
+
 def open_or_exit(path: str, variables: tuple[str, ...], load: Load = load_file) -> OpenPipeline:
     """open_pipeline for a command: the pipeline with its secrets read, or every problem on
     stderr and the error's exit code (2 for a bad file or an unreadable secret)."""
