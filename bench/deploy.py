@@ -43,6 +43,7 @@ from typing import Iterator
 from bench.common import (APP_PORT, CONTAINER, HOST_PORT, ROOT, Timer, cleanup_servers, log,
                           on_servers,
                           pair_range, ratio, ssh_argv, summary)
+from runner.model.image import ImageRef
 
 VARIANTS = ("runner", "runner-http", "plain-seq", "plain-par", "ansible")  # the default set
 OPTIONAL = ("plain-nowait",)  # run only when named in --variants
@@ -387,7 +388,7 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
     variants = tuple(v for v in variants if v != BEFORE)
     if before is not None:
         variants = round_order(variants + (BEFORE,))
-    image_name = refs[0].split("@")[0]
+    image_name = ImageRef.parse(refs[0]).name
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
     out: dict = {"variants": list(variants), "skipped": skipped, "rounds": rounds,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench.common import APP_PORT, ROOT, Timer, log, ratio, summary
 from bench.load import Load
+from runner.model.image import ImageRef
 
 STOP_START_PORT = 18090
 PROXY_PORT = 8000
@@ -100,7 +101,7 @@ def latency_added(lab: dict, servers: list[dict], n: int = 400) -> dict:
 
 def bench_zero_downtime(lab: dict, refs: list[str], servers: list[dict], rounds: int,
                         workdir: Path) -> dict:
-    image_name = refs[0].split("@")[0]
+    image_name = ImageRef.parse(refs[0]).name
     files = {v: pipeline(workdir, lab, servers, image_name, v) for v in CONTAINERS}
     for v, path in files.items():  # untimed: both variants running version 1
         deploy(path, refs[0])

@@ -51,10 +51,9 @@ import httpx
 
 from runner.errors import Cancelled, RunnerError, StageFailed
 from runner.model import Pipeline
-from runner.model.image import ImageRef
+from runner.model.image import ImageName, ImageRef
 from runner.outputs import PushOutputs
 from runner.stage import Stage, StageContext
-from runner.tags import split_image_name
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -91,23 +90,6 @@ def is_transient(message: str) -> bool:
 def backoff(attempt: int, base: float, cap: float = 10.0) -> float:
     """Delay before retry number `attempt` (1-based): base, 2*base, 4*base, ... up to cap."""
     return min(cap, base * (2 ** (attempt - 1)))
-
-
-def split_ref(ref: str) -> tuple[str, str]:
-    """"host:5000/a/b:tag" -> ("host:5000/a/b", "tag"). A ref without a tag gets "latest"."""
-    slash = ref.rfind("/")
-    colon = ref.rfind(":")
-    if colon > slash:
-        return ref[:colon], ref[colon + 1:]
-    return ref, "latest"
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """Repository name -> (registry host, path in that registry), as docker reads names."""
-    registry, path = split_image_name(name)
-    if registry is not None:
-        return registry, path
-    return "registry-1.docker.io", path if "/" in path else f"library/{path}"
 
 
 def registry_is_insecure(host: str, registry_config: Mapping[str, Any] | None) -> bool:
@@ -199,14 +181,6 @@ class Credentials:
         return f"{who} from {self.source}"
 
 
-def registry_key(name: str) -> str:
-    """The registry a repository name belongs to, as docker keys its logins ("docker.io" for
-    Docker Hub: its config holds https://index.docker.io/v1/, which the SDK maps to it)."""
-    from docker.auth import resolve_repository_name
-
-    return resolve_repository_name(name)[0]
-
-
 def docker_config_file(environ: Mapping[str, str] | None = None,
                        home: str | None = None) -> Path:
     """Where the docker CLI keeps its logins: $DOCKER_CONFIG/config.json, else
@@ -271,7 +245,7 @@ class PushStage(Stage):
         explicit = bool(s.auth.username or s.auth.password_secret)
         return {
             "image": pipeline.image.name,
-            "registry": split_name(pipeline.image.name)[0],
+            "registry": ImageName.parse(pipeline.image.name).registry,
             "auth": {"username": s.auth.username, "password": s.auth.password_secret},
             "credentials": "stages.push.auth" if explicit else (
                 "docker's config (DOCKER_CONFIG or ~/.docker/config.json: credHelpers, "
@@ -289,10 +263,14 @@ class PushStage(Stage):
         refs = list(build.tags) if build is not None else []
         if not refs:
             raise StageFailed(self.name, "nothing to push: the build stage produced no tags")
-        name = split_ref(refs[0])[0]
+        try:
+            names = {ref: ImageName.parse(ref) for ref in refs}
+        except ValueError as exc:
+            raise StageFailed(self.name, f"cannot push: {exc}") from None
+        name = ctx.pipeline.image.name
         logins = {}
-        for ref in refs:
-            key = registry_key(split_ref(ref)[0])
+        for parsed in names.values():
+            key = parsed.registry
             if key not in logins:
                 logins[key] = self._credentials(ctx, key)
                 ctx.log.info(f"registry {key}: {logins[key].describe()}")
@@ -307,8 +285,8 @@ class PushStage(Stage):
             for ref in refs:
                 if ctx.cancel.is_set():
                     raise Cancelled(_cancel_message(pushed, refs))
-                creds = logins[registry_key(split_ref(ref)[0])]
-                digests[ref] = self._push_one(client, ref, build.image_id, creds,
+                creds = logins[names[ref].registry]
+                digests[ref] = self._push_one(client, ref, names[ref], build.image_id, creds,
                                               settings.retries, ctx, pushed, refs)
                 pushed.append(ref)
                 ctx.log.info(f"pushed {ref} ({digests[ref]})")
@@ -329,7 +307,8 @@ class PushStage(Stage):
             client.close()
 
         try:
-            check = verify_pushed(name, digest, build.image_id, logins[registry_key(name)],
+            check = verify_pushed(image.parsed, digest, build.image_id,
+                                  logins[image.registry],
                                   registry_config, self.verify_timeout)
         except StageFailed as exc:
             raise StageFailed(self.name, exc.reason + _pushed_note(pushed)) from None
@@ -338,7 +317,7 @@ class PushStage(Stage):
         else:
             ctx.log.warn(f"pushed {name}@{digest} (the digest the engine reported), but its "
                          f"verification was skipped: {check.detail}")
-        creds = logins[registry_key(name)]
+        creds = logins[image.registry]
         return PushOutputs(ref=image, tags=tuple(pushed), verified=check.verified,
                            verification=check.detail,
                            credentials=f"none ({creds.source})" if creds.anonymous
@@ -404,12 +383,13 @@ class PushStage(Stage):
             source = f"docker's config {config}"
         return credentials_from_entry(registry, entry, source)
 
-    def _push_one(self, client: Any, ref: str, image_id: str | None, creds: Credentials,
-                  retries: int, ctx: StageContext, pushed: list[str], refs: list[str]) -> str:
+    def _push_one(self, client: Any, ref: str, parsed: ImageName, image_id: str | None,
+                  creds: Credentials, retries: int, ctx: StageContext, pushed: list[str],
+                  refs: list[str]) -> str:
         from docker.errors import APIError, DockerException
         from requests.exceptions import RequestException
 
-        repo, tag = split_ref(ref)
+        repo, tag = parsed.name, parsed.tag or "latest"
         if image_id:
             try:
                 local = client.images.get(ref).id
@@ -471,9 +451,9 @@ class PushStage(Stage):
         if is_auth_error(error):
             message += "\n" + _auth_hint(creds, repo)
         elif "connection refused" in error.lower():
-            message += f"\nis a registry listening at {split_name(repo)[0]}?"
+            message += f"\nis a registry listening at {parsed.api_host}?"
         elif re.search(r"deadline exceeded|timeout", error, re.I):
-            message += "\n" + _unanswered_hint(client, split_name(repo)[0])
+            message += "\n" + _unanswered_hint(client, parsed.api_host)
         raise StageFailed(self.name, message + _pushed_note(pushed))
 
 
@@ -576,13 +556,13 @@ def _auth_hint(creds: Credentials, repo: str) -> str:
             "DOCKER_CONFIG as the runner), or set stages.push.auth")
 
 
-def verify_pushed(name: str, digest: str, image_id: str | None, creds: Credentials,
+def verify_pushed(name: ImageName, digest: str, image_id: str | None, creds: Credentials,
                   registry_config: Any, timeout: float = 10.0) -> Verification:
     """Ask the registry for name@digest as a client reading it would, with `creds` (see the
     module docstring). Raises StageFailed when the registry answers but not with that manifest,
     or cannot be reached; returns verified=False when it refuses the read for lack of
     credentials."""
-    host, path = split_name(name)
+    host, path = name.api_host, name.repository
     insecure = registry_is_insecure(host, registry_config)
     url = f"{'http' if insecure else 'https'}://{host}/v2/{path}/manifests/{digest}"
     headers = {"Accept": ", ".join(MANIFEST_TYPES)}

@@ -18,16 +18,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from runner.model.image import ImageName
+
 SHORT_SHA_LENGTH = 7
 PLACEHOLDERS = ("sha", "short_sha", "branch", "tag", "run_id", "latest")
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
-_DOMAIN_COMPONENT = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
-_DOMAIN_RE = re.compile(
-    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?$")
-_PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_MAX_NAME = 255
 
 
 @dataclass(frozen=True)
@@ -129,44 +126,20 @@ def is_valid_tag(tag: str) -> bool:
     return bool(_TAG_RE.match(tag))
 
 
-def split_image_name(name: str) -> tuple[str | None, str]:
-    """("registry:port" or None, "path/of/repo") as docker splits a reference name: the first
-    component is a registry when it holds '.' or ':', or is 'localhost'."""
-    first, sep, rest = name.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
-        return first, rest
-    return None, name
-
-
 def validate_image_name(name: str) -> str | None:
     """None when `name` is a valid image repository name such as "10.0.0.1:5000/team/app"
     (registry host[:port] optional, lowercase path components, no tag or digest); otherwise a
     message saying what is wrong."""
-    if not name:
-        return "the image name is empty"
-    if name != name.strip() or any(c.isspace() for c in name):
-        return f"image name {name!r} contains spaces"
     if "@" in name:
         return f"image name {name!r} must not include a digest; give the repository name only"
-    if len(name) > _MAX_NAME:
-        return f"image name is longer than {_MAX_NAME} characters"
-    registry, path = split_image_name(name)
-    last = path.rsplit("/", 1)[-1]
-    if ":" in last:
-        repo, _, tag = name.rpartition(":")
-        return (f"image name {name!r} must not include a tag (':{tag}'): use {repo!r} and "
-                f"list tags under image.tags")
-    if registry is not None and not _DOMAIN_RE.match(registry):
-        return f"invalid registry {registry!r} in image name {name!r} (expected host[:port])"
-    if not path:
-        return f"image name {name!r} has no repository path after the registry"
-    for component in path.split("/"):
-        if component != component.lower() and _PATH_COMPONENT_RE.match(component.lower()):
-            return (f"image name {name!r}: repository path must be lowercase "
-                    f"({component!r} -> {component.lower()!r})")
-        if not _PATH_COMPONENT_RE.match(component):
-            return (f"image name {name!r}: invalid path component {component!r} (lowercase "
-                    f"letters and digits, separated by '.', '_', '__' or '-')")
+    try:
+        parsed = ImageName.parse(name)
+    except ValueError as exc:
+        return str(exc)
+    if parsed.tag:
+        repo = name[:-len(parsed.tag) - 1]
+        return (f"image name {name!r} must not include a tag (':{parsed.tag}'): use {repo!r} "
+                f"and list tags under image.tags")
     return None
 
 

@@ -24,13 +24,12 @@ from runner.stage import StageContext
 from pipelines.push import (
     MANIFEST_TYPES,
     PushStage,
-    split_name,
-    split_ref,
 )
 
 from runner.errors import Cancelled, StageFailed
 
 from runner.model import RegistryAuth, Stages
+from runner.model.image import ImageName
 
 
 
@@ -50,7 +49,8 @@ def tagged(lab):
     made: list[str] = []
 
     def tag(ref: str, unique: bool = False, source: str = "local/busybox:1") -> str:
-        repo, t = split_ref(ref)
+        parsed = ImageName.parse(ref)
+        repo, t = parsed.name, parsed.tag
         if unique:
             # A fresh image (one tiny layer) so that the registry has not seen this digest.
             commit_unique_image(client, repo, t)
@@ -76,8 +76,8 @@ def registry_cleanup(lab):
     refs: list[str] = []
     yield refs.append
     for ref in refs:
-        name, tag = split_ref(ref)
-        host, path = split_name(name)
+        parsed = ImageName.parse(ref)
+        host, path, tag = parsed.api_host, parsed.repository, parsed.tag
         base = f"http://{host}/v2/{path}/manifests"
         try:
             head = httpx.head(f"{base}/{tag}", headers={"Accept": ", ".join(MANIFEST_TYPES)},
@@ -109,7 +109,7 @@ def test_push_all_tags_one_digest_and_registry_serves_it(lab, tmp_path, tagged,
                                   f"{tmp_path / 'no-docker-config' / 'config.json'} does not "
                                   "exist)")
     # And independently of the stage: the registry serves that manifest by digest.
-    host, path = split_name(image)
+    host, path = ImageName.parse(image).api_host, ImageName.parse(image).repository
     resp = httpx.get(f"http://{host}/v2/{path}/manifests/{out['digest']}",
                      headers={"Accept": ", ".join(MANIFEST_TYPES)}, trust_env=False)
     assert resp.status_code == 200
@@ -119,7 +119,7 @@ def test_push_all_tags_one_digest_and_registry_serves_it(lab, tmp_path, tagged,
 
 def test_push_to_a_closed_port_fails_after_bounded_retries(lab, tmp_path, tagged):
     ref = tagged(f"127.0.0.1:5999/test/closed-{uuid.uuid4().hex[:8]}:t1")
-    ctx = make_ctx(tmp_path, split_ref(ref)[0], [ref], retries=2)
+    ctx = make_ctx(tmp_path, ImageName.parse(ref).name, [ref], retries=2)
     start = time.monotonic()
     with pytest.raises(StageFailed) as err:
         PushStage(backoff_base=0.2).run(ctx)
@@ -262,7 +262,7 @@ def test_built_image_pushed_and_served_by_digest(lab, tmp_path, registry_cleanup
         registry_cleanup(built["tags"][0])
         out = PushStage().run(ctx).to_dict()
         assert out["tags"] == built["tags"]
-        host, path = split_name(image)
+        host, path = ImageName.parse(image).api_host, ImageName.parse(image).repository
         resp = httpx.get(f"http://{host}/v2/{path}/manifests/{out['digest']}",
                          headers={"Accept": ", ".join(MANIFEST_TYPES)}, trust_env=False)
         assert resp.status_code == 200
@@ -311,7 +311,7 @@ def test_inline_cache_is_pushed_for_fresh_machines(lab, tmp_path, registry_clean
                        for w in ctx.log.warns)
         registry_cleanup(built["tags"][0])
         out = PushStage().run(ctx).to_dict()
-        host, path = split_name(image)
+        host, path = ImageName.parse(image).api_host, ImageName.parse(image).repository
         manifest = httpx.get(f"http://{host}/v2/{path}/manifests/{out['digest']}",
                              headers={"Accept": ", ".join(MANIFEST_TYPES)},
                              trust_env=False).json()
@@ -345,6 +345,33 @@ def test_a_tag_moved_by_another_build_is_not_pushed(lab, tmp_path, tagged):
     ctx.outputs.build = dataclasses.replace(ctx.outputs.build, image_id="sha256:" + "0" * 64)
     with pytest.raises(StageFailed, match="no longer points at the image this run built"):
         PushStage().run(ctx)
-    host, path = split_name(image)
+    host, path = ImageName.parse(image).api_host, ImageName.parse(image).repository
     assert httpx.get(f"http://{host}/v2/{path}/tags/list", trust_env=False).status_code == 404
 
+
+
+def test_image_name_accepts_what_docker_tag_accepts(lab):
+    """ImageName's grammar against the engine's own: `docker tag` (CLI and engine) takes or
+    refuses each name as ImageName.parse does, `Team/app` included (not a registry host: the
+    engine refuses it as not lowercase)."""
+    import subprocess
+
+    nonce = uuid.uuid4().hex[:8]
+    names = [f"imgname-{nonce}", f"docker.io/library/imgname-{nonce}:v1",
+             f"imgname-{nonce}/app", f"localhost:5000/imgname-{nonce}/b:tag",
+             f"Imgname-{nonce}/app", f"imgname-{nonce}/App", f"host_x:5000/imgname-{nonce}",
+             f"imgname-{nonce}:.bad", f"imgname-{nonce}/-b"]
+    disagree = []
+    for name in names:
+        try:
+            ImageName.parse(name)
+            ours = True
+        except ValueError:
+            ours = False
+        r = subprocess.run(["docker", "tag", "local/busybox:1", name], capture_output=True,
+                           text=True)
+        if r.returncode == 0:
+            subprocess.run(["docker", "rmi", name], capture_output=True, check=True)
+        if ours != (r.returncode == 0):
+            disagree.append((name, ours, r.stderr.strip()))
+    assert not disagree

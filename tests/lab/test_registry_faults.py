@@ -26,9 +26,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines.push import Credentials, split_ref, verify_pushed
+from pipelines.push import Credentials, verify_pushed
 from runner.errors import StageFailed
 from runner.lab import layout
+from runner.model.image import ImageName
 from tests.helpers import ROOT, events, make_repo, stage_end
 from tests.lab.test_registry_token import (UID, Registry, _assert_never_shown, _run_json,
                                            built, data_dir, fresh_image)  # noqa: F401
@@ -240,20 +241,20 @@ def test_a_verification_while_the_token_issuer_hangs_fails_naming_it_never_verif
     """The push succeeded; then the issuer stops answering. verify_pushed, and the stage's
     verification path, fail within their timeout naming the token endpoint; never 'verified'."""
     ref = f"{pair.address}/faults-{UID}/verify-hangs:t1"
-    name = split_ref(ref)[0]
+    name = ImageName.parse(f"{pair.address}/faults-{UID}/verify-hangs")
     image_id = fresh_image(ref)
     creds = Credentials(pair.address, "the test", username=pair.registry.username,
                         password=pair.registry.password)
     import docker
     client = docker.from_env()
     try:
-        for item in client.api.push(name, tag="t1", stream=True, decode=True,
+        for item in client.api.push(name.name, tag="t1", stream=True, decode=True,
                                     auth_config=creds.engine_auth()):
             assert "error" not in item, item
         registry_config = client.info()["RegistryConfig"]
     finally:
         client.close()
-    digest = pair.registry.get(name.split("/", 1)[1], "manifests/t1") \
+    digest = pair.registry.get(name.repository, "manifests/t1") \
         .headers["docker-content-digest"]
     assert verify_pushed(name, digest, image_id, creds, registry_config, 5).verified is True
     os.kill(pair.issuer.pid, signal.SIGSTOP)

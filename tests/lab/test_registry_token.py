@@ -22,10 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines.push import Credentials, PushStage, split_ref, verify_pushed
+from pipelines.push import Credentials, PushStage, verify_pushed
 from runner.errors import StageFailed
 from runner.model import Image, Pipeline, RegistryAuth, Repository, Stages
 from runner.model import PushSettings
+from runner.model.image import ImageName
 from runner.secrets import Masker, SecretStore
 from runner.stage import StageContext
 from tests.doubles import ListLog, build_outputs
@@ -104,8 +105,8 @@ def pushed():
     made: list[tuple[Registry, str]] = []
     yield lambda reg, ref: made.append((reg, ref))
     for reg, ref in made:
-        name, digest = ref.split("@")
-        reg.delete(name.split("/", 1)[1], digest)
+        parsed = ImageName.parse(ref)
+        reg.delete(parsed.repository, parsed.digest)
 
 
 @pytest.fixture
@@ -118,7 +119,8 @@ def fresh_image(lab):
     made: list[str] = []
 
     def make(ref: str) -> str:
-        image = commit_unique_image(client, *split_ref(ref))
+        parsed = ImageName.parse(ref)
+        image = commit_unique_image(client, parsed.name, parsed.tag)
         made.append(image.id)
         return image.id
 
@@ -159,7 +161,7 @@ def built():
 def _ctx(tmp_path: Path, ref: str, image_id: str, masker: Masker | None = None,
          secret_values: dict[str, str] | None = None, **push) -> StageContext:
     """The push stage's context for one built image, as the engine makes it."""
-    name = split_ref(ref)[0]
+    name = ImageName.parse(ref).name
     pipeline = Pipeline(name="t", repository=Repository(url="https://example.invalid/t.git"),
                         image=Image(name=name), stages=Stages(push=PushSettings(**push)))
     ctx = StageContext(run_id="r1", pipeline=pipeline, workdir=tmp_path, cache_dir=tmp_path,
@@ -388,7 +390,7 @@ def test_a_verify_with_no_read_credentials_says_so_and_is_no_verification(
     out = PushStage().run(ctx).to_dict()
     pushed(reg, out["ref"])
     assert out["verified"] is True  # with the login: read back
-    name = split_ref(ref)[0]
+    name = ImageName.parse(f"{reg.address}/tokentest-{UID}/noread-{kind}")
 
     import docker
     client = docker.from_env()

@@ -29,9 +29,6 @@ from pipelines.push import (
     parse_challenge,
     read_push_stream,
     registry_is_insecure,
-    registry_key,
-    split_name,
-    split_ref,
 )
 
 from runner.errors import StageFailed
@@ -119,16 +116,6 @@ def test_backoff_doubles_and_caps():
 
 
 
-def test_names():
-    assert split_ref("10.87.53.1:5000/a/b:main") == ("10.87.53.1:5000/a/b", "main")
-    assert split_ref("10.87.53.1:5000/a/b") == ("10.87.53.1:5000/a/b", "latest")
-    assert split_name("10.87.53.1:5000/a/b") == ("10.87.53.1:5000", "a/b")
-    assert split_name("localhost/a") == ("localhost", "a")
-    assert split_name("busybox") == ("registry-1.docker.io", "library/busybox")
-    assert split_name("me/app") == ("registry-1.docker.io", "me/app")
-
-
-
 def test_registry_is_insecure_follows_the_engine():
     cfg = {"InsecureRegistryCIDRs": ["127.0.0.0/8"],
            "IndexConfigs": {"10.87.53.1:5000": {"Name": "10.87.53.1:5000", "Secure": False},
@@ -162,15 +149,6 @@ def test_registry_is_insecure_follows_the_engine():
 ])
 def test_parse_challenge(header, scheme, params):
     assert parse_challenge(header) == (scheme, params)
-
-
-
-def test_registry_key_is_how_docker_keys_its_logins():
-    assert registry_key("10.87.53.1:5001/a/b") == "10.87.53.1:5001"
-    assert registry_key("127.0.0.1:5002/a") == "127.0.0.1:5002"
-    assert registry_key("ghcr.io/me/app") == "ghcr.io"
-    assert registry_key("me/app") == "docker.io"
-    assert registry_key("busybox") == "docker.io"
 
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from runner.tags import (
     GitInfo, compute_tags, is_valid_tag, oci_labels, render_template, sanitize_tag,
-    split_image_name, strip_credentials, validate_image_name, validate_template,
+    strip_credentials, validate_image_name, validate_template,
 )
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -109,13 +109,6 @@ def test_invalid_image_names(name, fragment):
         assert message is None
     else:
         assert message is not None and fragment in message, message
-
-
-def test_split_image_name():
-    assert split_image_name("10.0.0.1:5000/a/b") == ("10.0.0.1:5000", "a/b")
-    assert split_image_name("localhost/app") == ("localhost", "app")
-    assert split_image_name("team/app") == (None, "team/app")
-    assert split_image_name("app") == (None, "app")
 
 
 @pytest.mark.parametrize("url,expected", [
