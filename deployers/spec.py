@@ -211,6 +211,14 @@ def app_name(stage: DeploySettings, pipeline_name: str) -> str:
     return stage.container.name or pipeline_name
 
 
+def release_key(app: str, destination: str = "") -> str:
+    """What an app's history, pulled images, secrets key and deploy lock are kept under on a
+    server: the app's name, or `<app>+<destination>` for a destination (`-d`), so that each
+    destination has its own and a deploy without destinations keeps what it had. `+` is in no
+    app name (a-z 0-9 _ . -), so no app's key is another's."""
+    return f"{app}+{destination}" if destination else app
+
+
 def container_spec(stage: DeploySettings, image: ImageRef, *, pipeline: str, run_id: str,
                    commit: str = "") -> ContainerSpec:
     """The container to run `image` as, from the pipeline's deploy settings."""

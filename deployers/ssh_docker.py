@@ -64,7 +64,7 @@ from deployers.rollout import UNTOUCHED, headline, parallel, rollout
 from deployers.ssh_config import UserConfig
 from deployers.spec import (LABEL_COMMIT, LABEL_DIGEST, LABEL_RUN, HealthSpec, Release, Target,
                             app_name, env_file_content, identity_of, record_identity,
-                            secret_fingerprint, targets)
+                            release_key, secret_fingerprint, targets)
 from deployers.transport import (CommandFailed, Connection, HostKeyPolicy, SSHOptions,
                                  TransportError, connect, http_get, load_private_key)
 
@@ -125,6 +125,7 @@ class SSHDockerDeployer(Deployer):
         log: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
         needs: Needs | None = None,
+        destination: str = "",
     ):
         self.stage = stage
         self.pipeline = pipeline
@@ -133,6 +134,9 @@ class SSHDockerDeployer(Deployer):
         self.image = image
         self.commit = commit
         self.app = app_name(stage, pipeline)
+        # The destination's own history and lock on each server (deployers.spec.release_key).
+        self.destination = destination
+        self.key = release_key(self.app, destination)
         # The user's own ~/.ssh/config and ssh-agent fill in what the pipeline leaves unset
         # (deployers.spec.resolve_target); read once, so that the plan shows what is used.
         self.ssh_config = UserConfig.load()
@@ -234,7 +238,7 @@ class SSHDockerDeployer(Deployer):
         return parallel(fn, items, self.stage.parallel)
 
     def history_path(self, conn: Connection) -> str:
-        return f"{self._dir(conn)}/apps/{self.app}/history.json"
+        return f"{self._dir(conn)}/apps/{self.key}/history.json"
 
     def history(self, conn: Connection) -> list[dict]:
         """The verified releases recorded on this server, oldest first."""
@@ -253,7 +257,7 @@ class SSHDockerDeployer(Deployer):
         return [h for h in data if isinstance(h, dict) and h.get("digest")]
 
     def pulled_dir(self, conn: Connection) -> str:
-        return f"{self._dir(conn)}/apps/{self.app}/{pruning.PULLED_DIR}"
+        return f"{self._dir(conn)}/apps/{self.key}/{pruning.PULLED_DIR}"
 
     def pulled_images(self, conn: Connection) -> list[str]:
         """The images the runner pulled for this app on this server and has not removed."""
@@ -419,7 +423,7 @@ class SSHDockerDeployer(Deployer):
         """(server, holder or None, error) for this app's deploy lock on every server."""
         def one(t: Target):
             conn = self._conn(t)
-            return locks.inspect(conn, f"{self._dir(conn)}/locks", self.app)
+            return locks.inspect(conn, f"{self._dir(conn)}/locks", self.key)
         out = self._parallel(one, list(self.targets))
         return [(t.label, None, f"{r}") if isinstance(r, BaseException) else (t.label, r, "")
                 for t, r in zip(self.targets, out)]
@@ -430,7 +434,7 @@ class SSHDockerDeployer(Deployer):
 
         def one(t: Target):
             conn = self._conn(t)
-            return locks.break_lock(conn, f"{self._dir(conn)}/locks", self.app)
+            return locks.break_lock(conn, f"{self._dir(conn)}/locks", self.key)
         out = self._parallel(one, chosen)
         return [(t.label, False, f"{r}") if isinstance(r, BaseException) else (t.label, r, "")
                 for t, r in zip(chosen, out)]
@@ -534,7 +538,7 @@ class SSHDockerSteps(ServerSteps):
             holder = locks.holder_info(d.run_id, d.pipeline, plan.release.commit,
                                        d.stage.lock.ttl)
             self._leases[t.label] = locks.acquire(
-                self._conn(t), self._lock_roots[t.label], d.app, holder, ttl=d.stage.lock.ttl,
+                self._conn(t), self._lock_roots[t.label], d.key, holder, ttl=d.stage.lock.ttl,
                 wait=max(0.0, self._lock_deadline - time.monotonic()), cancel=d.cancel,
                 log=d.log)
         d.log(f"{t.label}: deploy lock taken (run {d.run_id})")
@@ -637,7 +641,7 @@ class SSHDockerSteps(ServerSteps):
 
     def _app_key(self, conn: Connection) -> bytes:
         """The app's fingerprint key on this server (32 random bytes, 0600), made once."""
-        directory = f"{self.d._dir(conn)}/apps/{self.d.app}"
+        directory = f"{self.d._dir(conn)}/apps/{self.d.key}"
         conn.ensure_private_dir(directory)
         path = f"{directory}/secrets.key"
 
@@ -982,7 +986,7 @@ class SSHDockerSteps(ServerSteps):
             run(st.plan.argv("remove_previous"), check=False)
 
     def _write_history(self, conn: Connection, history: list[dict]) -> None:
-        conn.ensure_private_dir(f"{self.d._dir(conn)}/apps/{self.d.app}")
+        conn.ensure_private_dir(f"{self.d._dir(conn)}/apps/{self.d.key}")
         path = self.d.history_path(conn)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         data = json.dumps(history, indent=1).encode()

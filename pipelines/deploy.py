@@ -34,7 +34,8 @@ def make_deployer(pipeline: Pipeline, *, run_id: str, image: ImageRef | None = N
     return SSHDockerDeployer(pipeline.deploy_settings(), pipeline=pipeline.name,
                              image_name=pipeline.image.name, run_id=run_id, image=image,
                              commit=commit, secret=secret, log=log, cancel=cancel,
-                             needs=needed_on(accessory_specs(pipeline)))
+                             needs=needed_on(accessory_specs(pipeline)),
+                             destination=pipeline.destination)
 
 
 class DeployStage(Stage):

@@ -79,6 +79,7 @@ def check_run_id(value: str) -> str:
 @dataclass(frozen=True)
 class RunOptions:
     variables: Mapping[str, str] = field(default_factory=dict)
+    destination: str | None = None  # `-d NAME`: a destination of the pipeline's
     only: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
     repo: str | None = None
@@ -218,7 +219,8 @@ def prepare(path: str | os.PathLike, options: RunOptions,
     early_warnings: list[str] = []
     request = options.request or RunRequest()
     if request.pipeline_from is None:
-        pipeline = load_pipeline(path, variables=dict(options.variables), environ=environ)
+        pipeline = load_pipeline(path, variables=dict(options.variables), environ=environ,
+                                 destination=options.destination)
     else:
         # `path` is inside the repository, read at the run's commit (or the head of its ref now,
         # which is then the commit built): the file and the code are of one commit.

@@ -28,18 +28,23 @@ class OpenPipeline:
     secrets: SecretStore
 
 
-def load_file(path: str, variables: dict[str, str]) -> Pipeline:
-    """The default Load: the file through runner.loader, with this process's environment."""
+def load_file(path: str, variables: dict[str, str], destination: str | None = None) -> Pipeline:
+    """The default Load: the file through runner.loader, with this process's environment;
+    `destination`: the one a command chose (`-d`)."""
     from runner.loader import load_pipeline
 
-    return load_pipeline(path, variables=variables, environ=dict(os.environ))
+    return load_pipeline(path, variables=variables, environ=dict(os.environ),
+                         destination=destination)
 
 
 def open_pipeline(path: str | os.PathLike, variables: Mapping[str, str], *,
-                  load: Load = load_file) -> OpenPipeline:
+                  load: Load = load_file, destination: str | None = None) -> OpenPipeline:
     """Load the file with `variables` (and this process's environment) and read every secret
-    it names, registered with a new masker."""
-    pipeline = load(os.fspath(path), dict(variables))
+    it names, registered with a new masker. A `destination` goes to the Load as a third
+    argument (load_file takes it; a test's Load, which builds its pipeline, need not)."""
+    path = os.fspath(path)
+    pipeline = (load(path, dict(variables)) if destination is None
+                else load(path, dict(variables), destination))  # type: ignore[call-arg]
     masker = Masker()
     return OpenPipeline(pipeline, masker, read_secrets(pipeline, dict(os.environ), masker))
 

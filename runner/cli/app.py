@@ -41,7 +41,7 @@ from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from deployers import commands as cmd
 from deployers import lock as locks
 from deployers import pruning
-from runner.cli.common import confirmed
+from runner.cli.common import confirmed, destination_option
 from runner.cli.deploy import _open
 from runner.pipeline_file import Load, load_file
 from deployers.remote_files import remove_tree, sweep
@@ -186,9 +186,10 @@ def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> N
     root = d._dir(conn)
     app = d.app
     lock_root = f"{root}/locks"
-    before = locks.inspect(conn, lock_root, app)
+    # d.key: the destination's own lock and history dir (deployers.spec.release_key).
+    before = locks.inspect(conn, lock_root, d.key)
     ttl = d.stage.lock.ttl
-    lease = locks.acquire(conn, lock_root, app, locks.holder_info(run_id, d.pipeline, ttl=ttl),
+    lease = locks.acquire(conn, lock_root, d.key, locks.holder_info(run_id, d.pipeline, ttl=ttl),
                           ttl=ttl, wait=d.stage.lock.wait, cancel=d.cancel, log=d.log)
     if before is not None and before.stale:
         res.removed.append(f"stale deploy lock of {locks.describe_holder(before.holder)}")
@@ -222,7 +223,7 @@ def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> N
             elif "no such image" not in r.output.lower():  # errors ignored, but said
                 first = (r.output.splitlines() or ["?"])[0]
                 res.kept.append(f"image {ref}: {first}")
-        app_dir = f"{root}/apps/{app}"
+        app_dir = f"{root}/apps/{d.key}"
         lease.check()
         if conn.sftp_do(lambda sftp: remove_tree(sftp, app_dir)):
             res.removed.append(f"release history and fingerprint key ({app_dir})")
@@ -233,8 +234,8 @@ def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> N
             res.removed.append(f"registry login a dead run left ({p})")
     finally:
         lease.release()
-    if locks.inspect(conn, lock_root, app) is not None:
-        raise TransportError(t.label, f"the deploy lock {lock_root}/{app} could not be "
+    if locks.inspect(conn, lock_root, d.key) is not None:
+        raise TransportError(t.label, f"the deploy lock {lock_root}/{d.key} could not be "
                                       f"removed; see `runner deploy-lock show`")
 
 
@@ -308,6 +309,7 @@ def make_app(load: Load = load_file) -> click.Group:
     @click.option("--follow", "-f", is_flag=True,
                   help="keep streaming new lines until Ctrl-C")
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @destination_option
     def logs(pipeline_file: str, server: str | None, lines: int, follow: bool,
              var: tuple[str, ...]) -> None:
         """The app container's own output (stdout and stderr), from each server or one.
@@ -373,6 +375,7 @@ def make_app(load: Load = load_file) -> click.Group:
     @click.option("--all", "all_", is_flag=True, help="on every server, each line prefixed "
                   "with the server's name")
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @destination_option
     def exec_(pipeline_file: str, command: tuple[str, ...], server: str | None, all_: bool,
               var: tuple[str, ...]) -> None:
         """Run a command in the app's running container: `docker exec <app> CMD...`.
@@ -423,6 +426,7 @@ def make_app(load: Load = load_file) -> click.Group:
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))
     @click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @destination_option
     def remove(pipeline_file: str, yes: bool, var: tuple[str, ...]) -> None:
         """Remove the app from every server: its proxy route, all its containers (kept
         previous versions too, with their anonymous volumes), every image the runner pulled
@@ -479,6 +483,7 @@ def make_app(load: Load = load_file) -> click.Group:
     @click.option("--message", "-m", default="", metavar="M",
                   help="the text of the 503 page (HTML-escaped); a default one if not given")
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @destination_option
     def maintenance(pipeline_file: str, message: str, var: tuple[str, ...]) -> None:
         """Put the app in maintenance (the proxy cutover only): on every server its route
         answers 503 with a small page holding the message, and Retry-After, without stopping
@@ -492,6 +497,7 @@ def make_app(load: Load = load_file) -> click.Group:
     @app.command("live")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @destination_option
     def live(pipeline_file: str, var: tuple[str, ...]) -> None:
         """End maintenance: on every server the app's route leads to its running release again.
         Exits 1 naming the servers it could not switch."""

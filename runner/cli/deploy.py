@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import click
 
-from runner.cli.common import open_or_exit
+from runner.cli.common import destination_option, open_or_exit
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load, load_file
 from runner.signals import STOP_SIGNALS, StopSignals
@@ -46,7 +46,8 @@ def _open(path: str, var: tuple[str, ...], load: Load, run_id: str,
     deployer = SSHDockerDeployer(pipeline.stages.deploy, pipeline=pipeline.name,
                                  image_name=pipeline.image.name, run_id=run_id,
                                  secret=store.value, log=log,
-                                 needs=needed_on(accessory_specs(pipeline)))
+                                 needs=needed_on(accessory_specs(pipeline)),
+                                 destination=pipeline.destination)
     return pipeline, deployer, masker
 
 
@@ -155,6 +156,7 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
                        "digest (sha256:...) or a git commit (full or short); default: the "
                        "newest verified release other than what runs now")
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @destination_option
     @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
     @click.option("--run-id", "run_id", default=None, metavar="ID",
                   help="the id the servers record with the release and the deploy lock names "
@@ -211,6 +213,7 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
     @click.command("releases")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @destination_option
     @click.option("--json", "as_json", is_flag=True, help="print JSON")
     def releases(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
         """The verified releases recorded on each server, newest first, with the positions
@@ -253,6 +256,7 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
     @click.command("status")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @destination_option
     @click.option("--json", "as_json", is_flag=True, help="print JSON")
     def status(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
         """Per server: which digest/commit runs, its health and since when."""
@@ -312,6 +316,7 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
     @deploy_lock.command("show")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @destination_option
     @click.option("--json", "as_json", is_flag=True, help="print JSON: one object per server")
     def show(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
         """Who holds the app's deploy lock on each server: free, or the holder's run, pipeline,
@@ -349,6 +354,7 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))
     @click.option("--server", default=None, help="only this server (name or host)")
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    @destination_option
     @click.option("--json", "as_json", is_flag=True, help="print JSON: one object per server")
     def break_(pipeline_file: str, server: str | None, var: tuple[str, ...],
                as_json: bool) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import yaml
 
-from runner.cli.common import parse_vars, say, var_option
+from runner.cli.common import chosen_destination, destination_option, parse_vars, say, var_option
 from runner.errors import EXIT_INTERRUPTED, EXIT_INVALID, InvalidInput
 from runner.model import STAGE_ORDER
 
@@ -43,13 +43,15 @@ class RunId(click.ParamType):
 @click.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @var_option
+@destination_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def validate(file: str, variables: tuple[str, ...], as_json: bool) -> None:
     """Check a pipeline file and report every problem with file, line and column."""
     from runner.loader import load_pipeline
 
     try:
-        pipeline = load_pipeline(file, variables=parse_vars(variables))
+        pipeline = load_pipeline(file, variables=parse_vars(variables),
+                                 destination=chosen_destination())
     except InvalidInput as exc:
         if as_json:
             click.echo(json.dumps({"valid": False, "error": str(exc).splitlines()[0],
@@ -93,6 +95,7 @@ def schema(reference: bool, docs_dir: str | None, check_dir: str | None) -> None
 @click.command("exec")
 @click.argument("file", type=click.Path(dir_okay=False))
 @var_option
+@destination_option
 @click.option("--only", multiple=True, metavar="STAGE[,STAGE]", help="Run only these stages.")
 @click.option("--skip", multiple=True, metavar="STAGE[,STAGE]", help="Skip these stages.")
 @click.option("--repo", help="Override the repository (path or URL).")
@@ -135,7 +138,7 @@ def exec_(file, variables, only, skip, repo, ref, event_file, request_file, as_j
         request = read_request(request_file) if request_file else \
             request_from_event(engine.load_event(event_file)) if event_file else None
         options = engine.RunOptions(
-            variables=parse_vars(variables), only=only, skip=skip, repo=repo, ref=ref,
+            variables=parse_vars(variables), destination=chosen_destination(), only=only, skip=skip, repo=repo, ref=ref,
             request=request, run_id=run_id,
             data_dir=Path(data_dir) if data_dir else None, withhold_secrets=withhold_secrets)
         prep = engine.prepare(file, options)

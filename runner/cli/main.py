@@ -20,6 +20,7 @@ LAZY_COMMANDS = {
     "status": "runner.cli.deploy:status",
     "deploy-lock": "runner.cli.deploy:deploy_lock",
     "releases": "runner.cli.deploy:releases",
+    "promote": "runner.cli.promote:promote",
     "app": "runner.cli.app:app",
     "accessory": "runner.cli.accessory:accessory",
     "proxy": "runner.cli.proxy:proxy",

@@ -4,7 +4,8 @@ Steps, each collecting problems instead of stopping at the first (one module eac
 1. `yaml_reader`: compose the YAML into nodes (PyYAML's SafeLoader), turn them into plain Python
    data and a source map (`locations.SourceMap`): field path tuple -> (line, column) of the
    value, and of the key (1-based). Duplicate keys are refused; `<<` merge keys are honoured.
-2. `interpolation`: interpolate every string scalar (`runner.interpolate`; keys never are).
+2. `destinations`: the chosen destination's variables over the top-level ones.
+   `interpolation`: interpolate every string scalar (`runner.interpolate`; keys never are).
 3. `local_paths`: resolve relative paths on the runner's machine (the fields marked
    `PathOn("pipeline")`: repository.url, secrets' `file:`, ssh.key_file, ...) against the
    file's directory.
@@ -31,6 +32,7 @@ from runner.errors import InvalidInput, Problem
 from runner.gitsafety import is_local_path
 from runner.loader.accessory_checks import accessory_checks
 from runner.loader.checks import SUPPORTED_VERSIONS, cross_checks, repository_checks
+from runner.loader.destinations import select_destination
 from runner.loader.field_paths import FieldPath, format_path
 from runner.loader.interpolation import interpolate
 from runner.loader.local_paths import resolve_paths
@@ -55,13 +57,15 @@ def load_pipeline_text(
     variables: Mapping[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    destination: str | None = None,
 ) -> Pipeline:
     """Parse, interpolate and validate a pipeline given as text.
 
     `variables`: `--var K=V` values (highest precedence); `environ`: the process environment
     (default: os.environ); `base_dir`: where relative paths start (default: the directory of
     `filename`). Raises InvalidInput carrying every problem found. The pipeline returned
-    carries its own source map (`source_map`, `problem_at`)."""
+    carries its own source map (`source_map`, `problem_at`). `destination`: the one chosen
+    (`-d`), whose variables replace the top-level ones (runner.loader.destinations)."""
     environ = os.environ if environ is None else environ
     smap = SourceMap(filename)
     data, scalars, problems = read_yaml(text, smap)
@@ -72,6 +76,7 @@ def load_pipeline_text(
                                      f"runner, not in the file)", key=True))
         del data[hidden]
     failed: set[str] = set()
+    problems += select_destination(data, smap, scalars, destination)
     problems += interpolate(data, smap, scalars, variables or {}, environ, failed)
     if base_dir is None:
         base_dir = os.path.dirname(os.path.abspath(filename))
@@ -85,7 +90,8 @@ def load_pipeline_text(
         problems.sort(key=lambda p: (p.line, p.column))
         raise InvalidInput(f"{filename}: pipeline is invalid", _unique(problems))
     source = filename if filename.startswith("<") else os.path.abspath(filename)
-    return attach(pipeline.model_copy(update={"source_file": source}), smap)
+    return attach(pipeline.model_copy(update={"source_file": source,
+                                              "destination": destination or ""}), smap)
 
 
 def load_pipeline(
@@ -93,6 +99,7 @@ def load_pipeline(
     *,
     variables: Mapping[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
+    destination: str | None = None,
 ) -> Pipeline:
     """Read, parse, interpolate and validate the pipeline file at `path`.
 
@@ -114,7 +121,8 @@ def load_pipeline(
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise InvalidInput(f"{filename}: pipeline is invalid", [
             Problem(filename, line, column, "", "the file is not UTF-8 text")]) from None
-    return load_pipeline_text(text, filename, variables=variables, environ=environ)
+    return load_pipeline_text(text, filename, variables=variables, environ=environ,
+                              destination=destination)
 
 
 def _unique(problems: list[Problem]) -> list[Problem]:

@@ -63,7 +63,9 @@ def interpolate(data: dict[str, Any], smap: SourceMap, scalars: Scalars,
         return value
 
     for key in list(data):
-        if key != "variables":
+        # destinations: the chosen one's variables are in `variables` now; the others are
+        # values for another run, whose ${...} need not resolve in this one.
+        if key not in ("variables", "destinations"):
             data[key] = walk(data[key], (key,))
     return problems
 

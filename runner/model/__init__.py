@@ -17,6 +17,7 @@ from runner.model.accessories import NETWORK, Accessory
 from runner.model.base import Model, PathOn, check_env
 from runner.model.build import BuildSecret, BuildSettings
 from runner.model.deploy import DeploySettings
+from runner.model.destinations import Destination
 from runner.model.image import Image
 from runner.model.push import PushSettings, RegistryAuth
 from runner.model.scan import ScanSettings
@@ -102,8 +103,17 @@ class Pipeline(Model):
     `runner accessory boot` starts them, deploys never touch them, and a deploy fails before
     any switch when one is not running on its server. The app reaches one as `<app>-<NAME>`
     on the runner's docker network (the app joins it). See docs/accessories.md."""
+    destinations: dict[str, Destination] = Field(default_factory=dict, examples=[{
+        "staging": {"variables": {"DEPLOY_HOST": "10.0.0.5"}},
+        "production": {"variables": {"DEPLOY_HOST": "10.0.1.5"}}}])
+    """Named places to deploy to (a DNS label each), each with its own `variables`: with
+    destinations, every command that loads the file needs `--destination NAME` (`-d`), and
+    each destination has its own release history and deploy lock on its servers. `runner
+    promote --from A --to B` deploys to B the release last verified on A. See docs/deploy.md."""
     # Set by the loader, not by the YAML: the file the pipeline came from.
     source_file: str = Field(default="", exclude=True)
+    # Set by the loader, not by the YAML: the destination chosen (`-d`), "" for none.
+    destination: str = Field(default="", exclude=True)
     # Set by the loader with source_file: where each value is in that file, so that a problem
     # found later (an unreadable secret) is located there too. model_copy() keeps it; None for
     # a pipeline built in code. Read through runner.loader.source_map / problem_at.
@@ -135,7 +145,7 @@ class Pipeline(Model):
 
 
 __all__ = [
-    "STAGE_ORDER", "Accessory", "BuildSecret", "BuildSettings", "CheckoutSettings", "DeploySettings", "Image",
+    "STAGE_ORDER", "Accessory", "BuildSecret", "BuildSettings", "CheckoutSettings", "DeploySettings", "Destination", "Image",
     "Pipeline", "PushSettings", "RegistryAuth", "Repository", "ScanSettings", "SecretSource", "Stages",
     "TestSettings",
 ]

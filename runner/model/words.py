@@ -21,7 +21,7 @@ from pydantic.fields import FieldInfo
 from runner.model.base import AnyCase, OneString, PathOn
 
 # Fields the loader sets itself; never written in a file.
-HIDDEN_FIELDS = frozenset({"source_file"})
+HIDDEN_FIELDS = frozenset({"source_file", "destination"})
 
 
 def yaml_keys(name: str, info: FieldInfo) -> list[str]:

@@ -349,8 +349,10 @@ def test_yaml_block_loads(page: Path, block: Block, tmp_path: Path):
     try:
         if kind == "pipeline":
             # No environment: only the block's own variables and the documented example values.
+            # A file with destinations loads for one of them (its first), as `-d` would.
+            chosen = next(iter(data.get("destinations") or {}), None)
             load_pipeline_text(text, where, variables=_example_variables(text), environ={},
-                               base_dir=tmp_path)
+                               base_dir=tmp_path, destination=chosen)
         else:
             f = tmp_path / "daemon.yaml"
             f.write_text(text)
