@@ -39,7 +39,7 @@ def install() -> None:
     global _t0
     _t0 = time.monotonic()
     import deployers.ssh_docker as sd
-    import deployers.transport as tr
+    import deployers.ssh_connection as sc
 
     def timed(real, where, what):
         """`real`, noting how long each call took under (where(args), what(args))."""
@@ -58,12 +58,12 @@ def install() -> None:
         sd.http_get = timed(sd.http_get, first_label, lambda a: "http probe")
 
     def wrap(name: str, what):
-        setattr(tr.Connection, name,
-                timed(getattr(tr.Connection, name), first_label, lambda a: what(a[1:])))
+        setattr(sc.Connection, name,
+                timed(getattr(sc.Connection, name), first_label, lambda a: what(a[1:])))
 
     wrap("run", lambda a: _describe(a[0]) if a else "run")
     for name in ("sftp_do", "write_private_file", "ensure_private_dir", "remove_file"):
-        if hasattr(tr.Connection, name):
+        if hasattr(sc.Connection, name):
             wrap(name, lambda a, n=name: f"sftp {n}")
 
 

@@ -35,7 +35,9 @@ from deployers.lock import BASE_DIR
 from deployers.remote_files import sweep
 from deployers.spec import Target, env_file_content
 from deployers.ssh_docker import SSHDockerDeployer
-from deployers.transport import Connection, TransportError, connect
+from deployers.ssh_connect import connect
+from deployers.ssh_connection import Connection
+from deployers.ssh_errors import TransportError
 
 _ENV_DIR = "accessories/env"  # under ~/.runner on the server, 0700
 

@@ -11,7 +11,7 @@ from deployers import commands as cmd
 from deployers.accessory_plan import LABEL_ACCESSORY
 from deployers.base import ServerPlan, StepFailed
 from deployers.health import ContainerState, parse_state
-from deployers.transport import Connection
+from deployers.ssh_connection import Connection
 
 
 def states(stdout: str) -> dict[str, ContainerState]:

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from runner.errors import Cancelled
 
 from deployers.lock_holder import describe_holder, gone, holder_info
-from deployers.transport import Connection, TransportError
+from deployers.ssh_connection import Connection
+from deployers.ssh_errors import TransportError
 
 BASE_DIR = ".runner"
 WAIT_REPORT = 15.0  # seconds between "still waiting" lines

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from deployers import commands as cmd
 from deployers.base import PlannedCommand, ServerPlan, StepFailed
 from deployers.spec import Release, env_file_content
-from deployers.transport import CommandTimeout, Connection, TransportError
+from deployers.ssh_connection import Connection
+from deployers.ssh_errors import CommandTimeout, TransportError
 
 LABEL_RELEASE = "runner.release_of"  # the app whose release command the container runs
 LEFTOVER = cmd.Slot("leftover release container")

@@ -153,11 +153,11 @@ def resolve_target(name: str, *, label: str | None = None, user: str | None = No
       A jump host is itself looked up in ~/.ssh/config; its user and port are the ones
       written in the jump (`user@host:port`), then its User/Port, then `jump_user`
       (ssh.user) or root, and 22;
-    - keys (tried in this order at connect time, see deployers.transport): ssh.key_file or
+    - keys (tried in this order at connect time, see deployers.ssh_login): ssh.key_file or
       ssh.key, then the ssh-agent's keys (IdentityAgent, else $SSH_AUTH_SOCK), then
       IdentityFile, or ~/.ssh/id_ed25519, id_ecdsa, id_rsa when no IdentityFile is set;
     - host keys: `host_key` (the server's, else ssh.host_key), then ssh.known_hosts (held by
-      the transport's HostKeyPolicy), then UserKnownHostsFile (default ~/.ssh/known_hosts)
+      deployers.host_keys.HostKeyPolicy), then UserKnownHostsFile (default ~/.ssh/known_hosts)
       and GlobalKnownHostsFile (default /etc/ssh/ssh_known_hosts).
 
     `config` None: nothing of the user's own setup is used (no agent, no key or known_hosts

@@ -65,8 +65,13 @@ from deployers.ssh_config import UserConfig
 from deployers.spec import (LABEL_COMMIT, LABEL_DIGEST, LABEL_RUN, HealthSpec, Release, Target,
                             app_name, env_file_content, identity_of, record_identity,
                             release_key, secret_fingerprint, targets)
-from deployers.transport import (CommandFailed, Connection, HostKeyPolicy, SSHOptions,
-                                 TransportError, connect, http_get, load_private_key)
+from deployers.host_keys import HostKeyPolicy
+from deployers.http_over_ssh import http_get
+from deployers.ssh_connect import connect
+from deployers.ssh_connection import CommandFailed, Connection
+from deployers.ssh_errors import TransportError
+from deployers.ssh_keys import load_private_key
+from deployers.ssh_options import SSHOptions
 
 # How docker says that a registry wants a login it did not get (or refused).
 _REGISTRY_AUTH = re.compile(r"no basic auth credentials|unauthori[sz]ed|authentication required|"

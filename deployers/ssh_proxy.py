@@ -39,7 +39,9 @@ from deployers.proxy import (CONFIG_DIR, CONFIG_FILE, LABEL_ALIAS, LABEL_PROXY, 
 from deployers.remote_files import sweep
 from deployers.spec import LABEL_RUN, identity_of, record_identity
 from deployers.ssh_docker import SSHDockerDeployer, SSHDockerSteps, _check_name, _OnServer
-from deployers.transport import Connection, TransportError, http_get
+from deployers.http_over_ssh import http_get
+from deployers.ssh_connection import Connection
+from deployers.ssh_errors import TransportError
 
 PROXY_LOCK = "_proxy"  # the lock over the shared proxy config (no app name starts with "_")
 _TAKEN = ("port is already allocated", "address already in use", "bind for")

@@ -24,7 +24,7 @@ from deployers.accessory_plan import accessory_specs, needed_on
 from deployers.base import DeployFailed
 from deployers.hooks import HookFailed, hook_env, run_hook
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
-from deployers.transport import TransportError
+from deployers.ssh_errors import TransportError
 
 
 def make_deployer(pipeline: Pipeline, *, run_id: str, image: ImageRef | None = None,

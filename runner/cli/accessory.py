@@ -25,7 +25,7 @@ from deployers import commands as cmd
 from deployers.accessories import Accessories, AccessoryError
 from deployers.accessory_plan import AccessoryPlan
 from deployers.ssh_docker import ConfigError
-from deployers.transport import TransportError
+from deployers.ssh_errors import TransportError
 
 
 def _why(exc: BaseException) -> str:

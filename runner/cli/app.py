@@ -48,7 +48,7 @@ from deployers.remote_files import remove_tree, sweep
 from deployers.spec import Target
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 from deployers.ssh_proxy import ProxyOps
-from deployers.transport import TransportError
+from deployers.ssh_errors import TransportError
 
 SERVER_HELP = "only this server (its name or host)"
 _SCRATCH = "--[0-9a-f]{32}"  # after the app name: a deploy's env file or login dir

@@ -29,7 +29,7 @@ from deployers import history as hist
 from deployers.accessory_plan import accessory_specs, needed_on
 from deployers.base import DeployFailed, ServerStatus
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
-from deployers.transport import TransportError
+from deployers.ssh_errors import TransportError
 
 def _open(path: str, var: tuple[str, ...], load: Load, run_id: str,
           echo: Callable[[str], None]):
@@ -419,8 +419,10 @@ def ssh_trust(hosts: tuple[str, ...], jump: str | None, known_hosts: str | None,
 
     from deployers.spec import resolve_target
     from deployers.ssh_config import UserConfig, parse_hops
-    from deployers.transport import (HostKeyPolicy, SSHOptions, key_fingerprint, known_hosts_line,
-                                     load_private_key, scan_host_key)
+    from deployers.host_keys import HostKeyPolicy, known_hosts_line
+    from deployers.ssh_connect import scan_host_key
+    from deployers.ssh_keys import key_fingerprint, load_private_key
+    from deployers.ssh_options import SSHOptions
     config = UserConfig.load()
     try:
         policy = HostKeyPolicy(known_hosts)

@@ -45,7 +45,9 @@ from deployers.proxy import PROXY_CONTAINER, published
 from deployers.spec import Target
 from deployers.ssh_docker import SSHDockerDeployer
 from deployers.ssh_proxy import PROXY_LOCK, ProxyOps
-from deployers.transport import Connection, TransportError, http_get
+from deployers.http_over_ssh import http_get
+from deployers.ssh_connection import Connection
+from deployers.ssh_errors import TransportError
 
 ASIDE = f"{PROXY_CONTAINER}-replaced"  # the old proxy during a reboot, until the new one answers
 PROBE_HOST = "runner-proxy.invalid"  # any HTTP answer will do (the proxy's own 404 is one)

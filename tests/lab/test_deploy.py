@@ -18,7 +18,8 @@ from deployers import lock as locks
 from deployers.base import DeployFailed
 from deployers.spec import Target
 from deployers.ssh_docker import SSHDockerDeployer
-from deployers.transport import HostKeyError, connect
+from deployers.ssh_connect import connect
+from deployers.ssh_errors import HostKeyError
 from pipelines.deploy import DeployStage
 from runner.errors import StageFailed
 from runner.model import Pipeline
@@ -205,7 +206,7 @@ def test_pinned_host_key_mismatch_is_refused(lab):
     opts = SSHDockerDeployer(stage, pipeline="x", image_name="x", run_id="x").options()
     from dataclasses import replace
 
-    from deployers.transport import HostKeyPolicy
+    from deployers.host_keys import HostKeyPolicy
     import base64
 
     import paramiko

@@ -20,7 +20,10 @@ import pytest
 from deployers import lock as locks
 from deployers.lock import LockLost
 from deployers.spec import Target
-from deployers.transport import HostKeyPolicy, SSHOptions, connect, load_private_key
+from deployers.host_keys import HostKeyPolicy
+from deployers.ssh_connect import connect
+from deployers.ssh_keys import load_private_key
+from deployers.ssh_options import SSHOptions
 from tests.helpers import ROOT, events, make_repo, stage_end
 from tests.lab.deploy_fixtures import Log, _cleanup, _deployer, _get, _port, _stage
 

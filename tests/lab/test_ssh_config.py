@@ -14,7 +14,7 @@ import pytest
 
 from deployers.base import DeployFailed
 from deployers.ssh_docker import SSHDockerDeployer
-from deployers.transport import key_fingerprint, parse_public_key
+from deployers.ssh_keys import key_fingerprint, parse_public_key
 from runner.model.deploy import DeploySettings
 from tests.lab.deploy_fixtures import Log, _deployer, _get, _port
 from tests.helpers import runner

@@ -21,8 +21,11 @@ from pathlib import Path
 
 
 from deployers.spec import Target
-from deployers.transport import (CommandTimeout, HostKeyPolicy, RemoteTimeout, SSHOptions,
-                                 TransportError, connect, load_private_key)
+from deployers.host_keys import HostKeyPolicy
+from deployers.ssh_connect import connect
+from deployers.ssh_errors import CommandTimeout, RemoteTimeout, TransportError
+from deployers.ssh_keys import load_private_key
+from deployers.ssh_options import SSHOptions
 from runner.lab import layout
 
 IO_TIMEOUT = 2.0

@@ -15,7 +15,9 @@ from deployers.health import (ContainerState, ProbeResult, parse_http_status, pa
                               parse_state, wait_healthy)
 from deployers.spec import (HealthSpec, batches, container_spec, env_file_content,
                             fingerprint, targets)
-from deployers.transport import HostKeyError, HostKeyPolicy, remote_command
+from deployers.host_keys import HostKeyPolicy
+from deployers.ssh_connection import remote_command
+from deployers.ssh_errors import HostKeyError
 from runner.errors import Cancelled
 from runner.model.deploy import DeploySettings, parse_server
 from runner.model.image import ImageRef

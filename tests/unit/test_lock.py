@@ -15,7 +15,7 @@ from deployers import lock as locks
 from deployers.lock_holder import Here, describe_holder, gone, here, holder_info
 from runner.proc import start_time
 from deployers.lock import Lease, LockLost
-from deployers.transport import TransportError
+from deployers.ssh_errors import TransportError
 
 HOLDER = {"token": "f" * 32, "run_id": "r1", "pipeline": "web", "commit": "c" * 40,
           "who": "ci@box pid 7", "ttl": 30}

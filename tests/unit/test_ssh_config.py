@@ -16,8 +16,11 @@ import pytest
 
 from deployers.spec import resolve_target, targets
 from deployers.ssh_config import Hop, UserConfig, parse_hops
-from deployers.transport import (HostKeyError, HostKeyPolicy, SSHOptions, _Agent, _offers,
-                                 known_hosts_line, load_private_key)
+from deployers.host_keys import HostKeyPolicy, known_hosts_line
+from deployers.ssh_errors import HostKeyError
+from deployers.ssh_keys import load_private_key
+from deployers.ssh_login import _Agent, _offers
+from deployers.ssh_options import SSHOptions
 from runner.model.deploy import DeploySettings
 
 

@@ -1,4 +1,5 @@
-"""deployers.transport without a server: the bounds on waiting (issue 9), with fake channels."""
+"""deployers.ssh_connection without a server: the bounds on waiting (issue 9), with fake
+channels."""
 from __future__ import annotations
 
 import socket
@@ -8,8 +9,10 @@ import time
 import pytest
 
 from deployers.spec import Target
-from deployers.transport import (CommandTimeout, Connection, HostKeyPolicy, RemoteTimeout,
-                                 SSHOptions, TransportError, _SFTP)
+from deployers.host_keys import HostKeyPolicy
+from deployers.ssh_connection import Connection, _SFTP
+from deployers.ssh_errors import CommandTimeout, RemoteTimeout, TransportError
+from deployers.ssh_options import SSHOptions
 
 
 class FakeTransport:
