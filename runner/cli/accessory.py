@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import click
 
-from runner.cli.common import confirmed, open_or_exit
+from runner.cli.common import confirmed, destination_option, open_or_exit
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load, load_file
 
@@ -132,7 +132,9 @@ def make_accessory(load: Load = load_file) -> click.Group:
 
     pipeline_arg = click.argument("pipeline_file", type=click.Path(dir_okay=False))
     name_arg = click.argument("name", required=False)
-    var_opt = click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    def var_opt(fn):  # --var, and -d for a pipeline with destinations
+        return destination_option(click.option("--var", multiple=True, metavar="K=V",
+                                               help="pipeline variable")(fn))
 
     @accessory.command("boot")
     @pipeline_arg

@@ -37,6 +37,7 @@ from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 
 from deployers import commands as cmd
 from deployers import lock as locks
+from runner.cli.common import destination_option
 from runner.cli.app import SERVER_HELP, _choose, _each, _Out
 from runner.cli.app import _session as app_session
 from deployers.base import StepFailed
@@ -374,7 +375,9 @@ def make_proxy(load: Load = load_file) -> click.Group:
         section, unknown --server), 130 interrupted."""
 
     server_opt = click.option("--server", default=None, metavar="S", help=SERVER_HELP)
-    var_opt = click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
+    def var_opt(fn):  # --var, and -d for a pipeline with destinations
+        return destination_option(click.option("--var", multiple=True, metavar="K=V",
+                                               help="pipeline variable")(fn))
     json_opt = click.option("--json", "as_json", is_flag=True, help="print JSON: one object "
                                                                      "per server")
 

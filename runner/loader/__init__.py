@@ -76,7 +76,11 @@ def load_pipeline_text(
                                      f"runner, not in the file)", key=True))
         del data[hidden]
     failed: set[str] = set()
-    problems += select_destination(data, smap, scalars, destination)
+    chosen = select_destination(data, smap, scalars, destination)
+    if chosen:
+        # Without the destination's values the rest cannot be judged (every ${...} it would
+        # define is undefined): the choice first, alone.
+        raise InvalidInput(f"{filename}: pipeline is invalid", problems + chosen)
     problems += interpolate(data, smap, scalars, variables or {}, environ, failed)
     if base_dir is None:
         base_dir = os.path.dirname(os.path.abspath(filename))

@@ -122,3 +122,12 @@ def test_promote_refuses_an_entry_whose_ref_is_not_its_digest():
     bad["ref"] = "registry.example.com/shop:latest"
     with pytest.raises(NothingToPromote, match="names no image by digest"):
         release_to_promote("staging", [("srv1", [bad])])
+
+
+def test_without_a_destination_its_variables_are_not_reported_as_undefined():
+    # HOST is defined by the destinations alone: the choice is the one problem said.
+    text = FILE.replace("variables: {HOST: 10.0.0.9, LEVEL: debug}", "variables: {LEVEL: debug}")
+    for chosen in (None, "qa"):
+        with pytest.raises(InvalidInput) as exc:
+            _load(text, destination=chosen)
+        assert [p.path for p in exc.value.problems] == ["destinations"], exc.value.problems
