@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import click
 
-from runner.cli.common import destination_option, open_or_exit
+from runner.cli.common import chosen_destination, destination_option, open_or_exit
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load, load_file
 from runner.signals import STOP_SIGNALS, StopSignals
@@ -170,6 +170,11 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
         recorded command, env, ports, ...: not the file's current settings), health-gated."""
         run_id = run_id or f"rollback-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
         opens = load
+        if request_file and chosen_destination() is not None:
+            # A daemon entry has no destination yet (docs/deploy.md): refused, not guessed.
+            click.echo("rollback: -d and --request together: a daemon's rollback (--request) "
+                       "has no destination", err=True)
+            sys.exit(EXIT_INVALID)
         if request_file:
             opens, to = _at_release(pipeline_file, var, request_file, to, run_id)
         _, deployer, masker = _open(pipeline_file, var, opens, run_id,

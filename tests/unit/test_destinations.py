@@ -131,3 +131,20 @@ def test_without_a_destination_its_variables_are_not_reported_as_undefined():
         with pytest.raises(InvalidInput) as exc:
             _load(text, destination=chosen)
         assert [p.path for p in exc.value.problems] == ["destinations"], exc.value.problems
+
+
+def test_a_daemon_rollback_with_a_destination_is_refused(tmp_path):
+    """`runner rollback --request FILE -d NAME`: a daemon entry has no destination, so the two
+    together are bad input (exit 2, saying so), not a crash in the repository pipeline's load."""
+    from click.testing import CliRunner
+
+    from runner.cli.main import cli
+
+    (tmp_path / "p.yml").write_text(FILE)
+    (tmp_path / "request.json").write_text(
+        '{"kind": "rollback", "ref": "refs/heads/main", "branch": "main", '
+        '"pipeline_from": {"repository": "%s"}}' % (tmp_path / "no-such-repo"))
+    res = CliRunner().invoke(cli, ["rollback", str(tmp_path / "p.yml"), "-d", "staging",
+                                   "--request", str(tmp_path / "request.json")])
+    assert res.exit_code == 2, res.output
+    assert "-d and --request together" in res.output
