@@ -17,12 +17,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import click
 
 from runner.cli.common import chosen_destination, destination_option, open_or_exit
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load, load_file
+from runner.secrets import Masker
 from runner.signals import STOP_SIGNALS, StopSignals
 
 from deployers import history as hist
@@ -147,6 +149,45 @@ def _at_release(path: str, var: tuple[str, ...], request_file: str, to: str | No
     return at(commit), digest
 
 
+def apply_reported(deployer: SSHDockerDeployer, work: Callable[[], Any], verb: str,
+                   masker: Masker, as_json: bool) -> None:
+    """Run `work` (a rollback, a promotion: a rollout of `deployer`) and print its report, or
+    exit 1 or 2 naming what failed (`verb` failed: ...), 130 when interrupted.
+
+    Ctrl-C, SIGTERM, or the daemon cancelling the run: the rollout stops at its next step and
+    puts back what it had switched (an exception raised in the handler instead would leave the
+    main thread without undoing anything). The event is set by a thread the signal wakes, not in
+    the handler: its lock could deadlock the process."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    signals = StopSignals()
+    signals.install()
+    signals.watch(deployer.cancel.set)
+    try:
+        report = work()
+    except (Cancelled, KeyboardInterrupt):
+        click.echo(f"{verb} interrupted: the servers it had switched were put back", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except DeployFailed as exc:
+        if as_json:
+            click.echo(json.dumps(exc.report.to_dict()))
+        if deployer.cancel.is_set():
+            click.echo(masker.mask(f"{verb} interrupted: {exc}"), err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        click.echo(masker.mask(f"{verb} failed: {exc}"), err=True)
+        sys.exit(EXIT_INVALID if exc.invalid_input else EXIT_FAILED)
+    except (ConfigError, TransportError) as exc:
+        click.echo(masker.mask(f"{verb} failed: {exc}"), err=True)
+        sys.exit(EXIT_FAILED)
+    finally:
+        deployer.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        click.echo(report.summary())
+
+
 def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
                                                         click.Group]:
     @click.command("rollback")
@@ -180,40 +221,7 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
         _, deployer, masker = _open(pipeline_file, var, opens, run_id,
                                     lambda s: click.echo(s, err=True))
 
-        # Ctrl-C, SIGTERM, or the daemon cancelling a rollback run: the rollout stops at its
-        # next step and puts back what it had switched (an exception raised in the handler
-        # instead would leave the main thread without undoing anything). The event is set by a
-        # thread the signal wakes, not in the handler: its lock could deadlock the process.
-        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-        signals = StopSignals()
-        signals.install()
-        signals.watch(deployer.cancel.set)
-        try:
-            report = deployer.rollback(to)
-        except (Cancelled, KeyboardInterrupt):
-            click.echo("rollback interrupted: the servers it had switched were put back", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except DeployFailed as exc:
-            if deployer.cancel.is_set():
-                if as_json:
-                    click.echo(json.dumps(exc.report.to_dict()))
-                click.echo(masker.mask(f"rollback interrupted: {exc}"), err=True)
-                sys.exit(EXIT_INTERRUPTED)
-            if as_json:
-                click.echo(json.dumps(exc.report.to_dict()))
-            click.echo(masker.mask(f"rollback failed: {exc}"), err=True)
-            sys.exit(EXIT_INVALID if exc.invalid_input else EXIT_FAILED)
-        except (ConfigError, TransportError) as exc:
-            click.echo(masker.mask(f"rollback failed: {exc}"), err=True)
-            sys.exit(EXIT_FAILED)
-        finally:
-            deployer.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if as_json:
-            click.echo(json.dumps(report.to_dict()))
-        else:
-            click.echo(report.summary())
+        apply_reported(deployer, lambda: deployer.rollback(to), "rollback", masker, as_json)
 
     @click.command("releases")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))

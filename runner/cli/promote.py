@@ -10,9 +10,7 @@ A), 130 interrupted (Ctrl-C, SIGTERM: it stops at its next step and puts back wh
 """
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -20,14 +18,13 @@ from collections.abc import Callable
 import click
 
 from runner.cli.common import open_or_exit
-from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
+from runner.cli.deploy import apply_reported
+from runner.errors import EXIT_FAILED, EXIT_INVALID
 from runner.pipeline_file import Load, load_file
-from runner.signals import STOP_SIGNALS, StopSignals
 
-from deployers.base import DeployFailed
 from deployers.promotion import NothingToPromote, release_to_promote
-# TransportError as ssh_docker has it: the SSH transport's modules are being split.
-from deployers.ssh_docker import ConfigError, TransportError
+from deployers.ssh_docker import ConfigError
+from deployers.ssh_errors import TransportError
 from pipelines.deploy import make_deployer
 
 
@@ -62,32 +59,7 @@ def make_promote(load: Load = load_file) -> click.Command:
         say(masker.mask(f"promoting {image} (verified on {source}: commit "
                         f"{str(entry.get('commit') or '-')[:12]}, run {entry.get('run_id', '?')}) "
                         f"to {target}: {servers}"))
-        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-        signals = StopSignals()
-        signals.install()
-        signals.watch(deployer.cancel.set)
-        try:
-            report = deployer.apply(deployer.plan())
-        except (Cancelled, KeyboardInterrupt):
-            say("promote interrupted: the servers it had switched were put back")
-            sys.exit(EXIT_INTERRUPTED)
-        except DeployFailed as exc:
-            if as_json:
-                click.echo(json.dumps(exc.report.to_dict()))
-            say(masker.mask(f"promote failed: {exc}"))
-            sys.exit(EXIT_INTERRUPTED if deployer.cancel.is_set() else
-                     EXIT_INVALID if exc.invalid_input else EXIT_FAILED)
-        except (ConfigError, TransportError) as exc:
-            say(masker.mask(f"promote failed: {exc}"))
-            sys.exit(EXIT_FAILED)
-        finally:
-            deployer.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if as_json:
-            click.echo(json.dumps(report.to_dict()))
-        else:
-            click.echo(report.summary())
+        apply_reported(deployer, lambda: deployer.apply(deployer.plan()), "promote", masker, as_json)
 
     return promote
 
