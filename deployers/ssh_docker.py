@@ -200,8 +200,8 @@ class SSHDockerDeployer(Deployer):
                                     io_timeout=s.io_timeout)
         return self._opts
 
-    def _conn(self, t: Target, fresh: bool = False,
-              on_new: Callable[[Connection], None] | None = None) -> Connection:
+    def connection(self, t: Target, fresh: bool = False,
+                   on_new: Callable[[Connection], None] | None = None) -> Connection:
         with self._conns_lock:
             c = self._conns.get(t.label)
         if c is not None and c.alive and not fresh:
@@ -218,7 +218,7 @@ class SSHDockerDeployer(Deployer):
         threading.Thread(target=c.warm_sftp, daemon=True).start()
         return c
 
-    def _dir(self, conn: Connection) -> str:
+    def runner_dir(self, conn: Connection) -> str:
         """The runner's directory for this server's docker engine: ~/.runner/engines/<engine id>.
         Keyed by the engine, not the host name, so locks and history follow what they protect
         (two names for one server share them; engines sharing one filesystem do not). The id is a
@@ -238,12 +238,12 @@ class SSHDockerDeployer(Deployer):
             self._homes[conn.label] = f"{home}/{locks.BASE_DIR}/engines/{engine}"
         return self._homes[conn.label]
 
-    def _parallel(self, fn: Callable, items: list) -> list:
+    def each(self, fn: Callable, items: list) -> list:
         """fn(item) for each item, in parallel; returns results or the exceptions raised."""
         return parallel(fn, items, self.stage.parallel)
 
     def history_path(self, conn: Connection) -> str:
-        return f"{self._dir(conn)}/apps/{self.key}/history.json"
+        return f"{self.runner_dir(conn)}/apps/{self.key}/history.json"
 
     def history(self, conn: Connection) -> list[dict]:
         """The verified releases recorded on this server, oldest first."""
@@ -262,7 +262,7 @@ class SSHDockerDeployer(Deployer):
         return [h for h in data if isinstance(h, dict) and h.get("digest")]
 
     def pulled_dir(self, conn: Connection) -> str:
-        return f"{self._dir(conn)}/apps/{self.key}/{pruning.PULLED_DIR}"
+        return f"{self.runner_dir(conn)}/apps/{self.key}/{pruning.PULLED_DIR}"
 
     def pulled_images(self, conn: Connection) -> list[str]:
         """The images the runner pulled for this app on this server and has not removed."""
@@ -361,7 +361,7 @@ class SSHDockerDeployer(Deployer):
         self.options()
 
         def pick(t: Target) -> Release:
-            conn = self._conn(t)
+            conn = self.connection(t)
             cur = self.inspect(conn, self.app)
             entry = hist.choose(self.history(conn), identity_of(cur.labels) if cur else None, to)
             return Release.from_record(entry)
@@ -369,7 +369,7 @@ class SSHDockerDeployer(Deployer):
         releases: dict[str, Release] = {}
         problems: dict[str, str] = {}
         unknown = 0
-        for t, r in zip(self.targets, self._parallel(pick, list(self.targets))):
+        for t, r in zip(self.targets, self.each(pick, list(self.targets))):
             if isinstance(r, Release):
                 releases[t.label] = r
                 self.log(f"{t.label}: rolling back to {r.digest[:19]} (commit "
@@ -392,7 +392,7 @@ class SSHDockerDeployer(Deployer):
     def verify(self) -> list[ServerStatus]:
         def one(t: Target) -> ServerStatus:
             try:
-                conn = self._conn(t)
+                conn = self.connection(t)
                 st = self.inspect(conn, self.app)
                 history = self.history(conn)
             except (TransportError, ConfigError) as exc:
@@ -409,7 +409,7 @@ class SSHDockerDeployer(Deployer):
                                 verified=verified,
                                 previous_verified="" if verified or not newest
                                 else newest["digest"])
-        out = self._parallel(one, list(self.targets))
+        out = self.each(one, list(self.targets))
         return [r if isinstance(r, ServerStatus) else
                 ServerStatus(t.label, self.app, error=f"{type(r).__name__}: {r}")
                 for t, r in zip(self.targets, out)]
@@ -417,8 +417,8 @@ class SSHDockerDeployer(Deployer):
     def releases(self) -> list[tuple[str, list[dict], str]]:
         """(server, history oldest first, error) for every server."""
         def one(t: Target):
-            return self.history(self._conn(t))
-        out = self._parallel(one, list(self.targets))
+            return self.history(self.connection(t))
+        out = self.each(one, list(self.targets))
         return [(t.label, [], f"{r}") if isinstance(r, BaseException) else (t.label, r, "")
                 for t, r in zip(self.targets, out)]
 
@@ -427,9 +427,9 @@ class SSHDockerDeployer(Deployer):
     def lock_status(self) -> list[tuple[str, locks.LockInfo | None, str]]:
         """(server, holder or None, error) for this app's deploy lock on every server."""
         def one(t: Target):
-            conn = self._conn(t)
-            return locks.inspect(conn, f"{self._dir(conn)}/locks", self.key)
-        out = self._parallel(one, list(self.targets))
+            conn = self.connection(t)
+            return locks.inspect(conn, f"{self.runner_dir(conn)}/locks", self.key)
+        out = self.each(one, list(self.targets))
         return [(t.label, None, f"{r}") if isinstance(r, BaseException) else (t.label, r, "")
                 for t, r in zip(self.targets, out)]
 
@@ -438,9 +438,9 @@ class SSHDockerDeployer(Deployer):
         chosen = [t for t in self.targets if server in (None, t.label, t.host)]
 
         def one(t: Target):
-            conn = self._conn(t)
-            return locks.break_lock(conn, f"{self._dir(conn)}/locks", self.key)
-        out = self._parallel(one, chosen)
+            conn = self.connection(t)
+            return locks.break_lock(conn, f"{self.runner_dir(conn)}/locks", self.key)
+        out = self.each(one, chosen)
         return [(t.label, False, f"{r}") if isinstance(r, BaseException) else (t.label, r, "")
                 for t, r in zip(chosen, out)]
 
@@ -503,7 +503,7 @@ class SSHDockerSteps(ServerSteps):
             lease = self._leases.get(t.label)
             if lease is not None:
                 lease.conn = c  # heartbeat and release go through the new connection
-        return self.d._conn(t, fresh=fresh, on_new=moved)
+        return self.d.connection(t, fresh=fresh, on_new=moved)
 
     def _runner(self, conn: Connection) -> Callable:
         """conn.run, after checking the lock is still ours (when we hold one there)."""
@@ -531,7 +531,7 @@ class SSHDockerSteps(ServerSteps):
         with self._as_step(t.label, touched=False):
             with self._phase(t.label, "connect"):
                 conn = self._conn(t)
-                self._lock_roots[t.label] = f"{self.d._dir(conn)}/locks"
+                self._lock_roots[t.label] = f"{self.d.runner_dir(conn)}/locks"
                 check_before_switch(conn, plan, app=self.d.app, cancel=self.d.cancel)
         return self._lock_roots[t.label]
 
@@ -625,7 +625,7 @@ class SSHDockerSteps(ServerSteps):
         """A fresh name `<app>--<random><suffix>` in the runner's 0700 dir `<root>/<kind>` on the
         server, for a secret that lives only as long as one command: if a run dies before removing
         it, `_recover` of the next deploy of this app finds it by that form."""
-        directory = f"{self.d._dir(conn)}/{kind}"
+        directory = f"{self.d.runner_dir(conn)}/{kind}"
         conn.ensure_private_dir(directory)
         return f"{directory}/{self.d.app}--{uuid.uuid4().hex}{suffix}"
 
@@ -646,7 +646,7 @@ class SSHDockerSteps(ServerSteps):
 
     def _app_key(self, conn: Connection) -> bytes:
         """The app's fingerprint key on this server (32 random bytes, 0600), made once."""
-        directory = f"{self.d._dir(conn)}/apps/{self.d.key}"
+        directory = f"{self.d.runner_dir(conn)}/apps/{self.d.key}"
         conn.ensure_private_dir(directory)
         path = f"{directory}/secrets.key"
 
@@ -673,7 +673,7 @@ class SSHDockerSteps(ServerSteps):
         mid-switch, deciding by the history (verified releases only), never by which
         containers happen to exist. Also sweeps a dead run's env files and old logins.
         Returns what it did to what runs ("" when nothing)."""
-        root, app = self.d._dir(conn), self.d.app
+        root, app = self.d.runner_dir(conn), self.d.app
         own = re.escape(app) + _SCRATCH_TAIL
         # Env files left by a run that died between writing and removing them; logins left by
         # one that died before its pull ended: only old ones, as a runner of an earlier version
@@ -991,7 +991,7 @@ class SSHDockerSteps(ServerSteps):
             run(st.plan.argv("remove_previous"), check=False)
 
     def _write_history(self, conn: Connection, history: list[dict]) -> None:
-        conn.ensure_private_dir(f"{self.d._dir(conn)}/apps/{self.d.key}")
+        conn.ensure_private_dir(f"{self.d.runner_dir(conn)}/apps/{self.d.key}")
         path = self.d.history_path(conn)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         data = json.dumps(history, indent=1).encode()

@@ -57,7 +57,7 @@ class ProxyOps:
         self.proxy = d.stage.proxy
 
     def dir(self, conn: Connection) -> str:
-        return f"{self.d._dir(conn)}/proxy"
+        return f"{self.d.runner_dir(conn)}/proxy"
 
     def routes(self, conn: Connection) -> dict[str, Route]:
         """Every app's route on this server, from the runner's route files."""
@@ -99,7 +99,7 @@ class ProxyOps:
         root = self.dir(conn)
         conn.ensure_private_dir(f"{root}/routes")
         holder = locks.holder_info(self.d.run_id, self.d.pipeline, ttl=30)
-        lease = locks.acquire(conn, f"{self.d._dir(conn)}/locks", PROXY_LOCK, holder, ttl=30,
+        lease = locks.acquire(conn, f"{self.d.runner_dir(conn)}/locks", PROXY_LOCK, holder, ttl=30,
                               wait=60, cancel=None, log=self.d.log)
         try:
             before = self.routes(conn)
@@ -267,7 +267,7 @@ class ProxySteps(SSHDockerSteps):
         with self._as_step(sw.server, touched=False), self._phase(sw.server, "proxy"):
             self._leave_stop_start(conn, run)
             did = self.ops.ensure(conn, run, plan.argv("proxy_boot",
-                                                       {cmd.PROXY_DIR: self.d._dir(conn)}),
+                                                       {cmd.PROXY_DIR: self.d.runner_dir(conn)}),
                                   plan.argv("network"))
             if did:
                 self.d.log(f"{sw.server}: {did}")

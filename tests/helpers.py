@@ -126,5 +126,5 @@ def remove_app_on_server(deployer, conn, app: str) -> None:
                       "--filter", f"label=runner.app={app}"]).stdout.split()
     if names:
         conn.run(["docker", "container", "rm", "--force", *names])
-    root = deployer._dir(conn)
+    root = deployer.runner_dir(conn)
     conn.run(["rm", "-rf", f"{root}/apps/{app}", f"{root}/locks/{app}"])

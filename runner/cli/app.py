@@ -182,8 +182,8 @@ def lasting_volumes(volumes: tuple[str, ...] | list[str]) -> list[str]:
 
 
 def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> None:
-    conn = d._conn(t)
-    root = d._dir(conn)
+    conn = d.connection(t)
+    root = d.runner_dir(conn)
     app = d.app
     lock_root = f"{root}/locks"
     # d.key: the destination's own lock and history dir (deployers.spec.release_key).
@@ -243,7 +243,7 @@ def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> N
 
 def _switch_on(d: SSHDockerDeployer, t: Target, message: str | None) -> str:
     """Maintenance on (message) or off (None) on one server; what it did."""
-    conn = d._conn(t)
+    conn = d.connection(t)
     route, running = ProxyOps(d).set_maintenance(
         conn, lambda argv, **kw: conn.run(argv, cancel=d.cancel, **kw), d.app, message)
     if route is None:
@@ -335,7 +335,7 @@ def make_app(load: Load = load_file) -> click.Group:
                 else:
                     got.append((text, err))
             try:
-                status = d._conn(t).stream(argv, on_line, cancel=d.cancel, timeout=limit,
+                status = d.connection(t).stream(argv, on_line, cancel=d.cancel, timeout=limit,
                                            pty=follow)  # follow: hung up on Ctrl-C
             except Exception as exc:
                 if follow and not d.cancel.is_set():  # at once: the others go on streaming
@@ -403,7 +403,7 @@ def make_app(load: Load = load_file) -> click.Group:
         argv = cmd.exec_(d.app, list(command))
 
         def one(t: Target) -> int:
-            return d._conn(t).stream(argv, lambda text, err: out.line(t.label, text, err),
+            return d.connection(t).stream(argv, lambda text, err: out.line(t.label, text, err),
                                      cancel=d.cancel, timeout=d.stage.ssh.command_timeout)
 
         results, interrupted = _each(d, one, chosen, d.stage.parallel)

@@ -64,7 +64,7 @@ def _with_routes(deployer: SSHDockerDeployer, rows: list[ServerStatus]
     def one(r: ServerStatus) -> tuple[ServerStatus, str]:
         if r.error:
             return r, ""
-        conn = deployer._conn(by_label[r.server])
+        conn = deployer.connection(by_label[r.server])
         route = route_status(deployer, conn)
         if route is None:
             return r, ("no route: the proxy sends it no traffic" if r.running else "")
@@ -80,7 +80,7 @@ def _with_routes(deployer: SSHDockerDeployer, rows: list[ServerStatus]
                                    f"container")
 
     out, wrong = [], {}
-    for row, got in zip(rows, deployer._parallel(one, list(rows))):
+    for row, got in zip(rows, deployer.each(one, list(rows))):
         if isinstance(got, BaseException):
             out.append(row)
             wrong[row.server] = f"route: cannot read it ({got})"

@@ -89,7 +89,7 @@ def _runner(conn: Connection, cancel: threading.Event | None) -> Callable:
 
 def _lease(d: SSHDockerDeployer, conn: Connection) -> locks.Lease:
     holder = locks.holder_info(d.run_id, d.pipeline, ttl=LOCK_TTL)
-    return locks.acquire(conn, f"{d._dir(conn)}/locks", PROXY_LOCK, holder, ttl=LOCK_TTL,
+    return locks.acquire(conn, f"{d.runner_dir(conn)}/locks", PROXY_LOCK, holder, ttl=LOCK_TTL,
                          wait=LOCK_WAIT, cancel=d.cancel, log=d.log)
 
 
@@ -97,7 +97,7 @@ def _planned(d: SSHDockerDeployer, conn: Connection, plan, t: Target
              ) -> tuple[list[str], list[str]]:
     """The plan's own `proxy_boot` and `network` argv for this server."""
     sp = plan.server(t.label)
-    return sp.argv("proxy_boot", {cmd.PROXY_DIR: d._dir(conn)}), sp.argv("network")
+    return sp.argv("proxy_boot", {cmd.PROXY_DIR: d.runner_dir(conn)}), sp.argv("network")
 
 
 def _image_note(d: SSHDockerDeployer, image: str) -> str:
@@ -132,7 +132,7 @@ class _Row:
 
 def _boot_on(d: SSHDockerDeployer, ops: ProxyOps, plan, t: Target, row: _Row) -> None:
     _stopped(d)
-    conn = d._conn(t)
+    conn = d.connection(t)
     boot, network = _planned(d, conn, plan, t)
     run = _runner(conn, d.cancel)
     lease = _lease(d, conn)
@@ -184,7 +184,7 @@ def _no_restart(name: str, policy: str = "no") -> list[str]:
 def _reboot_on(d: SSHDockerDeployer, ops: ProxyOps, plan, t: Target, row: _Row) -> None:
     _stopped(d)
     p = d.stage.proxy
-    conn = d._conn(t)
+    conn = d.connection(t)
     boot, network = _planned(d, conn, plan, t)
     run = _runner(conn, d.cancel)
     lease = _lease(d, conn)
@@ -272,7 +272,7 @@ def _put_back(d: SSHDockerDeployer, ops: ProxyOps, conn: Connection, was_running
 # ---------------------------------------------------------------------------------- status
 
 def _status_on(d: SSHDockerDeployer, ops: ProxyOps, t: Target) -> dict:
-    conn = d._conn(t)
+    conn = d.connection(t)
     st = d.inspect(conn, PROXY_CONTAINER)
     routes = sorted(ops.routes(conn).values(), key=lambda r: r.app)
     want = list(published(d.stage.proxy))
@@ -477,7 +477,7 @@ def make_proxy(load: Load = load_file) -> click.Group:
         def one(t: Target) -> tuple[int, list[tuple[str, bool]]]:
             _stopped(d)
             got: list[tuple[str, bool]] = []
-            status = d._conn(t).stream(argv, lambda text, err: got.append((text, err)),
+            status = d.connection(t).stream(argv, lambda text, err: got.append((text, err)),
                                        cancel=d.cancel, timeout=d.stage.ssh.command_timeout)
             return status, got
 

@@ -122,7 +122,7 @@ def _cleanup(lab, app: str, servers) -> None:
     stage = _stage(lab, servers, app, 1)
     d = SSHDockerDeployer(stage, pipeline=app, image_name="x", run_id="cleanup")
     # errors ignored: best effort
-    d._parallel(lambda t: remove_app_on_server(d, d._conn(t), app), list(d.targets))
+    d.each(lambda t: remove_app_on_server(d, d.connection(t), app), list(d.targets))
     d.close()
 
 

@@ -95,8 +95,8 @@ class Server:
         stage = _stage(lab, [server], app, 1)
         self.d = SSHDockerDeployer(stage, pipeline=app, image_name="x", run_id="check")
         self.app = app
-        self.conn = self.d._conn(self.d.targets[0])
-        self.root = self.d._dir(self.conn)
+        self.conn = self.d.connection(self.d.targets[0])
+        self.root = self.d.runner_dir(self.conn)
 
     def run(self, *argv: str):
         return self.conn.run(list(argv))
@@ -129,7 +129,7 @@ def app(lab, monkeypatch):
     yield name, secret
     stage = _stage(lab, lab["servers"], name, 1)
     d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="cleanup")
-    d._parallel(lambda t: remove_app_on_server(d, d._conn(t), name), list(d.targets))
+    d.each(lambda t: remove_app_on_server(d, d.connection(t), name), list(d.targets))
     d.close()
 
 

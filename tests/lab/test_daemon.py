@@ -594,8 +594,8 @@ def test_deploy_twice_then_a_rollback_run_on_the_lab(lab, app, tmp_path):
         opened = open_pipeline(p, {})
         holder = SSHDockerDeployer(opened.pipeline.stages.deploy, pipeline=name,
                                    image_name=opened.pipeline.image.name, run_id="holder")
-        conn = holder._conn(holder.targets[0])
-        lease = locks.acquire(conn, f"{holder._dir(conn)}/locks", holder.app, locks.holder_info("test-holder"),
+        conn = holder.connection(holder.targets[0])
+        lease = locks.acquire(conn, f"{holder.runner_dir(conn)}/locks", holder.app, locks.holder_info("test-holder"),
                               ttl=60, wait=5)
         try:
             waiting = d.trigger_rollback("app", None)

@@ -97,7 +97,7 @@ def _remove(pipeline: Path, app: str) -> None:
     d = SSHDockerDeployer(opened.pipeline.stages.deploy, pipeline="dash", image_name=opened.pipeline.image.name,
                           run_id="cleanup", secret=opened.secrets.value)
     try:
-        remove_app_on_server(d, d._conn(d.targets[0]), app)
+        remove_app_on_server(d, d.connection(d.targets[0]), app)
     finally:
         d.close()
 

@@ -111,7 +111,7 @@ def test_secret_env_not_in_ps_nor_logs(lab, images, app):
                                                           "env": {"PLAIN": "visible"}})
     # Sample the server's process list as fast as a shell loop can while the deploy runs.
     d0 = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="sampler")
-    conn = d0._conn(d0.targets[0])
+    conn = d0.connection(d0.targets[0])
     samples: list[str] = []
 
     stop = f"/tmp/runner-test-stop-{name}"
@@ -137,7 +137,7 @@ def test_secret_env_not_in_ps_nor_logs(lab, images, app):
     # The container got it; the env file is gone.
     r = conn.run(["docker", "exec", name, "sh", "-c", 'echo "$APP_TOKEN $PLAIN"'])
     assert r.stdout.strip() == f"{secret} visible"
-    env_dir = f"{d0._dir(conn)}/env"
+    env_dir = f"{d0.runner_dir(conn)}/env"
     assert conn.sftp_do(lambda sftp: sftp.listdir(env_dir)) == []
     d0.close()
 
@@ -150,8 +150,8 @@ def test_leftovers_of_a_dead_run_are_swept(lab, images, app):
     server = _servers(lab, 1)[0]
     stage = _stage(lab, [server], name, _port())
     d0 = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="sweep")
-    conn = d0._conn(d0.targets[0])
-    root = d0._dir(conn)
+    conn = d0.connection(d0.targets[0])
+    root = d0.runner_dir(conn)
     tok = lambda: _random.token_hex(16)  # noqa: E731
     dead_env = f"{root}/env/{name}--{tok()}.env"
     other_env = f"{root}/env/other{name}--{tok()}.env"
@@ -278,8 +278,8 @@ def test_lock_held_stale_inspect_and_break(lab, images, app):
     port = _port()
     stage = _stage(lab, [server], name, port, lock={"wait": 1, "ttl": 3})
     holder_d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="holder")
-    conn = holder_d._conn(holder_d.targets[0])
-    root = f"{holder_d._dir(conn)}/locks"
+    conn = holder_d.connection(holder_d.targets[0])
+    root = f"{holder_d.runner_dir(conn)}/locks"
     lease = locks.acquire(conn, root, name, locks.holder_info("held-by-test", name), ttl=3,
                           wait=0)
     try:
@@ -344,7 +344,7 @@ def test_canary_failure_stops_rollout_and_crash_and_port_taken(lab, images, app)
 
     # The host port is taken by something else: docker run fails, v1 comes back.
     conn_d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="x")
-    conn = conn_d._conn(conn_d.targets[1])
+    conn = conn_d.connection(conn_d.targets[1])
     other = port + 1 if port < 29000 else port - 1
     conn.run(["docker", "run", "-d", "--name", f"{name}-squatter", "--label",
               f"runner.app={name}", "-p", f"{other}:8080", images["v1"]], check=True)
@@ -371,7 +371,7 @@ def test_jump_host_key_from_secret_and_insecure_warning(lab, tmp_path):
                           secret=lambda n: {"deploy_key": key_text}[n], log=log)
     [row] = d.verify()
     assert row.error == "" and row.status == "absent"
-    conn = d._conn(d.targets[0])
+    conn = d.connection(d.targets[0])
     assert conn.jump is not None and conn.jump.target.host == s1["host"]
     # The command really ran on srv2's engine.
     assert conn.run(["sh", "-c", "echo $DOCKER_HOST"]).stdout.strip().endswith("srv2/docker.sock")
@@ -453,7 +453,7 @@ def test_missing_image_and_keep_versions(lab, images, app):
         d.close()
     # keep_versions=1: v1's image is pruned, and there is nothing to roll back to.
     d = SSHDockerDeployer(stage, pipeline=name, image_name=images["repo"], run_id="chk")
-    conn = d._conn(d.targets[0])
+    conn = d.connection(d.targets[0])
     assert not conn.run(["docker", "image", "inspect", images["v1"]]).ok
     assert conn.run(["docker", "image", "inspect", images["v2"]]).ok
     with pytest.raises(DeployFailed, match="no previous version is recorded"):
@@ -477,7 +477,7 @@ def test_images_of_unverified_releases_are_pruned_with_keep_versions(lab, images
     server, port = _servers(lab, -1)[0], _port()
     stage = _stage(lab, [server], name, port, keep_versions=2, healthcheck={"timeout": 2})
     check = SSHDockerDeployer(stage, pipeline=name, image_name=images["repo"], run_id="chk")
-    conn = check._conn(check.targets[0])
+    conn = check.connection(check.targets[0])
     try:
         conn.run(["docker", "image", "rm", images["v3"]])  # so that this app's deploy pulls it
         for v, ok in (("v1", True), ("v3", False), ("v2", True)):

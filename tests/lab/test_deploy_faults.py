@@ -44,7 +44,7 @@ def _cli(pipeline: Pipeline, *args: str):
 def _history(lab, stage, app: str, server: int = 0) -> list[dict]:
     d = SSHDockerDeployer(stage, pipeline=app, image_name="x", run_id="read")
     try:
-        return d.history(d._conn(d.targets[server]))
+        return d.history(d.connection(d.targets[server]))
     finally:
         d.close()
 
@@ -146,13 +146,13 @@ def test_a_rotated_secret_redeploys_and_never_shows(lab, images, app):
     report = deploy()
     assert [s.status for s in report.servers] == ["deployed"]
     d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="look")
-    conn = d._conn(d.targets[0])
+    conn = d.connection(d.targets[0])
     r = conn.run(["docker", "exec", name, "sh", "-c", 'echo "$API_TOKEN"'], check=True)
     assert r.stdout.strip() == new
     inspect = conn.run(["docker", "container", "inspect", "--format",
                         "{{json .Config.Labels}} {{json .Args}}", name], check=True).stdout
     history = json.dumps(d.history(conn))
-    key = conn.run(["stat", "-c", "%a", f"{d._dir(conn)}/apps/{name}/secrets.key"],
+    key = conn.run(["stat", "-c", "%a", f"{d.runner_dir(conn)}/apps/{name}/secrets.key"],
                    check=True).stdout.strip()
     d.close()
     for text in (log.text, json.dumps(report.to_dict()), inspect, history):

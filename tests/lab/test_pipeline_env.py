@@ -36,7 +36,7 @@ def test_top_level_env_reaches_the_container_and_container_env_wins(lab, images,
 
     d = _deployer(stage, images, "v1", name)
     try:
-        r = d._conn(d.targets[0]).run(
+        r = d.connection(d.targets[0]).run(
             ["docker", "exec", name, "sh", "-c", 'echo "$MODE $REGION"'])
     finally:
         d.close()

@@ -77,10 +77,10 @@ def remove_proxied_app(lab, servers, name: str) -> None:
                           run_id="cleanup")
 
     def clean(t):
-        conn = d._conn(t)
+        conn = d.connection(t)
         remove_app_on_server(d, conn, name)
-        conn.run(["rm", "-f", f"{d._dir(conn)}/proxy/routes/{name}.json"])
-    d._parallel(clean, list(d.targets))
+        conn.run(["rm", "-f", f"{d.runner_dir(conn)}/proxy/routes/{name}.json"])
+    d.each(clean, list(d.targets))
     d.close()
 
 
@@ -144,7 +144,7 @@ def test_deploy_failed_deploy_rollback_and_watch_failure_drop_nothing(lab, image
     # A kept copy does not come back by itself when the engine restarts (`always` would bring
     # even a stopped container back); the one started again runs with its own policy.
     d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="look")
-    conn = d._conn(d.targets[0])
+    conn = d.connection(d.targets[0])
     policies = dict(line.split() for line in conn.run(
         ["sh", "-c", f"docker inspect -f '{{{{.Name}}}} {{{{.HostConfig.RestartPolicy.Name}}}}' "
                      f"$(docker ps -aq --filter label=runner.app={name})"],
@@ -188,7 +188,7 @@ def test_two_apps_behind_one_proxy_by_host_name(lab, images, proxy_app):
 
 
 def _proxy_pid(d: SSHDockerDeployer) -> int:
-    conn = d._conn(d.targets[0])
+    conn = d.connection(d.targets[0])
     r = conn.run(["docker", "inspect", "--format", "{{.State.Pid}}", PROXY_CONTAINER])
     return int(r.stdout.strip() or 0)
 
@@ -245,7 +245,7 @@ def test_a_taken_proxy_port_is_refused_before_anything_changes(lab, images, prox
     server = _servers(lab, 1)[0]
     stage = _proxy_stage(lab, [server], name, hosts=[host])
     d = SSHDockerDeployer(stage, pipeline=name, image_name="x", run_id="squat")
-    conn = d._conn(d.targets[0])
+    conn = d.connection(d.targets[0])
     squatter = f"{name}-squatter"
     conn.run(["docker", "rm", "-f", PROXY_CONTAINER], check=True)
     conn.run(["docker", "run", "-d", "--name", squatter, "-p", f"{HTTP_PORT}:8080",
@@ -359,7 +359,7 @@ def test_config_loads_under_load_reset_no_connection(lab, images, proxy_app):
     stage = _proxy_stage(lab, [server], name, hosts=[host])
     d = _deployer(stage, images, "v1", name, Log())
     assert d.apply().ok
-    conn = d._conn(d.targets[0])
+    conn = d.connection(d.targets[0])
     assert conn.run(["docker", "exec", PROXY_CONTAINER, "cat",
                      "/proc/sys/net/ipv4/tcp_migrate_req"], check=True).stdout.strip() == "1"
     with Load([(server["host"], HTTP_PORT, host)], rate=100, max_seconds=60) as load:

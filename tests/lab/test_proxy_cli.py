@@ -67,7 +67,7 @@ def _on(lab, server, app: str):
     """A connection to one server and its runner dir, for looking behind the commands."""
     d = SSHDockerDeployer(_proxy_stage(lab, [server], app), pipeline=app, image_name="x",
                           run_id="check")
-    conn = d._conn(d.targets[0])
+    conn = d.connection(d.targets[0])
     return d, conn
 
 
@@ -195,7 +195,7 @@ def test_runner_status_shows_where_the_route_points(lab, routed):
     # flagged, exit 1. (Only the runner's route file is changed: the proxy is not reloaded.)
     last = routed["servers"][-1]
     d, conn = _on(lab, last, routed["name"])
-    path = f"{d._dir(conn)}/proxy/routes/{routed['name']}.json"
+    path = f"{d.runner_dir(conn)}/proxy/routes/{routed['name']}.json"
     original = conn.run(["cat", path], check=True).stdout
     other = dict(json.loads(original), container="0" * 64, digest="sha256:" + "ab" * 32)
     try:
@@ -270,7 +270,7 @@ def test_ctrl_c_while_waiting_for_the_proxy_lock_exits_130_and_changes_nothing(l
     last = routed["servers"][-1]
     d, conn = _on(lab, last, routed["name"])
     before = d.inspect(conn, PROXY_CONTAINER)
-    lease = locks.acquire(conn, f"{d._dir(conn)}/locks", PROXY_LOCK,
+    lease = locks.acquire(conn, f"{d.runner_dir(conn)}/locks", PROXY_LOCK,
                           locks.holder_info("someone-else", "other", ttl=30), ttl=30, wait=5)
     timer = threading.Timer(2, _thread.interrupt_main)
     timer.start()
@@ -437,7 +437,7 @@ def test_app_remove_takes_the_route_kept_copies_and_history_away(lab, images, ro
             assert status != 502 and body not in ("v1", "v2"), (status, body)
             assert time.monotonic() - t0 < 2
         for d, conn in checks:
-            root = d._dir(conn)
+            root = d.runner_dir(conn)
             assert d.app_containers(conn) == []
             for gone in (f"{root}/apps/{name}", f"{root}/proxy/routes/{name}.json"):
                 assert not conn.run(["test", "-e", gone]).ok, gone

@@ -224,7 +224,7 @@ def _on_server(lab, server: dict, fn) -> None:
         "ssh": {"key_file": s0["key_file"], "known_hosts": s0["known_hosts"]}})
     d = SSHDockerDeployer(stage, pipeline="authtest", image_name="x", run_id="authtest")
     try:
-        fn(d, d._conn(d.targets[0]))
+        fn(d, d.connection(d.targets[0]))
     finally:
         d.close()
 
@@ -256,7 +256,7 @@ def _logins_left(lab, server: dict, app: str) -> list[str]:
     found: list[str] = []
 
     def look(d, conn):
-        auth_dir = f"{d._dir(conn)}/auth"  # outside sftp_do: _dir takes the SFTP lock too
+        auth_dir = f"{d.runner_dir(conn)}/auth"  # outside sftp_do: runner_dir takes the SFTP lock too
 
         def ls(sftp):
             try:

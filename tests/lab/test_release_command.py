@@ -34,19 +34,19 @@ def two(lab, app):
     yield name, servers, volume
     d = _deployer(_stage(lab, servers, name, 1), {"repo": "x", "v1": f"x@sha256:{'0' * 64}"},
                   "v1", name)
-    d._parallel(lambda t: d._conn(t).run(["docker", "volume", "rm", "--force", volume]),
+    d.each(lambda t: d.connection(t).run(["docker", "volume", "rm", "--force", volume]),
                 list(d.targets))
     d.close()
 
 
 def _on_servers(d, argv) -> list[str]:
-    return [d._conn(t).run(argv).stdout for t in d.targets]
+    return [d.connection(t).run(argv).stdout for t in d.targets]
 
 
 def _state(d, name) -> list[str]:
     """Per server: the app's container id and the newest verified digest of its history."""
-    return [f"{d._conn(t).run(['docker', 'inspect', '--format', '{{.Id}}', name]).stdout.strip()}"
-            f" {(d.history(d._conn(t)) or [{'digest': ''}])[-1]['digest']}" for t in d.targets]
+    return [f"{d.connection(t).run(['docker', 'inspect', '--format', '{{.Id}}', name]).stdout.strip()}"
+            f" {(d.history(d.connection(t)) or [{'digest': ''}])[-1]['digest']}" for t in d.targets]
 
 
 def test_release_command_runs_once_per_deploy_and_a_failing_one_switches_nothing(lab, images,
@@ -60,7 +60,7 @@ def test_release_command_runs_once_per_deploy_and_a_failing_one_switches_nothing
     secret = {"tok": "s3cret"}.__getitem__
     d = _deployer(stage, images, "v1", name, Log(), secret=secret)
     # A release container a SIGKILLed runner left behind: the deploy removes it first.
-    d._conn(d.targets[0]).run(["docker", "create", "--label", f"{LABEL_RELEASE}={name}",
+    d.connection(d.targets[0]).run(["docker", "create", "--label", f"{LABEL_RELEASE}={name}",
                                "--name", f"{name}_release_dead", images["v1"], "true"],
                               check=True)
     log = Log()

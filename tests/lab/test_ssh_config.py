@@ -76,7 +76,7 @@ def test_deploy_to_an_alias_through_proxyjump_with_default_known_hosts(lab, imag
         assert planned.to_dict()["address"] == f"root@{server['host']}:22"
         report = d.apply()
         assert report.ok, report.summary()
-        conn = d._conn(d.targets[0])
+        conn = d.connection(d.targets[0])
         assert conn.jump is not None and conn.jump.target.host == jump["host"]
         # The target saw the jump server as its client: the connection went through the
         # jump host, not straight from the runner's machine (whose address a direct one has).
@@ -102,7 +102,7 @@ def test_agent_key_alone_and_what_an_auth_failure_lists(lab, images, app, home, 
         try:
             report = d.apply()
             assert report.ok, report.summary()
-            assert d._conn(d.targets[0]).auth.startswith("ssh-agent key ssh-ed25519 SHA256:")
+            assert d.connection(d.targets[0]).auth.startswith("ssh-agent key ssh-ed25519 SHA256:")
         finally:
             d.close()
     assert _get(server["host"], port) == "v1"
@@ -137,7 +137,7 @@ def test_explicit_key_refused_then_agent_key_taken_and_logged(lab, home, monkeyp
         d = SSHDockerDeployer(stage_for([server["host"]], "x", 1, key_file=str(stranger)),
                               pipeline="x", image_name="x", run_id="k", log=log)
         try:
-            conn = d._conn(d.targets[0])
+            conn = d.connection(d.targets[0])
             assert conn.auth.startswith("ssh-agent key")
         finally:
             d.close()
@@ -221,7 +221,7 @@ def test_pipeline_settings_win_over_ssh_config(lab, home):
     try:
         [t] = d.targets
         assert (t.user, t.port, t.jump.host) == ("root", 22, jump["host"])
-        conn = d._conn(t)
+        conn = d.connection(t)
         assert conn.auth.startswith(f"ssh.key_file {server['key_file']}")
         assert client_address(conn) == jump["host"]
     finally:

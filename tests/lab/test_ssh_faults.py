@@ -209,7 +209,7 @@ def test_jump_sshd_killed_mid_deploy_names_the_route_and_keeps_the_release(
         try:
             report = d.apply()
             assert report.ok, report.summary()
-            assert d._conn(d.targets[0]).jump is not None  # web really is behind bastion
+            assert d.connection(d.targets[0]).jump is not None  # web really is behind bastion
         finally:
             d.close()
         assert [_get(behind["host"], port), _get(direct["host"], port)] == ["v1", "v1"]
@@ -219,8 +219,8 @@ def test_jump_sshd_killed_mid_deploy_names_the_route_and_keeps_the_release(
         # breaks.
         holder = SSHDockerDeployer(_stage(lab, [behind], name, port), pipeline=name,
                                    image_name="x", run_id="holder")
-        hconn = holder._conn(holder.targets[0])
-        lease = locks.acquire(hconn, f"{holder._dir(hconn)}/locks", name,
+        hconn = holder.connection(holder.targets[0])
+        lease = locks.acquire(hconn, f"{holder.runner_dir(hconn)}/locks", name,
                               locks.holder_info("holder", name, "h" * 40, 60), ttl=60, wait=5)
 
         child = Child(stage, name, images, "v2", run_id="through-bastion")
@@ -269,7 +269,7 @@ def _history_of(lab, server: dict, app: str, port: int) -> list[dict]:
     d = SSHDockerDeployer(_stage(lab, [server], app, port), pipeline=app, image_name="x",
                           run_id="read")
     try:
-        return d.history(d._conn(d.targets[0]))
+        return d.history(d.connection(d.targets[0]))
     finally:
         d.close()
 
