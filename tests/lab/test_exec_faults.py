@@ -34,9 +34,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from pipelines.checkout import mirror_key
 from runner import engine
+from runner.cli.main import cli
 from runner.errors import InvalidInput
 from runner.model import Image, Pipeline, Repository
 from tests.helpers import ROOT, events, make_repo, runner, stage_end
@@ -271,9 +273,11 @@ def test_bad_run_id_is_refused_before_anything_is_written(tmp_path, run_id):
     run_id = str(tmp_path / "x") if run_id == "<absolute>" else run_id  # stays in tmp_path
     _, p = _setup(tmp_path)
     data = tmp_path / "deep" / "er" / "data"
-    proc = runner("exec", str(p), "--json", "--only", "checkout", "--run-id", run_id,
-                  "--data-dir", str(data))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    # In this process (click's test runner), not a `runner` process per case: the refusal is
+    # the command line's own, before the engine, and a process start costs most of a second.
+    proc = CliRunner().invoke(cli, ["exec", str(p), "--json", "--only", "checkout",
+                                    "--run-id", run_id, "--data-dir", str(data)])
+    assert proc.exit_code == 2, proc.stdout + proc.stderr
     assert "Invalid value for '--run-id'" in proc.stderr
     assert "names the run's directory" in proc.stderr
     assert not (tmp_path / "deep").exists() and not (tmp_path / "x").exists()
