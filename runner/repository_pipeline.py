@@ -159,6 +159,11 @@ def within_limits(pipeline: Pipeline, source: RepositoryPipeline) -> Pipeline:
         elif name not in source.secrets:
             problems.append(problem_at(pipeline, ("secrets", name), f"secret {name!r} is not granted to "
                                        f"this pipeline by the daemon (granted: {granted})", key=True))
+        elif pipeline.secrets[name].command is not None:  # it would run on the daemon's host
+            problems.append(problem_at(pipeline, ("secrets", name, "command"), "a secret's command "
+                                       "runs on the runner's own host: only the operator's "
+                                       "pipeline file may set one (the daemon says where granted "
+                                       "secrets come from)"))
     deploy = pipeline.stages.deploy
     if deploy.enabled:
         allowed = set(source.servers)

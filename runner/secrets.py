@@ -1,13 +1,14 @@
 """Secrets as a type, the masker every output stream passes through, and the run's secret store.
 
-A pipeline refers to secrets by name only (`secrets:` says where each value comes from). The
-values are read once, before any side effect (`SecretStore.from_pipeline`), registered with a
+A pipeline refers to secrets by name only (`secrets:` says where each value comes from: an
+environment variable, a file, or a command's output, runner.secret_command). The values are
+read once per run, before any side effect (`SecretStore.from_pipeline`), registered with a
 `Masker`, and handed to stages through `Secrets.value(name)`.
 
 A run may get no secret values at all (`runner exec --withhold-secrets`, for a pull request from a
 fork): `SecretStore.withheld` knows the names only, reads no environment variable and no file
-(but a daemon entry's repository credentials, which only git gets), and `value(name)` raises
-`SecretWithheld`, which fails the stage that asked.
+and runs no command (but a daemon entry's repository credentials, which only git gets), and
+`value(name)` raises `SecretWithheld`, which fails the stage that asked.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from urllib.parse import quote, quote_plus
 
 from runner.errors import InvalidInput, Problem, SecretWithheld
 from runner.model import Pipeline
+from runner.secret_command import SecretCommandFailed, run_secret_command
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +176,8 @@ class SecretStore:
     def withheld(cls, pipeline: Pipeline, masker: Masker | None = None,
                  environ: Mapping[str, str] | None = None, keep: tuple[str, ...] = ()) -> SecretStore:
         """A store that knows the pipeline's secret names and holds none of their values: it
-        reads no `env:` variable and no `file:`. Asking for a value raises SecretWithheld.
-        `keep`: the names read all the same (a daemon entry's repository credentials, which
+        reads no `env:` variable and no `file:` and runs no `command:`. Asking for a value
+        raises SecretWithheld. `keep`: the names read all the same (a daemon entry's repository credentials, which
         only git gets)."""
         values: dict[str, Secret] = {}
         if keep:
@@ -186,16 +188,21 @@ class SecretStore:
     @classmethod
     def from_pipeline(cls, pipeline: Pipeline, environ: Mapping[str, str] | None = None,
                       masker: Masker | None = None) -> SecretStore:
-        """Read every `secrets:` entry of the pipeline (from `env:` or `file:`), register each
-        value with `masker` (default: the global one). Raises InvalidInput naming every secret
-        that cannot be read."""
+        """Read every `secrets:` entry of the pipeline (from `env:`, `file:` or by running its
+        `command:`, each once), register each value with `masker` (default: the global one).
+        Raises InvalidInput naming every secret that cannot be read."""
         environ = os.environ if environ is None else environ
         values: dict[str, str] = {}
         problems: list[Problem] = []
         for name, src in pipeline.secrets.items():
-            if (src.env is None) == (src.file is None):
+            if sum(x is not None for x in (src.env, src.file, src.command)) != 1:
                 problems.append(_problem(pipeline, name, f"secret '{name}' needs exactly one of "
-                                         "'env:' or 'file:'"))
+                                         "'env:', 'file:' or 'command:'"))
+            elif src.command is not None:
+                try:
+                    values[name] = run_secret_command(src.command, src.timeout, environ)
+                except SecretCommandFailed as exc:
+                    problems.append(_problem(pipeline, name, f"secret '{name}': {exc}"))
             elif src.env is not None:
                 value = environ.get(src.env)
                 if value is None:

@@ -1,6 +1,6 @@
 """The checks the model cannot do alone, on the interpolated data of a pipeline file.
 
-The format version; each secret's source (exactly one of `env:` / `file:`) and every reference
+The format version; each secret's source (exactly one of `env:` / `file:` / `command:`) and every reference
 to a secret naming one that is defined; a top-level `env:` with no deploy to reach; the
 repository URL and ref as git will be given them (as written, before relative paths are
 resolved); the image name and tag templates. They run on the raw data, so that they are reported
@@ -50,12 +50,17 @@ def cross_checks(data: dict[str, Any], smap: SourceMap) -> list[Problem]:
         for name, src in secrets.items():
             if not isinstance(src, dict):
                 continue
-            given = [k for k in ("env", "file") if src.get(k) is not None]
+            given = [k for k in ("env", "file", "command") if src.get(k) is not None]
             if len(given) != 1:
-                what = "both" if given else "neither"
+                what = " and ".join(given) if given else "none"
                 problems.append(smap.problem(
                     ("secrets", name), f"secret '{name}' needs exactly one of 'env:' (an "
-                    f"environment variable) or 'file:' (a path), {what} given", key=True))
+                    f"environment variable), 'file:' (a path) or 'command:' (an argv), {what} "
+                    "given", key=True))
+            elif "timeout" in src and given != ["command"]:
+                problems.append(smap.problem(("secrets", name, "timeout"), "timeout is how long "
+                                             "a secret's command may run: this secret has none",
+                                             key=True))
     for path, name in secret_references(data):
         if name not in names:
             hint = suggest(name, sorted(names))

@@ -9,7 +9,7 @@ needs steps, a scan needs Trivy, a deploy needs servers).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
@@ -31,11 +31,12 @@ STAGE_ORDER = ("checkout", "build", "test", "scan", "push", "deploy")
 
 
 class SecretSource(Model):
-    """Where a secret's value comes from: exactly one of `env` or `file`. The value is read
-    once, before anything runs, and masked as `***` in every log and output."""
+    """Where a secret's value comes from: exactly one of `env`, `file` or `command`. The value
+    is read once per run, before anything runs, and masked as `***` in every log and output."""
 
     model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["env"]},
-                                                           {"required": ["file"]}]})
+                                                           {"required": ["file"]},
+                                                           {"required": ["command"]}]})
 
     env: str | None = Field(default=None, examples=["GIT_TOKEN"])
     """The environment variable of the runner's process that holds the value. It cannot also
@@ -43,6 +44,25 @@ class SecretSource(Model):
     file: Annotated[str | None, PathOn("pipeline")] = Field(
         default=None, examples=["/etc/runner/api_token"])
     """A file on the runner's machine that holds the value (trailing newlines removed)."""
+    command: tuple[str, ...] | None = Field(default=None, min_length=1, examples=[
+        ["op", "read", "op://deploy/registry/password"]])
+    """A command the runner runs on its own host (an argv list, no shell; with the runner's
+    environment) whose standard output is the value (one trailing newline removed): a secret
+    manager's CLI (docs/secrets.md). Run once per run, before anything else; a non-zero exit,
+    a timeout or a missing program stops the run naming the secret, never showing the
+    command's output. A pipeline read from the repository (a daemon `pipeline:` entry) may not
+    set one."""
+    timeout: float = Field(default=30, gt=0, le=3600)
+    """With `command`: seconds it may run before its process group is killed (and the secret
+    counts as unreadable)."""
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _argv(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            raise ValueError("give a list of arguments such as [op, read, \"op://vault/item/field\"], "
+                             "not one string: no shell runs it")
+        return v
 
 
 class CheckoutSettings(Model):

@@ -193,7 +193,7 @@ BAD = [
         image: {name: a}
         secrets:
           tok: {env: A, file: b}
-        """, (5, 3, "secrets.tok", "both given")),
+        """, (5, 3, "secrets.tok", "env and file given")),
     ("bad image name: uppercase", """\
         name: demo
         repository: {url: x}
