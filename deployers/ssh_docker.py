@@ -86,6 +86,13 @@ NO_CHECK = ("the image has no HEALTHCHECK and the pipeline sets no healthcheck.c
             "healthcheck.http")
 
 
+def uptime_only(h: HealthSpec) -> str:
+    """What the gate of a role without a health check of its own (a worker) checked: said in
+    the report instead of "healthy"."""
+    return (f"no health check of its own: it ran {h.min_uptime:g}s without exiting or "
+            f"restarting (the image's HEALTHCHECK is off for it)")
+
+
 def _check_name(h: HealthSpec) -> str:
     """What the health gate of HealthSpec `h` runs, for the log."""
     if h.kind == "cmd":
@@ -237,6 +244,10 @@ class SSHDockerDeployer(Deployer):
             engine = hashlib.sha256(r.stdout.strip().encode()).hexdigest()[:16]
             self._homes[conn.label] = f"{home}/{locks.BASE_DIR}/engines/{engine}"
         return self._homes[conn.label]
+
+    def lock_dir(self, conn: Connection) -> str:
+        """This server's locks (deployers.lock): each app's deploy lock and the proxy's."""
+        return f"{self.runner_dir(conn)}/locks"
 
     def each(self, fn: Callable, items: list) -> list:
         """fn(item) for each item, in parallel; returns results or the exceptions raised."""
@@ -428,7 +439,7 @@ class SSHDockerDeployer(Deployer):
         """(server, holder or None, error) for this app's deploy lock on every server."""
         def one(t: Target):
             conn = self.connection(t)
-            return locks.inspect(conn, f"{self.runner_dir(conn)}/locks", self.key)
+            return locks.inspect(conn, self.lock_dir(conn), self.key)
         out = self.each(one, list(self.targets))
         return [(t.label, None, f"{r}") if isinstance(r, BaseException) else (t.label, r, "")
                 for t, r in zip(self.targets, out)]
@@ -439,7 +450,7 @@ class SSHDockerDeployer(Deployer):
 
         def one(t: Target):
             conn = self.connection(t)
-            return locks.break_lock(conn, f"{self.runner_dir(conn)}/locks", self.key)
+            return locks.break_lock(conn, self.lock_dir(conn), self.key)
         out = self.each(one, chosen)
         return [(t.label, False, f"{r}") if isinstance(r, BaseException) else (t.label, r, "")
                 for t, r in zip(chosen, out)]
@@ -531,7 +542,7 @@ class SSHDockerSteps(ServerSteps):
         with self._as_step(t.label, touched=False):
             with self._phase(t.label, "connect"):
                 conn = self._conn(t)
-                self._lock_roots[t.label] = f"{self.d.runner_dir(conn)}/locks"
+                self._lock_roots[t.label] = self.d.lock_dir(conn)
                 check_before_switch(conn, plan, app=self.d.app, cancel=self.d.cancel)
         return self._lock_roots[t.label]
 
@@ -802,6 +813,12 @@ class SSHDockerSteps(ServerSteps):
         if check:
             self.d.log(f"{sw.server}: waiting for health ({check}, up to {timeout:g}s)")
             return
+        health = sw.release.spec.health
+        if health.kind == "uptime":  # a role meant to run without one: no warning
+            sw.unchecked = uptime_only(health)
+            self.d.log(f"{sw.server}: waiting until it has run {health.min_uptime:g}s without "
+                       f"exiting or restarting (no health check of its own)")
+            return
         sw.unchecked = NO_CHECK
         self.d.log(f"{sw.server}: WARNING: no health check: {NO_CHECK}; it only has to stay "
                    f"up {sw.release.spec.health.min_uptime:g}s, nothing checks that it answers "
@@ -869,6 +886,8 @@ class SSHDockerSteps(ServerSteps):
         if h.kind == "cmd":
             argv = plan.argv("probe", new)
             return lambda state: run_test(argv)
+        if h.kind == "uptime":  # staying up is the check (docker runs no HEALTHCHECK)
+            return None
         # The image's own HEALTHCHECK: known only once the container exists. Without one
         # there is nothing to probe: the poller falls back to "stays up for min_uptime".
         first = self.d.inspect(conn, cid, run)

@@ -21,6 +21,7 @@ commit do, not the rollout:
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from deployers.ssh_connection import Connection
 from deployers.ssh_errors import TransportError
 
 PROXY_LOCK = "_proxy"  # the lock over the shared proxy config (no app name starts with "_")
+LOCK_TTL, LOCK_WAIT = 30, 60  # seconds: the proxy lock's lease, and how long to wait for it
 _TAKEN = ("port is already allocated", "address already in use", "bind for")
 DEFAULT_PATH = "/"  # the gate of an app behind the proxy when nothing else is set
 
@@ -55,6 +57,14 @@ class ProxyOps:
     def __init__(self, d: SSHDockerDeployer):
         self.d = d
         self.proxy = d.stage.proxy
+
+    def lock(self, conn: Connection, cancel: threading.Event | None = None) -> locks.Lease:
+        """The server's proxy lock, waiting up to LOCK_WAIT seconds for another holder; held
+        over every change of the proxy's config or of its container. cancel None: a wait
+        Ctrl-C does not cut short."""
+        holder = locks.holder_info(self.d.run_id, self.d.pipeline, ttl=LOCK_TTL)
+        return locks.acquire(conn, self.d.lock_dir(conn), PROXY_LOCK, holder, ttl=LOCK_TTL,
+                             wait=LOCK_WAIT, cancel=cancel, log=self.d.log)
 
     def dir(self, conn: Connection) -> str:
         return f"{self.d.runner_dir(conn)}/proxy"
@@ -98,9 +108,7 @@ class ProxyOps:
         no proxy runs there to load it; only the files change (what a proxy starts with)."""
         root = self.dir(conn)
         conn.ensure_private_dir(f"{root}/routes")
-        holder = locks.holder_info(self.d.run_id, self.d.pipeline, ttl=30)
-        lease = locks.acquire(conn, f"{self.d.runner_dir(conn)}/locks", PROXY_LOCK, holder, ttl=30,
-                              wait=60, cancel=None, log=self.d.log)
+        lease = self.lock(conn)
         try:
             before = self.routes(conn)
             after = change(dict(before))
