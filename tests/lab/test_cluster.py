@@ -139,6 +139,9 @@ def test_a_sigkilled_daemon_s_runs_are_recovered_by_another(cluster, store, tmp_
         "a's runs ended before the kill: the test's premise does not hold"
     os.kill(a.pid, signal.SIGKILL)
     killed = time.monotonic()
+    # a's runs read their pipeline when they started; the re-run on b has only to run to its
+    # end, which need not take another 15 s (b claims it after the lease, 2 s, at the earliest).
+    fake_pipeline(tmp_path, sleep=0.5, stages=("build",))
     a.wait()
     # Within the lease (2 s) and one recovery round, b takes them over: the requeueable run is
     # queued again and runs to the end on b; the other is marked interrupted with the reason.
