@@ -115,7 +115,10 @@ def list_app_ids(app: str) -> list[str]:
 
 def health_args(h: HealthSpec) -> list[str]:
     """Docker's own healthcheck flags. For `cmd` docker runs it too, so `docker ps` shows the
-    health; for `http` the runner probes from the server and docker keeps the image's check."""
+    health; for `http` the runner probes from the server and docker keeps the image's check;
+    for `uptime` the image's check is off (a worker's image probes the web server)."""
+    if h.kind == "uptime":
+        return ["--no-healthcheck"]
     if h.kind != "cmd" or not h.cmd:
         return []
     return ["--health-cmd", h.cmd,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
@@ -205,41 +206,67 @@ def _hooks(stage: DeploySettings) -> tuple[PlannedHook, ...]:
                  if argv)
 
 
-def _plan(stage: DeploySettings, app: str, what: str, run_id: str,
-          releases: dict[str, Release], all_targets: tuple[Target, ...],
-          placeholder: bool = False, needs: Needs | None = None) -> DeployPlan:
-    chosen = tuple(t for t in all_targets if t.label in releases)
-    order = batches(chosen, stage.strategy.type, stage.strategy.batch_size)
-    # A deploy's release command runs once, on the first server of the first batch; a
-    # rollback runs none (the release it returns to ran its own when it was deployed).
-    release_on = order[0][0].label if what == "deploy" and stage.release_command and order \
-        else ""
+@dataclass(frozen=True)
+class Unit:
+    """One role's container on one server: what a rollout switches, verifies and commits as
+    one step. `target.label` names the unit (`web-1`, `web-1/worker`); `server` is the
+    server's own name, by which the batches group units; `stage` the role's deploy settings
+    (runner.model.roles.RoleSettings.stage)."""
 
-    def commands(t: Target) -> tuple[PlannedCommand, ...]:
-        r = releases[t.label]
-        cmds = server_commands(stage, r, run_id)
-        if t.label != release_on or not stage.release_command:
+    target: Target
+    server: str
+    stage: DeploySettings
+    release: Release
+
+
+def plan_units(stage: DeploySettings, app: str, what: str, run_id: str, units: tuple[Unit, ...],
+               placeholder: bool = False, needs: Needs | None = None) -> DeployPlan:
+    """`stage`: the app's deploy settings (strategy, hooks, release command, the servers'
+    order); `units`: every role's container on every server it runs on."""
+    present = {u.server for u in units}
+    servers = tuple(s.label for s in stage.servers if s.label in present)
+    servers += tuple(dict.fromkeys(u.server for u in units if u.server not in servers))
+    order = [tuple(u for u in units if u.server in b)
+             for b in batches(servers, stage.strategy.type, stage.strategy.batch_size)]
+    # A deploy's release command runs once, on the first server of the first batch (in the
+    # container of its first role there); a rollback runs none (the release it returns to ran
+    # its own when it was deployed).
+    release_on = order[0][0].target.label if what == "deploy" and stage.release_command \
+        and order else ""
+
+    def commands(u: Unit) -> tuple[PlannedCommand, ...]:
+        r = u.release
+        cmds = server_commands(u.stage, r, run_id)
+        if u.target.label != release_on:
             return cmds
         # Printed where it runs: after the server's prepare, before its switch.
         at = max(i for i, c in enumerate(cmds) if c.phase == "prepare") + 1
         return cmds[:at] + release_command.planned(r, stage.release_command,
                                                    release_name(r.spec.name, run_id)) + cmds[at:]
-    servers = tuple(ServerPlan(t, releases[t.label],
-                               _accessory_check(needs, t.label) + commands(t))
-                    for t in chosen)
+    plans = tuple(ServerPlan(u.target, u.release, _accessory_check(needs, u.server) + commands(u))
+                  for b in order for u in b)
     h = stage.healthcheck
+    kinds = sorted({u.release.spec.health.kind for u in units})
     notes = (
         "commands with a `when` run only then; <slots> are filled in on the server",
-        f"health: {next(iter(releases.values())).spec.health.kind if releases else '-'}, "
-        f"up to {h.timeout:g}s per server",
+        f"health: {', '.join(kinds) or '-'}, up to {h.timeout:g}s per server",
         f"keeps the last {stage.keep_versions} verified releases on each server; the images "
         f"of releases never verified go at the next commit",
     )
     return DeployPlan(
         app=app, what=what, strategy=stage.strategy.type, on_failure=stage.strategy.on_failure,
-        batches=tuple(tuple(t.label for t in b) for b in order),
-        servers=servers, parallel=stage.parallel, notes=notes, placeholder=placeholder,
+        batches=tuple(tuple(u.target.label for u in b) for b in order),
+        servers=plans, parallel=stage.parallel, notes=notes, placeholder=placeholder,
         release_on=release_on, hooks=_hooks(stage) if what == "deploy" else ())
+
+
+def units_of(stage: DeploySettings, releases: dict[str, Release],
+             all_targets: tuple[Target, ...], server_of: Mapping[str, str] | None = None
+             ) -> tuple[Unit, ...]:
+    """The units of one role: each of `all_targets` that has a release. `server_of`: unit
+    label -> the server's name (default: the label)."""
+    return tuple(Unit(t, (server_of or {}).get(t.label, t.label), stage, releases[t.label])
+                 for t in all_targets if t.label in releases)
 
 
 def plan_deploy(stage: DeploySettings, *, pipeline: str, image_name: str, run_id: str,
@@ -253,8 +280,8 @@ def plan_deploy(stage: DeploySettings, *, pipeline: str, image_name: str, run_id
     image = image or ImageRef(image_name, PLACEHOLDER_DIGEST)
     release = release_for(stage, image, pipeline=pipeline, run_id=run_id, commit=commit)
     ts = servers if servers is not None else targets(stage)
-    return _plan(stage, app_name(stage, pipeline), "deploy", run_id,
-                 {t.label: release for t in ts}, ts, placeholder, needs)
+    return plan_units(stage, app_name(stage, pipeline), "deploy", run_id,
+                 units_of(stage, {t.label: release for t in ts}, ts), placeholder, needs)
 
 
 def plan_rollback(stage: DeploySettings, *, pipeline: str, run_id: str,
@@ -263,5 +290,6 @@ def plan_rollback(stage: DeploySettings, *, pipeline: str, run_id: str,
                   needs: Needs | None = None) -> DeployPlan:
     """Each server back to the release chosen for it (from its own history), exactly as that
     release ran: its recorded spec, not the pipeline file's current settings."""
-    return _plan(stage, app_name(stage, pipeline), "rollback", run_id, releases,
-                 servers if servers is not None else targets(stage), needs=needs)
+    return plan_units(stage, app_name(stage, pipeline), "rollback", run_id,
+                 units_of(stage, releases, servers if servers is not None else targets(stage)),
+                 needs=needs)

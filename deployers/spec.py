@@ -71,7 +71,8 @@ class Target:
 @dataclass(frozen=True)
 class HealthSpec:
     """How readiness is decided. kind: "cmd" | "http" | "image" (the image's own HEALTHCHECK, or
-    just staying up for min_uptime when it has none)."""
+    just staying up for min_uptime when it has none) | "uptime" (staying up for min_uptime, the
+    image's HEALTHCHECK switched off: a worker role's default)."""
 
     kind: str
     cmd: str | None = None
@@ -204,7 +205,7 @@ def health_spec(h: Healthcheck) -> HealthSpec:
     if h.http:
         return HealthSpec(kind="http", http_port=h.http.port, http_path=h.http.path,
                           http_status=tuple(h.http.status), **common)
-    return HealthSpec(kind="image", **common)
+    return HealthSpec(kind="image" if h.image_check else "uptime", **common)
 
 
 def app_name(stage: DeploySettings, pipeline_name: str) -> str:

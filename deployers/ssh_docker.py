@@ -86,6 +86,13 @@ NO_CHECK = ("the image has no HEALTHCHECK and the pipeline sets no healthcheck.c
             "healthcheck.http")
 
 
+def uptime_only(h: HealthSpec) -> str:
+    """What the gate of a role without a health check of its own (a worker) checked: said in
+    the report instead of "healthy"."""
+    return (f"no health check of its own: it ran {h.min_uptime:g}s without exiting or "
+            f"restarting (the image's HEALTHCHECK is off for it)")
+
+
 def _check_name(h: HealthSpec) -> str:
     """What the health gate of HealthSpec `h` runs, for the log."""
     if h.kind == "cmd":
@@ -806,6 +813,12 @@ class SSHDockerSteps(ServerSteps):
         if check:
             self.d.log(f"{sw.server}: waiting for health ({check}, up to {timeout:g}s)")
             return
+        health = sw.release.spec.health
+        if health.kind == "uptime":  # a role meant to run without one: no warning
+            sw.unchecked = uptime_only(health)
+            self.d.log(f"{sw.server}: waiting until it has run {health.min_uptime:g}s without "
+                       f"exiting or restarting (no health check of its own)")
+            return
         sw.unchecked = NO_CHECK
         self.d.log(f"{sw.server}: WARNING: no health check: {NO_CHECK}; it only has to stay "
                    f"up {sw.release.spec.health.min_uptime:g}s, nothing checks that it answers "
@@ -873,6 +886,8 @@ class SSHDockerSteps(ServerSteps):
         if h.kind == "cmd":
             argv = plan.argv("probe", new)
             return lambda state: run_test(argv)
+        if h.kind == "uptime":  # staying up is the check (docker runs no HEALTHCHECK)
+            return None
         # The image's own HEALTHCHECK: known only once the container exists. Without one
         # there is nothing to probe: the poller falls back to "stays up for min_uptime".
         first = self.d.inspect(conn, cid, run)

@@ -23,19 +23,20 @@ from runner.stage import Stage, StageContext
 from deployers.accessory_plan import accessory_specs, needed_on
 from deployers.base import DeployFailed
 from deployers.hooks import HookFailed, hook_env, run_hook
-from deployers.ssh_docker import ConfigError, SSHDockerDeployer
+from deployers.app_deployer import AppDeployer
+from deployers.ssh_docker import ConfigError
 from deployers.ssh_errors import TransportError
 
 
 def make_deployer(pipeline: Pipeline, *, run_id: str, image: ImageRef | None = None,
-                  commit: str = "", secret=None, log=None, cancel=None) -> SSHDockerDeployer:
+                  commit: str = "", secret=None, log=None, cancel=None) -> AppDeployer:
     # deploy_settings(): the top-level `env:` reaches the container, under its own env.
     # needs: the accessories each server must run before any server switches.
-    return SSHDockerDeployer(pipeline.deploy_settings(), pipeline=pipeline.name,
-                             image_name=pipeline.image.name, run_id=run_id, image=image,
-                             commit=commit, secret=secret, log=log, cancel=cancel,
-                             needs=needed_on(accessory_specs(pipeline)),
-                             destination=pipeline.destination)
+    return AppDeployer(pipeline.deploy_settings(), pipeline=pipeline.name,
+                       image_name=pipeline.image.name, run_id=run_id, image=image,
+                       commit=commit, secret=secret, log=log, cancel=cancel,
+                       needs=needed_on(accessory_specs(pipeline)),
+                       destination=pipeline.destination)
 
 
 class DeployStage(Stage):
@@ -54,7 +55,9 @@ class DeployStage(Stage):
         deployer = make_deployer(ctx.pipeline, run_id=ctx.run_id, image=image, commit=commit,
                                  secret=ctx.secrets.value, log=ctx.log.info, cancel=ctx.cancel)
         servers = ", ".join(t.label for t in deployer.targets)
-        ctx.log.info(f"deploying {image} as {deployer.app} to {servers} "
+        roles = "" if len(deployer.roles) == 1 else \
+            f" (roles: {', '.join(r.name for r in deployer.roles)})"
+        ctx.log.info(f"deploying {image} as {deployer.app}{roles} to {servers} "
                      f"(strategy {ctx.pipeline.stages.deploy.strategy.type})")
         plan = deployer.plan()
         env = hook_env(digest=image.digest, image=str(image),

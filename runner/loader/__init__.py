@@ -15,7 +15,8 @@ Steps, each collecting problems instead of stopping at the first (one module eac
 5. `checks`: what the model cannot check alone: secret sources, secret references
    (`secret_refs`), image name, tag templates, a top-level `env:` with no deploy to reach; the
    repository URL and ref, as written (before step 3 makes a relative path absolute);
-   `accessory_checks`: accessory names, and their servers among the deploy's.
+   `accessory_checks`: accessory names, and their servers among the deploy's; `role_checks`:
+   role names, their servers, the one role behind the proxy.
 All problems are raised together as `InvalidInput("<file>: pipeline is invalid", problems)`.
 
 The source map travels with the returned pipeline and its copies (see `locations`):
@@ -38,6 +39,7 @@ from runner.loader.interpolation import interpolate
 from runner.loader.local_paths import resolve_paths
 from runner.loader.locations import SourceMap, attach, problem_at, source_map
 from runner.loader.mapping import validate
+from runner.loader.role_checks import role_checks
 from runner.loader.secret_refs import register_secret_reference, secret_references
 from runner.loader.yaml_reader import read_yaml
 from runner.model import Pipeline
@@ -89,7 +91,8 @@ def load_pipeline_text(
     pipeline, invalid = validate(data, smap, scalars)
     # A string left uninterpolated is reported once, not again as an invalid value.
     problems += [p for p in invalid + as_written + cross_checks(data, smap)
-                 + accessory_checks(data, pipeline, smap) if p.path not in failed]
+                 + accessory_checks(data, pipeline, smap) + role_checks(data, pipeline, smap)
+                 if p.path not in failed]
     if problems or pipeline is None:
         problems.sort(key=lambda p: (p.line, p.column))
         raise InvalidInput(f"{filename}: pipeline is invalid", _unique(problems))

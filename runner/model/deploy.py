@@ -19,6 +19,9 @@ Example (every key is optional except `servers`; the section runs unless `enable
       keep_versions: 3
       release_command: [python, manage.py, migrate]   # once per deploy, before any switch
       hooks: {pre_deploy: [./notify, start], post_deploy: [./notify, done]}  # on the runner host
+      roles:                              # one release, several containers (runner.model.roles)
+        web: {}
+        worker: {command: [python, -m, shop.worker]}
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from runner.model.base import (HOST_RE, Model, OneString, PathOn, check_env,
                                 check_login, check_ports)
+from runner.model.health import Healthcheck, HttpCheck
+from runner.model.roles import Role
 
 _USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 _NAME_RE = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
@@ -236,53 +241,6 @@ class Container(Model):
         return v
 
 
-class HttpCheck(Model):
-    """An HTTP GET of the new container, from the server itself, over the SSH connection."""
-
-    port: int = Field(ge=1, le=65535, examples=[8080])
-    """The port the app listens on, in its container."""
-    path: str = Field(default="/", pattern=r"^/[A-Za-z0-9._~/%?=&+-]*$", examples=["/healthz"])
-    """The path to GET."""
-    status: tuple[int, ...] = Field(default=(200,), examples=[[200, 204]])
-    """The statuses that count as healthy."""
-
-
-class Healthcheck(Model):
-    """When a new container counts as healthy, which is when a server's deploy is done: at most
-    one of `cmd` and `http`. Neither: the image's own HEALTHCHECK decides; an image without one
-    must stay up, not restarting, for `min_uptime` seconds, which checks nothing else (the deploy
-    warns, and reports it "started, not health-checked"); behind the proxy it must answer
-    GET / instead (see `proxy.health`)."""
-
-    model_config = ConfigDict(json_schema_extra={"not": {"required": ["cmd", "http"]}})
-
-    cmd: str | None = Field(default=None, examples=["curl -fsS http://localhost:8080/healthz"])
-    """A command run inside the container with `/bin/sh -c`, as a Dockerfile HEALTHCHECK:
-    exit status 0 is healthy."""
-    http: HttpCheck | None = None
-    """An HTTP probe of the container."""
-    timeout: float = Field(default=60, gt=0)
-    """Seconds the new container has to become healthy before the server's deploy fails."""
-    interval: float = Field(default=1, gt=0)
-    """Seconds between docker's runs of `cmd` (`--health-interval`)."""
-    probe_interval: float = Field(default=0.25, gt=0)
-    """Seconds between the runner's own probes (`http`, and reading the container's health)."""
-    probe_timeout: float = Field(default=5, gt=0)
-    """Seconds one probe may take."""
-    retries: int = Field(default=3, ge=1)
-    """Consecutive failures of `cmd` before docker calls the container unhealthy."""
-    start_period: float = Field(default=0, ge=0)
-    """Seconds after the start during which docker does not count failures of `cmd`."""
-    min_uptime: float = Field(default=2, ge=0)
-    """Seconds an image without a HEALTHCHECK must stay up to count as healthy."""
-
-    @model_validator(mode="after")
-    def _one(self) -> Healthcheck:
-        if self.cmd and self.http:
-            raise ValueError("give either cmd or http, not both")
-        return self
-
-
 class Strategy(Model):
     """In which order the servers get the new release. `strategy: canary` is short for
     `strategy: {type: canary}`."""
@@ -473,6 +431,14 @@ class DeploySettings(Model):
     fails."""
     hooks: Hooks = Field(default_factory=Hooks)
     """Commands on the runner's host before and after the deploy."""
+    roles: dict[str, Role] = Field(default_factory=dict, examples=[{
+        "web": {}, "worker": {"command": ["python", "-m", "shop.worker"],
+                             "servers": ["10.0.0.11"]}}])
+    """The app's roles (a DNS label each), all running the same release: each may set its
+    `command`, `servers`, `env`, `healthcheck` and whether it is behind the `proxy`. The primary
+    role (behind the proxy, else `web`, else the first) keeps the app's container name; the
+    others are `<app>-<role>`. One rollout switches them all and a rollback returns them
+    together. Unset: one role, the container. See docs/deploy.md."""
 
     @property
     def cutover(self) -> str:
@@ -513,4 +479,6 @@ class DeploySettings(Model):
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
             raise ValueError(f"servers: listed twice: {', '.join(sorted(dup))}")
+        if self.proxy is None and any(r.proxy for r in self.roles.values()):
+            raise ValueError("roles: a role says proxy: true, but there is no proxy section")
         return self

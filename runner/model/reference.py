@@ -107,9 +107,8 @@ def sections(root: type[BaseModel] = Pipeline) -> list[Section]:
     seen: dict[type[BaseModel], str] = {}
 
     def visit(path: str, model: type[BaseModel]) -> None:
-        if model in seen:
-            raise ValueError(f"{model.__name__} is at two places ({seen[model]!r} and {path!r}); "
-                             f"the reference gives each model one section")
+        if model in seen:  # one section per model: a second place links to the first
+            return
         seen[model] = path
         section = Section(path, model)
         out.append(section)
@@ -120,6 +119,11 @@ def sections(root: type[BaseModel] = Pipeline) -> list[Section]:
 
     visit("", root)
     return out
+
+
+def _home(model: type[BaseModel]) -> str:
+    """The path of the one section that describes `model` (its first place in the file)."""
+    return next(s.path for s in sections() if s.model is model)
 
 
 def description(info: FieldInfo) -> str:
@@ -332,7 +336,8 @@ def _type_text(path: str, info: FieldInfo) -> str:
     child = _child_section(path, info.annotation)
     ft = FieldType.of(info)
     if child is not None:
-        link = f"[`{child[0]}`](#{Section(*child).anchor})"
+        home = _home(child[1])
+        link = f"[`{home}`](#{Section(home, child[1]).anchor})"
         if child[0].endswith("[]"):
             text = f"list of mappings: {link}"
         elif child[0].endswith(".<name>"):

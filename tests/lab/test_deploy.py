@@ -326,7 +326,7 @@ def test_canary_failure_stops_rollout_and_crash_and_port_taken(lab, images, app)
     d.close()
     statuses = [(s.server, s.status, s.rolled_back) for s in err.value.report.servers]
     assert statuses == [(hosts[0], "failed", True), (hosts[1], "skipped", False),
-                        (hosts[2], "skipped", False)]
+                        (hosts[2], "skipped", False)], err.value.report.summary()
     assert [_get(h, port) for h in hosts] == ["v1"] * 3
 
     # A container that crashes at start fails at once (no need to wait for the timeout).

@@ -1,0 +1,102 @@
+"""Roles on two lab servers, for real: the session's busybox httpd images (tests.lab.
+deploy_fixtures) as a web role on both servers and a worker role (a shell loop, no port, the
+image's HEALTHCHECK off) on the second; one release, one rollout, one rollback."""
+from __future__ import annotations
+
+import secrets as _random
+
+import pytest
+
+from deployers.app_deployer import AppDeployer
+from deployers.base import DeployFailed
+from runner.model.image import ImageRef
+from tests.lab.deploy_fixtures import UID, Log, _cleanup, _get, _port, _servers, _stage
+
+WORKER = ["sh", "-c", "while true; do sleep 1; done"]
+
+
+def _app(stage, images, version, name, log=None, run_id=None):
+    return AppDeployer(stage, pipeline=name, image_name=images["repo"],
+                       run_id=run_id or f"r{_random.token_hex(3)}",
+                       image=ImageRef.parse(images[version]), commit=version * 10, log=log)
+
+
+@pytest.fixture
+def roles_app(lab):
+    name = f"ro{UID}{_random.token_hex(2)}"
+    yield name
+    for app in (name, f"{name}-worker"):
+        _cleanup(lab, app, lab["servers"])
+
+
+def _containers(d: AppDeployer) -> dict[str, tuple[str, str]]:
+    """unit -> (container id, digest label) of every role's running container."""
+    out = {}
+    for r in d.roles:
+        rd = d.by_role[r.name]
+        for t in rd.targets:
+            st = rd.inspect(rd.connection(t), r.container)
+            out[t.label] = (st.id, st.labels.get("runner.digest", "")) if st and st.running \
+                else ("", "")
+    return out
+
+
+def test_web_and_worker_are_one_release_a_crash_looping_worker_puts_both_back(
+        lab, images, roles_app):
+    name = roles_app
+    servers = _servers(lab, 2)
+    hosts = [s["host"] for s in servers]
+    second = servers[1]['host']
+    port = _port()
+    stage = _stage(lab, servers, name, port, roles={
+        "web": {}, "worker": {"command": WORKER, "servers": [second],
+                              "env": {"QUEUE": "default"}}})
+    log = Log()
+    d = _app(stage, images, "v1", name, log)
+    plan = d.plan()
+    web1, web2 = (t.label for t in d.targets)
+    worker = f"{web2}/worker"
+    assert [s.server for s in plan.servers] == [web1, web2, worker]
+    run = plan.server(worker).command("run").to_dict()["argv"]
+    assert "--no-healthcheck" in run and run[-3:] == WORKER and "--publish" not in run
+    report = d.apply(plan)
+    assert report.ok and [s.server for s in report.servers] == [web1, web2, worker]
+    w = next(s for s in report.servers if s.server == worker)
+    assert w.status == "deployed" and "no health check of its own" in w.reason, w
+    assert [_get(h, port) for h in hosts] == ["v1", "v1"]
+    v1 = _containers(d)
+    assert {u: dg for u, (_, dg) in v1.items()} == {
+        u: images["v1"].split("@")[1] for u in (web1, web2, worker)}
+    env = d.by_role["worker"].connection(d.by_role["worker"].targets[0]).run(
+        ["docker", "exec", f"{name}-worker", "sh", "-c", "echo $QUEUE"]).stdout.strip()
+    assert env == "default"
+    d.close()
+
+    # v2 whose worker exits after a second: docker restarts it, the rollout sees the restart,
+    # and every role on every server is put back on v1 (the very same containers).
+    crashing = _stage(lab, servers, name, port, roles={
+        "web": {}, "worker": {"command": ["sh", "-c", "sleep 0.5; exit 3"],
+                              "servers": [second], "healthcheck": {"min_uptime": 4}}})
+    log = Log()
+    d = _app(crashing, images, "v2", name, log)
+    with pytest.raises(DeployFailed) as err:
+        d.apply(d.plan())
+    rows = {s.server: s for s in err.value.report.servers}
+    assert rows[worker].status == "failed" and "restarted it" in rows[worker].reason + \
+        rows[worker].reason, rows[worker]
+    assert all(rows[u].status in ("rolled_back", "failed") for u in (web1, web2))
+    assert [_get(h, port) for h in hosts] == ["v1", "v1"]
+    assert _containers(d) == v1
+    d.close()
+
+    # v2 for real, then one rollback: web and worker back to v1 together.
+    d = _app(stage, images, "v2", name, Log())
+    assert d.apply(d.plan()).ok
+    assert {dg for _, dg in _containers(d).values()} == {images["v2"].split("@")[1]}
+    d.close()
+    d = _app(stage, images, "v2", name, Log())
+    back = d.rollback()
+    assert back.ok and {s.server for s in back.servers} == {web1, web2, worker}
+    assert {dg for _, dg in _containers(d).values()} == {images["v1"].split("@")[1]}
+    assert [_get(h, port) for h in hosts] == ["v1", "v1"]
+    d.close()
