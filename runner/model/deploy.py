@@ -438,7 +438,7 @@ class DeploySettings(Model):
     `command`, `servers`, `env`, `healthcheck` and whether it is behind the `proxy`. The primary
     role (behind the proxy, else `web`, else the first) keeps the app's container name; the
     others are `<app>-<role>`. One rollout switches them all and a rollback returns them
-    together. Unset: one role, the container. See docs/deploy.md."""
+    together. Unset: one role, the container. See docs/roles.md."""
 
     @property
     def cutover(self) -> str:
