@@ -163,14 +163,14 @@ def _assert_no_push_claimed(evs: list[dict], record: dict, registry: Registry, p
 def test_a_push_while_the_token_issuer_hangs_fails_in_bounded_time_naming_it(
         pair, tmp_path, data_dir, built):
     """The issuer accepts connections but never answers: the engine would retry each layer's
-    token request itself for about 3 minutes; stages.push.timeout (10 s here) stops the attempt,
+    token request itself for about 3 minutes; stages.push.timeout (5 s here) stops the attempt,
     the stage fails naming the registry and its token endpoint, exit 1, and nothing claims a
     push."""
     repo = make_repo(tmp_path / "repo", {
         "Dockerfile": "FROM local/busybox:1\nCOPY v.txt /v.txt\n", "v.txt": f"hang {UID}\n"})
     path = f"faults-{UID}/issuer-hangs"
     p = _pipeline(tmp_path, repo, f"{pair.address}/{path}", pair.registry.password_file,
-                  pair.registry.username, retries=0, timeout=10)
+                  pair.registry.username, retries=0, timeout=5)
     run_id = f"faults-issuer-hangs-{UID}"
     os.kill(pair.issuer.pid, signal.SIGSTOP)
     try:
@@ -185,7 +185,7 @@ def test_a_push_while_the_token_issuer_hangs_fails_in_bounded_time_naming_it(
     error = stage_end(evs, "push")["error"]
     assert f"pushing {pair.address}/{path}:" in error, error
     assert "after 1 attempt (retries: 0)" in error, error  # a timeout is transient
-    assert "the push did not end within 10s (stages.push.timeout) and was stopped" in error, error
+    assert "the push did not end within 5s (stages.push.timeout) and was stopped" in error, error
     # stopped: its backlog still takes connections (ReadTimeout) until it is full (ConnectTimeout)
     assert re.search(re.escape(f"registry {pair.address} answers, but its token endpoint "
                                f"{pair.realm} does not (") + r"(Read|Connect)Timeout after 3s\)",
