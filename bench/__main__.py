@@ -10,7 +10,8 @@ Brings the lab up (adding servers if --servers needs more), pushes two versions 
 the lab's registry, then runs the variants alternately (A B A B …, --rounds counted runs each
 after --warmup uncounted ones). Prints the medians, min–max and one table of ratios with the
 goals of issues 3, 6 and 9, and writes every raw number to bench/results/<UTC time>.json (or
---out). `--quick` is one run of each, no warm-up (the smoke test). Run as root.
+--out). `--quick` is one run of each, no warm-up, a short latency sample (the smoke test).
+Run as root.
 `--before REV` adds the deploy variant runner-before: the runner of REV (a temporary
 `git worktree` of this repository, removed at the end), in the same rounds as the others, so
 that before and after a change are measured in one run under the same load. `--after REV`
@@ -37,7 +38,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("parts", nargs="*", metavar="PART", help=f"any of {', '.join(PARTS)} (all)")
     ap.add_argument("--rounds", type=int, default=5, help="counted runs of each variant")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted runs first")
-    ap.add_argument("--quick", action="store_true", help="one run of each, no warm-up")
+    ap.add_argument("--quick", action="store_true",
+                    help="one run of each, no warm-up, a short latency sample")
     ap.add_argument("--servers", default="1,2,4", help="server counts for the deploy (1,2,4,8)")
     ap.add_argument("--pipeline-servers", type=int, default=2)
     ap.add_argument("--image", choices=("example", "tiny"), default="example",
@@ -284,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             if not refs:
                 refs = common.two_versions(lab, args.image, workdir)
             res["zero-downtime"] = zero_downtime.bench_zero_downtime(
-                lab, refs, lab["servers"][:args.pipeline_servers], args.rounds, workdir)
+                lab, refs, lab["servers"][:args.pipeline_servers], args.rounds, workdir,
+                quick=args.quick)
         pipe = None
         if {"pipeline", "rebuild", "overhead"} & set(args.parts):
             pipe = pipeline_mod.bench_pipeline(lab, args.image,
