@@ -3,7 +3,13 @@ deploy_fixtures) as a web role on both servers and a worker role (a shell loop, 
 image's HEALTHCHECK off) on the second; one release, one rollout, one rollback."""
 from __future__ import annotations
 
+import json
+import os
 import secrets as _random
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +19,7 @@ from runner.model.image import ImageRef
 from tests.lab.deploy_fixtures import UID, Log, _cleanup, _get, _port, _servers, _stage
 
 WORKER = ["sh", "-c", "while true; do sleep 1; done"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _app(stage, images, version, name, log=None, run_id=None):
@@ -99,4 +106,58 @@ def test_web_and_worker_are_one_release_a_crash_looping_worker_puts_both_back(
     assert back.ok and {s.server for s in back.servers} == {web1, web2, worker}
     assert {dg for _, dg in _containers(d).values()} == {images["v1"].split("@")[1]}
     assert [_get(h, port) for h in hosts] == ["v1", "v1"]
+    d.close()
+
+
+def test_a_deploy_killed_after_its_release_command_is_recovered_role_by_role(lab, images,
+                                                                             roles_app):
+    """A deploy in a process of its own (tests/data/deploy/child.py) runs its release command,
+    switches web on both servers and the worker, and is SIGKILLed (by pid) while the worker's
+    gate waits: every role is left on the unverified release. The next deploy returns each
+    role on each server to its last verified release first: the very containers that ran."""
+    name = roles_app
+    servers = _servers(lab, 2)
+    port = _port()
+    roles = {"web": {}, "worker": {"command": WORKER, "servers": [servers[1]["host"]]}}
+    stage = _stage(lab, servers, name, port, roles=roles, lock={"ttl": 60, "wait": 20})
+    d = _app(stage, images, "v1", name)
+    assert d.apply(d.plan()).ok
+    before = _containers(d)
+    d.close()
+    stuck = _stage(lab, servers, name, port, lock={"ttl": 60, "wait": 20},
+                   release_command=["sh", "-c", "echo migrated"],
+                   roles={**roles, "worker": {**roles["worker"], "healthcheck": {
+                       "cmd": "false", "timeout": 60, "probe_interval": 0.2}}})
+    cfg = {"stage": stuck.model_dump(by_alias=True), "app": name, "repo": images["repo"],
+           "ref": images["v2"], "run_id": "killed", "commit": "2" * 40}
+    child = subprocess.Popen([sys.executable, str(ROOT / "tests/data/deploy/child.py"),
+                              json.dumps(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    said = []
+    try:
+        for line in child.stderr:
+            said.append(line)
+            if "/worker: waiting for health" in line:
+                break
+        else:
+            pytest.fail("the child deploy never reached the worker's gate:\n" + "".join(said))
+        assert any("release: migrated" in line for line in said), said
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    d = _app(stage, images, "v1", name)
+    left = _containers(d)
+    worker = next(u for u in left if u.endswith("/worker"))
+    assert left[worker][1] == images["v2"].split("@")[1], left  # the killed run's, unverified
+    log = Log()
+    d = _app(stage, images, "v1", name, log)
+    report = d.apply(d.plan())
+    assert report.ok, report.summary()
+    for row in report.servers:  # web on both servers and the worker: each recovered first
+        assert "returned to the last verified release" in row.reason, (row, log.text)
+    assert _containers(d) == before
+    assert [_get(s["host"], port) for s in servers] == ["v1", "v1"]
     d.close()
