@@ -1,6 +1,7 @@
 """The deploy's hooks (`deploy.hooks`): commands on the runner's own host, before the deploy
 (`pre_deploy`: a failure stops it before any server is reached) and after it succeeded
-(`post_deploy`: a failure is a failed hook; the release stays deployed).
+(`post_deploy`: a failure is a failed hook; the release stays deployed): rollout_with_hooks,
+for the deploy stage and `runner promote` alike.
 
 Each hook is an argv (no shell) with the release described in its environment (`hook_env`,
 pure) and nothing else of the runner's environment but PATH, HOME and LANG: the runner's own
@@ -53,9 +54,41 @@ def hook_env(*, digest: str, image: str, hosts: tuple[str, ...], pipeline: str, 
 
 
 class HookFailed(Exception):
-    def __init__(self, hook: PlannedHook, reason: str):
+    """A hook failed; `report` is the rollout's when it had happened (post_deploy)."""
+
+    def __init__(self, hook: PlannedHook, reason: str, report: Any = None):
         self.hook = hook
+        self.reason = reason
+        self.report = report
         super().__init__(f"{hook.phase} hook `{' '.join(hook.argv)}` {reason}")
+
+
+def rollout_with_hooks(deployer: Any, plan: Any, env: dict[str, str], *, cwd: Path,
+                       log: Callable[[str], None], cancel: threading.Event | None) -> Any:
+    """pre_deploy, `deployer.apply(plan)`, post_deploy: a deploy as the deploy stage and `runner
+    promote` both make it, returning the rollout's report (each server's line logged). Raises
+    the rollout's own errors, or HookFailed saying what was left: a failed pre_deploy changed
+    nothing on any server; after a failed post_deploy the release stays (its `report`)."""
+    hooks = {h.phase: h for h in plan.hooks}
+    if "pre_deploy" in hooks:
+        try:
+            run_hook(hooks["pre_deploy"], env, cwd=cwd, log=log, cancel=cancel)
+        except HookFailed as exc:
+            raise HookFailed(exc.hook, f"{exc.reason}: the deploy did not start, nothing was "
+                                       f"changed on any server") from None
+    report = deployer.apply(plan)
+    for s in report.servers:
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in s.phases.items())
+        log(f"{s.server}: {s.status} {s.digest} in {s.duration:.1f}s ({phases})")
+    if "post_deploy" in hooks:
+        try:
+            run_hook(hooks["post_deploy"], env, cwd=cwd, log=log, cancel=cancel)
+        except HookFailed as exc:
+            servers = ", ".join(s.server for s in report.servers)
+            raise HookFailed(exc.hook, f"{exc.reason}: the deploy itself succeeded and the release "
+                                       f"{env.get('RUNNER_DIGEST', '')[:19]} stays on {servers}",
+                             report) from None
+    return report
 
 
 def run_hook(hook: PlannedHook, env: dict[str, str], *, cwd: Path,

@@ -4,7 +4,8 @@ A's servers each keep their verified releases (deployers.history); the release t
 the newest entry among them (by the time its deploy committed it), so a server that missed A's
 last deploy (it was added since) does not hold the promotion back to an older one. The entry
 carries the image by digest (`ref`, `name@sha256:...`): that exact image goes to B, nothing is
-rebuilt; B's own settings (servers, env from B's variables) make its container.
+rebuilt; B's own settings (servers, env from B's variables) make its container. A promotion
+on a tag (the daemon's triggers.tag) moves the tag's commit only (require_commit).
 """
 from __future__ import annotations
 
@@ -35,6 +36,18 @@ def release_to_promote(source: str, histories: list[tuple[str, list[dict]]]
         raise NothingToPromote(f"the release last verified on {source} ({server}) records "
                                f"{entry.get('ref')!r}, not its digest {entry.get('digest')!r}")
     return image, entry
+
+
+def require_commit(source: str, entry: dict, commit: str) -> None:
+    """Raises NothingToPromote, naming both commits, unless `entry` (the release last verified
+    on `source`) is `commit` (full, or its first 7 or more hex digits): a promotion on a tag
+    moves the tag's commit or nothing."""
+    verified = str(entry.get("commit") or "")
+    if not commit or not verified.startswith(commit.lower()):
+        raise NothingToPromote(f"the release last verified on {source} is commit "
+                               f"{verified[:12] or '(none recorded)'} (run "
+                               f"{entry.get('run_id', '?')}), not {commit[:12]}: deploy "
+                               f"{commit[:12]} to {source} first (nothing was changed)")
 
 
 def _time(entry: dict) -> float:

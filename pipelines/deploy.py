@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from runner.errors import Cancelled, StageFailed
+from runner.errors import StageFailed
 from runner.model import Pipeline
 from runner.model.image import ImageRef
 from runner.outputs import DeployOutputs
@@ -22,7 +22,7 @@ from runner.stage import Stage, StageContext
 
 from deployers.accessory_plan import accessory_specs, needed_on
 from deployers.base import DeployFailed
-from deployers.hooks import HookFailed, hook_env, run_hook
+from deployers.hooks import HookFailed, hook_env, rollout_with_hooks
 from deployers.app_deployer import AppDeployer
 from deployers.ssh_docker import ConfigError
 from deployers.ssh_errors import TransportError
@@ -64,35 +64,16 @@ class DeployStage(Stage):
                        hosts=tuple(t.host for t in deployer.targets), pipeline=ctx.pipeline.name,
                        commit=commit, run_id=ctx.run_id, base=os.environ)
         cwd = ctx.outputs.checkout.path if ctx.outputs.checkout else ctx.workdir
-        hooks = {h.phase: h for h in plan.hooks}
         try:
-            if "pre_deploy" in hooks:
-                try:
-                    run_hook(hooks["pre_deploy"], env, cwd=cwd, log=ctx.log.info,
-                             cancel=ctx.cancel)
-                except HookFailed as exc:
-                    raise StageFailed(self.name, f"{exc}: the deploy did not start, nothing "
-                                                 f"was changed on any server") from None
-            report = deployer.apply(plan)
+            return rollout_with_hooks(deployer, plan, env, cwd=cwd, log=ctx.log.info,
+                                      cancel=ctx.cancel)
+        except HookFailed as exc:
+            raise StageFailed(self.name, str(exc), exc.report) from None
         except (DeployFailed, ConfigError, TransportError) as exc:
             # The reason (which server, why, what was rolled back) is the stage's error: shown
             # once at the stage's end and in the summary, not repeated as warnings. The
             # per-server report goes into run.json as the stage's outputs all the same.
             raise StageFailed(self.name, str(exc),
                               exc.report if isinstance(exc, DeployFailed) else None) from None
-        except Cancelled:
-            raise
         finally:
             deployer.close()
-        for s in report.servers:
-            phases = ", ".join(f"{k} {v:.2f}s" for k, v in s.phases.items())
-            ctx.log.info(f"{s.server}: {s.status} {s.digest} in {s.duration:.1f}s ({phases})")
-        if "post_deploy" in hooks:
-            try:
-                run_hook(hooks["post_deploy"], env, cwd=cwd, log=ctx.log.info, cancel=ctx.cancel)
-            except HookFailed as exc:
-                raise StageFailed(self.name, f"{exc}: the deploy itself succeeded and the release "
-                                             f"{image.digest[:19]} stays on "
-                                             f"{', '.join(s.server for s in report.servers)}",
-                                  report) from None
-        return report

@@ -229,7 +229,8 @@ def prepare(path: str | os.PathLike, options: RunOptions,
         pipeline, commit = load_at_commit(request.pipeline_from, os.fspath(path), request.commit,
                                           request.ref or request.branch or request.tag,
                                           dict(options.variables), environ=environ,
-                                          warn=early_warnings.append)
+                                          warn=early_warnings.append,
+                                          destination=options.destination)
         request = request.model_copy(update={"commit": commit})
     repo_update: dict[str, Any] = {}
     if options.repo:

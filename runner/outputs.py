@@ -342,7 +342,8 @@ class DeployOutputs:
 
     app: str = doc("The app's name on the servers (`stages.deploy.container.name`, else the "
                   "pipeline's name).")
-    what: str = doc("`deploy`, or `rollback` for `runner rollback`.")
+    what: str = doc("`deploy`, `rollback` for `runner rollback`, or `promote` for `runner "
+                    "promote` (and the daemon's promotion on a tag).")
     servers: tuple[ServerResult, ...] = doc("Every server of the plan, in rollout order.")
     ok: bool = doc("Whether every server ended on the new release.")
     headline: str = doc("One line saying how it went.", default="")

@@ -128,9 +128,10 @@ def read_at_commit(source: RepositoryPipeline, path: str, commit: str | None, re
 def load_at_commit(source: RepositoryPipeline, path: str, commit: str | None, ref: str | None,
                    variables: dict[str, str], environ: Mapping[str, str] | None = None,
                    warn: Callable[[str], None] = lambda message: None,
-                   timeout: float = 120.0) -> tuple[Pipeline, str]:
+                   timeout: float = 120.0, destination: str | None = None) -> tuple[Pipeline, str]:
     """The repository's pipeline at the run's commit, within the operator's limits, and that
-    commit. Raises InvalidInput with every problem at PATH@COMMIT:line:column."""
+    commit; `destination`: the daemon entry's. Raises InvalidInput with every problem at
+    PATH@COMMIT:line:column."""
     from runner.loader import load_pipeline_text
 
     text, got = read_at_commit(source, path, commit, ref, timeout, environ, warn)
@@ -138,7 +139,7 @@ def load_at_commit(source: RepositoryPipeline, path: str, commit: str | None, re
         # Relative paths in the file point into an empty directory: the repository names no file
         # of the daemon's machine by a path relative to where the daemon keeps its files.
         pipeline = load_pipeline_text(text, f"{path}@{got[:12]}", variables=variables, environ={},
-                                      base_dir=nowhere)
+                                      base_dir=nowhere, destination=destination)
     return within_limits(pipeline, source), got
 
 

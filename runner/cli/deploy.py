@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from runner.cli.common import chosen_destination, destination_option, open_or_exit
+from runner.cli.common import destination_option, open_or_exit
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load, load_file
 from runner.secrets import Masker
@@ -118,8 +118,10 @@ def _at_release(path: str, var: tuple[str, ...], request_file: str, to: str | No
         sys.exit(EXIT_INVALID)
 
     def at(commit: str | None) -> Load:
-        return lambda p, variables: load_at_commit(source, p, commit, None if commit else request.ref,
-                                                   variables)[0]
+        # A third argument: the daemon entry's destination (-d), as open_pipeline passes it.
+        return lambda p, variables, destination=None: load_at_commit(
+            source, p, commit, None if commit else request.ref, variables,
+            destination=destination)[0]
 
     _, deployer, masker = _open(path, var, at(None), run_id, say)
     try:
@@ -211,11 +213,6 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
         recorded command, env, ports, ...: not the file's current settings), health-gated."""
         run_id = run_id or f"rollback-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
         opens = load
-        if request_file and chosen_destination() is not None:
-            # A daemon entry has no destination yet (docs/deploy.md): refused, not guessed.
-            click.echo("rollback: -d and --request together: a daemon's rollback (--request) "
-                       "has no destination", err=True)
-            sys.exit(EXIT_INVALID)
         if request_file:
             opens, to = _at_release(pipeline_file, var, request_file, to, run_id)
         _, deployer, masker = _open(pipeline_file, var, opens, run_id,

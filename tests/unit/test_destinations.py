@@ -1,11 +1,12 @@
 """Destinations and promotion, the pure parts: choosing a destination in the loader (its
 variables over the top-level ones; a missing or unknown one is an error at file:line:col with
-the list), the key of a destination's history and lock, and the release promote moves."""
+the list), the key of a destination's history and lock, the release promote moves and its
+--commit check."""
 from __future__ import annotations
 
 import pytest
 
-from deployers.promotion import NothingToPromote, release_to_promote
+from deployers.promotion import NothingToPromote, release_to_promote, require_commit
 from deployers.spec import release_key
 from runner.errors import InvalidInput
 from runner.loader import load_pipeline_text
@@ -133,18 +134,40 @@ def test_without_a_destination_its_variables_are_not_reported_as_undefined():
         assert [p.path for p in exc.value.problems] == ["destinations"], exc.value.problems
 
 
-def test_a_daemon_rollback_with_a_destination_is_refused(tmp_path):
-    """`runner rollback --request FILE -d NAME`: a daemon entry has no destination, so the two
-    together are bad input (exit 2, saying so), not a crash in the repository pipeline's load."""
+def test_a_daemon_rollback_reads_the_repository_pipeline_with_its_destination(tmp_path):
+    """`runner rollback FILE --request R -d NAME` (a daemon `pipeline:` entry with a destination):
+    the file is read from the repository with that destination; an unknown one is exit 2 at the
+    file's destinations: line with the names (it was refused as -d with --request before)."""
+    import subprocess
+
     from click.testing import CliRunner
 
     from runner.cli.main import cli
 
-    (tmp_path / "p.yml").write_text(FILE)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "p.yml").write_text(FILE)
+    for argv in (["init", "-q", "-b", "main"], ["add", "p.yml"],
+                 ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"]):
+        subprocess.run(["git", *argv], cwd=repo, check=True)
     (tmp_path / "request.json").write_text(
         '{"kind": "rollback", "ref": "refs/heads/main", "branch": "main", '
-        '"pipeline_from": {"repository": "%s"}}' % (tmp_path / "no-such-repo"))
-    res = CliRunner().invoke(cli, ["rollback", str(tmp_path / "p.yml"), "-d", "staging",
+        '"pipeline_from": {"repository": "%s"}}' % repo)
+    res = CliRunner().invoke(cli, ["rollback", "p.yml", "-d", "qa",
                                    "--request", str(tmp_path / "request.json")])
     assert res.exit_code == 2, res.output
-    assert "-d and --request together" in res.output
+    assert "p.yml@" in res.output and "unknown destination 'qa'" in res.output, res.output
+    assert "staging, production" in res.output, res.output
+
+
+def test_a_promotion_on_a_tag_moves_the_tag_s_commit_or_nothing():
+    entry = {"commit": "c" * 40, "run_id": "12"}
+    require_commit("staging", entry, "c" * 40)
+    require_commit("staging", entry, "CCCCCCC")
+    with pytest.raises(NothingToPromote) as exc:
+        require_commit("staging", entry, "d" * 40)
+    assert str(exc.value) == (f"the release last verified on staging is commit {'c' * 12} (run 12), "
+                              f"not {'d' * 12}: deploy {'d' * 12} to staging first (nothing was "
+                              f"changed)")
+    with pytest.raises(NothingToPromote, match=r"is commit \(none recorded\)"):
+        require_commit("staging", {"run_id": "3"}, "d" * 40)
