@@ -119,6 +119,10 @@ class AppDeployer(Deployer):
         self.targets: tuple[Target, ...] = targets(stage, self.primary.ssh_config)
         self.log = self.primary.log
 
+    def secret_value(self, name: str) -> str:
+        """A secret of the pipeline by name (raises ConfigError when it has no value)."""
+        return self.primary.secret_value(name)
+
     # ------------------------------------------------------------------- units
 
     def server_of(self) -> dict[str, str]:

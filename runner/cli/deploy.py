@@ -30,6 +30,7 @@ from runner.signals import STOP_SIGNALS, StopSignals
 from deployers import history as hist
 from deployers.accessory_plan import accessory_specs, needed_on
 from deployers.base import DeployFailed, ServerStatus
+from deployers.app_deployer import AppDeployer
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 from deployers.ssh_errors import TransportError
 
@@ -45,11 +46,10 @@ def _open(path: str, var: tuple[str, ...], load: Load, run_id: str,
     def log(line: str) -> None:
         echo(masker.mask(line))
     # needs: a rollback, too, checks the accessories are running before any server switches.
-    deployer = SSHDockerDeployer(pipeline.stages.deploy, pipeline=pipeline.name,
-                                 image_name=pipeline.image.name, run_id=run_id,
-                                 secret=store.value, log=log,
-                                 needs=needed_on(accessory_specs(pipeline)),
-                                 destination=pipeline.destination)
+    deployer = AppDeployer(pipeline.stages.deploy, pipeline=pipeline.name,
+                           image_name=pipeline.image.name, run_id=run_id, secret=store.value,
+                           log=log, needs=needed_on(accessory_specs(pipeline)),
+                           destination=pipeline.destination)
     return pipeline, deployer, masker
 
 
@@ -57,12 +57,13 @@ def _with_routes(deployer: SSHDockerDeployer, rows: list[ServerStatus]
                  ) -> tuple[list[ServerStatus], dict[str, str]]:
     """For the proxy cutover: each row with the digest the app's route serves on its server
     (`route`), and per server what is wrong with that route ("" when it sends the traffic to
-    the running container)."""
+    the running container). `deployer`: the primary role's, whose containers the route serves;
+    the other roles' rows pass through."""
     from deployers.ssh_proxy import route_status
     by_label = {t.label: t for t in deployer.targets}
 
     def one(r: ServerStatus) -> tuple[ServerStatus, str]:
-        if r.error:
+        if r.error or r.server not in by_label:
             return r, ""
         conn = deployer.connection(by_label[r.server])
         route = route_status(deployer, conn)
@@ -277,7 +278,7 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
         try:
             rows = deployer.verify()
             if proxied:
-                rows, wrong = _with_routes(deployer, rows)
+                rows, wrong = _with_routes(deployer.primary, rows)
         except ConfigError as exc:
             click.echo(str(exc), err=True)
             sys.exit(EXIT_INVALID)
