@@ -161,3 +161,41 @@ def test_a_deploy_killed_after_its_release_command_is_recovered_role_by_role(lab
     assert _containers(d) == before
     assert [_get(s["host"], port) for s in servers] == ["v1", "v1"]
     d.close()
+
+
+def test_behind_the_proxy_web_and_worker_deploy_and_roll_back_dropping_nothing(lab, images,
+                                                                               roles_app):
+    """The zero-downtime request loop of tests/lab/test_proxy.py with roles: web behind the
+    proxy on two servers, a worker beside it on the second; a deploy and a rollback under
+    steady load fail no request, and the worker follows the web's release each time."""
+    import time
+
+    from runner.model.deploy import DeploySettings
+    from tests.lab.test_proxy import _assert_no_drop, _load, _proxy_stage, _via, \
+        remove_proxied_app
+    name = roles_app
+    host = f"{name}.test"
+    servers = _servers(lab, 2)
+    base = _proxy_stage(lab, servers, name, hosts=[host])
+    stage = DeploySettings.model_validate({
+        **base.model_dump(by_alias=True, exclude_none=True),
+        "roles": {"web": {}, "worker": {"command": WORKER, "servers": [servers[1]["host"]]}}})
+    try:
+        d = _app(stage, images, "v1", name)
+        assert d.apply(d.plan()).ok
+        d.close()
+        for version, act in (("v2", "deploy"), ("v1", "rollback")):
+            log = Log()
+            with _load(servers, host) as load:
+                time.sleep(0.3)
+                d = _app(stage, images, "v2", name, log)
+                report = d.apply(d.plan()) if act == "deploy" else d.rollback()
+                d.close()
+                time.sleep(0.3)
+            assert report.ok and len(report.servers) == 3, report.summary()
+            _assert_no_drop(load, {"v1", "v2"}, log)
+            assert [_via(s, host) for s in servers] == [version, version]
+            assert {dg for _, dg in _containers(d).values()} == {images[version].split("@")[1]}
+            d.close()
+    finally:
+        remove_proxied_app(lab, lab["servers"], name)
