@@ -19,8 +19,9 @@ Layout (one way: nothing here is imported by the engine or the stages):
                 from `secrets:` as `runner exec` reads them), exactly as the checkout stage
                 does (runner/gitaccess.py); a repository secret that cannot be read is logged
                 by pipeline and secret name and nothing is polled
-  worker.py     the pool: claims runs, runs `runner exec --json` per run (a rollback run:
-                `runner rollback --json`, its report as the deploy stage) in its own process
+  worker.py     the pool: claims runs, runs `runner exec --json` per run (`-d` for the entry's
+                destination; a rollback run: `runner rollback --json`, a tag's run of an entry
+                with triggers.tag: `runner promote --json`, each report as the deploy stage) in its own process
                 group, stores its events, leases with heartbeat, cancellation by SIGINT
   status.py     commit status back to GitHub / Gitea
   api.py        the ASGI app: webhooks, /healthz, /metrics and the JSON API; the h11 protocol

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from runner.errors import InvalidInput, Problem
 from runner.gitsafety import is_local_path
 from runner.model import SecretSource
+from runner.model.destinations import DESTINATION_NAME
 from runner.run_request import RepositoryPipeline
 
 class _Model(BaseModel):
@@ -151,8 +152,22 @@ class PullRequestTrigger(_Model):
     forks: Literal["restricted", "trusted"] = "restricted"
 
 
+class TagTrigger(_Model):
+    """A tag push promotes instead of building (Kamal's and GitLab's release by tag): the run
+    deploys to the entry's `destination` the release last verified on `promote_from`, by digest,
+    as `runner promote` does; nothing is checked out, built, tested, scanned or pushed. The tag
+    names the commit being promoted: the run is refused when the release verified on
+    `promote_from` is another commit."""
+
+    promote_from: str = Field(pattern=DESTINATION_NAME.pattern)  # a destination of the pipeline
+    # Glob patterns (fnmatch) of the tags that promote.
+    tags: tuple[str, ...] = ("*",)
+
+
 class Triggers(_Model):
     push: PushTrigger | None = Field(default_factory=PushTrigger)
+    # None (the default): tags build as triggers.push.tags says; set, matching tags promote.
+    tag: TagTrigger | None = None
     # None (the default): pull requests start nothing.
     pull_request: PullRequestTrigger | None = None
     poll: PollTrigger | None = None
@@ -223,6 +238,9 @@ class PipelineEntry(_Model):
     webhook_secret: SecretRef | None = None  # overrides the provider's secret for this pipeline
     commit_status: CommitStatus | None = None
     vars: dict[str, str] = Field(default_factory=dict)
+    # The pipeline's destination its runs deploy to (`runner exec -d`, rollback too): required
+    # when the file has `destinations:`, refused when it has none (`--check` says so).
+    destination: str | None = Field(default=None, pattern=DESTINATION_NAME.pattern)
 
     @field_validator("repo")
     @classmethod
@@ -261,6 +279,21 @@ class PipelineEntry(_Model):
             if name is not None and name not in self.secrets:
                 raise ValueError(f"{key}: {name!r} is not one of this entry's secrets "
                                  f"({', '.join(sorted(self.secrets)) or 'none'})")
+        tag = self.triggers.tag
+        if tag is not None:
+            if self.destination is None:
+                raise ValueError("triggers.tag promotes to the entry's destination: give "
+                                 "destination: NAME")
+            if tag.promote_from == self.destination:
+                raise ValueError(f"triggers.tag.promote_from and destination both name "
+                                 f"{self.destination!r}: a promotion moves a release between two "
+                                 f"destinations")
+            if self.pipeline is not None:
+                raise ValueError("triggers.tag promotes with a pipeline file of this machine "
+                                 "(file:), not one read from the repository (pipeline:)")
+            if self.triggers.push is not None and self.triggers.push.tags:
+                raise ValueError("a tag either builds (triggers.push.tags) or promotes "
+                                 "(triggers.tag), not both")
         return self
 
 
@@ -409,12 +442,26 @@ def _head_problems(cfg: DaemonConfig, p: PipelineEntry, cannot: Callable[[str], 
     branch = default_branch(p)
     try:
         load_at_commit(source, p.pipeline, None, f"refs/heads/{branch}", dict(p.vars),
-                       timeout=cfg.git_timeout)
+                       timeout=cfg.git_timeout, destination=p.destination)
     except InvalidInput as exc:
         if exc.problems:
             return list(exc.problems)
         cannot(f"cannot check {p.pipeline} at the head of {branch}: {exc}")
     return []
+
+
+def _destination_problem(p: PipelineEntry, file: str, known: tuple[str, ...]) -> str | None:
+    """What is wrong with entry `p`'s `destination:` for a pipeline file declaring `known`
+    destinations; None when the entry's choice is right (the file's destinations are wrong)."""
+    names = ", ".join(known)
+    if p.destination is None:
+        return f"{file} has destinations ({names}): name the one this entry deploys to with " \
+               f"destination: NAME" if known else None
+    if not known:
+        return f"destination {p.destination!r}: {file} has no destinations: section"
+    if p.destination not in known:
+        return f"unknown destination {p.destination!r}: {file}'s destinations are {names}"
+    return None
 
 
 def check_config(path: str | os.PathLike) -> tuple[DaemonConfig | None, list[Problem]]:
@@ -425,6 +472,7 @@ def check_config(path: str | os.PathLike) -> tuple[DaemonConfig | None, list[Pro
     (problems at PATH@COMMIT:line:column); a repository that cannot be read is a warning saying
     why. Each problem with its file, line and column. Nothing is written."""
     from runner.loader import load_pipeline
+    from runner.loader.destinations import DestinationChoice
 
     try:
         cfg = load_config(path)
@@ -452,9 +500,22 @@ def check_config(path: str | os.PathLike) -> tuple[DaemonConfig | None, list[Pro
             at(("pipelines", i, "file"), f"no such pipeline file: {file}")
             continue
         try:
-            load_pipeline(file, variables=dict(p.vars))
+            pipeline = load_pipeline(file, variables=dict(p.vars), destination=p.destination)
+        except DestinationChoice as exc:
+            wrong = _destination_problem(p, str(file), exc.known)
+            if wrong is None:  # the file's own destinations are wrong: said there
+                problems.extend(exc.problems)
+            else:
+                at(("pipelines", i, "destination") if p.destination else ("pipelines", i, "name"), wrong)
+            continue
         except InvalidInput as exc:
             problems.extend(exc.problems or [Problem(str(file), 1, 1, "", str(exc))])
+            continue
+        tag = p.triggers.tag
+        if tag is not None and tag.promote_from not in pipeline.destinations:
+            at(("pipelines", i, "triggers", "tag", "promote_from"),
+               f"unknown destination {tag.promote_from!r}: {file}'s destinations are "
+               f"{', '.join(pipeline.destinations)}")
     for loc, ref in refs:
         if ref is None:
             continue

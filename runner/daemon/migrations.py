@@ -154,6 +154,12 @@ ALTER TABLE deliveries ADD COLUMN ref TEXT NOT NULL DEFAULT '';
 ALTER TABLE deliveries ADD COLUMN action TEXT NOT NULL DEFAULT ''
 """
 
+# v8: the destination a run deploys to (a pipeline entry's `destination:`), kept with the run so
+# that its history says where it went even after the entry changes, and a retry goes there too.
+_V8 = """
+ALTER TABLE runs ADD COLUMN destination TEXT
+"""
+
 SQLITE: tuple[Migration, ...] = (
     Migration(1, "runs, leases, stages, log lines, deliveries, poll state", _split(_V1.format(**_SQLITE_TYPES))),
     Migration(2, "runs: daemon, retry_of, withhold_secrets, skip_stages", _split(_V2.format(**_SQLITE_TYPES))),
@@ -162,6 +168,7 @@ SQLITE: tuple[Migration, ...] = (
     Migration(5, "indexes: runs by branch, runs by trigger, stages by name", _split(_V5)),
     Migration(6, "daemons: pid, pid_start", _split(_V6)),
     Migration(7, "deliveries: repository, ref, action", _split(_V7)),
+    Migration(8, "runs: destination", _split(_V8)),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -172,6 +179,7 @@ POSTGRES: tuple[Migration, ...] = (
     Migration(5, "indexes: runs by branch, runs by trigger, stages by name", _split(_V5)),
     Migration(6, "daemons: pid, pid_start", _split(_V6)),
     Migration(7, "deliveries: repository, ref, action", _split(_V7)),
+    Migration(8, "runs: destination", _split(_V8)),
 )
 
 LATEST = SQLITE[-1].version

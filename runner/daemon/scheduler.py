@@ -120,7 +120,8 @@ def pipeline_credentials(p: PipelineEntry, config: DaemonConfig, masker: Masker,
                                          f"be read, nothing polled: {exc}") from None
         return RepositoryCredentials(repository_of(source), SecretStore(values, masker))
     try:
-        pipeline = load_pipeline(config.path(p.file), variables=dict(p.vars), environ=environ)
+        pipeline = load_pipeline(config.path(p.file), variables=dict(p.vars), environ=environ,
+                                 destination=p.destination)
     except InvalidInput as exc:
         warn(f"pipeline {p.name!r}: polling without the repository's credentials: "
              f"{str(exc).splitlines()[0]}")
@@ -332,7 +333,8 @@ class Schedules:
         url = ""
         if p.file:  # a repository's pipeline (pipeline:) is read from the entry's repo: itself
             try:
-                url = load_pipeline(core.config.path(p.file), variables=dict(p.vars)).repository.url
+                url = load_pipeline(core.config.path(p.file), variables=dict(p.vars),
+                                    destination=p.destination).repository.url
             except InvalidInput as exc:
                 warn(f"pipeline {p.name!r}: {str(exc).splitlines()[0]}")
         if not url and p.repo:

@@ -67,6 +67,7 @@ class NewRun:
     withhold_secrets: bool = False
     skip_stages: tuple[str, ...] = ()
     retry_of: int | None = None  # the run this one runs again (runner retry)
+    destination: str | None = None  # the entry's destination (`runner exec -d`), None: none
     # Said in the delivery's reason only when the run is queued (what a pull request run may
     # do): a run skipped as already run must not be described as if it had been made.
     note: str = ""
@@ -114,6 +115,7 @@ class Claimed:
     waited: float = 0.0  # seconds it was queued (for the queue-wait metric)
     # "rollback" runs `runner rollback` instead of `runner exec` (the worker decides by it).
     trigger: str = ""
+    destination: str | None = None  # where it deploys (NewRun.destination)
 
 
 class Store(abc.ABC):

@@ -22,7 +22,7 @@ from runner.proc import start_time
 
 _RUN_COLS = ("id, pipeline, status, reason, trigger, provider, ref, branch, tag, commit_sha, delivery, "
              "grp, attempt, cancel_requested, exit_code, created_at, started_at, finished_at, daemon, "
-             "retry_of, withhold_secrets, skip_stages")
+             "retry_of, withhold_secrets, skip_stages, destination")
 
 # A run's commit already ran (and is not run again for a new delivery) while one of its runs is
 # in one of these; a poll, which sees each commit once, counts every run.
@@ -154,12 +154,13 @@ class SqlStore(Store):
                     continue
             row = db.one(
                 "INSERT INTO runs (pipeline, status, trigger, provider, ref, branch, tag, commit_sha, delivery,"
-                " grp, cancel_in_progress, event, vars, created_at, withhold_secrets, skip_stages, retry_of, once_key)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (once_key) WHERE "
+                " grp, cancel_in_progress, event, vars, created_at, withhold_secrets, skip_stages, retry_of, once_key,"
+                " destination) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (once_key) WHERE "
                 f"status IN ({', '.join(repr(x) for x in _RAN)}) DO NOTHING RETURNING id",
                 (r.pipeline, "queued", r.trigger, r.provider, r.ref, r.branch, r.tag, r.commit, r.delivery,
                  r.group, int(r.cancel_in_progress), json.dumps(r.event), json.dumps(r.vars), now,
-                 int(r.withhold_secrets), json.dumps(list(r.skip_stages)), r.retry_of, once_key))
+                 int(r.withhold_secrets), json.dumps(list(r.skip_stages)), r.retry_of, once_key,
+                 r.destination))
             if row is None:
                 seen = db.one(f"SELECT id, status FROM runs WHERE once_key=? AND status IN ({_marks(len(_RAN))})",
                               (once_key, *_RAN))
@@ -192,7 +193,8 @@ class SqlStore(Store):
     def _again(self, db: Tx, run_id: int) -> NewRun | None:
         """A final run as a new one: what `retry` and a redelivery queue."""
         row = db.one("SELECT pipeline, status, trigger, provider, ref, branch, tag, commit_sha, grp, "
-                     "cancel_in_progress, event, vars, withhold_secrets, skip_stages FROM runs WHERE id=?", (run_id,))
+                     "cancel_in_progress, event, vars, withhold_secrets, skip_stages, destination FROM runs WHERE id=?",
+                     (run_id,))
         if row is None:
             return None
         if row["status"] not in FINAL:
@@ -205,7 +207,8 @@ class SqlStore(Store):
                       event=json.loads(row["event"]), vars=json.loads(row["vars"]), group=row["grp"],
                       cancel_in_progress=bool(row["cancel_in_progress"]),
                       withhold_secrets=bool(row["withhold_secrets"]),
-                      skip_stages=tuple(json.loads(row["skip_stages"] or "[]")), retry_of=run_id)
+                      skip_stages=tuple(json.loads(row["skip_stages"] or "[]")), retry_of=run_id,
+                      destination=row["destination"])
 
     def retry(self, run_id):
         with self._tx() as db:
@@ -299,7 +302,7 @@ class SqlStore(Store):
             if not ready:
                 return None
             sql = ("SELECT id, pipeline, trigger, grp, event, vars, attempt, ref, branch, tag, commit_sha, "
-                   "withhold_secrets, skip_stages, created_at FROM runs WHERE status='queued' AND pipeline IN "
+                   "withhold_secrets, skip_stages, created_at, destination FROM runs WHERE status='queued' AND pipeline IN "
                    f"({_marks(len(ready))})")
             args: list = list(ready)
             if busy_groups:
@@ -320,7 +323,8 @@ class SqlStore(Store):
                 return Claimed(int(row["id"]), name, json.loads(row["event"]), json.loads(row["vars"]),
                                int(row["attempt"]), row["ref"], row["branch"], row["tag"], row["commit_sha"],
                                bool(row["withhold_secrets"]), tuple(json.loads(row["skip_stages"] or "[]")),
-                               max(0.0, now - float(row["created_at"])), trigger=row["trigger"])
+                               max(0.0, now - float(row["created_at"])), trigger=row["trigger"],
+                               destination=row["destination"])
         return None
 
     def heartbeat(self, owner, run_ids, lease_seconds):

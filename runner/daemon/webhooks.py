@@ -222,7 +222,13 @@ def match_pipelines(config: DaemonConfig, trigger: Any, payload: Mapping[str, An
 
 
 def push_filter(p: PipelineEntry, branch: str | None, tag: str | None) -> str | None:
-    """None if the push should start a run of p; else the reason it does not."""
+    """None if the push should start a run of p; else the reason it does not. With
+    triggers.tag, a tag is for it alone (a promotion: runner.daemon.worker)."""
+    promote = p.triggers.tag
+    if tag is not None and promote is not None:
+        if not any(fnmatch.fnmatchcase(tag, pat) for pat in promote.tags):
+            return f"{p.name}: tag {tag!r} matches none of triggers.tag.tags {list(promote.tags)}"
+        return None
     push = p.triggers.push
     if push is None:
         return f"{p.name}: push trigger disabled"
@@ -255,7 +261,7 @@ def new_run(p: PipelineEntry, kind: str, provider: str | None, ref: str | None, 
     return NewRun(pipeline=p.name, trigger=kind, provider=provider, ref=ref, branch=branch, tag=tag,
                   commit=commit, event=event, vars={**p.vars, **(extra_vars or {})},
                   group=group_key(p, branch, tag, ref), cancel_in_progress=p.cancel_in_progress,
-                  delivery=delivery, once=kind in ("push", "tag", "poll"))
+                  delivery=delivery, once=kind in ("push", "tag", "poll"), destination=p.destination)
 
 
 # -- pull / merge requests (pure) -------------------------------------------------------------
@@ -329,7 +335,7 @@ def new_pull_request_run(p: PipelineEntry, trigger: Trigger, event: dict,
                   ref=trigger.ref, branch=None, tag=None, commit=trigger.commit, event=event,
                   vars=dict(p.vars), group=group_key(p, pull_request_group(trigger.number), None, None),
                   cancel_in_progress=p.cancel_in_progress, delivery=delivery, once=once,
-                  withhold_secrets=withhold, skip_stages=skip,
+                  withhold_secrets=withhold, skip_stages=skip, destination=p.destination,
                   # In the delivery's reason once queued: who reads it knows what the run may do.
                   note=f"{p.name}: {describe_policy(trigger, withhold, skip)}")
 

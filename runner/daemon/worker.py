@@ -63,12 +63,14 @@ def _die_with_parent() -> None:
 
 def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Path, request_file: Path,
               variables: dict[str, str], withhold_secrets: bool = False,
-              skip_stages: tuple[str, ...] = ()) -> list[str]:
+              skip_stages: tuple[str, ...] = (), destination: str | None = None) -> list[str]:
     """The argv of one run. Pure; tested by equality. What to build travels as the run's request
     (runner.run_request, written to `request_file`); what the run may not do (a pull request's
-    limits) as flags, so `runner exec` enforces it."""
+    limits) as flags, so `runner exec` enforces it; where it deploys as `-d`."""
     argv = [*command, pipeline_file, "--json", "--run-id", str(run_id), "--data-dir", str(data_dir),
             "--request", str(request_file)]
+    if destination:
+        argv += ["-d", destination]
     if withhold_secrets:
         argv.append("--withhold-secrets")
     for stage in skip_stages:
@@ -79,16 +81,32 @@ def exec_argv(command: list[str], pipeline_file: str, run_id: int, data_dir: Pat
 
 
 def rollback_argv(command_base: list[str], pipeline_file: str, run_id: int, to: str | None,
-                  variables: dict[str, str], request_file: Path | None = None) -> list[str]:
+                  variables: dict[str, str], request_file: Path | None = None,
+                  destination: str | None = None) -> list[str]:
     """The argv of a rollback run. Pure; tested by equality. `command_base` is `runner` itself
     (RUNNER): a configured exec_command stands in for `runner exec` only. The servers record
     the run's id with the release (and the deploy lock names it), as for a deploy run. A
-    repository's pipeline (`pipeline:`) gets the run's request, which says where to read it."""
+    repository's pipeline (`pipeline:`) gets the run's request, which says where to read it.
+    With a destination, that destination's servers and history are rolled back."""
     argv = [*command_base, "rollback", pipeline_file, "--json", "--run-id", str(run_id)]
     if request_file is not None:
         argv += ["--request", str(request_file)]
+    if destination:
+        argv += ["-d", destination]
     if to:
         argv += ["--to", to]
+    for k, v in sorted(variables.items()):
+        argv += ["--var", f"{k}={v}"]
+    return argv
+
+
+def promote_argv(command_base: list[str], pipeline_file: str, run_id: int, source: str, target: str,
+                 commit: str, variables: dict[str, str]) -> list[str]:
+    """The argv of a promotion run (an entry's triggers.tag): `runner promote` of the release
+    verified on `source` to `target`, refused unless that release is `commit` (the tag's).
+    Pure; tested by equality."""
+    argv = [*command_base, "promote", pipeline_file, "--from", source, "--to", target, "--commit", commit,
+            "--json", "--run-id", str(run_id)]
     for k, v in sorted(variables.items()):
         argv += ["--var", f"{k}={v}"]
     return argv
@@ -223,6 +241,9 @@ class RunHandle:
         if request.kind == "rollback" and entry.file is not None:
             self._rollback(str(core.config.path(entry.file)), request.rollback_to)
             return
+        if entry.triggers.tag is not None and self.run.tag and entry.file is not None:
+            self._promote(str(core.config.path(entry.file)), entry.triggers.tag.promote_from)
+            return
         if request.kind == "rollback":
             # A repository's pipeline: `runner rollback` chooses the release with the pipeline at
             # the head of the default branch, then reads it as committed at the release's commit.
@@ -243,7 +264,8 @@ class RunHandle:
         pipeline_file = entry.pipeline if entry.file is None else str(core.config.path(entry.file))
         argv = exec_argv(core.config.command(), pipeline_file, self.id,
                          core.work_dir, request_file, self.run.vars,
-                         withhold_secrets=self.run.withhold_secrets, skip_stages=self.run.skip_stages)
+                         withhold_secrets=self.run.withhold_secrets, skip_stages=self.run.skip_stages,
+                         destination=self.run.destination)
         spare = self.pool.take_spare() if core.config.exec_command is None else None
         if not self._start(argv, spare, skip=len(core.config.command()) - 1):
             return
@@ -300,11 +322,34 @@ class RunHandle:
         return request_file
 
     def _rollback(self, pipeline_file: str, to: str | None, request_file: Path | None = None) -> None:
-        """A rollback run: `runner rollback --json`, recorded as its deploy stage. Its stderr is
-        the stage's log; its stdout ends with the report (DeployOutputs.to_dict), which becomes
-        the stage's outputs. With `request_file`, PIPELINE_FILE is the repository's (`pipeline:`)."""
+        """A rollback run: `runner rollback --json`, recorded as its deploy stage. With
+        `request_file`, PIPELINE_FILE is the repository's (`pipeline:`)."""
+        self._deploy_command(rollback_argv(RUNNER, pipeline_file, self.id, to, self.run.vars, request_file,
+                                           self.run.destination), "rollback")
+
+    def _promote(self, pipeline_file: str, source: str) -> None:
+        """A tag's run of an entry with triggers.tag: `runner promote --json` of the release
+        verified on `source` to the run's destination, refused unless it is the tag's commit;
+        recorded as its deploy stage (its outputs say `what: promote`). Nothing is built."""
+        if not self.run.destination:
+            self._finish("invalid", None, f"tag {self.run.tag}: a promotion needs the run's destination "
+                                          f"(the entry's destination: was not set when it was queued)")
+            return
+        if not self.run.commit:
+            self._finish("failed", None, f"tag {self.run.tag}: its commit is not known (the repository "
+                                         f"could not be read when the run was queued): nothing promoted")
+            return
+        self._log("deploy", f"tag {self.run.tag} (commit {self.run.commit[:12]}): promoting the release "
+                            f"verified on {source} to {self.run.destination}")
+        self._deploy_command(promote_argv(RUNNER, pipeline_file, self.id, source, self.run.destination,
+                                          self.run.commit, self.run.vars), "promote")
+
+    def _deploy_command(self, argv: list[str], verb: str) -> None:
+        """`runner rollback` or `runner promote` (`verb`), recorded as the run's deploy stage. Its
+        stderr is the stage's log; its stdout ends with the report (DeployOutputs.to_dict),
+        which becomes the stage's outputs. A promotion it refused (nothing verified on the
+        source, another commit there) is a failed run, not an invalid one: the file is fine."""
         core = self.pool.core
-        argv = rollback_argv(RUNNER, pipeline_file, self.id, to, self.run.vars, request_file)
         self._stage_event("deploy", "running")
         began = time.monotonic()
         if not self._start(argv, None):
@@ -328,6 +373,9 @@ class RunHandle:
         returncode = self._wait()
         duration = time.monotonic() - began
         status = status_from_exit(returncode, self.cancel_reason is not None, None)
+        refused = [x for x in stderr_tail if x.startswith(f"{verb} refused:")]
+        if status == "invalid" and refused:
+            status = "failed"
         outputs = core.masker.mask_all(report) if report is not None else None
         error = None
         if status == "cancelled":
@@ -337,14 +385,14 @@ class RunHandle:
         else:
             # The command's own last words ("rollback failed: ..."); an invalid pipeline file's
             # problems, every one (as exec's run.end gives them); else the tail of its stderr.
-            said = [x for x in stderr_tail if x.startswith("rollback failed:")]
+            said = [x for x in stderr_tail if x.startswith((f"{verb} failed:", f"{verb} refused:"))]
             if said:
                 tail = said[-1]
             elif returncode == EXIT_INVALID:
                 tail = "\n".join(stderr_tail)
             else:
                 tail = " | ".join(list(stderr_tail)[-3:])
-            reason = core.masker.mask(tail or f"runner rollback exited with code {returncode}")
+            reason = core.masker.mask(tail or f"runner {verb} exited with code {returncode}")
             error = reason
         stage_status = "success" if returncode == 0 else "cancelled" if status == "cancelled" else "failed"
         self._measure_stage("deploy", stage_status, duration, outputs)

@@ -33,7 +33,7 @@ from runner.errors import InvalidInput, Problem
 from runner.gitsafety import is_local_path
 from runner.loader.accessory_checks import accessory_checks
 from runner.loader.checks import SUPPORTED_VERSIONS, cross_checks, repository_checks
-from runner.loader.destinations import select_destination
+from runner.loader.destinations import DestinationChoice, declared, select_destination
 from runner.loader.field_paths import FieldPath, format_path
 from runner.loader.interpolation import interpolate
 from runner.loader.local_paths import resolve_paths
@@ -82,7 +82,8 @@ def load_pipeline_text(
     if chosen:
         # Without the destination's values the rest cannot be judged (every ${...} it would
         # define is undefined): the choice first, alone.
-        raise InvalidInput(f"{filename}: pipeline is invalid", problems + chosen)
+        raise DestinationChoice(f"{filename}: pipeline is invalid", problems + chosen,
+                                declared(data))
     problems += interpolate(data, smap, scalars, variables or {}, environ, failed)
     if base_dir is None:
         base_dir = os.path.dirname(os.path.abspath(filename))

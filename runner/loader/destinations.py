@@ -9,10 +9,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.errors import Problem
+from runner.errors import InvalidInput, Problem
 from runner.loader.locations import SourceMap
 from runner.loader.yaml_reader import Scalars
 from runner.model.destinations import DESTINATION_NAME
+
+
+class DestinationChoice(InvalidInput):
+    """The destination chosen is missing, unknown, or named for a file without destinations:
+    `known` holds the file's destination names, so that a daemon's `--check` can say so at its
+    own entry's line."""
+
+    def __init__(self, message: str, problems: list[Problem], known: tuple[str, ...]):
+        super().__init__(message, problems)
+        self.known = known
+
+
+def declared(data: dict[str, Any]) -> tuple[str, ...]:
+    """The destination names a pipeline file's data declares."""
+    raw = data.get("destinations")
+    return tuple(str(n) for n in raw) if isinstance(raw, dict) else ()
 
 
 def select_destination(data: dict[str, Any], smap: SourceMap, scalars: Scalars,

@@ -59,7 +59,8 @@ def _read(core, entry) -> AppState:
         return AppState(entry.name, error=f"its pipeline is in the repository ({entry.pipeline}), read at "
                                           "each run's commit: no servers to read here")
     try:
-        opened = open_pipeline(core.config.path(entry.file), dict(entry.vars))
+        opened = open_pipeline(core.config.path(entry.file), dict(entry.vars),
+                               destination=entry.destination)
     except InvalidInput as exc:
         return AppState(entry.name, error=mask(str(exc)))
     except OSError as exc:
@@ -74,7 +75,8 @@ def _read(core, entry) -> AppState:
     from deployers.ssh_docker import ConfigError, SSHDockerDeployer  # SSH only for this page
 
     d = SSHDockerDeployer(deploy, pipeline=opened.pipeline.name, image_name=opened.pipeline.image.name,
-                          run_id="dashboard", secret=opened.secrets.value)
+                          run_id="dashboard", secret=opened.secrets.value,
+                          destination=opened.pipeline.destination)
     try:
         try:
             d.options()
