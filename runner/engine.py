@@ -498,6 +498,8 @@ def _finish(prep: Prepared, log: RunLog, workdir: Path, started: float,
     # Masked as a whole: stage outputs and errors may quote tool output.
     record = prep.masker.mask(json.dumps({
         "run_id": prep.run_id, "pipeline": prep.pipeline.name, "status": status,
+        # Which of the pipeline's histories this run is in (`recovered` reads it back).
+        **({"destination": prep.pipeline.destination} if prep.pipeline.destination else {}),
         "exit_code": exit_code, "error": error,
         "duration": duration, "trigger": prep.request.to_dict(),
         "secrets_withheld": prep.withhold_secrets,

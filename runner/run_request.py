@@ -119,6 +119,11 @@ class RunRequest(_Model):
     rollback_to: str | None = None  # a rollback run's target (`runner rollback --to`); None: the default
     delivery: str | None = None  # the forge's delivery id
     pipeline_from: RepositoryPipeline | None = None  # None: FILE is a file on this machine
+    # For the run's notifications (runner.notifications), said by the daemon: the run's page on
+    # its dashboard (when its `public_url` is set), and how the pipeline's previous run ended
+    # by its store ("none": no earlier run ended; None: not said, the run's data dir is read).
+    run_url: str | None = None
+    previous_status: Literal["success", "failed", "none"] | None = None
 
     @field_validator("ref", "branch", "tag")
     @classmethod
@@ -135,6 +140,13 @@ class RunRequest(_Model):
     def _sha(cls, v: str | None) -> str | None:
         if v is not None and not is_sha(v):
             raise ValueError(f"{v[:80]!r} is not a full hex commit sha")
+        return v
+
+    @field_validator("run_url")
+    @classmethod
+    def _run_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.lower().startswith(("https://", "http://")):
+            raise ValueError(f"{v[:80]!r} is not an http(s) address")
         return v
 
     @field_validator("rollback_to")

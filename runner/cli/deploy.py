@@ -216,10 +216,29 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
         opens = load
         if request_file:
             opens, to = _at_release(pipeline_file, var, request_file, to, run_id)
-        _, deployer, masker = _open(pipeline_file, var, opens, run_id,
-                                    lambda s: click.echo(s, err=True))
+        pipeline, deployer, masker = _open(pipeline_file, var, opens, run_id,
+                                           lambda s: click.echo(s, err=True))
+        why: list[str] = []  # what failed, for the notifications
 
-        apply_reported(deployer, lambda: deployer.rollback(to), "rollback", masker, as_json)
+        def work():
+            try:
+                return deployer.rollback(to)
+            except (DeployFailed, ConfigError, TransportError) as exc:
+                why.append(masker.mask(str(exc)))
+                raise
+
+        from runner.cli.notify_run import notify_rollback
+        from runner.run_request import read_request
+
+        request = read_request(request_file) if request_file else None
+        try:
+            apply_reported(deployer, work, "rollback", masker, as_json)
+        except SystemExit as exc:
+            if exc.code != EXIT_INTERRUPTED:  # an interrupted rollback is no outcome to tell
+                notify_rollback(pipeline, deployer.secret_value, masker, False,
+                                why[-1] if why else None, request)
+            raise
+        notify_rollback(pipeline, deployer.secret_value, masker, True, None, request)
 
     @click.command("releases")
     @click.argument("pipeline_file", type=click.Path(dir_okay=False))

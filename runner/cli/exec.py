@@ -175,6 +175,9 @@ def exec_(file, variables, only, skip, repo, ref, event_file, request_file, as_j
             signal.signal(sig, signal.SIG_IGN)
     if result.status == "cancelled" and not as_json:
         say(f"interrupted: the running stage was stopped; logs in {result.workdir}/logs")
+    from runner.cli.notify_run import notify_run
+
+    notify_run(prep, result)  # bounded; a notifier that fails is a warning, not the run's outcome
     _exit(result.exit_code, interrupted=cancel.is_set())
 
 

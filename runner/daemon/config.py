@@ -321,6 +321,9 @@ class DaemonConfig(_Model):
     # Runs, full logs and deliveries (with senders' addresses) are not for anyone who reaches the
     # listener: reading needs the token too unless this is turned off.
     read_requires_token: bool = True
+    # The dashboard's address as people reach it (https://ci.example.com, behind a proxy or
+    # not): a run's notifications link its page there. None: they carry no link.
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+[^\s?#]*$")
     webhooks: dict[Literal["github", "gitea", "gitlab", "generic"], Webhook] = Field(default_factory=dict)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     exec_command: tuple[str, ...] | None = None  # default: this python -m runner exec

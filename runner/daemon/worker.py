@@ -33,6 +33,7 @@ from pathlib import Path
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, InvalidInput, Problem
 from runner.daemon import leases
 from runner.daemon.config import repository_pipeline
+from runner.daemon.notice import notice
 from runner.daemon.run_requests import run_request
 from runner.daemon.scheduler import default_branch
 from runner.daemon.store import Claimed, public_text
@@ -238,6 +239,7 @@ class RunHandle:
         except InvalidInput as exc:
             self._finish("invalid", None, str(exc))
             return
+        request = request.model_copy(update=notice(core.config, core.store, self.run))
         if request.kind == "rollback" and entry.file is not None:
             self._rollback(str(core.config.path(entry.file)), request.rollback_to)
             return

@@ -19,6 +19,7 @@ from runner.model.build import BuildSecret, BuildSettings
 from runner.model.deploy import DeploySettings
 from runner.model.destinations import Destination
 from runner.model.image import Image
+from runner.model.notify import Notifier
 from runner.model.push import PushSettings, RegistryAuth
 from runner.model.scan import ScanSettings
 from runner.model.source import Repository
@@ -130,6 +131,12 @@ class Pipeline(Model):
     destinations, every command that loads the file needs `--destination NAME` (`-d`), and
     each destination has its own release history and deploy lock on its servers. `runner
     promote --from A --to B` deploys to B the release last verified on A. See docs/deploy.md."""
+    notify: tuple[Notifier, ...] = Field(default=(), examples=[[
+        {"url": "slack_url", "on": ["failure", "recovered"]}]])
+    """Who is told how a run ended (pipeline, commit, who started it, the stage that failed
+    and why, the run's page on the dashboard), each through an Apprise URL held by a secret.
+    Every message is masked; a notifier that fails is a warning, never the run's failure. See
+    docs/notifications.md."""
     # Set by the loader, not by the YAML: the file the pipeline came from.
     source_file: str = Field(default="", exclude=True)
     # Set by the loader, not by the YAML: the destination chosen (`-d`), "" for none.
@@ -166,6 +173,6 @@ class Pipeline(Model):
 
 __all__ = [
     "STAGE_ORDER", "Accessory", "BuildSecret", "BuildSettings", "CheckoutSettings", "DeploySettings", "Destination", "Image",
-    "Pipeline", "PushSettings", "RegistryAuth", "Repository", "ScanSettings", "SecretSource", "Stages",
+    "Notifier", "Pipeline", "PushSettings", "RegistryAuth", "Repository", "ScanSettings", "SecretSource", "Stages",
     "TestSettings",
 ]

@@ -250,6 +250,7 @@ CONTEXT = {
                                                     "key": "key.pem"}},
     "stages.build.engine.key_file": {"host": "ssh://root@10.0.0.5"},
     "stages.build.engine.known_hosts": {"host": "ssh://root@10.0.0.5"},
+    "secrets.<name>.timeout": {"command": ["op", "read", "op://deploy/registry/password"]},
 }
 
 
