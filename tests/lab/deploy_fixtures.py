@@ -1,7 +1,7 @@
 """What the deploy tests on the lab share: tiny busybox httpd images built in the lab's engine
 and pushed to its registry (once per session), deploy settings for the lab's servers, a log
 that keeps lines with their time, and an app name per test whose containers and state are
-removed at the end."""
+removed at the end (`app`), or while the module's next test runs (`app_behind`)."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,44 @@ def app(lab):
     created = []
     yield name, created
     _cleanup(lab, name, lab["servers"])
+
+
+class Behind:
+    """Removals that run while the module's next tests do, two at a time: a test's teardown
+    hands its app over instead of waiting the 2-3 s of SSH and `docker rm` on every server.
+    All have ended when the module's last teardown returns, so no other module's test sees
+    them; `settle()` waits for them earlier, before a test kills what the servers share (their
+    sshd). Only for modules whose tests look at nothing on the servers but their own apps (not
+    at images other apps' containers may still use, as keep_versions' pruning does)."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self._pool = pool
+        self._pending: list[Future] = []
+
+    def submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def settle(self) -> None:
+        """Wait for every removal handed over so far; raise what one raised."""
+        wait(self._pending)
+        for f in self._pending:
+            f.result()
+
+
+@pytest.fixture(scope="module")
+def behind(lab):
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        b = Behind(pool)
+        yield b
+        b.settle()
+
+
+@pytest.fixture
+def app_behind(lab, behind):
+    """`app`, removed from the servers while the module's next test runs (see Behind)."""
+    name = f"dt{UID}{_random.token_hex(2)}"
+    yield name, []
+    behind.submit(_cleanup, lab, name, lab["servers"])
 
 
 def _port() -> int:

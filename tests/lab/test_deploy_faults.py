@@ -22,6 +22,7 @@ from deployers.ssh_docker import SSHDockerDeployer
 from runner.lab.host import children
 from runner.model import Pipeline
 from tests.lab.deploy_fixtures import Log, _apply_until, _deployer, _get, _port, _servers, _stage
+from tests.lab.deploy_fixtures import app_behind, behind  # noqa: F401
 from tests.helpers import ROOT
 
 # The app writes $GREETING into its index page, so what answers shows the command and env it
@@ -68,6 +69,13 @@ def _lab_up() -> None:
     p = subprocess.run([sys.executable, "-m", "runner", "lab", "up", "--servers", n],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.fixture
+def app(app_behind):
+    """These tests look at nothing on the servers but their own app: each app is removed while
+    the next test runs (deploy_fixtures.Behind)."""
+    return app_behind
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,7 +170,7 @@ def test_a_rotated_secret_redeploys_and_never_shows(lab, images, app):
     assert [s.status for s in deploy().servers] == ["deployed"]
 
 
-def test_sshd_killed_mid_switch_ends_on_the_last_verified_release(lab, images, app):
+def test_sshd_killed_mid_switch_ends_on_the_last_verified_release(lab, images, app, behind):
     """srv1's sshd (listener and sessions, by pid) dies while the new version is on probation:
     the run says srv1 is unverified with its previous release kept; once sshd is back, the next
     (failing) deploy first returns srv1 to the last verified release, and ends there."""
@@ -179,6 +187,7 @@ def test_sshd_killed_mid_switch_ends_on_the_last_verified_release(lab, images, a
 
     log = Log()
     d = _deployer(stage, images, "v3", name, log)  # v3 never becomes healthy
+    behind.settle()  # no removal of an earlier test's app is cut off by the kill below
     th, out = _apply_until(d, log, f"{servers[0]['host']}: started")
     listener = _lab_sshd_pid(servers[0]["name"])
     pids = [listener, *_descendants(listener)]

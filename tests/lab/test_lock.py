@@ -26,6 +26,7 @@ from deployers.ssh_keys import load_private_key
 from deployers.ssh_options import SSHOptions
 from tests.helpers import ROOT, events, make_repo, stage_end
 from tests.lab.deploy_fixtures import Log, _cleanup, _deployer, _get, _port, _stage
+from tests.lab.deploy_fixtures import behind  # noqa: F401
 
 TTL = 3.0  # heartbeat every second
 MARGIN = 1.5
@@ -248,11 +249,12 @@ def test_stalled_sftp_session_verify_release_and_heartbeat_are_bounded(conns, ro
 # (uses the deploy tests' images and app fixtures: tests/lab/deploy_fixtures.py)
 
 @pytest.fixture
-def deployed(lab):
-    """An app name for a deploy test; its containers, history and lock removed at the end."""
+def deployed(lab, behind):
+    """An app name for a deploy test; its containers, history and lock removed while the next
+    test runs (deploy_fixtures.Behind: these tests look at nothing but their own app)."""
     name = f"lk{_random.token_hex(4)}"
     yield name
-    _cleanup(lab, name, lab["servers"])
+    behind.submit(_cleanup, lab, name, lab["servers"])
 
 
 def _pipeline_file(tmp_path, lab, servers, app: str, port: int, images, **over) -> Path:

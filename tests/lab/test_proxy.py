@@ -15,6 +15,7 @@ from deployers.proxy import PROXY_CONTAINER
 from deployers.ssh_docker import SSHDockerDeployer
 from runner.model.deploy import DeploySettings
 from tests.lab.deploy_fixtures import Log, _apply_until, _deployer, _servers
+from tests.lab.deploy_fixtures import behind  # noqa: F401
 from tests.helpers import remove_app_on_server
 
 HTTP_PORT = 8000  # what the lab's proxy publishes (as the example pipeline)
@@ -62,12 +63,13 @@ def _around(load: Load, log: Log | None) -> list[str]:
 
 
 @pytest.fixture
-def proxy_app(lab):
+def proxy_app(lab, behind):
     """An app name routed by a host name of its own; its containers, history, lock and route
-    are removed at the end (the proxy itself stays, shared)."""
+    are removed while the next test runs (the proxy itself stays, shared; these tests look at
+    nothing on the servers but their own app and the proxy: deploy_fixtures.Behind)."""
     name = f"px{_random_suffix()}"
     yield name, f"{name}.test"
-    remove_proxied_app(lab, lab["servers"], name)
+    behind.submit(remove_proxied_app, lab, lab["servers"], name)
 
 
 def remove_proxied_app(lab, servers, name: str) -> None:
