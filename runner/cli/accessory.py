@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 from collections.abc import Callable
 
 import click
 
 from runner.cli.common import confirmed, destination_option, open_or_exit
+from runner.cli.on_servers import each
 from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load, load_file
 
@@ -73,29 +73,10 @@ class _Session:
         """fn(plan) for every plan at once, in threads: the results or the exceptions raised.
         Ctrl-C sets the cancel event every remote command watches, waits a little for the
         threads, and exits 130."""
-        plans = self.plans if plans is None else plans
-        results: list = [Cancelled("interrupted")] * len(plans)
-        done = [threading.Event() for _ in plans]
-
-        def work(i: int, p: AccessoryPlan) -> None:
-            try:
-                results[i] = fn(p)
-            except BaseException as exc:  # handed to the caller
-                results[i] = exc
-            finally:
-                done[i].set()
-        for i, p in enumerate(plans):
-            threading.Thread(target=work, args=(i, p), daemon=True,
-                             name=f"accessory-{p.spec.name}-{p.server}").start()
-        try:
-            for ev in done:
-                while not ev.wait(0.2):
-                    pass
-        except KeyboardInterrupt:
-            self.acc.cancel.set()
-            end = time.monotonic() + 10
-            for ev in done:
-                ev.wait(max(0.0, end - time.monotonic()))
+        results, interrupted = each(self.acc.cancel, fn,
+                                    self.plans if plans is None else plans,
+                                    lambda p: f"accessory-{p.spec.name}-{p.server}")
+        if interrupted:
             self.acc.close()
             self.exit("interrupted", EXIT_INTERRUPTED)
         return results

@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,16 +41,17 @@ from deployers import commands as cmd
 from deployers import lock as locks
 from deployers import pruning
 from runner.cli.common import confirmed, destination_option
-from runner.cli.deploy import _open
+from runner.cli.on_servers import SERVER_HELP, Out, choose, each, proxied, session
 from runner.pipeline_file import Load, load_file
 from deployers.remote_files import remove_tree, sweep
 from deployers.spec import Target
-from deployers.ssh_docker import ConfigError, SSHDockerDeployer
+from deployers.ssh_docker import SSHDockerDeployer
 from deployers.ssh_proxy import ProxyOps
 from deployers.ssh_errors import TransportError
 
-SERVER_HELP = "only this server (its name or host)"
 _SCRATCH = "--[0-9a-f]{32}"  # after the app name: a deploy's env file or login dir
+_NEEDS_PROXY = ("needs the proxy cutover, whose route answers the 503 page while the containers "
+                "run on")
 _OLD_LOGIN = 3600.0  # seconds; a younger login dir may belong to a pull running right now
 
 
@@ -61,83 +61,10 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-class _Out:
-    """Whole lines to the terminal from several threads, masked, with an optional prefix."""
-
-    def __init__(self, masker, prefixed: bool, width: int):
-        self.masker = masker
-        self.prefixed = prefixed
-        self.width = width
-        self._lock = threading.Lock()
-
-    def line(self, server: str, text: str, err: bool = False) -> None:
-        text = self.masker.mask(text)
-        if self.prefixed:
-            text = f"{server:<{self.width}} | {text}"
-        with self._lock:
-            click.echo(text, err=err)
-
-
-def _session(path: str, var: tuple[str, ...], load: Load, run_id: str
-             ) -> tuple[object, SSHDockerDeployer, object]:
-    """(pipeline, deployer, masker); exit 2 when the settings cannot work (no key, ...)."""
-    pipeline, d, masker = _open(path, var, load, run_id, lambda s: click.echo(s, err=True))
-    try:
-        d.options()
-    except ConfigError as exc:
-        d.close()
-        click.echo(masker.mask(f"{path}: {exc}"), err=True)
-        sys.exit(EXIT_INVALID)
-    return pipeline, d, masker
-
-
-def _choose(d: SSHDockerDeployer, server: str | None) -> list[Target]:
-    """The servers a command runs on: all, or those named `server` (label or host); exit 2
-    naming the pipeline's servers when none is."""
-    if server is None:
-        return list(d.targets)
-    chosen = [t for t in d.targets if server in (t.label, t.host)]
-    if not chosen:
-        d.close()
-        known = ", ".join(t.label for t in d.targets)
-        click.echo(f"unknown server {server!r}: this pipeline deploys to {known}", err=True)
-        sys.exit(EXIT_INVALID)
-    return chosen
-
-
-def _each(d: SSHDockerDeployer, fn: Callable[[Target], object], items: list[Target],
-          limit: int | None = None) -> tuple[list, bool]:
-    """fn(item) for each item in threads (at most `limit` at once; None: all at once): the
-    results or the exceptions raised, and whether Ctrl-C was pressed. Ctrl-C sets the
-    deployer's cancel (every remote command here watches it) and waits a little for the
-    threads; one still running then counts as Cancelled."""
-    results: list = [Cancelled("interrupted")] * len(items)
-    gate = threading.Semaphore(limit or len(items) or 1)
-    # Events, not Thread.join: on Python 3.11 a join that Ctrl-C interrupts leaves the thread
-    # looking finished while it still runs.
-    done = [threading.Event() for _ in items]
-
-    def work(i: int, item: Target) -> None:
-        try:
-            with gate:
-                results[i] = fn(item)
-        except BaseException as exc:  # handed to the caller
-            results[i] = exc
-        finally:
-            done[i].set()
-    for i, t in enumerate(items):
-        threading.Thread(target=work, args=(i, t), daemon=True, name=f"app-{t.label}").start()
-    try:
-        for ev in done:
-            while not ev.wait(0.2):
-                pass
-    except KeyboardInterrupt:
-        d.cancel.set()
-        end = time.monotonic() + 10
-        for ev in done:
-            ev.wait(max(0.0, end - time.monotonic()))
-        return list(results), True
-    return results, False
+def _on(d: SSHDockerDeployer, fn: Callable[[Target], object], targets: list[Target],
+        limit: int | None = None) -> tuple[list, bool]:
+    """each() on the deployer's servers: Ctrl-C cancels every remote command of the deployer."""
+    return each(d.cancel, fn, targets, lambda t: f"app-{t.label}", limit)
 
 
 def _interrupted(d: SSHDockerDeployer) -> None:
@@ -185,7 +112,7 @@ def _remove_on(d: SSHDockerDeployer, t: Target, res: _Removal, run_id: str) -> N
     conn = d.connection(t)
     root = d.runner_dir(conn)
     app = d.app
-    lock_root = f"{root}/locks"
+    lock_root = d.lock_dir(conn)
     # d.key: the destination's own lock and history dir (deployers.spec.release_key).
     before = locks.inspect(conn, lock_root, d.key)
     ttl = d.stage.lock.ttl
@@ -260,8 +187,8 @@ def _switch_on(d: SSHDockerDeployer, t: Target, message: str | None) -> str:
 def _switch(d: SSHDockerDeployer, message: str | None, masker) -> None:
     """On every server; one line each; exit 1 naming the servers that failed and saying which
     are in maintenance now."""
-    results, interrupted = _each(d, lambda t: _switch_on(d, t, message), list(d.targets),
-                                 d.stage.parallel)
+    results, interrupted = _on(d, lambda t: _switch_on(d, t, message), list(d.targets),
+                               d.stage.parallel)
     d.close()
     done, failed = [], []
     for t, r in zip(d.targets, results):
@@ -280,15 +207,6 @@ def _switch(d: SSHDockerDeployer, message: str | None, masker) -> None:
         click.echo(f"{'maintenance' if message is not None else 'live'} of {d.app} failed on "
                    f"{', '.join(failed)}; {state} on {', '.join(done) or 'no server'}", err=True)
         sys.exit(EXIT_FAILED)
-
-
-def _proxied(path: str, d: SSHDockerDeployer, what: str) -> None:
-    if d.stage.proxy is None:
-        d.close()
-        click.echo(f"{path}: stages.deploy has no `proxy:` section (this pipeline deploys "
-                   f"stop-start): `runner app {what}` needs the proxy cutover, whose route "
-                   f"answers the 503 page while the containers run on", err=True)
-        sys.exit(EXIT_INVALID)
 
 
 # -------------------------------------------------------------------------------- commands
@@ -317,9 +235,9 @@ def make_app(load: Load = load_file) -> click.Group:
         Lines are prefixed with the server when there are several; secret values show as ***.
         With --follow, new lines show as they come (stderr's on stdout too) until Ctrl-C.
         """
-        _, d, masker = _session(pipeline_file, var, load, "app-logs")
-        chosen = _choose(d, server)
-        out = _Out(masker, len(chosen) > 1, max(len(t.label) for t in chosen))
+        _, d, masker = session(pipeline_file, var, load, "app-logs")
+        chosen = choose(d, server)
+        out = Out(masker, len(chosen) > 1, max(len(t.label) for t in chosen))
         argv = [cmd.DOCKER, "container", "logs", "--tail", str(lines),
                 *(["--follow"] if follow else []), d.app]
 
@@ -335,8 +253,9 @@ def make_app(load: Load = load_file) -> click.Group:
                 else:
                     got.append((text, err))
             try:
-                status = d.connection(t).stream(argv, on_line, cancel=d.cancel, timeout=limit,
-                                           pty=follow)  # follow: hung up on Ctrl-C
+                status = d.connection(t).stream(argv, on_line, cancel=d.cancel,
+                                                timeout=limit,
+                                                pty=follow)  # follow: hung up on Ctrl-C
             except Exception as exc:
                 if follow and not d.cancel.is_set():  # at once: the others go on streaming
                     _fail(t.label, exc, masker)
@@ -347,7 +266,7 @@ def make_app(load: Load = load_file) -> click.Group:
                 said.add(t.label)
             return status, got
 
-        results, interrupted = _each(d, one, chosen, None if follow else d.stage.parallel)
+        results, interrupted = _on(d, one, chosen, None if follow else d.stage.parallel)
         if interrupted:
             _interrupted(d)
         d.close()
@@ -391,22 +310,22 @@ def make_app(load: Load = load_file) -> click.Group:
         if all_ and server is not None:
             click.echo("give --server or --all, not both", err=True)
             sys.exit(EXIT_INVALID)
-        _, d, masker = _session(pipeline_file, var, load, "app-exec")
-        chosen = _choose(d, server)
+        _, d, masker = session(pipeline_file, var, load, "app-exec")
+        chosen = choose(d, server)
         if len(chosen) > 1 and not all_:
             d.close()
             click.echo(f"this pipeline deploys to {len(chosen)} servers "
                        f"({', '.join(t.label for t in chosen)}): say which with --server, "
                        f"or --all", err=True)
             sys.exit(EXIT_INVALID)
-        out = _Out(masker, len(chosen) > 1, max(len(t.label) for t in chosen))
+        out = Out(masker, len(chosen) > 1, max(len(t.label) for t in chosen))
         argv = cmd.exec_(d.app, list(command))
 
         def one(t: Target) -> int:
             return d.connection(t).stream(argv, lambda text, err: out.line(t.label, text, err),
-                                     cancel=d.cancel, timeout=d.stage.ssh.command_timeout)
+                                          cancel=d.cancel, timeout=d.stage.ssh.command_timeout)
 
-        results, interrupted = _each(d, one, chosen, d.stage.parallel)
+        results, interrupted = _on(d, one, chosen, d.stage.parallel)
         if interrupted:
             _interrupted(d)
         d.close()
@@ -436,7 +355,7 @@ def make_app(load: Load = load_file) -> click.Group:
         Asks first unless --yes (an answer other than yes removes nothing and exits 1). Waits
         for a deploy in progress to end (stages.deploy.lock.wait). Says what it removed (and
         kept) on each server; exits 1 naming every server it could not reach or finish on."""
-        _, d, masker = _session(pipeline_file, var, load, "app-remove")
+        _, d, masker = session(pipeline_file, var, load, "app-remove")
         servers = ", ".join(t.label for t in d.targets)
         lasting = lasting_volumes(d.stage.container.volumes)
         click.echo(masker.mask(f"{d.app} keeps its data in {', '.join(lasting)}: these stay"
@@ -450,8 +369,8 @@ def make_app(load: Load = load_file) -> click.Group:
                 sys.exit(EXIT_FAILED)
         run_id = f"app-remove-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
         rows = {t.label: _Removal(t.label) for t in d.targets}
-        results, interrupted = _each(d, lambda t: _remove_on(d, t, rows[t.label], run_id),
-                                     list(d.targets), d.stage.parallel)
+        results, interrupted = _on(d, lambda t: _remove_on(d, t, rows[t.label], run_id),
+                                   list(d.targets), d.stage.parallel)
         d.close()
         failed = []
         for t, r in zip(d.targets, results):
@@ -490,8 +409,8 @@ def make_app(load: Load = load_file) -> click.Group:
         or touching its containers. Lasts through deploys and rollbacks until `runner app
         live`. Exits 1 naming the servers it could not switch (the others are switched, and
         said so)."""
-        _, d, masker = _session(pipeline_file, var, load, "app-maintenance")
-        _proxied(pipeline_file, d, "maintenance")
+        _, d, masker = session(pipeline_file, var, load, "app-maintenance")
+        proxied(pipeline_file, d, "runner app maintenance", _NEEDS_PROXY)
         _switch(d, message, masker)
 
     @app.command("live")
@@ -501,8 +420,8 @@ def make_app(load: Load = load_file) -> click.Group:
     def live(pipeline_file: str, var: tuple[str, ...]) -> None:
         """End maintenance: on every server the app's route leads to its running release again.
         Exits 1 naming the servers it could not switch."""
-        _, d, masker = _session(pipeline_file, var, load, "app-live")
-        _proxied(pipeline_file, d, "live")
+        _, d, masker = session(pipeline_file, var, load, "app-live")
+        proxied(pipeline_file, d, "runner app live", _NEEDS_PROXY)
         _switch(d, None, masker)
 
     return app

@@ -5,18 +5,15 @@
   on each server, serving every app's routes as last loaded. Idempotent: says per server what
   it did ("already running", "proxy started (...)", "network created, ...").
 - reboot: replaces the proxy container (after a new proxy.image, other ports), one server at a
-  time, under the server's proxy lock. The image is pulled and the network made first; then the
-  old container is set aside and stopped, the new one booted with the planned argv, and the
-  old one removed once the new one answers. If the new one does not come up, the old one is
-  started again. The time traffic was down (from the stop of the old proxy to the first HTTP
-  answer of the new one, polled from the server like ProxyOps.wait_ready) is printed.
+  time, under the server's proxy lock, as deployers.proxy_reboot does it; prints how long
+  traffic was down on each.
 - status: per server, the proxy container's state, image and published ports, and every app's
   route (app, hosts, path prefix, upstream, the digest it serves, whether it is in
   maintenance). Exit 1 if a server cannot be asked or its proxy does not run.
 - logs: the proxy container's last lines (`docker container logs --tail N runner-proxy`).
 
-The docker commands are argv lists (the plan's own `proxy_boot` and `network` commands, the
-builders of deployers.commands); output passes the pipeline's masker.
+Booting and replacing the proxy is deployers.proxy_reboot's; this module parses the arguments and
+prints. Output passes the pipeline's masker.
 Exit codes: 0 done; 1 a server failed (named, with why); 2 bad input (no `proxy:` section,
 unknown --server, bad settings); 130 interrupted.
 """
@@ -25,35 +22,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import click
-import paramiko
 
-from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
+from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, Cancelled
 
 from deployers import commands as cmd
-from deployers import lock as locks
 from runner.cli.common import destination_option
-from runner.cli.app import SERVER_HELP, _choose, _each, _Out
-from runner.cli.app import _session as app_session
+from runner.cli.on_servers import SERVER_HELP, Out, choose, each, proxied, session
 from deployers.base import StepFailed
 from runner.pipeline_file import Load, load_file
 from deployers.proxy import PROXY_CONTAINER, published
+from deployers.proxy_reboot import ProxyChange, ProxyContainer, image_note
 from deployers.spec import Target
 from deployers.ssh_docker import SSHDockerDeployer
-from deployers.ssh_proxy import PROXY_LOCK, ProxyOps
-from deployers.http_over_ssh import http_get
-from deployers.ssh_connection import Connection
+from deployers.ssh_proxy import ProxyOps
 from deployers.ssh_errors import TransportError
-
-ASIDE = f"{PROXY_CONTAINER}-replaced"  # the old proxy during a reboot, until the new one answers
-PROBE_HOST = "runner-proxy.invalid"  # any HTTP answer will do (the proxy's own 404 is one)
-STOP_TIMEOUT = 5  # seconds Caddy gets to finish in-flight requests when it is replaced
-LOCK_TTL, LOCK_WAIT = 30, 60
 
 
 def _why(exc: BaseException) -> str:
@@ -69,41 +56,15 @@ def _session(path: str, var: tuple[str, ...], load: Load, what: str
     """(deployer, masker); exit 2 for a pipeline without `proxy:` or settings that cannot
     work."""
     run_id = f"proxy-{what}-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
-    _, d, masker = app_session(path, var, load, run_id)
-    if d.stage.proxy is None:
-        d.close()
-        click.echo(f"{path}: stages.deploy has no `proxy:` section (this pipeline deploys "
-                   f"stop-start, without a proxy): `runner proxy {what}` is only for the "
-                   f"proxy cutover", err=True)
-        sys.exit(EXIT_INVALID)
+    _, d, masker = session(path, var, load, run_id)
+    proxied(path, d, f"runner proxy {what}", "is only for the proxy cutover")
     return d, masker
 
 
-def _runner(conn: Connection, cancel: threading.Event | None) -> Callable:
-    """conn.run in the shape ProxyOps takes; cancel None: not cut short by Ctrl-C."""
-    def run(argv, *, check: bool = False, stdin: bytes | None = None,
-            timeout: float | None = None):
-        return conn.run(argv, stdin=stdin, check=check, timeout=timeout, cancel=cancel)
-    return run
-
-
-def _lease(d: SSHDockerDeployer, conn: Connection) -> locks.Lease:
-    holder = locks.holder_info(d.run_id, d.pipeline, ttl=LOCK_TTL)
-    return locks.acquire(conn, f"{d.runner_dir(conn)}/locks", PROXY_LOCK, holder, ttl=LOCK_TTL,
-                         wait=LOCK_WAIT, cancel=d.cancel, log=d.log)
-
-
-def _planned(d: SSHDockerDeployer, conn: Connection, plan, t: Target
-             ) -> tuple[list[str], list[str]]:
-    """The plan's own `proxy_boot` and `network` argv for this server."""
-    sp = plan.server(t.label)
-    return sp.argv("proxy_boot", {cmd.PROXY_DIR: d.runner_dir(conn)}), sp.argv("network")
-
-
-def _image_note(d: SSHDockerDeployer, image: str) -> str:
-    want = d.stage.proxy.image
-    return "" if image == want else (f"it runs {image or '?'}, this pipeline says {want}: "
-                                     f"`runner proxy reboot` replaces it")
+def _on(d: SSHDockerDeployer, fn: Callable[[Target], object], targets: list[Target],
+        limit: int | None) -> tuple[list, bool]:
+    """each() on the deployer's servers: Ctrl-C cancels every remote command of the deployer."""
+    return each(d.cancel, fn, targets, lambda t: f"proxy-{t.label}", limit)
 
 
 def _stopped(d: SSHDockerDeployer) -> None:
@@ -115,158 +76,16 @@ def _stopped(d: SSHDockerDeployer) -> None:
 class _Row:
     server: str
     ok: bool = False
-    did: str = ""
     error: str = ""
-    down: float | None = None  # reboot: seconds without an answer; None when not measured
-    notes: list[str] = field(default_factory=list)
+    change: ProxyChange = field(default_factory=ProxyChange)
 
     def to_dict(self, reboot: bool = False) -> dict:
-        out = {"server": self.server, "ok": self.ok, "did": self.did, "notes": self.notes,
+        c = self.change
+        out = {"server": self.server, "ok": self.ok, "did": c.did, "notes": c.notes,
                "error": self.error}
         if reboot:
-            out["down_seconds"] = None if self.down is None else round(self.down, 3)
+            out["down_seconds"] = None if c.down is None else round(c.down, 3)
         return out
-
-
-# ------------------------------------------------------------------------------------ boot
-
-def _boot_on(d: SSHDockerDeployer, ops: ProxyOps, plan, t: Target, row: _Row) -> None:
-    _stopped(d)
-    conn = d.connection(t)
-    boot, network = _planned(d, conn, plan, t)
-    run = _runner(conn, d.cancel)
-    lease = _lease(d, conn)
-    try:
-        if d.inspect(conn, ASIDE, run) is not None:  # what an interrupted reboot left
-            run(cmd.remove(ASIDE), check=True)
-            row.notes.append(f"removed {ASIDE}, the old proxy an interrupted reboot left")
-        did = ops.ensure(conn, run, boot, network)
-    finally:
-        lease.release()
-    st = d.inspect(conn, PROXY_CONTAINER, run)
-    n = len(ops.routes(conn))
-    row.did = f"{did or 'already running'}; serving {n} route{'' if n == 1 else 's'}"
-    note = _image_note(d, st.image if st else "")
-    if note:
-        row.notes.append(note)
-    row.ok = True
-
-
-# ---------------------------------------------------------------------------------- reboot
-
-class _FirstAnswer(threading.Thread):
-    """Polls the proxy's HTTP port from the server until it answers; `at` is when."""
-
-    def __init__(self, conn: Connection, port: int):
-        super().__init__(daemon=True, name=f"proxy-answer-{conn.label}")
-        self.conn, self.port = conn, port
-        self.at: float | None = None
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            try:
-                raw = http_get(self.conn, "127.0.0.1", self.port, "/", 2,
-                               host_header=PROBE_HOST)
-                if raw.startswith(b"HTTP/"):
-                    self.at = time.monotonic()
-                    return
-            except (OSError, EOFError, paramiko.SSHException, TransportError):
-                if not self.conn.alive:
-                    return
-            self.halt.wait(0.02)
-
-
-def _no_restart(name: str, policy: str = "no") -> list[str]:
-    return [cmd.DOCKER, "container", "update", "--restart", policy, name]
-
-
-def _reboot_on(d: SSHDockerDeployer, ops: ProxyOps, plan, t: Target, row: _Row) -> None:
-    _stopped(d)
-    p = d.stage.proxy
-    conn = d.connection(t)
-    boot, network = _planned(d, conn, plan, t)
-    run = _runner(conn, d.cancel)
-    lease = _lease(d, conn)
-    try:
-        # Everything that can be done while the old proxy still serves: the network, the new
-        # image, no leftover of an interrupted reboot.
-        if not run(cmd.network_inspect()).ok:
-            r = run(network)
-            if not r.ok and "already exists" not in r.output:
-                raise StepFailed(t.label, f"cannot create the runner's network: "
-                                          f"{r.output[-300:]}")
-        if not run(cmd.image_present(p.image)).ok:
-            d.log(f"{t.label}: pulling {p.image}")
-            r = run(cmd.pull(p.image), timeout=600)
-            if not r.ok:
-                raise StepFailed(t.label, f"cannot pull the proxy image {p.image}: "
-                                          f"{' '.join(r.output.splitlines()[-3:])}; the old "
-                                          f"proxy was not touched")
-        if d.inspect(conn, ASIDE, run) is not None:
-            run(cmd.remove(ASIDE), check=True)
-        old = d.inspect(conn, PROXY_CONTAINER, run)
-        if old is None:
-            did = ops.ensure(conn, run, boot, network)
-            row.did = f"no proxy was there: {did}"
-            row.ok = True
-            return
-        _stopped(d)
-        # From here on Ctrl-C does not cut it short: a server is never left without a proxy.
-        safe = _runner(conn, None)
-        safe(cmd.rename(PROXY_CONTAINER, ASIDE), check=True)
-        poll = _FirstAnswer(conn, p.http_port)
-        t0, stopped = time.monotonic(), False
-        try:
-            safe(_no_restart(ASIDE), check=True)
-            t0 = time.monotonic()
-            if old.running:
-                safe(cmd.stop(ASIDE, STOP_TIMEOUT), check=True, timeout=STOP_TIMEOUT + 60)
-                stopped = True
-                d.log(f"{t.label}: the old proxy stopped ({time.monotonic() - t0:.2f}s)")
-                poll.start()
-            ops.ensure(conn, safe, boot, network)
-        except (StepFailed, TransportError, OSError, EOFError, paramiko.SSHException) as exc:
-            poll.halt.set()
-            back = _put_back(d, ops, conn, old.running)
-            if stopped:
-                row.down = time.monotonic() - t0
-            raise StepFailed(t.label, f"{_why(exc)}; {back}") from None
-        ready = time.monotonic()
-        if old.running:
-            poll.join(5)
-            poll.halt.set()
-            row.down = (poll.at or ready) - t0
-        safe(cmd.remove(ASIDE), check=False)
-        st = d.inspect(conn, PROXY_CONTAINER, safe)
-        n = len(ops.routes(conn))
-        row.did = (f"replaced the proxy ({old.image} -> {st.image if st else p.image}, "
-                   f"publishes {', '.join(st.published if st else published(p))}); serving "
-                   f"{n} route{'' if n == 1 else 's'}")
-        if not old.running:
-            row.notes.append(f"the old proxy was not running ({old.status}): traffic was "
-                             f"down before")
-        row.ok = True
-    finally:
-        lease.release()
-
-
-def _put_back(d: SSHDockerDeployer, ops: ProxyOps, conn: Connection, was_running: bool
-              ) -> str:
-    """The new proxy did not come up: the old one back in its place."""
-    safe = _runner(conn, None)
-    try:
-        safe(cmd.remove(PROXY_CONTAINER), check=False)
-        safe(cmd.rename(ASIDE, PROXY_CONTAINER), check=True)
-        safe(_no_restart(PROXY_CONTAINER, "always"), check=True)
-        if not was_running:
-            return "the old proxy is back in place (stopped, as it was)"
-        safe(cmd.start(PROXY_CONTAINER), check=True)
-        ops.wait_ready(conn)
-        return "the old proxy runs again"
-    except (StepFailed, TransportError, OSError, EOFError, paramiko.SSHException) as exc:
-        return (f"the old proxy could not be put back ({_why(exc)}): it is kept as {ASIDE}; "
-                f"`runner proxy boot` starts a new one")
 
 
 # ---------------------------------------------------------------------------------- status
@@ -282,7 +101,7 @@ def _status_on(d: SSHDockerDeployer, ops: ProxyOps, t: Target) -> dict:
         if missing:
             notes.append(f"this pipeline wants {', '.join(want)} published: `runner proxy "
                          f"reboot` replaces it")
-        note = _image_note(d, st.image)
+        note = image_note(d.stage.proxy.image, st.image)
         if note:
             notes.append(note)
     return {"server": t.label,
@@ -332,26 +151,27 @@ def _report(rows: list[_Row], chosen: list[Target], results: list, as_json: bool
     """Print one line per server (or JSON); the servers that failed."""
     failed = []
     for t, r, row in zip(chosen, results, rows):
-        if isinstance(r, BaseException):
-            row.ok, row.error = False, _why(r)
+        row.ok = not isinstance(r, BaseException)
         if not row.ok:
+            row.error = _why(r)
             failed.append(t.label)
     if as_json:
         click.echo(masker.mask(json.dumps([r.to_dict(reboot) for r in rows])))
         return failed
     for row in rows:
+        down = row.change.down
         if row.ok:
-            line = f"{row.server}: {row.did}"
-            if row.down is not None:
-                line += f"; traffic was down for {row.down:.2f}s"
+            line = f"{row.server}: {row.change.did}"
+            if down is not None:
+                line += f"; traffic was down for {down:.2f}s"
         elif row.error == "interrupted":
             line = f"{row.server}: interrupted"
         else:
             line = f"{row.server}: FAILED: {row.error}"
-            if row.down is not None:
-                line += f" (traffic was down for {row.down:.2f}s)"
+            if down is not None:
+                line += f" (traffic was down for {down:.2f}s)"
         click.echo(masker.mask(line))
-        for n in row.notes:
+        for n in row.change.notes:
             click.echo(masker.mask(f"  note: {n}"))
     return failed
 
@@ -392,12 +212,11 @@ def make_proxy(load: Load = load_file) -> click.Group:
         proxy.http_port) on every server, serving every app's routes. Idempotent: a running
         proxy is left alone ("already running")."""
         d, masker = _session(pipeline_file, var, load, "boot")
-        chosen = _choose(d, server)
-        plan, ops = d.plan(), ProxyOps(d)
+        chosen = choose(d, server)
+        proxies = ProxyContainer(d)
         rows = [_Row(t.label) for t in chosen]
-        results, interrupted = _each(d, lambda t: _boot_on(d, ops, plan, t,
-                                                           rows[chosen.index(t)]),
-                                     chosen, d.stage.parallel)
+        results, interrupted = _on(d, lambda t: proxies.boot(t, rows[chosen.index(t)].change),
+                                   chosen, d.stage.parallel)
         d.close()
         _end("boot", _report(rows, chosen, results, as_json, False, masker), interrupted)
 
@@ -414,12 +233,11 @@ def make_proxy(load: Load = load_file) -> click.Group:
         new one answers (started again if the new one does not come up). Traffic stops for a
         moment: how long is printed per server."""
         d, masker = _session(pipeline_file, var, load, "reboot")
-        chosen = _choose(d, server)
-        plan, ops = d.plan(), ProxyOps(d)
+        chosen = choose(d, server)
+        proxies = ProxyContainer(d)
         rows = [_Row(t.label) for t in chosen]
-        results, interrupted = _each(d, lambda t: _reboot_on(d, ops, plan, t,
-                                                             rows[chosen.index(t)]),
-                                     chosen, 1)
+        results, interrupted = _on(d, lambda t: proxies.reboot(t, rows[chosen.index(t)].change),
+                                   chosen, 1)
         d.close()
         _end("reboot", _report(rows, chosen, results, as_json, True, masker), interrupted)
 
@@ -434,10 +252,10 @@ def make_proxy(load: Load = load_file) -> click.Group:
         app's route (hosts, path prefix, upstream, the digest it serves). Exits 1 when a
         server cannot be asked or its proxy does not run."""
         d, masker = _session(pipeline_file, var, load, "status")
-        chosen = _choose(d, server)
+        chosen = choose(d, server)
         ops = ProxyOps(d)
-        results, interrupted = _each(d, lambda t: _status_on(d, ops, t), chosen,
-                                     d.stage.parallel)
+        results, interrupted = _on(d, lambda t: _status_on(d, ops, t), chosen,
+                                   d.stage.parallel)
         d.close()
         if interrupted:
             _end("status", [], True)
@@ -471,21 +289,21 @@ def make_proxy(load: Load = load_file) -> click.Group:
         shown on stdout), from each server or one, prefixed with the server when there are
         several; secret values show as ***."""
         d, masker = _session(pipeline_file, var, load, "logs")
-        chosen = _choose(d, server)
+        chosen = choose(d, server)
         argv = cmd.logs(PROXY_CONTAINER, lines)
 
         def one(t: Target) -> tuple[int, list[tuple[str, bool]]]:
             _stopped(d)
             got: list[tuple[str, bool]] = []
             status = d.connection(t).stream(argv, lambda text, err: got.append((text, err)),
-                                       cancel=d.cancel, timeout=d.stage.ssh.command_timeout)
+                                            cancel=d.cancel, timeout=d.stage.ssh.command_timeout)
             return status, got
 
-        results, interrupted = _each(d, one, chosen, d.stage.parallel)
+        results, interrupted = _on(d, one, chosen, d.stage.parallel)
         d.close()
         if interrupted:
             _end("logs", [], True)
-        out = _Out(masker, len(chosen) > 1, max(len(t.label) for t in chosen))
+        out = Out(masker, len(chosen) > 1, max(len(t.label) for t in chosen))
         failed, rows = [], []
         for t, r in zip(chosen, results):
             error, got = "", []

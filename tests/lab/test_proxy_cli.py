@@ -24,7 +24,8 @@ from deployers.base import DeployFailed
 from runner.cli.app import make_app
 from runner.cli.deploy import make_commands
 from deployers.proxy import PROXY_CONTAINER
-from runner.cli.proxy import ASIDE, make_proxy
+from deployers.proxy_reboot import ASIDE
+from runner.cli.proxy import make_proxy
 from deployers.ssh_docker import SSHDockerDeployer
 from deployers.ssh_proxy import PROXY_LOCK
 from runner.model import Pipeline
