@@ -1,14 +1,24 @@
 """`notify:` as a user runs it: `runner exec` of a failing pipeline tells a real HTTP receiver on
 loopback (Apprise json://) the stage and the reason, masked; a notifier on a closed port is a
 warning and the exit code stays the pipeline's; the next run, which succeeds, is `recovered`
-(read from the data directory's previous run); a bad `on:` word is exit 2 at file:line:col.
-No engine, registry or server: the checkout of a local repository is the whole run."""
+(read from the data directory's previous run); a failing rollback is told why; a daemon's runs
+link their pages and take the previous outcome from its store. No engine, registry or server:
+the checkout of a local repository is the whole run. (A bad `on:` word at its file:line:col:
+tests/unit/test_notifications.py.)"""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
+
+import httpx
+import yaml
 
 from tests.helpers import make_repo, runner
 from tests.receiver import Receiver, closed_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "daemon"))
+from harness import TOKEN, bare_repo, config, daemon_in_process, wait_for  # noqa: E402
 
 SECRET = "ref-secret-8d41c2"  # a secret's value, here also the ref a run asks for
 
@@ -59,17 +69,6 @@ def test_a_failure_then_its_recovery_are_notified_masked(tmp_path):
         receiver.close()
 
 
-def test_a_bad_on_word_is_exit_2_at_its_place(tmp_path):
-    pipeline = tmp_path / "p.yaml"
-    pipeline.write_text("name: x\nrepository: {url: .}\nimage: {name: a}\n"
-                        "secrets: {hook: {env: HOOK}}\nnotify:\n  - {url: hook, on: [failed]}\n")
-    proc = runner("validate", str(pipeline))
-    assert proc.returncode == 2
-    assert f"{pipeline}:6:22: error: notify[0].on[0]: expected one of failure, recovered, " \
-           "deployed or rollback, got the string 'failed' (did you mean 'failure'?)" in proc.stderr
-    assert proc.stderr.count(": error: ") == 1, proc.stderr  # the word alone, not its list too
-
-
 def test_a_rollback_that_fails_is_notified_with_why(tmp_path):
     """`runner rollback` whose server cannot be reached (a closed port on loopback): exit 1, and
     the receiver hears `rollback failed` naming the server."""
@@ -93,3 +92,47 @@ def test_a_rollback_that_fails_is_notified_with_why(tmp_path):
     assert body["type"] == "failure"
     assert f"127.0.0.1:{port}" in body["message"], body["message"]
     assert "notify[0] (secret 'hook'): sent 'rolled: rollback failed'" in proc.stderr
+
+
+def test_the_daemon_s_runs_notify_a_failure_and_its_recovery_with_their_links(tmp_path):
+    """A daemon with public_url running the real `runner exec`: a manual run whose repository
+    cannot be read fails and the receiver hears it with the run's page; the next run succeeds
+    and is `recovered` (the previous run's outcome from the daemon's store), with its own page."""
+    bare, _ = bare_repo(tmp_path)
+    receiver = Receiver()
+    (tmp_path / "hook").write_text(receiver.url("daemon") + "\n")
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "name": "watched", "variables": {"REPO": str(bare)}, "repository": {"url": "${REPO}"},
+        "image": {"name": "localhost/test/watched"},
+        "secrets": {"hook": {"file": str(tmp_path / "hook")}},
+        "notify": [{"url": "hook"}],
+        "stages": {"build": {"enabled": False}, "push": {"enabled": False}}}))
+    cfg = config(tmp_path, [{"name": "watched", "file": str(pipeline), "repo": str(bare)}],
+                 public_url="https://ci.example.com")
+    cfg.pop("exec_command")  # the real runner exec
+
+    def run(**body) -> int:
+        r = httpx.post(f"{d.url}/api/pipelines/watched/trigger", json={"branch": "main", **body},
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["run"]["id"]
+        wait_for(lambda: d.store.get_run(run_id)["status"] in ("success", "failed", "invalid"),
+                 60, f"run {run_id} to end", every=0.1)
+        return run_id
+
+    try:
+        with daemon_in_process(cfg) as d:
+            failed = run(vars={"REPO": str(tmp_path / "gone")})
+            assert d.store.get_run(failed)["status"] == "failed"
+            second = run()
+            assert d.store.get_run(second)["status"] == "success", d.store.logs(second)[-20:]
+    finally:
+        receiver.close()
+    assert [b["title"] for _, b in receiver.got] == ["watched: failed at checkout",
+                                                    "watched: recovered"], receiver.got
+    first, then = (b["message"] for _, b in receiver.got)
+    assert f"Run: https://ci.example.com/runs/{failed}" in first
+    assert "By: the daemon (manual)" in first and "Failed stage: checkout" in first
+    assert f"Run: https://ci.example.com/runs/{second}" in then
+    assert "The previous run of this pipeline had failed." in then
