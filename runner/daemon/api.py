@@ -301,7 +301,7 @@ def build_app(core) -> Starlette:
         return JSONResponse({"pipelines": [
             # `pipeline`: the path inside `repo` of a repository's pipeline (then `file` is null).
             {"name": p.name, "file": p.file, "pipeline": p.pipeline, "repo": p.repo,
-             "concurrency": p.concurrency,
+             "destination": p.destination, "concurrency": p.concurrency,
              "concurrency_group": p.concurrency_group, "cancel_in_progress": p.cancel_in_progress,
              "triggers": p.triggers.model_dump(mode="json")} for p in core.config.pipelines]})
 

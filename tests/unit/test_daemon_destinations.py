@@ -3,8 +3,10 @@ at file:line:col (`destination:` against the pipeline's `destinations:`, `trigge
 tags promote (webhook and poll share push_filter), what is queued, and the argv of each run."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runner.daemon.config import check_config, config_from_dict, load_config
@@ -12,6 +14,9 @@ from runner.daemon.scheduler import poll_decisions
 from runner.daemon.webhooks import new_run, push_filter
 from runner.daemon.worker import exec_argv, promote_argv, rollback_argv
 from runner.errors import InvalidInput
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "daemon"))
+from harness import AUTH, config, daemon_in_process  # noqa: E402
 
 PIPELINE = """\
 name: shop
@@ -123,3 +128,14 @@ def test_the_argv_of_a_run_with_a_destination():
         "r", "promote", "/p.yaml", "--from", "staging", "--to", "production", "--commit", "a" * 40,
         "--json", "--run-id", "9", "--var", "A=1"]
 
+
+def test_the_api_lists_each_entry_s_destination_and_tag_trigger(tmp_path):
+    cfg = config(tmp_path, [
+        {"name": "staging", "file": "shop.yaml", "destination": "staging"},
+        {"name": "production", "file": "shop.yaml", "destination": "production",
+         "triggers": {"push": None, "tag": {"promote_from": "staging"}}}])
+    with daemon_in_process(cfg) as d:
+        listed = httpx.get(f"{d.url}/api/pipelines", headers=AUTH, timeout=10).json()["pipelines"]
+    assert [(p["name"], p["destination"]) for p in listed] == [("staging", "staging"),
+                                                              ("production", "production")]
+    assert listed[1]["triggers"]["tag"] == {"promote_from": "staging", "tags": ["*"]}
