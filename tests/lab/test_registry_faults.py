@@ -279,10 +279,11 @@ def test_a_verification_while_the_token_issuer_hangs_fails_naming_it_never_verif
 BIG_MB = 64
 # The lab's engine (20.10) retries a layer upload that lost its registry itself, 4 times, 5, 10,
 # 15 and 20 s apart: with the default stages.push.timeout the first attempt took 50 s of the
-# test's 54. 10 s (stages.push.timeout) ends that attempt long after the kill (the upload starts
-# within 0.1 s of the push's first line, measured at load 20); the second attempt finds nothing
-# listening at once: the same failed stage, 2 attempts and connection-refused error as before.
-KILLED_PUSH_TIMEOUT = 10
+# test's 54. 5 s (stages.push.timeout; it was 10) ends that attempt long after the kill (the
+# upload starts within 0.1 s of the push's first line, measured at load 20); the second attempt
+# finds nothing listening at once: the same failed stage, 2 attempts and connection-refused
+# error as before.
+KILLED_PUSH_TIMEOUT = 5
 
 
 def test_the_registry_killed_mid_push_fails_after_the_retries_and_leaves_no_half_pushed_tag(
