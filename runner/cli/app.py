@@ -2,11 +2,12 @@
 servers.
 
 - logs: `docker container logs --tail N [--follow] <app>` on each server (or one), every line
-  masked, prefixed with the server when there are several.
+  masked, prefixed with the server when there are several; `--role NAME` for another role's
+  containers (`<app>-<role>`, on the servers that role runs on) than the primary one.
 - exec: `docker exec <app> CMD...` on one server (or --all), its output as it comes, the
-  command's exit status as ours.
+  command's exit status as ours; `--role` as for logs.
 - remove: first says which named volumes and host directories of container.volumes stay;
-  then on every server, under the app's deploy lock (so never in the middle of a deploy): its
+  then for every role on every server it runs on, under the app's deploy lock (so never in the middle of a deploy): its
   proxy route (the proxy reloaded without it, so its hosts get the proxy's 404, not a 502),
   every container labelled runner.app=<app> (kept previous versions too, with their anonymous
   volumes; the named volumes and host directories they mount are said kept), every image of the
@@ -41,7 +42,7 @@ from deployers import commands as cmd
 from deployers import lock as locks
 from deployers import pruning
 from runner.cli.common import confirmed, destination_option
-from runner.cli.on_servers import SERVER_HELP, Out, choose, each, proxied, session
+from runner.cli.on_servers import SERVER_HELP, Out, choose, each, proxied, role, session
 from runner.pipeline_file import Load, load_file
 from deployers.remote_files import remove_tree, sweep
 from deployers.spec import Target
@@ -53,6 +54,7 @@ _SCRATCH = "--[0-9a-f]{32}"  # after the app name: a deploy's env file or login 
 _NEEDS_PROXY = ("needs the proxy cutover, whose route answers the 503 page while the containers "
                 "run on")
 _OLD_LOGIN = 3600.0  # seconds; a younger login dir may belong to a pull running right now
+ROLE_HELP = "the role's containers (stages.deploy.roles); default: the primary role's"
 
 
 def _why(exc: BaseException) -> str:
@@ -226,17 +228,19 @@ def make_app(load: Load = load_file) -> click.Group:
                   help="how many of the last lines to show, per server")
     @click.option("--follow", "-f", is_flag=True,
                   help="keep streaming new lines until Ctrl-C")
+    @click.option("--role", "role_name", default=None, metavar="ROLE", help=ROLE_HELP)
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
     @destination_option
     def logs(pipeline_file: str, server: str | None, lines: int, follow: bool,
-             var: tuple[str, ...]) -> None:
+             role_name: str | None, var: tuple[str, ...]) -> None:
         """The app container's own output (stdout and stderr), from each server or one.
 
         Lines are prefixed with the server when there are several; secret values show as ***.
         With --follow, new lines show as they come (stderr's on stdout too) until Ctrl-C.
         """
-        _, d, masker = session(pipeline_file, var, load, "app-logs")
-        chosen = choose(d, server)
+        _, a, masker = session(pipeline_file, var, load, "app-logs")
+        d, suffix = role(a, role_name)
+        chosen = choose(d, server, suffix)
         out = Out(masker, len(chosen) > 1, max(len(t.label) for t in chosen))
         argv = [cmd.DOCKER, "container", "logs", "--tail", str(lines),
                 *(["--follow"] if follow else []), d.app]
@@ -293,10 +297,11 @@ def make_app(load: Load = load_file) -> click.Group:
     @click.option("--server", default=None, metavar="S", help=SERVER_HELP)
     @click.option("--all", "all_", is_flag=True, help="on every server, each line prefixed "
                   "with the server's name")
+    @click.option("--role", "role_name", default=None, metavar="ROLE", help=ROLE_HELP)
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
     @destination_option
     def exec_(pipeline_file: str, command: tuple[str, ...], server: str | None, all_: bool,
-              var: tuple[str, ...]) -> None:
+              role_name: str | None, var: tuple[str, ...]) -> None:
         """Run a command in the app's running container: `docker exec <app> CMD...`.
 
         Give the command after `--`: runner app exec pipeline.yaml --server web1 -- ls -la /app.
@@ -310,8 +315,9 @@ def make_app(load: Load = load_file) -> click.Group:
         if all_ and server is not None:
             click.echo("give --server or --all, not both", err=True)
             sys.exit(EXIT_INVALID)
-        _, d, masker = session(pipeline_file, var, load, "app-exec")
-        chosen = choose(d, server)
+        _, a, masker = session(pipeline_file, var, load, "app-exec")
+        d, suffix = role(a, role_name)
+        chosen = choose(d, server, suffix)
         if len(chosen) > 1 and not all_:
             d.close()
             click.echo(f"this pipeline deploys to {len(chosen)} servers "
@@ -347,33 +353,39 @@ def make_app(load: Load = load_file) -> click.Group:
     @click.option("--var", multiple=True, metavar="K=V", help="pipeline variable")
     @destination_option
     def remove(pipeline_file: str, yes: bool, var: tuple[str, ...]) -> None:
-        """Remove the app from every server: its proxy route, all its containers (kept
-        previous versions too, with their anonymous volumes), every image the runner pulled
+        """Remove the app from every server: its proxy route, all its containers (every
+        role's, kept previous versions too, with their anonymous volumes), every image the runner pulled
         for it (failed releases too), its release history, its record of pulls and its deploy
         lock. Named volumes and host directories stay, and are named before anything is done.
 
         Asks first unless --yes (an answer other than yes removes nothing and exits 1). Waits
         for a deploy in progress to end (stages.deploy.lock.wait). Says what it removed (and
         kept) on each server; exits 1 naming every server it could not reach or finish on."""
-        _, d, masker = session(pipeline_file, var, load, "app-remove")
-        servers = ", ".join(t.label for t in d.targets)
-        lasting = lasting_volumes(d.stage.container.volumes)
-        click.echo(masker.mask(f"{d.app} keeps its data in {', '.join(lasting)}: these stay"
-                               if lasting else f"{d.app} mounts no named volume or host "
+        _, a, masker = session(pipeline_file, var, load, "app-remove")
+        servers = ", ".join(t.label for t in a.targets)
+        lasting = lasting_volumes([v for r in a.roles for v in r.stage.container.volumes])
+        roles = "" if len(a.roles) == 1 else \
+            f" (roles {', '.join(r.name for r in a.roles)}: containers " \
+            f"{', '.join(r.container for r in a.roles)})"
+        click.echo(masker.mask(f"{a.app} keeps its data in {', '.join(lasting)}: these stay"
+                               if lasting else f"{a.app} mounts no named volume or host "
                                                f"directory (this pipeline's container.volumes)"))
         if not yes:
-            if not confirmed(f"Remove {d.app} from {servers}: its proxy route, containers, "
-                             f"images, release history and deploy lock?"):
-                d.close()
+            if not confirmed(f"Remove {a.app}{roles} from {servers}: its proxy route, "
+                             f"containers, images, release history and deploy lock?"):
+                a.close()
                 click.echo("nothing removed", err=True)
                 sys.exit(EXIT_FAILED)
         run_id = f"app-remove-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
-        rows = {t.label: _Removal(t.label) for t in d.targets}
-        results, interrupted = _on(d, lambda t: _remove_on(d, t, rows[t.label], run_id),
-                                   list(d.targets), d.stage.parallel)
-        d.close()
+        # Every role on every server it runs on, each under its own lock (as its deploys).
+        units = [(a.by_role[r.name], t) for r in a.roles for t in a.by_role[r.name].targets]
+        rows = {t.label: _Removal(t.label) for _, t in units}
+        results, interrupted = each(
+            a.cancel, lambda u: _remove_on(u[0], u[1], rows[u[1].label], run_id), units,
+            lambda u: f"app-{u[1].label}", a.stage.parallel)
+        a.close()
         failed = []
-        for t, r in zip(d.targets, results):
+        for (d, t), r in zip(units, results):
             row = rows[t.label]
             if isinstance(r, BaseException):
                 row.error = _why(r)
@@ -394,7 +406,7 @@ def make_app(load: Load = load_file) -> click.Group:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         if failed:
-            click.echo(f"remove of {d.app} failed on {', '.join(failed)}", err=True)
+            click.echo(f"remove of {a.app} failed on {', '.join(failed)}", err=True)
             sys.exit(EXIT_FAILED)
 
     @app.command("maintenance")
@@ -409,7 +421,8 @@ def make_app(load: Load = load_file) -> click.Group:
         or touching its containers. Lasts through deploys and rollbacks until `runner app
         live`. Exits 1 naming the servers it could not switch (the others are switched, and
         said so)."""
-        _, d, masker = session(pipeline_file, var, load, "app-maintenance")
+        _, a, masker = session(pipeline_file, var, load, "app-maintenance")
+        d = a.primary  # the role behind the proxy
         proxied(pipeline_file, d, "runner app maintenance", _NEEDS_PROXY)
         _switch(d, message, masker)
 
@@ -420,7 +433,8 @@ def make_app(load: Load = load_file) -> click.Group:
     def live(pipeline_file: str, var: tuple[str, ...]) -> None:
         """End maintenance: on every server the app's route leads to its running release again.
         Exits 1 naming the servers it could not switch."""
-        _, d, masker = session(pipeline_file, var, load, "app-live")
+        _, a, masker = session(pipeline_file, var, load, "app-live")
+        d = a.primary
         proxied(pipeline_file, d, "runner app live", _NEEDS_PROXY)
         _switch(d, None, masker)
 

@@ -17,6 +17,7 @@ from runner.errors import EXIT_INVALID, Cancelled
 from runner.pipeline_file import Load
 
 from deployers.spec import Target
+from deployers.app_deployer import AppDeployer
 from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 
 SERVER_HELP = "only this server (its name or host)"
@@ -42,8 +43,10 @@ class Out:
 
 
 def session(path: str, var: tuple[str, ...], load: Load, run_id: str
-            ) -> tuple[object, SSHDockerDeployer, object]:
-    """(pipeline, deployer, masker); exit 2 when the settings cannot work (no key, ...)."""
+            ) -> tuple[object, AppDeployer, object]:
+    """(pipeline, the app's deployer, masker); exit 2 when the settings cannot work (no key,
+    ...). A command on one role's containers takes `role(app, name)` of it; the proxy's
+    commands the primary role's (`app.primary`), whose containers the route serves."""
     pipeline, d, masker = _open(path, var, load, run_id, lambda s: click.echo(s, err=True))
     try:
         d.options()
@@ -54,16 +57,32 @@ def session(path: str, var: tuple[str, ...], load: Load, run_id: str
     return pipeline, d, masker
 
 
-def choose(d: SSHDockerDeployer, server: str | None) -> list[Target]:
-    """The servers a command runs on: all, or those named `server` (label or host); exit 2
-    naming the pipeline's servers when none is."""
+def role(app: AppDeployer, name: str | None) -> tuple[SSHDockerDeployer, str]:
+    """The deployer of role `name` (None: the primary role) and what its servers' names carry
+    (`/worker`); exit 2 listing the roles when the pipeline has no such role."""
+    if name is None:
+        return app.primary, ""
+    for r in app.roles:
+        if r.name == name:
+            return app.by_role[name], r.unit_suffix
+    app.close()
+    click.echo(f"unknown role {name!r}: this pipeline's roles are "
+               f"{', '.join(r.name for r in app.roles)}", err=True)
+    sys.exit(EXIT_INVALID)
+
+
+def choose(d: SSHDockerDeployer, server: str | None, suffix: str = "") -> list[Target]:
+    """The servers a command runs on: all, or those named `server` (label or host; a role's
+    server by the server's own name too, without `suffix`); exit 2 naming the servers it runs
+    on when none is."""
     if server is None:
         return list(d.targets)
-    chosen = [t for t in d.targets if server in (t.label, t.host)]
+    chosen = [t for t in d.targets if server in (t.label, t.host, t.label.removesuffix(suffix))]
     if not chosen:
         d.close()
-        known = ", ".join(t.label for t in d.targets)
-        click.echo(f"unknown server {server!r}: this pipeline deploys to {known}", err=True)
+        known = ", ".join(t.label.removesuffix(suffix) for t in d.targets)
+        what = f"the role {suffix[1:]} runs on" if suffix else "this pipeline deploys to"
+        click.echo(f"unknown server {server!r}: {what} {known}", err=True)
         sys.exit(EXIT_INVALID)
     return chosen
 

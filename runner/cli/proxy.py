@@ -56,7 +56,8 @@ def _session(path: str, var: tuple[str, ...], load: Load, what: str
     """(deployer, masker); exit 2 for a pipeline without `proxy:` or settings that cannot
     work."""
     run_id = f"proxy-{what}-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"
-    _, d, masker = session(path, var, load, run_id)
+    _, app, masker = session(path, var, load, run_id)
+    d = app.primary  # the role behind the proxy
     proxied(path, d, f"runner proxy {what}", "is only for the proxy cutover")
     return d, masker
 

@@ -199,3 +199,51 @@ def test_behind_the_proxy_web_and_worker_deploy_and_roll_back_dropping_nothing(l
             d.close()
     finally:
         remove_proxied_app(lab, lab["servers"], name)
+
+
+def test_app_commands_take_a_role_and_remove_takes_every_role(lab, images, roles_app,
+                                                                tmp_path):
+    """`runner app logs|exec --role worker` reach the worker's container on its server (by the
+    server's own name), an unknown role is exit 2 naming the roles, and `runner app remove`
+    removes every role's containers and history."""
+    from click.testing import CliRunner
+
+    from runner.cli.main import cli
+    name = roles_app
+    servers = _servers(lab, 2)
+    port = _port()
+    stage = _stage(lab, servers, name, port, roles={
+        "web": {}, "worker": {"command": ["sh", "-c", "echo working; exec sleep 3600"],
+                              "servers": [servers[1]["host"]], "env": {"QUEUE": "q7"}}})
+    d = _app(stage, images, "v1", name)
+    assert d.apply(d.plan()).ok
+    second = d.targets[1].label
+    d.close()
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps({"name": name, "repository": {"url": "."},
+                                "image": {"name": images["repo"]},
+                                "stages": {"deploy": stage.model_dump(mode="json",
+                                                                      exclude_none=True)}}))
+    run = CliRunner().invoke
+    r = run(cli, ["app", "exec", str(path), "--role", "worker", "--server", second, "--",
+                  "sh", "-c", "echo $QUEUE"])
+    assert r.exit_code == 0 and r.output.strip() == "q7", r.output
+    r = run(cli, ["app", "logs", str(path), "--role", "worker"])
+    assert r.exit_code == 0 and "working" in r.output, r.output
+    r = run(cli, ["app", "logs", str(path), "--role", "cron"])
+    assert r.exit_code == 2 and "unknown role 'cron': this pipeline's roles are web, worker" \
+        in r.output, r.output
+    r = run(cli, ["app", "exec", str(path), "--role", "worker", "--server",
+                  d.targets[0].label, "--", "true"])
+    assert r.exit_code == 2 and "the role worker runs on " + second in r.output, r.output
+    r = run(cli, ["app", "remove", str(path), "--yes"])
+    assert r.exit_code == 0, r.output
+    assert f"{second}/worker:\n  removed proxy" not in r.output
+    assert f"removed container {name}-worker " in r.output, r.output
+    d = _app(stage, images, "v1", name)
+    assert _containers(d) == {u: ("", "") for u in _containers(d)}
+    for role_d in d.by_role.values():  # nothing labelled with any role's app name is left
+        for t in role_d.targets:
+            assert role_d.app_containers(role_d.connection(t)) == []
+            assert role_d.history(role_d.connection(t)) == []
+    d.close()

@@ -72,11 +72,13 @@ def _read(core, entry) -> AppState:
     deploy = opened.pipeline.stages.deploy
     if not deploy.enabled or not deploy.servers:
         return AppState(entry.name, error="this pipeline deploys nowhere (no stages.deploy.servers)")
-    from deployers.ssh_docker import ConfigError, SSHDockerDeployer  # SSH only for this page
+    from deployers.app_deployer import AppDeployer  # SSH only for this page
+    from deployers.ssh_docker import ConfigError
 
-    d = SSHDockerDeployer(deploy, pipeline=opened.pipeline.name, image_name=opened.pipeline.image.name,
-                          run_id="dashboard", secret=opened.secrets.value,
-                          destination=opened.pipeline.destination)
+    # Every role's containers: a role other than the primary one is a row `<server>/<role>`.
+    d = AppDeployer(deploy, pipeline=opened.pipeline.name, image_name=opened.pipeline.image.name,
+                    run_id="dashboard", secret=opened.secrets.value,
+                    destination=opened.pipeline.destination)
     try:
         try:
             d.options()
