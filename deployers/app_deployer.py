@@ -130,13 +130,6 @@ class AppDeployer(Deployer):
         return {t.label: t.label.removesuffix(r.unit_suffix)
                 for r in self.roles for t in self.by_role[r.name].targets}
 
-    def units(self) -> list[tuple[RoleSettings, Target]]:
-        """(role, unit target) of every role on every server it runs on."""
-        return [(r, t) for r in self.roles for t in self.by_role[r.name].targets]
-
-    def role_of(self, unit: str) -> RoleSettings:
-        return next(r for r, t in self.units() if t.label == unit)
-
     def _plan(self, what: str, releases: dict[str, Release], placeholder: bool = False
               ) -> DeployPlan:
         server_of = self.server_of()
@@ -205,10 +198,6 @@ class AppDeployer(Deployer):
 
     def rollback(self, to: str | None = None) -> DeployOutputs:
         return self.apply(self._plan("rollback", self.rollback_releases(to)))
-
-    def plan_rollback(self, releases: dict[str, Release]) -> DeployPlan:
-        """The rollback to `releases` (unit label -> release, as rollback_releases chose)."""
-        return self._plan("rollback", releases)
 
     def verify(self) -> list[ServerStatus]:
         return [row for r in self.roles for row in self.by_role[r.name].verify()]
