@@ -38,8 +38,9 @@ def _describe(argv) -> str:
 def install() -> None:
     global _t0
     _t0 = time.monotonic()
-    import deployers.ssh_docker as sd
+    import deployers.health_probe as hp
     import deployers.ssh_connection as sc
+    import deployers.ssh_docker as sd
 
     def timed(real, where, what):
         """`real`, noting how long each call took under (where(args), what(args))."""
@@ -54,8 +55,7 @@ def install() -> None:
 
     first_label = lambda a: a[0].label  # noqa: E731  (a target, a connection, or self)
     sd.connect = timed(sd.connect, first_label, lambda a: "ssh connect")
-    if getattr(sd, "http_get", None) is not None:
-        sd.http_get = timed(sd.http_get, first_label, lambda a: "http probe")
+    hp.http_get = timed(hp.http_get, first_label, lambda a: "http probe")
 
     def wrap(name: str, what):
         setattr(sc.Connection, name,

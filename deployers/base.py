@@ -3,8 +3,9 @@
 A deploy is planned (deployers.plan: pure, settings + image -> `DeployPlan`), then one generic
 rollout (deployers.rollout) carries the plan out by driving a `ServerSteps` implementation
 server by server: batches, canary, rolling, on_failure, cancellation and the report live there
-once, not in each deploy target. deployers.ssh_docker.SSHDockerSteps is the first
-implementation; a proxy cutover or another target is a second one.
+once, not in each deploy target. deployers.stop_start.StopStartSteps and
+deployers.ssh_proxy.ProxySteps are two sibling implementations over shared building blocks
+(deployers.server_session); another target is one more.
 
 The `Deployer` facade (plan / apply / verify / rollback / close) is what the stage and the CLI
 use; `apply(plan)` runs exactly the plan it is given, and `plan().to_dict()` is what

@@ -113,6 +113,12 @@ def list_app_ids(app: str) -> list[str]:
             f"label={LABEL_APP}={app}"]
 
 
+def list_kept_running() -> list[str]:
+    """The ids of the running kept copies of any app (`<app>_kept_<run>`, the proxy cutover's)."""
+    return [DOCKER, "container", "ls", "--quiet", "--no-trunc", "--filter", f"label={LABEL_APP}",
+            "--filter", "name=_kept_"]
+
+
 def health_args(h: HealthSpec) -> list[str]:
     """Docker's own healthcheck flags. For `cmd` docker runs it too, so `docker ps` shows the
     health; for `http` the runner probes from the server and docker keeps the image's check;

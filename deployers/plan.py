@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from runner.model.deploy import DeploySettings
 from runner.model.image import ImageRef
@@ -29,6 +29,24 @@ UNVERIFIED = Slot("unverified container")
 # server label -> the accessories that must run there before any server switches.
 Needs = Mapping[str, tuple[AccessorySpec, ...]]
 VERIFIED = Slot("verified container")
+ASIDE = Slot("container left aside")
+RUNNING = Slot("running container")
+STRAY = Slot("kept container holding the proxy's ports")
+
+
+@dataclass(frozen=True)
+class Action:
+    """A planned command that a decision (deployers.recovery, deployers.restore_plan) chose to
+    run: `key` in the server's plan, its slots filled in; `check`: whether a failure stops the
+    step; `timeout` in seconds (None: the connection's command timeout)."""
+
+    key: str
+    slots: tuple[tuple[Slot, str], ...] = field(default=())
+    check: bool = True
+    timeout: float | None = None
+
+    def argv(self, plan: ServerPlan) -> list[str]:
+        return plan.argv(self.key, dict(self.slots))
 
 
 def safe_name(text: str, limit: int = 24) -> str:
@@ -76,8 +94,33 @@ def _prepare_commands(stage: DeploySettings, release: Release) -> list[PlannedCo
                        "an earlier run left the last verified release aside"),
         PlannedCommand("recover_start", "prepare", tuple(cmd.start(spec.name)),
                        "an earlier run left the last verified release aside"),
+        PlannedCommand("recover_remove_aside", "prepare", tuple(cmd.remove(ASIDE)),
+                       "an earlier run left an older release aside that is not the last "
+                       "verified one (it died before removing it)"),
     ]
     return out
+
+
+def proxy_container_commands(p) -> tuple[PlannedCommand, ...]:
+    """The commands that keep the proxy container running (settings `p`, a
+    runner.model.deploy.Proxy), in the order they may run: what a deploy's prepare and
+    `runner proxy boot` run (deployers.ssh_proxy.ProxyOps.ensure), after `network`."""
+    ports = ", ".join(proxy.published(p))
+    holding = f"a kept copy that the engine started again holds {ports} and the proxy is to start"
+    return (
+        PlannedCommand("proxy_replace", "prepare", tuple(cmd.remove(proxy.PROXY_CONTAINER)),
+                       "the proxy was made by an older runner (a short gap, this once)"),
+        # `--restart always` brought it back with the engine; it must not come back again.
+        PlannedCommand("stray_kept_unrestart", "prepare", tuple(cmd.set_restart(STRAY, "no")),
+                       holding),
+        PlannedCommand("stray_kept_stop", "prepare", tuple(cmd.stop(STRAY, 10)), holding),
+        PlannedCommand("proxy_boot", "prepare", tuple(cmd.proxy_run(p)),
+                       "no proxy runs on the server yet (its config: every app's route)"),
+        PlannedCommand("proxy_boot_undo", "prepare", tuple(cmd.remove(proxy.PROXY_CONTAINER)),
+                       "starting the proxy failed (what it left is removed)"),
+        PlannedCommand("proxy_start", "prepare", tuple(cmd.start(proxy.PROXY_CONTAINER)),
+                       "the proxy exists, stopped"),
+    )
 
 
 def _probe_commands(release: Release) -> list[PlannedCommand]:
@@ -103,11 +146,12 @@ def _proxy_commands(stage: DeploySettings, release: Release, run_id: str
     runs = "a container of the app exists"
     out = _prepare_commands(stage, release)
     out += [
+        PlannedCommand("leave_stop_start", "prepare", tuple(cmd.stop(RUNNING, p.drain_timeout)),
+                       "no proxy runs yet and the app's container, deployed stop-start, "
+                       "publishes the proxy's port (a one-time gap while moving to the proxy)"),
         PlannedCommand("network", "prepare", tuple(cmd.network_create()),
                        f"the server has no `{proxy.NETWORK}` network yet"),
-        PlannedCommand("proxy_boot", "prepare",
-                       tuple(cmd.proxy_run(p)),
-                       "no proxy runs on the server yet (its config: every app's route)"),
+        *proxy_container_commands(p),
         PlannedCommand("rename_previous", "switch", tuple(cmd.rename(spec.name, prev)), runs),
         PlannedCommand("reuse", "switch", tuple(cmd.rename(cmd.KEPT, spec.name)),
                        "a kept stopped container is this very release (a rollback)"),
@@ -131,8 +175,16 @@ def _proxy_commands(stage: DeploySettings, release: Release, run_id: str
                        "the health gate passed: the route moves to the new container"),
         PlannedCommand("stop_previous", "verify", tuple(cmd.stop(prev, p.drain_timeout)),
                        f"{runs}, after {p.watch:g}s of watching the new one"),
+        PlannedCommand("start_drained", "restore", tuple(cmd.start(cmd.PREVIOUS)),
+                       "restoring, the route had moved and the previous container was drained"),
         PlannedCommand("route_back", "restore", tuple(cmd.proxy_reload(cmd.CONFIG)),
                        "restoring, the route had moved"),
+        PlannedCommand("unrestart_reused", "restore", tuple(cmd.set_restart(cmd.NEW, "no")),
+                       "restoring a kept container this run started again"),
+        PlannedCommand("stop_reused", "restore", tuple(cmd.stop(cmd.NEW, p.drain_timeout)),
+                       "restoring a kept container this run started again"),
+        PlannedCommand("rename_reused_back", "restore", tuple(cmd.rename(cmd.NEW, cmd.KEPT)),
+                       "restoring a kept container this run started again (its name is free)"),
         PlannedCommand("remove_new", "restore", tuple(cmd.remove(cmd.NEW)), "restoring"),
         PlannedCommand("rename_back", "restore", tuple(cmd.rename(prev, spec.name)),
                        f"restoring, {runs}"),

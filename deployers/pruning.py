@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 from runner.model.image import ImageRef
 
+from deployers.health import ContainerState
+from deployers.spec import identity_of
+
 PULLED_DIR = "pulled"  # in apps/<app>/ on the server
 
 
@@ -73,3 +76,22 @@ def every_image(*, history: Iterable[str], containers: Iterable[str],
         if isinstance(ref, str) and "@sha256:" in ref and ref not in out:
             out.append(ref)
     return out
+
+
+def kept_to_prune(app: str, containers: Iterable[ContainerState], wanted: set[tuple[str, str, str]]
+                  ) -> list[str]:
+    """The ids of the app's kept copies (`<app>_kept_<run>`, the proxy cutover's stopped
+    previous releases) whose release (identity) is no longer among the `wanted` identities of
+    the server's history."""
+    return [c.id for c in containers
+            if c.name.startswith(f"{app}_kept_") and identity_of(c.labels) not in wanted]
+
+
+def holding_ports(ports: Iterable[str], containers: Iterable[ContainerState]
+                 ) -> list[ContainerState]:
+    """Of these kept copies, those running and publishing one of `ports`
+    (docker -p syntax, "HOST:CONTAINER"): an engine restart brought them back, and the proxy
+    cannot start while they hold its ports."""
+    hosts = {p.split(":")[0] for p in ports}
+    return [c for c in containers
+            if c.running and hosts & {p.split(":")[0] for p in c.published}]

@@ -1,11 +1,12 @@
-"""The zero-downtime cutover over SSH: a second implementation of the per-server steps, through
-the Caddy proxy each server runs (deployers.proxy says how its config is made).
+"""The zero-downtime cutover over SSH: an implementation of the per-server steps
+(deployers.base.ServerSteps) beside the stop-start one (deployers.stop_start), over the same
+building blocks (deployers.server_session and the modules it names), through the Caddy proxy each
+server runs (deployers.proxy says how its config is made).
 
-Against the stop-start steps (deployers.ssh_docker) it changes what switch, verify, restore and
-commit do, not the rollout:
-- prepare: also makes sure the runner's network and the proxy run there (booting the proxy
-  with every app's current routes when it is missing; a host port taken by something else
-  fails here, before anything changes).
+- prepare: as the stop-start cutover's (deployers.server_prepare); it also makes sure the
+  runner's network and the proxy run there (booting the proxy with every app's current routes
+  when it is missing; a host port taken by something else fails here, before anything
+  changes).
 - switch: the new container starts beside the old one, on the runner's network with an alias of
   its own, publishing no port. A rollback to a release whose container is kept (stopped) starts
   that very container again instead.
@@ -15,8 +16,12 @@ commit do, not the rollout:
   moves (atomically, in-flight requests finish); then `watch` seconds of probing, switching
   straight back on a failure; then the old container is stopped (drained).
 - restore: the route goes back first (starting the old container again if it was drained), and
-  only then is the new container removed.
-- commit: the old container is kept, stopped, for an instant rollback (pruned with the history).
+  only then is the new container removed (deployers.restore_plan decides).
+- commit: the old container is kept, stopped, for an instant rollback (pruned with the history:
+  deployers.pruning.kept_to_prune).
+
+Every command that changes the server is one of the server's plan (deployers.plan), so
+`--dry-run` shows it; the proxy container's own (deployers.plan.proxy_container_commands) too.
 """
 from __future__ import annotations
 
@@ -25,24 +30,39 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import paramiko
 
+from runner.errors import Cancelled
+
 from deployers import commands as cmd
 from deployers import lock as locks
-from deployers.base import Restored, StepFailed, Switch
-from deployers.health import (ContainerState, ProbeResult, explain_http, parse_http_answer,
-                              wait_healthy)
-from deployers.plan import kept_name
+from deployers.base import Restored, ServerPlan, ServerSteps, StepFailed, Switch
+from deployers.commands import bind
+from deployers.container_switch import already_running, start_new, switch_server
+from deployers.health import (ContainerState, ProbeResult, Verdict, explain_http,
+                              parse_http_answer, wait_healthy)
+from deployers.health_probe import Probe, announce, check_name, probe_for, unhealthy_reason
+from deployers.http_over_ssh import http_get
+from deployers.plan import RUNNING, STRAY, kept_name, proxy_container_commands
+from deployers.previous_container import put_back_previous
 from deployers.proxy import (CONFIG_DIR, CONFIG_FILE, LABEL_ALIAS, LABEL_PROXY, PROXY_CONTAINER,
                              PROXY_RECIPE, Route, config_bytes, in_maintenance, live, moved,
                              published, route_for)
+from deployers.pruning import holding_ports, kept_to_prune
 from deployers.remote_files import sweep
-from deployers.spec import LABEL_RUN, identity_of, record_identity
-from deployers.ssh_docker import SSHDockerDeployer, SSHDockerSteps, _check_name, _OnServer
-from deployers.http_over_ssh import http_get
+from deployers.restore_plan import route_back, unreuse
+from deployers.server_commit import commit_release
+from deployers.server_prepare import prepare_server
+from deployers.server_session import OnServer, Run, ServerSession, run_actions
+from deployers.spec import LABEL_DIGEST, LABEL_RUN, HealthSpec, identity_of, record_identity
 from deployers.ssh_connection import Connection
 from deployers.ssh_errors import TransportError
+
+if TYPE_CHECKING:
+    from deployers.ssh_docker import SSHDockerDeployer
 
 PROXY_LOCK = "_proxy"  # the lock over the shared proxy config (no app name starts with "_")
 LOCK_TTL, LOCK_WAIT = 30, 60  # seconds: the proxy lock's lease, and how long to wait for it
@@ -57,6 +77,14 @@ class ProxyOps:
     def __init__(self, d: SSHDockerDeployer):
         self.d = d
         self.proxy = d.stage.proxy
+        # The proxy container's commands, as every proxy deploy's plan shows them.
+        # None: an app without the proxy cutover (`runner app remove` still drops a route).
+        self.commands = {c.key: c for c in proxy_container_commands(self.proxy)} \
+            if self.proxy is not None else {}
+
+    def argv(self, key: str, values: dict | None = None) -> list[str]:
+        """The planned argv `key` (deployers.plan.proxy_container_commands), slots filled in."""
+        return bind(self.commands[key].argv, values or {})
 
     def lock(self, conn: Connection, cancel: threading.Event | None = None) -> locks.Lease:
         """The server's proxy lock, waiting up to LOCK_WAIT seconds for another holder; held
@@ -187,7 +215,7 @@ class ProxyOps:
             self.d.log(f"{conn.label}: the proxy was made by an older runner (recipe "
                        f"{st.labels.get(LABEL_PROXY, '?')}, now {PROXY_RECIPE}): replacing it, "
                        f"a short gap this once")
-            run(cmd.remove(PROXY_CONTAINER), check=True)
+            run(self.argv("proxy_replace"), check=True)
             did.append("outdated proxy removed")
             st = None
         want = set(published(self.proxy))
@@ -205,7 +233,7 @@ class ProxyOps:
                         config_bytes(list(self.routes(conn).values())))
             r = run(boot_argv, check=False, timeout=120)
             if not r.ok:
-                run(cmd.remove(PROXY_CONTAINER), check=False)
+                run(self.argv("proxy_boot_undo"), check=False)
                 tail = " ".join(r.output.splitlines()[-3:])
                 if any(t in tail.lower() for t in _TAKEN):
                     raise StepFailed(conn.label, (
@@ -217,7 +245,7 @@ class ProxyOps:
             did.append(f"proxy started ({self.proxy.image})")
         elif not st.running:
             self._free_ports_from_kept(conn, run, want)
-            run(cmd.start(PROXY_CONTAINER), check=True)
+            run(self.argv("proxy_start"), check=True)
             did.append("proxy started again")
         self.wait_ready(conn)
         return ", ".join(did)
@@ -225,16 +253,13 @@ class ProxyOps:
     def _free_ports_from_kept(self, conn: Connection, run: Callable, want: set[str]) -> None:
         """A kept copy of a release (the runner's own, stopped on purpose) that an engine
         restart brought back must not hold the proxy's ports: it is stopped again, for good."""
-        ports = {p.split(":")[0] for p in want}
-        ids = run([cmd.DOCKER, "container", "ls", "--quiet", "--no-trunc", "--filter",
-                   "label=runner.app", "--filter", "name=_kept_"], check=False).stdout.split()
-        for cid in ids:
-            c = self.d.inspect(conn, cid, run)
-            if c is not None and c.running and ports & {p.split(":")[0] for p in c.published}:
-                self.d.log(f"{conn.label}: {c.name}, a kept copy, was started again by the "
-                           f"engine and holds {', '.join(c.published)}: stopping it")
-                run(cmd.set_restart(cid, "no"), check=False)
-                run(cmd.stop(cid, 10), check=False, timeout=60)
+        ids = run(cmd.list_kept_running(), check=False).stdout.split()
+        found = [c for c in (self.d.inspect(conn, cid, run) for cid in ids) if c is not None]
+        for c in holding_ports(want, found):
+            self.d.log(f"{conn.label}: {c.name}, a kept copy, was started again by the "
+                       f"engine and holds {', '.join(c.published)}: stopping it")
+            run(self.argv("stray_kept_unrestart", {STRAY: c.id}), check=False)
+            run(self.argv("stray_kept_stop", {STRAY: c.id}), check=False, timeout=60)
 
     def wait_ready(self, conn: Connection, timeout: float = 20) -> None:
         """Until the proxy answers HTTP on the server (any answer will do)."""
@@ -259,45 +284,61 @@ class ProxyOps:
                         host_header=host)
 
 
-class ProxySteps(SSHDockerSteps):
+class ProxySteps(ServerSteps):
     """See the module docstring."""
 
     def __init__(self, d: SSHDockerDeployer):
-        super().__init__(d)
+        self.d = d
+        self.s = ServerSession(d)
         self.ops = ProxyOps(d)
         self.p = d.stage.proxy
 
+    def reach(self, plan: ServerPlan) -> str:
+        return self.s.reach(plan)
+
+    def take_lock(self, plan: ServerPlan) -> None:
+        self.s.take_lock(plan)
+
+    def timings(self, server: str) -> dict[str, float]:
+        return self.s.timings(server)
+
+    def finish(self) -> None:
+        self.s.finish()
+
+    def release(self, sw: Switch) -> None:
+        self.s.release(sw)
+
     # ------------------------------------------------------------------ prepare
 
-    def prepare(self, plan) -> Switch:
-        sw = super().prepare(plan)
-        conn, run, st = self._on(sw)
-        with self._as_step(sw.server, touched=False), self._phase(sw.server, "proxy"):
-            self._leave_stop_start(conn, run)
+    def prepare(self, plan: ServerPlan) -> Switch:
+        s = self.s
+        sw = prepare_server(s, plan)
+        conn, run, st = s.on(sw)
+        with s.as_step(sw.server, touched=False), s.phase(sw.server, "proxy"):
+            self._leave_stop_start(conn, run, st)
             did = self.ops.ensure(conn, run, plan.argv("proxy_boot",
                                                        {cmd.PROXY_DIR: self.d.runner_dir(conn)}),
                                   plan.argv("network"))
             if did:
                 self.d.log(f"{sw.server}: {did}")
-        with self._as_step(sw.server, touched=True):
+        with s.as_step(sw.server, touched=True):
             self._route_to_current(conn, run, st)
         return sw
 
-    def _leave_stop_start(self, conn: Connection, run: Callable) -> None:
+    def _leave_stop_start(self, conn: Connection, run: Run, st: OnServer) -> None:
         """An app deployed with the stop-start cutover holds the host port the proxy wants:
         the first proxy deploy stops it (the one gap of the move; it is still restorable)."""
         if self.d.inspect(conn, PROXY_CONTAINER, run) is not None:
             return
         cur = self.d.inspect(conn, self.d.app, run)
-        want = {p.split(":")[0] for p in published(self.p)}
-        if cur is not None and cur.running and want & {p.split(":")[0] for p in cur.published}:
+        if cur is not None and holding_ports(published(self.p), [cur]):
             self.d.log(f"{conn.label}: {self.d.app} publishes {', '.join(cur.published)} (a "
                        f"stop-start deploy); it stops now so that the proxy can take the port: "
                        f"a one-time gap while moving to the proxy")
-            run(cmd.stop(cur.id, self.p.drain_timeout), check=True,
+            run(st.plan.argv("leave_stop_start", {RUNNING: cur.id}), check=True,
                 timeout=self.p.drain_timeout + 30)
 
-    def _route_to_current(self, conn: Connection, run: Callable, st: _OnServer) -> None:
+    def _route_to_current(self, conn: Connection, run: Run, st: OnServer) -> None:
         """After prepare's recovery, the route must serve the app's current container (an
         interrupted run may have left it on one that recovery removed)."""
         cur = self.d.inspect(conn, self.d.app, run)
@@ -307,20 +348,22 @@ class ProxySteps(SSHDockerSteps):
             return
         self.d.log(f"{conn.label}: the route of {self.d.app} did not point at its current "
                    f"container; moving it back there")
-        self._route_to(conn, run, st, alias, cur.id, cur.labels.get("runner.digest", ""),
+        self._route_to(conn, run, st, alias, cur.id, cur.labels.get(LABEL_DIGEST, ""),
                        "route_back")
 
     # ------------------------------------------------------------------ switch
 
-    def _already_running(self, conn: Connection, sw: Switch, st: _OnServer,
-                         cur: ContainerState) -> bool:
-        return super()._already_running(conn, sw, st, cur) and self._routed_to(conn, cur)
+    def switch(self, sw: Switch) -> None:
+        switch_server(self.s, sw,
+                      unchanged=lambda conn, st, cur: already_running(st, sw, cur)
+                      and self._routed_to(conn, cur),
+                      start=lambda conn, run, st: self._start(conn, run, sw, st))
 
-    def _start(self, conn: Connection, run: Callable, sw: Switch, st: _OnServer) -> str:
+    def _start(self, conn: Connection, run: Run, sw: Switch, st: OnServer) -> str:
         """A rollback to a kept release starts that very container again; else a new one."""
         kept = self._kept_of(conn, run, sw)
         if kept is None:
-            return super()._start(conn, run, sw, st)
+            return start_new(self.s, conn, run, sw, st)
         plan = st.plan
         run(plan.argv("reuse", {cmd.KEPT: kept.id}), check=True)
         st.reused = kept.name
@@ -330,7 +373,7 @@ class ProxySteps(SSHDockerSteps):
                    f"again ({kept.name})")
         return kept.id
 
-    def _kept_of(self, conn: Connection, run: Callable, sw: Switch) -> ContainerState | None:
+    def _kept_of(self, conn: Connection, run: Run, sw: Switch) -> ContainerState | None:
         """A kept, stopped container that is exactly this release (secret values included)."""
         for c in self.d.app_containers(conn, run):
             if c.name.startswith(f"{self.d.app}_kept_") and not c.running \
@@ -344,21 +387,20 @@ class ProxySteps(SSHDockerSteps):
 
     # ------------------------------------------------------------------ verify
 
-    def _gate_probe(self, conn: Connection, run: Callable, st: _OnServer, cid: str
-                    ) -> Callable[[ContainerState], ProbeResult]:
+    def _gate_probe(self, conn: Connection, run: Run, st: OnServer, cid: str) -> Probe:
         return self._gate_check(conn, run, st, cid)[0]
 
-    def _gate_check(self, conn: Connection, run: Callable, st: _OnServer, cid: str
-                    ) -> tuple[Callable[[ContainerState], ProbeResult], str]:
+    def _gate_check(self, conn: Connection, run: Run, st: OnServer, cid: str
+                    ) -> tuple[Probe, str]:
         """The probe of the gate and what it checks: proxy.health, else the `healthcheck` (the
         pipeline's, or the image's HEALTHCHECK), else GET / the way the proxy reaches the app
         (an app behind the proxy must answer HTTP: one that answers nothing, or only on its own
         loopback, is not healthy; any answer below 500 passes)."""
         h = self.p.health
         if h is None:
-            probe = self._probe(conn, run, st, cid)
+            probe = probe_for(self.s, conn, run, st, cid)
             if probe is not None:
-                return probe, _check_name(st.plan.release.spec.health)
+                return probe, check_name(st.plan.release.spec.health)
             return (self._http_probe(conn, st, DEFAULT_PATH,
                                      st.plan.release.spec.health.probe_timeout,
                                      lambda s: s < 500),
@@ -370,16 +412,14 @@ class ProxySteps(SSHDockerSteps):
     def _default_check(self) -> str:
         return f"GET {DEFAULT_PATH} on port {self.p.app_port}, any answer below 500"
 
-    def _http_probe(self, conn: Connection, st: _OnServer, path: str, timeout: float,
-                    passes: Callable[[int], bool]) -> Callable[[ContainerState], ProbeResult]:
+    def _http_probe(self, conn: Connection, st: OnServer, path: str, timeout: float,
+                    passes: Callable[[int], bool]) -> Probe:
         """GET `path` on the container's app_port over the runner's network, with the route's
         Host header; healthy when `passes(status)`."""
         host = self.p.hosts[0] if self.p.hosts else st.plan.target.host
 
         def probe(state: ContainerState) -> ProbeResult:
-            lease = self._leases.get(conn.label)
-            if lease is not None and conn.label not in self._reclaimed:
-                lease.check()
+            self.s.check_lease(conn.label)
             if not state.ip:
                 return ProbeResult(False, "the container has no address on the runner's "
                                           "network yet")
@@ -400,40 +440,40 @@ class ProxySteps(SSHDockerSteps):
             return ProbeResult(ok, explain_http(path, host, self.p.app_port, answer))
         return probe
 
-    def _gate_health(self, st: _OnServer):
+    def _gate_health(self, st: OnServer) -> HealthSpec:
         """The spec's HealthSpec with proxy.health's timeout and interval, when it is set."""
         health = st.plan.release.spec.health
         if self.p.health is not None:
-            from dataclasses import replace
             health = replace(health, timeout=self.p.health.timeout,
                              probe_interval=self.p.health.interval)
         return health
 
-    def _gate(self, conn: Connection, run: Callable, st: _OnServer, cid: str,
-              probe: Callable[[ContainerState], ProbeResult] | None = None):
+    def _gate(self, conn: Connection, run: Run, st: OnServer, cid: str,
+              probe: Probe | None = None) -> Verdict:
         probe = probe or self._gate_probe(conn, run, st, cid)
         return wait_healthy(inspect=lambda: self.d.inspect(conn, cid, run), probe=probe,
                             health=self._gate_health(st), cancel=self.d.cancel)
 
     def verify(self, sw: Switch) -> None:
-        conn, run, st = self._on(sw)
-        with self._as_step(sw.server, touched=True):
-            with self._phase(sw.server, "health"):
+        s = self.s
+        conn, run, st = s.on(sw)
+        with s.as_step(sw.server, touched=True):
+            with s.phase(sw.server, "health"):
                 probe, check = self._gate_check(conn, run, st, st.new_id)
                 if check == self._default_check():
                     self.d.log(f"{sw.server}: WARNING: no health check is set (no proxy.health, "
                                f"no healthcheck.http or .cmd, no HEALTHCHECK in the image): "
                                f"probing GET {DEFAULT_PATH} the way the proxy reaches the app; "
                                f"set proxy.health.path to a path that answers 200")
-                self._announce(sw, check, self._gate_health(st).timeout)
+                announce(s, sw, check, self._gate_health(st).timeout)
                 verdict = self._gate(conn, run, st, st.new_id, probe)
             if not verdict.healthy:
-                raise StepFailed(sw.server, self._unhealthy_reason(run, st, verdict))
+                raise StepFailed(sw.server, unhealthy_reason(run, st, verdict))
             new = self.d.inspect(conn, st.new_id, run)
             alias = (new.labels.get(LABEL_ALIAS) if new else "") or ""
             if not alias:
                 raise StepFailed(sw.server, "the new container has no network alias")
-            with self._phase(sw.server, "switch"):
+            with s.phase(sw.server, "switch"):
                 down = self._route_to(conn, run, st, alias, st.new_id, sw.release.digest,
                                       "route").maintenance
                 st.routed = True
@@ -447,15 +487,15 @@ class ProxySteps(SSHDockerSteps):
             else:
                 self.d.log(f"{sw.server}: traffic moved to {sw.release.digest[:19]}; watching "
                            f"it for {self.p.watch:g}s")
-            with self._phase(sw.server, "watch"):
+            with s.phase(sw.server, "watch"):
                 self._watch(conn, run, st)
             if st.prev_name and st.prev_was_running and not st.prev_stopped:
-                with self._phase(sw.server, "drain"):
+                with s.phase(sw.server, "drain"):
                     run(st.plan.argv("stop_previous"), check=True,
                         timeout=self.p.drain_timeout + 30)
                 st.prev_stopped = True
 
-    def _route_to(self, conn: Connection, run: Callable, st: _OnServer, alias: str,
+    def _route_to(self, conn: Connection, run: Run, st: OnServer, alias: str,
                   container: str, digest: str, key: str) -> Route:
         """The app's route to this container (in maintenance still, if it was); as loaded."""
         route = route_for(self.d.app, self.p, alias, digest, container)
@@ -482,7 +522,7 @@ class ProxySteps(SSHDockerSteps):
                                         f"{answer.status_line} {answer.body}: the route does "
                                         f"not reach the new container")
 
-    def _watch(self, conn: Connection, run: Callable, st: _OnServer) -> None:
+    def _watch(self, conn: Connection, run: Run, st: OnServer) -> None:
         """Probe the new container for `watch` seconds after the switch; a failure raises
         (the rollout then restores: the route goes back first)."""
         probe = self._gate_probe(conn, run, st, st.new_id)
@@ -491,7 +531,6 @@ class ProxySteps(SSHDockerSteps):
         deadline = time.monotonic() + self.p.watch
         while time.monotonic() < deadline:
             if self.d.cancel.is_set():
-                from runner.errors import Cancelled
                 raise Cancelled("cancelled while watching the new container")
             state = self.d.inspect(conn, st.new_id, run)
             if state is None or not state.running or state.restart_count > 0 \
@@ -511,60 +550,66 @@ class ProxySteps(SSHDockerSteps):
 
     # ------------------------------------------------------------------ restore
 
-    def _restore_once(self, sw: Switch, conn: Connection, run: Callable) -> Restored:
-        st: _OnServer = sw.detail
+    def restore(self, sw: Switch) -> Restored:
+        return self.s.restore(sw, self._restore_once)
+
+    def _restore_once(self, sw: Switch, conn: Connection, run: Run) -> Restored:
+        """The route goes back first (starting the drained previous container and gating it),
+        then a reused kept container is kept again, then the previous container is put back
+        like the stop-start cutover does (deployers.previous_container)."""
+        st: OnServer = sw.detail
         plan = st.plan
         if st.routed:
-            if st.prev_id:
-                prev = self.d.inspect(conn, st.prev_id, run)
-                alias = (prev.labels.get(LABEL_ALIAS) if prev else "") or ""
-                if prev is None or not alias:
+            prev = self.d.inspect(conn, st.prev_id, run) if st.prev_id else None
+            back = route_back(st.prev_id, prev, LABEL_ALIAS)
+            if back.kind == "gone":
+                return Restored(False, kept=st.prev_name, note=(
+                    "the previous container is gone or was never on the runner's network: "
+                    "the route stays on the new container"))
+            if back.kind == "start":
+                run(plan.argv("start_drained", {cmd.PREVIOUS: st.prev_id}), check=True)
+                verdict = self._gate(conn, run, st, st.prev_id)
+                if not verdict.healthy:
                     return Restored(False, kept=st.prev_name, note=(
-                        "the previous container is gone or was never on the runner's network: "
-                        "the route stays on the new container"))
-                if not prev.running:
-                    run(cmd.start(st.prev_id), check=True)
-                    verdict = self._gate(conn, run, st, st.prev_id)
-                    if not verdict.healthy:
-                        return Restored(False, kept=st.prev_name, note=(
-                            f"the previous container did not become healthy again: "
-                            f"{verdict.reason}; the route stays on the new container"))
-                    st.prev_stopped = False
-                self._route_to(conn, run, st, alias, st.prev_id,
-                               st.prev_labels.get("runner.digest", ""), "route_back")
-            else:
+                        f"the previous container did not become healthy again: "
+                        f"{verdict.reason}; the route stays on the new container"))
+                st.prev_stopped = False
+            if back.kind == "drop":
                 def drop(routes: dict[str, Route]) -> dict[str, Route]:
                     routes.pop(self.d.app, None)
                     return routes
                 self.ops.load(conn, run, lambda f: plan.argv("route_back", {cmd.CONFIG: f}),
                               drop)
+            else:
+                self._route_to(conn, run, st, back.alias, st.prev_id,
+                               st.prev_labels.get(LABEL_DIGEST, ""), "route_back")
             st.routed = False
         if st.reused:
             # A kept container goes back to being kept (stopped), not removed.
-            run(cmd.set_restart(st.new_id, "no"), check=False)
-            run(cmd.stop(st.new_id, self.p.drain_timeout), check=False,
-                timeout=self.p.drain_timeout + 30)
-            if self.d.inspect(conn, st.reused, run) is None:
-                run(cmd.rename(st.new_id, st.reused), check=False)
+            run_actions(run, plan, unreuse(st.new_id, st.reused,
+                                           self.d.inspect(conn, st.reused, run) is None,
+                                           self.p.drain_timeout))
             st.new_id = ""
-        return super()._restore_once(sw, conn, run)
+        return put_back_previous(self.s, sw, conn, run)
 
     # ------------------------------------------------------------------ commit
 
-    def _retire_previous(self, run: Callable, st: _OnServer, history: list[dict]) -> None:
+    def commit(self, sw: Switch) -> None:
+        commit_release(self.s, sw, self._retire)
+
+    def _retire(self, conn: Connection, run: Run, st: OnServer, history: list[dict]) -> None:
         """Keep the previous container, stopped, for an instant rollback; prune kept ones
         that are no longer in the history."""
-        app, conn = self.d.app, self._conn(st.plan.target)
+        app = self.d.app
         if st.prev_name:
             kept = kept_name(app, st.prev_labels.get(LABEL_RUN, "") or uuid.uuid4().hex[:8])
             if self.d.inspect(conn, kept, run) is not None:  # the same release kept before
                 run(st.plan.argv("prune_kept", {cmd.KEPT: kept}), check=False)
             run(st.plan.argv("keep_previous", {cmd.KEPT: kept}), check=False)
             run(st.plan.argv("unrestart_kept", {cmd.KEPT: kept}), check=False)
-        wanted = {record_identity(h) for h in history}
-        for c in self.d.app_containers(conn, run):
-            if c.name.startswith(f"{app}_kept_") and identity_of(c.labels) not in wanted:
-                run(st.plan.argv("prune_kept", {cmd.KEPT: c.id}), check=False)
+        for cid in kept_to_prune(app, self.d.app_containers(conn, run),
+                                 {record_identity(h) for h in history}):
+            run(st.plan.argv("prune_kept", {cmd.KEPT: cid}), check=False)
 
 
 def route_status(d: SSHDockerDeployer, conn: Connection) -> Route | None:
