@@ -1,6 +1,7 @@
 """The runner against the plain command sequence and against Ansible, side by side, in one run.
 
-    python -m bench [deploy] [pipeline] [rebuild] [overhead] [zero-downtime]   # default: all
+    python -m bench [deploy] [pipeline] [rebuild] [overhead] [zero-downtime] [promote]
+                                                        # default: all (--quick: not promote)
         [--rounds 5] [--warmup 1] [--quick] [--servers 1,2,4] [--pipeline-servers 2]
         [--image example|tiny] [--variants runner,runner-http,plain-seq,plain-par,ansible]
         (add plain-nowait to --variants for the plain loop without its health wait, the floor)
@@ -10,8 +11,8 @@ Brings the lab up (adding servers if --servers needs more), pushes two versions 
 the lab's registry, then runs the variants alternately (A B A B …, --rounds counted runs each
 after --warmup uncounted ones). Prints the medians, min–max and one table of ratios with the
 goals of issues 3, 6 and 9, and writes every raw number to bench/results/<UTC time>.json (or
---out). `--quick` is one run of each, no warm-up, a short latency sample (the smoke test).
-Run as root.
+--out). `--quick` is one run of each, no warm-up, a short latency sample (the smoke test),
+and leaves out the promote part unless it is named. Run as root.
 `--before REV` adds the deploy variant runner-before: the runner of REV (a temporary
 `git worktree` of this repository, removed at the end), in the same rounds as the others, so
 that before and after a change are measured in one run under the same load. `--after REV`
@@ -30,7 +31,7 @@ from bench import common
 from bench.common import log
 from bench.deploy import BEFORE, OPTIONAL, SERVER_PHASES, VARIANTS
 
-PARTS = ("deploy", "pipeline", "rebuild", "overhead", "zero-downtime")
+PARTS = ("deploy", "pipeline", "rebuild", "overhead", "zero-downtime", "promote")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -62,7 +63,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
         ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-    args.parts = [p for p in PARTS if p in args.parts] or list(PARTS)
+    # The smoke test's --quick leaves out promote (a staging deploy and a promotion per round,
+    # compared with the pipeline part): name it to run it.
+    args.parts = [p for p in PARTS if p in args.parts] or \
+        [p for p in PARTS if not (args.quick and p == "promote")]
     args.counts = [int(c) for c in args.servers.split(",") if c.strip()]
     if args.before and "runner" not in args.variants.split(","):
         ap.error("--before compares with the runner variant: keep runner in --variants")
@@ -122,11 +126,13 @@ def report(res: dict) -> str:
                        f"runner: {here}. Order in each round: {', '.join(b['order'])}")
         rows, srows = [], []
         for n, block in dep["by_servers"].items():
-            for name, key in (("runner", "runner_phases"), (BEFORE, "runner_before_phases")):
+            for name, key in (("runner", "runner_phases"), ("runner-roles", "runner_roles_phases"),
+                              (BEFORE, "runner_before_phases")):
                 ph = block.get(key) or {}
                 if ph:
                     rows.append([n, name] + [fmt((ph.get(k) or {}).get("median")) for k in PHASES])
             for name, key in (("runner", "runner_server_phases"),
+                              ("runner-roles", "runner_roles_server_phases"),
                               (BEFORE, "runner_before_server_phases")):
                 ph = block.get(key) or {}
                 if ph:
@@ -169,6 +175,12 @@ def report(res: dict) -> str:
         out.append(f"\nrebuild through runner exec (build stage / whole exec, s): cold "
                    f"{fmt(b['cold']['median'])} / {fmt(w['cold']['median'])}, code-only "
                    f"{fmt(b['code_only']['median'])} / {fmt(w['code_only']['median'])}")
+    pro = res.get("promote")
+    if pro:
+        p = pro["promote"]
+        out.append(f"\nrunner promote to {pro['servers']} servers (s, staging on "
+                   f"{pro['staging']}, its deploys untimed): {fmt(p['median'])} "
+                   f"({fmt(p['min'])}–{fmt(p['max'])})")
     ov = res.get("overhead")
     if ov:
         out.append("\nrunner overhead in the full pipeline (medians, s): " + ", ".join(
@@ -199,6 +211,11 @@ def ratio_rows(res: dict) -> list[list[str]]:
                                                   else None)
                     rows.append(goal_row(f"deploy {n} srv: runner ÷ {base}", b[key]["ratio"],
                                          goal, b[key]["pairs"]))
+            key = "runner-roles/runner"  # issue 23: web + worker ÷ web only
+            if key in b:
+                rows.append(goal_row(f"deploy {n} srv: runner-roles ÷ runner (web + worker ÷ "
+                                     f"web only)", b[key]["ratio"], 1.25 if n == 2 else None,
+                                     b[key]["pairs"]))
             for base in ("plain-par", "ansible"):
                 key = f"runner-http/{base}"
                 if key in b:
@@ -234,6 +251,13 @@ def ratio_rows(res: dict) -> list[list[str]]:
     if pipe:
         rows.append(goal_row("full pipeline: runner exec ÷ shell script",
                              pipe["runner/shell"]["ratio"], 1.05, pipe["runner/shell"]["pairs"]))
+    pro = res.get("promote")
+    if pro:
+        whole = (pipe or {}).get("runner") if (pipe or {}).get("servers") == pro["servers"] \
+            else None
+        rows.append(goal_row(f"promote {pro['servers']} srv ÷ full pipeline {pro['servers']} srv "
+                             f"(no build, test, scan, push)",
+                             common.ratio(pro["promote"], whole), None))
     reb = res.get("rebuild")
     if reb:
         r = reb["code_only/cold"]
@@ -255,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
 
     need = max(args.counts + [args.pipeline_servers]) if "deploy" in args.parts else \
         args.pipeline_servers
+    if "promote" in args.parts:  # staging: one server more than the pipeline part's
+        need = max(need, args.pipeline_servers + 1)
     lab = common.ensure_lab(need)
     workdir = common.new_workdir()
     started = time.time()
@@ -301,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
             if "rebuild" in args.parts:
                 res["rebuild"] = pipeline_mod.bench_rebuild(lab, repo, pfile, data_dir,
                                                             args.rounds, args.warmup)
+        if "promote" in args.parts:
+            from bench import promote
+            if not refs:
+                refs = common.two_versions(lab, args.image, workdir)
+            res["promote"] = promote.bench_promote(
+                refs, lab["servers"][:args.pipeline_servers],
+                lab["servers"][args.pipeline_servers], args.rounds, args.warmup, workdir)
     finally:
         if not args.keep:
             common.cleanup_servers(used, refs)

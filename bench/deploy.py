@@ -10,6 +10,11 @@ pulls it. Each run is checked (untimed) to have left the expected digest running
               image's own HEALTHCHECK command probed with `docker exec` (as pipeline.example.yaml)
 - runner-http: the same with the pipeline's HTTP probe (`healthcheck.http`, GET /healthz made
               from the server over the SSH connection) instead of a process per probe
+- runner-roles: the runner variant's pipeline with two roles (issue 23): web (the same
+              container) and a worker (`sh -c 'while true; do sleep 1; done'`, no port, its
+              health: 2 s up without a restart) on every server, one release in one rollout.
+              The worker starts afresh each run (the other variants' runs remove it, untimed,
+              so that the version not running can be pruned and every run pulls)
 - plain-seq:  for each server in turn: ssh host 'docker pull … && docker stop … && docker rm …
               && docker run -d --restart=always --init … && until healthy; do sleep 0.1; done'
 - plain-par:  the same ssh commands to every server at once, then wait for all
@@ -45,13 +50,16 @@ from bench.common import (APP_PORT, CONTAINER, HOST_PORT, ROOT, Timer, cleanup_s
                           pair_range, ratio, ssh_argv, summary)
 from runner.model.image import ImageRef
 
-VARIANTS = ("runner", "runner-http", "plain-seq", "plain-par", "ansible")  # the default set
+VARIANTS = ("runner", "runner-http", "runner-roles", "plain-seq", "plain-par",
+            "ansible")  # the default set
 OPTIONAL = ("plain-nowait",)  # run only when named in --variants
 BEFORE = "runner-before"  # the runner of another revision (--before REV), in its own worktree
 # The per-server phases of the deploy stage's report (deployers.base.ServerResult.phases).
 SERVER_PHASES = ("connect", "pull", "switch", "start", "health", "commit")
 HEALTH_POLL = 0.1  # the plain loop polls docker's health status this often
 HTTP_PATH = "/healthz"  # answered by both images (the example app, and busybox httpd)
+WORKER = f"{CONTAINER}-worker"  # the runner-roles variant's worker container (<app>-<role>)
+WORKER_COMMAND = ["sh", "-c", "while true; do sleep 1; done"]  # both images have sh
 
 
 def ansible_available() -> tuple[bool, str]:
@@ -116,7 +124,8 @@ def run_plain_par(servers: list[dict], ref: str) -> float:
 # ------------------------------------------------------------------ the runner
 
 def runner_pipeline(workdir: Path, servers: list[dict], image_name: str,
-                    http: bool = False) -> Path:
+                    http: bool = False, roles: bool = False) -> Path:
+    """The runner variants' pipeline file; roles: with a worker role beside the web one."""
     s0 = servers[0]
     health = {"timeout": 60}  # the image's own HEALTHCHECK decides
     if http:
@@ -138,7 +147,10 @@ def runner_pipeline(workdir: Path, servers: list[dict], image_name: str,
             },
         },
     }
-    path = workdir / f"deploy-{len(servers)}{'-http' if http else ''}.yaml"
+    if roles:
+        doc["stages"]["deploy"]["roles"] = {"web": {}, "worker": {"command": WORKER_COMMAND}}
+    kind = ("-http" if http else "") + ("-roles" if roles else "")
+    path = workdir / f"deploy-{len(servers)}{kind}.yaml"
     path.write_text(json.dumps(doc, indent=1))  # JSON is YAML
     return path
 
@@ -360,14 +372,18 @@ def round_order(variants: tuple[str, ...]) -> tuple[str, ...]:
 
 # ------------------------------------------------------------------ the bench
 
-def check_and_prune(servers: list[dict], ref: str, other: str) -> None:
-    """Untimed: every server runs `ref` now; remove `other` so the next run must pull it."""
-    remote = (f"docker inspect -f '{{{{.Config.Image}}}}' {CONTAINER}; "
-              f"docker image rm {shlex.quote(other)} >/dev/null 2>&1; true")
+def check_and_prune(servers: list[dict], ref: str, other: str, worker: bool = False) -> None:
+    """Untimed: every server runs `ref` now (worker: in the worker role's container too, else
+    that container goes, as it holds an image); remove `other` so the next run must pull it."""
+    names = f"{CONTAINER} {WORKER}" if worker else CONTAINER
+    remote = (f"docker inspect -f '{{{{.Config.Image}}}}' {names}; "
+              + ("" if worker else f"docker rm -f {WORKER} >/dev/null 2>&1; ")
+              + f"docker image rm {shlex.quote(other)} >/dev/null 2>&1; true")
     for s, p in zip(servers, on_servers(servers, remote)):
-        running = (p.stdout or "").strip()
-        if running != ref:
-            raise RuntimeError(f"{s['name']}: expected {ref} to run, found {running!r}")
+        running = (p.stdout or "").split()
+        if running != [ref] * len(names.split()):
+            raise RuntimeError(f"{s['name']}: expected {ref} to run in {names}, found "
+                               f"{running!r}")
 
 
 def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, warmup: int,
@@ -407,10 +423,12 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
             continue
         pipeline = runner_pipeline(workdir, servers, image_name)
         pipeline_http = runner_pipeline(workdir, servers, image_name, http=True)
+        pipeline_roles = runner_pipeline(workdir, servers, image_name, roles=True)
         playbook, aenv = ansible_files(workdir, servers) if "ansible" in variants else (None, None)
         times: dict[str, list[float]] = {v: [] for v in variants}
         runner_phases: list[dict] = []
         http_phases: list[dict] = []
+        roles_phases: list[dict] = []
         before_phases: list[dict] = []
         k = 0  # which version goes next: they alternate run by run
         for r in range(warmup + rounds):
@@ -429,6 +447,10 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
                     wall, ph = run_runner(pipeline_http, ref, tree=here)
                     if counted:
                         http_phases.append(ph)
+                elif v == "runner-roles":
+                    wall, ph = run_runner(pipeline_roles, ref, tree=here)
+                    if counted:
+                        roles_phases.append(ph)
                 elif v == BEFORE:
                     assert before is not None
                     wall, ph = run_runner(pipeline, ref, tree=before[0])
@@ -442,13 +464,13 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
                     wall = run_plain_seq(servers, ref, wait=False)
                 else:
                     wall = run_ansible(playbook, aenv, ref)
-                check_and_prune(servers, ref, other)
+                check_and_prune(servers, ref, other, worker=v == "runner-roles")
                 log(f"deploy {n} server(s) {'' if counted else '(warm-up) '}{v}: {wall:.2f}s")
                 if counted:
                     times[v].append(wall)
         block = {v: summary(times[v]) for v in variants}
         for name, runs in (("runner", runner_phases), ("runner_http", http_phases),
-                           ("runner_before", before_phases)):
+                           ("runner_roles", roles_phases), ("runner_before", before_phases)):
             if not runs and name != "runner":
                 continue
             traces = [p.pop("_trace", []) for p in runs]
@@ -459,7 +481,7 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
             block[f"{name}_server_phases"] = {
                 key: summary([p[key] for p in per_server if key in p])
                 for key in sorted({k for p in per_server for k in p})}
-            if name == "runner_http":
+            if name in ("runner_http", "runner_roles"):
                 continue
             per_run = [steps(t) for t in traces if t]
             block[f"{name}_remote_steps"] = {w: summary([r.get(w, 0.0) for r in per_run])
@@ -470,6 +492,11 @@ def bench_deploy(lab: dict, refs: list[str], counts: list[int], rounds: int, war
                                          if "runner" in block else None,
                                          "pairs": pair_range(times.get("runner", []),
                                                              times[BEFORE])}
+        if "runner-roles" in times and "runner" in times:  # issue 23: web + worker ÷ web only
+            block["runner-roles/runner"] = {"ratio": ratio(block["runner-roles"],
+                                                           block["runner"]),
+                                            "pairs": pair_range(times["runner-roles"],
+                                                                times["runner"])}
         for ours in ("runner", "runner-http", BEFORE):
             for base in ("plain-seq", "plain-par", "ansible", "plain-nowait"):
                 if base in times and ours in times:

@@ -1,6 +1,6 @@
 """The runner's deploy stage, alone, in its own process: what `runner exec` runs after a push.
 
-    python -m bench.rundeploy PIPELINE.yaml REF [--profile OUT.prof]
+    python -m bench.rundeploy PIPELINE.yaml REF [--profile OUT.prof] [--destination NAME]
 
 `runner exec --only deploy` cannot run without the push stage (deploy reads the digest this run
 pushed), so the bench drives the very same stage code the engine calls
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("pipeline")
     ap.add_argument("ref")
     ap.add_argument("--profile", help="write a cProfile of the deploy to this file")
+    ap.add_argument("--destination", help="the pipeline's destination to deploy to (-d)")
     args = ap.parse_args(argv)
 
     from pipelines.deploy import DeployStage
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench import trace
     t_imported = time.time()
 
-    pipeline = load_pipeline(args.pipeline, environ=dict(os.environ))
+    pipeline = load_pipeline(args.pipeline, environ=dict(os.environ),
+                             destination=args.destination)
     masker = Masker()
     store = SecretStore.from_pipeline(pipeline, dict(os.environ), masker)
     events: list[dict] = []

@@ -35,7 +35,7 @@ def quick(lab, tmp_path_factory):
     """One `python -m bench --quick` on the tiny image: (process, JSON, ansible skip reason)."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     no_ansible = _ansible()
-    variants = "runner,runner-http,plain-seq,plain-par,plain-nowait" + \
+    variants = "runner,runner-http,runner-roles,plain-seq,plain-par,plain-nowait" + \
         ("" if no_ansible else ",ansible")
     p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--image", "tiny",
                         "--servers", "2", "--variants", variants, "--out", str(out)],
@@ -49,7 +49,7 @@ def quick(lab, tmp_path_factory):
 @pytest.mark.timeout(340)
 def test_bench_quick_writes_every_figure(quick):
     p, data, no_ansible = quick
-    variants = "runner,runner-http,plain-seq,plain-par,plain-nowait"
+    variants = "runner,runner-http,runner-roles,plain-seq,plain-par,plain-nowait"
 
     dep = data["deploy"]
     assert list(dep["by_servers"]) == ["2"]
@@ -60,6 +60,8 @@ def test_bench_quick_writes_every_figure(quick):
     assert block["runner/plain-seq"]["ratio"] > 0
     assert block["runner-http/plain-par"]["ratio"] > 0
     assert block["runner/plain-nowait"]["ratio"] > 0
+    assert block["runner-roles/runner"]["ratio"] > 0  # web + worker ÷ web only (issue 23)
+    assert block["runner_roles_server_phases"]["server_total"]["median"] is not None
     phases = block["runner_phases"]
     for key in ("python_start_imports", "stage_total", "healthy_at"):
         assert phases[key]["median"] is not None, (n, key, phases)
@@ -95,6 +97,8 @@ def test_bench_quick_writes_every_figure(quick):
     names = {r["ratio"] for r in data["ratios"]}
     assert "deploy 2 srv: runner ÷ plain-par" in names
     assert "deploy 2 srv: runner ÷ plain-nowait" in names
+    assert "deploy 2 srv: runner-roles ÷ runner (web + worker ÷ web only)" in names
+    assert "promote" not in data  # --quick leaves the promote part out
     assert "full pipeline: runner exec ÷ shell script" in names
     assert "rebuild: code-only ÷ cold (build stage)" in names
     assert "zero-downtime: deploy proxy ÷ stop-start" in names
