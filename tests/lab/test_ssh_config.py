@@ -17,7 +17,7 @@ from deployers.ssh_docker import SSHDockerDeployer
 from deployers.ssh_keys import key_fingerprint, parse_public_key
 from runner.model.deploy import DeploySettings
 from tests.lab.deploy_fixtures import Log, _deployer, _get, _port
-from tests.helpers import runner
+from tests.lab.test_cli import runner_here  # ssh-trust in this process: no process start
 from tests.unit.test_ssh_config import keygen, ssh_agent
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def test_unknown_host_key_is_refused_then_ssh_trust_shows_the_line(lab, home):
     assert not known.exists()
 
     env = {"HOME": str(home)}
-    proc = runner("ssh-trust", "db", env=env, timeout=60)
+    proc = runner_here("ssh-trust", "db", env=env)
     assert proc.returncode == 0, proc.stderr
     # The fingerprint shown is the server's (as the lab wrote it down from its host key), and
     # it is shown before the line, which alone is on stdout.
@@ -169,7 +169,7 @@ def test_unknown_host_key_is_refused_then_ssh_trust_shows_the_line(lab, home):
     known.write_text(line + "\n")
     [row] = SSHDockerDeployer(stage, pipeline="x", image_name="x", run_id="u").verify()
     assert row.error == "" and row.status == "absent"
-    proc = runner("ssh-trust", "db", env=env, timeout=60)
+    proc = runner_here("ssh-trust", "db", env=env)
     assert proc.returncode == 0 and proc.stdout == "" and "already trusted" in proc.stderr
 
     # A changed key: refused, and ssh-trust says it is not the key known_hosts has.
@@ -177,7 +177,7 @@ def test_unknown_host_key_is_refused_then_ssh_trust_shows_the_line(lab, home):
     known.write_text(f"{server['host']} {other.get_name()} {other.get_base64()}\n")
     [row] = SSHDockerDeployer(stage, pipeline="x", image_name="x", run_id="u").verify()
     assert "HOST KEY CHANGED" in row.error and "runner ssh-trust db" in row.error
-    proc = runner("ssh-trust", "db", env=env, timeout=60)
+    proc = runner_here("ssh-trust", "db", env=env)
     assert proc.returncode == 0 and "NOT the key" in proc.stderr
     assert known.read_text().startswith(f"{server['host']} {other.get_name()}")
 
@@ -190,18 +190,18 @@ def test_ssh_trust_through_a_jump_and_its_failures(lab, home):
         f"Host {jump['host']}\n    IdentityFile {jump['key_file']}\n")
     env = {"HOME": str(home)}
     # The jump host's own key is unknown: refused, naming the jump and what to run.
-    proc = runner("ssh-trust", "behind", env=env, timeout=60)
+    proc = runner_here("ssh-trust", "behind", env=env)
     assert proc.returncode == 1 and proc.stdout == ""
     assert "unknown host key" in proc.stderr and f"runner ssh-trust {jump['host']}" in \
         proc.stderr
     (home / ".ssh" / "known_hosts").write_text(lab_known_line(lab, jump["host"]) + "\n")
-    proc = runner("ssh-trust", "behind", env=env, timeout=60)
+    proc = runner_here("ssh-trust", "behind", env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == lab_known_line(lab, server["host"])
     assert f"through {jump['host']}" in proc.stderr
     # Bad input and an unreachable host.
-    assert runner("ssh-trust", "root@bad host", env=env, timeout=60).returncode == 2
-    proc = runner("ssh-trust", "10.87.53.99", "--timeout", "1", env=env, timeout=60)
+    assert runner_here("ssh-trust", "root@bad host", env=env).returncode == 2
+    proc = runner_here("ssh-trust", "10.87.53.99", "--timeout", "1", env=env)
     assert proc.returncode == 1 and "10.87.53.99" in proc.stderr
 
 
