@@ -92,15 +92,20 @@ def ssh_config_text(address: EngineAddress, *, key_file: str | None, known_hosts
     return "\n".join(lines)
 
 
-def ssh_dial_argv(ssh: str, config: str, address: EngineAddress) -> list[str]:
-    """What the docker CLI's ssh transport runs, with the runner's ssh config: `docker system
-    dial-stdio` on the builder joins this process's stdin/stdout to the builder's engine."""
+def ssh_argv(ssh: str, config: str, address: EngineAddress, command: list[str]) -> list[str]:
+    """`command` run on the builder over ssh, with the runner's ssh config."""
     argv = [ssh, "-F", config, "-T"]
     if address.user:
         argv += ["-l", address.user]
     if address.port is not None:
         argv += ["-p", str(address.port)]
-    return argv + ["--", address.host.strip("[]"), "docker", "system", "dial-stdio"]
+    return argv + ["--", address.host.strip("[]"), *command]
+
+
+def ssh_dial_argv(ssh: str, config: str, address: EngineAddress) -> list[str]:
+    """What the docker CLI's ssh transport runs, with the runner's ssh config: `docker system
+    dial-stdio` on the builder joins this process's stdin/stdout to the builder's engine."""
+    return ssh_argv(ssh, config, address, ["docker", "system", "dial-stdio"])
 
 
 _SSH_HINTS = (

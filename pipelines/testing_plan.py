@@ -91,6 +91,13 @@ def cache_volume(pipeline: str, path: str) -> str:
     return f"runner-cache-{_slug(pipeline)}-{digest}"
 
 
+def is_cache_volume(pipeline: str, volume: str) -> bool:
+    """Whether `volume` is one of `pipeline`'s cache volumes (not another pipeline's whose name
+    only starts the same: the digest is matched whole)."""
+    return re.fullmatch(rf"runner-cache-{re.escape(_slug(pipeline))}-[0-9a-f]{{12}}", volume) \
+        is not None
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """One container of the test stage: a service, or a step whose commands are exec'd in it."""

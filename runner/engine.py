@@ -376,7 +376,14 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
             log.emit("run.start", pipeline=prep.pipeline.name, file=prep.pipeline.source_file,
                      stages=list(prep.stages), trigger=prep.request.to_dict(), workdir=str(workdir),
                      **({"secrets_withheld": True} if prep.withhold_secrets else {}))
-        for name in STAGE_ORDER:
+        engine_stage = next((n for n in ("build", "test") if n in prep.stages), None)
+        if prep.stages:
+            from pipelines.housekeeping import check_reserve
+
+            short = check_reserve(prep.pipeline, prep.data_dir, engine_stage is not None)
+            if short is not None:  # before any stage: every one is recorded as not run
+                status, exit_code, error = "failed", EXIT_FAILED, short
+        for name in STAGE_ORDER if status == "success" else ():
             why = prep.skipped.get(name)
             if why is None and name not in prep.stages:
                 continue
@@ -423,6 +430,8 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
                                         f"{workdir / 'logs' / (name + '.log')})")
                 status, exit_code, error = "failed", EXIT_FAILED, f"stage {name!r}: {res.error}"
             end(res)
+        if engine_stage is not None and status != "cancelled":  # a disk found short too
+            _housekeep(prep, log.for_stage(engine_stage), cache_dir, outputs)
     except KeyboardInterrupt:
         # Between stages, or while a stage's result was being handled: the run stops here.
         if log is None:  # before the record began (no stop_on_signals here): nothing to record
@@ -453,6 +462,20 @@ def execute(prep: Prepared, sinks: list[Sink], cancel: threading.Event | None = 
                     raise
                 # It came while the record was written: the run is over, nothing is left to stop.
     return result
+
+
+def _housekeep(prep: Prepared, log: Any, cache_dir: Path, outputs: Outputs) -> None:
+    """After a run that used the build engine (pipelines/housekeeping.py): what it removed in
+    the log of the stage that used it, its failures as warnings, never the run's outcome."""
+    from pipelines.housekeeping import housekeep
+
+    report = housekeep(prep.pipeline, cache_dir,
+                       just_built=outputs.build.image_id if outputs.build else None,
+                       thorough=False)
+    for line in report.done:
+        log.info(f"housekeeping: {line}")
+    for warning in report.warnings:
+        log.warn(warning)
 
 
 def withheld_needs(pipeline: Pipeline, stage: str, secrets: SecretStore) -> list[tuple[str, str]]:

@@ -31,6 +31,7 @@ LAZY_COMMANDS = {
     "cancel": "runner.cli.daemon:cancel",
     "trigger": "runner.cli.daemon:trigger",
     "retry": "runner.cli.daemon:retry",
+    "gc": "runner.cli.gc:gc",
 }
 
 

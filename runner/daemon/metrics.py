@@ -80,6 +80,37 @@ class _QueueCollector:
         yield failures
 
 
+class _EngineCollector:
+    """runner_engine_disk_free_bytes{engine} and runner_engine_build_cache_bytes{engine}: what
+    each build engine reported at its last housekeeping (pipelines/housekeeping.py writes it
+    under the runs' data dir after a run, at most every DF_INTERVAL), read per scrape: a
+    scrape never waits for an engine."""
+
+    def __init__(self, core):
+        self._core = core
+
+    def describe(self):
+        return ()  # no fixed names: the families exist once an engine has reported
+
+    def collect(self):
+        from pipelines.housekeeping import recorded
+
+        records = recorded(self._core.work_dir / "cache")
+        free = GaugeMetricFamily("runner_engine_disk_free_bytes",
+                                 "Free disk of a build engine's data, at its last housekeeping.",
+                                 labels=["engine"])
+        cache = GaugeMetricFamily("runner_engine_build_cache_bytes",
+                                  "BuildKit's cache on a build engine, at its last housekeeping.",
+                                  labels=["engine"])
+        for r in records:
+            if r.get("disk_free_bytes") is not None:
+                free.add_metric([str(r.get("engine"))], float(r["disk_free_bytes"]))
+            cache.add_metric([str(r.get("engine"))], float(r.get("build_cache_bytes") or 0))
+        if records:
+            yield free
+            yield cache
+
+
 class Metrics:
     def __init__(self, core):
         self.core = core
@@ -104,6 +135,7 @@ class Metrics:
         self._deliveries = Counter("runner_deliveries", "Webhook deliveries answered, by outcome.",
                                    ["provider", "outcome"], registry=r)
         r.register(_QueueCollector(core))
+        r.register(_EngineCollector(core))
         self._is_leader = False
         self._leader_lock = threading.Lock()
         self._leader.labels(self._daemon()).set(0)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from runner.model.base import Model, OneString, PathOn
 from runner.model.engine import BuildEngineSettings
+from runner.sizes import parse_size
 
 
 class BuildSecret(Model):
@@ -60,3 +61,25 @@ class BuildSettings(Model):
     `tcp://host:2376` with `tls`); scan and push then use that engine too, and its BuildKit
     keeps the build cache. Unset: the runner's own engine (DOCKER_HOST, else the default
     socket)."""
+    keep_images: int = Field(default=3, ge=1)
+    """After each run, the build engine keeps this many of the pipeline's images (`image.name`,
+    the newest by when the engine tagged them); older ones are removed, except one a container
+    uses and the one the run just built (build.md, "Housekeeping")."""
+    cache_limit: str = Field(default="10GB", examples=["10GB", "500MiB"])
+    """After each run, BuildKit's cache on the build engine is pruned down to this size
+    (`docker builder prune --keep-storage`), least recently used first. KB/MB/GB count in
+    1000s, KiB/MiB/GiB in 1024s."""
+    test_cache_limit: str = Field(default="5GB", examples=["5GB"])
+    """After each run, the pipeline's test caches (the named volumes of `stages.test.cache`)
+    on the build engine are kept under this size: the oldest are removed first (the next run
+    then starts that cache empty)."""
+    disk_reserve: str = Field(default="2GB", examples=["2GB", "0"])
+    """A run fails before it starts when the build engine's disk or the runner's data
+    directory's has less free space than this, saying what uses the engine's disk. `0`: no
+    check."""
+
+    @field_validator("cache_limit", "test_cache_limit", "disk_reserve", mode="before")
+    @classmethod
+    def _size(cls, value: str | int) -> str:
+        parse_size(value)  # refused here, at the file's line, not when the run is over
+        return str(value)

@@ -29,9 +29,10 @@ class _Store:
 
 
 class _Core:
-    def __init__(self, store=None, owner="a@host:/data"):
+    def __init__(self, store=None, owner="a@host:/data", work_dir=Path("/nonexistent")):
         self.store = store or _Store()
         self.owner = owner
+        self.work_dir = work_dir
 
 
 def samples(text: str) -> dict[tuple, float]:
@@ -178,3 +179,21 @@ def test_metrics_over_http_need_the_token_and_count_deliveries(tmp_path):
         assert got[("runner_store_runs", ("status", "queued"))] == 1  # concurrency 0: it waits
         assert got[("runner_queue_oldest_age_seconds",)] >= 0
         assert got[("runner_metrics_errors_total",)] == 0
+
+
+def test_engine_figures_from_the_last_housekeeping(tmp_path):
+    m = Metrics(_Core(work_dir=tmp_path))
+    assert not [k for k in scrape(m) if k[0].startswith("runner_engine_")]  # none reported yet
+    engines = tmp_path / "cache" / "engines"
+    engines.mkdir(parents=True)
+    (engines / "a.json").write_text('{"engine": "local", "disk_free_bytes": 5000, '
+                                    '"build_cache_bytes": 700}')
+    (engines / "b.json").write_text('{"engine": "ssh://root@build", "disk_free_bytes": null, '
+                                    '"build_cache_bytes": 9}')
+    (engines / "c.json").write_text("{not json")
+    got = scrape(m)
+    assert got[("runner_engine_disk_free_bytes", ("engine", "local"))] == 5000
+    assert got[("runner_engine_build_cache_bytes", ("engine", "local"))] == 700
+    assert got[("runner_engine_build_cache_bytes", ("engine", "ssh://root@build"))] == 9
+    # An engine whose free disk is not known (tcp://): no sample rather than a made-up one.
+    assert ("runner_engine_disk_free_bytes", ("engine", "ssh://root@build")) not in got
