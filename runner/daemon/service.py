@@ -268,7 +268,7 @@ class Daemon:
         for run_id in ids:
             run = self.store.get_run(run_id) or {}
             log.warning("run failed: no daemon serves its pipeline", extra={"run": run_id, "reason": run.get("reason")})
-            self.status.report(run.get("pipeline", ""), run_id, run.get("commit"), "failed", run.get("reason", ""))
+            self.status.report_stored(run_id, run, "failed")
         return ids
 
     def clean_work_dirs(self) -> list[int]:
@@ -302,7 +302,7 @@ class Daemon:
             log.warning("run left running by a previous daemon", extra={"run": run_id, "now": status})
             run = self.store.get_run(run_id) or {}
             if status == "interrupted":
-                self.status.report(run.get("pipeline", ""), run_id, run.get("commit"), status, run.get("reason", ""))
+                self.status.report_stored(run_id, run, status)
         cfg = self.config
         self.store.daemon_seen(self.owner, [p.name for p in cfg.pipelines], cfg.concurrency)
         # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto

@@ -37,6 +37,7 @@ from runner.daemon.notice import notice
 from runner.daemon.run_requests import run_request
 from runner.daemon.scheduler import default_branch
 from runner.daemon.store import Claimed, public_text
+from runner.daemon.status import reported_event
 from runner.proc import Recorded, start_time, stop
 
 log = logging.getLogger("runner.daemon.worker")
@@ -435,7 +436,8 @@ class RunHandle:
         finally:
             self._started.set()
         log.info("run started", extra={"run": self.id, "pipeline": self.run.pipeline, "pid": self.proc.pid})
-        core.status.report(self.run.pipeline, self.id, self.run.commit, "running")
+        core.status.report(self.run.pipeline, self.id, self.run.commit,
+                           reported_event(self.run.trigger, self.run.event), "running")
         try:
             core.store.set_lease_pid(self.id, core.owner, self.proc.pid, proc_start(self.proc.pid))
         except Exception as exc:  # noqa: BLE001 - only orphan cleanup after a crash needs it
@@ -570,7 +572,8 @@ class RunHandle:
                 log.info("run finished", extra={"run": self.id, "status": status, "exit_code": code})
                 if ok:
                     core.metrics.run_finished(self.run.pipeline, status, time.monotonic() - self.began)
-                core.status.report(self.run.pipeline, self.id, self.run.commit, status, reason)
+                core.status.report(self.run.pipeline, self.id, self.run.commit,
+                                   reported_event(self.run.trigger, self.run.event), status, reason)
                 return
             except Exception as exc:  # noqa: BLE001
                 if self.pool.stopping.is_set():
@@ -744,7 +747,7 @@ class WorkerPool:
             core.metrics.lease_recovered(st)
             run = core.store.get_run(run_id) or {}
             if st == "interrupted":
-                core.status.report(run.get("pipeline", ""), run_id, run.get("commit"), st, run.get("reason", ""))
+                core.status.report_stored(run_id, run, st)
             self.wake()
 
     def _done(self, h: RunHandle) -> None:

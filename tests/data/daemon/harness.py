@@ -67,14 +67,14 @@ def api_get(url: str, path: str, **params) -> httpx.Response:
 
 
 @contextlib.contextmanager
-def fake_forge():
+def fake_forge(credential: str = "Authorization"):
     """A forge's status API on 127.0.0.1: yields (its base URL, the POSTs it got as
-    [(path, Authorization header, JSON body)]), answering each 201."""
+    [(path, the `credential` header (GitLab's: PRIVATE-TOKEN), JSON body)]), answering each 201."""
     seen: list[tuple[str, str | None, dict]] = []
 
     class Forge(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
-            seen.append((self.path, self.headers["Authorization"],
+            seen.append((self.path, self.headers[credential],
                          json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
             self.send_response(201)
             self.send_header("Content-Length", "2")
