@@ -49,15 +49,23 @@ def _containers(d: AppDeployer) -> dict[str, tuple[str, str]]:
 
 
 def test_web_and_worker_are_one_release_a_crash_looping_worker_puts_both_back(
-        lab, images, roles_app):
+        lab, images, roles_app, tmp_path):
+    """One release on two servers: a crash-looping worker's deploy puts every role back, a
+    deploy and a rollback move web and worker together; then the app commands: `runner app
+    logs|exec --role worker` reach the worker's container on its server (by the server's own
+    name), an unknown role is exit 2 naming the roles, and `runner app remove` removes every
+    role's containers and history."""
+    from click.testing import CliRunner
+
+    from runner.cli.main import cli
     name = roles_app
     servers = _servers(lab, 2)
     hosts = [s["host"] for s in servers]
     second = servers[1]['host']
     port = _port()
     stage = _stage(lab, servers, name, port, roles={
-        "web": {}, "worker": {"command": WORKER, "servers": [second],
-                              "env": {"QUEUE": "default"}}})
+        "web": {}, "worker": {"command": ["sh", "-c", "echo working; exec sleep 3600"],
+                              "servers": [second], "env": {"QUEUE": "default"}}})
     log = Log()
     d = _app(stage, images, "v1", name, log)
     plan = d.plan()
@@ -65,7 +73,8 @@ def test_web_and_worker_are_one_release_a_crash_looping_worker_puts_both_back(
     worker = f"{web2}/worker"
     assert [s.server for s in plan.servers] == [web1, web2, worker]
     run = plan.server(worker).command("run").to_dict()["argv"]
-    assert "--no-healthcheck" in run and run[-3:] == WORKER and "--publish" not in run
+    assert "--no-healthcheck" in run and "--publish" not in run
+    assert run[-3:] == ["sh", "-c", "echo working; exec sleep 3600"]
     report = d.apply(plan)
     assert report.ok and [s.server for s in report.servers] == [web1, web2, worker]
     w = next(s for s in report.servers if s.server == worker)
@@ -106,6 +115,32 @@ def test_web_and_worker_are_one_release_a_crash_looping_worker_puts_both_back(
     assert back.ok and {s.server for s in back.servers} == {web1, web2, worker}
     assert {dg for _, dg in _containers(d).values()} == {images["v1"].split("@")[1]}
     assert [_get(h, port) for h in hosts] == ["v1", "v1"]
+    d.close()
+
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps({"name": name, "repository": {"url": "."},
+                                "image": {"name": images["repo"]},
+                                "stages": {"deploy": stage.model_dump(mode="json",
+                                                                      exclude_none=True)}}))
+    run = CliRunner().invoke
+    r = run(cli, ["app", "exec", str(path), "--role", "worker", "--server", web2, "--",
+                  "sh", "-c", "echo $QUEUE"])
+    assert r.exit_code == 0 and r.output.strip() == "default", r.output
+    r = run(cli, ["app", "logs", str(path), "--role", "worker"])
+    assert r.exit_code == 0 and "working" in r.output, r.output
+    r = run(cli, ["app", "logs", str(path), "--role", "cron"])
+    assert r.exit_code == 2 and "unknown role 'cron': this pipeline's roles are web, worker" \
+        in r.output, r.output
+    r = run(cli, ["app", "exec", str(path), "--role", "worker", "--server", web1, "--", "true"])
+    assert r.exit_code == 2 and "the role worker runs on " + web2 in r.output, r.output
+    r = run(cli, ["app", "remove", str(path), "--yes"])
+    assert r.exit_code == 0, r.output
+    assert f"removed container {name}-worker " in r.output, r.output
+    d = _app(stage, images, "v1", name)
+    for role_d in d.by_role.values():  # nothing labelled with any role's app name is left
+        for t in role_d.targets:
+            assert role_d.app_containers(role_d.connection(t)) == []
+            assert role_d.history(role_d.connection(t)) == []
     d.close()
 
 
@@ -163,11 +198,11 @@ def test_a_deploy_killed_after_its_release_command_is_recovered_role_by_role(lab
     d.close()
 
 
-def test_behind_the_proxy_web_and_worker_deploy_and_roll_back_dropping_nothing(lab, images,
-                                                                               roles_app):
+def test_behind_the_proxy_web_and_worker_deploy_dropping_nothing(lab, images, roles_app):
     """The zero-downtime request loop of tests/lab/test_proxy.py with roles: web behind the
-    proxy on two servers, a worker beside it on the second; a deploy and a rollback under
-    steady load fail no request, and the worker follows the web's release each time."""
+    proxy on two servers, a worker beside it on the second; a deploy under steady load fails
+    no request, and the worker follows the web's release. (The rollback of both roles is the
+    first test's; under load, test_proxy's.)"""
     import time
 
     from runner.model.deploy import DeploySettings
@@ -184,66 +219,17 @@ def test_behind_the_proxy_web_and_worker_deploy_and_roll_back_dropping_nothing(l
         d = _app(stage, images, "v1", name)
         assert d.apply(d.plan()).ok
         d.close()
-        for version, act in (("v2", "deploy"), ("v1", "rollback")):
-            log = Log()
-            with _load(servers, host) as load:
-                time.sleep(0.3)
-                d = _app(stage, images, "v2", name, log)
-                report = d.apply(d.plan()) if act == "deploy" else d.rollback()
-                d.close()
-                time.sleep(0.3)
-            assert report.ok and len(report.servers) == 3, report.summary()
-            _assert_no_drop(load, {"v1", "v2"}, log)
-            assert [_via(s, host) for s in servers] == [version, version]
-            assert {dg for _, dg in _containers(d).values()} == {images[version].split("@")[1]}
+        log = Log()
+        with _load(servers, host) as load:
+            time.sleep(0.3)
+            d = _app(stage, images, "v2", name, log)
+            report = d.apply(d.plan())
             d.close()
+            time.sleep(0.3)
+        assert report.ok and len(report.servers) == 3, report.summary()
+        _assert_no_drop(load, {"v1", "v2"}, log)
+        assert [_via(s, host) for s in servers] == ["v2", "v2"]
+        assert {dg for _, dg in _containers(d).values()} == {images["v2"].split("@")[1]}
+        d.close()
     finally:
         remove_proxied_app(lab, lab["servers"], name)
-
-
-def test_app_commands_take_a_role_and_remove_takes_every_role(lab, images, roles_app,
-                                                                tmp_path):
-    """`runner app logs|exec --role worker` reach the worker's container on its server (by the
-    server's own name), an unknown role is exit 2 naming the roles, and `runner app remove`
-    removes every role's containers and history."""
-    from click.testing import CliRunner
-
-    from runner.cli.main import cli
-    name = roles_app
-    servers = _servers(lab, 2)
-    port = _port()
-    stage = _stage(lab, servers, name, port, roles={
-        "web": {}, "worker": {"command": ["sh", "-c", "echo working; exec sleep 3600"],
-                              "servers": [servers[1]["host"]], "env": {"QUEUE": "q7"}}})
-    d = _app(stage, images, "v1", name)
-    assert d.apply(d.plan()).ok
-    second = d.targets[1].label
-    d.close()
-    path = tmp_path / "p.yaml"
-    path.write_text(json.dumps({"name": name, "repository": {"url": "."},
-                                "image": {"name": images["repo"]},
-                                "stages": {"deploy": stage.model_dump(mode="json",
-                                                                      exclude_none=True)}}))
-    run = CliRunner().invoke
-    r = run(cli, ["app", "exec", str(path), "--role", "worker", "--server", second, "--",
-                  "sh", "-c", "echo $QUEUE"])
-    assert r.exit_code == 0 and r.output.strip() == "q7", r.output
-    r = run(cli, ["app", "logs", str(path), "--role", "worker"])
-    assert r.exit_code == 0 and "working" in r.output, r.output
-    r = run(cli, ["app", "logs", str(path), "--role", "cron"])
-    assert r.exit_code == 2 and "unknown role 'cron': this pipeline's roles are web, worker" \
-        in r.output, r.output
-    r = run(cli, ["app", "exec", str(path), "--role", "worker", "--server",
-                  d.targets[0].label, "--", "true"])
-    assert r.exit_code == 2 and "the role worker runs on " + second in r.output, r.output
-    r = run(cli, ["app", "remove", str(path), "--yes"])
-    assert r.exit_code == 0, r.output
-    assert f"{second}/worker:\n  removed proxy" not in r.output
-    assert f"removed container {name}-worker " in r.output, r.output
-    d = _app(stage, images, "v1", name)
-    assert _containers(d) == {u: ("", "") for u in _containers(d)}
-    for role_d in d.by_role.values():  # nothing labelled with any role's app name is left
-        for t in role_d.targets:
-            assert role_d.app_containers(role_d.connection(t)) == []
-            assert role_d.history(role_d.connection(t)) == []
-    d.close()
