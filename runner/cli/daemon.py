@@ -81,7 +81,7 @@ def daemon(config_file: str, check: bool) -> None:
     A commented example config: daemon.example.yaml; the guide: docs/daemon.md.
     SIGTERM stops it gracefully (running stages get grace_period seconds, then are cancelled;
     a second SIGTERM cancels them at once)."""
-    from runner.daemon.config import check_config, load_config
+    from runner.daemon.config import check_config, describe_triggers, load_config
     from runner.daemon.service import Daemon, setup_logging
 
     if check:
@@ -94,6 +94,8 @@ def daemon(config_file: str, check: bool) -> None:
             sys.exit(EXIT_INVALID)
         names = ", ".join(p.name for p in cfg.pipelines) or "none"
         click.echo(f"{config_file}: ok ({len(cfg.pipelines)} pipeline(s): {names})")
+        for p in cfg.pipelines:
+            click.echo(f"  {p.name}: {describe_triggers(p)}")
         return
     setup_logging()
     try:

@@ -70,19 +70,21 @@ def validate(file: str, variables: tuple[str, ...], as_json: bool) -> None:
               help="Print the generated reference (Markdown) instead of the JSON Schema.")
 @click.option("--docs", "docs_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True),
               help="Rewrite DIR/pipeline.schema.json and the generated parts of DIR/pipeline.md "
-                   "(from the model) and DIR/stage-outputs.md (from the stages' output types).")
+                   "(from the model), DIR/stage-outputs.md (from the stages' output types) and "
+                   "DIR/daemon-config.md (from the daemon config's model).")
 @click.option("--check", "check_dir", metavar="DIR", type=click.Path(file_okay=False),
-              help="Exit 1 if DIR/pipeline.schema.json, DIR/pipeline.md or DIR/stage-outputs.md "
-                   "does not match the code.")
+              help="Exit 1 if DIR/pipeline.schema.json, DIR/pipeline.md, DIR/stage-outputs.md "
+                   "or DIR/daemon-config.md does not match the code.")
 def schema(reference: bool, docs_dir: str | None, check_dir: str | None) -> None:
     """Print the pipeline file's JSON Schema (draft-07), generated from the model."""
+    from runner.daemon.reference import DOCS
     from runner.model import reference as ref
 
     if docs_dir:
-        for path in ref.update_docs(docs_dir):
+        for path in ref.update_docs(docs_dir, DOCS):
             click.echo(f"wrote {path}", err=True)
     elif check_dir:
-        stale = ref.stale_docs(check_dir)
+        stale = ref.stale_docs(check_dir, DOCS)
         for path in stale:
             click.echo(f"{path}: does not match the model; run `{ref.REGENERATE}`", err=True)
         sys.exit(1 if stale else 0)

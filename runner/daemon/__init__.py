@@ -3,7 +3,9 @@
     runner daemon --config daemon.yaml      (example: daemon.example.yaml)
 
 Layout (one way: nothing here is imported by the engine or the stages):
-  config.py     the YAML config -> frozen pydantic model; every problem with file:line:col
+  config.py     the YAML config -> frozen pydantic model, read by runner.loader's machinery (every
+                problem with file:line:col, in the pipeline's words); `--check`
+  reference.py  docs/daemon-config.md's generated part, from config.py's model
   store.py      Store, the contract: runs, stages, log_lines, deliveries, leases, poll_state,
                 daemons, leadership
   store_sql.py  the queries both backends share; store_sqlite.py (one host, WAL) and

@@ -1,28 +1,36 @@
 """The daemon's configuration file: where it listens, where it keeps data, which pipelines it serves.
 
-Parsed once into frozen pydantic objects; every problem is reported at once with its field path.
+Parsed once into frozen pydantic objects by the pipeline's loader machinery (runner.loader: the
+YAML's source map, the model's errors in its words): every problem is reported at once, each at its
+file:line:column, with the fields expected and a "did you mean" for an unknown key.
 Secrets (webhook secrets, the API token) are named by where they come from, never written inline
 unless the user insists (`value:`), and are held as `SecretValue` so that they print as `***`.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runner.errors import InvalidInput, Problem
 from runner.gitsafety import is_local_path
+from runner.loader.locations import SourceMap
+from runner.loader.mapping import suggest, validate
+from runner.loader.yaml_reader import read_yaml
 from runner.model import SecretSource
 from runner.model.destinations import DESTINATION_NAME
 from runner.run_request import RepositoryPipeline
+from runner.secrets import read_secret_file
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # The docstring under a field is its description in docs/daemon-config.md.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              use_attribute_docstrings=True)
 
 
 class SecretValue(str):
@@ -33,11 +41,15 @@ class SecretValue(str):
 
 
 class SecretRef(_Model):
-    """Where a secret comes from: exactly one of env, file, value."""
+    """Where a secret comes from: exactly one of env, file, value. A plain string is a `value:`."""
 
     env: str | None = None
+    """An environment variable of the daemon's process."""
     file: str | None = None
+    """A file on the daemon's machine, its surrounding whitespace left out (give an absolute
+    path: a relative one is read from the daemon's working directory)."""
     value: str | None = None
+    """The value itself, written in the config."""
 
     @model_validator(mode="before")
     @classmethod
@@ -68,28 +80,32 @@ class SecretRef(_Model):
 
 class Listen(_Model):
     host: str = "127.0.0.1"
+    """The address the listener binds (0.0.0.0: every interface)."""
     port: int = Field(default=8080, ge=0, le=65535)
-    # A kept-alive connection with no new request is closed after this many seconds.
+    """Its TCP port."""
     idle_timeout: float = Field(default=5.0, gt=0, le=3600)
-    # A request must arrive whole (request line, headers and body) within this many seconds of
-    # the connection opening or the previous response ending, or the connection is closed:
-    # silent and trickling clients cannot hold connections open.
+    """A kept-alive connection with no new request is closed after this many seconds."""
     read_timeout: float = Field(default=10.0, gt=0, le=3600)
+    """A request must arrive whole (request line, headers and body) within this many seconds of
+    the connection opening or the previous response ending, or the connection is closed: silent
+    and trickling clients cannot hold connections open."""
 
 
 class PushTrigger(_Model):
-    # Glob patterns (fnmatch). A push to a branch starts a run if the branch matches one of
-    # `branches`; a tag push if the tag matches one of `tags`. No tag patterns: tags start nothing.
     branches: tuple[str, ...] = ("*",)
+    """Glob patterns (fnmatch). A push to a branch starts a run if the branch matches one of
+    `branches`; a tag push if the tag matches one of `tags`. No tag patterns: tags start
+    nothing."""
     tags: tuple[str, ...] = ()
 
 
 class PollTrigger(_Model):
     interval: float = Field(default=60.0, ge=0.2)
-    # The very first poll of a pipeline (no poll state in the store yet): only remember the heads
-    # ("skip"), or also run those whose commit never ran ("run"; every matching branch at once).
-    # After that, poll state persists, so commits pushed while the daemon was down still run.
     initial: Literal["run", "skip"] = "skip"
+    """The very first poll of a pipeline (no poll state in the store yet): only remember the
+    heads ("skip"), or also run those whose commit never ran ("run"; every matching branch at
+    once). After that, poll state persists, so commits pushed while the daemon was down still
+    run."""
 
 
 def cron_schedule(expr: str, tz=None):
@@ -107,8 +123,10 @@ def cron_schedule(expr: str, tz=None):
 
 
 class CronTrigger(_Model):
-    schedule: str  # crontab, five fields (or six, seconds first), UTC
-    branch: str | None = None  # None: the first literal branch of the push filter, else "main"
+    schedule: str
+    """Crontab, five fields (or six, seconds first), UTC."""
+    branch: str | None = None
+    """None: the first literal branch of the push filter, else "main"."""
 
     @model_validator(mode="before")
     @classmethod
@@ -141,15 +159,15 @@ class PullRequestTrigger(_Model):
     so a pull request's group never meets a branch's.
     """
 
-    # Glob patterns (fnmatch) on the TARGET branch, the one the pull request would merge into.
     branches: tuple[str, ...] = ("*",)
-    # Same-repository pull requests (their author can push to the repository anyway) may run
-    # the push / deploy stages.
+    """Glob patterns (fnmatch) on the TARGET branch, the one the pull request would merge into."""
     push: bool = False
+    """Same-repository pull requests (their author can push to the repository anyway) may run
+    the push / deploy stages."""
     deploy: bool = False
-    # "trusted": a fork's pull request is treated like a same-repository one (secrets, and
-    # push / deploy as above). "restricted": secrets withheld, push and deploy skipped.
     forks: Literal["restricted", "trusted"] = "restricted"
+    """"trusted": a fork's pull request is treated like a same-repository one (secrets, and push
+    / deploy as above). "restricted": secrets withheld, push and deploy skipped."""
 
 
 class TagTrigger(_Model):
@@ -159,17 +177,18 @@ class TagTrigger(_Model):
     names the commit being promoted: the run is refused when the release verified on
     `promote_from` is another commit."""
 
-    promote_from: str = Field(pattern=DESTINATION_NAME.pattern)  # a destination of the pipeline
-    # Glob patterns (fnmatch) of the tags that promote.
+    promote_from: str = Field(pattern=DESTINATION_NAME.pattern)
+    """A destination of the pipeline."""
     tags: tuple[str, ...] = ("*",)
+    """Glob patterns (fnmatch) of the tags that promote."""
 
 
 class Triggers(_Model):
     push: PushTrigger | None = Field(default_factory=PushTrigger)
-    # None (the default): tags build as triggers.push.tags says; set, matching tags promote.
     tag: TagTrigger | None = None
-    # None (the default): pull requests start nothing.
+    """None (the default): tags build as triggers.push.tags says; set, matching tags promote."""
     pull_request: PullRequestTrigger | None = None
+    """None (the default): pull requests start nothing."""
     poll: PollTrigger | None = None
     cron: tuple[CronTrigger, ...] = ()
 
@@ -180,20 +199,12 @@ _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 class CommitStatus(_Model):
     """Report each run's state to the forge as a commit status."""
 
-    provider: Literal["github", "gitea", "gitlab"] = "github"
-    api_url: str = "https://api.github.com"  # Gitea/Forgejo: https://HOST/api/v1; GitLab: https://HOST/api/v4
-    repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$")  # owner/name; GitLab: group/subgroup/name
+    provider: Literal["github", "gitea"] = "github"
+    api_url: str = "https://api.github.com"  # Gitea/Forgejo: https://HOST/api/v1
+    repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")  # owner/name
     token: SecretRef
-    # "{pipeline}" and "{event}" (push, pull_request, tag, ...) are replaced; without "{event}", a
-    # pull request's run reports as "CONTEXT (pull_request)".
     context: str = "runner/{pipeline}"
     target_url: str | None = None  # "{run_id}" and "{pipeline}" are replaced
-
-    @model_validator(mode="after")
-    def _owner_name(self):
-        if self.provider != "gitlab" and self.repo.count("/") != 1:
-            raise ValueError(f"repo: {self.provider} names a repository owner/name, not {self.repo!r}")
-        return self
 
 
 class RepositorySecret(_Model):
@@ -212,43 +223,57 @@ class RepositorySecret(_Model):
 
 class PipelineEntry(_Model):
     name: str = Field(pattern=_NAME)
-    # Exactly one of: `file`, the operator's pipeline YAML on this machine, handed to `runner
-    # exec`; `pipeline`, a path inside `repo`, read at the commit each run builds
-    # (runner.repository_pipeline), so that a push that changes it changes the runs that follow.
+    """The entry's name: its runs, its API paths (`runner trigger NAME`), its concurrency group."""
     file: str | None = None
+    """Exactly one of: `file`, the operator's pipeline YAML on this machine, handed to `runner
+    exec`; `pipeline`, a path inside `repo`, read at the commit each run builds
+    (runner.repository_pipeline), so that a push that changes it changes the runs that follow."""
     pipeline: str | None = None
-    # The repository this pipeline builds: webhooks are matched against it and polling reads it.
-    # With `pipeline:` it is also what is built and where the file is read.
+    """A path inside `repo`: the pipeline committed there, read at each run's commit."""
     repo: str | None = None
-    # With `pipeline:`, what the repository cannot widen: the hosts its deploy may reach (each
-    # server's host, and ssh.jump; none: no deploy), and the secrets it may name, with where
-    # their values come from (its own `secrets:` may only name these).
+    """The repository this pipeline builds: webhooks are matched against it and polling reads
+    it. With `pipeline:` it is also what is built and where the file is read."""
     servers: tuple[str, ...] = ()
+    """With `pipeline:`, what the repository cannot widen: the hosts its deploy may reach (each
+    server's host, and ssh.jump; none: no deploy), and the secrets it may name, with where their
+    values come from (its own `secrets:` may only name these)."""
     secrets: dict[str, RepositorySecret] = Field(default_factory=dict)
-    # With `pipeline:`, how git reaches `repo` (reading the file at each commit, the checkout,
-    # the poll), in the words of a pipeline's `repository:`: `token` (https) and `ssh_key` name
-    # secrets of `secrets:`. Those two are the daemon's: only git gets them, every run (a fork's
-    # pull request too), and the repository's pipeline cannot name them.
+    """With `pipeline:`, the secrets the repository's pipeline may name, and where their values
+    come from on this machine."""
     token: str | None = None
+    """With `pipeline:`, how git reaches `repo` (reading the file at each commit, the checkout,
+    the poll), in the words of a pipeline's `repository:`: `token` (https) and `ssh_key` name
+    secrets of `secrets:`. Those two are the daemon's: only git gets them, every run (a fork's
+    pull request too), and the repository's pipeline cannot name them."""
     token_user: str = "x-access-token"
+    """The user name sent with `token` (GitLab takes `oauth2`)."""
     ssh_key: str | None = None
+    """With `pipeline:`, a secret of `secrets:` holding the private key git reaches `repo` with
+    (`ssh://` and `git@` URLs)."""
     triggers: Triggers = Field(default_factory=Triggers)
-    concurrency: int = Field(default=1, ge=1)  # runs of this pipeline at once
-    # Runs whose group key is equal run one at a time, in order; "{branch}" and "{pipeline}"
-    # are replaced. None: no group.
+    """What starts runs. Not given: a push to any branch, and nothing else (no tags, pull
+    requests, poll or cron); `runner daemon --check` says it for each entry."""
+    concurrency: int = Field(default=1, ge=1)
+    """Runs of this pipeline at once."""
     concurrency_group: str | None = "{pipeline}/{branch}"
-    # A newer run in the same group cancels the running one (True) or waits for it (False). Older
-    # runs still queued are superseded either way: the newest waiting one wins.
+    """Runs whose group key is equal run one at a time, in order; "{branch}" and "{pipeline}"
+    are replaced. None: no group."""
     cancel_in_progress: bool = True
-    # After a daemon crash, put a run that was running back in the queue instead of marking it
-    # interrupted. Only for pipelines that are safe to run twice.
+    """A newer run in the same group cancels the running one (True) or waits for it (False).
+    Older runs still queued are superseded either way: the newest waiting one wins."""
     requeue_on_interrupt: bool = False
-    webhook_secret: SecretRef | None = None  # overrides the provider's secret for this pipeline
+    """After a daemon crash, put a run that was running back in the queue instead of marking it
+    interrupted. Only for pipelines that are safe to run twice."""
+    webhook_secret: SecretRef | None = None
+    """Overrides the provider's secret for this pipeline."""
     commit_status: CommitStatus | None = None
+    """Report each run's state to the forge as a commit status."""
     vars: dict[str, str] = Field(default_factory=dict)
-    # The pipeline's destination its runs deploy to (`runner exec -d`, rollback too): required
-    # when the file has `destinations:`, refused when it has none (`--check` says so).
+    """The pipeline's `${NAME}` values (`runner exec --var`); `--check` refuses a name the
+    pipeline file never uses."""
     destination: str | None = Field(default=None, pattern=DESTINATION_NAME.pattern)
+    """The pipeline's destination its runs deploy to (`runner exec -d`, rollback too): required
+    when the file has `destinations:`, refused when it has none (`--check` says so)."""
 
     @field_validator("repo")
     @classmethod
@@ -311,44 +336,63 @@ class Webhook(_Model):
 
 class Retention(_Model):
     days: float = Field(default=30.0, gt=0)
-    keep_last: int = Field(default=50, ge=0)  # per pipeline, always kept whatever their age
+    """Finished runs older than this many days are removed."""
+    keep_last: int = Field(default=50, ge=0)
+    """Per pipeline, always kept whatever their age."""
     interval: float = Field(default=3600.0, ge=1)
+    """Seconds between two clean-ups."""
 
 
 class DaemonConfig(_Model):
-    name: str = Field(default="runner", pattern=_NAME)  # this daemon's lease owner name
+    name: str = Field(default="runner", pattern=_NAME)
+    """This daemon's lease owner name."""
     listen: Listen = Field(default_factory=Listen)
+    """Where the webhooks, the API and the dashboard are served."""
     data_dir: str = "./runner-data"
-    # The run store: default data_dir/runner.db. Several daemons (each with its own data_dir)
-    # share a queue by naming one database: a postgresql://user:password@host/db URL (hosts
-    # anywhere), or one sqlite file (one host). A secret reference like api_token, so that the
-    # password can come from the environment or a file: {env: RUNNER_DATABASE_URL}.
+    """Runs' directories and logs, the default store (relative: to this file's directory)."""
     database: SecretRef | None = None
-    concurrency: int = Field(default=2, ge=0)  # 0: accept and queue, run nothing
+    """The run store: default data_dir/runner.db. Several daemons (each with its own data_dir)
+    share a queue by naming one database: a postgresql://user:password@host/db URL (hosts
+    anywhere), or one sqlite file (one host). A secret reference like api_token, so that the
+    password can come from the environment or a file: {env: RUNNER_DATABASE_URL}."""
+    concurrency: int = Field(default=2, ge=0)
+    """0: accept and queue, run nothing."""
     api_token: SecretRef | None = None
-    # Runs, full logs and deliveries (with senders' addresses) are not for anyone who reaches the
-    # listener: reading needs the token too unless this is turned off.
+    """The token of the HTTP API (`Authorization: Bearer ...`) and of the dashboard's login, a
+    secret reference (docs/daemon.md, the API token)."""
     read_requires_token: bool = True
-    # The dashboard's address as people reach it (https://ci.example.com, behind a proxy or
-    # not): a run's notifications link its page there. None: they carry no link.
+    """Runs, full logs and deliveries (with senders' addresses) are not for anyone who reaches
+    the listener: reading needs the token too unless this is turned off."""
     public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+[^\s?#]*$")
+    """The dashboard's address as people reach it (https://ci.example.com, behind a proxy or
+    not): a run's notifications link its page there. None: they carry no link."""
     webhooks: dict[Literal["github", "gitea", "gitlab", "generic"], Webhook] = Field(default_factory=dict)
+    """Each forge's webhook secret (its path: /hooks/github, ...)."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
-    exec_command: tuple[str, ...] | None = None  # default: this python -m runner exec
-    # With the default command: keep one `runner` process started and imported ahead of time,
-    # so that a run's first stage starts without paying the import time (~0.5 s).
+    """A larger request body is refused."""
+    exec_command: tuple[str, ...] | None = None
+    """Default: this python -m runner exec."""
     warm_spare: bool = True
-    # Space set aside in data_dir at start and given back when the disk fills up, so that the
-    # daemon can still record how runs ended (their logs stop being stored).
+    """With the default command: keep one `runner` process started and imported ahead of time,
+    so that a run's first stage starts without paying the import time (~0.5 s)."""
     disk_reserve_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+    """Space set aside in data_dir at start and given back when the disk fills up, so that the
+    daemon can still record how runs ended (their logs stop being stored)."""
     lease_seconds: float = Field(default=15.0, gt=0.5)
+    """A running run's lease is renewed while it runs; a run whose lease is not renewed this
+    long is interrupted."""
     grace_period: float = Field(default=30.0, ge=0)
+    """On SIGTERM, running stages get this long before they are cancelled."""
     misfire_grace_time: int = Field(default=300, ge=1)
+    """A cron tick missed by up to this many seconds (the daemon was down) still runs."""
     git_timeout: float = Field(default=30.0, gt=0)
+    """Each git command the daemon runs itself (poll, reading a repository's pipeline)."""
     retention: Retention = Field(default_factory=Retention)
+    """How long finished runs, their logs and deliveries are kept."""
     pipelines: tuple[PipelineEntry, ...] = ()
-    # Where relative paths in this file are resolved; set by load_config.
+    """The pipelines this daemon serves."""
     base_dir: str = Field(default=".", exclude=True)
+    """Where relative paths in this file are resolved; set by load_config."""
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -382,64 +426,42 @@ def repository_pipeline(entry: PipelineEntry, config: DaemonConfig) -> Repositor
                               token=entry.token, token_user=entry.token_user, ssh_key=entry.ssh_key)
 
 
-def _locate(root, loc: tuple) -> tuple[int, int]:
-    """Line and column (1-based) of the deepest YAML node on the path `loc`."""
-    node = root
-    best = (node.start_mark.line + 1, node.start_mark.column + 1) if node is not None else (1, 1)
-    for key in loc:
-        nxt = None
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.value == str(key):
-                    nxt = v
-                    best = (k.start_mark.line + 1, k.start_mark.column + 1)
-                    break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            nxt = node.value[key]
-            best = (nxt.start_mark.line + 1, nxt.start_mark.column + 1)
-        if nxt is None:
-            break
-        node = nxt
-    return best
-
-
-def _problems(file: str, exc: ValidationError, root=None) -> list[Problem]:
-    out = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        line, col = _locate(root, loc) if root is not None else (1, 1)
-        out.append(Problem(file, line, col, ".".join(str(x) for x in loc), err["msg"]))
-    return out
-
-
-def load_config(path: str | os.PathLike) -> DaemonConfig:
-    """Read and validate a daemon config file. Raises InvalidInput with every problem at once."""
+def _read(path: str | os.PathLike) -> tuple[DaemonConfig, SourceMap]:
+    """The config at `path` and where each of its values is, read as a pipeline file is
+    (`runner.loader`: YAML nodes, a source map, the model's errors said in its words)."""
     p = Path(path)
     try:
         text = p.read_text()
-        data = yaml.safe_load(text) or {}
-        root = yaml.compose(text)
     except OSError as exc:
         raise InvalidInput(f"cannot read daemon config {p}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise InvalidInput("daemon config is not valid YAML",
-                           [Problem(str(p), line, col, "", str(getattr(exc, "problem", exc)))]) from exc
-    if not isinstance(data, dict):
-        raise InvalidInput("daemon config must be a mapping", [Problem(str(p), 1, 1, "", "not a mapping")])
-    data = dict(data)
+    smap = SourceMap(str(p))
+    data, scalars, problems = read_yaml(text, smap, empty_ok=True, shape=(
+        "the daemon config must be a mapping (listen:, data_dir:, pipelines:, ...)"))
+    if data is None:
+        raise InvalidInput("daemon config is invalid", problems)
     data["base_dir"] = str(p.resolve().parent)
-    return config_from_dict(data, source=str(p), root=root)
+    return _validated(data, smap, scalars, problems), smap
 
 
-def config_from_dict(data: dict, source: str = "<config>", root=None) -> DaemonConfig:
+def load_config(path: str | os.PathLike) -> DaemonConfig:
+    """Read and validate a daemon config file. Raises InvalidInput with every problem at once,
+    each at its file:line:column in the words of the pipeline's loader ("expected a list of
+    strings, got the string 'main'", "unknown key 'trigger' (did you mean 'triggers'?)")."""
+    return _read(path)[0]
+
+
+def config_from_dict(data: dict, source: str = "<config>") -> DaemonConfig:
     data = dict(data)
     data.setdefault("base_dir", os.getcwd())
-    try:
-        return DaemonConfig.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidInput("daemon config is invalid", _problems(source, exc, root)) from None
+    return _validated(data, SourceMap(source), {}, [])
+
+
+def _validated(data: dict, smap: SourceMap, scalars: dict, problems: list[Problem]) -> DaemonConfig:
+    cfg, invalid = validate(data, smap, scalars, DaemonConfig)
+    problems = sorted(problems + invalid, key=lambda p: (p.line, p.column))
+    if problems or cfg is None:
+        raise InvalidInput("daemon config is invalid", problems)
+    return cfg
 
 
 def _head_problems(cfg: DaemonConfig, p: PipelineEntry, cannot: Callable[[str], None]) -> list[Problem]:
@@ -475,33 +497,81 @@ def _destination_problem(p: PipelineEntry, file: str, known: tuple[str, ...]) ->
     return None
 
 
+def describe_triggers(p: PipelineEntry) -> str:
+    """What starts runs of entry `p`, in words (`runner daemon --check` shows it per entry).
+    An entry without `triggers:` gets Triggers(): a push to any branch runs, nothing else."""
+    t = p.triggers
+    parts = []
+    if t.push is not None:
+        tags = f", tags {', '.join(t.push.tags)}" if t.push.tags else ", no tags"
+        parts.append(f"push to branches {', '.join(t.push.branches)}{tags}")
+    else:
+        parts.append("no push")
+    if t.tag is not None:
+        parts.append(f"tags {', '.join(t.tag.tags)} promote from {t.tag.promote_from}")
+    if t.pull_request is not None:
+        parts.append(f"pull requests into {', '.join(t.pull_request.branches)}")
+    if t.poll is not None:
+        parts.append(f"poll every {t.poll.interval:g} s")
+    parts += [f"cron {c.schedule!r}" for c in t.cron]
+    given = "" if "triggers" in p.model_fields_set else " (no triggers: the default)"
+    return "; ".join(parts) + given
+
+
+def _used_names(text: str) -> set[str]:
+    """The names a pipeline file's text refers to as ${NAME} (`$$` is a literal `$`)."""
+    return set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text.replace("$$", "")))
+
+
+def _unreadable(source: SecretRef | RepositorySecret, config: DaemonConfig) -> str | None:
+    """Why a secret of the config cannot be read now, or None when it can."""
+    if isinstance(source, SecretRef):
+        try:
+            source.resolve()
+        except InvalidInput as exc:
+            return str(exc)
+        return None
+    if source.env is not None:
+        return None if os.environ.get(source.env) else \
+            f"environment variable {source.env} is not set or empty"
+    path = config.path(source.file)
+    try:
+        return None if read_secret_file(str(path)) else f"secret file {path} is empty"
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"cannot read secret file {path}: {getattr(exc, 'strerror', None) or exc}"
+
+
 def check_config(path: str | os.PathLike) -> tuple[DaemonConfig | None, list[Problem]]:
     """What `runner daemon` would refuse, found without starting it (`runner daemon --check`):
     the file's own problems; then each pipeline's file, loaded and validated as `runner exec`
-    loads it (with the entry's vars), and every secret reference that cannot be read now. A
-    repository's pipeline (`pipeline:`) is read and validated at the head of its default branch
-    (problems at PATH@COMMIT:line:column); a repository that cannot be read is a warning saying
-    why. Each problem with its file, line and column. Nothing is written."""
+    loads it (with the entry's vars), every secret it names read as its run would read it,
+    and every `vars` name the file never refers to (no ${NAME}); then every secret reference
+    of the config itself and of a `pipeline:` entry's `secrets:` that cannot be read now. A
+    repository's pipeline (`pipeline:`) is read and validated at the head of its default
+    branch (problems at PATH@COMMIT:line:column); a repository that cannot be read is a
+    warning saying why. Each problem with its file, line and column. Nothing is written."""
     from runner.loader import load_pipeline
     from runner.loader.destinations import DestinationChoice
+    from runner.pipeline_file import read_secrets
+    from runner.secrets import Masker
 
     try:
-        cfg = load_config(path)
+        cfg, smap = _read(path)
     except InvalidInput as exc:
         return None, exc.problems or [Problem(str(path), 1, 1, "", str(exc))]
-    root = yaml.compose(Path(path).read_text())
     problems: list[Problem] = []
 
-    def at(loc: tuple, message: str, severity: str = "error") -> None:
-        line, col = _locate(root, loc)
-        problems.append(Problem(str(path), line, col, ".".join(str(x) for x in loc), message, severity))
+    def at(loc: tuple, message: str, severity: str = "error") -> None:  # at the key's line
+        problems.append(smap.problem(loc, message, severity=severity, key=True))
 
-    refs: list[tuple[tuple, SecretRef | None]] = [(("api_token",), cfg.api_token), (("database",), cfg.database)]
+    refs: list[tuple[tuple, SecretRef | RepositorySecret | None]] = [
+        (("api_token",), cfg.api_token), (("database",), cfg.database)]
     refs += [(("webhooks", name, "secret"), hook.secret) for name, hook in cfg.webhooks.items()]
     for i, p in enumerate(cfg.pipelines):
         refs.append((("pipelines", i, "webhook_secret"), p.webhook_secret))
         if p.commit_status is not None:
             refs.append((("pipelines", i, "commit_status", "token"), p.commit_status.token))
+        refs += [(("pipelines", i, "secrets", name), s) for name, s in p.secrets.items()]
         if p.file is None:
             problems.extend(_head_problems(cfg, p, lambda message: at(
                 ("pipelines", i, "pipeline"), message, severity="warning")))
@@ -522,17 +592,23 @@ def check_config(path: str | os.PathLike) -> tuple[DaemonConfig | None, list[Pro
         except InvalidInput as exc:
             problems.extend(exc.problems or [Problem(str(file), 1, 1, "", str(exc))])
             continue
+        used = _used_names(file.read_text(encoding="utf-8-sig"))
+        for name in p.vars:
+            if name not in used:
+                at(("pipelines", i, "vars", name), f"vars: {name!r} is not used by {file} (no "
+                   f"${{{name}}} in it){suggest(name, sorted(used))}")
+        try:  # as its run reads them (runner exec), each one it cannot read at the file's line
+            read_secrets(pipeline, dict(os.environ), Masker())
+        except InvalidInput as exc:
+            problems.extend(exc.problems or [Problem(str(file), 1, 1, "", str(exc))])
         tag = p.triggers.tag
         if tag is not None and tag.promote_from not in pipeline.destinations:
             at(("pipelines", i, "triggers", "tag", "promote_from"),
                f"unknown destination {tag.promote_from!r}: {file}'s destinations are "
                f"{', '.join(pipeline.destinations)}")
     for loc, ref in refs:
-        if ref is None:
-            continue
-        try:
-            ref.resolve()
-        except InvalidInput as exc:
-            at(loc, str(exc))
-    return cfg, problems
-
+        if ref is not None:
+            why = _unreadable(ref, cfg)
+            if why is not None:
+                at(loc, why)
+    return cfg, list(dict.fromkeys(problems))  # two entries of one file: its problems once

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +25,7 @@ from runner.loader.yaml_reader import Scalars
 from runner.model import Pipeline
 from runner.model.base import OneString
 from runner.model.words import (
-    FieldType, expected, fields_of, got, item_type, literal_values, model_class,
+    FieldType, alternatives, expected, fields_of, got, item_type, literal_values, model_class,
 )
 
 # pydantic error types that say "this is not the kind of value the field takes": said as
@@ -40,14 +41,15 @@ _KIND_ERRORS = frozenset({
 })
 
 
-def validate(data: dict[str, Any], smap: SourceMap,
-             scalars: Scalars) -> tuple[Pipeline | None, list[Problem]]:
-    """(the Pipeline, []) when `data` is valid, else (None, its problems). `data` may be changed:
-    a string field given a YAML number, boolean or date gets the text as written."""
+def validate(data: dict[str, Any], smap: SourceMap, scalars: Scalars,
+             root: type[BaseModel] = Pipeline) -> tuple[Any, list[Problem]]:
+    """(the `root` model, []) when `data` is valid, else (None, its problems). `data` may be
+    changed: a string field given a YAML number, boolean or date gets the text as written.
+    `root`: the file's model (a pipeline; the daemon's config gets the same words)."""
     fixed: set[FieldPath] = set()
     for _ in range(3):
         try:
-            return Pipeline.model_validate(data), []
+            return root.model_validate(data), []
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
         # A string field given a YAML number, boolean or date (`ref: 1234`, `tags: [1.0]`,
@@ -63,7 +65,7 @@ def validate(data: dict[str, Any], smap: SourceMap,
                     retry = True
         if not retry:
             break
-    return None, merge_union_problems(_error_problems(errors, smap, scalars))
+    return None, merge_union_problems(_error_problems(errors, smap, scalars, root))
 
 
 def suggest(word: str, candidates: list[str]) -> str:
@@ -94,28 +96,34 @@ def merge_union_problems(problems: list[Problem]) -> list[Problem]:
 
 
 def _error_problems(errors: list[Mapping[str, Any]], smap: SourceMap,
-                    scalars: Scalars) -> list[Problem]:
+                    scalars: Scalars, root: type[BaseModel]) -> list[Problem]:
     """pydantic's errors as problems in the pipeline's words, one per place in the file."""
     problems: list[Problem] = []
     said: set[FieldPath] = set()
     for err in errors:
-        where, ft = _field_at(tuple(err["loc"]))
+        where, ft = _field_at(tuple(err["loc"]), root)
         if err["type"] in _KIND_ERRORS and ft is not None:
             # One message for a place, however many union alternatives pydantic tried.
             if where not in said:
                 said.add(where)
                 problems.append(_kind_problem(where, ft, err, smap, scalars))
             continue
-        problems.append(_error_problem(err, smap))
+        problems.append(_error_problem(err, smap, root))
     return problems
 
 
-def _field_at(loc: FieldPath) -> tuple[FieldPath, FieldType | None]:
+def _field_at(loc: FieldPath, root: type[BaseModel]) -> tuple[FieldPath, FieldType | None]:
     """The part of a pydantic error location that is a place in the file, and the type of the
     value there. What is left out names a union member ("literal['NONE']")."""
-    ann: Any = Pipeline
+    ann: Any = root
+    ann_before: Any = root
     ft: FieldType | None = None
     for i, part in enumerate(loc):
+        if part == "[key]":  # pydantic's place for a mapping's key that is wrong: its type
+            keys = [typing.get_args(a)[0] for a in alternatives(ann_before)
+                    if typing.get_origin(a) is dict and typing.get_args(a)]
+            return loc[:i], FieldType(keys[0]) if keys else ft
+        ann_before = ann
         owner = model_class(ann)
         if owner is not None:
             found = field_for_key(owner, part) if isinstance(part, str) else None
@@ -156,12 +164,12 @@ def _kind_problem(where: FieldPath, ft: FieldType, err: Mapping[str, Any],
     return smap.problem(where, f"expected {expected(ft)}, got {got(value)}{hint}")
 
 
-def _error_problem(err: Mapping[str, Any], smap: SourceMap) -> Problem:
+def _error_problem(err: Mapping[str, Any], smap: SourceMap, root: type[BaseModel]) -> Problem:
     loc: FieldPath = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden" and loc:
         key = str(loc[-1])
-        model = model_at(loc[:-1])
+        model = model_at(loc[:-1], root)
         if model is None:
             return smap.problem(loc, f"unknown key '{key}'", key=True)
         names = _yaml_names(model)
@@ -170,7 +178,7 @@ def _error_problem(err: Mapping[str, Any], smap: SourceMap) -> Problem:
                             f"{', '.join(names)}", key=True)
     if kind == "missing" and loc:
         line, col = smap.locate(loc[:-1], key=True)
-        model = model_at(loc[:-1])
+        model = model_at(loc[:-1], root)
         found = field_for_key(model, str(loc[-1])) if model is not None else None
         choices = found[1].validation_alias if found is not None else None
         others = [c for c in choices.choices if isinstance(c, str) and c != loc[-1]] \

@@ -43,10 +43,16 @@ class Scalar:
 Scalars = dict[FieldPath, Scalar]
 
 
-def read_yaml(text: str, smap: SourceMap) -> tuple[dict[str, Any] | None, Scalars,
-                                                   list[Problem]]:
+_PIPELINE_SHAPE = "a pipeline must be a mapping (name:, repository:, image:, ...)"
+
+
+def read_yaml(text: str, smap: SourceMap, *, empty_ok: bool = False,
+              shape: str = _PIPELINE_SHAPE) -> tuple[dict[str, Any] | None, Scalars,
+                                                     list[Problem]]:
     """(data, scalars as written, problems) of a pipeline file's text; `smap` is filled with
-    where each value and key is. data is None when there is no mapping to go on with."""
+    where each value and key is. data is None when there is no mapping to go on with.
+    Another kind of file (the daemon's config) says whether an empty file is an empty mapping
+    (`empty_ok`) and what its top level must be (`shape`)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -62,6 +68,8 @@ def read_yaml(text: str, smap: SourceMap) -> tuple[dict[str, Any] | None, Scalar
     except yaml.YAMLError as exc:
         return None, {}, [Problem(smap.file, 1, 1, "", f"YAML error: {exc}")]
     if root is None:
+        if empty_ok:
+            return {}, {}, []
         return None, {}, [Problem(smap.file, 1, 1, "", "the file is empty; a pipeline is a "
                                   "mapping with at least name:, repository: and image:")]
     conv = _Converter(smap)
@@ -75,7 +83,7 @@ def read_yaml(text: str, smap: SourceMap) -> tuple[dict[str, Any] | None, Scalar
         kind = "a list" if isinstance(data, list) else f"the value {data!r}"
         return None, conv.scalars, conv.problems + [
             Problem(smap.file, *_mark(root), "",
-                    f"a pipeline must be a mapping (name:, repository:, image:, ...), got {kind}")]
+                    f"{shape}, got {kind}")]
     return data, conv.scalars, conv.problems
 
 

@@ -43,8 +43,10 @@ def yaml_key(name: str, info: FieldInfo) -> str:
 
 
 def fields_of(cls: type[BaseModel]) -> list[tuple[str, str, FieldInfo]]:
-    """(YAML key, attribute name, FieldInfo) of each field a file may set, in order."""
-    return [(yaml_key(n, f), n, f) for n, f in cls.model_fields.items() if n not in HIDDEN_FIELDS]
+    """(YAML key, attribute name, FieldInfo) of each field a file may set, in order: not those
+    the loader sets itself (`exclude=True`: a pipeline's HIDDEN_FIELDS, the daemon config's
+    base_dir)."""
+    return [(yaml_key(n, f), n, f) for n, f in cls.model_fields.items() if not f.exclude]
 
 
 def alternatives(ann: Any) -> list[Any]:

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data" / "daemon"))
 from harness import (HERE, SECRET, TOKEN, config, daemon_in_process, fake_forge, fake_pipeline,  # noqa: E402
                      push_payload, send_github, wait_for)
 
-from runner.daemon.config import config_from_dict, load_config  # noqa: E402
+from runner.daemon.config import check_config, config_from_dict, load_config  # noqa: E402
 from runner.daemon.scheduler import ls_remote_argv, parse_ls_remote, poll_decisions  # noqa: E402
 from runner.daemon.status import status_request  # noqa: E402
 from runner.daemon.service import check_rollback_target  # noqa: E402
@@ -122,8 +122,10 @@ def test_config_reports_every_problem_at_once(tmp_path):
     with pytest.raises(InvalidInput) as e:
         load_config(f)
     text = str(e.value)
-    for where in (f"{f}:1:1: error: concurrency:", f"{f}:2:10: error: listen.port:",
-                  f"{f}:4:6: error: pipelines.0.name:", f"{f}:5:42: error: pipelines.1.triggers.cron.0.schedule:"):
+    for where in (f"{f}:1:14: error: concurrency: expected a whole number of at least 0, got the number -1",
+                  f"{f}:2:16: error: listen.port: expected a whole number from 0 to 65535",
+                  f"{f}:4:12: error: pipelines[0].name: expected a string matching",
+                  f"{f}:5:42: error: pipelines[1].triggers.cron[0]: not a crontab expression"):
         assert where in text, text
     f.write_text("pipelines: [{name: a, file: x}, {name: a, file: y}]\n")
     with pytest.raises(InvalidInput, match="unique"):
@@ -220,6 +222,8 @@ pipelines:
     ok = _check(good, {"CHECK_TOKEN": "t", "CHECK_HOOK": "h"})
     assert ok.returncode == 0, ok.stderr
     assert "ok (1 pipeline(s): example)" in ok.stdout
+    # What an entry without triggers: builds, said for it.
+    assert "  example: push to branches *, no tags (no triggers: the default)" in ok.stdout
     assert not (tmp_path / "data").exists()  # a check starts and writes nothing
 
     # The same file without its secrets in the environment, then a broken one.
@@ -241,7 +245,7 @@ pipelines:
 """)
     out = _check(bad)
     assert out.returncode == 2, out.stderr
-    assert f"{bad}:4:5: error: pipelines.0.file: no such pipeline file: {tmp_path / 'missing.yaml'}" in out.stderr
+    assert f"{bad}:4:5: error: pipelines[0].file: no such pipeline file: {tmp_path / 'missing.yaml'}" in out.stderr
     # The pipeline file's own problems, every one, located in that file.
     assert f"{bad_pipeline}:5:3: error: stages.biuld: unknown key 'biuld' (did you mean 'build'?)" in out.stderr
     assert f"{bad_pipeline}:1:1: error: image: missing required field 'image'" in out.stderr
@@ -250,3 +254,59 @@ pipelines:
     typo.write_text("name: three\nconcurrencyy: 2\n")
     out = _check(typo)
     assert out.returncode == 2 and f"{typo}:2:1: error: concurrencyy:" in out.stderr, out.stderr
+
+
+def test_daemon_check_reads_the_pipelines_secrets_and_their_vars(tmp_path):
+    """--check reads every secret an entry's pipeline names (an unreadable one said at the
+    pipeline's line, not "ok"), and refuses a vars name the file never uses, at its key."""
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("version: 1\nname: app\nrepository: {url: .}\nimage: {name: r/app}\n"
+                        "secrets:\n  api: {file: missing-token}\nstages:\n  deploy:\n"
+                        "    servers: ['${HOST}']\n")
+    f = tmp_path / "daemon.yaml"
+    f.write_text(f"pipelines:\n  - name: app\n    file: {pipeline}\n"
+                 f"    vars:\n      HOST: deploy@h\n      HOTS: deploy@h2\n")
+    cfg, problems = check_config(f)
+    assert cfg is not None
+    said = [str(p) for p in problems]
+    assert said == [
+        f"{f}:6:7: error: pipelines[0].vars.HOTS: vars: 'HOTS' is not used by {pipeline} (no "
+        f"${{HOTS}} in it) (did you mean 'HOST'?)",
+        f"{pipeline}:6:3: error: secrets.api: secret 'api': cannot read {tmp_path / 'missing-token'}: "
+        f"No such file or directory"], said
+    (tmp_path / "missing-token").write_text("a-long-token\n")
+    f.write_text(f"pipelines:\n  - name: app\n    file: {pipeline}\n    vars: {{HOST: deploy@h}}\n")
+    assert check_config(f)[1] == []
+
+
+def test_daemon_config_speaks_the_pipelines_words(tmp_path):
+    """Every problem of the config at once, at its line and column, in the words of the
+    pipeline's loader: no "Input should be a valid tuple", "Extra inputs are not permitted"."""
+    f = tmp_path / "daemon.yaml"
+    f.write_text("listen: {port: 8080, hots: x}\nwebhooks:\n  githbu: {secret: x}\npipelines:\n"
+                 "  - name: app\n    file: p.yaml\n    trigger: {}\n    triggers:\n"
+                 "      push: {branches: main}\n      poll: 60\n")
+    with pytest.raises(InvalidInput) as e:
+        load_config(f)
+    said = [str(p) for p in e.value.problems]
+    assert said == [
+        f"{f}:1:22: error: listen.hots: unknown key 'hots' (did you mean 'host'?); listen takes: "
+        f"host, port, idle_timeout, read_timeout",
+        f"{f}:3:11: error: webhooks.githbu: expected one of github, gitea, gitlab or generic, got "
+        f"the string 'githbu' (did you mean 'github'?)",
+        f"{f}:7:5: error: pipelines[0].trigger: unknown key 'trigger' (did you mean 'triggers'?); "
+        f"pipelines[0] takes: name, file, pipeline, repo, servers, secrets, token, token_user, "
+        f"ssh_key, triggers, concurrency, concurrency_group, cancel_in_progress, "
+        f"requeue_on_interrupt, webhook_secret, commit_status, vars, destination",
+        f"{f}:9:24: error: pipelines[0].triggers.push.branches: expected a list of strings, got "
+        f"the string 'main' (write [main])",
+        f"{f}:10:13: error: pipelines[0].triggers.poll: expected a mapping {{interval?, "
+        f"initial?}}, got the number 60"], said
+    f.write_text("")  # an empty file: every default
+    assert load_config(f).pipelines == ()
+    f.write_text("- a\n")
+    with pytest.raises(InvalidInput) as e:
+        load_config(f)
+    assert [str(p) for p in e.value.problems] == [
+        f"{f}:1:1: error: the daemon config must be a mapping (listen:, data_dir:, pipelines:, "
+        f"...), got a list"]

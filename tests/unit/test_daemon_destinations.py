@@ -68,26 +68,26 @@ def test_a_destination_is_checked_against_the_pipeline_s_destinations(tmp_path):
     shop = tmp_path / "shop.yaml"
     said = [str(p) for p in problems]
     assert said == [
-        f"{f}:7:5: error: pipelines.1.destination: unknown destination 'qa': {shop}'s "
+        f"{f}:7:5: error: pipelines[1].destination: unknown destination 'qa': {shop}'s "
         f"destinations are staging, production",
-        f"{f}:8:5: error: pipelines.2.name: {shop} has destinations (staging, production): name "
+        f"{f}:8:5: error: pipelines[2].name: {shop} has destinations (staging, production): name "
         f"the one this entry deploys to with destination: NAME",
-        f"{f}:12:5: error: pipelines.3.destination: destination 'staging': "
+        f"{f}:12:5: error: pipelines[3].destination: destination 'staging': "
         f"{tmp_path / 'plain.yaml'} has no destinations: section",
-        f"{f}:16:34: error: pipelines.4.triggers.tag.promote_from: unknown destination "
+        f"{f}:16:34: error: pipelines[4].triggers.tag.promote_from: unknown destination "
         f"'stagin': {shop}'s destinations are staging, production"], said
 
 
 @pytest.mark.parametrize("entry,where,message", [
-    ("{name: a, file: x, destination: Prod}", "pipelines.0.destination", "should match pattern"),
-    ("{name: a, file: x, triggers: {tag: {promote_from: staging}}}", "pipelines.0",
+    ("{name: a, file: x, destination: Prod}", "pipelines[0].destination", "expected a string matching"),
+    ("{name: a, file: x, triggers: {tag: {promote_from: staging}}}", "pipelines[0]",
      "triggers.tag promotes to the entry's destination: give destination: NAME"),
     ("{name: a, file: x, destination: staging, triggers: {tag: {promote_from: staging}}}",
-     "pipelines.0", "a promotion moves a release between two destinations"),
+     "pipelines[0]", "a promotion moves a release between two destinations"),
     ("{name: a, pipeline: p.yaml, repo: /r, destination: production, "
-     "triggers: {tag: {promote_from: staging}}}", "pipelines.0", "(file:), not one read from"),
+     "triggers: {tag: {promote_from: staging}}}", "pipelines[0]", "(file:), not one read from"),
     ("{name: a, file: x, destination: production, "
-     "triggers: {push: {tags: ['v*']}, tag: {promote_from: staging}}}", "pipelines.0",
+     "triggers: {push: {tags: ['v*']}, tag: {promote_from: staging}}}", "pipelines[0]",
      "either builds (triggers.push.tags) or promotes (triggers.tag)"),
 ])
 def test_the_config_refuses_a_promotion_it_cannot_make(tmp_path, entry, where, message):

@@ -155,8 +155,8 @@ def test_config_pull_request_trigger():
         config_from_dict({"pipelines": [{"name": "app", "file": "p.yaml", "triggers": {
             "pull_request": {"forks": "everyone", "secrets": True}}}]})
     fields = {p.path for p in info.value.problems}
-    assert "pipelines.0.triggers.pull_request.forks" in fields
-    assert "pipelines.0.triggers.pull_request.secrets" in fields
+    assert "pipelines[0].triggers.pull_request.forks" in fields
+    assert "pipelines[0].triggers.pull_request.secrets" in fields
 
 
 # -- over HTTP ---------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from click.testing import CliRunner
 from runner.cli import cli
 from runner.errors import InvalidInput
 from runner.loader import load_pipeline, load_pipeline_text, secret_references
+from runner.daemon.config import DaemonConfig
+from runner.daemon.reference import DAEMON_CONFIG_BEGIN, DAEMON_CONFIG_FILE, DOCS as ALL_DOCS
 from runner.model import reference
 from runner.model.words import fields_of
 
@@ -100,6 +102,7 @@ def test_stage_outputs_regenerate_in_place_and_check_says_when_stale(tmp_path):
     start, end = md.index(reference.OUTPUTS_BEGIN), md.index(reference.END)
     for name in (reference.SCHEMA_FILE, reference.REFERENCE_FILE):
         (tmp_path / name).write_text((DOCS / name).read_text(encoding="utf-8"))
+    (tmp_path / DAEMON_CONFIG_FILE).write_text((DOCS / DAEMON_CONFIG_FILE).read_text(encoding="utf-8"))
     stale = md[:start + len(reference.OUTPUTS_BEGIN)] + "\nold\n" + md[end:]
     (tmp_path / reference.OUTPUTS_FILE).write_text(stale)
     cli_runner = CliRunner()
@@ -111,6 +114,28 @@ def test_stage_outputs_regenerate_in_place_and_check_says_when_stale(tmp_path):
     assert out.exit_code == 0 and reference.OUTPUTS_FILE in out.output
     assert (tmp_path / reference.OUTPUTS_FILE).read_text() == md  # hand-written parts kept
     assert cli_runner.invoke(cli, ["schema", "--check", str(tmp_path)]).exit_code == 0
+
+
+def test_committed_daemon_config_reference_matches_its_model(tmp_path):
+    """docs/daemon-config.md's reference is generated from runner/daemon/config.py; `runner
+    schema --check` says when it is stale, `--docs` rewrites only its generated part."""
+    assert not reference.stale_docs(DOCS, ALL_DOCS), f"run `{reference.REGENERATE}`"
+    md = (DOCS / DAEMON_CONFIG_FILE).read_text(encoding="utf-8")
+    for key, _name, _info in fields_of(DaemonConfig):
+        assert f"| `{key}` |" in md, key
+    assert "| `triggers` | mapping: [`pipelines[].triggers`](#pipelinestriggers) | `{}` |" in md
+    assert "base_dir" not in md  # set by the loader, not written in the file
+    for name in (reference.SCHEMA_FILE, reference.REFERENCE_FILE, reference.OUTPUTS_FILE):
+        (tmp_path / name).write_text((DOCS / name).read_text(encoding="utf-8"))
+    start, end = md.index(DAEMON_CONFIG_BEGIN), md.index(reference.END)
+    (tmp_path / DAEMON_CONFIG_FILE).write_text(md[:start + len(DAEMON_CONFIG_BEGIN)] + "\nold\n"
+                                               + md[end:])
+    cli_runner = CliRunner()
+    out = cli_runner.invoke(cli, ["schema", "--check", str(tmp_path)])
+    assert out.exit_code == 1 and out.output.count("does not match") == 1, out.output
+    assert f"{DAEMON_CONFIG_FILE}: does not match" in out.output
+    assert cli_runner.invoke(cli, ["schema", "--docs", str(tmp_path)]).exit_code == 0
+    assert (tmp_path / DAEMON_CONFIG_FILE).read_text() == md  # hand-written parts kept
 
 
 def test_a_missing_stage_outputs_page_is_stale(tmp_path):
