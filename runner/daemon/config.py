@@ -199,12 +199,20 @@ _NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 class CommitStatus(_Model):
     """Report each run's state to the forge as a commit status."""
 
-    provider: Literal["github", "gitea"] = "github"
-    api_url: str = "https://api.github.com"  # Gitea/Forgejo: https://HOST/api/v1
-    repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")  # owner/name
+    provider: Literal["github", "gitea", "gitlab"] = "github"
+    api_url: str = "https://api.github.com"  # Gitea/Forgejo: https://HOST/api/v1; GitLab: https://HOST/api/v4
+    repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$")  # owner/name; GitLab: group/subgroup/name
     token: SecretRef
+    # "{pipeline}" and "{event}" (push, pull_request, tag, ...) are replaced; without "{event}", a
+    # pull request's run reports as "CONTEXT (pull_request)".
     context: str = "runner/{pipeline}"
     target_url: str | None = None  # "{run_id}" and "{pipeline}" are replaced
+
+    @model_validator(mode="after")
+    def _owner_name(self):
+        if self.provider != "gitlab" and self.repo.count("/") != 1:
+            raise ValueError(f"repo: {self.provider} names a repository owner/name, not {self.repo!r}")
+        return self
 
 
 class RepositorySecret(_Model):
