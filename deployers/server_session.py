@@ -21,7 +21,8 @@ import paramiko
 
 from deployers import lock as locks
 from deployers.accessory_check import check_before_switch
-from deployers.base import LockLostStep, Restored, ServerPlan, StepFailed, Switch
+from deployers.base import (LockLostStep, Restored, ServerPlan, ServerSteps, StepFailed,
+                            Switch)
 from deployers.config_error import ConfigError
 from deployers.plan import Action
 from deployers.release_command import ReleaseRun, run_release_command
@@ -249,6 +250,32 @@ class ServerSession:
                     return Restored(False, kept=kept,
                                     note=f"{type(exc).__name__}: {exc} (a bug in runner)")
         return Restored(False, kept=kept, note="not restored")
+
+
+class SessionSteps(ServerSteps):
+    """What every cutover over a ServerSession does alike: reaching the servers, their locks,
+    the release command, the timings and the end. The stop-start and the proxy cutovers are
+    siblings below it; each says how a server is prepared, switched, verified, restored and
+    committed."""
+
+    def __init__(self, d: SSHDockerDeployer):
+        self.d = d
+        self.s = ServerSession(d)
+
+    def reach(self, plan: ServerPlan) -> str:
+        return self.s.reach(plan)
+
+    def take_lock(self, plan: ServerPlan) -> None:
+        self.s.take_lock(plan)
+
+    def release(self, sw: Switch) -> None:
+        self.s.release(sw)
+
+    def timings(self, server: str) -> dict[str, float]:
+        return self.s.timings(server)
+
+    def finish(self) -> None:
+        self.s.finish()
 
 
 def run_actions(run: Run, plan: ServerPlan, actions: tuple[Action, ...] | list[Action]) -> None:

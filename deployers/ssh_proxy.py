@@ -39,7 +39,7 @@ from runner.errors import Cancelled
 
 from deployers import commands as cmd
 from deployers import lock as locks
-from deployers.base import Restored, ServerPlan, ServerSteps, StepFailed, Switch
+from deployers.base import Restored, ServerPlan, StepFailed, Switch
 from deployers.commands import bind
 from deployers.container_switch import already_running, start_new, switch_server
 from deployers.health import (ContainerState, ProbeResult, Verdict, explain_http,
@@ -56,7 +56,7 @@ from deployers.remote_files import sweep
 from deployers.restore_plan import route_back, unreuse
 from deployers.server_commit import commit_release
 from deployers.server_prepare import prepare_server
-from deployers.server_session import OnServer, Run, ServerSession, run_actions
+from deployers.server_session import OnServer, Run, SessionSteps, run_actions
 from deployers.spec import LABEL_DIGEST, LABEL_RUN, HealthSpec, identity_of, record_identity
 from deployers.ssh_connection import Connection
 from deployers.ssh_errors import TransportError
@@ -284,29 +284,13 @@ class ProxyOps:
                         host_header=host)
 
 
-class ProxySteps(ServerSteps):
+class ProxySteps(SessionSteps):
     """See the module docstring."""
 
     def __init__(self, d: SSHDockerDeployer):
-        self.d = d
-        self.s = ServerSession(d)
+        super().__init__(d)
         self.ops = ProxyOps(d)
         self.p = d.stage.proxy
-
-    def reach(self, plan: ServerPlan) -> str:
-        return self.s.reach(plan)
-
-    def take_lock(self, plan: ServerPlan) -> None:
-        self.s.take_lock(plan)
-
-    def timings(self, server: str) -> dict[str, float]:
-        return self.s.timings(server)
-
-    def finish(self) -> None:
-        self.s.finish()
-
-    def release(self, sw: Switch) -> None:
-        self.s.release(sw)
 
     # ------------------------------------------------------------------ prepare
 

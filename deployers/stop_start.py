@@ -26,44 +26,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from deployers.base import Restored, ServerPlan, ServerSteps, StepFailed, Switch
+from deployers.base import Restored, ServerPlan, StepFailed, Switch
 from deployers.container_switch import already_running, start_new, switch_server
 from deployers.health import wait_healthy
 from deployers.health_probe import announce, check_name, probe_for, unhealthy_reason
 from deployers.previous_container import put_back_previous
 from deployers.server_commit import commit_release
 from deployers.server_prepare import prepare_server
-from deployers.server_session import OnServer, Run, ServerSession
+from deployers.server_session import OnServer, Run, SessionSteps
 from deployers.ssh_connection import Connection
 
 if TYPE_CHECKING:
     from deployers.ssh_docker import SSHDockerDeployer
 
 
-class StopStartSteps(ServerSteps):
+class StopStartSteps(SessionSteps):
     """The per-server steps of the stop-start cutover; see the module docstring."""
-
-    def __init__(self, d: SSHDockerDeployer):
-        self.d = d
-        self.s = ServerSession(d)
-
-    def reach(self, plan: ServerPlan) -> str:
-        return self.s.reach(plan)
-
-    def take_lock(self, plan: ServerPlan) -> None:
-        self.s.take_lock(plan)
-
-    def timings(self, server: str) -> dict[str, float]:
-        return self.s.timings(server)
-
-    def finish(self) -> None:
-        self.s.finish()
 
     def prepare(self, plan: ServerPlan) -> Switch:
         return prepare_server(self.s, plan)
-
-    def release(self, sw: Switch) -> None:
-        self.s.release(sw)
 
     def switch(self, sw: Switch) -> None:
         switch_server(self.s, sw,

@@ -11,6 +11,7 @@ import pytest
 
 from deployers import commands as cmd
 from deployers.base import ServerSteps
+from deployers.server_session import SessionSteps
 from deployers.health import ContainerState
 from deployers.plan import ASIDE, UNVERIFIED, VERIFIED, Action, plan_deploy
 from deployers.pruning import holding_ports, kept_to_prune
@@ -195,8 +196,9 @@ def test_the_steps_build_no_changing_command_of_their_own(module):
 
 
 def test_the_cutovers_are_siblings_over_shared_public_pieces():
-    assert StopStartSteps.__bases__ == (ServerSteps,)
-    assert ProxySteps.__bases__ == (ServerSteps,)
+    # Siblings: neither cutover is built on the other; both on the shared session's steps.
+    assert StopStartSteps.__bases__ == (SessionSteps,) == ProxySteps.__bases__
+    assert SessionSteps.__bases__ == (ServerSteps,)
     private = []
     for path in sorted((ROOT / "deployers").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
