@@ -20,12 +20,10 @@ The app reaches it as `<app>-db` (here `shop-db`) on the runner's docker network
 from __future__ import annotations
 
 import re
-import shlex
-from typing import Annotated, Any
 
 from pydantic import Field, field_validator
 
-from runner.model.base import Model, OneString, check_env, check_ports
+from runner.model.base import ContainerCommand, EnvVars, Model, ServerNames, check_ports
 
 # The docker network on each server that the app (every cutover, when accessories are
 # declared) and its accessories join: deployers.proxy.NETWORK is this name.
@@ -58,14 +56,13 @@ class Accessory(Model):
 
     image: str = Field(min_length=1, examples=["postgres:16"])
     """The image, by tag or digest; pulled by the server's docker when it is not there yet."""
-    servers: Annotated[tuple[str, ...], OneString("one server's name")] = Field(
-        default=(), examples=[["10.0.0.11"]])
+    servers: ServerNames = Field(default=(), examples=[["10.0.0.11"]])
     """Where it runs: servers of `stages.deploy.servers`, each by its `name` (or its host when
     it has none). Unset: every server of `stages.deploy.servers`."""
-    env: dict[str, str] = Field(default_factory=dict, examples=[{"POSTGRES_USER": "shop"}])
+    env: EnvVars = Field(default_factory=dict, examples=[{"POSTGRES_USER": "shop"}])
     """Environment variables."""
-    secret_env: dict[str, str] = Field(default_factory=dict,
-                                       examples=[{"POSTGRES_PASSWORD": "db_password"}])
+    secret_env: EnvVars = Field(default_factory=dict,
+                                examples=[{"POSTGRES_PASSWORD": "db_password"}])
     """Environment variables whose values are secrets: `NAME: secret name`. The values reach
     the container through a private file on the server, never a command line or a log."""
     volumes: tuple[str, ...] = Field(default=(), examples=[["data:/var/lib/postgresql/data"]])
@@ -75,27 +72,11 @@ class Accessory(Model):
     ports: tuple[str, ...] = Field(default=(), examples=[["127.0.0.1:5432:5432"]])
     """Host ports to publish, as `docker run -p` takes them. Unset: none; the app reaches it
     over the runner's network, nothing else does."""
-    command: Annotated[tuple[str, ...] | None, OneString(
-        "one string, split into arguments the way a shell splits words (no shell runs it)")] \
-        = Field(default=None, examples=[["redis-server", "--appendonly", "yes"]])
+    command: ContainerCommand = Field(default=None,
+                                      examples=[["redis-server", "--appendonly", "yes"]])
     """The arguments after the image, which replace the image's CMD. Unset: the image's CMD."""
     healthcheck: AccessoryHealthcheck | None = None
     """When it counts as ready. Unset: the image's own HEALTHCHECK, else staying up 2 seconds."""
-
-    @field_validator("servers", mode="before")
-    @classmethod
-    def _servers(cls, v: Any) -> Any:
-        return (v,) if isinstance(v, str) else v
-
-    @field_validator("command", mode="before")
-    @classmethod
-    def _command(cls, v: Any) -> Any:
-        return tuple(shlex.split(v)) if isinstance(v, str) else v
-
-    @field_validator("env", "secret_env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_env(v)
 
     @field_validator("volumes")
     @classmethod

@@ -18,12 +18,14 @@ Markers for `Annotated[...]` metadata, read by the loader, the schema and the re
 from __future__ import annotations
 
 import re
+import shlex
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo,
+                      field_validator)
 
 # What a relative path is taken against, in the reference's words.
 PATH_BASES = {
@@ -67,6 +69,30 @@ def check_env(value: dict[str, str]) -> dict[str, str]:
         if "\n" in val or "\r" in val or "\0" in val:
             raise ValueError(f"{k}: values cannot hold newlines")
     return value
+
+
+def split_words(value: Any) -> Any:
+    """A command written as one string: its words, split the way a shell splits them (no
+    shell ever runs it)."""
+    return tuple(shlex.split(value)) if isinstance(value, str) else value
+
+
+# The arguments after a container's image (`docker run IMAGE ARG...`): a list of words, or one
+# string split into words. Container, a role and an accessory take it alike.
+ContainerCommand = Annotated[tuple[str, ...] | None, OneString(
+    "one string, split into arguments the way a shell splits words (no shell runs it)"),
+    BeforeValidator(split_words)]
+def one_or_many(value: Any) -> Any:
+    """A list written as its one item."""
+    return (value,) if isinstance(value, str) else value
+
+
+# Servers of `stages.deploy.servers` by their names (or hosts), where a role or an accessory
+# runs: a list, or one name.
+ServerNames = Annotated[tuple[str, ...], OneString("one server's name"),
+                        BeforeValidator(one_or_many)]
+# A container's environment (`env`, `secret_env`): names as a shell takes them, one-line values.
+EnvVars = Annotated[dict[str, str], AfterValidator(check_env)]
 
 
 _PORT_RE = re.compile(r"^(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(?:(\d{1,5}):)?(\d{1,5})(/(?:tcp|udp))?$")

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from runner.model.base import (HOST_RE, Model, OneString, PathOn, check_env,
+from runner.model.base import (HOST_RE, ContainerCommand, EnvVars, Model, OneString, PathOn,
                                 check_login, check_ports)
 from runner.model.health import Healthcheck, HttpCheck
 from runner.model.roles import Role
@@ -178,9 +178,9 @@ class Container(Model):
     ports: tuple[str, ...] = Field(default=(), examples=[["8080:80", "127.0.0.1:9090:9090/tcp"]])
     """Published ports, as `docker run -p` takes them: `HOST:CONTAINER`, with an optional
     address and `/tcp` or `/udp`. Not with `proxy`."""
-    env: dict[str, str] = Field(default_factory=dict, examples=[{"MODE": "production"}])
+    env: EnvVars = Field(default_factory=dict, examples=[{"MODE": "production"}])
     """Environment variables, over the top-level `env:`."""
-    secret_env: dict[str, str] = Field(default_factory=dict, examples=[{"API_TOKEN": "api_token"}])
+    secret_env: EnvVars = Field(default_factory=dict, examples=[{"API_TOKEN": "api_token"}])
     """Environment variables whose values are secrets: `NAME: secret name`. The values reach
     the container through a private file on the server, never a command line or a log."""
     volumes: tuple[str, ...] = Field(default=(), examples=[["app-data:/var/lib/app",
@@ -200,9 +200,8 @@ class Container(Model):
     """The memory limit (`--memory`): a number with an optional unit b, k, m or g."""
     cpus: float | None = Field(default=None, gt=0, examples=[1.5])
     """How many CPUs the container may use (`--cpus`)."""
-    command: Annotated[tuple[str, ...] | None, OneString(
-        "one string, split into arguments the way a shell splits words (no shell runs it)")] \
-        = Field(default=None, examples=[["gunicorn", "--workers", "4", "app:app"]])
+    command: ContainerCommand = Field(default=None,
+                                      examples=[["gunicorn", "--workers", "4", "app:app"]])
     """The arguments after the image (`docker run IMAGE ARG...`), which replace the image's
     CMD. Unset: the image's CMD."""
     entrypoint: str | None = Field(default=None, examples=["/usr/local/bin/serve"])
@@ -214,23 +213,10 @@ class Container(Model):
     stop_timeout: int = Field(default=10, ge=0, le=600)
     """Seconds `docker stop` gives the old container before killing it."""
 
-    @field_validator("command", mode="before")
-    @classmethod
-    def _command(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            import shlex
-            return tuple(shlex.split(v))
-        return v
-
     @field_validator("ports")
     @classmethod
     def _ports(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return check_ports(v)
-
-    @field_validator("env", "secret_env")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_env(v)
 
     @field_validator("volumes")
     @classmethod

@@ -25,13 +25,12 @@ the proxy only for the primary role). Pure: no I/O.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from runner.model.base import Model, OneString, check_env
+from runner.model.base import ContainerCommand, EnvVars, Model, ServerNames
 from runner.model.health import Healthcheck
 
 if TYPE_CHECKING:
@@ -46,18 +45,15 @@ class Role(Model):
     """One role of the app: the release's image run with its own command, on its own servers,
     with its own env and health check. What it does not set comes from `container`."""
 
-    command: Annotated[tuple[str, ...] | None, OneString(
-        "one string, split into arguments the way a shell splits words (no shell runs it)")] \
-        = Field(default=None, examples=[["python", "-m", "shop.worker"]])
+    command: ContainerCommand = Field(default=None, examples=[["python", "-m", "shop.worker"]])
     """The arguments after the image, which replace the image's CMD. Unset:
     `container.command`, else the image's CMD."""
-    servers: Annotated[tuple[str, ...], OneString("one server name")] = Field(
-        default=(), examples=[["10.0.0.11"]])
+    servers: ServerNames = Field(default=(), examples=[["10.0.0.11"]])
     """The servers of `stages.deploy.servers` (by name or host) this role runs on. Unset: all
     of them."""
-    env: dict[str, str] = Field(default_factory=dict, examples=[{"QUEUE": "default"}])
+    env: EnvVars = Field(default_factory=dict, examples=[{"QUEUE": "default"}])
     """Environment variables, over `container.env`."""
-    secret_env: dict[str, str] = Field(default_factory=dict, examples=[{"QUEUE_TOKEN": "queue"}])
+    secret_env: EnvVars = Field(default_factory=dict, examples=[{"QUEUE_TOKEN": "queue"}])
     """Secret environment variables (`NAME: secret name`), over `container.secret_env`."""
     healthcheck: Healthcheck | None = None
     """When this role's new container counts as healthy. Unset: the primary role (the one
@@ -67,16 +63,6 @@ class Role(Model):
     proxy: bool | None = Field(default=None, examples=[False])
     """Whether this role is behind the proxy (`stages.deploy.proxy`). Unset: only the role
     named `web`. At most one role is."""
-
-    @field_validator("command", mode="before")
-    @classmethod
-    def _command(cls, v: Any) -> Any:
-        return tuple(shlex.split(v)) if isinstance(v, str) else v
-
-    @field_validator("env", "secret_env")
-    @classmethod
-    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
-        return check_env(v)
 
 
 @dataclass(frozen=True)

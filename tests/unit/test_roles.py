@@ -81,6 +81,12 @@ def test_each_role_runs_the_release_with_its_own_command_servers_env_and_health(
     assert spec.health.kind == "uptime" and spec.name == "shop-worker"
 
 
+def test_a_role_s_servers_and_command_may_each_be_one_string():
+    text = BASE + "    roles:\n      web: {}\n      worker: {servers: jobs-1, command: run jobs}\n"
+    role = load(text).stages.deploy.roles["worker"]
+    assert role.servers == ("jobs-1",) and role.command == ("run", "jobs")
+
+
 def test_a_role_s_plain_env_wins_over_the_app_s_secret_of_that_name():
     text = BASE + ROLES.replace("env: {QUEUE_URL: redis://q}", "env: {TOKEN: not-secret}")
     worker = role_settings(load(text).stages.deploy, "shop")[1]
