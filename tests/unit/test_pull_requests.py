@@ -348,7 +348,8 @@ def test_commit_status_is_reported_on_the_head_commit_to_the_base_repository(tmp
         head = "8e2b6f3a1c9d4e5f60718293a4b5c6d7e8f90a1b"  # the fork's commit, not base.sha
         assert p1 == p2 == f"/repos/octo-org/app/statuses/{head}"
         assert (first["state"], last["state"]) == ("pending", "success")
-        assert first["context"] == last["context"] == "runner/app"
+        # a status of its own, beside the push's "runner/app" of the same commit
+        assert first["context"] == last["context"] == "runner/app (pull_request)"
         assert ran["withhold_secrets"] is True and ran["skip"] == ["push", "deploy"]
         assert ran["request"]["kind"] == "pull_request" and ran["request"]["commit"] == head
         fork_url = github_pr()["pull_request"]["head"]["repo"]["clone_url"]
