@@ -114,7 +114,7 @@ def lab_env_printed() -> dict[str, str]:
 
 def lab_env(lab: dict) -> dict[str, str]:
     """The variables `runner lab env` exports, from the lab fixture's description."""
-    from runner.lab.layout import env_vars
+    from runner_lab.layout import env_vars
 
     return env_vars(lab)
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from runner.lab import layout
+from runner_lab import layout
 
 PREFIX = "runner_test_"
 _NAME = re.compile(rf"^{PREFIX}(\d+)_[0-9a-f]+$")

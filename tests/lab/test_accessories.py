@@ -16,7 +16,7 @@ from deployers.base import DeployFailed
 from pipelines.deploy import make_deployer
 from runner.cli.accessory import make_accessory
 from runner.cli.app import make_app
-from runner.lab import layout
+from runner_lab import layout
 from runner.loader import load_pipeline
 from runner.model.image import ImageRef
 from tests.lab.deploy_fixtures import _cleanup, _port

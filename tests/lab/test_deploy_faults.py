@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from deployers.base import DeployFailed
 from runner.cli.deploy import make_commands
 from deployers.ssh_docker import SSHDockerDeployer
-from runner.lab.host import children
+from runner_lab.host import children
 from runner.model import Pipeline
 from tests.lab.deploy_fixtures import Log, _apply_until, _deployer, _get, _port, _servers, _stage
 from tests.lab.deploy_fixtures import app_behind, behind  # noqa: F401

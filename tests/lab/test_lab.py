@@ -25,7 +25,7 @@ from pathlib import Path
 import paramiko
 
 
-from runner.lab import host, layout
+from runner_lab import host, layout
 
 
 from tests.helpers import lab_cli, lab_env_printed

@@ -28,7 +28,7 @@ import psycopg
 
 import pytest
 
-from runner.lab import host, layout
+from runner_lab import host, layout
 
 from tests.lab.db_fixtures import fresh_database
 
@@ -162,7 +162,7 @@ def test_a_killed_postmaster_is_started_again_by_up_with_its_data(lab, pg_url):
 def test_stopped_as_down_stops_it_with_a_client_connected_then_up_starts_it(lab):
     """`down`'s stop (SIGINT: fast shutdown) ends the postmaster at once although a client is
     connected (SIGTERM would wait for it); `up` starts it again."""
-    from runner.lab.postgres import stop as _stop_postgres
+    from runner_lab.postgres import stop as _stop_postgres
 
     rec = _record(lab)
     client = psycopg.connect(lab["database_url"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.lab import layout
+from runner_lab import layout
 
 DOCKER = os.environ.get("RUNNER_TEST_DOCKER", "docker")
 

@@ -26,7 +26,7 @@ from harness import FAKE_EXEC, config, fake_pipeline, push_payload, send_github,
 
 from runner.daemon.spawn import free_port, start_daemon, stop_daemon  # noqa: E402
 from runner.daemon.store import FINAL  # noqa: E402
-from runner.lab import layout  # noqa: E402
+from runner_lab import layout  # noqa: E402
 
 REPO = "https://git.example.com/me/app.git"
 USER = "outage_owner"  # the private cluster's superuser: a name the answers must not contain

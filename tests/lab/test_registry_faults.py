@@ -28,7 +28,7 @@ import pytest
 
 from pipelines.push import Credentials, verify_pushed
 from runner.errors import StageFailed
-from runner.lab import layout
+from runner_lab import layout
 from runner.model.image import ImageName
 from tests.helpers import ROOT, events, make_repo, stage_end
 from tests.lab.test_registry_token import (UID, Registry, _assert_never_shown, _run_json,
@@ -62,7 +62,7 @@ class Pair:
 
     def start_issuer(self) -> None:
         self.issuer = subprocess.Popen(
-            [sys.executable, "-m", "runner.lab.token_issuer", str(self.dir / "issuer.json")],
+            [sys.executable, "-m", "runner_lab.token_issuer", str(self.dir / "issuer.json")],
             stdout=open(self.dir / "issuer.log", "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
 
     def start_registry(self) -> None:

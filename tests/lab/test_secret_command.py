@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from runner.lab import layout
+from runner_lab import layout
 from tests.helpers import lab_env, make_repo, runner
 
 pytestmark = pytest.mark.usefixtures("lab")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from deployers import lock as locks
 from deployers.ssh_docker import SSHDockerDeployer
-from runner.lab import layout
+from runner_lab import layout
 from tests.lab.deploy_fixtures import Log, _deployer, _get, _port, _stage
 from tests.helpers import ROOT
 from tests.lab.test_deploy_faults import _descendants

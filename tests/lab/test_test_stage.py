@@ -21,7 +21,7 @@ import pytest
 from pipelines.testing import TestStage
 from pipelines.testing_plan import cache_volume
 from runner.errors import StageFailed
-from runner.lab import layout
+from runner_lab import layout
 from runner.model import Pipeline
 from runner.outputs import Outputs
 from runner.stage import StageContext

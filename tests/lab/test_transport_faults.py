@@ -27,7 +27,7 @@ from deployers.ssh_connect import connect
 from deployers.ssh_errors import CommandTimeout, RemoteTimeout, TransportError
 from deployers.ssh_keys import load_private_key
 from deployers.ssh_options import SSHOptions
-from runner.lab import layout
+from runner_lab import layout
 
 # The same bounds serve the connections before the stall and after it (a fresh connect, a new
 # SFTP session, a new shell), so they are not lowered to save time: at load 15 a fresh SFTP

@@ -29,7 +29,7 @@ from click.testing import CliRunner
 
 from pipelines.deploy import make_deployer
 from runner.cli.main import cli
-from runner.lab import layout
+from runner_lab import layout
 from runner.loader import load_pipeline
 from runner.model.image import ImageRef
 from tests.lab.deploy_fixtures import _docker, _port

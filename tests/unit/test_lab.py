@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.lab import host, layout
+from runner_lab import host, layout
 
-from runner.lab.layout import LabServer
+from runner_lab.layout import LabServer
 
 
 
@@ -121,8 +121,8 @@ def test_auth_registry_config_requires_htpasswd_login():
 def test_auth_registry_password_is_made_once_and_kept_private(tmp_path):
     import bcrypt
 
-    from runner.lab.registries import ensure_auth_credentials
-    from runner.lab.state import State
+    from runner_lab.registries import ensure_auth_credentials
+    from runner_lab.state import State
 
     state = State(tmp_path, log=lambda msg: None)
     assert ensure_auth_credentials(state) is True
@@ -262,7 +262,7 @@ def test_apt_mirror_is_read_from_apt_sources(sources, mirror):
 def test_not_root_is_a_clear_error_with_exit_2(monkeypatch):
     from click.testing import CliRunner
 
-    from runner.cli.lab import lab as lab_group
+    from runner_lab.cli import lab as lab_group
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     for args in (["up", "--servers", "1"], ["down"], ["status", "--json"]):

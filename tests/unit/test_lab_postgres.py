@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 
-from runner.lab import host, layout
+from runner_lab import host, layout
 
 
 
@@ -67,7 +67,7 @@ def test_postgres_layout_names_and_settings():
 
 
 def test_database_url_in_describe_and_env_but_not_in_the_human_line(capsys):
-    from runner.cli.lab import _print_human
+    from runner_lab.cli import _print_human
 
     state = Path("/tmp/lab dir")
     assert layout.describe(state, [])["database_url"] is None  # before `up` made a password
@@ -111,7 +111,7 @@ def test_scram_verifier_checks_the_rfc_7677_exchange():
 def test_postgres_is_stopped_with_sigint_first(tmp_path):
     """down's stop of the postmaster: SIGINT (fast shutdown), not SIGTERM (which waits for every
     client to go)."""
-    from runner.lab.lab import _stop_part
+    from runner_lab.lab import _stop_part
 
     got = tmp_path / "signal"
     code = ("import signal, sys, time\n"

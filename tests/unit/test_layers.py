@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # What each layer is, by module name prefix (a module belongs to the first layer that names it).
 ROOF = ("runner.engine", "runner.runlog", "runner.render", "runner.cli", "runner.daemon",
-        "runner.lab", "runner.__main__")
+        "runner.__main__", "runner_lab")
 STAGES = ("pipelines",)
 TARGETS = ("deployers",)
 FLOOR = ("runner",)  # everything else in runner/: model, stage contract, outputs, loader, ...
@@ -35,9 +35,10 @@ def _layer(module: str) -> str:
 
 def _modules() -> list[tuple[str, Path]]:
     out = []
-    for top in ("runner", "pipelines", "deployers"):
-        for path in sorted((ROOT / top).rglob("*.py")):
-            rel = path.relative_to(ROOT).with_suffix("")
+    for top, where in (("runner", ROOT), ("pipelines", ROOT), ("deployers", ROOT),
+                       ("runner_lab", ROOT / "lab")):
+        for path in sorted((where / top).rglob("*.py")):
+            rel = path.relative_to(where).with_suffix("")
             parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
             out.append((".".join(parts), path))
     return out
@@ -73,6 +74,18 @@ def test_every_module_is_in_a_layer():
 
 def test_imports_go_down_the_layers_only():
     assert _violations(_modules()) == []
+
+
+def test_the_product_never_imports_the_lab():
+    # The lab is the distribution runner-cd-lab: runner-cd runs without it (`runner lab` is
+    # found by name in runner/cli/main.py only when the lab is installed).
+    product = [(m, p) for m, p in _modules() if not m.startswith("runner_lab")]
+    assert len(product) > 50
+    bad = [f"{path.relative_to(ROOT)}:{line}: imports {imported}" for _, path in product
+           for line, imported in _imports(path)
+           if imported.split(".")[0] == "runner_lab" or imported.startswith("runner.lab")]
+    assert bad == []
+    assert not (ROOT / "runner" / "lab").exists()
 
 
 @pytest.mark.parametrize("module, imported", [

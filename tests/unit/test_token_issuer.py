@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from runner.lab import layout
-from runner.lab import token_issuer as ti
+from runner_lab import layout
+from runner_lab import token_issuer as ti
 
 
 def _b64decode(part: str) -> bytes:
@@ -182,7 +182,7 @@ def test_token_registry_config_and_issuer_config():
     assert layout.token_registry_argv(state) == ["docker-registry", "serve",
                                                  "/tmp/lab/token-registry.yml"]
     assert layout.token_issuer_argv(state, "/venv/bin/python") == [
-        "/venv/bin/python", "-m", "runner.lab.token_issuer", "/tmp/lab/token-issuer.json"]
+        "/venv/bin/python", "-m", "runner_lab.token_issuer", "/tmp/lab/token-issuer.json"]
     assert json.loads(layout.token_issuer_config(state)) == {
         "listen": "127.0.0.1:5003", "issuer": "runner-lab-token-issuer",
         "service": "runner-lab-registry", "key": "/tmp/lab/token-issuer/key.pem",
@@ -194,8 +194,8 @@ def test_token_registry_config_and_issuer_config():
 
 
 def test_the_signing_key_is_made_once_and_made_again_only_when_it_no_longer_fits(tmp_path):
-    from runner.lab.registries import ensure_token_signing_key
-    from runner.lab.state import State
+    from runner_lab.registries import ensure_token_signing_key
+    from runner_lab.state import State
 
     state = State(tmp_path, log=lambda msg: None)
     assert ensure_token_signing_key(state) is True
@@ -212,8 +212,8 @@ def test_the_signing_key_is_made_once_and_made_again_only_when_it_no_longer_fits
 
 
 def test_the_token_registrys_users_share_one_password_file(tmp_path):
-    from runner.lab.registries import ensure_htpasswd
-    from runner.lab.state import State
+    from runner_lab.registries import ensure_htpasswd
+    from runner_lab.state import State
 
     state = State(tmp_path, log=lambda msg: None)
     users = (layout.TOKEN_REGISTRY_USER, layout.TOKEN_REGISTRY_PUSH_ONLY_USER)

@@ -11,10 +11,10 @@ import secrets
 import shutil
 import signal
 
-from runner.lab import host, layout
-from runner.lab.credentials import ensure_password, read_password
-from runner.lab.errors import LabError
-from runner.lab.state import State
+from runner_lab import host, layout
+from runner_lab.credentials import ensure_password, read_password
+from runner_lab.errors import LabError
+from runner_lab.state import State
 
 
 def password(state: State) -> str | None:

@@ -2,7 +2,7 @@
 
 Nothing can be pulled from Docker Hub here, so it is made like the proxy image: FROM the lab's
 debootstrapped python image (bookworm), with Debian's `postgresql-15` installed from the Debian
-mirror this host's apt uses (runner.lab.images.debian_mirror), built once by BuildKit on the build
+mirror this host's apt uses (runner_lab.images.debian_mirror), built once by BuildKit on the build
 engine and pushed to the lab registry. The image carries a digest of its recipe as a label, so a
 changed recipe makes it again and an unchanged one costs two small registry GETs.
 
@@ -23,9 +23,9 @@ import hashlib
 import time
 from pathlib import Path
 
-from runner.lab import host, layout
-from runner.lab.errors import LabError
-from runner.lab.images import buildkit_docker_cli, debian_mirror
+from runner_lab import host, layout
+from runner_lab.errors import LabError
+from runner_lab.images import buildkit_docker_cli, debian_mirror
 
 REPO = "lab/postgres"
 TAG = layout.POSTGRES_VERSION
@@ -40,6 +40,8 @@ INITDB = (f"install -d -o postgres -g postgres -m 700 {DATA} "
           f"--auth-host=scram-sha-256 >/dev/null "
           f"&& echo 'host all all 0.0.0.0/0 scram-sha-256' >> {DATA}/pg_hba.conf")
 
+# The path in its comment is where this module was (runner/lab/) when the image was first made:
+# the text is part of the recipe, whose digest `up` and `status` compare, so it stays as it is.
 ENTRYPOINT = f"""#!/bin/sh
 # The cluster was initialised at build time; the first start sets the password and makes the role
 # and database asked for, then postgres runs as the postgres user (runner/lab/postgres_image.py).

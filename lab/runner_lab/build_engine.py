@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runner.lab import host, images, layout, postgres_image
-from runner.lab.state import State
+from runner_lab import host, images, layout, postgres_image
+from runner_lab.state import State
 
 KEY = "build-dockerd"
 EXEC_ROOT = layout.RUN_DIR / "exec"

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-from runner.lab import layout
-from runner.lab.errors import LabError, Unsupported
+from runner_lab import layout
+from runner_lab.errors import LabError, Unsupported
 from runner.proc import Recorded, reap_child, start_detached, start_time
 from runner.proc import stop as stop_process
 

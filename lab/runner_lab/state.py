@@ -18,9 +18,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from runner.lab import host, layout
-from runner.lab.errors import LabError
-from runner.lab.layout import LabServer
+from runner_lab import host, layout
+from runner_lab.errors import LabError
+from runner_lab.layout import LabServer
 
 STATE_VERSION = 1
 

@@ -1,11 +1,11 @@
 """The lab's base network: bridge rlab0 (the registries' address; the servers' veths join it),
 bridge rlabb0 (the build engine's containers, NAT out) and chain RLAB-FORWARD, which keeps the
-servers to the host and each other. The servers' own namespaces and veths are runner.lab.servers'.
+servers to the host and each other. The servers' own namespaces and veths are runner_lab.servers'.
 """
 from __future__ import annotations
 
-from runner.lab import host, layout
-from runner.lab.state import State
+from runner_lab import host, layout
+from runner_lab.state import State
 
 
 def problems() -> list[str]:

@@ -11,8 +11,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from runner.lab import host, layout
-from runner.lab.errors import LabError
+from runner_lab import host, layout
+from runner_lab.errors import LabError
 
 BUSYBOX = Path("/bin/busybox")
 

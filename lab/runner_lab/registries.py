@@ -3,7 +3,7 @@
 - `registry`        10.87.53.1:5000, plain HTTP, no login;
 - `auth-registry`   10.87.53.1:5001, htpasswd login (user `lab`, password file made once);
 - `token-registry`  127.0.0.1:5002, token auth, its tokens from `token-issuer` on 127.0.0.1:5003
-                    (runner/lab/token_issuer.py, run with the runner's python), signed with a key
+                    (runner_lab/token_issuer.py, run with the runner's python), signed with a key
                     made once.
 
 distribution 2.8 reads its htpasswd file and its rootcertbundle only when it starts, so a
@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from runner.lab import host, layout
-from runner.lab.credentials import ensure_password, read_password, write_private
-from runner.lab.state import State
+from runner_lab import host, layout
+from runner_lab.credentials import ensure_password, read_password, write_private
+from runner_lab.state import State
 
 
 def problems(state: State) -> list[str]:
@@ -183,7 +183,7 @@ def _ensure_token_registry(state: State) -> None:
 def ensure_token_signing_key(state: State) -> bool:
     """The issuer's key (0600) and its self-signed certificate, made once; made again when
     either is missing or they do not belong together. True when they were (re)made."""
-    from runner.lab import token_issuer
+    from runner_lab import token_issuer
 
     directory = layout.token_issuer_dir(state.dir)
     key_file, cert_file = directory / "key.pem", directory / "cert.pem"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from runner.lab import host, layout
-from runner.lab.layout import LabServer
-from runner.lab.state import State
+from runner_lab import host, layout
+from runner_lab.layout import LabServer
+from runner_lab.state import State
 
 
 def problems(state: State, s: LabServer) -> list[str]:

@@ -7,7 +7,7 @@ import os
 import secrets
 from pathlib import Path
 
-from runner.lab import host
+from runner_lab import host
 
 
 def read_password(path: Path) -> str | None:

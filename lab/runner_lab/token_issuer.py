@@ -1,7 +1,7 @@
 """The lab's token issuer: the token server of distribution's token auth (the scheme Docker Hub,
 GHCR and GitLab use), for the lab's registry with `auth: token`.
 
-`runner lab up` starts it (`python -m runner.lab.token_issuer CONFIG.json`, on loopback only),
+`runner lab up` starts it (`python -m runner_lab.token_issuer CONFIG.json`, on loopback only),
 records its pid, and `down` stops it by that pid. The registry sends a client without a valid token
 a challenge `Bearer realm="http://127.0.0.1:5003/token",service="...",scope="repository:NAME:pull"`;
 the client asks the realm for a token with its login, and sends it back as `Authorization: Bearer`.
@@ -370,7 +370,7 @@ def serve(config: Mapping) -> ThreadingHTTPServer:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m runner.lab.token_issuer CONFIG.json", file=sys.stderr)
+        print("usage: python -m runner_lab.token_issuer CONFIG.json", file=sys.stderr)
         return 2
     config = json.loads(Path(argv[0]).read_text())
     server = serve(config)

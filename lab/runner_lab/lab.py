@@ -1,6 +1,6 @@
 """Bringing the lab up, checking it, and taking it down: the order of its parts.
 
-state.json (runner.lab.state) records every process `up` started (pid + start time) and the
+state.json (runner_lab.state) records every process `up` started (pid + start time) and the
 network pieces it made, so that `down` stops exactly those, by pid. `up` is a health check first:
 a part that answers is left alone, a dead one is restarted, a missing server is added.
 
@@ -15,10 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runner.lab import build_engine, host, layout, network, postgres, registries, servers
-from runner.lab.errors import LabError
-from runner.lab.layout import LabServer
-from runner.lab.state import State
+from runner_lab import build_engine, host, layout, network, postgres, registries, servers
+from runner_lab.errors import LabError
+from runner_lab.layout import LabServer
+from runner_lab.state import State
 
 
 class Lab:

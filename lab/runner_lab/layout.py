@@ -30,7 +30,7 @@ AUTH_REGISTRY_USER = "lab"
 # Every lab engine talks plain HTTP to these.
 INSECURE_REGISTRIES = (REGISTRY, AUTH_REGISTRY)
 # A registry with token auth, as Docker Hub, GHCR and GitLab answer (a Bearer challenge naming a
-# token endpoint), and the lab's own token issuer (runner/lab/token_issuer.py) as that endpoint.
+# token endpoint), and the lab's own token issuer (runner_lab/token_issuer.py) as that endpoint.
 # Both on loopback: every engine treats 127.0.0.0/8 as insecure already, so no engine needs a new
 # flag (nor a restart); only the host's build engine pushes there, the servers cannot reach it.
 TOKEN_REGISTRY_PORT = 5002
@@ -69,7 +69,7 @@ PROXY_IMAGE_REPO = "runner/caddy"
 PROXY_IMAGE_TAG = "2"
 PROXY_IMAGE = f"{REGISTRY}/{PROXY_IMAGE_REPO}:{PROXY_IMAGE_TAG}"
 PROXY_INIT_CONFIG = "/etc/caddy/init.json"
-PROXY_RECIPE_LABEL = "runner.lab.recipe"
+PROXY_RECIPE_LABEL = "runner.lab.recipe"  # a label of images already made: kept when the lab moved to runner_lab
 # Debian's 20.10 CLI: its built-in BuildKit works with DOCKER_BUILDKIT=1 (the newer CLI in
 # /usr/local/bin has no buildx plugin).
 BUILDKIT_DOCKER_CLI = "/usr/bin/docker"
@@ -481,7 +481,7 @@ def token_registry_config(state: Path) -> str:
 
 def token_issuer_argv(state: Path, python: str) -> list[str]:
     """`python` is the interpreter that runs the runner itself (it has `cryptography`)."""
-    return [python, "-m", "runner.lab.token_issuer", str(token_issuer_config_file(state))]
+    return [python, "-m", "runner_lab.token_issuer", str(token_issuer_config_file(state))]
 
 
 def token_issuer_config(state: Path) -> str:

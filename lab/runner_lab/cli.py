@@ -10,8 +10,8 @@ import traceback
 import click
 
 from runner.errors import RunnerError
-from runner.lab import host, layout
-from runner.lab.errors import LabError
+from runner_lab import host, layout
+from runner_lab.errors import LabError
 
 
 def _exits(fn):
@@ -34,7 +34,7 @@ def _exits(fn):
 
 
 def _lab():
-    from runner.lab.lab import Lab  # after the machine check: nothing else is needed before it
+    from runner_lab.lab import Lab  # after the machine check: nothing else is needed before it
     return Lab()
 
 
