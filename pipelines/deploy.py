@@ -24,6 +24,7 @@ from deployers.accessory_plan import accessory_specs, needed_on
 from deployers.base import DeployFailed
 from deployers.hooks import HookFailed, hook_env, rollout_with_hooks
 from deployers.app_deployer import AppDeployer
+from deployers.plan_summary import plan_summary
 from deployers.ssh_docker import ConfigError
 from deployers.ssh_errors import TransportError
 
@@ -43,7 +44,12 @@ class DeployStage(Stage):
     name = "deploy"
 
     def plan(self, pipeline: Pipeline) -> dict[str, Any]:
-        return make_deployer(pipeline, run_id="<run id>").plan().to_dict()
+        """The plan, opened by its summary (what a person checks: servers, image, env and
+        secret names, proxy hosts, health probe, strategy, roles), then every command."""
+        deployer = make_deployer(pipeline, run_id="<run id>")
+        plan = deployer.plan()
+        return {"summary": plan_summary(pipeline.deploy_settings(), deployer.roles, plan),
+                **plan.to_dict()}
 
     def run(self, ctx: StageContext) -> DeployOutputs:
         push = ctx.outputs.push

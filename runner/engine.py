@@ -274,13 +274,18 @@ def _stage(name: str):
 def plan(prep: Prepared) -> dict[str, Any]:
     """The run as plain data, for --dry-run. Touches nothing."""
     p = prep.pipeline
+    stages = [{"name": n, **_stage(n).plan(p)} for n in prep.stages]
+    # The deploy's summary (servers, image, env and secret names, proxy hosts, health probe)
+    # opens the output, before the commands a person does not read line by line.
+    summary = next((s.pop("summary") for s in stages if "summary" in s), None)
     return {
+        **({"summary": summary} if summary is not None else {}),
         "pipeline": p.name,
         "file": p.source_file,
         "run_id": prep.run_id,
         "trigger": prep.request.to_dict(),
         "image": {"name": p.image.name, "tags": list(p.image.tags)},
-        "stages": [{"name": n, **_stage(n).plan(p)} for n in prep.stages],
+        "stages": stages,
         "skipped": [n for n in STAGE_ORDER if n not in prep.stages],
         "secrets": {name: "withheld" if prep.withhold_secrets else "***" for name in p.secrets},
     }

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from runner.model import Pipeline
-from runner.secrets import Masker, SecretStore
+from runner.secrets import DeferredSecretStore, Masker, SecretStore
 
 # How a pipeline file becomes a Pipeline: (path, variables) -> Pipeline. The deploy commands
 # take another one in tests (a pipeline built in the test, not read from a file).
@@ -25,7 +25,7 @@ Load = Callable[[str, dict[str, str]], Pipeline]
 class OpenPipeline:
     pipeline: Pipeline
     masker: Masker
-    secrets: SecretStore
+    secrets: SecretStore | DeferredSecretStore
 
 
 def load_file(path: str, variables: dict[str, str], destination: str | None = None) -> Pipeline:
@@ -38,14 +38,21 @@ def load_file(path: str, variables: dict[str, str], destination: str | None = No
 
 
 def open_pipeline(path: str | os.PathLike, variables: Mapping[str, str], *,
-                  load: Load = load_file, destination: str | None = None) -> OpenPipeline:
+                  load: Load = load_file, destination: str | None = None,
+                  defer_unreadable: bool = False) -> OpenPipeline:
     """Load the file with `variables` (and this process's environment) and read every secret
     it names, registered with a new masker. A `destination` goes to the Load as a third
-    argument (load_file takes it; a test's Load, which builds its pipeline, need not)."""
+    argument (load_file takes it; a test's Load, which builds its pipeline, need not).
+    `defer_unreadable`: a secret that cannot be read stops the command only when it uses it
+    (DeferredSecretStore; every readable one is still read and masked), for the commands that
+    look at what runs or act on it (`runner app logs`, `runner status`)."""
     path = os.fspath(path)
     pipeline = (load(path, dict(variables)) if destination is None
                 else load(path, dict(variables), destination))  # type: ignore[call-arg]
     masker = Masker()
+    if defer_unreadable:
+        return OpenPipeline(pipeline, masker, DeferredSecretStore(pipeline, dict(os.environ),
+                                                                  masker))
     return OpenPipeline(pipeline, masker, read_secrets(pipeline, dict(os.environ), masker))
 
 

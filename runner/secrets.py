@@ -260,3 +260,47 @@ class SecretStore:
     def __repr__(self) -> str:
         extra = f", withheld={list(self._withheld)}" if self._withheld else ""
         return f"SecretStore(names={list(self._secrets)}{extra})"
+
+
+class DeferredSecretStore:
+    """The secrets of a command that must not be stopped by one it never uses (`runner app
+    logs` uses the SSH key, not the app's database password). Every secret is read at once, as
+    SecretStore.from_pipeline reads it, and registered with the masker (what the servers print
+    is masked as in a run); one that cannot be read is an InvalidInput naming it at its line,
+    raised only when a command asks for it."""
+
+    def __init__(self, pipeline: Pipeline, environ: Mapping[str, str], masker: Masker):
+        self.masker = masker
+        self._names = tuple(pipeline.secrets)
+        self._read: dict[str, Secret] = {}
+        self._unreadable: dict[str, InvalidInput] = {}
+        for name, source in pipeline.secrets.items():
+            one = pipeline.model_copy(update={"secrets": {name: source}})
+            try:
+                self._read[name] = SecretStore.from_pipeline(one, environ, masker).secret(name)
+            except InvalidInput as exc:
+                self._unreadable[name] = exc
+
+    def value(self, name: str) -> str:
+        return self.secret(name).reveal()
+
+    def secret(self, name: str) -> Secret:
+        if name in self._unreadable:
+            raise self._unreadable[name]
+        try:
+            return self._read[name]
+        except KeyError:
+            raise KeyError(f"no secret named {name!r} in this pipeline") from None
+
+    def names(self) -> tuple[str, ...]:
+        return self._names
+
+    def is_withheld(self, name: str) -> bool:
+        return False
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __repr__(self) -> str:
+        return (f"DeferredSecretStore(names={list(self._names)}, "
+                f"unreadable={list(self._unreadable)})")

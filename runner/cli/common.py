@@ -64,14 +64,17 @@ def chosen_destination() -> str | None:
 
 
 def open_or_exit(path: str, variables: tuple[str, ...], load: Load = load_file,
-                 destination: str | None = None) -> OpenPipeline:
+                 destination: str | None = None,
+                 defer_unreadable: bool = False) -> OpenPipeline:
     """open_pipeline for a command: the pipeline with its secrets read, or every problem on
     stderr and the error's exit code (2 for a bad file, an unknown or missing destination, or
-    an unreadable secret). `destination`: given, or the command's `-d` (destination_option)."""
+    an unreadable secret). `destination`: given, or the command's `-d` (destination_option);
+    `defer_unreadable`: an unreadable secret stops only what uses it (open_pipeline)."""
     if destination is None:
         destination = chosen_destination()
     try:
-        return open_pipeline(path, parse_vars(variables), load=load, destination=destination)
+        return open_pipeline(path, parse_vars(variables), load=load, destination=destination,
+                             defer_unreadable=defer_unreadable)
     except RunnerError as exc:
         click.echo(str(exc), err=True)
         sys.exit(exc.exit_code)

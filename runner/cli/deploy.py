@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from runner.cli.common import destination_option, open_or_exit
-from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled
+from runner.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, Cancelled, InvalidInput
 from runner.pipeline_file import Load, load_file
 from runner.secrets import Masker
 from runner.signals import STOP_SIGNALS, StopSignals
@@ -35,12 +35,23 @@ from deployers.ssh_docker import ConfigError, SSHDockerDeployer
 from deployers.ssh_errors import TransportError
 
 def _open(path: str, var: tuple[str, ...], load: Load, run_id: str,
-          echo: Callable[[str], None]):
-    """(pipeline, deployer, masker) or exit 2 with the problems."""
-    opened = open_or_exit(path, var, load)
+          echo: Callable[[str], None], defer_unreadable: bool = False):
+    """(pipeline, deployer, masker) or exit 2 with the problems. `defer_unreadable`: for a
+    command that looks at what runs or acts on it (logs, exec, status): a secret that cannot
+    be read stops it only if it uses it (the SSH connection's are checked here, before
+    anything), so an unrelated unreadable secret does not."""
+    opened = open_or_exit(path, var, load, defer_unreadable=defer_unreadable)
     pipeline, masker, store = opened.pipeline, opened.masker, opened.secrets
     if not pipeline.stages.deploy.servers:
         click.echo(f"{path}: stages.deploy.servers is empty: nothing to do", err=True)
+        sys.exit(EXIT_INVALID)
+    ssh = pipeline.stages.deploy.ssh
+    try:
+        for name in (ssh.key_secret, ssh.key_passphrase_secret):
+            if name:
+                store.value(name)
+    except InvalidInput as exc:
+        click.echo(str(exc), err=True)
         sys.exit(EXIT_INVALID)
 
     def log(line: str) -> None:
@@ -251,7 +262,7 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
         of its secrets' names (never a value), and what changed since the release before it
         (names only)."""
         _, deployer, masker = _open(pipeline_file, var, load, "releases",
-                                    lambda s: click.echo(s, err=True))
+                                    lambda s: click.echo(s, err=True), defer_unreadable=True)
         try:
             rows = deployer.releases()
         finally:
@@ -291,7 +302,7 @@ def make_commands(load: Load = load_file) -> tuple[click.Command, click.Command,
     def status(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
         """Per server: which digest/commit runs, its health and since when."""
         _, deployer, masker = _open(pipeline_file, var, load, "status",
-                                    lambda s: click.echo(s, err=True))
+                                    lambda s: click.echo(s, err=True), defer_unreadable=True)
         proxied = deployer.stage.proxy is not None
         wrong: dict[str, str] = {}
         try:

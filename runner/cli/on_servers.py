@@ -47,7 +47,8 @@ def session(path: str, var: tuple[str, ...], load: Load, run_id: str
     """(pipeline, the app's deployer, masker); exit 2 when the settings cannot work (no key,
     ...). A command on one role's containers takes `role(app, name)` of it; the proxy's
     commands the primary role's (`app.primary`), whose containers the route serves."""
-    pipeline, d, masker = _open(path, var, load, run_id, lambda s: click.echo(s, err=True))
+    pipeline, d, masker = _open(path, var, load, run_id, lambda s: click.echo(s, err=True),
+                                defer_unreadable=True)
     try:
         d.options()
     except ConfigError as exc:

@@ -45,11 +45,14 @@ def _stage(lab, servers, app, port, **over) -> DeploySettings:
     return deploy_stage(lab, servers, app, port, **settings)
 
 
-def _pipeline(stage: DeploySettings, app: str, images) -> Pipeline:
+def _pipeline(stage: DeploySettings, app: str, images, unreadable: bool = False) -> Pipeline:
+    """`unreadable`: with one more secret, which the commands do not use and cannot read."""
+    secrets = {"tok": {"env": SECRET_VAR}}
+    if unreadable:
+        secrets["unused"] = {"file": f"/nonexistent/runner-test-{UID}"}
     return Pipeline.model_validate({
         "name": app, "repository": {"url": "."}, "image": {"name": images["repo"]},
-        "secrets": {"tok": {"env": SECRET_VAR}},
-        "stages": {"deploy": stage.model_dump(by_alias=True)}})
+        "secrets": secrets, "stages": {"deploy": stage.model_dump(by_alias=True)}})
 
 
 class Log:
@@ -176,6 +179,15 @@ def test_logs_and_exec_on_two_servers(lab, images, app):
     res = _invoke(cli, ["logs", "p.yaml", "--server", "nope"])
     assert res.exit_code == 2 and "unknown server 'nope'" in res.output
     assert hosts[0] in res.output
+
+    # A secret the commands do not use and cannot read stops neither (it stopped both: every
+    # secret was read first); the app's own secret is still read, so still masked.
+    unused = make_app(lambda path, variables: _pipeline(stage, name, images, unreadable=True))
+    res = _invoke(unused, ["logs", "p.yaml", "--server", hosts[0]])
+    assert res.exit_code == 0, res.output
+    assert "app-marker token=***" in res.output and secret not in res.output
+    res = _invoke(unused, ["exec", "p.yaml", "--server", hosts[0], "--", "cat", "/www/index.html"])
+    assert (res.exit_code, res.output) == (0, "v1\n")
 
     # exec: the version the container serves; the command's exit status is ours.
     res = _invoke(cli, ["exec", "p.yaml", "--server", hosts[0], "--", "cat", "/www/index.html"])
