@@ -200,13 +200,16 @@ class CommitStatus(_Model):
     """Report each run's state to the forge as a commit status."""
 
     provider: Literal["github", "gitea", "gitlab"] = "github"
-    api_url: str = "https://api.github.com"  # Gitea/Forgejo: https://HOST/api/v1; GitLab: https://HOST/api/v4
-    repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$")  # owner/name; GitLab: group/subgroup/name
+    api_url: str = "https://api.github.com"
+    """Gitea/Forgejo: https://HOST/api/v1; GitLab: https://HOST/api/v4."""
+    repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$")
+    """Owner/name; GitLab: the project's path, group/subgroup/name."""
     token: SecretRef
-    # "{pipeline}" and "{event}" (push, pull_request, tag, ...) are replaced; without "{event}", a
-    # pull request's run reports as "CONTEXT (pull_request)".
     context: str = "runner/{pipeline}"
-    target_url: str | None = None  # "{run_id}" and "{pipeline}" are replaced
+    """"{pipeline}" and "{event}" (push, pull_request, tag, ...) are replaced; without "{event}", a
+    pull request's run reports as "CONTEXT (pull_request)"."""
+    target_url: str | None = None
+    """"{run_id}" and "{pipeline}" are replaced."""
 
     @model_validator(mode="after")
     def _owner_name(self):
