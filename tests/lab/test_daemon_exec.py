@@ -332,7 +332,7 @@ def test_daemon_check_reads_a_repository_s_pipeline_at_its_default_branch_s_head
 
     ok = check()
     assert ok.returncode == 0 and "ok (2 pipeline(s)" in ok.stdout, ok
-    assert f"{path}:" in ok.stderr and "warning: pipelines.1.pipeline: cannot check .runner.yaml at the " \
+    assert f"{path}:" in ok.stderr and "warning: pipelines[1].pipeline: cannot check .runner.yaml at the " \
         "head of main" in ok.stderr, ok.stderr
     assert good[:12] not in ok.stderr
     broken = _push_file(work, {".runner.yaml": "version: 1\nname: app\nrepository: {url: .}\n"
