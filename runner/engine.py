@@ -474,9 +474,13 @@ def _housekeep(prep: Prepared, log: Any, cache_dir: Path, outputs: Outputs) -> N
     the log of the stage that used it, its failures as warnings, never the run's outcome."""
     from pipelines.housekeeping import housekeep
 
-    report = housekeep(prep.pipeline, cache_dir,
-                       just_built=outputs.build.image_id if outputs.build else None,
-                       thorough=False)
+    try:
+        report = housekeep(prep.pipeline, cache_dir,
+                           just_built=outputs.build.image_id if outputs.build else None,
+                           thorough=False)
+    except KeyboardInterrupt:  # the stages are over: an interrupt stops the clean-up alone
+        log.warn("housekeeping: interrupted; `runner gc` does it by hand")
+        return
     for line in report.done:
         log.info(f"housekeeping: {line}")
     for warning in report.warnings:
