@@ -151,8 +151,10 @@ def test_polling_notices_a_new_commit_and_skips_commits_already_run(tmp_path):
         # A poll invents no forge event: runner exec is given the run's request, its columns.
         assert d.store.run_event(run["id"]) == {}
         ran = [json.loads(x) for x in (d.work_dir / "fake-runs.jsonl").read_text().splitlines()]
+        # previous_status: the entry's previous outcome, for the notifications' `recovered`.
         assert next(x["request"] for x in ran if x["run_id"] == str(run["id"])) == {
-            "kind": "poll", "ref": "refs/heads/main", "branch": "main", "commit": c2}
+            "kind": "poll", "ref": "refs/heads/main", "branch": "main", "commit": c2,
+            "previous_status": "none"}
 
 
 def test_polling_an_unreachable_repository_is_recorded(tmp_path):
